@@ -1,0 +1,92 @@
+"""What `fcsnap inspect` reports about a header: metadata, the builds it reads, lookups."""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from fcsnap.errors import FcsnapError
+from fcsnap.header import NIL, Header
+from fcsnap.store.layout import MANIFEST
+from fcsnap.store.manifest import read_manifest
+
+
+def _generation_of(build_id: uuid.UUID, header: Header, store: Path | None) -> int | None:
+    """A build's generation: the header knows its own; the store's build.json knows the rest."""
+    if build_id == header.metadata.build_id:
+        return header.metadata.generation
+    if store is not None and (store / str(build_id) / MANIFEST).exists():
+        try:
+            return read_manifest(store / str(build_id)).generation
+        except FcsnapError:
+            return None
+    return None
+
+
+def inspect_report(
+    header: Header,
+    store: Path | None = None,
+    show_mappings: bool = False,
+    at: list[int] | None = None,
+) -> dict[str, Any]:
+    """The JSON-ready report; the rich tables of the CLI render this same structure."""
+    meta = header.metadata
+    per_build: dict[uuid.UUID, list[int]] = defaultdict(lambda: [0, 0])
+    for m in header.mappings:
+        row = per_build[m.build_id]
+        row[0] += 1
+        row[1] += m.length
+    zero_runs, zero_bytes = per_build.pop(NIL, [0, 0])
+    builds = [
+        {
+            "build_id": str(build_id),
+            "generation": _generation_of(build_id, header, store),
+            "mappings": runs,
+            "bytes": length,
+            "blocks": length // meta.block_size,
+            "share": round(length / meta.size, 6),
+        }
+        for build_id, (runs, length) in per_build.items()
+    ]
+    builds.sort(key=lambda b: (b["generation"] is None, b["generation"] or 0, b["build_id"]))
+    report: dict[str, Any] = {
+        "metadata": {
+            "version": meta.version,
+            "block_size": meta.block_size,
+            "size": meta.size,
+            "generation": meta.generation,
+            "build_id": str(meta.build_id),
+            "base_build_id": str(meta.base_build_id),
+        },
+        "mapping_count": len(header.mappings),
+        "zero": {
+            "mappings": zero_runs,
+            "bytes": zero_bytes,
+            "share": round(zero_bytes / meta.size, 6),
+        },
+        "builds": builds,
+    }
+    if show_mappings:
+        report["mappings"] = [
+            {
+                "offset": m.offset,
+                "length": m.length,
+                "build_id": str(m.build_id),
+                "build_storage_offset": m.storage_offset,
+            }
+            for m in header.mappings
+        ]
+    if at:
+        lookups = [header.lookup(offset) for offset in at]
+        report["lookups"] = [
+            {
+                "offset": found.offset,
+                "build_id": str(found.build_id),
+                "storage_offset": found.storage_offset,
+                "remaining_length": found.remaining,
+            }
+            for found in lookups
+        ]
+    return report

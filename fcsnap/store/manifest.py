@@ -1,0 +1,128 @@
+"""build.json: the manifest of one build (SPEC.md section 1)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fcsnap.errors import FcsnapError
+from fcsnap.header.format import BLOCK_SIZES
+from fcsnap.store.layout import MANIFEST
+
+COMPRESSIONS = ("none", "zstd")
+
+
+@dataclass(frozen=True)
+class Stats:
+    blocks_total: int = 0
+    blocks_stored: int = 0
+    blocks_zero: int = 0
+    blocks_deduplicated: int = 0
+    blocks_inherited: int = 0
+    bytes_stored: int = 0  # uncompressed bytes of this build's diff
+    bytes_written: int = 0  # bytes of the diff file on disk
+
+
+@dataclass(frozen=True)
+class Manifest:
+    build_id: uuid.UUID
+    parent_build_id: uuid.UUID | None
+    generation: int
+    base_build_id: uuid.UUID
+    block_size: int
+    size: int
+    compression: str
+    frame_size: int | None
+    created_at: str
+    fcsnap_version: str
+    source: str
+    stats: Stats = field(default_factory=Stats)
+    compression_level: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("build_id", "parent_build_id", "base_build_id"):
+            out[key] = None if out[key] is None else str(out[key])
+        return out
+
+
+def _uuid(value: Any, key: str, source: str, optional: bool = False) -> uuid.UUID | None:
+    if value is None and optional:
+        return None
+    try:
+        return uuid.UUID(value)
+    except (TypeError, ValueError, AttributeError):
+        raise FcsnapError(f"{source}: {key} is not a UUID: {value!r}") from None
+
+
+def _int(value: Any, key: str, source: str, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if type(value) is not int or value < 0:
+        raise FcsnapError(f"{source}: {key} is not a non-negative integer: {value!r}")
+    return value
+
+
+def parse_manifest(data: bytes, source: str = MANIFEST) -> Manifest:
+    """Parse and check build.json; every problem is an FcsnapError naming the field."""
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FcsnapError(f"{source}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise FcsnapError(f"{source}: expected a JSON object")
+    for key in ("build_id", "generation", "base_build_id", "block_size", "size", "compression"):
+        if key not in raw:
+            raise FcsnapError(f"{source}: missing {key}")
+    block_size = _int(raw["block_size"], "block_size", source)
+    if block_size not in BLOCK_SIZES:
+        raise FcsnapError(f"{source}: block_size {block_size} is neither 4 KiB nor 2 MiB")
+    if raw["compression"] not in COMPRESSIONS:
+        raise FcsnapError(f"{source}: unknown compression {raw['compression']!r}")
+    stats_raw = raw.get("stats") or {}
+    if not isinstance(stats_raw, dict):
+        raise FcsnapError(f"{source}: stats is not an object")
+    stats = Stats(
+        **{k: _int(stats_raw.get(k, 0), f"stats.{k}", source) for k in Stats.__dataclass_fields__}
+    )
+    generation = _int(raw["generation"], "generation", source)
+    parent = _uuid(raw.get("parent_build_id"), "parent_build_id", source, optional=True)
+    if (parent is None) != (generation == 0):
+        raise FcsnapError(f"{source}: generation {generation} with parent {parent}")
+    frame_size = _int(raw.get("frame_size"), "frame_size", source, optional=True)
+    if raw["compression"] == "zstd" and not frame_size:
+        raise FcsnapError(f"{source}: zstd compression without a frame_size")
+    return Manifest(
+        build_id=_uuid(raw["build_id"], "build_id", source),
+        parent_build_id=parent,
+        generation=generation,
+        base_build_id=_uuid(raw["base_build_id"], "base_build_id", source),
+        block_size=block_size,
+        size=_int(raw["size"], "size", source),
+        compression=raw["compression"],
+        frame_size=frame_size,
+        created_at=str(raw.get("created_at", "")),
+        fcsnap_version=str(raw.get("fcsnap_version", "")),
+        source=str(raw.get("source", "")),
+        stats=stats,
+        compression_level=_int(
+            raw.get("compression_level"), "compression_level", source, optional=True
+        ),
+    )
+
+
+def read_manifest(build_dir: Path) -> Manifest:
+    path = build_dir / MANIFEST
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise FcsnapError(f"cannot read {path}: {e.strerror or e}") from e
+    return parse_manifest(data, str(path))
+
+
+def write_manifest(build_dir: Path, manifest: Manifest) -> None:
+    text = json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n"
+    (build_dir / MANIFEST).write_text(text)

@@ -1,0 +1,32 @@
+"""Sizes and offsets as people type them (4K, 2M, 0x1000) and as they read them."""
+
+from __future__ import annotations
+
+from fcsnap.errors import FcsnapError
+
+_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """Parse '4096', '0x1000', '4K', '2M', '1G' (binary units, optional 'iB'/'B')."""
+    raw = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        if raw.startswith("0X"):
+            return int(raw, 16)
+        suffix = raw[-1:] if raw[-1:] in _SUFFIXES else ""
+        number = int(raw[: len(raw) - len(suffix)])
+    except ValueError:
+        raise FcsnapError(f"invalid {what} {text!r}: use e.g. 4096, 0x1000, 4K, 2M") from None
+    if number < 0:
+        raise FcsnapError(f"invalid {what} {text!r}: must not be negative")
+    return number * _SUFFIXES[suffix]
+
+
+def format_bytes(n: float) -> str:
+    value = float(n)
+    unit = "B"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            break
+        value /= 1024
+    return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
