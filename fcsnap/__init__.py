@@ -1,3 +1,3 @@
-"""fcsnap: Firecracker memory snapshots as a generational store, restored lazily over userfaultfd."""
+"""fcsnap: Firecracker memory snapshots in a generational store, restored lazily over uffd."""
 
 __version__ = "0.1.0"
