@@ -21,7 +21,11 @@ from fcsnap import __version__
 from fcsnap.errors import FcsnapError
 from fcsnap.header import load_header
 from fcsnap.inspection import inspect_report
+from fcsnap.progress import progress_bar
+from fcsnap.store import ops
+from fcsnap.store.builder import BuildOptions
 from fcsnap.store.layout import HEADER, resolve_build
+from fcsnap.store.manifest import Manifest, read_manifest
 from fcsnap.units import format_bytes, parse_size
 
 app = typer.Typer(
@@ -132,6 +136,187 @@ def render_inspect(report: dict[str, Any]) -> None:
                 str(row["remaining_length"]),
             )
         out.print(found)
+
+
+def parse_compression(text: str) -> tuple[str, int]:
+    """'none', 'zstd' or 'zstd:LEVEL' -> (compression, level)."""
+    kind, _, level = text.partition(":")
+    if kind == "none" and not level:
+        return "none", 3
+    if kind == "zstd":
+        try:
+            value = int(level) if level else 3
+        except ValueError:
+            value = 0
+        if not 1 <= value <= 22:
+            raise FcsnapError(f"invalid zstd level in {text!r}: use 1 to 22")
+        return "zstd", value
+    raise FcsnapError(f"invalid --compress {text!r}: use none, zstd or zstd:LEVEL")
+
+
+def build_options(
+    block_size: str, compress: str, frame_size: str, name: str | None, vmstate: Path | None
+) -> BuildOptions:
+    bs = parse_size(block_size, "block size")
+    if bs not in (4096, 2 << 20):
+        raise FcsnapError(f"invalid --block-size {block_size!r}: use 4K or 2M")
+    compression, level = parse_compression(compress)
+    frame = parse_size(frame_size, "frame size")
+    if frame < 4096 or frame % 4096 or frame > 1 << 30:
+        raise FcsnapError(f"invalid --frame-size {frame_size!r}: a multiple of 4K up to 1G")
+    return BuildOptions(bs, compression, level, frame, name, vmstate)
+
+
+def report_build(manifest: Manifest, path: Path, as_json: bool, verb: str) -> None:
+    data = manifest.to_json()
+    data["path"] = str(path)
+    if as_json:
+        print_json(data)
+        return
+    s = manifest.stats
+    out.print(
+        f"[bold]{verb}[/bold] build {manifest.build_id} (generation {manifest.generation}) "
+        f"at {path}"
+    )
+    out.print(
+        f"  blocks: {s.blocks_total} total, {s.blocks_stored} stored, {s.blocks_zero} zero, "
+        f"{s.blocks_deduplicated} deduplicated, {s.blocks_inherited} inherited"
+    )
+    out.print(
+        f"  diff: {format_bytes(s.bytes_stored)} of blocks, {format_bytes(s.bytes_written)} "
+        f"on disk ({manifest.compression}) for {format_bytes(manifest.size)} of memory"
+    )
+
+
+BLOCK_SIZE = typer.Option("4K", "--block-size", help="4K, or 2M for hugepage guests.")
+COMPRESS = typer.Option("none", "--compress", help="none, zstd or zstd:LEVEL.")
+FRAME_SIZE = typer.Option("256K", "--frame-size", help="Uncompressed bytes per zstd frame.")
+NAME = typer.Option(None, "--name", help="Point vms/NAME at the new build.")
+VMSTATE = typer.Option(None, "--vmstate", help="Firecracker vmstate file, kept as snapfile.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+JSON = typer.Option(False, "--json", help="Print one JSON object.")
+STORE = typer.Option(..., "--store", help="The store directory.")
+
+
+@app.command()
+def pack(
+    memfile: Path = typer.Argument(..., help="Firecracker memory file."),
+    store: Path = STORE,
+    block_size: str = BLOCK_SIZE,
+    compress: str = COMPRESS,
+    frame_size: str = FRAME_SIZE,
+    name: str | None = NAME,
+    vmstate: Path | None = VMSTATE,
+    quiet: bool = QUIET,
+    as_json: bool = JSON,
+) -> None:
+    """Pack a memory file as generation 0 of a new lineage."""
+    options = build_options(block_size, compress, frame_size, name, vmstate)
+    total = memfile.stat().st_size if memfile.is_file() else 0
+    with progress_bar("pack", total, quiet or as_json) as advance:
+        manifest, path = ops.pack(memfile, store, options, advance)
+    report_build(manifest, path, as_json, "packed")
+
+
+@app.command()
+def diff(
+    memfile: Path = typer.Argument(..., help="Firecracker memory file of the next snapshot."),
+    base: str = typer.Option(..., "--base", help="Parent build: directory, id or VM name."),
+    store: Path = STORE,
+    sparse_diff: bool = typer.Option(
+        False, "--sparse-diff",
+        help="MEMFILE is a Firecracker Diff snapshot: holes are unchanged pages, not zeros.",
+    ),
+    block_size: str | None = typer.Option(
+        None, "--block-size", help="Must match the base build's (the default)."
+    ),
+    compress: str = COMPRESS,
+    frame_size: str = FRAME_SIZE,
+    name: str | None = NAME,
+    vmstate: Path | None = VMSTATE,
+    quiet: bool = QUIET,
+    as_json: bool = JSON,
+) -> None:
+    """Store what changed since BASE as the next generation."""
+    base_dir = resolve_build(base, store)
+    base_block_size = read_manifest(base_dir).block_size
+    options = build_options(
+        block_size or str(base_block_size), compress, frame_size, name, vmstate
+    )
+    if options.block_size != base_block_size:
+        raise FcsnapError(
+            f"--block-size {block_size} differs from the base build's {base_block_size}"
+        )
+    total = memfile.stat().st_size if memfile.is_file() else 0
+    with progress_bar("diff", total, quiet or as_json) as advance:
+        manifest, path = ops.diff(memfile, base_dir, store, options, sparse_diff, advance)
+    report_build(manifest, path, as_json, "diffed")
+
+
+@app.command()
+def squash(
+    build: str = typer.Argument(..., metavar="BUILD"),
+    store: Path = STORE,
+    name: str | None = NAME,
+    quiet: bool = QUIET,
+    as_json: bool = JSON,
+) -> None:
+    """Flatten BUILD into a new generation 0 with the same content and no ancestors."""
+    build_dir = resolve_build(build, store)
+    source = read_manifest(build_dir)
+    options = BuildOptions(
+        block_size=source.block_size,
+        compression=source.compression,
+        level=source.compression_level or 3,
+        frame_size=source.frame_size or BuildOptions.frame_size,
+        name=name,
+    )
+    with progress_bar("squash", source.size, quiet or as_json) as advance:
+        manifest, path = ops.squash(build_dir, store, options, advance)
+    report_build(manifest, path, as_json, "squashed")
+
+
+@app.command()
+def unpack(
+    build: str = typer.Argument(..., metavar="BUILD"),
+    output: Path = typer.Option(..., "-o", "--output", help="Memory file to write."),
+    store: Path | None = typer.Option(None, "--store", help="Store holding BUILD."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    quiet: bool = QUIET,
+) -> None:
+    """Rebuild the full memory file of BUILD (sparse where zero)."""
+    build_dir = resolve_build(build, store)
+    header = load_header(build_dir)
+    data = sum(m.length for m in header.mappings if not m.is_zero)
+    with progress_bar("unpack", data, quiet) as advance:
+        ops.unpack(build_dir, output, force, advance)
+    if not quiet:
+        out.print(f"wrote {output} ({format_bytes(header.metadata.size)})")
+
+
+@app.command()
+def verify(
+    build: str = typer.Argument(..., metavar="BUILD"),
+    store: Path | None = typer.Option(None, "--store", help="Store holding BUILD."),
+    quiet: bool = QUIET,
+    as_json: bool = JSON,
+) -> None:
+    """Check BUILD and every build it reads: files, sizes, and every block's hash."""
+    build_dir = resolve_build(build, store)
+    total = sum(
+        read_manifest(build_dir.parent / str(b)).stats.bytes_stored
+        for b in load_header(build_dir).build_ids()
+        if (build_dir.parent / str(b)).is_dir()
+    )
+    with progress_bar("verify", total, quiet or as_json) as advance:
+        result = ops.verify(build_dir, advance)
+    if as_json:
+        print_json(result)
+    elif not quiet:
+        out.print(
+            f"[green]ok[/green]: build {result['build_id']} (generation {result['generation']}), "
+            f"{result['builds_checked']} builds, {result['blocks_checked']} blocks checked"
+        )
 
 
 def main() -> None:

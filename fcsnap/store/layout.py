@@ -87,10 +87,11 @@ def staged_build(store: Path, build_id: uuid.UUID) -> Iterator[Path]:
     killed outright leaves only a hidden `.staging-*` directory, never a visible build.
     """
     store.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(store)
     final = build_path(store, build_id)
     if final.exists():
         raise FcsnapError(f"build {build_id} already exists in {store}")
-    staging = store / f"{STAGING_PREFIX}{build_id}"
+    staging = store / f"{STAGING_PREFIX}{os.getpid()}-{build_id}"
     staging.mkdir()
     try:
         yield staging
@@ -104,10 +105,28 @@ def staged_build(store: Path, build_id: uuid.UUID) -> Iterator[Path]:
         raise
 
 
+def check_vm_name(name: str) -> None:
+    if not name or "/" in name or name.startswith(".") or "\0" in name:
+        raise FcsnapError(f"invalid VM name {name!r}: use a plain file name")
+
+
+def remove_stale_staging(store: Path) -> None:
+    """Remove staging directories left by killed commands (their process is gone)."""
+    for entry in store.glob(f"{STAGING_PREFIX}*"):
+        pid_text = entry.name[len(STAGING_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
 def set_vm_pointer(store: Path, name: str, build_id: uuid.UUID) -> None:
     """Point vms/<name> at build_id atomically (write a temporary file, then rename)."""
-    if not name or "/" in name or name.startswith("."):
-        raise FcsnapError(f"invalid VM name {name!r}: use a plain file name")
+    check_vm_name(name)
     vms = store / VMS
     vms.mkdir(exist_ok=True)
     tmp = vms / f".{name}.{uuid.uuid4().hex}.tmp"

@@ -1,0 +1,132 @@
+"""Reading a Firecracker memory file in block-aligned chunks, skipping holes.
+
+Holes (lseek SEEK_DATA/SEEK_HOLE) cost nothing to skip. What a hole means is the caller's choice:
+in a Full snapshot it is zeros; in a Diff snapshot it is "unchanged since the parent".
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from fcsnap.errors import FcsnapError
+
+CHUNK = 32 << 20
+
+
+def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) ranges holding data; the whole file if the filesystem cannot tell."""
+    ranges: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after pos
+                break
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return [(0, size)] if size else []
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        ranges.append((start, end))
+        pos = end
+    return ranges
+
+
+def block_aligned(
+    ranges: list[tuple[int, int]], block_size: int
+) -> list[tuple[int, int, int]]:
+    """Widen each range to whole blocks and join those that touch: (start, end, data bytes)."""
+    out: list[tuple[int, int, int]] = []
+    for start, end in ranges:
+        lo = start - start % block_size
+        hi = -(-end // block_size) * block_size
+        if out and lo <= out[-1][1]:
+            prev_lo, prev_hi, covered = out[-1]
+            out[-1] = (prev_lo, max(prev_hi, hi), covered + end - start)
+        else:
+            out.append((lo, hi, end - start))
+    return out
+
+
+class MemoryFile:
+    """A memory file opened for a pack or diff; checks its size against the block size."""
+
+    def __init__(self, path: Path, block_size: int) -> None:
+        self.path = path
+        if path.is_dir():
+            raise FcsnapError(f"{path} is a directory, not a memory file")
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise FcsnapError(f"cannot open memory file {path}: {e.strerror or e}") from e
+        self.size = os.fstat(self.fd).st_size
+        if self.size == 0:
+            self.close()
+            raise FcsnapError(f"{path} is empty: not a memory file")
+        if self.size % block_size:
+            self.close()
+            raise FcsnapError(
+                f"{path}: size {self.size} is not a multiple of the block size {block_size} "
+                "(a Firecracker memory file is whole pages; use --block-size 4K for 2M guests)"
+            )
+        self.block_size = block_size
+        self.ranges = data_ranges(self.fd, self.size)
+        self.data_bytes = sum(end - start for start, end in self.ranges)
+
+    def chunks(
+        self,
+        fill_holes: Callable[[int, int], bytes] | None = None,
+        chunk_bytes: int = CHUNK,
+    ) -> Iterator[tuple[int, memoryview]]:
+        """Yield (offset, bytes) for every block that holds data, in ascending order.
+
+        A block only partly covered by data gets its hole parts from fill_holes(offset, length)
+        when given (Diff snapshots: the parent's bytes), else zeros. The yielded memoryview is
+        reused: consume it before the next iteration.
+        """
+        bs = self.block_size
+        chunk_bytes = max(bs, chunk_bytes - chunk_bytes % bs)
+        buf = bytearray(chunk_bytes)
+        view = memoryview(buf)
+        for lo, hi, covered in block_aligned(self.ranges, bs):
+            partial = covered < hi - lo
+            for start in range(lo, hi, chunk_bytes):
+                n = min(chunk_bytes, hi - start)
+                part = view[:n]
+                got = os.preadv(self.fd, [part], start)
+                if got != n:
+                    raise FcsnapError(f"{self.path}: short read at {start:#x} (file changed?)")
+                if partial and fill_holes is not None:
+                    self._fill(part, start, fill_holes)
+                yield start, part
+
+    def _fill(self, part: memoryview, start: int, fill: Callable[[int, int], bytes]) -> None:
+        """Replace the hole parts of a chunk (they read as zeros) with the caller's bytes."""
+        end = start + len(part)
+        pos = start
+        first = max(0, bisect.bisect_right(self.ranges, (start, start)) - 1)
+        for r_start, r_end in self.ranges[first:]:
+            if r_start >= end:
+                break
+            if r_end <= start:
+                continue
+            if r_start > pos:
+                part[pos - start : r_start - start] = fill(pos, r_start - pos)
+            pos = max(pos, r_end)
+        if pos < end:
+            part[pos - start :] = fill(pos, end - pos)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> MemoryFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

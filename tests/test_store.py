@@ -1,0 +1,362 @@
+"""Builds end to end: pack, diff, unpack, verify, squash over real files and lineages."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fcsnap.errors import FcsnapError
+from fcsnap.header import load_header
+from fcsnap.store import ops
+from fcsnap.store.builder import BuildOptions
+from fcsnap.store.layout import DIFF_RAW, DIFF_ZSTD, HASHES, VMS, resolve_build
+from fcsnap.store.manifest import read_manifest
+from fcsnap.testing.memimage import evolve, synthetic_memory, write_full, write_sparse_diff
+
+MIB = 1 << 20
+
+
+def fcsnap(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fcsnap", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **kw,
+    )
+
+
+def visible_builds(store: Path) -> list[str]:
+    return sorted(
+        p.name for p in store.iterdir() if p.is_dir() and p.name != VMS and p.name[0] != "."
+    )
+
+
+def unpacked(build: Path, tmp_path: Path) -> bytes:
+    out = tmp_path / f"unpacked-{uuid.uuid4().hex}"
+    ops.unpack(build, out)
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+@pytest.mark.parametrize("block_size", [4096, 2 * MIB], ids=["4K", "2M"])
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("kind", ["full", "sparse"])
+def test_lineage_round_trips_byte_for_byte(tmp_path, block_size, compression, kind):
+    size = 8 * MIB if block_size == 4096 else 32 * MIB
+    store = tmp_path / "store"
+    options = BuildOptions(block_size, compression, frame_size=64 << 10)
+    mem = synthetic_memory(size, seed=1)
+    path = tmp_path / "mem0"
+    write_full(path, mem)
+    manifest, build = ops.pack(path, store, options)
+    assert unpacked(build, tmp_path) == mem.tobytes()
+    builds = [build]
+    for g in range(1, 6):
+        mem, dirty = evolve(mem, seed=100 + g, dirty_share=0.03)
+        path = tmp_path / f"mem{g}"
+        if kind == "sparse":
+            write_sparse_diff(path, mem, dirty)
+        else:
+            write_full(path, mem)
+        manifest, build = ops.diff(path, builds[-1], store, options, sparse_diff=kind == "sparse")
+        assert manifest.generation == g
+        assert manifest.parent_build_id == read_manifest(builds[-1]).build_id
+        assert manifest.base_build_id == read_manifest(builds[0]).build_id
+        assert unpacked(build, tmp_path) == mem.tobytes()
+        ops.verify(build)
+        builds.append(build)
+    # Earlier generations still unpack to their own content: builds never change.
+    for b in builds:
+        ops.verify(b)
+    stats = read_manifest(builds[-1]).stats
+    assert (
+        stats.blocks_total
+        == stats.blocks_stored
+        + stats.blocks_zero
+        + stats.blocks_deduplicated
+        + stats.blocks_inherited
+    )
+
+
+def test_pack_drops_zeros_and_stores_duplicates_once(tmp_path):
+    mem = synthetic_memory(4 * MIB, seed=3)
+    mem[10] = mem[20] = mem[30] = mem[40]  # make sure duplicates exist
+    path = tmp_path / "mem"
+    write_full(path, mem)
+    manifest, build = ops.pack(path, tmp_path / "store", BuildOptions())
+    nonzero = mem[mem.any(axis=1)]
+    unique = len({page.tobytes() for page in nonzero})
+    s = manifest.stats
+    assert s.blocks_stored == unique
+    assert s.blocks_deduplicated == len(nonzero) - unique
+    assert s.blocks_zero == len(mem) - len(nonzero)
+    assert (build / DIFF_RAW).stat().st_size == unique * 4096
+    assert (build / HASHES).stat().st_size == 24 + 16 * unique
+
+
+def test_diff_stores_only_changes_and_dedups_against_the_lineage(tmp_path):
+    store = tmp_path / "store"
+    mem0 = synthetic_memory(4 * MIB, seed=4)
+    write_full(tmp_path / "m0", mem0)
+    _, b0 = ops.pack(tmp_path / "m0", store, BuildOptions())
+    mem1 = mem0.copy()
+    data_pages = np.flatnonzero(mem0.any(axis=1))
+    mem1[5] = np.frombuffer(os.urandom(4096), np.uint8)  # new content: stored
+    mem1[data_pages[0]] = 0  # became zero: nil, not stored
+    mem1[7] = mem0[data_pages[3]]  # equals a block generation 0 stored: a reference
+    write_full(tmp_path / "m1", mem1)
+    m1, b1 = ops.diff(tmp_path / "m1", b0, store, BuildOptions())
+    changed = {5, int(data_pages[0]), 7} - {p for p in (5, 7) if (mem0[p] == mem1[p]).all()}
+    assert m1.stats.blocks_stored == 1
+    assert m1.stats.blocks_deduplicated == (1 if 7 in changed else 0)
+    header = load_header(b1)
+    assert header.lookup(5 * 4096).build_id == m1.build_id
+    assert header.lookup(int(data_pages[0]) * 4096).build_id == uuid.UUID(int=0)
+    assert header.lookup(7 * 4096).build_id == read_manifest(b0).build_id
+    assert unpacked(b1, tmp_path) == mem1.tobytes()
+
+
+def test_sparse_diff_reads_only_dirty_data(tmp_path):
+    store = tmp_path / "store"
+    mem0 = synthetic_memory(16 * MIB, seed=5)
+    write_full(tmp_path / "m0", mem0)
+    _, b0 = ops.pack(tmp_path / "m0", store, BuildOptions())
+    mem1, dirty = evolve(mem0, seed=6, dirty_share=0.01)
+    write_sparse_diff(tmp_path / "m1", mem1, dirty)
+    seen: list[int] = []
+    m1, b1 = ops.diff(
+        tmp_path / "m1", b0, store, BuildOptions(), sparse_diff=True, progress=seen.append
+    )
+    assert sum(seen) == len(dirty) * 4096, "only the dirty pages are read"
+    assert unpacked(b1, tmp_path) == mem1.tobytes()
+    # Read as a Full file instead, the holes would be zeros: a different (wrong) generation.
+    m_full, b_full = ops.diff(tmp_path / "m1", b0, store, BuildOptions())
+    assert m_full.stats.blocks_zero > m1.stats.blocks_zero
+
+
+def test_sparse_diff_with_2m_blocks_keeps_clean_part_of_a_dirty_block(tmp_path):
+    store = tmp_path / "store"
+    mem0 = synthetic_memory(8 * MIB, seed=7, zero_share=0.1)
+    write_full(tmp_path / "m0", mem0)
+    opts = BuildOptions(block_size=2 * MIB)
+    _, b0 = ops.pack(tmp_path / "m0", store, opts)
+    mem1 = mem0.copy()
+    mem1[513] = 7  # one 4K page inside the second 2M block
+    write_sparse_diff(tmp_path / "m1", mem1, np.array([513]))
+    _, b1 = ops.diff(tmp_path / "m1", b0, store, opts, sparse_diff=True)
+    assert unpacked(b1, tmp_path) == mem1.tobytes()
+
+
+def test_zstd_diff_decompresses_with_the_zstd_tool(tmp_path):
+    mem = synthetic_memory(8 * MIB, seed=8)
+    write_full(tmp_path / "m", mem)
+    _, raw = ops.pack(tmp_path / "m", tmp_path / "s1", BuildOptions())
+    _, zst = ops.pack(tmp_path / "m", tmp_path / "s2", BuildOptions(compression="zstd"))
+    plain = subprocess.run(
+        ["zstd", "-d", "-c", str(zst / DIFF_ZSTD)], capture_output=True, check=True
+    ).stdout
+    assert plain == (raw / DIFF_RAW).read_bytes()
+    assert (zst / DIFF_ZSTD).stat().st_size < len(plain)
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_verify_catches_a_flipped_byte_in_any_diff_and_a_missing_ancestor(tmp_path, compression):
+    store = tmp_path / "store"
+    opts = BuildOptions(compression=compression, frame_size=16 << 10)
+    mem = synthetic_memory(4 * MIB, seed=9)
+    write_full(tmp_path / "m0", mem)
+    _, b = ops.pack(tmp_path / "m0", store, opts)
+    builds = [b]
+    for g in range(1, 3):
+        mem, _ = evolve(mem, seed=g, dirty_share=0.05)
+        write_full(tmp_path / f"m{g}", mem)
+        builds.append(ops.diff(tmp_path / f"m{g}", builds[-1], store, opts)[1])
+    ops.verify(builds[-1])
+    for victim in builds:
+        diff_file = victim / (DIFF_ZSTD if compression == "zstd" else DIFF_RAW)
+        original = diff_file.read_bytes()
+        flipped = bytearray(original)
+        flipped[len(flipped) // 3] ^= 0x40
+        diff_file.write_bytes(bytes(flipped))
+        with pytest.raises(FcsnapError, match=victim.name):
+            ops.verify(builds[-1])
+        result = fcsnap("verify", builds[-1])
+        assert result.returncode == 1 and victim.name in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        diff_file.write_bytes(original)
+    ops.verify(builds[-1])
+    shutil.move(builds[0], tmp_path / "elsewhere")
+    with pytest.raises(FcsnapError, match="missing|not in"):
+        ops.verify(builds[-1])
+
+
+def test_squash_flattens_to_generation_zero_with_same_content(tmp_path):
+    store = tmp_path / "store"
+    mem = synthetic_memory(4 * MIB, seed=10)
+    write_full(tmp_path / "m0", mem)
+    _, b = ops.pack(tmp_path / "m0", store, BuildOptions(compression="zstd"))
+    for g in range(1, 4):
+        mem, _ = evolve(mem, seed=g)
+        write_full(tmp_path / f"m{g}", mem)
+        _, b = ops.diff(tmp_path / f"m{g}", b, store, BuildOptions(compression="zstd"))
+    result = fcsnap("squash", b.name, "--store", store, "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    squashed = Path(data["path"])
+    assert data["generation"] == 0 and data["parent_build_id"] is None
+    assert load_header(squashed).build_ids() == [uuid.UUID(data["build_id"])]
+    assert (squashed / DIFF_ZSTD).exists()
+    assert unpacked(squashed, tmp_path) == mem.tobytes()
+    ops.verify(squashed)
+
+
+def test_cli_pack_diff_json_and_vm_pointer(tmp_path):
+    store = tmp_path / "store"
+    mem = synthetic_memory(4 * MIB, seed=11)
+    write_full(tmp_path / "m0", mem)
+    (tmp_path / "vmstate").write_bytes(b"vmstate-bytes")
+    r = fcsnap(
+        "pack",
+        tmp_path / "m0",
+        "--store",
+        store,
+        "--name",
+        "web",
+        "--vmstate",
+        tmp_path / "vmstate",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    packed = json.loads(r.stdout)
+    assert {"build_id", "path", "generation", "stats"} <= packed.keys()
+    assert (store / VMS / "web").read_text().strip() == packed["build_id"]
+    assert (Path(packed["path"]) / "snapfile").read_bytes() == b"vmstate-bytes"
+    mem, _ = evolve(mem, seed=12)
+    write_full(tmp_path / "m1", mem)
+    r = fcsnap(
+        "diff", tmp_path / "m1", "--base", "web", "--store", store, "--name", "web", "--json"
+    )
+    assert r.returncode == 0, r.stderr
+    diffed = json.loads(r.stdout)
+    assert diffed["generation"] == 1 and diffed["parent_build_id"] == packed["build_id"]
+    assert resolve_build("web", store).name == diffed["build_id"]
+    r = fcsnap("unpack", "web", "--store", store, "-o", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out").read_bytes() == mem.tobytes()
+    assert fcsnap("unpack", "web", "--store", store, "-o", tmp_path / "out").returncode == 1
+
+
+def test_killed_pack_leaves_no_build_and_no_pointer_change(tmp_path):
+    store = tmp_path / "store"
+    mem = synthetic_memory(4 * MIB, seed=13)
+    write_full(tmp_path / "small", mem)
+    assert fcsnap("pack", tmp_path / "small", "--store", store, "--name", "vm").returncode == 0
+    before = (visible_builds(store), (store / VMS / "vm").read_text())
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(64 * MIB))  # at zstd level 19 this takes many seconds
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fcsnap",
+            "pack",
+            big,
+            "--store",
+            store,
+            "--name",
+            "vm",
+            "--compress",
+            "zstd:19",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not any(p.name.startswith(".staging-") for p in store.iterdir()):
+        assert time.monotonic() < deadline and proc.poll() is None, "pack never started"
+        time.sleep(0.01)
+    time.sleep(0.5)
+    assert proc.poll() is None, "pack finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert (visible_builds(store), (store / VMS / "vm").read_text()) == before
+    # The next command clears what the killed one left behind.
+    assert fcsnap("pack", tmp_path / "small", "--store", store).returncode == 0
+    assert not any(p.name.startswith(".staging-") for p in store.iterdir())
+
+
+def test_full_disk_leaves_no_build(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tmpfs on this machine")
+    try:
+        store = mnt / "store"
+        mem = synthetic_memory(8 * MIB, seed=14, zero_share=0.2)
+        write_full(tmp_path / "m", mem)
+        r = fcsnap("pack", tmp_path / "m", "--store", store)
+        assert r.returncode == 1
+        assert "No space left" in r.stderr and "Traceback" not in r.stderr
+        assert visible_builds(store) == []
+        assert not any(store.iterdir())
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+def test_failing_writer_leaves_no_build(tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    mem = synthetic_memory(8 * MIB, seed=15, zero_share=0.1)
+    write_full(tmp_path / "m", mem)
+    from fcsnap.store import builder
+
+    def failing(self, data):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(builder.DiffSink, "write", failing)
+    with pytest.raises(OSError):
+        ops.pack(
+            tmp_path / "m",
+            store,
+            BuildOptions(),
+        )
+    assert list(store.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["unaligned size", "directory", "missing", "size mismatch", "empty"],
+)
+def test_bad_memory_files_get_one_line_and_exit_1(tmp_path, case):
+    store = tmp_path / "store"
+    mem = synthetic_memory(1 * MIB, seed=16)
+    write_full(tmp_path / "m0", mem)
+    assert fcsnap("pack", tmp_path / "m0", "--store", store, "--name", "vm").returncode == 0
+    bad = tmp_path / "bad"
+    if case == "unaligned size":
+        bad.write_bytes(b"x" * 5000)
+    elif case == "directory":
+        bad.mkdir()
+    elif case == "size mismatch":
+        write_full(bad, synthetic_memory(2 * MIB, seed=17))
+    elif case == "empty":
+        bad.write_bytes(b"")
+    before = visible_builds(store)
+    command = ("diff", bad, "--base", "vm") if case == "size mismatch" else ("pack", bad)
+    r = fcsnap(*command, "--store", store)
+    assert r.returncode == 1, r.stdout
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert visible_builds(store) == before
