@@ -34,7 +34,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Firecracker memory snapshots: pack into a generational store, restore lazily.",
 )
-out = Console()
+out = Console(soft_wrap=True)
 _state = {"debug": os.environ.get("FCSNAP_DEBUG") == "1"}
 
 
@@ -317,6 +317,46 @@ def verify(
             f"[green]ok[/green]: build {result['build_id']} (generation {result['generation']}), "
             f"{result['builds_checked']} builds, {result['blocks_checked']} blocks checked"
         )
+
+
+@app.command()
+def restore(
+    vm: str = typer.Option(..., "--vm", metavar="BUILD", help="Build to serve: dir, id or name."),
+    socket_path: Path = typer.Option(..., "--socket", help="Unix socket Firecracker connects to."),
+    store: Path | None = typer.Option(None, "--store", help="Store holding BUILD."),
+    stats: Path | None = typer.Option(None, "--stats", help="Write serving statistics (JSON)."),
+    verify_pages: bool = typer.Option(
+        False, "--verify", help="Check every block against its hash before installing it."
+    ),
+    handshake_timeout: float = typer.Option(
+        10.0, "--handshake-timeout", help="Seconds a connected VM has to send its regions."
+    ),
+    cache_mb: int = typer.Option(64, "--cache-mb", help="Decompressed-frame cache (zstd)."),
+    quiet: bool = QUIET,
+) -> None:
+    """Serve BUILD's memory to one Firecracker VM over userfaultfd, lazily."""
+    from fcsnap.uffd.server import FaultServer, ServeOptions
+
+    build_dir = resolve_build(vm, store)
+    options = ServeOptions(
+        socket=socket_path,
+        verify=verify_pages,
+        stats_path=stats,
+        handshake_timeout=handshake_timeout,
+        cache_bytes=max(0, cache_mb) << 20,
+    )
+    server = FaultServer(build_dir, options)
+    if not quiet:
+        print(f"fcsnap: serving {build_dir.name} on {socket_path}", file=sys.stderr, flush=True)
+    status = server.run()
+    if not quiet:
+        s = server.stats
+        print(
+            f"fcsnap: {server.exit_reason}: {s.faults} faults, {s.pages_served} pages "
+            f"({format_bytes(s.bytes_served)}) served",
+            file=sys.stderr,
+        )
+    raise typer.Exit(status)
 
 
 def main() -> None:

@@ -1,0 +1,509 @@
+"""A Firecracker stand-in: the VM side of the UFFD protocol (SPEC.md section 6), for tests.
+
+It does what Firecracker does on a UFFD snapshot load - anonymous guest memory, one uffd with
+UFFD_FEATURE_EVENT_REMOVE, every region registered MISSING, one sendmsg of the JSON regions
+with the uffd - and then plays a guest: faulting threads read every page and compare it with
+the memory file, a balloon gives ranges back with MADV_DONTNEED, and optionally a KVM vCPU
+reads memory so that the faults come from kernel mode. It runs as its own process, like
+Firecracker:
+
+    python -m fcsnap.testing.firecracker SOCKET --expected mem.bin --threads 4 --report r.json
+
+Guest memory is only ever read through ctypes.memmove, which releases the GIL: a Python thread
+blocked in a uffd fault would otherwise hold it and stop every other thread (and the watchdog).
+Exit status: 0 all pages matched, 3 some byte mismatched, 4 the deadline passed (the server
+stopped answering faults), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import ctypes
+import json
+import mmap
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fcsnap.errors import FcsnapError
+from fcsnap.uffd import abi
+from fcsnap.units import parse_size
+
+PAGE_SIZES = {"4K": 4096, "2M": 2 << 20}
+PAYLOADS = ("v1.1", "v1.7", "v1.12")
+MISBEHAVIOURS = (
+    "nothing", "garbage", "no-fd", "two-fds", "late", "oversize-region", "bad-page-size",
+    "overlap",
+)
+EXIT_MISMATCH = 3
+EXIT_DEADLINE = 4
+FIRST_MISMATCHES = 16
+BALLOON_RECHECKS = 8
+
+
+@dataclass(frozen=True)
+class GuestRegion:
+    host: int  # address of the region's mapping in this process
+    size: int
+    offset: int  # where the region's bytes live in the memory file
+
+
+class Guest:
+    """Guest memory as Firecracker lays it out: one mapping per region, regions concatenated
+    in the memory file, all registered MISSING on one uffd with EVENT_REMOVE."""
+
+    def __init__(self, size: int, page_size: int, n_regions: int) -> None:
+        pages = size // page_size
+        if size <= 0 or size % page_size:
+            raise FcsnapError(f"guest size {size} is not a positive multiple of {page_size}")
+        if not 1 <= n_regions <= pages:
+            raise FcsnapError(f"cannot split {pages} pages into {n_regions} regions")
+        self.size = size
+        self.page_size = page_size
+        flags = abi.MAP_PRIVATE | abi.MAP_ANONYMOUS | abi.MAP_NORESERVE
+        if page_size != 4096:
+            flags |= abi.MAP_HUGETLB | abi.MAP_HUGE_2MB
+        self.regions: list[GuestRegion] = []
+        self.uffd = abi.userfaultfd(os.O_CLOEXEC | os.O_NONBLOCK)
+        abi.api_handshake(self.uffd, abi.UFFD_FEATURE_EVENT_REMOVE)
+        offset = 0
+        for i in range(n_regions):
+            region_pages = pages // n_regions + (1 if i < pages % n_regions else 0)
+            length = region_pages * page_size
+            host = abi.mmap_anonymous(length, flags)
+            self.regions.append(GuestRegion(host, length, offset))
+            abi.register(self.uffd, host, length, abi.MISSING)
+            offset += length
+        self._offsets = [r.offset for r in self.regions]
+
+    def host(self, offset: int) -> int:
+        """Host address of a memory-file offset."""
+        r = self.regions[bisect.bisect_right(self._offsets, offset) - 1]
+        return r.host + offset - r.offset
+
+    def host_ranges(self, start: int, length: int) -> list[tuple[int, int]]:
+        """(host address, length) pieces of a memory-file range, split at region borders."""
+        pieces = []
+        for r in self.regions:
+            lo, hi = max(start, r.offset), min(start + length, r.offset + r.size)
+            if lo < hi:
+                pieces.append((r.host + lo - r.offset, hi - lo))
+        return pieces
+
+    def region_objects(self, payload: str) -> list[dict[str, int]]:
+        """The JSON regions Firecracker of this payload version sends."""
+        objects = []
+        for r in self.regions:
+            obj = {"base_host_virt_addr": r.host, "size": r.size, "offset": r.offset}
+            if payload == "v1.12":
+                obj["page_size"] = self.page_size
+            if payload != "v1.1":
+                obj["page_size_kib"] = self.page_size  # in bytes, despite the name
+            objects.append(obj)
+        return objects
+
+
+def connect(path: str, timeout: float) -> socket.socket:
+    """Connect to the page server, waiting for its socket to appear (it may start after us)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() > deadline:
+                raise FcsnapError(
+                    f"no page server listening on {path} after {timeout:g}s"
+                ) from None
+            time.sleep(0.02)
+
+
+def handshake(sock: socket.socket, guest: Guest, payload: str, misbehave: str | None) -> None:
+    """Firecracker's single sendmsg, or the chosen way of getting it wrong."""
+    if misbehave == "nothing":
+        return
+    objects = guest.region_objects(payload)
+    fds = [guest.uffd]
+    if misbehave == "oversize-region":
+        objects[-1]["size"] += guest.size
+    elif misbehave == "bad-page-size":
+        for obj in objects:
+            obj["page_size_kib"] = 8192
+            if "page_size" in obj:
+                obj["page_size"] = 8192
+    elif misbehave == "overlap":  # in bounds, but the first region runs a page into the next
+        if len(objects) == 1:
+            whole, half = objects[0], guest.size // guest.page_size // 2 * guest.page_size
+            objects = [{**whole, "size": half}, {**whole, "size": guest.size - half,
+                       "base_host_virt_addr": whole["base_host_virt_addr"] + half,
+                       "offset": half}]
+        objects[0]["size"] += guest.page_size
+    elif misbehave == "no-fd":
+        fds = []
+    elif misbehave == "two-fds":
+        fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+    data = b"{not json at all" if misbehave == "garbage" else json.dumps(objects).encode()
+    socket.send_fds(sock, [data], fds)
+
+
+@dataclass
+class Tally:
+    """One thread's results (threads never share one, so no lock is needed)."""
+
+    touched: int = 0
+    mismatches: int = 0
+    first: list[int] = field(default_factory=list)
+
+    def record(self, offset: int, ok: bool) -> None:
+        self.touched += 1
+        if not ok:
+            self.mismatches += 1
+            if len(self.first) < FIRST_MISMATCHES:
+                self.first.append(offset)
+
+
+class Reader:
+    """Reads guest pages into a private buffer without the GIL and compares them."""
+
+    def __init__(self, guest: Guest, expected: mmap.mmap | None, tally: Tally) -> None:
+        self.guest = guest
+        self.expected = expected
+        self.tally = tally
+        self.page = guest.page_size
+        self.buf = bytearray(self.page)
+        self.buf_addr = abi.buffer_address(self.buf)  # buf is never resized
+
+    def check(self, offsets: Sequence[int], want_zero: bool = False) -> None:
+        page, buf, buf_addr, expected = self.page, self.buf, self.buf_addr, self.expected
+        zero = bytes(page) if want_zero else b""
+        record, host = self.tally.record, self.guest.host
+        for off in offsets:
+            ctypes.memmove(buf_addr, host(off), page)  # may fault: GIL released
+            if want_zero:
+                record(off, buf == zero)
+            else:
+                record(off, expected is None or buf == expected[off : off + page])
+
+
+class Watchdog:
+    """Ends the process with status 4 (after writing the report) if the workload is not done
+    by the deadline: a server that stops answering faults would otherwise hang us forever.
+    SIGALRM, a few seconds later, covers the case where even this thread cannot run."""
+
+    def __init__(self, deadline: float, on_expiry: Callable[[], None]) -> None:
+        self._done = threading.Event()
+        self._deadline = deadline
+        self._on_expiry = on_expiry
+        self._thread = threading.Thread(target=self._run, daemon=True, name="watchdog")
+        self._thread.start()
+        signal.alarm(int(deadline) + 5)
+
+    def _run(self) -> None:
+        if not self._done.wait(self._deadline):
+            self._on_expiry()
+            os._exit(EXIT_DEADLINE)
+
+    def cancel(self) -> None:
+        signal.alarm(0)
+        self._done.set()
+
+
+class StandIn:
+    """One run: set up the guest, shake hands, run the workload, report."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.started = time.monotonic()
+        self.tallies: list[Tally] = []
+        self.errors: list[BaseException] = []
+        self.report: dict[str, Any] = {
+            "pid": os.getpid(), "payload": args.payload, "page_size": args.page_size,
+            "threads": args.threads, "pages_touched": 0, "mismatches": 0,
+            "first_mismatches": [], "balloon_ok": None, "kvm": None, "touch_s": None,
+            "deadline_exceeded": False,
+        }
+
+    def write_report(self) -> None:
+        """Write the report (atomically: a test may read it the moment we exit)."""
+        r = self.report
+        r["pages_touched"] = sum(t.touched for t in self.tallies)
+        r["mismatches"] = sum(t.mismatches for t in self.tallies)
+        r["first_mismatches"] = sorted(o for t in self.tallies for o in t.first)[
+            :FIRST_MISMATCHES
+        ]
+        r["elapsed_s"] = round(time.monotonic() - self.started, 6)
+        if self.args.report is None:
+            return
+        path = Path(self.args.report)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(r, indent=2) + "\n")
+        os.replace(tmp, path)
+
+    def _expire(self) -> None:
+        self.report["deadline_exceeded"] = True
+        self.write_report()
+
+    def run(self) -> int:
+        a = self.args
+        watchdog = Watchdog(a.deadline, self._expire)
+        guest = Guest(a.size, a.page_size, a.regions)
+        self.report["regions"] = guest.region_objects(a.payload)
+        self.sock = connect(a.socket, a.connect_timeout)  # never closed, as Firecracker's
+        if a.late:
+            time.sleep(a.late)
+        handshake(self.sock, guest, a.payload, a.misbehave)
+        if a.misbehave:
+            watchdog.cancel()
+            self.write_report()
+            time.sleep(a.hold)
+            return 0
+        with _open_expected(a.expected) as expected:
+            self._workload(guest, expected)
+        watchdog.cancel()
+        self.write_report()
+        time.sleep(a.hold)
+        failed = self.report["mismatches"] or (self.report["kvm"] or {}).get("ok") is False
+        return EXIT_MISMATCH if failed else 0
+
+    def _workload(self, guest: Guest, expected: mmap.mmap | None) -> None:
+        a = self.args
+        workers = []
+        for pages in self._plan(guest):
+            tally = Tally()
+            self.tallies.append(tally)
+            reader = Reader(guest, expected, tally)
+            workers.append(threading.Thread(target=self._guarded, args=(reader.check, pages)))
+        t0 = time.monotonic()
+        for w in workers:  # all at once, so their faults overlap
+            w.start()
+        if a.kvm:  # in the main thread: the kvm module signals its vCPU thread from there
+            self._guarded(self._kvm, guest, expected)
+        for w in workers:
+            w.join()
+        self.report["touch_s"] = round(time.monotonic() - t0, 6)
+        if self.errors:
+            raise self.errors[0]
+        if a.balloon:
+            self._balloon(guest, expected)
+
+    def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run a worker, keeping its exception for the main thread to raise."""
+        try:
+            fn(*args)
+        except BaseException as e:
+            self.errors.append(e)
+
+    def _plan(self, guest: Guest) -> list[list[int]]:
+        """Memory-file offsets each faulting thread reads, in order."""
+        a = self.args
+        page = guest.page_size
+        n = guest.size // page
+        rng = random.Random(a.seed)
+        count = max(1, round(a.touch * n)) if a.touch > 0 else 0
+        chosen = sorted(rng.sample(range(n), count)) if count < n else list(range(n))
+        if a.order == "random":
+            rng.shuffle(chosen)
+        offsets = [p * page for p in chosen]
+        if a.shared_pages:
+            return [offsets] * a.threads
+        return [offsets[i * len(offsets) // a.threads : (i + 1) * len(offsets) // a.threads]
+                for i in range(a.threads)]
+
+    def _kvm(self, guest: Guest, expected: mmap.mmap | None) -> None:
+        """A vCPU reads each region, so the faults are kernel-mode ones (like Firecracker's)."""
+        from fcsnap.testing.kvm import expected_checksum, guest_checksum
+
+        t0 = time.monotonic()
+        results = []
+        for r in guest.regions:
+            got = list(guest_checksum(r.host, r.size))
+            want = None
+            if expected is not None:
+                with memoryview(expected) as view:
+                    want = list(expected_checksum(view[r.offset : r.offset + r.size]))
+            results.append({"offset": r.offset, "size": r.size, "checksum": got,
+                            "expected": want})
+        ok = None if expected is None else all(x["checksum"] == x["expected"] for x in results)
+        self.report["kvm"] = {"regions": results, "ok": ok,
+                              "elapsed_s": round(time.monotonic() - t0, 6)}
+
+    def _balloon(self, guest: Guest, expected: mmap.mmap | None) -> None:
+        """Inflate: MADV_DONTNEED the ranges (UFFD_EVENT_REMOVE), then they must read zero
+        while the rest of memory still reads as the file says."""
+        page = guest.page_size
+        tally = Tally()
+        self.tallies.append(tally)
+        ballooned: set[int] = set()
+        for start, length in self.args.balloon:
+            for host, n in guest.host_ranges(start, length):
+                abi.madvise(host, n, abi.MADV_DONTNEED)  # blocks until the server reads
+            ballooned.update(range(start, start + length, page))
+        reader = Reader(guest, expected, tally)
+        reader.check(sorted(ballooned), want_zero=True)
+        others = [o for o in range(0, guest.size, page) if o not in ballooned]
+        step = max(1, len(others) // BALLOON_RECHECKS)
+        reader.check(others[::step][:BALLOON_RECHECKS])
+        self.report["balloon_ok"] = tally.mismatches == 0
+
+
+def _open_expected(path: str | None) -> AbstractContextManager[mmap.mmap | None]:
+    if path is None:
+        return nullcontext()
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _balloon_ranges(text: str) -> list[tuple[int, int]]:
+    ranges = []
+    for part in text.split(","):
+        start, sep, length = part.partition(":")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"balloon range {part!r} is not START:LEN")
+        try:
+            ranges.append((parse_size(start, "balloon start"), parse_size(length, "balloon")))
+        except FcsnapError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return ranges
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except FcsnapError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"--touch {text}: must be between 0 and 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fcsnap.testing.firecracker",
+        description="Play Firecracker's side of a UFFD snapshot load against a page server.",
+    )
+    p.add_argument("socket", help="the page server's Unix socket")
+    p.add_argument("--size", type=_size, help="guest memory bytes (default: --expected's size)")
+    p.add_argument("--expected", help="memory file every page must read as")
+    p.add_argument("--page-size", choices=PAGE_SIZES, default="4K",
+                   help="2M maps hugetlb memory (needs reserved hugepages)")
+    p.add_argument("--regions", type=int, default=1, help="split memory into N regions")
+    p.add_argument("--payload", choices=PAYLOADS, default="v1.12",
+                   help="handshake version: v1.1 (no page size), v1.7, v1.12")
+    p.add_argument("--threads", type=int, default=1, help="faulting threads (0: --kvm only)")
+    p.add_argument("--order", choices=("sequential", "random"), default="sequential")
+    p.add_argument("--touch", type=_fraction, default=1.0, help="share of pages to read")
+    p.add_argument("--shared-pages", action="store_true",
+                   help="every thread reads the same pages in the same order")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--balloon", type=_balloon_ranges,
+                   help="START:LEN[,...] memory-file ranges to give back after the first pass")
+    p.add_argument("--kvm", action="store_true", help="also read memory from a KVM vCPU")
+    p.add_argument("--report", help="write a JSON report here")
+    p.add_argument("--hold", type=float,
+                   help="seconds to stay alive at the end (default 0; 30 with --misbehave)")
+    p.add_argument("--deadline", type=float, default=60.0,
+                   help="exit 4 if the workload is not done by then")
+    p.add_argument("--connect-timeout", type=float, default=10.0)
+    p.add_argument("--misbehave", metavar="MODE",
+                   help="nothing|garbage|no-fd|two-fds|late:SECONDS|oversize-region|"
+                   "bad-page-size|overlap: get the handshake wrong, then hold")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    args.page_size = PAGE_SIZES[args.page_size]
+    args.late = 0.0
+    if args.misbehave is not None:
+        mode, _, seconds = args.misbehave.partition(":")
+        if mode not in MISBEHAVIOURS or (mode == "late") != bool(seconds):
+            p.error(f"unknown --misbehave {args.misbehave!r}")
+        if mode == "late":
+            args.late = float(seconds)
+            args.misbehave = None  # late, then a normal run
+        else:
+            args.misbehave = mode
+    if args.hold is None:
+        args.hold = 30.0 if args.misbehave else 0.0
+    if args.expected is not None:
+        file_size = os.path.getsize(args.expected)
+        if args.size is None:
+            args.size = file_size
+        elif args.size > file_size:
+            p.error(f"--size {args.size} is larger than {args.expected} ({file_size} bytes)")
+    if args.size is None:
+        p.error("give --size or --expected")
+    if args.threads < 0 or (args.threads == 0 and not args.kvm):
+        p.error("--threads must be at least 1 (or 0 with --kvm)")
+    page = args.page_size
+    for start, length in args.balloon or ():
+        if start % page or length % page or length == 0 or start + length > args.size:
+            p.error(f"balloon range {start}:{length} is not whole pages inside guest memory")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the stand-in; meant to be its own process (the watchdog ends the process)."""
+    args = parse_args(argv)
+    try:
+        return StandIn(args).run()
+    except FcsnapError as e:
+        print(f"firecracker stand-in: {e}", file=sys.stderr)
+        return 1
+
+
+# -- driving it from tests and demos ---------------------------------------------------------
+
+
+def command(socket_path: str | os.PathLike[str], **options: Any) -> list[str]:
+    """The argv that runs the stand-in: options are the long flags with '_' for '-'
+    (True for switches, a list of (start, length) for balloon)."""
+    known = {a.dest for a in build_parser()._actions}
+    argv = [sys.executable, "-m", "fcsnap.testing.firecracker", os.fspath(socket_path)]
+    for name, value in options.items():
+        if name not in known or name == "socket":
+            raise TypeError(f"unknown stand-in option {name!r}")
+        flag = "--" + name.replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            argv.append(flag)
+        elif name == "balloon" and not isinstance(value, str):
+            argv += [flag, ",".join(f"{s}:{n}" for s, n in value)]
+        else:
+            argv += [flag, os.fspath(value) if isinstance(value, os.PathLike) else str(value)]
+    return argv
+
+
+def spawn(
+    socket_path: str | os.PathLike[str], popen: dict[str, Any] | None = None, **options: Any
+) -> subprocess.Popen[bytes]:
+    """Start the stand-in as its own process (as Firecracker is); `popen` goes to Popen."""
+    return subprocess.Popen(command(socket_path, **options), **(popen or {}))
+
+
+def read_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON report a run wrote with --report."""
+    return json.loads(Path(path).read_text())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

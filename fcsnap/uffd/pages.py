@@ -1,0 +1,106 @@
+"""Where the bytes of a guest page come from: a build's diff, assembled pieces, or zeros.
+
+The fault server asks for a source address to hand to UFFDIO_COPY. Raw diffs are mmapped, so a
+page that lies in one mapping is copied by the kernel straight from the page cache.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from fcsnap.errors import FcsnapError
+from fcsnap.header import Header
+from fcsnap.store.hashes import digest, read_hashes
+from fcsnap.store.layout import HASHES
+from fcsnap.store.source import DiffFile
+from fcsnap.uffd import abi
+
+
+class VerifyError(FcsnapError):
+    """A stored block does not match its hash: the page must not be installed."""
+
+
+@dataclass(slots=True)
+class Source:
+    """Bytes for one install: address is None for zeros; keep holds the buffer alive."""
+
+    address: int | None
+    build_id: uuid.UUID | None
+    keep: object = None
+
+
+class PageSource:
+    def __init__(
+        self,
+        header: Header,
+        diffs: dict[uuid.UUID, DiffFile],
+        hashes: dict[uuid.UUID, np.ndarray] | None = None,
+    ) -> None:
+        self.header = header
+        self.mappings = header.mappings
+        self.diffs = diffs
+        self.hashes = hashes
+        self.block_size = header.metadata.block_size
+        self.verified: set[tuple[uuid.UUID, int]] = set()
+        self._buffers = {b: abi.buffer_address(d.map) for b, d in diffs.items() if d.map}
+
+    def locate(self, offset: int, length: int) -> Source:
+        """Source for guest bytes [offset, offset+length)."""
+        m = self.mappings[self.header.mapping_index(offset)]
+        if offset + length > m.end:
+            return self._assemble(offset, length)
+        if m.is_zero:
+            return Source(None, None)
+        storage = m.storage_offset + (offset - m.offset)
+        if self.hashes is not None:
+            self._verify(m.build_id, storage, length, offset)
+        base = self._buffers.get(m.build_id)
+        if base is not None:
+            return Source(base + storage, m.build_id)
+        data = self.diffs[m.build_id].read(storage, length)
+        return Source(abi.buffer_address(data), m.build_id, data)
+
+    def _assemble(self, offset: int, length: int) -> Source:
+        """A page spanning several mappings (a 2 MiB page over 4 KiB blocks): copy it together."""
+        buf = bytearray(length)
+        pos, first_build = offset, None
+        i = self.header.mapping_index(offset)
+        while pos < offset + length:
+            m = self.mappings[i]
+            take = min(m.end, offset + length) - pos
+            if not m.is_zero:
+                storage = m.storage_offset + (pos - m.offset)
+                if self.hashes is not None:
+                    self._verify(m.build_id, storage, take, pos)
+                at = pos - offset
+                buf[at : at + take] = self.diffs[m.build_id].read(storage, take)
+                first_build = first_build or m.build_id
+            pos += take
+            i += 1
+        if first_build is None:
+            return Source(None, None)
+        return Source(abi.buffer_address(buf), first_build, buf)
+
+    def _verify(self, build_id: uuid.UUID, storage: int, length: int, offset: int) -> None:
+        """Check every stored block under [storage, storage+length) against its hash, once."""
+        assert self.hashes is not None
+        bs = self.block_size
+        table = self.hashes[build_id]
+        for block in range(storage // bs, -(-(storage + length) // bs)):
+            if (build_id, block) in self.verified:
+                continue
+            data = self.diffs[build_id].read(block * bs, bs)
+            if block >= len(table) or digest(data) != table[block].tobytes():
+                raise VerifyError(
+                    f"build {build_id}: block {block} (storage offset {block * bs:#x}, serving "
+                    f"guest offset {offset:#x}) does not match its hash; not installed"
+                )
+            self.verified.add((build_id, block))
+
+
+def hash_tables(diffs: dict[uuid.UUID, DiffFile]) -> dict[uuid.UUID, np.ndarray]:
+    """The hash sidecar of every build being served (for --verify)."""
+    return {b: read_hashes(d.build_dir / HASHES)[1] for b, d in diffs.items()}

@@ -1,0 +1,354 @@
+"""The Firecracker stand-in, end to end against a minimal in-test uffd page server.
+
+The server here is deliberately small (accept, take the regions and the uffd, serve faults
+from a bytes buffer, zeros for REMOVEd ranges) so that the stand-in is proven independently
+of fcsnap's real server. It runs in a thread of the test process; it never touches the guest
+memory, which lives in the stand-in's process.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import json
+import os
+import select
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fcsnap.testing import firecracker
+from fcsnap.uffd import abi
+
+MiB = 1 << 20
+PAGE = 4096
+HUGE = 2 * MiB
+WAIT = 30  # seconds any one stand-in run may take before the test fails
+
+
+@dataclass
+class MiniServer:
+    """Serves one stand-in from `memory`; records what it saw for the assertions."""
+
+    path: Path
+    memory: bytes
+    serve: bool = True  # False: take the handshake, never answer a fault
+    payload: bytes = b""
+    fds: list[int] = field(default_factory=list)
+    faults: int = 0
+    removes: list[tuple[int, int]] = field(default_factory=list)
+    connected: bool = False
+    error: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(self.path))
+        self.listener.listen(1)
+        self.stop_r, self.stop_w = os.pipe()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @property
+    def regions(self) -> list[dict[str, int]]:
+        return json.loads(self.payload)
+
+    def close(self) -> None:
+        os.write(self.stop_w, b"x")
+        self.thread.join(WAIT)
+        for fd in (*self.fds, self.stop_r, self.stop_w):
+            os.close(fd)
+        self.listener.close()
+        if self.error is not None:
+            raise self.error
+
+    def _wait(self, fd: int) -> bool:
+        """Wait for fd to be readable; False once the test asked us to stop."""
+        ready, _, _ = select.select([fd, self.stop_r], [], [])
+        return self.stop_r not in ready
+
+    def _run(self) -> None:
+        try:
+            if not self._wait(self.listener.fileno()):
+                return
+            conn, _ = self.listener.accept()
+            self.connected = True
+            with conn:
+                self._handshake(conn)
+                if self.serve and self.fds:
+                    self._serve(self.fds[0], self.regions)
+                else:
+                    self._wait(self.stop_r)
+        except BaseException as e:  # re-raised in the test by close()
+            self.error = e
+
+    def _handshake(self, conn: socket.socket) -> None:
+        """Like Firecracker's example handlers: read up to 1 KiB (here 64) until the fd and
+        a whole JSON document have arrived, or the stand-in stops sending."""
+        while self._wait(conn.fileno()):
+            data, anc, _, _ = conn.recvmsg(64 << 10, socket.CMSG_SPACE(8 * 4))
+            for level, kind, body in anc:
+                if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+                    self.fds.extend(array.array("i", body[: len(body) - len(body) % 4]))
+            self.payload += data
+            if not data or (self.fds and self.payload.rstrip().endswith(b"]")):
+                return
+            if not self.payload.lstrip().startswith(b"["):
+                return  # garbage
+
+    def _serve(self, uffd: int, regions: list[dict[str, int]]) -> None:
+        src = abi.buffer_address(self.memory)  # self.memory outlives the loop
+        zeros = bytes(HUGE)
+        zero_src = abi.buffer_address(zeros)
+        deferred: list[int] = []
+        while True:
+            ready, _, _ = select.select([uffd, self.stop_r], [], [], 0.002 if deferred else None)
+            if self.stop_r in ready:
+                return
+            faults, deferred = deferred, []
+            for event in abi.read_events(uffd):
+                if event[0] == "fault":
+                    self.faults += 1
+                    faults.append(int(event[1]))
+                elif event[0] == "remove":
+                    self.removes.append((int(event[1]), int(event[2])))
+            for address in faults:
+                r = next(r for r in regions
+                         if r["base_host_virt_addr"] <= address < r["base_host_virt_addr"]
+                         + r["size"])
+                page = r.get("page_size_kib", PAGE)
+                dst = address - address % page
+                removed = any(s <= dst < e for s, e in self.removes)
+                try:
+                    if removed and page == PAGE:
+                        abi.zeropage(uffd, dst, page)
+                    else:
+                        offset = r["offset"] + dst - r["base_host_virt_addr"]
+                        abi.copy(uffd, dst, zero_src if removed else src + offset, page)
+                except abi.UffdError as e:
+                    if e.errno == errno.EAGAIN:
+                        deferred.append(address)
+                    elif e.errno == errno.ESRCH:
+                        return
+                    elif e.errno != errno.EEXIST:
+                        raise
+
+
+@pytest.fixture
+def memory_file(tmp_path: Path) -> tuple[Path, bytes]:
+    """4 MiB of random-looking guest memory with some zero pages, like a real memory file."""
+    data = bytearray(os.urandom(4 * MiB))
+    data[MiB : MiB + 64 * PAGE] = bytes(64 * PAGE)
+    path = tmp_path / "mem.bin"
+    path.write_bytes(data)
+    return path, bytes(data)
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Any]:
+    servers: list[MiniServer] = []
+
+    def make(memory: bytes, serve: bool = True) -> MiniServer:
+        server = MiniServer(tmp_path / f"uffd{len(servers)}.sock", memory, serve)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def run_standin(
+    server: MiniServer, report: Path, expect_status: int = 0, **options: Any
+) -> dict[str, Any]:
+    options.setdefault("deadline", WAIT)
+    proc = firecracker.spawn(server.path, report=report, popen={"stderr": subprocess.PIPE},
+                             **options)
+    try:
+        _, stderr = proc.communicate(timeout=WAIT + 10)
+    finally:
+        proc.kill()
+    assert proc.returncode == expect_status, stderr.decode()
+    return firecracker.read_report(report)
+
+
+@pytest.mark.parametrize(
+    ("payload", "keys"),
+    [
+        ("v1.1", {"base_host_virt_addr", "size", "offset"}),
+        ("v1.7", {"base_host_virt_addr", "size", "offset", "page_size_kib"}),
+        ("v1.12", {"base_host_virt_addr", "size", "offset", "page_size", "page_size_kib"}),
+    ],
+)
+def test_payload_versions(memory_file, server_factory, tmp_path, payload, keys) -> None:
+    path, data = memory_file
+    server = server_factory(data)
+    report = run_standin(server, tmp_path / "r.json", expected=path, payload=payload)
+    [region] = server.regions
+    assert set(region) == keys
+    assert (region["size"], region["offset"]) == (len(data), 0)
+    assert all(region[k] == PAGE for k in keys & {"page_size", "page_size_kib"})
+    assert len(server.fds) == 1
+    assert report["pages_touched"] == len(data) // PAGE
+    assert report["mismatches"] == 0
+    assert server.faults == len(data) // PAGE  # one fault per page: every page came from us
+
+
+def test_two_regions_four_threads_random(memory_file, server_factory, tmp_path) -> None:
+    path, data = memory_file
+    server = server_factory(data)
+    report = run_standin(server, tmp_path / "r.json", expected=path, regions=2, threads=4,
+                         order="random", seed=7)
+    a, b = sorted(server.regions, key=lambda r: r["offset"])
+    assert a["offset"] == 0 and b["offset"] == a["size"] and a["size"] + b["size"] == len(data)
+    assert report["pages_touched"] == len(data) // PAGE
+    assert report["mismatches"] == 0
+    assert report["regions"] == server.regions
+
+
+def test_shared_pages_partial_touch(memory_file, server_factory, tmp_path) -> None:
+    path, data = memory_file
+    server = server_factory(data)
+    report = run_standin(server, tmp_path / "r.json", expected=path, threads=3,
+                         shared_pages=True, touch=0.25, order="random")
+    pages = round(0.25 * len(data) / PAGE)
+    assert report["pages_touched"] == 3 * pages
+    assert report["mismatches"] == 0
+    assert pages <= server.faults < 3 * pages  # threads met on the same pages
+
+
+def test_balloon_reads_zero(memory_file, server_factory, tmp_path) -> None:
+    path, data = memory_file
+    server = server_factory(data)
+    ranges = [(0, 16 * PAGE), (3 * MiB, MiB)]  # the second spans the region border
+    report = run_standin(server, tmp_path / "r.json", expected=path, regions=2,
+                         balloon=ranges)
+    assert report["balloon_ok"] is True
+    assert report["mismatches"] == 0
+    removed = sum(end - start for start, end in server.removes)
+    assert removed == sum(n for _, n in ranges)
+
+
+def test_wrong_byte_is_a_mismatch(memory_file, server_factory, tmp_path) -> None:
+    path, data = memory_file
+    bad = bytearray(data)
+    bad[5 * PAGE + 123] ^= 0xFF
+    server = server_factory(bytes(bad))
+    report = run_standin(server, tmp_path / "r.json", expect_status=3, expected=path,
+                         threads=2, order="random")
+    assert report["mismatches"] == 1
+    assert report["first_mismatches"] == [5 * PAGE]
+
+
+def test_deadline_when_server_never_answers(memory_file, server_factory, tmp_path) -> None:
+    path, data = memory_file
+    server = server_factory(data, serve=False)
+    report = run_standin(server, tmp_path / "r.json", expect_status=4, expected=path,
+                         deadline=1)
+    assert report["deadline_exceeded"] is True
+    assert report["pages_touched"] == 0
+
+
+def test_late_handshake_then_normal_run(memory_file, server_factory, tmp_path) -> None:
+    path, data = memory_file
+    server = server_factory(data)
+    report = run_standin(server, tmp_path / "r.json", expected=path, misbehave="late:0.3",
+                         touch=0.1)
+    assert report["mismatches"] == 0 and report["pages_touched"] > 0
+
+
+@pytest.mark.parametrize(
+    ("mode", "nfds", "check"),
+    [
+        ("nothing", 0, lambda payload: payload == b""),
+        ("garbage", 1, lambda payload: not payload.startswith(b"[")),
+        ("no-fd", 0, lambda payload: len(json.loads(payload)) == 1),
+        ("two-fds", 2, lambda payload: len(json.loads(payload)) == 1),
+        ("oversize-region", 1, lambda payload: json.loads(payload)[0]["size"] == 8 * MiB),
+        ("bad-page-size", 1, lambda payload: json.loads(payload)[0]["page_size"] == 8192),
+        ("overlap", 1, lambda payload: _overlapping(json.loads(payload))),
+    ],
+)
+def test_misbehaviour(memory_file, server_factory, tmp_path, mode, nfds, check) -> None:
+    path, data = memory_file
+    server = server_factory(data, serve=False)
+    proc = firecracker.spawn(server.path, expected=path, misbehave=mode, hold=30)
+    try:
+        # the stand-in holds: it must still be alive after the server has seen its handshake
+        assert _wait_for(lambda: server.payload if mode != "nothing" else server.connected)
+        time.sleep(0.1)
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait(WAIT)
+    assert len(server.fds) == nfds
+    assert check(server.payload)
+
+
+def _overlapping(regions: list[dict[str, int]]) -> bool:
+    a, b = regions
+    return a["offset"] + a["size"] > b["offset"] and b["offset"] + b["size"] == 4 * MiB
+
+
+def _wait_for(predicate: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_spawn_rejects_unknown_options(tmp_path) -> None:
+    with pytest.raises(TypeError):
+        firecracker.command(tmp_path / "s", thread=4)
+    argv = firecracker.command(tmp_path / "s", threads=4, kvm=True, balloon=[(0, 4096)])
+    assert argv[-5:] == ["--threads", "4", "--kvm", "--balloon", "0:4096"]
+
+
+def _reserve_hugepages(count: int) -> None:
+    """Make `count` free 2 MiB hugepages available, or skip."""
+    meminfo = dict(
+        line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines()
+    )
+    free = int(meminfo.get("HugePages_Free", "0").split()[0])
+    if free >= count:
+        return
+    knob = Path("/proc/sys/vm/nr_hugepages")
+    try:
+        knob.write_text(str(int(knob.read_text()) + count - free))
+    except OSError as e:
+        pytest.skip(f"cannot reserve hugepages: {e}")
+    meminfo = Path("/proc/meminfo").read_text()
+    if int(meminfo.split("HugePages_Free:")[1].split()[0]) < count:
+        pytest.skip("the kernel did not grant enough hugepages")
+
+
+def test_hugepages(memory_file, server_factory, tmp_path) -> None:
+    path, data = memory_file
+    _reserve_hugepages(len(data) // HUGE + 1)  # +1: the ballooned page comes back
+    server = server_factory(data)
+    report = run_standin(server, tmp_path / "r.json", expected=path, page_size="2M",
+                         regions=2, threads=2, balloon=[(HUGE, HUGE)])
+    assert all(r["page_size"] == HUGE for r in server.regions)
+    assert report["pages_touched"] == 2 + 1 + 1  # first pass, ballooned page, recheck
+    assert report["mismatches"] == 0
+    assert report["balloon_ok"] is True
+
+
+def test_kvm_reads_guest_memory(memory_file, server_factory, tmp_path) -> None:
+    pytest.importorskip("fcsnap.testing.kvm")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("no /dev/kvm")
+    path, data = memory_file
+    server = server_factory(data)
+    report = run_standin(server, tmp_path / "r.json", expected=path, kvm=True, threads=0,
+                         regions=2)
+    assert report["kvm"]["ok"] is True
+    assert server.faults >= len(data) // PAGE
