@@ -7,10 +7,12 @@ generation) are the same pipeline fed from different sources.
 from __future__ import annotations
 
 import datetime
+import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import compress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -18,9 +20,8 @@ import numpy as np
 
 from fcsnap import __version__
 from fcsnap.errors import FcsnapError
-from fcsnap.header import NIL, WRITE_VERSION, Header, Mapping, Metadata, merge, runs_for_blocks
-from fcsnap.header.format import dump_header, validate
-from fcsnap.store.hashes import DIGEST_SIZE, digest, dump_hashes, zero_digest
+from fcsnap.header import WRITE_VERSION, Metadata
+from fcsnap.store.hashes import DIGEST_SIZE, digest, dump_hashes
 from fcsnap.store.layout import (
     DIFF_RAW,
     DIFF_ZSTD,
@@ -31,11 +32,12 @@ from fcsnap.store.layout import (
     set_vm_pointer,
     staged_build,
 )
-from fcsnap.store.lineage import Parent, as_keys
+from fcsnap.store.lineage import ZEROS, Parent, Runs, header_bytes
 from fcsnap.store.manifest import Manifest, Stats, write_manifest
 from fcsnap.store.seekable import SeekableWriter
 
 Progress = Callable[[int], None]
+IOV_MAX = os.sysconf("SC_IOV_MAX")
 
 
 @dataclass(frozen=True)
@@ -49,12 +51,19 @@ class BuildOptions:
     source: str = ""
 
 
+# Chunks smaller than this (the data ranges of a sparse Diff file, often one page each) are
+# gathered into batches, so numpy's fixed cost per call is paid per batch, not per range.
+GATHER_BELOW = 256 << 10
+GATHER_BYTES = 4 << 20
+
+
 class DiffSink:
     """The diff file being written: raw, or zstd seekable frames compressed on both cores."""
 
     def __init__(self, stage: Path, options: BuildOptions) -> None:
         name = DIFF_ZSTD if options.compression == "zstd" else DIFF_RAW
-        self.file: BinaryIO = open(stage / name, "wb")  # noqa: SIM115 (closed in close())
+        # Unbuffered: raw pieces go to the kernel with writev, zstd frames are large already.
+        self.file: BinaryIO = open(stage / name, "wb", buffering=0)  # noqa: SIM115 (close())
         self.zstd = (
             SeekableWriter(self.file, options.frame_size, options.level)
             if options.compression == "zstd"
@@ -62,25 +71,45 @@ class DiffSink:
         )
         self.stored = 0
 
-    def write(self, data: bytes | memoryview) -> None:
-        self.stored += len(data)
+    def write(self, pieces: list[memoryview]) -> None:
+        """Append `pieces` in order, without joining them first."""
+        self.stored += sum(len(p) for p in pieces)
         if self.zstd is not None:
-            self.zstd.write(data)
+            for piece in pieces:
+                self.zstd.write(piece)
         else:
-            self.file.write(data)
+            writev_all(self.file.fileno(), pieces)
 
     def close(self) -> int:
         """Finish the file; returns its size on disk."""
         if self.zstd is not None:
             self.zstd.close()
-        self.file.flush()
-        written = self.file.tell()
+        written = os.fstat(self.file.fileno()).st_size
         self.file.close()
         return written
 
 
+def writev_all(fd: int, pieces: list[memoryview]) -> None:
+    """os.writev until every byte is written (IOV_MAX buffers at most per call; short writes)."""
+    todo = list(pieces)
+    while todo:
+        done = os.writev(fd, todo[:IOV_MAX])
+        i = 0
+        while i < len(todo) and done >= len(todo[i]):
+            done -= len(todo[i])
+            i += 1
+        todo = todo[i:]
+        if done:
+            todo[0] = todo[0][done:]
+
+
 class GenerationBuilder:
-    """Accumulates one generation's blocks; `finish` writes header, hashes and manifest."""
+    """Accumulates one generation's blocks; `finish` writes header, hashes and manifest.
+
+    Only blocks that differ from the parent are recorded (block, owner, slot arrays); at the end
+    their runs are laid over the parent's, so the cost follows the changes and the parent's
+    mapping count, not the size of guest memory.
+    """
 
     def __init__(
         self, stage: Path, build_id: uuid.UUID, size: int, parent: Parent | None,
@@ -90,94 +119,137 @@ class GenerationBuilder:
         self.build_id = build_id
         self.size = size
         self.parent = parent
-        self.options = options
         self.bs = options.block_size
         self.blocks = size // self.bs
         self.sink = DiffSink(stage, options)
-        self.zero = np.frombuffer(zero_digest(self.bs), np.uint8)
-        self.digests = bytearray()  # of stored blocks, in storage order
-        self.own: dict[bytes, int] = {}  # digest -> storage offset in this build
-        self.entries: list[tuple[int, uuid.UUID, int]] = []  # changed blocks, ascending
-        self.seen = np.zeros(self.blocks, bool)
-        self.stored = 0
+        self.build_ids = [*parent.build_ids, build_id] if parent else [build_id]
+        self.me = len(self.build_ids) - 1
+        empty = np.zeros(0, np.int64)
+        self.changes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [(empty, empty, empty)]
+        self.spans: list[tuple[int, int]] = []  # (offset, length) of every chunk added
+        self.own: dict[bytes, int] = {}  # digest -> slot in this build's diff
+        self.digests: list[bytes] = []  # of stored blocks, in storage order
         self.deduplicated = 0
+        # np.empty, not bytearray: only the pages that small chunks use get touched.
+        self.gather = memoryview(np.empty(GATHER_BYTES, np.uint8))
+        self.gathered: list[tuple[int, int]] = []  # (offset, length) of what `gather` holds
+        self.filled = 0
 
     def add(self, offset: int, chunk: bytes | memoryview) -> None:
-        """Take whole blocks starting at `offset` (block aligned)."""
-        bs = self.bs
-        n = len(chunk) // bs
-        first = offset // bs
-        words = np.frombuffer(chunk, np.uint64).reshape(n, bs // 8)
-        nonzero = np.bitwise_or.reduce(words, axis=1) != 0
-        self.seen[first : first + n] = True
-        data_idx = np.flatnonzero(nonzero).tolist()
-        new = np.empty((n, DIGEST_SIZE), np.uint8)
-        new[:] = self.zero
-        if data_idx:
-            found = b"".join([digest(chunk[j * bs : (j + 1) * bs]) for j in data_idx])
-            new[data_idx] = np.frombuffer(found, np.uint8).reshape(-1, DIGEST_SIZE)
-        if self.parent is None:
-            changed = nonzero
-        else:
-            changed = (new != self.parent.digests[first : first + n]).any(axis=1)
-        candidates = np.flatnonzero(changed & nonzero)
-        keys = as_keys(new[candidates])
-        in_lineage = self.parent.index.find(keys) if self.parent else [None] * len(keys)
-        pieces: list[bytes | memoryview] = []
-        hits = dict(zip(candidates.tolist(), in_lineage, strict=True))
-        for j in np.flatnonzero(changed).tolist():
-            block = first + j
-            if j not in hits:
-                self.entries.append((block, NIL, 0))
-                continue
-            key = new[j].tobytes()
-            where = hits[j]
-            if where is None and key in self.own:
-                where = (self.build_id, self.own[key])
-            if where is not None:
-                self.deduplicated += 1
-                self.entries.append((block, *where))
-                continue
-            storage = self.stored * bs
-            self.own[key] = storage
-            self.digests += key
-            self.stored += 1
-            self.entries.append((block, self.build_id, storage))
-            pieces.append(chunk[j * bs : (j + 1) * bs])
-        if pieces:
-            self.sink.write(b"".join(pieces))
+        """Take whole blocks starting at `offset` (block aligned), in ascending order."""
+        self.spans.append((offset, len(chunk)))
+        if len(chunk) >= GATHER_BELOW:
+            self._flush()
+            first = offset // self.bs
+            self._scan(np.arange(first, first + len(chunk) // self.bs), memoryview(chunk))
+            return
+        if self.filled + len(chunk) > GATHER_BYTES:
+            self._flush()
+        self.gather[self.filled : self.filled + len(chunk)] = chunk
+        self.filled += len(chunk)
+        self.gathered.append((offset, len(chunk)))
 
-    def finish(self, holes_are_zero: bool) -> tuple[Header, Stats]:
+    def _flush(self) -> None:
+        if not self.gathered:
+            return
+        first, count = (np.array(self.gathered, np.int64) // self.bs).T
+        blocks = np.repeat(first - (np.cumsum(count) - count), count) + np.arange(count.sum())
+        self._scan(blocks, self.gather[: self.filled])
+        self.gathered.clear()
+        self.filled = 0
+
+    def _scan(self, blocks: np.ndarray, data: memoryview) -> None:
+        """Classify the blocks `blocks`, held in order by `data`: unchanged, zero, found in the
+        lineage or earlier in this build (deduplicated), or new (stored)."""
+        bs = self.bs
+        parent = self.parent
+        words = np.frombuffer(data, np.uint64).reshape(len(blocks), bs // 8)
+        nonzero = np.bitwise_or.reduce(words, axis=1) != 0
+        if parent is not None:  # zeros change something only where the parent has data
+            zeros = blocks[~nonzero]
+            self._record(zeros[parent.owners(zeros) != ZEROS], ZEROS, 0)
+        pos = np.flatnonzero(nonzero)
+        keys = [digest(data[j * bs : (j + 1) * bs]) for j in pos.tolist()]
+        if parent is not None and keys:
+            new = np.frombuffer(b"".join(keys), np.uint8).reshape(-1, DIGEST_SIZE)
+            changed = (new != parent.digests(blocks[pos])).any(axis=1)
+            owner, slot = parent.index.find(new[changed])
+            found = owner != ZEROS
+            self._record(blocks[pos[changed][found]], owner[found], slot[found])
+            self.deduplicated += int(found.sum())
+            fresh = changed.copy()
+            fresh[changed] = ~found
+            pos = pos[fresh]
+            keys = list(compress(keys, fresh.tolist()))
+        if not keys:
+            return
+        # setdefault hands a digest not seen before the next free slot, a known one its slot.
+        before = len(self.own)
+        slots = np.array([self.own.setdefault(k, len(self.own)) for k in keys], np.int64)
+        self._record(blocks[pos], self.me, slots)
+        _, first_use = np.unique(slots, return_index=True)
+        first_use = first_use[slots[first_use] >= before]
+        self.deduplicated += len(keys) - len(first_use)
+        self.digests.extend(keys[i] for i in first_use.tolist())
+        self.sink.write([data[a * bs : b * bs] for a, b in consecutive(pos[first_use])])
+
+    def _record(self, blocks: np.ndarray, owner: int | np.ndarray, slot: int | np.ndarray) -> None:
+        """Blocks `blocks` now hold block `slot` of build number `owner`."""
+        if len(blocks):
+            n = len(blocks)
+            self.changes.append((blocks, np.broadcast_to(owner, n), np.broadcast_to(slot, n)))
+
+    def finish(self, holes_are_zero: bool) -> tuple[Metadata, Stats]:
         """Blocks never added are zeros (Full snapshot) or unchanged (Diff snapshot)."""
-        if holes_are_zero and self.parent is not None:
-            vanished = np.flatnonzero(~self.seen & self.parent.has_data).tolist()
-            self.entries.extend((block, NIL, 0) for block in vanished)
-            self.entries.sort(key=lambda e: e[0])
+        self._flush()
         written = self.sink.close()
-        parent_runs = (
-            self.parent.header.mappings if self.parent else [Mapping(0, self.size, NIL, 0)]
+        layout = self.parent.runs if self.parent else Runs.zeros(self.blocks)
+        if holes_are_zero:
+            layout = self._holes().over(layout, self.blocks)
+        blocks, owner, slot = (np.concatenate(c) for c in zip(*self.changes, strict=True))
+        order = np.argsort(blocks)
+        layout = Runs.of_blocks(blocks[order], owner[order], slot[order]).over(layout, self.blocks)
+        parent = self.parent
+        meta = Metadata(
+            WRITE_VERSION, self.bs, self.size,
+            parent.metadata.generation + 1 if parent else 0,
+            self.build_id,
+            parent.metadata.base_build_id if parent else self.build_id,
         )
-        mappings = merge(parent_runs, runs_for_blocks(self.entries, self.bs))
-        generation = self.parent.manifest.generation + 1 if self.parent else 0
-        base = self.parent.header.metadata.base_build_id if self.parent else self.build_id
-        header = Header(
-            Metadata(WRITE_VERSION, self.bs, self.size, generation, self.build_id, base),
-            tuple(mappings),
+        (self.stage / HEADER).write_bytes(
+            header_bytes(meta, layout.records(self.build_ids, self.bs))
         )
-        validate(header, "new header")
-        (self.stage / HEADER).write_bytes(dump_header(header))
-        (self.stage / HASHES).write_bytes(dump_hashes(self.bs, bytes(self.digests)))
-        zero_blocks = sum(m.length for m in mappings if m.is_zero) // self.bs
+        (self.stage / HASHES).write_bytes(dump_hashes(self.bs, b"".join(self.digests)))
+        stored = len(self.digests)
+        zero_blocks = int(layout.count[layout.owner == ZEROS].sum())
         stats = Stats(
             blocks_total=self.blocks,
-            blocks_stored=self.stored,
+            blocks_stored=stored,
             blocks_zero=zero_blocks,
             blocks_deduplicated=self.deduplicated,
-            blocks_inherited=self.blocks - self.stored - self.deduplicated - zero_blocks,
+            blocks_inherited=self.blocks - stored - self.deduplicated - zero_blocks,
             bytes_stored=self.sink.stored,
             bytes_written=written,
         )
-        return header, stats
+        return meta, stats
+
+    def _holes(self) -> Runs:
+        """Zero runs over the gaps between the chunks added."""
+        spans = np.array(self.spans, np.int64).reshape(-1, 2) // self.bs
+        start = np.concatenate(([0], spans[:, 0] + spans[:, 1]))
+        count = np.concatenate((spans[:, 0], [self.blocks])) - start
+        start, count = start[count > 0], count[count > 0]
+        return Runs(start, count, np.full(len(start), ZEROS, np.int32), np.zeros_like(start))
+
+
+def consecutive(values: np.ndarray) -> list[tuple[int, int]]:
+    """Ascending integers as [start, end) runs of consecutive values."""
+    if not len(values):
+        return []
+    cut = np.flatnonzero(np.diff(values) != 1) + 1
+    starts = values[np.concatenate(([0], cut))]
+    ends = values[np.concatenate((cut - 1, [len(values) - 1]))] + 1
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))
 
 
 def build_generation(
@@ -199,15 +271,15 @@ def build_generation(
         try:
             for offset, chunk in chunks:
                 builder.add(offset, chunk)
-            header, stats = builder.finish(holes_are_zero)
+            meta, stats = builder.finish(holes_are_zero)
         finally:
             if not builder.sink.file.closed:
                 builder.sink.file.close()
         manifest = Manifest(
             build_id=build_id,
             parent_build_id=parent.manifest.build_id if parent else None,
-            generation=header.metadata.generation,
-            base_build_id=header.metadata.base_build_id,
+            generation=meta.generation,
+            base_build_id=meta.base_build_id,
             block_size=options.block_size,
             size=size,
             compression=options.compression,

@@ -2,95 +2,255 @@
 
 A diff never reads the parent's diff data to decide what changed: each block's digest comes from
 the sidecar of the build that stores it, found through the parent's header.
+
+Headers are handled here as numpy record arrays and per-block arrays, not Mapping objects: a
+parent late in a lineage has tens of thousands of mappings, and a 1%-dirty sparse diff has to
+cost a small fraction of a full scan, so nothing may take Python work per mapping or per block.
+A generation's layout is a `Runs`: mappings counted in blocks, with builds as small integers.
 """
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fcsnap.errors import FcsnapError
-from fcsnap.header import Header, load_header
+from fcsnap.header import BLOCK_SIZES, NIL, PAGE, HeaderError, Metadata, parse_header
+from fcsnap.header.format import MAPPING, METADATA, READ_VERSIONS
 from fcsnap.store.hashes import DIGEST_SIZE, read_hashes, zero_digest
-from fcsnap.store.layout import HASHES, build_path
+from fcsnap.store.layout import HASHES, HEADER, build_path
 from fcsnap.store.manifest import Manifest, read_manifest
 
+ZEROS = -1
+"""The owner of zero blocks (owners index a list of build ids)."""
 
-def as_keys(digests: np.ndarray) -> np.ndarray:
-    """(n, 16) uint8 digests as a 1-d array of 16-byte keys that sort and compare as a whole."""
-    return np.ascontiguousarray(digests).view(f"S{DIGEST_SIZE}").ravel()
+# One V3 mapping record (SPEC.md section 2) as a numpy dtype: same 40 bytes, no padding.
+RECORD = np.dtype([("offset", "<u8"), ("length", "<u8"), ("build_id", "V16"), ("storage", "<u8")])
+assert RECORD.itemsize == MAPPING.size
+
+
+def parse_records(data: bytes, source: str) -> tuple[Metadata, np.ndarray]:
+    """Header bytes as metadata and a RECORD array, checked with vector operations.
+
+    Whatever these checks reject goes to parse_header, which names the broken rule.
+    """
+    if len(data) >= METADATA.size and (len(data) - METADATA.size) % MAPPING.size == 0:
+        version, bs, size, generation, build_raw, base_raw = METADATA.unpack_from(data)
+        meta = Metadata(
+            version, bs, size, generation, uuid.UUID(bytes=build_raw), uuid.UUID(bytes=base_raw)
+        )
+        records = np.frombuffer(data, RECORD, offset=METADATA.size)
+        if not len(records):  # E2B and Wrenn read this as one run of the header's own build
+            records = np.array([(0, size, build_raw, 0)], RECORD)
+        if _well_formed(meta, records):
+            return meta, records
+    parse_header(data, source)
+    raise HeaderError(f"{source}: memory size is beyond what fcsnap handles")
+
+
+def _well_formed(meta: Metadata, records: np.ndarray) -> bool:
+    """SPEC.md section 2's rules: aligned, non-empty mappings that tile [0, size) in order."""
+    size = meta.size
+    if meta.version not in READ_VERSIONS or meta.block_size not in BLOCK_SIZES:
+        return False
+    if not 0 < size < 1 << 62 or size % PAGE:  # the bound keeps the sums below from wrapping
+        return False
+    offset, length = records["offset"], records["length"]
+    storage = np.where(is_nil(records), 0, records["storage"])
+    end = offset + length
+    return bool(
+        (length > 0).all()
+        and (length <= size).all()
+        and (offset < size).all()
+        and offset[0] == 0
+        and (offset[1:] == end[:-1]).all()
+        and end[-1] == size
+        and not ((offset | length | storage) % PAGE).any()
+    )
+
+
+def is_nil(records: np.ndarray) -> np.ndarray:
+    return records["build_id"] == np.void(NIL.bytes)
+
+
+def header_bytes(meta: Metadata, records: np.ndarray) -> bytes:
+    """The V3 header of `records`, checked like any header read back."""
+    data = (
+        METADATA.pack(
+            meta.version, meta.block_size, meta.size, meta.generation, meta.build_id.bytes,
+            meta.base_build_id.bytes,
+        )
+        + records.tobytes()
+    )
+    parse_records(data, "new header")
+    return data
+
+
+@dataclass(frozen=True)
+class Runs:
+    """Runs of blocks, ascending and non-overlapping: blocks [start, start + count) are blocks
+    [slot, slot + count) of the diff of build number `owner` (ZEROS: zeros, slot 0)."""
+
+    start: np.ndarray
+    count: np.ndarray
+    owner: np.ndarray
+    slot: np.ndarray
+
+    @classmethod
+    def of_blocks(cls, blocks: np.ndarray, owner: np.ndarray, slot: np.ndarray) -> Runs:
+        """Join ascending blocks that continue each other in guest memory and in storage."""
+        n = len(blocks)
+        breaks = np.ones(n, bool)
+        breaks[1:] = (blocks[1:] != blocks[:-1] + 1) | (owner[1:] != owner[:-1])
+        breaks[1:] |= (owner[1:] != ZEROS) & (slot[1:] != slot[:-1] + 1)
+        at = np.flatnonzero(breaks)
+        return cls(blocks[at], np.diff(at, append=n), owner[at], slot[at])
+
+    @classmethod
+    def zeros(cls, blocks: int) -> Runs:
+        return cls(np.array([0]), np.array([blocks]), np.array([ZEROS], np.int32), np.array([0]))
+
+    def locate(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(owner, slot) of each block; the runs must cover them."""
+        i = np.searchsorted(self.start, blocks, "right") - 1
+        owner = self.owner[i]
+        return owner, np.where(owner == ZEROS, 0, self.slot[i] + (blocks - self.start[i]))
+
+    def over(self, below: Runs, blocks: int) -> Runs:
+        """These runs laid over `below`, which covers [0, blocks): cut both at every boundary,
+        take each piece from the top where it has one, then join (SPEC.md section 2's normal
+        form: same build, and for data, storage that continues)."""
+        cuts = np.sort(np.concatenate((below.start, self.start, self.start + self.count)))
+        cuts = cuts[np.diff(cuts, prepend=-1) > 0]  # np.unique, but faster (no hashing)
+        cuts = cuts[cuts < blocks]
+        owner, slot = below.locate(cuts)
+        if len(self.start):
+            top = np.searchsorted(self.start, cuts, "right") - 1
+            on = top >= 0
+            on[on] = cuts[on] < self.start[top[on]] + self.count[top[on]]
+            top = top[on]
+            owner[on] = self.owner[top]
+            slot[on] = self.slot[top] + (cuts[on] - self.start[top])
+        slot[owner == ZEROS] = 0
+        count = np.diff(cuts, append=blocks)
+        joins = np.zeros(len(cuts), bool)
+        joins[1:] = (owner[1:] == owner[:-1]) & (
+            (owner[1:] == ZEROS) | (slot[1:] == slot[:-1] + count[:-1])
+        )
+        at = np.flatnonzero(~joins)
+        return Runs(cuts[at], np.add.reduceat(count, at), owner[at], slot[at])
+
+    def records(self, build_ids: list[uuid.UUID], block_size: int) -> np.ndarray:
+        ids = np.array([b.bytes for b in build_ids] + [NIL.bytes], "V16")  # ZEROS finds NIL
+        records = np.empty(len(self.start), RECORD)
+        records["offset"] = self.start * block_size
+        records["length"] = self.count * block_size
+        records["build_id"] = ids[self.owner]
+        records["storage"] = self.slot * block_size
+        return records
 
 
 class DedupIndex:
-    """Every block stored anywhere in a set of builds, searchable by digest in batches."""
+    """Every block stored in a set of builds, searchable by digest in batches.
 
-    def __init__(self, tables: dict[uuid.UUID, np.ndarray], block_size: int) -> None:
-        self.build_ids = list(tables)
-        self.block_size = block_size
-        keys = [as_keys(t) for t in tables.values()]
-        if keys:
-            all_keys = np.concatenate(keys)
-            owner = np.concatenate([np.full(len(k), i, np.int32) for i, k in enumerate(keys)])
-            slot = np.concatenate([np.arange(len(k), dtype=np.int64) for k in keys])
-        else:
-            all_keys = np.empty(0, f"S{DIGEST_SIZE}")
-            owner = np.empty(0, np.int32)
-            slot = np.empty(0, np.int64)
-        order = np.argsort(all_keys, kind="stable")
-        self.keys = all_keys[order]
-        self.owner = owner[order]
-        self.slot = slot[order]
+    `digests` holds the builds' sidecars one after another, build i's from row first_row[i].
+    Sorted on the digests' first 8 bytes (a fast integer sort), a match confirmed on all 16: a
+    prefix shared by two digests can only cost a missed dedup, never a wrong one.
+    """
 
-    def find(self, keys: np.ndarray) -> list[tuple[uuid.UUID, int] | None]:
-        """For each key, (build id, storage offset) of a stored copy, or None."""
-        if not len(self.keys) or not len(keys):
-            return [None] * len(keys)
-        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-        hit = self.keys[pos] == keys
-        return [
-            (self.build_ids[self.owner[p]], int(self.slot[p]) * self.block_size) if h else None
-            for p, h in zip(pos.tolist(), hit.tolist(), strict=True)
-        ]
+    def __init__(self, digests: np.ndarray, first_row: np.ndarray) -> None:
+        self.digests = digests
+        self.first_row = first_row
+        self.order = np.argsort(_prefix(digests))
+        self.prefix = _prefix(digests)[self.order]
+
+    def find(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(owner, slot) of a stored copy of each digest; owner is ZEROS where there is none."""
+        owner = np.full(len(digests), ZEROS, np.int32)
+        slot = np.zeros(len(digests), np.int64)
+        if len(self.prefix) and len(digests):
+            pos = np.minimum(np.searchsorted(self.prefix, _prefix(digests)), len(self.prefix) - 1)
+            row = self.order[pos]
+            hit = (self.digests[row] == digests).all(axis=1)
+            owner[hit] = np.searchsorted(self.first_row, row[hit], "right") - 1
+            slot[hit] = row[hit] - self.first_row[owner[hit]]
+        return owner, slot
+
+
+def _prefix(digests: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(digests).view("<u8")[:, 0]
 
 
 class Parent:
-    """A build seen as the base of a diff: its header, manifest, per-block digests, lineage."""
+    """A build seen as the base of a diff: its metadata, manifest, runs and lineage's blocks."""
 
     def __init__(self, build_dir: Path) -> None:
         self.dir = build_dir
         self.store = build_dir.parent
-        self.header: Header = load_header(build_dir)
         self.manifest: Manifest = read_manifest(build_dir)
-        meta = self.header.metadata
+        path = build_dir / HEADER
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise FcsnapError(f"cannot read header {path}: {e.strerror or e}") from e
+        self.metadata, records = parse_records(data, str(path))
+        meta = self.metadata
         if (meta.build_id, meta.size, meta.block_size) != (
             self.manifest.build_id, self.manifest.size, self.manifest.block_size
         ):
             raise FcsnapError(f"{build_dir}: build.json and memfile.header disagree")
+        self.size = meta.size
         self.block_size = bs = meta.block_size
         self.blocks = meta.size // bs
-        tables = {b: self._table(b) for b in self.header.build_ids()}
-        self.index = DedupIndex(tables, bs)
-        self.digests = np.empty((self.blocks, DIGEST_SIZE), np.uint8)
-        self.digests[:] = np.frombuffer(zero_digest(bs), np.uint8)
-        self.has_data = np.zeros(self.blocks, bool)
-        for m in self.header.mappings:
-            if m.offset % bs or m.length % bs or m.storage_offset % bs:
-                raise FcsnapError(
-                    f"{build_dir}: mapping at {m.offset:#x} is not aligned to the block size {bs}"
-                )
-            if m.is_zero:
-                continue
-            first, count, slot = m.offset // bs, m.length // bs, m.storage_offset // bs
-            table = tables[m.build_id]
-            if slot + count > len(table):
-                raise FcsnapError(
-                    f"build {m.build_id}: header maps block {slot + count - 1} but its hash "
-                    f"sidecar holds {len(table)}"
-                )
-            self.digests[first : first + count] = table[slot : slot + count]
-            self.has_data[first : first + count] = True
+        nil = is_nil(records)
+        storage = np.where(nil, 0, records["storage"])
+        misaligned = (records["offset"] | records["length"] | storage) % bs != 0
+        if misaligned.any():
+            at = int(records["offset"][np.argmax(misaligned)])
+            raise FcsnapError(
+                f"{build_dir}: mapping at {at:#x} is not aligned to the block size {bs}"
+            )
+        ids, owner = np.unique(records["build_id"], return_inverse=True)
+        owner = owner.astype(np.int32)
+        self.build_ids = [uuid.UUID(bytes=b.tobytes()) for b in ids]
+        if nil.any():  # unique() sorts, so NIL (all zero bytes) comes first
+            owner -= 1
+            self.build_ids.pop(0)
+        tables = [self._table(b) for b in self.build_ids]
+        self.runs = Runs(
+            (records["offset"] // bs).astype(np.int64),
+            (records["length"] // bs).astype(np.int64),
+            owner,
+            (storage // bs).astype(np.int64),
+        )
+        sizes = np.array([len(t) for t in tables] + [0])
+        short = (owner != ZEROS) & (self.runs.slot + self.runs.count > sizes[owner])
+        if short.any():
+            i = int(np.argmax(short))
+            raise FcsnapError(
+                f"build {self.build_ids[owner[i]]}: header maps block "
+                f"{self.runs.slot[i] + self.runs.count[i] - 1} but its hash sidecar holds "
+                f"{sizes[owner[i]]}"
+            )
+        # Every sidecar in one table, then the zero digest: first_row ends with the row count,
+        # so owner ZEROS (-1, slot 0) finds the zero digest.
+        self._digests = np.concatenate(
+            [*tables, np.frombuffer(zero_digest(bs), np.uint8).reshape(1, DIGEST_SIZE)]
+        )
+        self._first_row = np.cumsum([0, *sizes[:-1]])
+        self.index = DedupIndex(self._digests[:-1], self._first_row)
+
+    def owners(self, blocks: np.ndarray) -> np.ndarray:
+        """The build number holding each block (ZEROS for zeros)."""
+        return self.runs.locate(blocks)[0]
+
+    def digests(self, blocks: np.ndarray) -> np.ndarray:
+        """The (n, 16) digests of the parent's content at `blocks`."""
+        owner, slot = self.runs.locate(blocks)
+        return self._digests[self._first_row[owner] + slot]
 
     def _table(self, build_id: uuid.UUID) -> np.ndarray:
         path = build_path(self.store, build_id) / HASHES

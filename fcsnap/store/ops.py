@@ -63,10 +63,10 @@ def diff(
         raise FcsnapError(f"base build {base_dir} is not in store {store}")
     options = replace(options, block_size=parent.block_size, source=memfile.name)
     with MemoryFile(memfile, parent.block_size) as source:
-        if source.size != parent.header.metadata.size:
+        if source.size != parent.size:
             raise FcsnapError(
                 f"{memfile}: {source.size} bytes, but base build {parent.manifest.build_id} "
-                f"is {parent.header.metadata.size} bytes of guest memory"
+                f"is {parent.size} bytes of guest memory"
             )
         reader: list[GenerationReader] = []
 

@@ -17,6 +17,7 @@ import signal
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ class ServeOptions:
     stats_path: Path | None = None
     handshake_timeout: float = 10.0
     cache_bytes: int = 64 << 20
+    on_listening: Callable[[], None] | None = None  # e.g. ask Firecracker to load the snapshot
 
 
 @dataclass
@@ -111,6 +113,8 @@ class FaultServer:
         listener = listen(self.options.socket)
         status = 1
         try:
+            if self.options.on_listening is not None:
+                self.options.on_listening()
             self.peer = accept_peer(
                 listener, self.header.metadata.size, self.options.handshake_timeout,
                 self._stop_r,
