@@ -359,6 +359,16 @@ def restore(
     raise typer.Exit(status)
 
 
+@app.command()
+def demo(
+    threads: int = typer.Option(4, "--threads", help="Faulting threads in the stand-in VM."),
+) -> None:
+    """Pack, diff, inspect and lazily restore a bundled snapshot, checking every byte."""
+    from fcsnap.demo import run_demo
+
+    run_demo(out, threads)
+
+
 def main() -> None:
     """Console entry point: one clear line and exit 1 for runtime failures."""
     try:
