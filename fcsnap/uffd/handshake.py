@@ -1,12 +1,15 @@
 """Firecracker's side of the UFFD socket: listen, accept, receive regions and the uffd.
 
 Firecracker connects, makes one sendmsg (JSON regions + the uffd as SCM_RIGHTS) and never
-answers anything; the fd can trail the connection, so we wait for it up to a deadline.
+answers anything; the fd can trail the connection, so we wait for it up to a deadline. Once a
+VM has connected it waits for its pages: every way out of here that does not hand it to the
+fault server kills it.
 """
 
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import select
 import signal
@@ -23,38 +26,34 @@ from fcsnap.uffd.regions import HandshakeError, Region, parse_regions
 MAX_PAYLOAD = 64 << 10
 MAX_FDS = 8
 UCRED = struct.Struct("3i")
+UFFD_LINK = "anon_inode:[userfaultfd]"  # what /proc/self/fd/N reads for a uffd
 
 
 @dataclass
 class Peer:
-    """The connected VM process: its regions, its uffd, and a pidfd to watch it with."""
+    """The connected VM process: its regions, its uffd, and a pidfd to watch it with (a pidfd,
+    not the pid, so that a recycled pid can never make us signal an unrelated process)."""
 
     conn: socket.socket
     uffd: int
     regions: list[Region]
     pid: int
-    pidfd: int | None
-    extra_fds: int
+    pidfd: int
+    extra_fds: int  # fds the VM sent besides the uffd; closed on arrival
 
     def kill(self) -> None:
         """Kill the VM: a guest whose page server gave up would otherwise hang forever."""
-        kill_process(self.pid, self.pidfd)
+        kill_process(self.pidfd)
 
     def close(self) -> None:
-        for fd in (self.uffd, self.pidfd):
-            if fd is not None and fd >= 0:
-                os.close(fd)
+        os.close(self.uffd)
+        os.close(self.pidfd)
         self.conn.close()
 
 
-def kill_process(pid: int, pidfd: int | None) -> None:
-    try:
-        if pidfd is not None:
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        elif pid > 0:
-            os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def kill_process(pidfd: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
 
 
 def listen(path: Path) -> socket.socket:
@@ -78,6 +77,7 @@ def listen(path: Path) -> socket.socket:
 
 
 def wait_readable(fds: list[int], timeout: float | None) -> list[int]:
+    """The fds of `fds` that are readable within `timeout` seconds (None: wait forever)."""
     poller = select.poll()
     for fd in fds:
         poller.register(fd, select.POLLIN)
@@ -85,28 +85,42 @@ def wait_readable(fds: list[int], timeout: float | None) -> list[int]:
     return [fd for fd, _ in poller.poll(ms)]
 
 
-def peer_pid(conn: socket.socket) -> int:
+def peer_pidfd(conn: socket.socket) -> tuple[int, int]:
+    """(pid, pidfd) of the process at the other end of the connection (SO_PEERCRED)."""
     pid, _uid, _gid = UCRED.unpack(
         conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size)
     )
-    return pid
+    if pid <= 0:
+        raise HandshakeError("cannot tell which process connected (not in our pid namespace?)")
+    try:
+        return pid, os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise HandshakeError(f"the VM (pid {pid}) exited right after connecting") from None
+    except OSError as e:
+        raise HandshakeError(f"cannot watch the VM (pid {pid}): {e.strerror or e}") from e
 
 
 def receive_handshake(
-    conn: socket.socket, memory_size: int, timeout: float
-) -> tuple[list[Region], int, int]:
-    """(regions, uffd, number of extra fds closed); HandshakeError on anything wrong."""
+    conn: socket.socket, memory_size: int, timeout: float, stop_fd: int
+) -> tuple[list[Region], int, int] | None:
+    """(regions, uffd, number of extra fds closed), or None if `stop_fd` became readable
+    first; HandshakeError on anything wrong."""
     deadline = time.monotonic() + timeout
     payload = b""
     fds: list[int] = []
     try:
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not wait_readable([conn.fileno()], left):
+            ready = wait_readable([conn.fileno(), stop_fd], left) if left > 0 else []
+            if stop_fd in ready:
+                for fd in fds:
+                    os.close(fd)
+                return None
+            if not ready:
                 what = "the uffd" if payload and not fds else "its handshake"
                 raise HandshakeError(f"the VM connected but did not send {what} in {timeout:g}s")
             data, ancdata, _flags, _ = conn.recvmsg(
-                MAX_PAYLOAD, socket.CMSG_SPACE(MAX_FDS * 4)
+                MAX_PAYLOAD, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
             )
             for level, kind, body in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -121,13 +135,27 @@ def receive_handshake(
             if fds and payload and _complete_json(payload):
                 break
         regions = parse_regions(payload, memory_size)
+        uffd = next((fd for fd in fds if _is_uffd(fd)), None)
+        if uffd is None:
+            raise HandshakeError(f"none of the {len(fds)} fds the VM sent is a userfaultfd")
+        # Non-blocking whatever the VM chose: a blocking uffd would stall the fault loop in
+        # read(), and poll reports it as an error, not as readable.
+        os.set_blocking(uffd, False)
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
-    for fd in fds[1:]:
-        os.close(fd)
-    return regions, fds[0], len(fds) - 1
+    for fd in fds:
+        if fd != uffd:
+            os.close(fd)
+    return regions, uffd, len(fds) - 1
+
+
+def _is_uffd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == UFFD_LINK
+    except OSError:
+        return False
 
 
 def _complete_json(payload: bytes) -> bool:
@@ -138,26 +166,30 @@ def _complete_json(payload: bytes) -> bool:
 def accept_peer(
     listener: socket.socket, memory_size: int, timeout: float, stop_fd: int
 ) -> Peer | None:
-    """Wait for Firecracker (or a stop request: returns None), then take its handshake.
+    """Wait for Firecracker, then take its handshake; None if `stop_fd` became readable first.
 
-    The listener is closed once a VM is accepted: a second client gets a refused connection
-    instead of a silent hang. On a bad handshake the peer is killed and HandshakeError raised.
+    The caller closes the listener once a VM is accepted: a second client gets a refused
+    connection instead of a silent hang. A VM that connected and is not served (bad
+    handshake, stop request) is killed: it would wait for its pages forever.
     """
     if listener.fileno() not in wait_readable([listener.fileno(), stop_fd], None):
         return None
     conn, _ = listener.accept()
-    conn.setblocking(True)
-    pid = peer_pid(conn)
     try:
-        pidfd = os.pidfd_open(pid) if pid > 0 else None
-    except OSError:
-        pidfd = None
-    try:
-        regions, uffd, extra = receive_handshake(conn, memory_size, timeout)
+        conn.setblocking(True)
+        pid, pidfd = peer_pidfd(conn)
     except BaseException:
-        kill_process(pid, pidfd)
-        if pidfd is not None:
-            os.close(pidfd)
         conn.close()
         raise
+    received = None
+    try:
+        received = receive_handshake(conn, memory_size, timeout, stop_fd)
+    finally:
+        if received is None:  # stopped, or a bad handshake on its way up
+            kill_process(pidfd)
+            os.close(pidfd)
+            conn.close()
+    if received is None:
+        return None
+    regions, uffd, extra = received
     return Peer(conn, uffd, regions, pid, pidfd, extra)

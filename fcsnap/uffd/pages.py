@@ -7,6 +7,7 @@ page that lies in one mapping is copied by the kernel straight from the page cac
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +26,8 @@ class VerifyError(FcsnapError):
 
 @dataclass(slots=True)
 class Source:
-    """Bytes for one install: address is None for zeros; keep holds the buffer alive."""
+    """Bytes for one install: address is None for zeros; keep holds the buffer alive;
+    build_id is the build that supplied the page (most of it, for an assembled one)."""
 
     address: int | None
     build_id: uuid.UUID | None
@@ -33,6 +35,8 @@ class Source:
 
 
 class PageSource:
+    """Finds the bytes of guest pages through the header, checking hashes with --verify."""
+
     def __init__(
         self,
         header: Header,
@@ -66,7 +70,8 @@ class PageSource:
     def _assemble(self, offset: int, length: int) -> Source:
         """A page spanning several mappings (a 2 MiB page over 4 KiB blocks): copy it together."""
         buf = bytearray(length)
-        pos, first_build = offset, None
+        pos = offset
+        supplied: Counter[uuid.UUID] = Counter()
         i = self.header.mapping_index(offset)
         while pos < offset + length:
             m = self.mappings[i]
@@ -77,12 +82,12 @@ class PageSource:
                     self._verify(m.build_id, storage, take, pos)
                 at = pos - offset
                 buf[at : at + take] = self.diffs[m.build_id].read(storage, take)
-                first_build = first_build or m.build_id
+                supplied[m.build_id] += take
             pos += take
             i += 1
-        if first_build is None:
+        if not supplied:
             return Source(None, None)
-        return Source(abi.buffer_address(buf), first_build, buf)
+        return Source(abi.buffer_address(buf), supplied.most_common(1)[0][0], buf)
 
     def _verify(self, build_id: uuid.UUID, storage: int, length: int, offset: int) -> None:
         """Check every stored block under [storage, storage+length) against its hash, once."""

@@ -73,6 +73,9 @@ def parse_regions(payload: bytes, memory_size: int) -> list[Region]:
                 f"region {i}: address {region.base:#x}, size {region.size:#x} and offset "
                 f"{region.offset:#x} must be non-zero multiples of its page size {page_size}"
             )
+        if region.end > 1 << 64:
+            raise HandshakeError(f"region {i}: [{region.base:#x}, +{region.size:#x}) runs past "
+                                 "the end of the address space")
         if region.offset + region.size > memory_size:
             raise HandshakeError(
                 f"region {i}: memory-file range [{region.offset:#x}, "

@@ -4,10 +4,14 @@ Loop: epoll over the uffd, the VM's pidfd and a stop pipe; read *all* pending ev
 serving (a pending REMOVE makes every copy fail with EAGAIN); install pages with UFFDIO_COPY or
 ZEROPAGE; defer EAGAIN faults and retry them after the next drain, with a short poll timeout so
 none is stranded. The server never touches the guest memory itself.
+
+A guest whose page server is gone freezes at its next fault, so every way out other than the
+VM's own exit - an error of any kind, SIGTERM/SIGINT - kills the VM first.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import json
@@ -73,16 +77,27 @@ class ServeStats:
 
 
 class Removed:
-    """Guest ranges emptied by REMOVE events (balloon): they serve zeros from then on."""
+    """Guest ranges emptied by REMOVE events (balloon): they serve zeros from then on.
+
+    Kept as sorted, disjoint, merged host address ranges: a balloon gives memory back in
+    many small ranges, and every fault asks whether it falls in one of them.
+    """
 
     def __init__(self) -> None:
-        self.ranges: list[tuple[int, int]] = []  # host address ranges, unsorted, few
+        self.starts: list[int] = []
+        self.ends: list[int] = []
 
     def add(self, start: int, end: int) -> None:
-        self.ranges.append((start, end))
+        i = bisect.bisect_left(self.ends, start)  # first range ending at or after start
+        j = bisect.bisect_right(self.starts, end)  # past the last range starting by end
+        if i < j:  # ranges i..j-1 overlap or touch [start, end): merge them in
+            start, end = min(start, self.starts[i]), max(end, self.ends[j - 1])
+        self.starts[i:j] = [start]
+        self.ends[i:j] = [end]
 
     def covers(self, address: int) -> bool:
-        return any(start <= address < end for start, end in self.ranges)
+        i = bisect.bisect_right(self.starts, address) - 1
+        return i >= 0 and address < self.ends[i]
 
 
 class FaultServer:
@@ -104,14 +119,23 @@ class FaultServer:
         self.regions: RegionMap | None = None
         self.exit_reason = "not started"
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._stopping = False
+        self._socket_inode: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def run(self) -> int:
+        """Listen, serve one VM until it exits (0) or a stop is asked for (0, VM killed);
+        any exception kills the VM and propagates. Stats are written on every way out."""
+        stats_path = self.options.stats_path
+        if stats_path is not None and not stats_path.parent.is_dir():
+            raise FcsnapError(f"cannot write --stats {stats_path}: no such directory")
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        listener = listen(self.options.socket)
-        status = 1
+        try:
+            listener = listen(self.options.socket)
+        except BaseException:
+            self._restore_signals(old)
+            raise
+        self._socket_inode = os.stat(self.options.socket).st_ino
         try:
             if self.options.on_listening is not None:
                 self.options.on_listening()
@@ -121,47 +145,64 @@ class FaultServer:
             )
             listener.close()
             if self.peer is None:
-                self.exit_reason = "stopped before a VM connected"
+                self.exit_reason = "stopped before a VM was served"
                 return 0
             self.regions = RegionMap(self.peer.regions)
-            status = self._serve()
-            return status
-        except BaseException:
+            return self._serve()
+        except BaseException as e:
+            self.exit_reason = f"error: {e}"
             if self.peer is not None:
                 self.peer.kill()
             raise
         finally:
             listener.close()
             self._unlink_socket()
-            self._write_stats()
             if self.peer is not None:
                 self.peer.close()
             for diff in self.diffs.values():
                 diff.close()
-            for s, handler in old.items():
-                signal.signal(s, handler)
+            try:
+                self._write_stats()  # before restoring: a signal now must not lose them
+            finally:
+                self._restore_signals(old)
 
-    def _on_signal(self, signum: int, _frame: object) -> None:
-        self._stopping = True
-        with contextlib.suppress(BlockingIOError):
+    def stop(self) -> None:
+        """Ask `run` to stop (from a signal handler or another thread): it kills the VM, if
+        one is being served, and returns 0."""
+        with contextlib.suppress(BlockingIOError):  # the pipe is full: a stop is pending
             os.write(self._stop_w, b"x")
 
+    def _on_signal(self, _signum: int, _frame: object) -> None:
+        self.stop()
+
+    @staticmethod
+    def _restore_signals(old: dict[signal.Signals, Any]) -> None:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+
     def _unlink_socket(self) -> None:
+        """Remove our socket file, unless someone has since put another file there."""
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.options.socket)
+            if os.lstat(self.options.socket).st_ino == self._socket_inode:
+                os.unlink(self.options.socket)
 
     def _write_stats(self) -> None:
-        if self.options.stats_path is None:
+        path = self.options.stats_path
+        if path is None:
             return
         extra = {
             "exit_reason": self.exit_reason,
             "peer_pid": self.peer.pid if self.peer else None,
             "regions": len(self.peer.regions) if self.peer else 0,
+            "extra_fds_closed": self.peer.extra_fds if self.peer else 0,
             "build_id": str(self.header.metadata.build_id),
         }
-        tmp = self.options.stats_path.with_name(self.options.stats_path.name + ".tmp")
-        tmp.write_text(json.dumps(self.stats.to_json(extra), indent=2) + "\n")
-        os.replace(tmp, self.options.stats_path)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(self.stats.to_json(extra), indent=2) + "\n")
+            os.replace(tmp, path)
+        except OSError as e:
+            raise FcsnapError(f"cannot write --stats {path}: {e.strerror or e}") from e
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -171,16 +212,16 @@ class FaultServer:
         poller = select.epoll()
         poller.register(peer.uffd, select.EPOLLIN)
         poller.register(self._stop_r, select.EPOLLIN)
-        if peer.pidfd is not None:
-            poller.register(peer.pidfd, select.EPOLLIN)
+        poller.register(peer.pidfd, select.EPOLLIN)
         deferred: list[int] = []
         try:
             while True:
                 ready = {fd for fd, _ in poller.poll(RETRY_POLL if deferred else -1)}
-                if self._stopping or self._stop_r in ready:
+                if self._stop_r in ready:
                     self.exit_reason = "signal"
+                    peer.kill()
                     return 0
-                if peer.pidfd is not None and peer.pidfd in ready:
+                if peer.pidfd in ready:
                     self.exit_reason = "vm exited"
                     return 0
                 faults = self._drain(peer.uffd)
@@ -195,10 +236,6 @@ class FaultServer:
                     elif outcome == errno.ESRCH:
                         self.exit_reason = "vm exited"
                         return 0
-        except FcsnapError as e:
-            self.exit_reason = f"error: {e}"
-            peer.kill()
-            raise
         finally:
             poller.close()
 
@@ -234,10 +271,7 @@ class FaultServer:
         source = self.pages.locate(offset, page)
         if source.address is None:
             return self._install_zero(uffd, region, dst)
-        result = self._copy(uffd, dst, source.address, page)
-        if result == 0:
-            self.stats.per_build_pages[source.build_id] += 1
-        return result
+        return self._copy(uffd, dst, source.address, page, source.build_id)
 
     def _install_zero(self, uffd: int, region: Region, dst: int) -> int:
         if region.page_size == 4096:
@@ -245,23 +279,27 @@ class FaultServer:
                 abi.zeropage(uffd, dst, 4096)
             except abi.UffdError as e:
                 return self._copy_error(e, dst)
-            self._count(4096, zero=True)
+            self._count(4096, None)
             return 0
-        return self._copy(uffd, dst, self.zero_huge_addr, region.page_size, zero=True)
+        return self._copy(uffd, dst, self.zero_huge_addr, region.page_size, None)
 
-    def _copy(self, uffd: int, dst: int, src: int, length: int, zero: bool = False) -> int:
+    def _copy(self, uffd: int, dst: int, src: int, length: int, build: uuid.UUID | None) -> int:
+        """UFFDIO_COPY one page; `build` supplied its bytes (None: zeros)."""
         try:
             abi.copy(uffd, dst, src, length)
         except abi.UffdError as e:
             return self._copy_error(e, dst)
-        self._count(length, zero)
+        self._count(length, build)
         return 0
 
-    def _count(self, length: int, zero: bool) -> None:
+    def _count(self, length: int, build: uuid.UUID | None) -> None:
+        """Count a page installed (only installs: a page found present counts elsewhere)."""
         self.stats.pages_served += 1
         self.stats.bytes_served += length
-        if zero:
+        if build is None:
             self.stats.zero_pages += 1
+        else:
+            self.stats.per_build_pages[build] += 1
 
     def _copy_error(self, e: abi.UffdError, dst: int) -> int:
         if e.errno == errno.EEXIST:

@@ -1,0 +1,69 @@
+"""Working-set files: the guest pages a restore faulted, in the order it faulted them.
+
+`restore --record-ws` writes one; `restore --prefetch-ws` installs those pages right after the
+handshake; `pack`/`diff --working-set` store those blocks first and contiguously, so prefetch
+reads sequentially. Layout (little-endian): magic b"FCWS", version u16 (1), reserved u16 (0),
+memory size u64, count u64, then `count` u64 guest offsets (4096-aligned, distinct).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from fcsnap.errors import FcsnapError
+
+MAGIC = b"FCWS"
+VERSION = 1
+HEAD = struct.Struct("<4sHHQQ")
+PAGE = 4096
+
+
+def dump_working_set(size: int, offsets: Iterable[int]) -> bytes:
+    body = np.asarray(list(offsets), dtype="<u8")
+    return HEAD.pack(MAGIC, VERSION, 0, size, len(body)) + body.tobytes()
+
+
+def parse_working_set(data: bytes, source: str = "working set") -> tuple[int, np.ndarray]:
+    """(memory size, guest offsets in fault order); FcsnapError on anything malformed."""
+    if len(data) < HEAD.size:
+        raise FcsnapError(f"{source}: too short for a working-set file ({len(data)} bytes)")
+    magic, version, reserved, size, count = HEAD.unpack_from(data)
+    if magic != MAGIC:
+        raise FcsnapError(f"{source}: not a working-set file (bad magic {magic!r})")
+    if version != VERSION or reserved:
+        raise FcsnapError(f"{source}: unsupported working-set version {version}")
+    if len(data) - HEAD.size != count * 8:
+        raise FcsnapError(
+            f"{source}: says {count} pages but holds {len(data) - HEAD.size} bytes of offsets"
+        )
+    offsets = np.frombuffer(data, dtype="<u8", offset=HEAD.size).astype(np.int64)
+    if size % PAGE or (count and (offsets.max() >= size or (offsets % PAGE).any())):
+        raise FcsnapError(f"{source}: offsets not page-aligned or beyond {size:#x} bytes")
+    if len(np.unique(offsets)) != count:
+        raise FcsnapError(f"{source}: a page is listed twice")
+    return size, offsets
+
+
+def read_working_set(path: Path, size: int) -> np.ndarray:
+    """The offsets of a working-set file recorded for guest memory of `size` bytes."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise FcsnapError(f"cannot read working set {path}: {e.strerror or e}") from e
+    recorded, offsets = parse_working_set(data, str(path))
+    if recorded != size:
+        raise FcsnapError(
+            f"{path}: recorded for {recorded} bytes of guest memory, this build has {size}"
+        )
+    return offsets
+
+
+def write_working_set(path: Path, size: int, offsets: Iterable[int]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(dump_working_set(size, offsets))
+    os.replace(tmp, path)

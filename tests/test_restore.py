@@ -1,0 +1,729 @@
+"""`fcsnap restore` end to end: the real CLI in one process, a Firecracker stand-in in another.
+
+Every run checks each byte the guest reads against the generation being served, and the
+server's --stats against itself. Every wait has a deadline: a server that stops answering must
+fail a test, never hang the suite. Failure paths check that the VM is killed (a guest whose
+page server gave up would otherwise freeze) and that the server says why in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fcsnap.header import load_header
+from fcsnap.store import ops
+from fcsnap.store.builder import BuildOptions
+from fcsnap.store.layout import DIFF_RAW, HASHES
+from fcsnap.testing import firecracker
+from fcsnap.testing.memimage import evolve, synthetic_memory, write_full, write_sparse_diff
+from fcsnap.uffd.pages import PageSource
+from fcsnap.uffd.regions import PAGE_SIZES, HandshakeError, Region, parse_regions
+from fcsnap.uffd.server import FaultServer, Removed, ServeOptions
+
+MiB = 1 << 20
+PAGE = 4096
+HUGE = 2 * MiB
+SIZE = 4 * MiB  # guest memory per test: two hugepages, 1024 small pages
+WAIT = 30.0  # seconds any one process may take before the test fails
+HUGEPAGES_NEEDED = 4  # a 4 MiB guest, plus a ballooned page coming back, plus slack
+STATS_KEYS = {
+    "faults", "pages_served", "bytes_served", "zero_pages", "remove_events", "retries",
+    "per_build_pages", "duration_s",
+}
+KILLED = -signal.SIGKILL
+
+
+# -- stores ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Three generations of one VM in one store; `expected` is the newest, unpacked."""
+
+    store: Path
+    builds: list[Path]  # oldest first
+    expected: Path
+    block_size: int
+
+    @property
+    def newest(self) -> Path:
+        return self.builds[-1]
+
+    @property
+    def build_ids(self) -> list[str]:
+        return [b.name for b in self.builds]
+
+
+def make_lineage(root: Path, compression: str, block_size: int, seed: int) -> Lineage:
+    """gen0 packed from a Full snapshot, gen1 diffed from a Full one, gen2 from a sparse
+    Diff snapshot; the newest is unpacked with `ops.unpack` and checked against the source.
+    With 2 MiB blocks the guest writes only its first block, so that the newest generation
+    still reads the second one from gen0."""
+    root.mkdir()
+    store = root / "store"
+    options = BuildOptions(block_size=block_size, compression=compression)
+    writable = slice(0, block_size // PAGE) if block_size > PAGE else slice(None)
+    mem = synthetic_memory(SIZE, seed=seed)
+    write_full(root / "gen0.mem", mem)
+    builds = [ops.pack(root / "gen0.mem", store, options)[1]]
+    for gen in (1, 2):
+        new, dirty = evolve(mem, seed=seed + gen, dirty_share=0.1)
+        mem = mem.copy()
+        mem[writable] = new[writable]
+        dirty = dirty[dirty < len(mem[writable])]
+        if gen == 1:
+            write_full(root / "gen1.mem", mem)
+        else:
+            write_sparse_diff(root / "gen2.mem", mem, dirty)
+        builds.append(ops.diff(root / f"gen{gen}.mem", builds[-1], store, options,
+                               sparse_diff=gen == 2)[1])
+    expected = root / "expected.mem"
+    ops.unpack(builds[-1], expected)
+    assert expected.read_bytes() == mem.tobytes()
+    return Lineage(store, builds, expected, block_size)
+
+
+@pytest.fixture(scope="module")
+def lineages(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], Lineage]:
+    """Raw and zstd lineages with 4 KiB and 2 MiB blocks, keyed (compression, block size)."""
+    root = tmp_path_factory.mktemp("lineages")
+    return {
+        (compression, bs): make_lineage(root / f"{compression}-{bs}", compression, bs, seed)
+        for seed, (compression, bs) in enumerate(
+            [("none", PAGE), ("zstd", PAGE), ("none", HUGE), ("zstd", HUGE)]
+        )
+    }
+
+
+def copy_store(lineage: Lineage, dest: Path) -> Lineage:
+    """A writable copy of a lineage's store (builds are immutable; tests damage copies)."""
+    shutil.copytree(lineage.store, dest)
+    for path in dest.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return Lineage(dest, [dest / b.name for b in lineage.builds], lineage.expected,
+                   lineage.block_size)
+
+
+@pytest.fixture(scope="module")
+def hugepages() -> Iterator[None]:
+    """Make HUGEPAGES_NEEDED free 2 MiB hugepages available (restoring the pool size after),
+    or skip the test saying why."""
+    knob = Path("/proc/sys/vm/nr_hugepages")
+
+    def free() -> int:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("HugePages_Free:"):
+                return int(line.split()[1])
+        return 0
+
+    original = int(knob.read_text())
+    raised = False
+    if free() < HUGEPAGES_NEEDED:
+        try:
+            knob.write_text(str(original + HUGEPAGES_NEEDED - free()))
+            raised = True
+        except OSError as e:
+            pytest.skip(f"cannot reserve 2 MiB hugepages ({knob}: {e.strerror})")
+    try:
+        if free() < HUGEPAGES_NEEDED:
+            pytest.skip(f"the kernel granted only {free()} free 2 MiB hugepages, "
+                        f"{HUGEPAGES_NEEDED} needed")
+        yield
+    finally:
+        if raised:
+            knob.write_text(str(original))
+
+
+# -- running the server and the VM -----------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """How one restore ended: the server's status, stderr lines and stats; the VM's status
+    and report (None when it wrote none, e.g. because it was killed)."""
+
+    status: int
+    stderr: list[str]
+    stats: dict[str, Any] | None
+    vm_status: int | None
+    report: dict[str, Any] | None
+
+    @property
+    def error(self) -> str:
+        """The server's one error line (it must print exactly one, and no traceback)."""
+        assert len(self.stderr) == 1, self.stderr
+        assert self.stderr[0].startswith("fcsnap: error: "), self.stderr
+        return self.stderr[0]
+
+
+class Procs:
+    """Starts the server and the VM for a test and kills whatever is left at teardown."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.started: list[subprocess.Popen[bytes]] = []
+        self.socket = tmp_path / "uffd.sock"
+        self.stats = tmp_path / "stats.json"
+        self.report = tmp_path / "vm.json"
+
+    def server(self, vm: str | Path, store: Path | None, *args: str,
+               stats: bool = True, quiet: bool = True) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "fcsnap", "restore", "--vm", str(vm),
+                "--socket", str(self.socket), *args]
+        if quiet:
+            argv.append("--quiet")
+        if store is not None:
+            argv += ["--store", str(store)]
+        if stats:
+            argv += ["--stats", str(self.stats)]
+        return self._track(subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+
+    def vm(self, **options: Any) -> subprocess.Popen[bytes]:
+        options.setdefault("deadline", WAIT)
+        options.setdefault("report", self.report)
+        return self._track(firecracker.spawn(
+            self.socket, popen={"stdout": subprocess.PIPE, "stderr": subprocess.PIPE},
+            **options))
+
+    def _track(self, proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+        self.started.append(proc)
+        return proc
+
+    def outcome(self, server: subprocess.Popen[bytes],
+                vm: subprocess.Popen[bytes] | None) -> Outcome:
+        """Wait (with deadlines) for both processes and collect what they left behind."""
+        vm_status = None
+        if vm is not None:
+            vm.communicate(timeout=WAIT + 10)
+            vm_status = vm.returncode
+        _, err = server.communicate(timeout=WAIT)
+        stats = json.loads(self.stats.read_text()) if self.stats.exists() else None
+        report = firecracker.read_report(self.report) if self.report.exists() else None
+        return Outcome(server.returncode, err.decode().splitlines(), stats, vm_status, report)
+
+    def close(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=WAIT)
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    p = Procs(tmp_path)
+    yield p
+    p.close()
+
+
+def restore(procs: Procs, lineage: Lineage, server_args: tuple[str, ...] = (),
+            **vm_options: Any) -> Outcome:
+    """Serve the newest build of `lineage` to a stand-in that checks every byte it reads."""
+    server = procs.server(lineage.newest.name, lineage.store, *server_args)
+    vm = procs.vm(expected=lineage.expected, **vm_options)
+    return procs.outcome(server, vm)
+
+
+def check_served(out: Outcome, lineage: Lineage, page_size: int = PAGE) -> None:
+    """A clean run: the VM saw only right bytes, the server exited 0 by itself, and its stats
+    are complete and add up."""
+    assert out.vm_status == 0, out
+    assert out.status == 0, out.stderr
+    assert out.report is not None and out.report["mismatches"] == 0
+    stats = out.stats
+    assert stats is not None and stats.keys() >= STATS_KEYS
+    assert stats["exit_reason"] == "vm exited"
+    per_build = stats["per_build_pages"]
+    assert set(per_build) <= set(lineage.build_ids)
+    assert sum(per_build.values()) + stats["zero_pages"] == stats["pages_served"]
+    assert stats["bytes_served"] == stats["pages_served"] * page_size
+    assert stats["faults"] >= stats["pages_served"] > 0
+    assert stats["duration_s"] > 0
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.02)
+
+
+# -- serving ---------------------------------------------------------------------------------
+
+LINEAGE_CASES = [
+    pytest.param("none", PAGE, "4K", (), id="raw-4k"),
+    pytest.param("zstd", PAGE, "4K", ("--verify",), id="zstd-4k-verify"),
+    pytest.param("none", HUGE, "2M", ("--verify",), id="raw-2m-verify"),
+    pytest.param("zstd", HUGE, "2M", (), id="zstd-2m"),
+    pytest.param("none", PAGE, "2M", (), id="raw-4k-blocks-2m-pages"),
+    pytest.param("zstd", PAGE, "2M", ("--verify",), id="zstd-4k-blocks-2m-pages-verify"),
+]
+
+
+@pytest.mark.parametrize(("compression", "block_size", "page", "args"), LINEAGE_CASES)
+def test_newest_generation_with_balloon(
+    request: pytest.FixtureRequest, lineages: dict[tuple[str, int], Lineage], procs: Procs,
+    compression: str, block_size: int, page: str, args: tuple[str, ...],
+) -> None:
+    """Four threads fault random pages over two regions, then a balloon range (spanning the
+    region border) is given back and must read zero."""
+    if page == "2M":
+        request.getfixturevalue("hugepages")
+    lineage = lineages[compression, block_size]
+    page_size = firecracker.PAGE_SIZES[page]
+    balloon = [(SIZE // 2 - page_size, 2 * page_size)] if page == "4K" else [(HUGE, HUGE)]
+    out = restore(procs, lineage, args, page_size=page, regions=2, threads=4,
+                  order="random", seed=3, balloon=balloon)
+    check_served(out, lineage, page_size)
+    assert out.report is not None and out.report["balloon_ok"] is True
+    assert out.report["pages_touched"] >= SIZE // page_size
+    stats = out.stats
+    assert stats is not None and stats["remove_events"] >= 1
+    assert stats["zero_pages"] >= 1  # the ballooned pages came back as zeros
+    if page_size == block_size:  # (a 2 MiB page of 4 KiB blocks counts for one build)
+        assert len(stats["per_build_pages"]) >= 2  # pages came from several generations
+
+
+@pytest.mark.parametrize("payload", firecracker.PAYLOADS)
+def test_payload_versions_and_three_regions(lineages, procs, payload: str) -> None:
+    lineage = lineages["none", PAGE]
+    out = restore(procs, lineage, payload=payload, regions=3, threads=2)
+    check_served(out, lineage)
+    assert out.report is not None and out.report["pages_touched"] == SIZE // PAGE
+    assert out.stats is not None and out.stats["regions"] == 3
+
+
+@pytest.mark.parametrize("page", ["4K", "2M"])
+def test_threads_fault_the_same_pages(request, lineages, procs, page: str) -> None:
+    """Four threads read the same pages in the same order, so they fault the same page at
+    once: the losers' installs find the page present, which must count once, not fail."""
+    if page == "2M":
+        request.getfixturevalue("hugepages")
+    lineage = lineages["zstd", PAGE]
+    page_size = firecracker.PAGE_SIZES[page]
+    out = restore(procs, lineage, page_size=page, threads=4, shared_pages=True)
+    check_served(out, lineage, page_size)
+    assert out.report is not None and out.report["pages_touched"] == 4 * SIZE // page_size
+    assert out.stats is not None and out.stats["pages_served"] == SIZE // page_size
+
+
+@pytest.mark.parametrize(("compression", "page"), [
+    ("none", "4K"), ("zstd", "4K"), ("none", "2M"), ("zstd", "2M"),
+])
+def test_kvm_vcpu_faults(request, lineages, procs, compression: str, page: str) -> None:
+    """A KVM vCPU reads guest memory, so the faults are kernel-mode ones, as Firecracker's."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("no usable /dev/kvm")
+    if page == "2M":
+        request.getfixturevalue("hugepages")
+    lineage = lineages[compression, HUGE if page == "2M" else PAGE]
+    out = restore(procs, lineage, page_size=page, kvm=True, threads=0, regions=2)
+    check_served(out, lineage, firecracker.PAGE_SIZES[page])
+    assert out.report is not None and out.report["kvm"]["ok"] is True
+
+
+def test_late_handshake_within_the_timeout(lineages, procs) -> None:
+    lineage = lineages["none", PAGE]
+    out = restore(procs, lineage, ("--handshake-timeout", "3"), misbehave="late:0.5",
+                  touch=0.2, threads=2)
+    check_served(out, lineage)
+
+
+# Sends the uffd and the write end of a pipe, then reads every page: the pipe reaches EOF only
+# once the server has closed its copy of the extra fd (while it is still serving us).
+TWO_FDS_VM = """
+import json, mmap, os, select, signal, socket, sys
+from fcsnap.testing.firecracker import Guest, Reader, Tally, connect
+signal.alarm(30)
+sock_path, expected_path = sys.argv[1:]
+with open(expected_path, "rb") as f:
+    expected = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+guest = Guest(len(expected), 4096, 2)
+sock = connect(sock_path, 10)
+r, w = os.pipe()
+socket.send_fds(sock, [json.dumps(guest.region_objects("v1.12")).encode()], [guest.uffd, w])
+os.close(w)
+closed = bool(select.select([r], [], [], 10)[0]) and os.read(r, 1) == b""
+tally = Tally()
+Reader(guest, expected, tally).check(range(0, len(expected), 4096))
+print(json.dumps({"closed": closed, "touched": tally.touched, "mismatches": tally.mismatches}))
+"""
+
+
+def test_two_fds_extra_is_closed_and_serving_works(lineages, procs) -> None:
+    lineage = lineages["none", PAGE]
+    server = procs.server(lineage.newest.name, lineage.store)
+    vm = procs._track(subprocess.Popen(
+        [sys.executable, "-c", TWO_FDS_VM, str(procs.socket), str(lineage.expected)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    out = procs.outcome(server, None)
+    vm_out, vm_err = vm.communicate(timeout=WAIT)
+    assert vm.returncode == 0, vm_err.decode()
+    assert json.loads(vm_out) == {"closed": True, "touched": SIZE // PAGE, "mismatches": 0}
+    assert out.status == 0, out.stderr
+    assert out.stats is not None and out.stats["extra_fds_closed"] == 1
+
+
+# Four threads fault every page in random orders while the main thread balloons a quarter of
+# them away page by page, so REMOVE events arrive amid faults (installs then fail with EAGAIN
+# and must be retried, not stranded). Afterwards every ballooned page must read zero and every
+# other page as the snapshot says, whatever order things happened in.
+BALLOON_RACE_VM = """
+import json, mmap, random, signal, sys, threading
+from fcsnap.testing.firecracker import Guest, Reader, Tally, connect, handshake
+from fcsnap.uffd import abi
+signal.alarm(30)
+sock_path, expected_path = sys.argv[1:]
+with open(expected_path, "rb") as f:
+    expected = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+guest = Guest(len(expected), 4096, 2)
+handshake(connect(sock_path, 10), guest, "v1.12", None)
+pages = list(range(0, len(expected), 4096))
+ballooned = sorted(random.Random(0).sample(pages, len(pages) // 4))
+def touch(seed):
+    order = random.Random(seed).sample(pages, len(pages))
+    Reader(guest, None, Tally()).check(order)
+threads = [threading.Thread(target=touch, args=(i,)) for i in range(4)]
+for t in threads:
+    t.start()
+for offset in ballooned:
+    abi.madvise(guest.host(offset), 4096, abi.MADV_DONTNEED)
+for t in threads:
+    t.join()
+data, zeros = Tally(), Tally()
+Reader(guest, expected, data).check(sorted(set(pages) - set(ballooned)))
+Reader(guest, expected, zeros).check(ballooned, want_zero=True)
+print(json.dumps({"data": [data.touched, data.mismatches],
+                  "zeros": [zeros.touched, zeros.mismatches]}))
+"""
+
+
+def test_balloon_while_threads_fault(lineages, procs) -> None:
+    lineage = lineages["zstd", PAGE]
+    server = procs.server(lineage.newest.name, lineage.store)
+    vm = procs._track(subprocess.Popen(
+        [sys.executable, "-c", BALLOON_RACE_VM, str(procs.socket), str(lineage.expected)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    vm_out, vm_err = vm.communicate(timeout=WAIT + 10)
+    out = procs.outcome(server, None)
+    assert vm.returncode == 0, vm_err.decode()
+    pages = SIZE // PAGE
+    assert json.loads(vm_out) == {"data": [pages - pages // 4, 0], "zeros": [pages // 4, 0]}
+    assert out.status == 0, out.stderr
+    stats = out.stats
+    assert stats is not None and stats["remove_events"] == pages // 4
+    assert sum(stats["per_build_pages"].values()) + stats["zero_pages"] == stats["pages_served"]
+
+
+# -- bad handshakes --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "message"), [
+    ("nothing", "did not send its handshake in 0.5s"),
+    ("garbage", "not a JSON region array"),
+    ("no-fd", "did not send the uffd in 0.5s"),
+    ("oversize-region", "beyond the snapshot"),
+    ("bad-page-size", "neither 4 KiB nor 2 MiB"),
+    ("overlap", "overlap"),
+])
+def test_bad_handshake_kills_the_vm(lineages, procs, mode: str, message: str) -> None:
+    """One error line, exit 1, and the VM (which would wait for its pages forever) killed."""
+    lineage = lineages["none", PAGE]
+    server = procs.server(lineage.newest.name, lineage.store, "--handshake-timeout", "0.5")
+    vm = procs.vm(expected=lineage.expected, misbehave=mode, hold=WAIT)
+    out = procs.outcome(server, vm)
+    assert out.status == 1
+    assert message in out.error
+    assert out.vm_status == KILLED
+    assert not procs.socket.exists()
+
+
+# -- --verify --------------------------------------------------------------------------------
+
+
+def corrupt_touched_block(lineage: Lineage) -> tuple[str, int, int]:
+    """Flip a byte in the middle of a stored block the newest generation serves from an
+    ancestor's raw diff; returns (build id, storage offset, guest offset) of that block."""
+    header = load_header(lineage.newest)
+    bs = lineage.block_size
+    ancestor = uuid.UUID(lineage.builds[0].name)
+    m = next(m for m in header.mappings if m.build_id == ancestor and m.length >= 4 * bs)
+    storage = m.storage_offset + 2 * bs
+    diff = lineage.builds[0] / DIFF_RAW
+    with open(diff, "r+b") as f:
+        f.seek(storage + bs // 2)
+        byte = f.read(1)[0]
+        f.seek(storage + bs // 2)
+        f.write(bytes([byte ^ 0xFF]))
+    return str(ancestor), storage, m.offset + 2 * bs
+
+
+def test_verify_refuses_a_corrupt_block(lineages, procs, tmp_path) -> None:
+    lineage = copy_store(lineages["none", PAGE], tmp_path / "store")
+    build_id, storage, _ = corrupt_touched_block(lineage)
+    out = restore(procs, lineage, ("--verify",), threads=2, hold=WAIT)
+    assert out.status == 1
+    assert build_id in out.error and f"storage offset {storage:#x}" in out.error
+    assert out.vm_status == KILLED
+    assert out.report is None or out.report["mismatches"] == 0
+    assert out.stats is not None and out.stats["exit_reason"].startswith("error")
+
+
+def test_without_verify_the_corruption_reaches_the_guest(lineages, procs, tmp_path) -> None:
+    """The control for the test above: the corrupt block is one the guest reads."""
+    lineage = copy_store(lineages["none", PAGE], tmp_path / "store")
+    _, _, guest_offset = corrupt_touched_block(lineage)
+    out = restore(procs, lineage, threads=2)
+    assert out.vm_status == firecracker.EXIT_MISMATCH
+    assert out.report is not None and out.report["first_mismatches"] == [guest_offset]
+
+
+def test_verify_without_hashes_fails_before_listening(lineages, procs, tmp_path) -> None:
+    lineage = copy_store(lineages["none", PAGE], tmp_path / "store")
+    (lineage.builds[1] / HASHES).unlink()
+    out = procs.outcome(procs.server(lineage.newest.name, lineage.store, "--verify"), None)
+    assert out.status == 1 and HASHES in out.error
+
+
+# -- stopping --------------------------------------------------------------------------------
+
+
+def test_sigterm_while_the_vm_holds(lineages, procs) -> None:
+    """SIGTERM: exit 0 with stats written; the VM, which cannot go on without its page
+    server, is killed rather than left to freeze at its next fault."""
+    lineage = lineages["none", PAGE]
+    server = procs.server(lineage.newest.name, lineage.store)
+    vm = procs.vm(expected=lineage.expected, touch=0.25, threads=2, hold=WAIT)
+    wait_for(procs.report.exists, "the VM to finish its reads")
+    server.send_signal(signal.SIGTERM)
+    out = procs.outcome(server, vm)
+    assert out.status == 0, out.stderr
+    assert out.stats is not None and out.stats["exit_reason"] == "signal"
+    assert out.stats["pages_served"] > 0
+    assert out.vm_status == KILLED
+    assert out.report is not None and out.report["mismatches"] == 0
+    assert not procs.socket.exists()
+
+
+def test_sigterm_before_any_vm(lineages, procs) -> None:
+    lineage = lineages["none", PAGE]
+    server = procs.server(lineage.newest.name, lineage.store)
+    wait_for(procs.socket.exists, "the server to listen")
+    server.send_signal(signal.SIGTERM)
+    out = procs.outcome(server, None)
+    assert out.status == 0, out.stderr
+    assert out.stats is not None and out.stats["pages_served"] == 0
+    assert not procs.socket.exists()
+
+
+def test_unexpected_error_kills_the_vm(lineages, tmp_path, monkeypatch) -> None:
+    """Any exception in the serve loop, not only FcsnapError, must kill the VM first."""
+    lineage = lineages["none", PAGE]
+
+    def broken(self: PageSource, offset: int, length: int) -> None:
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(PageSource, "locate", broken)
+    sock, stats = tmp_path / "uffd.sock", tmp_path / "stats.json"
+    vms: list[subprocess.Popen[bytes]] = []
+    server = FaultServer(lineage.newest, ServeOptions(
+        socket=sock, stats_path=stats,
+        on_listening=lambda: vms.append(firecracker.spawn(
+            sock, expected=lineage.expected, deadline=WAIT, hold=WAIT)),
+    ))
+    guard = threading.Timer(WAIT, server.stop)  # the test fails, not hangs, if serving does
+    guard.start()
+    try:
+        with pytest.raises(RuntimeError, match="injected failure"):
+            server.run()
+        assert vms[0].wait(WAIT) == KILLED
+    finally:
+        guard.cancel()
+        for vm in vms:
+            vm.kill()
+            vm.wait(WAIT)
+    assert "injected failure" in json.loads(stats.read_text())["exit_reason"]
+
+
+# -- the socket and the build ----------------------------------------------------------------
+
+
+def test_stale_socket_is_replaced(lineages, procs) -> None:
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(procs.socket))
+    stale.close()  # the file stays behind, as after a crash
+    lineage = lineages["none", PAGE]
+    check_served(restore(procs, lineage, touch=0.1), lineage)
+
+
+def test_regular_file_at_socket_path_is_refused(lineages, procs) -> None:
+    procs.socket.write_text("not a socket\n")
+    lineage = lineages["none", PAGE]
+    out = procs.outcome(procs.server(lineage.newest.name, lineage.store), None)
+    assert out.status == 1 and "not a socket" in out.error
+    assert procs.socket.read_text() == "not a socket\n"
+
+
+def test_error_without_quiet_is_still_one_line(lineages, procs) -> None:
+    """Without --quiet the server announces itself first; the failure is still one line."""
+    lineage = lineages["none", PAGE]
+    server = procs.server(lineage.newest.name, lineage.store, quiet=False)
+    out = procs.outcome(server, procs.vm(expected=lineage.expected, misbehave="garbage"))
+    assert out.status == 1 and out.vm_status == KILLED
+    assert out.stderr[0].startswith("fcsnap: serving ")
+    assert out.stderr[1:] == [out.stderr[-1]] and "not a JSON region array" in out.stderr[-1]
+
+
+def test_missing_build_fails_before_listening(lineages, procs) -> None:
+    missing = str(uuid.uuid4())
+    out = procs.outcome(procs.server(missing, lineages["none", PAGE].store), None)
+    assert out.status == 1 and missing in out.error
+
+
+def test_missing_ancestor_fails_before_listening(lineages, procs, tmp_path) -> None:
+    """A VM already waiting for the socket never gets to connect (and so is never hung)."""
+    lineage = copy_store(lineages["zstd", PAGE], tmp_path / "store")
+    shutil.rmtree(lineage.builds[0])
+    vm = procs.vm(expected=lineage.expected, connect_timeout=1)
+    out = procs.outcome(procs.server(lineage.newest.name, lineage.store), vm)
+    assert out.status == 1 and lineage.build_ids[0] in out.error
+    assert out.vm_status == 1 and out.report is None  # "no page server listening"
+
+
+# -- parse_regions ---------------------------------------------------------------------------
+
+MEMORY = 64 * MiB
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+KEYS = ["base_host_virt_addr", "size", "offset", "page_size", "page_size_kib"]
+
+
+@st.composite
+def valid_regions(draw: st.DrawFn) -> list[dict[str, int]]:
+    """What some Firecracker version would send: consecutive regions over guest memory."""
+    page = draw(st.sampled_from(PAGE_SIZES))
+    version = draw(st.sampled_from(firecracker.PAYLOADS))
+    sizes = draw(st.lists(st.integers(1, 4), min_size=1, max_size=4))
+    base, offset, out = 1 << 40, 0, []
+    for n in sizes:
+        obj = {"base_host_virt_addr": base, "size": n * page, "offset": offset}
+        if version == "v1.12":
+            obj["page_size"] = page
+        if version != "v1.1":
+            obj["page_size_kib"] = page
+        out.append(obj)
+        base += n * page + draw(st.sampled_from([0, page]))
+        offset += n * page
+    return out
+
+
+@st.composite
+def mutated_payloads(draw: st.DrawFn) -> bytes:
+    """A valid payload with its JSON or its bytes changed a little."""
+    regions = draw(valid_regions())
+    for _ in range(draw(st.integers(1, 3))):
+        obj = regions[draw(st.integers(0, len(regions) - 1))]
+        key = draw(st.sampled_from(KEYS))
+        action = draw(st.sampled_from(["set", "delete", "nudge"]))
+        if action == "delete":
+            obj.pop(key, None)
+        elif action == "nudge" and isinstance(obj.get(key), int):
+            obj[key] += draw(st.sampled_from([-PAGE, -1, 1, PAGE, HUGE, 1 << 64]))
+        else:
+            obj[key] = draw(JSON_VALUES)
+    data = bytearray(json.dumps(regions).encode())
+    for _ in range(draw(st.integers(0, 2))):
+        at = draw(st.integers(0, len(data) - 1))
+        data[at] = draw(st.integers(0, 255))
+    return bytes(data)
+
+
+def check_parse(payload: bytes) -> None:
+    """parse_regions returns regions that fit and do not overlap, or raises HandshakeError."""
+    try:
+        regions = parse_regions(payload, MEMORY)
+    except HandshakeError:
+        return
+    assert regions and all(isinstance(r, Region) for r in regions)
+    for r in regions:
+        assert r.page_size in PAGE_SIZES and r.size > 0
+        assert (r.base | r.size | r.offset) % r.page_size == 0
+        assert r.offset + r.size <= MEMORY and r.end < 1 << 64
+    for a, b in zip(regions, regions[1:], strict=False):
+        assert a.end <= b.base
+    spans = sorted((r.offset, r.offset + r.size) for r in regions)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(st.binary(max_size=512))
+def test_parse_regions_arbitrary_bytes(payload: bytes) -> None:
+    check_parse(payload)
+
+
+@FUZZ
+@given(mutated_payloads())
+def test_parse_regions_mutated_payloads(payload: bytes) -> None:
+    check_parse(payload)
+
+
+@FUZZ
+@given(st.one_of(JSON_VALUES, st.lists(JSON_VALUES, max_size=3),
+                 st.lists(st.dictionaries(st.sampled_from(KEYS), JSON_VALUES), max_size=3)))
+def test_parse_regions_arbitrary_json(value: object) -> None:
+    check_parse(json.dumps(value).encode())
+
+
+@given(valid_regions())
+def test_parse_regions_accepts_what_firecracker_sends(regions: list[dict[str, int]]) -> None:
+    parsed = parse_regions(json.dumps(regions).encode(), MEMORY)
+    assert [(r.base, r.size, r.offset) for r in parsed] == [
+        (o["base_host_virt_addr"], o["size"], o["offset"]) for o in regions
+    ]
+    assert all(r.page_size == regions[0].get("page_size_kib", PAGE) for r in parsed)
+
+
+def test_lineage_fixture_spans_generations(lineages) -> None:
+    """The newest generation reads blocks from gen0 and gen2 (and gen1 with 4 KiB blocks)."""
+    for lineage in lineages.values():
+        used = {str(b) for b in load_header(lineage.newest).build_ids()}
+        ids = lineage.build_ids
+        assert used == (set(ids) if lineage.block_size == PAGE else {ids[0], ids[2]})
+        assert np.any(np.fromfile(lineage.expected, np.uint8))
+
+
+@given(st.lists(st.tuples(st.integers(0, 64), st.integers(1, 16)), max_size=20),
+       st.lists(st.integers(-1, 90), max_size=20))
+def test_removed_ranges_merge(adds: list[tuple[int, int]], probes: list[int]) -> None:
+    """The balloon bookkeeping answers like a plain list of ranges, kept sorted and merged."""
+    removed = Removed()
+    for start, length in adds:
+        removed.add(start, start + length)
+    for address in probes:
+        assert removed.covers(address) == any(s <= address < s + n for s, n in adds)
+    assert all(a < b for a, b in zip(removed.ends, removed.starts[1:], strict=False))
