@@ -332,9 +332,28 @@ def restore(
         10.0, "--handshake-timeout", help="Seconds a connected VM has to send its regions."
     ),
     cache_mb: int = typer.Option(64, "--cache-mb", help="Decompressed-frame cache (zstd)."),
+    fault_around: str = typer.Option(
+        "256K", "--fault-around",
+        help="Install up to this much contiguous memory around a fault in one copy (0: off).",
+    ),
+    record_ws: Path | None = typer.Option(
+        None, "--record-ws", help="Write the pages the guest faulted, in order (working set)."
+    ),
+    prefetch_ws: Path | None = typer.Option(
+        None, "--prefetch-ws", help="Install this working set right after the handshake."
+    ),
+    populate: bool = typer.Option(
+        False, "--populate", help="Then install every other page in the background."
+    ),
+    eager: bool = typer.Option(
+        False, "--eager", help="Install every page before serving any fault."
+    ),
     quiet: bool = QUIET,
 ) -> None:
-    """Serve BUILD's memory to one Firecracker VM over userfaultfd, lazily."""
+    """Serve BUILD's memory to one Firecracker VM over userfaultfd, lazily.
+
+    Exits 0 when the VM exits. SIGTERM/SIGINT also exit 0, killing the VM unless every page
+    is already in place (a VM whose page server is gone would freeze at its next fault)."""
     from fcsnap.uffd.server import FaultServer, ServeOptions
 
     build_dir = resolve_build(vm, store)
@@ -344,6 +363,11 @@ def restore(
         stats_path=stats,
         handshake_timeout=handshake_timeout,
         cache_bytes=max(0, cache_mb) << 20,
+        fault_around=parse_size(fault_around, "fault-around size"),
+        record_ws=record_ws,
+        prefetch_ws=prefetch_ws,
+        populate=populate,
+        eager=eager,
     )
     server = FaultServer(build_dir, options)
     if not quiet:

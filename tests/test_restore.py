@@ -34,9 +34,10 @@ from fcsnap.store.builder import BuildOptions
 from fcsnap.store.layout import DIFF_RAW, HASHES
 from fcsnap.testing import firecracker
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full, write_sparse_diff
+from fcsnap.uffd.installer import Installer, InstallStats
 from fcsnap.uffd.pages import PageSource
-from fcsnap.uffd.regions import PAGE_SIZES, HandshakeError, Region, parse_regions
-from fcsnap.uffd.server import FaultServer, Removed, ServeOptions
+from fcsnap.uffd.regions import PAGE_SIZES, HandshakeError, Region, RegionMap, parse_regions
+from fcsnap.uffd.server import FaultServer, ServeOptions
 
 MiB = 1 << 20
 PAGE = 4096
@@ -255,7 +256,8 @@ def check_served(out: Outcome, lineage: Lineage, page_size: int = PAGE) -> None:
     assert set(per_build) <= set(lineage.build_ids)
     assert sum(per_build.values()) + stats["zero_pages"] == stats["pages_served"]
     assert stats["bytes_served"] == stats["pages_served"] * page_size
-    assert stats["faults"] >= stats["pages_served"] > 0
+    # fault-around: one install per fault at most, often several pages each
+    assert 0 < stats["installs"] <= stats["faults"] <= stats["pages_served"] * 8
     assert stats["duration_s"] > 0
 
 
@@ -718,12 +720,22 @@ def test_lineage_fixture_spans_generations(lineages) -> None:
 
 
 @given(st.lists(st.tuples(st.integers(0, 64), st.integers(1, 16)), max_size=20),
-       st.lists(st.integers(-1, 90), max_size=20))
-def test_removed_ranges_merge(adds: list[tuple[int, int]], probes: list[int]) -> None:
-    """The balloon bookkeeping answers like a plain list of ranges, kept sorted and merged."""
-    removed = Removed()
+       st.lists(st.integers(0, 95), max_size=20))
+def test_removed_pages_match_a_plain_list(adds: list[tuple[int, int]], probes: list[int]) -> None:
+    """Balloon bookkeeping: a page is removed (and no longer present) exactly when a REMOVE
+    range touched it; ranges may straddle the two regions."""
+    regions = [Region(0x10000, 48 * PAGE, 0, PAGE), Region(0x80000, 48 * PAGE, 48 * PAGE, PAGE)]
+    installer = Installer(-1, RegionMap(regions), None, InstallStats())  # type: ignore[arg-type]
+    for state in installer.states.values():
+        state.present[:] = True
+    host = [r.base + p * PAGE for r in regions for p in range(48)]
     for start, length in adds:
-        removed.add(start, start + length)
-    for address in probes:
-        assert removed.covers(address) == any(s <= address < s + n for s, n in adds)
-    assert all(a < b for a, b in zip(removed.ends, removed.starts[1:], strict=False))
+        installer.remove(host[start], host[start] + length * PAGE)
+    for probe in probes:
+        address = host[probe]
+        state = installer.states[regions[probe // 48].base]
+        expected = any(
+            host[s] <= address < host[s] + n * PAGE for s, n in adds
+        )
+        assert state.removed[probe % 48] == expected
+        assert state.present[probe % 48] == (not expected)

@@ -11,7 +11,6 @@ VM's own exit - an error of any kind, SIGTERM/SIGINT - kills the VM first.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import errno
 import json
@@ -20,9 +19,8 @@ import select
 import signal
 import time
 import uuid
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +29,10 @@ from fcsnap.header import load_header
 from fcsnap.store.source import DiffFile, open_diffs
 from fcsnap.uffd import abi
 from fcsnap.uffd.handshake import Peer, accept_peer, listen
+from fcsnap.uffd.installer import Installer, InstallStats
 from fcsnap.uffd.pages import PageSource, hash_tables
 from fcsnap.uffd.regions import Region, RegionMap
+from fcsnap.workingset import read_working_set, write_working_set
 
 RETRY_POLL = 0.002  # seconds between retries of deferred faults
 
@@ -45,59 +45,31 @@ class ServeOptions:
     handshake_timeout: float = 10.0
     cache_bytes: int = 64 << 20
     on_listening: Callable[[], None] | None = None  # e.g. ask Firecracker to load the snapshot
+    fault_around: int = 256 << 10  # bytes installed around a fault, when contiguous
+    record_ws: Path | None = None  # write the pages installed for faults, in order
+    prefetch_ws: Path | None = None  # install these pages right after the handshake
+    populate: bool = False  # then install every other page in the background
+    eager: bool = False  # install every page before serving any fault
+    batch_bytes: int = 1 << 20  # background work between two looks at the uffd
 
 
-@dataclass
-class ServeStats:
-    faults: int = 0
-    pages_served: int = 0
-    bytes_served: int = 0
-    zero_pages: int = 0
-    remove_events: int = 0
-    retries: int = 0
-    already_present: int = 0
-    per_build_pages: Counter = field(default_factory=Counter)
-    started: float = field(default_factory=time.monotonic)
-    first_fault_s: float | None = None
-
-    def to_json(self, extra: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "faults": self.faults,
-            "pages_served": self.pages_served,
-            "bytes_served": self.bytes_served,
-            "zero_pages": self.zero_pages,
-            "remove_events": self.remove_events,
-            "retries": self.retries,
-            "already_present": self.already_present,
-            "per_build_pages": {str(k): v for k, v in self.per_build_pages.items()},
-            "duration_s": round(time.monotonic() - self.started, 6),
-            "first_fault_s": self.first_fault_s,
-            **extra,
-        }
-
-
-class Removed:
-    """Guest ranges emptied by REMOVE events (balloon): they serve zeros from then on.
-
-    Kept as sorted, disjoint, merged host address ranges: a balloon gives memory back in
-    many small ranges, and every fault asks whether it falls in one of them.
-    """
-
-    def __init__(self) -> None:
-        self.starts: list[int] = []
-        self.ends: list[int] = []
-
-    def add(self, start: int, end: int) -> None:
-        i = bisect.bisect_left(self.ends, start)  # first range ending at or after start
-        j = bisect.bisect_right(self.starts, end)  # past the last range starting by end
-        if i < j:  # ranges i..j-1 overlap or touch [start, end): merge them in
-            start, end = min(start, self.starts[i]), max(end, self.ends[j - 1])
-        self.starts[i:j] = [start]
-        self.ends[i:j] = [end]
-
-    def covers(self, address: int) -> bool:
-        i = bisect.bisect_right(self.starts, address) - 1
-        return i >= 0 and address < self.ends[i]
+def stats_json(stats: InstallStats, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "faults": stats.faults,
+        "pages_served": stats.pages_served,
+        "bytes_served": stats.bytes_served,
+        "zero_pages": stats.zero_pages,
+        "installs": stats.installs,
+        "prefetched_pages": stats.prefetched_pages,
+        "populated_pages": stats.populated_pages,
+        "remove_events": stats.remove_events,
+        "retries": stats.retries,
+        "already_present": stats.already_present,
+        "per_build_pages": {str(k): v for k, v in stats.per_build_pages.items()},
+        "duration_s": round(time.monotonic() - stats.started, 6),
+        "first_fault_s": stats.first_fault_s,
+        **extra,
+    }
 
 
 class FaultServer:
@@ -111,15 +83,19 @@ class FaultServer:
         )
         hashes = hash_tables(self.diffs) if options.verify else None
         self.pages = PageSource(self.header, self.diffs, hashes)
-        self.stats = ServeStats()
-        self.removed = Removed()
-        self.zero_huge = bytearray(2 << 20)  # hugetlb ranges cannot take UFFDIO_ZEROPAGE
-        self.zero_huge_addr = abi.buffer_address(self.zero_huge)
+        self.stats = InstallStats()
+        self.prefetch = (
+            read_working_set(options.prefetch_ws, self.header.metadata.size)
+            if options.prefetch_ws is not None
+            else None
+        )
         self.peer: Peer | None = None
-        self.regions: RegionMap | None = None
+        self.installer: Installer | None = None
         self.exit_reason = "not started"
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._socket_inode: int | None = None
+        self._pending_span: tuple[Region, int, int, str] | None = None
+        self._backlog: list[int] = []  # faults read while installing eagerly
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -147,7 +123,12 @@ class FaultServer:
             if self.peer is None:
                 self.exit_reason = "stopped before a VM was served"
                 return 0
-            self.regions = RegionMap(self.peer.regions)
+            self.installer = Installer(
+                self.peer.uffd, RegionMap(self.peer.regions), self.pages, self.stats,
+                self.options.fault_around,
+            )
+            if self.options.record_ws is not None:
+                self.installer.recorded = []
             return self._serve()
         except BaseException as e:
             self.exit_reason = f"error: {e}"
@@ -162,6 +143,7 @@ class FaultServer:
             for diff in self.diffs.values():
                 diff.close()
             try:
+                self._write_working_set()
                 self._write_stats()  # before restoring: a signal now must not lose them
             finally:
                 self._restore_signals(old)
@@ -199,47 +181,115 @@ class FaultServer:
         }
         tmp = path.with_name(path.name + ".tmp")
         try:
-            tmp.write_text(json.dumps(self.stats.to_json(extra), indent=2) + "\n")
+            tmp.write_text(json.dumps(stats_json(self.stats, extra), indent=2) + "\n")
             os.replace(tmp, path)
         except OSError as e:
             raise FcsnapError(f"cannot write --stats {path}: {e.strerror or e}") from e
 
+    def _write_working_set(self) -> None:
+        path = self.options.record_ws
+        if path is None or self.installer is None or self.installer.recorded is None:
+            return
+        offsets = dict.fromkeys(self.installer.recorded)  # first install of each page
+        try:
+            write_working_set(path, self.header.metadata.size, offsets)
+        except OSError as e:
+            raise FcsnapError(f"cannot write --record-ws {path}: {e.strerror or e}") from e
+
     # -- the loop --------------------------------------------------------------------------
 
     def _serve(self) -> int:
-        peer = self.peer
-        assert peer is not None
+        peer, installer = self.peer, self.installer
+        assert peer is not None and installer is not None
+        background = self._background_work(installer)
+        if self.options.eager:
+            self._run_background(background, until_done=True)
         poller = select.epoll()
         poller.register(peer.uffd, select.EPOLLIN)
         poller.register(self._stop_r, select.EPOLLIN)
         poller.register(peer.pidfd, select.EPOLLIN)
         deferred: list[int] = []
+        busy = True  # background work may remain
         try:
             while True:
-                ready = {fd for fd, _ in poller.poll(RETRY_POLL if deferred else -1)}
+                timeout = 0 if busy else (RETRY_POLL if deferred else -1)
+                ready = {fd for fd, _ in poller.poll(timeout)}
                 if self._stop_r in ready:
                     self.exit_reason = "signal"
-                    peer.kill()
+                    if not installer.fully_resident():
+                        peer.kill()  # it would freeze at its next fault
                     return 0
                 if peer.pidfd in ready:
                     self.exit_reason = "vm exited"
                     return 0
-                faults = self._drain(peer.uffd)
+                faults = self._backlog + self._drain(peer.uffd, installer)
+                self._backlog = []
                 if deferred:
                     self.stats.retries += len(deferred)
                     faults = deferred + faults
                 deferred = []
                 for address in faults:
-                    outcome = self._serve_fault(peer.uffd, address)
+                    outcome = installer.fault(address)
                     if outcome == errno.EAGAIN:
                         deferred.append(address)
                     elif outcome == errno.ESRCH:
                         self.exit_reason = "vm exited"
                         return 0
+                if busy and not faults and not deferred:
+                    busy = self._run_background(background)
         finally:
             poller.close()
 
-    def _drain(self, uffd: int) -> list[int]:
+    def _background_work(self, installer: Installer) -> Iterator[tuple[Region, int, int, str]]:
+        """Spans to install when no fault is waiting: the working set, then everything."""
+        if self.prefetch is not None:
+            for region, lo, hi in installer.offsets_to_pages(self.prefetch):
+                yield region, lo, hi, "prefetched_pages"
+        if self.options.populate or self.options.eager:
+            batch = max(1, self.options.batch_bytes)
+            for region in installer.regions.regions:
+                step = max(1, batch // region.page_size)
+                pages = region.size // region.page_size
+                for lo in range(0, pages, step):
+                    yield region, lo, min(lo + step, pages), "populated_pages"
+
+    def _run_background(
+        self, work: Iterator[tuple[Region, int, int, str]], until_done: bool = False
+    ) -> bool:
+        """Install about batch_bytes of background spans (DONTWAKE), then wake what they
+        cover; False once no work is left."""
+        installer = self.installer
+        assert installer is not None
+        budget = self.options.batch_bytes
+        woken: dict[int, tuple[int, int]] = {}
+        more = True
+        while until_done or budget > 0:
+            span = self._pending_span or next(work, None)
+            self._pending_span = None
+            if span is None:
+                more = False
+                break
+            region, lo, hi, counter = span
+            installed, resume = installer.install_span(region, lo, hi)
+            setattr(self.stats, counter, getattr(self.stats, counter) + installed)
+            budget -= max(1, installed) * region.page_size
+            if installed:
+                first, last = woken.get(region.base, (lo, hi))
+                woken[region.base] = (min(first, lo), max(last, hi))
+            if resume is not None:  # EAGAIN: events first, then carry on from there
+                self._pending_span = (region, resume, hi, counter)
+                if until_done:  # eager: keep the faults for the loop, carry on installing
+                    self._backlog += self._drain(installer.uffd, installer)
+                    continue
+                break
+        for region in installer.regions.regions:
+            if region.base in woken:
+                first, last = woken[region.base]
+                size = region.page_size
+                abi.wake(installer.uffd, region.base + first * size, (last - first) * size)
+        return more
+
+    def _drain(self, uffd: int, installer: Installer) -> list[int]:
         """Read every pending event; apply REMOVEs; return fault addresses in arrival order."""
         faults: list[int] = []
         while True:
@@ -254,60 +304,4 @@ class FaultServer:
                         self.stats.first_fault_s = time.monotonic() - self.stats.started
                     faults.append(event[1])
                 elif kind == "remove":
-                    self.stats.remove_events += 1
-                    self.removed.add(event[1], event[2])
-
-    def _serve_fault(self, uffd: int, address: int) -> int:
-        """Install the page under `address`; returns 0 or the errno to act on."""
-        assert self.regions is not None
-        region = self.regions.find(address)
-        if region is None:
-            raise FcsnapError(f"fault at {address:#x} is outside every region the VM sent")
-        page = region.page_size
-        dst = address - (address - region.base) % page
-        if self.removed.covers(dst):
-            return self._install_zero(uffd, region, dst)
-        offset = region.offset + (dst - region.base)
-        source = self.pages.locate(offset, page)
-        if source.address is None:
-            return self._install_zero(uffd, region, dst)
-        return self._copy(uffd, dst, source.address, page, source.build_id)
-
-    def _install_zero(self, uffd: int, region: Region, dst: int) -> int:
-        if region.page_size == 4096:
-            try:
-                abi.zeropage(uffd, dst, 4096)
-            except abi.UffdError as e:
-                return self._copy_error(e, dst)
-            self._count(4096, None)
-            return 0
-        return self._copy(uffd, dst, self.zero_huge_addr, region.page_size, None)
-
-    def _copy(self, uffd: int, dst: int, src: int, length: int, build: uuid.UUID | None) -> int:
-        """UFFDIO_COPY one page; `build` supplied its bytes (None: zeros)."""
-        try:
-            abi.copy(uffd, dst, src, length)
-        except abi.UffdError as e:
-            return self._copy_error(e, dst)
-        self._count(length, build)
-        return 0
-
-    def _count(self, length: int, build: uuid.UUID | None) -> None:
-        """Count a page installed (only installs: a page found present counts elsewhere)."""
-        self.stats.pages_served += 1
-        self.stats.bytes_served += length
-        if build is None:
-            self.stats.zero_pages += 1
-        else:
-            self.stats.per_build_pages[build] += 1
-
-    def _copy_error(self, e: abi.UffdError, dst: int) -> int:
-        if e.errno == errno.EEXIST:
-            self.stats.already_present += 1
-            return 0
-        if e.errno in (errno.EAGAIN, errno.ESRCH):
-            return e.errno
-        raise FcsnapError(
-            f"installing the page at {dst:#x} failed: {os.strerror(e.errno or 0)} "
-            "(diff file truncated or unreadable?)"
-        )
+                    installer.remove(event[1], event[2])
