@@ -92,9 +92,9 @@ class Installer:
         if state.present[page]:
             return self._refault(state, page)
         window = max(1, self.fault_around // region.page_size)
-        lo = page - page % window
-        hi = min(state.pages, lo + window)
-        lo, hi = self._source_bounds(state, page, lo, hi)
+        w_lo = page - page % window
+        w_hi = min(state.pages, w_lo + window)
+        lo, hi = self._source_bounds(state, page, w_lo, w_hi)
         blocked = np.flatnonzero(state.present[lo:hi] | state.removed[lo:hi]) + lo
         left = blocked[blocked < page]
         right = blocked[blocked > page]
@@ -102,19 +102,30 @@ class Installer:
             lo = int(left[-1]) + 1
         if len(right):
             hi = int(right[0])
+        before = state.present[w_lo:w_hi].copy() if self.recorded is not None else None
         result = self._install(state, lo, hi, needed=page)
-        if result == OK and self.recorded is not None:
-            base = region.offset
-            self.recorded.extend(range(base + lo * region.page_size,
-                                       base + hi * region.page_size, 4096))
-        return result
+        if result != OK:
+            return result
+        # The rest of the window, from other source runs: a few more ioctls now cost far
+        # less than the fault round trips they spare. A vCPU may already wait there: wake.
+        if window > 1:
+            self.install_span(region, w_lo, w_hi, wake=True)
+        if before is not None and self.recorded is not None:
+            done = np.flatnonzero(state.present[w_lo:w_hi] & ~before) + w_lo
+            size = region.page_size
+            for p in done.tolist():
+                self.recorded.extend(range(region.offset + p * size,
+                                           region.offset + (p + 1) * size, 4096))
+        return OK
 
     # -- batches ---------------------------------------------------------------------------
 
-    def install_span(self, region: Region, lo: int, hi: int) -> tuple[int, int | None]:
-        """Install the missing, not removed pages of [lo, hi) with DONTWAKE (the caller wakes
-        once per batch). Returns (pages installed, where to resume or None when done): an
-        EAGAIN stops early, since events must be read before anything installs again."""
+    def install_span(
+        self, region: Region, lo: int, hi: int, wake: bool = False
+    ) -> tuple[int, int | None]:
+        """Install the missing, not removed pages of [lo, hi), by default with DONTWAKE (the
+        caller wakes once per batch). Returns (pages installed, where to resume or None when
+        done): an EAGAIN stops early, since events must be read before anything installs."""
         state = self.states[region.base]
         installed = 0
         pos = lo
@@ -129,7 +140,7 @@ class Installer:
             pos += start
             seg_lo, seg_hi = self._source_bounds(state, pos, pos, end)
             before = int(state.present[seg_lo:seg_hi].sum())
-            result = self._install(state, seg_lo, seg_hi, wake=False)
+            result = self._install(state, seg_lo, seg_hi, wake=wake)
             installed += int(state.present[seg_lo:seg_hi].sum()) - before
             if result != OK:
                 return installed, pos
@@ -183,17 +194,16 @@ class Installer:
         return max(lo, first), min(hi, last)
 
     def _refault(self, state: RegionState, page: int) -> int:
-        """A fault on a page we installed (a second vCPU, or a DONTWAKE batch): make sure it
-        is there and wake the waiter."""
+        """A fault on a page we installed (a second vCPU, or one that faulted while a batch
+        went in without waking): it is there, so waking the waiter is all it needs."""
         r = state.region
-        result = self._install(state, page, page + 1, force=True)
-        if result == OK:
-            abi.wake(self.uffd, r.base + page * r.page_size, r.page_size)
-        return result
+        self.stats.already_present += 1
+        abi.wake(self.uffd, r.base + page * r.page_size, r.page_size)
+        return OK
 
     def _install(
         self, state: RegionState, lo: int, hi: int, needed: int | None = None,
-        wake: bool = True, force: bool = False,
+        wake: bool = True,
     ) -> int:
         """One UFFDIO_COPY/ZEROPAGE for pages [lo, hi) of one source run."""
         r = state.region
@@ -220,8 +230,8 @@ class Installer:
                 self.stats.already_present += 1
                 state.present[lo + done // size] = True
                 outcome = OK
-                if needed is not None and not state.present[needed] and not force:
-                    outcome = self._install(state, needed, needed + 1, force=True)
+                if needed is not None and not state.present[needed]:
+                    outcome = self._install(state, needed, needed + 1)
             elif e.errno in (errno.EAGAIN, errno.ESRCH):
                 outcome = e.errno
             else:
