@@ -348,15 +348,56 @@ def restore(
     eager: bool = typer.Option(
         False, "--eager", help="Install every page before serving any fault."
     ),
+    firecracker_api: Path | None = typer.Option(
+        None, "--firecracker-api", metavar="SOCK",
+        help="Firecracker's API socket: once listening, have it load the snapshot from us "
+        "(PUT /snapshot/load, resuming the VM). Paths are sent absolute.",
+    ),
+    vmstate: Path | None = typer.Option(
+        None, "--vmstate", help="vmstate file Firecracker loads (default: the build's snapfile)."
+    ),
+    track_dirty_pages: bool = typer.Option(
+        False, "--track-dirty-pages", help="Have the loaded VM track dirty pages."
+    ),
+    api_timeout: float = typer.Option(
+        30.0, "--api-timeout", help="Seconds Firecracker has to answer the snapshot load."
+    ),
     quiet: bool = QUIET,
 ) -> None:
     """Serve BUILD's memory to one Firecracker VM over userfaultfd, lazily.
 
     Exits 0 when the VM exits. SIGTERM/SIGINT also exit 0, killing the VM unless every page
-    is already in place (a VM whose page server is gone would freeze at its next fault)."""
+    is already in place (a VM whose page server is gone would freeze at its next fault).
+    With --firecracker-api, a load Firecracker refuses (or never answers) exits 1, killing
+    the VM if it connected."""
+    from fcsnap.store.layout import SNAPFILE
+    from fcsnap.uffd.firecracker_api import Response, SnapshotLoad, load_body
     from fcsnap.uffd.server import FaultServer, ServeOptions
 
     build_dir = resolve_build(vm, store)
+    load: SnapshotLoad | None = None
+    if firecracker_api is not None:
+        if api_timeout <= 0:
+            raise typer.BadParameter("must be more than 0 seconds", param_hint="'--api-timeout'")
+        if vmstate is None and not (build_dir / SNAPFILE).is_file():
+            raise typer.BadParameter(
+                f"build {build_dir.name} has no {SNAPFILE}: give the vmstate file",
+                param_hint="'--vmstate'",
+            )
+        body = load_body(vmstate or build_dir / SNAPFILE, socket_path, track_dirty_pages)
+        load = SnapshotLoad(firecracker_api, body, api_timeout)
+    elif vmstate is not None or track_dirty_pages:
+        raise typer.BadParameter("--vmstate and --track-dirty-pages need --firecracker-api")
+
+    def loaded(response: Response) -> None:
+        if not quiet:
+            print(f"fcsnap: Firecracker loaded the snapshot (HTTP {response.status})",
+                  file=sys.stderr, flush=True)
+
+    def send_load() -> None:
+        assert load is not None
+        load.start(server.fail, loaded)  # in the background: Firecracker answers after accept
+
     options = ServeOptions(
         socket=socket_path,
         verify=verify_pages,
@@ -368,6 +409,7 @@ def restore(
         prefetch_ws=prefetch_ws,
         populate=populate,
         eager=eager,
+        on_listening=None if load is None else send_load,
     )
     server = FaultServer(build_dir, options)
     if not quiet:
@@ -380,6 +422,8 @@ def restore(
             f"({format_bytes(s.bytes_served)}) served",
             file=sys.stderr,
         )
+    if load is not None and (error := load.finish()) is not None:
+        raise error
     raise typer.Exit(status)
 
 

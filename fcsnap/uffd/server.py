@@ -93,6 +93,7 @@ class FaultServer:
         self.installer: Installer | None = None
         self.exit_reason = "not started"
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._failure: FcsnapError | None = None  # set by `fail`, raised by `run`
         self._socket_inode: int | None = None
         self._pending_span: tuple[Region, int, int, str] | None = None
         self._backlog: list[int] = []  # faults read while installing eagerly
@@ -121,6 +122,8 @@ class FaultServer:
             )
             listener.close()
             if self.peer is None:
+                if self._failure is not None:
+                    raise self._failure
                 self.exit_reason = "stopped before a VM was served"
                 return 0
             self.installer = Installer(
@@ -153,6 +156,12 @@ class FaultServer:
         one is being served, and returns 0."""
         with contextlib.suppress(BlockingIOError):  # the pipe is full: a stop is pending
             os.write(self._stop_w, b"x")
+
+    def fail(self, error: FcsnapError) -> None:
+        """Stop with `error` (from another thread: Firecracker refused the snapshot load):
+        `run` kills the VM, if one connected, and raises it."""
+        self._failure = error
+        self.stop()
 
     def _on_signal(self, _signum: int, _frame: object) -> None:
         self.stop()
@@ -215,6 +224,8 @@ class FaultServer:
                 timeout = 0 if busy else (RETRY_POLL if deferred else -1)
                 ready = {fd for fd, _ in poller.poll(timeout)}
                 if self._stop_r in ready:
+                    if self._failure is not None:
+                        raise self._failure
                     self.exit_reason = "signal"
                     if not installer.fully_resident():
                         peer.kill()  # it would freeze at its next fault
