@@ -11,7 +11,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import zstandard
 from rich.console import Console
 from rich.table import Table
 
@@ -20,25 +19,17 @@ from fcsnap.header import load_header
 from fcsnap.inspection import inspect_report
 from fcsnap.store import ops
 from fcsnap.store.builder import BuildOptions
-from fcsnap.testing import firecracker
+from fcsnap.testing import firecracker, guest
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full
 from fcsnap.uffd.server import FaultServer, ServeOptions
 from fcsnap.units import format_bytes
 
-GUEST_FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "guest"
-
 
 def _memory_files(work: Path, console: Console) -> tuple[Path, Path, str]:
     """Two consecutive memory files: the real-guest fixture when present, else synthetic."""
-    sources = [GUEST_FIXTURE / f"gen{g}.mem.zst" for g in (0, 1)]
-    if all(p.exists() for p in sources):
-        out = []
-        for g, src in enumerate(sources):
-            dst = work / f"gen{g}.mem"
-            with open(src, "rb") as fin, open(dst, "wb") as fout:
-                zstandard.ZstdDecompressor().copy_stream(fin, fout)
-            out.append(dst)
-        return out[0], out[1], "memory of a real Linux guest (fixtures/guest)"
+    if guest.available():
+        images = guest.read_lineage(work)
+        return images[-2], images[-1], "memory of a real Linux guest (fixtures/guest)"
     console.print("[yellow]guest fixture not found; using synthetic guest memory[/yellow]")
     mem0 = synthetic_memory(64 << 20, seed=1)
     mem1, _ = evolve(mem0, seed=2, dirty_share=0.05)
