@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +22,7 @@ from fcsnap.header import (
     runs_for_blocks,
     validate,
 )
+from fcsnap.store.lineage import ZEROS, Runs
 
 
 def build_ids(n: int) -> list[uuid.UUID]:
@@ -161,3 +163,28 @@ def test_packed_runs_pack_changed_blocks_in_order():
         Mapping(PAGE, 2 * PAGE, b, 0),
         Mapping(5 * PAGE, PAGE, b, 2 * PAGE),
     ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(lineages())
+def test_builder_vector_runs_agree_with_merge(lineage):
+    """pack/diff lay generations over each other with numpy (store/lineage.Runs) for speed;
+    merge is the model. Both must produce the same normalized mappings, generation by
+    generation."""
+    pages, ids, generations = lineage
+    current = [Mapping(0, pages * PAGE, NIL, 0)]
+    runs = Runs.zeros(pages)
+    number = {build: n for n, build in enumerate(ids)}
+    for entries in generations:
+        current = merge(current, runs_for_blocks(entries, PAGE))
+        blocks = np.array([index for index, _, _ in entries], np.int64)
+        owner = np.array([ZEROS if b == NIL else number[b] for _, b, _ in entries], np.int32)
+        slot = np.array([storage // PAGE for _, _, storage in entries], np.int64)
+        runs = Runs.of_blocks(blocks, owner, slot).over(runs, pages)
+        records = runs.records(ids, PAGE)
+        got = [
+            Mapping(int(r["offset"]), int(r["length"]), uuid.UUID(bytes=r["build_id"].tobytes()),
+                    int(r["storage"]))
+            for r in records
+        ]
+        assert got == current

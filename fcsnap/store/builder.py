@@ -11,6 +11,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import compress
 from pathlib import Path
@@ -37,7 +38,6 @@ from fcsnap.store.manifest import Manifest, Stats, write_manifest
 from fcsnap.store.seekable import SeekableWriter
 
 Progress = Callable[[int], None]
-IOV_MAX = os.sysconf("SC_IOV_MAX")
 
 
 @dataclass(frozen=True)
@@ -55,14 +55,21 @@ class BuildOptions:
 # gathered into batches, so numpy's fixed cost per call is paid per batch, not per range.
 GATHER_BELOW = 256 << 10
 GATHER_BYTES = 4 << 20
+WRITEBACK_BYTES = 4 << 20
+IN_FLIGHT = 2  # batches handed to the sink's worker and not yet written
 
 
 class DiffSink:
-    """The diff file being written: raw, or zstd seekable frames compressed on both cores."""
+    """The diff file being written: raw, or zstd seekable frames compressed on both cores.
+
+    Writing (and compressing) happens on a worker thread a batch or two behind the scan, so the
+    two overlap. Writeback is started as data arrives, so the disk works during the scan and
+    the fsync at publication has little left to wait for.
+    """
 
     def __init__(self, stage: Path, options: BuildOptions) -> None:
         name = DIFF_ZSTD if options.compression == "zstd" else DIFF_RAW
-        # Unbuffered: raw pieces go to the kernel with writev, zstd frames are large already.
+        # Unbuffered: batches are large, and the SeekableWriter writes whole frames.
         self.file: BinaryIO = open(stage / name, "wb", buffering=0)  # noqa: SIM115 (close())
         self.zstd = (
             SeekableWriter(self.file, options.frame_size, options.level)
@@ -70,37 +77,51 @@ class DiffSink:
             else None
         )
         self.stored = 0
+        self.synced = 0  # bytes of the file whose writeback has been started
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="fcsnap-sink")
+        self.in_flight: list[Future[None]] = []
 
     def write(self, pieces: list[memoryview]) -> None:
-        """Append `pieces` in order, without joining them first."""
-        self.stored += sum(len(p) for p in pieces)
+        """Append `pieces` in order (copied: the caller may reuse their memory at once)."""
+        data = b"".join(pieces)
+        self.stored += len(data)
+        self._wait(IN_FLIGHT - 1)
+        self.in_flight.append(self.worker.submit(self._write, data))
+
+    def _write(self, data: bytes) -> None:
         if self.zstd is not None:
-            for piece in pieces:
-                self.zstd.write(piece)
+            self.zstd.write(data)
         else:
-            writev_all(self.file.fileno(), pieces)
+            view = memoryview(data)
+            while view:
+                view = view[self.file.write(view) :]
+        end = self.file.tell()
+        if end - self.synced >= WRITEBACK_BYTES:
+            # On Linux, DONTNEED starts writeback of the range's dirty pages and returns; pages
+            # under writeback stay cached.
+            os.posix_fadvise(
+                self.file.fileno(), self.synced, end - self.synced, os.POSIX_FADV_DONTNEED
+            )
+            self.synced = end
+
+    def _wait(self, pending: int = 0) -> None:
+        """Wait until at most `pending` batches are in flight; their errors are raised here."""
+        while len(self.in_flight) > pending:
+            self.in_flight.pop(0).result()
 
     def close(self) -> int:
         """Finish the file; returns its size on disk."""
+        self._wait()
         if self.zstd is not None:
             self.zstd.close()
         written = os.fstat(self.file.fileno()).st_size
-        self.file.close()
+        self.discard()
         return written
 
-
-def writev_all(fd: int, pieces: list[memoryview]) -> None:
-    """os.writev until every byte is written (IOV_MAX buffers at most per call; short writes)."""
-    todo = list(pieces)
-    while todo:
-        done = os.writev(fd, todo[:IOV_MAX])
-        i = 0
-        while i < len(todo) and done >= len(todo[i]):
-            done -= len(todo[i])
-            i += 1
-        todo = todo[i:]
-        if done:
-            todo[0] = todo[0][done:]
+    def discard(self) -> None:
+        """Stop the worker and close the file (all that is left to do after a failure)."""
+        self.worker.shutdown()
+        self.file.close()
 
 
 class GenerationBuilder:
@@ -132,31 +153,34 @@ class GenerationBuilder:
         self.deduplicated = 0
         # np.empty, not bytearray: only the pages that small chunks use get touched.
         self.gather = memoryview(np.empty(GATHER_BYTES, np.uint8))
-        self.gathered: list[tuple[int, int]] = []  # (offset, length) of what `gather` holds
         self.filled = 0
+        self.gather_from = 0  # spans[gather_from:] are in `gather`
 
     def add(self, offset: int, chunk: bytes | memoryview) -> None:
         """Take whole blocks starting at `offset` (block aligned), in ascending order."""
-        self.spans.append((offset, len(chunk)))
-        if len(chunk) >= GATHER_BELOW:
+        n = len(chunk)
+        if n >= GATHER_BELOW:
             self._flush()
+            self.spans.append((offset, n))
+            self.gather_from = len(self.spans)
             first = offset // self.bs
-            self._scan(np.arange(first, first + len(chunk) // self.bs), memoryview(chunk))
+            self._scan(np.arange(first, first + n // self.bs), memoryview(chunk))
             return
-        if self.filled + len(chunk) > GATHER_BYTES:
+        if self.filled + n > GATHER_BYTES:
             self._flush()
-        self.gather[self.filled : self.filled + len(chunk)] = chunk
-        self.filled += len(chunk)
-        self.gathered.append((offset, len(chunk)))
+        self.gather[self.filled : self.filled + n] = chunk
+        self.filled += n
+        self.spans.append((offset, n))
 
     def _flush(self) -> None:
-        if not self.gathered:
-            return
-        first, count = (np.array(self.gathered, np.int64) // self.bs).T
-        blocks = np.repeat(first - (np.cumsum(count) - count), count) + np.arange(count.sum())
-        self._scan(blocks, self.gather[: self.filled])
-        self.gathered.clear()
-        self.filled = 0
+        """Scan the gathered chunks (spans[gather_from:]) as one batch."""
+        if self.filled:
+            spans = np.array(self.spans[self.gather_from :], np.int64) // self.bs
+            first, count = spans[:, 0], spans[:, 1]
+            blocks = np.repeat(first - (np.cumsum(count) - count), count) + np.arange(count.sum())
+            self._scan(blocks, self.gather[: self.filled])
+            self.filled = 0
+        self.gather_from = len(self.spans)
 
     def _scan(self, blocks: np.ndarray, data: memoryview) -> None:
         """Classify the blocks `blocks`, held in order by `data`: unchanged, zero, found in the
@@ -187,29 +211,31 @@ class GenerationBuilder:
         before = len(self.own)
         slots = np.array([self.own.setdefault(k, len(self.own)) for k in keys], np.int64)
         self._record(blocks[pos], self.me, slots)
-        _, first_use = np.unique(slots, return_index=True)
-        first_use = first_use[slots[first_use] >= before]
+        # Slots are handed out in increasing order, so a slot's first use is where it exceeds
+        # every slot before it (and `before - 1`, the last slot of earlier batches).
+        first_use = np.flatnonzero(slots > np.maximum.accumulate(np.append(before - 1, slots))[:-1])
         self.deduplicated += len(keys) - len(first_use)
-        self.digests.extend(keys[i] for i in first_use.tolist())
-        self.sink.write([data[a * bs : b * bs] for a, b in consecutive(pos[first_use])])
+        if len(first_use):
+            self.digests.extend(keys[i] for i in first_use.tolist())
+            self.sink.write([data[a * bs : b * bs] for a, b in consecutive(pos[first_use])])
 
     def _record(self, blocks: np.ndarray, owner: int | np.ndarray, slot: int | np.ndarray) -> None:
         """Blocks `blocks` now hold block `slot` of build number `owner`."""
-        if len(blocks):
-            n = len(blocks)
+        n = len(blocks)
+        if n:
             self.changes.append((blocks, np.broadcast_to(owner, n), np.broadcast_to(slot, n)))
 
     def finish(self, holes_are_zero: bool) -> tuple[Metadata, Stats]:
         """Blocks never added are zeros (Full snapshot) or unchanged (Diff snapshot)."""
         self._flush()
         written = self.sink.close()
-        layout = self.parent.runs if self.parent else Runs.zeros(self.blocks)
-        if holes_are_zero:
+        parent = self.parent
+        layout = parent.runs if parent else Runs.zeros(self.blocks)
+        if holes_are_zero and parent:
             layout = self._holes().over(layout, self.blocks)
         blocks, owner, slot = (np.concatenate(c) for c in zip(*self.changes, strict=True))
         order = np.argsort(blocks)
         layout = Runs.of_blocks(blocks[order], owner[order], slot[order]).over(layout, self.blocks)
-        parent = self.parent
         meta = Metadata(
             WRITE_VERSION, self.bs, self.size,
             parent.metadata.generation + 1 if parent else 0,
@@ -273,8 +299,7 @@ def build_generation(
                 builder.add(offset, chunk)
             meta, stats = builder.finish(holes_are_zero)
         finally:
-            if not builder.sink.file.closed:
-                builder.sink.file.close()
+            builder.sink.discard()
         manifest = Manifest(
             build_id=build_id,
             parent_build_id=parent.manifest.build_id if parent else None,
@@ -295,6 +320,10 @@ def build_generation(
             shutil.copyfile(options.vmstate, stage / SNAPFILE)
     final = store / str(build_id)
     if options.name:
-        set_vm_pointer(store, options.name, build_id)
+        try:
+            set_vm_pointer(store, options.name, build_id)
+        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)  # a failed command leaves no new build
+            raise
     return manifest, final
 

@@ -3,10 +3,10 @@
 A diff never reads the parent's diff data to decide what changed: each block's digest comes from
 the sidecar of the build that stores it, found through the parent's header.
 
-Headers are handled here as numpy record arrays and per-block arrays, not Mapping objects: a
-parent late in a lineage has tens of thousands of mappings, and a 1%-dirty sparse diff has to
-cost a small fraction of a full scan, so nothing may take Python work per mapping or per block.
-A generation's layout is a `Runs`: mappings counted in blocks, with builds as small integers.
+Headers are handled here as numpy arrays, not Mapping objects: a parent late in a lineage has
+tens of thousands of mappings, and a 1%-dirty sparse diff has to cost a small fraction of a full
+scan, so nothing may take Python work per mapping or per block of guest memory. A generation's
+layout is a `Runs`: its mappings counted in blocks, with builds numbered by small integers.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fcsnap.errors import FcsnapError
+from fcsnap.files import read_regular
 from fcsnap.header import BLOCK_SIZES, NIL, PAGE, HeaderError, Metadata, parse_header
 from fcsnap.header.format import MAPPING, METADATA, READ_VERSIONS
 from fcsnap.store.hashes import DIGEST_SIZE, read_hashes, zero_digest
@@ -180,6 +181,23 @@ class DedupIndex:
         return owner, slot
 
 
+def _number_builds(column: np.ndarray, nil: np.ndarray) -> tuple[list[uuid.UUID], np.ndarray]:
+    """The distinct build ids of a record array's build_id column, and each record's number
+    among them (ZEROS for nil). np.unique does the same, several times slower."""
+    words = np.ascontiguousarray(column).view("<u8").reshape(-1, 2)
+    order = np.lexsort((words[:, 1], words[:, 0]))
+    ordered = words[order]
+    first = np.ones(len(order), bool)
+    first[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+    owner = np.empty(len(order), np.int32)
+    owner[order] = np.cumsum(first) - 1
+    ids = [uuid.UUID(bytes=w.tobytes()) for w in ordered[first]]
+    if nil.any():  # NIL, all zero bytes, sorts first
+        ids.pop(0)
+        owner -= 1
+    return ids, owner
+
+
 def _prefix(digests: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(digests).view("<u8")[:, 0]
 
@@ -192,11 +210,7 @@ class Parent:
         self.store = build_dir.parent
         self.manifest: Manifest = read_manifest(build_dir)
         path = build_dir / HEADER
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise FcsnapError(f"cannot read header {path}: {e.strerror or e}") from e
-        self.metadata, records = parse_records(data, str(path))
+        self.metadata, records = parse_records(read_regular(path, "header"), str(path))
         meta = self.metadata
         if (meta.build_id, meta.size, meta.block_size) != (
             self.manifest.build_id, self.manifest.size, self.manifest.block_size
@@ -204,7 +218,6 @@ class Parent:
             raise FcsnapError(f"{build_dir}: build.json and memfile.header disagree")
         self.size = meta.size
         self.block_size = bs = meta.block_size
-        self.blocks = meta.size // bs
         nil = is_nil(records)
         storage = np.where(nil, 0, records["storage"])
         misaligned = (records["offset"] | records["length"] | storage) % bs != 0
@@ -213,12 +226,7 @@ class Parent:
             raise FcsnapError(
                 f"{build_dir}: mapping at {at:#x} is not aligned to the block size {bs}"
             )
-        ids, owner = np.unique(records["build_id"], return_inverse=True)
-        owner = owner.astype(np.int32)
-        self.build_ids = [uuid.UUID(bytes=b.tobytes()) for b in ids]
-        if nil.any():  # unique() sorts, so NIL (all zero bytes) comes first
-            owner -= 1
-            self.build_ids.pop(0)
+        self.build_ids, owner = _number_builds(records["build_id"], nil)
         tables = [self._table(b) for b in self.build_ids]
         self.runs = Runs(
             (records["offset"] // bs).astype(np.int64),

@@ -1,0 +1,301 @@
+"""Pack/diff throughput: fcsnap against `cp --sparse=always` and `zstd -3 -T2`, side by side.
+
+One synthetic guest image (fcsnap.testing.memimage) is written as a Full memory file on the real
+disk; its next generation (1% of pages dirty) is written both as a Full file and as a sparse Diff
+file. Every timed command ends with its output fsynced, because fcsnap publishes builds durably
+(fsync, then rename) and a comparison that skips that for the tools would flatter them.
+
+fcsnap is timed through its Python API (fcsnap.store.ops), not the CLI, so interpreter startup
+(~0.3 s of imports) is not counted. Warm: each command runs once, then --repeat times back to
+back; the best counts. Cold: one run each after dropping the page cache (needs root).
+
+    python bench/pack.py [--size 1G] [--workdir DIR] [--repeat 3] [--no-cold] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import zstandard
+
+from fcsnap.store import ops
+from fcsnap.store.builder import BuildOptions
+from fcsnap.testing.memimage import evolve, synthetic_memory, write_full, write_sparse_diff
+from fcsnap.units import parse_size
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MB = 1e6
+CP, PACK = "cp --sparse=always", "fcsnap pack (raw)"
+ZSTD, PACK_ZSTD = "zstd -3 -T2", "fcsnap pack --compress zstd"
+DIFF_FULL, DIFF_SPARSE = "fcsnap diff (Full file)", "fcsnap diff --sparse-diff"
+
+
+@dataclass
+class Row:
+    name: str
+    command: str
+    input_bytes: int  # apparent size of the memory file the command reads
+    warm_runs: list[float] = field(default_factory=list)
+    cold_s: float | None = None
+    output_bytes: int = 0  # allocated on disk
+
+    @property
+    def warm_s(self) -> float:
+        return min(self.warm_runs)
+
+    def mbps(self, seconds: float) -> float:
+        return self.input_bytes / MB / seconds
+
+
+@dataclass
+class Case:
+    """One benchmarked command: `run` does the work and returns its output path."""
+
+    row: Row
+    run: Callable[[], Path]
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes allocated on disk for a file or a directory's files (cp's output is sparse)."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(f.stat().st_blocks * 512 for f in files)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def tool(argv: list[str], out: Path) -> Callable[[], Path]:
+    def run() -> Path:
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        fsync(out)
+        return out
+
+    return run
+
+
+def machine() -> dict[str, object]:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+        platform.processor(),
+    )
+    memory_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    zstd_cli = subprocess.run(["zstd", "--version"], capture_output=True, text=True).stdout
+    cp_version = subprocess.run(["cp", "--version"], capture_output=True, text=True).stdout
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory_kib / (1 << 20), 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "zstd_cli": zstd_cli.strip(),
+        "coreutils": cp_version.splitlines()[0],
+        "python_zstandard": f"{zstandard.__version__} (libzstd {zstandard.ZSTD_VERSION})",
+    }
+
+
+def filesystem(path: Path) -> str:
+    out = subprocess.run(
+        ["df", "--output=source,fstype", str(path)], capture_output=True, text=True
+    ).stdout.splitlines()[1]
+    return " ".join(out.split())
+
+
+def make_inputs(work: Path, size: int) -> tuple[Path, Path, Path, float]:
+    """gen0 (Full), gen1 Full and gen1 sparse Diff (1% of pages dirty); gen0's non-zero share."""
+    gen0, gen1, gen1_sparse = work / "gen0.mem", work / "gen1.mem", work / "gen1.sparse.mem"
+    mem = synthetic_memory(size, seed=0)
+    share = float(mem.any(axis=1).mean())
+    write_full(gen0, mem)
+    new, dirty = evolve(mem, seed=1, dirty_share=0.01)
+    del mem
+    write_full(gen1, new)
+    write_sparse_diff(gen1_sparse, new, dirty)
+    for path in (gen0, gen1, gen1_sparse):
+        fsync(path)
+    return gen0, gen1, gen1_sparse, share
+
+
+def cases(work: Path, gen0: Path, gen1: Path, gen1_sparse: Path) -> list[Case]:
+    size = gen0.stat().st_size
+    store = work / "store"
+    _, base = ops.pack(gen0, store, BuildOptions())  # the parent of both diffs
+    raw, zst = BuildOptions(), BuildOptions(compression="zstd", level=3)
+
+    def build(call: Callable[[], tuple[object, Path]]) -> Callable[[], Path]:
+        return lambda: call()[1]
+
+    cp_out, zstd_out = work / "cp.out", work / "zstd.out"
+    return [
+        Case(Row(CP, f"cp --sparse=always {gen0.name} OUT", size),
+             tool(["cp", "--sparse=always", str(gen0), str(cp_out)], cp_out)),
+        Case(Row(PACK, "ops.pack(gen0, compression none)", size),
+             build(lambda: ops.pack(gen0, store, raw))),
+        Case(Row(ZSTD, f"zstd -3 -T2 -f {gen0.name} -o OUT", size),
+             tool(["zstd", "-3", "-T2", "-q", "-f", str(gen0), "-o", str(zstd_out)], zstd_out)),
+        Case(Row(PACK_ZSTD, "ops.pack(gen0, compression zstd:3)", size),
+             build(lambda: ops.pack(gen0, store, zst))),
+        Case(Row(DIFF_FULL, "ops.diff(gen1 Full file, base gen0)", size),
+             build(lambda: ops.diff(gen1, base, store, raw))),
+        Case(Row(DIFF_SPARSE, "ops.diff(gen1 Diff file, base gen0, sparse_diff)", size),
+             build(lambda: ops.diff(gen1_sparse, base, store, raw, sparse_diff=True))),
+    ]
+
+
+def measure(case: Case) -> float:
+    t0 = time.perf_counter()
+    out = case.run()
+    elapsed = time.perf_counter() - t0
+    case.row.output_bytes = disk_usage(out)
+    remove(out)
+    # The next run must not pay for this one's deletion: on a filesystem mounted with
+    # `discard`, freeing hundreds of MiB is a journal commit full of TRIMs.
+    os.sync()
+    return elapsed
+
+
+def ratios(rows: dict[str, Row]) -> list[dict[str, object]]:
+    def both(a: str, b: str) -> tuple[float, float | None]:
+        cold_a, cold_b = rows[a].cold_s, rows[b].cold_s
+        return rows[a].warm_s / rows[b].warm_s, cold_a / cold_b if cold_a and cold_b else None
+
+    size = rows[PACK_ZSTD].output_bytes / rows[ZSTD].output_bytes
+    checks = [
+        ("pack raw time / cp time", *both(PACK, CP), "<= 2", lambda r: r <= 2),
+        ("pack zstd time / zstd -3 -T2 time", *both(PACK_ZSTD, ZSTD), "<= 1", lambda r: r <= 1),
+        ("pack zstd size / zstd -3 -T2 size", size, None, "<= 1.10", lambda r: r <= 1.10),
+        ("full diff time / sparse diff time", *both(DIFF_FULL, DIFF_SPARSE), ">= 10",
+         lambda r: r >= 10),
+    ]
+    return [
+        {"ratio": name, "warm": round(warm, 3), "cold": None if cold is None else round(cold, 3),
+         "target": target, "met": ok(warm)}
+        for name, warm, cold, target, ok in checks
+    ]
+
+
+def markdown(info: dict[str, object], rows: list[Row], checks: list[dict[str, object]]) -> str:
+    m = info["machine"]
+    lines = [
+        "# fcsnap pack/diff throughput",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, "
+        f"Python {m['python']}; {m['zstd_cli']}; {m['coreutils']}; python-zstandard "
+        f"{m['python_zstandard']}.",
+        "",
+        f"Image: {info['size'] / (1 << 30):g} GiB synthetic_memory (seed 0), "
+        f"{info['data_share']:.1%} of its pages non-zero; gen1 = evolve(seed 1, 1% of pages "
+        f"dirty) as a Full file and as a sparse Diff file; diffs are raw, over a raw pack of "
+        f"gen0. Files in {info['workdir']} on {info['filesystem']}.",
+        "",
+        f"Warm: each command once, then {info['repeat']} runs back to back; best and worst "
+        "shown. Cold: one run after `sync; echo 3 > /proc/sys/vm/drop_caches`. Every time "
+        "includes the fsync of the output. fcsnap runs through its Python API (no interpreter "
+        "startup). MB/s = 10^6 bytes of memory file (apparent size) per second. Output = blocks "
+        "allocated on disk; for fcsnap the whole build (diff, header, hashes, build.json).",
+        "",
+        "| Command | Warm s (best) | Warm MB/s | Warm s (worst) | Cold s | Cold MB/s "
+        "| Output MiB | Output / input |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        cold = f"{r.cold_s:.3f} | {r.mbps(r.cold_s):.0f}" if r.cold_s else "- | -"
+        lines.append(
+            f"| {r.name} | {r.warm_s:.3f} | {r.mbps(r.warm_s):.0f} | {max(r.warm_runs):.3f} | "
+            f"{cold} | {r.output_bytes / (1 << 20):.1f} | {r.output_bytes / r.input_bytes:.3f} |"
+        )
+    lines += ["", "| Ratio | Warm | Cold | Target | Met (warm) |", "|---|---:|---:|---|---|"]
+    for c in checks:
+        cold = "-" if c["cold"] is None else f"{c['cold']:.3f}"
+        met = "yes" if c["met"] else "NO"
+        lines.append(f"| {c['ratio']} | {c['warm']:.3f} | {cold} | {c['target']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="1G", help="memory file size (default 1G)")
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
+                        help="where to put the files: a real disk, not tmpfs (default /var/tmp)")
+    parser.add_argument("--repeat", type=int, default=3, help="warm runs per command (best of)")
+    parser.add_argument("--no-cold", action="store_true", help="skip the dropped-cache runs")
+    parser.add_argument("--keep", action="store_true", help="keep the generated files")
+    args = parser.parse_args()
+    size = parse_size(args.size)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="fcsnap-bench-", dir=args.workdir))
+    try:
+        print(f"writing a {args.size} image and its next generation in {work}", file=sys.stderr)
+        gen0, gen1, gen1_sparse, data_share = make_inputs(work, size)
+        todo = cases(work, gen0, gen1, gen1_sparse)
+        for case in todo:
+            # Each command's runs back to back: interleaved, a command paid for the one before
+            # it (writing into memory that the previous command's output had just freed).
+            print(f"warm: {case.row.name}", file=sys.stderr)
+            measure(case)
+            case.row.warm_runs = [measure(case) for _ in range(args.repeat)]
+        if not args.no_cold and os.geteuid() == 0:
+            for case in todo:
+                print(f"cold: {case.row.name}", file=sys.stderr)
+                drop_caches()
+                case.row.cold_s = measure(case)
+        rows = [c.row for c in todo]
+        info = {
+            "machine": machine(),
+            "size": size,
+            "data_share": data_share,
+            "workdir": str(work),
+            "filesystem": filesystem(work),
+            "repeat": args.repeat,
+        }
+        checks = ratios({r.name: r for r in rows})
+        text = markdown(info, rows, checks)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "pack.md").write_text(text)
+        results = [
+            {**asdict(r), "warm_s": r.warm_s, "warm_mbps": r.mbps(r.warm_s),
+             "cold_mbps": r.mbps(r.cold_s) if r.cold_s else None}
+            for r in rows
+        ]
+        (RESULTS / "pack.json").write_text(
+            json.dumps({**info, "results": results, "ratios": checks}, indent=2) + "\n"
+        )
+        print(text)
+    finally:
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
