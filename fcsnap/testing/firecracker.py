@@ -9,6 +9,20 @@ Firecracker:
 
     python -m fcsnap.testing.firecracker SOCKET --expected mem.bin --threads 4 --report r.json
 
+For benchmarks, `--ws-fraction F` first touches a fixed random working set (F of the pages,
+chosen by --seed) and then every page, timing both passes (`ws_s`, `all_s`); `--file-backend
+FILE` skips the socket and the uffd and maps FILE MAP_PRIVATE instead, as Firecracker's File
+memory backend does, for a baseline; `--no-verify-bytes` leaves out the byte compare and
+`--latency` times every touch. The touch plans are made before the handshake, so the guest
+starts touching right after it, as a resumed VM does (or `--start-delay` seconds later).
+
+`--balloon-cycles N` races the balloon with the faulting threads: the touch pass runs N times,
+and during each a balloon thread gives the --balloon pages back one page at a time (a REMOVE
+event amid the faults) and then reads them again, which must give zeros. Threads reading a
+ballooned page accept the file's bytes only until the first inflation has finished, zeros
+always. The first mismatch of each thread is written to the report at once, so that a VM its
+page server killed afterwards still shows it.
+
 Guest memory is only ever read through ctypes.memmove, which releases the GIL: a Python thread
 blocked in a uffd fault would otherwise hold it and stop every other thread (and the watchdog).
 Exit status: 0 all pages matched, 3 some byte mismatched, 4 the deadline passed (the server
@@ -24,6 +38,7 @@ import json
 import mmap
 import os
 import random
+import resource
 import signal
 import socket
 import subprocess
@@ -50,6 +65,10 @@ EXIT_MISMATCH = 3
 EXIT_DEADLINE = 4
 FIRST_MISMATCHES = 16
 BALLOON_RECHECKS = 8
+LATENCY_STALLS_NS = (1_000_000, 10_000_000)  # touches slower than 1 ms and 10 ms are counted
+
+
+Plan = list[list[int]]  # memory-file offsets each touching thread reads, in order
 
 
 @dataclass(frozen=True)
@@ -59,9 +78,9 @@ class GuestRegion:
     offset: int  # where the region's bytes live in the memory file
 
 
-class Guest:
+class GuestMemory:
     """Guest memory as Firecracker lays it out: one mapping per region, regions concatenated
-    in the memory file, all registered MISSING on one uffd with EVENT_REMOVE."""
+    in the memory file. Subclasses map the regions (`_map`)."""
 
     def __init__(self, size: int, page_size: int, n_regions: int) -> None:
         pages = size // page_size
@@ -71,21 +90,18 @@ class Guest:
             raise FcsnapError(f"cannot split {pages} pages into {n_regions} regions")
         self.size = size
         self.page_size = page_size
-        flags = abi.MAP_PRIVATE | abi.MAP_ANONYMOUS | abi.MAP_NORESERVE
-        if page_size != 4096:
-            flags |= abi.MAP_HUGETLB | abi.MAP_HUGE_2MB
         self.regions: list[GuestRegion] = []
-        self.uffd = abi.userfaultfd(os.O_CLOEXEC | os.O_NONBLOCK)
-        abi.api_handshake(self.uffd, abi.UFFD_FEATURE_EVENT_REMOVE)
         offset = 0
         for i in range(n_regions):
             region_pages = pages // n_regions + (1 if i < pages % n_regions else 0)
             length = region_pages * page_size
-            host = abi.mmap_anonymous(length, flags)
-            self.regions.append(GuestRegion(host, length, offset))
-            abi.register(self.uffd, host, length, abi.MISSING)
+            self.regions.append(GuestRegion(self._map(offset, length), length, offset))
             offset += length
         self._offsets = [r.offset for r in self.regions]
+
+    def _map(self, offset: int, length: int) -> int:
+        """Map the region holding memory-file bytes [offset, offset+length); its address."""
+        raise NotImplementedError
 
     def host(self, offset: int) -> int:
         """Host address of a memory-file offset."""
@@ -112,6 +128,40 @@ class Guest:
                 obj["page_size_kib"] = self.page_size  # in bytes, despite the name
             objects.append(obj)
         return objects
+
+
+class Guest(GuestMemory):
+    """Guest memory on Firecracker's Uffd backend: anonymous mappings, all registered MISSING
+    on one uffd with EVENT_REMOVE."""
+
+    def __init__(self, size: int, page_size: int, n_regions: int) -> None:
+        self._flags = abi.MAP_PRIVATE | abi.MAP_ANONYMOUS | abi.MAP_NORESERVE
+        if page_size != 4096:
+            self._flags |= abi.MAP_HUGETLB | abi.MAP_HUGE_2MB
+        self.uffd = abi.userfaultfd(os.O_CLOEXEC | os.O_NONBLOCK)
+        abi.api_handshake(self.uffd, abi.UFFD_FEATURE_EVENT_REMOVE)
+        super().__init__(size, page_size, n_regions)
+
+    def _map(self, offset: int, length: int) -> int:
+        host = abi.mmap_anonymous(length, self._flags)
+        abi.register(self.uffd, host, length, abi.MISSING)
+        return host
+
+
+class FileGuest(GuestMemory):
+    """Guest memory on Firecracker's File backend: each region a MAP_PRIVATE mapping of its
+    part of the memory file, so pages come from the page cache, with no uffd and no server."""
+
+    def __init__(self, path: str, size: int, n_regions: int) -> None:
+        self._maps: list[mmap.mmap] = []  # kept open: their addresses are the guest memory
+        with open(path, "rb") as f:
+            self._fileno = f.fileno()  # only used while mapping, inside this block
+            super().__init__(size, 4096, n_regions)
+
+    def _map(self, offset: int, length: int) -> int:
+        m = mmap.mmap(self._fileno, length, offset=offset, access=mmap.ACCESS_COPY)
+        self._maps.append(m)
+        return abi.buffer_address(m)
 
 
 def connect(path: str, timeout: float) -> socket.socket:
@@ -166,6 +216,9 @@ class Tally:
     touched: int = 0
     mismatches: int = 0
     first: list[int] = field(default_factory=list)
+    first_touch: float | None = None  # time.monotonic() just before the first touch
+    latencies_ns: list[int] = field(default_factory=list)  # per touch, with --latency
+    on_first_mismatch: Callable[[], None] | None = None  # e.g. write the report now
 
     def record(self, offset: int, ok: bool) -> None:
         self.touched += 1
@@ -173,25 +226,58 @@ class Tally:
             self.mismatches += 1
             if len(self.first) < FIRST_MISMATCHES:
                 self.first.append(offset)
+            if self.mismatches == 1 and self.on_first_mismatch is not None:
+                self.on_first_mismatch()
+
+
+@dataclass
+class BalloonRace:
+    """Pages (memory-file offsets) a balloon thread inflates while other threads read them;
+    `inflated` is set once the first inflation of all of them has finished."""
+
+    pages: frozenset[int]
+    inflated: threading.Event = field(default_factory=threading.Event)
 
 
 class Reader:
-    """Reads guest pages into a private buffer without the GIL and compares them."""
+    """Reads guest pages into a private buffer without the GIL and compares them (with no
+    `expected`, only reads); with `timed`, records how long each read took; with `race`, its
+    pages may also read zero (and must, once inflated)."""
 
-    def __init__(self, guest: Guest, expected: mmap.mmap | None, tally: Tally) -> None:
+    def __init__(
+        self, guest: GuestMemory, expected: mmap.mmap | None, tally: Tally, timed: bool = False,
+        race: BalloonRace | None = None,
+    ) -> None:
         self.guest = guest
         self.expected = expected
         self.tally = tally
+        self.timed = timed
+        self.race = race
         self.page = guest.page_size
         self.buf = bytearray(self.page)
         self.buf_addr = abi.buffer_address(self.buf)  # buf is never resized
 
     def check(self, offsets: Sequence[int], want_zero: bool = False) -> None:
         page, buf, buf_addr, expected = self.page, self.buf, self.buf_addr, self.expected
-        zero = bytes(page) if want_zero else b""
+        race = self.race
+        zero = bytes(page) if want_zero or race else b""
         record, host = self.tally.record, self.guest.host
+        clock, latencies, timed = time.perf_counter_ns, self.tally.latencies_ns, self.timed
+        if self.tally.first_touch is None:
+            self.tally.first_touch = time.monotonic()
         for off in offsets:
-            ctypes.memmove(buf_addr, host(off), page)  # may fault: GIL released
+            if race is not None and off in race.pages:
+                settled = race.inflated.is_set()  # before the read: it may zero the page
+                ctypes.memmove(buf_addr, host(off), page)
+                record(off, buf == zero or (
+                    not settled and (expected is None or buf == expected[off : off + page])))
+                continue
+            if timed:
+                t0 = clock()
+                ctypes.memmove(buf_addr, host(off), page)  # may fault: GIL released
+                latencies.append(clock() - t0)
+            else:
+                ctypes.memmove(buf_addr, host(off), page)
             if want_zero:
                 record(off, buf == zero)
             else:
@@ -235,22 +321,24 @@ class StandIn:
             "first_mismatches": [], "balloon_ok": None, "kvm": None, "touch_s": None,
             "deadline_exceeded": False,
         }
+        self._report_lock = threading.Lock()  # main, watchdog and mismatching threads write
 
     def write_report(self) -> None:
         """Write the report (atomically: a test may read it the moment we exit)."""
-        r = self.report
-        r["pages_touched"] = sum(t.touched for t in self.tallies)
-        r["mismatches"] = sum(t.mismatches for t in self.tallies)
-        r["first_mismatches"] = sorted(o for t in self.tallies for o in t.first)[
-            :FIRST_MISMATCHES
-        ]
-        r["elapsed_s"] = round(time.monotonic() - self.started, 6)
-        if self.args.report is None:
-            return
-        path = Path(self.args.report)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(r, indent=2) + "\n")
-        os.replace(tmp, path)
+        with self._report_lock:
+            r = self.report
+            r["pages_touched"] = sum(t.touched for t in self.tallies)
+            r["mismatches"] = sum(t.mismatches for t in self.tallies)
+            r["first_mismatches"] = sorted(o for t in self.tallies for o in t.first)[
+                :FIRST_MISMATCHES
+            ]
+            r["elapsed_s"] = round(time.monotonic() - self.started, 6)
+            if self.args.report is None:
+                return
+            path = Path(self.args.report)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(r, indent=2) + "\n")
+            os.replace(tmp, path)
 
     def _expire(self) -> None:
         self.report["deadline_exceeded"] = True
@@ -259,44 +347,86 @@ class StandIn:
     def run(self) -> int:
         a = self.args
         watchdog = Watchdog(a.deadline, self._expire)
-        guest = Guest(a.size, a.page_size, a.regions)
+        guest: GuestMemory
+        if a.file_backend is not None:
+            guest = FileGuest(a.file_backend, a.size, a.regions)
+        else:
+            guest = Guest(a.size, a.page_size, a.regions)
+        self.report["backend"] = "file" if a.file_backend is not None else "uffd"
         self.report["regions"] = guest.region_objects(a.payload)
-        self.sock = connect(a.socket, a.connect_timeout)  # never closed, as Firecracker's
-        if a.late:
-            time.sleep(a.late)
-        handshake(self.sock, guest, a.payload, a.misbehave)
-        if a.misbehave:
-            watchdog.cancel()
-            self.write_report()
-            time.sleep(a.hold)
-            return 0
-        with _open_expected(a.expected) as expected:
-            self._workload(guest, expected)
+        passes = self._passes(guest)  # planned before the handshake: touching starts right after
+        with _open_expected(a.expected if a.verify_bytes else None) as expected:
+            if isinstance(guest, Guest):
+                self.sock = connect(a.socket, a.connect_timeout)  # never closed, as Firecracker's
+                if a.late:
+                    time.sleep(a.late)
+                handshake(self.sock, guest, a.payload, a.misbehave)
+            if not a.misbehave:
+                time.sleep(a.start_delay)
+                self._workload(guest, expected, passes)
         watchdog.cancel()
         self.write_report()
         time.sleep(a.hold)
         failed = self.report["mismatches"] or (self.report["kvm"] or {}).get("ok") is False
         return EXIT_MISMATCH if failed else 0
 
-    def _workload(self, guest: Guest, expected: mmap.mmap | None) -> None:
+    def _workload(
+        self, guest: GuestMemory, expected: mmap.mmap | None, passes: list[tuple[str, Plan]]
+    ) -> None:
+        """Run the passes one after the other, each with its threads all at once (so their
+        faults overlap), and a balloon cycle alongside each with --balloon-cycles; time each
+        pass's end from the first touch of the first."""
         a = self.args
-        workers = []
-        for pages in self._plan(guest):
-            tally = Tally()
-            self.tallies.append(tally)
-            reader = Reader(guest, expected, tally)
-            workers.append(threading.Thread(target=self._guarded, args=(reader.check, pages)))
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.monotonic()
-        for w in workers:  # all at once, so their faults overlap
-            w.start()
-        if a.kvm:  # in the main thread: the kvm module signals its vCPU thread from there
-            self._guarded(self._kvm, guest, expected)
-        for w in workers:
-            w.join()
+        ends: dict[str, float] = {}
+        latencies: dict[str, list[int]] = {}
+        race = None
+        if a.balloon_cycles:
+            race = BalloonRace(frozenset(
+                o for start, n in a.balloon for o in range(start, start + n, guest.page_size)))
+        balloon_tallies: list[Tally] = []
+        for i, (name, plan) in enumerate(passes):
+            tallies = [Tally(on_first_mismatch=self.write_report) for _ in plan]
+            self.tallies += tallies
+            workers = [
+                threading.Thread(
+                    target=self._guarded,
+                    args=(Reader(guest, expected, tally, a.latency, race).check, pages))
+                for tally, pages in zip(tallies, plan, strict=True)
+            ]
+            if race is not None:
+                balloon_tallies.append(Tally(on_first_mismatch=self.write_report))
+                self.tallies.append(balloon_tallies[-1])
+                workers.append(threading.Thread(
+                    target=self._guarded,
+                    args=(self._balloon_cycle, guest, race, balloon_tallies[-1])))
+            for w in workers:
+                w.start()
+            if a.kvm and i == len(passes) - 1:  # main thread: kvm signals its vCPU from here
+                self._guarded(self._kvm, guest, expected)
+            for w in workers:
+                w.join()
+            ends[name] = time.monotonic()
+            if self.errors:
+                raise self.errors[0]
+            latencies[name] = [ns for t in tallies for ns in t.latencies_ns]
         self.report["touch_s"] = round(time.monotonic() - t0, 6)
-        if self.errors:
-            raise self.errors[0]
-        if a.balloon:
+        starts = [t.first_touch for t in self.tallies if t.first_touch is not None]
+        first = min(starts, default=t0)
+        if a.ws_fraction is not None:
+            self.report["ws_pages"] = sum(len(pages) for pages in passes[0][1])
+            self.report["ws_s"] = round(ends["ws"] - first, 6)
+            self.report["all_s"] = round(ends["all"] - first, 6)
+        if a.latency:
+            self.report["latency"] = {name: _summary(ns) for name, ns in latencies.items()}
+        if race is not None:
+            self.report["cycle_ends"] = [ends[name] for name, _ in passes]
+            self.report["balloon_ok"] = all(t.mismatches == 0 for t in balloon_tallies)
+        done = resource.getrusage(resource.RUSAGE_SELF)
+        self.report["rusage"] = {"minor_faults": done.ru_minflt - usage.ru_minflt,
+                                 "major_faults": done.ru_majflt - usage.ru_majflt}
+        if a.balloon and race is None:
             self._balloon(guest, expected)
 
     def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
@@ -306,7 +436,18 @@ class StandIn:
         except BaseException as e:
             self.errors.append(e)
 
-    def _plan(self, guest: Guest) -> list[list[int]]:
+    def _passes(self, guest: GuestMemory) -> list[tuple[str, Plan]]:
+        """The touch passes in order: ("ws", working set) then ("all", --touch pages) with
+        --ws-fraction; ("cycle1", ...) to ("cycleN", the same pages) with --balloon-cycles N;
+        otherwise one ("touch", --touch pages)."""
+        if self.args.balloon_cycles:
+            plan = self._plan(guest)
+            return [(f"cycle{i + 1}", plan) for i in range(self.args.balloon_cycles)]
+        if self.args.ws_fraction is None:
+            return [("touch", self._plan(guest))]
+        return [("ws", self._ws_plan(guest)), ("all", self._plan(guest))]
+
+    def _plan(self, guest: GuestMemory) -> Plan:
         """Memory-file offsets each faulting thread reads, in order."""
         a = self.args
         page = guest.page_size
@@ -319,10 +460,23 @@ class StandIn:
         offsets = [p * page for p in chosen]
         if a.shared_pages:
             return [offsets] * a.threads
-        return [offsets[i * len(offsets) // a.threads : (i + 1) * len(offsets) // a.threads]
-                for i in range(a.threads)]
+        return self._split(offsets)
 
-    def _kvm(self, guest: Guest, expected: mmap.mmap | None) -> None:
+    def _ws_plan(self, guest: GuestMemory) -> Plan:
+        """The working set: --ws-fraction of the pages, chosen by --seed alone (the same set
+        on every run of the same guest size), in random order, split over the threads."""
+        a = self.args
+        n = guest.size // guest.page_size
+        count = max(1, round(a.ws_fraction * n)) if a.ws_fraction > 0 else 0
+        chosen = random.Random(f"ws:{a.seed}").sample(range(n), count)
+        return self._split([p * guest.page_size for p in chosen])
+
+    def _split(self, offsets: list[int]) -> Plan:
+        """Contiguous shares of `offsets`, one per thread."""
+        n = self.args.threads
+        return [offsets[i * len(offsets) // n : (i + 1) * len(offsets) // n] for i in range(n)]
+
+    def _kvm(self, guest: GuestMemory, expected: mmap.mmap | None) -> None:
         """A vCPU reads each region, so the faults are kernel-mode ones (like Firecracker's)."""
         from fcsnap.testing.kvm import expected_checksum, guest_checksum
 
@@ -340,11 +494,20 @@ class StandIn:
         self.report["kvm"] = {"regions": results, "ok": ok,
                               "elapsed_s": round(time.monotonic() - t0, 6)}
 
-    def _balloon(self, guest: Guest, expected: mmap.mmap | None) -> None:
+    def _balloon_cycle(self, guest: GuestMemory, race: BalloonRace, tally: Tally) -> None:
+        """Inflate while the threads read: give the pages back one at a time, so that each
+        REMOVE event lands amid their faults; then deflate and touch them again: zeros."""
+        page = guest.page_size
+        for off in sorted(race.pages):
+            abi.madvise(guest.host(off), page, abi.MADV_DONTNEED)  # blocks until the server reads
+        race.inflated.set()
+        Reader(guest, None, tally).check(sorted(race.pages), want_zero=True)
+
+    def _balloon(self, guest: GuestMemory, expected: mmap.mmap | None) -> None:
         """Inflate: MADV_DONTNEED the ranges (UFFD_EVENT_REMOVE), then they must read zero
         while the rest of memory still reads as the file says."""
         page = guest.page_size
-        tally = Tally()
+        tally = Tally(on_first_mismatch=self.write_report)
         self.tallies.append(tally)
         ballooned: set[int] = set()
         for start, length in self.args.balloon:
@@ -357,6 +520,24 @@ class StandIn:
         step = max(1, len(others) // BALLOON_RECHECKS)
         reader.check(others[::step][:BALLOON_RECHECKS])
         self.report["balloon_ok"] = tally.mismatches == 0
+
+
+def _summary(latencies_ns: list[int]) -> dict[str, float | int]:
+    """Percentiles (microseconds) and stall counts of per-touch latencies."""
+    ns = sorted(latencies_ns)
+    if not ns:
+        return {"touches": 0}
+
+    def at(q: float) -> float:
+        return round(ns[min(len(ns) - 1, int(q * len(ns)))] / 1000, 1)
+
+    summary: dict[str, float | int] = {
+        "touches": len(ns), "p50_us": at(0.5), "p99_us": at(0.99), "p999_us": at(0.999),
+        "max_us": round(ns[-1] / 1000, 1),
+    }
+    for limit in LATENCY_STALLS_NS:
+        summary[f"over_{limit // 1_000_000}ms"] = len(ns) - bisect.bisect_right(ns, limit)
+    return summary
 
 
 def _open_expected(path: str | None) -> AbstractContextManager[mmap.mmap | None]:
@@ -389,7 +570,7 @@ def _size(text: str) -> int:
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"--touch {text}: must be between 0 and 1")
+        raise argparse.ArgumentTypeError(f"{text}: must be between 0 and 1")
     return value
 
 
@@ -398,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m fcsnap.testing.firecracker",
         description="Play Firecracker's side of a UFFD snapshot load against a page server.",
     )
-    p.add_argument("socket", help="the page server's Unix socket")
+    p.add_argument("socket", nargs="?", help="the page server's Unix socket")
     p.add_argument("--size", type=_size, help="guest memory bytes (default: --expected's size)")
     p.add_argument("--expected", help="memory file every page must read as")
     p.add_argument("--page-size", choices=PAGE_SIZES, default="4K",
@@ -411,9 +592,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--touch", type=_fraction, default=1.0, help="share of pages to read")
     p.add_argument("--shared-pages", action="store_true",
                    help="every thread reads the same pages in the same order")
+    p.add_argument("--ws-fraction", type=_fraction, metavar="F",
+                   help="first read a working set (F of the pages, random, fixed by --seed), "
+                   "then the --touch pages; reports ws_s and all_s")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--file-backend", metavar="FILE",
+                   help="no socket, no uffd: map FILE MAP_PRIVATE as guest memory "
+                   "(Firecracker's File memory backend)")
+    p.add_argument("--verify-bytes", action=argparse.BooleanOptionalAction, default=True,
+                   help="compare every page read with --expected (default: on)")
+    p.add_argument("--latency", action="store_true",
+                   help="time every touch; report percentiles and stalls per pass")
     p.add_argument("--balloon", type=_balloon_ranges,
                    help="START:LEN[,...] memory-file ranges to give back after the first pass")
+    p.add_argument("--balloon-cycles", type=int, default=0, metavar="N",
+                   help="run the touch pass N times, each racing a balloon thread that gives "
+                   "the --balloon pages back one at a time, then reads them (zeros)")
+    p.add_argument("--start-delay", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long after the handshake before touching memory")
     p.add_argument("--kvm", action="store_true", help="also read memory from a KVM vCPU")
     p.add_argument("--report", help="write a JSON report here")
     p.add_argument("--hold", type=float,
@@ -443,14 +639,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             args.misbehave = mode
     if args.hold is None:
         args.hold = 30.0 if args.misbehave else 0.0
-    if args.expected is not None:
-        file_size = os.path.getsize(args.expected)
+    if (args.socket is None) == (args.file_backend is None):
+        p.error("give either SOCKET or --file-backend")
+    if args.file_backend is not None and (
+        args.misbehave or args.late or args.balloon or args.page_size != 4096
+    ):
+        p.error("--file-backend takes no --misbehave, --balloon or --page-size 2M")
+    for option, path in (("--expected", args.expected), ("--file-backend", args.file_backend)):
+        if path is None:
+            continue
+        file_size = os.path.getsize(path)
         if args.size is None:
             args.size = file_size
         elif args.size > file_size:
-            p.error(f"--size {args.size} is larger than {args.expected} ({file_size} bytes)")
+            p.error(f"--size {args.size} is larger than {option} {path} ({file_size} bytes)")
     if args.size is None:
-        p.error("give --size or --expected")
+        p.error("give --size, --expected or --file-backend")
+    if args.balloon_cycles < 0 or (args.balloon_cycles and (
+        not args.balloon or args.kvm or args.ws_fraction is not None
+    )):
+        p.error("--balloon-cycles takes a count, needs --balloon, and no --kvm or --ws-fraction")
+    if args.start_delay < 0:
+        p.error("--start-delay must not be negative")
     if args.threads < 0 or (args.threads == 0 and not args.kvm):
         p.error("--threads must be at least 1 (or 0 with --kvm)")
     page = args.page_size
@@ -473,18 +683,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- driving it from tests and demos ---------------------------------------------------------
 
 
-def command(socket_path: str | os.PathLike[str], **options: Any) -> list[str]:
+def command(socket_path: str | os.PathLike[str] | None, **options: Any) -> list[str]:
     """The argv that runs the stand-in: options are the long flags with '_' for '-'
-    (True for switches, a list of (start, length) for balloon)."""
+    (True for switches, a list of (start, length) for balloon); no socket with file_backend."""
     known = {a.dest for a in build_parser()._actions}
-    argv = [sys.executable, "-m", "fcsnap.testing.firecracker", os.fspath(socket_path)]
+    argv = [sys.executable, "-m", "fcsnap.testing.firecracker"]
+    if socket_path is not None:
+        argv.append(os.fspath(socket_path))
     for name, value in options.items():
         if name not in known or name == "socket":
             raise TypeError(f"unknown stand-in option {name!r}")
         flag = "--" + name.replace("_", "-")
-        if value is None or value is False:
+        if value is None:
             continue
-        if value is True:
+        if name == "verify_bytes":  # on by default: say it either way
+            argv.append(flag if value else "--no-verify-bytes")
+        elif value is False:
+            continue
+        elif value is True:
             argv.append(flag)
         elif name == "balloon" and not isinstance(value, str):
             argv += [flag, ",".join(f"{s}:{n}" for s, n in value)]
@@ -494,7 +710,8 @@ def command(socket_path: str | os.PathLike[str], **options: Any) -> list[str]:
 
 
 def spawn(
-    socket_path: str | os.PathLike[str], popen: dict[str, Any] | None = None, **options: Any
+    socket_path: str | os.PathLike[str] | None, popen: dict[str, Any] | None = None,
+    **options: Any,
 ) -> subprocess.Popen[bytes]:
     """Start the stand-in as its own process (as Firecracker is); `popen` goes to Popen."""
     return subprocess.Popen(command(socket_path, **options), **(popen or {}))

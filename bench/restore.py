@@ -1,0 +1,655 @@
+"""Restore speed: how soon a restored guest has its working set, and all of its memory.
+
+One synthetic guest image (fcsnap.testing.memimage, 60% zero pages) is written as a Full memory
+file on the real disk and packed raw with `fcsnap pack`. Each mode then serves it to the
+Firecracker stand-in (fcsnap.testing.firecracker), a separate process whose threads first touch
+a fixed random working set (--ws-fraction of the pages, random order) and then every page
+(sequentially, each thread its own contiguous share). The stand-in starts touching right after
+the handshake and reports `ws_s` and `all_s`, both from its first touch:
+
+    (a)  fcsnap restore --fault-around 0            one page per fault
+    (b)  fcsnap restore --fault-around 64K|256K|1M  install the window around a fault
+    (c)  fcsnap restore --prefetch-ws WS            a build packed with --working-set WS (the
+                                                    pages a recording run faulted) first
+    (c2) the same plus --populate                   then every other page in the background
+    (d)  fcsnap restore --eager                     every page before serving any fault
+    (e)  the stand-in's --file-backend              Firecracker's File backend on the unpacked
+                                                    memory file, page cache warm and cold
+
+Every mode runs pinned (server and stand-in on CPU 0, `taskset -c 0`) and unpinned, --repeat
+times in rotation; the median counts. Timed runs skip the stand-in's byte compare; one
+correctness run per mode (unpinned, bytes compared, every touch timed) comes first. Last, an
+RSS check serves a 4 GiB guest (sparse image, two regions) with --cache-mb 64.
+
+    python bench/restore.py [--size 1G] [--workdir DIR] [--repeat 3] [--rss-size 4G] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fcsnap.testing import firecracker
+from fcsnap.testing.memimage import synthetic_memory, write_full, write_sparse_diff
+from fcsnap.units import parse_size
+from fcsnap.workingset import parse_working_set
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MiB = 1 << 20
+QUIET_BUSY = 0.10  # timed runs wait until the CPUs are at most this busy (other work)...
+QUIET_PATIENCE_S = 180.0  # ...for up to this long, then run anyway and record it
+HOLD_S = 1.0  # the stand-in stays alive this long after its report: the server's RSS is read then
+DEADLINE_S = 600.0  # a stand-in run that takes longer is stuck
+SEED = 1
+
+
+@dataclass(frozen=True)
+class Mode:
+    key: str
+    label: str
+    restore: tuple[str, ...] = ()  # fcsnap restore flags
+    prefetch: bool = False  # --prefetch-ws the recorded working set, from the ws-first build
+    file_backend: bool = False  # no server: the stand-in maps the unpacked memory file
+    cold: bool = False  # drop the page cache first
+    old_default: bool = False  # `restore` flags spell the old default: leave out if missing
+
+
+MODES = [
+    Mode("a", "(a) one page per fault", ("--fault-around", "0"), old_default=True),
+    Mode("b64K", "(b) fault-around 64K", ("--fault-around", "64K")),
+    Mode("b256K", "(b) fault-around 256K", ("--fault-around", "256K")),
+    Mode("b1M", "(b) fault-around 1M", ("--fault-around", "1M")),
+    Mode("c", "(c) ws prefetch, fault-around 256K", ("--fault-around", "256K"), prefetch=True),
+    Mode("c2", "(c2) ws prefetch + populate", ("--fault-around", "256K", "--populate"),
+         prefetch=True),
+    Mode("d", "(d) eager", ("--eager",)),
+    Mode("e-warm", "(e) File backend, cache warm", file_backend=True),
+    Mode("e-cold", "(e) File backend, cache cold", file_backend=True, cold=True),
+]
+
+
+@dataclass
+class Setup:
+    """The files every run uses."""
+
+    work: Path
+    memfile: Path  # Full memory file
+    unpacked: Path  # `fcsnap unpack` of the build: the File backend's memory file
+    build: Path
+    size: int
+    data_share: float  # of pages non-zero
+    threads: int
+    ws_fraction: float
+    ws_file: Path | None = None  # recorded working set
+    ws_build: Path | None = None  # packed with --working-set
+    restore_flags: set[str] = field(default_factory=set)
+
+    @property
+    def warm_files(self) -> list[Path]:
+        builds = [b for b in (self.build, self.ws_build) if b is not None]
+        return [self.unpacked, *(f for b in builds for f in b.iterdir() if f.is_file())]
+
+
+@dataclass
+class Run:
+    """One stand-in run and, for uffd modes, what the server said about it."""
+
+    ws_s: float
+    all_s: float
+    minor_faults: int
+    faults: int | None = None
+    installs: int | None = None
+    pages_served: int | None = None
+    prefetched_pages: int | None = None
+    populated_pages: int | None = None
+    retries: int | None = None
+    server_duration_s: float | None = None
+    hwm_mib: float | None = None  # server VmHWM just before the VM exits
+    anon_mib: float | None = None  # server RssAnon then
+    file_mib: float | None = None  # server RssFile then (mapped diff file pages)
+    latency: dict[str, Any] | None = None
+    busy_before: float | None = None  # CPU busy share just before the run (other work)
+
+    @property
+    def faults_per_s(self) -> float | None:
+        """Faults over the window they happen in: the guest's first touch to its last."""
+        return None if self.faults is None else self.faults / self.all_s
+
+
+@dataclass
+class Result:
+    mode: Mode
+    pinned: bool
+    runs: list[Run] = field(default_factory=list)
+    skipped: str | None = None
+
+    def median(self, name: str) -> float | None:
+        values = [getattr(r, name) for r in self.runs]
+        if not values or values[0] is None:
+            return None
+        return statistics.median(values)
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+def fcsnap(*args: str) -> str:
+    """Run the fcsnap CLI; its stdout."""
+    done = subprocess.run([sys.executable, "-m", "fcsnap", *args], capture_output=True,
+                          text=True)
+    if done.returncode:
+        raise RuntimeError(f"fcsnap {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def pack(memfile: Path, store: Path, *options: str) -> Path:
+    out = json.loads(fcsnap("pack", str(memfile), "--store", str(store), "--json", *options))
+    return Path(out["path"]).resolve()
+
+
+def flags_of(command: str) -> set[str]:
+    """The long options `fcsnap COMMAND --help` lists."""
+    env = {**os.environ, "COLUMNS": "200", "TERM": "dumb", "NO_COLOR": "1"}
+    text = subprocess.run([sys.executable, "-m", "fcsnap", command, "--help"],
+                          capture_output=True, text=True, env=env).stdout
+    return {word.strip("│,[]") for word in text.split() if word.startswith("--")}
+
+
+def memory_status(pid: int) -> dict[str, float]:
+    """VmHWM, RssAnon and RssFile of a process, in MiB."""
+    status = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "RssAnon", "RssFile"):
+            status[key] = int(value.split()[0]) / 1024
+    return status
+
+
+def busy_share(interval: float = 0.5) -> float:
+    """The share of all CPUs' time spent busy over the next `interval` seconds."""
+
+    def sample() -> tuple[int, int]:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, total
+
+    idle0, total0 = sample()
+    time.sleep(interval)
+    idle1, total1 = sample()
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_until_quiet() -> float:
+    """Wait until nothing else keeps the CPUs busy (the machine may be shared), up to
+    QUIET_PATIENCE_S; the busy share seen last."""
+    deadline = time.monotonic() + QUIET_PATIENCE_S
+    while (busy := busy_share()) > QUIET_BUSY and time.monotonic() < deadline:
+        time.sleep(2)
+    return busy
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def warm(paths: list[Path]) -> None:
+    """Read files into the page cache (holes too: reading them caches zero pages)."""
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(16 * MiB):
+                pass
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def wait_for_socket(path: Path, server: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"fcsnap restore did not listen (exit {server.poll()})")
+        time.sleep(0.005)
+
+
+def serve(
+    work: Path, build: Path, restore: list[str], standin: dict[str, Any], pinned: bool
+) -> Run:
+    """One restore server and one stand-in; the stand-in holds at the end while we read the
+    server's memory, then both must exit 0."""
+    prefix = ["taskset", "-c", "0"] if pinned else []
+    sock, stats, report = work / "uffd.sock", work / "stats.json", work / "vm.json"
+    for path in (stats, report):
+        path.unlink(missing_ok=True)
+    with open(work / "server.log", "wb") as log:
+        server = subprocess.Popen(
+            [*prefix, sys.executable, "-m", "fcsnap", "restore", "--vm", str(build),
+             "--socket", str(sock), "--stats", str(stats), "--quiet", *restore],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+        )
+    vm: subprocess.Popen[bytes] | None = None
+    try:
+        wait_for_socket(sock, server)
+        vm = subprocess.Popen([*prefix, *firecracker.command(
+            sock, report=report, hold=HOLD_S, deadline=DEADLINE_S, **standin)])
+        while vm.poll() is None and not report.exists():
+            time.sleep(0.005)
+        memory = memory_status(server.pid) if server.poll() is None else {}
+        vm_status, server_status = vm.wait(), server.wait(timeout=60)
+    finally:
+        for proc in (vm, server):
+            if proc is not None:
+                stop(proc)
+    log = (work / "server.log").read_text().strip()
+    if vm_status or server_status:
+        raise RuntimeError(f"stand-in exit {vm_status}, server exit {server_status}: {log}")
+    r, s = firecracker.read_report(report), json.loads(stats.read_text())
+    return Run(
+        ws_s=r.get("ws_s", r["touch_s"]), all_s=r.get("all_s", r["touch_s"]),
+        minor_faults=r["rusage"]["minor_faults"], faults=s["faults"], installs=s.get("installs"),
+        pages_served=s["pages_served"], prefetched_pages=s.get("prefetched_pages"),
+        populated_pages=s.get("populated_pages"), retries=s["retries"],
+        server_duration_s=s["duration_s"], hwm_mib=memory.get("VmHWM"),
+        anon_mib=memory.get("RssAnon"), file_mib=memory.get("RssFile"),
+        latency=r.get("latency"),
+    )
+
+
+def run_file_backend(setup: Setup, standin: dict[str, Any], pinned: bool) -> Run:
+    """The stand-in alone, on Firecracker's File backend."""
+    prefix = ["taskset", "-c", "0"] if pinned else []
+    report = setup.work / "vm.json"
+    report.unlink(missing_ok=True)
+    argv = [*prefix, *firecracker.command(None, file_backend=setup.unpacked, report=report,
+                                          deadline=DEADLINE_S, **standin)]
+    status = subprocess.run(argv).returncode
+    if status:
+        raise RuntimeError(f"stand-in exit {status}")
+    r = firecracker.read_report(report)
+    return Run(ws_s=r["ws_s"], all_s=r["all_s"], minor_faults=r["rusage"]["minor_faults"],
+               latency=r.get("latency"))
+
+
+def restore_args(setup: Setup, mode: Mode) -> list[str] | str:
+    """The restore flags of a mode, or why it cannot run."""
+    args = list(mode.restore)
+    if mode.prefetch:
+        if setup.ws_build is None or setup.ws_file is None:
+            return "no working-set build (pack --working-set or restore --record-ws missing)"
+        args += ["--prefetch-ws", str(setup.ws_file)]
+    missing = {a for a in args if a.startswith("--")} - setup.restore_flags
+    if missing and mode.old_default:
+        return []
+    if missing:
+        return f"fcsnap restore lacks {', '.join(sorted(missing))}"
+    return args
+
+
+def run_mode(setup: Setup, mode: Mode, pinned: bool, check: bool) -> Run:
+    """One run of a mode: timed (no byte compare), or a correctness run (`check`: every byte
+    compared with the memory file, every touch timed)."""
+    standin: dict[str, Any] = {
+        "threads": setup.threads, "ws_fraction": setup.ws_fraction, "seed": SEED,
+        "size": setup.size,
+    }
+    if check:
+        standin.update(expected=setup.memfile, latency=True)
+    else:
+        standin.update(verify_bytes=False)
+    if mode.cold:
+        drop_caches()
+    else:
+        warm(setup.warm_files)
+    if mode.file_backend:
+        return run_file_backend(setup, standin, pinned)
+    args = restore_args(setup, mode)
+    assert isinstance(args, list)
+    build = setup.ws_build if mode.prefetch else setup.build
+    assert build is not None
+    return serve(setup.work, build, args, standin, pinned)
+
+
+# -- setup -----------------------------------------------------------------------------------
+
+
+def prepare(work: Path, size: int, threads: int, ws_fraction: float) -> Setup:
+    """The memory file, its build and unpacked copy, then (if the server and pack can) the
+    recorded working set and the build laid out with it first."""
+    memfile, store = work / "mem.raw", work / "store"
+    mem = synthetic_memory(size, seed=0)
+    write_full(memfile, mem)
+    data_share = float(mem.any(axis=1).mean())
+    del mem
+    build = pack(memfile, store)
+    unpacked = work / "unpacked.mem"
+    fcsnap("unpack", str(build), "-o", str(unpacked), "--quiet")
+    setup = Setup(work, memfile, unpacked, build, size, data_share, threads, ws_fraction,
+                  restore_flags=flags_of("restore"))
+    if {"--record-ws", "--fault-around"} <= setup.restore_flags:
+        ws_file = work / "ws.bin"
+        # The recording run touches the working set only, one page per fault, so the file
+        # holds exactly the pages the guest faulted.
+        serve(work, build, ["--fault-around", "0", "--record-ws", str(ws_file)],
+              {"threads": threads, "ws_fraction": ws_fraction, "seed": SEED, "touch": 0,
+               "size": size, "verify_bytes": False}, pinned=False)
+        setup.ws_file = ws_file
+        if "--working-set" in flags_of("pack"):
+            setup.ws_build = pack(memfile, store, "--working-set", str(ws_file))
+    return setup
+
+
+def working_set_pages(path: Path | None) -> int | None:
+    return None if path is None else len(parse_working_set(path.read_bytes())[1])
+
+
+def rss_check(work: Path, size: int, threads: int, restore_flags: set[str]) -> list[dict]:
+    """Serve a big sparse guest (two regions) with --cache-mb 64, raw and zstd; peak RSS."""
+    image, store = work / "big.mem", work / "big-store"
+    mem = synthetic_memory(size, seed=2)
+    write_sparse_diff(image, mem, np.flatnonzero(mem.any(axis=1)))  # zero pages are holes
+    data_share = float(mem.any(axis=1).mean())
+    del mem
+    fault_around = ["--fault-around", "256K"] if "--fault-around" in restore_flags else []
+    rows = []
+    for compress in ("none", "zstd"):
+        build = pack(image, store, "--compress", compress)
+        warm([f for f in build.iterdir() if f.is_file()])
+        run = serve(work, build, ["--cache-mb", "64", *fault_around],
+                    {"threads": threads, "regions": 2, "size": size, "verify_bytes": False},
+                    pinned=False)
+        rows.append({"compress": compress, "size": size, "data_share": data_share,
+                     "cache_mb": 64, "target_mib": 100 + 64, **asdict(run),
+                     "met": run.hwm_mib is not None and run.hwm_mib < 100 + 64})
+        shutil.rmtree(build)
+    image.unlink()
+    return rows
+
+
+# -- reporting -------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, object]:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+        platform.processor(),
+    )
+    memory_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory_kib / (1 << 20), 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def filesystem(path: Path) -> str:
+    out = subprocess.run(
+        ["df", "--output=source,fstype", str(path)], capture_output=True, text=True
+    ).stdout.splitlines()[1]
+    return " ".join(out.split())
+
+
+def ratios(results: list[Result]) -> list[dict[str, object]]:
+    """Speed-ups against (a), pinned and unpinned."""
+    by = {(r.mode.key, r.pinned): r for r in results}
+
+    def ratio(key: str, pinned: bool, metric: str) -> float | None:
+        base, other = by.get(("a", pinned)), by.get((key, pinned))
+        if base is None or other is None or not other.runs or not base.runs:
+            return None
+        return round(base.median(metric) / other.median(metric), 2)
+
+    checks = [(f"(a) / {k[1:]} fault-around: time to all", k, "all_s", 2.0)
+              for k in ("b64K", "b256K", "b1M")]
+    checks += [("(a) / (c) ws prefetch: time to ws", "c", "ws_s", 3.0),
+               ("(a) / (c2) ws prefetch + populate: time to ws", "c2", "ws_s", 3.0),
+               ("(a) / (c2) ws prefetch + populate: time to all", "c2", "all_s", None),
+               ("(a) / (d) eager: time to all", "d", "all_s", None),
+               ("(a) / (e) File backend warm: time to all", "e-warm", "all_s", None)]
+    rows = []
+    for name, key, metric, target in checks:
+        pinned, unpinned = ratio(key, True, metric), ratio(key, False, metric)
+        met = None if target is None or pinned is None or unpinned is None else (
+            pinned >= target and unpinned >= target)
+        rows.append({"ratio": name, "pinned": pinned, "unpinned": unpinned,
+                     "target": None if target is None else f">= {target:g}x", "met": met})
+    return rows
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(info: dict[str, Any], results: list[Result], checks: list[dict[str, object]],
+             checks_runs: dict[str, Run], rss: list[dict]) -> str:
+    m = info["machine"]
+    lines = [
+        "# fcsnap restore speed",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, "
+        f"Python {m['python']}. Files in {info['workdir']} on {info['filesystem']}.",
+        "",
+        f"Guest: {info['size'] / (1 << 30):g} GiB synthetic_memory (seed 0), "
+        f"{info['data_share']:.1%} of its pages non-zero, packed raw (`fcsnap pack`). Stand-in: "
+        f"{info['threads']} threads touch a working set of {info['ws_fraction']:.0%} of the pages "
+        f"({info['ws_pages']} pages, random, fixed seed) in random order, then every page "
+        "(each thread a contiguous share, in order). Times are from the guest's first touch "
+        "(right after the handshake) to the end of each pass. "
+        + (f"The working set for (c) was recorded by a run with `--record-ws --fault-around 0` "
+           f"touching the working set only ({info['ws_recorded_pages']} pages recorded); the "
+           "(c) build is `fcsnap pack --working-set` of the same memory file."
+           if info["ws_build"] else "No working-set build could be made: (c) skipped."),
+        "",
+        f"Median of {info['repeat']} runs (modes in rotation); pinned = server and stand-in "
+        "both `taskset -c 0`. uffd modes read a page-cache-warm build; (e) cold drops the page "
+        "cache first. Faults/s = the server's faults over the guest's touch window (first "
+        "touch to last page); installs = UFFDIO_COPY/ZEROPAGE calls that installed pages. "
+        f"Server RSS read from /proc while the stand-in holds after its last touch: VmHWM "
+        "(peak, includes mapped diff file pages) and RssAnon then. No byte compare in timed "
+        "runs; a correctness run per mode (below) compared every byte. The machine may be "
+        f"shared: each timed run waited for the CPUs to be under {QUIET_BUSY:.0%} busy (up to "
+        f"{QUIET_PATIENCE_S:.0f} s); the busiest 0.5 s seen before a run was "
+        f"{info['busy_before_max']:.0%}.",
+        "",
+        "| Mode | CPUs | Time to ws s | Time to all s | Faults | Faults/s | Installs "
+        "| Server VmHWM MiB | RssAnon MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        cpus = "CPU 0" if r.pinned else "both"
+        if r.skipped:
+            lines.append(f"| {r.mode.label} | {cpus} | skipped: {r.skipped} | | | | | | |")
+            continue
+        faults = r.median("faults")
+        lines.append(
+            f"| {r.mode.label} | {cpus} | {r.median('ws_s'):.3f} | {r.median('all_s'):.3f} | "
+            f"{fmt(faults, '.0f')} | {fmt(r.median('faults_per_s'), ',.0f')} | "
+            f"{fmt(r.median('installs'), '.0f')} | {fmt(r.median('hwm_mib'), '.0f')} | "
+            f"{fmt(r.median('anon_mib'), '.0f')} |"
+        )
+    lines += ["", "| Speed-up (x) | Pinned | Unpinned | Target | Met |",
+              "|---|---:|---:|---|---|"]
+    for c in checks:
+        met = {None: "-", True: "yes", False: "NO"}[c["met"]]
+        lines.append(f"| {c['ratio']} | {fmt(c['pinned'], '.2f')} | "
+                     f"{fmt(c['unpinned'], '.2f')} | {c['target'] or '-'} | {met} |")
+    lines += [
+        "",
+        "Correctness runs (unpinned; every byte read compared with the memory file - a "
+        "mismatch aborts the benchmark - and every touch timed: the latency of one 4 KiB read, "
+        "its fault included):",
+        "",
+        "| Mode | ws p50 µs | ws p99 µs | ws max ms | all p99 µs | all max ms "
+        "| Touches > 10 ms | Retries |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, run in checks_runs.items():
+        lat = run.latency or {}
+        ws, every = lat.get("ws", {}), lat.get("all", {})
+        stalls = ws.get("over_10ms", 0) + every.get("over_10ms", 0)
+        label = next(mo.label for mo in MODES if mo.key == key)
+        lines.append(
+            f"| {label} | {fmt(ws.get('p50_us'), '.1f')} | {fmt(ws.get('p99_us'), '.0f')} | "
+            f"{fmt(ws.get('max_us', 0) / 1000, '.1f')} | {fmt(every.get('p99_us'), '.0f')} | "
+            f"{fmt(every.get('max_us', 0) / 1000, '.1f')} | {stalls} | {fmt(run.retries, 'd')} |"
+        )
+    if rss:
+        lines += [
+            "",
+            "RSS check: a sparse guest served with `--cache-mb 64` (fault-around 256K, "
+            f"{info['threads']} threads touching every page, two regions), unpinned. "
+            "Target: VmHWM < 100 MiB + cache budget.",
+            "",
+            "| Guest | Build | Touch all s | Server VmHWM MiB | RssAnon MiB | RssFile MiB "
+            "| Target MiB | Met |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for row in rss:
+            lines.append(
+                f"| {row['size'] / (1 << 30):g} GiB, {row['data_share']:.0%} data | "
+                f"{row['compress']} | {row['all_s']:.2f} | {fmt(row['hwm_mib'], '.0f')} | "
+                f"{fmt(row['anon_mib'], '.0f')} | {fmt(row['file_mib'], '.0f')} | "
+                f"{row['target_mib']} | {'yes' if row['met'] else 'NO'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: list[Result], path: Path, title: str) -> None:
+    """Grouped bars: time to ws and time to all per mode, pinned and unpinned (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in MODES if any(r.mode == m and r.runs for r in results)]
+    by = {(r.mode.key, r.pinned): r for r in results}
+    series = [("ws", True, "#9ecae1", "time to ws, pinned"),
+              ("all", True, "#2171b5", "time to all, pinned"),
+              ("ws", False, "#fdae6b", "time to ws, unpinned"),
+              ("all", False, "#d94801", "time to all, unpinned")]
+    fig, ax = plt.subplots(figsize=(12, 5.5))
+    width = 0.2
+    for i, (metric, pinned, color, label) in enumerate(series):
+        values = [by[m.key, pinned].median(f"{metric}_s") or 0 for m in modes]
+        xs = [x + (i - 1.5) * width for x in range(len(modes))]
+        ax.bar(xs, values, width, color=color, label=label)
+    ax.set_xticks(range(len(modes)))
+    ax.set_xticklabels([m.label.replace(", ", ",\n") for m in modes], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds (median, log scale)")
+    ax.set_title(title)
+    ax.grid(axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="1G", help="guest memory size (default 1G)")
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
+                        help="where to put the files: a real disk, not tmpfs (default /var/tmp)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per mode (median)")
+    parser.add_argument("--threads", type=int, default=4, help="stand-in touching threads")
+    parser.add_argument("--ws-fraction", type=float, default=0.1, help="working-set share")
+    parser.add_argument("--modes", help="comma-separated mode keys (default: all): "
+                        + ",".join(m.key for m in MODES))
+    parser.add_argument("--rss-size", default="4G", help="guest of the RSS check (0: skip)")
+    parser.add_argument("--keep", action="store_true", help="keep the generated files")
+    args = parser.parse_args()
+    size, rss_size = parse_size(args.size), parse_size(args.rss_size)
+    modes = MODES if not args.modes else [m for m in MODES if m.key in args.modes.split(",")]
+    if os.geteuid() != 0:
+        modes = [m for m in modes if not m.cold]  # dropping the page cache needs root
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="fcsnap-restore-bench-", dir=args.workdir))
+    try:
+        print(f"writing and packing a {args.size} guest in {work}", file=sys.stderr)
+        setup = prepare(work, size, args.threads, args.ws_fraction)
+        skipped = {m.key: restore_args(setup, m) for m in modes if not m.file_backend}
+        runnable = [m for m in modes if not isinstance(skipped.get(m.key), str)]
+        results = [Result(m, pinned) for pinned in (True, False) for m in modes]
+        for r in results:
+            reason = skipped.get(r.mode.key)
+            r.skipped = reason if isinstance(reason, str) else None
+        checks_runs = {}
+        for mode in runnable:
+            print(f"correctness: {mode.label}", file=sys.stderr)
+            checks_runs[mode.key] = run_mode(setup, mode, pinned=False, check=True)
+        for i in range(args.repeat):
+            for r in results:
+                if r.skipped:
+                    continue
+                print(f"run {i + 1}/{args.repeat}: {r.mode.label}, "
+                      f"{'pinned' if r.pinned else 'unpinned'}", file=sys.stderr)
+                busy = wait_until_quiet()
+                run = run_mode(setup, r.mode, r.pinned, check=False)
+                run.busy_before = round(busy, 3)
+                r.runs.append(run)
+        rss = []
+        if rss_size:
+            print(f"RSS check: {args.rss_size} guest", file=sys.stderr)
+            rss = rss_check(work, rss_size, args.threads, setup.restore_flags)
+        info = {
+            "machine": machine(),
+            "size": size,
+            "data_share": setup.data_share,
+            "workdir": str(work),
+            "filesystem": filesystem(work),
+            "repeat": args.repeat,
+            "threads": args.threads,
+            "ws_fraction": args.ws_fraction,
+            "ws_pages": round(args.ws_fraction * size / 4096),
+            "ws_recorded_pages": working_set_pages(setup.ws_file),
+            "ws_build": None if setup.ws_build is None else str(setup.ws_build),
+            "busy_before_max": max((run.busy_before or 0 for r in results for run in r.runs),
+                                   default=None),
+        }
+        checks = ratios(results)
+        text = markdown(info, results, checks, checks_runs, rss)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "restore.md").write_text(text)
+        chart(results, RESULTS / "restore.png",
+              f"fcsnap restore, {args.size} guest, {args.threads} threads, "
+              f"{args.ws_fraction:.0%} working set ({info['machine']['cores']} cores)")
+        rows = [
+            {"mode": r.mode.key, "label": r.mode.label, "pinned": r.pinned,
+             "skipped": r.skipped,
+             "median": {k: r.median(k) for k in ("ws_s", "all_s", "faults", "faults_per_s",
+                                                 "installs", "hwm_mib", "anon_mib")},
+             "runs": [{**asdict(run), "faults_per_s": run.faults_per_s} for run in r.runs]}
+            for r in results
+        ]
+        correctness = {k: asdict(v) for k, v in checks_runs.items()}
+        (RESULTS / "restore.json").write_text(json.dumps(
+            {**info, "results": rows, "ratios": checks, "correctness": correctness,
+             "rss_check": rss}, indent=2) + "\n")
+        print(text)
+    finally:
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
