@@ -60,9 +60,10 @@ def print_json(data: Any) -> None:
 
 
 def _header_arg(arg: str, store: Path | None) -> tuple[Path, Path | None]:
-    """Resolve BUILD|HEADER to a header file and the store around it (if any)."""
+    """Resolve BUILD|HEADER to a header file and the store around it (if any). A path that
+    exists and is not a directory is a header file, whatever else it is: reading it says."""
     path = Path(arg)
-    if path.is_file():
+    if path.exists() and not path.is_dir():
         return path, path.parent.parent if path.name == HEADER else None
     build = resolve_build(arg, store)
     return build / HEADER, build.parent
@@ -394,9 +395,12 @@ def restore(
             print(f"fcsnap: Firecracker loaded the snapshot (HTTP {response.status})",
                   file=sys.stderr, flush=True)
 
-    def send_load() -> None:
-        assert load is not None
-        load.start(server.fail, loaded)  # in the background: Firecracker answers after accept
+    def listening() -> None:
+        # Announced only now: a socket that cannot be created is then the one line on stderr.
+        if not quiet:
+            print(f"fcsnap: serving {build_dir.name} on {socket_path}", file=sys.stderr, flush=True)
+        if load is not None:
+            load.start(server.fail, loaded)  # in the background: Firecracker answers after accept
 
     options = ServeOptions(
         socket=socket_path,
@@ -409,11 +413,9 @@ def restore(
         prefetch_ws=prefetch_ws,
         populate=populate,
         eager=eager,
-        on_listening=None if load is None else send_load,
+        on_listening=listening,
     )
     server = FaultServer(build_dir, options)
-    if not quiet:
-        print(f"fcsnap: serving {build_dir.name} on {socket_path}", file=sys.stderr, flush=True)
     status = server.run()
     if not quiet:
         s = server.stats

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fcsnap.errors import FcsnapError
+from fcsnap.files import read_regular
 
 MAGIC = b"FCWS"
 VERSION = 1
@@ -41,9 +42,13 @@ def parse_working_set(data: bytes, source: str = "working set") -> tuple[int, np
         raise FcsnapError(
             f"{source}: says {count} pages but holds {len(data) - HEAD.size} bytes of offsets"
         )
-    offsets = np.frombuffer(data, dtype="<u8", offset=HEAD.size).astype(np.int64)
-    if size % PAGE or (count and (offsets.max() >= size or (offsets % PAGE).any())):
+    if size % PAGE or size >= 1 << 63:
+        raise FcsnapError(f"{source}: memory size {size:#x} is not a page multiple below 2**63")
+    # Checked as stored (u64) before the int64 conversion, which would wrap large ones negative.
+    stored = np.frombuffer(data, dtype="<u8", offset=HEAD.size)
+    if count and (stored.max() >= size or (stored % PAGE).any()):
         raise FcsnapError(f"{source}: offsets not page-aligned or beyond {size:#x} bytes")
+    offsets = stored.astype(np.int64)
     if len(np.unique(offsets)) != count:
         raise FcsnapError(f"{source}: a page is listed twice")
     return size, offsets
@@ -51,11 +56,7 @@ def parse_working_set(data: bytes, source: str = "working set") -> tuple[int, np
 
 def read_working_set(path: Path, size: int) -> np.ndarray:
     """The offsets of a working-set file recorded for guest memory of `size` bytes."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise FcsnapError(f"cannot read working set {path}: {e.strerror or e}") from e
-    recorded, offsets = parse_working_set(data, str(path))
+    recorded, offsets = parse_working_set(read_regular(path, "working set"), str(path))
     if recorded != size:
         raise FcsnapError(
             f"{path}: recorded for {recorded} bytes of guest memory, this build has {size}"

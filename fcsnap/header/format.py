@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fcsnap.errors import FcsnapError
+from fcsnap.files import read_regular
 
 NIL = uuid.UUID(int=0)
 PAGE = 4096
@@ -178,12 +179,8 @@ def dump_header(header: Header) -> bytes:
 
 
 def load_header(path: str | os.PathLike[str]) -> Header:
-    """Read a header file; a directory means its memfile.header."""
+    """Read a header file; a directory means its memfile.header (unless it is one itself)."""
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() and p.name != "memfile.header":
         p = p / "memfile.header"
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise FcsnapError(f"cannot read header {p}: {e.strerror or e}") from e
-    return parse_header(data, str(p))
+    return parse_header(read_regular(p, "header"), str(p))

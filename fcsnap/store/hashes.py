@@ -13,6 +13,7 @@ import numpy as np
 import xxhash
 
 from fcsnap.errors import FcsnapError
+from fcsnap.files import read_regular
 from fcsnap.header.format import BLOCK_SIZES
 
 MAGIC = b"FCSH"
@@ -57,8 +58,4 @@ def parse_hashes(data: bytes, source: str = "memfile.hashes") -> tuple[int, np.n
 
 
 def read_hashes(path: Path) -> tuple[int, np.ndarray]:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise FcsnapError(f"cannot read {path}: {e.strerror or e}") from e
-    return parse_hashes(data, str(path))
+    return parse_hashes(read_regular(path, "hash sidecar"), str(path))

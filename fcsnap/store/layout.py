@@ -86,13 +86,19 @@ def staged_build(store: Path, build_id: uuid.UUID) -> Iterator[Path]:
     On any exception (including KeyboardInterrupt) the staging directory is removed. A process
     killed outright leaves only a hidden `.staging-*` directory, never a visible build.
     """
-    store.mkdir(parents=True, exist_ok=True)
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise FcsnapError(f"store {store} is not a directory") from None
     remove_stale_staging(store)
     final = build_path(store, build_id)
     if final.exists():
         raise FcsnapError(f"build {build_id} already exists in {store}")
     staging = store / f"{STAGING_PREFIX}{os.getpid()}-{build_id}"
-    staging.mkdir()
+    try:
+        staging.mkdir()
+    except OSError as e:  # named after the store: the staging name means nothing to the user
+        raise FcsnapError(f"cannot write to store {store}: {e.strerror or e}") from e
     try:
         yield staging
         for child in staging.iterdir():
@@ -137,6 +143,8 @@ def set_vm_pointer(store: Path, name: str, build_id: uuid.UUID) -> None:
             os.fsync(f.fileno())
         os.rename(tmp, vms / name)
         fsync_path(vms)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise FcsnapError(f"cannot point {vms / name} at {build_id}: {e.strerror or e}") from e
         raise

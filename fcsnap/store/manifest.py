@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fcsnap.errors import FcsnapError
+from fcsnap.files import read_regular
 from fcsnap.header.format import BLOCK_SIZES
 from fcsnap.store.layout import MANIFEST
 
@@ -55,14 +56,21 @@ def _uuid(value: Any, key: str, source: str, optional: bool = False) -> uuid.UUI
     try:
         return uuid.UUID(value)
     except (TypeError, ValueError, AttributeError):
-        raise FcsnapError(f"{source}: {key} is not a UUID: {value!r}") from None
+        raise FcsnapError(f"{source}: {key} is not a UUID: {value!r:.80}") from None
 
 
 def _int(value: Any, key: str, source: str, optional: bool = False) -> int | None:
+    """Sizes, counts and the generation are u64 in the header; build.json holds no others."""
     if value is None and optional:
         return None
-    if type(value) is not int or value < 0:
-        raise FcsnapError(f"{source}: {key} is not a non-negative integer: {value!r}")
+    if type(value) is not int or not 0 <= value < 1 << 64:
+        raise FcsnapError(f"{source}: {key} is not an unsigned 64-bit integer: {value!r:.80}")
+    return value
+
+
+def _str(value: Any, key: str, source: str) -> str:
+    if not isinstance(value, str):
+        raise FcsnapError(f"{source}: {key} is not a string: {value!r:.80}")
     return value
 
 
@@ -72,6 +80,8 @@ def parse_manifest(data: bytes, source: str = MANIFEST) -> Manifest:
         raw = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise FcsnapError(f"{source}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise FcsnapError(f"{source}: not a manifest (JSON nested too deeply)") from None
     if not isinstance(raw, dict):
         raise FcsnapError(f"{source}: expected a JSON object")
     for key in ("build_id", "generation", "base_build_id", "block_size", "size", "compression"):
@@ -81,8 +91,11 @@ def parse_manifest(data: bytes, source: str = MANIFEST) -> Manifest:
     if block_size not in BLOCK_SIZES:
         raise FcsnapError(f"{source}: block_size {block_size} is neither 4 KiB nor 2 MiB")
     if raw["compression"] not in COMPRESSIONS:
-        raise FcsnapError(f"{source}: unknown compression {raw['compression']!r}")
-    stats_raw = raw.get("stats") or {}
+        raise FcsnapError(f"{source}: unknown compression {raw['compression']!r:.80}")
+    size = _int(raw["size"], "size", source)
+    if not size or size % block_size:
+        raise FcsnapError(f"{source}: size {size} is not a positive multiple of {block_size}")
+    stats_raw = raw.get("stats", {})
     if not isinstance(stats_raw, dict):
         raise FcsnapError(f"{source}: stats is not an object")
     stats = Stats(
@@ -101,12 +114,12 @@ def parse_manifest(data: bytes, source: str = MANIFEST) -> Manifest:
         generation=generation,
         base_build_id=_uuid(raw["base_build_id"], "base_build_id", source),
         block_size=block_size,
-        size=_int(raw["size"], "size", source),
+        size=size,
         compression=raw["compression"],
         frame_size=frame_size,
-        created_at=str(raw.get("created_at", "")),
-        fcsnap_version=str(raw.get("fcsnap_version", "")),
-        source=str(raw.get("source", "")),
+        created_at=_str(raw.get("created_at", ""), "created_at", source),
+        fcsnap_version=_str(raw.get("fcsnap_version", ""), "fcsnap_version", source),
+        source=_str(raw.get("source", ""), "source", source),
         stats=stats,
         compression_level=_int(
             raw.get("compression_level"), "compression_level", source, optional=True
@@ -116,11 +129,7 @@ def parse_manifest(data: bytes, source: str = MANIFEST) -> Manifest:
 
 def read_manifest(build_dir: Path) -> Manifest:
     path = build_dir / MANIFEST
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise FcsnapError(f"cannot read {path}: {e.strerror or e}") from e
-    return parse_manifest(data, str(path))
+    return parse_manifest(read_regular(path, "manifest"), str(path))
 
 
 def write_manifest(build_dir: Path, manifest: Manifest) -> None:

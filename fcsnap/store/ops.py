@@ -126,7 +126,10 @@ def unpack(build_dir: Path, output: Path, force: bool = False, progress: Progres
     written = 0
     with GenerationReader(build_dir) as reader:
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except OSError as e:  # named after the output: the temporary name means nothing
+                raise FcsnapError(f"cannot create {output}: {e.strerror or e}") from e
             try:
                 os.ftruncate(fd, reader.size)
                 for m in reader.header.mappings:
@@ -186,7 +189,11 @@ def verify_build_data(build_dir: Path, block_size: int, mapped_end: int, progres
     manifest = read_manifest(build_dir)
     if manifest.block_size != block_size:
         raise FcsnapError(f"build {name}: block size {manifest.block_size}, expected {block_size}")
-    _, table = read_hashes(build_dir / HASHES)
+    hashed_block_size, table = read_hashes(build_dir / HASHES)
+    if hashed_block_size != block_size:
+        raise FcsnapError(
+            f"build {name}: hash sidecar is for block size {hashed_block_size}, not {block_size}"
+        )
     diff_file = DiffFile(build_dir, cache_bytes=0)
     try:
         expected = manifest.stats.bytes_stored

@@ -16,9 +16,13 @@ from fcsnap.store.seekable import SeekableReader
 
 class DiffFile:
     """A build's diff, raw (also mmapped, so restore can copy pages straight from the mapping)
-    or seekable zstd (decompressed per frame through a bounded cache)."""
+    or seekable zstd (decompressed per frame through a bounded cache). With `check_frames`,
+    each frame is checked against its seek-table checksum, as zstd decodes many corruptions
+    to wrong bytes without a word; a reader that hashes every block itself can skip it."""
 
-    def __init__(self, build_dir: Path, cache_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self, build_dir: Path, cache_bytes: int = 64 << 20, check_frames: bool = False
+    ) -> None:
         self.path = diff_path(build_dir)
         self.build_dir = build_dir
         self.compressed = self.path.name == DIFF_ZSTD
@@ -27,8 +31,12 @@ class DiffFile:
         self.fd = -1
         if not self.path.exists():
             raise FcsnapError(f"build {build_dir.name}: diff file missing in {build_dir}")
+        if not self.path.is_file():  # a FIFO, say: opening it would wait for a writer
+            raise FcsnapError(f"cannot read diff {self.path}: not a regular file")
         if self.compressed:
-            self.zstd = SeekableReader(self.path, cache_bytes=cache_bytes)
+            self.zstd = SeekableReader(
+                self.path, cache_bytes=cache_bytes, verify_checksums=check_frames
+            )
             self.size = self.zstd.size
             return
         try:
@@ -54,6 +62,17 @@ class DiffFile:
             raise FcsnapError(f"{self.path}: truncated (short read at {offset:#x})")
         return data
 
+    def check_size(self) -> None:
+        """Raise unless the raw file still has the size it had when opened. Restore copies
+        pages straight from the mapping: past a truncation the kernel copy fails, and the page
+        holding the cut reads zeros after it, which would be installed as guest memory."""
+        size = os.fstat(self.fd).st_size
+        if size != self.size:
+            raise FcsnapError(
+                f"{self.path}: changed size while being served ({size} bytes, was "
+                f"{self.size}): truncated?"
+            )
+
     def close(self) -> None:
         if self.zstd is not None:
             self.zstd.close()
@@ -71,7 +90,9 @@ def store_of(build_dir: Path) -> Path:
 def open_diffs(
     header: Header, store: Path, cache_bytes: int = 64 << 20
 ) -> dict[uuid.UUID, DiffFile]:
-    """Open every build the header reads, checking each diff covers what the mappings use."""
+    """Open every build the header reads, checking each diff covers what the mappings use;
+    zstd frames are checked against their checksums as they are read (restore, unpack, squash
+    and diff trust what these return)."""
     needed: dict[uuid.UUID, int] = {}
     for m in header.mappings:
         if not m.is_zero:
@@ -82,7 +103,7 @@ def open_diffs(
             build_dir = build_path(store, build_id)
             if not build_dir.is_dir():
                 raise FcsnapError(f"build {build_id} referenced by the header is not in {store}")
-            diff = DiffFile(build_dir, cache_bytes)
+            diff = DiffFile(build_dir, cache_bytes, check_frames=True)
             diffs[build_id] = diff
             if diff.size < end:
                 raise FcsnapError(

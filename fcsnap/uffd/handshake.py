@@ -168,13 +168,15 @@ def accept_peer(
 ) -> Peer | None:
     """Wait for Firecracker, then take its handshake; None if `stop_fd` became readable first.
 
-    The caller closes the listener once a VM is accepted: a second client gets a refused
-    connection instead of a silent hang. A VM that connected and is not served (bad
-    handshake, stop request) is killed: it would wait for its pages forever.
+    The listener is closed as soon as a VM is accepted, before its handshake: a second client
+    is refused (or, if it was already queued, disconnected) at once instead of waiting behind
+    this handshake. A VM that connected and is not served (bad handshake, stop request) is
+    killed: it would wait for its pages forever.
     """
     if listener.fileno() not in wait_readable([listener.fileno(), stop_fd], None):
         return None
     conn, _ = listener.accept()
+    listener.close()
     try:
         conn.setblocking(True)
         pid, pidfd = peer_pidfd(conn)

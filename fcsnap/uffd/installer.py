@@ -235,8 +235,9 @@ class Installer:
             elif e.errno in (errno.EAGAIN, errno.ESRCH):
                 outcome = e.errno
             else:
+                origin = "zeros" if build is None else self.pages.diffs[build].path
                 raise FcsnapError(
-                    f"installing guest memory at {dst:#x} failed: {e.strerror} "
+                    f"installing guest memory at {dst:#x} from {origin} failed: {e.strerror} "
                     "(diff file truncated or unreadable?)"
                 ) from e
         pages = done // size

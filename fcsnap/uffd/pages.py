@@ -63,6 +63,7 @@ class PageSource:
             self._verify(m.build_id, storage, length, offset)
         base = self._buffers.get(m.build_id)
         if base is not None:
+            self.diffs[m.build_id].check_size()
             return Source(base + storage, m.build_id)
         data = self.diffs[m.build_id].read(storage, length)
         return Source(abi.buffer_address(data), m.build_id, data)

@@ -106,6 +106,8 @@ class FaultServer:
         stats_path = self.options.stats_path
         if stats_path is not None and not stats_path.parent.is_dir():
             raise FcsnapError(f"cannot write --stats {stats_path}: no such directory")
+        if stats_path is not None and stats_path.is_dir():  # found out now, not after serving
+            raise FcsnapError(f"cannot write --stats {stats_path}: is a directory")
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             listener = listen(self.options.socket)
@@ -120,7 +122,6 @@ class FaultServer:
                 listener, self.header.metadata.size, self.options.handshake_timeout,
                 self._stop_r,
             )
-            listener.close()
             if self.peer is None:
                 if self._failure is not None:
                     raise self._failure

@@ -1,0 +1,41 @@
+"""Opening the files fcsnap reads: memory files, headers, hash sidecars, manifests, working sets.
+
+Each must be a regular file. A FIFO where one belongs would block open() until some writer came
+along, and a character device could read without end, so files are opened non-blocking and
+refused before the first read unless they are regular.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from fcsnap.errors import FcsnapError
+
+
+def open_regular(path: Path, what: str) -> int:
+    """A read-only fd of `path`, which must be a regular file (FcsnapError naming `what`)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise FcsnapError(f"cannot read {what} {path}: {e.strerror or e}") from e
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "is a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise FcsnapError(f"cannot read {what} {path}: {kind}")
+    os.set_blocking(fd, True)  # a regular file: plain reads from here on
+    return fd
+
+
+def read_regular(path: Path, what: str) -> bytes:
+    """The whole content of the regular file `path`."""
+    fd = open_regular(path, what)
+    try:
+        with open(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as e:
+        raise FcsnapError(f"cannot read {what} {path}: {e.strerror or e}") from e
+    finally:
+        os.close(fd)

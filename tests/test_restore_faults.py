@@ -1,0 +1,621 @@
+"""`fcsnap restore` when things go wrong around it, and under load: the real CLI in its own
+process, the Firecracker stand-in in another.
+
+A page server that hangs freezes its guest, and one that serves a wrong byte corrupts it
+silently; these tests break things while the guest is faulting (the VM killed, SIGTERM, a
+second client, diff files truncated or deleted, balloon REMOVEs racing the faults, many
+threads on the same pages, many servers at once) and check both: every wait has a deadline,
+and every byte a guest reads is compared with the memory file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zstandard
+
+from fcsnap.header import load_header
+from fcsnap.store import ops
+from fcsnap.store.builder import BuildOptions
+from fcsnap.store.layout import diff_path
+from fcsnap.store.seekable import SeekableReader
+from fcsnap.testing import firecracker
+from fcsnap.testing.memimage import evolve, synthetic_memory, write_full
+
+MiB = 1 << 20
+GiB = 1 << 30
+PAGE = 4096
+HUGE = 2 * MiB
+SIZE = 128 * MiB  # the lineages' guest memory; small runs give the stand-in a smaller --size
+SMALL = 8 * MiB
+WAIT = 30.0  # seconds any one process may take before the test fails
+PROMPT = 3.0  # seconds a server may take to notice and act on an event
+START_DELAY = 1.5  # seconds a stand-in waits after its handshake, for the test to break things
+HUGEPAGES_NEEDED = 10  # a 16 MiB guest, and ballooned pages coming back
+KILLED = -signal.SIGKILL
+UFFD_LINK = "anon_inode:[userfaultfd]"
+
+
+# -- builds ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Two generations of one VM in one store; `expected` is the newest's memory file."""
+
+    store: Path
+    builds: list[Path]  # oldest first
+    expected: Path
+
+    @property
+    def newest(self) -> Path:
+        return self.builds[-1]
+
+    @property
+    def base_diff(self) -> Path:
+        """Generation 0's diff file: most of the newest generation's pages come from it."""
+        return diff_path(self.builds[0])
+
+
+def make_lineages(root: Path, size: int, seed: int, kinds: tuple[str, ...]) -> dict[str, Lineage]:
+    """gen0 packed from a Full snapshot and gen1 diffed over it, for each compression kind."""
+    mem = synthetic_memory(size, seed=seed)
+    write_full(root / "gen0.mem", mem)
+    new, _ = evolve(mem, seed=seed + 1, dirty_share=0.1)
+    write_full(root / "gen1.mem", new)
+    lineages = {}
+    for kind in kinds:
+        store = root / kind
+        options = BuildOptions(compression=kind)
+        gen0 = ops.pack(root / "gen0.mem", store, options)[1]
+        gen1 = ops.diff(root / "gen1.mem", gen0, store, options)[1]
+        lineages[kind] = Lineage(store, [gen0, gen1], root / "gen1.mem")
+    return lineages
+
+
+@pytest.fixture(scope="module")
+def lineages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Lineage]:
+    """A raw ("none") and a compressed ("zstd") lineage of the same 128 MiB guest."""
+    return make_lineages(tmp_path_factory.mktemp("lineages"), SIZE, 11, ("none", "zstd"))
+
+
+def copy_lineage(lineage: Lineage, dest: Path) -> Lineage:
+    """A writable copy (builds are read-only once written; these tests damage copies)."""
+    shutil.copytree(lineage.store, dest)
+    for path in dest.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return Lineage(dest, [dest / b.name for b in lineage.builds], lineage.expected)
+
+
+@pytest.fixture(scope="module")
+def hugepages() -> Iterator[None]:
+    """HUGEPAGES_NEEDED free 2 MiB hugepages (the pool is put back after), or a skip."""
+    knob = Path("/proc/sys/vm/nr_hugepages")
+
+    def free() -> int:
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        return next(int(line.split()[1]) for line in meminfo if line.startswith("HugePages_Free"))
+
+    original = int(knob.read_text())
+    if free() < HUGEPAGES_NEEDED:
+        try:
+            knob.write_text(str(original + HUGEPAGES_NEEDED - free()))
+        except OSError as e:
+            pytest.skip(f"cannot reserve 2 MiB hugepages ({knob}: {e.strerror})")
+    try:
+        if free() < HUGEPAGES_NEEDED:
+            pytest.skip(f"only {free()} free 2 MiB hugepages, {HUGEPAGES_NEEDED} needed")
+        yield
+    finally:
+        knob.write_text(str(original))
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """One `fcsnap restore` process, its socket and its --stats file."""
+
+    proc: subprocess.Popen[bytes]
+    socket: Path
+    stats_path: Path
+    status: int | None = None
+    stderr: list[str] = field(default_factory=list)
+
+    def wait_handshake(self) -> None:
+        """Wait until the server holds the VM's uffd, i.e. has taken its handshake."""
+        deadline = time.monotonic() + WAIT
+        fds = Path(f"/proc/{self.proc.pid}/fd")
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "the server exited before a handshake"
+            for fd in list(fds.iterdir()):
+                try:
+                    if os.readlink(fd) == UFFD_LINK:
+                        return
+                except FileNotFoundError:
+                    continue
+            time.sleep(0.005)
+        pytest.fail(f"no handshake within {WAIT:g}s")
+
+    def finish(self, timeout: float = WAIT) -> Server:
+        """Wait for the server to exit (within `timeout`) and collect its stderr."""
+        _, err = self.proc.communicate(timeout=timeout)
+        self.status = self.proc.returncode
+        self.stderr = err.decode().splitlines()
+        return self
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return json.loads(self.stats_path.read_text())
+
+    @property
+    def error(self) -> str:
+        """The one line the server printed for its failure."""
+        assert len(self.stderr) == 1 and self.stderr[0].startswith("fcsnap: error: "), self.stderr
+        return self.stderr[0]
+
+
+@dataclass
+class Vm:
+    """One stand-in process and its report."""
+
+    proc: subprocess.Popen[bytes]
+    report_path: Path
+    status: int | None = None
+
+    def finish(self, timeout: float = WAIT + 10) -> Vm:
+        self.proc.communicate(timeout=timeout)
+        self.status = self.proc.returncode
+        return self
+
+    @property
+    def report(self) -> dict[str, Any] | None:
+        """The stand-in's report; None when it wrote none (it was killed before the end)."""
+        if not self.report_path.exists():
+            return None
+        return firecracker.read_report(self.report_path)
+
+
+class Runs:
+    """Starts servers and stand-ins for one test; kills whatever is left at teardown."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def server(self, build: Path, *args: str, name: str = "uffd") -> Server:
+        sock, stats = self.tmp / f"{name}.sock", self.tmp / f"{name}.stats.json"
+        argv = [sys.executable, "-m", "fcsnap", "restore", "--vm", str(build),
+                "--socket", str(sock), "--stats", str(stats), "--quiet", *args]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        self.procs.append(proc)
+        return Server(proc, sock, stats)
+
+    def vm(self, server: Server, name: str = "vm", **options: Any) -> Vm:
+        report = self.tmp / f"{name}.json"
+        options.setdefault("deadline", WAIT)
+        proc = firecracker.spawn(server.socket, report=report, popen={
+            "stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}, **options)
+        self.procs.append(proc)
+        return Vm(proc, report)
+
+    def script(self, code: str, *args: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=WAIT)
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Iterator[Runs]:
+    r = Runs(tmp_path)
+    yield r
+    r.close()
+
+
+def assert_served(server: Server, vm: Vm, pages: int | None = None) -> dict[str, Any]:
+    """Both ended well: every byte the guest read was right; returns the server's stats."""
+    assert vm.status == 0, (vm.status, vm.report)
+    assert server.status == 0, server.stderr
+    report = vm.report
+    assert report is not None and report["mismatches"] == 0
+    if pages is not None:
+        assert report["pages_touched"] == pages
+    stats = server.stats
+    assert stats["exit_reason"] == "vm exited"
+    assert sum(stats["per_build_pages"].values()) + stats["zero_pages"] == stats["pages_served"]
+    assert not server.socket.exists()
+    return stats
+
+
+def wait_installed(vm: Vm, server: Server, installed: int) -> None:
+    """Wait for the handshake, then (the stand-in still in its --start-delay) until about
+    `installed` bytes of guest memory are in: the VM's anonymous memory has grown by that."""
+    server.wait_handshake()
+    baseline = rss(vm.proc.pid, "RssAnon")
+    deadline = time.monotonic() + WAIT
+    while rss(vm.proc.pid, "RssAnon") < baseline + installed:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the VM never got {installed} bytes of guest memory installed")
+        time.sleep(0.002)
+
+
+def rss(pid: int, key: str = "VmRSS") -> int:
+    """A memory figure of /proc/PID/status in bytes (0 once the process is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    return next((int(line.split()[1]) << 10 for line in status.splitlines()
+                 if line.startswith(key + ":")), 0)
+
+
+# -- the VM goes away, the server is told to stop --------------------------------------------
+
+
+@pytest.mark.parametrize("installed", [0, SIZE // 8], ids=["before-touching", "mid-faults"])
+def test_vm_killed_while_threads_fault(lineages, runs, installed: int) -> None:
+    """SIGKILL to a VM whose eight threads are faulting (or about to): the server exits 0 on
+    its own ("vm exited", whatever it was doing), writes its stats, removes its socket."""
+    lineage = lineages["none"]
+    server = runs.server(lineage.newest, "--fault-around", "0")
+    vm = runs.vm(server, expected=lineage.expected, threads=8, order="random", hold=WAIT,
+                 start_delay=0.5)
+    wait_installed(vm, server, installed)
+    vm.proc.kill()
+    killed = time.monotonic()
+    server.finish()
+    assert time.monotonic() - killed < PROMPT
+    assert vm.finish().status == KILLED
+    assert server.status == 0, server.stderr
+    assert server.stderr == []
+    stats = server.stats
+    assert stats["exit_reason"] == "vm exited"
+    assert stats["pages_served"] < SIZE // PAGE
+    assert not server.socket.exists()
+
+
+def test_sigterm_during_heavy_faulting(lineages, runs) -> None:
+    """SIGTERM while eight threads fault: exit 0 promptly with stats; the VM, not yet fully
+    resident, is killed rather than left to freeze at its next fault."""
+    lineage = lineages["zstd"]
+    server = runs.server(lineage.newest, "--fault-around", "0")
+    vm = runs.vm(server, expected=lineage.expected, threads=8, order="random", hold=WAIT,
+                 start_delay=0.5)
+    wait_installed(vm, server, SIZE // 16)
+    server.proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    server.finish()
+    assert time.monotonic() - sent < PROMPT
+    assert server.status == 0, server.stderr
+    assert server.stderr == []
+    stats = server.stats
+    assert stats["exit_reason"] == "signal"
+    assert 0 < stats["pages_served"] < SIZE // PAGE
+    assert vm.finish().status == KILLED
+    assert not server.socket.exists()
+
+
+# -- a second client -------------------------------------------------------------------------
+
+
+def second_client(path: Path) -> str:
+    """Connect to a server that is busy with a VM: "refused" or "closed", within PROMPT
+    seconds (a client left waiting would be a second VM hung)."""
+    started = time.monotonic()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(PROMPT)
+    try:
+        try:
+            sock.connect(str(path))
+        except ConnectionRefusedError:
+            outcome = "refused"
+        else:
+            try:
+                assert sock.recv(1) == b""
+            except ConnectionResetError:
+                pass
+            except TimeoutError:
+                pytest.fail(f"a second client was left waiting for {PROMPT:g}s")
+            outcome = "closed"
+    finally:
+        sock.close()
+    assert time.monotonic() - started < PROMPT
+    return outcome
+
+
+def test_second_client_while_serving_is_refused(lineages, runs) -> None:
+    lineage = lineages["none"]
+    server = runs.server(lineage.newest)
+    vm = runs.vm(server, expected=lineage.expected, size=SMALL, threads=4,
+                 order="random", start_delay=START_DELAY)
+    server.wait_handshake()
+    assert second_client(server.socket) == "refused"
+    assert_served(server.finish(), vm.finish(), SMALL // PAGE)
+
+
+# Connects, says so, and sends its handshake only when told: the test connects a second client
+# in between, while the server is waiting for this one's handshake.
+SLOW_HANDSHAKE_VM = """
+import json, mmap, sys
+from fcsnap.testing.firecracker import Guest, Reader, Tally, connect, handshake
+sock_path, expected_path, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with open(expected_path, "rb") as f:
+    expected = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+guest = Guest(size, 4096, 1)
+sock = connect(sock_path, 10)
+print("connected", flush=True)
+sys.stdin.readline()
+handshake(sock, guest, "v1.12", None)
+tally = Tally()
+Reader(guest, expected, tally).check(range(0, size, 4096))
+print(json.dumps([tally.touched, tally.mismatches]), flush=True)
+"""
+
+
+def test_second_client_during_a_handshake_is_turned_away(lineages, runs) -> None:
+    """The first VM has connected but not yet sent its handshake: a second client is not
+    left queued behind it for the handshake timeout."""
+    lineage = lineages["none"]
+    server = runs.server(lineage.newest)
+    first = runs.script(SLOW_HANDSHAKE_VM, str(server.socket), str(lineage.expected),
+                        str(SMALL))
+    assert first.stdout is not None and first.stdin is not None
+    assert first.stdout.readline() == b"connected\n"
+    assert second_client(server.socket) in ("refused", "closed")
+    first.stdin.write(b"go\n")
+    first.stdin.flush()
+    out, err = first.communicate(timeout=WAIT)
+    assert first.returncode == 0, err.decode()
+    assert json.loads(out) == [SMALL // PAGE, 0]
+    server.finish()
+    assert server.status == 0, server.stderr
+    assert server.stats["exit_reason"] == "vm exited"
+
+
+# -- diff files changed under a running server -----------------------------------------------
+
+
+def first_base_page(lineage: Lineage) -> int:
+    """Storage offset, in the base diff, of the first page (in guest order) read from it."""
+    base = uuid.UUID(lineage.builds[0].name)
+    return next(m.storage_offset for m in load_header(lineage.newest).mappings
+                if m.build_id == base)
+
+
+@pytest.mark.parametrize(("kind", "cut", "threads", "order"), [
+    pytest.param("none", "first-page", 1, "sequential", id="raw-cut-in-first-page"),
+    pytest.param("none", "half", 4, "random", id="raw-cut-in-half"),
+    pytest.param("zstd", "half", 4, "random", id="zstd-cut-in-half"),
+])
+def test_diff_truncated_while_serving(lineages, runs, tmp_path, kind, cut, threads, order):
+    """The base generation's diff is cut after the handshake, before the guest touches
+    memory, 100 bytes into a page (which then reads zeros after the cut). The server fails
+    with one line naming the file and kills the VM, which never read a wrong byte (its
+    report, written at its first mismatch, shows none). With the cut in the first page a
+    sequential guest reads from that file, and one page per fault, a server that copied
+    that page would let the guest see it before failing on the next."""
+    lineage = copy_lineage(lineages[kind], tmp_path / "store")
+    diff = lineage.base_diff
+    at = first_base_page(lineage) if cut == "first-page" else diff.stat().st_size // 2
+    server = runs.server(lineage.newest, "--fault-around", "0" if cut == "first-page" else "256K")
+    vm = runs.vm(server, expected=lineage.expected, threads=threads, order=order,
+                 start_delay=START_DELAY)
+    server.wait_handshake()
+    os.truncate(diff, at - at % PAGE + 100)
+    assert vm.finish().status == KILLED
+    server.finish()
+    assert server.status == 1
+    assert str(diff) in server.error
+    assert vm.report is None or vm.report["mismatches"] == 0
+    assert server.stats["exit_reason"].startswith("error: ")
+    assert not server.socket.exists()
+
+
+def flip_undetected(lineage: Lineage) -> int:
+    """Flip one bit in the first frame of the base's compressed diff such that zstd still
+    decodes the frame, to other bytes the newest generation reads from it; returns the
+    first storage offset whose byte changed."""
+    path = lineage.base_diff
+    base = uuid.UUID(lineage.builds[0].name)
+    served = [(m.storage_offset, m.storage_offset + m.length)
+              for m in load_header(lineage.newest).mappings if m.build_id == base]
+    with SeekableReader(path) as reader:
+        frame, want = reader.frames[0], reader.read_frame(0)
+    blob = bytearray(path.read_bytes())
+    start, end = frame.compressed_offset, frame.compressed_offset + frame.compressed_size
+    for at in range((start + end) // 2, end):
+        blob[at] ^= 0x01
+        try:
+            got = zstandard.ZstdDecompressor().decompress(
+                bytes(blob[start:end]), max_output_size=frame.decompressed_size)
+        except zstandard.ZstdError:
+            got = b""
+        changed = np.flatnonzero(
+            np.frombuffer(got, np.uint8) != np.frombuffer(want, np.uint8)
+        ) if len(got) == len(want) else []
+        if len(changed) and all(
+            any(lo <= frame.decompressed_offset + i < hi for lo, hi in served)
+            for i in changed.tolist()
+        ):
+            path.write_bytes(blob)
+            return frame.decompressed_offset + int(changed[0])
+        blob[at] ^= 0x01
+    pytest.fail("no bit of the first frame decodes to other served bytes")
+
+
+def test_corrupt_compressed_frame_is_not_served(lineages, runs, tmp_path) -> None:
+    """A bit flipped in a zstd frame that still decodes: without --verify the frame's
+    checksum in the seek table is what stands between it and the guest."""
+    lineage = copy_lineage(lineages["zstd"], tmp_path / "store")
+    flip_undetected(lineage)
+    server = runs.server(lineage.newest)
+    vm = runs.vm(server, expected=lineage.expected, threads=2, order="random")
+    assert vm.finish().status == KILLED
+    server.finish()
+    assert server.status == 1
+    assert str(lineage.base_diff) in server.error and "checksum" in server.error
+    assert vm.report is None or vm.report["mismatches"] == 0
+
+
+@pytest.mark.parametrize("kind", ["none", "zstd"])
+def test_diff_deleted_while_serving_is_still_served(lineages, runs, tmp_path, kind) -> None:
+    """Deleting a diff file does not take it from the server: the open file stays valid."""
+    lineage = copy_lineage(lineages[kind], tmp_path / "store")
+    server = runs.server(lineage.newest, "--verify")
+    vm = runs.vm(server, expected=lineage.expected, threads=4, order="random",
+                 start_delay=START_DELAY)
+    server.wait_handshake()
+    lineage.base_diff.unlink()
+    stats = assert_served(server.finish(), vm.finish(), SIZE // PAGE)
+    assert stats["per_build_pages"].get(lineage.builds[0].name, 0) > 0
+
+
+# -- races between the guest's threads and its balloon ---------------------------------------
+
+
+BALLOON_CASES = [
+    pytest.param("none", "4K", "256K", id="raw-4k"),
+    pytest.param("zstd", "4K", "0", id="zstd-4k-no-fault-around"),
+    pytest.param("none", "2M", "256K", id="raw-2m"),
+]
+
+
+@pytest.mark.parametrize(("kind", "page", "fault_around"), BALLOON_CASES)
+def test_balloon_cycles_race_the_faults(request, lineages, runs, kind, page, fault_around):
+    """Eight threads fault every page while a balloon gives a quarter of them back one page
+    at a time (REMOVE events amid faults on the same pages), then touches them again, three
+    times over: every byte is right and every ballooned page reads zero."""
+    if page == "2M":
+        request.getfixturevalue("hugepages")
+    page_size = firecracker.PAGE_SIZES[page]
+    size = 16 * MiB
+    balloon = [(page_size, 2 * MiB), (6 * MiB, 4 * MiB)]  # the second spans the regions' border
+    ballooned = 6 * MiB // page_size
+    cycles = 3
+    lineage = lineages[kind]
+    server = runs.server(lineage.newest, "--fault-around", fault_around)
+    vm = runs.vm(server, expected=lineage.expected, size=size, page_size=page, regions=2,
+                 threads=8, order="random", balloon=balloon, balloon_cycles=cycles)
+    stats = assert_served(server.finish(), vm.finish(), cycles * (size // page_size + ballooned))
+    report = vm.report
+    assert report is not None and report["balloon_ok"] is True
+    assert len(report["cycle_ends"]) == cycles
+    assert stats["remove_events"] == cycles * ballooned  # one madvise per page
+    assert stats["zero_pages"] >= cycles * ballooned  # each cycle touched them again
+
+
+@pytest.mark.parametrize(("page", "threads", "fault_around"), [
+    pytest.param("4K", 8, "0", id="4k-8-threads-no-fault-around"),
+    pytest.param("4K", 16, "256K", id="4k-16-threads"),
+    pytest.param("2M", 8, "0", id="2m-8-threads"),
+])
+def test_many_threads_fault_the_same_pages(request, lineages, runs, page, threads, fault_around):
+    """All threads read the same pages in the same order, so they fault each page at once:
+    the page is installed once, the others are woken, no one reads a wrong byte."""
+    if page == "2M":
+        request.getfixturevalue("hugepages")
+    page_size = firecracker.PAGE_SIZES[page]
+    lineage = lineages["zstd"]
+    server = runs.server(lineage.newest, "--fault-around", fault_around)
+    vm = runs.vm(server, expected=lineage.expected, size=SMALL, page_size=page,
+                 threads=threads, shared_pages=True)
+    stats = assert_served(server.finish(), vm.finish(), threads * SMALL // page_size)
+    assert stats["pages_served"] == SMALL // page_size
+    assert stats["faults"] >= SMALL // page_size if fault_around == "0" else stats["faults"] > 0
+
+
+# -- load ------------------------------------------------------------------------------------
+
+
+class RssSampler:
+    """Samples a process's VmRSS every `interval` seconds, with time.monotonic() stamps
+    (CLOCK_MONOTONIC: comparable with the stand-in's cycle_ends)."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            value = rss(self.pid)
+            if value:
+                self.samples.append((time.monotonic(), value))
+            self._stop.wait(self.interval)
+
+    def stop(self) -> list[tuple[float, int]]:
+        self._stop.set()
+        self._thread.join(WAIT)
+        return self.samples
+
+
+@pytest.fixture(scope="module")
+def big_lineage(tmp_path_factory: pytest.TempPathFactory) -> Lineage:
+    return make_lineages(tmp_path_factory.mktemp("big"), GiB, 21, ("none",))["none"]
+
+
+def test_load_1gib_eight_threads_balloon_cycles(big_lineage, runs) -> None:
+    """A 1 GiB guest, eight threads faulting every page at random, three balloon cycles of
+    16 MiB racing them: every byte right, and the server's memory flat after the first pass
+    (nothing grows with the number of faults or events)."""
+    lineage = big_lineage
+    cycles = 3
+    balloon = [(GiB // 4, 8 * MiB), (3 * GiB // 4 - 4 * MiB, 8 * MiB)]
+    server = runs.server(lineage.newest)
+    sampler = RssSampler(server.proc.pid)
+    vm = runs.vm(server, expected=lineage.expected, threads=8, order="random",
+                 regions=2, balloon=balloon, balloon_cycles=cycles, deadline=60)
+    vm.finish(timeout=70)
+    server.finish()
+    samples = sampler.stop()
+    ballooned = 16 * MiB // PAGE
+    stats = assert_served(server, vm, cycles * (GiB // PAGE + ballooned))
+    report = vm.report
+    assert report is not None and report["balloon_ok"] is True
+    assert stats["remove_events"] == cycles * ballooned
+    first_pass = report["cycle_ends"][0]
+    after = [value for at, value in samples if at >= first_pass]
+    assert len(after) >= 3, "too few samples after the first pass"
+    growth = max(after) - after[0]
+    assert growth < 64 * MiB, f"server RSS grew by {growth / MiB:.1f} MiB after the first pass"
+
+
+def test_eight_restores_of_one_build_at_once(lineages, runs) -> None:
+    """Sandbox clones: eight servers of the same build, each its own socket and stats, each
+    VM checking every byte."""
+    lineage = lineages["none"]
+    pairs = []
+    for i in range(8):
+        server = runs.server(lineage.newest, name=f"uffd{i}")
+        pairs.append((server, runs.vm(server, name=f"vm{i}", expected=lineage.expected,
+                                      size=32 * MiB, threads=2, order="random", seed=i)))
+    for server, vm in pairs:
+        assert_served(server.finish(), vm.finish(), 32 * MiB // PAGE)
+    assert len({s.stats["peer_pid"] for s, _ in pairs}) == 8
