@@ -9,7 +9,14 @@ fcsnap is timed through its Python API (fcsnap.store.ops), not the CLI, so inter
 (~0.3 s of imports) is not counted. Warm: each command runs once, then --repeat times back to
 back; the best counts. Cold: one run each after dropping the page cache (needs root).
 
+With `--corpus DIR` (the output of bench/corpus.py: a real Linux guest's memory, generation by
+generation) the same commands run on the corpus's gen0 and gen1 instead (written out as Full
+files; the sparse Diff file holds the pages that changed), and a second table follows the whole
+lineage: the corpus's own figures per generation next to what pack and diff stored for it, raw
+and compressed. Results go to bench/results/pack-corpus.{md,json}.
+
     python bench/pack.py [--size 1G] [--workdir DIR] [--repeat 3] [--no-cold] [--keep]
+    python bench/pack.py --corpus ~/.cache/fcsnap/corpus/256M-4-<key>
 """
 
 from __future__ import annotations
@@ -27,11 +34,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import zstandard
 
 from fcsnap.store import ops
 from fcsnap.store.builder import BuildOptions
-from fcsnap.testing.memimage import evolve, synthetic_memory, write_full, write_sparse_diff
+from fcsnap.testing.memimage import (
+    PAGE,
+    evolve,
+    synthetic_memory,
+    write_full,
+    write_sparse_diff,
+)
 from fcsnap.units import parse_size
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -144,6 +158,47 @@ def make_inputs(work: Path, size: int) -> tuple[Path, Path, Path, float]:
     return gen0, gen1, gen1_sparse, share
 
 
+def corpus_pages(path: Path) -> np.ndarray:
+    """A corpus image as a (pages, 4096) array (its zero pages are holes on disk)."""
+    return np.fromfile(path, dtype=np.uint8).reshape(-1, PAGE)
+
+
+def corpus_inputs(work: Path, corpus: Path) -> tuple[Path, Path, Path, float]:
+    """Like make_inputs, from the corpus's gen0 and gen1: Full copies (every page written, as
+    Firecracker writes them) and a sparse Diff file of the pages that changed."""
+    gen0, gen1, gen1_sparse = work / "gen0.mem", work / "gen1.mem", work / "gen1.sparse.mem"
+    old, new = corpus_pages(corpus / "gen0.mem"), corpus_pages(corpus / "gen1.mem")
+    share = float(old.any(axis=1).mean())
+    write_full(gen0, old)
+    write_full(gen1, new)
+    write_sparse_diff(gen1_sparse, new, np.flatnonzero((old != new).any(axis=1)))
+    for path in (gen0, gen1, gen1_sparse):
+        fsync(path)
+    return gen0, gen1, gen1_sparse, share
+
+
+def corpus_lineage(work: Path, corpus: Path) -> list[dict[str, object]]:
+    """Pack the corpus's gen0 and diff each later generation over the one before, raw and
+    zstd; per generation, the corpus's figures and what each build stored."""
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    rows: list[dict[str, object]] = [dict(g) for g in manifest["generations"]]
+    for compression in ("none", "zstd"):
+        options = BuildOptions(compression=compression, level=3)
+        store = work / f"lineage-{compression}"
+        base: Path | None = None
+        for row in rows:
+            path = corpus / str(row["file"])
+            t0 = time.perf_counter()
+            if base is None:
+                result, base = ops.pack(path, store, options)
+            else:
+                result, base = ops.diff(path, base, store, options)
+            row[f"{compression}_s"] = round(time.perf_counter() - t0, 3)
+            row[f"{compression}_stored_bytes"] = disk_usage(base)
+            row[f"{compression}_stats"] = asdict(result.stats)
+    return rows
+
+
 def cases(work: Path, gen0: Path, gen1: Path, gen1_sparse: Path) -> list[Case]:
     size = gen0.stat().st_size
     store = work / "store"
@@ -205,16 +260,14 @@ def ratios(rows: dict[str, Row]) -> list[dict[str, object]]:
 def markdown(info: dict[str, object], rows: list[Row], checks: list[dict[str, object]]) -> str:
     m = info["machine"]
     lines = [
-        "# fcsnap pack/diff throughput",
+        "# fcsnap pack/diff throughput" + (" on the real-guest corpus" if info["corpus"] else ""),
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, "
         f"Python {m['python']}; {m['zstd_cli']}; {m['coreutils']}; python-zstandard "
         f"{m['python_zstandard']}.",
         "",
-        f"Image: {info['size'] / (1 << 30):g} GiB synthetic_memory (seed 0), "
-        f"{info['data_share']:.1%} of its pages non-zero; gen1 = evolve(seed 1, 1% of pages "
-        f"dirty) as a Full file and as a sparse Diff file; diffs are raw, over a raw pack of "
-        f"gen0. Files in {info['workdir']} on {info['filesystem']}.",
+        f"{info['image']}; diffs are raw, over a raw pack of gen0. Files in {info['workdir']} "
+        f"on {info['filesystem']}.",
         "",
         f"Warm: each command once, then {info['repeat']} runs back to back; best and worst "
         "shown. Cold: one run after `sync; echo 3 > /proc/sys/vm/drop_caches`. Every time "
@@ -237,7 +290,33 @@ def markdown(info: dict[str, object], rows: list[Row], checks: list[dict[str, ob
         cold = "-" if c["cold"] is None else f"{c['cold']:.3f}"
         met = "yes" if c["met"] else "NO"
         lines.append(f"| {c['ratio']} | {c['warm']:.3f} | {cold} | {c['target']} | {met} |")
+    if info.get("lineage"):
+        lines += ["", *lineage_markdown(info["lineage"])]
     return "\n".join(lines) + "\n"
+
+
+def lineage_markdown(rows: list[dict[str, object]]) -> list[str]:
+    """The corpus lineage table: its figures per generation, and what each build stored."""
+    def share(value: object) -> str:
+        return "-" if value is None else f"{value:.1%}"
+
+    lines = [
+        "The whole corpus lineage: gen0 packed, each later generation diffed (Full file) over "
+        "the one before. Zero/duplicate/changed shares and the zstd ratio of the non-zero pages "
+        "are the corpus's own figures (bench/corpus.py); stored = the build on disk.",
+        "",
+        "| Generation | Zero pages | Duplicate pages | Changed pages | zstd ratio (non-zero) "
+        "| Raw stored MiB | Raw s | zstd stored MiB | zstd s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['file']} | {share(r['zero_share'])} | {share(r['duplicate_share'])} | "
+            f"{share(r['changed_share'])} | {r['zstd_ratio_nonzero']:.2f} | "
+            f"{int(r['none_stored_bytes']) / (1 << 20):.1f} | {r['none_s']:.3f} | "
+            f"{int(r['zstd_stored_bytes']) / (1 << 20):.1f} | {r['zstd_s']:.3f} |"
+        )
+    return lines
 
 
 def main() -> int:
@@ -248,13 +327,30 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="warm runs per command (best of)")
     parser.add_argument("--no-cold", action="store_true", help="skip the dropped-cache runs")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
+    parser.add_argument("--corpus", type=Path, metavar="DIR",
+                        help="run on a bench/corpus.py lineage instead of synthetic memory")
     args = parser.parse_args()
     size = parse_size(args.size)
+    if args.corpus is not None and not (args.corpus / "manifest.json").is_file():
+        parser.error(f"{args.corpus}: not a corpus directory (no manifest.json)")
     args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fcsnap-bench-", dir=args.workdir))
     try:
-        print(f"writing a {args.size} image and its next generation in {work}", file=sys.stderr)
-        gen0, gen1, gen1_sparse, data_share = make_inputs(work, size)
+        if args.corpus is None:
+            print(f"writing a {args.size} image and its next generation in {work}",
+                  file=sys.stderr)
+            gen0, gen1, gen1_sparse, data_share = make_inputs(work, size)
+            image = (f"Image: {size / (1 << 30):g} GiB synthetic_memory (seed 0), "
+                     f"{data_share:.1%} of its pages non-zero; gen1 = evolve(seed 1, 1% of "
+                     "pages dirty) as a Full file and as a sparse Diff file")
+        else:
+            gen0, gen1, gen1_sparse, data_share = corpus_inputs(work, args.corpus)
+            size = gen0.stat().st_size
+            image = (f"Image: the real-guest corpus {args.corpus.name} ({size >> 20} MiB QEMU "
+                     f"guest, bench/corpus.py), {data_share:.1%} of gen0's pages non-zero; gen1 "
+                     "= the corpus's next generation as a Full file and as a sparse Diff file "
+                     "of its changed pages (the >= 10 diff target is for 1% dirty pages; this "
+                     "generation changed more)")
         todo = cases(work, gen0, gen1, gen1_sparse)
         for case in todo:
             # Each command's runs back to back: interleaved, a command paid for the one before
@@ -272,20 +368,26 @@ def main() -> int:
             "machine": machine(),
             "size": size,
             "data_share": data_share,
+            "image": image,
+            "corpus": None if args.corpus is None else str(args.corpus),
             "workdir": str(work),
             "filesystem": filesystem(work),
             "repeat": args.repeat,
         }
+        if args.corpus is not None:
+            print("corpus lineage", file=sys.stderr)
+            info["lineage"] = corpus_lineage(work, args.corpus)
         checks = ratios({r.name: r for r in rows})
         text = markdown(info, rows, checks)
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "pack.md").write_text(text)
+        name = "pack" if args.corpus is None else "pack-corpus"
+        (RESULTS / f"{name}.md").write_text(text)
         results = [
             {**asdict(r), "warm_s": r.warm_s, "warm_mbps": r.mbps(r.warm_s),
              "cold_mbps": r.mbps(r.cold_s) if r.cold_s else None}
             for r in rows
         ]
-        (RESULTS / "pack.json").write_text(
+        (RESULTS / f"{name}.json").write_text(
             json.dumps({**info, "results": results, "ratios": checks}, indent=2) + "\n"
         )
         print(text)
