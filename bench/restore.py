@@ -21,7 +21,12 @@ times in rotation; the median counts. Timed runs skip the stand-in's byte compar
 correctness run per mode (unpinned, bytes compared, every touch timed) comes first. Last, an
 RSS check serves a 4 GiB guest (sparse image, two regions) with --cache-mb 64.
 
-    python bench/restore.py [--size 1G] [--workdir DIR] [--repeat 3] [--rss-size 4G] [--keep]
+With `--corpus DIR` (bench/corpus.py output: gen0.mem, gen1.mem, ... and manifest.json) the
+guest is real: the newest generation's memory file, packed the same way, and the results
+(restore-corpus.md/json/png) carry the corpus's own figures from its manifest.
+
+    python bench/restore.py [--size 1G | --corpus DIR] [--workdir DIR] [--repeat 3]
+                            [--rss-size 4G] [--keep]
 """
 
 from __future__ import annotations
@@ -116,6 +121,7 @@ class Run:
     prefetched_pages: int | None = None
     populated_pages: int | None = None
     retries: int | None = None
+    prefetch_s: float | None = None  # the server's handshake to the end of its prefetch
     server_duration_s: float | None = None
     hwm_mib: float | None = None  # server VmHWM just before the VM exits
     anon_mib: float | None = None  # server RssAnon then
@@ -264,8 +270,9 @@ def serve(
         minor_faults=r["rusage"]["minor_faults"], faults=s["faults"], installs=s.get("installs"),
         pages_served=s["pages_served"], prefetched_pages=s.get("prefetched_pages"),
         populated_pages=s.get("populated_pages"), retries=s["retries"],
-        server_duration_s=s["duration_s"], hwm_mib=memory.get("VmHWM"),
-        anon_mib=memory.get("RssAnon"), file_mib=memory.get("RssFile"),
+        prefetch_s=s.get("prefetch_s"), server_duration_s=s["duration_s"],
+        hwm_mib=memory.get("VmHWM"), anon_mib=memory.get("RssAnon"),
+        file_mib=memory.get("RssFile"),
         latency=r.get("latency"),
     )
 
@@ -327,14 +334,28 @@ def run_mode(setup: Setup, mode: Mode, pinned: bool, check: bool) -> Run:
 # -- setup -----------------------------------------------------------------------------------
 
 
-def prepare(work: Path, size: int, threads: int, ws_fraction: float) -> Setup:
-    """The memory file, its build and unpacked copy, then (if the server and pack can) the
-    recorded working set and the build laid out with it first."""
-    memfile, store = work / "mem.raw", work / "store"
+def synthetic_guest(work: Path, size: int) -> tuple[Path, float]:
+    """A Full memory file of synthetic_memory(size, seed 0); its share of non-zero pages."""
+    memfile = work / "mem.raw"
     mem = synthetic_memory(size, seed=0)
     write_full(memfile, mem)
-    data_share = float(mem.any(axis=1).mean())
-    del mem
+    return memfile, float(mem.any(axis=1).mean())
+
+
+def corpus_guest(corpus: Path) -> tuple[Path, int, float, dict[str, Any]]:
+    """The newest generation of a bench/corpus.py corpus: its memory file, size, share of
+    non-zero pages, and the corpus manifest."""
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    newest = manifest["generations"][-1]
+    memfile = corpus / newest["file"]
+    return memfile, memfile.stat().st_size, 1 - newest["zero_share"], manifest
+
+
+def prepare(work: Path, memfile: Path, size: int, data_share: float, threads: int,
+            ws_fraction: float) -> Setup:
+    """The memory file's build and unpacked copy, then (if the server and pack can) the
+    recorded working set and the build laid out with it first."""
+    store = work / "store"
     build = pack(memfile, store)
     unpacked = work / "unpacked.mem"
     fcsnap("unpack", str(build), "-o", str(unpacked), "--quiet")
@@ -446,7 +467,7 @@ def markdown(info: dict[str, Any], results: list[Result], checks: list[dict[str,
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, "
         f"Python {m['python']}. Files in {info['workdir']} on {info['filesystem']}.",
         "",
-        f"Guest: {info['size'] / (1 << 30):g} GiB synthetic_memory (seed 0), "
+        f"Guest: {guest_text(info)}, "
         f"{info['data_share']:.1%} of its pages non-zero, packed raw (`fcsnap pack`). Stand-in: "
         f"{info['threads']} threads touch a working set of {info['ws_fraction']:.0%} of the pages "
         f"({info['ws_pages']} pages, random, fixed seed) in random order, then every page "
@@ -466,23 +487,25 @@ def markdown(info: dict[str, Any], results: list[Result], checks: list[dict[str,
         "runs; a correctness run per mode (below) compared every byte. The machine may be "
         f"shared: each timed run waited for the CPUs to be under {QUIET_BUSY:.0%} busy (up to "
         f"{QUIET_PATIENCE_S:.0f} s); the busiest 0.5 s seen before a run was "
-        f"{info['busy_before_max']:.0%}.",
+        f"{info['busy_before_max']:.0%}. Prefetch s = the server's own time from the "
+        "handshake to the end of its working-set prefetch.",
         "",
+        *corpus_lines(info),
         "| Mode | CPUs | Time to ws s | Time to all s | Faults | Faults/s | Installs "
-        "| Server VmHWM MiB | RssAnon MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| Prefetch s | Server VmHWM MiB | RssAnon MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         cpus = "CPU 0" if r.pinned else "both"
         if r.skipped:
-            lines.append(f"| {r.mode.label} | {cpus} | skipped: {r.skipped} | | | | | | |")
+            lines.append(f"| {r.mode.label} | {cpus} | skipped: {r.skipped} | | | | | | | |")
             continue
         faults = r.median("faults")
         lines.append(
             f"| {r.mode.label} | {cpus} | {r.median('ws_s'):.3f} | {r.median('all_s'):.3f} | "
             f"{fmt(faults, '.0f')} | {fmt(r.median('faults_per_s'), ',.0f')} | "
-            f"{fmt(r.median('installs'), '.0f')} | {fmt(r.median('hwm_mib'), '.0f')} | "
-            f"{fmt(r.median('anon_mib'), '.0f')} |"
+            f"{fmt(r.median('installs'), '.0f')} | {fmt(r.median('prefetch_s'), '.3f')} | "
+            f"{fmt(r.median('hwm_mib'), '.0f')} | {fmt(r.median('anon_mib'), '.0f')} |"
         )
     lines += ["", "| Speed-up (x) | Pinned | Unpinned | Target | Met |",
               "|---|---:|---:|---|---|"]
@@ -515,7 +538,8 @@ def markdown(info: dict[str, Any], results: list[Result], checks: list[dict[str,
             "",
             "RSS check: a sparse guest served with `--cache-mb 64` (fault-around 256K, "
             f"{info['threads']} threads touching every page, two regions), unpinned. "
-            "Target: VmHWM < 100 MiB + cache budget.",
+            "Target: VmHWM < 100 MiB + cache budget. A raw build's diff is copied from a "
+            "mapping of which the server keeps at most 32 MiB mapped (fcsnap/uffd/mapped.py).",
             "",
             "| Guest | Build | Touch all s | Server VmHWM MiB | RssAnon MiB | RssFile MiB "
             "| Target MiB | Met |",
@@ -529,6 +553,37 @@ def markdown(info: dict[str, Any], results: list[Result], checks: list[dict[str,
                 f"{row['target_mib']} | {'yes' if row['met'] else 'NO'} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def guest_text(info: dict[str, Any]) -> str:
+    size = f"{info['size'] / (1 << 30):g} GiB"
+    if info.get("corpus") is None:
+        return f"{size} synthetic_memory (seed 0)"
+    corpus = info["corpus"]
+    return (f"{size} real Linux guest, {corpus['file']} of the bench/corpus.py corpus "
+            f"{corpus['path']} (its newest generation; figures below)")
+
+
+def corpus_lines(info: dict[str, Any]) -> list[str]:
+    """The corpus's own figures, from its manifest.json, as a table (none for synthetic)."""
+    corpus = info.get("corpus")
+    if corpus is None:
+        return []
+    manifest = corpus["manifest"]
+    lines = [
+        f"Corpus: {manifest['size'] / (1 << 20):g} MiB guest ({manifest['kernel']}, "
+        f"{manifest['qemu']}), stages {', '.join(manifest['stages'])}; figures from its "
+        "manifest.json (changed: since the previous generation; zstd ratio: of the non-zero "
+        "pages):",
+        "",
+        "| Generation | Zero share | Duplicate share | Changed share | zstd ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for g in manifest["generations"]:
+        changed = "-" if g["changed_share"] is None else f"{g['changed_share']:.1%}"
+        lines.append(f"| {g['file']} | {g['zero_share']:.1%} | {g['duplicate_share']:.1%} | "
+                     f"{changed} | {g['zstd_ratio_nonzero']:.2f} |")
+    return [*lines, ""]
 
 
 def chart(results: list[Result], path: Path, title: str) -> None:
@@ -565,6 +620,9 @@ def chart(results: list[Result], path: Path, title: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="1G", help="guest memory size (default 1G)")
+    parser.add_argument("--corpus", type=Path, metavar="DIR",
+                        help="serve the newest generation of this bench/corpus.py corpus "
+                        "instead of synthetic memory (--size is then the corpus's)")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                         help="where to put the files: a real disk, not tmpfs (default /var/tmp)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per mode (median)")
@@ -576,14 +634,22 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
     args = parser.parse_args()
     size, rss_size = parse_size(args.size), parse_size(args.rss_size)
+    stem = "restore-corpus" if args.corpus else "restore"
     modes = MODES if not args.modes else [m for m in MODES if m.key in args.modes.split(",")]
     if os.geteuid() != 0:
         modes = [m for m in modes if not m.cold]  # dropping the page cache needs root
     args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fcsnap-restore-bench-", dir=args.workdir))
     try:
-        print(f"writing and packing a {args.size} guest in {work}", file=sys.stderr)
-        setup = prepare(work, size, args.threads, args.ws_fraction)
+        corpus = None
+        if args.corpus is not None:
+            memfile, size, data_share, manifest = corpus_guest(args.corpus)
+            corpus = {"path": str(args.corpus), "file": memfile.name, "manifest": manifest}
+        else:
+            print(f"writing a {args.size} guest in {work}", file=sys.stderr)
+            memfile, data_share = synthetic_guest(work, size)
+        print(f"packing {memfile}", file=sys.stderr)
+        setup = prepare(work, memfile, size, data_share, args.threads, args.ws_fraction)
         skipped = {m.key: restore_args(setup, m) for m in modes if not m.file_backend}
         runnable = [m for m in modes if not isinstance(skipped.get(m.key), str)]
         results = [Result(m, pinned) for pinned in (True, False) for m in modes]
@@ -610,6 +676,7 @@ def main() -> int:
             rss = rss_check(work, rss_size, args.threads, setup.restore_flags)
         info = {
             "machine": machine(),
+            "corpus": corpus,
             "size": size,
             "data_share": setup.data_share,
             "workdir": str(work),
@@ -626,9 +693,10 @@ def main() -> int:
         checks = ratios(results)
         text = markdown(info, results, checks, checks_runs, rss)
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "restore.md").write_text(text)
-        chart(results, RESULTS / "restore.png",
-              f"fcsnap restore, {args.size} guest, {args.threads} threads, "
+        (RESULTS / f"{stem}.md").write_text(text)
+        guest = f"{corpus['file']} (real guest)" if corpus else "synthetic"
+        chart(results, RESULTS / f"{stem}.png",
+              f"fcsnap restore, {size / (1 << 30):g} GiB {guest} guest, {args.threads} threads, "
               f"{args.ws_fraction:.0%} working set ({info['machine']['cores']} cores)")
         rows = [
             {"mode": r.mode.key, "label": r.mode.label, "pinned": r.pinned,
@@ -639,7 +707,7 @@ def main() -> int:
             for r in results
         ]
         correctness = {k: asdict(v) for k, v in checks_runs.items()}
-        (RESULTS / "restore.json").write_text(json.dumps(
+        (RESULTS / f"{stem}.json").write_text(json.dumps(
             {**info, "results": rows, "ratios": checks, "correctness": correctness,
              "rss_check": rss}, indent=2) + "\n")
         print(text)

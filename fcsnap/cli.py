@@ -156,7 +156,8 @@ def parse_compression(text: str) -> tuple[str, int]:
 
 
 def build_options(
-    block_size: str, compress: str, frame_size: str, name: str | None, vmstate: Path | None
+    block_size: str, compress: str, frame_size: str, name: str | None, vmstate: Path | None,
+    working_set: Path | None = None,
 ) -> BuildOptions:
     bs = parse_size(block_size, "block size")
     if bs not in (4096, 2 << 20):
@@ -165,7 +166,7 @@ def build_options(
     frame = parse_size(frame_size, "frame size")
     if frame < 4096 or frame % 4096 or frame > 1 << 30:
         raise FcsnapError(f"invalid --frame-size {frame_size!r}: a multiple of 4K up to 1G")
-    return BuildOptions(bs, compression, level, frame, name, vmstate)
+    return BuildOptions(bs, compression, level, frame, name, vmstate, working_set=working_set)
 
 
 def report_build(manifest: Manifest, path: Path, as_json: bool, verb: str) -> None:
@@ -194,6 +195,11 @@ COMPRESS = typer.Option("none", "--compress", help="none, zstd or zstd:LEVEL.")
 FRAME_SIZE = typer.Option("256K", "--frame-size", help="Uncompressed bytes per zstd frame.")
 NAME = typer.Option(None, "--name", help="Point vms/NAME at the new build.")
 VMSTATE = typer.Option(None, "--vmstate", help="Firecracker vmstate file, kept as snapfile.")
+WORKING_SET = typer.Option(
+    None, "--working-set",
+    help="Store these pages first, in this order (restore --record-ws), so that restore "
+    "--prefetch-ws reads the diff sequentially.",
+)
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 JSON = typer.Option(False, "--json", help="Print one JSON object.")
 STORE = typer.Option(..., "--store", help="The store directory.")
@@ -208,11 +214,12 @@ def pack(
     frame_size: str = FRAME_SIZE,
     name: str | None = NAME,
     vmstate: Path | None = VMSTATE,
+    working_set: Path | None = WORKING_SET,
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
     """Pack a memory file as generation 0 of a new lineage."""
-    options = build_options(block_size, compress, frame_size, name, vmstate)
+    options = build_options(block_size, compress, frame_size, name, vmstate, working_set)
     total = memfile.stat().st_size if memfile.is_file() else 0
     with progress_bar("pack", total, quiet or as_json) as advance:
         manifest, path = ops.pack(memfile, store, options, advance)
@@ -235,6 +242,7 @@ def diff(
     frame_size: str = FRAME_SIZE,
     name: str | None = NAME,
     vmstate: Path | None = VMSTATE,
+    working_set: Path | None = WORKING_SET,
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -242,7 +250,7 @@ def diff(
     base_dir = resolve_build(base, store)
     base_block_size = read_manifest(base_dir).block_size
     options = build_options(
-        block_size or str(base_block_size), compress, frame_size, name, vmstate
+        block_size or str(base_block_size), compress, frame_size, name, vmstate, working_set
     )
     if options.block_size != base_block_size:
         raise FcsnapError(
@@ -449,6 +457,12 @@ def main() -> None:
         message = str(e) if isinstance(e, FcsnapError) else f"{e.strerror or e}: {e.filename}"
         print(f"fcsnap: error: {message}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("fcsnap: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except Exception as e:  # a bug: still one line, and the traceback on request
+        if _state["debug"]:
+            traceback.print_exc()
+        print(
+            f"fcsnap: error: internal error ({type(e).__name__}: {e}); "
+            "run with --debug or FCSNAP_DEBUG=1 for the traceback",
+            file=sys.stderr,
+        )
+        sys.exit(1)

@@ -2,7 +2,8 @@
 message, never another exception, and work in proportion to the input, not to what it claims.
 
 (The header, seek table, handshake regions and working sets have their fuzz tests next to the
-rest of their tests; bench/fuzz/run.py runs all six for longer.)
+rest of their tests, the handshake as received from a socket in test_handshake.py;
+bench/fuzz/run.py runs all seven for longer.)
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from fcsnap.store.hashes import (
     parse_hashes,
 )
 from fcsnap.store.manifest import COMPRESSIONS, Manifest, Stats, parse_manifest
+from fcsnap.workingset import HEAD as WS_HEAD
+from fcsnap.workingset import MAGIC as WS_MAGIC
 from fcsnap.workingset import dump_working_set, parse_working_set
 
 EXAMPLES = settings(max_examples=300, deadline=None)
@@ -199,7 +202,24 @@ def test_manifest_deep_nesting_is_an_error_not_a_recursion_crash(blob: bytes) ->
         parse_manifest(blob)
 
 
-# -- working sets: a regression --------------------------------------------------------------
+# -- working sets ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [2**64 - 1, 2**61, 1 << 40])
+def test_working_set_huge_count_with_tiny_body_fails_without_allocating(count: int) -> None:
+    data = WS_HEAD.pack(WS_MAGIC, 1, 0, 1 << 30, count) + bytes(24)
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(FcsnapError, match=f"says {count} pages but holds 24 bytes"):
+            parse_working_set(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 10
+    assert time.perf_counter() - started < 0.5
+
+
 
 
 def test_working_set_offsets_past_2_63_are_not_wrapped_negative() -> None:

@@ -446,6 +446,9 @@ def test_balloon_while_threads_fault(lineages, procs) -> None:
     ("oversize-region", "beyond the snapshot"),
     ("bad-page-size", "neither 4 KiB nor 2 MiB"),
     ("overlap", "overlap"),
+    ("hangup", "closed the connection before the handshake ended"),
+    ("wrong-fd", "none of the 1 fds the VM sent is a userfaultfd"),
+    ("huge", "handshake larger than 65536 bytes"),
 ])
 def test_bad_handshake_kills_the_vm(lineages, procs, mode: str, message: str) -> None:
     """One error line, exit 1, and the VM (which would wait for its pages forever) killed."""

@@ -5,7 +5,8 @@ A page server that hangs freezes its guest, and one that serves a wrong byte cor
 silently; these tests break things while the guest is faulting (the VM killed, SIGTERM, a
 second client, diff files truncated or deleted, balloon REMOVEs racing the faults, many
 threads on the same pages, many servers at once) and check both: every wait has a deadline,
-and every byte a guest reads is compared with the memory file.
+and every byte a guest reads is compared with the memory file. In-process runs also check that
+however serving ends, every fd, mapping and thread the server had is released.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 import pytest
 import zstandard
 
+from fcsnap.errors import FcsnapError
 from fcsnap.header import load_header
 from fcsnap.store import ops
 from fcsnap.store.builder import BuildOptions
@@ -36,6 +38,7 @@ from fcsnap.store.layout import diff_path
 from fcsnap.store.seekable import SeekableReader
 from fcsnap.testing import firecracker
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full
+from fcsnap.uffd.server import FaultServer, ServeOptions
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -49,6 +52,7 @@ START_DELAY = 1.5  # seconds a stand-in waits after its handshake, for the test 
 HUGEPAGES_NEEDED = 10  # a 16 MiB guest, and ballooned pages coming back
 KILLED = -signal.SIGKILL
 UFFD_LINK = "anon_inode:[userfaultfd]"
+PIDFD_LINK = "anon_inode:[pidfd]"
 
 
 # -- builds ----------------------------------------------------------------------------------
@@ -140,18 +144,23 @@ class Server:
 
     def wait_handshake(self) -> None:
         """Wait until the server holds the VM's uffd, i.e. has taken its handshake."""
+        self.wait_for_fd(UFFD_LINK)
+
+    def wait_for_fd(self, link: str) -> None:
+        """Wait until the server holds an fd reading `link` in /proc (a uffd: it has the
+        handshake; a pidfd: it has accepted a VM)."""
         deadline = time.monotonic() + WAIT
         fds = Path(f"/proc/{self.proc.pid}/fd")
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "the server exited before a handshake"
+            assert self.proc.poll() is None, f"the server exited before holding {link}"
             for fd in list(fds.iterdir()):
                 try:
-                    if os.readlink(fd) == UFFD_LINK:
+                    if os.readlink(fd) == link:
                         return
                 except FileNotFoundError:
                     continue
             time.sleep(0.005)
-        pytest.fail(f"no handshake within {WAIT:g}s")
+        pytest.fail(f"the server held no {link} within {WAIT:g}s")
 
     def finish(self, timeout: float = WAIT) -> Server:
         """Wait for the server to exit (within `timeout`) and collect its stderr."""
@@ -298,15 +307,16 @@ def test_vm_killed_while_threads_fault(lineages, runs, installed: int) -> None:
     assert not server.socket.exists()
 
 
-def test_sigterm_during_heavy_faulting(lineages, runs) -> None:
-    """SIGTERM while eight threads fault: exit 0 promptly with stats; the VM, not yet fully
-    resident, is killed rather than left to freeze at its next fault."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_signal_during_heavy_faulting(lineages, runs, signum: int) -> None:
+    """SIGTERM or SIGINT while eight threads fault: exit 0 promptly with stats; the VM, not
+    yet fully resident, is killed rather than left to freeze at its next fault."""
     lineage = lineages["zstd"]
     server = runs.server(lineage.newest, "--fault-around", "0")
     vm = runs.vm(server, expected=lineage.expected, threads=8, order="random", hold=WAIT,
                  start_delay=0.5)
     wait_installed(vm, server, SIZE // 16)
-    server.proc.send_signal(signal.SIGTERM)
+    server.proc.send_signal(signum)
     sent = time.monotonic()
     server.finish()
     assert time.monotonic() - sent < PROMPT
@@ -315,6 +325,128 @@ def test_sigterm_during_heavy_faulting(lineages, runs) -> None:
     stats = server.stats
     assert stats["exit_reason"] == "signal"
     assert 0 < stats["pages_served"] < SIZE // PAGE
+    assert vm.finish().status == KILLED
+    assert not server.socket.exists()
+
+
+def held_resources(store: Path) -> dict[str, object]:
+    """What this process holds that a server could leak: open fds (by what they point at),
+    mappings of files in `store`, and threads."""
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except FileNotFoundError:  # the fd of the listdir itself
+            continue
+    maps = [line for line in Path("/proc/self/maps").read_text().splitlines()
+            if str(store) in line]
+    return {"fds": fds, "maps": maps, "threads": threading.active_count()}
+
+
+@pytest.mark.parametrize("kind", ["none", "zstd"])
+@pytest.mark.parametrize("ending", ["vm-killed", "stopped", "failed"])
+def test_server_frees_everything_however_serving_ends(lineages, tmp_path, kind, ending):
+    """In process, so that what the server holds can be counted. Mid-faults, eight threads
+    faulting: the VM is SIGKILLed (run returns 0, "vm exited"), or a stop is asked for (as
+    SIGTERM does: 0, VM killed), or a failure is reported (as a refused snapshot load is: the
+    error raised, VM killed). Every way, the fds, the diff mappings, the threads and the socket
+    file the server made are gone afterwards."""
+    lineage = lineages[kind]
+    sock, stats = tmp_path / "uffd.sock", tmp_path / "stats.json"
+    before = held_resources(lineage.store)
+    vms: list[subprocess.Popen[bytes]] = []
+
+    def start_vm() -> None:
+        vms.append(firecracker.spawn(
+            sock, expected=lineage.expected, threads=8, order="random", hold=WAIT,
+            deadline=WAIT, start_delay=0.3,
+            popen={"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}))
+
+    server = FaultServer(lineage.newest, ServeOptions(
+        socket=sock, stats_path=stats, fault_around=0, on_listening=start_vm))
+
+    def break_things() -> None:
+        deadline = time.monotonic() + WAIT
+        while server.stats.pages_served < SIZE // PAGE // 16:
+            if time.monotonic() > deadline:
+                server.stop()  # run() returns; the assertions below fail
+                return
+            time.sleep(0.002)
+        if ending == "vm-killed":
+            vms[0].kill()
+        elif ending == "stopped":
+            server.stop()
+        else:
+            server.fail(FcsnapError("injected failure"))
+
+    breaker = threading.Thread(target=break_things)
+    guard = threading.Timer(2 * WAIT, server.stop)  # the test fails, not hangs
+    breaker.start()
+    guard.start()
+    try:
+        if ending == "failed":
+            with pytest.raises(FcsnapError, match="injected failure"):
+                server.run()
+        else:
+            assert server.run() == 0
+    finally:
+        guard.cancel()
+        guard.join(WAIT)
+        breaker.join(WAIT)
+        for vm in vms:
+            if vm.poll() is None and ending == "vm-killed":
+                vm.kill()
+            vm.wait(WAIT)
+    assert vms[0].returncode == KILLED  # killed by the test or, when it stopped, the server
+    reason = json.loads(stats.read_text())["exit_reason"]
+    assert reason == {"vm-killed": "vm exited", "stopped": "signal"}.get(ending, reason)
+    assert 0 < server.stats.pages_served < SIZE // PAGE
+    assert not sock.exists()
+    after = held_resources(lineage.store)
+    leaked = {fd: what for fd, what in after["fds"].items() if before["fds"].get(fd) != what}
+    assert leaked == {}, "fds left open"
+    assert after == before
+
+
+@pytest.mark.parametrize("problem", ["stats-dir-missing", "socket-is-a-file",
+                                     "prefetch-garbage", "verify-without-hashes"])
+def test_server_refusing_to_start_frees_everything(lineages, tmp_path, problem) -> None:
+    """Failures found before any VM can connect (in the constructor or before listening)
+    leave nothing open either."""
+    lineage = copy_lineage(lineages["none"], tmp_path / "store")
+    sock, garbage = tmp_path / "uffd.sock", tmp_path / "garbage"
+    garbage.write_bytes(b"not a working set")
+    options = ServeOptions(socket=sock, stats_path=tmp_path / "stats.json")
+    if problem == "stats-dir-missing":
+        options.stats_path = tmp_path / "nope" / "stats.json"
+    elif problem == "socket-is-a-file":
+        sock.write_text("mine")
+    elif problem == "prefetch-garbage":
+        options.prefetch_ws = garbage
+    else:
+        options.verify = True
+        (lineage.builds[0] / "memfile.hashes").unlink()
+    before = held_resources(lineage.store)
+    with pytest.raises(FcsnapError):
+        FaultServer(lineage.newest, options).run()
+    assert held_resources(lineage.store) == before
+    assert sock.read_text() == "mine" if problem == "socket-is-a-file" else not sock.exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_signal_while_a_vm_withholds_its_handshake(lineages, runs, signum: int) -> None:
+    """A VM connected and silent, the server waiting (up to --handshake-timeout) for its
+    handshake: a signal ends the wait at once, exit 0, and the connected VM is killed."""
+    lineage = lineages["none"]
+    server = runs.server(lineage.newest, "--handshake-timeout", str(WAIT))
+    vm = runs.vm(server, expected=lineage.expected, misbehave="nothing", hold=WAIT)
+    server.wait_for_fd(PIDFD_LINK)  # it has accepted the VM and watches it
+    server.proc.send_signal(signum)
+    sent = time.monotonic()
+    server.finish()
+    assert time.monotonic() - sent < PROMPT
+    assert (server.status, server.stderr) == (0, [])
+    assert server.stats["exit_reason"] == "stopped before a VM was served"
     assert vm.finish().status == KILLED
     assert not server.socket.exists()
 
@@ -481,6 +613,40 @@ def test_corrupt_compressed_frame_is_not_served(lineages, runs, tmp_path) -> Non
     assert vm.report is None or vm.report["mismatches"] == 0
 
 
+@pytest.mark.parametrize(("kind", "args"), [
+    pytest.param("none", ("--verify",), id="raw-verify"),
+    pytest.param("zstd", (), id="zstd-frame-checksums"),
+])
+def test_diff_corrupted_while_serving_is_not_served(lineages, runs, tmp_path, kind, args):
+    """Bytes of the base diff changed in place after the handshake, before the guest reads
+    them: a raw diff under --verify fails its block hash, a zstd frame (still decodable) its
+    seek-table checksum. The server fails with one line naming the build or file and kills
+    the VM, which never read a wrong byte."""
+    lineage = copy_lineage(lineages[kind], tmp_path / "store")
+    server = runs.server(lineage.newest, *args)
+    vm = runs.vm(server, expected=lineage.expected, threads=4, order="random",
+                 start_delay=START_DELAY)
+    server.wait_handshake()
+    if kind == "none":
+        at = first_base_page(lineage) + 100
+        with lineage.base_diff.open("r+b") as f:
+            f.seek(at)
+            byte = f.read(1)[0]
+            f.seek(at)
+            f.write(bytes([byte ^ 0xFF]))
+    else:
+        flip_undetected(lineage)
+    assert vm.finish().status == KILLED
+    server.finish()
+    assert server.status == 1
+    if kind == "none":
+        assert lineage.builds[0].name in server.error and "does not match its hash" in server.error
+    else:
+        assert str(lineage.base_diff) in server.error and "checksum" in server.error
+    assert vm.report is None or vm.report["mismatches"] == 0
+    assert not server.socket.exists()
+
+
 @pytest.mark.parametrize("kind", ["none", "zstd"])
 def test_diff_deleted_while_serving_is_still_served(lineages, runs, tmp_path, kind) -> None:
     """Deleting a diff file does not take it from the server: the open file stays valid."""
@@ -552,22 +718,24 @@ def test_many_threads_fault_the_same_pages(request, lineages, runs, page, thread
 
 
 class RssSampler:
-    """Samples a process's VmRSS every `interval` seconds, with time.monotonic() stamps
-    (CLOCK_MONOTONIC: comparable with the stand-in's cycle_ends)."""
+    """Samples a process's VmRSS and RssAnon every `interval` seconds, with time.monotonic()
+    stamps (CLOCK_MONOTONIC: comparable with the stand-in's cycle_ends)."""
 
     def __init__(self, pid: int, interval: float = 0.02) -> None:
         self.pid = pid
         self.interval = interval
         self.samples: list[tuple[float, int]] = []
+        self.anon: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            value = rss(self.pid)
-            if value:
-                self.samples.append((time.monotonic(), value))
+            at, value, anon = time.monotonic(), rss(self.pid), rss(self.pid, "RssAnon")
+            if value and anon:
+                self.samples.append((at, value))
+                self.anon.append((at, anon))
             self._stop.wait(self.interval)
 
     def stop(self) -> list[tuple[float, int]]:
@@ -583,8 +751,8 @@ def big_lineage(tmp_path_factory: pytest.TempPathFactory) -> Lineage:
 
 def test_load_1gib_eight_threads_balloon_cycles(big_lineage, runs) -> None:
     """A 1 GiB guest, eight threads faulting every page at random, three balloon cycles of
-    16 MiB racing them: every byte right, and the server's memory flat after the first pass
-    (nothing grows with the number of faults or events)."""
+    16 MiB racing them, within the stand-in's 60 s deadline: every byte right, and the
+    server's memory flat (nothing grows with the number of faults or events)."""
     lineage = big_lineage
     cycles = 3
     balloon = [(GiB // 4, 8 * MiB), (3 * GiB // 4 - 4 * MiB, 8 * MiB)]
@@ -592,6 +760,8 @@ def test_load_1gib_eight_threads_balloon_cycles(big_lineage, runs) -> None:
     sampler = RssSampler(server.proc.pid)
     vm = runs.vm(server, expected=lineage.expected, threads=8, order="random",
                  regions=2, balloon=balloon, balloon_cycles=cycles, deadline=60)
+    server.wait_handshake()
+    handshake = time.monotonic()
     vm.finish(timeout=70)
     server.finish()
     samples = sampler.stop()
@@ -605,6 +775,13 @@ def test_load_1gib_eight_threads_balloon_cycles(big_lineage, runs) -> None:
     assert len(after) >= 3, "too few samples after the first pass"
     growth = max(after) - after[0]
     assert growth < 64 * MiB, f"server RSS grew by {growth / MiB:.1f} MiB after the first pass"
+    # The mapped diff pages the kernel copies from count in VmRSS until the first pass has
+    # touched them all; the server's own (anonymous) memory must be flat from the handshake
+    # on: per-fault or per-event bookkeeping would grow it by megabytes over the run.
+    anon = [value for at, value in sampler.anon if at >= handshake]
+    assert len(anon) >= 3, "too few samples after the handshake"
+    growth = max(anon) - anon[0]
+    assert growth < 8 * MiB, f"server anonymous memory grew by {growth / MiB:.1f} MiB"
 
 
 def test_eight_restores_of_one_build_at_once(lineages, runs) -> None:

@@ -8,7 +8,9 @@ import shutil
 import struct
 import subprocess
 import threading
-from collections.abc import Callable
+import tracemalloc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,9 @@ from hypothesis import strategies as st
 
 from fcsnap.errors import FcsnapError
 from fcsnap.store.seekable import (
+    MAX_EXPANSION,
+    MAX_FRAME_SIZE,
+    MAX_FRAMES,
     Frame,
     SeekableReader,
     SeekableWriter,
@@ -167,10 +172,11 @@ DECLARED = zstandard.ZstdCompressor(level=1).compress(b"a" * 1000)
     ("packed", "size", "message"),
     [
         (PLAIN, 1001, "decompressed to 1000 bytes, seek table says 1001"),
-        (PLAIN, 999, "corrupt zstd frame"),
-        (PLAIN + b"xyz", 1000, "corrupt zstd frame: .*unused data"),
+        (PLAIN, 999, "decompresses to more than the 999 bytes the seek table says"),
+        (PLAIN + b"xyz", 1000, "corrupt zstd frame"),
+        (DECLARED + b"xyz", 1000, "corrupt zstd frame: .*unused data"),
         (DECLARED, 1001, "frame header says 1000 bytes, seek table says 1001"),
-        (DECLARED, 10**9, "frame header says 1000 bytes"),
+        (DECLARED, 10**5, "frame header says 1000 bytes"),
     ],
 )
 def test_frame_disagreeing_with_its_table_entry(
@@ -282,6 +288,7 @@ def check_frames(frames: list[Frame], tail: bytes, file_size: int) -> None:
     for f in frames:
         assert f.compressed_offset == coffset and f.decompressed_offset == doffset
         assert 0 < f.decompressed_size <= 1 << 30 and f.compressed_size > 0
+        assert f.decompressed_size <= f.compressed_size * MAX_EXPANSION
         coffset += f.compressed_size
         doffset += f.decompressed_size
     assert coffset < file_size
@@ -404,3 +411,75 @@ def test_failed_block_leaves_no_seek_table() -> None:
         writer.write(b"x" * 10_000)
         raise RuntimeError("source went away")
     assert not out.getvalue().endswith(struct.pack("<I", 0x8F92EAB1))
+
+
+# -- memory in proportion to the file, not to what its table claims ---------------------------
+
+
+@contextmanager
+def peak_memory() -> Iterator[list[int]]:
+    """Yields a list that holds, after the block, the peak bytes Python allocated in it."""
+    result: list[int] = []
+    tracemalloc.start()
+    try:
+        yield result
+    finally:
+        result.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+def test_claimed_frame_count_is_checked_against_the_file_first(
+    tmp_path: Path, checksums: bool
+) -> None:
+    """A footer claiming the most frames the format allows (a 1.6 GB table) on a small file:
+    refused from the footer alone, without reading or allocating the table."""
+    blob = hand_built([b"a" * 100], checksums)
+    path = tmp_path / "d.zst"
+    path.write_bytes(blob[:-9] + struct.pack("<I", MAX_FRAMES) + blob[-5:])
+    with peak_memory() as peak, pytest.raises(FcsnapError, match="truncated"):
+        SeekableReader(path)
+    assert peak[0] < 64 << 10
+
+
+def test_entry_claiming_more_than_zstd_can_expand_is_refused(tmp_path: Path) -> None:
+    """1 GiB from 17 bytes is no zstd frame: refused when the table is read."""
+    packed = zstandard.ZstdCompressor(write_content_size=False).compress(b"a" * 100)
+    path = tmp_path / "d.zst"
+    path.write_bytes(assemble([packed], [MAX_FRAME_SIZE], None))
+    with pytest.raises(FcsnapError, match="more than zstd can expand"):
+        SeekableReader(path)
+    entry = struct.pack("<II", len(packed), len(packed) * MAX_EXPANSION)
+    table = struct.pack("<II", 0x184D2A5E, 8 + 9) + entry + struct.pack("<IBI", 1, 0, 0x8F92EAB1)
+    assert parse_seek_table(table, len(packed) + len(table))[0].decompressed_size == len(
+        packed
+    ) * MAX_EXPANSION  # the bound itself is allowed
+
+
+@pytest.mark.parametrize("content_size", [False, True], ids=["unsized", "sized"])
+def test_frame_yielding_less_than_its_entry_allocates_what_it_yields(
+    tmp_path: Path, content_size: bool
+) -> None:
+    """An entry claiming 1 GiB for a frame of 64 KiB of random bytes (plausible to the
+    expansion bound): reading it costs memory in proportion to the frame, not 1 GiB, which
+    zstd's one-call decompress would allocate up front for a frame without a size."""
+    data = random.Random(2).randbytes(64 << 10)
+    packed = zstandard.ZstdCompressor(write_content_size=content_size).compress(data)
+    path = tmp_path / "d.zst"
+    path.write_bytes(assemble([packed], [MAX_FRAME_SIZE], None))
+    message = "frame header says 65536 bytes" if content_size else "decompressed to 65536 bytes"
+    with SeekableReader(path) as reader, peak_memory() as peak, pytest.raises(
+        FcsnapError, match=message
+    ):
+        reader.read_frame(0)
+    assert peak[0] < 4 << 20
+
+
+def test_frames_without_a_size_stream_to_the_same_bytes(tmp_path: Path) -> None:
+    """The streaming path (frames without a content size, as other writers make them)
+    gives exactly the frame, across several chunks too."""
+    data = sample(3 << 20, seed=5)
+    path = tmp_path / "d.zst"
+    path.write_bytes(hand_built([data[: 1 << 20], data[1 << 20 :]], checksums=True))
+    with SeekableReader(path, verify_checksums=True) as reader:
+        assert reader.read(0, len(data)) == data

@@ -278,6 +278,10 @@ def test_late_handshake_then_normal_run(memory_file, server_factory, tmp_path) -
         ("oversize-region", 1, lambda payload: json.loads(payload)[0]["size"] == 8 * MiB),
         ("bad-page-size", 1, lambda payload: json.loads(payload)[0]["page_size"] == 8192),
         ("overlap", 1, lambda payload: _overlapping(json.loads(payload))),
+        ("hangup", 0, lambda payload: payload == b""),
+        ("wrong-fd", 1, lambda payload: len(json.loads(payload)) == 1),
+        ("huge", 1, lambda payload: len(payload) > firecracker.HUGE_PADDING
+         and len(json.loads(payload)) == 1),
     ],
 )
 def test_misbehaviour(memory_file, server_factory, tmp_path, mode, nfds, check) -> None:
@@ -286,7 +290,8 @@ def test_misbehaviour(memory_file, server_factory, tmp_path, mode, nfds, check) 
     proc = firecracker.spawn(server.path, expected=path, misbehave=mode, hold=30)
     try:
         # the stand-in holds: it must still be alive after the server has seen its handshake
-        assert _wait_for(lambda: server.payload if mode != "nothing" else server.connected)
+        silent = mode in ("nothing", "hangup")
+        assert _wait_for(lambda: server.connected if silent else server.payload)
         time.sleep(0.1)
         assert proc.poll() is None
     finally:
@@ -294,6 +299,8 @@ def test_misbehaviour(memory_file, server_factory, tmp_path, mode, nfds, check) 
         proc.wait(WAIT)
     assert len(server.fds) == nfds
     assert check(server.payload)
+    if mode == "wrong-fd":
+        assert os.readlink(f"/proc/self/fd/{server.fds[0]}") == os.devnull
 
 
 def _overlapping(regions: list[dict[str, int]]) -> bool:

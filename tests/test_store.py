@@ -297,6 +297,39 @@ def test_killed_pack_leaves_no_build_and_no_pointer_change(tmp_path):
     assert not any(p.name.startswith(".staging-") for p in store.iterdir())
 
 
+def test_interrupted_pack_removes_its_own_staging(tmp_path):
+    """Ctrl-C (SIGINT) mid-pack: the command cleans up after itself - no build, no staging
+    directory, no pointer change - and exits 130 without a traceback."""
+    store = tmp_path / "store"
+    write_full(tmp_path / "small", synthetic_memory(4 * MIB, seed=13))
+    assert fcsnap("pack", tmp_path / "small", "--store", store, "--name", "vm").returncode == 0
+    before = (visible_builds(store), (store / VMS / "vm").read_text())
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(64 * MIB))  # at zstd level 19 this takes many seconds
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fcsnap", "pack", big, "--store", store, "--name", "vm",
+         "--compress", "zstd:19"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.name.startswith(".staging-") for p in store.iterdir()):
+            assert time.monotonic() < deadline and proc.poll() is None, "pack never started"
+            time.sleep(0.01)
+        time.sleep(0.5)
+        assert proc.poll() is None, "pack finished before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert proc.returncode == 130
+    assert "Traceback" not in err.decode() and len(err.decode().splitlines()) <= 1
+    assert (visible_builds(store), (store / VMS / "vm").read_text()) == before
+    assert not any(p.name.startswith(".") for p in store.iterdir())
+
+
 def test_full_disk_leaves_no_build(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")

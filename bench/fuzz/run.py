@@ -2,11 +2,15 @@
 FcsnapError with a message, never another exception, never memory in proportion to a claim.
 
 Targets: header (memfile.header), hashes (memfile.hashes), seektable (zstd seekable seek table),
-manifest (build.json), regions (Firecracker's UFFD handshake), workingset (--prefetch-ws files).
-Each target runs in its own process for --seconds, with atheris (coverage-guided libFuzzer) when
-it is installed and hypothesis otherwise, starting from valid inputs of that format. Prints the
-executions and findings per target; exits 1 when anything was found (inputs saved under
---artifacts).
+seekable (a whole seekable file: table and every frame decompressed), manifest (build.json),
+regions (the JSON region list of Firecracker's UFFD handshake), handshake (that handshake as
+received from a socket: payload in chunks, no fd, the uffd, other or too many fds, the sender
+hanging up, going quiet or a stop request; every fd that arrives must be handed over or closed),
+workingset (--prefetch-ws files). Each target runs in its own process for --seconds, with atheris
+(coverage-guided libFuzzer) when it is installed and hypothesis otherwise, starting from valid
+inputs of that format, its address space capped a little above what it uses once loaded.
+Prints the executions and findings per target; exits 1 when anything was found (inputs saved
+under --artifacts).
 
     python bench/fuzz/run.py [--seconds 60] [--targets header,hashes] [--engine atheris]
 """
@@ -22,6 +26,8 @@ import os
 import re
 import resource
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -32,11 +38,17 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-TARGETS = ("header", "hashes", "seektable", "manifest", "regions", "workingset")
-# The address space a worker may use: an allocation sized by a claim in the input fails with
-# MemoryError (a finding) instead of going unnoticed while the kernel hands out untouched pages.
-ADDRESS_SPACE = 8 << 30
+TARGETS = (
+    "header", "hashes", "seektable", "seekable", "manifest", "regions", "handshake", "workingset",
+)
+# The address space a worker may use beyond what it has mapped once its target is loaded: an
+# allocation sized by a claim in the input (a 1 GiB frame promised by 4 KiB of file) fails with
+# MemoryError, a finding, instead of going unnoticed while the kernel hands out untouched pages.
+# Honest inputs stay below it: MAX_LEN bytes of zstd expand to at most 128 MiB (256 MiB while
+# the pieces are joined).
+ADDRESS_SPACE_MARGIN = 512 << 20
 MAX_LEN = 4096
+HANDSHAKE_MEMORY = 64 << 20  # guest memory the handshake target's regions must fit
 # libFuzzer dictionaries for the JSON formats: whole keys and values are hard to guess bytewise.
 TOKENS = {
     "manifest": ["build_id", "parent_build_id", "generation", "base_build_id", "block_size",
@@ -48,14 +60,26 @@ VALUES = ["null", "true", "0", "-1", "4096", "2097152", "18446744073709551616", 
           "{}", '"zstd"', '"none"', '"11111111-1111-4111-8111-111111111111"']
 
 
-def load(target: str) -> tuple[Callable[[bytes], None], list[bytes]]:
+def load(target: str, scratch: Path) -> tuple[Callable[[bytes], None], list[bytes]]:
     """The check for one target and valid seed inputs. Imported here, inside the worker, so
-    that atheris can instrument the fcsnap modules as they load."""
+    that atheris can instrument the fcsnap modules as they load. `scratch` is a directory the
+    driver removes after the worker (libFuzzer ends the process without unwinding)."""
+    import zstandard
+
     from fcsnap.errors import FcsnapError
     from fcsnap.header import BLOCK_SIZES, dump_header, parse_header
     from fcsnap.store.hashes import dump_hashes, parse_hashes
     from fcsnap.store.manifest import COMPRESSIONS, parse_manifest
-    from fcsnap.store.seekable import FOOTER, MAX_FRAME_SIZE, SeekableWriter, parse_seek_table
+    from fcsnap.store.seekable import (
+        FOOTER,
+        MAX_EXPANSION,
+        MAX_FRAME_SIZE,
+        SeekableReader,
+        SeekableWriter,
+        parse_seek_table,
+    )
+    from fcsnap.uffd import abi
+    from fcsnap.uffd.handshake import UFFD_LINK, receive_handshake
     from fcsnap.uffd.regions import MAX_REGIONS, PAGE_SIZES, parse_regions
     from fcsnap.workingset import dump_working_set, parse_working_set
 
@@ -93,9 +117,93 @@ def load(target: str) -> tuple[Callable[[bytes], None], list[bytes]]:
         for f in frames:
             assert (f.compressed_offset, f.decompressed_offset) == (compressed, decompressed)
             assert f.compressed_size > 0 and 0 < f.decompressed_size <= MAX_FRAME_SIZE
+            assert f.decompressed_size <= f.compressed_size * MAX_EXPANSION
             compressed += f.compressed_size
             decompressed += f.decompressed_size
         assert compressed < file_size and len(frames) * 8 + FOOTER.size <= len(tail)
+
+    seekable_path = scratch / "input.zst"
+
+    def seekable_file(data: bytes) -> None:
+        seekable_path.write_bytes(data)
+        try:
+            reader = SeekableReader(seekable_path, cache_bytes=0, verify_checksums=True)
+        except FcsnapError as e:
+            return refused(e)
+        with reader:
+            total = 0
+            for i, frame in enumerate(reader.frames[:64]):
+                try:
+                    got = reader.read_frame(i)
+                except FcsnapError as e:
+                    refused(e)
+                    continue
+                assert len(got) == frame.decompressed_size
+                total += len(got)
+            assert total <= len(data) * MAX_EXPANSION
+
+    uffd = abi.userfaultfd()  # each execution sends a dup of it
+    fd_patterns: list[tuple[list[str], list[str]]] = [  # fds sent with the first, second chunk
+        (["uffd"], []), ([], []), ([], ["uffd"]), (["pipe"], []), (["pipe", "uffd"], []),
+        (["uffd", "devnull"], ["uffd"]), (["devnull"] * 9 + ["uffd"], []), (["uffd"], ["pipe"]),
+    ]
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def handshake(data: bytes) -> None:
+        # data[0]: the fds (bits 0-2) and how the sender ends (bits 3-4: hang up, quiet, stop);
+        # data[1]: where the payload is cut in two sends; the rest: the payload.
+        if len(data) < 2:
+            return
+        pattern, ending = fd_patterns[data[0] & 7], ("hangup", "quiet", "stop", "hangup")[
+            data[0] >> 3 & 3]
+        payload = data[2:]
+        cut = len(payload) * data[1] // 255
+        before = open_fds()
+        server, client = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        stop_r, stop_w = os.pipe()
+        made: list[int] = []
+        result = None
+        try:
+            for chunk, kinds in zip((payload[:cut], payload[cut:]), pattern, strict=True):
+                fds = []
+                for kind in kinds:
+                    if kind == "uffd":
+                        fds.append(os.dup(uffd))
+                    elif kind == "pipe":
+                        r, w = os.pipe()
+                        made.append(r)
+                        fds.append(w)
+                    else:
+                        fds.append(os.open(os.devnull, os.O_RDONLY))
+                made.extend(fds)
+                if chunk:  # fds without a payload byte are not sent on a stream socket
+                    socket.send_fds(client, [chunk], fds)
+            if ending == "hangup":
+                client.shutdown(socket.SHUT_WR)
+            elif ending == "stop":
+                os.write(stop_w, b"x")
+            try:
+                result = receive_handshake(server, HANDSHAKE_MEMORY, 0.001, stop_r)
+            except FcsnapError as e:
+                refused(e)
+        finally:
+            for fd in (*made, stop_r, stop_w):
+                os.close(fd)
+            server.close()
+            client.close()
+        if result is not None:
+            regions, received, extra = result
+            try:
+                assert os.readlink(f"/proc/self/fd/{received}") == UFFD_LINK
+                assert not os.get_blocking(received) and extra >= 0
+                assert 0 < len(regions) <= MAX_REGIONS
+                assert all(r.offset + r.size <= HANDSHAKE_MEMORY for r in regions)
+            finally:
+                os.close(received)
+            assert ending != "stop", "a stop request was not honoured"
+        assert open_fds() == before, "an fd that arrived was neither handed over nor closed"
 
     def manifest(data: bytes) -> None:
         try:
@@ -155,12 +263,19 @@ def load(target: str) -> tuple[Callable[[bytes], None], list[bytes]]:
     memory = (2 << 20).to_bytes(8, "little")
     files = [seekable([b"a" * 5000, bytes(9000)], 4096, True), seekable([b"xyz" * 999], 1024,
                                                                           False)]
+    unsized = zstandard.ZstdCompressor(write_content_size=False)  # as other writers make them
+    frames = [unsized.compress(b"q" * 3000), unsized.compress(bytes(range(256)) * 4)]
+    entries = b"".join(struct.pack("<II", len(f), n) for f, n in zip(frames, (3000, 1024),
+                                                                        strict=True))
+    files.append(b"".join(frames) + struct.pack("<II", 0x184D2A5E, len(entries) + 9) + entries
+                 + struct.pack("<IBI", 2, 0, 0x8F92EAB1))
     seeds = {
         "header": [p.read_bytes() for p in sorted((ROOT / "fixtures/headers").glob("*.header"))],
         "hashes": [dump_hashes(4096, bytes(range(48))), dump_hashes(2 << 20, b""),
                    dump_hashes(4096, bytes(16))],
         "seektable": [bytes(4) + f for f in files]
         + [(len(f) - 57).to_bytes(4, "little") + f[-57:] for f in files],
+        "seekable": files,
         "manifest": [json.dumps(base).encode(), json.dumps(child, indent=2).encode()],
         "regions": [
             memory + json.dumps([region]).encode(),
@@ -170,12 +285,25 @@ def load(target: str) -> tuple[Callable[[bytes], None], list[bytes]]:
                 {"base_host_virt_addr": 0x7F1000000000, "size": 1 << 20, "offset": 1 << 20},
             ]).encode(),
         ],
+        "handshake": [bytes([flags, cut]) + json.dumps(r).encode()
+                      for flags, cut, r in [(0, 255, [region]), (2, 100, [region]),
+                                            (8, 255, [region]), (16, 40, [region]),
+                                            (4, 255, [region, region])]],
         "workingset": [dump_working_set(1 << 20, [0x5000, 0, 0xFF000]),
                        dump_working_set(8192, [])],
     }[target]
-    check = {"header": header, "hashes": hashes, "seektable": seektable, "manifest": manifest,
-             "regions": regions, "workingset": workingset}[target]
+    check = {"header": header, "hashes": hashes, "seektable": seektable,
+             "seekable": seekable_file, "manifest": manifest, "regions": regions,
+             "handshake": handshake, "workingset": workingset}[target]
     return check, seeds
+
+
+def cap_address_space() -> None:
+    """Allow ADDRESS_SPACE_MARGIN more than is mapped now (the target loaded)."""
+    status = Path("/proc/self/status").read_text().splitlines()
+    mapped = next(int(line.split()[1]) << 10 for line in status if line.startswith("VmSize:"))
+    limit = mapped + ADDRESS_SPACE_MARGIN
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def save(artifacts: Path, target: str, data: bytes) -> Path:
@@ -188,12 +316,12 @@ def save(artifacts: Path, target: str, data: bytes) -> Path:
 # -- workers (one process per target) ---------------------------------------------------------
 
 
-def work_atheris(target: str, seconds: int, artifacts: Path) -> None:
+def work_atheris(target: str, seconds: int, artifacts: Path, scratch: Path) -> None:
     import atheris
 
     with atheris.instrument_imports(include=["fcsnap"]):
-        check, seeds = load(target)
-    scratch = Path(tempfile.mkdtemp(prefix=f"fcsnap-fuzz-{target}-"))
+        check, seeds = load(target, scratch)
+    cap_address_space()
     corpus = scratch / "corpus"
     corpus.mkdir()
     for i, seed in enumerate(seeds):
@@ -210,17 +338,15 @@ def work_atheris(target: str, seconds: int, artifacts: Path) -> None:
         (scratch / "dict").write_text("".join(f"{word}\n" for word in words))
         flags.append(f"-dict={scratch / 'dict'}")
     atheris.Setup([sys.argv[0], *flags, str(corpus)], check)
-    try:
-        atheris.Fuzz()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    atheris.Fuzz()  # does not return: libFuzzer exits the process
 
 
-def work_hypothesis(target: str, seconds: int, artifacts: Path) -> None:
+def work_hypothesis(target: str, seconds: int, artifacts: Path, scratch: Path) -> None:
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
 
-    check, seeds = load(target)
+    check, seeds = load(target, scratch)
+    cap_address_space()
 
     @st.composite
     def mutated(draw: st.DrawFn) -> bytes:
@@ -265,11 +391,16 @@ def work_hypothesis(target: str, seconds: int, artifacts: Path) -> None:
 def run_target(target: str, engine: str, seconds: int, artifacts: Path) -> dict[str, Any]:
     before = set(artifacts.glob(f"{target}-*")) if artifacts.is_dir() else set()
     started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, __file__, "--worker", target, "--engine", engine,
-         "--seconds", str(seconds), "--artifacts", str(artifacts)],
-        capture_output=True, text=True, timeout=seconds * 3 + 120,
-    )
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # the seekable target writes a lot
+    scratch = Path(tempfile.mkdtemp(prefix=f"fcsnap-fuzz-{target}-", dir=shm))
+    try:
+        done = subprocess.run(
+            [sys.executable, __file__, "--worker", target, "--engine", engine,
+             "--seconds", str(seconds), "--artifacts", str(artifacts), "--scratch", str(scratch)],
+            capture_output=True, text=True, timeout=seconds * 3 + 120,
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     log = done.stderr
     runs = re.findall(r"Done (\d+) runs|stat::number_executed_units: (\d+)|^#(\d+)\s", log, re.M)
     executions = max((int(x) for groups in runs for x in groups if x), default=0)
@@ -302,13 +433,13 @@ def main() -> None:
                         help="where inputs that found something are saved")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", choices=TARGETS, help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     artifacts = args.artifacts.resolve()
     if args.worker:
-        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
         os.chdir(tempfile.gettempdir())  # libFuzzer may drop files in the working directory
         work = work_atheris if args.engine == "atheris" else work_hypothesis
-        work(args.worker, args.seconds, artifacts)
+        work(args.worker, args.seconds, artifacts, args.scratch)
         return
     targets = [t for t in args.targets.split(",") if t]
     unknown = set(targets) - set(TARGETS)

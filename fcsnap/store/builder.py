@@ -49,6 +49,7 @@ class BuildOptions:
     name: str | None = None
     vmstate: Path | None = None
     source: str = ""
+    working_set: Path | None = None  # store these pages' blocks first (restore --record-ws)
 
 
 # Chunks smaller than this (the data ranges of a sparse Diff file, often one page each) are
@@ -155,6 +156,17 @@ class GenerationBuilder:
         self.gather = memoryview(np.empty(GATHER_BYTES, np.uint8))
         self.filled = 0
         self.gather_from = 0  # spans[gather_from:] are in `gather`
+        self.taken: np.ndarray | None = None  # blocks `add_first` classified, if it was used
+
+    def add_first(self, blocks: np.ndarray, data: memoryview) -> None:
+        """Take `blocks` (any order, held in that order by `data`) before the memory-order
+        pass: those this build stores get the next storage slots in this order, so a working
+        set added here first is laid out contiguously in fault order. `add` then passes over
+        them (they still count for the chunks it covers, so holes keep their meaning)."""
+        if self.taken is None:
+            self.taken = np.zeros(self.blocks, bool)
+        self._scan(blocks, data)
+        self.taken[blocks] = True
 
     def add(self, offset: int, chunk: bytes | memoryview) -> None:
         """Take whole blocks starting at `offset` (block aligned), in ascending order."""
@@ -189,8 +201,13 @@ class GenerationBuilder:
         parent = self.parent
         words = np.frombuffer(data, np.uint64).reshape(len(blocks), bs // 8)
         nonzero = np.bitwise_or.reduce(words, axis=1) != 0
+        zero = ~nonzero
+        if self.taken is not None:  # classified already by add_first
+            fresh_blocks = ~self.taken[blocks]
+            nonzero &= fresh_blocks
+            zero &= fresh_blocks
         if parent is not None:  # zeros change something only where the parent has data
-            zeros = blocks[~nonzero]
+            zeros = blocks[zero]
             self._record(zeros[parent.owners(zeros) != ZEROS], ZEROS, 0)
         pos = np.flatnonzero(nonzero)
         keys = [digest(data[j * bs : (j + 1) * bs]) for j in pos.tolist()]
@@ -285,8 +302,10 @@ def build_generation(
     options: BuildOptions,
     parent: Parent | None = None,
     holes_are_zero: bool = True,
+    first: Iterable[tuple[np.ndarray, memoryview]] = (),
 ) -> tuple[Manifest, Path]:
-    """Run the pipeline and publish the build; returns its manifest and directory."""
+    """Run the pipeline and publish the build; returns its manifest and directory. `first`
+    (MemoryFile.working_set) is taken before `chunks`: its stored blocks lead the diff."""
     if options.name is not None:
         check_vm_name(options.name)
     if options.vmstate is not None and not options.vmstate.is_file():
@@ -295,6 +314,8 @@ def build_generation(
     with staged_build(store, build_id) as stage:
         builder = GenerationBuilder(stage, build_id, size, parent, options)
         try:
+            for blocks, data in first:
+                builder.add_first(blocks, data)
             for offset, chunk in chunks:
                 builder.add(offset, chunk)
             meta, stats = builder.finish(holes_are_zero)

@@ -20,6 +20,7 @@ from fcsnap.store.lineage import Parent
 from fcsnap.store.manifest import Manifest, read_manifest
 from fcsnap.store.scan import CHUNK, MemoryFile, block_aligned
 from fcsnap.store.source import DiffFile, GenerationReader
+from fcsnap.workingset import read_working_set
 
 Progress = Callable[[int], None]
 """Called with the number of bytes just processed."""
@@ -44,8 +45,18 @@ def pack(
     with MemoryFile(memfile, options.block_size) as source:
         options = replace(options, source=memfile.name)
         return build_generation(
-            store, _tracked(source.chunks(), progress), source.size, options
+            store, _tracked(source.chunks(), progress), source.size, options,
+            first=_working_set(source, options),
         )
+
+
+def _working_set(
+    source: MemoryFile, options: BuildOptions, fill_holes: Callable[[int, int], bytes] | None = None
+) -> Iterator[tuple[np.ndarray, memoryview]] | tuple[()]:
+    """The blocks of --working-set, to be stored first; read (and its size checked) now."""
+    if options.working_set is None:
+        return ()
+    return source.working_set(read_working_set(options.working_set, source.size), fill_holes)
 
 
 def diff(
@@ -75,11 +86,12 @@ def diff(
                 reader.append(GenerationReader(base_dir))
             return reader[0].read(offset, length)
 
+        fill = base_bytes if sparse_diff else None
         try:
-            chunks = source.chunks(fill_holes=base_bytes if sparse_diff else None)
+            chunks = source.chunks(fill_holes=fill)
             return build_generation(
                 store, _tracked(chunks, progress), source.size, options, parent,
-                holes_are_zero=not sparse_diff,
+                holes_are_zero=not sparse_diff, first=_working_set(source, options, fill),
             )
         finally:
             for r in reader:

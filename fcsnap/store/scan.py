@@ -12,11 +12,14 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
+
 from fcsnap.errors import FcsnapError
 from fcsnap.files import open_regular
 
 CHUNK = 32 << 20
 PREFETCH_BYTES = 64 << 20
+FIRST_BATCH = 4 << 20  # bytes of working-set blocks handed to the builder at a time
 
 
 def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
@@ -52,6 +55,15 @@ def block_aligned(
         else:
             out.append((lo, hi, end - start))
     return out
+
+
+def _runs_in_order(blocks: np.ndarray) -> list[tuple[int, int]]:
+    """(first block, count) of each run of consecutive blocks, in the given (any) order."""
+    if not len(blocks):
+        return []
+    cut = np.flatnonzero(np.diff(blocks) != 1) + 1
+    at = np.concatenate(([0], cut))
+    return list(zip(blocks[at].tolist(), np.diff(at, append=len(blocks)).tolist(), strict=True))
 
 
 class MemoryFile:
@@ -104,6 +116,49 @@ class MemoryFile:
                 if partial and fill_holes is not None:
                     self._fill(part, start, fill_holes)
                 yield start, part
+
+    def working_set(
+        self, offsets: np.ndarray, fill_holes: Callable[[int, int], bytes] | None = None
+    ) -> Iterator[tuple[np.ndarray, memoryview]]:
+        """The blocks holding the guest pages at `offsets` (a working set, in fault order),
+        in that order, each block once (its first page decides where): batches of (block
+        numbers, their bytes), for a build that stores them first and contiguously.
+
+        Blocks wholly in holes are left out: a hole is zeros or "unchanged", never stored, and
+        the memory-order pass decides which. Partly covered blocks are completed as `chunks`
+        does. Each batch's reads are announced (WILLNEED) first, so a cold file serves these
+        scattered blocks in parallel. The yielded memoryview is reused, as in `chunks`.
+        """
+        if not self.ranges:
+            return
+        bs = self.block_size
+        blocks = np.asarray(offsets, np.int64) // bs
+        _, first = np.unique(blocks, return_index=True)
+        blocks = blocks[np.sort(first)]
+        starts, ends = np.array(self.ranges, np.int64).reshape(-1, 2).T
+        i = np.searchsorted(ends, blocks * bs, "right")  # the first range ending after it
+        inside = i < len(ends)
+        i = np.minimum(i, len(ends) - 1)
+        has_data = inside & (starts[i] < (blocks + 1) * bs)
+        whole = (starts[i] <= blocks * bs) & (ends[i] >= (blocks + 1) * bs)
+        blocks, whole = blocks[has_data], whole[has_data]
+        per_batch = max(1, FIRST_BATCH // bs)
+        view = memoryview(bytearray(min(len(blocks), per_batch) * bs))
+        for lo in range(0, len(blocks), per_batch):
+            batch = blocks[lo : lo + per_batch]
+            runs = _runs_in_order(batch)
+            for start, count in runs:
+                os.posix_fadvise(self.fd, start * bs, count * bs, os.POSIX_FADV_WILLNEED)
+            pos = 0
+            for start, count in runs:
+                part = view[pos * bs : (pos + count) * bs]
+                if os.preadv(self.fd, [part], start * bs) != len(part):
+                    raise FcsnapError(f"{self.path}: short read at {start * bs:#x} (file changed?)")
+                pos += count
+            if fill_holes is not None:
+                for j in np.flatnonzero(~whole[lo : lo + per_batch]).tolist():
+                    self._fill(view[j * bs : (j + 1) * bs], int(batch[j]) * bs, fill_holes)
+            yield batch, view[: len(batch) * bs]
 
     def _read(
         self, part: memoryview, start: int, aligned: list[tuple[int, int, int]], asked: int

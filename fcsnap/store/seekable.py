@@ -38,6 +38,14 @@ RESERVED_BITS = 0x7C
 # The reference implementation's limits; anything beyond them is corruption, not data.
 MAX_FRAMES = 0x8000000
 MAX_FRAME_SIZE = 1 << 30
+# zstd cannot expand more than this: every block has a 3-byte header and yields at most
+# 128 KiB (an RLE block: 4 bytes for 128 KiB). A table entry claiming more is corrupt.
+MAX_EXPANSION = (128 << 10) // 4
+# A frame is decompressed in one call into a buffer of its full size only when its own header
+# declares that size and its compressed bytes could plausibly hold it; any other frame is
+# streamed, so memory follows what zstd actually produces rather than what a table claims.
+ONE_SHOT_EXPANSION = 256
+STREAM_CHUNK = 1 << 20
 
 SKIPPABLE_HEAD = struct.Struct("<II")
 FOOTER = struct.Struct("<IBI")
@@ -126,6 +134,11 @@ def parse_seek_table(tail: bytes, file_size: int) -> list[Frame]:
             raise FcsnapError(
                 f"seek table frame {index} claims {dsize} decompressed bytes "
                 f"(at most {MAX_FRAME_SIZE})"
+            )
+        if dsize > csize * MAX_EXPANSION:
+            raise FcsnapError(
+                f"seek table frame {index} claims {dsize} decompressed bytes from {csize} "
+                f"compressed, more than zstd can expand ({MAX_EXPANSION}:1)"
             )
         frames.append(Frame(coffset, csize, doffset, dsize, fields[2] if checksums else None))
         coffset += csize
@@ -424,22 +437,22 @@ class SeekableReader:
         dctx = getattr(self._local, "dctx", None)
         if dctx is None:
             dctx = self._local.dctx = zstandard.ZstdDecompressor()
+        size = frame.decompressed_size
         try:
             # A declared content size is what decompress() would allocate: check it first.
             declared = zstandard.frame_content_size(raw)
-            if declared not in (-1, frame.decompressed_size):
-                raise FcsnapError(
-                    f"frame header says {declared} bytes, seek table says {frame.decompressed_size}"
-                )
-            data = dctx.decompress(
-                raw, max_output_size=frame.decompressed_size, allow_extra_data=False
-            )
+            if declared not in (-1, size):
+                raise FcsnapError(f"frame header says {declared} bytes, seek table says {size}")
+            if declared == size and size <= len(raw) * ONE_SHOT_EXPANSION:
+                data = dctx.decompress(raw, max_output_size=size, allow_extra_data=False)
+            else:
+                data = _stream(dctx, raw, size)
         except zstandard.ZstdError as e:
             raise FcsnapError(f"corrupt zstd frame: {e}") from e
-        if len(data) != frame.decompressed_size:
-            raise FcsnapError(
-                f"decompressed to {len(data)} bytes, seek table says {frame.decompressed_size}"
-            )
+        if len(data) > size:  # the stream stopped one byte past the table's size
+            raise FcsnapError(f"decompresses to more than the {size} bytes the seek table says")
+        if len(data) < size:
+            raise FcsnapError(f"decompressed to {len(data)} bytes, seek table says {size}")
         if self.verify_checksums and frame.checksum is not None:
             actual = frame_checksum(data)
             if actual != frame.checksum:
@@ -448,3 +461,22 @@ class SeekableReader:
                     f"{frame.checksum:#010x}"
                 )
         return data
+
+
+def _stream(dctx: zstandard.ZstdDecompressor, raw: bytes, size: int) -> bytes:
+    """Decompress `raw` in chunks, stopping one byte past `size`.
+
+    decompress() with max_output_size allocates that many bytes up front when the frame does
+    not declare its size, so a corrupt table entry of 1 GiB over a few bytes would allocate
+    1 GiB; here memory grows only with the bytes the frame really yields.
+    """
+    parts: list[bytes] = []
+    got = 0
+    with dctx.stream_reader(raw, read_across_frames=False) as reader:
+        while got <= size:
+            chunk = reader.read(min(STREAM_CHUNK, size + 1 - got))
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)

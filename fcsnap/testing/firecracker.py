@@ -59,8 +59,9 @@ PAGE_SIZES = {"4K": 4096, "2M": 2 << 20}
 PAYLOADS = ("v1.1", "v1.7", "v1.12")
 MISBEHAVIOURS = (
     "nothing", "garbage", "no-fd", "two-fds", "late", "oversize-region", "bad-page-size",
-    "overlap",
+    "overlap", "hangup", "wrong-fd", "huge",
 )
+HUGE_PADDING = 96 << 10  # bytes of whitespace in a "huge" handshake (the server takes 64 KiB)
 EXIT_MISMATCH = 3
 EXIT_DEADLINE = 4
 FIRST_MISMATCHES = 16
@@ -185,6 +186,9 @@ def handshake(sock: socket.socket, guest: Guest, payload: str, misbehave: str | 
     """Firecracker's single sendmsg, or the chosen way of getting it wrong."""
     if misbehave == "nothing":
         return
+    if misbehave == "hangup":  # connect, then close before sending anything
+        sock.close()
+        return
     objects = guest.region_objects(payload)
     fds = [guest.uffd]
     if misbehave == "oversize-region":
@@ -205,7 +209,11 @@ def handshake(sock: socket.socket, guest: Guest, payload: str, misbehave: str | 
         fds = []
     elif misbehave == "two-fds":
         fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+    elif misbehave == "wrong-fd":  # one fd, but not the uffd
+        fds = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)]
     data = b"{not json at all" if misbehave == "garbage" else json.dumps(objects).encode()
+    if misbehave == "huge":  # valid JSON, but padded far beyond any real region list
+        data = data[:1] + b" " * HUGE_PADDING + data[1:]
     socket.send_fds(sock, [data], fds)
 
 
@@ -619,7 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-timeout", type=float, default=10.0)
     p.add_argument("--misbehave", metavar="MODE",
                    help="nothing|garbage|no-fd|two-fds|late:SECONDS|oversize-region|"
-                   "bad-page-size|overlap: get the handshake wrong, then hold")
+                   "bad-page-size|overlap|hangup|wrong-fd|huge: get the handshake wrong, "
+                   "then hold")
     return p
 
 

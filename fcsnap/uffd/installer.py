@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -38,16 +39,19 @@ class InstallStats:
     per_build_pages: Counter = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
     first_fault_s: float | None = None
+    prefetch_s: float | None = None  # from the handshake to the end of the prefetch
 
 
 class RegionState:
-    """Per-page flags of one region: present (installed by us) and removed (balloon)."""
+    """Per-page flags of one region: present (installed by us), removed (balloon) and wanted
+    (in the working set being prefetched)."""
 
     def __init__(self, region: Region) -> None:
         self.region = region
         self.pages = region.size // region.page_size
         self.present = np.zeros(self.pages, bool)
         self.removed = np.zeros(self.pages, bool)
+        self.wanted = np.zeros(self.pages, bool)
 
 
 class Installer:
@@ -92,6 +96,8 @@ class Installer:
         if state.present[page]:
             return self._refault(state, page)
         window = max(1, self.fault_around // region.page_size)
+        if state.wanted[page]:  # the prefetch brings the rest of the working set: only this
+            window = 1
         w_lo = page - page % window
         w_hi = min(state.pages, w_lo + window)
         lo, hi = self._source_bounds(state, page, w_lo, w_hi)
@@ -147,39 +153,26 @@ class Installer:
             pos = seg_hi
         return installed, None
 
+    def note_installed(
+        self, state: RegionState, lo: int, pages: int, build: uuid.UUID | None
+    ) -> None:
+        """Account one install of pages [lo, lo+pages) from `build` (None: zeros)."""
+        if pages:
+            r = state.region
+            state.present[lo : lo + pages] = True
+            self.stats.installs += 1
+            self.stats.pages_served += pages
+            self.stats.bytes_served += pages * r.page_size
+            if build is None:
+                self.stats.zero_pages += pages
+            else:
+                self.stats.per_build_pages[build] += pages
+
     def fully_resident(self) -> bool:
         """Every page is in place: the VM no longer needs this server (until a balloon)."""
         return all(s.present.all() for s in self.states.values())
 
-    def offsets_to_pages(self, offsets: np.ndarray) -> list[tuple[Region, int, int]]:
-        """Guest offsets (in order) as spans of consecutive pages per region."""
-        spans: list[tuple[Region, int, int]] = []
-        for offset in offsets.tolist():
-            region = self._region_at_offset(offset)
-            if region is None:
-                continue
-            page = (offset - region.offset) // region.page_size
-            if spans and spans[-1][0] is region and spans[-1][2] == page:
-                spans[-1] = (region, spans[-1][1], page + 1)
-            elif not (spans and spans[-1][0] is region and spans[-1][1] <= page < spans[-1][2]):
-                spans.append((region, page, page + 1))
-        return spans
-
-    def missing_spans(self, chunk_pages: int) -> list[tuple[Region, int, int]]:
-        """Every region cut into spans of `chunk_pages` pages (for populate)."""
-        return [
-            (r, lo, min(lo + chunk_pages, self.states[r.base].pages))
-            for r in self.regions.regions
-            for lo in range(0, self.states[r.base].pages, chunk_pages)
-        ]
-
     # -- internals -------------------------------------------------------------------------
-
-    def _region_at_offset(self, offset: int) -> Region | None:
-        for region in self.regions.regions:
-            if region.offset <= offset < region.offset + region.size:
-                return region
-        return None
 
     def _source_bounds(self, state: RegionState, page: int, lo: int, hi: int) -> tuple[int, int]:
         """Narrow [lo, hi) around `page` to pages served from one contiguous source run."""
@@ -240,16 +233,7 @@ class Installer:
                     f"installing guest memory at {dst:#x} from {origin} failed: {e.strerror} "
                     "(diff file truncated or unreadable?)"
                 ) from e
-        pages = done // size
-        if pages:
-            state.present[lo : lo + pages] = True
-            self.stats.installs += 1
-            self.stats.pages_served += pages
-            self.stats.bytes_served += done
-            if source_addr is None:
-                self.stats.zero_pages += pages
-            else:
-                self.stats.per_build_pages[build] += pages
+        self.note_installed(state, lo, done // size, build)
         if outcome == errno.EAGAIN and needed is not None and state.present[needed]:
             return OK
         return outcome

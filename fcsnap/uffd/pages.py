@@ -1,7 +1,8 @@
 """Where the bytes of a guest page come from: a build's diff, assembled pieces, or zeros.
 
 The fault server asks for a source address to hand to UFFDIO_COPY. Raw diffs are mmapped, so a
-page that lies in one mapping is copied by the kernel straight from the page cache.
+page that lies in one mapping is copied by the kernel straight from the page cache (mapped.py
+keeps what that costs in server memory bounded).
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from fcsnap.store.hashes import digest, read_hashes
 from fcsnap.store.layout import HASHES
 from fcsnap.store.source import DiffFile
 from fcsnap.uffd import abi
+from fcsnap.uffd.mapped import MappedDiff
+
+ZERO = -1  # the owner of zero pages in `PageSource.where`
+SPAN_BYTES = 4 << 20  # the most `span_base` decompresses for one batch
 
 
 class VerifyError(FcsnapError):
@@ -49,7 +54,10 @@ class PageSource:
         self.hashes = hashes
         self.block_size = header.metadata.block_size
         self.verified: set[tuple[uuid.UUID, int]] = set()
-        self._buffers = {b: abi.buffer_address(d.map) for b, d in diffs.items() if d.map}
+        self._mapped = {b: MappedDiff(d) for b, d in diffs.items() if d.map}
+        self.builds = list(diffs)  # `where` numbers builds by their place here
+        self._spans: list[bytes] = []  # decompressed bytes `span_base` handed out
+        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def locate(self, offset: int, length: int) -> Source:
         """Source for guest bytes [offset, offset+length)."""
@@ -61,12 +69,51 @@ class PageSource:
         storage = m.storage_offset + (offset - m.offset)
         if self.hashes is not None:
             self._verify(m.build_id, storage, length, offset)
-        base = self._buffers.get(m.build_id)
-        if base is not None:
-            self.diffs[m.build_id].check_size()
-            return Source(base + storage, m.build_id)
+        mapped = self._mapped.get(m.build_id)
+        if mapped is not None:
+            return Source(mapped.source(storage, length), m.build_id)
         data = self.diffs[m.build_id].read(storage, length)
         return Source(abi.buffer_address(data), m.build_id, data)
+
+    def mapping_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The mappings' offsets, storage offsets and owners as arrays, for `where`. Made on
+        first use (a server that never prefetches does not pay for them); a prefetching
+        server asks before the handshake, so the guest does not wait for them."""
+        if self._arrays is None:
+            number = {b: i for i, b in enumerate(self.builds)}
+            self._arrays = (
+                np.array([m.offset for m in self.mappings], np.int64),
+                np.array([m.storage_offset for m in self.mappings], np.int64),
+                np.array([ZERO if m.is_zero else number[m.build_id] for m in self.mappings],
+                         np.int64),
+            )
+        return self._arrays
+
+    def where(self, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(owner, storage offset) of each 4 KiB guest page at `offsets`: owner indexes
+        `builds`, or is ZERO."""
+        starts, storage, owner = self.mapping_arrays()
+        i = np.searchsorted(starts, offsets, "right") - 1
+        return owner[i], storage[i] + (offsets - starts[i])
+
+    def span_base(self, owner: int, lo: int, hi: int) -> int | None:
+        """An address A such that A + s holds byte s of build `owner`'s diff, for every s in
+        [lo, hi), valid until `release_spans`; None where that is not cheap (a range wider
+        than its budget, or --verify, which checks pages one by one through `locate`)."""
+        if self.hashes is not None:
+            return None
+        build = self.builds[owner]
+        mapped = self._mapped.get(build)
+        if mapped is not None:
+            return mapped.window(lo, hi)
+        if hi - lo > SPAN_BYTES:
+            return None
+        data = self.diffs[build].read(lo, hi - lo)
+        self._spans.append(data)
+        return abi.buffer_address(data) - lo
+
+    def release_spans(self) -> None:
+        self._spans.clear()
 
     def _assemble(self, offset: int, length: int) -> Source:
         """A page spanning several mappings (a 2 MiB page over 4 KiB blocks): copy it together."""

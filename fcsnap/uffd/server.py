@@ -17,6 +17,7 @@ import json
 import os
 import select
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from fcsnap.uffd import abi
 from fcsnap.uffd.handshake import Peer, accept_peer, listen
 from fcsnap.uffd.installer import Installer, InstallStats
 from fcsnap.uffd.pages import PageSource, hash_tables
+from fcsnap.uffd.prefetch import Prefetch
 from fcsnap.uffd.regions import Region, RegionMap
 from fcsnap.workingset import read_working_set, write_working_set
 
@@ -68,6 +70,7 @@ def stats_json(stats: InstallStats, extra: dict[str, Any]) -> dict[str, Any]:
         "per_build_pages": {str(k): v for k, v in stats.per_build_pages.items()},
         "duration_s": round(time.monotonic() - stats.started, 6),
         "first_fault_s": stats.first_fault_s,
+        "prefetch_s": stats.prefetch_s,
         **extra,
     }
 
@@ -81,21 +84,32 @@ class FaultServer:
         self.diffs: dict[uuid.UUID, DiffFile] = open_diffs(
             self.header, build_dir.parent, options.cache_bytes
         )
-        hashes = hash_tables(self.diffs) if options.verify else None
-        self.pages = PageSource(self.header, self.diffs, hashes)
+        try:
+            hashes = hash_tables(self.diffs) if options.verify else None
+            self.pages = PageSource(self.header, self.diffs, hashes)
+            self.prefetch = (
+                read_working_set(options.prefetch_ws, self.header.metadata.size)
+                if options.prefetch_ws is not None
+                else None
+            )
+            if self.prefetch is not None:
+                self.pages.mapping_arrays()  # now, not after the handshake
+        except BaseException:
+            self._close_diffs()
+            raise
         self.stats = InstallStats()
-        self.prefetch = (
-            read_working_set(options.prefetch_ws, self.header.metadata.size)
-            if options.prefetch_ws is not None
-            else None
-        )
         self.peer: Peer | None = None
         self.installer: Installer | None = None
         self.exit_reason = "not started"
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Held while writing to or closing the stop pipe, so that a late stop() (the snapshot
+        # load thread failing after run() has returned) never writes to a closed fd number
+        # that something else has since been given. Reentrant: a signal handler runs stop()
+        # on the main thread, which may be inside stop() already.
+        self._stop_lock = threading.RLock()
         self._failure: FcsnapError | None = None  # set by `fail`, raised by `run`
         self._socket_inode: int | None = None
-        self._pending_span: tuple[Region, int, int, str] | None = None
+        self._pending_span: tuple[Region, int, int] | None = None
         self._backlog: list[int] = []  # faults read while installing eagerly
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -104,15 +118,22 @@ class FaultServer:
         """Listen, serve one VM until it exits (0) or a stop is asked for (0, VM killed);
         any exception kills the VM and propagates. Stats are written on every way out."""
         stats_path = self.options.stats_path
+        problem = None
         if stats_path is not None and not stats_path.parent.is_dir():
-            raise FcsnapError(f"cannot write --stats {stats_path}: no such directory")
-        if stats_path is not None and stats_path.is_dir():  # found out now, not after serving
-            raise FcsnapError(f"cannot write --stats {stats_path}: is a directory")
+            problem = "no such directory"
+        elif stats_path is not None and stats_path.is_dir():  # found now, not after serving
+            problem = "is a directory"
+        if problem is not None:
+            self._close_diffs()
+            self._close_stop_pipe()
+            raise FcsnapError(f"cannot write --stats {stats_path}: {problem}")
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             listener = listen(self.options.socket)
         except BaseException:
             self._restore_signals(old)
+            self._close_diffs()
+            self._close_stop_pipe()
             raise
         self._socket_inode = os.stat(self.options.socket).st_ino
         try:
@@ -144,19 +165,35 @@ class FaultServer:
             self._unlink_socket()
             if self.peer is not None:
                 self.peer.close()
-            for diff in self.diffs.values():
-                diff.close()
+            self._close_diffs()
             try:
                 self._write_working_set()
                 self._write_stats()  # before restoring: a signal now must not lose them
             finally:
                 self._restore_signals(old)
+                self._close_stop_pipe()  # after: no handler of ours can run stop() any more
 
     def stop(self) -> None:
         """Ask `run` to stop (from a signal handler or another thread): it kills the VM, if
-        one is being served, and returns 0."""
-        with contextlib.suppress(BlockingIOError):  # the pipe is full: a stop is pending
-            os.write(self._stop_w, b"x")
+        one is being served, and returns 0. Once `run` has returned this does nothing."""
+        with self._stop_lock:
+            if self._stop_w < 0:
+                return
+            with contextlib.suppress(BlockingIOError):  # the pipe is full: a stop is pending
+                os.write(self._stop_w, b"x")
+
+    def _close_diffs(self) -> None:
+        """Close every diff file (fds, mappings, frame caches); DiffFile.close is idempotent."""
+        for diff in self.diffs.values():
+            diff.close()
+
+    def _close_stop_pipe(self) -> None:
+        """Close the stop pipe: a server serves once, and leaks nothing when it is done."""
+        with self._stop_lock:
+            for fd in (self._stop_r, self._stop_w):
+                if fd >= 0:
+                    os.close(fd)
+            self._stop_r = self._stop_w = -1
 
     def fail(self, error: FcsnapError) -> None:
         """Stop with `error` (from another thread: Firecracker refused the snapshot load):
@@ -211,18 +248,28 @@ class FaultServer:
     def _serve(self) -> int:
         peer, installer = self.peer, self.installer
         assert peer is not None and installer is not None
-        background = self._background_work(installer)
+        prefetch = None
+        handshake = time.monotonic()
+        if self.prefetch is not None:
+            prefetch = Prefetch(installer, self.prefetch, self.options.batch_bytes)
+        background = self._populate_work(installer)
         if self.options.eager:
+            while prefetch is not None and prefetch.step():
+                self._backlog += self._drain(peer.uffd, installer)  # REMOVEs before going on
+            if prefetch is not None:
+                self.stats.prefetch_s = round(time.monotonic() - handshake, 6)
+            prefetch = None
             self._run_background(background, until_done=True)
         poller = select.epoll()
         poller.register(peer.uffd, select.EPOLLIN)
         poller.register(self._stop_r, select.EPOLLIN)
         poller.register(peer.pidfd, select.EPOLLIN)
         deferred: list[int] = []
-        busy = True  # background work may remain
+        prefetching = prefetch is not None
+        busy = True  # populate work may remain
         try:
             while True:
-                timeout = 0 if busy else (RETRY_POLL if deferred else -1)
+                timeout = 0 if busy or prefetching else (RETRY_POLL if deferred else -1)
                 ready = {fd for fd, _ in poller.poll(timeout)}
                 if self._stop_r in ready:
                     if self._failure is not None:
@@ -247,28 +294,30 @@ class FaultServer:
                     elif outcome == errno.ESRCH:
                         self.exit_reason = "vm exited"
                         return 0
-                if busy and not faults and not deferred:
+                if prefetch is not None and prefetching:
+                    # Faults or not: the guest needs every page of its working set.
+                    prefetching = prefetch.step()
+                    if not prefetching:
+                        self.stats.prefetch_s = round(time.monotonic() - handshake, 6)
+                elif busy and not faults and not deferred:
                     busy = self._run_background(background)
         finally:
             poller.close()
 
-    def _background_work(self, installer: Installer) -> Iterator[tuple[Region, int, int, str]]:
-        """Spans to install when no fault is waiting: the working set, then everything."""
-        if self.prefetch is not None:
-            for region, lo, hi in installer.offsets_to_pages(self.prefetch):
-                yield region, lo, hi, "prefetched_pages"
+    def _populate_work(self, installer: Installer) -> Iterator[tuple[Region, int, int]]:
+        """Spans to install when no fault is waiting (--populate, --eager): everything."""
         if self.options.populate or self.options.eager:
             batch = max(1, self.options.batch_bytes)
             for region in installer.regions.regions:
                 step = max(1, batch // region.page_size)
                 pages = region.size // region.page_size
                 for lo in range(0, pages, step):
-                    yield region, lo, min(lo + step, pages), "populated_pages"
+                    yield region, lo, min(lo + step, pages)
 
     def _run_background(
-        self, work: Iterator[tuple[Region, int, int, str]], until_done: bool = False
+        self, work: Iterator[tuple[Region, int, int]], until_done: bool = False
     ) -> bool:
-        """Install about batch_bytes of background spans (DONTWAKE), then wake what they
+        """Install about batch_bytes of populate spans (DONTWAKE), then wake what they
         cover; False once no work is left."""
         installer = self.installer
         assert installer is not None
@@ -281,15 +330,15 @@ class FaultServer:
             if span is None:
                 more = False
                 break
-            region, lo, hi, counter = span
+            region, lo, hi = span
             installed, resume = installer.install_span(region, lo, hi)
-            setattr(self.stats, counter, getattr(self.stats, counter) + installed)
+            self.stats.populated_pages += installed
             budget -= max(1, installed) * region.page_size
             if installed:
                 first, last = woken.get(region.base, (lo, hi))
                 woken[region.base] = (min(first, lo), max(last, hi))
             if resume is not None:  # EAGAIN: events first, then carry on from there
-                self._pending_span = (region, resume, hi, counter)
+                self._pending_span = (region, resume, hi)
                 if until_done:  # eager: keep the faults for the loop, carry on installing
                     self._backlog += self._drain(installer.uffd, installer)
                     continue
