@@ -539,7 +539,8 @@ def markdown(info: dict[str, Any], results: list[Result], checks: list[dict[str,
             "RSS check: a sparse guest served with `--cache-mb 64` (fault-around 256K, "
             f"{info['threads']} threads touching every page, two regions), unpinned. "
             "Target: VmHWM < 100 MiB + cache budget. A raw build's diff is copied from a "
-            "mapping of which the server keeps at most 32 MiB mapped (fcsnap/uffd/mapped.py).",
+            "mapping of which the server keeps at most the cache budget mapped "
+            "(fcsnap/uffd/mapped.py).",
             "",
             "| Guest | Build | Touch all s | Server VmHWM MiB | RssAnon MiB | RssFile MiB "
             "| Target MiB | Met |",

@@ -32,6 +32,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstring lines join into paragraphs, as in --help text
     help="Firecracker memory snapshots: pack into a generational store, restore lazily.",
 )
 out = Console(soft_wrap=True)
@@ -340,7 +341,10 @@ def restore(
     handshake_timeout: float = typer.Option(
         10.0, "--handshake-timeout", help="Seconds a connected VM has to send its regions."
     ),
-    cache_mb: int = typer.Option(64, "--cache-mb", help="Decompressed-frame cache (zstd)."),
+    cache_mb: int = typer.Option(
+        64, "--cache-mb",
+        help="Memory for diff data: decompressed frames (zstd), mapped pages (raw).",
+    ),
     fault_around: str = typer.Option(
         "256K", "--fault-around",
         help="Install up to this much contiguous memory around a fault in one copy (0: off).",

@@ -19,11 +19,12 @@ from fcsnap.store import ops
 from fcsnap.store.builder import BuildOptions
 from fcsnap.store.source import DiffFile
 from fcsnap.testing.memimage import synthetic_memory, write_full
-from fcsnap.uffd.mapped import DROP_CHUNKS, MappedDiff
+from fcsnap.uffd.mapped import CHUNK_SHIFT, MappedDiff
 
 MiB = 1 << 20
 SIZE = 320 * MiB  # about 225 MiB of data: several times what the server may keep mapped
-RSS_FILE_BOUND = 64  # MiB: shared libraries (~20) plus DROP_CHUNKS * 2 MiB, with slack
+CACHE_MB = 16  # restore --cache-mb: what the server may keep mapped of a raw diff
+RSS_FILE_BOUND = 48  # MiB: shared libraries (~20) plus CACHE_MB, with slack
 HWM_BOUND = 100  # MiB: the issue's target for a raw build (no frame cache)
 
 
@@ -59,9 +60,10 @@ def memory_mib(pid: int) -> dict[str, float]:
 ])
 def test_server_memory_stays_bounded(big_build, procs, fault_around: str, order: str) -> None:
     """Every page of the guest is served and checked; meanwhile the server's peak RSS and
-    its file-backed RSS stay under bounds far below the diff's size."""
+    its file-backed RSS stay under bounds far below the diff's size (--cache-mb is the
+    budget for mapped diff pages)."""
     server = procs.server(big_build.newest.name, big_build.store, "--fault-around",
-                          fault_around)
+                          fault_around, "--cache-mb", str(CACHE_MB))
     vm = procs.vm(expected=big_build.expected, threads=4, order=order, hold=WAIT,
                   deadline=4 * WAIT)
     wait_for(procs.report.exists, "the VM to read every page", timeout=4 * WAIT)
@@ -82,13 +84,15 @@ def test_sources_hold_the_right_bytes_across_drops(big_build) -> None:
     the bound."""
     diff = DiffFile(big_build.newest)
     try:
-        mapped = MappedDiff(diff)
+        budget = 16 << CHUNK_SHIFT
+        mapped = MappedDiff(diff, budget)
+        assert not mapped.fits and MappedDiff(diff, diff.size).fits
         fd = os.open(diff.path, os.O_RDONLY)
         rng = random.Random(1)
         asks = [(rng.randrange(diff.size // 4096) * 4096, 4096) for _ in range(200)]
         asks += [(8 * MiB + i * 4096, 4096) for i in range(100)]  # streaming
         asks += [(rng.randrange((diff.size - MiB) // 4096) * 4096, rng.choice([64 << 10, MiB]))
-                 for _ in range(4 * DROP_CHUNKS)]
+                 for _ in range(64)]
         rng.shuffle(asks)
         try:
             for storage, length in asks:
@@ -96,6 +100,6 @@ def test_sources_hold_the_right_bytes_across_drops(big_build) -> None:
                 assert ctypes.string_at(address, length) == os.pread(fd, length, storage)
         finally:
             os.close(fd)
-        assert len(mapped.chunks) <= DROP_CHUNKS
+        assert len(mapped.chunks) <= budget >> CHUNK_SHIFT
     finally:
         diff.close()

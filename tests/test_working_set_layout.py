@@ -356,3 +356,22 @@ def test_prefetch_while_the_balloon_races_the_faults(tmp_path, procs) -> None:
     assert json.loads(vm_out) == {"data": [pages - pages // 4, 0], "zeros": [pages // 4, 0]}
     assert out.status == 0, out.stderr
     assert out.stats is not None and out.stats["remove_events"] == pages // 4
+
+
+def test_eager_installs_the_working_set_first(tmp_path, procs) -> None:
+    """--eager with --prefetch-ws: the working set goes in first, then everything else,
+    before any fault is served."""
+    mem = synthetic_memory(SIZE, seed=16)
+    write_full(tmp_path / "mem", mem)
+    ws = tmp_path / "ws"
+    offsets = np.random.default_rng(17).permutation(SIZE // PAGE)[:100] * PAGE
+    write_working_set(ws, SIZE, offsets)
+    _, build = ops.pack(tmp_path / "mem", tmp_path / "store", BuildOptions(working_set=ws))
+    out = restore(procs, Lineage(tmp_path / "store", [build], tmp_path / "mem", PAGE),
+                  ("--eager", "--prefetch-ws", str(ws)), threads=2, order="random")
+    assert out.status == 0 and out.vm_status == 0, out.stderr
+    assert out.report is not None and out.report["mismatches"] == 0
+    stats = out.stats
+    assert stats is not None and stats["prefetch_s"] is not None
+    assert stats["prefetched_pages"] == 100
+    assert stats["prefetched_pages"] + stats["populated_pages"] == SIZE // PAGE

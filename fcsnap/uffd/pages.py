@@ -2,7 +2,7 @@
 
 The fault server asks for a source address to hand to UFFDIO_COPY. Raw diffs are mmapped, so a
 page that lies in one mapping is copied by the kernel straight from the page cache (mapped.py
-keeps what that costs in server memory bounded).
+keeps what that costs in server memory within `map_budget`, restore's --cache-mb).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class PageSource:
         header: Header,
         diffs: dict[uuid.UUID, DiffFile],
         hashes: dict[uuid.UUID, np.ndarray] | None = None,
+        map_budget: int = 64 << 20,
     ) -> None:
         self.header = header
         self.mappings = header.mappings
@@ -54,7 +55,8 @@ class PageSource:
         self.hashes = hashes
         self.block_size = header.metadata.block_size
         self.verified: set[tuple[uuid.UUID, int]] = set()
-        self._mapped = {b: MappedDiff(d) for b, d in diffs.items() if d.map}
+        raw = {b: d for b, d in diffs.items() if d.map}  # each gets a share of map_budget
+        self._mapped = {b: MappedDiff(d, map_budget // max(1, len(raw))) for b, d in raw.items()}
         self.builds = list(diffs)  # `where` numbers builds by their place here
         self._spans: list[bytes] = []  # decompressed bytes `span_base` handed out
         self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None

@@ -86,7 +86,7 @@ class FaultServer:
         )
         try:
             hashes = hash_tables(self.diffs) if options.verify else None
-            self.pages = PageSource(self.header, self.diffs, hashes)
+            self.pages = PageSource(self.header, self.diffs, hashes, options.cache_bytes)
             self.prefetch = (
                 read_working_set(options.prefetch_ws, self.header.metadata.size)
                 if options.prefetch_ws is not None
@@ -255,6 +255,8 @@ class FaultServer:
         background = self._populate_work(installer)
         if self.options.eager:
             while prefetch is not None and prefetch.step():
+                if select.select([peer.pidfd], [], [], 0)[0]:
+                    break  # the VM is gone: installs fail (ESRCH) from now on
                 self._backlog += self._drain(peer.uffd, installer)  # REMOVEs before going on
             if prefetch is not None:
                 self.stats.prefetch_s = round(time.monotonic() - handshake, 6)
