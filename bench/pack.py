@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import zstandard
+from machine import drop_caches, filesystem, machine
 
 from fcsnap.store import ops
 from fcsnap.store.builder import BuildOptions
@@ -101,9 +101,6 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def tool(argv: list[str], out: Path) -> Callable[[], Path]:
@@ -115,32 +112,18 @@ def tool(argv: list[str], out: Path) -> Callable[[], Path]:
     return run
 
 
-def machine() -> dict[str, object]:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
-        platform.processor(),
-    )
-    memory_kib = int(Path("/proc/meminfo").read_text().split()[1])
+def tools() -> dict[str, object]:
+    """This machine, and the versions of the tools compared."""
     zstd_cli = subprocess.run(["zstd", "--version"], capture_output=True, text=True).stdout
     cp_version = subprocess.run(["cp", "--version"], capture_output=True, text=True).stdout
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": round(memory_kib / (1 << 20), 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
+        **machine(),
         "zstd_cli": zstd_cli.strip(),
         "coreutils": cp_version.splitlines()[0],
         "python_zstandard": f"{zstandard.__version__} (libzstd {zstandard.ZSTD_VERSION})",
     }
 
 
-def filesystem(path: Path) -> str:
-    out = subprocess.run(
-        ["df", "--output=source,fstype", str(path)], capture_output=True, text=True
-    ).stdout.splitlines()[1]
-    return " ".join(out.split())
 
 
 def make_inputs(work: Path, size: int) -> tuple[Path, Path, Path, float]:
@@ -365,7 +348,7 @@ def main() -> int:
                 case.row.cold_s = measure(case)
         rows = [c.row for c in todo]
         info = {
-            "machine": machine(),
+            "machine": tools(),
             "size": size,
             "data_share": data_share,
             "image": image,

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from machine import drop_caches, filesystem, machine
 
 from fcsnap.testing import firecracker
 from fcsnap.testing.memimage import synthetic_memory, write_full, write_sparse_diff
@@ -206,9 +206,6 @@ def wait_until_quiet() -> float:
     return busy
 
 
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def warm(paths: list[Path]) -> None:
@@ -404,27 +401,8 @@ def rss_check(work: Path, size: int, threads: int, restore_flags: set[str]) -> l
 # -- reporting -------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, object]:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
-        platform.processor(),
-    )
-    memory_kib = int(Path("/proc/meminfo").read_text().split()[1])
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": round(memory_kib / (1 << 20), 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-    }
 
 
-def filesystem(path: Path) -> str:
-    out = subprocess.run(
-        ["df", "--output=source,fstype", str(path)], capture_output=True, text=True
-    ).stdout.splitlines()[1]
-    return " ".join(out.split())
 
 
 def ratios(results: list[Result]) -> list[dict[str, object]]:

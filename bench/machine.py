@@ -1,0 +1,39 @@
+"""What every benchmark states about where it ran, and the page-cache reset it needs."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+
+def machine() -> dict[str, object]:
+    """CPU, cores, memory, kernel and Python of this machine."""
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+        platform.processor(),
+    )
+    memory_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory_kib / (1 << 20), 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def filesystem(path: Path) -> str:
+    """The device and filesystem type holding `path` (timings depend on them)."""
+    out = subprocess.run(
+        ["df", "--output=source,fstype", str(path)], capture_output=True, text=True
+    ).stdout.splitlines()[1]
+    return " ".join(out.split())
+
+
+def drop_caches() -> None:
+    """Write back, then drop the page cache (root only): the next read comes from disk."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
