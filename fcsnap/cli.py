@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -119,25 +120,28 @@ def render_inspect(report: dict[str, Any]) -> None:
     )
     out.print(builds)
     if "mappings" in report:
-        runs = Table(title="Mappings")
-        for col in ("offset", "length", "build", "storage offset"):
-            runs.add_column(col, justify="left" if col == "build" else "right")
-        for m in report["mappings"]:
-            runs.add_row(
-                f"{m['offset']:#x}", f"{m['length']:#x}", m["build_id"],
-                f"{m['build_storage_offset']:#x}",
-            )
-        out.print(runs)
+        out.print(_hex_table("Mappings", ("offset", "length", "build", "storage offset"), (
+            (f"{m['offset']:#x}", f"{m['length']:#x}", m["build_id"],
+             f"{m['build_storage_offset']:#x}")
+            for m in report["mappings"]
+        )))
     if "lookups" in report:
-        found = Table(title="Lookups")
-        for col in ("offset", "build", "storage offset", "bytes left in run"):
-            found.add_column(col, justify="left" if col == "build" else "right")
-        for row in report["lookups"]:
-            found.add_row(
-                f"{row['offset']:#x}", row["build_id"], f"{row['storage_offset']:#x}",
-                str(row["remaining_length"]),
-            )
-        out.print(found)
+        columns = ("offset", "build", "storage offset", "bytes left in run")
+        out.print(_hex_table("Lookups", columns, (
+            (f"{r['offset']:#x}", r["build_id"], f"{r['storage_offset']:#x}",
+             str(r["remaining_length"]))
+            for r in report["lookups"]
+        )))
+
+
+def _hex_table(title: str, columns: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> Table:
+    """A table of offsets and sizes: numbers right-aligned, the build id left."""
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col == "build" else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 def parse_compression(text: str) -> tuple[str, int]:
