@@ -1,4 +1,4 @@
-"""The memfile.header byte format, compatible with E2B's and Wrenn's V3 header (SPEC.md section 2).
+"""The memfile.header byte format, compatible with E2B's and Wrenn's V3 header (docs/FORMAT.md §3).
 
 Little-endian, no padding, no record count: 64 bytes of metadata, then 40-byte mapping records to
 the end of the file.
@@ -130,7 +130,7 @@ def parse_header(data: bytes, source: str = "header") -> Header:
 
 
 def validate(header: Header, source: str = "header") -> None:
-    """Check the invariants of SPEC.md section 2; raise HeaderError on the first broken one."""
+    """Check the rules of docs/FORMAT.md §3.3; raise HeaderError on the first broken one."""
     meta = header.metadata
     if meta.block_size not in BLOCK_SIZES:
         raise HeaderError(f"{source}: block size {meta.block_size} is neither 4 KiB nor 2 MiB")

@@ -1,4 +1,4 @@
-"""memfile.hashes: one xxh3-128 digest per stored block, in storage order (SPEC.md section 3).
+"""memfile.hashes: one xxh3-128 digest per stored block, in storage order (docs/FORMAT.md §5).
 
 Layout (little-endian): magic b"FCSH", version u16 (1), algorithm u16 (1 = xxh3-128), block size
 u64, count u64, then `count` 16-byte digests (xxh3-128 canonical, big-endian, as xxhash prints).

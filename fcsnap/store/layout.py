@@ -1,4 +1,4 @@
-"""Where things live in a store, how a BUILD argument is found, and atomic publication.
+"""Store layout, BUILD arguments, atomic publication (docs/FORMAT.md §2, §8.1).
 
 A build never changes once written: it is assembled in a hidden staging directory inside the
 store, fsynced, and renamed into place in one step, so an interrupted command leaves nothing.

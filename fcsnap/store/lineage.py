@@ -28,7 +28,7 @@ from fcsnap.store.manifest import Manifest, read_manifest
 ZEROS = -1
 """The owner of zero blocks (owners index a list of build ids)."""
 
-# One V3 mapping record (SPEC.md section 2) as a numpy dtype: same 40 bytes, no padding.
+# One V3 mapping record (docs/FORMAT.md §3.1) as a numpy dtype: same 40 bytes, no padding.
 RECORD = np.dtype([("offset", "<u8"), ("length", "<u8"), ("build_id", "V16"), ("storage", "<u8")])
 assert RECORD.itemsize == MAPPING.size
 
@@ -53,7 +53,7 @@ def parse_records(data: bytes, source: str) -> tuple[Metadata, np.ndarray]:
 
 
 def _well_formed(meta: Metadata, records: np.ndarray) -> bool:
-    """SPEC.md section 2's rules: aligned, non-empty mappings that tile [0, size) in order."""
+    """docs/FORMAT.md §3.3: aligned, non-empty mappings that tile [0, size) in order."""
     size = meta.size
     if meta.version not in READ_VERSIONS or meta.block_size not in BLOCK_SIZES:
         return False
@@ -122,7 +122,7 @@ class Runs:
 
     def over(self, below: Runs, blocks: int) -> Runs:
         """These runs laid over `below`, which covers [0, blocks): cut both at every boundary,
-        take each piece from the top where it has one, then join (SPEC.md section 2's normal
+        take each piece from the top where it has one, then join (docs/FORMAT.md §3.4's normal
         form: same build, and for data, storage that continues)."""
         cuts = np.sort(np.concatenate((below.start, self.start, self.start + self.count)))
         cuts = cuts[np.diff(cuts, prepend=-1) > 0]  # np.unique, but faster (no hashing)

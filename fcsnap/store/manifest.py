@@ -1,4 +1,4 @@
-"""build.json: the manifest of one build (SPEC.md section 1)."""
+"""build.json: the manifest of one build (docs/FORMAT.md §6)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Just enough of Firecracker's API for a restore: `PUT /snapshot/load` over HTTP/1.1 on its
-Unix socket (SPEC.md section 6; the schema is SnapshotLoadParams in Firecracker's swagger).
+Unix socket (docs/FORMAT.md §9.1; the schema is SnapshotLoadParams in Firecracker's swagger).
 
 Firecracker answers the load only after it has connected to the page server and sent its
 handshake, so the request runs in a background thread (`SnapshotLoad`) while the server

@@ -1,4 +1,4 @@
-"""Firecracker's side of the UFFD socket: listen, accept, receive regions and the uffd.
+"""The UFFD socket: listen, accept, receive regions and the uffd (docs/FORMAT.md §9.2).
 
 Firecracker connects, makes one sendmsg (JSON regions + the uffd as SCM_RIGHTS) and never
 answers anything; the fd can trail the connection, so we wait for it up to a deadline. Once a
