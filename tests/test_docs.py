@@ -8,6 +8,7 @@ import dataclasses
 import importlib
 import re
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -38,19 +39,22 @@ def sections() -> set[str]:
 
 
 def repo_text_files() -> list[Path]:
-    """Every text file of the repository (hidden directories other than .ci and .github,
-    caches and binary files left out)."""
+    """Every text file of the repository: what git tracks or would track (not what it ignores,
+    such as a virtualenv), or every file outside hidden directories when git is unavailable."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT, capture_output=True, check=True, timeout=60,
+        ).stdout.decode().split("\0")
+        paths = [ROOT / name for name in listed if name]
+    except (OSError, subprocess.CalledProcessError):
+        paths = [
+            p for p in ROOT.rglob("*")
+            if not any(part.startswith(".") for part in p.relative_to(ROOT).parts[:-1])
+        ]
     out = []
-    for path in ROOT.rglob("*"):
-        parts = path.relative_to(ROOT).parts
-        if any(p.startswith(".") and p not in (".ci", ".github") for p in parts[:-1]):
-            continue
-        if any(p == "__pycache__" or p.endswith(".egg-info") for p in parts):
-            continue
-        if not path.is_file() or path.stat().st_size > 2 << 20:
-            continue
-        data = path.read_bytes()
-        if b"\0" not in data:
+    for path in paths:
+        if path.is_file() and path.stat().st_size <= 2 << 20 and b"\0" not in path.read_bytes():
             out.append(path)
     return out
 
