@@ -64,8 +64,12 @@ def exchange(
         raise ConnectionError(str(e)) from None
     except http.client.HTTPException as e:
         raise AnswerError(_one_line(e)) from None
-    _check_framing(response)
-    return response, _read_body(response, limit)
+    try:
+        _check_framing(response)
+        return response, _read_body(response, limit)
+    except BaseException:
+        response.close()  # its file holds the socket open, whatever the connection does
+        raise
 
 
 def _check_framing(response: http.client.HTTPResponse) -> None:

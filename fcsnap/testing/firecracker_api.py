@@ -264,6 +264,7 @@ class RawAnswer:
                  close: bool = False) -> None:
         self.raw, self.piece, self.gap, self.close_after = raw, piece, gap, close
         self.request: Request | None = None
+        self.requested = threading.Event()  # set once the whole request has arrived
         self.error: BaseException | None = None
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(str(path))
@@ -278,6 +279,7 @@ class RawAnswer:
             with conn:
                 conn.settimeout(WAIT)
                 self.request = read_request(conn)
+                self.requested.set()
                 for start in range(0, len(self.raw), self.piece):
                     conn.sendall(self.raw[start : start + self.piece])
                     time.sleep(self.gap)
