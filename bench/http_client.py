@@ -14,7 +14,9 @@ the round trip measured with the stdlib client.
 
     python bench/http_client.py [--runs 15] [--requests 300] [--json]
 
-Candidates that are not installed are listed as such; this script installs nothing.
+Candidates that are not installed are listed as such; this script installs nothing (to
+compare them all: pip install httpx requests-unixsocket h11 uvicorn). Results of a run are in
+bench/results/http_client.txt.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from machine import machine
 
 BODY = {
     "snapshot_path": "/srv/vm/snapfile",
@@ -347,7 +351,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    print(f"machine: {machine()}; load average after: {os.getloadavg()[0]:.2f}")
     print("client                           import bare  after restore  PUT median  PUT p90")
     for name, row in results["clients"].items():
         if not row["installed"]:
