@@ -26,10 +26,10 @@ NO_CONTENT = answer(204)[0]
 REFUSAL = b"".join(answer(400, {"fault_message": FAULT}))
 
 
-def exchange(tmp_path: Path, raw: bytes, **server: object) -> Response:
-    """`PUT /snapshot/load` against a server that answers `raw`; the request it got must be
-    one Firecracker accepts."""
-    fake = RawAnswer(tmp_path / "api.sock", raw, **server)  # type: ignore[arg-type]
+def exchange(tmp_path: Path, raw: bytes, piece: int = 1, close: bool = False) -> Response:
+    """`PUT /snapshot/load` against a server that answers `raw` (`piece` bytes per write, then
+    closing the connection if `close`); the request it got must be one Firecracker accepts."""
+    fake = RawAnswer(tmp_path / "api.sock", raw, piece=piece, close=close)
     try:
         body = load_body(Path("vm.state"), Path("uffd.sock"), track_dirty_pages=False)
         return call(tmp_path / "api.sock", "PUT", "/snapshot/load", body, timeout=WAIT)
