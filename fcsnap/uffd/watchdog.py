@@ -140,12 +140,13 @@ def _kill_all(watched: dict[str, int]) -> None:
     for vm_id, pidfd in watched.items():
         if exited(pidfd, 0):
             continue
+        pid = _pid_of(pidfd)  # now: a dead process's pidfd says -1
         try:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         except ProcessLookupError:
             continue
-        line = (f"fcsnap: watchdog: the page server died; killed VM {vm_id} "
-                f"(pid {_pid_of(pidfd)}) before it could freeze\n")
+        line = (f"fcsnap: watchdog: the page server died; killed the VM {vm_id} "
+                f"(pid {pid}) rather than leave it frozen\n")
         os.write(2, line.encode())
 
 
