@@ -169,7 +169,11 @@ def _pid_of(pidfd: int) -> str:
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # its own session, but a stray kill -INT too
     os.closerange(3, 1 << 16)  # nothing of the server's but the channel (fd 0) and stdio
-    watch_until_eof(socket.socket(fileno=0))
+    try:
+        watch_until_eof(socket.socket(fileno=0))
+    except Exception as e:  # a bug: one line, as everywhere in fcsnap
+        os.write(2, f"fcsnap: watchdog: internal error ({type(e).__name__}: {e})\n".encode())
+        sys.exit(1)
 
 
 if __name__ == "__main__":
