@@ -13,6 +13,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,8 @@ import pytest
 from test_restore_faults import KILLED, WAIT, Lineage, Runs, Server, make_lineages, rss
 
 from fcsnap.testing import firecracker
+from fcsnap.uffd.server import FaultServer, ServeOptions
+from fcsnap.uffd.watchdog import Watchdog
 
 MiB = 1 << 20
 SIZE = 32 * MiB
@@ -171,6 +174,45 @@ def test_balloon_after_release_makes_the_vm_watched_again(lineage, runs) -> None
     took = wait_dead(vm.proc.pid, WAIT)
     assert took is not None and took < DEADLINE + 0.5
     assert vm.finish().status == KILLED
+
+
+def test_kill_9_during_the_handshake_kills_the_vm(lineage, runs) -> None:
+    """The VM is watched from its accept: a server killed while it waits for the handshake
+    does not leave a connected VM waiting for pages forever."""
+    server = runs.server(lineage.newest, "--handshake-timeout", str(WAIT))
+    vm = runs.vm(server, expected=lineage.expected, misbehave="nothing", hold=WAIT)
+    server.wait_for_fd(PIDFD_LINK)  # it has accepted the VM
+    server.proc.kill()
+    server.proc.wait(WAIT)
+    took = wait_dead(vm.proc.pid, WAIT)
+    assert took is not None and took < DEADLINE, f"the VM was still alive after {took}s"
+    assert vm.finish().status == KILLED
+
+
+def test_shared_watchdog_outlives_the_servers_that_use_it(lineage, tmp_path) -> None:
+    """A daemon gives its servers one watchdog (ServeOptions.watchdog): a server that ends
+    releases its VM but leaves the watchdog running for the others."""
+    watchdog = Watchdog.start()
+    try:
+        for name in ("one", "two"):
+            sock = tmp_path / f"{name}.sock"
+            vms: list[subprocess.Popen[bytes]] = []
+            server = FaultServer(lineage.newest, ServeOptions(
+                socket=sock, watchdog=watchdog, on_listening=lambda sock=sock, vms=vms: vms.append(
+                    firecracker.spawn(sock, expected=lineage.expected, touch=0.05,
+                                      deadline=WAIT))))
+            guard = threading.Timer(WAIT, server.stop)  # the test fails, not hangs
+            guard.start()
+            try:
+                assert server.run() == 0 and server.exit_reason == "vm exited"
+            finally:
+                guard.cancel()
+            assert vms[0].wait(WAIT) == 0
+            wait_until(lambda: idle_watching(watchdog.pid, 0), "the VM to be released")
+            assert wait_dead(watchdog.pid, 0) is None, "a server closed the shared watchdog"
+    finally:
+        watchdog.close()
+    assert wait_dead(watchdog.pid, 0) == 0.0
 
 
 # -- the watchdog itself, many VMs -----------------------------------------------------------
