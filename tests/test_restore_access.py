@@ -27,6 +27,8 @@ NOBODY = 65534
 PAGE = 4096
 PROMPT = 3.0  # seconds within which a refused peer must be disconnected
 KILLED = -9
+AS_ROOT = pytest.mark.skipif(
+    os.geteuid() != 0, reason="needs root: to connect as another user, chown, or unshare")
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +41,6 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
     p = Procs(tmp_path)
     yield p
     p.close()
-
-
-@pytest.fixture(autouse=True)
-def needs_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the tests connect as another user (setuid to nobody)")
 
 
 def as_stranger(sock: Path, send: bytes = b"", uid: int = NOBODY) -> tuple[list[str], int]:
@@ -121,6 +117,7 @@ def refusals(lines: list[str]) -> list[str]:
 # -- the socket admits only its VM -----------------------------------------------------------
 
 
+@AS_ROOT
 def test_socket_is_0600_from_the_start_and_strangers_cannot_connect(lineage, procs) -> None:
     """Default: the file is the server's user's, mode 0600, from the moment it appears (no
     window with the umask's wider mode); another user's connect fails; the VM is served; the
@@ -137,6 +134,7 @@ def test_socket_is_0600_from_the_start_and_strangers_cannot_connect(lineage, pro
     assert not [p for p in os.listdir(procs.tmp) if p.startswith(".fcsnap-socket")]
 
 
+@AS_ROOT
 def test_stranger_is_refused_without_taking_the_vms_place(lineage, procs) -> None:
     """With a mode that lets anyone connect, a uid that is not admitted still gets nothing:
     disconnected at once (twice), one line and one count each, and the VM that connects
@@ -154,6 +152,7 @@ def test_stranger_is_refused_without_taking_the_vms_place(lineage, procs) -> Non
     assert all(f"from uid {NOBODY} " in line and "admitted uids are 0" in line for line in lines)
 
 
+@AS_ROOT
 @pytest.mark.parametrize("options", [
     pytest.param(("--socket-owner", f"{NOBODY}:{NOBODY}"), id="socket-owner"),
     pytest.param(("--socket-mode", "0666", "--allow-uid", str(NOBODY)), id="allow-uid"),
@@ -254,6 +253,7 @@ def test_restores_started_together_one_listens(lineage, procs) -> None:
     assert winner.returncode == 0
 
 
+@AS_ROOT
 def test_listener_in_another_network_namespace_is_probed(lineage, procs) -> None:
     """The kernel's socket list covers this network namespace only; a listener in another
     one (a container sharing the directory) is found by a connect probe."""
