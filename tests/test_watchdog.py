@@ -19,7 +19,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_restore_faults import KILLED, WAIT, Lineage, Runs, Server, make_lineages, rss
+from test_restore_faults import (
+    KILLED,
+    PIDFD_LINK,
+    UFFD_LINK,
+    WAIT,
+    Lineage,
+    Runs,
+    Server,
+    make_lineages,
+    rss,
+)
 
 from fcsnap.testing import firecracker
 from fcsnap.uffd.server import FaultServer, ServeOptions
@@ -29,7 +39,6 @@ MiB = 1 << 20
 SIZE = 32 * MiB
 PAGE = 4096
 DEADLINE = 1.0  # seconds from the server's death to the VM's
-PIDFD_LINK = "anon_inode:[pidfd]"
 POLL_SYSCALLS = {"7", "271", "73"}  # poll and ppoll on x86_64, ppoll on aarch64
 
 
@@ -61,27 +70,36 @@ def wait_dead(pid: int, timeout: float) -> float | None:
         os.close(pidfd)
 
 
-def watchdog_of(server: Server) -> int:
-    """The pid of the server's watchdog (its one child process)."""
+def only_child(pid: int) -> int:
+    """The pid of the one child process of `pid` (a server's: its watchdog), within WAIT."""
     deadline = time.monotonic() + WAIT
-    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
+    children = Path(f"/proc/{pid}/task/{pid}/children")
     while time.monotonic() < deadline:
         pids = children.read_text().split()
         if pids:
             return int(pids[0])
         time.sleep(0.005)
-    pytest.fail("the server started no watchdog")
+    pytest.fail(f"process {pid} started no child")
+
+
+def watchdog_of(server: Server) -> int:
+    return only_child(server.proc.pid)
+
+
+def fds_reading(pid: int, link: str) -> int:
+    """How many fds of process `pid` read `link` in /proc."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            count += os.readlink(fd) == link
+        except FileNotFoundError:
+            continue
+    return count
 
 
 def watched_vms(pid: int) -> int:
     """How many pidfds process `pid` holds (the watchdog: VMs it would kill)."""
-    count = 0
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            count += os.readlink(fd) == PIDFD_LINK
-        except FileNotFoundError:
-            continue
-    return count
+    return fds_reading(pid, PIDFD_LINK)
 
 
 def idle_watching(pid: int, vms: int) -> bool:
@@ -123,18 +141,22 @@ def test_kill_9_while_the_vm_faults_kills_the_vm(lineage, runs) -> None:
 
 def test_timeout_s_kill_of_the_whole_group_kills_the_vm(lineage, runs, tmp_path) -> None:
     """`timeout -s KILL` kills the restore's whole process group: the watchdog, in a session
-    of its own, outlives it and kills the VM within a second."""
+    of its own, outlives it and kills the VM within a second. (Once the VM faults, the test
+    sends `timeout` the SIGALRM its own timer would, so that it acts then.)"""
     sock, stats = tmp_path / "t.sock", tmp_path / "t.json"
-    argv = ["timeout", "-s", "KILL", "2", sys.executable, "-m", "fcsnap", "restore", "--vm",
-            str(lineage.newest), "--socket", str(sock), "--stats", str(stats), "--quiet",
-            "--fault-around", "0"]
+    argv = ["timeout", "-s", "KILL", str(WAIT), sys.executable, "-m", "fcsnap", "restore",
+            "--vm", str(lineage.newest), "--socket", str(sock), "--stats", str(stats),
+            "--quiet", "--fault-around", "0"]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     runs.procs.append(proc)
-    server = Server(proc, sock, stats)
-    vm = runs.vm(server, expected=lineage.expected, threads=2, order="random", hold=WAIT,
-                 start_delay=1.0)
-    assert wait_dead(proc.pid, WAIT) is not None
+    vm = runs.vm(Server(proc, sock, stats), expected=lineage.expected, threads=4,
+                 order="random", hold=WAIT, start_delay=0.3)
+    restore = only_child(proc.pid)
+    wait_until(lambda: fds_reading(restore, UFFD_LINK) == 1, "the restore to take the uffd")
+    wait_until(lambda: rss(vm.proc.pid, "RssAnon") > SIZE // 8, "the VM to get some memory")
+    os.kill(proc.pid, signal.SIGALRM)
+    assert wait_dead(restore, WAIT) is not None
     took = wait_dead(vm.proc.pid, WAIT)
     assert took is not None and took < DEADLINE, f"the VM was still alive after {took}s"
     assert proc.wait(WAIT) == KILLED
