@@ -186,7 +186,7 @@ def test_balloon_after_release_makes_the_vm_watched_again(lineage, runs) -> None
     server hands it back to the watchdog, and a `kill -9` then kills it."""
     server = runs.server(lineage.newest, "--populate")
     vm = runs.vm(server, expected=lineage.expected, threads=1, touch=0.1, hold=WAIT,
-                 start_delay=1.0, balloon=[(0, 64 * PAGE)])
+                 start_delay=2.5, balloon=[(0, 64 * PAGE)])  # after populate
     server.wait_handshake()
     watchdog = watchdog_of(server)
     wait_until(lambda: idle_watching(watchdog, 0), "the watchdog to release the VM")
