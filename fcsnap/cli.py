@@ -12,7 +12,7 @@ import sys
 import traceback
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -28,6 +28,9 @@ from fcsnap.store.builder import BuildOptions
 from fcsnap.store.layout import HEADER, resolve_build
 from fcsnap.store.manifest import Manifest, read_manifest
 from fcsnap.units import format_bytes, parse_size
+
+if TYPE_CHECKING:
+    from fcsnap.uffd.listener import SocketAccess
 
 app = typer.Typer(
     add_completion=False,
@@ -379,6 +382,19 @@ def restore(
     api_timeout: float = typer.Option(
         30.0, "--api-timeout", help="Seconds Firecracker has to answer the snapshot load."
     ),
+    socket_owner: str | None = typer.Option(
+        None, "--socket-owner", metavar="UID[:GID]",
+        help="Give the socket to this user (and group), e.g. a jailed Firecracker's; that uid "
+        "may connect too.",
+    ),
+    socket_mode: str = typer.Option(
+        "0600", "--socket-mode", metavar="MODE", help="The socket file's permissions (octal)."
+    ),
+    allow_uid: list[str] = typer.Option(
+        [], "--allow-uid", metavar="UID",
+        help="Also admit connections from this uid (repeatable). Admitted always: this "
+        "process's uid and the --socket-owner's.",
+    ),
     quiet: bool = QUIET,
 ) -> None:
     """Serve BUILD's memory to one Firecracker VM over userfaultfd, lazily.
@@ -391,6 +407,7 @@ def restore(
     from fcsnap.uffd.firecracker_api import Response, SnapshotLoad, load_body
     from fcsnap.uffd.server import FaultServer, ServeOptions
 
+    access = _socket_access(socket_owner, socket_mode, allow_uid)
     build_dir = resolve_build(vm, store)
     load: SnapshotLoad | None = None
     if firecracker_api is not None:
@@ -430,6 +447,7 @@ def restore(
         populate=populate,
         eager=eager,
         on_listening=listening,
+        access=access,
     )
     server = FaultServer(build_dir, options)
     status = server.run()
@@ -443,6 +461,23 @@ def restore(
     if load is not None and (error := load.finish()) is not None:
         raise error
     raise typer.Exit(status)
+
+
+def _socket_access(owner: str | None, mode: str, allowed: list[str]) -> SocketAccess:
+    """restore's --socket-owner/--socket-mode/--allow-uid as a SocketAccess (usage errors: 2)."""
+    from fcsnap.uffd.listener import SocketAccess, parse_mode, parse_owner, parse_uid  # noqa: F811
+
+    def parsed(option: str, parse: Any, text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint=f"'{option}'") from None
+
+    uid, gid = parsed("--socket-owner", parse_owner, owner) if owner else (None, None)
+    return SocketAccess(
+        mode=parsed("--socket-mode", parse_mode, mode), owner_uid=uid, owner_gid=gid,
+        allowed_uids=frozenset(parsed("--allow-uid", parse_uid, u) for u in allowed),
+    )
 
 
 @app.command()
