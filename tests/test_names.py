@@ -28,6 +28,7 @@ BAD_NAMES = {
     "256 bytes": "n" * 256,
     "control character": "web\x07",
     "newline": "web\nother",
+    "line separator": "web\u2028other",
     "uuid-shaped": str(uuid.uuid4()),
     "uuid-shaped, no dashes": uuid.uuid4().hex,
     "dot": ".",
