@@ -126,6 +126,10 @@ def assert_names_verify_and_unpack(s: Store, tmp_path: Path) -> None:
         out.unlink()
 
 
+def builds_by_id(store: Path) -> dict[str, dict]:
+    return {r["build_id"]: r for r in fcsnap_json("ls", "--store", store, "--builds")["builds"]}
+
+
 def visible_builds(store: Path) -> set[str]:
     return {p.name for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")} - {VMS}
 
@@ -151,7 +155,7 @@ def test_ls_names_shows_heads_and_shared_bytes(store: Store) -> None:
 
 
 def test_ls_builds_marks_unreferenced_and_live_fraction(store: Store) -> None:
-    rows = {r["build_id"]: r for r in fcsnap_json("ls", "--store", store.path, "--builds")["builds"]}
+    rows = builds_by_id(store.path)
     assert set(rows) == {b.name for b in store.builds.values()}
     g1 = rows[store.id("G1")]
     assert g1["unreferenced"] and g1["read_by"] == [] and g1["live_fraction"] == 0
@@ -169,7 +173,7 @@ def test_ls_builds_marks_unreferenced_and_live_fraction(store: Store) -> None:
 
 def test_ls_live_fraction_falls_when_only_an_older_head_read_a_block(store: Store) -> None:
     assert fcsnap("rm", "base", "--store", store.path).returncode == 0
-    rows = {r["build_id"]: r for r in fcsnap_json("ls", "--store", store.path, "--builds")["builds"]}
+    rows = builds_by_id(store.path)
     g0 = rows[store.id("G0")]
     # web's head reads G0 except the 40 blocks G1 and G2 rewrote; plus the deduplicated one.
     stored = g0["stored_bytes"]

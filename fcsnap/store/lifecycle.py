@@ -184,9 +184,10 @@ def keep_what_it_reads(
         build = view.builds.get(kept)
         reads = build.reads if build is not None else set()
     targets = set(locks) if reads is None else reads & set(locks)
+    reason = f"read by {kept}" if reads is not None else f"{kept} (unreadable) might read it"
     for build_id in targets - {kept}:
         locks.pop(build_id).release()
-        plan.kept[build_id] = f"read by {kept}"
+        plan.kept[build_id] = reason
 
 
 def recheck(

@@ -214,9 +214,13 @@ def scan(store: Path) -> StoreView:
     builds = {}
     for build_id, path in build_dirs(store).items():
         try:
-            builds[build_id] = read_build(path, build_id)
-        except FileNotFoundError:  # removed since the listing (a concurrent gc)
+            build = read_build(path, build_id)
+        except FileNotFoundError:
             continue
+        if build.error is None or path.exists():
+            builds[build_id] = build
+        # else: a gc moved it away while we read it (no lock taken: ls must not wait for a
+        # writer that holds its new build until the name is published)
     view = StoreView(store, names, builds)
     per_build: dict[uuid.UUID, list[tuple[np.ndarray, np.ndarray]]] = {}
     for head in {n.head for n in names.values() if n.head in builds}:
