@@ -10,7 +10,9 @@ import json
 import os
 import sys
 import traceback
+import uuid
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from fcsnap.store import ops
 from fcsnap.store.builder import BuildOptions
 from fcsnap.store.layout import HEADER, resolve_build
 from fcsnap.store.manifest import Manifest, read_manifest
+from fcsnap.store.names import check_vm_name, read_vm_pointer
 from fcsnap.units import format_bytes, parse_size
 
 app = typer.Typer(
@@ -65,7 +68,7 @@ def _header_arg(arg: str, store: Path | None) -> tuple[Path, Path | None]:
     """Resolve BUILD|HEADER to a header file and the store around it (if any). A path that
     exists and is not a directory is a header file, whatever else it is: reading it says."""
     path = Path(arg)
-    if path.exists() and not path.is_dir():
+    if path.exists() and not path.is_dir() and (store is None or "/" in arg):
         return path, path.parent.parent if path.name == HEADER else None
     build = resolve_build(arg, store)
     return build / HEADER, build.parent
@@ -167,11 +170,26 @@ def build_options(
     bs = parse_size(block_size, "block size")
     if bs not in (4096, 2 << 20):
         raise FcsnapError(f"invalid --block-size {block_size!r}: use 4K or 2M")
+    if name is not None:
+        check_vm_name(name)  # before anything else: a bad name costs nothing
     compression, level = parse_compression(compress)
     frame = parse_size(frame_size, "frame size")
     if frame < 4096 or frame % 4096 or frame > 1 << 30:
         raise FcsnapError(f"invalid --frame-size {frame_size!r}: a multiple of 4K up to 1G")
     return BuildOptions(bs, compression, level, frame, name, vmstate, working_set=working_set)
+
+
+def name_head(
+    store: Path, name: str | None, build_arg: str | None = None, build_dir: Path | None = None
+) -> uuid.UUID | None:
+    """The build `name` points at as the command starts (None: no such name): publishing the
+    name at the end is a compare-and-swap against it. When the command's BUILD argument is
+    that same name, it is the build the argument resolved to, not a second look."""
+    if name is None:
+        return None
+    if build_arg == name and build_dir is not None:
+        return uuid.UUID(build_dir.name)
+    return read_vm_pointer(store, name)
 
 
 def report_build(manifest: Manifest, path: Path, as_json: bool, verb: str) -> None:
@@ -225,6 +243,7 @@ def pack(
 ) -> None:
     """Pack a memory file as generation 0 of a new lineage."""
     options = build_options(block_size, compress, frame_size, name, vmstate, working_set)
+    options = replace(options, name_expected=name_head(store, name), verb="pack")
     total = memfile.stat().st_size if memfile.is_file() else 0
     with progress_bar("pack", total, quiet or as_json) as advance:
         manifest, path = ops.pack(memfile, store, options, advance)
@@ -252,11 +271,14 @@ def diff(
     as_json: bool = JSON,
 ) -> None:
     """Store what changed since BASE as the next generation."""
+    if name is not None:
+        check_vm_name(name)  # before anything else: a bad name costs nothing
     base_dir = resolve_build(base, store)
     base_block_size = read_manifest(base_dir).block_size
     options = build_options(
         block_size or str(base_block_size), compress, frame_size, name, vmstate, working_set
     )
+    options = replace(options, name_expected=name_head(store, name, base, base_dir), verb="diff")
     if options.block_size != base_block_size:
         raise FcsnapError(
             f"--block-size {block_size} differs from the base build's {base_block_size}"
@@ -276,6 +298,8 @@ def squash(
     as_json: bool = JSON,
 ) -> None:
     """Flatten BUILD into a new generation 0 with the same content and no ancestors."""
+    if name is not None:
+        check_vm_name(name)  # before anything else: a bad name costs nothing
     build_dir = resolve_build(build, store)
     source = read_manifest(build_dir)
     options = BuildOptions(
@@ -284,6 +308,8 @@ def squash(
         level=source.compression_level or 3,
         frame_size=source.frame_size or BuildOptions.frame_size,
         name=name,
+        name_expected=name_head(store, name, build, build_dir),
+        verb="squash",
     )
     with progress_bar("squash", source.size, quiet or as_json) as advance:
         manifest, path = ops.squash(build_dir, store, options, advance)
@@ -330,6 +356,7 @@ def verify(
         out.print(
             f"[green]ok[/green]: build {result['build_id']} (generation {result['generation']}), "
             f"{result['builds_checked']} builds, {result['blocks_checked']} blocks checked"
+            + ("" if result["pinned"] else " (unpinned: ancestors are trusted by id)")
         )
 
 
@@ -648,7 +675,10 @@ def main() -> None:
     except (FcsnapError, OSError) as e:
         if _state["debug"]:
             traceback.print_exc()
-        message = str(e) if isinstance(e, FcsnapError) else f"{e.strerror or e}: {e.filename}"
+        if isinstance(e, FcsnapError):
+            message = str(e)
+        else:  # an OSError of a write has no file name: then say what was being done
+            message = f"{e.strerror or e}: {e.filename}" if e.filename else f"{e.strerror or e}"
         print(f"fcsnap: error: {message}", file=sys.stderr)
         sys.exit(1)
     except Exception as e:  # a bug: still one line, and the traceback on request

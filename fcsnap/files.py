@@ -39,3 +39,12 @@ def read_regular(path: Path, what: str) -> bytes:
         raise FcsnapError(f"cannot read {what} {path}: {e.strerror or e}") from e
     finally:
         os.close(fd)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by name (a directory's fsync makes renames in it durable)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -29,12 +29,12 @@ from fcsnap.store.layout import (
     HASHES,
     HEADER,
     SNAPFILE,
-    check_vm_name,
-    set_vm_pointer,
     staged_build,
 )
 from fcsnap.store.lineage import ZEROS, Parent, Runs, header_bytes
+from fcsnap.store.locks import publish_name
 from fcsnap.store.manifest import Manifest, Stats, write_manifest
+from fcsnap.store.names import check_vm_name
 from fcsnap.store.seekable import SeekableWriter
 
 Progress = Callable[[int], None]
@@ -50,6 +50,10 @@ class BuildOptions:
     vmstate: Path | None = None
     source: str = ""
     working_set: Path | None = None  # store these pages' blocks first (restore --record-ws)
+    # The build `name` pointed to when the command started (None: no such name): the name is
+    # moved only if it still points there (see locks.publish_name).
+    name_expected: uuid.UUID | None = None
+    verb: str = "pack"  # the command, for messages
 
 
 # Chunks smaller than this (the data ranges of a sparse Diff file, often one page each) are
@@ -157,6 +161,7 @@ class GenerationBuilder:
         self.filled = 0
         self.gather_from = 0  # spans[gather_from:] are in `gather`
         self.taken: np.ndarray | None = None  # blocks `add_first` classified, if it was used
+        self.ancestors_read: list[uuid.UUID] = []  # other builds the header reads (by finish)
 
     def add_first(self, blocks: np.ndarray, data: memoryview) -> None:
         """Take `blocks` (any order, held in that order by `data`) before the memory-order
@@ -263,6 +268,8 @@ class GenerationBuilder:
             header_bytes(meta, layout.records(self.build_ids, self.bs))
         )
         (self.stage / HASHES).write_bytes(dump_hashes(self.bs, b"".join(self.digests)))
+        used = np.unique(layout.owner[layout.owner >= 0]).tolist()
+        self.ancestors_read = [self.build_ids[i] for i in used if i != self.me]
         stored = len(self.digests)
         zero_blocks = int(layout.count[layout.owner == ZEROS].sum())
         stats = Stats(
@@ -311,7 +318,8 @@ def build_generation(
     if options.vmstate is not None and not options.vmstate.is_file():
         raise FcsnapError(f"vmstate file {options.vmstate} not found")
     build_id = uuid.uuid4()
-    with staged_build(store, build_id) as stage:
+    with staged_build(store, build_id) as lock:
+        stage = lock.path
         builder = GenerationBuilder(stage, build_id, size, parent, options)
         try:
             for blocks, data in first:
@@ -335,16 +343,18 @@ def build_generation(
             fcsnap_version=__version__,
             source=options.source,
             stats=stats,
+            pins={b: parent.pins[b] for b in builder.ancestors_read} if parent else {},
         )
         write_manifest(stage, manifest)
         if options.vmstate is not None:
             shutil.copyfile(options.vmstate, stage / SNAPFILE)
-    final = store / str(build_id)
-    if options.name:
-        try:
-            set_vm_pointer(store, options.name, build_id)
-        except BaseException:
-            shutil.rmtree(final, ignore_errors=True)  # a failed command leaves no new build
-            raise
+    final = lock.path
+    with lock:  # held until the name is published: no cleanup or gc takes the build before
+        if options.name:
+            try:
+                publish_name(store, options.name, build_id, options.name_expected, options.verb)
+            except BaseException:
+                shutil.rmtree(final, ignore_errors=True)  # a failed command leaves no new build
+                raise
     return manifest, final
 

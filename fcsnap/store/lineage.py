@@ -21,7 +21,7 @@ from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
 from fcsnap.header import BLOCK_SIZES, NIL, PAGE, HeaderError, Metadata, parse_header
 from fcsnap.header.format import MAPPING, METADATA, READ_VERSIONS
-from fcsnap.store.hashes import DIGEST_SIZE, read_hashes, zero_digest
+from fcsnap.store.hashes import DIGEST_SIZE, parse_hashes, sidecar_pin, zero_digest
 from fcsnap.store.layout import HASHES, HEADER, build_path
 from fcsnap.store.manifest import Manifest, read_manifest
 
@@ -227,6 +227,7 @@ class Parent:
                 f"{build_dir}: mapping at {at:#x} is not aligned to the block size {bs}"
             )
         self.build_ids, owner = _number_builds(records["build_id"], nil)
+        self.pins: dict[uuid.UUID, str] = {}  # of the sidecars read, for the child's build.json
         tables = [self._table(b) for b in self.build_ids]
         self.runs = Runs(
             (records["offset"] // bs).astype(np.int64),
@@ -264,7 +265,9 @@ class Parent:
         path = build_path(self.store, build_id) / HASHES
         if not path.parent.is_dir():
             raise FcsnapError(f"build {build_id} referenced by {self.dir.name} is not in the store")
-        block_size, table = read_hashes(path)
+        sidecar = read_regular(path, "hash sidecar")
+        self.pins[build_id] = sidecar_pin(sidecar)
+        block_size, table = parse_hashes(sidecar, str(path))
         if block_size != self.block_size:
             raise FcsnapError(f"{path}: block size {block_size}, lineage uses {self.block_size}")
         return table

@@ -27,6 +27,7 @@ from typing import Any
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import load_header
+from fcsnap.store.pins import open_lineage
 from fcsnap.store.source import DiffFile, open_diffs
 from fcsnap.uffd import abi
 from fcsnap.uffd.handshake import Peer, accept_peer, listen
@@ -80,6 +81,7 @@ class FaultServer:
 
     def __init__(self, build_dir: Path, options: ServeOptions) -> None:
         self.options = options
+        self.lineage = open_lineage(build_dir)  # pins checked; LOCK_SH held while we serve
         self.header = load_header(build_dir)
         self.diffs: dict[uuid.UUID, DiffFile] = open_diffs(
             self.header, build_dir.parent, options.cache_bytes
@@ -186,6 +188,7 @@ class FaultServer:
         """Close every diff file (fds, mappings, frame caches); DiffFile.close is idempotent."""
         for diff in self.diffs.values():
             diff.close()
+        self.lineage.release()
 
     def _close_stop_pipe(self) -> None:
         """Close the stop pipe: a server serves once, and leaks nothing when it is done."""
