@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from test_lifecycle import (
     TIMEOUT,
@@ -27,6 +26,7 @@ from test_lifecycle import (
     fcsnap,
     fcsnap_json,
     make_store,
+    next_image,
     visible_builds,
 )
 from test_restore import WAIT, Procs
@@ -93,20 +93,22 @@ def pointer(store: Store, name: str) -> str:
 
 def test_gc_keeps_a_pack_s_staging_and_its_unnamed_build(store: Store, tmp_path, stopped) -> None:
     for point in ("staged", "publish"):
+        known = visible_builds(store.path)
         pack = start("pack", tmp_path / "m2.mem", "--store", store.path, "--name", f"new-{point}",
                      "--quiet", "--json", stop_at=point)
         stopped.append(pack)
         wait_stopped(pack)
+        staging = list(store.path.glob(".staging-*"))
+        assert len(staging) == (1 if point == "staged" else 0)
         report = gc_now(store)
         assert report["leftovers"] == []  # the staging directory is locked by its writer
+        assert all(p.is_dir() for p in staging)
         if point == "publish":  # in place, not yet named: unreferenced, but locked
-            new = next(b for b in visible_builds(store.path) if b not in
-                       {p.name for p in store.builds.values()})
+            (new,) = visible_builds(store.path) - known
             assert {"build_id": new, "reason": "in use"} in report["kept"]
         status, out, err = resume(pack)
         assert status == 0, err
-        built = json.loads(out)["build_id"]
-        assert pointer(store, f"new-{point}") == built
+        assert pointer(store, f"new-{point}") == json.loads(out)["build_id"]
         store.images[f"new-{point}"] = store.images["web"]
     assert_names_verify_and_unpack(store, tmp_path)
 
@@ -114,7 +116,8 @@ def test_gc_keeps_a_pack_s_staging_and_its_unnamed_build(store: Store, tmp_path,
 def test_gc_keeps_the_base_of_a_running_diff(store: Store, tmp_path, stopped) -> None:
     """A diff over `web` stops before it publishes; `web` is removed and gc runs: the base's
     whole lineage is kept (the diff holds it), and the diff's new build reads it."""
-    diff = start("diff", tmp_path / "m1.mem", "--base", "web", "--store", store.path,
+    path, image = next_image(store, tmp_path)
+    diff = start("diff", path, "--base", "web", "--store", store.path,
                  "--name", "next", "--quiet", stop_at="publish")
     stopped.append(diff)
     wait_stopped(diff)
@@ -126,7 +129,7 @@ def test_gc_keeps_the_base_of_a_running_diff(store: Store, tmp_path, stopped) ->
     status, _, err = resume(diff)
     assert status == 0, err
     del store.images["web"]
-    store.images["next"] = np.fromfile(tmp_path / "m1.mem", np.uint8).reshape(-1, 4096)
+    store.images["next"] = image
     assert_names_verify_and_unpack(store, tmp_path)
     report = gc_now(store)  # the lineage is read by `next` now: still kept
     assert store.id("G2") not in {r["build_id"] for r in report["deleted"]}

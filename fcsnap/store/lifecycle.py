@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from fcsnap.errors import FcsnapError
+from fcsnap.files import fsync_path
 from fcsnap.store import ops
-from fcsnap.store.layout import STAGING_PREFIX, VMS, build_path, check_vm_name, fsync_path
+from fcsnap.store.builder import BuildOptions
+from fcsnap.store.layout import STAGING_PREFIX, build_path
 from fcsnap.store.listing import summary
 from fcsnap.store.locks import (
     POINTER_TMP_PREFIX,
@@ -32,10 +34,11 @@ from fcsnap.store.locks import (
     NameMoved,
     lock_dir,
     name_lock,
-    publish_name,
     stop_point,
     try_remove_staging,
 )
+from fcsnap.store.manifest import Manifest
+from fcsnap.store.names import VMS, check_vm_name
 from fcsnap.store.usage import (
     StoreView,
     build_dirs,
@@ -116,6 +119,7 @@ def collect(
         try:
             recheck(store, view, locks, plan)
             if dry_run:
+                plan.delete = {b: view.builds[b].disk_bytes for b in locks}
                 plan.leftovers = leftovers(store, remove=False)
             else:
                 delete(store, locks, plan)
@@ -285,6 +289,19 @@ def predicted(before: StoreView, plan: GcPlan) -> dict[str, Any]:
     return out
 
 
+def squash_options(manifest: Manifest, name: str) -> BuildOptions:
+    """Squash as the head was written, and move `name` only if it still points at the head."""
+    return BuildOptions(
+        block_size=manifest.block_size,
+        compression=manifest.compression,
+        level=manifest.compression_level or 3,
+        frame_size=manifest.frame_size or BuildOptions.frame_size,
+        name=name,
+        name_expected=manifest.build_id,
+        verb="gc --repack-below",
+    )
+
+
 def repack(
     store: Path, view: StoreView, below: float, dry_run: bool
 ) -> list[dict[str, Any]]:
@@ -313,13 +330,11 @@ def repack(
         if own <= live:
             row["skipped"] = "its lineage is shared: a flat copy would not shrink the store"
         elif not dry_run:
-            manifest, path = ops.squash(head.path, store)
             try:
-                publish_name(store, name, manifest.build_id, head.build_id, "gc --repack-below")
-            except NameMoved as e:
-                shutil.rmtree(path, ignore_errors=True)
+                new, _ = ops.squash(head.path, store, squash_options(head.manifest, name))
+            except NameMoved as e:  # the squash removed its build
                 row["skipped"] = str(e)
             else:
-                row["new_head"] = str(manifest.build_id)
+                row["new_head"] = str(new.build_id)
         done.append(row)
     return done

@@ -36,7 +36,7 @@ class Build:
     manifest: Manifest | None
     ranges: Ranges | None  # None when the header cannot be read
     disk_bytes: int
-    changed_at: float  # the later of mtime and ctime: a rename into place counts as a change
+    written_at: float  # the directory's mtime: when its last file was written (in staging)
     error: str | None = None
 
     @property
@@ -49,7 +49,7 @@ class Build:
         return self.manifest.stats.bytes_stored if self.manifest else 0
 
     def age(self, now: float) -> float:
-        return now - self.changed_at
+        return now - self.written_at
 
 
 @dataclass
@@ -163,7 +163,7 @@ def directory_bytes(path: Path) -> int:
 
 def read_build(path: Path, build_id: uuid.UUID) -> Build:
     st = path.stat()
-    build = Build(build_id, path, None, None, directory_bytes(path), max(st.st_mtime, st.st_ctime))
+    build = Build(build_id, path, None, None, directory_bytes(path), st.st_mtime)
     try:
         build.manifest = read_manifest(path)
         build.ranges = read_ranges(path)
