@@ -15,9 +15,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_lifecycle import (
     TIMEOUT,
@@ -32,6 +34,7 @@ from test_lifecycle import (
 from test_restore import WAIT, Procs
 
 from fcsnap.store.layout import VMS
+from fcsnap.testing.memimage import write_full
 
 STOP = "FCSNAP_STOP_AT"
 
@@ -230,3 +233,45 @@ def test_killed_gc_leaves_a_store_that_verifies(store: Store, tmp_path, stopped)
     assert not list(store.path.glob(".trash-*"))
     assert visible_builds(store.path) == {store.id("G0"), store.id("G2")}
     assert_names_verify_and_unpack(store, tmp_path)
+
+
+@pytest.mark.slow  # a small soak: ~10 commands, 30 s on a loaded 2-core machine
+def test_free_running_gcs_beside_diffs_lose_nothing(store: Store, tmp_path) -> None:
+    """No forced interleaving: diffs move `web` generation after generation, each rewriting the
+    pages the one before stored (so each old head becomes garbage at once), each followed by a
+    verify of the new head, while gc --grace 0 runs in a loop from two processes. Every command
+    succeeds (a gc may find the other running), garbage goes, every name stays whole."""
+    mem = store.images["web"].copy()
+    rng = np.random.default_rng(3)
+    errors: list[str] = []
+    done = threading.Event()
+
+    def collector() -> None:
+        while not done.is_set():
+            result = fcsnap("gc", "--store", store.path, "--grace", "0")
+            if result.returncode != 0 and "another gc is running" not in result.stderr:
+                errors.append(result.stderr)
+
+    threads = [threading.Thread(target=collector) for _ in range(2)]
+    pages = rng.choice(len(mem), 16, replace=False)
+    for t in threads:
+        t.start()
+    try:
+        for g in range(4):
+            mem[pages] = rng.integers(0, 256, (16, 4096), dtype=np.uint8)
+            write_full(tmp_path / f"next{g}.mem", mem)
+            result = fcsnap("diff", tmp_path / f"next{g}.mem", "--base", "web", "--name", "web",
+                            "--store", store.path, "--quiet")
+            assert result.returncode == 0, result.stderr
+            checked = fcsnap("verify", "web", "--store", store.path, "--quiet")
+            assert checked.returncode == 0, checked.stderr
+    finally:
+        done.set()
+        for t in threads:
+            t.join(timeout=TIMEOUT)
+            assert not t.is_alive(), "a gc loop did not stop in time"
+    assert errors == []
+    store.images["web"] = mem
+    assert_names_verify_and_unpack(store, tmp_path)
+    gc_now(store)
+    assert len(visible_builds(store.path)) == 5  # G0, G2, A0, A1 and the head
