@@ -25,6 +25,16 @@ def _generation_of(build_id: uuid.UUID, header: Header, store: Path | None) -> i
     return None
 
 
+def _pinned(build_id: uuid.UUID, store: Path | None) -> bool | None:
+    """Does the build's build.json pin the builds it reads? None: no build.json to say."""
+    if store is None or not (store / str(build_id) / MANIFEST).exists():
+        return None
+    try:
+        return read_manifest(store / str(build_id)).pins is not None
+    except FcsnapError:
+        return None
+
+
 def inspect_report(
     header: Header,
     store: Path | None = None,
@@ -52,6 +62,7 @@ def inspect_report(
     ]
     builds.sort(key=lambda b: (b["generation"] is None, b["generation"] or 0, b["build_id"]))
     report: dict[str, Any] = {
+        "pinned": _pinned(meta.build_id, store),
         "metadata": {
             "version": meta.version,
             "block_size": meta.block_size,

@@ -21,6 +21,7 @@ import numpy as np
 
 from fcsnap import __version__
 from fcsnap.errors import FcsnapError
+from fcsnap.files import writing
 from fcsnap.header import WRITE_VERSION, Metadata
 from fcsnap.store.hashes import DIGEST_SIZE, digest, dump_hashes
 from fcsnap.store.layout import (
@@ -28,6 +29,7 @@ from fcsnap.store.layout import (
     DIFF_ZSTD,
     HASHES,
     HEADER,
+    MANIFEST,
     SNAPFILE,
     staged_build,
 )
@@ -74,6 +76,7 @@ class DiffSink:
 
     def __init__(self, stage: Path, options: BuildOptions) -> None:
         name = DIFF_ZSTD if options.compression == "zstd" else DIFF_RAW
+        self.what = f"{name} of the new build in store {stage.parent}"
         # Unbuffered: batches are large, and the SeekableWriter writes whole frames.
         self.file: BinaryIO = open(stage / name, "wb", buffering=0)  # noqa: SIM115 (close())
         self.zstd = (
@@ -112,13 +115,15 @@ class DiffSink:
     def _wait(self, pending: int = 0) -> None:
         """Wait until at most `pending` batches are in flight; their errors are raised here."""
         while len(self.in_flight) > pending:
-            self.in_flight.pop(0).result()
+            with writing(self.what):
+                self.in_flight.pop(0).result()
 
     def close(self) -> int:
         """Finish the file; returns its size on disk."""
         self._wait()
         if self.zstd is not None:
-            self.zstd.close()
+            with writing(self.what):
+                self.zstd.close()
         written = os.fstat(self.file.fileno()).st_size
         self.discard()
         return written
@@ -264,10 +269,13 @@ class GenerationBuilder:
             self.build_id,
             parent.metadata.base_build_id if parent else self.build_id,
         )
-        (self.stage / HEADER).write_bytes(
-            header_bytes(meta, layout.records(self.build_ids, self.bs))
-        )
-        (self.stage / HASHES).write_bytes(dump_hashes(self.bs, b"".join(self.digests)))
+        store = self.stage.parent
+        with writing(f"{HEADER} of the new build in store {store}"):
+            (self.stage / HEADER).write_bytes(
+                header_bytes(meta, layout.records(self.build_ids, self.bs))
+            )
+        with writing(f"{HASHES} of the new build in store {store}"):
+            (self.stage / HASHES).write_bytes(dump_hashes(self.bs, b"".join(self.digests)))
         used = np.unique(layout.owner[layout.owner >= 0]).tolist()
         self.ancestors_read = [self.build_ids[i] for i in used if i != self.me]
         stored = len(self.digests)
@@ -345,9 +353,11 @@ def build_generation(
             stats=stats,
             pins={b: parent.pins[b] for b in builder.ancestors_read} if parent else {},
         )
-        write_manifest(stage, manifest)
+        with writing(f"{MANIFEST} of the new build in store {store}"):
+            write_manifest(stage, manifest)
         if options.vmstate is not None:
-            shutil.copyfile(options.vmstate, stage / SNAPFILE)
+            with writing(f"{SNAPFILE} of the new build in store {store}"):
+                shutil.copyfile(options.vmstate, stage / SNAPFILE)
     final = lock.path
     with lock:  # held until the name is published: no cleanup or gc takes the build before
         if options.name:

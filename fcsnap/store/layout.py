@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fcsnap.errors import FcsnapError
-from fcsnap.files import fsync_path
+from fcsnap.files import fsync_path, writing
 from fcsnap.store.locks import DirLock, locked_new_dir, stop_point, try_remove_staging
 from fcsnap.store.names import VMS as VMS
 from fcsnap.store.names import check_vm_name, read_vm_pointer
@@ -114,12 +114,13 @@ def staged_build(store: Path, build_id: uuid.UUID) -> Iterator[DirLock]:
     stop_point("staged")
     try:
         yield lock
-        for child in staging.iterdir():
-            fsync_path(child)
-        fsync_path(staging)
-        os.rename(staging, final)
-        lock.path = final
-        fsync_path(store)
+        with writing(f"the new build to store {store}"):  # a full disk may show only now
+            for child in staging.iterdir():
+                fsync_path(child)
+            fsync_path(staging)
+            os.rename(staging, final)
+            lock.path = final
+            fsync_path(store)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         lock.release()

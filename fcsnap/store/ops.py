@@ -18,7 +18,7 @@ from fcsnap.store.builder import BuildOptions, build_generation
 from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes
 from fcsnap.store.layout import HASHES, build_path
 from fcsnap.store.lineage import Parent
-from fcsnap.store.locks import locked_new_file, try_remove_staging
+from fcsnap.store.locks import locked_new_file, stop_point, try_remove_staging
 from fcsnap.store.manifest import Manifest, read_manifest
 from fcsnap.store.pins import open_lineage
 from fcsnap.store.scan import CHUNK, MemoryFile, block_aligned
@@ -184,6 +184,7 @@ def unpack(build_dir: Path, output: Path, force: bool = False, progress: Progres
             lock = locked_new_file(tmp)
         except OSError as e:  # named after the output: the temporary name means nothing
             raise FcsnapError(f"cannot create {output}: {e.strerror or e}") from e
+        stop_point("unpacking")
         with lock:
             try:
                 fd = lock.fd

@@ -16,7 +16,7 @@ from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
 from fcsnap.store.hashes import parse_hashes, sidecar_pin
 from fcsnap.store.layout import HASHES
-from fcsnap.store.locks import LineageLock, lock_lineage
+from fcsnap.store.locks import LineageLock, lock_lineage, stop_point
 from fcsnap.store.manifest import read_manifest
 
 
@@ -37,6 +37,7 @@ def open_lineage(build_dir: Path) -> LineageLock:
     except BaseException:
         lineage.release()
         raise
+    stop_point("lineage")
     return lineage
 
 
