@@ -52,8 +52,12 @@ def images(work: Path, corpus: Path | None) -> tuple[list[Path], str]:
             "QEMU guest after boot, files, compute)"
         )
     manifest = json.loads((corpus / "manifest.json").read_text())
-    paths = [corpus / str(row["file"]) for row in manifest["images"]]
-    return paths, f"the real-guest corpus {corpus.name} (bench/corpus.py)"
+    paths = [corpus / str(row["file"]) for row in manifest["generations"]]
+    stages = ", ".join(manifest["stages"])
+    return paths, (
+        f"the real-guest corpus {corpus.name} (bench/corpus.py: a {manifest['size'] >> 20} MiB "
+        f"QEMU guest after {stages})"
+    )
 
 
 def state(store: Path, step: str, newest: str, seconds: float | None = None) -> dict[str, Any]:
