@@ -69,6 +69,19 @@ def wait_stopped(proc: subprocess.Popen[str], timeout: float = WAIT) -> None:
     pytest.fail(f"process {proc.args} did not reach its stop point in {timeout}s")
 
 
+def wait_blocked_on_flock(proc: subprocess.Popen[str], timeout: float = WAIT) -> None:
+    """Until the process waits for a flock (/proc/locks lists waiters with '->')."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate(timeout=TIMEOUT)
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "->" in fields and fields[fields.index("->") + 4] == str(proc.pid):
+                return
+        time.sleep(0.02)
+    pytest.fail(f"process {proc.args} did not wait for a lock within {timeout}s")
+
+
 def resume(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
     proc.send_signal(signal.SIGCONT)
     out, err = proc.communicate(timeout=TIMEOUT)
@@ -184,6 +197,28 @@ def test_gc_keeps_what_restore_serves(store: Store, tmp_path: Path) -> None:
         procs.close()
     report = gc_now(store)  # the server is gone: now they go
     assert {r["build_id"] for r in report["deleted"]} == {store.id("G0"), store.id("G2")}
+
+
+def test_a_diff_over_a_build_gc_is_deleting_fails_cleanly(store: Store, tmp_path, stopped):
+    """gc holds G1 (garbage) locked when a diff names it as its base: the diff waits for the
+    lock, finds the build gone, and fails with one line, leaving no build and no name."""
+    gc = start("gc", "--store", store.path, "--grace", "0", "--json", stop_at="gc-recheck")
+    stopped.append(gc)
+    wait_stopped(gc)
+    known = visible_builds(store.path)
+    diff = start("diff", next_image(store, tmp_path)[0], "--base", store.id("G1"),
+                 "--store", store.path, "--name", "late", "--quiet")
+    stopped.append(diff)
+    wait_blocked_on_flock(diff)  # the diff waits on the base's lock (it must not fail yet)
+    status, out, err = resume(gc)
+    assert status == 0, err
+    assert [r["build_id"] for r in json.loads(out)["deleted"]] == [store.id("G1")]
+    _, err = diff.communicate(timeout=TIMEOUT)
+    assert diff.returncode == 1
+    assert err.strip() == f"fcsnap: error: build {store.id('G1')} was removed"
+    assert visible_builds(store.path) == known - {store.id("G1")}
+    assert not (store.path / VMS / "late").exists()
+    assert_names_verify_and_unpack(store, tmp_path)
 
 
 def test_a_second_gc_is_refused_while_one_runs(store: Store, tmp_path, stopped) -> None:
