@@ -21,10 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fcsnap.errors import FcsnapError
 from fcsnap.store import ops
 from fcsnap.store.builder import BuildOptions
 from fcsnap.store.layout import DIFF_RAW, VMS
 from fcsnap.testing.memimage import synthetic_memory, write_full
+from fcsnap.units import parse_duration
 
 MIB = 1 << 20
 PAGE = 4096
@@ -376,3 +378,18 @@ def test_gc_bad_options(store: Store, args: tuple[str, ...], message: str) -> No
     assert usage.returncode == 2
     missing = fcsnap("gc", "--store", store.path / "nope")
     assert missing.returncode == 1 and "is not a directory" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("0", 0), ("45", 45), ("90s", 90), ("30m", 1800), ("1h", 3600), ("1.5h", 5400),
+     ("2d", 172800), ("1w", 604800)],
+)
+def test_grace_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "h", "1x", "-5m", "nan", "inf", "1hh"])
+def test_bad_grace_durations(text: str) -> None:
+    with pytest.raises(FcsnapError, match="invalid duration"):
+        parse_duration(text)
