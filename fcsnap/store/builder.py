@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import Enum
 from itertools import compress
 from pathlib import Path
 from typing import BinaryIO
@@ -36,10 +37,14 @@ from fcsnap.store.layout import (
 from fcsnap.store.lineage import ZEROS, Parent, Runs, header_bytes
 from fcsnap.store.locks import publish_name
 from fcsnap.store.manifest import Manifest, Stats, write_manifest
-from fcsnap.store.names import check_vm_name
+from fcsnap.store.names import check_vm_name, read_vm_pointer
 from fcsnap.store.seekable import SeekableWriter
 
 Progress = Callable[[int], None]
+
+
+class Head(Enum):
+    AT_START = "the head of the name as the build starts"
 
 
 @dataclass(frozen=True)
@@ -53,8 +58,9 @@ class BuildOptions:
     source: str = ""
     working_set: Path | None = None  # store these pages' blocks first (restore --record-ws)
     # The build `name` pointed to when the command started (None: no such name): the name is
-    # moved only if it still points there (see locks.publish_name).
-    name_expected: uuid.UUID | None = None
+    # moved only if it still points there (see locks.publish_name). By default, the build it
+    # points to as this build starts.
+    name_expected: uuid.UUID | None | Head = Head.AT_START
     verb: str = "pack"  # the command, for messages
 
 
@@ -321,8 +327,11 @@ def build_generation(
 ) -> tuple[Manifest, Path]:
     """Run the pipeline and publish the build; returns its manifest and directory. `first`
     (MemoryFile.working_set) is taken before `chunks`: its stored blocks lead the diff."""
+    expected = options.name_expected
     if options.name is not None:
         check_vm_name(options.name)
+        if expected is Head.AT_START:
+            expected = read_vm_pointer(store, options.name)
     if options.vmstate is not None and not options.vmstate.is_file():
         raise FcsnapError(f"vmstate file {options.vmstate} not found")
     build_id = uuid.uuid4()
@@ -362,7 +371,7 @@ def build_generation(
     with lock:  # held until the name is published: no cleanup or gc takes the build before
         if options.name:
             try:
-                publish_name(store, options.name, build_id, options.name_expected, options.verb)
+                publish_name(store, options.name, build_id, expected, options.verb)
             except BaseException:
                 shutil.rmtree(final, ignore_errors=True)  # a failed command leaves no new build
                 raise

@@ -171,6 +171,14 @@ def remove_stale_partials(directory: Path) -> None:
         try_remove_staging(entry)
 
 
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """A short write (the disk filling up) is retried: the retry says why it cannot go on."""
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
 def unpack(build_dir: Path, output: Path, force: bool = False, progress: Progress = _noop) -> int:
     """Rebuild the full memory file, sparse where zero, every block checked against its hash;
     returns bytes of data written. The file is written under a temporary name, locked while
@@ -195,8 +203,7 @@ def unpack(build_dir: Path, output: Path, force: bool = False, progress: Progres
                     for pos in range(0, m.length, CHUNK):
                         n = min(CHUNK, m.length - pos)
                         data = reader.stored(m.build_id, m.storage_offset + pos, n)
-                        if os.pwrite(fd, data, m.offset + pos) != n:
-                            raise FcsnapError(f"{output}: short write")
+                        _pwrite_all(fd, data, m.offset + pos)
                         written += n
                         progress(n)
                 os.fsync(fd)
