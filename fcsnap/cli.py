@@ -638,7 +638,9 @@ def render_gc(report: dict[str, Any]) -> None:
             out.print(f"not repacked {row['name']}: {row['skipped']}")
         else:
             verb = "would repack" if dry else "repacked"
-            target = "" if dry else f" as {row['new_head']}"
+            target = "" if dry else (
+                f" as {row['new_head']} ({format_bytes(row['new_head_disk_bytes'])})"
+            )
             out.print(
                 f"{verb} {row['name']} (its head read {row['live_fraction']:.1%} of its "
                 f"lineage){target}"
@@ -654,9 +656,11 @@ def render_gc(report: dict[str, Any]) -> None:
     freed = report["bytes_to_free" if dry else "bytes_freed"]
     after = report["after"]
     amp = "-" if after["amplification"] is None else f"{after['amplification']:.2f}x"
+    written = sum(r.get("new_head_disk_bytes", 0) for r in report["repacked"])
+    repack = f", repacks wrote {format_bytes(written)}" if written else ""
     out.print(
-        f"{'would free' if dry else 'freed'} {format_bytes(freed)} in {len(deleted)} builds; "
-        f"{format_bytes(after['disk_bytes'])} on disk (space amplification {amp})"
+        f"{'would free' if dry else 'freed'} {format_bytes(freed)} in {len(deleted)} builds"
+        f"{repack}; {format_bytes(after['disk_bytes'])} on disk (space amplification {amp})"
     )
 
 

@@ -327,6 +327,11 @@ def test_repack_squashes_a_partly_dead_lineage(store: Store, tmp_path: Path) -> 
     assert len(new) == 1 and new[0]["build_id"] == row["new_head"]
     assert new[0]["generation"] == 0 and new[0]["head_reads_fraction"] == 1.0
     assert report["after"]["amplification"] < report["before"]["amplification"]
+    new_head = store.path / row["new_head"]
+    assert row["new_head_disk_bytes"] == du(new_head)
+    assert report["after"]["disk_bytes"] == (
+        report["before"]["disk_bytes"] - report["bytes_freed"] + du(new_head)
+    )
     assert_names_verify_and_unpack(store, tmp_path)
 
 

@@ -336,5 +336,6 @@ def repack(
                 row["skipped"] = str(e)
             else:
                 row["new_head"] = str(new.build_id)
+                row["new_head_disk_bytes"] = directory_bytes(build_path(store, new.build_id))
         done.append(row)
     return done
