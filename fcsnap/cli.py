@@ -103,8 +103,9 @@ def render_inspect(report: dict[str, Any]) -> None:
     table.add_row("block_size", format_bytes(meta["block_size"]))
     table.add_row("size", f"{format_bytes(meta['size'])} ({meta['size']} bytes)")
     table.add_row("mappings", str(report["mapping_count"]))
-    pinned = {True: "yes", False: "no (unpinned: ancestors trusted by id)", None: "?"}
-    table.add_row("pinned", pinned[report["pinned"]])
+    if "pinned" in report:
+        unpinned = "no (unpinned: ancestors trusted by id)"
+        table.add_row("pinned", "yes" if report["pinned"] else unpinned)
     out.print(table)
     builds = Table(title="Builds read by this generation")
     for col in ("build", "generation", "runs", "blocks", "bytes", "share"):

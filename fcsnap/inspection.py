@@ -62,7 +62,6 @@ def inspect_report(
     ]
     builds.sort(key=lambda b: (b["generation"] is None, b["generation"] or 0, b["build_id"]))
     report: dict[str, Any] = {
-        "pinned": _pinned(meta.build_id, store),
         "metadata": {
             "version": meta.version,
             "block_size": meta.block_size,
@@ -79,6 +78,9 @@ def inspect_report(
         },
         "builds": builds,
     }
+    pinned = _pinned(meta.build_id, store)
+    if pinned is not None:  # a build's header, not a lone header file
+        report = {"pinned": pinned, **report}
     if show_mappings:
         report["mappings"] = [
             {

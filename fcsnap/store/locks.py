@@ -19,11 +19,15 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 from fcsnap.errors import FcsnapError
-from fcsnap.files import fsync_path
-from fcsnap.header import NIL, load_header
+from fcsnap.files import fsync_path, read_regular
+from fcsnap.header import NIL
+from fcsnap.header.format import MAPPING, METADATA
 from fcsnap.store.names import VMS, read_vm_pointer
 
+HEADER = "memfile.header"  # (layout.HEADER: layout imports this module)
 NAME_LOCK = ".lock"
 POINTER_TMP_PREFIX = ".tmp-"
 
@@ -124,6 +128,22 @@ def _lock_build(build_dir: Path) -> DirLock:
     return lock
 
 
+def builds_read(build_dir: Path) -> list[uuid.UUID]:
+    """The other builds the header's mappings name, straight from the records' id column: a
+    header of many mappings costs a sort, not a parse (restore starts no later for it). A
+    malformed header is left to its reader, who reads it in full."""
+    data = read_regular(build_dir / HEADER, "header")
+    body = len(data) - METADATA.size
+    if body < 0 or body % MAPPING.size:
+        return []
+    own = METADATA.unpack_from(data)[4]
+    records = np.frombuffer(data, np.uint8, offset=METADATA.size).reshape(-1, MAPPING.size)
+    ids = np.unique(np.ascontiguousarray(records[:, 16:32]).view("V16").ravel())
+    return [
+        uuid.UUID(bytes=raw) for raw in (i.tobytes() for i in ids) if raw not in (own, NIL.bytes)
+    ]
+
+
 def lock_lineage(store: Path, build_dir: Path) -> LineageLock:
     """LOCK_SH on `build_dir` (the head) and on every other build its header reads in `store`.
 
@@ -133,12 +153,10 @@ def lock_lineage(store: Path, build_dir: Path) -> LineageLock:
     """
     locks = [_lock_build(build_dir)]
     try:
-        header = load_header(build_dir)
-        for build_id in header.build_ids():
+        for build_id in builds_read(build_dir):
             ancestor = store / str(build_id)
-            if build_id in (NIL, header.metadata.build_id) or not ancestor.is_dir():
-                continue  # a missing build: whoever reads it says so, in its own words
-            locks.append(_lock_build(ancestor))
+            if ancestor.is_dir():  # a missing build: whoever reads it says so, in its own words
+                locks.append(_lock_build(ancestor))
     except BaseException:
         for lock in locks:
             lock.release()

@@ -39,8 +39,8 @@ def _name_problem(name: str) -> str | None:
         return "starts with '.' (reserved for the store's own files)"
     if "/" in name:
         return "contains '/'"
-    if any(unicodedata.category(c) == "Cc" for c in name):
-        return "contains a control character"
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
+        return "contains a control character or line break"
     if len(encoded) > NAME_MAX:
         return f"is {len(encoded)} bytes long (at most {NAME_MAX})"
     if _is_build_id(name):
