@@ -316,8 +316,10 @@ def test_a_young_unnamed_build_keeps_what_it_reads(store: Store, tmp_path: Path)
 def test_repack_squashes_a_partly_dead_lineage(store: Store, tmp_path: Path) -> None:
     assert fcsnap("rm", "base", "--store", store.path).returncode == 0
     del store.images["base"]
+    before = snapshot(store.path)
     dry = fcsnap_json("gc", "--store", store.path, "--grace", "0", "--repack-below", "0.99",
                       "--dry-run")
+    assert snapshot(store.path) == before
     assert [r["name"] for r in dry["repacked"]] == ["web"] and "new_head" not in dry["repacked"][0]
     report = fcsnap_json("gc", "--store", store.path, "--grace", "0", "--repack-below", "0.99")
     (row,) = report["repacked"]

@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,7 @@ class GcPlan:
 
 
 @contextlib.contextmanager
-def gc_lock(store: Path, dry_run: bool) -> Any:
+def gc_lock(store: Path, dry_run: bool) -> Iterator[None]:
     """STORE/.gc.lock LOCK_EX|LOCK_NB: one gc at a time. A dry run only reads, so it creates
     nothing and takes no lock (it never deletes, so it cannot race another gc)."""
     if dry_run:
