@@ -539,9 +539,10 @@ def render_names(rows: list[dict[str, Any]]) -> None:
             format_bytes(r["lineage_bytes"]), format_bytes(r["shared_bytes"]),
             _fraction(r["live_fraction"]),
         )
-        if "error" in r:
-            table.add_row("", f"[red]{r['error']}[/red]")
     _print_wide(table)
+    for r in rows:
+        if "error" in r:
+            out.print(f"[red]{r['name']}: {r['error']}[/red]", markup=True, highlight=False)
 
 
 def render_builds(rows: list[dict[str, Any]]) -> None:
@@ -556,6 +557,9 @@ def render_builds(rows: list[dict[str, Any]]) -> None:
             _fraction(r["live_fraction"]), readers,
         )
     _print_wide(table)
+    for r in rows:
+        if "error" in r:
+            out.print(f"[red]{r['build_id']}: {r['error']}[/red]", markup=True, highlight=False)
 
 
 def render_summary(s: dict[str, Any]) -> None:

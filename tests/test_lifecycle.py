@@ -400,3 +400,13 @@ def test_grace_durations(text: str, seconds: float) -> None:
 def test_bad_grace_durations(text: str) -> None:
     with pytest.raises(FcsnapError, match="invalid duration"):
         parse_duration(text)
+
+
+def test_a_damaged_manifest_is_shown_and_does_not_hide_what_a_header_reads(store: Store) -> None:
+    (store.builds["G2"] / "build.json").write_text("junk")
+    rows = {r["name"]: r for r in fcsnap_json("ls", "--store", store.path)["names"]}
+    assert "not valid JSON" in rows["web"]["error"] and rows["web"]["generation"] is None
+    text = fcsnap("ls", "--store", store.path)
+    assert text.returncode == 0 and "web: " in text.stdout and "not valid JSON" in text.stdout
+    report = fcsnap_json("gc", "--store", store.path, "--grace", "0")
+    assert [r["build_id"] for r in report["deleted"]] == [store.id("G1")]  # G0, G2 still read

@@ -164,11 +164,16 @@ def directory_bytes(path: Path) -> int:
 def read_build(path: Path, build_id: uuid.UUID) -> Build:
     st = path.stat()
     build = Build(build_id, path, None, None, directory_bytes(path), st.st_mtime)
-    try:
-        build.manifest = read_manifest(path)
+    errors = []
+    try:  # the header alone says what the build reads: a damaged manifest does not hide it
         build.ranges = read_ranges(path)
     except FcsnapError as e:
-        build.error = str(e)
+        errors.append(str(e))
+    try:
+        build.manifest = read_manifest(path)
+    except FcsnapError as e:
+        errors.append(str(e))
+    build.error = "; ".join(errors) or None
     return build
 
 
