@@ -310,3 +310,32 @@ def test_free_running_gcs_beside_diffs_lose_nothing(store: Store, tmp_path) -> N
     assert_names_verify_and_unpack(store, tmp_path)
     gc_now(store)
     assert len(visible_builds(store.path)) == 5  # G0, G2, A0, A1 and the head
+
+
+def test_repack_loses_to_a_diff_that_moves_the_name(store: Store, tmp_path, stopped) -> None:
+    """gc --repack-below squashes `web`, and stops just before moving the name; a diff moves
+    `web` meanwhile. The repack leaves the name alone and removes its flat copy; the diff's
+    build stays the head, and what it reads is kept."""
+    assert fcsnap("rm", "base", "--store", store.path).returncode == 0
+    del store.images["base"]
+    gc = start("gc", "--store", store.path, "--grace", "0", "--repack-below", "0.99", "--json",
+               stop_at="publish")
+    stopped.append(gc)
+    wait_stopped(gc)
+    path, image = next_image(store, tmp_path)
+    diff = fcsnap("diff", path, "--base", "web", "--name", "web", "--store", store.path,
+                  "--quiet", "--json")
+    assert diff.returncode == 0, diff.stderr
+    status, out, err = resume(gc)
+    assert status == 0, err
+    report = json.loads(out)
+    (row,) = report["repacked"]
+    new_head = json.loads(diff.stdout)["build_id"]
+    assert row["skipped"] == f"web moved to {new_head} while this gc --repack-below ran"
+    assert pointer(store, "web") == new_head
+    assert {r["build_id"] for r in report["deleted"]} == {store.id("G1")}
+    assert visible_builds(store.path) == {
+        store.id("G0"), store.id("G2"), store.id("A0"), store.id("A1"), new_head
+    }
+    store.images["web"] = image
+    assert_names_verify_and_unpack(store, tmp_path)
