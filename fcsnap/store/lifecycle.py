@@ -122,9 +122,9 @@ def collect(
             if dry_run:
                 plan.delete = {b: view.builds[b].disk_bytes for b in locks}
                 plan.leftovers = leftovers(store, remove=False)
-            else:
-                delete(store, locks, plan)
+            else:  # a killed gc's trash first: its names must be free for this run's
                 plan.leftovers = leftovers(store, remove=True)
+                delete(store, locks, plan)
         finally:
             for lock in locks.values():
                 lock.release()
@@ -255,8 +255,10 @@ def leftovers(store: Path, remove: bool) -> list[str]:
     found = []
     for entry in sorted(store.glob(f"{TRASH_PREFIX}*")):
         found.append(entry.name)
-        if remove:
-            remove_tree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+        if remove and entry.is_dir() and not entry.is_symlink():
+            remove_tree(entry)
+        elif remove:
+            entry.unlink(missing_ok=True)
     for entry in sorted(store.glob(f"{STAGING_PREFIX}*")):
         if remove:
             if try_remove_staging(entry):
