@@ -477,7 +477,7 @@ def restore(
 
 @app.command(name="ls")
 def list_store(
-    name: str | None = typer.Argument(None, metavar="[NAME]", help="Show this name's lineage."),
+    name: str | None = typer.Argument(None, metavar="NAME", help="Show this name's lineage."),
     store: Path = STORE,
     builds: bool = typer.Option(
         False, "--builds", help="List every build: size, readers, live fraction."
@@ -589,7 +589,7 @@ def render_lineage(report: dict[str, Any]) -> None:
 
 @app.command()
 def rm(
-    names: list[str] = typer.Argument(..., metavar="NAME...", help="Names to remove."),
+    names: list[str] = typer.Argument(..., metavar="NAME", help="Names to remove."),
     store: Path = STORE,
     quiet: bool = QUIET,
 ) -> None:
