@@ -343,7 +343,7 @@ def test_repack_leaves_a_lineage_shared_with_another_name(store: Store) -> None:
     assert "shared" in rows["web"]["skipped"]  # base's head still reads G0
 
 
-def test_gc_leaves_over_of_killed_commands(store: Store) -> None:
+def test_gc_removes_what_killed_commands_left(store: Store) -> None:
     stale = store.path / f".staging-999999-{uuid.uuid4()}"
     stale.mkdir()
     (stale / "memfile.diff").write_bytes(b"x" * 100)
