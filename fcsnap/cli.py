@@ -510,6 +510,200 @@ def _socket_access(owner: str | None, mode: str, allowed: list[str]) -> SocketAc
     )
 
 
+@app.command(name="ls")
+def list_store(
+    name: str | None = typer.Argument(None, metavar="NAME", help="Show this name's lineage."),
+    store: Path = STORE,
+    builds: bool = typer.Option(
+        False, "--builds", help="List every build: size, readers, live fraction."
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """List the store's names (or every build, or one name's lineage) and the bytes they hold.
+
+    A build's live fraction is the share of its stored bytes some name's head still reads."""
+    from fcsnap.store import listing
+    from fcsnap.store.usage import scan
+
+    view = scan(store)
+    if name is not None:
+        report = listing.lineage_report(view, name)
+    elif builds:
+        report = listing.builds_report(view)
+    else:
+        report = listing.names_report(view)
+    if as_json:
+        print_json(report)
+        return
+    if name is not None:
+        render_lineage(report)
+        return
+    if builds:
+        render_builds(report["builds"])
+    else:
+        render_names(report["names"])
+    render_summary(report["summary"])
+
+
+def _add_column(table: Table, title: str, left: bool) -> None:
+    """Build ids are never wrapped: they are copied into other commands."""
+    if title in ("build", "head"):
+        table.add_column(title, no_wrap=True, min_width=36)
+    else:
+        table.add_column(title, justify="left" if left else "right")
+
+
+def _print_wide(table: Table) -> None:
+    """Store tables hold build ids and several sizes: wider than 80 columns when piped."""
+    (out if out.is_terminal else Console(soft_wrap=True, width=150)).print(table)
+
+
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def render_names(rows: list[dict[str, Any]]) -> None:
+    table = Table(title="Names")
+    for col in ("name", "head", "gen", "created", "memory", "lineage", "shared", "head reads"):
+        _add_column(table, col, left=col in ("name", "head", "created"))
+    for r in rows:
+        table.add_row(
+            r["name"], r["head"] or "?", "?" if r["generation"] is None else str(r["generation"]),
+            r["created_at"] or "?",
+            "?" if r["memory_bytes"] is None else format_bytes(r["memory_bytes"]),
+            format_bytes(r["lineage_bytes"]), format_bytes(r["shared_bytes"]),
+            _fraction(r["live_fraction"]),
+        )
+    _print_wide(table)
+    for r in rows:
+        if "error" in r:
+            out.print(f"[red]{r['name']}: {r['error']}[/red]", markup=True, highlight=False)
+
+
+def render_builds(rows: list[dict[str, Any]]) -> None:
+    table = Table(title="Builds")
+    for col in ("build", "gen", "parent", "on disk", "live", "read by"):
+        _add_column(table, col, left=col in ("build", "parent", "read by"))
+    for r in rows:
+        readers = ", ".join(r["read_by"]) or "[yellow]unreferenced[/yellow]"
+        table.add_row(
+            r["build_id"], "?" if r["generation"] is None else str(r["generation"]),
+            (r["parent"] or "-")[:8], format_bytes(r["disk_bytes"]),
+            _fraction(r["live_fraction"]), readers,
+        )
+    _print_wide(table)
+    for r in rows:
+        if "error" in r:
+            out.print(f"[red]{r['build_id']}: {r['error']}[/red]", markup=True, highlight=False)
+
+
+def render_summary(s: dict[str, Any]) -> None:
+    amp = "-" if s["amplification"] is None else f"{s['amplification']:.2f}x"
+    out.print(
+        f"{s['names']} names, {s['builds']} builds ({s['unreferenced_builds']} unreferenced): "
+        f"{format_bytes(s['disk_bytes'])} on disk, heads read {format_bytes(s['live_bytes'])} "
+        f"(space amplification {amp})"
+    )
+
+
+def render_lineage(report: dict[str, Any]) -> None:
+    table = Table(title=f"{report['name']}: lineage of {report['head']}")
+    for col in ("gen", "build", "created", "on disk", "head reads"):
+        _add_column(table, col, left=col in ("build", "created"))
+    for r in report["generations"]:
+        if r["missing"]:
+            table.add_row("?", r["build_id"], "[red]missing[/red]", "", "")
+            continue
+        table.add_row(
+            "?" if r["generation"] is None else str(r["generation"]), r["build_id"],
+            r["created_at"] or "?", format_bytes(r["disk_bytes"]),
+            f"{format_bytes(r['head_reads_bytes'])} ({_fraction(r['head_reads_fraction'])})",
+        )
+    _print_wide(table)
+
+
+@app.command()
+def rm(
+    names: list[str] = typer.Argument(..., metavar="NAME", help="Names to remove."),
+    store: Path = STORE,
+    quiet: bool = QUIET,
+) -> None:
+    """Remove names (never builds: `fcsnap gc` deletes the builds no name reads any more).
+
+    Either every NAME is removed or, when one does not exist, none."""
+    from fcsnap.store.lifecycle import remove_names
+
+    for row in remove_names(store, names):
+        if not quiet:
+            out.print(f"removed {row['name']} (was {row['head']})")
+
+
+@app.command()
+def gc(
+    store: Path = STORE,
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="List what would be deleted and the bytes freed; change nothing."
+    ),
+    grace: str = typer.Option(
+        "1h", "--grace", metavar="DURATION",
+        help="Keep unreferenced builds younger than this (0, 90s, 30m, 1h, 2d).",
+    ),
+    repack_below: float | None = typer.Option(
+        None, "--repack-below", metavar="FRACTION",
+        help="First squash every name whose head reads less than FRACTION of the bytes its "
+        "lineage stores, so the partly dead builds become garbage.",
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """Delete every build no name's head reads, and what killed commands left behind.
+
+    A build only an older generation of a name read is garbage once no head reads it. Builds
+    another command is using (restore, a diff's base, a build not yet named) are kept."""
+    from fcsnap.store.lifecycle import collect
+    from fcsnap.units import parse_duration
+
+    if repack_below is not None and not 0 < repack_below <= 1:
+        raise typer.BadParameter("must be a fraction in (0, 1]", param_hint="'--repack-below'")
+    report = collect(store, parse_duration(grace, "--grace"), dry_run, repack_below)
+    if as_json:
+        print_json(report)
+        return
+    render_gc(report)
+
+
+def render_gc(report: dict[str, Any]) -> None:
+    dry = report["dry_run"]
+    for row in report["repacked"]:
+        if "skipped" in row:
+            out.print(f"not repacked {row['name']}: {row['skipped']}")
+        else:
+            verb = "would repack" if dry else "repacked"
+            target = "" if dry else (
+                f" as {row['new_head']} ({format_bytes(row['new_head_disk_bytes'])})"
+            )
+            out.print(
+                f"{verb} {row['name']} (its head read {row['live_fraction']:.1%} of its "
+                f"lineage){target}"
+            )
+    deleted = report["would_delete" if dry else "deleted"]
+    for row in deleted:
+        verb = "would delete" if dry else "deleted"
+        out.print(f"{verb} build {row['build_id']} ({format_bytes(row['disk_bytes'])})")
+    for row in report["kept"]:
+        out.print(f"kept unreferenced build {row['build_id']}: {row['reason']}")
+    for name in report["leftovers"]:
+        out.print(f"{'would remove' if dry else 'removed'} leftover {name}")
+    freed = report["bytes_to_free" if dry else "bytes_freed"]
+    after = report["after"]
+    amp = "-" if after["amplification"] is None else f"{after['amplification']:.2f}x"
+    written = sum(r.get("new_head_disk_bytes", 0) for r in report["repacked"])
+    repack = f", repacks wrote {format_bytes(written)}" if written else ""
+    out.print(
+        f"{'would free' if dry else 'freed'} {format_bytes(freed)} in {len(deleted)} builds"
+        f"{repack}; {format_bytes(after['disk_bytes'])} on disk (space amplification {amp})"
+    )
+
+
 @app.command()
 def demo(
     threads: int = typer.Option(4, "--threads", help="Faulting threads in the stand-in VM."),

@@ -30,3 +30,19 @@ def format_bytes(n: float) -> str:
             break
         value /= 1024
     return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+_DURATIONS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str, what: str = "duration") -> float:
+    """Parse '0', '90s', '30m', '1h', '2d', '1w' (a number alone is seconds) into seconds."""
+    raw = text.strip().lower()
+    suffix = raw[-1:] if raw[-1:].isalpha() else ""
+    try:
+        number = float(raw[: len(raw) - len(suffix)])
+    except ValueError:
+        number = -1.0
+    if suffix not in _DURATIONS or not 0 <= number < float("inf"):
+        raise FcsnapError(f"invalid {what} {text!r}: use e.g. 0, 90s, 30m, 1h, 2d")
+    return number * _DURATIONS[suffix]
