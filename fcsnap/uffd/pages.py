@@ -56,7 +56,7 @@ class PageSource:
         self.block_size = header.metadata.block_size
         self.verified: set[tuple[uuid.UUID, int]] = set()
         raw = {b: d for b, d in diffs.items() if d.map}  # each gets a share of map_budget
-        self._mapped = {b: MappedDiff(d, map_budget // max(1, len(raw))) for b, d in raw.items()}
+        self.mapped = {b: MappedDiff(d, map_budget // max(1, len(raw))) for b, d in raw.items()}
         self.builds = list(diffs)  # `where` numbers builds by their place here
         self._spans: list[bytes] = []  # decompressed bytes `span_base` handed out
         self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -71,7 +71,7 @@ class PageSource:
         storage = m.storage_offset + (offset - m.offset)
         if self.hashes is not None:
             self._verify(m.build_id, storage, length, offset)
-        mapped = self._mapped.get(m.build_id)
+        mapped = self.mapped.get(m.build_id)
         if mapped is not None:
             return Source(mapped.source(storage, length), m.build_id)
         data = self.diffs[m.build_id].read(storage, length)
@@ -105,7 +105,7 @@ class PageSource:
         if self.hashes is not None:
             return None
         build = self.builds[owner]
-        mapped = self._mapped.get(build)
+        mapped = self.mapped.get(build)
         if mapped is not None:
             return mapped.window(lo, hi)
         if hi - lo > SPAN_BYTES:

@@ -12,7 +12,6 @@ VM's own exit - an error of any kind, SIGTERM/SIGINT - kills the VM first.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import select
@@ -29,8 +28,9 @@ from fcsnap.errors import FcsnapError
 from fcsnap.header import load_header
 from fcsnap.store.source import DiffFile, open_diffs
 from fcsnap.uffd import abi
+from fcsnap.uffd.fastpath import FastPath
 from fcsnap.uffd.handshake import Peer, accept_peer, listen
-from fcsnap.uffd.installer import Installer, InstallStats
+from fcsnap.uffd.installer import GONE, RETRY, Installer, InstallStats
 from fcsnap.uffd.pages import PageSource, hash_tables
 from fcsnap.uffd.prefetch import Prefetch
 from fcsnap.uffd.regions import Region, RegionMap
@@ -62,6 +62,7 @@ def stats_json(stats: InstallStats, extra: dict[str, Any]) -> dict[str, Any]:
         "bytes_served": stats.bytes_served,
         "zero_pages": stats.zero_pages,
         "installs": stats.installs,
+        "compiled_faults": stats.compiled_faults,
         "prefetched_pages": stats.prefetched_pages,
         "populated_pages": stats.populated_pages,
         "remove_events": stats.remove_events,
@@ -111,6 +112,7 @@ class FaultServer:
         self._socket_inode: int | None = None
         self._pending_span: tuple[Region, int, int] | None = None
         self._backlog: list[int] = []  # faults read while installing eagerly
+        self._events = abi.EventReader()  # one read of many messages, into one buffer
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -266,13 +268,21 @@ class FaultServer:
         poller.register(peer.uffd, select.EPOLLIN)
         poller.register(self._stop_r, select.EPOLLIN)
         poller.register(peer.pidfd, select.EPOLLIN)
+        fast = FastPath.for_installer(installer)
         deferred: list[int] = []
         prefetching = prefetch is not None
         busy = True  # populate work may remain
         try:
             while True:
                 timeout = 0 if busy or prefetching else (RETRY_POLL if deferred else -1)
-                ready = {fd for fd, _ in poller.poll(timeout)}
+                batch = None
+                if fast is not None and not deferred:
+                    batch = fast.run(self._stop_r, peer.pidfd, timeout)  # serves, GIL released
+                    ready = {fd for fd, _ in poller.poll(0)}
+                else:
+                    ready = {fd for fd, _ in poller.poll(timeout)}
+                    if fast is not None and peer.uffd in ready:
+                        batch = fast.pump()
                 if self._stop_r in ready:
                     if self._failure is not None:
                         raise self._failure
@@ -283,17 +293,26 @@ class FaultServer:
                 if peer.pidfd in ready:
                     self.exit_reason = "vm exited"
                     return 0
-                faults = self._backlog + self._drain(peer.uffd, installer)
-                self._backlog = []
+                faults, self._backlog = self._backlog, []
+                if fast is None:
+                    faults += self._drain(peer.uffd, installer)
+                elif batch is not None:
+                    if batch.gone:
+                        self.exit_reason = "vm exited"
+                        return 0
+                    self._apply(batch.events, installer, faults)
+                    if batch.events:  # the rest of what is pending, before serving any
+                        faults += self._drain(peer.uffd, installer)
+                    faults += batch.defer
                 if deferred:
                     self.stats.retries += len(deferred)
                     faults = deferred + faults
-                deferred = []
+                deferred = [] if batch is None else batch.retry
                 for address in faults:
                     outcome = installer.fault(address)
-                    if outcome == errno.EAGAIN:
+                    if outcome is RETRY:
                         deferred.append(address)
-                    elif outcome == errno.ESRCH:
+                    elif outcome is GONE:
                         self.exit_reason = "vm exited"
                         return 0
                 if prefetch is not None and prefetching:
@@ -305,6 +324,8 @@ class FaultServer:
                     busy = self._run_background(background)
         finally:
             poller.close()
+            if fast is not None:
+                fast.add_stats(self.stats)
 
     def _populate_work(self, installer: Installer) -> Iterator[tuple[Region, int, int]]:
         """Spans to install when no fault is waiting (--populate, --eager): everything."""
@@ -355,16 +376,17 @@ class FaultServer:
     def _drain(self, uffd: int, installer: Installer) -> list[int]:
         """Read every pending event; apply REMOVEs; return fault addresses in arrival order."""
         faults: list[int] = []
-        while True:
-            events = abi.read_events(uffd)
-            if not events:
-                return faults
-            for event in events:
-                kind = event[0]
-                if kind == "fault":
-                    self.stats.faults += 1
-                    if self.stats.first_fault_s is None:
-                        self.stats.first_fault_s = time.monotonic() - self.stats.started
-                    faults.append(event[1])
-                elif kind == "remove":
-                    installer.remove(event[1], event[2])
+        while events := self._events.read(uffd):
+            self._apply(events, installer, faults)
+        return faults
+
+    def _apply(self, events: list[abi.Event], installer: Installer, faults: list[int]) -> None:
+        """Apply REMOVEs now and append the addresses of faults to `faults`, in order."""
+        for event in events:
+            if type(event) is abi.Fault:
+                self.stats.faults += 1
+                if self.stats.first_fault_s is None:
+                    self.stats.first_fault_s = time.monotonic() - self.stats.started
+                faults.append(event.address)
+            elif type(event) is abi.Remove:
+                installer.remove(event.start, event.end)
