@@ -300,8 +300,9 @@ int fp_pump(struct fp_ctx *c)
     }
 }
 
-int fp_run(struct fp_ctx *c, int stop_fd, int pidfd, int timeout_ms)
+int fp_run(struct fp_ctx *c, int stop_fd, int pidfd, int timeout_ms, int budget_ms)
 {
+    int64_t until = now_ns() + (int64_t)budget_ms * 1000000;
     struct pollfd fds[3] = {
         {.fd = stop_fd, .events = POLLIN},
         {.fd = pidfd, .events = POLLIN},
@@ -318,5 +319,7 @@ int fp_run(struct fp_ctx *c, int stop_fd, int pidfd, int timeout_ms)
         int status = fp_pump(c);
         if (status != FP_DONE || c->nretry || c->ndefer)
             return status;
+        if (now_ns() > until)
+            return FP_IDLE;  /* let the caller keep its stats current */
     }
 }

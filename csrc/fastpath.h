@@ -62,5 +62,6 @@ int fp_fault(struct fp_ctx *c, uint64_t address);
 /* read and serve what is pending on the uffd */
 int fp_pump(struct fp_ctx *c);
 /* poll the stop pipe, the VM's pidfd and the uffd, serving faults, until something needs
- * Python: FP_IDLE (a timeout, a signal, or stop_fd/pidfd readable), or fp_pump's outcome */
-int fp_run(struct fp_ctx *c, int stop_fd, int pidfd, int timeout_ms);
+ * Python: FP_IDLE (a timeout, a signal, stop_fd/pidfd readable, or budget_ms of serving
+ * gone by), or fp_pump's outcome */
+int fp_run(struct fp_ctx *c, int stop_fd, int pidfd, int timeout_ms, int budget_ms);

@@ -33,6 +33,7 @@ except ImportError:  # not compiled: no C compiler when fcsnap was installed
 
 PURE_PYTHON_ENV = "FCSNAP_PURE_PYTHON"
 CAPACITY = 256  # messages read at once
+RUN_BUDGET_MS = 10  # the longest `run` serves before Python sees the stats again
 
 
 def compiled() -> bool:
@@ -123,16 +124,21 @@ class FastPath:
         return cls(installer)
 
     def run(self, stop_fd: int, pidfd: int, timeout: float) -> Batch:
-        """Serve faults until something needs Python (see fp_run); timeout < 0: no limit."""
+        """Serve faults until something needs Python (see fp_run), at most RUN_BUDGET_MS;
+        timeout < 0: wait for events without a limit. The stats are current afterwards."""
         ms = -1 if timeout < 0 else int(timeout * 1000)
-        return self._batch(lib.fp_run(self.ctx, stop_fd, pidfd, ms))
+        return self._batch(lib.fp_run(self.ctx, stop_fd, pidfd, ms, RUN_BUDGET_MS))
 
     def pump(self) -> Batch:
-        """Read and serve what is pending on the uffd now."""
+        """Read and serve what is pending on the uffd now; the stats are current afterwards."""
         return self._batch(lib.fp_pump(self.ctx))
 
     def _batch(self, status: int) -> Batch:
         ctx = self.ctx
+        retry = ffi.unpack(self.retry, ctx.nretry) if ctx.nretry else []
+        defer = ffi.unpack(self.defer, ctx.ndefer) if ctx.ndefer else []
+        self.handed_back += len(retry) + len(defer)
+        self.add_stats(self.installer.stats)
         events = []
         if status == lib.FP_EVENTS:
             events = abi.parse_events(self.messages, ctx.nmessages)
@@ -140,9 +146,6 @@ class FastPath:
             raise OSError(-status, f"reading the uffd: {os.strerror(-status)}")
         elif status == lib.FP_ERROR:
             self._raise_error()
-        retry = ffi.unpack(self.retry, ctx.nretry) if ctx.nretry else []
-        defer = ffi.unpack(self.defer, ctx.ndefer) if ctx.ndefer else []
-        self.handed_back += len(retry) + len(defer)
         return Batch(status, events, retry, defer)
 
     def _raise_error(self) -> None:
@@ -158,7 +161,7 @@ class FastPath:
         raise self.installer.install_error(ctx.error_dst, build, ctx.error_errno)
 
     def add_stats(self, stats: InstallStats) -> None:
-        """Fold what the C loop counted into `stats` (once, when serving ends)."""
+        """Fold what the C loop counted since the last call into `stats`."""
         ctx = self.ctx
         counts = ctx.stats
         stats.faults += counts[lib.FP_FAULTS]
