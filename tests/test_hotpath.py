@@ -14,23 +14,15 @@ import ctypes
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import test_restore
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_restore import (  # noqa: F401 (fixtures)
-    PAGE,
-    WAIT,
-    Lineage,
-    check_served,
-    lineages,
-    procs,
-    restore,
-)
+from test_restore import PAGE, WAIT, Lineage, check_served, copy_store, restore
 
 from fcsnap.header import load_header
 from fcsnap.store import ops
@@ -44,6 +36,8 @@ from fcsnap.uffd.pages import PageSource, VerifyError, hash_tables
 from fcsnap.uffd.regions import Region, RegionMap
 
 GUEST = 16 << 20
+lineages = test_restore.lineages  # the fixtures, shared
+procs = test_restore.procs
 needs_compiled = pytest.mark.skipif(
     fastpath.lib is None, reason="the compiled fault path is not built (no C compiler)")
 
@@ -100,14 +94,6 @@ class Served:
             diff.close()
 
 
-@pytest.fixture
-def served() -> Iterator[list[Served]]:
-    made: list[Served] = []
-    yield made
-    for s in made:
-        s.close()
-
-
 steps = st.lists(
     st.one_of(
         st.tuples(st.just("fault"), st.integers(0, GUEST // PAGE - 1), st.integers(0, PAGE - 1)),
@@ -120,7 +106,8 @@ steps = st.lists(
 @needs_compiled
 @pytest.mark.parametrize("fault_around", [0, 64 << 10, 256 << 10])
 @pytest.mark.parametrize("budget", [64 << 20, 4 << 20], ids=["mapped", "bounded"])
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sequence=steps)
 def test_compiled_and_python_serve_the_same(guest, fault_around, budget, sequence) -> None:
     """The same faults and balloon removes through each path leave the same pages present,
@@ -158,12 +145,10 @@ def test_compiled_and_python_serve_the_same(guest, fault_around, budget, sequenc
 
 
 @needs_compiled
-def test_read_of_many_messages_and_huge_pages_go_back_to_python(guest) -> None:
-    """A fault the compiled path does not handle (a huge-page region) comes back untouched,
-    and Python serves it."""
+def test_huge_page_faults_go_back_to_python(guest) -> None:
+    """A fault the compiled path does not handle (a huge-page region) comes back untouched."""
     s = Served(guest, 0, 64 << 20)
     try:
-        s.installer.states[s.addr].region = Region(s.addr, GUEST, 0, 2 << 20)
         huge = Installer(s.uffd, RegionMap([Region(s.addr, GUEST, 0, 2 << 20)]), s.pages,
                          s.stats, 0)
         fast = fastpath.FastPath(huge)
@@ -256,8 +241,6 @@ def test_threads_and_balloon_on_both_paths(lineages, procs, path) -> None:
 
 def test_truncated_diff_on_both_paths(lineages, procs, path, tmp_path) -> None:
     """A diff cut short under a running server: one error line, the VM killed, never zeros."""
-    from test_restore import copy_store
-
     lineage = copy_store(lineages[("none", PAGE)], tmp_path / "store")
     server = procs.server(lineage.newest.name, lineage.store, "--fault-around", "0")
     vm = procs.vm(expected=lineage.expected, threads=1, start_delay=1.0)
