@@ -11,6 +11,7 @@ FCSNAP_PURE_PYTHON switch the server reads.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import subprocess
 import sys
@@ -263,3 +264,35 @@ def test_pure_python_switch_in_a_subprocess() -> None:
     on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                         timeout=WAIT)
     assert on.stdout.strip() == str(fastpath.lib is not None)
+
+
+def test_missing_compiled_module_means_pure_python() -> None:
+    """Installed without a C compiler, the module is absent: Python serves, nothing fails."""
+    code = ("import sys; sys.modules['fcsnap.uffd._fastpath'] = None\n"
+            "from fcsnap.uffd import fastpath; print(fastpath.compiled())")
+    env = {k: v for k, v in os.environ.items() if k != fastpath.PURE_PYTHON_ENV}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=WAIT)
+    assert (out.returncode, out.stdout.strip()) == (0, "False"), out.stderr
+
+
+# -- the uffd bindings: architecture and features ---------------------------------------------
+
+
+def test_syscall_number_by_architecture() -> None:
+    assert abi.syscall_number("x86_64") == 323
+    assert abi.syscall_number("aarch64") == 282
+    with pytest.raises(abi.UffdError, match="userfaultfd on riscv64") as e:
+        abi.syscall_number("riscv64")  # a wrong number would call another system call
+    assert e.value.errno == errno.ENOSYS
+
+
+def test_kernel_features_are_probed() -> None:
+    """The features come from UFFDIO_API on this kernel, and a uffd accepts what it offers."""
+    offered = abi.kernel_features()
+    assert offered & abi.UFFD_FEATURE_EVENT_REMOVE  # 4.11+: every kernel fcsnap runs on
+    fd = abi.userfaultfd()
+    try:
+        assert abi.api_handshake(fd, offered) == offered
+    finally:
+        os.close(fd)
