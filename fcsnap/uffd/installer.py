@@ -122,13 +122,14 @@ class Installer:
         w_lo = page - page % window
         w_hi = min(state.pages, w_lo + window)
         lo, hi = self._source_bounds(state, page, w_lo, w_hi)
-        blocked = np.flatnonzero(state.present[lo:hi] | state.removed[lo:hi]) + lo
-        left = blocked[blocked < page]
-        right = blocked[blocked > page]
-        if len(left):
-            lo = int(left[-1]) + 1
-        if len(right):
-            hi = int(right[0])
+        if hi - lo > 1:  # no array work for one page
+            blocked = np.flatnonzero(state.present[lo:hi] | state.removed[lo:hi]) + lo
+            left = blocked[blocked < page]
+            right = blocked[blocked > page]
+            if len(left):
+                lo = int(left[-1]) + 1
+            if len(right):
+                hi = int(right[0])
         before = state.present[w_lo:w_hi].copy() if self.recorded is not None else None
         result = self._install(state, lo, hi, needed=page)
         if result is not DONE:

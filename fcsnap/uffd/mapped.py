@@ -64,7 +64,7 @@ class MappedDiff:
         if self.fits or (chunks[first] and chunks[last] and last - first <= 1):
             self.diff.check_size()
             return self.base + storage
-        if length <= READ_BELOW and not (self.ends == storage).any():
+        if length <= READ_BELOW and storage not in self.ends.tolist():
             slot = int(self.counters[1])
             self.ends[slot] = storage + length
             self.counters[1] = (slot + 1) % RECENT_ENDS
