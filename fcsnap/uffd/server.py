@@ -3,7 +3,9 @@
 Loop: epoll over the uffd, the VM's pidfd and a stop pipe; read *all* pending events before
 serving (a pending REMOVE makes every copy fail with EAGAIN); install pages with UFFDIO_COPY or
 ZEROPAGE; defer EAGAIN faults and retry them after the next drain, with a short poll timeout so
-none is stranded. The server never touches the guest memory itself.
+none is stranded. The server never touches the guest memory itself. Where it can, a compiled
+loop (fastpath.py) does the polling, reading and installing with the GIL released, and hands
+back what only Python handles.
 
 A guest whose page server is gone freezes at its next fault, so every way out other than the
 VM's own exit - an error of any kind, SIGTERM/SIGINT - kills the VM first.
