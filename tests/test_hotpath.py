@@ -15,6 +15,8 @@ import errno
 import os
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,3 +298,26 @@ def test_kernel_features_are_probed() -> None:
         assert abi.api_handshake(fd, offered) == offered
     finally:
         os.close(fd)
+
+
+@needs_compiled
+def test_compiled_loop_releases_the_gil(guest) -> None:
+    """While one session waits or serves in C, Python threads (other VMs' sessions) run."""
+    s = Served(guest, 0, 64 << 20)
+    r, w = os.pipe()
+    try:
+        fast = fastpath.FastPath(s.installer)
+        waited: list[object] = []
+        t = threading.Thread(target=lambda: waited.append(fast.run(r, r, 0.5)))
+        start = time.monotonic()
+        t.start()
+        spins = 0
+        while time.monotonic() - start < 0.3:  # inside fp_run's poll the whole time
+            spins += 1
+        assert t.is_alive() and spins > 10_000
+        t.join(WAIT)
+        assert not t.is_alive() and waited[0].status == fastpath.lib.FP_IDLE
+    finally:
+        os.close(r)
+        os.close(w)
+        s.close()

@@ -143,7 +143,6 @@ MAP_HUGE_2MB = 21 << 26
 MADV_DONTNEED = 4
 
 MSG_SIZE = ffi.sizeof("struct uffd_msg")
-_U32 = 0xFFFFFFFF
 
 
 class Fault(NamedTuple):
@@ -314,7 +313,7 @@ def parse_events(messages: object, count: int) -> list[Event]:
         event = m.event
         if event == UFFD_EVENT_PAGEFAULT:
             f = m.arg.pagefault
-            append(Fault(f.address, f.flags, f.ptid & _U32))
+            append(Fault(f.address, f.flags, f.ptid))
         elif event == UFFD_EVENT_REMOVE:
             append(Remove(m.arg.remove.start, m.arg.remove.end))
         elif event == UFFD_EVENT_UNMAP:
