@@ -1,4 +1,9 @@
-"""What `fcsnap inspect` reports about a header: metadata, the builds it reads, lookups."""
+"""What `fcsnap inspect` reports about a header: metadata, the builds it reads, lookups.
+
+One vocabulary with the header format: a *mapping* is a run of guest memory served by one
+build from its `build_storage_offset`; zero mappings carry the nil build id; `base_build_id` is
+generation 0 of the lineage, `parent_build_id` the generation this one was diffed from.
+"""
 
 from __future__ import annotations
 
@@ -25,13 +30,26 @@ def _generation_of(build_id: uuid.UUID, header: Header, store: Path | None) -> i
     return None
 
 
+def _parent_of(header: Header, build_dir: Path | None) -> str | None:
+    """The parent build id, which only build.json knows (the header names generation 0, the
+    base, but not the parent): None for generation 0 and for a header without build.json."""
+    if header.metadata.generation == 0 or build_dir is None:
+        return None
+    if not (build_dir / MANIFEST).exists():
+        return None
+    parent = read_manifest(build_dir).parent_build_id
+    return None if parent is None else str(parent)
+
+
 def inspect_report(
     header: Header,
     store: Path | None = None,
     show_mappings: bool = False,
     at: list[int] | None = None,
+    build_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """The JSON-ready report; the rich tables of the CLI render this same structure."""
+    """The JSON-ready report; the CLI's tables render this same structure. `build_dir` holds
+    the header and, in a store, the build.json that names the parent."""
     meta = header.metadata
     per_build: dict[uuid.UUID, list[int]] = defaultdict(lambda: [0, 0])
     for m in header.mappings:
@@ -58,6 +76,7 @@ def inspect_report(
             "size": meta.size,
             "generation": meta.generation,
             "build_id": str(meta.build_id),
+            "parent_build_id": _parent_of(header, build_dir),
             "base_build_id": str(meta.base_build_id),
         },
         "mapping_count": len(header.mappings),
@@ -84,7 +103,7 @@ def inspect_report(
             {
                 "offset": found.offset,
                 "build_id": str(found.build_id),
-                "storage_offset": found.storage_offset,
+                "build_storage_offset": found.storage_offset,
                 "remaining_length": found.remaining,
             }
             for found in lookups

@@ -309,7 +309,8 @@ def build_generation(
     if options.name is not None:
         check_vm_name(options.name)
     if options.vmstate is not None and not options.vmstate.is_file():
-        raise FcsnapError(f"vmstate file {options.vmstate} not found")
+        problem = "is not a regular file" if options.vmstate.exists() else "not found"
+        raise FcsnapError(f"vmstate file {options.vmstate} {problem}")
     build_id = uuid.uuid4()
     with staged_build(store, build_id) as stage:
         builder = GenerationBuilder(stage, build_id, size, parent, options)

@@ -109,15 +109,17 @@ def generation_chunks(reader: GenerationReader) -> Iterator[tuple[int, bytes]]:
 
 def squash(
     build_dir: Path, store: Path, options: BuildOptions | None = None,
-    progress: Progress = _noop,
+    progress: Progress = _noop, name: str | None = None,
 ) -> tuple[Manifest, Path]:
-    """A generation 0 with the same content as build_dir and no ancestors."""
+    """A generation 0 with the same content as build_dir and no ancestors; without options,
+    with the source's compression and frame size."""
     source_manifest = read_manifest(build_dir)
     if options is None:
         options = BuildOptions(
             compression=source_manifest.compression,
             level=source_manifest.compression_level or 3,
             frame_size=source_manifest.frame_size or BuildOptions.frame_size,
+            name=name,
         )
     options = replace(
         options, block_size=source_manifest.block_size, source=f"squash of {build_dir.name}"
@@ -130,10 +132,10 @@ def squash(
 
 def unpack(build_dir: Path, output: Path, force: bool = False, progress: Progress = _noop) -> int:
     """Rebuild the full memory file, sparse where zero; returns bytes of data written."""
+    if output.is_dir():
+        raise FcsnapError(f"{output} is a directory: give the memory file to write")
     if output.exists() and not force:
         raise FcsnapError(f"{output} exists (use --force to replace it)")
-    if output.is_dir():
-        raise FcsnapError(f"{output} is a directory")
     tmp = output.parent / f".{output.name}.{uuid.uuid4().hex}.partial"
     written = 0
     with GenerationReader(build_dir) as reader:
