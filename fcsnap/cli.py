@@ -253,12 +253,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from fcsnap import api
+    from fcsnap import api, deferred
 
+    numpy = deferred.defer("numpy")  # serving needs it once a VM connects, not to listen
     quiet = args.quiet
     vm_name = Path(args.vm).name
 
     def listening() -> None:
+        deferred.load_in_background(numpy)  # while Firecracker loads and connects
         # Announced only now: a socket that cannot be created is then the one line on stderr.
         if not quiet:
             print(f"fcsnap: serving {vm_name} on {args.socket}", file=sys.stderr, flush=True)
@@ -369,7 +371,7 @@ def build_parser() -> Parser:
     parser.add_argument("--debug", action="store_true", help="Show the traceback of a failure.")
     parser.add_argument("--version", action="version", version=f"fcsnap {__version__}")
     commands = parser.add_subparsers(
-        dest="command", title="commands", metavar="COMMAND", parser_class=Parser
+        dest="command", title="commands", metavar="COMMAND", parser_class=Parser, required=True
     )
 
     sub = _command(commands, "inspect", cmd_inspect, "Show a header: metadata, the builds it "
@@ -477,9 +479,6 @@ def run(argv: list[str] | None = None) -> int:
     """Parse and run one command; return its exit status. Raises what the command raised."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return USAGE_ERROR
     if args.debug:
         _state["debug"] = True
     return args.handler(args)
