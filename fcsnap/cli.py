@@ -1,10 +1,12 @@
 """The `fcsnap` command line: parse options, call the Python API (fcsnap.api), print results.
 
-argparse (standard library) rather than a framework: `fcsnap --help` and the time from exec
-to a listening `restore` stay under 150 ms (bench/startup.py), and the help text, `-h`, and exit
-statuses do not change with a dependency's release. Modules are imported by the command that
-needs them. Exit statuses: 0 done, 1 a runtime failure (one line `fcsnap: error: ...`; `--debug`
-or FCSNAP_DEBUG=1 adds the traceback), 2 a usage error, 130 interrupted.
+argparse (standard library) rather than a framework: it costs a few milliseconds where typer
+costs hundreds (bench/startup.py), and the help text, `-h` and exit statuses do not change with
+a dependency's release. Modules are imported by the command that needs them: `--help` costs
+little more than the interpreter, and `restore` loads numpy only once its socket listens.
+
+Exit statuses: 0 done, 1 a runtime failure (one line `fcsnap: error: ...`; `--debug` or
+FCSNAP_DEBUG=1 adds the traceback), 2 a usage error (one line too), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -39,32 +41,23 @@ def usage_error(message: str, prog: str = PROG) -> NoReturn:
     sys.exit(USAGE_ERROR)
 
 
-def _checked(parse: Callable[[str], Any]) -> Callable[[str], str]:
-    """An argparse type from one of fcsnap's parsers: its UsageError becomes an argparse
-    error, so a bad value stops the command before any work, with exit status 2. The text
-    itself is kept: the API takes the same spellings and parses them again."""
+def _value(name: str) -> Callable[[str], str]:
+    """An argparse type that checks a value with fcsnap.options.<name> (imported when a value
+    is parsed, not at start-up). Its UsageError becomes argparse's, so a bad value stops the
+    command before any work, with exit status 2. The text is kept: the API parses the same
+    spellings itself."""
 
     def convert(text: str) -> str:
+        from fcsnap import options
         from fcsnap.errors import UsageError
 
         try:
-            parse(text)
+            getattr(options, name)(text)
         except UsageError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
         return text
 
     return convert
-
-
-def _options(name: str) -> Callable[[str], str]:
-    """fcsnap.options.<name>, imported when a value is parsed rather than at start-up."""
-
-    def parse(text: str) -> Any:
-        from fcsnap import options
-
-        return getattr(options, name)(text)
-
-    return _checked(parse)
 
 
 def _size(what: str) -> Callable[[str], int]:
@@ -109,7 +102,9 @@ def report_build(build: Build, as_json: bool, verb: str) -> None:
 
 def _build_cell(build_id: str) -> str:
     """Zero mappings carry the nil build id in the header (and in --json); tables say so."""
-    return "(zeros)" if build_id == "00000000-0000-0000-0000-000000000000" else build_id
+    from fcsnap.header import NIL
+
+    return "(zeros)" if build_id == str(NIL) else build_id
 
 
 def render_inspect(inspection: Inspection) -> str:
@@ -328,11 +323,11 @@ def _command(
     return sub
 
 
-def _build_options(sub: argparse.ArgumentParser) -> None:
+def _add_build_options(sub: argparse.ArgumentParser) -> None:
     """The options of every command that writes a build from a memory file."""
-    sub.add_argument("--compress", default="none", type=_options("parse_compression"),
+    sub.add_argument("--compress", default="none", type=_value("parse_compression"),
                      metavar="none|zstd|zstd:LEVEL", help="Compression of the diff (none).")
-    sub.add_argument("--frame-size", default="256K", type=_options("parse_frame_size"),
+    sub.add_argument("--frame-size", default="256K", type=_value("parse_frame_size"),
                      metavar="SIZE", help="Uncompressed bytes per zstd frame (256K).")
     sub.add_argument("--vmstate", type=Path, metavar="FILE",
                      help="Firecracker vmstate file, kept in the build as snapfile.")
@@ -341,24 +336,24 @@ def _build_options(sub: argparse.ArgumentParser) -> None:
                           "that restore --prefetch-ws reads the diff sequentially.")
 
 
-def _writes(sub: argparse.ArgumentParser, *, store_required: bool = True) -> None:
+def _add_write_options(sub: argparse.ArgumentParser) -> None:
     """--store, --name, --quiet and --json of the commands that write a build."""
-    sub.add_argument("--store", type=Path, required=store_required, metavar="DIR",
+    sub.add_argument("--store", type=Path, required=True, metavar="DIR",
                      help="The store directory.")
     sub.add_argument("--name", metavar="NAME", help="Point vms/NAME at the new build.")
-    _quiet(sub)
-    _json(sub)
+    _add_quiet(sub)
+    _add_json(sub)
 
 
-def _quiet(sub: argparse.ArgumentParser) -> None:
+def _add_quiet(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("-q", "--quiet", action="store_true", help="No progress bar or summary.")
 
 
-def _json(sub: argparse.ArgumentParser) -> None:
+def _add_json(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--json", action="store_true", help="Print one JSON object.")
 
 
-def _store_of_build(sub: argparse.ArgumentParser) -> None:
+def _add_store_of_build(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--store", type=Path, metavar="DIR",
                      help="Store holding BUILD (not needed for a build directory).")
 
@@ -378,19 +373,19 @@ def build_parser() -> Parser:
                    "reads, its mappings, and lookups.")
     sub.add_argument("target", metavar="BUILD|HEADER",
                      help="Build directory, build id, VM name, or any memfile.header.")
-    _store_of_build(sub)
+    _add_store_of_build(sub)
     sub.add_argument("--mappings", action="store_true", help="List every mapping.")
-    sub.add_argument("--at", action="append", default=[], type=_options("parse_offset"),
+    sub.add_argument("--at", action="append", default=[], type=_value("parse_offset"),
                      metavar="OFFSET", help="Which build serves this byte? (repeatable)")
-    _json(sub)
+    _add_json(sub)
 
     sub = _command(commands, "pack", cmd_pack, "Pack a memory file as generation 0 of a new "
                    "lineage.")
     sub.add_argument("memfile", type=Path, metavar="MEMFILE", help="Firecracker memory file.")
-    sub.add_argument("--block-size", default="4K", type=_options("parse_block_size"),
+    sub.add_argument("--block-size", default="4K", type=_value("parse_block_size"),
                      metavar="4K|2M", help="4K (the default), or 2M for hugepage guests.")
-    _build_options(sub)
-    _writes(sub)
+    _add_build_options(sub)
+    _add_write_options(sub)
 
     sub = _command(commands, "diff", cmd_diff, "Store what changed since BASE (the parent) as "
                    "the next generation.")
@@ -401,31 +396,31 @@ def build_parser() -> Parser:
     sub.add_argument("--sparse-diff", action="store_true",
                      help="MEMFILE is a Firecracker Diff snapshot: holes are unchanged pages, "
                           "not zeros.")
-    sub.add_argument("--block-size", type=_options("parse_block_size"), metavar="4K|2M",
+    sub.add_argument("--block-size", type=_value("parse_block_size"), metavar="4K|2M",
                      help="Must match the base build's (the default).")
-    _build_options(sub)
-    _writes(sub)
+    _add_build_options(sub)
+    _add_write_options(sub)
 
     sub = _command(commands, "squash", cmd_squash, "Flatten BUILD into a new generation 0 with "
                    "the same content and no ancestors.")
     sub.add_argument("build", metavar="BUILD", help="Build directory, build id or VM name.")
-    _writes(sub)
+    _add_write_options(sub)
 
     sub = _command(commands, "unpack", cmd_unpack, "Rebuild the full memory file of BUILD "
                    "(sparse where zero).")
     sub.add_argument("build", metavar="BUILD", help="Build directory, build id or VM name.")
     sub.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
                      help="Memory file to write.")
-    _store_of_build(sub)
+    _add_store_of_build(sub)
     sub.add_argument("--force", action="store_true", help="Replace an existing output file.")
-    _quiet(sub)
+    _add_quiet(sub)
 
     sub = _command(commands, "verify", cmd_verify, "Check BUILD and every build it reads: "
                    "files, sizes, and every block's hash.")
     sub.add_argument("build", metavar="BUILD", help="Build directory, build id or VM name.")
-    _store_of_build(sub)
-    _quiet(sub)
-    _json(sub)
+    _add_store_of_build(sub)
+    _add_quiet(sub)
+    _add_json(sub)
 
     sub = _command(commands, "restore", cmd_restore, RESTORE_TEXT)
     _restore_options(sub)
@@ -442,7 +437,7 @@ def _restore_options(sub: argparse.ArgumentParser) -> None:
     add("--vm", required=True, metavar="BUILD", help="Build to serve: directory, id or VM name.")
     add("--socket", type=Path, required=True, metavar="PATH",
         help="Unix socket Firecracker connects to.")
-    _store_of_build(sub)
+    _add_store_of_build(sub)
     add("--stats", type=Path, metavar="FILE", help="Write serving statistics (JSON).")
     add("--verify", action="store_true",
         help="Check every block against its hash before installing it.")
@@ -469,7 +464,7 @@ def _restore_options(sub: argparse.ArgumentParser) -> None:
         help="Have the loaded VM track dirty pages.")
     add("--api-timeout", type=float, default=30.0, metavar="SECONDS",
         help="Seconds Firecracker has to answer the snapshot load (30).")
-    _quiet(sub)
+    _add_quiet(sub)
 
 
 # -- entry point -----------------------------------------------------------------------------
