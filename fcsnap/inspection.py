@@ -32,13 +32,19 @@ def _generation_of(build_id: uuid.UUID, header: Header, store: Path | None) -> i
 
 def _parent_of(header: Header, build_dir: Path | None) -> str | None:
     """The parent build id, which only build.json knows (the header names generation 0, the
-    base, but not the parent): None for generation 0 and for a header without build.json."""
+    base, but not the parent): None for generation 0, and where no readable build.json of
+    this build sits beside the header (inspect reports the header; verify checks build.json)."""
     if header.metadata.generation == 0 or build_dir is None:
         return None
     if not (build_dir / MANIFEST).exists():
         return None
-    parent = read_manifest(build_dir).parent_build_id
-    return None if parent is None else str(parent)
+    try:
+        manifest = read_manifest(build_dir)
+    except FcsnapError:
+        return None
+    if manifest.build_id != header.metadata.build_id or manifest.parent_build_id is None:
+        return None
+    return str(manifest.parent_build_id)
 
 
 def inspect_report(

@@ -187,3 +187,15 @@ def test_verify_counts_read_as_english(store: Path, tmp_path: Path) -> None:
     result = fcsnap("verify", str(build), cwd=tmp_path)
     assert re.fullmatch(r"ok: build \S+ \(generation 0\): 1 build and \d+ blocks checked\n",
                         result.stdout), result.stdout
+
+
+def test_a_bare_header_has_no_known_parent(store: Path, tmp_path: Path) -> None:
+    """Outside its build directory a generation-1 header names its base, not its parent."""
+    gen1 = json.loads(fcsnap("inspect", "vm", "--store", "store", "--json",
+                             cwd=store.parent).stdout)["metadata"]
+    bare = tmp_path / "copy.header"
+    bare.write_bytes((store / gen1["build_id"] / "memfile.header").read_bytes())
+    report = json.loads(fcsnap("inspect", str(bare), "--json", cwd=tmp_path).stdout)
+    assert report["metadata"] == {**gen1, "parent_build_id": None}
+    out = fcsnap("inspect", str(bare), cwd=tmp_path).stdout
+    assert re.search(r"^parent_build_id +unknown \(no build.json beside the header\)$", out, re.M)
