@@ -13,6 +13,7 @@ using `np.x` costs what it costs on the real module.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 import threading
 import types
@@ -56,8 +57,17 @@ def defer(name: str) -> Deferred | None:
     return stand_in
 
 
-def load_in_background(stand_in: Deferred | None) -> None:
+def load_in_background(stand_in: Deferred | None) -> threading.Thread | None:
     """Load the deferred module in a thread (not a daemon: an exit waits for the import to
-    end rather than stopping it half way)."""
-    if stand_in is not None:
-        threading.Thread(target=load, args=(stand_in,), name=f"import {stand_in.__name__}").start()
+    end rather than stopping it half way). The thread blocks every signal: a SIGTERM the
+    kernel handed to it would not wake the main thread, blocked in poll() for a VM, which
+    runs Python's handlers; blocked here, it goes to the main thread."""
+    if stand_in is None:
+        return None
+    thread = threading.Thread(target=load, args=(stand_in,), name=f"import {stand_in.__name__}")
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        thread.start()  # a new thread starts with its creator's mask
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    return thread
