@@ -100,10 +100,6 @@ print("at listen:", seen, "after:", type(np).__name__, "zeros" in vars(np), file
 def test_the_import_thread_leaves_signals_to_the_main_thread(monkeypatch) -> None:
     """SIGTERM/SIGINT must reach the main thread, which runs Python's handlers and is the one
     to wake from waiting for a VM: the loading thread blocks them."""
-    import signal
-
-    from fcsnap import deferred
-
     seen: list[set[signal.Signals]] = []
     monkeypatch.setattr(deferred, "load", lambda _: seen.append(
         signal.pthread_sigmask(signal.SIG_BLOCK, [])))
