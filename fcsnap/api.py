@@ -114,8 +114,11 @@ def _dir(build: BuildRef, store: PathLike | None) -> Path:
 
 
 def _tracker(progress: Progress | None, total: int) -> Callable[[int], None]:
+    """The ops' `advance(bytes)` callback, calling `progress` with the total: once with 0
+    bytes right away, so that a progress bar knows its length before the work starts."""
     if progress is None:
         return lambda _n: None
+    progress(0, total)
     return lambda n: progress(n, total)
 
 
