@@ -112,17 +112,17 @@ def squash(
     progress: Progress = _noop, name: str | None = None,
 ) -> tuple[Manifest, Path]:
     """A generation 0 with the same content as build_dir and no ancestors; without options,
-    with the source's compression and frame size."""
+    with the source's compression and frame size. `name` points vms/NAME at it."""
     source_manifest = read_manifest(build_dir)
     if options is None:
         options = BuildOptions(
             compression=source_manifest.compression,
             level=source_manifest.compression_level or 3,
             frame_size=source_manifest.frame_size or BuildOptions.frame_size,
-            name=name,
         )
     options = replace(
-        options, block_size=source_manifest.block_size, source=f"squash of {build_dir.name}"
+        options, block_size=source_manifest.block_size, source=f"squash of {build_dir.name}",
+        name=name or options.name,
     )
     with GenerationReader(build_dir) as reader:
         return build_generation(
