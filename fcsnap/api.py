@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcsnap.errors import UsageError
-from fcsnap.options import parse_block_size, parse_compression, parse_frame_size, parse_offset
+from fcsnap.options import (
+    DEFAULT_FRAME_SIZE,
+    parse_block_size,
+    parse_compression,
+    parse_frame_size,
+    parse_offset,
+)
 
 if TYPE_CHECKING:
     from fcsnap.header import Header
@@ -31,8 +37,6 @@ BuildRef = PathLike | uuid.UUID
 
 Progress = Callable[[int, int], None]
 """Called as work goes on with (bytes just processed, total bytes the job will process)."""
-
-DEFAULT_FRAME_SIZE = 256 << 10
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ from fcsnap.errors import UsageError
 from fcsnap.header.format import BLOCK_SIZES
 from fcsnap.units import parse_size
 
-DEFAULT_LEVEL = 3
+DEFAULT_LEVEL = 3  # zstd's own default level
+DEFAULT_FRAME_SIZE = 256 << 10  # uncompressed bytes per zstd frame: what serving a page decodes
 MAX_FRAME = 1 << 30
 
 

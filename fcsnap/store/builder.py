@@ -22,6 +22,7 @@ import numpy as np
 from fcsnap import __version__
 from fcsnap.errors import FcsnapError
 from fcsnap.header import WRITE_VERSION, Metadata
+from fcsnap.options import DEFAULT_FRAME_SIZE, DEFAULT_LEVEL
 from fcsnap.store.hashes import DIGEST_SIZE, digest, dump_hashes
 from fcsnap.store.layout import (
     DIFF_RAW,
@@ -44,8 +45,8 @@ Progress = Callable[[int], None]
 class BuildOptions:
     block_size: int = 4096
     compression: str = "none"  # "none" or "zstd"
-    level: int = 3
-    frame_size: int = 256 << 10
+    level: int = DEFAULT_LEVEL
+    frame_size: int = DEFAULT_FRAME_SIZE
     name: str | None = None
     vmstate: Path | None = None
     source: str = ""

@@ -13,6 +13,7 @@ import numpy as np
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import load_header
+from fcsnap.options import DEFAULT_LEVEL
 from fcsnap.store.builder import BuildOptions, build_generation
 from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes
 from fcsnap.store.layout import HASHES, build_path
@@ -117,7 +118,7 @@ def squash(
     if options is None:
         options = BuildOptions(
             compression=source_manifest.compression,
-            level=source_manifest.compression_level or 3,
+            level=source_manifest.compression_level or DEFAULT_LEVEL,
             frame_size=source_manifest.frame_size or BuildOptions.frame_size,
         )
     options = replace(
