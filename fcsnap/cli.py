@@ -30,7 +30,12 @@ INTERRUPTED = 130
 
 
 class Parser(argparse.ArgumentParser):
-    """Usage errors as one line, like every other error, with where to look; exit status 2."""
+    """Usage errors as one line, like every other error, with where to look; exit status 2.
+    Options are spelled in full: an abbreviation accepted today would break when an option
+    sharing its prefix is added."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         usage_error(message, self.prog)

@@ -54,6 +54,7 @@ USAGE = [
     ("no-command", "", "the following arguments are required: COMMAND"),
     ("unknown-command", "frobnicate", "invalid choice: 'frobnicate'"),
     ("unknown-option", PACK + " --level 3", "unrecognized arguments: --level"),
+    ("abbreviated-option", PACK + " --comp zstd", "unrecognized arguments: --comp"),
     ("pack/no-store", "pack m0", "the following arguments are required: --store"),
     ("pack/compress-gzip", PACK + " --compress gzip", "invalid compression 'gzip'"),
     ("pack/zstd-level-99", PACK + " --compress zstd:99", "invalid zstd level in 'zstd:99'"),
