@@ -315,12 +315,13 @@ def restore(
     build: BuildRef, socket: PathLike, *, store: PathLike | None = None,
     firecracker_api: PathLike | None = None, vmstate: PathLike | None = None,
     track_dirty_pages: bool = False, api_timeout: float = 30.0,
-    on_listening: Callable[[], None] | None = None,
+    on_listening: Callable[[Path], None] | None = None,
     on_loaded: Callable[[Response], None] | None = None, **options: Any,
 ) -> Served:
     """Serve `build`'s memory to one Firecracker VM connecting to `socket`, until the VM
     exits (status 0) or SIGTERM/SIGINT arrives (0). Blocks; installs its signal handlers,
-    so call it from the main thread. `options` are ServeOptions fields (verify, stats_path,
+    so call it from the main thread. `on_listening(build_dir)` is called once the socket
+    listens (the moment to start the VM). `options` are ServeOptions fields (verify, stats_path,
     fault_around, cache_bytes, prefetch_ws, populate, eager, ...). With `firecracker_api`,
     Firecracker's API socket is asked to load the snapshot from us once we listen; a load it
     refuses raises FcsnapError (the VM is killed if it connected)."""
@@ -344,7 +345,7 @@ def restore(
 
     def listening() -> None:
         if on_listening is not None:
-            on_listening()
+            on_listening(build_dir)
         if load is not None:  # in the background: Firecracker answers after our accept
             load.start(server.fail, on_loaded or (lambda _response: None))
 

@@ -257,13 +257,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     numpy = deferred.defer("numpy")  # serving needs it once a VM connects, not to listen
     quiet = args.quiet
-    vm_name = Path(args.vm).name
 
-    def listening() -> None:
+    def listening(build_dir: Path) -> None:
         deferred.load_in_background(numpy)  # while Firecracker loads and connects
         # Announced only now: a socket that cannot be created is then the one line on stderr.
         if not quiet:
-            print(f"fcsnap: serving {vm_name} on {args.socket}", file=sys.stderr, flush=True)
+            print(f"fcsnap: serving {build_dir.name} on {args.socket}", file=sys.stderr,
+                  flush=True)
 
     def loaded(response: Any) -> None:
         if not quiet:

@@ -149,3 +149,31 @@ def test_cli_json_is_the_api_result(tmp_path: Path, memfiles: tuple[Path, Path])
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
     assert printed == fcsnap.Store(store).build(printed["build_id"]).to_json()
+
+
+def test_restore_is_a_library_call(tmp_path: Path, memfiles: tuple[Path, Path]) -> None:
+    """on_listening gets the build being served: the moment to start the VM."""
+    mem, _ = memfiles
+    store = fcsnap.Store(tmp_path / "store")
+    build = store.pack(mem, name="vm")
+    sock, stats = tmp_path / "uffd.sock", tmp_path / "stats.json"
+    started: list[Path] = []
+    vms: list = []
+
+    def listening(build_dir: Path) -> None:
+        started.append(build_dir)
+        vms.append(firecracker.spawn(sock, expected=mem, threads=2, deadline=WAIT))
+
+    try:
+        served = store.restore("vm", sock, on_listening=listening, stats_path=stats,
+                               handshake_timeout=WAIT)
+    finally:
+        for vm in vms:
+            if vm.poll() is None:
+                vm.kill()
+            vm.wait(timeout=WAIT)
+    assert started == [build.path]
+    assert isinstance(served, fcsnap.Served)
+    assert (served.status, served.exit_reason, vms[0].returncode) == (0, "vm exited", 0)
+    assert served.stats.faults > 0
+    assert json.loads(stats.read_text())["faults"] == served.stats.faults
