@@ -8,7 +8,9 @@ exists (it binds and listens in one step; polled every 0.2 ms), then stopped wit
 second table times the floor of each way to build the command line: one command with a flag,
 rendering its --help, in typer, click and argparse.
 
-    python bench/startup.py [--baseline /work/main] [--runs 21]
+    python bench/startup.py [--baseline DIR] [--runs 21]
+
+DIR holds another version of the code, e.g. `git archive <commit> | tar -x -C DIR`.
 """
 
 from __future__ import annotations
@@ -199,12 +201,14 @@ def markdown(result: dict[str, dict[str, dict[str, float]]], floors: dict[str, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--baseline", type=Path, default=Path("/work/main"),
+    parser.add_argument("--baseline", type=Path,
                         help="A tree with the code to compare against (before).")
     parser.add_argument("--runs", type=int, default=21)
     args = parser.parse_args()
     trees = {"this tree": TREE}
-    if args.baseline.resolve() != TREE and (args.baseline / "fcsnap").is_dir():
+    if args.baseline is not None:
+        if not (args.baseline / "fcsnap").is_dir():
+            raise SystemExit(f"{args.baseline} holds no fcsnap package")
         trees["baseline"] = args.baseline.resolve()
     with tempfile.TemporaryDirectory(prefix="fcsnap-startup-") as tmp:
         result = measure(trees, args.runs, Path(tmp))
