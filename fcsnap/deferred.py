@@ -13,11 +13,12 @@ using `np.x` costs what it costs on the real module.
 from __future__ import annotations
 
 import importlib
-import signal
 import sys
 import threading
 import types
 from typing import Any
+
+from fcsnap.threads import start_signal_free
 
 
 class Deferred(types.ModuleType):
@@ -59,15 +60,9 @@ def defer(name: str) -> Deferred | None:
 
 def load_in_background(stand_in: Deferred | None) -> threading.Thread | None:
     """Load the deferred module in a thread (not a daemon: an exit waits for the import to
-    end rather than stopping it half way). The thread blocks every signal: a SIGTERM the
-    kernel handed to it would not wake the main thread, blocked in poll() for a VM, which
-    runs Python's handlers; blocked here, it goes to the main thread."""
+    end rather than stopping it half way), leaving signals to the main thread."""
     if stand_in is None:
         return None
-    thread = threading.Thread(target=load, args=(stand_in,), name=f"import {stand_in.__name__}")
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-    try:
-        thread.start()  # a new thread starts with its creator's mask
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    return thread
+    return start_signal_free(
+        threading.Thread(target=load, args=(stand_in,), name=f"import {stand_in.__name__}")
+    )

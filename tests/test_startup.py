@@ -4,14 +4,12 @@ times it; this checks the behaviour that keeps it fast, which a loaded machine c
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from fcsnap import deferred
 from fcsnap.store import ops
 from fcsnap.store.builder import BuildOptions
 from fcsnap.testing.memimage import synthetic_memory, write_full
@@ -98,17 +96,3 @@ print("at listen:", seen, "stand-ins:", len(stand_ins),
         timeout=60,
     )
     assert "at listen: ['Deferred'] stand-ins: 1 filled: True" in result.stderr, result.stderr
-
-
-def test_the_import_thread_leaves_signals_to_the_main_thread(monkeypatch) -> None:
-    """SIGTERM/SIGINT must reach the main thread, which runs Python's handlers and is the one
-    to wake from waiting for a VM: the loading thread blocks them."""
-    seen: list[set[signal.Signals]] = []
-    monkeypatch.setattr(deferred, "load", lambda _: seen.append(
-        signal.pthread_sigmask(signal.SIG_BLOCK, [])))
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    thread = deferred.load_in_background(deferred.Deferred("not-a-module"))
-    assert thread is not None
-    thread.join(timeout=10)
-    assert {signal.SIGTERM, signal.SIGINT} <= seen[0]
-    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # ours is as it was

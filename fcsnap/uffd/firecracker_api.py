@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fcsnap.errors import FcsnapError
+from fcsnap.threads import start_signal_free
 
 MAX_HEAD = 64 << 10  # status line and headers
 MAX_BODY = 1 << 20  # error bodies are a short JSON object
@@ -196,10 +197,9 @@ class SnapshotLoad:
         self, on_failure: Callable[[FcsnapError], None], on_success: Callable[[Response], None]
     ) -> None:
         """Send the request; exactly one of the callbacks runs (in the thread) when it ends."""
-        self._thread = threading.Thread(
+        self._thread = start_signal_free(threading.Thread(
             target=self._run, args=(on_failure, on_success), name="snapshot-load", daemon=True
-        )
-        self._thread.start()
+        ))
 
     def _run(
         self, on_failure: Callable[[FcsnapError], None], on_success: Callable[[Response], None]
