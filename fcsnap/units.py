@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fcsnap.errors import FcsnapError
+from fcsnap.errors import UsageError
 
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -16,9 +16,9 @@ def parse_size(text: str, what: str = "size") -> int:
         suffix = raw[-1:] if raw[-1:] in _SUFFIXES else ""
         number = int(raw[: len(raw) - len(suffix)])
     except ValueError:
-        raise FcsnapError(f"invalid {what} {text!r}: use e.g. 4096, 0x1000, 4K, 2M") from None
+        raise UsageError(f"invalid {what} {text!r}: use e.g. 4096, 0x1000, 4K, 2M") from None
     if number < 0:
-        raise FcsnapError(f"invalid {what} {text!r}: must not be negative")
+        raise UsageError(f"invalid {what} {text!r}: must not be negative")
     return number * _SUFFIXES[suffix]
 
 
@@ -44,5 +44,18 @@ def parse_duration(text: str, what: str = "duration") -> float:
     except ValueError:
         number = -1.0
     if suffix not in _DURATIONS or not 0 <= number < float("inf"):
-        raise FcsnapError(f"invalid {what} {text!r}: use e.g. 0, 90s, 30m, 1h, 2d")
+        raise UsageError(f"invalid {what} {text!r}: use e.g. 0, 90s, 30m, 1h, 2d")
     return number * _DURATIONS[suffix]
+
+
+def format_block_size(n: int) -> str:
+    """A block size as `--block-size` takes it (4K, 2M): one unit wherever block sizes appear."""
+    for suffix in ("T", "G", "M", "K"):
+        if n and n % _SUFFIXES[suffix] == 0:
+            return f"{n // _SUFFIXES[suffix]}{suffix}"
+    return str(n)
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 build', '2 builds'."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

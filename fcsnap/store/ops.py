@@ -14,7 +14,8 @@ import numpy as np
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import load_header
-from fcsnap.store.builder import BuildOptions, build_generation
+from fcsnap.options import DEFAULT_LEVEL
+from fcsnap.store.builder import BuildOptions, Head, build_generation
 from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes
 from fcsnap.store.layout import HASHES, build_path
 from fcsnap.store.lineage import Parent
@@ -120,18 +121,22 @@ def generation_chunks(reader: GenerationReader) -> Iterator[tuple[int, bytes]]:
 
 def squash(
     build_dir: Path, store: Path, options: BuildOptions | None = None,
-    progress: Progress = _noop,
+    progress: Progress = _noop, name: str | None = None,
+    name_expected: uuid.UUID | None | Head = Head.AT_START,
 ) -> tuple[Manifest, Path]:
-    """A generation 0 with the same content as build_dir and no ancestors."""
+    """A generation 0 with the same content as build_dir and no ancestors; without options,
+    with the source's compression and frame size. `name` points vms/NAME at it, by
+    compare-and-swap against `name_expected`."""
     source_manifest = read_manifest(build_dir)
     if options is None:
         options = BuildOptions(
             compression=source_manifest.compression,
-            level=source_manifest.compression_level or 3,
+            level=source_manifest.compression_level or DEFAULT_LEVEL,
             frame_size=source_manifest.frame_size or BuildOptions.frame_size,
         )
     options = replace(
-        options, block_size=source_manifest.block_size, source=f"squash of {build_dir.name}"
+        options, block_size=source_manifest.block_size, source=f"squash of {build_dir.name}",
+        name=name or options.name, name_expected=name_expected, verb="squash",
     )
     with open_lineage(build_dir), GenerationReader(build_dir) as reader:
         return build_generation(
@@ -155,9 +160,11 @@ def check_output(output: Path, force: bool) -> None:
     if stat.S_ISLNK(mode):
         if not force:
             raise FcsnapError(f"{output} is a symbolic link (use --force to replace the link)")
+    elif stat.S_ISDIR(mode):
+        raise FcsnapError(f"{output} is a directory: give the memory file to write")
     elif not stat.S_ISREG(mode):
         kind = {
-            stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+            stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
             stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
         }.get(stat.S_IFMT(mode), "not a regular file")
         raise FcsnapError(f"{output} is {kind}: only a regular file can be replaced")
