@@ -119,24 +119,36 @@ def generation_chunks(reader: GenerationReader) -> Iterator[tuple[int, bytes]]:
             yield start, reader.read(start, min(CHUNK, hi - start))
 
 
+def squash_options(
+    manifest: Manifest, name: str | None = None,
+    name_expected: uuid.UUID | None | Head = Head.AT_START, verb: str = "squash",
+) -> BuildOptions:
+    """Squash as the source was written (its compression, level and frame size); `name` moves
+    by compare-and-swap against `name_expected`."""
+    return BuildOptions(
+        block_size=manifest.block_size,
+        compression=manifest.compression,
+        level=manifest.compression_level or DEFAULT_LEVEL,
+        frame_size=manifest.frame_size or BuildOptions.frame_size,
+        name=name,
+        name_expected=name_expected,
+        verb=verb,
+    )
+
+
 def squash(
     build_dir: Path, store: Path, options: BuildOptions | None = None,
     progress: Progress = _noop, name: str | None = None,
     name_expected: uuid.UUID | None | Head = Head.AT_START,
 ) -> tuple[Manifest, Path]:
     """A generation 0 with the same content as build_dir and no ancestors; without options,
-    with the source's compression and frame size. `name` points vms/NAME at it, by
-    compare-and-swap against `name_expected`."""
+    squash_options (the source's compression and frame size, `name` moved by compare-and-swap
+    against `name_expected`)."""
     source_manifest = read_manifest(build_dir)
     if options is None:
-        options = BuildOptions(
-            compression=source_manifest.compression,
-            level=source_manifest.compression_level or DEFAULT_LEVEL,
-            frame_size=source_manifest.frame_size or BuildOptions.frame_size,
-        )
+        options = squash_options(source_manifest, name, name_expected)
     options = replace(
-        options, block_size=source_manifest.block_size, source=f"squash of {build_dir.name}",
-        name=name or options.name, name_expected=name_expected, verb="squash",
+        options, block_size=source_manifest.block_size, source=f"squash of {build_dir.name}"
     )
     with open_lineage(build_dir), GenerationReader(build_dir) as reader:
         return build_generation(
