@@ -156,9 +156,11 @@ def test_unpack_force_replaces_only_a_regular_file(tmp_path):
         before = os.lstat(path)
         r = fcsnap("unpack", "web", "--store", store, "-o", path, "--force")
         assert r.returncode == 1, (kind, r.stderr)
-        assert r.stderr == (
-            f"fcsnap: error: {path} is {kind}: only a regular file can be replaced\n"
+        rule = (
+            "give the memory file to write" if kind == "a directory"
+            else "only a regular file can be replaced"
         )
+        assert r.stderr == f"fcsnap: error: {path} is {kind}: {rule}\n"
         after = os.lstat(path)
         assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
     regular = tmp_path / "old"

@@ -375,12 +375,13 @@ def test_gc_refuses_when_a_head_cannot_be_read(store: Store) -> None:
     ("args", "message"),
     [
         (("--grace", "soon"), "invalid --grace 'soon'"),
-        (("--grace", "-1h"), "invalid --grace '-1h'"),
+        (("--grace=-1h",), "invalid --grace '-1h'"),
     ],
 )
 def test_gc_bad_options(store: Store, args: tuple[str, ...], message: str) -> None:
     result = fcsnap("gc", "--store", store.path, *args)
-    assert result.returncode == 1 and result.stderr.startswith(f"fcsnap: error: {message}")
+    assert result.returncode == 2 and result.stderr.startswith("fcsnap: error: ")
+    assert message in result.stderr and result.stderr.count("\n") == 1
     usage = fcsnap("gc", "--store", store.path, "--repack-below", "1.5")
     assert usage.returncode == 2
     missing = fcsnap("gc", "--store", store.path / "nope")

@@ -76,14 +76,14 @@ def test_restore_loads_numpy_after_listening(store: Path) -> None:
     time the server has waited a moment: the server's modules then use the real thing."""
     probe = """
 import os, sys, threading
-from fcsnap.uffd import handshake
-listen = handshake.listen
+from fcsnap.uffd import listener
+listen = listener.listen
 seen = []
-def spy(path):
+def spy(path, *args, **kwargs):
     seen.append(type(sys.modules["numpy"]).__name__)
     threading.Timer(1.0, os.kill, (os.getpid(), 15)).start()  # then stop waiting for a VM
-    return listen(path)
-handshake.listen = spy
+    return listen(path, *args, **kwargs)
+listener.listen = spy
 """ + RUN_CLI.format(argv=["restore", "--vm", "vm", "--store", "store", "--socket", "s"]) + """
 from fcsnap.deferred import Deferred
 stand_ins = {id(m.np): m.np for m in list(sys.modules.values())

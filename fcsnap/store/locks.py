@@ -15,11 +15,10 @@ import fcntl
 import os
 import shutil
 import signal
+import struct
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-
-import numpy as np
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import fsync_path, read_regular
@@ -128,20 +127,21 @@ def _lock_build(build_dir: Path) -> DirLock:
     return lock
 
 
+_BUILD_ID_COLUMN = struct.Struct("<16x16s8x")  # a mapping record's build id
+
+
 def builds_read(build_dir: Path) -> list[uuid.UUID]:
     """The other builds the header's mappings name, straight from the records' id column: a
-    header of many mappings costs a sort, not a parse (restore starts no later for it). A
-    malformed header is left to its reader, who reads it in full."""
+    header of many mappings costs one pass in C (struct), not a parse, and no numpy, which
+    restore loads only once it listens. A malformed header is left to its reader, who reads it
+    in full."""
     data = read_regular(build_dir / HEADER, "header")
     body = len(data) - METADATA.size
     if body < 0 or body % MAPPING.size:
         return []
     own = METADATA.unpack_from(data)[4]
-    records = np.frombuffer(data, np.uint8, offset=METADATA.size).reshape(-1, MAPPING.size)
-    ids = np.unique(np.ascontiguousarray(records[:, 16:32]).view("V16").ravel())
-    return [
-        uuid.UUID(bytes=raw) for raw in (i.tobytes() for i in ids) if raw not in (own, NIL.bytes)
-    ]
+    ids = {raw for (raw,) in _BUILD_ID_COLUMN.iter_unpack(memoryview(data)[METADATA.size:])}
+    return [uuid.UUID(bytes=raw) for raw in sorted(ids - {own, NIL.bytes})]
 
 
 def lock_lineage(store: Path, build_dir: Path) -> LineageLock:

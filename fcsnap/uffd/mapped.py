@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import mmap
 import os
-
-import numpy as np
+from array import array
 
 from fcsnap.errors import FcsnapError
 from fcsnap.store.source import DiffFile
@@ -48,9 +47,11 @@ class MappedDiff:
         self.base = abi.buffer_address(diff.map)
         self.limit = max(1, -(-budget_bytes >> CHUNK_SHIFT))
         self.fits = (diff.size - 1) >> CHUNK_SHIFT < self.limit  # every chunk at once
-        self.chunks = np.zeros(((diff.size - 1) >> CHUNK_SHIFT) + 1, np.uint8)  # since the drop
-        self.counters = np.zeros(2, np.int64)  # [chunks in use, next slot in `ends`]
-        self.ends = np.full(RECENT_ENDS, -1, np.int64)  # where recent reads ended
+        # Plain arrays, not numpy: a server is built before its socket listens, and restore
+        # loads numpy only after that (fcsnap/deferred.py). C updates them in place.
+        self.chunks = array("B", bytes(((diff.size - 1) >> CHUNK_SHIFT) + 1))  # since the drop
+        self.counters = array("q", [0, 0])  # [chunks in use, next slot in `ends`]
+        self.ends = array("q", [-1] * RECENT_ENDS)  # where recent reads ended
         self.buffer = bytearray(READ_BELOW)
         self.view = memoryview(self.buffer)
         self.buffer_address = abi.buffer_address(self.buffer)
@@ -64,7 +65,7 @@ class MappedDiff:
         if self.fits or (chunks[first] and chunks[last] and last - first <= 1):
             self.diff.check_size()
             return self.base + storage
-        if length <= READ_BELOW and storage not in self.ends.tolist():
+        if length <= READ_BELOW and storage not in self.ends:
             slot = int(self.counters[1])
             self.ends[slot] = storage + length
             self.counters[1] = (slot + 1) % RECENT_ENDS
@@ -87,13 +88,13 @@ class MappedDiff:
     def _reserve(self, first: int, last: int) -> None:
         """Chunks first..last are about to be copied from: drop the mapping first if they
         would bring more than the budget into use."""
-        span = self.chunks[first : last + 1]
-        if self.counters[0] + int((span == 0).sum()) > self.limit:
+        chunks = memoryview(self.chunks)  # writes through: C holds the same buffer
+        if self.counters[0] + chunks[first : last + 1].tolist().count(0) > self.limit:
             self.map.madvise(mmap.MADV_DONTNEED)
-            self.chunks[:] = 0
+            chunks[:] = bytes(len(chunks))
             self.counters[0] = 0
-        self.counters[0] += int((span == 0).sum())
-        span[:] = 1
+        self.counters[0] += chunks[first : last + 1].tolist().count(0)
+        chunks[first : last + 1] = b"\x01" * (last + 1 - first)
 
     def _read(self, storage: int, length: int) -> int:
         if os.preadv(self.diff.fd, [self.view[:length]], storage) != length:
