@@ -25,9 +25,9 @@ from fcsnap.inspection import inspect_report
 from fcsnap.progress import progress_bar
 from fcsnap.store import ops
 from fcsnap.store.builder import BuildOptions
-from fcsnap.store.layout import HEADER, resolve_build
+from fcsnap.store.layout import HEADER, build_path, resolve_build, store_of
 from fcsnap.store.manifest import Manifest, read_manifest
-from fcsnap.units import format_bytes, parse_size
+from fcsnap.units import BLOCK_SIZES, PAGE, format_bytes, parse_size
 
 app = typer.Typer(
     add_completion=False,
@@ -68,7 +68,7 @@ def _header_arg(arg: str, store: Path | None) -> tuple[Path, Path | None]:
     if path.exists() and not path.is_dir():
         return path, path.parent.parent if path.name == HEADER else None
     build = resolve_build(arg, store)
-    return build / HEADER, build.parent
+    return build / HEADER, store_of(build)
 
 
 @app.command()
@@ -165,11 +165,11 @@ def build_options(
     working_set: Path | None = None,
 ) -> BuildOptions:
     bs = parse_size(block_size, "block size")
-    if bs not in (4096, 2 << 20):
+    if bs not in BLOCK_SIZES:
         raise FcsnapError(f"invalid --block-size {block_size!r}: use 4K or 2M")
     compression, level = parse_compression(compress)
     frame = parse_size(frame_size, "frame size")
-    if frame < 4096 or frame % 4096 or frame > 1 << 30:
+    if frame < PAGE or frame % PAGE or frame > 1 << 30:
         raise FcsnapError(f"invalid --frame-size {frame_size!r}: a multiple of 4K up to 1G")
     return BuildOptions(bs, compression, level, frame, name, vmstate, working_set=working_set)
 
@@ -277,16 +277,9 @@ def squash(
 ) -> None:
     """Flatten BUILD into a new generation 0 with the same content and no ancestors."""
     build_dir = resolve_build(build, store)
-    source = read_manifest(build_dir)
-    options = BuildOptions(
-        block_size=source.block_size,
-        compression=source.compression,
-        level=source.compression_level or 3,
-        frame_size=source.frame_size or BuildOptions.frame_size,
-        name=name,
-    )
-    with progress_bar("squash", source.size, quiet or as_json) as advance:
-        manifest, path = ops.squash(build_dir, store, options, advance)
+    size = read_manifest(build_dir).size
+    with progress_bar("squash", size, quiet or as_json) as advance:
+        manifest, path = ops.squash(build_dir, store, name, advance)
     report_build(manifest, path, as_json, "squashed")
 
 
@@ -318,9 +311,9 @@ def verify(
     """Check BUILD and every build it reads: files, sizes, and every block's hash."""
     build_dir = resolve_build(build, store)
     total = sum(
-        read_manifest(build_dir.parent / str(b)).stats.bytes_stored
+        read_manifest(build_path(store_of(build_dir), b)).stats.bytes_stored
         for b in load_header(build_dir).build_ids()
-        if (build_dir.parent / str(b)).is_dir()
+        if build_path(store_of(build_dir), b).is_dir()
     )
     with progress_bar("verify", total, quiet or as_json) as advance:
         result = ops.verify(build_dir, advance)

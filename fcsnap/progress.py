@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from rich.progress import (
     BarColumn,
@@ -15,9 +16,12 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+if TYPE_CHECKING:
+    from fcsnap.store.ops import Progress
+
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int, quiet: bool) -> Iterator[Callable[[int], None]]:
+def progress_bar(description: str, total: int, quiet: bool) -> Iterator[Progress]:
     """Yield an `advance(bytes)` callback driving a rich bar over `total` bytes."""
     if quiet or not sys.stdout.isatty():
         yield lambda _n: None

@@ -10,20 +10,29 @@ import bisect
 import os
 import struct
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
+from fcsnap.units import BLOCK_SIZES, PAGE
 
 NIL = uuid.UUID(int=0)
-PAGE = 4096
-BLOCK_SIZES = (4096, 2 << 20)
+ZEROS = -1
+"""Where builds are numbered (numpy owner arrays), the number standing for NIL: zeros."""
 READ_VERSIONS = (1, 2, 3)
 WRITE_VERSION = 3
+MAX_SIZE = 1 << 62
+"""Memory sizes stop below this, so that offset + length never wraps in 64 bits."""
 
 METADATA = struct.Struct("<QQQQ16s16s")
 MAPPING = struct.Struct("<QQ16sQ")
+# One mapping record as a numpy dtype: the same 40 bytes, no padding.
+RECORD = np.dtype([("offset", "<u8"), ("length", "<u8"), ("build_id", "V16"), ("storage", "<u8")])
+assert RECORD.itemsize == MAPPING.size
 
 
 class HeaderError(FcsnapError):
@@ -97,9 +106,30 @@ class Header:
         """Builds whose diff files this generation reads, in order of first appearance."""
         return list(dict.fromkeys(m.build_id for m in self.mappings if not m.is_zero))
 
+    def storage_ends(self) -> dict[uuid.UUID, int]:
+        """For each build this generation reads, how many bytes of its diff the mappings use:
+        a diff shorter than that is damaged."""
+        ends: dict[uuid.UUID, int] = {}
+        for m in self.mappings:
+            if not m.is_zero:
+                ends[m.build_id] = max(ends.get(m.build_id, 0), m.storage_offset + m.length)
+        return ends
 
-def parse_header(data: bytes, source: str = "header") -> Header:
-    """Parse and validate header bytes; every problem raises HeaderError naming it."""
+
+def to_records(mappings: Iterable[Mapping]) -> np.ndarray:
+    """Mappings as a RECORD array, for headers composed in Python (fixtures, tests)."""
+    return np.array(
+        [(m.offset, m.length, m.build_id.bytes, m.storage_offset) for m in mappings], RECORD
+    )
+
+
+def is_nil(records: np.ndarray) -> np.ndarray:
+    """Which records map zeros."""
+    return records["build_id"] == np.void(NIL.bytes)
+
+
+def decode(data: bytes, source: str = "header") -> tuple[Metadata, np.ndarray]:
+    """Header bytes as metadata and a (read-only) RECORD array, checked by `check`."""
     if len(data) < METADATA.size:
         raise HeaderError(
             f"{source}: too short: {len(data)} bytes, the metadata alone is {METADATA.size}"
@@ -111,71 +141,93 @@ def parse_header(data: bytes, source: str = "header") -> Header:
             f"{MAPPING.size}-byte mapping records"
         )
     version, block_size, size, generation, build_raw, base_raw = METADATA.unpack_from(data)
-    if version not in READ_VERSIONS:
-        hint = " (E2B's compressed/columnar header, not supported yet)" if version in (4, 5) else ""
-        raise HeaderError(f"{source}: unsupported header version {version}{hint}")
     meta = Metadata(
         version, block_size, size, generation, uuid.UUID(bytes=build_raw), uuid.UUID(bytes=base_raw)
     )
-    mappings = tuple(
-        Mapping(off, length, uuid.UUID(bytes=bid), 0 if bid == NIL.bytes else storage)
-        for off, length, bid, storage in MAPPING.iter_unpack(memoryview(data)[METADATA.size :])
-    )
-    if not mappings and size > 0:
+    records = np.frombuffer(data, RECORD, offset=METADATA.size)
+    if not len(records) and size > 0:
         # E2B and Wrenn read a header without records as one run of its own build.
-        mappings = (Mapping(0, size, meta.build_id, 0),)
-    header = Header(meta, mappings)
-    validate(header, source)
-    return header
+        records = np.array([(0, size, build_raw, 0)], RECORD)
+    check(meta, records, source)
+    return meta, records
 
 
-def validate(header: Header, source: str = "header") -> None:
-    """Check the invariants of SPEC.md section 2; raise HeaderError on the first broken one."""
-    meta = header.metadata
+def check(meta: Metadata, records: np.ndarray, source: str = "header") -> None:
+    """The header rules: a known version and block size, and aligned, non-empty mappings that
+    tile [0, size) in ascending order. Raise HeaderError naming the first broken rule.
+
+    Vector operations only: a header late in a lineage has tens of thousands of mappings."""
+    if meta.version not in READ_VERSIONS:
+        hint = (
+            " (E2B's compressed/columnar header, not supported yet)"
+            if meta.version in (4, 5) else ""
+        )
+        raise HeaderError(f"{source}: unsupported header version {meta.version}{hint}")
     if meta.block_size not in BLOCK_SIZES:
         raise HeaderError(f"{source}: block size {meta.block_size} is neither 4 KiB nor 2 MiB")
     if meta.size == 0 or meta.size % PAGE:
         raise HeaderError(f"{source}: memory size {meta.size} is not a positive multiple of 4096")
-    for i, m in enumerate(header.mappings):
-        where = f"{source}: mapping {i} (offset {m.offset:#x}, length {m.length:#x})"
-        if m.length == 0:
-            raise HeaderError(f"{where}: zero length")
-        if m.offset % PAGE or m.length % PAGE or m.storage_offset % PAGE:
-            raise HeaderError(f"{where}: offset, length or storage offset not 4096-aligned")
-        if i and m.offset < header.mappings[i - 1].offset:
-            raise HeaderError(f"{where}: unsorted (mappings must ascend by offset)")
-    expected = 0
-    for i, m in enumerate(header.mappings):
-        where = f"{source}: mapping {i} (offset {m.offset:#x}, length {m.length:#x})"
-        if m.offset < expected:
-            raise HeaderError(f"{where}: overlapping (previous mapping ends at {expected:#x})")
-        if m.offset > expected:
-            raise HeaderError(f"{where}: leaves a gap [{expected:#x}, {m.offset:#x})")
-        expected = m.end
-    if expected != meta.size:
+    if meta.size >= MAX_SIZE:
+        raise HeaderError(f"{source}: memory size {meta.size:#x} is beyond what fcsnap handles")
+    offset, length = records["offset"], records["length"]
+    storage = np.where(is_nil(records), 0, records["storage"])
+
+    def where(i: int) -> str:
+        return f"{source}: mapping {i} (offset {int(offset[i]):#x}, length {int(length[i]):#x})"
+
+    empty = length == 0
+    unaligned = ((offset | length | storage) % PAGE) != 0
+    unsorted = np.zeros(len(records), bool)
+    unsorted[1:] = offset[1:] < offset[:-1]
+    broken = empty | unaligned | unsorted
+    if broken.any():
+        i = int(np.argmax(broken))
+        if empty[i]:
+            raise HeaderError(f"{where(i)}: zero length")
+        if unaligned[i]:
+            raise HeaderError(f"{where(i)}: offset, length or storage offset not 4096-aligned")
+        raise HeaderError(f"{where(i)}: unsorted (mappings must ascend by offset)")
+    if len(records) and max(int(offset.max()), int(length.max())) >= MAX_SIZE:
+        offset, length = offset.astype(object), length.astype(object)  # exact, never wraps
+    end = offset + length
+    expected = np.zeros_like(end)
+    expected[1:] = end[:-1]
+    wrong = offset != expected
+    if wrong.any():
+        i = int(np.argmax(wrong))
+        at, want = int(offset[i]), int(expected[i])
+        if at < want:
+            raise HeaderError(f"{where(i)}: overlapping (previous mapping ends at {want:#x})")
+        raise HeaderError(f"{where(i)}: leaves a gap [{want:#x}, {at:#x})")
+    covered = int(end[-1]) if len(records) else 0
+    if covered != meta.size:
         raise HeaderError(
-            f"{source}: mappings cover [0, {expected:#x}), not the memory size {meta.size:#x}"
+            f"{source}: mappings cover [0, {covered:#x}), not the memory size {meta.size:#x}"
         )
 
 
-def dump_header(header: Header) -> bytes:
-    """Serialize in version 3 layout; nil mappings get storage offset 0."""
-    meta = header.metadata
-    out = [
+def encode(meta: Metadata, records: np.ndarray) -> bytes:
+    """The header bytes of `meta` and `records` (a RECORD array), checked like any header read
+    back: the one writer of headers."""
+    check(meta, records, "new header")
+    return (
         METADATA.pack(
-            meta.version,
-            meta.block_size,
-            meta.size,
-            meta.generation,
-            meta.build_id.bytes,
+            meta.version, meta.block_size, meta.size, meta.generation, meta.build_id.bytes,
             meta.base_build_id.bytes,
         )
-    ]
-    out += [
-        MAPPING.pack(m.offset, m.length, m.build_id.bytes, 0 if m.is_zero else m.storage_offset)
-        for m in header.mappings
-    ]
-    return b"".join(out)
+        + np.ascontiguousarray(records, RECORD).tobytes()
+    )
+
+
+def parse_header(data: bytes, source: str = "header") -> Header:
+    """Parse and check header bytes into a Header; every problem raises HeaderError naming it."""
+    meta, records = decode(data, source)
+    nil = NIL.bytes
+    mappings = tuple(
+        Mapping(offset, length, uuid.UUID(bytes=build), 0 if build == nil else storage)
+        for offset, length, build, storage in records.tolist()
+    )
+    return Header(meta, mappings)
 
 
 def load_header(path: str | os.PathLike[str]) -> Header:

@@ -10,7 +10,7 @@ import datetime
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import compress
@@ -21,7 +21,7 @@ import numpy as np
 
 from fcsnap import __version__
 from fcsnap.errors import FcsnapError
-from fcsnap.header import WRITE_VERSION, Metadata
+from fcsnap.header import WRITE_VERSION, ZEROS, Metadata, encode
 from fcsnap.store.hashes import DIGEST_SIZE, digest, dump_hashes
 from fcsnap.store.layout import (
     DIFF_RAW,
@@ -33,16 +33,16 @@ from fcsnap.store.layout import (
     set_vm_pointer,
     staged_build,
 )
-from fcsnap.store.lineage import ZEROS, Parent, Runs, header_bytes
+from fcsnap.store.lineage import Parent, Runs
 from fcsnap.store.manifest import Manifest, Stats, write_manifest
+from fcsnap.store.scan import consecutive_runs
 from fcsnap.store.seekable import SeekableWriter
-
-Progress = Callable[[int], None]
+from fcsnap.units import PAGE
 
 
 @dataclass(frozen=True)
 class BuildOptions:
-    block_size: int = 4096
+    block_size: int = PAGE
     compression: str = "none"  # "none" or "zstd"
     level: int = 3
     frame_size: int = 256 << 10
@@ -50,6 +50,16 @@ class BuildOptions:
     vmstate: Path | None = None
     source: str = ""
     working_set: Path | None = None  # store these pages' blocks first (restore --record-ws)
+
+    @classmethod
+    def of_build(cls, manifest: Manifest) -> BuildOptions:
+        """The options `manifest`'s build was stored with, for a build that rewrites it."""
+        return cls(
+            block_size=manifest.block_size,
+            compression=manifest.compression,
+            level=manifest.compression_level or cls.level,
+            frame_size=manifest.frame_size or cls.frame_size,
+        )
 
 
 # Chunks smaller than this (the data ranges of a sparse Diff file, often one page each) are
@@ -234,7 +244,8 @@ class GenerationBuilder:
         self.deduplicated += len(keys) - len(first_use)
         if len(first_use):
             self.digests.extend(keys[i] for i in first_use.tolist())
-            self.sink.write([data[a * bs : b * bs] for a, b in consecutive(pos[first_use])])
+            runs = consecutive_runs(pos[first_use])
+            self.sink.write([data[a * bs : (a + n) * bs] for a, n in runs])
 
     def _record(self, blocks: np.ndarray, owner: int | np.ndarray, slot: int | np.ndarray) -> None:
         """Blocks `blocks` now hold block `slot` of build number `owner`."""
@@ -259,9 +270,7 @@ class GenerationBuilder:
             self.build_id,
             parent.metadata.base_build_id if parent else self.build_id,
         )
-        (self.stage / HEADER).write_bytes(
-            header_bytes(meta, layout.records(self.build_ids, self.bs))
-        )
+        (self.stage / HEADER).write_bytes(encode(meta, layout.records(self.build_ids, self.bs)))
         (self.stage / HASHES).write_bytes(dump_hashes(self.bs, b"".join(self.digests)))
         stored = len(self.digests)
         zero_blocks = int(layout.count[layout.owner == ZEROS].sum())
@@ -283,16 +292,6 @@ class GenerationBuilder:
         count = np.concatenate((spans[:, 0], [self.blocks])) - start
         start, count = start[count > 0], count[count > 0]
         return Runs(start, count, np.full(len(start), ZEROS, np.int32), np.zeros_like(start))
-
-
-def consecutive(values: np.ndarray) -> list[tuple[int, int]]:
-    """Ascending integers as [start, end) runs of consecutive values."""
-    if not len(values):
-        return []
-    cut = np.flatnonzero(np.diff(values) != 1) + 1
-    starts = values[np.concatenate(([0], cut))]
-    ends = values[np.concatenate((cut - 1, [len(values) - 1]))] + 1
-    return list(zip(starts.tolist(), ends.tolist(), strict=True))
 
 
 def build_generation(

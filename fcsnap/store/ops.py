@@ -15,7 +15,7 @@ from fcsnap.errors import FcsnapError
 from fcsnap.header import load_header
 from fcsnap.store.builder import BuildOptions, build_generation
 from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes
-from fcsnap.store.layout import HASHES, build_path
+from fcsnap.store.layout import HASHES, build_path, store_of
 from fcsnap.store.lineage import Parent
 from fcsnap.store.manifest import Manifest, read_manifest
 from fcsnap.store.scan import CHUNK, MemoryFile, block_aligned
@@ -70,7 +70,7 @@ def diff(
     """Generation N+1 over base_dir. With sparse_diff (a Firecracker Diff snapshot), holes mean
     "unchanged"; otherwise the file is Full and holes are zeros."""
     parent = Parent(base_dir)
-    if base_dir.parent.resolve() != store.resolve():
+    if store_of(base_dir).resolve() != store.resolve():
         raise FcsnapError(f"base build {base_dir} is not in store {store}")
     options = replace(options, block_size=parent.block_size, source=memfile.name)
     with MemoryFile(memfile, parent.block_size) as source:
@@ -108,19 +108,13 @@ def generation_chunks(reader: GenerationReader) -> Iterator[tuple[int, bytes]]:
 
 
 def squash(
-    build_dir: Path, store: Path, options: BuildOptions | None = None,
-    progress: Progress = _noop,
+    build_dir: Path, store: Path, name: str | None = None, progress: Progress = _noop,
 ) -> tuple[Manifest, Path]:
-    """A generation 0 with the same content as build_dir and no ancestors."""
-    source_manifest = read_manifest(build_dir)
-    if options is None:
-        options = BuildOptions(
-            compression=source_manifest.compression,
-            level=source_manifest.compression_level or 3,
-            frame_size=source_manifest.frame_size or BuildOptions.frame_size,
-        )
+    """A generation 0 with the same content as build_dir and no ancestors, stored the way
+    build_dir is (block size, compression, level, frame size); `name` points vms/NAME at it."""
     options = replace(
-        options, block_size=source_manifest.block_size, source=f"squash of {build_dir.name}"
+        BuildOptions.of_build(read_manifest(build_dir)), name=name,
+        source=f"squash of {build_dir.name}",
     )
     with GenerationReader(build_dir) as reader:
         return build_generation(
@@ -176,11 +170,8 @@ def verify(build_dir: Path, progress: Progress = _noop) -> dict[str, Any]:
         raise FcsnapError(f"{build_dir}: build.json disagrees with memfile.header")
     if build_dir.name != str(meta.build_id):
         raise FcsnapError(f"{build_dir}: directory name is not its build id {meta.build_id}")
-    store = build_dir.parent
-    needed: dict[uuid.UUID, int] = {}
-    for m in header.mappings:
-        if not m.is_zero:
-            needed[m.build_id] = max(needed.get(m.build_id, 0), m.storage_offset + m.length)
+    store = store_of(build_dir)
+    needed = header.storage_ends()
     blocks = 0
     for build_id, end in needed.items():
         blocks += verify_build_data(build_path(store, build_id), meta.block_size, end, progress)
