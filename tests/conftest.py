@@ -1,14 +1,21 @@
-"""Shared pytest options: tests marked `slow` (a real guest under QEMU) run only with --runslow."""
+"""Shared pytest options and fixtures. Tests marked `slow` (soaks, loads, and the `qemu` ones
+that boot a real guest) run only with --runslow."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+from helpers import Procs, hugepages_reserved
+
+HUGEPAGES_NEEDED = 10  # the most any test holds: a 16 MiB guest, and ballooned pages coming back
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--runslow", action="store_true", default=False,
-        help="also run tests marked slow (they boot a real guest under QEMU)",
+        help="also run tests marked slow (soaks, loads, a real guest under QEMU)",
     )
 
 
@@ -19,3 +26,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def hugepages() -> Iterator[None]:
+    """HUGEPAGES_NEEDED free 2 MiB hugepages for the session (the pool is put back after), or
+    a skip of each test that needs them, saying why."""
+    with hugepages_reserved(HUGEPAGES_NEEDED):
+        yield
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    """A restore server and stand-in VMs for one test, killed at its end if still running."""
+    p = Procs(tmp_path)
+    yield p
+    p.close()
