@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -595,9 +594,10 @@ def test_populate_makes_the_vm_independent(request, lineages, procs, page: str) 
     page_size = firecracker.PAGE_SIZES[page]
     server = procs.server(lineage.newest.name, lineage.store, "--populate",
                           "--fault-around", "0")
-    vm = procs.vm(expected=lineage.expected, page_size=page, touch=0.1, threads=2, hold=3)
+    vm = procs.vm(expected=lineage.expected, page_size=page, touch=0.1, threads=2, hold=2)
     wait_for(procs.report.exists, "the VM to finish its reads")
-    time.sleep(1.0)  # 4 MiB populate takes milliseconds
+    wait_for(lambda: guest_memory(vm.pid) >= SIZE, "the server to populate all guest memory",
+             timeout=1.5)  # within the VM's hold
     server.send_signal(signal.SIGTERM)
     out = procs.outcome(server, vm)
     assert out.vm_status == 0, "a fully populated VM must not be killed"
@@ -605,6 +605,13 @@ def test_populate_makes_the_vm_independent(request, lineages, procs, page: str) 
     assert stats is not None and stats["exit_reason"] == "signal"
     assert stats["pages_served"] == SIZE // page_size
     assert stats["populated_pages"] > 0
+
+
+def guest_memory(pid: int) -> int:
+    """Bytes of anonymous and hugetlb memory resident in process `pid` (its guest memory)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
+                  .splitlines())
+    return sum(int(fields[key].split()[0]) << 10 for key in ("RssAnon", "HugetlbPages"))
 
 
 def test_eager_installs_everything_before_serving(lineages, procs) -> None:

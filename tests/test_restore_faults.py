@@ -46,6 +46,7 @@ PAGE = 4096
 HUGE = 2 * MiB
 SIZE = 128 * MiB  # the lineages' guest memory; small runs give the stand-in a smaller --size
 SMALL = 8 * MiB
+DAMAGED_SIZE = 16 * MiB  # the lineages tests copy and damage: size is not what they test
 PROMPT = 3.0  # seconds a server may take to notice and act on an event
 START_DELAY = 1.5  # seconds a stand-in waits after its handshake, for the test to break things
 KILLED = -signal.SIGKILL
@@ -77,6 +78,12 @@ def make_lineages(root: Path, size: int, seed: int, kinds: tuple[str, ...]) -> d
 def lineages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Lineage]:
     """A raw ("none") and a compressed ("zstd") lineage of the same 128 MiB guest."""
     return make_lineages(tmp_path_factory.mktemp("lineages"), SIZE, 11, ("none", "zstd"))
+
+
+@pytest.fixture(scope="module")
+def small_lineages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Lineage]:
+    """The same, of a DAMAGED_SIZE guest, for tests that damage a copy of the store."""
+    return make_lineages(tmp_path_factory.mktemp("small"), DAMAGED_SIZE, 11, ("none", "zstd"))
 
 
 # -- processes -------------------------------------------------------------------------------
@@ -343,10 +350,10 @@ def test_server_frees_everything_however_serving_ends(lineages, tmp_path, kind, 
 
 @pytest.mark.parametrize("problem", ["stats-dir-missing", "socket-is-a-file",
                                      "prefetch-garbage", "verify-without-hashes"])
-def test_server_refusing_to_start_frees_everything(lineages, tmp_path, problem) -> None:
+def test_server_refusing_to_start_frees_everything(small_lineages, tmp_path, problem) -> None:
     """Failures found before any VM can connect (in the constructor or before listening)
     leave nothing open either."""
-    lineage = lineages["none"].writable_copy(tmp_path / "store")
+    lineage = small_lineages["none"].writable_copy(tmp_path / "store")
     sock, garbage = tmp_path / "uffd.sock", tmp_path / "garbage"
     garbage.write_bytes(b"not a working set")
     options = ServeOptions(socket=sock, stats_path=tmp_path / "stats.json")
@@ -476,14 +483,14 @@ def first_base_page(lineage: Lineage) -> int:
     pytest.param("none", "half", 4, "random", id="raw-cut-in-half"),
     pytest.param("zstd", "half", 4, "random", id="zstd-cut-in-half"),
 ])
-def test_diff_truncated_while_serving(lineages, runs, tmp_path, kind, cut, threads, order):
+def test_diff_truncated_while_serving(small_lineages, runs, tmp_path, kind, cut, threads, order):
     """The base generation's diff is cut after the handshake, before the guest touches
     memory, 100 bytes into a page (which then reads zeros after the cut). The server fails
     with one line naming the file and kills the VM, which never read a wrong byte (its
     report, written at its first mismatch, shows none). With the cut in the first page a
     sequential guest reads from that file, and one page per fault, a server that copied
     that page would let the guest see it before failing on the next."""
-    lineage = lineages[kind].writable_copy(tmp_path / "store")
+    lineage = small_lineages[kind].writable_copy(tmp_path / "store")
     diff = lineage.base_diff
     at = first_base_page(lineage) if cut == "first-page" else diff.stat().st_size // 2
     server = runs.server(lineage.newest, "--fault-around", "0" if cut == "first-page" else "256K")
@@ -532,10 +539,10 @@ def flip_undetected(lineage: Lineage) -> int:
     pytest.fail("no bit of the first frame decodes to other served bytes")
 
 
-def test_corrupt_compressed_frame_is_not_served(lineages, runs, tmp_path) -> None:
+def test_corrupt_compressed_frame_is_not_served(small_lineages, runs, tmp_path) -> None:
     """A bit flipped in a zstd frame that still decodes: without --verify the frame's
     checksum in the seek table is what stands between it and the guest."""
-    lineage = lineages["zstd"].writable_copy(tmp_path / "store")
+    lineage = small_lineages["zstd"].writable_copy(tmp_path / "store")
     flip_undetected(lineage)
     server = runs.server(lineage.newest)
     vm = runs.vm(server, expected=lineage.expected, threads=2, order="random")
@@ -550,12 +557,12 @@ def test_corrupt_compressed_frame_is_not_served(lineages, runs, tmp_path) -> Non
     pytest.param("none", ("--verify",), id="raw-verify"),
     pytest.param("zstd", (), id="zstd-frame-checksums"),
 ])
-def test_diff_corrupted_while_serving_is_not_served(lineages, runs, tmp_path, kind, args):
+def test_diff_corrupted_while_serving_is_not_served(small_lineages, runs, tmp_path, kind, args):
     """Bytes of the base diff changed in place after the handshake, before the guest reads
     them: a raw diff under --verify fails its block hash, a zstd frame (still decodable) its
     seek-table checksum. The server fails with one line naming the build or file and kills
     the VM, which never read a wrong byte."""
-    lineage = lineages[kind].writable_copy(tmp_path / "store")
+    lineage = small_lineages[kind].writable_copy(tmp_path / "store")
     server = runs.server(lineage.newest, *args)
     vm = runs.vm(server, expected=lineage.expected, threads=4, order="random",
                  start_delay=START_DELAY)
@@ -581,15 +588,15 @@ def test_diff_corrupted_while_serving_is_not_served(lineages, runs, tmp_path, ki
 
 
 @pytest.mark.parametrize("kind", ["none", "zstd"])
-def test_diff_deleted_while_serving_is_still_served(lineages, runs, tmp_path, kind) -> None:
+def test_diff_deleted_while_serving_is_still_served(small_lineages, runs, tmp_path, kind) -> None:
     """Deleting a diff file does not take it from the server: the open file stays valid."""
-    lineage = lineages[kind].writable_copy(tmp_path / "store")
+    lineage = small_lineages[kind].writable_copy(tmp_path / "store")
     server = runs.server(lineage.newest, "--verify")
     vm = runs.vm(server, expected=lineage.expected, threads=4, order="random",
                  start_delay=START_DELAY)
     server.wait_handshake()
     lineage.base_diff.unlink()
-    stats = assert_served(server.finish(), vm.finish(), SIZE // PAGE)
+    stats = assert_served(server.finish(), vm.finish(), DAMAGED_SIZE // PAGE)
     assert stats["per_build_pages"].get(lineage.builds[0].name, 0) > 0
 
 
@@ -726,7 +733,7 @@ def test_eight_restores_of_one_build_at_once(lineages, runs) -> None:
     for i in range(8):
         server = runs.server(lineage.newest, name=f"uffd{i}")
         pairs.append((server, runs.vm(server, name=f"vm{i}", expected=lineage.expected,
-                                      size=32 * MiB, threads=2, order="random", seed=i)))
+                                      size=SMALL, threads=2, order="random", seed=i)))
     for server, vm in pairs:
-        assert_served(server.finish(), vm.finish(), 32 * MiB // PAGE)
+        assert_served(server.finish(), vm.finish(), SMALL // PAGE)
     assert len({s.stats["peer_pid"] for s, _ in pairs}) == 8

@@ -222,10 +222,17 @@ def encode(meta: Metadata, records: np.ndarray) -> bytes:
 def parse_header(data: bytes, source: str = "header") -> Header:
     """Parse and check header bytes into a Header; every problem raises HeaderError naming it."""
     meta, records = decode(data, source)
-    nil = NIL.bytes
+    ids = {NIL.bytes: NIL}  # a lineage has few builds: one UUID object each
+
+    def build_id(raw: bytes) -> uuid.UUID:
+        found = ids.get(raw)
+        if found is None:
+            found = ids[raw] = uuid.UUID(bytes=raw)
+        return found
+
     mappings = tuple(
-        Mapping(offset, length, uuid.UUID(bytes=build), 0 if build == nil else storage)
-        for offset, length, build, storage in records.tolist()
+        Mapping(offset, length, build_id(raw), 0 if raw == NIL.bytes else storage)
+        for offset, length, raw, storage in MAPPING.iter_unpack(records.tobytes())
     )
     return Header(meta, mappings)
 
