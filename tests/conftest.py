@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Procs, hugepages_reserved
+from helpers import HUGEPAGE_POOL, Procs, top_up_hugepages
 
 HUGEPAGES_NEEDED = 10  # the most any test holds: a 16 MiB guest, and ballooned pages coming back
 
@@ -29,11 +29,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def hugepages() -> Iterator[None]:
-    """HUGEPAGES_NEEDED free 2 MiB hugepages for the session (the pool is put back after), or
-    a skip of each test that needs them, saying why."""
-    with hugepages_reserved(HUGEPAGES_NEEDED):
-        yield
+def hugepage_pool() -> Iterator[list[bool]]:
+    """If the session grew the hugepage pool, it is put back to its size when it ends."""
+    original = HUGEPAGE_POOL.read_text()
+    grown: list[bool] = []
+    yield grown
+    if grown:
+        HUGEPAGE_POOL.write_text(original)
+
+
+@pytest.fixture
+def hugepages(hugepage_pool: list[bool]) -> None:
+    """HUGEPAGES_NEEDED free 2 MiB hugepages for this test, or a skip saying why."""
+    if top_up_hugepages(HUGEPAGES_NEEDED):
+        hugepage_pool.append(True)
 
 
 @pytest.fixture

@@ -3,13 +3,12 @@ the processes a test starts, and what a clean serving run must leave behind."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -82,6 +81,9 @@ def restore_argv(vm: str | Path, socket: Path, *args: str, store: Path | None = 
     return argv
 
 
+HUGEPAGE_POOL = Path("/proc/sys/vm/nr_hugepages")
+
+
 def free_hugepages() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("HugePages_Free:"):
@@ -89,27 +91,20 @@ def free_hugepages() -> int:
     return 0
 
 
-@contextlib.contextmanager
-def hugepages_reserved(count: int) -> Iterator[None]:
-    """At least `count` free 2 MiB hugepages while inside (the pool's size is put back after),
-    or a skip saying why there are none."""
-    knob = Path("/proc/sys/vm/nr_hugepages")
-    original = int(knob.read_text())
-    raised = False
+def top_up_hugepages(count: int) -> bool:
+    """Grow the pool until `count` 2 MiB hugepages are free (True if it had to), or skip the
+    test saying why. Checked before each test that needs them: the pool is machine-wide, and
+    other processes change it."""
+    if free_hugepages() >= count:
+        return False
     try:
-        if free_hugepages() < count:
-            try:
-                knob.write_text(str(original + count - free_hugepages()))
-                raised = True
-            except OSError as e:
-                pytest.skip(f"cannot reserve 2 MiB hugepages ({knob}: {e.strerror})")
-        if free_hugepages() < count:
-            pytest.skip(f"the kernel granted only {free_hugepages()} free 2 MiB hugepages, "
-                        f"{count} needed")
-        yield
-    finally:
-        if raised:
-            knob.write_text(str(original))
+        HUGEPAGE_POOL.write_text(str(int(HUGEPAGE_POOL.read_text()) + count - free_hugepages()))
+    except OSError as e:
+        pytest.skip(f"cannot reserve 2 MiB hugepages ({HUGEPAGE_POOL}: {e.strerror})")
+    if free_hugepages() < count:
+        pytest.skip(f"the kernel granted only {free_hugepages()} free 2 MiB hugepages, "
+                    f"{count} needed")
+    return True
 
 
 class Processes:
