@@ -66,7 +66,7 @@ def _header_arg(arg: str, store: Path | None) -> tuple[Path, Path | None]:
     exists and is not a directory is a header file, whatever else it is: reading it says."""
     path = Path(arg)
     if path.exists() and not path.is_dir():
-        return path, path.parent.parent if path.name == HEADER else None
+        return path, store_of(path.parent) if path.name == HEADER else None
     build = resolve_build(arg, store)
     return build / HEADER, store_of(build)
 

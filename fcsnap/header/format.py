@@ -2,6 +2,10 @@
 
 Little-endian, no padding, no record count: 64 bytes of metadata, then 40-byte mapping records to
 the end of the file.
+
+One path for each job: `decode` reads bytes (checked by `check`) into metadata and a numpy
+record array, which the store works on directly; `parse_header` makes those a `Header` of
+Mapping objects for lookups; `encode` is the only writer, and checks what it writes.
 """
 
 from __future__ import annotations
