@@ -10,9 +10,11 @@ import json
 import os
 import sys
 import traceback
+import uuid
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -27,7 +29,11 @@ from fcsnap.store import ops
 from fcsnap.store.builder import BuildOptions
 from fcsnap.store.layout import HEADER, build_path, resolve_build, store_of
 from fcsnap.store.manifest import Manifest, read_manifest
+from fcsnap.store.names import check_vm_name, read_vm_pointer
 from fcsnap.units import BLOCK_SIZES, PAGE, format_bytes, parse_size
+
+if TYPE_CHECKING:
+    from fcsnap.uffd.listener import SocketAccess
 
 app = typer.Typer(
     add_completion=False,
@@ -65,7 +71,7 @@ def _header_arg(arg: str, store: Path | None) -> tuple[Path, Path | None]:
     """Resolve BUILD|HEADER to a header file and the store around it (if any). A path that
     exists and is not a directory is a header file, whatever else it is: reading it says."""
     path = Path(arg)
-    if path.exists() and not path.is_dir():
+    if path.exists() and not path.is_dir() and (store is None or "/" in arg):
         return path, store_of(path.parent) if path.name == HEADER else None
     build = resolve_build(arg, store)
     return build / HEADER, store_of(build)
@@ -100,6 +106,9 @@ def render_inspect(report: dict[str, Any]) -> None:
     table.add_row("block_size", format_bytes(meta["block_size"]))
     table.add_row("size", f"{format_bytes(meta['size'])} ({meta['size']} bytes)")
     table.add_row("mappings", str(report["mapping_count"]))
+    if "pinned" in report:
+        unpinned = "no (unpinned: ancestors trusted by id)"
+        table.add_row("pinned", "yes" if report["pinned"] else unpinned)
     out.print(table)
     builds = Table(title="Builds read by this generation")
     for col in ("build", "generation", "runs", "blocks", "bytes", "share"):
@@ -167,11 +176,26 @@ def build_options(
     bs = parse_size(block_size, "block size")
     if bs not in BLOCK_SIZES:
         raise FcsnapError(f"invalid --block-size {block_size!r}: use 4K or 2M")
+    if name is not None:
+        check_vm_name(name)  # before anything else: a bad name costs nothing
     compression, level = parse_compression(compress)
     frame = parse_size(frame_size, "frame size")
     if frame < PAGE or frame % PAGE or frame > 1 << 30:
         raise FcsnapError(f"invalid --frame-size {frame_size!r}: a multiple of 4K up to 1G")
     return BuildOptions(bs, compression, level, frame, name, vmstate, working_set=working_set)
+
+
+def name_head(
+    store: Path, name: str | None, build_arg: str | None = None, build_dir: Path | None = None
+) -> uuid.UUID | None:
+    """The build `name` points at as the command starts (None: no such name): publishing the
+    name at the end is a compare-and-swap against it. When the command's BUILD argument is
+    that same name, it is the build the argument resolved to, not a second look."""
+    if name is None:
+        return None
+    if build_arg == name and build_dir is not None:
+        return uuid.UUID(build_dir.name)
+    return read_vm_pointer(store, name)
 
 
 def report_build(manifest: Manifest, path: Path, as_json: bool, verb: str) -> None:
@@ -225,6 +249,7 @@ def pack(
 ) -> None:
     """Pack a memory file as generation 0 of a new lineage."""
     options = build_options(block_size, compress, frame_size, name, vmstate, working_set)
+    options = replace(options, name_expected=name_head(store, name), verb="pack")
     total = memfile.stat().st_size if memfile.is_file() else 0
     with progress_bar("pack", total, quiet or as_json) as advance:
         manifest, path = ops.pack(memfile, store, options, advance)
@@ -252,11 +277,14 @@ def diff(
     as_json: bool = JSON,
 ) -> None:
     """Store what changed since BASE as the next generation."""
+    if name is not None:
+        check_vm_name(name)  # before anything else: a bad name costs nothing
     base_dir = resolve_build(base, store)
     base_block_size = read_manifest(base_dir).block_size
     options = build_options(
         block_size or str(base_block_size), compress, frame_size, name, vmstate, working_set
     )
+    options = replace(options, name_expected=name_head(store, name, base, base_dir), verb="diff")
     if options.block_size != base_block_size:
         raise FcsnapError(
             f"--block-size {block_size} differs from the base build's {base_block_size}"
@@ -276,10 +304,14 @@ def squash(
     as_json: bool = JSON,
 ) -> None:
     """Flatten BUILD into a new generation 0 with the same content and no ancestors."""
+    if name is not None:
+        check_vm_name(name)  # before anything else: a bad name costs nothing
     build_dir = resolve_build(build, store)
     size = read_manifest(build_dir).size
     with progress_bar("squash", size, quiet or as_json) as advance:
-        manifest, path = ops.squash(build_dir, store, name, advance)
+        manifest, path = ops.squash(
+            build_dir, store, name, name_head(store, name, build, build_dir), advance
+        )
     report_build(manifest, path, as_json, "squashed")
 
 
@@ -323,6 +355,7 @@ def verify(
         out.print(
             f"[green]ok[/green]: build {result['build_id']} (generation {result['generation']}), "
             f"{result['builds_checked']} builds, {result['blocks_checked']} blocks checked"
+            + ("" if result["pinned"] else " (unpinned: ancestors are trusted by id)")
         )
 
 
@@ -372,6 +405,19 @@ def restore(
     api_timeout: float = typer.Option(
         30.0, "--api-timeout", help="Seconds Firecracker has to answer the snapshot load."
     ),
+    socket_owner: str | None = typer.Option(
+        None, "--socket-owner", metavar="UID[:GID]",
+        help="Give the socket to this user (and group), e.g. a jailed Firecracker's; that uid "
+        "may connect too.",
+    ),
+    socket_mode: str = typer.Option(
+        "0600", "--socket-mode", metavar="MODE", help="The socket file's permissions (octal)."
+    ),
+    allow_uid: list[str] = typer.Option(
+        [], "--allow-uid", metavar="UID",
+        help="Also admit connections from this uid (repeatable). Admitted always: this "
+        "process's uid and the --socket-owner's.",
+    ),
     quiet: bool = QUIET,
 ) -> None:
     """Serve BUILD's memory to one Firecracker VM over userfaultfd, lazily.
@@ -384,6 +430,7 @@ def restore(
     from fcsnap.uffd.firecracker_api import Response, SnapshotLoad, load_body
     from fcsnap.uffd.server import FaultServer, ServeOptions
 
+    access = _socket_access(socket_owner, socket_mode, allow_uid)
     build_dir = resolve_build(vm, store)
     load: SnapshotLoad | None = None
     if firecracker_api is not None:
@@ -423,6 +470,7 @@ def restore(
         populate=populate,
         eager=eager,
         on_listening=listening,
+        access=access,
     )
     server = FaultServer(build_dir, options)
     status = server.run()
@@ -436,6 +484,23 @@ def restore(
     if load is not None and (error := load.finish()) is not None:
         raise error
     raise typer.Exit(status)
+
+
+def _socket_access(owner: str | None, mode: str, allowed: list[str]) -> SocketAccess:
+    """restore's --socket-owner/--socket-mode/--allow-uid as a SocketAccess (usage errors: 2)."""
+    from fcsnap.uffd.listener import SocketAccess, parse_mode, parse_owner, parse_uid  # noqa: F811
+
+    def parsed(option: str, parse: Any, text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint=f"'{option}'") from None
+
+    uid, gid = parsed("--socket-owner", parse_owner, owner) if owner else (None, None)
+    return SocketAccess(
+        mode=parsed("--socket-mode", parse_mode, mode), owner_uid=uid, owner_gid=gid,
+        allowed_uids=frozenset(parsed("--allow-uid", parse_uid, u) for u in allowed),
+    )
 
 
 @app.command()
@@ -455,7 +520,10 @@ def main() -> None:
     except (FcsnapError, OSError) as e:
         if _state["debug"]:
             traceback.print_exc()
-        message = str(e) if isinstance(e, FcsnapError) else f"{e.strerror or e}: {e.filename}"
+        if isinstance(e, FcsnapError):
+            message = str(e)
+        else:  # an OSError of a write has no file name: then say what was being done
+            message = f"{e.strerror or e}: {e.filename}" if e.filename else f"{e.strerror or e}"
         print(f"fcsnap: error: {message}", file=sys.stderr)
         sys.exit(1)
     except Exception as e:  # a bug: still one line, and the traceback on request

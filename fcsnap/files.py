@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fcsnap.errors import FcsnapError
@@ -39,3 +41,22 @@ def read_regular(path: Path, what: str) -> bytes:
         raise FcsnapError(f"cannot read {what} {path}: {e.strerror or e}") from e
     finally:
         os.close(fd)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by name (a directory's fsync makes renames in it durable)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def writing(what: str) -> Iterator[None]:
+    """Name `what` was being written in an OSError: the error of a failed write (a full disk)
+    carries no file name of its own."""
+    try:
+        yield
+    except OSError as e:
+        raise FcsnapError(f"cannot write {what}: {e.strerror or e}") from e

@@ -25,6 +25,16 @@ def _generation_of(build_id: uuid.UUID, header: Header, store: Path | None) -> i
     return None
 
 
+def _pinned(build_id: uuid.UUID, store: Path | None) -> bool | None:
+    """Does the build's build.json pin the builds it reads? None: no build.json to say."""
+    if store is None or not (store / str(build_id) / MANIFEST).exists():
+        return None
+    try:
+        return read_manifest(store / str(build_id)).pins is not None
+    except FcsnapError:
+        return None
+
+
 def inspect_report(
     header: Header,
     store: Path | None = None,
@@ -68,6 +78,9 @@ def inspect_report(
         },
         "builds": builds,
     }
+    pinned = _pinned(meta.build_id, store)
+    if pinned is not None:  # a build's header, not a lone header file
+        report = {"pinned": pinned, **report}
     if show_mappings:
         report["mappings"] = [
             {

@@ -1,4 +1,4 @@
-"""Working-set files: the guest pages a restore faulted, in the order it faulted them.
+"""Working-set files (docs/FORMAT.md §7): the guest pages a restore faulted, in order.
 
 `restore --record-ws` writes one; `restore --prefetch-ws` installs those pages right after the
 handshake; `pack`/`diff --working-set` store those blocks first and contiguously, so prefetch

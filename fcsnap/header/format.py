@@ -1,4 +1,4 @@
-"""The memfile.header byte format, compatible with E2B's and Wrenn's V3 header (SPEC.md section 2).
+"""The memfile.header byte format, compatible with E2B's and Wrenn's V3 header (docs/FORMAT.md §3).
 
 Little-endian, no padding, no record count: 64 bytes of metadata, then 40-byte mapping records to
 the end of the file.
@@ -34,7 +34,7 @@ MAX_SIZE = 1 << 62
 
 METADATA = struct.Struct("<QQQQ16s16s")
 MAPPING = struct.Struct("<QQ16sQ")
-# One mapping record as a numpy dtype: the same 40 bytes, no padding.
+# One mapping record (docs/FORMAT.md §3.1) as a numpy dtype: the same 40 bytes, no padding.
 RECORD = np.dtype([("offset", "<u8"), ("length", "<u8"), ("build_id", "V16"), ("storage", "<u8")])
 assert RECORD.itemsize == MAPPING.size
 
@@ -157,10 +157,9 @@ def decode(data: bytes, source: str = "header") -> tuple[Metadata, np.ndarray]:
 
 
 def check(meta: Metadata, records: np.ndarray, source: str = "header") -> None:
-    """The header rules: a known version and block size, and aligned, non-empty mappings that
-    tile [0, size) in ascending order. Raise HeaderError naming the first broken rule.
-
-    Vector operations only: a header late in a lineage has tens of thousands of mappings."""
+    """The rules of docs/FORMAT.md §3.3: a known version and block size, and aligned, non-empty
+    mappings that tile [0, size) in ascending order. Raise HeaderError naming the first broken
+    rule. Vector operations only: a header late in a lineage has tens of thousands of mappings."""
     if meta.version not in READ_VERSIONS:
         hint = (
             " (E2B's compressed/columnar header, not supported yet)"

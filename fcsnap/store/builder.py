@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import Enum
 from itertools import compress
 from pathlib import Path
 from typing import BinaryIO
@@ -21,6 +22,7 @@ import numpy as np
 
 from fcsnap import __version__
 from fcsnap.errors import FcsnapError
+from fcsnap.files import writing
 from fcsnap.header import WRITE_VERSION, ZEROS, Metadata, encode
 from fcsnap.store.hashes import DIGEST_SIZE, digest, dump_hashes
 from fcsnap.store.layout import (
@@ -28,16 +30,21 @@ from fcsnap.store.layout import (
     DIFF_ZSTD,
     HASHES,
     HEADER,
+    MANIFEST,
     SNAPFILE,
-    check_vm_name,
-    set_vm_pointer,
     staged_build,
 )
 from fcsnap.store.lineage import Parent, Runs
+from fcsnap.store.locks import publish_name
 from fcsnap.store.manifest import Manifest, Stats, write_manifest
+from fcsnap.store.names import check_vm_name, read_vm_pointer
 from fcsnap.store.scan import consecutive_runs
 from fcsnap.store.seekable import SeekableWriter
 from fcsnap.units import PAGE
+
+
+class Head(Enum):
+    AT_START = "the head of the name as the build starts"
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,11 @@ class BuildOptions:
     vmstate: Path | None = None
     source: str = ""
     working_set: Path | None = None  # store these pages' blocks first (restore --record-ws)
+    # The build `name` pointed to when the command started (None: no such name): the name is
+    # moved only if it still points there (see locks.publish_name). By default, the build it
+    # points to as this build starts.
+    name_expected: uuid.UUID | None | Head = Head.AT_START
+    verb: str = "pack"  # the command, for messages
 
     @classmethod
     def of_build(cls, manifest: Manifest) -> BuildOptions:
@@ -80,6 +92,7 @@ class DiffSink:
 
     def __init__(self, stage: Path, options: BuildOptions) -> None:
         name = DIFF_ZSTD if options.compression == "zstd" else DIFF_RAW
+        self.what = f"{name} of the new build in store {stage.parent}"
         # Unbuffered: batches are large, and the SeekableWriter writes whole frames.
         self.file: BinaryIO = open(stage / name, "wb", buffering=0)  # noqa: SIM115 (close())
         self.zstd = (
@@ -118,13 +131,15 @@ class DiffSink:
     def _wait(self, pending: int = 0) -> None:
         """Wait until at most `pending` batches are in flight; their errors are raised here."""
         while len(self.in_flight) > pending:
-            self.in_flight.pop(0).result()
+            with writing(self.what):
+                self.in_flight.pop(0).result()
 
     def close(self) -> int:
         """Finish the file; returns its size on disk."""
         self._wait()
         if self.zstd is not None:
-            self.zstd.close()
+            with writing(self.what):
+                self.zstd.close()
         written = os.fstat(self.file.fileno()).st_size
         self.discard()
         return written
@@ -167,6 +182,7 @@ class GenerationBuilder:
         self.filled = 0
         self.gather_from = 0  # spans[gather_from:] are in `gather`
         self.taken: np.ndarray | None = None  # blocks `add_first` classified, if it was used
+        self.ancestors_read: list[uuid.UUID] = []  # other builds the header reads (by finish)
 
     def add_first(self, blocks: np.ndarray, data: memoryview) -> None:
         """Take `blocks` (any order, held in that order by `data`) before the memory-order
@@ -270,8 +286,15 @@ class GenerationBuilder:
             self.build_id,
             parent.metadata.base_build_id if parent else self.build_id,
         )
-        (self.stage / HEADER).write_bytes(encode(meta, layout.records(self.build_ids, self.bs)))
-        (self.stage / HASHES).write_bytes(dump_hashes(self.bs, b"".join(self.digests)))
+        store = self.stage.parent
+        with writing(f"{HEADER} of the new build in store {store}"):
+            (self.stage / HEADER).write_bytes(
+                encode(meta, layout.records(self.build_ids, self.bs))
+            )
+        with writing(f"{HASHES} of the new build in store {store}"):
+            (self.stage / HASHES).write_bytes(dump_hashes(self.bs, b"".join(self.digests)))
+        used = np.unique(layout.owner[layout.owner >= 0]).tolist()
+        self.ancestors_read = [self.build_ids[i] for i in used if i != self.me]
         stored = len(self.digests)
         zero_blocks = int(layout.count[layout.owner == ZEROS].sum())
         stats = Stats(
@@ -305,12 +328,16 @@ def build_generation(
 ) -> tuple[Manifest, Path]:
     """Run the pipeline and publish the build; returns its manifest and directory. `first`
     (MemoryFile.working_set) is taken before `chunks`: its stored blocks lead the diff."""
+    expected = options.name_expected
     if options.name is not None:
         check_vm_name(options.name)
+        if expected is Head.AT_START:
+            expected = read_vm_pointer(store, options.name)
     if options.vmstate is not None and not options.vmstate.is_file():
         raise FcsnapError(f"vmstate file {options.vmstate} not found")
     build_id = uuid.uuid4()
-    with staged_build(store, build_id) as stage:
+    with staged_build(store, build_id) as lock:
+        stage = lock.path
         builder = GenerationBuilder(stage, build_id, size, parent, options)
         try:
             for blocks, data in first:
@@ -334,16 +361,20 @@ def build_generation(
             fcsnap_version=__version__,
             source=options.source,
             stats=stats,
+            pins={b: parent.pins[b] for b in builder.ancestors_read} if parent else {},
         )
-        write_manifest(stage, manifest)
+        with writing(f"{MANIFEST} of the new build in store {store}"):
+            write_manifest(stage, manifest)
         if options.vmstate is not None:
-            shutil.copyfile(options.vmstate, stage / SNAPFILE)
-    final = store / str(build_id)
-    if options.name:
-        try:
-            set_vm_pointer(store, options.name, build_id)
-        except BaseException:
-            shutil.rmtree(final, ignore_errors=True)  # a failed command leaves no new build
-            raise
+            with writing(f"{SNAPFILE} of the new build in store {store}"):
+                shutil.copyfile(options.vmstate, stage / SNAPFILE)
+    final = lock.path
+    with lock:  # held until the name is published: no cleanup or gc takes the build before
+        if options.name:
+            try:
+                publish_name(store, options.name, build_id, expected, options.verb)
+            except BaseException:
+                shutil.rmtree(final, ignore_errors=True)  # a failed command leaves no new build
+                raise
     return manifest, final
 

@@ -1,4 +1,4 @@
-"""memfile.hashes: one xxh3-128 digest per stored block, in storage order (SPEC.md section 3).
+"""memfile.hashes: one xxh3-128 digest per stored block, in storage order (docs/FORMAT.md §5).
 
 Layout (little-endian): magic b"FCSH", version u16 (1), algorithm u16 (1 = xxh3-128), block size
 u64, count u64, then `count` 16-byte digests (xxh3-128 canonical, big-endian, as xxhash prints).
@@ -6,6 +6,7 @@ u64, count u64, then `count` 16-byte digests (xxh3-128 canonical, big-endian, as
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from pathlib import Path
 
@@ -23,6 +24,12 @@ DIGEST_SIZE = 16
 HEAD = struct.Struct("<4sHHQQ")
 
 digest = xxhash.xxh3_128_digest
+
+
+def sidecar_pin(sidecar: bytes) -> str:
+    """A build's pin in its children's build.json: the SHA-256 of its sidecar's bytes (whose
+    digests pin every block)."""
+    return "sha256:" + hashlib.sha256(sidecar).hexdigest()
 
 
 def zero_digest(block_size: int) -> bytes:

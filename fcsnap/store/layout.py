@@ -1,4 +1,4 @@
-"""Where things live in a store, how a BUILD argument is found, and atomic publication.
+"""Store layout, BUILD arguments, atomic publication (docs/FORMAT.md §2, §8.1).
 
 A build never changes once written: it is assembled in a hidden staging directory inside the
 store, fsynced, and renamed into place in one step, so an interrupted command leaves nothing.
@@ -14,6 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fcsnap.errors import FcsnapError
+from fcsnap.files import fsync_path, writing
+from fcsnap.store.locks import DirLock, locked_new_dir, stop_point, try_remove_staging
+from fcsnap.store.names import VMS as VMS
+from fcsnap.store.names import check_vm_name, read_vm_pointer
 
 HEADER = "memfile.header"
 DIFF_RAW = "memfile.diff"
@@ -21,7 +25,6 @@ DIFF_ZSTD = "memfile.diff.zst"
 HASHES = "memfile.hashes"
 MANIFEST = "build.json"
 SNAPFILE = "snapfile"
-VMS = "vms"
 STAGING_PREFIX = ".staging-"
 
 
@@ -34,27 +37,41 @@ def parse_build_id(text: str) -> uuid.UUID | None:
 
 
 def resolve_build(arg: str, store: Path | None) -> Path:
-    """A BUILD argument is a build directory, or a build id or VM name inside the store."""
+    """A BUILD argument is a build directory, or a build id or VM name inside the store.
+
+    With a store, a bare word (no '/') is looked up in it only, never as a directory of the
+    working directory, and a path must lead to a build of that store.
+    """
+    if store is not None and not store.is_dir():
+        raise FcsnapError(f"store {store} is not a directory")
+    if store is not None and "/" not in arg:
+        return _in_store(arg, store)
     path = Path(arg)
-    if path.is_dir() and (path / HEADER).exists():
-        return path
-    if store is None:
+    if not (path.is_dir() and (path / HEADER).exists()):
         if path.is_dir():
             raise FcsnapError(f"{arg} is a directory without {HEADER}: not a build")
-        raise FcsnapError(f"build {arg} not found (give a build directory, or --store DIR)")
-    if not store.is_dir():
-        raise FcsnapError(f"store {store} is not a directory")
+        if store is None:
+            raise FcsnapError(f"build {arg} not found (give a build directory, or --store DIR)")
+        raise FcsnapError(f"no build or VM named {arg!r} in store {store}")
+    if store is not None and path.resolve().parent != store.resolve():
+        raise FcsnapError(f"build {arg} is not in store {store}")
+    return path
+
+
+def _in_store(arg: str, store: Path) -> Path:
+    """A build id or VM name of `store`, as its build directory."""
     if parse_build_id(arg) is not None:
         candidate = store / str(uuid.UUID(arg))
         if (candidate / HEADER).exists():
             return candidate
         raise FcsnapError(f"build {arg} not found in store {store}")
-    pointer = store / VMS / arg
-    if "/" in arg or not pointer.is_file():
-        raise FcsnapError(f"no build or VM named {arg!r} in store {store}")
-    build_id = parse_build_id(pointer.read_text().strip())
+    try:
+        check_vm_name(arg)
+    except FcsnapError:
+        raise FcsnapError(f"no build or VM named {arg!r} in store {store}") from None
+    build_id = read_vm_pointer(store, arg)
     if build_id is None:
-        raise FcsnapError(f"{pointer} does not hold a build id")
+        raise FcsnapError(f"no build or VM named {arg!r} in store {store}")
     candidate = store / str(build_id)
     if not (candidate / HEADER).exists():
         raise FcsnapError(f"VM {arg!r} points at build {build_id}, which is not in {store}")
@@ -76,20 +93,15 @@ def diff_path(build_dir: Path) -> Path:
     return zst if zst.exists() else build_dir / DIFF_RAW
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
-def staged_build(store: Path, build_id: uuid.UUID) -> Iterator[Path]:
-    """Yield a staging directory; on normal exit fsync it and rename it to STORE/<build_id>.
+def staged_build(store: Path, build_id: uuid.UUID) -> Iterator[DirLock]:
+    """Yield the LOCK_EX'd staging directory (lock.path); on normal exit fsync it and rename it
+    to STORE/<build_id>. The lock stays held by the caller (it follows the directory through
+    the rename) until the caller releases it: until then no cleanup or gc removes the build.
 
-    On any exception (including KeyboardInterrupt) the staging directory is removed. A process
-    killed outright leaves only a hidden `.staging-*` directory, never a visible build.
+    On any exception (including KeyboardInterrupt) the staging directory is removed and the lock
+    released. A process killed outright leaves only a hidden `.staging-*` directory, never a
+    visible build, and its lock dies with it, so the next command removes the directory.
     """
     try:
         store.mkdir(parents=True, exist_ok=True)
@@ -101,55 +113,27 @@ def staged_build(store: Path, build_id: uuid.UUID) -> Iterator[Path]:
         raise FcsnapError(f"build {build_id} already exists in {store}")
     staging = store / f"{STAGING_PREFIX}{os.getpid()}-{build_id}"
     try:
-        staging.mkdir()
+        lock = locked_new_dir(staging)
     except OSError as e:  # named after the store: the staging name means nothing to the user
         raise FcsnapError(f"cannot write to store {store}: {e.strerror or e}") from e
+    stop_point("staged")
     try:
-        yield staging
-        for child in staging.iterdir():
-            fsync_path(child)
-        fsync_path(staging)
-        os.rename(staging, final)
-        fsync_path(store)
+        yield lock
+        with writing(f"the new build to store {store}"):  # a full disk may show only now
+            for child in staging.iterdir():
+                fsync_path(child)
+            fsync_path(staging)
+            os.rename(staging, final)
+            lock.path = final
+            fsync_path(store)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        lock.release()
         raise
-
-
-def check_vm_name(name: str) -> None:
-    if not name or "/" in name or name.startswith(".") or "\0" in name:
-        raise FcsnapError(f"invalid VM name {name!r}: use a plain file name")
 
 
 def remove_stale_staging(store: Path) -> None:
-    """Remove staging directories left by killed commands (their process is gone)."""
+    """Remove staging directories whose writer is gone: those no process holds locked. (Not by
+    pid: a writer in another pid namespace has a pid that means nothing here.)"""
     for entry in store.glob(f"{STAGING_PREFIX}*"):
-        pid_text = entry.name[len(STAGING_PREFIX) :].split("-", 1)[0]
-        if not pid_text.isdigit():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
-            shutil.rmtree(entry, ignore_errors=True)
-        except PermissionError:
-            pass
-
-
-def set_vm_pointer(store: Path, name: str, build_id: uuid.UUID) -> None:
-    """Point vms/<name> at build_id atomically (write a temporary file, then rename)."""
-    check_vm_name(name)
-    vms = store / VMS
-    vms.mkdir(exist_ok=True)
-    tmp = vms / f".{name}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(f"{build_id}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, vms / name)
-        fsync_path(vms)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise FcsnapError(f"cannot point {vms / name} at {build_id}: {e.strerror or e}") from e
-        raise
+        try_remove_staging(entry)

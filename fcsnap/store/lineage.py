@@ -20,7 +20,7 @@ import numpy as np
 from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
 from fcsnap.header import NIL, RECORD, ZEROS, decode, is_nil
-from fcsnap.store.hashes import DIGEST_SIZE, read_hashes, zero_digest
+from fcsnap.store.hashes import DIGEST_SIZE, parse_hashes, sidecar_pin, zero_digest
 from fcsnap.store.layout import HASHES, HEADER, build_path, store_of
 from fcsnap.store.manifest import Manifest, read_manifest
 
@@ -57,7 +57,7 @@ class Runs:
 
     def over(self, below: Runs, blocks: int) -> Runs:
         """These runs laid over `below`, which covers [0, blocks): cut both at every boundary,
-        take each piece from the top where it has one, then join (SPEC.md section 2's normal
+        take each piece from the top where it has one, then join (docs/FORMAT.md §3.4's normal
         form: same build, and for data, storage that continues)."""
         cuts = np.sort(np.concatenate((below.start, self.start, self.start + self.count)))
         cuts = cuts[np.diff(cuts, prepend=-1) > 0]  # np.unique, but faster (no hashing)
@@ -162,6 +162,7 @@ class Parent:
                 f"{build_dir}: mapping at {at:#x} is not aligned to the block size {bs}"
             )
         self.build_ids, owner = _number_builds(records["build_id"], nil)
+        self.pins: dict[uuid.UUID, str] = {}  # of the sidecars read, for the child's build.json
         tables = [self._table(b) for b in self.build_ids]
         self.runs = Runs(
             (records["offset"] // bs).astype(np.int64),
@@ -199,7 +200,9 @@ class Parent:
         path = build_path(self.store, build_id) / HASHES
         if not path.parent.is_dir():
             raise FcsnapError(f"build {build_id} referenced by {self.dir.name} is not in the store")
-        block_size, table = read_hashes(path)
+        sidecar = read_regular(path, "hash sidecar")
+        self.pins[build_id] = sidecar_pin(sidecar)
+        block_size, table = parse_hashes(sidecar, str(path))
         if block_size != self.block_size:
             raise FcsnapError(f"{path}: block size {block_size}, lineage uses {self.block_size}")
         return table

@@ -1,8 +1,9 @@
-"""build.json: the manifest of one build (SPEC.md section 1)."""
+"""build.json: the manifest of one build (docs/FORMAT.md §6)."""
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,11 +43,18 @@ class Manifest:
     source: str
     stats: Stats = field(default_factory=Stats)
     compression_level: int | None = None
+    # SHA-256 of the hash sidecar of every other build the header reads ("sha256:<hex>");
+    # None for a build written before pins existed (unpinned).
+    pins: dict[uuid.UUID, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         for key in ("build_id", "parent_build_id", "base_build_id"):
             out[key] = None if out[key] is None else str(out[key])
+        if self.pins is None:
+            del out["pins"]
+        else:
+            out["pins"] = {str(k): v for k, v in sorted(self.pins.items())}
         return out
 
 
@@ -72,6 +80,29 @@ def _str(value: Any, key: str, source: str) -> str:
     if not isinstance(value, str):
         raise FcsnapError(f"{source}: {key} is not a string: {value!r:.80}")
     return value
+
+
+def _compression_level(value: Any, source: str) -> int | None:
+    if value is not None and (type(value) is not int or not 1 <= value <= 22):
+        raise FcsnapError(f"{source}: compression_level is not a zstd level 1-22: {value!r:.80}")
+    return value
+
+
+PIN = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def _pins(value: Any, source: str) -> dict[uuid.UUID, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise FcsnapError(f"{source}: pins is not an object")
+    pins = {}
+    for key, pin in value.items():
+        build_id = _uuid(key, "pins key", source)
+        if not isinstance(pin, str) or not PIN.fullmatch(pin):
+            raise FcsnapError(f"{source}: pin of {key} is not sha256:<64 hex digits>: {pin!r:.80}")
+        pins[build_id] = pin
+    return pins
 
 
 def parse_manifest(data: bytes, source: str = MANIFEST) -> Manifest:
@@ -121,9 +152,8 @@ def parse_manifest(data: bytes, source: str = MANIFEST) -> Manifest:
         fcsnap_version=_str(raw.get("fcsnap_version", ""), "fcsnap_version", source),
         source=_str(raw.get("source", ""), "source", source),
         stats=stats,
-        compression_level=_int(
-            raw.get("compression_level"), "compression_level", source, optional=True
-        ),
+        compression_level=_compression_level(raw.get("compression_level"), source),
+        pins=_pins(raw.get("pins"), source),
     )
 
 

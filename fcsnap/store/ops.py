@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -13,11 +14,13 @@ import numpy as np
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import load_header
-from fcsnap.store.builder import BuildOptions, build_generation
+from fcsnap.store.builder import BuildOptions, Head, build_generation
 from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes
 from fcsnap.store.layout import HASHES, build_path, store_of
 from fcsnap.store.lineage import Parent
+from fcsnap.store.locks import locked_new_file, stop_point, try_remove_staging
 from fcsnap.store.manifest import Manifest, read_manifest
+from fcsnap.store.pins import open_lineage
 from fcsnap.store.scan import CHUNK, MemoryFile, block_aligned
 from fcsnap.store.source import DiffFile, GenerationReader
 from fcsnap.workingset import read_working_set
@@ -69,9 +72,17 @@ def diff(
 ) -> tuple[Manifest, Path]:
     """Generation N+1 over base_dir. With sparse_diff (a Firecracker Diff snapshot), holes mean
     "unchanged"; otherwise the file is Full and holes are zeros."""
-    parent = Parent(base_dir)
     if store_of(base_dir).resolve() != store.resolve():
         raise FcsnapError(f"base build {base_dir} is not in store {store}")
+    with open_lineage(base_dir):  # the base's lineage stays what it is until we are done
+        return _diff(memfile, base_dir, store, options, sparse_diff, progress)
+
+
+def _diff(
+    memfile: Path, base_dir: Path, store: Path, options: BuildOptions, sparse_diff: bool,
+    progress: Progress,
+) -> tuple[Manifest, Path]:
+    parent = Parent(base_dir)
     options = replace(options, block_size=parent.block_size, source=memfile.name)
     with MemoryFile(memfile, parent.block_size) as source:
         if source.size != parent.size:
@@ -108,54 +119,97 @@ def generation_chunks(reader: GenerationReader) -> Iterator[tuple[int, bytes]]:
 
 
 def squash(
-    build_dir: Path, store: Path, name: str | None = None, progress: Progress = _noop,
+    build_dir: Path, store: Path, name: str | None = None,
+    name_expected: uuid.UUID | None | Head = Head.AT_START, progress: Progress = _noop,
 ) -> tuple[Manifest, Path]:
     """A generation 0 with the same content as build_dir and no ancestors, stored the way
-    build_dir is (block size, compression, level, frame size); `name` points vms/NAME at it."""
+    build_dir is (block size, compression, level, frame size); `name` points vms/NAME at it
+    if it still points at `name_expected` (BuildOptions.name_expected)."""
     options = replace(
-        BuildOptions.of_build(read_manifest(build_dir)), name=name,
-        source=f"squash of {build_dir.name}",
+        BuildOptions.of_build(read_manifest(build_dir)), name=name, name_expected=name_expected,
+        verb="squash", source=f"squash of {build_dir.name}",
     )
-    with GenerationReader(build_dir) as reader:
+    with open_lineage(build_dir), GenerationReader(build_dir) as reader:
         return build_generation(
             store, _tracked(generation_chunks(reader), progress), reader.size, options
         )
 
 
-def unpack(build_dir: Path, output: Path, force: bool = False, progress: Progress = _noop) -> int:
-    """Rebuild the full memory file, sparse where zero; returns bytes of data written."""
-    if output.exists() and not force:
+PARTIAL_PREFIX = ".fcsnap-unpack-"
+PARTIAL_SUFFIX = ".partial"
+
+
+def check_output(output: Path, force: bool) -> None:
+    """Only a regular file (with --force) or nothing is replaced by unpack's output; a symlink
+    is replaced as a link (never followed), with --force."""
+    try:
+        mode = os.lstat(output).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise FcsnapError(f"cannot write {output}: {e.strerror or e}") from e
+    if stat.S_ISLNK(mode):
+        if not force:
+            raise FcsnapError(f"{output} is a symbolic link (use --force to replace the link)")
+    elif not stat.S_ISREG(mode):
+        kind = {
+            stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+            stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+        }.get(stat.S_IFMT(mode), "not a regular file")
+        raise FcsnapError(f"{output} is {kind}: only a regular file can be replaced")
+    elif not force:
         raise FcsnapError(f"{output} exists (use --force to replace it)")
-    if output.is_dir():
-        raise FcsnapError(f"{output} is a directory")
-    tmp = output.parent / f".{output.name}.{uuid.uuid4().hex}.partial"
+
+
+def remove_stale_partials(directory: Path) -> None:
+    """Remove the temporary files of unpacks that were killed: those no process holds locked."""
+    for entry in directory.glob(f"{PARTIAL_PREFIX}*{PARTIAL_SUFFIX}"):
+        try_remove_staging(entry)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """A short write (the disk filling up) is retried: the retry says why it cannot go on."""
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
+def unpack(build_dir: Path, output: Path, force: bool = False, progress: Progress = _noop) -> int:
+    """Rebuild the full memory file, sparse where zero, every block checked against its hash;
+    returns bytes of data written. The file is written under a temporary name, locked while
+    being written, and renamed over `output` only once complete."""
+    check_output(output, force)
+    remove_stale_partials(output.parent)
+    tmp = output.parent / f"{PARTIAL_PREFIX}{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
     written = 0
-    with GenerationReader(build_dir) as reader:
+    with open_lineage(build_dir), GenerationReader(build_dir) as reader:
         try:
+            lock = locked_new_file(tmp)
+        except OSError as e:  # named after the output: the temporary name means nothing
+            raise FcsnapError(f"cannot create {output}: {e.strerror or e}") from e
+        stop_point("unpacking")
+        with lock:
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            except OSError as e:  # named after the output: the temporary name means nothing
-                raise FcsnapError(f"cannot create {output}: {e.strerror or e}") from e
-            try:
+                fd = lock.fd
                 os.ftruncate(fd, reader.size)
                 for m in reader.header.mappings:
                     if m.is_zero:
                         continue
-                    diff_file = reader.diffs[m.build_id]
                     for pos in range(0, m.length, CHUNK):
                         n = min(CHUNK, m.length - pos)
-                        data = diff_file.read(m.storage_offset + pos, n)
-                        if os.pwrite(fd, data, m.offset + pos) != n:
-                            raise FcsnapError(f"{output}: short write")
+                        data = reader.stored(m.build_id, m.storage_offset + pos, n)
+                        _pwrite_all(fd, data, m.offset + pos)
                         written += n
                         progress(n)
                 os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, output)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+                check_output(output, force)  # again: it may have changed while we wrote
+                os.rename(tmp, output)
+            except BaseException as e:
+                tmp.unlink(missing_ok=True)
+                if isinstance(e, OSError):
+                    raise FcsnapError(f"cannot write {output}: {e.strerror or e}") from e
+                raise
     return written
 
 
@@ -173,13 +227,17 @@ def verify(build_dir: Path, progress: Progress = _noop) -> dict[str, Any]:
     store = store_of(build_dir)
     needed = header.storage_ends()
     blocks = 0
-    for build_id, end in needed.items():
-        blocks += verify_build_data(build_path(store, build_id), meta.block_size, end, progress)
+    with open_lineage(build_dir) as lineage:
+        for build_id, end in needed.items():
+            blocks += verify_build_data(
+                build_path(store, build_id), meta.block_size, end, progress
+            )
     return {
         "build_id": str(meta.build_id),
         "generation": meta.generation,
         "builds_checked": len(needed),
         "blocks_checked": blocks,
+        "pinned": lineage.pinned,
         "ok": True,
     }
 

@@ -1,4 +1,4 @@
-"""The zstd seekable format (facebook/zstd contrib/seekable_format), written and read here.
+"""The zstd seekable format (facebook/zstd contrib/seekable_format; docs/FORMAT.md §4.2).
 
 A seekable file is a series of independent zstd frames followed by one skippable frame holding
 the seek table, so plain `zstd -d` decompresses it while a reader can decompress any one frame on

@@ -8,9 +8,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 from fcsnap.errors import FcsnapError
 from fcsnap.header import Header, load_header
-from fcsnap.store.layout import DIFF_ZSTD, build_path, diff_path, store_of
+from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes
+from fcsnap.store.layout import DIFF_ZSTD, HASHES, build_path, diff_path, store_of
 from fcsnap.store.seekable import SeekableReader
 
 
@@ -110,11 +113,56 @@ def open_diffs(
 
 
 class GenerationReader:
-    """The guest memory of one generation, read through its header."""
+    """The guest memory of one generation, read through its header. Every stored block read is
+    checked against its digest in its build's hash sidecar: what squash, unpack and diff copy
+    out of a store is what was stored, or an error."""
 
     def __init__(self, build_dir: Path, cache_bytes: int = 64 << 20) -> None:
         self.header = load_header(build_dir)
+        self.block_size = self.header.metadata.block_size
         self.diffs = open_diffs(self.header, store_of(build_dir), cache_bytes)
+        try:
+            self.tables = {
+                build_id: self._table(diff) for build_id, diff in self.diffs.items()
+            }
+        except BaseException:
+            self.close()
+            raise
+
+    def _table(self, diff: DiffFile) -> np.ndarray:
+        block_size, table = read_hashes(diff.build_dir / HASHES)
+        if block_size != self.block_size:
+            raise FcsnapError(
+                f"build {diff.build_dir.name}: hash sidecar is for block size {block_size}, "
+                f"not {self.block_size}"
+            )
+        return table
+
+    def stored(self, build_id: uuid.UUID, storage: int, length: int) -> bytes:
+        """`length` bytes of build_id's diff at `storage`, read as whole blocks and checked."""
+        bs = self.block_size
+        lo = storage - storage % bs
+        hi = -(-(storage + length) // bs) * bs
+        diff = self.diffs[build_id]
+        data = diff.read(lo, hi - lo)
+        first, count = lo // bs, (hi - lo) // bs
+        table = self.tables[build_id]
+        if first + count > len(table):
+            raise FcsnapError(
+                f"build {build_id}: header maps block {first + count - 1} but its hash sidecar "
+                f"holds {len(table)}"
+            )
+        got = b"".join(digest(data[i * bs : (i + 1) * bs]) for i in range(count))
+        if got != table[first : first + count].tobytes():
+            got_rows = np.frombuffer(got, np.uint8).reshape(count, DIGEST_SIZE)
+            bad = first + int(np.argmax((got_rows != table[first : first + count]).any(axis=1)))
+            raise FcsnapError(
+                f"build {build_id}: block {bad} (storage offset {bad * bs:#x}) of "
+                f"{diff.path.name} does not match its hash"
+            )
+        if lo == storage and hi == storage + length:
+            return data
+        return data[storage - lo : storage - lo + length]
 
     @property
     def size(self) -> int:
@@ -131,7 +179,7 @@ class GenerationReader:
                 yield offset, take, None
             else:
                 storage = m.storage_offset + (offset - m.offset)
-                yield offset, take, self.diffs[m.build_id].read(storage, take)
+                yield offset, take, self.stored(m.build_id, storage, take)
             offset += take
             i += 1
 

@@ -1,4 +1,4 @@
-"""A Firecracker stand-in: the VM side of the UFFD protocol (SPEC.md section 6), for tests.
+"""A Firecracker stand-in: the VM side of the UFFD protocol (docs/FORMAT.md §9), for tests.
 
 It does what Firecracker does on a UFFD snapshot load - anonymous guest memory, one uffd with
 UFFD_FEATURE_EVENT_REMOVE, every region registered MISSING, one sendmsg of the JSON regions

@@ -1,5 +1,7 @@
 """Just enough of Firecracker's API for a restore: `PUT /snapshot/load` over HTTP/1.1 on its
-Unix socket (SPEC.md section 6; the schema is SnapshotLoadParams in Firecracker's swagger).
+Unix socket (docs/FORMAT.md §9.1; the schema is SnapshotLoadParams in Firecracker's swagger).
+The HTTP is fcsnap.unix_http's (the standard library's http.client); this module says what to
+send and puts every failure in Firecracker's terms, on one line.
 
 Firecracker answers the load only after it has connected to the page server and sent its
 handshake, so the request runs in a background thread (`SnapshotLoad`) while the server
@@ -14,24 +16,23 @@ import json
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fcsnap.errors import FcsnapError
+from fcsnap.unix_http import AnswerError, OnConnect, UnixHTTPConnection, exchange
 
-MAX_HEAD = 64 << 10  # status line and headers
-MAX_BODY = 1 << 20  # error bodies are a short JSON object
+MAX_BODY = 1 << 20  # Firecracker's answers are a short JSON object, or nothing
 ANSWER_GRACE = 1.0  # seconds to wait, once serving ended, for an answer already on its way
+HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 
 
 @dataclass(frozen=True)
 class Response:
     status: int
     reason: str
-    headers: dict[str, str]  # names lower-cased
     body: bytes
 
     def fault_message(self) -> str:
@@ -41,123 +42,46 @@ class Response:
         except (ValueError, AttributeError):
             message = None
         if isinstance(message, str):
-            return message
-        text = self.body.decode(errors="replace").strip()
-        return f"HTTP {self.status} {self.reason}" + (f": {text[:500]}" if text else "")
-
-
-def build_request(method: str, path: str, body: dict[str, Any]) -> bytes:
-    """An HTTP/1.1 request with a JSON body, as Firecracker's API server parses it."""
-    data = json.dumps(body).encode()
-    head = (
-        f"{method} {path} HTTP/1.1\r\n"
-        "Host: localhost\r\n"
-        "Accept: application/json\r\n"
-        "Content-Type: application/json\r\n"
-        f"Content-Length: {len(data)}\r\n"
-        "\r\n"
-    )
-    return head.encode("ascii") + data
-
-
-def parse_head(head: bytes) -> tuple[int, str, dict[str, str]]:
-    """(status, reason, headers) of a response head (without its final blank line)."""
-    lines = head.decode("iso-8859-1").split("\r\n")
-    version, _, rest = lines[0].partition(" ")
-    code, _, reason = rest.partition(" ")
-    if not version.startswith("HTTP/1.") or not (code.isdigit() and len(code) == 3):
-        raise FcsnapError(f"Firecracker's API answered something not HTTP: {lines[0][:80]!r}")
-    headers = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise FcsnapError(f"malformed header in Firecracker's answer: {line[:80]!r}")
-        headers[name.strip().lower()] = value.strip()
-    return int(code), reason, headers
-
-
-def read_response(sock: socket.socket, deadline: float) -> Response:
-    """Read one response: the head, then Content-Length bytes of body (none for 1xx, 204
-    and 304 without one; up to EOF when the server gives no length)."""
-    buffer = b""
-    while b"\r\n\r\n" not in buffer:
-        if len(buffer) > MAX_HEAD:
-            raise FcsnapError(f"Firecracker's answer has more than {MAX_HEAD} bytes of headers")
-        chunk = _recv(sock, deadline)
-        if not chunk:
-            raise FcsnapError("Firecracker closed its API connection without answering "
-                              "(did it exit?)")
-        buffer += chunk
-    head, _, body = buffer.partition(b"\r\n\r\n")
-    status, reason, headers = parse_head(head)
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        raise FcsnapError("Firecracker's answer uses chunked encoding, which fcsnap does not read")
-    length_text = headers.get("content-length")
-    if length_text is None:
-        if status in (204, 304) or status < 200:
-            return Response(status, reason, headers, b"")
-        length = None
-    elif length_text.isdigit() and int(length_text) <= MAX_BODY:
-        length = int(length_text)
-    else:
-        raise FcsnapError(f"bad Content-Length in Firecracker's answer: {length_text!r}")
-    while length is None or len(body) < length:
-        chunk = _recv(sock, deadline)
-        if not chunk:
-            if length is None:
-                break
-            raise FcsnapError(
-                f"Firecracker's answer ended after {len(body)} of {length} body bytes"
-            )
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise FcsnapError(f"Firecracker's answer is larger than {MAX_BODY} bytes")
-    return Response(status, reason, headers, body if length is None else body[:length])
-
-
-def _recv(sock: socket.socket, deadline: float) -> bytes:
-    sock.settimeout(_left(deadline))
-    return sock.recv(65536)
-
-
-def _left(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError
-    return left
+            return " ".join(message.split())
+        text = " ".join(self.body.decode(errors="replace").split())
+        return f"HTTP {self.status} {self.reason}".rstrip() + (f": {text[:500]}" if text else "")
 
 
 def call(
     api_socket: Path, method: str, path: str, body: dict[str, Any], timeout: float,
-    on_connect: Callable[[socket.socket], None] | None = None,
+    on_connect: OnConnect | None = None,
 ) -> Response:
-    """One request on a fresh connection to Firecracker's API socket, answered within
-    `timeout` seconds. `on_connect` gets the socket, so another thread can cut the wait short
-    by shutting it down."""
-    deadline = time.monotonic() + timeout
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+    """One request with a JSON body on a fresh connection to Firecracker's API socket; every
+    socket operation has `timeout` seconds. `on_connect` gets the socket (see SnapshotLoad)."""
+    connection = UnixHTTPConnection(api_socket, timeout, on_connect)
+    try:
         try:
-            sock.settimeout(timeout)
-            sock.connect(os.fspath(api_socket))
+            connection.connect()
         except OSError as e:
             raise FcsnapError(
                 f"cannot reach Firecracker's API at {api_socket}: {e.strerror or 'timed out'} "
                 "(is Firecracker running with this --api-sock?)"
             ) from None
-        if on_connect is not None:
-            on_connect(sock)
         try:
-            sock.settimeout(_left(deadline))
-            sock.sendall(build_request(method, path, body))
-            return read_response(sock, deadline)
+            answer, data = exchange(connection, method, path, json.dumps(body).encode(),
+                                    HEADERS, MAX_BODY)
         except TimeoutError:
             raise FcsnapError(
                 f"Firecracker did not answer {method} {path} within {timeout:g}s"
+            ) from None
+        except AnswerError as e:
+            raise FcsnapError(f"Firecracker's API sent a malformed answer: {e}") from None
+        except ConnectionError:
+            raise FcsnapError(
+                "Firecracker closed its API connection without answering (did it exit?)"
             ) from None
         except OSError as e:
             raise FcsnapError(
                 f"Firecracker's API connection failed: {e.strerror or e} (did it exit?)"
             ) from None
+        return Response(answer.status, answer.reason, data)
+    finally:
+        connection.close()
 
 
 def load_body(snapshot_path: Path, uffd_socket: Path, track_dirty_pages: bool) -> dict[str, Any]:
@@ -180,7 +104,11 @@ def check_load(response: Response) -> Response:
 
 class SnapshotLoad:
     """`PUT /snapshot/load` in a background thread: Firecracker answers only once it has
-    connected to the page server, so the request must not hold up the server's accept."""
+    connected to the page server, so the request must not hold up the server's accept.
+
+    Two things cut the wait short by shutting the socket down, each with its own reason: the
+    `timeout` for the whole exchange (http.client's socket timeout bounds each read, not the
+    sum), and `finish()` once serving has ended."""
 
     def __init__(self, api_socket: Path, body: dict[str, Any], timeout: float) -> None:
         self.api_socket = api_socket
@@ -189,39 +117,60 @@ class SnapshotLoad:
         self.error: FcsnapError | None = None
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
-        self._cancelled = False
+        self._cut_reason: str | None = None
         self._thread: threading.Thread | None = None
+        self._deadline: threading.Timer | None = None
 
     def start(
         self, on_failure: Callable[[FcsnapError], None], on_success: Callable[[Response], None]
     ) -> None:
         """Send the request; exactly one of the callbacks runs (in the thread) when it ends."""
+        self._deadline = threading.Timer(
+            self.timeout, self._cut,
+            (f"Firecracker did not answer PUT /snapshot/load within {self.timeout:g}s",),
+        )
+        self._deadline.daemon = True
         self._thread = threading.Thread(
             target=self._run, args=(on_failure, on_success), name="snapshot-load", daemon=True
         )
+        self._deadline.start()
         self._thread.start()
 
     def _run(
         self, on_failure: Callable[[FcsnapError], None], on_success: Callable[[Response], None]
     ) -> None:
         try:
-            response = check_load(
-                call(self.api_socket, "PUT", "/snapshot/load", self.body, self.timeout,
-                     self._connected)
-            )
+            response = call(self.api_socket, "PUT", "/snapshot/load", self.body, self.timeout,
+                            self._connected)
         except FcsnapError as e:
-            self.error = e if not self._cancelled else FcsnapError(
-                "Firecracker had not answered the snapshot load when serving ended"
-            )
+            # A cut shows up as EOF or a shut-down socket: say why it was cut instead.
+            self.error = FcsnapError(self._cut_reason) if self._cut_reason else e
+        else:
+            try:
+                check_load(response)
+            except FcsnapError as e:
+                self.error = e
+        finally:
+            assert self._deadline is not None
+            self._deadline.cancel()
+        if self.error is not None:
             on_failure(self.error)
-            return
-        on_success(response)
+        else:
+            on_success(response)
 
     def _connected(self, sock: socket.socket) -> None:
         with self._lock:
             self._sock = sock
-            if self._cancelled:
+            if self._cut_reason is not None:
                 sock.shutdown(socket.SHUT_RDWR)
+
+    def _cut(self, reason: str) -> None:
+        with self._lock:
+            if self._cut_reason is None:
+                self._cut_reason = reason
+            if self._sock is not None:
+                with contextlib.suppress(OSError):  # already closed
+                    self._sock.shutdown(socket.SHUT_RDWR)
 
     def finish(self, grace: float = ANSWER_GRACE) -> FcsnapError | None:
         """Once serving has ended: give an answer already on its way `grace` seconds, then
@@ -229,9 +178,6 @@ class SnapshotLoad:
         assert self._thread is not None, "finish() before start()"
         self._thread.join(grace)
         if self._thread.is_alive():
-            with self._lock, contextlib.suppress(OSError):  # OSError: already closed
-                self._cancelled = True
-                if self._sock is not None:
-                    self._sock.shutdown(socket.SHUT_RDWR)
+            self._cut("Firecracker had not answered the snapshot load when serving ended")
             self._thread.join(self.timeout)
         return self.error

@@ -1,4 +1,5 @@
-"""Firecracker's side of the UFFD socket: listen, accept, receive regions and the uffd.
+"""Firecracker's side of the UFFD socket: accept the VM (an admitted uid), receive regions and
+the uffd (docs/FORMAT.md §9.2). (Creating the socket: fcsnap.uffd.listener.)
 
 Firecracker connects, makes one sendmsg (JSON regions + the uffd as SCM_RIGHTS) and never
 answers anything; the fd can trail the connection, so we wait for it up to a deadline. Once a
@@ -14,13 +15,11 @@ import os
 import select
 import signal
 import socket
-import stat
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-from fcsnap.errors import FcsnapError
 from fcsnap.uffd.regions import HandshakeError, Region, parse_regions
 
 MAX_PAYLOAD = 64 << 10
@@ -56,26 +55,6 @@ def kill_process(pidfd: int) -> None:
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
 
 
-def listen(path: Path) -> socket.socket:
-    """Listen on a Unix socket at `path`, replacing a stale socket file (never another file)."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        mode = None
-    if mode is not None:
-        if not stat.S_ISSOCK(mode):
-            raise FcsnapError(f"{path} exists and is not a socket; refusing to replace it")
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(str(path))
-        sock.listen(1)
-    except OSError as e:
-        sock.close()
-        raise FcsnapError(f"cannot listen on {path}: {e.strerror or e}") from e
-    return sock
-
-
 def wait_readable(fds: list[int], timeout: float | None) -> list[int]:
     """The fds of `fds` that are readable within `timeout` seconds (None: wait forever)."""
     poller = select.poll()
@@ -85,15 +64,20 @@ def wait_readable(fds: list[int], timeout: float | None) -> list[int]:
     return [fd for fd, _ in poller.poll(ms)]
 
 
-def peer_pidfd(conn: socket.socket) -> tuple[int, int]:
-    """(pid, pidfd) of the process at the other end of the connection (SO_PEERCRED)."""
-    pid, _uid, _gid = UCRED.unpack(
+def peer_credentials(conn: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end, as it was when it connected (SO_PEERCRED)."""
+    pid, uid, _gid = UCRED.unpack(
         conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size)
     )
+    return pid, uid
+
+
+def peer_pidfd(pid: int) -> int:
+    """A pidfd of the connected VM, to watch it and kill it with."""
     if pid <= 0:
         raise HandshakeError("cannot tell which process connected (not in our pid namespace?)")
     try:
-        return pid, os.pidfd_open(pid)
+        return os.pidfd_open(pid)
     except ProcessLookupError:
         raise HandshakeError(f"the VM (pid {pid}) exited right after connecting") from None
     except OSError as e:
@@ -164,27 +148,44 @@ def _complete_json(payload: bytes) -> bool:
 
 
 def accept_peer(
-    listener: socket.socket, memory_size: int, timeout: float, stop_fd: int
+    listener: socket.socket, memory_size: int, timeout: float, stop_fd: int,
+    admits: Callable[[int], bool] = lambda uid: True,
+    refused: Callable[[int, int], None] = lambda pid, uid: None,
+    watch: Callable[[int, int], None] = lambda pid, pidfd: None,
 ) -> Peer | None:
     """Wait for Firecracker, then take its handshake; None if `stop_fd` became readable first.
 
-    The listener is closed as soon as a VM is accepted, before its handshake: a second client
-    is refused (or, if it was already queued, disconnected) at once instead of waiting behind
-    this handshake. A VM that connected and is not served (bad handshake, stop request) is
-    killed: it would wait for its pages forever.
+    A peer whose uid is not admitted is disconnected at once and reported to `refused`
+    (pid, uid): it does not take the VM's place, and the wait goes on. The listener is closed
+    as soon as an admitted VM is accepted, before its handshake: a second client is refused
+    (or, if it was already queued, disconnected) at once instead of waiting behind this
+    handshake. The VM's pidfd goes to `watch` (pid, pidfd) before the handshake. A VM that
+    connected and is not served (bad handshake, stop request) is killed: it would wait for its
+    pages forever.
     """
-    if listener.fileno() not in wait_readable([listener.fileno(), stop_fd], None):
-        return None
-    conn, _ = listener.accept()
+    while True:
+        if listener.fileno() not in wait_readable([listener.fileno(), stop_fd], None):
+            return None
+        conn, _ = listener.accept()
+        try:
+            pid, uid = peer_credentials(conn)
+        except BaseException:
+            conn.close()
+            raise
+        if admits(uid):
+            break
+        conn.close()
+        refused(pid, uid)
     listener.close()
     try:
         conn.setblocking(True)
-        pid, pidfd = peer_pidfd(conn)
+        pidfd = peer_pidfd(pid)
     except BaseException:
         conn.close()
         raise
     received = None
     try:
+        watch(pid, pidfd)
         received = receive_handshake(conn, memory_size, timeout, stop_fd)
     finally:
         if received is None:  # stopped, or a bad handshake on its way up

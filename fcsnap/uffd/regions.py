@@ -1,4 +1,4 @@
-"""The guest memory regions Firecracker sends in its UFFD handshake (SPEC.md section 6).
+"""The guest memory regions Firecracker sends in its UFFD handshake (docs/FORMAT.md §9.4).
 
 Three payload versions exist: v1.1-v1.6 {base_host_virt_addr, size, offset}; v1.7-v1.11 add
 page_size_kib; v1.12+ send page_size and page_size_kib with the same value. Despite its name,

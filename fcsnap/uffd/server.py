@@ -17,23 +17,27 @@ import json
 import os
 import select
 import signal
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import load_header
+from fcsnap.store.pins import open_lineage
 from fcsnap.store.source import DiffFile, open_diffs
 from fcsnap.uffd import abi
-from fcsnap.uffd.handshake import Peer, accept_peer, listen
+from fcsnap.uffd.handshake import Peer, accept_peer
 from fcsnap.uffd.installer import Installer, InstallStats
+from fcsnap.uffd.listener import SocketAccess, listen
 from fcsnap.uffd.pages import PageSource, hash_tables
 from fcsnap.uffd.prefetch import Prefetch
 from fcsnap.uffd.regions import Region, RegionMap
+from fcsnap.uffd.watchdog import Watchdog, WatchdogError
 from fcsnap.workingset import read_working_set, write_working_set
 
 RETRY_POLL = 0.002  # seconds between retries of deferred faults
@@ -53,6 +57,8 @@ class ServeOptions:
     populate: bool = False  # then install every other page in the background
     eager: bool = False  # install every page before serving any fault
     batch_bytes: int = 1 << 20  # background work between two looks at the uffd
+    access: SocketAccess = field(default_factory=SocketAccess)  # mode, owner, admitted uids
+    watchdog: Watchdog | None = None  # a shared one (a daemon's); None: run() starts its own
 
 
 def stats_json(stats: InstallStats, extra: dict[str, Any]) -> dict[str, Any]:
@@ -80,6 +86,7 @@ class FaultServer:
 
     def __init__(self, build_dir: Path, options: ServeOptions) -> None:
         self.options = options
+        self.lineage = open_lineage(build_dir)  # pins checked; LOCK_SH held while we serve
         self.header = load_header(build_dir)
         self.diffs: dict[uuid.UUID, DiffFile] = open_diffs(
             self.header, build_dir.parent, options.cache_bytes
@@ -111,6 +118,11 @@ class FaultServer:
         self._socket_inode: int | None = None
         self._pending_span: tuple[Region, int, int] | None = None
         self._backlog: list[int] = []  # faults read while installing eagerly
+        self.rejected_peers = 0  # connections from uids not admitted
+        self._watchdog: Watchdog | None = None  # kills the VM if this process is SIGKILLed
+        self._vm_id = str(options.socket)  # the VM's name to the watchdog
+        self._released = False  # the watchdog was told the VM no longer needs us
+        self._removes_seen = 0  # REMOVE events when it was told
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -129,8 +141,10 @@ class FaultServer:
             raise FcsnapError(f"cannot write --stats {stats_path}: {problem}")
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            listener = listen(self.options.socket)
+            self._start_watchdog()
+            listener = listen(self.options.socket, self.options.access)
         except BaseException:
+            self._end_watch()
             self._restore_signals(old)
             self._close_diffs()
             self._close_stop_pipe()
@@ -141,7 +155,7 @@ class FaultServer:
                 self.options.on_listening()
             self.peer = accept_peer(
                 listener, self.header.metadata.size, self.options.handshake_timeout,
-                self._stop_r,
+                self._stop_r, self.options.access.admits, self._refused, self._watch,
             )
             if self.peer is None:
                 if self._failure is not None:
@@ -165,6 +179,7 @@ class FaultServer:
             self._unlink_socket()
             if self.peer is not None:
                 self.peer.close()
+            self._end_watch()  # the VM exited, was killed, or needs us no more
             self._close_diffs()
             try:
                 self._write_working_set()
@@ -182,10 +197,65 @@ class FaultServer:
             with contextlib.suppress(BlockingIOError):  # the pipe is full: a stop is pending
                 os.write(self._stop_w, b"x")
 
+    def _start_watchdog(self) -> None:
+        self._watchdog = self.options.watchdog
+        if self._watchdog is None:
+            try:
+                self._watchdog = Watchdog.start()
+            except WatchdogError as e:
+                raise FcsnapError(str(e)) from e
+
+    def _watch(self, _pid: int, pidfd: int) -> None:
+        """Hand the accepted VM to the watchdog, before its handshake: from then on it
+        freezes at its next fault if this process dies."""
+        assert self._watchdog is not None
+        try:
+            self._watchdog.watch(self._vm_id, pidfd)
+        except WatchdogError as e:
+            raise FcsnapError(f"{e}: not serving a VM nothing would kill if this server died"
+                              ) from e
+
+    def _update_watch(self) -> None:
+        """Release the VM from the watchdog once every page is installed (a SIGKILL of this
+        process then leaves it running); watch it again if a balloon took pages back."""
+        installer, watchdog = self.installer, self._watchdog
+        assert installer is not None and watchdog is not None and self.peer is not None
+        resident = installer.fully_resident()
+        if resident != self._released:
+            try:
+                if resident:
+                    watchdog.release(self._vm_id)
+                else:
+                    watchdog.watch(self._vm_id, self.peer.pidfd)
+            except WatchdogError as e:  # serve on: killing the VM now would be a sure loss
+                print(f"fcsnap: warning: {e}; a SIGKILL of this server would now leave the "
+                      "VM frozen", file=sys.stderr, flush=True)
+            self._released = resident
+        self._removes_seen = self.stats.remove_events
+
+    def _end_watch(self) -> None:
+        """Release the VM (it exited, was killed or needs us no more) and hang up on our
+        own watchdog; a shared one goes on watching its other VMs."""
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is None:
+            return
+        with contextlib.suppress(WatchdogError):
+            watchdog.release(self._vm_id)
+        if self.options.watchdog is None:
+            watchdog.close()
+
+    def _refused(self, pid: int, uid: int) -> None:
+        """A connection from a uid not admitted: log it, count it, keep waiting for the VM."""
+        self.rejected_peers += 1
+        admitted = ", ".join(str(u) for u in sorted(self.options.access.admitted_uids()))
+        print(f"fcsnap: refused a connection to {self.options.socket} from uid {uid} "
+              f"(pid {pid}): admitted uids are {admitted}", file=sys.stderr, flush=True)
+
     def _close_diffs(self) -> None:
         """Close every diff file (fds, mappings, frame caches); DiffFile.close is idempotent."""
         for diff in self.diffs.values():
             diff.close()
+        self.lineage.release()
 
     def _close_stop_pipe(self) -> None:
         """Close the stop pipe: a server serves once, and leaks nothing when it is done."""
@@ -224,6 +294,7 @@ class FaultServer:
             "peer_pid": self.peer.pid if self.peer else None,
             "regions": len(self.peer.regions) if self.peer else 0,
             "extra_fds_closed": self.peer.extra_fds if self.peer else 0,
+            "rejected_peers": self.rejected_peers,
             "build_id": str(self.header.metadata.build_id),
         }
         tmp = path.with_name(path.name + ".tmp")
@@ -262,6 +333,7 @@ class FaultServer:
                 self.stats.prefetch_s = round(time.monotonic() - handshake, 6)
             prefetch = None
             self._run_background(background, until_done=True)
+            self._update_watch()
         poller = select.epoll()
         poller.register(peer.uffd, select.EPOLLIN)
         poller.register(self._stop_r, select.EPOLLIN)
@@ -285,6 +357,8 @@ class FaultServer:
                     return 0
                 faults = self._backlog + self._drain(peer.uffd, installer)
                 self._backlog = []
+                if self._released and self.stats.remove_events != self._removes_seen:
+                    self._update_watch()  # a balloon: the VM needs us again
                 if deferred:
                     self.stats.retries += len(deferred)
                     faults = deferred + faults
@@ -303,6 +377,8 @@ class FaultServer:
                         self.stats.prefetch_s = round(time.monotonic() - handshake, 6)
                 elif busy and not faults and not deferred:
                     busy = self._run_background(background)
+                    if not busy:
+                        self._update_watch()
         finally:
             poller.close()
 

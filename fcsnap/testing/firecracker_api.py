@@ -1,0 +1,300 @@
+"""A fake of Firecracker's API socket, for tests of `restore --firecracker-api` (and anything
+else that asks Firecracker to load a snapshot from fcsnap).
+
+`FakeFirecracker` serves one `PUT /snapshot/load` in a thread: it checks the request as
+Firecracker's HTTP server (micro_http) parses headers and as its API definition (swagger
+SnapshotLoadParams and MemoryBackend) types the body, then behaves as Firecracker does - it
+connects a VM (the stand-in, its own process) to the page server and answers only once the
+server has accepted that VM. Answers have Firecracker's bytes: `HTTP/1.1 204 ` with no reason
+phrase, `Server: Firecracker API`, `Connection: keep-alive`, no Content-Length on a 204, errors
+as `{"fault_message": ...}` with Content-Type and Content-Length; the connection stays open.
+
+`RawAnswer` answers one request with any bytes, in pieces, for a client's malformed-answer
+paths. Every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fcsnap.testing import firecracker
+
+WAIT = 30.0  # seconds any one step may take before the fake gives up
+SO_ACCEPTCON = 1 << 16  # /proc/net/unix flag of a listening socket
+FAULT = "Load snapshot error: Cannot restore microvm state: the vmstate file is for another CPU"
+BEHAVIOURS = ("load", "refuse-early", "refuse-late", "silent", "hang")
+
+# Firecracker's swagger (src/firecracker/swagger/firecracker.yaml): property -> (type, required).
+SNAPSHOT_LOAD_PARAMS: dict[str, tuple[type, bool]] = {
+    "snapshot_path": (str, True),
+    "enable_diff_snapshots": (bool, False),
+    "track_dirty_pages": (bool, False),
+    "mem_file_path": (str, False),
+    "mem_backend": (dict, False),
+    "resume_vm": (bool, False),
+    "network_overrides": (list, False),
+    "vsock_override": (dict, False),
+    "clock_realtime": (bool, False),
+}
+MEMORY_BACKEND: dict[str, tuple[type, bool]] = {
+    "backend_type": (str, True),
+    "backend_path": (str, True),
+}
+BACKEND_TYPES = ("File", "Uffd")
+MEDIA_TYPES = ("application/json", "text/plain")  # the only ones micro_http knows
+
+
+def schema_problems(obj: Any, schema: dict[str, tuple[type, bool]], name: str) -> list[str]:
+    """What makes `obj` not an instance of the object schema `name` (no unknown fields)."""
+    if not isinstance(obj, dict):
+        return [f"{name} is not an object"]
+    problems = [f"{name}: unknown field {key!r}" for key in obj if key not in schema]
+    for key, (kind, required) in schema.items():
+        if key not in obj:
+            if required:
+                problems.append(f"{name}: missing required field {key!r}")
+        elif not isinstance(obj[key], kind):
+            problems.append(f"{name}.{key}: not a {kind.__name__}")
+    return problems
+
+
+def load_problems(body: Any) -> list[str]:
+    """Why Firecracker would reject `body` as SnapshotLoadParams (empty: it is valid)."""
+    problems = schema_problems(body, SNAPSHOT_LOAD_PARAMS, "SnapshotLoadParams")
+    if not isinstance(body, dict):
+        return problems
+    if ("mem_backend" in body) == ("mem_file_path" in body):
+        problems.append("exactly one of mem_backend and mem_file_path must be present")
+    backend = body.get("mem_backend")
+    if isinstance(backend, dict):
+        problems += schema_problems(backend, MEMORY_BACKEND, "MemoryBackend")
+        if backend.get("backend_type") not in BACKEND_TYPES:
+            problems.append(f"MemoryBackend.backend_type: not one of {BACKEND_TYPES}")
+    return problems
+
+
+@dataclass
+class Request:
+    line: str
+    headers: dict[str, str]  # names lower-cased
+    body: bytes
+    problems: list[str] = field(default_factory=list)  # what micro_http would reject
+
+
+def read_request(conn: socket.socket) -> Request:
+    """One HTTP/1.1 request, with what Firecracker's HTTP server would refuse in its header
+    lines: one without a colon, a Content-Length that is not a u32, an Accept-Encoding that
+    refuses identity. The body is read by Content-Length, as micro_http reads it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise ConnectionError("the client closed the connection mid-request")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    line, *fields = head.decode("ascii").split("\r\n")
+    problems, headers = [], {}
+    for text in fields:
+        name, colon, value = text.partition(":")
+        if not colon:
+            problems.append(f"header line without a colon: {text!r}")
+        headers[name.strip().lower()] = value.strip()
+    length_text = headers.get("content-length", "0")
+    if not (length_text.isdigit() and int(length_text) < 1 << 32):
+        return Request(line, headers, body, [*problems, f"Content-Length {length_text!r}"])
+    if any(v.strip() in ("identity;q=0", "*;q=0")
+           for v in headers.get("accept-encoding", "").split(",")):
+        problems.append("Accept-Encoding refuses identity")
+    for name in ("content-type", "accept"):
+        if name in headers and headers[name] not in MEDIA_TYPES:
+            problems.append(f"{name} {headers[name]!r}")
+    while len(body) < int(length_text):
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise ConnectionError("the client closed the connection mid-body")
+        body += chunk
+    if len(body) != int(length_text):
+        problems.append("the client sent more than Content-Length")
+    return Request(line, headers, body, problems)
+
+
+def answer(status: int, error: dict[str, str] | None = None) -> tuple[bytes, bytes]:
+    """(head, body) as Firecracker writes an answer."""
+    head = f"HTTP/1.1 {status} \r\nServer: Firecracker API\r\nConnection: keep-alive\r\n"
+    if error is None:
+        return (head + "\r\n").encode(), b""
+    body = json.dumps(error).encode()
+    head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode(), body
+
+
+def listening(pid: int) -> bool:
+    """Whether process `pid` holds a listening Unix socket: the page server does until it has
+    accepted its VM (and taken the handshake)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # closed meanwhile
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:[") : -1])
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[6] in inodes and int(fields[3], 16) & SO_ACCEPTCON:
+            return True
+    return False
+
+
+class FakeFirecracker:
+    """Firecracker's API socket for one `PUT /snapshot/load`. `behaviour`: "load" connects a
+    VM and answers 204; "refuse-late" connects a VM (that then stays alive) and answers 400;
+    "refuse-early" answers 400 without connecting one; "silent" connects a VM and never
+    answers; "hang" neither connects a VM nor answers. Invalid requests get a 400. The VM
+    checks its bytes against `expected` and writes `report`; it stays `hold` seconds after its
+    work, as a running VM would."""
+
+    def __init__(self, path: Path, behaviour: str, expected: Path, report: Path,
+                 hold: float = 1.0) -> None:
+        assert behaviour in BEHAVIOURS, behaviour
+        self.behaviour = behaviour
+        self.expected = expected
+        self.report = report
+        self.hold = hold
+        self.request: Request | None = None
+        self.body: Any = None
+        self.problems: list[str] = []
+        self.vm: subprocess.Popen[bytes] | None = None
+        self.conn: socket.socket | None = None
+        self.error: BaseException | None = None
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(1)
+        self.listener.settimeout(WAIT)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.conn, _ = self.listener.accept()
+            self.conn.settimeout(WAIT)
+            restore_pid, _, _ = struct.unpack("3i", self.conn.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+            ))
+            self.request = read_request(self.conn)
+            self.problems = self._request_problems(self.request)
+            if self.problems:
+                self._answer(400, {"fault_message": "; ".join(self.problems)})
+                return
+            if self.behaviour in ("refuse-early", "hang"):
+                if self.behaviour == "refuse-early":
+                    self._answer(400, {"fault_message": FAULT})
+                return
+            self.vm = firecracker.spawn(
+                self.body["mem_backend"]["backend_path"], expected=self.expected,
+                threads=2, report=self.report, deadline=WAIT,
+                hold=WAIT if self.behaviour == "refuse-late" else self.hold,
+            )
+            self._wait_accepted(self.vm, restore_pid)
+            if self.behaviour == "load":
+                self._answer(204)
+            elif self.behaviour == "refuse-late":
+                self._answer(400, {"fault_message": FAULT})
+        except BaseException as e:
+            self.error = e
+
+    def _request_problems(self, request: Request) -> list[str]:
+        problems = list(request.problems)
+        if request.line != "PUT /snapshot/load HTTP/1.1":
+            problems.append(f"request line {request.line!r}")
+        if request.headers.get("content-type") != "application/json":
+            problems.append(f"Content-Type {request.headers.get('content-type')!r}")
+        try:
+            self.body = json.loads(request.body)
+        except ValueError:
+            return [*problems, "the body is not JSON"]
+        return problems + load_problems(self.body)
+
+    def _wait_accepted(self, vm: subprocess.Popen[bytes], server_pid: int) -> None:
+        """Firecracker answers the load only after the page server took its handshake."""
+        deadline = time.monotonic() + WAIT
+        while listening(server_pid):
+            assert vm.poll() is None, f"the stand-in exited ({vm.returncode}) unserved"
+            assert time.monotonic() < deadline, "the page server never accepted the VM"
+            time.sleep(0.01)
+
+    def _answer(self, status: int, error: dict[str, str] | None = None) -> None:
+        """Firecracker's answer, head and body in separate writes (a client must not expect
+        them in one read); the connection stays open."""
+        assert self.conn is not None
+        head, body = answer(status, error)
+        self.conn.sendall(head)
+        if body:
+            self.conn.sendall(body)
+
+    def close(self) -> None:
+        """Stop, kill a VM left behind, and raise what went wrong in the thread."""
+        self.thread.join(WAIT)
+        assert not self.thread.is_alive(), "the fake Firecracker API never finished"
+        if self.vm is not None and self.vm.poll() is None:
+            self.vm.kill()
+            self.vm.wait(WAIT)
+        if self.conn is not None:
+            self.conn.close()
+        self.listener.close()
+        if self.error is not None:
+            raise self.error
+
+
+class RawAnswer:
+    """Answers one request on `path` with `raw`, `piece` bytes per write (`gap` seconds
+    apart), then closes the connection if `close`, else keeps it open until the client
+    closes it, as Firecracker does."""
+
+    def __init__(self, path: Path, raw: bytes, piece: int = 1, gap: float = 0.0,
+                 close: bool = False) -> None:
+        self.raw, self.piece, self.gap, self.close_after = raw, piece, gap, close
+        self.request: Request | None = None
+        self.requested = threading.Event()  # set once the whole request has arrived
+        self.error: BaseException | None = None
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(1)
+        self.listener.settimeout(WAIT)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+            with conn:
+                conn.settimeout(WAIT)
+                self.request = read_request(conn)
+                self.requested.set()
+                for start in range(0, len(self.raw), self.piece):
+                    conn.sendall(self.raw[start : start + self.piece])
+                    time.sleep(self.gap)
+                if not self.close_after:
+                    while conn.recv(65536):  # until the client closes
+                        pass
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up on the answer
+            pass
+        except BaseException as e:
+            self.error = e
+
+    def close(self) -> None:
+        """Wait for the exchange to end; raise what went wrong in the thread."""
+        self.thread.join(WAIT)
+        assert not self.thread.is_alive(), "the raw answer never finished"
+        self.listener.close()
+        if self.error is not None:
+            raise self.error
