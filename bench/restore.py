@@ -21,12 +21,20 @@ times in rotation; the median counts. Timed runs skip the stand-in's byte compar
 correctness run per mode (unpinned, bytes compared, every touch timed) comes first. Last, an
 RSS check serves a 4 GiB guest (sparse image, two regions) with --cache-mb 64.
 
+The per-fault table (`--per-fault`, or alone with `--per-fault-only`) puts fcsnap next to a
+minimal C page server (bench/c/fault_handler.c, compiled with cc at bench time: the memory file
+in memory, one UFFDIO_COPY per fault, a poll loop) in the same run, with one thread touching
+every page in order: one page per fault pinned (both on CPU 0; also the kernel floor, the
+same C loop copying from one fixed buffer with no lookup), 256 KiB windows on both sides
+unpinned, and one page per fault with 4 threads in random order. fcsnap runs with its compiled
+fault path and with FCSNAP_PURE_PYTHON=1.
+
 With `--corpus DIR` (bench/corpus.py output: gen0.mem, gen1.mem, ... and manifest.json) the
 guest is real: the newest generation's memory file, packed the same way, and the results
 (restore-corpus.md/json/png) carry the corpus's own figures from its manifest.
 
     python bench/restore.py [--size 1G | --corpus DIR] [--workdir DIR] [--repeat 3]
-                            [--rss-size 4G] [--keep]
+                            [--rss-size 4G] [--keep] [--per-fault | --per-fault-only]
 """
 
 from __future__ import annotations
@@ -328,6 +336,139 @@ def run_mode(setup: Setup, mode: Mode, pinned: bool, check: bool) -> Run:
     return serve(setup.work, build, args, standin, pinned)
 
 
+# -- per fault -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FaultCase:
+    key: str
+    label: str
+    window: int  # bytes installed per fault, both sides (0: one page)
+    pinned: bool
+    threads: int
+    order: str
+
+
+FAULT_CASES = [
+    FaultCase("page-pinned", "one page per fault, pinned", 0, True, 1, "sequential"),
+    FaultCase("window-256K", "256 KiB windows, unpinned", 256 << 10, False, 1, "sequential"),
+    FaultCase("random-4t", "random order, 4 threads, one page per fault", 0, False, 4, "random"),
+]
+HANDLER_SOURCE = Path(__file__).resolve().parent / "c" / "fault_handler.c"
+
+
+def build_handler(work: Path) -> Path:
+    """Compile the minimal C page server."""
+    binary = work / "fault_handler"
+    subprocess.run(["cc", "-O2", "-o", str(binary), str(HANDLER_SOURCE)], check=True)
+    return binary
+
+
+def serve_c(work: Path, handler: Path, memfile: Path, case: FaultCase, standin: dict[str, Any],
+            floor: bool) -> Run:
+    """One stand-in run against the C page server."""
+    prefix = ["taskset", "-c", "0"] if case.pinned else []
+    sock, report = work / "c.sock", work / "vm.json"
+    report.unlink(missing_ok=True)
+    argv = [*prefix, str(handler), str(sock), str(memfile), str(case.window)]
+    server = subprocess.Popen([*argv, "floor"] if floor else argv, stdout=subprocess.PIPE)
+    try:
+        wait_for_socket(sock, server)  # type: ignore[arg-type]
+        vm_status = subprocess.run([*prefix, *firecracker.command(
+            sock, report=report, deadline=DEADLINE_S, **standin)], timeout=DEADLINE_S).returncode
+        out, _ = server.communicate(timeout=60)
+    finally:
+        stop(server)  # type: ignore[arg-type]
+    if vm_status or server.returncode:
+        raise RuntimeError(f"C handler run: stand-in exit {vm_status}, handler "
+                           f"{server.returncode}")
+    r = firecracker.read_report(report)
+    return Run(ws_s=r["touch_s"], all_s=r["touch_s"], minor_faults=r["rusage"]["minor_faults"],
+               faults=json.loads(out)["faults"])
+
+
+def fcsnap_env(pure_python: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("FCSNAP_PURE_PYTHON", None)
+    if pure_python:
+        env["FCSNAP_PURE_PYTHON"] = "1"
+    return env
+
+
+def per_fault(setup: Setup, repeat: int) -> list[dict[str, Any]]:
+    """The per-fault table's rows: each side of each case `repeat` times in rotation, the
+    median of the guest's touch time and of microseconds per fault."""
+    handler = build_handler(setup.work)
+    rows = []
+    for case in FAULT_CASES:
+        standin = {"threads": case.threads, "order": case.order, "seed": SEED,
+                   "size": setup.size, "verify_bytes": False}
+        sides = ["c", *(["floor"] if case.pinned and not case.window else []), "fcsnap",
+                 *(["fcsnap-mapped"] if case.order == "random" else []), "fcsnap-python"]
+        runs: dict[str, list[Run]] = {side: [] for side in sides}
+        busy: list[float] = []
+        for i in range(repeat):
+            for side in sides:
+                print(f"per-fault {i + 1}/{repeat}: {case.label}, {side}", file=sys.stderr)
+                warm(setup.warm_files)
+                busy.append(busy_share())
+                if side in ("c", "floor"):
+                    run = serve_c(setup.work, handler, setup.unpacked, case, standin,
+                                  side == "floor")
+                else:
+                    saved = dict(os.environ)
+                    os.environ.clear()
+                    os.environ.update(fcsnap_env(side == "fcsnap-python"))
+                    try:
+                        # mapped: --cache-mb as big as the diff, so scattered faults copy
+                        # from the mapping (as the C server from memory), not through pread
+                        mapped = ["--cache-mb", str(2 * (setup.size >> 20))]
+                        run = serve(setup.work, setup.build,
+                                    ["--fault-around", str(case.window),
+                                     *(mapped if side == "fcsnap-mapped" else [])],
+                                    standin, case.pinned)
+                    finally:
+                        os.environ.clear()
+                        os.environ.update(saved)
+                runs[side].append(run)
+        medians = {}
+        for side, side_runs in runs.items():
+            us = statistics.median(r.all_s / max(1, r.faults or 0) * 1e6 for r in side_runs)
+            medians[side] = {"touch_s": statistics.median(r.all_s for r in side_runs),
+                             "faults": statistics.median(r.faults or 0 for r in side_runs),
+                             "us_per_fault": us}
+        c = medians["c"]
+        for side in medians.keys() - {"c", "floor"}:
+            medians[side]["vs_c"] = c["touch_s"] / medians[side]["touch_s"]
+        rows.append({"case": case.key, "label": case.label, "sides": medians,
+                     "busy_max": round(max(busy), 3)})
+    return rows
+
+
+def per_fault_markdown(rows: list[dict[str, Any]], repeat: int) -> list[str]:
+    lines = [
+        "## Per fault: fcsnap against a minimal C page server",
+        "",
+        f"Median of {repeat} runs; one thread touches every page in order unless the case says "
+        "otherwise. `x C` is the C server's touch time over fcsnap's (its faults per second "
+        "relative to C's, 1.0 = as fast). `floor`: the C loop copying from one fixed buffer, "
+        "no lookup (the kernel's share of a copy per fault; fcsnap maps zero pages with "
+        "UFFDIO_ZEROPAGE, cheaper still). `fcsnap-mapped`: `--cache-mb` as big as the diff, "
+        "so scattered faults copy from the mapping rather than read the file first. "
+        "`busy` is the highest share of the CPUs that other "
+        "work kept busy just before a run (the machine may be shared).",
+        "",
+        "| case | side | touch s | faults | µs/fault | x C | busy |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        for side, m in row["sides"].items():
+            ratio = f"{m['vs_c']:.2f}" if "vs_c" in m else ""
+            lines.append(f"| {row['label']} | {side} | {m['touch_s']:.3f} | {m['faults']:.0f} "
+                         f"| {m['us_per_fault']:.1f} | {ratio} | {row['busy_max']:.0%} |")
+    return lines + [""]
+
+
 # -- setup -----------------------------------------------------------------------------------
 
 
@@ -596,6 +737,32 @@ def chart(results: list[Result], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def per_fault_only(work: Path, memfile: Path, size: int, data_share: float, repeat: int,
+                   stem: str, corpus: dict[str, Any] | None) -> int:
+    """Pack and unpack the guest, run the per-fault table alone, write STEM-perfault.*."""
+    store = work / "store"
+    build = pack(memfile, store)
+    unpacked = work / "unpacked.mem"
+    fcsnap("unpack", str(build), "-o", str(unpacked), "--quiet")
+    setup = Setup(work, memfile, unpacked, build, size, data_share, 1, 0.0)
+    rows = per_fault(setup, repeat)
+    info = {"machine": machine(), "corpus": corpus, "size": size, "data_share": data_share,
+            "filesystem": filesystem(work), "repeat": repeat}
+    m = info["machine"]
+    guest = f"{corpus['file']} (real guest)" if corpus else "synthetic"
+    text = "\n".join([
+        "# fcsnap restore: per-fault cost", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}.",
+        f"Guest: {size / (1 << 30):g} GiB {guest}, {data_share:.1%} of its pages non-zero, "
+        "packed raw.", "", *per_fault_markdown(rows, repeat)])
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}-perfault.md").write_text(text)
+    (RESULTS / f"{stem}-perfault.json").write_text(
+        json.dumps({**info, "per_fault": rows}, indent=2) + "\n")
+    print(text)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="1G", help="guest memory size (default 1G)")
@@ -611,6 +778,10 @@ def main() -> int:
                         + ",".join(m.key for m in MODES))
     parser.add_argument("--rss-size", default="4G", help="guest of the RSS check (0: skip)")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
+    parser.add_argument("--per-fault", action="store_true",
+                        help="add the per-fault table (fcsnap against a minimal C server)")
+    parser.add_argument("--per-fault-only", action="store_true",
+                        help="only the per-fault table (results in STEM-perfault.md/json)")
     args = parser.parse_args()
     size, rss_size = parse_size(args.size), parse_size(args.rss_size)
     stem = "restore-corpus" if args.corpus else "restore"
@@ -628,6 +799,8 @@ def main() -> int:
             print(f"writing a {args.size} guest in {work}", file=sys.stderr)
             memfile, data_share = synthetic_guest(work, size)
         print(f"packing {memfile}", file=sys.stderr)
+        if args.per_fault_only:
+            return per_fault_only(work, memfile, size, data_share, args.repeat, stem, corpus)
         setup = prepare(work, memfile, size, data_share, args.threads, args.ws_fraction)
         skipped = {m.key: restore_args(setup, m) for m in modes if not m.file_backend}
         runnable = [m for m in modes if not isinstance(skipped.get(m.key), str)]
@@ -671,6 +844,9 @@ def main() -> int:
         }
         checks = ratios(results)
         text = markdown(info, results, checks, checks_runs, rss)
+        fault_rows = per_fault(setup, args.repeat) if args.per_fault else []
+        if fault_rows:
+            text += "\n".join(["", *per_fault_markdown(fault_rows, args.repeat)])
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"{stem}.md").write_text(text)
         guest = f"{corpus['file']} (real guest)" if corpus else "synthetic"
@@ -688,7 +864,7 @@ def main() -> int:
         correctness = {k: asdict(v) for k, v in checks_runs.items()}
         (RESULTS / f"{stem}.json").write_text(json.dumps(
             {**info, "results": rows, "ratios": checks, "correctness": correctness,
-             "rss_check": rss}, indent=2) + "\n")
+             "rss_check": rss, "per_fault": fault_rows}, indent=2) + "\n")
         print(text)
     finally:
         if args.keep:

@@ -1,537 +1,769 @@
-"""The `fcsnap` command line. Commands stay thin: they parse options and render results.
+"""The `fcsnap` command line: parse options, call the Python API (fcsnap.api), print results.
 
-Every runtime failure is an FcsnapError (or OSError) and becomes one line on stderr with exit
-status 1; `--debug` or FCSNAP_DEBUG=1 shows the traceback instead. Usage errors exit 2.
+argparse (standard library) rather than a framework: it costs a few milliseconds where typer
+costs hundreds (bench/startup.py), and the help text, `-h` and exit statuses do not change with
+a dependency's release. Modules are imported by the command that needs them: `--help` costs
+little more than the interpreter, and `restore` loads numpy only once its socket listens.
+
+Exit statuses: 0 done, 1 a runtime failure (one line `fcsnap: error: ...`; `--debug` or
+FCSNAP_DEBUG=1 adds the traceback), 2 a usage error (one line too), 130 interrupted.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
-import traceback
-import uuid
-from collections.abc import Iterable
-from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import typer
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from fcsnap import __version__
-from fcsnap.errors import FcsnapError
-from fcsnap.header import load_header
-from fcsnap.inspection import inspect_report
-from fcsnap.progress import progress_bar
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
-from fcsnap.store.layout import HEADER, build_path, resolve_build, store_of
-from fcsnap.store.manifest import Manifest, read_manifest
-from fcsnap.store.names import check_vm_name, read_vm_pointer
-from fcsnap.units import BLOCK_SIZES, PAGE, format_bytes, parse_size
 
 if TYPE_CHECKING:
-    from fcsnap.uffd.listener import SocketAccess
+    from fcsnap.api import Build, Inspection
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",  # docstring lines join into paragraphs, as in --help text
-    help="Firecracker memory snapshots: pack into a generational store, restore lazily.",
-)
-out = Console(soft_wrap=True)
-_state = {"debug": os.environ.get("FCSNAP_DEBUG") == "1"}
+PROG = "fcsnap"
+USAGE_ERROR = 2
+INTERRUPTED = 130
 
 
-def _version(value: bool) -> None:
-    if value:
-        print(f"fcsnap {__version__}")
-        raise typer.Exit()
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error, with where to look; exit status 2.
+    Options are spelled in full: an abbreviation accepted today would break when an option
+    sharing its prefix is added."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        usage_error(message, self.prog)
 
 
-@app.callback()
-def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks of failures."),
-    version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Print the version."
-    ),
-) -> None:
-    if debug:
-        _state["debug"] = True
+def usage_error(message: str, prog: str = PROG) -> NoReturn:
+    print(f"{PROG}: error: {message} (see '{prog} --help')", file=sys.stderr)
+    sys.exit(USAGE_ERROR)
+
+
+def _value(name: str) -> Callable[[str], str]:
+    """An argparse type that checks a value with fcsnap.options.<name> (imported when a value
+    is parsed, not at start-up). Its UsageError becomes argparse's, so a bad value stops the
+    command before any work, with exit status 2. The text is kept: the API parses the same
+    spellings itself."""
+
+    def convert(text: str) -> str:
+        from fcsnap import options
+        from fcsnap.errors import UsageError
+
+        try:
+            getattr(options, name)(text)
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+    return convert
+
+
+def _size(what: str) -> Callable[[str], int]:
+    """An argparse type for a size in bytes (4096, 0x1000, 256K)."""
+
+    def convert(text: str) -> int:
+        from fcsnap.errors import UsageError
+        from fcsnap.units import parse_size
+
+        try:
+            return parse_size(text, what)
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
+
+
+# -- output ----------------------------------------------------------------------------------
 
 
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
-def _header_arg(arg: str, store: Path | None) -> tuple[Path, Path | None]:
-    """Resolve BUILD|HEADER to a header file and the store around it (if any). A path that
-    exists and is not a directory is a header file, whatever else it is: reading it says."""
-    path = Path(arg)
-    if path.exists() and not path.is_dir() and (store is None or "/" in arg):
-        return path, store_of(path.parent) if path.name == HEADER else None
-    build = resolve_build(arg, store)
-    return build / HEADER, store_of(build)
+def report_build(build: Build, as_json: bool, verb: str) -> None:
+    from fcsnap.units import format_bytes
 
-
-@app.command()
-def inspect(
-    target: str = typer.Argument(..., metavar="BUILD|HEADER"),
-    store: Path | None = typer.Option(None, "--store", help="Store holding BUILD."),
-    mappings: bool = typer.Option(False, "--mappings", help="List every mapping run."),
-    at: list[str] = typer.Option(
-        [], "--at", metavar="OFFSET", help="Which build serves this byte? (repeatable)"
-    ),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-) -> None:
-    """Show a header: metadata, the builds it reads, its runs, and lookups."""
-    header_path, around = _header_arg(target, store)
-    header = load_header(header_path)
-    offsets = [parse_size(text, what="offset") for text in at]
-    report = inspect_report(header, around, mappings, offsets)
     if as_json:
-        print_json(report)
+        print_json(build.to_json())
         return
-    render_inspect(report)
-
-
-def render_inspect(report: dict[str, Any]) -> None:
-    meta = report["metadata"]
-    table = Table(title="Header", show_header=False)
-    for key in ("version", "generation", "build_id", "base_build_id"):
-        table.add_row(key, str(meta[key]))
-    table.add_row("block_size", format_bytes(meta["block_size"]))
-    table.add_row("size", f"{format_bytes(meta['size'])} ({meta['size']} bytes)")
-    table.add_row("mappings", str(report["mapping_count"]))
-    if "pinned" in report:
-        unpinned = "no (unpinned: ancestors trusted by id)"
-        table.add_row("pinned", "yes" if report["pinned"] else unpinned)
-    out.print(table)
-    builds = Table(title="Builds read by this generation")
-    for col in ("build", "generation", "runs", "blocks", "bytes", "share"):
-        if col == "build":
-            builds.add_column(col, no_wrap=True, min_width=36)
-        else:
-            builds.add_column(col, justify="right")
-    for row in report["builds"]:
-        gen = "?" if row["generation"] is None else str(row["generation"])
-        builds.add_row(
-            row["build_id"], gen, str(row["mappings"]), str(row["blocks"]),
-            format_bytes(row["bytes"]), f"{row['share']:.1%}",
-        )
-    zero = report["zero"]
-    builds.add_row(
-        "(zeros)", "", str(zero["mappings"]), "", format_bytes(zero["bytes"]),
-        f"{zero['share']:.1%}",
-    )
-    out.print(builds)
-    if "mappings" in report:
-        out.print(_hex_table("Mappings", ("offset", "length", "build", "storage offset"), (
-            (f"{m['offset']:#x}", f"{m['length']:#x}", m["build_id"],
-             f"{m['build_storage_offset']:#x}")
-            for m in report["mappings"]
-        )))
-    if "lookups" in report:
-        columns = ("offset", "build", "storage offset", "bytes left in run")
-        out.print(_hex_table("Lookups", columns, (
-            (f"{r['offset']:#x}", r["build_id"], f"{r['storage_offset']:#x}",
-             str(r["remaining_length"]))
-            for r in report["lookups"]
-        )))
-
-
-def _hex_table(title: str, columns: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> Table:
-    """A table of offsets and sizes: numbers right-aligned, the build id left."""
-    table = Table(title=title)
-    for col in columns:
-        table.add_column(col, justify="left" if col == "build" else "right")
-    for row in rows:
-        table.add_row(*row)
-    return table
-
-
-def parse_compression(text: str) -> tuple[str, int]:
-    """'none', 'zstd' or 'zstd:LEVEL' -> (compression, level)."""
-    kind, _, level = text.partition(":")
-    if kind == "none" and not level:
-        return "none", 3
-    if kind == "zstd":
-        try:
-            value = int(level) if level else 3
-        except ValueError:
-            value = 0
-        if not 1 <= value <= 22:
-            raise FcsnapError(f"invalid zstd level in {text!r}: use 1 to 22")
-        return "zstd", value
-    raise FcsnapError(f"invalid --compress {text!r}: use none, zstd or zstd:LEVEL")
-
-
-def build_options(
-    block_size: str, compress: str, frame_size: str, name: str | None, vmstate: Path | None,
-    working_set: Path | None = None,
-) -> BuildOptions:
-    bs = parse_size(block_size, "block size")
-    if bs not in BLOCK_SIZES:
-        raise FcsnapError(f"invalid --block-size {block_size!r}: use 4K or 2M")
-    if name is not None:
-        check_vm_name(name)  # before anything else: a bad name costs nothing
-    compression, level = parse_compression(compress)
-    frame = parse_size(frame_size, "frame size")
-    if frame < PAGE or frame % PAGE or frame > 1 << 30:
-        raise FcsnapError(f"invalid --frame-size {frame_size!r}: a multiple of 4K up to 1G")
-    return BuildOptions(bs, compression, level, frame, name, vmstate, working_set=working_set)
-
-
-def name_head(
-    store: Path, name: str | None, build_arg: str | None = None, build_dir: Path | None = None
-) -> uuid.UUID | None:
-    """The build `name` points at as the command starts (None: no such name): publishing the
-    name at the end is a compare-and-swap against it. When the command's BUILD argument is
-    that same name, it is the build the argument resolved to, not a second look."""
-    if name is None:
-        return None
-    if build_arg == name and build_dir is not None:
-        return uuid.UUID(build_dir.name)
-    return read_vm_pointer(store, name)
-
-
-def report_build(manifest: Manifest, path: Path, as_json: bool, verb: str) -> None:
-    data = manifest.to_json()
-    data["path"] = str(path)
-    if as_json:
-        print_json(data)
-        return
-    s = manifest.stats
-    out.print(
-        f"[bold]{verb}[/bold] build {manifest.build_id} (generation {manifest.generation}) "
-        f"at {path}"
-    )
-    out.print(
+    s = build.stats
+    print(f"{verb} build {build.build_id} (generation {build.generation}) at {build.path}")
+    print(
         f"  blocks: {s.blocks_total} total, {s.blocks_stored} stored, {s.blocks_zero} zero, "
         f"{s.blocks_deduplicated} deduplicated, {s.blocks_inherited} inherited"
     )
-    out.print(
+    print(
         f"  diff: {format_bytes(s.bytes_stored)} of blocks, {format_bytes(s.bytes_written)} "
-        f"on disk ({manifest.compression}) for {format_bytes(manifest.size)} of memory"
+        f"on disk ({build.compression}) for {format_bytes(build.size)} of memory"
     )
 
 
-BLOCK_SIZE = typer.Option("4K", "--block-size", help="4K, or 2M for hugepage guests.")
-COMPRESS = typer.Option("none", "--compress", help="none, zstd or zstd:LEVEL.")
-FRAME_SIZE = typer.Option("256K", "--frame-size", help="Uncompressed bytes per zstd frame.")
-NAME = typer.Option(None, "--name", help="Point vms/NAME at the new build.")
-VMSTATE = typer.Option(None, "--vmstate", help="Firecracker vmstate file, kept as snapfile.")
-WORKING_SET = typer.Option(
-    None, "--working-set",
-    help="Store these pages first, in this order (restore --record-ws), so that restore "
-    "--prefetch-ws reads the diff sequentially.",
-)
-QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
-JSON = typer.Option(False, "--json", help="Print one JSON object.")
-STORE = typer.Option(..., "--store", help="The store directory.")
+def _build_cell(build_id: str) -> str:
+    """Zero mappings carry the nil build id in the header (and in --json); tables say so."""
+    from fcsnap.header import NIL
+
+    return "(zeros)" if build_id == str(NIL) else build_id
 
 
-@app.command()
-def pack(
-    memfile: Path = typer.Argument(..., help="Firecracker memory file."),
-    store: Path = STORE,
-    block_size: str = BLOCK_SIZE,
-    compress: str = COMPRESS,
-    frame_size: str = FRAME_SIZE,
-    name: str | None = NAME,
-    vmstate: Path | None = VMSTATE,
-    working_set: Path | None = WORKING_SET,
-    quiet: bool = QUIET,
-    as_json: bool = JSON,
-) -> None:
-    """Pack a memory file as generation 0 of a new lineage."""
-    options = build_options(block_size, compress, frame_size, name, vmstate, working_set)
-    options = replace(options, name_expected=name_head(store, name), verb="pack")
-    total = memfile.stat().st_size if memfile.is_file() else 0
-    with progress_bar("pack", total, quiet or as_json) as advance:
-        manifest, path = ops.pack(memfile, store, options, advance)
-    report_build(manifest, path, as_json, "packed")
+def render_inspect(inspection: Inspection) -> str:
+    """The plain-text tables of `inspect`: the header, the builds it reads (and its zeros),
+    then the mappings and lookups asked for. The same words as the JSON report."""
+    from fcsnap.render import table
+    from fcsnap.units import format_block_size, format_bytes
+
+    report = inspection.report
+    meta = report["metadata"]
+    if meta["generation"] == 0:
+        parent = "none (generation 0)"
+    else:
+        parent = meta["parent_build_id"] or "unknown (no build.json beside the header)"
+    header = table((), [
+        ("build_id", meta["build_id"]),
+        ("generation", str(meta["generation"])),
+        ("parent_build_id", parent),
+        ("base_build_id", f"{meta['base_build_id']} (generation 0 of this lineage)"),
+        ("version", str(meta["version"])),
+        ("block_size", format_block_size(meta["block_size"])),
+        ("size", f"{format_bytes(meta['size'])} ({meta['size']} bytes)"),
+        ("mappings", str(report["mapping_count"])),
+        *([("pinned", "yes" if report["pinned"] else "no (unpinned: ancestors trusted by id)")]
+          if "pinned" in report else []),
+    ], title=f"Header {inspection.path}")
+    rows = [
+        (row["build_id"], "?" if row["generation"] is None else str(row["generation"]),
+         str(row["mappings"]), str(row["blocks"]), format_bytes(row["bytes"]),
+         f"{row['share']:.1%}")
+        for row in report["builds"]
+    ]
+    zero = report["zero"]
+    rows.append((
+        "(zeros)", "", str(zero["mappings"]), str(zero["bytes"] // meta["block_size"]),
+        format_bytes(zero["bytes"]), f"{zero['share']:.1%}",
+    ))
+    columns = ("build", "generation", "mappings", "blocks", "bytes", "share")
+    parts = [header, table(columns, rows, title="Builds read by this generation", left=("build",))]
+    if "mappings" in report:
+        columns = ("offset", "length", "build", "build_storage_offset")
+        parts.append(table(columns, (
+            (f"{m['offset']:#x}", f"{m['length']:#x}", _build_cell(m["build_id"]),
+             f"{m['build_storage_offset']:#x}")
+            for m in report["mappings"]
+        ), title="Mappings", left=("build",)))
+    if "lookups" in report:
+        columns = ("offset", "build", "build_storage_offset", "remaining_length")
+        parts.append(table(columns, (
+            (f"{r['offset']:#x}", _build_cell(r["build_id"]), f"{r['build_storage_offset']:#x}",
+             f"{r['remaining_length']:#x}")
+            for r in report["lookups"]
+        ), title="Lookups", left=("build",)))
+    return "\n\n".join(parts)
 
 
-@app.command()
-def diff(
-    memfile: Path = typer.Argument(..., help="Firecracker memory file of the next snapshot."),
-    base: str = typer.Option(..., "--base", help="Parent build: directory, id or VM name."),
-    store: Path = STORE,
-    sparse_diff: bool = typer.Option(
-        False, "--sparse-diff",
-        help="MEMFILE is a Firecracker Diff snapshot: holes are unchanged pages, not zeros.",
-    ),
-    block_size: str | None = typer.Option(
-        None, "--block-size", help="Must match the base build's (the default)."
-    ),
-    compress: str = COMPRESS,
-    frame_size: str = FRAME_SIZE,
-    name: str | None = NAME,
-    vmstate: Path | None = VMSTATE,
-    working_set: Path | None = WORKING_SET,
-    quiet: bool = QUIET,
-    as_json: bool = JSON,
-) -> None:
-    """Store what changed since BASE as the next generation."""
-    if name is not None:
-        check_vm_name(name)  # before anything else: a bad name costs nothing
-    base_dir = resolve_build(base, store)
-    base_block_size = read_manifest(base_dir).block_size
-    options = build_options(
-        block_size or str(base_block_size), compress, frame_size, name, vmstate, working_set
-    )
-    options = replace(options, name_expected=name_head(store, name, base, base_dir), verb="diff")
-    if options.block_size != base_block_size:
-        raise FcsnapError(
-            f"--block-size {block_size} differs from the base build's {base_block_size}"
+# -- commands --------------------------------------------------------------------------------
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from fcsnap import api
+
+    inspection = api.inspect(args.target, store=args.store, mappings=args.mappings, at=args.at)
+    if args.json:
+        print_json(inspection.to_json())
+    else:
+        print(render_inspect(inspection))
+    return 0
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from fcsnap.api import Store
+
+    return Store(args.store)
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from fcsnap.progress import progress_bar
+
+    with progress_bar("pack", args.quiet or args.json) as progress:
+        build = _store(args).pack(
+            args.memfile, name=args.name, compress=args.compress, block_size=args.block_size,
+            frame_size=args.frame_size, vmstate=args.vmstate, working_set=args.working_set,
+            progress=progress,
         )
-    total = memfile.stat().st_size if memfile.is_file() else 0
-    with progress_bar("diff", total, quiet or as_json) as advance:
-        manifest, path = ops.diff(memfile, base_dir, store, options, sparse_diff, advance)
-    report_build(manifest, path, as_json, "diffed")
+    report_build(build, args.json, "packed")
+    return 0
 
 
-@app.command()
-def squash(
-    build: str = typer.Argument(..., metavar="BUILD"),
-    store: Path = STORE,
-    name: str | None = NAME,
-    quiet: bool = QUIET,
-    as_json: bool = JSON,
-) -> None:
-    """Flatten BUILD into a new generation 0 with the same content and no ancestors."""
-    if name is not None:
-        check_vm_name(name)  # before anything else: a bad name costs nothing
-    build_dir = resolve_build(build, store)
-    size = read_manifest(build_dir).size
-    with progress_bar("squash", size, quiet or as_json) as advance:
-        manifest, path = ops.squash(
-            build_dir, store, name, name_head(store, name, build, build_dir), advance
+def cmd_diff(args: argparse.Namespace) -> int:
+    from fcsnap.progress import progress_bar
+
+    with progress_bar("diff", args.quiet or args.json) as progress:
+        build = _store(args).diff(
+            args.memfile, base=args.base, name=args.name, compress=args.compress,
+            block_size=args.block_size, frame_size=args.frame_size, sparse=args.sparse_diff,
+            vmstate=args.vmstate, working_set=args.working_set, progress=progress,
         )
-    report_build(manifest, path, as_json, "squashed")
+    report_build(build, args.json, "diffed")
+    return 0
 
 
-@app.command()
-def unpack(
-    build: str = typer.Argument(..., metavar="BUILD"),
-    output: Path = typer.Option(..., "-o", "--output", help="Memory file to write."),
-    store: Path | None = typer.Option(None, "--store", help="Store holding BUILD."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
-    quiet: bool = QUIET,
-) -> None:
-    """Rebuild the full memory file of BUILD (sparse where zero)."""
-    build_dir = resolve_build(build, store)
-    header = load_header(build_dir)
-    data = sum(m.length for m in header.mappings if not m.is_zero)
-    with progress_bar("unpack", data, quiet) as advance:
-        ops.unpack(build_dir, output, force, advance)
-    if not quiet:
-        out.print(f"wrote {output} ({format_bytes(header.metadata.size)})")
+def cmd_squash(args: argparse.Namespace) -> int:
+    from fcsnap.progress import progress_bar
+
+    with progress_bar("squash", args.quiet or args.json) as progress:
+        build = _store(args).squash(args.build, name=args.name, progress=progress)
+    report_build(build, args.json, "squashed")
+    return 0
 
 
-@app.command()
-def verify(
-    build: str = typer.Argument(..., metavar="BUILD"),
-    store: Path | None = typer.Option(None, "--store", help="Store holding BUILD."),
-    quiet: bool = QUIET,
-    as_json: bool = JSON,
-) -> None:
-    """Check BUILD and every build it reads: files, sizes, and every block's hash."""
-    build_dir = resolve_build(build, store)
-    total = sum(
-        read_manifest(build_path(store_of(build_dir), b)).stats.bytes_stored
-        for b in load_header(build_dir).build_ids()
-        if build_path(store_of(build_dir), b).is_dir()
-    )
-    with progress_bar("verify", total, quiet or as_json) as advance:
-        result = ops.verify(build_dir, advance)
-    if as_json:
-        print_json(result)
-    elif not quiet:
-        out.print(
-            f"[green]ok[/green]: build {result['build_id']} (generation {result['generation']}), "
-            f"{result['builds_checked']} builds, {result['blocks_checked']} blocks checked"
-            + ("" if result["pinned"] else " (unpinned: ancestors are trusted by id)")
+def cmd_unpack(args: argparse.Namespace) -> int:
+    from fcsnap import api
+    from fcsnap.progress import progress_bar
+
+    with progress_bar("unpack", args.quiet) as progress:
+        output = api.unpack(
+            args.build, args.output, store=args.store, force=args.force, progress=progress
         )
+    if not args.quiet:
+        from fcsnap.units import format_bytes
+
+        print(f"wrote {output} ({format_bytes(output.stat().st_size)})")
+    return 0
 
 
-@app.command()
-def restore(
-    vm: str = typer.Option(..., "--vm", metavar="BUILD", help="Build to serve: dir, id or name."),
-    socket_path: Path = typer.Option(..., "--socket", help="Unix socket Firecracker connects to."),
-    store: Path | None = typer.Option(None, "--store", help="Store holding BUILD."),
-    stats: Path | None = typer.Option(None, "--stats", help="Write serving statistics (JSON)."),
-    verify_pages: bool = typer.Option(
-        False, "--verify", help="Check every block against its hash before installing it."
-    ),
-    handshake_timeout: float = typer.Option(
-        10.0, "--handshake-timeout", help="Seconds a connected VM has to send its regions."
-    ),
-    cache_mb: int = typer.Option(
-        64, "--cache-mb",
-        help="Memory for diff data: decompressed frames (zstd), mapped pages (raw).",
-    ),
-    fault_around: str = typer.Option(
-        "256K", "--fault-around",
-        help="Install up to this much contiguous memory around a fault in one copy (0: off).",
-    ),
-    record_ws: Path | None = typer.Option(
-        None, "--record-ws", help="Write the pages the guest faulted, in order (working set)."
-    ),
-    prefetch_ws: Path | None = typer.Option(
-        None, "--prefetch-ws", help="Install this working set right after the handshake."
-    ),
-    populate: bool = typer.Option(
-        False, "--populate", help="Then install every other page in the background."
-    ),
-    eager: bool = typer.Option(
-        False, "--eager", help="Install every page before serving any fault."
-    ),
-    firecracker_api: Path | None = typer.Option(
-        None, "--firecracker-api", metavar="SOCK",
-        help="Firecracker's API socket: once listening, have it load the snapshot from us "
-        "(PUT /snapshot/load, resuming the VM). Paths are sent absolute.",
-    ),
-    vmstate: Path | None = typer.Option(
-        None, "--vmstate", help="vmstate file Firecracker loads (default: the build's snapfile)."
-    ),
-    track_dirty_pages: bool = typer.Option(
-        False, "--track-dirty-pages", help="Have the loaded VM track dirty pages."
-    ),
-    api_timeout: float = typer.Option(
-        30.0, "--api-timeout", help="Seconds Firecracker has to answer the snapshot load."
-    ),
-    socket_owner: str | None = typer.Option(
-        None, "--socket-owner", metavar="UID[:GID]",
-        help="Give the socket to this user (and group), e.g. a jailed Firecracker's; that uid "
-        "may connect too.",
-    ),
-    socket_mode: str = typer.Option(
-        "0600", "--socket-mode", metavar="MODE", help="The socket file's permissions (octal)."
-    ),
-    allow_uid: list[str] = typer.Option(
-        [], "--allow-uid", metavar="UID",
-        help="Also admit connections from this uid (repeatable). Admitted always: this "
-        "process's uid and the --socket-owner's.",
-    ),
-    quiet: bool = QUIET,
-) -> None:
-    """Serve BUILD's memory to one Firecracker VM over userfaultfd, lazily.
+def cmd_verify(args: argparse.Namespace) -> int:
+    from fcsnap import api
+    from fcsnap.progress import progress_bar
+    from fcsnap.units import plural
 
-    Exits 0 when the VM exits. SIGTERM/SIGINT also exit 0, killing the VM unless every page
-    is already in place (a VM whose page server is gone would freeze at its next fault).
-    With --firecracker-api, a load Firecracker refuses (or never answers) exits 1, killing
-    the VM if it connected."""
-    from fcsnap.store.layout import SNAPFILE
-    from fcsnap.uffd.firecracker_api import Response, SnapshotLoad, load_body
-    from fcsnap.uffd.server import FaultServer, ServeOptions
+    with progress_bar("verify", args.quiet or args.json) as progress:
+        result = api.verify(args.build, store=args.store, progress=progress)
+    if args.json:
+        print_json(result.to_json())
+    elif not args.quiet:
+        print(
+            f"ok: build {result.build_id} (generation {result.generation}): "
+            f"{plural(result.builds_checked, 'build')} and "
+            f"{plural(result.blocks_checked, 'block')} checked"
+            + ("" if result.pinned else " (unpinned: ancestors are trusted by id)")
+        )
+    return 0
 
-    access = _socket_access(socket_owner, socket_mode, allow_uid)
-    build_dir = resolve_build(vm, store)
-    load: SnapshotLoad | None = None
-    if firecracker_api is not None:
-        if api_timeout <= 0:
-            raise typer.BadParameter("must be more than 0 seconds", param_hint="'--api-timeout'")
-        if vmstate is None and not (build_dir / SNAPFILE).is_file():
-            raise typer.BadParameter(
-                f"build {build_dir.name} has no {SNAPFILE}: give the vmstate file",
-                param_hint="'--vmstate'",
-            )
-        body = load_body(vmstate or build_dir / SNAPFILE, socket_path, track_dirty_pages)
-        load = SnapshotLoad(firecracker_api, body, api_timeout)
-    elif vmstate is not None or track_dirty_pages:
-        raise typer.BadParameter("--vmstate and --track-dirty-pages need --firecracker-api")
 
-    def loaded(response: Response) -> None:
+def cmd_restore(args: argparse.Namespace) -> int:
+    from fcsnap import api, deferred
+
+    numpy = deferred.defer("numpy")  # serving needs it once a VM connects, not to listen
+    quiet = args.quiet
+
+    def listening(build_dir: Path) -> None:
+        deferred.load_in_background(numpy)  # while Firecracker loads and connects
+        # Announced only now: a socket that cannot be created is then the one line on stderr.
+        if not quiet:
+            print(f"fcsnap: serving {build_dir.name} on {args.socket}", file=sys.stderr,
+                  flush=True)
+
+    def loaded(response: Any) -> None:
         if not quiet:
             print(f"fcsnap: Firecracker loaded the snapshot (HTTP {response.status})",
                   file=sys.stderr, flush=True)
 
-    def listening() -> None:
-        # Announced only now: a socket that cannot be created is then the one line on stderr.
-        if not quiet:
-            print(f"fcsnap: serving {build_dir.name} on {socket_path}", file=sys.stderr, flush=True)
-        if load is not None:
-            load.start(server.fail, loaded)  # in the background: Firecracker answers after accept
-
-    options = ServeOptions(
-        socket=socket_path,
-        verify=verify_pages,
-        stats_path=stats,
-        handshake_timeout=handshake_timeout,
-        cache_bytes=max(0, cache_mb) << 20,
-        fault_around=parse_size(fault_around, "fault-around size"),
-        record_ws=record_ws,
-        prefetch_ws=prefetch_ws,
-        populate=populate,
-        eager=eager,
-        on_listening=listening,
-        access=access,
+    served = api.restore(
+        args.vm, args.socket, store=args.store, firecracker_api=args.firecracker_api,
+        vmstate=args.vmstate, track_dirty_pages=args.track_dirty_pages,
+        api_timeout=args.api_timeout, on_listening=listening, on_loaded=loaded,
+        verify=args.verify, stats_path=args.stats, handshake_timeout=args.handshake_timeout,
+        cache_bytes=max(0, args.cache_mb) << 20, fault_around=args.fault_around,
+        record_ws=args.record_ws, prefetch_ws=args.prefetch_ws, populate=args.populate,
+        eager=args.eager, access=_socket_access(args),
     )
-    server = FaultServer(build_dir, options)
-    status = server.run()
     if not quiet:
-        s = server.stats
+        from fcsnap.units import format_bytes
+
+        s = served.stats
         print(
-            f"fcsnap: {server.exit_reason}: {s.faults} faults, {s.pages_served} pages "
+            f"fcsnap: {served.exit_reason}: {s.faults} faults, {s.pages_served} pages "
             f"({format_bytes(s.bytes_served)}) served",
             file=sys.stderr,
         )
-    if load is not None and (error := load.finish()) is not None:
-        raise error
-    raise typer.Exit(status)
+    return served.status
 
 
-def _socket_access(owner: str | None, mode: str, allowed: list[str]) -> SocketAccess:
-    """restore's --socket-owner/--socket-mode/--allow-uid as a SocketAccess (usage errors: 2)."""
-    from fcsnap.uffd.listener import SocketAccess, parse_mode, parse_owner, parse_uid  # noqa: F811
+def _socket_access(args: argparse.Namespace) -> Any:
+    """restore's --socket-owner/--socket-mode/--allow-uid, parsed by argparse, as one value."""
+    from fcsnap.uffd.listener import SocketAccess
 
-    def parsed(option: str, parse: Any, text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as e:
-            raise typer.BadParameter(str(e), param_hint=f"'{option}'") from None
-
-    uid, gid = parsed("--socket-owner", parse_owner, owner) if owner else (None, None)
+    uid, gid = args.socket_owner or (None, None)
     return SocketAccess(
-        mode=parsed("--socket-mode", parse_mode, mode), owner_uid=uid, owner_gid=gid,
-        allowed_uids=frozenset(parsed("--allow-uid", parse_uid, u) for u in allowed),
+        mode=args.socket_mode, owner_uid=uid, owner_gid=gid,
+        allowed_uids=frozenset(args.allow_uid),
     )
 
 
-@app.command()
-def demo(
-    threads: int = typer.Option(4, "--threads", help="Faulting threads in the stand-in VM."),
-) -> None:
-    """Pack, diff, inspect and lazily restore a bundled snapshot, checking every byte."""
+def _listener_value(parse: str) -> Callable[[str], Any]:
+    """An argparse type from a parser of fcsnap.uffd.listener (a ValueError is a usage error)."""
+
+    def convert(text: str) -> Any:
+        from fcsnap.uffd import listener
+
+        try:
+            return getattr(listener, parse)(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from fcsnap.store import listing
+    from fcsnap.store.usage import scan
+
+    view = scan(args.store)
+    if args.name is not None:
+        report = listing.lineage_report(view, args.name)
+    elif args.builds:
+        report = listing.builds_report(view)
+    else:
+        report = listing.names_report(view)
+    if args.json:
+        print_json(report)
+    elif args.name is not None:
+        print(render_lineage(report))
+    else:
+        rows = report["builds"] if args.builds else report["names"]
+        print(render_builds(rows) if args.builds else render_names(rows))
+        print(render_summary(report["summary"]))
+    return 0
+
+
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _generation(value: int | None) -> str:
+    return "?" if value is None else str(value)
+
+
+def render_names(rows: list[dict[str, Any]]) -> str:
+    from fcsnap.render import table
+    from fcsnap.units import format_bytes
+
+    columns = ("name", "head", "gen", "created", "memory", "lineage", "shared", "head reads")
+    text = table(columns, [(
+        r["name"], r["head"] or "?", _generation(r["generation"]), r["created_at"] or "?",
+        "?" if r["memory_bytes"] is None else format_bytes(r["memory_bytes"]),
+        format_bytes(r["lineage_bytes"]), format_bytes(r["shared_bytes"]),
+        _fraction(r["live_fraction"]),
+    ) for r in rows], title="Names", left=("name", "head", "created"))
+    errors = [f"{r['name']}: {r['error']}" for r in rows if "error" in r]
+    return "\n".join([text, *errors])
+
+
+def render_builds(rows: list[dict[str, Any]]) -> str:
+    from fcsnap.render import table
+    from fcsnap.units import format_bytes
+
+    columns = ("build", "gen", "parent", "on disk", "live", "read by")
+    text = table(columns, [(
+        r["build_id"], _generation(r["generation"]), r["parent"] or "-",
+        format_bytes(r["disk_bytes"]), _fraction(r["live_fraction"]),
+        ", ".join(r["read_by"]) or "unreferenced",
+    ) for r in rows], title="Builds", left=("build", "parent", "read by"))
+    errors = [f"{r['build_id']}: {r['error']}" for r in rows if "error" in r]
+    return "\n".join([text, *errors])
+
+
+def render_summary(s: dict[str, Any]) -> str:
+    from fcsnap.units import format_bytes, plural
+
+    amp = "-" if s["amplification"] is None else f"{s['amplification']:.2f}x"
+    return (
+        f"{plural(s['names'], 'name')}, {plural(s['builds'], 'build')} "
+        f"({s['unreferenced_builds']} unreferenced): {format_bytes(s['disk_bytes'])} on disk, "
+        f"heads read {format_bytes(s['live_bytes'])} (space amplification {amp})"
+    )
+
+
+def render_lineage(report: dict[str, Any]) -> str:
+    from fcsnap.render import table
+    from fcsnap.units import format_bytes
+
+    rows = [
+        ("?", r["build_id"], "missing", "", "") if r["missing"] else (
+            _generation(r["generation"]), r["build_id"], r["created_at"] or "?",
+            format_bytes(r["disk_bytes"]),
+            f"{format_bytes(r['head_reads_bytes'])} ({_fraction(r['head_reads_fraction'])})",
+        )
+        for r in report["generations"]
+    ]
+    return table(("gen", "build", "created", "on disk", "head reads"), rows,
+                 title=f"{report['name']}: lineage of {report['head']}",
+                 left=("build", "created"))
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from fcsnap.store.lifecycle import remove_names
+
+    for row in remove_names(args.store, args.names):
+        if not args.quiet:
+            print(f"removed {row['name']} (was {row['head']})")
+    return 0
+
+
+def _duration(text: str) -> float:
+    """An argparse type for --grace (0, 90s, 30m, 1h, 2d)."""
+    from fcsnap.errors import FcsnapError
+    from fcsnap.units import parse_duration
+
+    try:
+        return parse_duration(text, "--grace")
+    except FcsnapError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _fraction_arg(text: str) -> float:
+    """An argparse type for --repack-below: a fraction in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"invalid --repack-below {text!r}: a fraction in (0, 1]")
+    return value
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from fcsnap.store.lifecycle import collect
+
+    report = collect(args.store, args.grace, args.dry_run, args.repack_below)
+    if args.json:
+        print_json(report)
+    else:
+        print(render_gc(report))
+    return 0
+
+
+def render_gc(report: dict[str, Any]) -> str:
+    from fcsnap.units import format_bytes, plural
+
+    dry = report["dry_run"]
+    lines = []
+    for row in report["repacked"]:
+        if "skipped" in row:
+            lines.append(f"not repacked {row['name']}: {row['skipped']}")
+            continue
+        target = "" if dry else (
+            f" as {row['new_head']} ({format_bytes(row['new_head_disk_bytes'])})"
+        )
+        lines.append(
+            f"{'would repack' if dry else 'repacked'} {row['name']} (its head read "
+            f"{row['live_fraction']:.1%} of its lineage){target}"
+        )
+    deleted = report["would_delete" if dry else "deleted"]
+    for row in deleted:
+        lines.append(
+            f"{'would delete' if dry else 'deleted'} build {row['build_id']} "
+            f"({format_bytes(row['disk_bytes'])})"
+        )
+    for row in report["kept"]:
+        lines.append(f"kept unreferenced build {row['build_id']}: {row['reason']}")
+    for name in report["leftovers"]:
+        lines.append(f"{'would remove' if dry else 'removed'} leftover {name}")
+    freed = report["bytes_to_free" if dry else "bytes_freed"]
+    after = report["after"]
+    amp = "-" if after["amplification"] is None else f"{after['amplification']:.2f}x"
+    written = sum(r.get("new_head_disk_bytes", 0) for r in report["repacked"])
+    repack = f", repacks wrote {format_bytes(written)}" if written else ""
+    lines.append(
+        f"{'would free' if dry else 'freed'} {format_bytes(freed)} in "
+        f"{plural(len(deleted), 'build')}{repack}; {format_bytes(after['disk_bytes'])} on disk "
+        f"(space amplification {amp})"
+    )
+    return "\n".join(lines)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
     from fcsnap.demo import run_demo
 
-    run_demo(out, threads)
+    run_demo(args.threads)
+    return 0
 
 
-def main() -> None:
-    """Console entry point: one clear line and exit 1 for runtime failures."""
+# -- the parser ------------------------------------------------------------------------------
+
+DESCRIPTION = "Firecracker memory snapshots: pack into a generational store, restore lazily."
+EPILOG = (
+    "Run 'fcsnap COMMAND --help' for a command's options. Exit status: 0 done, 1 a runtime\n"
+    "failure (one line 'fcsnap: error: ...'), 2 a usage error, 130 interrupted."
+)
+RESTORE_TEXT = """\
+Serve BUILD's memory to one Firecracker VM over userfaultfd, lazily.
+
+Exits 0 when the VM exits. SIGTERM/SIGINT also exit 0, killing the VM unless every
+page is already in place (a VM whose page server is gone would freeze at its next
+fault). With --firecracker-api, a load Firecracker refuses (or never answers) exits 1,
+killing the VM if it connected."""
+
+
+def _command(
+    commands: Any, name: str, handler: Callable[[argparse.Namespace], int], text: str
+) -> argparse.ArgumentParser:
+    summary = text.split("\n", 1)[0]
+    sub = commands.add_parser(
+        name, help=summary, description=text, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub.set_defaults(handler=handler)
+    # Also after the command; SUPPRESS keeps a --debug given before it from being reset.
+    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                     help="Show the traceback of a failure.")
+    return sub
+
+
+def _add_build_options(sub: argparse.ArgumentParser) -> None:
+    """The options of every command that writes a build from a memory file."""
+    sub.add_argument("--compress", default="none", type=_value("parse_compression"),
+                     metavar="none|zstd|zstd:LEVEL", help="Compression of the diff (none).")
+    sub.add_argument("--frame-size", default="256K", type=_value("parse_frame_size"),
+                     metavar="SIZE", help="Uncompressed bytes per zstd frame (256K).")
+    sub.add_argument("--vmstate", type=Path, metavar="FILE",
+                     help="Firecracker vmstate file, kept in the build as snapfile.")
+    sub.add_argument("--working-set", type=Path, metavar="FILE",
+                     help="Store these pages first, in this order (restore --record-ws), so "
+                          "that restore --prefetch-ws reads the diff sequentially.")
+
+
+def _add_store(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--store", type=Path, required=True, metavar="DIR",
+                     help="The store directory.")
+
+
+def _add_write_options(sub: argparse.ArgumentParser) -> None:
+    """--store, --name, --quiet and --json of the commands that write a build."""
+    _add_store(sub)
+    sub.add_argument("--name", metavar="NAME", help="Point vms/NAME at the new build.")
+    _add_quiet(sub)
+    _add_json(sub)
+
+
+def _add_quiet(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("-q", "--quiet", action="store_true", help="No progress bar or summary.")
+
+
+def _add_json(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--json", action="store_true", help="Print one JSON object.")
+
+
+def _add_store_of_build(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--store", type=Path, metavar="DIR",
+                     help="Store holding BUILD (not needed for a build directory).")
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog=PROG, description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="Show the traceback of a failure.")
+    parser.add_argument("--version", action="version", version=f"fcsnap {__version__}")
+    commands = parser.add_subparsers(
+        dest="command", title="commands", metavar="COMMAND", parser_class=Parser, required=True
+    )
+
+    sub = _command(commands, "inspect", cmd_inspect, "Show a header: metadata, the builds it "
+                   "reads, its mappings, and lookups.")
+    sub.add_argument("target", metavar="BUILD|HEADER",
+                     help="Build directory, build id, VM name, or any memfile.header.")
+    _add_store_of_build(sub)
+    sub.add_argument("--mappings", action="store_true", help="List every mapping.")
+    sub.add_argument("--at", action="append", default=[], type=_value("parse_offset"),
+                     metavar="OFFSET", help="Which build serves this byte? (repeatable)")
+    _add_json(sub)
+
+    sub = _command(commands, "pack", cmd_pack, "Pack a memory file as generation 0 of a new "
+                   "lineage.")
+    sub.add_argument("memfile", type=Path, metavar="MEMFILE", help="Firecracker memory file.")
+    sub.add_argument("--block-size", default="4K", type=_value("parse_block_size"),
+                     metavar="4K|2M", help="4K (the default), or 2M for hugepage guests.")
+    _add_build_options(sub)
+    _add_write_options(sub)
+
+    sub = _command(commands, "diff", cmd_diff, "Store what changed since BASE (the parent) as "
+                   "the next generation.")
+    sub.add_argument("memfile", type=Path, metavar="MEMFILE",
+                     help="Firecracker memory file of the next snapshot.")
+    sub.add_argument("--base", required=True, metavar="BUILD",
+                     help="The parent build: directory, id or VM name.")
+    sub.add_argument("--sparse-diff", action="store_true",
+                     help="MEMFILE is a Firecracker Diff snapshot: holes are unchanged pages, "
+                          "not zeros.")
+    sub.add_argument("--block-size", type=_value("parse_block_size"), metavar="4K|2M",
+                     help="Must match the base build's (the default).")
+    _add_build_options(sub)
+    _add_write_options(sub)
+
+    sub = _command(commands, "squash", cmd_squash, "Flatten BUILD into a new generation 0 with "
+                   "the same content and no ancestors.")
+    sub.add_argument("build", metavar="BUILD", help="Build directory, build id or VM name.")
+    _add_write_options(sub)
+
+    sub = _command(commands, "unpack", cmd_unpack, "Rebuild the full memory file of BUILD "
+                   "(sparse where zero).")
+    sub.add_argument("build", metavar="BUILD", help="Build directory, build id or VM name.")
+    sub.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
+                     help="Memory file to write.")
+    _add_store_of_build(sub)
+    sub.add_argument("--force", action="store_true", help="Replace an existing output file.")
+    _add_quiet(sub)
+
+    sub = _command(commands, "verify", cmd_verify, "Check BUILD and every build it reads: "
+                   "files, sizes, and every block's hash.")
+    sub.add_argument("build", metavar="BUILD", help="Build directory, build id or VM name.")
+    _add_store_of_build(sub)
+    _add_quiet(sub)
+    _add_json(sub)
+
+    sub = _command(commands, "restore", cmd_restore, RESTORE_TEXT)
+    _restore_options(sub)
+
+    sub = _command(commands, "ls", cmd_ls, "List the store's names (or every build, or one "
+                   "name's lineage) and the bytes they hold.\n\nA build's live fraction is the "
+                   "share of its stored bytes some name's head still reads.")
+    sub.add_argument("name", nargs="?", metavar="NAME", help="Show this name's lineage.")
+    _add_store(sub)
+    sub.add_argument("--builds", action="store_true",
+                     help="List every build: size, readers, live fraction.")
+    _add_json(sub)
+
+    sub = _command(commands, "rm", cmd_rm, "Remove names (never builds: 'fcsnap gc' deletes "
+                   "the builds no name reads any more).\n\nEither every NAME is removed or, when "
+                   "one does not exist, none.")
+    sub.add_argument("names", nargs="+", metavar="NAME", help="Names to remove.")
+    _add_store(sub)
+    _add_quiet(sub)
+
+    sub = _command(commands, "gc", cmd_gc, "Delete every build no name's head reads, and what "
+                   "killed commands left behind.\n\nA build only an older generation of a name "
+                   "read is garbage once no head reads it. Builds another command is using\n"
+                   "(restore, a diff's base, a build not yet named) are kept.")
+    _add_store(sub)
+    sub.add_argument("--dry-run", action="store_true",
+                     help="List what would be deleted and the bytes freed; change nothing.")
+    sub.add_argument("--grace", default=3600.0, type=_duration, metavar="DURATION",
+                     help="Keep unreferenced builds younger than this (0, 90s, 30m, 1h, 2d; 1h).")
+    sub.add_argument("--repack-below", type=_fraction_arg, metavar="FRACTION",
+                     help="First squash every name whose head reads less than FRACTION of the "
+                          "bytes its lineage stores, so the partly dead builds become garbage.")
+    _add_json(sub)
+
+    sub = _command(commands, "demo", cmd_demo, "Pack, diff, inspect and lazily restore a "
+                   "bundled snapshot, checking every byte.")
+    sub.add_argument("--threads", type=int, default=4, metavar="N",
+                     help="Faulting threads in the stand-in VM (4).")
+    return parser
+
+
+def _restore_options(sub: argparse.ArgumentParser) -> None:
+    add = sub.add_argument
+    add("--vm", required=True, metavar="BUILD", help="Build to serve: directory, id or VM name.")
+    add("--socket", type=Path, required=True, metavar="PATH",
+        help="Unix socket Firecracker connects to.")
+    _add_store_of_build(sub)
+    add("--stats", type=Path, metavar="FILE", help="Write serving statistics (JSON).")
+    add("--verify", action="store_true",
+        help="Check every block against its hash before installing it.")
+    add("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+        help="Seconds a connected VM has to send its regions (10).")
+    add("--cache-mb", type=int, default=64, metavar="N",
+        help="Memory for diff data: decompressed frames (zstd), mapped pages (raw) (64).")
+    add("--fault-around", default="256K", type=_size("fault-around size"), metavar="SIZE",
+        help="Install up to this much contiguous memory around a fault in one copy "
+             "(256K; 0: off).")
+    add("--record-ws", type=Path, metavar="FILE",
+        help="Write the pages the guest faulted, in order (working set).")
+    add("--prefetch-ws", type=Path, metavar="FILE",
+        help="Install this working set right after the handshake.")
+    add("--populate", action="store_true",
+        help="Then install every other page in the background.")
+    add("--eager", action="store_true", help="Install every page before serving any fault.")
+    add("--firecracker-api", type=Path, metavar="SOCK",
+        help="Firecracker's API socket: once listening, have it load the snapshot from us "
+             "(PUT /snapshot/load, resuming the VM). Paths are sent absolute.")
+    add("--vmstate", type=Path, metavar="FILE",
+        help="vmstate file Firecracker loads (default: the build's snapfile).")
+    add("--track-dirty-pages", action="store_true",
+        help="Have the loaded VM track dirty pages.")
+    add("--api-timeout", type=float, default=30.0, metavar="SECONDS",
+        help="Seconds Firecracker has to answer the snapshot load (30).")
+    add("--socket-owner", type=_listener_value("parse_owner"), metavar="UID[:GID]",
+        help="Give the socket to this user (and group), e.g. a jailed Firecracker's; that uid "
+             "may connect too.")
+    add("--socket-mode", default=0o600, type=_listener_value("parse_mode"), metavar="MODE",
+        help="The socket file's permissions, octal (0600).")
+    add("--allow-uid", action="append", default=[], type=_listener_value("parse_uid"),
+        metavar="UID", help="Also admit connections from this uid (repeatable). Admitted "
+                            "always: this process's uid and the --socket-owner's.")
+    _add_quiet(sub)
+
+
+# -- entry point -----------------------------------------------------------------------------
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse and run one command; return its exit status. Raises what the command raised."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.debug:
+        _state["debug"] = True
+    return args.handler(args)
+
+
+_state = {"debug": os.environ.get("FCSNAP_DEBUG") == "1"}
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Console entry point: one clear line and exit 1 for runtime failures, 2 for usage."""
+    from fcsnap.errors import FcsnapError, UsageError
+
     try:
-        app()
+        status = run(argv)
+    except UsageError as e:
+        _traceback()
+        usage_error(str(e), f"{PROG} {_command_name(argv)}".rstrip())
     except (FcsnapError, OSError) as e:
-        if _state["debug"]:
-            traceback.print_exc()
+        _traceback()
         if isinstance(e, FcsnapError):
             message = str(e)
         else:  # an OSError of a write has no file name: then say what was being done
             message = f"{e.strerror or e}: {e.filename}" if e.filename else f"{e.strerror or e}"
-        print(f"fcsnap: error: {message}", file=sys.stderr)
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        sys.exit(INTERRUPTED)
     except Exception as e:  # a bug: still one line, and the traceback on request
-        if _state["debug"]:
-            traceback.print_exc()
+        _traceback()
         print(
-            f"fcsnap: error: internal error ({type(e).__name__}: {e}); "
+            f"{PROG}: error: internal error ({type(e).__name__}: {e}); "
             "run with --debug or FCSNAP_DEBUG=1 for the traceback",
             file=sys.stderr,
         )
         sys.exit(1)
+    sys.stdout.flush()
+    sys.exit(status)
+
+
+def _traceback() -> None:
+    if _state["debug"]:
+        import traceback
+
+        traceback.print_exc()
+
+
+def _command_name(argv: list[str] | None) -> str:
+    words = sys.argv[1:] if argv is None else argv
+    return next((w for w in words if not w.startswith("-")), "")

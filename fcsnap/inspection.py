@@ -1,4 +1,9 @@
-"""What `fcsnap inspect` reports about a header: metadata, the builds it reads, lookups."""
+"""What `fcsnap inspect` reports about a header: metadata, the builds it reads, lookups.
+
+One vocabulary with the header format: a *mapping* is a run of guest memory served by one
+build from its `build_storage_offset`; zero mappings carry the nil build id; `base_build_id` is
+generation 0 of the lineage, `parent_build_id` the generation this one was diffed from.
+"""
 
 from __future__ import annotations
 
@@ -35,13 +40,32 @@ def _pinned(build_id: uuid.UUID, store: Path | None) -> bool | None:
         return None
 
 
+def _parent_of(header: Header, build_dir: Path | None) -> str | None:
+    """The parent build id, which only build.json knows (the header names generation 0, the
+    base, but not the parent): None for generation 0, and where no readable build.json of
+    this build sits beside the header (inspect reports the header; verify checks build.json)."""
+    if header.metadata.generation == 0 or build_dir is None:
+        return None
+    if not (build_dir / MANIFEST).exists():
+        return None
+    try:
+        manifest = read_manifest(build_dir)
+    except FcsnapError:
+        return None
+    if manifest.build_id != header.metadata.build_id or manifest.parent_build_id is None:
+        return None
+    return str(manifest.parent_build_id)
+
+
 def inspect_report(
     header: Header,
     store: Path | None = None,
     show_mappings: bool = False,
     at: list[int] | None = None,
+    build_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """The JSON-ready report; the rich tables of the CLI render this same structure."""
+    """The JSON-ready report; the CLI's tables render this same structure. `build_dir` holds
+    the header and, in a store, the build.json that names the parent."""
     meta = header.metadata
     per_build: dict[uuid.UUID, list[int]] = defaultdict(lambda: [0, 0])
     for m in header.mappings:
@@ -68,6 +92,7 @@ def inspect_report(
             "size": meta.size,
             "generation": meta.generation,
             "build_id": str(meta.build_id),
+            "parent_build_id": _parent_of(header, build_dir),
             "base_build_id": str(meta.base_build_id),
         },
         "mapping_count": len(header.mappings),
@@ -97,7 +122,7 @@ def inspect_report(
             {
                 "offset": found.offset,
                 "build_id": str(found.build_id),
-                "storage_offset": found.storage_offset,
+                "build_storage_offset": found.storage_offset,
                 "remaining_length": found.remaining,
             }
             for found in lookups

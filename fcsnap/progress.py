@@ -5,27 +5,26 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-
-if TYPE_CHECKING:
-    from fcsnap.store.ops import Progress
+from fcsnap.api import Progress
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int, quiet: bool) -> Iterator[Progress]:
-    """Yield an `advance(bytes)` callback driving a rich bar over `total` bytes."""
+def progress_bar(description: str, quiet: bool) -> Iterator[Progress | None]:
+    """Yield the `progress(bytes, total)` callback of a rich bar, or None where none is shown
+    (rich is imported only for a terminal: a piped command does not pay for it)."""
     if quiet or not sys.stdout.isatty():
-        yield lambda _n: None
+        yield None
         return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -34,5 +33,5 @@ def progress_bar(description: str, total: int, quiet: bool) -> Iterator[Progress
         TimeRemainingColumn(),
     )
     with Progress(*columns, transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+        task = bar.add_task(description, total=None)
+        yield lambda n, total: bar.update(task, total=total, advance=n)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fcsnap.errors import FcsnapError
+from fcsnap.errors import UsageError
 
 PAGE = 4096
 """The x86-64 base page: the unit of guest memory, of mappings and of working sets."""
@@ -22,9 +22,9 @@ def parse_size(text: str, what: str = "size") -> int:
         suffix = raw[-1:] if raw[-1:] in _SUFFIXES else ""
         number = int(raw[: len(raw) - len(suffix)])
     except ValueError:
-        raise FcsnapError(f"invalid {what} {text!r}: use e.g. 4096, 0x1000, 4K, 2M") from None
+        raise UsageError(f"invalid {what} {text!r}: use e.g. 4096, 0x1000, 4K, 2M") from None
     if number < 0:
-        raise FcsnapError(f"invalid {what} {text!r}: must not be negative")
+        raise UsageError(f"invalid {what} {text!r}: must not be negative")
     return number * _SUFFIXES[suffix]
 
 
@@ -36,3 +36,32 @@ def format_bytes(n: float) -> str:
             break
         value /= 1024
     return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+_DURATIONS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str, what: str = "duration") -> float:
+    """Parse '0', '90s', '30m', '1h', '2d', '1w' (a number alone is seconds) into seconds."""
+    raw = text.strip().lower()
+    suffix = raw[-1:] if raw[-1:].isalpha() else ""
+    try:
+        number = float(raw[: len(raw) - len(suffix)])
+    except ValueError:
+        number = -1.0
+    if suffix not in _DURATIONS or not 0 <= number < float("inf"):
+        raise UsageError(f"invalid {what} {text!r}: use e.g. 0, 90s, 30m, 1h, 2d")
+    return number * _DURATIONS[suffix]
+
+
+def format_block_size(n: int) -> str:
+    """A block size as `--block-size` takes it (4K, 2M): one unit wherever block sizes appear."""
+    for suffix in ("T", "G", "M", "K"):
+        if n and n % _SUFFIXES[suffix] == 0:
+            return f"{n // _SUFFIXES[suffix]}{suffix}"
+    return str(n)
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 build', '2 builds'."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

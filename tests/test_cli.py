@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fcsnap import cli
+from fcsnap import api, cli
 
 
 def fail_with_a_bug(monkeypatch: pytest.MonkeyPatch, tmp_path, debug: bool) -> int:
@@ -14,7 +14,7 @@ def fail_with_a_bug(monkeypatch: pytest.MonkeyPatch, tmp_path, debug: bool) -> i
     def broken(*args: object, **kwargs: object) -> None:
         raise KeyError("injected")
 
-    monkeypatch.setattr(cli, "load_header", broken)
+    monkeypatch.setattr(api, "inspect", broken)
     monkeypatch.setattr(cli, "_state", {"debug": debug})
     header = tmp_path / "memfile.header"
     header.write_bytes(b"x")

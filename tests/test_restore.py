@@ -332,6 +332,7 @@ def test_unexpected_error_kills_the_vm(lineages, tmp_path, monkeypatch) -> None:
         raise RuntimeError("injected failure")
 
     monkeypatch.setattr(PageSource, "locate", broken)
+    monkeypatch.setenv("FCSNAP_PURE_PYTHON", "1")  # the compiled path does not call locate
     sock, stats = tmp_path / "uffd.sock", tmp_path / "stats.json"
     vms: list[subprocess.Popen[bytes]] = []
     server = FaultServer(lineage.newest, ServeOptions(

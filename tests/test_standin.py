@@ -116,11 +116,11 @@ class MiniServer:
                 return
             faults, deferred = deferred, []
             for event in abi.read_events(uffd):
-                if event[0] == "fault":
+                if type(event) is abi.Fault:
                     self.faults += 1
-                    faults.append(int(event[1]))
-                elif event[0] == "remove":
-                    self.removes.append((int(event[1]), int(event[2])))
+                    faults.append(event.address)
+                elif type(event) is abi.Remove:
+                    self.removes.append((event.start, event.end))
             for address in faults:
                 if self.answer is not None and self.faults > self.answer:
                     continue

@@ -168,8 +168,8 @@ def test_fault_copy_and_eexist(reg: Registered) -> None:
     target = reg.page(3)
     reader = reg.read_in_thread(target + 100, 200)
     [event] = wait_events(reg.fd)
-    kind, address, flags, _ptid = event
-    assert (kind, address, flags & abi.UFFD_PAGEFAULT_FLAG_WRITE) == ("fault", target, 0)
+    assert type(event) is abi.Fault
+    assert (event.address, event.flags & abi.UFFD_PAGEFAULT_FLAG_WRITE) == (target, 0)
     assert abi.copy(reg.fd, target, abi.buffer_address(data), PAGE) == PAGE
     reg.join()
     assert reader["result"] == data[100:300]
@@ -195,9 +195,9 @@ def test_zeropage_and_write_fault(reg: Registered) -> None:
     target = reg.page(7)
     ones = b"\x01" * PAGE
     writer = reg.background(lambda: ctypes.memmove(target, ones, PAGE))
-    [(kind, address, flags, _ptid)] = wait_events(reg.fd)
-    assert (kind, address) == ("fault", target)
-    assert flags & abi.UFFD_PAGEFAULT_FLAG_WRITE
+    [event] = wait_events(reg.fd)
+    assert type(event) is abi.Fault and event.address == target
+    assert event.flags & abi.UFFD_PAGEFAULT_FLAG_WRITE
     assert abi.zeropage(reg.fd, target, PAGE) == PAGE
     assert abi.zeropage(reg.fd, reg.page(8), PAGE) == PAGE  # no fault needed
     reg.join()
@@ -227,7 +227,8 @@ def test_remove_event_blocks_copies_until_read(reg: Registered) -> None:
     with pytest.raises(abi.UffdError) as e:  # the REMOVE is pending, unread
         abi.copy(reg.fd, reg.page(12), abi.buffer_address(data), PAGE)
     assert (e.value.errno, e.value.copied) == (errno.EAGAIN, 0)
-    assert abi.read_events(reg.fd) == [("remove", start, start + length)]
+    [event] = abi.read_events(reg.fd)
+    assert (type(event), event) == (abi.Remove, (start, start + length))
     reg.join()
     assert "error" not in advice
     assert abi.copy(reg.fd, reg.page(12), abi.buffer_address(data), PAGE) == PAGE
@@ -264,13 +265,14 @@ def test_read_events_parses_every_kind() -> None:
             msg.pack(abi.UFFD_EVENT_FORK, (0xBEEF << 32) | 17, 0, 0),
             msg.pack(0x7F, 1, 2, 3),
         ]))
-        assert abi.read_events(r) == [
-            ("fault", 0x7F00_0000_1000, abi.UFFD_PAGEFAULT_FLAG_WRITE, 4242),
-            ("remove", 0x1000, 0x3000),
-            ("unmap", 0x4000, 0x5000),
-            ("remap", 0x1000, 0x9000, 0x2000),
-            ("fork", 17),
-            ("unknown", 0x7F),
+        events = abi.read_events(r)
+        assert [(type(e), e) for e in events] == [
+            (abi.Fault, (0x7F00_0000_1000, abi.UFFD_PAGEFAULT_FLAG_WRITE, 4242)),
+            (abi.Remove, (0x1000, 0x3000)),
+            (abi.Unmap, (0x4000, 0x5000)),
+            (abi.Remap, (0x1000, 0x9000, 0x2000)),
+            (abi.Fork, (17,)),
+            (abi.Unknown, (0x7F,)),
         ]
     finally:
         os.close(r)

@@ -2,7 +2,6 @@
 
 from fcsnap.header.format import (
     NIL,
-    RECORD,
     WRITE_VERSION,
     ZEROS,
     Header,
@@ -13,7 +12,6 @@ from fcsnap.header.format import (
     check,
     decode,
     encode,
-    is_nil,
     load_header,
     parse_header,
     to_records,
@@ -24,7 +22,6 @@ __all__ = [
     "BLOCK_SIZES",
     "NIL",
     "PAGE",
-    "RECORD",
     "WRITE_VERSION",
     "ZEROS",
     "Header",
@@ -35,7 +32,6 @@ __all__ = [
     "check",
     "decode",
     "encode",
-    "is_nil",
     "load_header",
     "parse_header",
     "to_records",

@@ -3,22 +3,22 @@
 Little-endian, no padding, no record count: 64 bytes of metadata, then 40-byte mapping records to
 the end of the file.
 
-One path for each job: `decode` reads bytes (checked by `check`) into metadata and a numpy
-record array, which the store works on directly; `parse_header` makes those a `Header` of
-Mapping objects for lookups; `encode` is the only writer, and checks what it writes.
+One path for each job: `decode` reads bytes (checked by `check`) into metadata and the records'
+bytes, which the store views as a numpy array (store/lineage.py); `parse_header` makes them a
+`Header` of Mapping objects for lookups; `encode` is the only writer, and checks what it writes.
 """
 
 from __future__ import annotations
 
 import bisect
+import operator
 import os
 import struct
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import compress, count, repeat
 from pathlib import Path
-
-import numpy as np
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
@@ -34,9 +34,6 @@ MAX_SIZE = 1 << 62
 
 METADATA = struct.Struct("<QQQQ16s16s")
 MAPPING = struct.Struct("<QQ16sQ")
-# One mapping record (docs/FORMAT.md §3.1) as a numpy dtype: the same 40 bytes, no padding.
-RECORD = np.dtype([("offset", "<u8"), ("length", "<u8"), ("build_id", "V16"), ("storage", "<u8")])
-assert RECORD.itemsize == MAPPING.size
 
 
 class HeaderError(FcsnapError):
@@ -120,20 +117,15 @@ class Header:
         return ends
 
 
-def to_records(mappings: Iterable[Mapping]) -> np.ndarray:
-    """Mappings as a RECORD array, for headers composed in Python (fixtures, tests)."""
-    return np.array(
-        [(m.offset, m.length, m.build_id.bytes, m.storage_offset) for m in mappings], RECORD
+def to_records(mappings: Iterable[Mapping]) -> bytes:
+    """Mappings as record bytes, for headers composed in Python (fixtures, tests)."""
+    return b"".join(
+        MAPPING.pack(m.offset, m.length, m.build_id.bytes, m.storage_offset) for m in mappings
     )
 
 
-def is_nil(records: np.ndarray) -> np.ndarray:
-    """Which records map zeros."""
-    return records["build_id"] == np.void(NIL.bytes)
-
-
-def decode(data: bytes, source: str = "header") -> tuple[Metadata, np.ndarray]:
-    """Header bytes as metadata and a (read-only) RECORD array, checked by `check`."""
+def decode(data: bytes, source: str = "header") -> tuple[Metadata, bytes]:
+    """Header bytes as metadata and the mapping records' bytes, checked by `check`."""
     if len(data) < METADATA.size:
         raise HeaderError(
             f"{source}: too short: {len(data)} bytes, the metadata alone is {METADATA.size}"
@@ -148,18 +140,25 @@ def decode(data: bytes, source: str = "header") -> tuple[Metadata, np.ndarray]:
     meta = Metadata(
         version, block_size, size, generation, uuid.UUID(bytes=build_raw), uuid.UUID(bytes=base_raw)
     )
-    records = np.frombuffer(data, RECORD, offset=METADATA.size)
-    if not len(records) and size > 0:
+    records = bytes(memoryview(data)[METADATA.size :])
+    if not records and size > 0:
         # E2B and Wrenn read a header without records as one run of its own build.
-        records = np.array([(0, size, build_raw, 0)], RECORD)
+        records = MAPPING.pack(0, size, build_raw, 0)
     check(meta, records, source)
     return meta, records
 
 
-def check(meta: Metadata, records: np.ndarray, source: str = "header") -> None:
+def _first(flags: Iterable[object]) -> int:
+    """Index of the first true flag, or -1."""
+    return next(compress(count(), flags), -1)
+
+
+def check(meta: Metadata, records: bytes, source: str = "header") -> None:
     """The rules of docs/FORMAT.md §3.3: a known version and block size, and aligned, non-empty
     mappings that tile [0, size) in ascending order. Raise HeaderError naming the first broken
-    rule. Vector operations only: a header late in a lineage has tens of thousands of mappings."""
+    rule. Each rule is one pass of C-level list operations, not Python work per mapping (a
+    header late in a lineage has tens of thousands), and without numpy, which `inspect` and
+    restore's start-up do not load."""
     if meta.version not in READ_VERSIONS:
         hint = (
             " (E2B's compressed/columnar header, not supported yet)"
@@ -172,53 +171,57 @@ def check(meta: Metadata, records: np.ndarray, source: str = "header") -> None:
         raise HeaderError(f"{source}: memory size {meta.size} is not a positive multiple of 4096")
     if meta.size >= MAX_SIZE:
         raise HeaderError(f"{source}: memory size {meta.size:#x} is beyond what fcsnap handles")
-    offset, length = records["offset"], records["length"]
-    storage = np.where(is_nil(records), 0, records["storage"])
+    words = struct.unpack(f"<{len(records) // 8}Q", records)
+    offset, length, id_lo, id_hi, storage = (list(words[k::5]) for k in range(5))
 
     def where(i: int) -> str:
-        return f"{source}: mapping {i} (offset {int(offset[i]):#x}, length {int(length[i]):#x})"
+        return f"{source}: mapping {i} (offset {offset[i]:#x}, length {length[i]:#x})"
 
-    empty = length == 0
-    unaligned = ((offset | length | storage) % PAGE) != 0
-    unsorted = np.zeros(len(records), bool)
-    unsorted[1:] = offset[1:] < offset[:-1]
-    broken = empty | unaligned | unsorted
-    if broken.any():
-        i = int(np.argmax(broken))
-        if empty[i]:
+    low = repeat(PAGE - 1)
+    unaligned = map(
+        operator.or_,
+        map(operator.and_, map(operator.or_, offset, length), low),
+        map(operator.mul, map(operator.and_, storage, low), map(operator.or_, id_lo, id_hi)),
+    )  # nil mappings (id 0) may carry any storage offset
+    firsts = [
+        length.index(0) if 0 in length else -1,
+        _first(unaligned),
+        _first(map(operator.lt, offset[1:], offset)) + 1 or -1,
+    ]
+    broken = [i for i in firsts if i >= 0]
+    if broken:
+        i = min(broken)
+        if length[i] == 0:
             raise HeaderError(f"{where(i)}: zero length")
-        if unaligned[i]:
+        if firsts[1] == i:
             raise HeaderError(f"{where(i)}: offset, length or storage offset not 4096-aligned")
         raise HeaderError(f"{where(i)}: unsorted (mappings must ascend by offset)")
-    if len(records) and max(int(offset.max()), int(length.max())) >= MAX_SIZE:
-        offset, length = offset.astype(object), length.astype(object)  # exact, never wraps
-    end = offset + length
-    expected = np.zeros_like(end)
-    expected[1:] = end[:-1]
-    wrong = offset != expected
-    if wrong.any():
-        i = int(np.argmax(wrong))
-        at, want = int(offset[i]), int(expected[i])
-        if at < want:
-            raise HeaderError(f"{where(i)}: overlapping (previous mapping ends at {want:#x})")
-        raise HeaderError(f"{where(i)}: leaves a gap [{want:#x}, {at:#x})")
-    covered = int(end[-1]) if len(records) else 0
+    end = list(map(operator.add, offset, length))
+    expected = [0, *end[:-1]]
+    if offset != expected:
+        i = _first(map(operator.ne, offset, expected))
+        if offset[i] < expected[i]:
+            raise HeaderError(
+                f"{where(i)}: overlapping (previous mapping ends at {expected[i]:#x})"
+            )
+        raise HeaderError(f"{where(i)}: leaves a gap [{expected[i]:#x}, {offset[i]:#x})")
+    covered = end[-1] if end else 0
     if covered != meta.size:
         raise HeaderError(
             f"{source}: mappings cover [0, {covered:#x}), not the memory size {meta.size:#x}"
         )
 
 
-def encode(meta: Metadata, records: np.ndarray) -> bytes:
-    """The header bytes of `meta` and `records` (a RECORD array), checked like any header read
-    back: the one writer of headers."""
+def encode(meta: Metadata, records: bytes) -> bytes:
+    """The header bytes of `meta` and `records` (40-byte mapping records), checked like any
+    header read back: the one writer of headers."""
     check(meta, records, "new header")
     return (
         METADATA.pack(
             meta.version, meta.block_size, meta.size, meta.generation, meta.build_id.bytes,
             meta.base_build_id.bytes,
         )
-        + np.ascontiguousarray(records, RECORD).tobytes()
+        + records
     )
 
 
@@ -235,7 +238,7 @@ def parse_header(data: bytes, source: str = "header") -> Header:
 
     mappings = tuple(
         Mapping(offset, length, build_id(raw), 0 if raw == NIL.bytes else storage)
-        for offset, length, raw, storage in MAPPING.iter_unpack(records.tobytes())
+        for offset, length, raw, storage in MAPPING.iter_unpack(records)
     )
     return Header(meta, mappings)
 

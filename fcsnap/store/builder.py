@@ -24,6 +24,7 @@ from fcsnap import __version__
 from fcsnap.errors import FcsnapError
 from fcsnap.files import writing
 from fcsnap.header import WRITE_VERSION, ZEROS, Metadata, encode
+from fcsnap.options import DEFAULT_FRAME_SIZE, DEFAULT_LEVEL
 from fcsnap.store.hashes import DIGEST_SIZE, digest, dump_hashes
 from fcsnap.store.layout import (
     DIFF_RAW,
@@ -51,8 +52,8 @@ class Head(Enum):
 class BuildOptions:
     block_size: int = PAGE
     compression: str = "none"  # "none" or "zstd"
-    level: int = 3
-    frame_size: int = 256 << 10
+    level: int = DEFAULT_LEVEL
+    frame_size: int = DEFAULT_FRAME_SIZE
     name: str | None = None
     vmstate: Path | None = None
     source: str = ""
@@ -289,7 +290,7 @@ class GenerationBuilder:
         store = self.stage.parent
         with writing(f"{HEADER} of the new build in store {store}"):
             (self.stage / HEADER).write_bytes(
-                encode(meta, layout.records(self.build_ids, self.bs))
+                encode(meta, layout.records(self.build_ids, self.bs).tobytes())
             )
         with writing(f"{HASHES} of the new build in store {store}"):
             (self.stage / HASHES).write_bytes(dump_hashes(self.bs, b"".join(self.digests)))
@@ -334,7 +335,8 @@ def build_generation(
         if expected is Head.AT_START:
             expected = read_vm_pointer(store, options.name)
     if options.vmstate is not None and not options.vmstate.is_file():
-        raise FcsnapError(f"vmstate file {options.vmstate} not found")
+        problem = "is not a regular file" if options.vmstate.exists() else "not found"
+        raise FcsnapError(f"vmstate file {options.vmstate} {problem}")
     build_id = uuid.uuid4()
     with staged_build(store, build_id) as lock:
         stage = lock.path

@@ -19,10 +19,20 @@ import numpy as np
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
-from fcsnap.header import NIL, RECORD, ZEROS, decode, is_nil
+from fcsnap.header import NIL, ZEROS, decode
+from fcsnap.header.format import MAPPING
 from fcsnap.store.hashes import DIGEST_SIZE, parse_hashes, sidecar_pin, zero_digest
 from fcsnap.store.layout import HASHES, HEADER, build_path, store_of
 from fcsnap.store.manifest import Manifest, read_manifest
+
+# One mapping record (docs/FORMAT.md §3.1) as a numpy dtype: the same 40 bytes, no padding.
+RECORD = np.dtype([("offset", "<u8"), ("length", "<u8"), ("build_id", "V16"), ("storage", "<u8")])
+assert RECORD.itemsize == MAPPING.size
+
+
+def is_nil(records: np.ndarray) -> np.ndarray:
+    """Which records map zeros."""
+    return records["build_id"] == np.void(NIL.bytes)
 
 
 @dataclass(frozen=True)
@@ -145,7 +155,8 @@ class Parent:
         self.store = store_of(build_dir)
         self.manifest: Manifest = read_manifest(build_dir)
         path = build_dir / HEADER
-        self.metadata, records = decode(read_regular(path, "header"), str(path))
+        self.metadata, raw = decode(read_regular(path, "header"), str(path))
+        records = np.frombuffer(raw, RECORD)
         meta = self.metadata
         if (meta.build_id, meta.size, meta.block_size) != (
             self.manifest.build_id, self.manifest.size, self.manifest.block_size

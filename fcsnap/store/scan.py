@@ -16,6 +16,8 @@ import numpy as np
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import open_regular
+from fcsnap.header import PAGE
+from fcsnap.units import format_block_size
 
 CHUNK = 32 << 20
 PREFETCH_BYTES = 64 << 20
@@ -81,9 +83,12 @@ class MemoryFile:
             raise FcsnapError(f"{path} is empty: not a memory file")
         if self.size % block_size:
             self.close()
+            hint = "a Firecracker memory file is whole pages" if block_size == PAGE else (
+                "use --block-size 4K for a guest whose memory is not whole 2M hugepages"
+            )
             raise FcsnapError(
-                f"{path}: size {self.size} is not a multiple of the block size {block_size} "
-                "(a Firecracker memory file is whole pages; use --block-size 4K for 2M guests)"
+                f"{path}: size {self.size} is not a multiple of the block size "
+                f"{format_block_size(block_size)} ({hint})"
             )
         self.block_size = block_size
         self.nowait = os.RWF_NOWAIT  # read flags; 0 where the filesystem does not support it

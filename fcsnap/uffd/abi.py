@@ -3,16 +3,23 @@
 ABI mode (``ffi.dlopen(None)``) needs no compiler at install time. Every cffi call releases the
 GIL, so a thread blocked in an ioctl never stalls the rest of the process. The structs and
 constants are declared here rather than taken from the installed 6.1 headers, which lack the
-features added since (WP_UNPOPULATED, POISON, WP_ASYNC, MOVE); the layouts are the x86-64 ABI.
+features added since (WP_UNPOPULATED, POISON, WP_ASYNC, MOVE); the layouts are the x86-64 and
+aarch64 ABI (the same for these structs). Which of those features this kernel has is asked of
+the kernel (`kernel_features`), never assumed from a version.
 
-Hot path: `copy` and `read_events` allocate one small struct per call (cheaper than a
-thread-local cache, and safe from any thread) and parse messages with one `struct.Struct`.
+Events are parsed through the declared `struct uffd_msg` itself, so there is one model of the
+kernel's message. The fault hot path of a serving VM lives in C (fcsnap/uffd/fastpath.py); the
+calls here allocate one small struct per call (cheaper than a thread-local cache, and safe from
+any thread).
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import os
-import struct
+import platform
+from typing import NamedTuple
 
 from cffi import FFI
 
@@ -53,7 +60,7 @@ lib = ffi.dlopen(None)
 
 # -- constants --------------------------------------------------------------------------------
 
-SYS_userfaultfd = 323  # x86-64
+_SYSCALL_NUMBERS = {"x86_64": 323, "aarch64": 282}  # userfaultfd(2) on each architecture
 UFFD_USER_MODE_ONLY = 1
 UFFD_API = 0xAA
 
@@ -70,10 +77,10 @@ UFFD_FEATURE_MINOR_HUGETLBFS = 1 << 9
 UFFD_FEATURE_MINOR_SHMEM = 1 << 10
 UFFD_FEATURE_EXACT_ADDRESS = 1 << 11
 UFFD_FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12
-UFFD_FEATURE_WP_UNPOPULATED = 1 << 13  # 6.4; not in the 6.1 headers
-UFFD_FEATURE_POISON = 1 << 14  # 6.6
-UFFD_FEATURE_WP_ASYNC = 1 << 15  # 6.7
-UFFD_FEATURE_MOVE = 1 << 16  # 6.8
+UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
+UFFD_FEATURE_POISON = 1 << 14
+UFFD_FEATURE_WP_ASYNC = 1 << 15
+UFFD_FEATURE_MOVE = 1 << 16
 
 UFFD_EVENT_PAGEFAULT = 0x12
 UFFD_EVENT_FORK = 0x13
@@ -135,10 +142,44 @@ MAP_HUGETLB = 0x40000
 MAP_HUGE_2MB = 21 << 26
 MADV_DONTNEED = 4
 
-MSG_SIZE = 32
-Event = tuple[str | int, ...]  # ("fault", address, flags, ptid) etc.; see read_events
-_MSG = struct.Struct("<B7xQQQ")  # event, then the three u64 words of the union
-_U32 = 0xFFFFFFFF
+MSG_SIZE = ffi.sizeof("struct uffd_msg")
+
+
+class Fault(NamedTuple):
+    """A thread touched a missing page at `address` (flags: UFFD_PAGEFAULT_FLAG_*)."""
+
+    address: int
+    flags: int
+    ptid: int
+
+
+class Remove(NamedTuple):
+    """[start, end) was emptied (MADV_DONTNEED, a balloon): it faults again, as zeros."""
+
+    start: int
+    end: int
+
+
+class Unmap(NamedTuple):
+    start: int
+    end: int
+
+
+class Remap(NamedTuple):
+    old: int
+    new: int
+    length: int
+
+
+class Fork(NamedTuple):
+    uffd: int
+
+
+class Unknown(NamedTuple):
+    code: int
+
+
+Event = Fault | Remove | Unmap | Remap | Fork | Unknown
 
 _API_T = ffi.typeof("struct uffdio_api *")
 _REGISTER_T = ffi.typeof("struct uffdio_register *")
@@ -161,10 +202,23 @@ def _fail(op: str, copied: int = 0) -> UffdError:
     return UffdError(ffi.errno, op, copied)
 
 
+def syscall_number(machine: str | None = None) -> int:
+    """userfaultfd(2)'s number on this machine's architecture; refuses the ones not known, as
+    a wrong number would call some other system call."""
+    machine = machine or platform.machine()
+    try:
+        return _SYSCALL_NUMBERS[machine]
+    except KeyError:
+        raise UffdError(
+            errno.ENOSYS, f"userfaultfd on {machine} (fcsnap knows its number only on "
+            f"{' and '.join(_SYSCALL_NUMBERS)})",
+        ) from None
+
+
 def userfaultfd(flags: int = os.O_CLOEXEC | os.O_NONBLOCK) -> int:
     """A new uffd. Falls back to /dev/userfaultfd, which the kernel permits by file mode even
     when the syscall is refused (vm.unprivileged_userfaultfd=0 without CAP_SYS_PTRACE)."""
-    fd = lib.syscall(SYS_userfaultfd, ffi.cast("int", flags))
+    fd = lib.syscall(syscall_number(), ffi.cast("int", flags))
     if fd >= 0:
         return fd
     err = ffi.errno
@@ -194,6 +248,22 @@ def api_handshake(fd: int, features: int) -> int:
     if _ioctl(fd, UFFDIO_API, api) < 0:
         raise _fail("UFFDIO_API")
     return int(api.features)
+
+
+@functools.cache
+def kernel_features() -> int:
+    """Every UFFD_FEATURE_* this kernel offers, asked of it once (UFFDIO_API on a new uffd);
+    0 when userfaultfd is not available at all."""
+    try:
+        fd = userfaultfd()
+    except OSError:
+        return 0
+    try:
+        return api_handshake(fd, 0)
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
 
 
 def register(fd: int, addr: int, length: int, mode: int = MISSING) -> int:
@@ -234,33 +304,51 @@ def wake(fd: int, addr: int, length: int) -> None:
         raise _fail("UFFDIO_WAKE")
 
 
-def read_events(fd: int, max_events: int = 64) -> list[Event]:
-    """Read pending messages from a non-blocking uffd; [] when there are none.
-
-    ("fault", address, flags, ptid), ("remove", start, end), ("unmap", start, end),
-    ("remap", from, to, len), ("fork", new_uffd) or ("unknown", event_code).
-    A blocking uffd blocks here (with the GIL released) until an event arrives.
-    """
-    try:
-        data = os.read(fd, MSG_SIZE * max_events)
-    except BlockingIOError:
-        return []
+def parse_events(messages: object, count: int) -> list[Event]:
+    """`count` kernel messages from `messages` (a `struct uffd_msg[]`) as typed events."""
     events: list[Event] = []
     append = events.append
-    for event, a, b, c in _MSG.iter_unpack(data):
+    for i in range(count):
+        m = messages[i]  # type: ignore[index]
+        event = m.event
         if event == UFFD_EVENT_PAGEFAULT:
-            append(("fault", b, a, c & _U32))
+            f = m.arg.pagefault
+            append(Fault(f.address, f.flags, f.ptid))
         elif event == UFFD_EVENT_REMOVE:
-            append(("remove", a, b))
+            append(Remove(m.arg.remove.start, m.arg.remove.end))
         elif event == UFFD_EVENT_UNMAP:
-            append(("unmap", a, b))
+            append(Unmap(m.arg.remove.start, m.arg.remove.end))
         elif event == UFFD_EVENT_REMAP:
-            append(("remap", a, b, c))
+            r = m.arg.remap
+            append(Remap(getattr(r, "from"), r.to, r.len))
         elif event == UFFD_EVENT_FORK:
-            append(("fork", a & _U32))
+            append(Fork(m.arg.fork.ufd))
         else:
-            append(("unknown", event))
+            append(Unknown(event))
     return events
+
+
+class EventReader:
+    """Reads a uffd's pending messages, up to `capacity` in one read, into one buffer that is
+    kept (no allocation per read). One reader per thread."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.messages = ffi.new("struct uffd_msg[]", capacity)
+        self._buffer = memoryview(ffi.buffer(self.messages))  # type: ignore[arg-type]
+
+    def read(self, fd: int) -> list[Event]:
+        """Pending events; [] when there are none (a blocking uffd waits, GIL released)."""
+        try:
+            n = os.readv(fd, [self._buffer])
+        except BlockingIOError:
+            return []
+        return parse_events(self.messages, n // MSG_SIZE)
+
+
+def read_events(fd: int, max_events: int = 64) -> list[Event]:
+    """Read pending messages from a non-blocking uffd, as typed events; [] when there are
+    none. A blocking uffd blocks here (with the GIL released) until an event arrives."""
+    return EventReader(max_events).read(fd)
 
 
 def buffer_address(buf: object) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fcsnap.errors import FcsnapError
+from fcsnap.threads import start_signal_free
 from fcsnap.unix_http import AnswerError, OnConnect, UnixHTTPConnection, exchange
 
 MAX_BODY = 1 << 20  # Firecracker's answers are a short JSON object, or nothing
@@ -133,8 +134,8 @@ class SnapshotLoad:
         self._thread = threading.Thread(
             target=self._run, args=(on_failure, on_success), name="snapshot-load", daemon=True
         )
-        self._deadline.start()
-        self._thread.start()
+        start_signal_free(self._deadline)
+        start_signal_free(self._thread)
 
     def _run(
         self, on_failure: Callable[[FcsnapError], None], on_success: Callable[[Response], None]

@@ -8,11 +8,14 @@ fault-arounds over a removed range (those pages serve zeros, one at a time, when
 
 from __future__ import annotations
 
+import enum
 import errno
+import os
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,7 +24,24 @@ from fcsnap.uffd import abi
 from fcsnap.uffd.pages import PageSource
 from fcsnap.uffd.regions import Region, RegionMap
 
-OK = 0
+
+class Outcome(enum.Enum):
+    """What became of a fault or an install."""
+
+    DONE = "done"  # installed (or already there), the waiting thread woken
+    RETRY = "retry"  # EAGAIN: events must be read first; retry after the next drain
+    GONE = "gone"  # ESRCH: the VM has exited
+
+
+DONE, RETRY, GONE = Outcome.DONE, Outcome.RETRY, Outcome.GONE
+_OUTCOME_OF_ERRNO = {errno.EAGAIN: RETRY, errno.ESRCH: GONE}
+
+
+class SpanResult(NamedTuple):
+    """What `install_span` did: pages installed, and where to resume (None: it finished)."""
+
+    installed: int
+    resume: int | None
 
 
 @dataclass
@@ -34,6 +54,7 @@ class InstallStats:
     retries: int = 0
     already_present: int = 0
     installs: int = 0  # UFFDIO_COPY/ZEROPAGE calls that installed something
+    compiled_faults: int = 0  # faults the compiled path served (fastpath.py)
     prefetched_pages: int = 0
     populated_pages: int = 0
     per_build_pages: Counter = field(default_factory=Counter)
@@ -84,8 +105,8 @@ class Installer:
                 state.present[first:last] = False
                 state.removed[first:last] = True
 
-    def fault(self, address: int) -> int:
-        """Serve one fault; returns OK, EAGAIN (retry after the next drain) or ESRCH."""
+    def fault(self, address: int) -> Outcome:
+        """Serve one fault."""
         region = self.regions.find(address)
         if region is None:
             raise FcsnapError(f"fault at {address:#x} is outside every region the VM sent")
@@ -101,16 +122,17 @@ class Installer:
         w_lo = page - page % window
         w_hi = min(state.pages, w_lo + window)
         lo, hi = self._source_bounds(state, page, w_lo, w_hi)
-        blocked = np.flatnonzero(state.present[lo:hi] | state.removed[lo:hi]) + lo
-        left = blocked[blocked < page]
-        right = blocked[blocked > page]
-        if len(left):
-            lo = int(left[-1]) + 1
-        if len(right):
-            hi = int(right[0])
+        if hi - lo > 1:  # no array work for one page
+            blocked = np.flatnonzero(state.present[lo:hi] | state.removed[lo:hi]) + lo
+            left = blocked[blocked < page]
+            right = blocked[blocked > page]
+            if len(left):
+                lo = int(left[-1]) + 1
+            if len(right):
+                hi = int(right[0])
         before = state.present[w_lo:w_hi].copy() if self.recorded is not None else None
         result = self._install(state, lo, hi, needed=page)
-        if result != OK:
+        if result is not DONE:
             return result
         # The rest of the window, from other source runs: a few more ioctls now cost far
         # less than the fault round trips they spare. A vCPU may already wait there: wake.
@@ -122,16 +144,16 @@ class Installer:
             for p in done.tolist():
                 self.recorded.extend(range(region.offset + p * size,
                                            region.offset + (p + 1) * size, 4096))
-        return OK
+        return DONE
 
     # -- batches ---------------------------------------------------------------------------
 
     def install_span(
         self, region: Region, lo: int, hi: int, wake: bool = False
-    ) -> tuple[int, int | None]:
+    ) -> SpanResult:
         """Install the missing, not removed pages of [lo, hi), by default with DONTWAKE (the
-        caller wakes once per batch). Returns (pages installed, where to resume or None when
-        done): an EAGAIN stops early, since events must be read before anything installs."""
+        caller wakes once per batch). An EAGAIN stops early, since events must be read before
+        anything installs."""
         state = self.states[region.base]
         installed = 0
         pos = lo
@@ -148,10 +170,10 @@ class Installer:
             before = int(state.present[seg_lo:seg_hi].sum())
             result = self._install(state, seg_lo, seg_hi, wake=wake)
             installed += int(state.present[seg_lo:seg_hi].sum()) - before
-            if result != OK:
-                return installed, pos
+            if result is not DONE:
+                return SpanResult(installed, pos)
             pos = seg_hi
-        return installed, None
+        return SpanResult(installed, None)
 
     def note_installed(
         self, state: RegionState, lo: int, pages: int, build: uuid.UUID | None
@@ -172,6 +194,15 @@ class Installer:
         """Every page is in place: the VM no longer needs this server (until a balloon)."""
         return all(s.present.all() for s in self.states.values())
 
+    def install_error(self, dst: int, build: uuid.UUID | None, err: int) -> FcsnapError:
+        """The one-line error for an install the kernel refused for a reason that is not
+        transient (both paths use it)."""
+        origin = "zeros" if build is None else self.pages.diffs[build].path
+        return FcsnapError(
+            f"installing guest memory at {dst:#x} from {origin} failed: {os.strerror(err)} "
+            "(diff file truncated or unreadable?)"
+        )
+
     # -- internals -------------------------------------------------------------------------
 
     def _source_bounds(self, state: RegionState, page: int, lo: int, hi: int) -> tuple[int, int]:
@@ -186,18 +217,18 @@ class Installer:
         last = (m.end - r.offset) // size
         return max(lo, first), min(hi, last)
 
-    def _refault(self, state: RegionState, page: int) -> int:
+    def _refault(self, state: RegionState, page: int) -> Outcome:
         """A fault on a page we installed (a second vCPU, or one that faulted while a batch
         went in without waking): it is there, so waking the waiter is all it needs."""
         r = state.region
         self.stats.already_present += 1
         abi.wake(self.uffd, r.base + page * r.page_size, r.page_size)
-        return OK
+        return DONE
 
     def _install(
         self, state: RegionState, lo: int, hi: int, needed: int | None = None,
         wake: bool = True,
-    ) -> int:
+    ) -> Outcome:
         """One UFFDIO_COPY/ZEROPAGE for pages [lo, hi) of one source run."""
         r = state.region
         size = r.page_size
@@ -216,24 +247,20 @@ class Installer:
                 src = self.zeros_addr if source_addr is None else source_addr
                 abi.copy(self.uffd, dst, src, length, mode)
             done = length
-            outcome = OK
+            outcome = DONE
         except abi.UffdError as e:
             done = e.copied
             if e.errno == errno.EEXIST:
                 self.stats.already_present += 1
                 state.present[lo + done // size] = True
-                outcome = OK
+                outcome = DONE
                 if needed is not None and not state.present[needed]:
                     outcome = self._install(state, needed, needed + 1)
-            elif e.errno in (errno.EAGAIN, errno.ESRCH):
-                outcome = e.errno
+            elif e.errno in _OUTCOME_OF_ERRNO:
+                outcome = _OUTCOME_OF_ERRNO[e.errno]
             else:
-                origin = "zeros" if build is None else self.pages.diffs[build].path
-                raise FcsnapError(
-                    f"installing guest memory at {dst:#x} from {origin} failed: {e.strerror} "
-                    "(diff file truncated or unreadable?)"
-                ) from e
+                raise self.install_error(dst, build, e.errno) from e
         self.note_installed(state, lo, done // size, build)
-        if outcome == errno.EAGAIN and needed is not None and state.present[needed]:
-            return OK
+        if outcome is RETRY and needed is not None and state.present[needed]:
+            return DONE
         return outcome

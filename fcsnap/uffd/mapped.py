@@ -17,14 +17,16 @@ serving a 4 GiB guest would grow the server by its whole diff. So:
   mapping.
 
 Installs are synchronous, so when the next source is asked for, earlier copies are done and
-the mapping (or the buffer) can be reused.
+the mapping (or the buffer) can be reused. The state is kept in arrays that the compiled fault
+path (csrc/fastpath.c, `diff_source`) reads and updates the same way.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-from collections import deque
+
+import numpy as np
 
 from fcsnap.errors import FcsnapError
 from fcsnap.store.source import DiffFile
@@ -46,11 +48,12 @@ class MappedDiff:
         self.base = abi.buffer_address(diff.map)
         self.limit = max(1, -(-budget_bytes >> CHUNK_SHIFT))
         self.fits = (diff.size - 1) >> CHUNK_SHIFT < self.limit  # every chunk at once
-        self.chunks: set[int] = set()  # chunks copied from since the last drop
-        self.ends: deque[int] = deque(maxlen=RECENT_ENDS)  # of recent reads
-        buffer = bytearray(READ_BELOW)
-        self.view = memoryview(buffer)
-        self.buffer_address = abi.buffer_address(buffer)
+        self.chunks = np.zeros(((diff.size - 1) >> CHUNK_SHIFT) + 1, np.uint8)  # since the drop
+        self.counters = np.zeros(2, np.int64)  # [chunks in use, next slot in `ends`]
+        self.ends = np.full(RECENT_ENDS, -1, np.int64)  # where recent reads ended
+        self.buffer = bytearray(READ_BELOW)
+        self.view = memoryview(self.buffer)
+        self.buffer_address = abi.buffer_address(self.buffer)
 
     def source(self, storage: int, length: int) -> int:
         """The address holding diff bytes [storage, storage+length), valid until the next
@@ -58,11 +61,13 @@ class MappedDiff:
         mapping past the cut would install zeros; a short read says so itself)."""
         first, last = storage >> CHUNK_SHIFT, (storage + length - 1) >> CHUNK_SHIFT
         chunks = self.chunks
-        if self.fits or (first in chunks and last in chunks and last - first <= 1):
+        if self.fits or (chunks[first] and chunks[last] and last - first <= 1):
             self.diff.check_size()
             return self.base + storage
-        if length <= READ_BELOW and storage not in self.ends:
-            self.ends.append(storage + length)
+        if length <= READ_BELOW and storage not in self.ends.tolist():
+            slot = int(self.counters[1])
+            self.ends[slot] = storage + length
+            self.counters[1] = (slot + 1) % RECENT_ENDS
             return self._read(storage, length)
         self.diff.check_size()
         self._reserve(first, last)
@@ -82,12 +87,13 @@ class MappedDiff:
     def _reserve(self, first: int, last: int) -> None:
         """Chunks first..last are about to be copied from: drop the mapping first if they
         would bring more than the budget into use."""
-        new = [c for c in range(first, last + 1) if c not in self.chunks]
-        if len(self.chunks) + len(new) > self.limit:
+        span = self.chunks[first : last + 1]
+        if self.counters[0] + int((span == 0).sum()) > self.limit:
             self.map.madvise(mmap.MADV_DONTNEED)
-            self.chunks.clear()
-            new = list(range(first, last + 1))
-        self.chunks.update(new)
+            self.chunks[:] = 0
+            self.counters[0] = 0
+        self.counters[0] += int((span == 0).sum())
+        span[:] = 1
 
     def _read(self, storage: int, length: int) -> int:
         if os.preadv(self.diff.fd, [self.view[:length]], storage) != length:

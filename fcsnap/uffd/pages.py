@@ -3,6 +3,11 @@
 The fault server asks for a source address to hand to UFFDIO_COPY. Raw diffs are mmapped, so a
 page that lies in one mapping is copied by the kernel straight from the page cache (mapped.py
 keeps what that costs in server memory within `map_budget`, restore's --cache-mb).
+
+With --verify (`hashes` given) the mapping is never a source: every install reads its blocks
+into a private buffer, checks each against its hash and installs from that same buffer, so a
+diff file changed after a check (a deduplicated block served again, a fault-around window)
+cannot slip bytes past it.
 """
 
 from __future__ import annotations
@@ -54,9 +59,8 @@ class PageSource:
         self.diffs = diffs
         self.hashes = hashes
         self.block_size = header.metadata.block_size
-        self.verified: set[tuple[uuid.UUID, int]] = set()
         raw = {b: d for b, d in diffs.items() if d.map}  # each gets a share of map_budget
-        self._mapped = {b: MappedDiff(d, map_budget // max(1, len(raw))) for b, d in raw.items()}
+        self.mapped = {b: MappedDiff(d, map_budget // max(1, len(raw))) for b, d in raw.items()}
         self.builds = list(diffs)  # `where` numbers builds by their place here
         self._spans: list[bytes] = []  # decompressed bytes `span_base` handed out
         self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -70,8 +74,9 @@ class PageSource:
             return Source(None, None)
         storage = m.storage_offset + (offset - m.offset)
         if self.hashes is not None:
-            self._verify(m.build_id, storage, length, offset)
-        mapped = self._mapped.get(m.build_id)
+            data = self._checked(m.build_id, storage, length, offset)
+            return Source(abi.buffer_address(data), m.build_id, data)
+        mapped = self.mapped.get(m.build_id)
         if mapped is not None:
             return Source(mapped.source(storage, length), m.build_id)
         data = self.diffs[m.build_id].read(storage, length)
@@ -105,7 +110,7 @@ class PageSource:
         if self.hashes is not None:
             return None
         build = self.builds[owner]
-        mapped = self._mapped.get(build)
+        mapped = self.mapped.get(build)
         if mapped is not None:
             return mapped.window(lo, hi)
         if hi - lo > SPAN_BYTES:
@@ -128,10 +133,11 @@ class PageSource:
             take = min(m.end, offset + length) - pos
             if not m.is_zero:
                 storage = m.storage_offset + (pos - m.offset)
-                if self.hashes is not None:
-                    self._verify(m.build_id, storage, take, pos)
                 at = pos - offset
-                buf[at : at + take] = self.diffs[m.build_id].read(storage, take)
+                if self.hashes is not None:
+                    buf[at : at + take] = self._checked(m.build_id, storage, take, pos)
+                else:
+                    buf[at : at + take] = self.diffs[m.build_id].read(storage, take)
                 supplied[m.build_id] += take
             pos += take
             i += 1
@@ -139,21 +145,24 @@ class PageSource:
             return Source(None, None)
         return Source(abi.buffer_address(buf), supplied.most_common(1)[0][0], buf)
 
-    def _verify(self, build_id: uuid.UUID, storage: int, length: int, offset: int) -> None:
-        """Check every stored block under [storage, storage+length) against its hash, once."""
+    def _checked(self, build_id: uuid.UUID, storage: int, length: int, offset: int) -> memoryview:
+        """Diff bytes [storage, storage+length), read once with the whole blocks around them
+        and checked block by block in that private copy: the bytes returned are the bytes
+        that matched their hashes, whatever happens to the file afterwards."""
         assert self.hashes is not None
         bs = self.block_size
         table = self.hashes[build_id]
-        for block in range(storage // bs, -(-(storage + length) // bs)):
-            if (build_id, block) in self.verified:
-                continue
-            data = self.diffs[build_id].read(block * bs, bs)
-            if block >= len(table) or digest(data) != table[block].tobytes():
+        first, last = storage // bs, -(-(storage + length) // bs)
+        data = memoryview(self.diffs[build_id].read(first * bs, (last - first) * bs))
+        for block in range(first, last):
+            at = (block - first) * bs
+            if block >= len(table) or digest(data[at : at + bs]) != table[block].tobytes():
                 raise VerifyError(
                     f"build {build_id}: block {block} (storage offset {block * bs:#x}, serving "
                     f"guest offset {offset:#x}) does not match its hash; not installed"
                 )
-            self.verified.add((build_id, block))
+        start = storage - first * bs
+        return data[start : start + length]
 
 
 def hash_tables(diffs: dict[uuid.UUID, DiffFile]) -> dict[uuid.UUID, np.ndarray]:

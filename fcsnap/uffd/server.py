@@ -3,7 +3,9 @@
 Loop: epoll over the uffd, the VM's pidfd and a stop pipe; read *all* pending events before
 serving (a pending REMOVE makes every copy fail with EAGAIN); install pages with UFFDIO_COPY or
 ZEROPAGE; defer EAGAIN faults and retry them after the next drain, with a short poll timeout so
-none is stranded. The server never touches the guest memory itself.
+none is stranded. The server never touches the guest memory itself. Where it can, a compiled
+loop (fastpath.py) does the polling, reading and installing with the GIL released, and hands
+back what only Python handles.
 
 A guest whose page server is gone freezes at its next fault, so every way out other than the
 VM's own exit - an error of any kind, SIGTERM/SIGINT - kills the VM first.
@@ -12,7 +14,6 @@ VM's own exit - an error of any kind, SIGTERM/SIGINT - kills the VM first.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import select
@@ -31,8 +32,9 @@ from fcsnap.header import load_header
 from fcsnap.store.pins import open_lineage
 from fcsnap.store.source import DiffFile, open_diffs
 from fcsnap.uffd import abi
+from fcsnap.uffd.fastpath import FastPath
 from fcsnap.uffd.handshake import Peer, accept_peer
-from fcsnap.uffd.installer import Installer, InstallStats
+from fcsnap.uffd.installer import GONE, RETRY, Installer, InstallStats
 from fcsnap.uffd.listener import SocketAccess, listen
 from fcsnap.uffd.pages import PageSource, hash_tables
 from fcsnap.uffd.prefetch import Prefetch
@@ -68,6 +70,7 @@ def stats_json(stats: InstallStats, extra: dict[str, Any]) -> dict[str, Any]:
         "bytes_served": stats.bytes_served,
         "zero_pages": stats.zero_pages,
         "installs": stats.installs,
+        "compiled_faults": stats.compiled_faults,
         "prefetched_pages": stats.prefetched_pages,
         "populated_pages": stats.populated_pages,
         "remove_events": stats.remove_events,
@@ -123,6 +126,7 @@ class FaultServer:
         self._vm_id = str(options.socket)  # the VM's name to the watchdog
         self._released = False  # the watchdog was told the VM no longer needs us
         self._removes_seen = 0  # REMOVE events when it was told
+        self._events = abi.EventReader()  # one read of many messages, into one buffer
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -338,13 +342,21 @@ class FaultServer:
         poller.register(peer.uffd, select.EPOLLIN)
         poller.register(self._stop_r, select.EPOLLIN)
         poller.register(peer.pidfd, select.EPOLLIN)
+        fast = FastPath.for_installer(installer)
         deferred: list[int] = []
         prefetching = prefetch is not None
         busy = True  # populate work may remain
         try:
             while True:
                 timeout = 0 if busy or prefetching else (RETRY_POLL if deferred else -1)
-                ready = {fd for fd, _ in poller.poll(timeout)}
+                batch = None
+                if fast is not None and not deferred:
+                    batch = fast.run(self._stop_r, peer.pidfd, timeout)  # serves, GIL released
+                    ready = {fd for fd, _ in poller.poll(0)}
+                else:
+                    ready = {fd for fd, _ in poller.poll(timeout)}
+                    if fast is not None and peer.uffd in ready:
+                        batch = fast.pump()
                 if self._stop_r in ready:
                     if self._failure is not None:
                         raise self._failure
@@ -355,19 +367,28 @@ class FaultServer:
                 if peer.pidfd in ready:
                     self.exit_reason = "vm exited"
                     return 0
-                faults = self._backlog + self._drain(peer.uffd, installer)
-                self._backlog = []
+                faults, self._backlog = self._backlog, []
+                if fast is None:
+                    faults += self._drain(peer.uffd, installer)
+                elif batch is not None:
+                    if batch.gone:
+                        self.exit_reason = "vm exited"
+                        return 0
+                    self._apply(batch.events, installer, faults)
+                    if batch.events:  # the rest of what is pending, before serving any
+                        faults += self._drain(peer.uffd, installer)
+                    faults += batch.defer
                 if self._released and self.stats.remove_events != self._removes_seen:
                     self._update_watch()  # a balloon: the VM needs us again
                 if deferred:
                     self.stats.retries += len(deferred)
                     faults = deferred + faults
-                deferred = []
+                deferred = [] if batch is None else batch.retry
                 for address in faults:
                     outcome = installer.fault(address)
-                    if outcome == errno.EAGAIN:
+                    if outcome is RETRY:
                         deferred.append(address)
-                    elif outcome == errno.ESRCH:
+                    elif outcome is GONE:
                         self.exit_reason = "vm exited"
                         return 0
                 if prefetch is not None and prefetching:
@@ -381,6 +402,8 @@ class FaultServer:
                         self._update_watch()
         finally:
             poller.close()
+            if fast is not None:
+                fast.add_stats(self.stats)
 
     def _populate_work(self, installer: Installer) -> Iterator[tuple[Region, int, int]]:
         """Spans to install when no fault is waiting (--populate, --eager): everything."""
@@ -431,16 +454,17 @@ class FaultServer:
     def _drain(self, uffd: int, installer: Installer) -> list[int]:
         """Read every pending event; apply REMOVEs; return fault addresses in arrival order."""
         faults: list[int] = []
-        while True:
-            events = abi.read_events(uffd)
-            if not events:
-                return faults
-            for event in events:
-                kind = event[0]
-                if kind == "fault":
-                    self.stats.faults += 1
-                    if self.stats.first_fault_s is None:
-                        self.stats.first_fault_s = time.monotonic() - self.stats.started
-                    faults.append(event[1])
-                elif kind == "remove":
-                    installer.remove(event[1], event[2])
+        while events := self._events.read(uffd):
+            self._apply(events, installer, faults)
+        return faults
+
+    def _apply(self, events: list[abi.Event], installer: Installer, faults: list[int]) -> None:
+        """Apply REMOVEs now and append the addresses of faults to `faults`, in order."""
+        for event in events:
+            if type(event) is abi.Fault:
+                self.stats.faults += 1
+                if self.stats.first_fault_s is None:
+                    self.stats.first_fault_s = time.monotonic() - self.stats.started
+                faults.append(event.address)
+            elif type(event) is abi.Remove:
+                installer.remove(event.start, event.end)

@@ -1,0 +1,229 @@
+"""Start-up: whole-process times of `fcsnap --help`, `fcsnap inspect` and `fcsnap restore`
+(exec to a listening socket), for this tree and a baseline tree, interleaved in one run.
+
+Each command runs as a fresh `python -m fcsnap` process with PYTHONPATH pointing at one tree,
+so both trees pay the same interpreter start-up; runs of the two trees alternate, so the
+machine's load hits both alike. restore is timed from just before the exec until its socket
+exists (it binds and listens in one step; polled every 0.2 ms), then stopped with SIGTERM. A
+second table times the floor of each way to build the command line: one command with a flag,
+rendering its --help, in typer, click and argparse.
+
+    python bench/startup.py [--baseline DIR] [--runs 21]
+
+DIR holds another version of the code, e.g. `git archive <commit> | tar -x -C DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from machine import machine
+
+HERE = Path(__file__).resolve().parent
+TREE = HERE.parent
+RESULTS = HERE / "results"
+LISTEN_DEADLINE = 10.0  # seconds a restore may take to listen before the run fails
+TARGET_MS = 150.0
+
+FRAMEWORKS = {
+    "typer": """
+import typer
+app = typer.Typer(add_completion=False)
+@app.command()
+def pack(memfile: str, json_out: bool = typer.Option(False, "--json", help="JSON.")) -> None:
+    pass
+@app.command()
+def verify(build: str) -> None:
+    pass
+app()
+""",
+    "click": """
+import click
+@click.group()
+def cli() -> None:
+    pass
+@cli.command()
+@click.argument("memfile")
+@click.option("--json", "json_out", is_flag=True, help="JSON.")
+def pack(memfile: str, json_out: bool) -> None:
+    pass
+cli()
+""",
+    "argparse": """
+import argparse
+parser = argparse.ArgumentParser(prog="fcsnap")
+sub = parser.add_subparsers(dest="command")
+pack = sub.add_parser("pack")
+pack.add_argument("memfile")
+pack.add_argument("--json", action="store_true", help="JSON.")
+parser.parse_args()
+""",
+}
+
+
+def env_for(tree: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(tree), "COLUMNS": "100"}
+
+
+def run_once(argv: list[str], env: dict[str, str]) -> float:
+    """Seconds from exec to exit; the command must succeed. Run in /, since `python -m`
+    imports from the working directory before PYTHONPATH."""
+    started = time.perf_counter()
+    done = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          timeout=60, cwd="/")
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed: {done.stderr.decode().strip()}")
+    return elapsed
+
+
+def listen_once(tree: Path, store: Path, work: Path) -> float:
+    """Seconds from exec of `fcsnap restore` to its socket existing."""
+    sock = work / f"uffd-{time.monotonic_ns()}.sock"
+    argv = [sys.executable, "-m", "fcsnap", "restore", "--vm", "vm", "--store", str(store),
+            "--socket", str(sock), "--quiet"]
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env_for(tree), stderr=subprocess.PIPE, cwd="/")
+    try:
+        while not sock.exists():
+            if proc.poll() is not None or time.perf_counter() - started > LISTEN_DEADLINE:
+                raise SystemExit(f"restore never listened: {proc.stderr.read().decode()}")
+            time.sleep(0.0002)
+        elapsed = time.perf_counter() - started
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    return elapsed
+
+
+def make_store(work: Path) -> Path:
+    """A two-generation store (8 MiB of synthetic guest memory) for inspect and restore."""
+    script = """
+import sys
+from pathlib import Path
+from fcsnap.store import ops
+from fcsnap.store.builder import BuildOptions
+from fcsnap.testing.memimage import evolve, synthetic_memory, write_full
+work = Path(sys.argv[1])
+mem = synthetic_memory(8 << 20, seed=1)
+write_full(work / "m0", mem)
+write_full(work / "m1", evolve(mem, seed=2, dirty_share=0.1)[0])
+_, b0 = ops.pack(work / "m0", work / "store", BuildOptions(name="vm"))
+ops.diff(work / "m1", b0, work / "store", BuildOptions(name="vm"))
+"""
+    subprocess.run([sys.executable, "-c", script, str(work)], env=env_for(TREE), check=True,
+                   timeout=120, cwd="/")
+    return work / "store"
+
+
+def median_ms(samples: list[float]) -> float:
+    return round(statistics.median(samples) * 1000, 1)
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    """Median and best, in ms: on a machine others load, the best run is the one least
+    disturbed, the median what a caller sees."""
+    return {"median": median_ms(samples), "best": round(min(samples) * 1000, 1)}
+
+
+def measure(
+    trees: dict[str, Path], runs: int, work: Path
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Median and best milliseconds per (command, tree); the trees' runs interleaved."""
+    store = make_store(work)
+    python = [sys.executable, "-m", "fcsnap"]
+    commands: dict[str, Callable[[Path], float]] = {
+        "fcsnap --help": lambda tree: run_once([*python, "--help"], env_for(tree)),
+        "fcsnap inspect vm --store S": lambda tree: run_once(
+            [*python, "inspect", "vm", "--store", str(store)], env_for(tree)),
+        "fcsnap restore: exec to listening": lambda tree: listen_once(tree, store, work),
+    }
+    samples = {(c, t): [] for c in commands for t in trees}
+    for _ in range(runs):
+        for command, timed in commands.items():
+            for name, tree in trees.items():
+                samples[command, name].append(timed(tree))
+    floor = [sys.executable, "-c", "pass"]
+    baseline = [run_once(floor, env_for(TREE)) for _ in range(runs)]
+    result = {c: {t: summary(samples[c, t]) for t in trees} for c in commands}
+    result["python -c pass (interpreter alone)"] = {t: summary(baseline) for t in trees}
+    return result
+
+
+def frameworks(runs: int) -> dict[str, float]:
+    """Median milliseconds of a minimal command line's --help in each framework installed
+    (typer and click are no dependencies of fcsnap: `pip install typer` to compare)."""
+    out = {}
+    for name, script in FRAMEWORKS.items():
+        if importlib.util.find_spec(name) is None:
+            continue
+        argv = [sys.executable, "-c", script, "pack", "--help"]
+        out[name] = median_ms([run_once(argv, env_for(TREE)) for _ in range(runs)])
+    return out
+
+
+def markdown(result: dict[str, dict[str, dict[str, float]]], floors: dict[str, float],
+             meta: dict) -> str:
+    names = list(next(iter(result.values())))
+    heads = [f"{n} {kind} ms" for n in names for kind in ("median", "best")]
+    lines = [
+        f"Machine: {meta['machine']['cpu']} ({meta['machine']['cores']} cores), Python "
+        f"{meta['machine']['python']}, load average {meta['load']}; {meta['runs']} runs each, "
+        "trees interleaved.",
+        "",
+        f"| Command | {' | '.join(heads)} | Target | Met (median) |",
+        f"|---|{'---:|' * len(heads)}---|---|",
+    ]
+    for command, per_tree in result.items():
+        ours = per_tree[names[0]]["median"]
+        target, met = ("-", "-") if command.startswith("python") else (
+            f"<= {TARGET_MS:.0f} ms", "yes" if ours <= TARGET_MS else "no")
+        cells = " | ".join(f"{per_tree[n][k]:.1f}" for n in names for k in ("median", "best"))
+        lines.append(f"| {command} | {cells} | {target} | {met} |")
+    lines += ["", "| Minimal CLI, `pack --help` | median ms |", "|---|---:|"]
+    lines += [f"| {name} | {ms:.1f} |" for name, ms in floors.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", type=Path,
+                        help="A tree with the code to compare against (before).")
+    parser.add_argument("--runs", type=int, default=21)
+    args = parser.parse_args()
+    trees = {"this tree": TREE}
+    if args.baseline is not None:
+        if not (args.baseline / "fcsnap").is_dir():
+            raise SystemExit(f"{args.baseline} holds no fcsnap package")
+        trees["baseline"] = args.baseline.resolve()
+    with tempfile.TemporaryDirectory(prefix="fcsnap-startup-") as tmp:
+        result = measure(trees, args.runs, Path(tmp))
+    floors = frameworks(args.runs)
+    meta = {
+        "machine": machine(), "runs": args.runs, "trees": {k: str(v) for k, v in trees.items()},
+        "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "startup.json").write_text(
+        json.dumps({**meta, "ms": result, "frameworks_median_ms": floors}, indent=2) + "\n")
+    text = markdown(result, floors, meta)
+    (RESULTS / "startup.md").write_text(text)
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    main()

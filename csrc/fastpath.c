@@ -1,0 +1,325 @@
+/* The fault server's hot loop: read every pending uffd message in one read, resolve each
+ * fault through the mapping arrays, install with one UFFDIO_COPY or UFFDIO_ZEROPAGE per
+ * source run, wake. It mirrors fcsnap/uffd/installer.py (Installer.fault and install_span)
+ * and fcsnap/uffd/mapped.py (MappedDiff.source) case for case, on the same state arrays,
+ * so either path can serve any fault. What it does not handle (REMOVE and other events,
+ * removed pages, huge pages, unexpected errors) it hands back to Python untouched.
+ *
+ * Called through cffi's API mode, which releases the GIL for the whole call. */
+
+#include <errno.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/userfaultfd.h>
+
+#define PAGE 4096ULL
+#define CHUNK_SHIFT 21
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* bytes of zeros: not on hugetlb, which this path leaves to Python */
+static int zero_range(struct fp_ctx *c, uint64_t dst, uint64_t len, int64_t *done)
+{
+    struct uffdio_zeropage z = {.range = {.start = dst, .len = len}, .mode = 0};
+    int rc = ioctl(c->uffd, UFFDIO_ZEROPAGE, &z);
+    *done = rc == 0 ? (int64_t)len : (z.zeropage > 0 ? z.zeropage : 0);
+    return rc == 0 ? 0 : errno;
+}
+
+static int copy_range(struct fp_ctx *c, uint64_t dst, uint64_t src, uint64_t len, int64_t *done)
+{
+    struct uffdio_copy cp = {.dst = dst, .src = src, .len = len, .mode = 0};
+    int rc = ioctl(c->uffd, UFFDIO_COPY, &cp);
+    *done = rc == 0 ? (int64_t)len : (cp.copy > 0 ? cp.copy : 0);
+    return rc == 0 ? 0 : errno;
+}
+
+static int wake_range(struct fp_ctx *c, uint64_t start, uint64_t len)
+{
+    struct uffdio_range r = {.start = start, .len = len};
+    return ioctl(c->uffd, UFFDIO_WAKE, &r) == 0 ? 0 : errno;
+}
+
+/* MappedDiff.source: an address holding diff bytes [storage, storage+len), or 0 when the
+ * file changed size (Python then raises the error naming it) or a read failed. */
+static uint64_t diff_source(struct fp_diff *d, uint64_t storage, uint64_t len)
+{
+    struct stat st;
+    int64_t first = storage >> CHUNK_SHIFT, last = (storage + len - 1) >> CHUNK_SHIFT;
+    int mapped = d->fits || (d->chunks[first] && d->chunks[last] && last - first <= 1);
+    if (!mapped && len <= d->read_below) {
+        int streaming = 0;
+        for (int i = 0; i < d->recent; i++)
+            streaming |= d->ends[i] == (int64_t)storage;
+        if (!streaming) {
+            d->ends[d->counters[1]] = (int64_t)(storage + len);
+            d->counters[1] = (d->counters[1] + 1) % d->recent;
+            if (pread(d->fd, (void *)d->read_buffer, len, (off_t)storage) != (ssize_t)len)
+                return 0;
+            return d->read_buffer;
+        }
+    }
+    if (fstat(d->fd, &st) != 0 || (uint64_t)st.st_size != d->size)
+        return 0;
+    if (!mapped) {
+        int64_t fresh = 0;
+        for (int64_t k = first; k <= last; k++)
+            fresh += !d->chunks[k];
+        if (d->counters[0] + fresh > d->limit) {
+            madvise((void *)d->base, d->size, MADV_DONTNEED);
+            memset(d->chunks, 0, d->nchunks);
+            d->counters[0] = 0;
+        }
+        for (int64_t k = first; k <= last; k++) {
+            d->counters[0] += !d->chunks[k];
+            d->chunks[k] = 1;
+        }
+    }
+    return d->base + storage;
+}
+
+static struct fp_region *find_region(struct fp_ctx *c, uint64_t address)
+{
+    int lo = 0, hi = c->nregions;
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (c->regions[mid].base <= address)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == 0 || address >= c->regions[lo - 1].base + c->regions[lo - 1].size)
+        return NULL;
+    return &c->regions[lo - 1];
+}
+
+/* index of the mapping holding guest offset `offset` */
+static int64_t find_mapping(struct fp_ctx *c, uint64_t offset)
+{
+    int64_t lo = 0, hi = c->nmappings;
+    while (lo < hi) {
+        int64_t mid = (lo + hi) / 2;
+        if ((uint64_t)c->starts[mid] <= offset)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo - 1;
+}
+
+static uint64_t mapping_end(struct fp_ctx *c, int64_t i)
+{
+    return i + 1 < c->nmappings ? (uint64_t)c->starts[i + 1] : c->memory_size;
+}
+
+/* Installer._source_bounds: narrow [lo, hi) around `page` to one mapping */
+static void source_bounds(struct fp_ctx *c, struct fp_region *r, uint64_t page, uint64_t *lo,
+                          uint64_t *hi)
+{
+    uint64_t offset = r->offset + page * PAGE;
+    int64_t i = find_mapping(c, offset);
+    uint64_t m_start = (uint64_t)c->starts[i], m_end = mapping_end(c, i);
+    uint64_t first = m_start > r->offset ? (m_start - r->offset + PAGE - 1) / PAGE : 0;
+    uint64_t last = (m_end - r->offset) / PAGE;
+    if (first > *lo)
+        *lo = first;
+    if (last < *hi)
+        *hi = last;
+}
+
+static void note_installed(struct fp_ctx *c, struct fp_region *r, uint64_t lo, int64_t pages,
+                           int64_t owner)
+{
+    if (pages <= 0)
+        return;
+    memset(r->present + lo, 1, (size_t)pages);
+    c->stats[FP_INSTALLS] += 1;
+    c->stats[FP_PAGES] += pages;
+    if (owner < 0)
+        c->stats[FP_ZERO_PAGES] += pages;
+    else
+        c->per_owner[owner] += pages;
+}
+
+/* Installer._install for pages [lo, hi) of one source run; `needed` is the faulting page
+ * or -1. Returns an FP_* outcome. */
+static int install(struct fp_ctx *c, struct fp_region *r, uint64_t lo, uint64_t hi,
+                   int64_t needed)
+{
+    uint64_t offset = r->offset + lo * PAGE, length = (hi - lo) * PAGE;
+    uint64_t dst = r->base + lo * PAGE;
+    int64_t i = find_mapping(c, offset);
+    int64_t owner = c->owner[i];
+    int64_t done = 0;
+    int err;
+    if (owner < 0) {
+        err = zero_range(c, dst, length, &done);
+    } else {
+        uint64_t storage = (uint64_t)c->storage[i] + (offset - (uint64_t)c->starts[i]);
+        uint64_t src = diff_source(&c->diffs[owner], storage, length);
+        if (src == 0) {
+            c->error_dst = dst;
+            c->error_owner = owner;
+            c->error_errno = 0;
+            return FP_ERROR;
+        }
+        err = copy_range(c, dst, src, length, &done);
+    }
+    int outcome = FP_DONE;
+    if (err == EEXIST) {
+        c->stats[FP_ALREADY] += 1;
+        r->present[lo + done / PAGE] = 1;
+        if (needed >= 0 && !r->present[needed])
+            outcome = install(c, r, (uint64_t)needed, (uint64_t)needed + 1, -1);
+    } else if (err == EAGAIN) {
+        outcome = FP_RETRY;
+    } else if (err == ESRCH) {
+        outcome = FP_GONE;
+    } else if (err != 0) {
+        c->error_dst = dst;
+        c->error_owner = owner;
+        c->error_errno = err;
+        outcome = FP_ERROR;
+    }
+    note_installed(c, r, lo, done / (int64_t)PAGE, owner);
+    if (outcome == FP_RETRY && needed >= 0 && r->present[needed])
+        return FP_DONE;
+    return outcome;
+}
+
+/* Installer.install_span with wake: the free pages of [lo, hi), a source run at a time */
+static int install_span(struct fp_ctx *c, struct fp_region *r, uint64_t lo, uint64_t hi)
+{
+    uint64_t pos = lo;
+    while (pos < hi) {
+        while (pos < hi && (r->present[pos] || r->removed[pos]))
+            pos++;
+        if (pos == hi)
+            break;
+        uint64_t end = pos;
+        while (end < hi && !r->present[end] && !r->removed[end])
+            end++;
+        uint64_t seg_lo = pos, seg_hi = end;
+        source_bounds(c, r, pos, &seg_lo, &seg_hi);
+        int outcome = install(c, r, seg_lo, seg_hi, -1);
+        if (outcome != FP_DONE)
+            return outcome;
+        pos = seg_hi;
+    }
+    return FP_DONE;
+}
+
+int fp_fault(struct fp_ctx *c, uint64_t address)
+{
+    struct fp_region *r = find_region(c, address);
+    if (r == NULL || r->page_size != PAGE)
+        return FP_DEFER;
+    uint64_t page = (address - r->base) / PAGE;
+    if (r->removed[page])
+        return FP_DEFER;
+    if (r->present[page]) {
+        c->stats[FP_ALREADY] += 1;
+        int err = wake_range(c, r->base + page * PAGE, PAGE);
+        if (err == 0 || err == ESRCH)
+            return err == 0 ? FP_DONE : FP_GONE;
+        c->error_dst = r->base + page * PAGE;
+        c->error_owner = -1;
+        c->error_errno = err;
+        return FP_ERROR;
+    }
+    uint64_t window = c->fault_around / PAGE;
+    if (window < 1 || r->wanted[page])
+        window = 1;
+    uint64_t w_lo = page - page % window, w_hi = w_lo + window;
+    if (w_hi > r->pages)
+        w_hi = r->pages;
+    uint64_t lo = w_lo, hi = w_hi;
+    source_bounds(c, r, page, &lo, &hi);
+    for (uint64_t p = page; p > lo; p--)
+        if (r->present[p - 1] || r->removed[p - 1]) {
+            lo = p;
+            break;
+        }
+    for (uint64_t p = page + 1; p < hi; p++)
+        if (r->present[p] || r->removed[p]) {
+            hi = p;
+            break;
+        }
+    int outcome = install(c, r, lo, hi, (int64_t)page);
+    if (outcome != FP_DONE)
+        return outcome;
+    if (window > 1) {
+        outcome = install_span(c, r, w_lo, w_hi);
+        if (outcome == FP_ERROR || outcome == FP_GONE)
+            return outcome;
+    }
+    return FP_DONE;
+}
+
+int fp_pump(struct fp_ctx *c)
+{
+    c->nretry = 0;
+    c->ndefer = 0;
+    c->nmessages = 0;
+    struct uffd_msg *messages = c->messages;
+    for (;;) {
+        ssize_t n = read(c->uffd, c->messages, (size_t)c->capacity * sizeof(struct uffd_msg));
+        if (n < 0)
+            return errno == EAGAIN ? FP_DONE : -errno;
+        int64_t count = n / (int64_t)sizeof(struct uffd_msg);
+        for (int64_t k = 0; k < count; k++)
+            if (messages[k].event != UFFD_EVENT_PAGEFAULT) {
+                c->nmessages = count;  /* the whole read goes to Python, in order */
+                return FP_EVENTS;
+            }
+        if (count && c->first_fault_ns == 0)
+            c->first_fault_ns = now_ns();
+        c->stats[FP_FAULTS] += count;
+        for (int64_t k = 0; k < count; k++) {
+            uint64_t address = messages[k].arg.pagefault.address;
+            int outcome = fp_fault(c, address);
+            if (outcome == FP_RETRY)
+                c->retry[c->nretry++] = address;
+            else if (outcome == FP_DEFER)
+                c->defer[c->ndefer++] = address;
+            else if (outcome != FP_DONE)
+                return outcome;
+        }
+        if (c->nretry || c->ndefer || count < c->capacity)
+            return FP_DONE;
+    }
+}
+
+int fp_run(struct fp_ctx *c, int stop_fd, int pidfd, int timeout_ms, int budget_ms)
+{
+    int64_t until = now_ns() + (int64_t)budget_ms * 1000000;
+    struct pollfd fds[3] = {
+        {.fd = stop_fd, .events = POLLIN},
+        {.fd = pidfd, .events = POLLIN},
+        {.fd = c->uffd, .events = POLLIN},
+    };
+    for (;;) {
+        int n = poll(fds, 3, timeout_ms);
+        if (n < 0)
+            return errno == EINTR ? FP_IDLE : -errno;
+        if (n == 0)
+            return FP_IDLE;
+        if (fds[0].revents || fds[1].revents)
+            return FP_IDLE;  /* the caller looks at what happened */
+        int status = fp_pump(c);
+        if (status != FP_DONE || c->nretry || c->ndefer)
+            return status;
+        if (now_ns() > until)
+            return FP_IDLE;  /* let the caller keep its stats current */
+    }
+}

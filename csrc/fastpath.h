@@ -1,0 +1,67 @@
+/* Shared by the cffi declarations (cdef) and the C source: the state the Python side builds
+ * (fcsnap/uffd/fastpath.py) and the hot loop reads and updates. Arrays point into numpy arrays
+ * that the Python installer uses too, so both paths see one state. */
+
+enum { FP_DONE = 0, FP_RETRY = 1, FP_GONE = 2, FP_DEFER = 3, FP_ERROR = 4, FP_EVENTS = 5,
+       FP_IDLE = 6 };
+enum { FP_FAULTS = 0, FP_PAGES = 1, FP_ZERO_PAGES = 2, FP_INSTALLS = 3, FP_ALREADY = 4 };
+
+struct fp_region {
+    uint64_t base;
+    uint64_t size;
+    uint64_t offset;
+    uint64_t page_size;
+    uint64_t pages;
+    uint8_t *present;
+    uint8_t *removed;
+    uint8_t *wanted;
+};
+
+struct fp_diff {
+    uint64_t base;        /* the raw diff's mapping */
+    uint64_t size;        /* its size when opened: a change means truncated */
+    int fd;
+    int fits;             /* the whole diff may stay mapped */
+    int recent;           /* entries in ends */
+    int64_t limit;        /* chunks that may be mapped at once */
+    int64_t nchunks;
+    uint8_t *chunks;      /* chunks copied from since the last drop */
+    int64_t *counters;    /* [chunks in use, next slot in ends] */
+    int64_t *ends;        /* where recent reads ended */
+    uint64_t read_buffer; /* for scattered copies, read_below bytes */
+    uint64_t read_below;
+};
+
+struct fp_ctx {
+    int uffd;
+    int nregions;
+    struct fp_region *regions;
+    int64_t nmappings;
+    int64_t *starts;
+    int64_t *storage;
+    int64_t *owner;
+    uint64_t memory_size;
+    struct fp_diff *diffs;
+    int64_t *per_owner;
+    int64_t stats[8];
+    uint64_t fault_around;
+    int64_t first_fault_ns;
+    void *messages;       /* struct uffd_msg[capacity] */
+    int64_t capacity;
+    int64_t nmessages;
+    uint64_t *retry;
+    int64_t nretry;
+    uint64_t *defer;
+    int64_t ndefer;
+    uint64_t error_dst;
+    int64_t error_owner;
+    int error_errno;
+};
+
+int fp_fault(struct fp_ctx *c, uint64_t address);
+/* read and serve what is pending on the uffd */
+int fp_pump(struct fp_ctx *c);
+/* poll the stop pipe, the VM's pidfd and the uffd, serving faults, until something needs
+ * Python: FP_IDLE (a timeout, a signal, stop_fd/pidfd readable, or budget_ms of serving
+ * gone by), or fp_pump's outcome */
+int fp_run(struct fp_ctx *c, int stop_fd, int pidfd, int timeout_ms, int budget_ms);

@@ -1,0 +1,382 @@
+"""The Python API: everything the command line does, for platforms that embed fcsnap.
+
+The CLI is a thin layer over these functions (one code path per job). Every foreseen failure
+raises FcsnapError (UsageError for an argument that can never work); builds come back as typed
+objects. Heavy modules (numpy, zstandard, cffi) are imported by the call that needs them, so
+`import fcsnap` stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fcsnap.errors import UsageError
+from fcsnap.options import (
+    DEFAULT_FRAME_SIZE,
+    parse_block_size,
+    parse_compression,
+    parse_frame_size,
+    parse_offset,
+)
+
+if TYPE_CHECKING:
+    from fcsnap.header import Header
+    from fcsnap.store.builder import BuildOptions
+    from fcsnap.store.manifest import Manifest, Stats
+    from fcsnap.uffd.firecracker_api import Response
+    from fcsnap.uffd.installer import InstallStats
+
+PathLike = str | os.PathLike[str]
+BuildRef = PathLike | uuid.UUID
+"""A build: its directory, its build id, or a VM name (the newest build of that name)."""
+
+Progress = Callable[[int, int], None]
+"""Called as work goes on with (bytes just processed, total bytes the job will process)."""
+
+
+@dataclass(frozen=True)
+class Build:
+    """A build in a store: one generation of a lineage, as its build.json describes it."""
+
+    build_id: uuid.UUID
+    path: Path
+    generation: int
+    parent_build_id: uuid.UUID | None
+    base_build_id: uuid.UUID  # generation 0 of the lineage
+    size: int
+    block_size: int
+    compression: str
+    stats: Stats
+    manifest: Manifest
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, path: Path) -> Build:
+        return cls(
+            manifest.build_id, path, manifest.generation, manifest.parent_build_id,
+            manifest.base_build_id, manifest.size, manifest.block_size, manifest.compression,
+            manifest.stats, manifest,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """build.json's fields plus `path`: what `--json` prints."""
+        return {**self.manifest.to_json(), "path": str(self.path)}
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What `verify` checked: every build the generation reads, every stored block's hash."""
+
+    build_id: uuid.UUID
+    generation: int
+    builds_checked: int
+    blocks_checked: int
+    pinned: bool  # False: a build written before lineage pins, its ancestors trusted by id
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "build_id": str(self.build_id),
+            "generation": self.generation,
+            "builds_checked": self.builds_checked,
+            "blocks_checked": self.blocks_checked,
+            "pinned": self.pinned,
+            "ok": True,
+        }
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """A header's report: metadata, the builds it reads, and (on request) mappings, lookups.
+    `report` is the JSON object `inspect --json` prints; the fields are its headline."""
+
+    build_id: uuid.UUID
+    path: Path  # the header file
+    generation: int
+    parent_build_id: uuid.UUID | None  # from build.json; None for generation 0 or no build.json
+    base_build_id: uuid.UUID
+    report: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return self.report
+
+
+@dataclass(frozen=True)
+class Served:
+    """How one restore ended: the exit status `fcsnap restore` would return, and its stats."""
+
+    status: int
+    exit_reason: str
+    stats: InstallStats
+
+
+def _dir(build: BuildRef, store: PathLike | None) -> Path:
+    from fcsnap.store.layout import resolve_build
+
+    return resolve_build(str(build), None if store is None else Path(store))
+
+
+def _tracker(progress: Progress | None, total: int) -> Callable[[int], None]:
+    """The ops' `advance(bytes)` callback, calling `progress` with the total: once with 0
+    bytes right away, so that a progress bar knows its length before the work starts."""
+    if progress is None:
+        return lambda _n: None
+    progress(0, total)
+    return lambda n: progress(n, total)
+
+
+def _data_bytes(header: Header) -> int:
+    """Bytes of guest memory a build's own or ancestors' diffs hold (zero runs left out)."""
+    return sum(m.length for m in header.mappings if not m.is_zero)
+
+
+def _build_options(
+    *, block_size: int | str, compress: str | None, frame_size: int | str, name: str | None,
+    vmstate: PathLike | None, working_set: PathLike | None,
+) -> BuildOptions:
+    from fcsnap.store.builder import BuildOptions
+    from fcsnap.store.names import check_vm_name
+
+    if name is not None:
+        check_vm_name(name)  # before anything else: a bad name costs nothing
+    compression, level = parse_compression(compress)
+    return BuildOptions(
+        parse_block_size(block_size), compression, level, parse_frame_size(frame_size), name,
+        None if vmstate is None else Path(vmstate),
+        working_set=None if working_set is None else Path(working_set),
+    )
+
+
+def _size_of(memfile: Path) -> int:
+    return memfile.stat().st_size if memfile.is_file() else 0
+
+
+def _built(result: tuple[Manifest, Path]) -> Build:
+    manifest, path = result
+    return Build.from_manifest(manifest, path)
+
+
+class Store:
+    """A store directory: builds by id, `vms/NAME` pointers to the newest build of a VM."""
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r})"
+
+    def build(self, build: BuildRef) -> Build:
+        """The build a directory, id or VM name stands for."""
+        from fcsnap.store.manifest import read_manifest
+
+        path = _dir(build, self.path)
+        return Build.from_manifest(read_manifest(path), path)
+
+    def pack(
+        self, memfile: PathLike, *, name: str | None = None, compress: str | None = None,
+        block_size: int | str = 4096, frame_size: int | str = DEFAULT_FRAME_SIZE,
+        vmstate: PathLike | None = None, working_set: PathLike | None = None,
+        progress: Progress | None = None,
+    ) -> Build:
+        """Pack a Firecracker memory file as generation 0 of a new lineage. `compress` is
+        None/'none', 'zstd' or 'zstd:LEVEL'; `name` points vms/NAME at the new build."""
+        from fcsnap.store import ops
+
+        options = _build_options(
+            block_size=block_size, compress=compress, frame_size=frame_size, name=name,
+            vmstate=vmstate, working_set=working_set,
+        )
+        options = replace(options, name_expected=self._head(name), verb="pack")
+        memfile = Path(memfile)
+        return _built(ops.pack(memfile, self.path, options, _tracker(progress, _size_of(memfile))))
+
+    def diff(
+        self, memfile: PathLike, *, base: BuildRef, name: str | None = None,
+        compress: str | None = None, block_size: int | str | None = None,
+        frame_size: int | str = DEFAULT_FRAME_SIZE, sparse: bool = False,
+        vmstate: PathLike | None = None, working_set: PathLike | None = None,
+        progress: Progress | None = None,
+    ) -> Build:
+        """Store what changed in `memfile` since `base` (the parent) as the next generation.
+        With sparse=True the file is a Firecracker Diff snapshot: holes are unchanged pages."""
+        from fcsnap.errors import FcsnapError
+        from fcsnap.store import ops
+        from fcsnap.store.manifest import read_manifest
+        from fcsnap.units import format_block_size
+
+        wanted = None if block_size is None else parse_block_size(block_size)
+        options = _build_options(
+            block_size=wanted or 4096, compress=compress, frame_size=frame_size, name=name,
+            vmstate=vmstate, working_set=working_set,
+        )
+        base_dir = _dir(base, self.path)
+        base_block_size = read_manifest(base_dir).block_size
+        if wanted is not None and wanted != base_block_size:
+            raise FcsnapError(
+                f"block size {format_block_size(wanted)} differs from the base build's "
+                f"{format_block_size(base_block_size)}"
+            )
+        options = replace(options, name_expected=self._head(name, base, base_dir), verb="diff")
+        memfile = Path(memfile)
+        advance = _tracker(progress, _size_of(memfile))
+        return _built(ops.diff(memfile, base_dir, self.path, options, sparse, advance))
+
+    def squash(
+        self, build: BuildRef, *, name: str | None = None, progress: Progress | None = None
+    ) -> Build:
+        """A new generation 0 with the same content as `build` and no ancestors (same block
+        size and compression)."""
+        from fcsnap.header import load_header
+        from fcsnap.store import ops
+        from fcsnap.store.names import check_vm_name
+
+        if name is not None:
+            check_vm_name(name)  # before anything else: a bad name costs nothing
+        build_dir = _dir(build, self.path)
+        advance = _tracker(progress, _data_bytes(load_header(build_dir)))
+        return _built(ops.squash(
+            build_dir, self.path, name=name, progress=advance,
+            name_expected=self._head(name, build, build_dir),
+        ))
+
+    def _head(
+        self, name: str | None, build_arg: BuildRef | None = None, build_dir: Path | None = None
+    ) -> uuid.UUID | None:
+        """The build `name` points at as the command starts (None: no such name): publishing
+        the name at the end is a compare-and-swap against it. When the command's BUILD
+        argument is that same name, it is the build the argument resolved to, not a second
+        look (the name may have moved in between)."""
+        from fcsnap.store.names import read_vm_pointer
+
+        if name is None:
+            return None
+        if build_arg == name and build_dir is not None:
+            return uuid.UUID(build_dir.name)
+        return read_vm_pointer(self.path, name)
+
+    def unpack(
+        self, build: BuildRef, output: PathLike, *, force: bool = False,
+        progress: Progress | None = None,
+    ) -> Path:
+        return unpack(build, output, store=self.path, force=force, progress=progress)
+
+    def verify(self, build: BuildRef, *, progress: Progress | None = None) -> Verification:
+        return verify(build, store=self.path, progress=progress)
+
+    def inspect(
+        self, build: BuildRef, *, mappings: bool = False, at: Iterable[int | str] = ()
+    ) -> Inspection:
+        return inspect(build, store=self.path, mappings=mappings, at=at)
+
+    def restore(self, build: BuildRef, socket: PathLike, **options: Any) -> Served:
+        return restore(build, socket, store=self.path, **options)
+
+
+def unpack(
+    build: BuildRef, output: PathLike, *, store: PathLike | None = None, force: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Rebuild the full memory file of `build` at `output` (sparse where zero)."""
+    from fcsnap.header import load_header
+    from fcsnap.store import ops
+
+    build_dir = _dir(build, store)
+    advance = _tracker(progress, _data_bytes(load_header(build_dir)))
+    ops.unpack(build_dir, Path(output), force, advance)
+    return Path(output)
+
+
+def verify(
+    build: BuildRef, *, store: PathLike | None = None, progress: Progress | None = None
+) -> Verification:
+    """Check `build` and every build it reads: files, sizes, and every block's hash."""
+    from fcsnap.header import load_header
+    from fcsnap.store import ops
+    from fcsnap.store.layout import build_path, store_of
+    from fcsnap.store.manifest import read_manifest
+
+    build_dir = _dir(build, store)
+    builds = [build_path(store_of(build_dir), b) for b in load_header(build_dir).build_ids()]
+    total = sum(read_manifest(b).stats.bytes_stored for b in builds if b.is_dir())
+    result = ops.verify(build_dir, _tracker(progress, total))
+    return Verification(
+        uuid.UUID(result["build_id"]), result["generation"], result["builds_checked"],
+        result["blocks_checked"], result["pinned"],
+    )
+
+
+def inspect(
+    target: BuildRef, *, store: PathLike | None = None, mappings: bool = False,
+    at: Iterable[int | str] = (),
+) -> Inspection:
+    """Report on a build (directory, id, VM name) or a bare header file (any E2B/Wrenn
+    memfile.header): which builds serve which share of memory; `at` looks offsets up."""
+    from fcsnap.header import load_header
+    from fcsnap.inspection import inspect_report
+    from fcsnap.store.layout import HEADER
+
+    offsets = [parse_offset(value) for value in at]
+    path = Path(target) if not isinstance(target, uuid.UUID) else None
+    if path is not None and path.exists() and not path.is_dir():
+        # A header file, whatever its name; in a store when it sits in a build directory.
+        header_path = path
+        around = path.parent.parent if path.name == HEADER else None
+    else:
+        header_path = _dir(target, store) / HEADER
+        around = header_path.parent.parent
+    header = load_header(header_path)
+    report = inspect_report(header, around, mappings, offsets, header_path.parent)
+    meta = report["metadata"]
+    parent = meta["parent_build_id"]
+    return Inspection(
+        header.metadata.build_id, header_path, header.metadata.generation,
+        None if parent is None else uuid.UUID(parent), header.metadata.base_build_id, report,
+    )
+
+
+def restore(
+    build: BuildRef, socket: PathLike, *, store: PathLike | None = None,
+    firecracker_api: PathLike | None = None, vmstate: PathLike | None = None,
+    track_dirty_pages: bool = False, api_timeout: float = 30.0,
+    on_listening: Callable[[Path], None] | None = None,
+    on_loaded: Callable[[Response], None] | None = None, **options: Any,
+) -> Served:
+    """Serve `build`'s memory to one Firecracker VM connecting to `socket`, until the VM
+    exits (status 0) or SIGTERM/SIGINT arrives (0). Blocks; installs its signal handlers,
+    so call it from the main thread. `on_listening(build_dir)` is called once the socket
+    listens (the moment to start the VM). `options` are ServeOptions fields (verify, stats_path,
+    fault_around, cache_bytes, prefetch_ws, populate, eager, ...). With `firecracker_api`,
+    Firecracker's API socket is asked to load the snapshot from us once we listen; a load it
+    refuses raises FcsnapError (the VM is killed if it connected)."""
+    from fcsnap.store.layout import SNAPFILE
+    from fcsnap.uffd.firecracker_api import SnapshotLoad, load_body
+    from fcsnap.uffd.server import FaultServer, ServeOptions
+
+    if firecracker_api is None and (vmstate is not None or track_dirty_pages):
+        raise UsageError("--vmstate and --track-dirty-pages need --firecracker-api")
+    if api_timeout <= 0:
+        raise UsageError(f"invalid --api-timeout {api_timeout}: must be more than 0 seconds")
+    build_dir = _dir(build, store)
+    socket = Path(socket)
+    load: SnapshotLoad | None = None
+    if firecracker_api is not None:
+        if vmstate is None and not (build_dir / SNAPFILE).is_file():
+            raise UsageError(f"build {build_dir.name} has no {SNAPFILE}: give --vmstate")
+        state = Path(vmstate) if vmstate is not None else build_dir / SNAPFILE
+        body = load_body(state, socket, track_dirty_pages)
+        load = SnapshotLoad(Path(firecracker_api), body, api_timeout)
+
+    def listening() -> None:
+        if on_listening is not None:
+            on_listening(build_dir)
+        if load is not None:  # in the background: Firecracker answers after our accept
+            load.start(server.fail, on_loaded or (lambda _response: None))
+
+    server = FaultServer(build_dir, ServeOptions(socket=socket, on_listening=listening, **options))
+    status = server.run()
+    if load is not None and (error := load.finish()) is not None:
+        raise error
+    return Served(status, server.exit_reason, server.stats)

@@ -1,0 +1,55 @@
+"""Build options as people give them ('zstd:9', '2M', '256K'), checked before any work starts.
+
+The command line and the Python API take the same spellings, so both parse them here; a value
+that can never work is a UsageError (exit status 2 on the command line).
+"""
+
+from __future__ import annotations
+
+from fcsnap.errors import UsageError
+from fcsnap.units import BLOCK_SIZES, PAGE, parse_size
+
+DEFAULT_LEVEL = 3  # zstd's own default level
+DEFAULT_FRAME_SIZE = 256 << 10  # uncompressed bytes per zstd frame: what serving a page decodes
+MAX_FRAME = 1 << 30
+
+
+def parse_compression(text: str | None) -> tuple[str, int]:
+    """None, 'none', 'zstd' or 'zstd:LEVEL' -> (compression, level)."""
+    kind, _, level = (text or "none").partition(":")
+    if kind == "none" and not level:
+        return "none", DEFAULT_LEVEL
+    if kind == "zstd":
+        try:
+            value = int(level) if level else DEFAULT_LEVEL
+        except ValueError:
+            value = 0
+        if not 1 <= value <= 22:
+            raise UsageError(f"invalid zstd level in {text!r}: use 1 to 22")
+        return "zstd", value
+    raise UsageError(f"invalid compression {text!r}: use none, zstd or zstd:LEVEL")
+
+
+def parse_block_size(value: int | str) -> int:
+    """4K (pages) or 2M (hugepage guests), as bytes."""
+    size = value if isinstance(value, int) else parse_size(value, "block size")
+    if size not in BLOCK_SIZES:
+        raise UsageError(f"invalid block size {value!r}: use 4K or 2M")
+    return size
+
+
+def parse_frame_size(value: int | str) -> int:
+    """Uncompressed bytes per zstd frame: whole pages, at most 1G."""
+    size = value if isinstance(value, int) else parse_size(value, "frame size")
+    if size < PAGE or size % PAGE or size > MAX_FRAME:
+        raise UsageError(f"invalid frame size {value!r}: a multiple of 4K up to 1G")
+    return size
+
+
+def parse_offset(value: int | str) -> int:
+    """A byte offset into guest memory (4096, 0x7f3000, 2M)."""
+    if isinstance(value, int):
+        if value < 0:
+            raise UsageError(f"invalid offset {value}: must not be negative")
+        return value
+    return parse_size(value, "offset")

@@ -1,0 +1,186 @@
+"""The compiled fault path: the serving loop's common case in C (csrc/fastpath.c).
+
+A fault costs a few microseconds of kernel work; in Python the work around it (reading and
+parsing the event, finding the region and the mapping, choosing the source, the ioctl, the
+bookkeeping) cost more than the kernel's part. The C loop does all of it with the GIL released,
+so the sessions of other VMs in the same process run meanwhile on other cores.
+
+It works on the installer's own state (the present/removed/wanted arrays, the mapping arrays,
+each raw diff's MappedDiff state), so it and the Python installer can take turns fault by
+fault. It serves 4 KiB pages of raw (mapped) builds; the rest comes back to Python untouched:
+REMOVE and other events, removed pages, huge pages, an EAGAIN to retry. A server under
+--verify, --record-ws, or with a zstd build in its lineage serves everything in Python.
+
+The module is compiled at install time (setup.py's cffi_modules). When it is missing (no C
+compiler at install) or FCSNAP_PURE_PYTHON=1 is set, the server runs the pure-Python path,
+which gives the same results.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from fcsnap.errors import FcsnapError
+from fcsnap.uffd import abi
+from fcsnap.uffd.installer import Installer, InstallStats
+from fcsnap.uffd.mapped import READ_BELOW
+
+try:
+    from fcsnap.uffd._fastpath import ffi, lib
+except ImportError:  # not compiled: no C compiler when fcsnap was installed
+    ffi = lib = None
+
+PURE_PYTHON_ENV = "FCSNAP_PURE_PYTHON"
+CAPACITY = 256  # messages read at once
+RUN_BUDGET_MS = 10  # the longest `run` serves before Python sees the stats again
+
+
+def compiled() -> bool:
+    """The compiled path is there and not turned off by FCSNAP_PURE_PYTHON=1."""
+    return lib is not None and os.environ.get(PURE_PYTHON_ENV, "") != "1"
+
+
+@dataclass(slots=True)
+class Batch:
+    """What a call into the C loop left for Python, in arrival order."""
+
+    status: int  # one of lib.FP_*
+    events: list[abi.Event]  # FP_EVENTS: the messages read, none of them served
+    retry: list[int]  # faults that met EAGAIN: retry after the next drain
+    defer: list[int]  # faults for the Python installer
+
+    @property
+    def gone(self) -> bool:
+        """An install met ESRCH: the VM has exited."""
+        return self.status == lib.FP_GONE
+
+
+class FastPath:
+    """The C loop's state for one installer; build it with `for_installer`."""
+
+    def __init__(self, installer: Installer) -> None:
+        assert lib is not None and ffi is not None
+        self.installer = installer
+        pages = installer.pages
+        keep: list[object] = []  # every buffer the C state points into
+
+        def pointer(ctype: str, array: object) -> object:
+            p = ffi.from_buffer(ctype, array, require_writable=True)
+            keep.append(p)
+            return p
+
+        ctx = ffi.new("struct fp_ctx *")
+        regions = installer.regions.regions  # sorted by base, as the C search needs
+        c_regions = ffi.new("struct fp_region[]", len(regions))
+        for c_region, region in zip(c_regions, regions, strict=True):
+            state = installer.states[region.base]
+            c_region.base, c_region.size = region.base, region.size
+            c_region.offset, c_region.page_size = region.offset, region.page_size
+            c_region.pages = state.pages
+            c_region.present = pointer("uint8_t[]", state.present)
+            c_region.removed = pointer("uint8_t[]", state.removed)
+            c_region.wanted = pointer("uint8_t[]", state.wanted)
+        starts, storage, owner = pages.mapping_arrays()
+        c_diffs = ffi.new("struct fp_diff[]", max(1, len(pages.builds)))
+        for c_diff, build in zip(c_diffs, pages.builds, strict=False):
+            mapped = pages.mapped[build]
+            c_diff.base, c_diff.size = mapped.base, mapped.diff.size
+            c_diff.fd, c_diff.fits, c_diff.limit = mapped.diff.fd, mapped.fits, mapped.limit
+            c_diff.nchunks, c_diff.recent = len(mapped.chunks), len(mapped.ends)
+            c_diff.chunks = pointer("uint8_t[]", mapped.chunks)
+            c_diff.counters = pointer("int64_t[]", mapped.counters)
+            c_diff.ends = pointer("int64_t[]", mapped.ends)
+            c_diff.read_buffer, c_diff.read_below = mapped.buffer_address, READ_BELOW
+        self.per_owner = ffi.new("int64_t[]", max(1, len(pages.builds)))
+        self.messages = abi.ffi.new("struct uffd_msg[]", CAPACITY)
+        self.retry = ffi.new("uint64_t[]", CAPACITY)
+        self.defer = ffi.new("uint64_t[]", CAPACITY)
+        ctx.uffd = installer.uffd
+        ctx.nregions, ctx.regions = len(regions), c_regions
+        ctx.nmappings = len(starts)
+        ctx.starts = pointer("int64_t[]", starts)
+        ctx.storage = pointer("int64_t[]", storage)
+        ctx.owner = pointer("int64_t[]", owner)
+        ctx.memory_size = pages.header.metadata.size
+        ctx.diffs, ctx.per_owner = c_diffs, self.per_owner
+        ctx.fault_around = installer.fault_around
+        ctx.messages = ffi.cast("void *", abi.buffer_address(abi.ffi.buffer(self.messages)))
+        ctx.capacity = CAPACITY
+        ctx.retry, ctx.defer = self.retry, self.defer
+        self.ctx = ctx
+        self.handed_back = 0  # faults read in C and served by Python
+        self._keep = (keep, c_regions, c_diffs)
+
+    @classmethod
+    def for_installer(cls, installer: Installer) -> FastPath | None:
+        """The C loop for this installer, or None where Python must serve (see the module
+        docstring for when)."""
+        pages = installer.pages
+        if not compiled() or pages.hashes is not None or installer.recorded is not None:
+            return None
+        if any(build not in pages.mapped for build in pages.builds):
+            return None  # a zstd (or empty) diff: its frames are decompressed in Python
+        return cls(installer)
+
+    def run(self, stop_fd: int, pidfd: int, timeout: float) -> Batch:
+        """Serve faults until something needs Python (see fp_run), at most RUN_BUDGET_MS;
+        timeout < 0: wait for events without a limit. The stats are current afterwards."""
+        ms = -1 if timeout < 0 else int(timeout * 1000)
+        return self._batch(lib.fp_run(self.ctx, stop_fd, pidfd, ms, RUN_BUDGET_MS))
+
+    def pump(self) -> Batch:
+        """Read and serve what is pending on the uffd now; the stats are current afterwards."""
+        return self._batch(lib.fp_pump(self.ctx))
+
+    def _batch(self, status: int) -> Batch:
+        ctx = self.ctx
+        retry = ffi.unpack(self.retry, ctx.nretry) if ctx.nretry else []
+        defer = ffi.unpack(self.defer, ctx.ndefer) if ctx.ndefer else []
+        self.handed_back += len(retry) + len(defer)
+        self.add_stats(self.installer.stats)
+        events = []
+        if status == lib.FP_EVENTS:
+            events = abi.parse_events(self.messages, ctx.nmessages)
+        elif status < 0:
+            raise OSError(-status, f"reading the uffd: {os.strerror(-status)}")
+        elif status == lib.FP_ERROR:
+            self._raise_error()
+        return Batch(status, events, retry, defer)
+
+    def _raise_error(self) -> None:
+        """An install failed for a reason that is not transient: the same error as Python's."""
+        ctx = self.ctx
+        pages = self.installer.pages
+        build = pages.builds[ctx.error_owner] if ctx.error_owner >= 0 else None
+        if ctx.error_errno == 0:  # the diff changed size, or a read of it came up short
+            assert build is not None
+            diff = pages.diffs[build]
+            diff.check_size()
+            raise FcsnapError(f"{diff.path}: truncated (short read serving {ctx.error_dst:#x})")
+        raise self.installer.install_error(ctx.error_dst, build, ctx.error_errno)
+
+    def add_stats(self, stats: InstallStats) -> None:
+        """Fold what the C loop counted since the last call into `stats`."""
+        ctx = self.ctx
+        counts = ctx.stats
+        stats.faults += counts[lib.FP_FAULTS]
+        stats.compiled_faults += counts[lib.FP_FAULTS] - self.handed_back
+        stats.pages_served += counts[lib.FP_PAGES]
+        stats.bytes_served += counts[lib.FP_PAGES] * 4096
+        stats.zero_pages += counts[lib.FP_ZERO_PAGES]
+        stats.installs += counts[lib.FP_INSTALLS]
+        stats.already_present += counts[lib.FP_ALREADY]
+        for i, build in enumerate(self.installer.pages.builds):
+            if self.per_owner[i]:
+                stats.per_build_pages[build] += self.per_owner[i]
+        if ctx.first_fault_ns:
+            first = ctx.first_fault_ns / 1e9 - stats.started  # both CLOCK_MONOTONIC
+            if stats.first_fault_s is None or first < stats.first_fault_s:
+                stats.first_fault_s = first
+        for i in range(8):
+            counts[i] = 0
+        for i in range(len(self.installer.pages.builds)):
+            self.per_owner[i] = 0
+        ctx.first_fault_ns = 0
+        self.handed_back = 0

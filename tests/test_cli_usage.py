@@ -1,0 +1,202 @@
+"""The command line's contract: usage errors exit 2 and runtime failures 1, each as one line;
+flags render as flags; -h is help; --debug works before or after the command; plain output is
+whole when piped."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fcsnap.cli import build_parser
+from fcsnap.store import ops
+from fcsnap.store.builder import BuildOptions
+from fcsnap.testing.memimage import evolve, synthetic_memory, write_full
+
+SIZE = 1 << 20
+WAIT = 60
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """store/ with vms/vm: generation 1 over generation 0; m0, m1 beside it."""
+    root = tmp_path_factory.mktemp("usage")
+    mem = synthetic_memory(SIZE, seed=3)
+    write_full(root / "m0", mem)
+    write_full(root / "m1", evolve(mem, seed=4, dirty_share=0.2)[0])
+    _, b0 = ops.pack(root / "m0", root / "store", BuildOptions(name="vm"))
+    ops.diff(root / "m1", b0, root / "store", BuildOptions(name="vm"))
+    return root / "store"
+
+
+def fcsnap(*args: str, cwd: Path, columns: int = 80) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "FCSNAP_DEBUG"}
+    return subprocess.run(
+        [sys.executable, "-m", "fcsnap", *args], cwd=cwd, capture_output=True, text=True,
+        timeout=WAIT, env=env | {"COLUMNS": str(columns)}, stdin=subprocess.DEVNULL,
+    )
+
+
+def listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+PACK = "pack m0 --store store"
+DIFF = "diff m1 --base vm --store store"
+INSPECT = "inspect vm --store store"
+RESTORE = "restore --vm vm --store store --socket uffd.sock"
+USAGE = [
+    ("no-command", "", "the following arguments are required: COMMAND"),
+    ("unknown-command", "frobnicate", "invalid choice: 'frobnicate'"),
+    ("unknown-option", PACK + " --level 3", "unrecognized arguments: --level"),
+    ("abbreviated-option", PACK + " --comp zstd", "unrecognized arguments: --comp"),
+    ("pack/no-store", "pack m0", "the following arguments are required: --store"),
+    ("pack/compress-gzip", PACK + " --compress gzip", "invalid compression 'gzip'"),
+    ("pack/zstd-level-99", PACK + " --compress zstd:99", "invalid zstd level in 'zstd:99'"),
+    ("pack/block-size-3K", PACK + " --block-size 3K", "invalid block size '3K': use 4K or 2M"),
+    ("pack/frame-size-0", PACK + " --frame-size 0", "invalid frame size '0'"),
+    ("pack/frame-size-5K", PACK + " --frame-size 5K", "invalid frame size '5K'"),
+    ("pack/frame-size-words", PACK + " --frame-size big", "invalid frame size 'big'"),
+    ("diff/no-base", "diff m1 --store store", "required: --base"),
+    ("diff/compress-lz4", DIFF + " --compress lz4", "invalid compression 'lz4'"),
+    ("diff/block-size-1M", DIFF + " --block-size 1M", "invalid block size '1M'"),
+    ("inspect/no-target", "inspect", "required: BUILD|HEADER"),
+    ("inspect/at-hello", INSPECT + " --at hello", "argument --at: invalid offset 'hello'"),
+    ("inspect/at-0xZZ", INSPECT + " --at 0xZZ", "invalid offset '0xZZ'"),
+    ("inspect/at-negative", INSPECT + " --at=-4096", "invalid offset '-4096': must not be"),
+    ("unpack/no-output", "unpack vm --store store", "required: -o/--output"),
+    ("restore/no-socket", "restore --vm vm --store store", "required: --socket"),
+    ("restore/fault-around-x", RESTORE + " --fault-around x", "invalid fault-around size 'x'"),
+    ("restore/timeout-words", RESTORE + " --handshake-timeout soon", "invalid float value"),
+    ("restore/cache-mb-words", RESTORE + " --cache-mb lots", "invalid int value: 'lots'"),
+    ("restore/vmstate-alone", RESTORE + " --vmstate m0", "need --firecracker-api"),
+    ("restore/api-timeout-0", RESTORE + " --firecracker-api api.sock --api-timeout 0",
+     "must be more than 0 seconds"),
+    ("demo/threads-words", "demo --threads many", "invalid int value: 'many'"),
+]
+
+
+@pytest.mark.parametrize(("argv", "expect"), [row[1:] for row in USAGE],
+                         ids=[row[0] for row in USAGE])
+def test_usage_error_is_one_line_and_exit_2(store: Path, argv: str, expect: str) -> None:
+    before = listing(store.parent)
+    result = fcsnap(*argv.split(), cwd=store.parent)
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fcsnap: error: "), result.stderr
+    assert expect in lines[0] and "--help" in lines[0]
+    assert listing(store.parent) == before
+
+
+RUNTIME = [
+    ("unknown-build", INSPECT.replace("vm", "nope"), "no build or VM named 'nope'"),
+    ("offset-outside-memory", INSPECT + " --at 1G", "outside guest memory"),
+    ("block-size-not-the-base", DIFF + " --block-size 2M",
+     "block size 2M differs from the base build's 4K"),
+    ("output-is-a-directory", "unpack vm --store store -o store",
+     "store is a directory: give the memory file to write"),
+    ("vmstate-is-a-directory", PACK + " --vmstate store", "vmstate file store is not a regular"),
+    ("memfile-unaligned", "pack store/vms/vm --store store",
+     "is not a multiple of the block size 4K (a Firecracker memory file is whole pages)"),
+]
+
+
+@pytest.mark.parametrize(("argv", "expect"), [row[1:] for row in RUNTIME],
+                         ids=[row[0] for row in RUNTIME])
+def test_runtime_failure_is_one_line_and_exit_1(store: Path, argv: str, expect: str) -> None:
+    result = fcsnap(*argv.split(), cwd=store.parent)
+    assert (result.returncode, result.stdout) == (1, ""), result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fcsnap: error: "), result.stderr
+    assert expect in lines[0]
+
+
+def commands() -> list[str]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return list(sub.choices)
+
+
+@pytest.mark.parametrize("command", ["", *commands()])
+def test_help_shows_flags_as_flags(tmp_path: Path, command: str) -> None:
+    """Every switch's help line is the switch and its text: no metavar (`--json <bool>`)."""
+    result = fcsnap(*command.split(), "-h", cwd=tmp_path, columns=200)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: fcsnap {command}".rstrip())
+    assert "<bool>" not in result.stdout and "BOOLEAN" not in result.stdout
+    parser = build_parser()
+    if command:
+        parser = next(a for a in parser._actions if a.dest == "command").choices[command]
+    switches = [a for a in parser._actions if a.nargs == 0 and a.option_strings]
+    assert switches, "every command has switches (--help, --debug)"
+    for action in switches:
+        spelled = ", ".join(action.option_strings)
+        assert re.search(rf"^  {re.escape(spelled)}  +\S", result.stdout, re.M), spelled
+
+
+def test_debug_after_the_command_shows_the_traceback(store: Path) -> None:
+    for argv in (["--debug", "inspect", "nope"], ["inspect", "nope", "--debug"]):
+        result = fcsnap(*argv, "--store", "store", cwd=store.parent)
+        assert result.returncode == 1
+        assert "Traceback" in result.stderr
+        assert result.stderr.splitlines()[-1].startswith("fcsnap: error: no build or VM")
+    quiet = fcsnap("inspect", "nope", "--store", "store", cwd=store.parent)
+    assert "Traceback" not in quiet.stderr
+
+
+def test_piped_inspect_is_whole_at_any_width(store: Path) -> None:
+    """Piped at 40 columns: no cell cut short ("gene…"), no row wrapped onto two lines."""
+    result = fcsnap("inspect", "vm", "--store", "store", "--mappings", "--at", "0x1000",
+                    cwd=store.parent, columns=40)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "…" not in out
+    build_ids = [p.name for p in store.iterdir() if p.name != "vms"]
+    assert all(build_id in out for build_id in build_ids)
+    heading = "build                                 generation  mappings  blocks      bytes  share"
+    assert heading in out.splitlines()
+    builds = out.split("Builds read by this generation\n", 1)[1].split("\n\n", 1)[0]
+    rows = builds.splitlines()[2:]
+    cells = [row.split()[0] for row in rows]
+    assert sorted(cells[:-1]) == sorted(build_ids) and cells[-1] == "(zeros)"
+    mappings = out.split("Mappings\n", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    assert mappings and all(len(row.split()) == 4 for row in mappings)
+    assert "00000000-0000-0000-0000-000000000000" not in out  # zero mappings say (zeros)
+
+
+def test_inspect_names_parent_and_root(store: Path) -> None:
+    out = fcsnap("inspect", "vm", "--store", "store", cwd=store.parent).stdout
+    gen0 = fcsnap("inspect", "vm", "--store", "store", "--json", cwd=store.parent)
+    meta = json.loads(gen0.stdout)["metadata"]
+    assert re.search(rf"^parent_build_id +{meta['parent_build_id']}$", out, re.M)
+    assert re.search(rf"^base_build_id +{meta['base_build_id']} \(generation 0 of this",
+                     out, re.M)
+    assert meta["parent_build_id"] == meta["base_build_id"]  # generation 1: both are gen 0
+
+
+def test_verify_counts_read_as_english(store: Path, tmp_path: Path) -> None:
+    mem = tmp_path / "one"
+    write_full(mem, synthetic_memory(64 << 10, seed=5))
+    packed = fcsnap("pack", str(mem), "--store", "st", cwd=tmp_path)
+    assert packed.returncode == 0, packed.stderr
+    build = next((tmp_path / "st").iterdir())
+    result = fcsnap("verify", str(build), cwd=tmp_path)
+    assert re.fullmatch(r"ok: build \S+ \(generation 0\): 1 build and \d+ blocks checked\n",
+                        result.stdout), result.stdout
+
+
+def test_a_bare_header_has_no_known_parent(store: Path, tmp_path: Path) -> None:
+    """Outside its build directory a generation-1 header names its base, not its parent."""
+    gen1 = json.loads(fcsnap("inspect", "vm", "--store", "store", "--json",
+                             cwd=store.parent).stdout)["metadata"]
+    bare = tmp_path / "copy.header"
+    bare.write_bytes((store / gen1["build_id"] / "memfile.header").read_bytes())
+    report = json.loads(fcsnap("inspect", str(bare), "--json", cwd=tmp_path).stdout)
+    assert report["metadata"] == {**gen1, "parent_build_id": None}
+    out = fcsnap("inspect", str(bare), cwd=tmp_path).stdout
+    assert re.search(r"^parent_build_id +unknown \(no build.json beside the header\)$", out, re.M)

@@ -1,0 +1,98 @@
+"""Start-up stays cheap: commands import what they need when they need it (bench/startup.py
+times it; this checks the behaviour that keeps it fast, which a loaded machine cannot blur)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fcsnap.store import ops
+from fcsnap.store.builder import BuildOptions
+from fcsnap.testing.memimage import synthetic_memory, write_full
+
+HEAVY = ("numpy", "zstandard", "xxhash", "cffi", "rich", "typer", "click", "pydantic")
+
+PROBE = """
+import json, sys
+{code}
+print(json.dumps(sorted(sys.modules)), file=sys.stderr)
+"""
+RUN_CLI = """
+from fcsnap import cli
+try:
+    cli.main({argv!r})
+except SystemExit:
+    pass
+"""
+
+
+def imported(code: str, cwd: Path) -> set[str]:
+    """Top-level packages in sys.modules after `code` runs in a fresh interpreter."""
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE.format(code=code)], cwd=cwd, capture_output=True,
+        text=True, timeout=60,
+    )
+    modules = json.loads(result.stderr.splitlines()[-1])
+    return {name.split(".")[0] for name in modules}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("startup")
+    write_full(root / "mem", synthetic_memory(256 << 10, seed=1))
+    ops.pack(root / "mem", root / "store", BuildOptions(name="vm"))
+    return root / "store"
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import fcsnap",
+        "import fcsnap; fcsnap.Store, fcsnap.FcsnapError",
+        RUN_CLI.format(argv=["--help"]),
+        RUN_CLI.format(argv=["pack", "--help"]),
+        RUN_CLI.format(argv=["pack", "mem", "--store", "store", "--compress", "gzip"]),
+        RUN_CLI.format(argv=["inspect", "vm", "--store", "store", "--at", "0x1000"]),
+        RUN_CLI.format(argv=["inspect", "vm", "--store", "store", "--json"]),
+    ],
+    ids=["import", "api-names", "help", "pack-help", "usage-error", "inspect", "inspect-json"],
+)
+def test_no_heavy_module_is_imported(store: Path, code: str) -> None:
+    assert imported(code, store.parent).isdisjoint(HEAVY)
+
+
+def test_the_probe_sees_heavy_imports(store: Path) -> None:
+    """The check above can fail: a command that does need numpy shows it."""
+    loaded = imported(RUN_CLI.format(argv=["verify", "vm", "--store", "store"]), store.parent)
+    assert {"numpy", "xxhash"} <= loaded
+
+
+def test_restore_loads_numpy_after_listening(store: Path) -> None:
+    """numpy is a stand-in when the socket listens, and loaded (in the background) by the
+    time the server has waited a moment: the server's modules then use the real thing."""
+    probe = """
+import os, sys, threading
+from fcsnap.uffd import handshake
+listen = handshake.listen
+seen = []
+def spy(path):
+    seen.append(type(sys.modules["numpy"]).__name__)
+    threading.Timer(1.0, os.kill, (os.getpid(), 15)).start()  # then stop waiting for a VM
+    return listen(path)
+handshake.listen = spy
+""" + RUN_CLI.format(argv=["restore", "--vm", "vm", "--store", "store", "--socket", "s"]) + """
+from fcsnap.deferred import Deferred
+stand_ins = {id(m.np): m.np for m in list(sys.modules.values())
+             if isinstance(getattr(m, "np", None), Deferred)}
+print("at listen:", seen, "stand-ins:", len(stand_ins),
+      "filled:", all("zeros" in vars(np) for np in stand_ins.values()), file=sys.stderr)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=store.parent, capture_output=True, text=True,
+        timeout=60,
+    )
+    assert "at listen: ['Deferred'] stand-ins: 1 filled: True" in result.stderr, result.stderr
