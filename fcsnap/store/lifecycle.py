@@ -26,7 +26,6 @@ from typing import Any
 from fcsnap.errors import FcsnapError
 from fcsnap.files import fsync_path
 from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
 from fcsnap.store.layout import STAGING_PREFIX, build_path
 from fcsnap.store.listing import summary
 from fcsnap.store.locks import (
@@ -38,7 +37,6 @@ from fcsnap.store.locks import (
     stop_point,
     try_remove_staging,
 )
-from fcsnap.store.manifest import Manifest
 from fcsnap.store.names import VMS, check_vm_name
 from fcsnap.store.usage import (
     StoreView,
@@ -292,19 +290,6 @@ def predicted(before: StoreView, plan: GcPlan) -> dict[str, Any]:
     return out
 
 
-def squash_options(manifest: Manifest, name: str) -> BuildOptions:
-    """Squash as the head was written, and move `name` only if it still points at the head."""
-    return BuildOptions(
-        block_size=manifest.block_size,
-        compression=manifest.compression,
-        level=manifest.compression_level or 3,
-        frame_size=manifest.frame_size or BuildOptions.frame_size,
-        name=name,
-        name_expected=manifest.build_id,
-        verb="gc --repack-below",
-    )
-
-
 def repack(
     store: Path, view: StoreView, below: float, dry_run: bool
 ) -> list[dict[str, Any]]:
@@ -334,7 +319,9 @@ def repack(
             row["skipped"] = "its lineage is shared: a flat copy would not shrink the store"
         elif not dry_run:
             try:
-                new, _ = ops.squash(head.path, store, squash_options(head.manifest, name))
+                # squashed as the head was written; `name` moves only if still at the head
+                new, _ = ops.squash(head.path, store, name, head.manifest.build_id,
+                                    verb="gc --repack-below")
             except NameMoved as e:  # the squash removed its build
                 row["skipped"] = str(e)
             else:

@@ -19,7 +19,7 @@ import numpy as np
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
-from fcsnap.header import NIL, ZEROS, decode
+from fcsnap.header import NIL, ZEROS, Metadata, decode
 from fcsnap.header.format import MAPPING
 from fcsnap.store.hashes import DIGEST_SIZE, parse_hashes, sidecar_pin, zero_digest
 from fcsnap.store.layout import HASHES, HEADER, build_path, store_of
@@ -33,6 +33,13 @@ assert RECORD.itemsize == MAPPING.size
 def is_nil(records: np.ndarray) -> np.ndarray:
     """Which records map zeros."""
     return records["build_id"] == np.void(NIL.bytes)
+
+
+def header_records(path: Path) -> tuple[Metadata, np.ndarray]:
+    """A header file's metadata and its mappings as a RECORD array (read and checked by the
+    one header decoder)."""
+    meta, raw = decode(read_regular(path, "header"), str(path))
+    return meta, np.frombuffer(raw, RECORD)
 
 
 @dataclass(frozen=True)
@@ -155,8 +162,7 @@ class Parent:
         self.store = store_of(build_dir)
         self.manifest: Manifest = read_manifest(build_dir)
         path = build_dir / HEADER
-        self.metadata, raw = decode(read_regular(path, "header"), str(path))
-        records = np.frombuffer(raw, RECORD)
+        self.metadata, records = header_records(path)
         meta = self.metadata
         if (meta.build_id, meta.size, meta.block_size) != (
             self.manifest.build_id, self.manifest.size, self.manifest.block_size

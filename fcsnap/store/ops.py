@@ -121,13 +121,15 @@ def generation_chunks(reader: GenerationReader) -> Iterator[tuple[int, bytes]]:
 def squash(
     build_dir: Path, store: Path, name: str | None = None,
     name_expected: uuid.UUID | None | Head = Head.AT_START, progress: Progress = _noop,
+    verb: str = "squash",
 ) -> tuple[Manifest, Path]:
     """A generation 0 with the same content as build_dir and no ancestors, stored the way
     build_dir is (block size, compression, level, frame size); `name` points vms/NAME at it
-    if it still points at `name_expected` (BuildOptions.name_expected)."""
+    if it still points at `name_expected` (BuildOptions.name_expected). `verb` names the
+    command in messages."""
     options = replace(
         BuildOptions.of_build(read_manifest(build_dir)), name=name, name_expected=name_expected,
-        verb="squash", source=f"squash of {build_dir.name}",
+        verb=verb, source=f"squash of {build_dir.name}",
     )
     with open_lineage(build_dir), GenerationReader(build_dir) as reader:
         return build_generation(
