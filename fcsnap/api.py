@@ -295,14 +295,12 @@ def verify(
     """Check `build` and every build it reads: files, sizes, and every block's hash."""
     from fcsnap.header import load_header
     from fcsnap.store import ops
+    from fcsnap.store.layout import build_path, store_of
     from fcsnap.store.manifest import read_manifest
 
     build_dir = _dir(build, store)
-    total = sum(
-        read_manifest(build_dir.parent / str(b)).stats.bytes_stored
-        for b in load_header(build_dir).build_ids()
-        if (build_dir.parent / str(b)).is_dir()
-    )
+    builds = [build_path(store_of(build_dir), b) for b in load_header(build_dir).build_ids()]
+    total = sum(read_manifest(b).stats.bytes_stored for b in builds if b.is_dir())
     result = ops.verify(build_dir, _tracker(progress, total))
     return Verification(
         uuid.UUID(result["build_id"]), result["generation"], result["builds_checked"],

@@ -7,8 +7,7 @@ that can never work is a UsageError (exit status 2 on the command line).
 from __future__ import annotations
 
 from fcsnap.errors import UsageError
-from fcsnap.header.format import BLOCK_SIZES
-from fcsnap.units import parse_size
+from fcsnap.units import BLOCK_SIZES, PAGE, parse_size
 
 DEFAULT_LEVEL = 3  # zstd's own default level
 DEFAULT_FRAME_SIZE = 256 << 10  # uncompressed bytes per zstd frame: what serving a page decodes
@@ -42,7 +41,7 @@ def parse_block_size(value: int | str) -> int:
 def parse_frame_size(value: int | str) -> int:
     """Uncompressed bytes per zstd frame: whole pages, at most 1G."""
     size = value if isinstance(value, int) else parse_size(value, "frame size")
-    if size < 4096 or size % 4096 or size > MAX_FRAME:
+    if size < PAGE or size % PAGE or size > MAX_FRAME:
         raise UsageError(f"invalid frame size {value!r}: a multiple of 4K up to 1G")
     return size
 

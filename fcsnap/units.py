@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from fcsnap.errors import UsageError
 
+PAGE = 4096
+"""The x86-64 base page: the unit of guest memory, of mappings and of working sets."""
+HUGE_PAGE = 2 << 20
+BLOCK_SIZES = (PAGE, HUGE_PAGE)
+"""The block sizes a store may use: one base page, or one 2 MiB hugepage."""
+
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 

@@ -17,11 +17,11 @@ import numpy as np
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
+from fcsnap.units import PAGE
 
 MAGIC = b"FCWS"
 VERSION = 1
 HEAD = struct.Struct("<4sHHQQ")
-PAGE = 4096
 
 
 def dump_working_set(size: int, offsets: Iterable[int]) -> bytes:

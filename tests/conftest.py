@@ -1,14 +1,21 @@
-"""Shared pytest options: tests marked `slow` (a real guest under QEMU) run only with --runslow."""
+"""Shared pytest options and fixtures. Tests marked `slow` (soaks, loads, and the `qemu` ones
+that boot a real guest) run only with --runslow."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+from helpers import HUGEPAGE_POOL, Procs, top_up_hugepages
+
+HUGEPAGES_NEEDED = 10  # the most any test holds: a 16 MiB guest, and ballooned pages coming back
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--runslow", action="store_true", default=False,
-        help="also run tests marked slow (they boot a real guest under QEMU)",
+        help="also run tests marked slow (soaks, loads, a real guest under QEMU)",
     )
 
 
@@ -19,3 +26,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def hugepage_pool() -> Iterator[list[bool]]:
+    """If the session grew the hugepage pool, it is put back to its size when it ends."""
+    original = HUGEPAGE_POOL.read_text()
+    grown: list[bool] = []
+    yield grown
+    if grown:
+        HUGEPAGE_POOL.write_text(original)
+
+
+@pytest.fixture
+def hugepages(hugepage_pool: list[bool]) -> None:
+    """HUGEPAGES_NEEDED free 2 MiB hugepages for this test, or a skip saying why."""
+    if top_up_hugepages(HUGEPAGES_NEEDED):
+        hugepage_pool.append(True)
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    """A restore server and stand-in VMs for one test, killed at its end if still running."""
+    p = Procs(tmp_path)
+    yield p
+    p.close()

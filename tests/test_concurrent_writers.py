@@ -12,10 +12,10 @@ import select
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import restore_argv
 from store_procs import (
     fcsnap,
     fcsnap_pid_under,
@@ -170,8 +170,7 @@ def test_restore_holds_the_lineage_locked_for_its_life(tmp_path):
     g0, g1 = make_lineage(tmp_path, store)
     sock = tmp_path / "uffd.sock"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fcsnap", "restore", "--vm", "web", "--store", str(store),
-         "--socket", str(sock)],
+        restore_argv("web", sock, store=store, quiet=False),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
     )
     try:

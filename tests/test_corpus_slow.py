@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import Lineage, restore_argv
 
 from fcsnap.testing import firecracker
 
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import corpus as corpus_mod  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.qemu]
 
 MIB = 1 << 20
 SIZE = 128 * MIB
@@ -38,30 +38,27 @@ def fcsnap(*args: str) -> dict:
     return json.loads(result.stdout)
 
 
-@dataclass(frozen=True)
-class Lineage:
-    corpus: corpus_mod.Corpus
-    store: Path
-    build_ids: list[str]  # oldest first
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> corpus_mod.Corpus:
+    """A fresh corpus: its own cache directory, so the guest really boots."""
+    return corpus_mod.build_corpus(SIZE, STAGES, cache=tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")
-def lineage(tmp_path_factory: pytest.TempPathFactory) -> Lineage:
-    """A fresh corpus (its own cache directory, so the guest really boots), packed with the
-    CLI: gen0 with pack, then each next generation diffed over the previous one."""
-    root = tmp_path_factory.mktemp("corpus")
-    corpus = corpus_mod.build_corpus(SIZE, STAGES, cache=root / "cache")
-    store = root / "store"
+def lineage(corpus: corpus_mod.Corpus, tmp_path_factory: pytest.TempPathFactory) -> Lineage:
+    """The corpus packed with the CLI: gen0 with pack, then each next generation diffed over
+    the previous one."""
+    store = tmp_path_factory.mktemp("store")
     images = corpus.images
     builds = [fcsnap("pack", str(images[0]), "--store", str(store), "--compress", "zstd")]
     for image in images[1:]:
         builds.append(fcsnap("diff", str(image), "--base", builds[-1]["build_id"],
                              "--store", str(store), "--compress", "zstd"))
-    return Lineage(corpus, store, [b["build_id"] for b in builds])
+    return Lineage(store, [store / b["build_id"] for b in builds], corpus.images)
 
 
-def test_corpus_has_real_guest_figures(lineage: Lineage) -> None:
-    manifest = lineage.corpus.manifest
+def test_corpus_has_real_guest_figures(corpus: corpus_mod.Corpus) -> None:
+    manifest = corpus.manifest
     assert manifest["size"] == SIZE and manifest["stages"] == ["boot", "files", "compute"]
     gens = manifest["generations"]
     assert [g["file"] for g in gens] == [f"gen{n}.mem" for n in range(STAGES)]
@@ -71,8 +68,8 @@ def test_corpus_has_real_guest_figures(lineage: Lineage) -> None:
     assert gens[0]["changed_pages"] is None
     assert all(g["changed_pages"] > 0 for g in gens[1:])
     # cached: a second call finds the same corpus without booting
-    again = corpus_mod.build_corpus(SIZE, STAGES, cache=lineage.corpus.path.parent)
-    assert again.path == lineage.corpus.path and again.manifest == manifest
+    again = corpus_mod.build_corpus(SIZE, STAGES, cache=corpus.path.parent)
+    assert again.path == corpus.path and again.manifest == manifest
 
 
 @pytest.mark.parametrize("gen", range(STAGES))
@@ -81,19 +78,17 @@ def test_unpack_byte_for_byte(lineage: Lineage, gen: int, tmp_path: Path) -> Non
     subprocess.run([sys.executable, "-m", "fcsnap", "unpack", lineage.build_ids[gen],
                     "--store", str(lineage.store), "-o", str(out), "--quiet"],
                    check=True, timeout=WAIT)
-    assert out.read_bytes() == lineage.corpus.images[gen].read_bytes()
+    assert out.read_bytes() == lineage.images[gen].read_bytes()
 
 
 @pytest.mark.parametrize("gen", range(STAGES))
 def test_restore_serves_every_byte(lineage: Lineage, gen: int, tmp_path: Path) -> None:
     sock, stats, report = tmp_path / "uffd.sock", tmp_path / "stats.json", tmp_path / "vm.json"
     server = subprocess.Popen(
-        [sys.executable, "-m", "fcsnap", "restore", "--vm", lineage.build_ids[gen],
-         "--store", str(lineage.store), "--socket", str(sock), "--stats", str(stats),
-         "--quiet"],
+        restore_argv(lineage.build_ids[gen], sock, store=lineage.store, stats=stats),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
-    vm = firecracker.spawn(sock, expected=lineage.corpus.images[gen], threads=4,
+    vm = firecracker.spawn(sock, expected=lineage.images[gen], threads=4,
                            report=report, deadline=WAIT)
     try:
         assert vm.wait(timeout=WAIT + 10) == 0

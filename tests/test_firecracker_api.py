@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import restore_argv
 
 from fcsnap.store import ops
 from fcsnap.store.builder import BuildOptions
@@ -53,8 +53,8 @@ def fakes() -> Iterator[list[FakeFirecracker]]:
 
 
 def restore(cwd: Path, build_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run `fcsnap restore` to its end (it serves one VM, or fails)."""
-    argv = [sys.executable, "-m", "fcsnap", "restore", "--vm", str(build_dir), *args]
+    """Run `fcsnap restore` on uffd.sock in `cwd` to its end (it serves one VM, or fails)."""
+    argv = restore_argv(build_dir, Path("uffd.sock"), *args, quiet=False)
     try:
         return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=WAIT)
     except subprocess.TimeoutExpired:
@@ -72,7 +72,7 @@ def test_load_resumes_vm_served_by_restore(
     fakes.append(fake)
     (tmp_path / "other.state").write_bytes(b"other")
     extra = ["--vmstate", "other.state", "--track-dirty-pages"] if explicit else []
-    result = restore(tmp_path, build_dir, "--socket", "uffd.sock",
+    result = restore(tmp_path, build_dir,
                      "--firecracker-api", "api.sock", *extra)
     fake.close()
     assert result.returncode == 0, result.stderr
@@ -99,7 +99,7 @@ def test_refused_load_fails_restore_and_kills_vm(
     build_dir, memfile = build
     fake = FakeFirecracker(tmp_path / "api.sock", behaviour, memfile, tmp_path / "vm.json")
     fakes.append(fake)
-    result = restore(tmp_path, build_dir, "--socket", "uffd.sock",
+    result = restore(tmp_path, build_dir,
                      "--firecracker-api", "api.sock", "--quiet")
     fake.close()
     assert fake.problems == []
@@ -123,7 +123,7 @@ def test_unanswered_load_fails_restore(
     fake = FakeFirecracker(tmp_path / "api.sock", "silent", memfile, tmp_path / "vm.json")
     fakes.append(fake)
     started = time.monotonic()
-    result = restore(tmp_path, build_dir, "--socket", "uffd.sock",
+    result = restore(tmp_path, build_dir,
                      "--firecracker-api", "api.sock", "--quiet")
     assert time.monotonic() - started < WAIT / 2
     fake.close()
@@ -143,7 +143,7 @@ def test_api_timeout_bounds_the_wait_for_firecracker(
     fake = FakeFirecracker(tmp_path / "api.sock", "hang", memfile, tmp_path / "vm.json")
     fakes.append(fake)
     started = time.monotonic()
-    result = restore(tmp_path, build_dir, "--socket", "uffd.sock", "--firecracker-api",
+    result = restore(tmp_path, build_dir, "--firecracker-api",
                      "api.sock", "--api-timeout", "1", "--quiet")
     elapsed = time.monotonic() - started
     fake.close()
@@ -158,7 +158,7 @@ def test_api_timeout_bounds_the_wait_for_firecracker(
 
 def test_missing_api_socket_fails_clearly(build: tuple[Path, Path], tmp_path: Path) -> None:
     build_dir, _ = build
-    result = restore(tmp_path, build_dir, "--socket", "uffd.sock",
+    result = restore(tmp_path, build_dir,
                      "--firecracker-api", "nowhere.sock", "--quiet")
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
@@ -181,7 +181,7 @@ def test_option_misuse_is_a_usage_error(
     build: tuple[Path, Path], tmp_path: Path, args: list[str]
 ) -> None:
     build_dir, _ = build
-    result = restore(tmp_path, build_dir, "--socket", "uffd.sock", *args)
+    result = restore(tmp_path, build_dir, *args)
     assert result.returncode == 2, result.stderr
 
 
@@ -189,7 +189,7 @@ def test_build_without_snapfile_needs_vmstate(tmp_path: Path) -> None:
     memfile = tmp_path / "mem.bin"
     write_full(memfile, synthetic_memory(64 << 10, seed=1))
     _, build_dir = ops.pack(memfile, tmp_path / "store", BuildOptions())
-    result = restore(tmp_path, build_dir, "--socket", "uffd.sock",
+    result = restore(tmp_path, build_dir,
                      "--firecracker-api", "api.sock")
     assert result.returncode == 2
     assert "has no snapfile" in result.stderr

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import WAIT, Procs
 from test_lifecycle import (
     TIMEOUT,
     Store,
@@ -31,7 +32,6 @@ from test_lifecycle import (
     next_image,
     visible_builds,
 )
-from test_restore import WAIT, Procs
 
 from fcsnap.store.layout import VMS
 from fcsnap.testing.memimage import write_full

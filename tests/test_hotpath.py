@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import test_restore
+from helpers import WAIT, Lineage, check_served, restore
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_restore import PAGE, WAIT, Lineage, check_served, copy_store, restore
+from test_restore import PAGE
 
 from fcsnap.header import load_header
 from fcsnap.store import ops
@@ -40,7 +41,6 @@ from fcsnap.uffd.regions import Region, RegionMap
 
 GUEST = 16 << 20
 lineages = test_restore.lineages  # the fixtures, shared
-procs = test_restore.procs
 needs_compiled = pytest.mark.skipif(
     fastpath.lib is None, reason="the compiled fault path is not built (no C compiler)")
 
@@ -244,7 +244,7 @@ def test_threads_and_balloon_on_both_paths(lineages, procs, path) -> None:
 
 def test_truncated_diff_on_both_paths(lineages, procs, path, tmp_path) -> None:
     """A diff cut short under a running server: one error line, the VM killed, never zeros."""
-    lineage = copy_store(lineages[("none", PAGE)], tmp_path / "store")
+    lineage = lineages[("none", PAGE)].writable_copy(tmp_path / "store")
     server = procs.server(lineage.newest.name, lineage.store, "--fault-around", "0")
     vm = procs.vm(expected=lineage.expected, threads=1, start_delay=1.0)
     diff = lineage.newest / DIFF_RAW

@@ -16,15 +16,24 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from helpers import (
+    VM_PREAMBLE,
+    WAIT,
+    Lineage,
+    Outcome,
+    Procs,
+    assert_served,
+    check_served,
+    race_the_balloon,
+    restore,
+    wait_for,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -44,34 +53,10 @@ MiB = 1 << 20
 PAGE = 4096
 HUGE = 2 * MiB
 SIZE = 4 * MiB  # guest memory per test: two hugepages, 1024 small pages
-WAIT = 30.0  # seconds any one process may take before the test fails
-HUGEPAGES_NEEDED = 4  # a 4 MiB guest, plus a ballooned page coming back, plus slack
-STATS_KEYS = {
-    "faults", "pages_served", "bytes_served", "zero_pages", "remove_events", "retries",
-    "per_build_pages", "duration_s",
-}
 KILLED = -signal.SIGKILL
 
 
 # -- stores ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Lineage:
-    """Three generations of one VM in one store; `expected` is the newest, unpacked."""
-
-    store: Path
-    builds: list[Path]  # oldest first
-    expected: Path
-    block_size: int
-
-    @property
-    def newest(self) -> Path:
-        return self.builds[-1]
-
-    @property
-    def build_ids(self) -> list[str]:
-        return [b.name for b in self.builds]
 
 
 def make_lineage(root: Path, compression: str, block_size: int, seed: int) -> Lineage:
@@ -100,7 +85,8 @@ def make_lineage(root: Path, compression: str, block_size: int, seed: int) -> Li
     expected = root / "expected.mem"
     ops.unpack(builds[-1], expected)
     assert expected.read_bytes() == mem.tobytes()
-    return Lineage(store, builds, expected, block_size)
+    return Lineage(store, builds, [root / "gen0.mem", root / "gen1.mem", expected],
+                   block_size)
 
 
 @pytest.fixture(scope="module")
@@ -115,158 +101,7 @@ def lineages(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], 
     }
 
 
-def copy_store(lineage: Lineage, dest: Path) -> Lineage:
-    """A writable copy of a lineage's store (builds are immutable; tests damage copies)."""
-    shutil.copytree(lineage.store, dest)
-    for path in dest.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    return Lineage(dest, [dest / b.name for b in lineage.builds], lineage.expected,
-                   lineage.block_size)
-
-
-@pytest.fixture(scope="module")
-def hugepages() -> Iterator[None]:
-    """Make HUGEPAGES_NEEDED free 2 MiB hugepages available (restoring the pool size after),
-    or skip the test saying why."""
-    knob = Path("/proc/sys/vm/nr_hugepages")
-
-    def free() -> int:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("HugePages_Free:"):
-                return int(line.split()[1])
-        return 0
-
-    original = int(knob.read_text())
-    raised = False
-    if free() < HUGEPAGES_NEEDED:
-        try:
-            knob.write_text(str(original + HUGEPAGES_NEEDED - free()))
-            raised = True
-        except OSError as e:
-            pytest.skip(f"cannot reserve 2 MiB hugepages ({knob}: {e.strerror})")
-    try:
-        if free() < HUGEPAGES_NEEDED:
-            pytest.skip(f"the kernel granted only {free()} free 2 MiB hugepages, "
-                        f"{HUGEPAGES_NEEDED} needed")
-        yield
-    finally:
-        if raised:
-            knob.write_text(str(original))
-
-
 # -- running the server and the VM -----------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    """How one restore ended: the server's status, stderr lines and stats; the VM's status
-    and report (None when it wrote none, e.g. because it was killed)."""
-
-    status: int
-    stderr: list[str]
-    stats: dict[str, Any] | None
-    vm_status: int | None
-    report: dict[str, Any] | None
-
-    @property
-    def error(self) -> str:
-        """The server's one error line (it must print exactly one, and no traceback)."""
-        assert len(self.stderr) == 1, self.stderr
-        assert self.stderr[0].startswith("fcsnap: error: "), self.stderr
-        return self.stderr[0]
-
-
-class Procs:
-    """Starts the server and the VM for a test and kills whatever is left at teardown."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp = tmp_path
-        self.started: list[subprocess.Popen[bytes]] = []
-        self.socket = tmp_path / "uffd.sock"
-        self.stats = tmp_path / "stats.json"
-        self.report = tmp_path / "vm.json"
-
-    def server(self, vm: str | Path, store: Path | None, *args: str,
-               stats: bool = True, quiet: bool = True) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "fcsnap", "restore", "--vm", str(vm),
-                "--socket", str(self.socket), *args]
-        if quiet:
-            argv.append("--quiet")
-        if store is not None:
-            argv += ["--store", str(store)]
-        if stats:
-            argv += ["--stats", str(self.stats)]
-        return self._track(subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-
-    def vm(self, **options: Any) -> subprocess.Popen[bytes]:
-        options.setdefault("deadline", WAIT)
-        options.setdefault("report", self.report)
-        return self._track(firecracker.spawn(
-            self.socket, popen={"stdout": subprocess.PIPE, "stderr": subprocess.PIPE},
-            **options))
-
-    def _track(self, proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
-        self.started.append(proc)
-        return proc
-
-    def outcome(self, server: subprocess.Popen[bytes],
-                vm: subprocess.Popen[bytes] | None) -> Outcome:
-        """Wait (with deadlines) for both processes and collect what they left behind."""
-        vm_status = None
-        if vm is not None:
-            vm.communicate(timeout=WAIT + 10)
-            vm_status = vm.returncode
-        _, err = server.communicate(timeout=WAIT)
-        stats = json.loads(self.stats.read_text()) if self.stats.exists() else None
-        report = firecracker.read_report(self.report) if self.report.exists() else None
-        return Outcome(server.returncode, err.decode().splitlines(), stats, vm_status, report)
-
-    def close(self) -> None:
-        for proc in self.started:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate(timeout=WAIT)
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(tmp_path)
-    yield p
-    p.close()
-
-
-def restore(procs: Procs, lineage: Lineage, server_args: tuple[str, ...] = (),
-            **vm_options: Any) -> Outcome:
-    """Serve the newest build of `lineage` to a stand-in that checks every byte it reads."""
-    server = procs.server(lineage.newest.name, lineage.store, *server_args)
-    vm = procs.vm(expected=lineage.expected, **vm_options)
-    return procs.outcome(server, vm)
-
-
-def check_served(out: Outcome, lineage: Lineage, page_size: int = PAGE) -> None:
-    """A clean run: the VM saw only right bytes, the server exited 0 by itself, and its stats
-    are complete and add up."""
-    assert out.vm_status == 0, out
-    assert out.status == 0, out.stderr
-    assert out.report is not None and out.report["mismatches"] == 0
-    stats = out.stats
-    assert stats is not None and stats.keys() >= STATS_KEYS
-    assert stats["exit_reason"] == "vm exited"
-    per_build = stats["per_build_pages"]
-    assert set(per_build) <= set(lineage.build_ids)
-    assert sum(per_build.values()) + stats["zero_pages"] == stats["pages_served"]
-    assert stats["bytes_served"] == stats["pages_served"] * page_size
-    assert stats["faults"] > 0 and 0 < stats["installs"] <= stats["pages_served"]
-    assert stats["duration_s"] > 0
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.02)
 
 
 # -- serving ---------------------------------------------------------------------------------
@@ -352,14 +187,7 @@ def test_late_handshake_within_the_timeout(lineages, procs) -> None:
 
 # Sends the uffd and the write end of a pipe, then reads every page: the pipe reaches EOF only
 # once the server has closed its copy of the extra fd (while it is still serving us).
-TWO_FDS_VM = """
-import json, mmap, os, select, signal, socket, sys
-from fcsnap.testing.firecracker import Guest, Reader, Tally, connect
-signal.alarm(30)
-sock_path, expected_path = sys.argv[1:]
-with open(expected_path, "rb") as f:
-    expected = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-guest = Guest(len(expected), 4096, 2)
+TWO_FDS_VM = VM_PREAMBLE + """
 sock = connect(sock_path, 10)
 r, w = os.pipe()
 socket.send_fds(sock, [json.dumps(guest.region_objects("v1.12")).encode()], [guest.uffd, w])
@@ -374,7 +202,7 @@ print(json.dumps({"closed": closed, "touched": tally.touched, "mismatches": tall
 def test_two_fds_extra_is_closed_and_serving_works(lineages, procs) -> None:
     lineage = lineages["none", PAGE]
     server = procs.server(lineage.newest.name, lineage.store)
-    vm = procs._track(subprocess.Popen(
+    vm = procs.track(subprocess.Popen(
         [sys.executable, "-c", TWO_FDS_VM, str(procs.socket), str(lineage.expected)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     out = procs.outcome(server, None)
@@ -385,54 +213,10 @@ def test_two_fds_extra_is_closed_and_serving_works(lineages, procs) -> None:
     assert out.stats is not None and out.stats["extra_fds_closed"] == 1
 
 
-# Four threads fault every page in random orders while the main thread balloons a quarter of
-# them away page by page, so REMOVE events arrive amid faults (installs then fail with EAGAIN
-# and must be retried, not stranded). Afterwards every ballooned page must read zero and every
-# other page as the snapshot says, whatever order things happened in.
-BALLOON_RACE_VM = """
-import json, mmap, random, signal, sys, threading
-from fcsnap.testing.firecracker import Guest, Reader, Tally, connect, handshake
-from fcsnap.uffd import abi
-signal.alarm(30)
-sock_path, expected_path = sys.argv[1:]
-with open(expected_path, "rb") as f:
-    expected = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-guest = Guest(len(expected), 4096, 2)
-handshake(connect(sock_path, 10), guest, "v1.12", None)
-pages = list(range(0, len(expected), 4096))
-ballooned = sorted(random.Random(0).sample(pages, len(pages) // 4))
-def touch(seed):
-    order = random.Random(seed).sample(pages, len(pages))
-    Reader(guest, None, Tally()).check(order)
-threads = [threading.Thread(target=touch, args=(i,)) for i in range(4)]
-for t in threads:
-    t.start()
-for offset in ballooned:
-    abi.madvise(guest.host(offset), 4096, abi.MADV_DONTNEED)
-for t in threads:
-    t.join()
-data, zeros = Tally(), Tally()
-Reader(guest, expected, data).check(sorted(set(pages) - set(ballooned)))
-Reader(guest, expected, zeros).check(ballooned, want_zero=True)
-print(json.dumps({"data": [data.touched, data.mismatches],
-                  "zeros": [zeros.touched, zeros.mismatches]}))
-"""
-
-
 def test_balloon_while_threads_fault(lineages, procs) -> None:
     lineage = lineages["zstd", PAGE]
     server = procs.server(lineage.newest.name, lineage.store)
-    vm = procs._track(subprocess.Popen(
-        [sys.executable, "-c", BALLOON_RACE_VM, str(procs.socket), str(lineage.expected)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    vm_out, vm_err = vm.communicate(timeout=WAIT + 10)
-    out = procs.outcome(server, None)
-    assert vm.returncode == 0, vm_err.decode()
-    pages = SIZE // PAGE
-    assert json.loads(vm_out) == {"data": [pages - pages // 4, 0], "zeros": [pages // 4, 0]}
-    assert out.status == 0, out.stderr
-    stats = out.stats
-    assert stats is not None and stats["remove_events"] == pages // 4
+    stats = race_the_balloon(procs, server, lineage.expected)
     assert sum(stats["per_build_pages"].values()) + stats["zero_pages"] == stats["pages_served"]
 
 
@@ -483,7 +267,7 @@ def corrupt_touched_block(lineage: Lineage) -> tuple[str, int, int]:
 
 
 def test_verify_refuses_a_corrupt_block(lineages, procs, tmp_path) -> None:
-    lineage = copy_store(lineages["none", PAGE], tmp_path / "store")
+    lineage = lineages["none", PAGE].writable_copy(tmp_path / "store")
     build_id, storage, _ = corrupt_touched_block(lineage)
     out = restore(procs, lineage, ("--verify",), threads=2, hold=WAIT)
     assert out.status == 1
@@ -495,7 +279,7 @@ def test_verify_refuses_a_corrupt_block(lineages, procs, tmp_path) -> None:
 
 def test_without_verify_the_corruption_reaches_the_guest(lineages, procs, tmp_path) -> None:
     """The control for the test above: the corrupt block is one the guest reads."""
-    lineage = copy_store(lineages["none", PAGE], tmp_path / "store")
+    lineage = lineages["none", PAGE].writable_copy(tmp_path / "store")
     _, _, guest_offset = corrupt_touched_block(lineage)
     out = restore(procs, lineage, threads=2)
     assert out.vm_status == firecracker.EXIT_MISMATCH
@@ -503,7 +287,7 @@ def test_without_verify_the_corruption_reaches_the_guest(lineages, procs, tmp_pa
 
 
 def test_verify_without_hashes_fails_before_listening(lineages, procs, tmp_path) -> None:
-    lineage = copy_store(lineages["none", PAGE], tmp_path / "store")
+    lineage = lineages["none", PAGE].writable_copy(tmp_path / "store")
     (lineage.builds[1] / HASHES).unlink()
     out = procs.outcome(procs.server(lineage.newest.name, lineage.store, "--verify"), None)
     assert out.status == 1 and HASHES in out.error
@@ -607,7 +391,7 @@ def test_missing_build_fails_before_listening(lineages, procs) -> None:
 
 def test_missing_ancestor_fails_before_listening(lineages, procs, tmp_path) -> None:
     """A VM already waiting for the socket never gets to connect (and so is never hung)."""
-    lineage = copy_store(lineages["zstd", PAGE], tmp_path / "store")
+    lineage = lineages["zstd", PAGE].writable_copy(tmp_path / "store")
     shutil.rmtree(lineage.builds[0])
     vm = procs.vm(expected=lineage.expected, connect_timeout=1)
     out = procs.outcome(procs.server(lineage.newest.name, lineage.store), vm)
@@ -750,11 +534,7 @@ def test_removed_pages_match_a_plain_list(adds: list[tuple[int, int]], probes: l
 
 def served_everything(out: Outcome, pages: int) -> dict[str, Any]:
     """The VM saw only right bytes and the server installed each page exactly once."""
-    assert out.vm_status == 0, out
-    assert out.status == 0, out.stderr
-    assert out.report is not None and out.report["mismatches"] == 0
-    stats = out.stats
-    assert stats is not None
+    stats = assert_served(out.vm_status, out.status, out.stderr, out.report, out.stats)
     assert stats["pages_served"] == pages
     return stats
 
@@ -815,9 +595,10 @@ def test_populate_makes_the_vm_independent(request, lineages, procs, page: str) 
     page_size = firecracker.PAGE_SIZES[page]
     server = procs.server(lineage.newest.name, lineage.store, "--populate",
                           "--fault-around", "0")
-    vm = procs.vm(expected=lineage.expected, page_size=page, touch=0.1, threads=2, hold=3)
+    vm = procs.vm(expected=lineage.expected, page_size=page, touch=0.1, threads=2, hold=2)
     wait_for(procs.report.exists, "the VM to finish its reads")
-    time.sleep(1.0)  # 4 MiB populate takes milliseconds
+    wait_for(lambda: guest_memory(vm.pid) >= SIZE, "the server to populate all guest memory",
+             timeout=1.5)  # within the VM's hold
     server.send_signal(signal.SIGTERM)
     out = procs.outcome(server, vm)
     assert out.vm_status == 0, "a fully populated VM must not be killed"
@@ -825,6 +606,13 @@ def test_populate_makes_the_vm_independent(request, lineages, procs, page: str) 
     assert stats is not None and stats["exit_reason"] == "signal"
     assert stats["pages_served"] == SIZE // page_size
     assert stats["populated_pages"] > 0
+
+
+def guest_memory(pid: int) -> int:
+    """Bytes of anonymous and hugetlb memory resident in process `pid` (its guest memory)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
+                  .splitlines())
+    return sum(int(fields[key].split()[0]) << 10 for key in ("RssAnon", "HugetlbPages"))
 
 
 def test_eager_installs_everything_before_serving(lineages, procs) -> None:

@@ -17,11 +17,11 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_restore import WAIT, Lineage, Procs, check_served, make_lineage, wait_for
+from helpers import WAIT, Lineage, check_served, wait_for
+from test_restore import make_lineage
 
 NOBODY = 65534
 PAGE = 4096
@@ -34,13 +34,6 @@ AS_ROOT = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def lineage(tmp_path_factory: pytest.TempPathFactory) -> Lineage:
     return make_lineage(tmp_path_factory.mktemp("access") / "raw", "none", PAGE, 21)
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(tmp_path)
-    yield p
-    p.close()
 
 
 def as_stranger(sock: Path, send: bytes = b"", uid: int = NOBODY) -> tuple[list[str], int]:

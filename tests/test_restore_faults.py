@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,15 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import helpers
 import numpy as np
 import pytest
 import zstandard
+from helpers import WAIT, Lineage, Processes, restore_argv
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import load_header
 from fcsnap.store import ops
 from fcsnap.store.builder import BuildOptions
-from fcsnap.store.layout import diff_path
 from fcsnap.store.seekable import SeekableReader
 from fcsnap.testing import firecracker
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full
@@ -46,34 +46,15 @@ PAGE = 4096
 HUGE = 2 * MiB
 SIZE = 128 * MiB  # the lineages' guest memory; small runs give the stand-in a smaller --size
 SMALL = 8 * MiB
-WAIT = 30.0  # seconds any one process may take before the test fails
+DAMAGED_SIZE = 16 * MiB  # the lineages tests copy and damage: size is not what they test
 PROMPT = 3.0  # seconds a server may take to notice and act on an event
 START_DELAY = 1.5  # seconds a stand-in waits after its handshake, for the test to break things
-HUGEPAGES_NEEDED = 10  # a 16 MiB guest, and ballooned pages coming back
 KILLED = -signal.SIGKILL
 UFFD_LINK = "anon_inode:[userfaultfd]"
 PIDFD_LINK = "anon_inode:[pidfd]"
 
 
 # -- builds ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Lineage:
-    """Two generations of one VM in one store; `expected` is the newest's memory file."""
-
-    store: Path
-    builds: list[Path]  # oldest first
-    expected: Path
-
-    @property
-    def newest(self) -> Path:
-        return self.builds[-1]
-
-    @property
-    def base_diff(self) -> Path:
-        """Generation 0's diff file: most of the newest generation's pages come from it."""
-        return diff_path(self.builds[0])
 
 
 def make_lineages(root: Path, size: int, seed: int, kinds: tuple[str, ...]) -> dict[str, Lineage]:
@@ -88,7 +69,8 @@ def make_lineages(root: Path, size: int, seed: int, kinds: tuple[str, ...]) -> d
         options = BuildOptions(compression=kind)
         gen0 = ops.pack(root / "gen0.mem", store, options)[1]
         gen1 = ops.diff(root / "gen1.mem", gen0, store, options)[1]
-        lineages[kind] = Lineage(store, [gen0, gen1], root / "gen1.mem")
+        images = [root / "gen0.mem", root / "gen1.mem"]
+        lineages[kind] = Lineage(store, [gen0, gen1], images)
     return lineages
 
 
@@ -98,35 +80,10 @@ def lineages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Lineage]:
     return make_lineages(tmp_path_factory.mktemp("lineages"), SIZE, 11, ("none", "zstd"))
 
 
-def copy_lineage(lineage: Lineage, dest: Path) -> Lineage:
-    """A writable copy (builds are read-only once written; these tests damage copies)."""
-    shutil.copytree(lineage.store, dest)
-    for path in dest.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    return Lineage(dest, [dest / b.name for b in lineage.builds], lineage.expected)
-
-
 @pytest.fixture(scope="module")
-def hugepages() -> Iterator[None]:
-    """HUGEPAGES_NEEDED free 2 MiB hugepages (the pool is put back after), or a skip."""
-    knob = Path("/proc/sys/vm/nr_hugepages")
-
-    def free() -> int:
-        meminfo = Path("/proc/meminfo").read_text().splitlines()
-        return next(int(line.split()[1]) for line in meminfo if line.startswith("HugePages_Free"))
-
-    original = int(knob.read_text())
-    if free() < HUGEPAGES_NEEDED:
-        try:
-            knob.write_text(str(original + HUGEPAGES_NEEDED - free()))
-        except OSError as e:
-            pytest.skip(f"cannot reserve 2 MiB hugepages ({knob}: {e.strerror})")
-    try:
-        if free() < HUGEPAGES_NEEDED:
-            pytest.skip(f"only {free()} free 2 MiB hugepages, {HUGEPAGES_NEEDED} needed")
-        yield
-    finally:
-        knob.write_text(str(original))
+def small_lineages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Lineage]:
+    """The same, of a DAMAGED_SIZE guest, for tests that damage a copy of the store."""
+    return make_lineages(tmp_path_factory.mktemp("small"), DAMAGED_SIZE, 11, ("none", "zstd"))
 
 
 # -- processes -------------------------------------------------------------------------------
@@ -201,41 +158,31 @@ class Vm:
         return firecracker.read_report(self.report_path)
 
 
-class Runs:
+class Runs(Processes):
     """Starts servers and stand-ins for one test; kills whatever is left at teardown."""
 
     def __init__(self, tmp: Path) -> None:
+        super().__init__()
         self.tmp = tmp
-        self.procs: list[subprocess.Popen[bytes]] = []
 
     def server(self, build: Path, *args: str, name: str = "uffd") -> Server:
         sock, stats = self.tmp / f"{name}.sock", self.tmp / f"{name}.stats.json"
-        argv = [sys.executable, "-m", "fcsnap", "restore", "--vm", str(build),
-                "--socket", str(sock), "--stats", str(stats), "--quiet", *args]
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
-        self.procs.append(proc)
+        proc = self.track(subprocess.Popen(
+            restore_argv(build, sock, *args, stats=stats), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
         return Server(proc, sock, stats)
 
     def vm(self, server: Server, name: str = "vm", **options: Any) -> Vm:
         report = self.tmp / f"{name}.json"
         options.setdefault("deadline", WAIT)
-        proc = firecracker.spawn(server.socket, report=report, popen={
-            "stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}, **options)
-        self.procs.append(proc)
+        proc = self.track(firecracker.spawn(server.socket, report=report, popen={
+            "stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}, **options))
         return Vm(proc, report)
 
     def script(self, code: str, *args: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.procs.append(proc)
-        return proc
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate(timeout=WAIT)
+        return self.track(subprocess.Popen([sys.executable, "-c", code, *args],
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE))
 
 
 @pytest.fixture
@@ -247,15 +194,8 @@ def runs(tmp_path: Path) -> Iterator[Runs]:
 
 def assert_served(server: Server, vm: Vm, pages: int | None = None) -> dict[str, Any]:
     """Both ended well: every byte the guest read was right; returns the server's stats."""
-    assert vm.status == 0, (vm.status, vm.report)
-    assert server.status == 0, server.stderr
-    report = vm.report
-    assert report is not None and report["mismatches"] == 0
-    if pages is not None:
-        assert report["pages_touched"] == pages
-    stats = server.stats
-    assert stats["exit_reason"] == "vm exited"
-    assert sum(stats["per_build_pages"].values()) + stats["zero_pages"] == stats["pages_served"]
+    stats = helpers.assert_served(vm.status, server.status, server.stderr, vm.report,
+                                  server.stats, pages)
     assert not server.socket.exists()
     return stats
 
@@ -410,10 +350,10 @@ def test_server_frees_everything_however_serving_ends(lineages, tmp_path, kind, 
 
 @pytest.mark.parametrize("problem", ["stats-dir-missing", "socket-is-a-file",
                                      "prefetch-garbage", "verify-without-hashes"])
-def test_server_refusing_to_start_frees_everything(lineages, tmp_path, problem) -> None:
+def test_server_refusing_to_start_frees_everything(small_lineages, tmp_path, problem) -> None:
     """Failures found before any VM can connect (in the constructor or before listening)
     leave nothing open either."""
-    lineage = copy_lineage(lineages["none"], tmp_path / "store")
+    lineage = small_lineages["none"].writable_copy(tmp_path / "store")
     sock, garbage = tmp_path / "uffd.sock", tmp_path / "garbage"
     garbage.write_bytes(b"not a working set")
     options = ServeOptions(socket=sock, stats_path=tmp_path / "stats.json")
@@ -543,14 +483,14 @@ def first_base_page(lineage: Lineage) -> int:
     pytest.param("none", "half", 4, "random", id="raw-cut-in-half"),
     pytest.param("zstd", "half", 4, "random", id="zstd-cut-in-half"),
 ])
-def test_diff_truncated_while_serving(lineages, runs, tmp_path, kind, cut, threads, order):
+def test_diff_truncated_while_serving(small_lineages, runs, tmp_path, kind, cut, threads, order):
     """The base generation's diff is cut after the handshake, before the guest touches
     memory, 100 bytes into a page (which then reads zeros after the cut). The server fails
     with one line naming the file and kills the VM, which never read a wrong byte (its
     report, written at its first mismatch, shows none). With the cut in the first page a
     sequential guest reads from that file, and one page per fault, a server that copied
     that page would let the guest see it before failing on the next."""
-    lineage = copy_lineage(lineages[kind], tmp_path / "store")
+    lineage = small_lineages[kind].writable_copy(tmp_path / "store")
     diff = lineage.base_diff
     at = first_base_page(lineage) if cut == "first-page" else diff.stat().st_size // 2
     server = runs.server(lineage.newest, "--fault-around", "0" if cut == "first-page" else "256K")
@@ -599,10 +539,10 @@ def flip_undetected(lineage: Lineage) -> int:
     pytest.fail("no bit of the first frame decodes to other served bytes")
 
 
-def test_corrupt_compressed_frame_is_not_served(lineages, runs, tmp_path) -> None:
+def test_corrupt_compressed_frame_is_not_served(small_lineages, runs, tmp_path) -> None:
     """A bit flipped in a zstd frame that still decodes: without --verify the frame's
     checksum in the seek table is what stands between it and the guest."""
-    lineage = copy_lineage(lineages["zstd"], tmp_path / "store")
+    lineage = small_lineages["zstd"].writable_copy(tmp_path / "store")
     flip_undetected(lineage)
     server = runs.server(lineage.newest)
     vm = runs.vm(server, expected=lineage.expected, threads=2, order="random")
@@ -617,12 +557,12 @@ def test_corrupt_compressed_frame_is_not_served(lineages, runs, tmp_path) -> Non
     pytest.param("none", ("--verify",), id="raw-verify"),
     pytest.param("zstd", (), id="zstd-frame-checksums"),
 ])
-def test_diff_corrupted_while_serving_is_not_served(lineages, runs, tmp_path, kind, args):
+def test_diff_corrupted_while_serving_is_not_served(small_lineages, runs, tmp_path, kind, args):
     """Bytes of the base diff changed in place after the handshake, before the guest reads
     them: a raw diff under --verify fails its block hash, a zstd frame (still decodable) its
     seek-table checksum. The server fails with one line naming the build or file and kills
     the VM, which never read a wrong byte."""
-    lineage = copy_lineage(lineages[kind], tmp_path / "store")
+    lineage = small_lineages[kind].writable_copy(tmp_path / "store")
     server = runs.server(lineage.newest, *args)
     vm = runs.vm(server, expected=lineage.expected, threads=4, order="random",
                  start_delay=START_DELAY)
@@ -648,15 +588,15 @@ def test_diff_corrupted_while_serving_is_not_served(lineages, runs, tmp_path, ki
 
 
 @pytest.mark.parametrize("kind", ["none", "zstd"])
-def test_diff_deleted_while_serving_is_still_served(lineages, runs, tmp_path, kind) -> None:
+def test_diff_deleted_while_serving_is_still_served(small_lineages, runs, tmp_path, kind) -> None:
     """Deleting a diff file does not take it from the server: the open file stays valid."""
-    lineage = copy_lineage(lineages[kind], tmp_path / "store")
+    lineage = small_lineages[kind].writable_copy(tmp_path / "store")
     server = runs.server(lineage.newest, "--verify")
     vm = runs.vm(server, expected=lineage.expected, threads=4, order="random",
                  start_delay=START_DELAY)
     server.wait_handshake()
     lineage.base_diff.unlink()
-    stats = assert_served(server.finish(), vm.finish(), SIZE // PAGE)
+    stats = assert_served(server.finish(), vm.finish(), DAMAGED_SIZE // PAGE)
     assert stats["per_build_pages"].get(lineage.builds[0].name, 0) > 0
 
 
@@ -749,6 +689,7 @@ def big_lineage(tmp_path_factory: pytest.TempPathFactory) -> Lineage:
     return make_lineages(tmp_path_factory.mktemp("big"), GiB, 21, ("none",))["none"]
 
 
+@pytest.mark.slow  # a 1 GiB lineage to build, then a minute of load: ~20 s on 2 cores
 def test_load_1gib_eight_threads_balloon_cycles(big_lineage, runs) -> None:
     """A 1 GiB guest, eight threads faulting every page at random, three balloon cycles of
     16 MiB racing them, within the stand-in's 60 s deadline: every byte right, and the
@@ -792,7 +733,7 @@ def test_eight_restores_of_one_build_at_once(lineages, runs) -> None:
     for i in range(8):
         server = runs.server(lineage.newest, name=f"uffd{i}")
         pairs.append((server, runs.vm(server, name=f"vm{i}", expected=lineage.expected,
-                                      size=32 * MiB, threads=2, order="random", seed=i)))
+                                      size=SMALL, threads=2, order="random", seed=i)))
     for server, vm in pairs:
-        assert_served(server.finish(), vm.finish(), 32 * MiB // PAGE)
+        assert_served(server.finish(), vm.finish(), SMALL // PAGE)
     assert len({s.stats["peer_pid"] for s, _ in pairs}) == 8

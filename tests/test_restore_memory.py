@@ -9,11 +9,10 @@ from __future__ import annotations
 import ctypes
 import os
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_restore import WAIT, Lineage, Procs, wait_for
+from helpers import WAIT, Lineage, wait_for
 
 from fcsnap.store import ops
 from fcsnap.store.builder import BuildOptions
@@ -35,14 +34,7 @@ def big_build(tmp_path_factory: pytest.TempPathFactory) -> Lineage:
     write_full(root / "mem", mem)
     _, build = ops.pack(root / "mem", root / "store", BuildOptions())
     assert build.joinpath("memfile.diff").stat().st_size > 2 * HWM_BOUND * MiB
-    return Lineage(root / "store", [build], root / "mem", 4096)
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(tmp_path)
-    yield p
-    p.close()
+    return Lineage(root / "store", [build], [root / "mem"])
 
 
 def memory_mib(pid: int) -> dict[str, float]:

@@ -170,10 +170,13 @@ def server_factory(tmp_path: Path) -> Iterator[Any]:
 
 
 def run_standin(
-    server: MiniServer, report: Path, expect_status: int = 0, **options: Any
+    server: MiniServer | None, report: Path, expect_status: int = 0, **options: Any
 ) -> dict[str, Any]:
+    """Run the stand-in against `server` (None: a file backend, given in `options`) to its
+    end; check its exit status and return its report."""
     options.setdefault("deadline", WAIT)
-    proc = firecracker.spawn(server.path, report=report, popen={"stderr": subprocess.PIPE},
+    socket = server.path if server is not None else None
+    proc = firecracker.spawn(socket, report=report, popen={"stderr": subprocess.PIPE},
                              **options)
     try:
         _, stderr = proc.communicate(timeout=WAIT + 10)
@@ -324,27 +327,8 @@ def test_spawn_rejects_unknown_options(tmp_path) -> None:
     assert argv[-5:] == ["--threads", "4", "--kvm", "--balloon", "0:4096"]
 
 
-def _reserve_hugepages(count: int) -> None:
-    """Make `count` free 2 MiB hugepages available, or skip."""
-    meminfo = dict(
-        line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines()
-    )
-    free = int(meminfo.get("HugePages_Free", "0").split()[0])
-    if free >= count:
-        return
-    knob = Path("/proc/sys/vm/nr_hugepages")
-    try:
-        knob.write_text(str(int(knob.read_text()) + count - free))
-    except OSError as e:
-        pytest.skip(f"cannot reserve hugepages: {e}")
-    meminfo = Path("/proc/meminfo").read_text()
-    if int(meminfo.split("HugePages_Free:")[1].split()[0]) < count:
-        pytest.skip("the kernel did not grant enough hugepages")
-
-
-def test_hugepages(memory_file, server_factory, tmp_path) -> None:
+def test_hugepages(memory_file, server_factory, tmp_path, hugepages) -> None:
     path, data = memory_file
-    _reserve_hugepages(len(data) // HUGE + 1)  # +1: the ballooned page comes back
     server = server_factory(data)
     report = run_standin(server, tmp_path / "r.json", expected=path, page_size="2M",
                          regions=2, threads=2, balloon=[(HUGE, HUGE)])
@@ -368,15 +352,7 @@ def test_kvm_reads_guest_memory(memory_file, server_factory, tmp_path) -> None:
 
 def run_file_backend(path: Path, report: Path, expect_status: int = 0,
                      **options: Any) -> dict[str, Any]:
-    options.setdefault("deadline", WAIT)
-    proc = firecracker.spawn(None, file_backend=path, report=report,
-                             popen={"stderr": subprocess.PIPE}, **options)
-    try:
-        _, stderr = proc.communicate(timeout=WAIT + 10)
-    finally:
-        proc.kill()
-    assert proc.returncode == expect_status, stderr.decode()
-    return firecracker.read_report(report)
+    return run_standin(None, report, expect_status, file_backend=path, **options)
 
 
 def test_file_backend_reads_the_file(memory_file, tmp_path) -> None:

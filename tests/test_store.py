@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import unpacked
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import load_header
@@ -36,25 +37,28 @@ def fcsnap(*args: str, **kw) -> subprocess.CompletedProcess:
     )
 
 
+def wait_mid_pack(store: Path, proc: subprocess.Popen) -> None:
+    """Wait (60 s at most) until the pack `proc` has staged its build, and half a second more
+    for it to be busy writing; it must still be running."""
+    deadline = time.monotonic() + 60
+    while not any(p.name.startswith(".staging-") for p in store.iterdir()):
+        assert time.monotonic() < deadline and proc.poll() is None, "pack never started"
+        time.sleep(0.01)
+    time.sleep(0.5)
+    assert proc.poll() is None, "pack finished before it could be stopped"
+
+
 def visible_builds(store: Path) -> list[str]:
     return sorted(
         p.name for p in store.iterdir() if p.is_dir() and p.name != VMS and p.name[0] != "."
     )
 
 
-def unpacked(build: Path, tmp_path: Path) -> bytes:
-    out = tmp_path / f"unpacked-{uuid.uuid4().hex}"
-    ops.unpack(build, out)
-    data = out.read_bytes()
-    out.unlink()
-    return data
-
-
 @pytest.mark.parametrize("block_size", [4096, 2 * MIB], ids=["4K", "2M"])
 @pytest.mark.parametrize("compression", ["none", "zstd"])
 @pytest.mark.parametrize("kind", ["full", "sparse"])
 def test_lineage_round_trips_byte_for_byte(tmp_path, block_size, compression, kind):
-    size = 8 * MIB if block_size == 4096 else 32 * MIB
+    size = 8 * MIB if block_size == 4096 else 16 * MIB  # 2048 pages, or 8 blocks
     store = tmp_path / "store"
     options = BuildOptions(block_size, compression, frame_size=64 << 10)
     mem = synthetic_memory(size, seed=1)
@@ -283,12 +287,7 @@ def test_killed_pack_leaves_no_build_and_no_pointer_change(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 60
-    while not any(p.name.startswith(".staging-") for p in store.iterdir()):
-        assert time.monotonic() < deadline and proc.poll() is None, "pack never started"
-        time.sleep(0.01)
-    time.sleep(0.5)
-    assert proc.poll() is None, "pack finished before it could be killed"
+    wait_mid_pack(store, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert (visible_builds(store), (store / VMS / "vm").read_text()) == before
@@ -312,12 +311,7 @@ def test_interrupted_pack_removes_its_own_staging(tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 60
-        while not any(p.name.startswith(".staging-") for p in store.iterdir()):
-            assert time.monotonic() < deadline and proc.poll() is None, "pack never started"
-            time.sleep(0.01)
-        time.sleep(0.5)
-        assert proc.poll() is None, "pack finished before it could be interrupted"
+        wait_mid_pack(store, proc)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     finally:

@@ -19,17 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_restore_faults import (
-    KILLED,
-    PIDFD_LINK,
-    UFFD_LINK,
-    WAIT,
-    Lineage,
-    Runs,
-    Server,
-    make_lineages,
-    rss,
-)
+from helpers import WAIT, Lineage, restore_argv
+from test_restore_faults import KILLED, PIDFD_LINK, UFFD_LINK, Runs, Server, make_lineages, rss
 
 from fcsnap.testing import firecracker
 from fcsnap.uffd.server import FaultServer, ServeOptions
@@ -144,12 +135,10 @@ def test_timeout_s_kill_of_the_whole_group_kills_the_vm(lineage, runs, tmp_path)
     of its own, outlives it and kills the VM within a second. (Once the VM faults, the test
     sends `timeout` the SIGALRM its own timer would, so that it acts then.)"""
     sock, stats = tmp_path / "t.sock", tmp_path / "t.json"
-    argv = ["timeout", "-s", "KILL", str(WAIT), sys.executable, "-m", "fcsnap", "restore",
-            "--vm", str(lineage.newest), "--socket", str(sock), "--stats", str(stats),
-            "--quiet", "--fault-around", "0"]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    runs.procs.append(proc)
+    argv = ["timeout", "-s", "KILL", str(WAIT),
+            *restore_argv(lineage.newest, sock, "--fault-around", "0", stats=stats)]
+    proc = runs.track(subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     vm = runs.vm(Server(proc, sock, stats), expected=lineage.expected, threads=4,
                  order="random", hold=WAIT, start_delay=0.3)
     restore = only_child(proc.pid)

@@ -13,19 +13,11 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_restore import (  # noqa: F401 (hugepages: a fixture, asked for by name)
-    BALLOON_RACE_VM,
-    WAIT,
-    Lineage,
-    Procs,
-    hugepages,
-    restore,
-)
+from helpers import Lineage, race_the_balloon, restore, unpacked
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import NIL, load_header
@@ -84,14 +76,6 @@ def check_ws_first(
         expected = seen.setdefault(content[b].tobytes(), len(seen))
         assert got[b] == (me, expected * bs)
     return leading
-
-
-def unpacked(build: Path, tmp_path: Path) -> bytes:
-    out = tmp_path / f"unpacked-{uuid.uuid4().hex}"
-    ops.unpack(build, out)
-    data = out.read_bytes()
-    out.unlink()
-    return data
 
 
 def guest(bs: int, seed: int) -> np.ndarray:
@@ -251,13 +235,6 @@ def test_cli_working_set_json_stats_and_size_mismatch(tmp_path) -> None:
 SIZE = 4 * MiB
 
 
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(tmp_path)
-    yield p
-    p.close()
-
-
 @pytest.mark.parametrize("compression", COMPRESSIONS)
 def test_prefetch_of_a_working_set_first_build(tmp_path, procs, compression: str) -> None:
     """Record a working set, pack with it first, restore with --prefetch-ws: the working
@@ -267,7 +244,7 @@ def test_prefetch_of_a_working_set_first_build(tmp_path, procs, compression: str
     store = tmp_path / "store"
     options = BuildOptions(compression=compression)
     _, build = ops.pack(tmp_path / "mem", store, options)
-    lineage = Lineage(store, [build], tmp_path / "mem", PAGE)
+    lineage = Lineage(store, [build], [tmp_path / "mem"])
     ws = tmp_path / "ws"
     guest_args = {"touch": 0.3, "order": "random", "seed": 5, "threads": 2}
     first = restore(procs, lineage, ("--record-ws", str(ws), "--fault-around", "0"),
@@ -288,7 +265,7 @@ def test_prefetch_of_a_working_set_first_build(tmp_path, procs, compression: str
     assert len(slots) > 50
     procs.stats.unlink()
     # The delay stands in for Firecracker restoring vCPU state after the handshake.
-    second = restore(procs, Lineage(store, [ws_build], tmp_path / "mem", PAGE),
+    second = restore(procs, Lineage(store, [ws_build], [tmp_path / "mem"]),
                      ("--prefetch-ws", str(ws), "--fault-around", "0"),
                      start_delay=0.3, **guest_args)
     assert second.status == 0 and second.vm_status == 0, second.stderr
@@ -325,7 +302,7 @@ def test_prefetch_racing_the_guest(request, tmp_path, procs, compression: str, w
     write_working_set(ws, SIZE, rng.permutation(SIZE // PAGE)[: SIZE // PAGE // 3] * PAGE)
     options = BuildOptions(compression=compression, working_set=ws if ws_first else None)
     _, build = ops.pack(tmp_path / "mem", tmp_path / "store", options)
-    out = restore(procs, Lineage(tmp_path / "store", [build], tmp_path / "mem", PAGE),
+    out = restore(procs, Lineage(tmp_path / "store", [build], [tmp_path / "mem"]),
                   ("--prefetch-ws", str(ws), "--fault-around", "64K", *args),
                   page_size=page, threads=4, order="random", seed=5)
     assert out.status == 0 and out.vm_status == 0, out.stderr
@@ -346,16 +323,7 @@ def test_prefetch_while_the_balloon_races_the_faults(tmp_path, procs) -> None:
     write_working_set(ws, SIZE, np.random.default_rng(15).permutation(SIZE // PAGE) * PAGE)
     _, build = ops.pack(tmp_path / "mem", tmp_path / "store", BuildOptions(working_set=ws))
     server = procs.server(build.name, tmp_path / "store", "--prefetch-ws", str(ws))
-    vm = procs._track(subprocess.Popen(
-        [sys.executable, "-c", BALLOON_RACE_VM, str(procs.socket), str(tmp_path / "mem")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    vm_out, vm_err = vm.communicate(timeout=WAIT + 10)
-    out = procs.outcome(server, None)
-    assert vm.returncode == 0, vm_err.decode()
-    pages = SIZE // PAGE
-    assert json.loads(vm_out) == {"data": [pages - pages // 4, 0], "zeros": [pages // 4, 0]}
-    assert out.status == 0, out.stderr
-    assert out.stats is not None and out.stats["remove_events"] == pages // 4
+    race_the_balloon(procs, server, tmp_path / "mem")
 
 
 def test_eager_installs_the_working_set_first(tmp_path, procs) -> None:
@@ -367,7 +335,7 @@ def test_eager_installs_the_working_set_first(tmp_path, procs) -> None:
     offsets = np.random.default_rng(17).permutation(SIZE // PAGE)[:100] * PAGE
     write_working_set(ws, SIZE, offsets)
     _, build = ops.pack(tmp_path / "mem", tmp_path / "store", BuildOptions(working_set=ws))
-    out = restore(procs, Lineage(tmp_path / "store", [build], tmp_path / "mem", PAGE),
+    out = restore(procs, Lineage(tmp_path / "store", [build], [tmp_path / "mem"]),
                   ("--eager", "--prefetch-ws", str(ws)), threads=2, order="random")
     assert out.status == 0 and out.vm_status == 0, out.stderr
     assert out.report is not None and out.report["mismatches"] == 0

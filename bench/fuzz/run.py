@@ -67,7 +67,7 @@ def load(target: str, scratch: Path) -> tuple[Callable[[bytes], None], list[byte
     import zstandard
 
     from fcsnap.errors import FcsnapError
-    from fcsnap.header import BLOCK_SIZES, dump_header, parse_header
+    from fcsnap.header import BLOCK_SIZES, encode, parse_header, to_records
     from fcsnap.store.hashes import dump_hashes, parse_hashes
     from fcsnap.store.manifest import COMPRESSIONS, parse_manifest
     from fcsnap.store.seekable import (
@@ -93,7 +93,7 @@ def load(target: str, scratch: Path) -> tuple[Callable[[bytes], None], list[byte
         except FcsnapError as e:
             return refused(e)
         assert sum(m.length for m in parsed.mappings) == parsed.metadata.size
-        assert parse_header(dump_header(parsed)) == parsed
+        assert parse_header(encode(parsed.metadata, to_records(parsed.mappings))) == parsed
         for m in parsed.mappings[:64]:
             assert parsed.lookup(m.offset).remaining == m.length
 

@@ -1,38 +1,38 @@
-"""The header: byte format (format.py) and the mapping algebra over it (algebra.py)."""
+"""The header: its byte format, and the one parser, checker and writer of it (format.py)."""
 
-from fcsnap.header.algebra import merge, normalize, packed_runs, runs_for_blocks
 from fcsnap.header.format import (
-    BLOCK_SIZES,
     NIL,
-    PAGE,
     WRITE_VERSION,
+    ZEROS,
     Header,
     HeaderError,
     Lookup,
     Mapping,
     Metadata,
-    dump_header,
+    check,
+    decode,
+    encode,
     load_header,
     parse_header,
-    validate,
+    to_records,
 )
+from fcsnap.units import BLOCK_SIZES, PAGE
 
 __all__ = [
     "BLOCK_SIZES",
     "NIL",
     "PAGE",
     "WRITE_VERSION",
+    "ZEROS",
     "Header",
     "HeaderError",
     "Lookup",
     "Mapping",
     "Metadata",
-    "dump_header",
+    "check",
+    "decode",
+    "encode",
     "load_header",
-    "merge",
-    "normalize",
-    "packed_runs",
     "parse_header",
-    "runs_for_blocks",
-    "validate",
+    "to_records",
 ]

@@ -2,25 +2,35 @@
 
 Little-endian, no padding, no record count: 64 bytes of metadata, then 40-byte mapping records to
 the end of the file.
+
+One path for each job: `decode` reads bytes (checked by `check`) into metadata and the records'
+bytes, which the store views as a numpy array (store/lineage.py); `parse_header` makes them a
+`Header` of Mapping objects for lookups; `encode` is the only writer, and checks what it writes.
 """
 
 from __future__ import annotations
 
 import bisect
+import operator
 import os
 import struct
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import compress, count, repeat
 from pathlib import Path
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
+from fcsnap.units import BLOCK_SIZES, PAGE
 
 NIL = uuid.UUID(int=0)
-PAGE = 4096
-BLOCK_SIZES = (4096, 2 << 20)
+ZEROS = -1
+"""Where builds are numbered (numpy owner arrays), the number standing for NIL: zeros."""
 READ_VERSIONS = (1, 2, 3)
 WRITE_VERSION = 3
+MAX_SIZE = 1 << 62
+"""Memory sizes stop below this, so that offset + length never wraps in 64 bits."""
 
 METADATA = struct.Struct("<QQQQ16s16s")
 MAPPING = struct.Struct("<QQ16sQ")
@@ -97,9 +107,25 @@ class Header:
         """Builds whose diff files this generation reads, in order of first appearance."""
         return list(dict.fromkeys(m.build_id for m in self.mappings if not m.is_zero))
 
+    def storage_ends(self) -> dict[uuid.UUID, int]:
+        """For each build this generation reads, how many bytes of its diff the mappings use:
+        a diff shorter than that is damaged."""
+        ends: dict[uuid.UUID, int] = {}
+        for m in self.mappings:
+            if not m.is_zero:
+                ends[m.build_id] = max(ends.get(m.build_id, 0), m.storage_offset + m.length)
+        return ends
 
-def parse_header(data: bytes, source: str = "header") -> Header:
-    """Parse and validate header bytes; every problem raises HeaderError naming it."""
+
+def to_records(mappings: Iterable[Mapping]) -> bytes:
+    """Mappings as record bytes, for headers composed in Python (fixtures, tests)."""
+    return b"".join(
+        MAPPING.pack(m.offset, m.length, m.build_id.bytes, m.storage_offset) for m in mappings
+    )
+
+
+def decode(data: bytes, source: str = "header") -> tuple[Metadata, bytes]:
+    """Header bytes as metadata and the mapping records' bytes, checked by `check`."""
     if len(data) < METADATA.size:
         raise HeaderError(
             f"{source}: too short: {len(data)} bytes, the metadata alone is {METADATA.size}"
@@ -111,71 +137,110 @@ def parse_header(data: bytes, source: str = "header") -> Header:
             f"{MAPPING.size}-byte mapping records"
         )
     version, block_size, size, generation, build_raw, base_raw = METADATA.unpack_from(data)
-    if version not in READ_VERSIONS:
-        hint = " (E2B's compressed/columnar header, not supported yet)" if version in (4, 5) else ""
-        raise HeaderError(f"{source}: unsupported header version {version}{hint}")
     meta = Metadata(
         version, block_size, size, generation, uuid.UUID(bytes=build_raw), uuid.UUID(bytes=base_raw)
     )
-    mappings = tuple(
-        Mapping(off, length, uuid.UUID(bytes=bid), 0 if bid == NIL.bytes else storage)
-        for off, length, bid, storage in MAPPING.iter_unpack(memoryview(data)[METADATA.size :])
-    )
-    if not mappings and size > 0:
+    records = bytes(memoryview(data)[METADATA.size :])
+    if not records and size > 0:
         # E2B and Wrenn read a header without records as one run of its own build.
-        mappings = (Mapping(0, size, meta.build_id, 0),)
-    header = Header(meta, mappings)
-    validate(header, source)
-    return header
+        records = MAPPING.pack(0, size, build_raw, 0)
+    check(meta, records, source)
+    return meta, records
 
 
-def validate(header: Header, source: str = "header") -> None:
-    """Check the rules of docs/FORMAT.md §3.3; raise HeaderError on the first broken one."""
-    meta = header.metadata
+def _first(flags: Iterable[object]) -> int:
+    """Index of the first true flag, or -1."""
+    return next(compress(count(), flags), -1)
+
+
+def check(meta: Metadata, records: bytes, source: str = "header") -> None:
+    """The rules of docs/FORMAT.md §3.3: a known version and block size, and aligned, non-empty
+    mappings that tile [0, size) in ascending order. Raise HeaderError naming the first broken
+    rule. Each rule is one pass of C-level list operations, not Python work per mapping (a
+    header late in a lineage has tens of thousands), and without numpy, which `inspect` and
+    restore's start-up do not load."""
+    if meta.version not in READ_VERSIONS:
+        hint = (
+            " (E2B's compressed/columnar header, not supported yet)"
+            if meta.version in (4, 5) else ""
+        )
+        raise HeaderError(f"{source}: unsupported header version {meta.version}{hint}")
     if meta.block_size not in BLOCK_SIZES:
         raise HeaderError(f"{source}: block size {meta.block_size} is neither 4 KiB nor 2 MiB")
     if meta.size == 0 or meta.size % PAGE:
         raise HeaderError(f"{source}: memory size {meta.size} is not a positive multiple of 4096")
-    for i, m in enumerate(header.mappings):
-        where = f"{source}: mapping {i} (offset {m.offset:#x}, length {m.length:#x})"
-        if m.length == 0:
-            raise HeaderError(f"{where}: zero length")
-        if m.offset % PAGE or m.length % PAGE or m.storage_offset % PAGE:
-            raise HeaderError(f"{where}: offset, length or storage offset not 4096-aligned")
-        if i and m.offset < header.mappings[i - 1].offset:
-            raise HeaderError(f"{where}: unsorted (mappings must ascend by offset)")
-    expected = 0
-    for i, m in enumerate(header.mappings):
-        where = f"{source}: mapping {i} (offset {m.offset:#x}, length {m.length:#x})"
-        if m.offset < expected:
-            raise HeaderError(f"{where}: overlapping (previous mapping ends at {expected:#x})")
-        if m.offset > expected:
-            raise HeaderError(f"{where}: leaves a gap [{expected:#x}, {m.offset:#x})")
-        expected = m.end
-    if expected != meta.size:
+    if meta.size >= MAX_SIZE:
+        raise HeaderError(f"{source}: memory size {meta.size:#x} is beyond what fcsnap handles")
+    words = struct.unpack(f"<{len(records) // 8}Q", records)
+    offset, length, id_lo, id_hi, storage = (list(words[k::5]) for k in range(5))
+
+    def where(i: int) -> str:
+        return f"{source}: mapping {i} (offset {offset[i]:#x}, length {length[i]:#x})"
+
+    low = repeat(PAGE - 1)
+    unaligned = map(
+        operator.or_,
+        map(operator.and_, map(operator.or_, offset, length), low),
+        map(operator.mul, map(operator.and_, storage, low), map(operator.or_, id_lo, id_hi)),
+    )  # nil mappings (id 0) may carry any storage offset
+    firsts = [
+        length.index(0) if 0 in length else -1,
+        _first(unaligned),
+        _first(map(operator.lt, offset[1:], offset)) + 1 or -1,
+    ]
+    broken = [i for i in firsts if i >= 0]
+    if broken:
+        i = min(broken)
+        if length[i] == 0:
+            raise HeaderError(f"{where(i)}: zero length")
+        if firsts[1] == i:
+            raise HeaderError(f"{where(i)}: offset, length or storage offset not 4096-aligned")
+        raise HeaderError(f"{where(i)}: unsorted (mappings must ascend by offset)")
+    end = list(map(operator.add, offset, length))
+    expected = [0, *end[:-1]]
+    if offset != expected:
+        i = _first(map(operator.ne, offset, expected))
+        if offset[i] < expected[i]:
+            raise HeaderError(
+                f"{where(i)}: overlapping (previous mapping ends at {expected[i]:#x})"
+            )
+        raise HeaderError(f"{where(i)}: leaves a gap [{expected[i]:#x}, {offset[i]:#x})")
+    covered = end[-1] if end else 0
+    if covered != meta.size:
         raise HeaderError(
-            f"{source}: mappings cover [0, {expected:#x}), not the memory size {meta.size:#x}"
+            f"{source}: mappings cover [0, {covered:#x}), not the memory size {meta.size:#x}"
         )
 
 
-def dump_header(header: Header) -> bytes:
-    """Serialize in version 3 layout; nil mappings get storage offset 0."""
-    meta = header.metadata
-    out = [
+def encode(meta: Metadata, records: bytes) -> bytes:
+    """The header bytes of `meta` and `records` (40-byte mapping records), checked like any
+    header read back: the one writer of headers."""
+    check(meta, records, "new header")
+    return (
         METADATA.pack(
-            meta.version,
-            meta.block_size,
-            meta.size,
-            meta.generation,
-            meta.build_id.bytes,
+            meta.version, meta.block_size, meta.size, meta.generation, meta.build_id.bytes,
             meta.base_build_id.bytes,
         )
-    ]
-    out += [
-        MAPPING.pack(m.offset, m.length, m.build_id.bytes, 0 if m.is_zero else m.storage_offset)
-        for m in header.mappings
-    ]
-    return b"".join(out)
+        + records
+    )
+
+
+def parse_header(data: bytes, source: str = "header") -> Header:
+    """Parse and check header bytes into a Header; every problem raises HeaderError naming it."""
+    meta, records = decode(data, source)
+    ids = {NIL.bytes: NIL}  # a lineage has few builds: one UUID object each
+
+    def build_id(raw: bytes) -> uuid.UUID:
+        found = ids.get(raw)
+        if found is None:
+            found = ids[raw] = uuid.UUID(bytes=raw)
+        return found
+
+    mappings = tuple(
+        Mapping(offset, length, build_id(raw), 0 if raw == NIL.bytes else storage)
+        for offset, length, raw, storage in MAPPING.iter_unpack(records)
+    )
+    return Header(meta, mappings)
 
 
 def load_header(path: str | os.PathLike[str]) -> Header:

@@ -10,7 +10,7 @@ import datetime
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
@@ -23,7 +23,7 @@ import numpy as np
 from fcsnap import __version__
 from fcsnap.errors import FcsnapError
 from fcsnap.files import writing
-from fcsnap.header import WRITE_VERSION, Metadata
+from fcsnap.header import WRITE_VERSION, ZEROS, Metadata, encode
 from fcsnap.options import DEFAULT_FRAME_SIZE, DEFAULT_LEVEL
 from fcsnap.store.hashes import DIGEST_SIZE, digest, dump_hashes
 from fcsnap.store.layout import (
@@ -35,13 +35,13 @@ from fcsnap.store.layout import (
     SNAPFILE,
     staged_build,
 )
-from fcsnap.store.lineage import ZEROS, Parent, Runs, header_bytes
+from fcsnap.store.lineage import Parent, Runs
 from fcsnap.store.locks import publish_name
 from fcsnap.store.manifest import Manifest, Stats, write_manifest
 from fcsnap.store.names import check_vm_name, read_vm_pointer
+from fcsnap.store.scan import consecutive_runs
 from fcsnap.store.seekable import SeekableWriter
-
-Progress = Callable[[int], None]
+from fcsnap.units import PAGE
 
 
 class Head(Enum):
@@ -50,7 +50,7 @@ class Head(Enum):
 
 @dataclass(frozen=True)
 class BuildOptions:
-    block_size: int = 4096
+    block_size: int = PAGE
     compression: str = "none"  # "none" or "zstd"
     level: int = DEFAULT_LEVEL
     frame_size: int = DEFAULT_FRAME_SIZE
@@ -63,6 +63,16 @@ class BuildOptions:
     # points to as this build starts.
     name_expected: uuid.UUID | None | Head = Head.AT_START
     verb: str = "pack"  # the command, for messages
+
+    @classmethod
+    def of_build(cls, manifest: Manifest) -> BuildOptions:
+        """The options `manifest`'s build was stored with, for a build that rewrites it."""
+        return cls(
+            block_size=manifest.block_size,
+            compression=manifest.compression,
+            level=manifest.compression_level or cls.level,
+            frame_size=manifest.frame_size or cls.frame_size,
+        )
 
 
 # Chunks smaller than this (the data ranges of a sparse Diff file, often one page each) are
@@ -251,7 +261,8 @@ class GenerationBuilder:
         self.deduplicated += len(keys) - len(first_use)
         if len(first_use):
             self.digests.extend(keys[i] for i in first_use.tolist())
-            self.sink.write([data[a * bs : b * bs] for a, b in consecutive(pos[first_use])])
+            runs = consecutive_runs(pos[first_use])
+            self.sink.write([data[a * bs : (a + n) * bs] for a, n in runs])
 
     def _record(self, blocks: np.ndarray, owner: int | np.ndarray, slot: int | np.ndarray) -> None:
         """Blocks `blocks` now hold block `slot` of build number `owner`."""
@@ -279,7 +290,7 @@ class GenerationBuilder:
         store = self.stage.parent
         with writing(f"{HEADER} of the new build in store {store}"):
             (self.stage / HEADER).write_bytes(
-                header_bytes(meta, layout.records(self.build_ids, self.bs))
+                encode(meta, layout.records(self.build_ids, self.bs).tobytes())
             )
         with writing(f"{HASHES} of the new build in store {store}"):
             (self.stage / HASHES).write_bytes(dump_hashes(self.bs, b"".join(self.digests)))
@@ -305,16 +316,6 @@ class GenerationBuilder:
         count = np.concatenate((spans[:, 0], [self.blocks])) - start
         start, count = start[count > 0], count[count > 0]
         return Runs(start, count, np.full(len(start), ZEROS, np.int32), np.zeros_like(start))
-
-
-def consecutive(values: np.ndarray) -> list[tuple[int, int]]:
-    """Ascending integers as [start, end) runs of consecutive values."""
-    if not len(values):
-        return []
-    cut = np.flatnonzero(np.diff(values) != 1) + 1
-    starts = values[np.concatenate(([0], cut))]
-    ends = values[np.concatenate((cut - 1, [len(values) - 1]))] + 1
-    return list(zip(starts.tolist(), ends.tolist(), strict=True))
 
 
 def build_generation(

@@ -15,7 +15,7 @@ import xxhash
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
-from fcsnap.header.format import BLOCK_SIZES
+from fcsnap.units import BLOCK_SIZES
 
 MAGIC = b"FCSH"
 VERSION = 1

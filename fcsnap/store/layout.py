@@ -82,6 +82,11 @@ def build_path(store: Path, build_id: uuid.UUID) -> Path:
     return store / str(build_id)
 
 
+def store_of(build_dir: Path) -> Path:
+    """The store a build directory is in (builds live at the top of their store)."""
+    return build_dir.parent
+
+
 def diff_path(build_dir: Path) -> Path:
     """The build's diff file, raw or compressed; the raw name when neither exists."""
     zst = build_dir / DIFF_ZSTD

@@ -319,9 +319,9 @@ def repack(
             row["skipped"] = "its lineage is shared: a flat copy would not shrink the store"
         elif not dry_run:
             try:
-                new, _ = ops.squash(head.path, store, ops.squash_options(
-                    head.manifest, name, head.manifest.build_id, "gc --repack-below"
-                ))
+                # squashed as the head was written; `name` moves only if still at the head
+                new, _ = ops.squash(head.path, store, name, head.manifest.build_id,
+                                    verb="gc --repack-below")
             except NameMoved as e:  # the squash removed its build
                 row["skipped"] = str(e)
             else:

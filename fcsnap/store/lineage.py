@@ -19,75 +19,27 @@ import numpy as np
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
-from fcsnap.header import BLOCK_SIZES, NIL, PAGE, HeaderError, Metadata, parse_header
-from fcsnap.header.format import MAPPING, METADATA, READ_VERSIONS
+from fcsnap.header import NIL, ZEROS, Metadata, decode
+from fcsnap.header.format import MAPPING
 from fcsnap.store.hashes import DIGEST_SIZE, parse_hashes, sidecar_pin, zero_digest
-from fcsnap.store.layout import HASHES, HEADER, build_path
+from fcsnap.store.layout import HASHES, HEADER, build_path, store_of
 from fcsnap.store.manifest import Manifest, read_manifest
 
-ZEROS = -1
-"""The owner of zero blocks (owners index a list of build ids)."""
-
-# One V3 mapping record (docs/FORMAT.md §3.1) as a numpy dtype: same 40 bytes, no padding.
+# One mapping record (docs/FORMAT.md §3.1) as a numpy dtype: the same 40 bytes, no padding.
 RECORD = np.dtype([("offset", "<u8"), ("length", "<u8"), ("build_id", "V16"), ("storage", "<u8")])
 assert RECORD.itemsize == MAPPING.size
 
 
-def parse_records(data: bytes, source: str) -> tuple[Metadata, np.ndarray]:
-    """Header bytes as metadata and a RECORD array, checked with vector operations.
-
-    Whatever these checks reject goes to parse_header, which names the broken rule.
-    """
-    if len(data) >= METADATA.size and (len(data) - METADATA.size) % MAPPING.size == 0:
-        version, bs, size, generation, build_raw, base_raw = METADATA.unpack_from(data)
-        meta = Metadata(
-            version, bs, size, generation, uuid.UUID(bytes=build_raw), uuid.UUID(bytes=base_raw)
-        )
-        records = np.frombuffer(data, RECORD, offset=METADATA.size)
-        if not len(records):  # E2B and Wrenn read this as one run of the header's own build
-            records = np.array([(0, size, build_raw, 0)], RECORD)
-        if _well_formed(meta, records):
-            return meta, records
-    parse_header(data, source)
-    raise HeaderError(f"{source}: memory size is beyond what fcsnap handles")
-
-
-def _well_formed(meta: Metadata, records: np.ndarray) -> bool:
-    """docs/FORMAT.md §3.3: aligned, non-empty mappings that tile [0, size) in order."""
-    size = meta.size
-    if meta.version not in READ_VERSIONS or meta.block_size not in BLOCK_SIZES:
-        return False
-    if not 0 < size < 1 << 62 or size % PAGE:  # the bound keeps the sums below from wrapping
-        return False
-    offset, length = records["offset"], records["length"]
-    storage = np.where(is_nil(records), 0, records["storage"])
-    end = offset + length
-    return bool(
-        (length > 0).all()
-        and (length <= size).all()
-        and (offset < size).all()
-        and offset[0] == 0
-        and (offset[1:] == end[:-1]).all()
-        and end[-1] == size
-        and not ((offset | length | storage) % PAGE).any()
-    )
-
-
 def is_nil(records: np.ndarray) -> np.ndarray:
+    """Which records map zeros."""
     return records["build_id"] == np.void(NIL.bytes)
 
 
-def header_bytes(meta: Metadata, records: np.ndarray) -> bytes:
-    """The V3 header of `records`, checked like any header read back."""
-    data = (
-        METADATA.pack(
-            meta.version, meta.block_size, meta.size, meta.generation, meta.build_id.bytes,
-            meta.base_build_id.bytes,
-        )
-        + records.tobytes()
-    )
-    parse_records(data, "new header")
-    return data
+def header_records(path: Path) -> tuple[Metadata, np.ndarray]:
+    """A header file's metadata and its mappings as a RECORD array (read and checked by the
+    one header decoder)."""
+    meta, raw = decode(read_regular(path, "header"), str(path))
+    return meta, np.frombuffer(raw, RECORD)
 
 
 @dataclass(frozen=True)
@@ -207,10 +159,10 @@ class Parent:
 
     def __init__(self, build_dir: Path) -> None:
         self.dir = build_dir
-        self.store = build_dir.parent
+        self.store = store_of(build_dir)
         self.manifest: Manifest = read_manifest(build_dir)
         path = build_dir / HEADER
-        self.metadata, records = parse_records(read_regular(path, "header"), str(path))
+        self.metadata, records = header_records(path)
         meta = self.metadata
         if (meta.build_id, meta.size, meta.block_size) != (
             self.manifest.build_id, self.manifest.size, self.manifest.block_size

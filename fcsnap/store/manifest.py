@@ -11,8 +11,8 @@ from typing import Any
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
-from fcsnap.header.format import BLOCK_SIZES
 from fcsnap.store.layout import MANIFEST
+from fcsnap.units import BLOCK_SIZES
 
 COMPRESSIONS = ("none", "zstd")
 

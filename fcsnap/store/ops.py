@@ -14,10 +14,9 @@ import numpy as np
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import load_header
-from fcsnap.options import DEFAULT_LEVEL
 from fcsnap.store.builder import BuildOptions, Head, build_generation
 from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes
-from fcsnap.store.layout import HASHES, build_path
+from fcsnap.store.layout import HASHES, build_path, store_of
 from fcsnap.store.lineage import Parent
 from fcsnap.store.locks import locked_new_file, stop_point, try_remove_staging
 from fcsnap.store.manifest import Manifest, read_manifest
@@ -73,7 +72,7 @@ def diff(
 ) -> tuple[Manifest, Path]:
     """Generation N+1 over base_dir. With sparse_diff (a Firecracker Diff snapshot), holes mean
     "unchanged"; otherwise the file is Full and holes are zeros."""
-    if base_dir.parent.resolve() != store.resolve():
+    if store_of(base_dir).resolve() != store.resolve():
         raise FcsnapError(f"base build {base_dir} is not in store {store}")
     with open_lineage(base_dir):  # the base's lineage stays what it is until we are done
         return _diff(memfile, base_dir, store, options, sparse_diff, progress)
@@ -119,36 +118,18 @@ def generation_chunks(reader: GenerationReader) -> Iterator[tuple[int, bytes]]:
             yield start, reader.read(start, min(CHUNK, hi - start))
 
 
-def squash_options(
-    manifest: Manifest, name: str | None = None,
-    name_expected: uuid.UUID | None | Head = Head.AT_START, verb: str = "squash",
-) -> BuildOptions:
-    """Squash as the source was written (its compression, level and frame size); `name` moves
-    by compare-and-swap against `name_expected`."""
-    return BuildOptions(
-        block_size=manifest.block_size,
-        compression=manifest.compression,
-        level=manifest.compression_level or DEFAULT_LEVEL,
-        frame_size=manifest.frame_size or BuildOptions.frame_size,
-        name=name,
-        name_expected=name_expected,
-        verb=verb,
-    )
-
-
 def squash(
-    build_dir: Path, store: Path, options: BuildOptions | None = None,
-    progress: Progress = _noop, name: str | None = None,
-    name_expected: uuid.UUID | None | Head = Head.AT_START,
+    build_dir: Path, store: Path, name: str | None = None,
+    name_expected: uuid.UUID | None | Head = Head.AT_START, progress: Progress = _noop,
+    verb: str = "squash",
 ) -> tuple[Manifest, Path]:
-    """A generation 0 with the same content as build_dir and no ancestors; without options,
-    squash_options (the source's compression and frame size, `name` moved by compare-and-swap
-    against `name_expected`)."""
-    source_manifest = read_manifest(build_dir)
-    if options is None:
-        options = squash_options(source_manifest, name, name_expected)
+    """A generation 0 with the same content as build_dir and no ancestors, stored the way
+    build_dir is (block size, compression, level, frame size); `name` points vms/NAME at it
+    if it still points at `name_expected` (BuildOptions.name_expected). `verb` names the
+    command in messages."""
     options = replace(
-        options, block_size=source_manifest.block_size, source=f"squash of {build_dir.name}"
+        BuildOptions.of_build(read_manifest(build_dir)), name=name, name_expected=name_expected,
+        verb=verb, source=f"squash of {build_dir.name}",
     )
     with open_lineage(build_dir), GenerationReader(build_dir) as reader:
         return build_generation(
@@ -247,11 +228,8 @@ def verify(build_dir: Path, progress: Progress = _noop) -> dict[str, Any]:
         raise FcsnapError(f"{build_dir}: build.json disagrees with memfile.header")
     if build_dir.name != str(meta.build_id):
         raise FcsnapError(f"{build_dir}: directory name is not its build id {meta.build_id}")
-    store = build_dir.parent
-    needed: dict[uuid.UUID, int] = {}
-    for m in header.mappings:
-        if not m.is_zero:
-            needed[m.build_id] = max(needed.get(m.build_id, 0), m.storage_offset + m.length)
+    store = store_of(build_dir)
+    needed = header.storage_ends()
     blocks = 0
     with open_lineage(build_dir) as lineage:
         for build_id, end in needed.items():

@@ -59,13 +59,14 @@ def block_aligned(
     return out
 
 
-def _runs_in_order(blocks: np.ndarray) -> list[tuple[int, int]]:
-    """(first block, count) of each run of consecutive blocks, in the given (any) order."""
-    if not len(blocks):
+def consecutive_runs(values: np.ndarray) -> list[tuple[int, int]]:
+    """(first, count) of each run of consecutive integers in `values`, in their order (which
+    need not be ascending: a run is a value followed by its successor)."""
+    if not len(values):
         return []
-    cut = np.flatnonzero(np.diff(blocks) != 1) + 1
+    cut = np.flatnonzero(np.diff(values) != 1) + 1
     at = np.concatenate(([0], cut))
-    return list(zip(blocks[at].tolist(), np.diff(at, append=len(blocks)).tolist(), strict=True))
+    return list(zip(values[at].tolist(), np.diff(at, append=len(values)).tolist(), strict=True))
 
 
 class MemoryFile:
@@ -151,7 +152,7 @@ class MemoryFile:
         view = memoryview(bytearray(min(len(blocks), per_batch) * bs))
         for lo in range(0, len(blocks), per_batch):
             batch = blocks[lo : lo + per_batch]
-            runs = _runs_in_order(batch)
+            runs = consecutive_runs(batch)
             for start, count in runs:
                 os.posix_fadvise(self.fd, start * bs, count * bs, os.POSIX_FADV_WILLNEED)
             pos = 0

@@ -13,7 +13,7 @@ import numpy as np
 from fcsnap.errors import FcsnapError
 from fcsnap.header import Header, load_header
 from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes
-from fcsnap.store.layout import DIFF_ZSTD, HASHES, build_path, diff_path
+from fcsnap.store.layout import DIFF_ZSTD, HASHES, build_path, diff_path, store_of
 from fcsnap.store.seekable import SeekableReader
 
 
@@ -86,23 +86,15 @@ class DiffFile:
             self.fd = -1
 
 
-def store_of(build_dir: Path) -> Path:
-    return build_dir.parent
-
-
 def open_diffs(
     header: Header, store: Path, cache_bytes: int = 64 << 20
 ) -> dict[uuid.UUID, DiffFile]:
     """Open every build the header reads, checking each diff covers what the mappings use;
     zstd frames are checked against their checksums as they are read (restore, unpack, squash
     and diff trust what these return)."""
-    needed: dict[uuid.UUID, int] = {}
-    for m in header.mappings:
-        if not m.is_zero:
-            needed[m.build_id] = max(needed.get(m.build_id, 0), m.storage_offset + m.length)
     diffs: dict[uuid.UUID, DiffFile] = {}
     try:
-        for build_id, end in needed.items():
+        for build_id, end in header.storage_ends().items():
             build_dir = build_path(store, build_id)
             if not build_dir.is_dir():
                 raise FcsnapError(f"build {build_id} referenced by the header is not in {store}")

@@ -19,7 +19,7 @@ import numpy as np
 from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
 from fcsnap.store.layout import HEADER, VMS, parse_build_id
-from fcsnap.store.lineage import is_nil, parse_records
+from fcsnap.store.lineage import header_records, is_nil
 from fcsnap.store.manifest import Manifest, read_manifest
 
 Ranges = dict[uuid.UUID, tuple[np.ndarray, np.ndarray]]
@@ -133,8 +133,7 @@ def union_length(starts: np.ndarray, ends: np.ndarray) -> int:
 
 def read_ranges(build_dir: Path) -> Ranges:
     """The diff byte ranges each build read by this build's header holds."""
-    path = build_dir / HEADER
-    _, records = parse_records(read_regular(path, "header"), str(path))
+    _, records = header_records(build_dir / HEADER)
     records = records[~is_nil(records)]
     out: Ranges = {}
     if not len(records):

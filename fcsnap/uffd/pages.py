@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fcsnap.errors import FcsnapError
+from fcsnap.header import ZEROS as ZERO  # the owner of zero pages in `PageSource.where`
 from fcsnap.header import Header
 from fcsnap.store.hashes import digest, read_hashes
 from fcsnap.store.layout import HASHES
@@ -26,7 +27,6 @@ from fcsnap.store.source import DiffFile
 from fcsnap.uffd import abi
 from fcsnap.uffd.mapped import MappedDiff
 
-ZERO = -1  # the owner of zero pages in `PageSource.where`
 SPAN_BYTES = 4 << 20  # the most `span_base` decompresses for one batch
 
 

@@ -24,8 +24,7 @@ from fcsnap.uffd import abi
 from fcsnap.uffd.installer import Installer, RegionState
 from fcsnap.uffd.pages import ZERO
 from fcsnap.uffd.regions import Region
-
-PAGE = 4096
+from fcsnap.units import PAGE
 
 
 class Prefetch:

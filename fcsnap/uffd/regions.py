@@ -12,8 +12,9 @@ import json
 from dataclasses import dataclass
 
 from fcsnap.errors import FcsnapError
+from fcsnap.units import HUGE_PAGE, PAGE
 
-PAGE_SIZES = (4096, 2 << 20)
+PAGE_SIZES = (PAGE, HUGE_PAGE)
 MAX_REGIONS = 1024
 
 

@@ -1,6 +1,11 @@
-"""Mapping algebra: build a generation's runs, merge it over its parent, normalize.
+"""The test oracle of the mapping algebra: a generation's runs laid over its parent's, in
+plain Python, one Mapping at a time.
 
-All functions are pure: they return new lists and never mutate their inputs.
+Production never calls this: pack and diff do the same with numpy (store/lineage.Runs), fast
+enough for lineages of tens of thousands of mappings. This version is kept because it is
+obviously right: the property tests check Runs against it, and fixtures/make_headers.py
+composes the golden headers with it. All functions are pure: they return new lists and never
+mutate their inputs.
 """
 
 from __future__ import annotations
