@@ -219,6 +219,30 @@ static int install_span(struct fp_ctx *c, struct fp_region *r, uint64_t lo, uint
     return FP_DONE;
 }
 
+/* faultaround.py's adaptive_window: continue a stream (growing its window) or start one */
+static void adaptive_window(struct fp_ctx *c, struct fp_region *r, uint64_t page,
+                            uint64_t *lo, uint64_t *hi)
+{
+    int64_t *s = r->streams, p = (int64_t)page, most = c->adaptive_max;
+    int64_t slot = -1, window = 1;
+    for (int64_t k = 0; k < FP_STREAMS; k++)
+        if (s[2 * k] <= p && p < s[2 * k] + s[2 * k + 1]) {
+            slot = k;
+            window = s[2 * k + 1] * (s[2 * k + 1] * 16 < most ? 4 : 2);
+            if (window > most)
+                window = most;
+            break;
+        }
+    if (slot < 0) {
+        slot = s[2 * FP_STREAMS];
+        s[2 * FP_STREAMS] = (slot + 1) % FP_STREAMS;
+    }
+    *lo = page;
+    *hi = page + (uint64_t)window < r->pages ? page + (uint64_t)window : r->pages;
+    s[2 * slot] = (int64_t)*hi;
+    s[2 * slot + 1] = window;
+}
+
 int fp_fault(struct fp_ctx *c, uint64_t address)
 {
     struct fp_region *r = find_region(c, address);
@@ -237,12 +261,16 @@ int fp_fault(struct fp_ctx *c, uint64_t address)
         c->error_errno = err;
         return FP_ERROR;
     }
-    uint64_t window = c->fault_around / PAGE;
-    if (window < 1 || r->wanted[page])
-        window = 1;
-    uint64_t w_lo = page - page % window, w_hi = w_lo + window;
-    if (w_hi > r->pages)
-        w_hi = r->pages;
+    uint64_t w_lo = page, w_hi = page + 1;
+    if (r->wanted[page]) {
+        /* the prefetch brings the rest of the working set: only this page */
+    } else if (c->adaptive_max > 0) {
+        adaptive_window(c, r, page, &w_lo, &w_hi);
+    } else if (c->fault_around / PAGE > 1) {
+        uint64_t window = c->fault_around / PAGE;
+        w_lo = page - page % window;
+        w_hi = w_lo + window < r->pages ? w_lo + window : r->pages;
+    }
     uint64_t lo = w_lo, hi = w_hi;
     source_bounds(c, r, page, &lo, &hi);
     for (uint64_t p = page; p > lo; p--)
@@ -258,12 +286,29 @@ int fp_fault(struct fp_ctx *c, uint64_t address)
     int outcome = install(c, r, lo, hi, (int64_t)page);
     if (outcome != FP_DONE)
         return outcome;
-    if (window > 1) {
+    if (w_hi - w_lo > 1) {
         outcome = install_span(c, r, w_lo, w_hi);
         if (outcome == FP_ERROR || outcome == FP_GONE)
             return outcome;
     }
     return FP_DONE;
+}
+
+int64_t fp_copy_runs(int uffd, const uint64_t *dst, const uint64_t *src, const uint64_t *len,
+                     int64_t n, int *err, int64_t *part)
+{
+    for (int64_t k = 0; k < n; k++) {
+        struct uffdio_copy cp = {.dst = dst[k], .src = src[k], .len = len[k],
+                                 .mode = UFFDIO_COPY_MODE_DONTWAKE};
+        if (ioctl(uffd, UFFDIO_COPY, &cp) != 0) {
+            *err = errno;
+            *part = cp.copy > 0 ? cp.copy : 0;
+            return k;
+        }
+    }
+    *err = 0;
+    *part = 0;
+    return n;
 }
 
 int fp_pump(struct fp_ctx *c)

@@ -383,8 +383,9 @@ def restore(
         help="Memory for diff data: decompressed frames (zstd), mapped pages (raw).",
     ),
     fault_around: str = typer.Option(
-        "256K", "--fault-around",
-        help="Install up to this much contiguous memory around a fault in one copy (0: off).",
+        "adaptive", "--fault-around", metavar="SIZE|adaptive",
+        help="Install this much contiguous memory around a fault in one copy (0: one page); "
+        "adaptive: grow the window while the guest reads in order, one page when it scatters.",
     ),
     record_ws: Path | None = typer.Option(
         None, "--record-ws", help="Write the pages the guest faulted, in order (working set)."
@@ -434,6 +435,7 @@ def restore(
     With --firecracker-api, a load Firecracker refuses (or never answers) exits 1, killing
     the VM if it connected."""
     from fcsnap.store.layout import SNAPFILE
+    from fcsnap.uffd.faultaround import parse_fault_around
     from fcsnap.uffd.firecracker_api import Response, SnapshotLoad, load_body
     from fcsnap.uffd.server import FaultServer, ServeOptions
 
@@ -471,7 +473,7 @@ def restore(
         stats_path=stats,
         handshake_timeout=handshake_timeout,
         cache_bytes=max(0, cache_mb) << 20,
-        fault_around=parse_size(fault_around, "fault-around size"),
+        fault_around=parse_fault_around(fault_around),
         record_ws=record_ws,
         prefetch_ws=prefetch_ws,
         populate=populate,

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from fcsnap.errors import FcsnapError
 from fcsnap.uffd import abi
+from fcsnap.uffd.faultaround import ADAPTIVE, ADAPTIVE_MAX, STREAMS
 from fcsnap.uffd.installer import Installer, InstallStats
 from fcsnap.uffd.mapped import READ_BELOW
 
@@ -31,6 +32,7 @@ try:
 except ImportError:  # not compiled: no C compiler when fcsnap was installed
     ffi = lib = None
 
+assert lib is None or lib.FP_STREAMS == STREAMS, "csrc/fastpath.h and faultaround.py disagree"
 PURE_PYTHON_ENV = "FCSNAP_PURE_PYTHON"
 CAPACITY = 256  # messages read at once
 RUN_BUDGET_MS = 10  # the longest `run` serves before Python sees the stats again
@@ -81,6 +83,7 @@ class FastPath:
             c_region.present = pointer("uint8_t[]", state.present)
             c_region.removed = pointer("uint8_t[]", state.removed)
             c_region.wanted = pointer("uint8_t[]", state.wanted)
+            c_region.streams = pointer("int64_t[]", state.streams)
         starts, storage, owner = pages.mapping_arrays()
         c_diffs = ffi.new("struct fp_diff[]", max(1, len(pages.builds)))
         for c_diff, build in zip(c_diffs, pages.builds, strict=False):
@@ -104,7 +107,10 @@ class FastPath:
         ctx.owner = pointer("int64_t[]", owner)
         ctx.memory_size = pages.header.metadata.size
         ctx.diffs, ctx.per_owner = c_diffs, self.per_owner
-        ctx.fault_around = installer.fault_around
+        if installer.fault_around == ADAPTIVE:
+            ctx.adaptive_max = max(1, ADAPTIVE_MAX // 4096)  # the C loop serves 4 KiB pages
+        else:
+            ctx.fault_around = installer.fault_around
         ctx.messages = ffi.cast("void *", abi.buffer_address(abi.ffi.buffer(self.messages)))
         ctx.capacity = CAPACITY
         ctx.retry, ctx.defer = self.retry, self.defer

@@ -33,6 +33,7 @@ from fcsnap.store.pins import open_lineage
 from fcsnap.store.source import DiffFile, open_diffs
 from fcsnap.uffd import abi
 from fcsnap.uffd.fastpath import FastPath
+from fcsnap.uffd.faultaround import ADAPTIVE
 from fcsnap.uffd.handshake import Peer, accept_peer
 from fcsnap.uffd.installer import GONE, RETRY, Installer, InstallStats
 from fcsnap.uffd.listener import SocketAccess, listen
@@ -53,8 +54,8 @@ class ServeOptions:
     handshake_timeout: float = 10.0
     cache_bytes: int = 64 << 20
     on_listening: Callable[[], None] | None = None  # e.g. ask Firecracker to load the snapshot
-    fault_around: int = 256 << 10  # bytes installed around a fault, when contiguous
-    record_ws: Path | None = None  # write the pages installed for faults, in order
+    fault_around: int = ADAPTIVE  # bytes installed around a fault (faultaround.py)
+    record_ws: Path | None = None  # write the pages the guest faulted, in order
     prefetch_ws: Path | None = None  # install these pages right after the handshake
     populate: bool = False  # then install every other page in the background
     eager: bool = False  # install every page before serving any fault
