@@ -716,6 +716,34 @@ def demo(
     run_demo(out, threads)
 
 
+ws_app = typer.Typer(no_args_is_help=True, help="Working-set files (restore --record-ws).")
+app.add_typer(ws_app, name="ws")
+
+
+@ws_app.command(name="merge")
+def ws_merge(
+    files: list[Path] = typer.Argument(..., metavar="WS...", help="Recorded working sets."),
+    output: Path = typer.Option(..., "-o", "--output", help="The merged working set."),
+    min_runs: int | None = typer.Option(
+        None, "--min-runs", metavar="K",
+        help="Keep pages seen in at least K of the runs (default: all, the intersection).",
+    ),
+    quiet: bool = QUIET,
+) -> None:
+    """Merge working sets recorded on several runs of one guest: the pages seen in at least
+    K of them, each at its mean position in the runs that saw it."""
+    from fcsnap.workingset import merge_working_set_files
+
+    if min_runs is not None and not 1 <= min_runs <= len(files):
+        raise typer.BadParameter(f"must be between 1 and {len(files)}, the number of WS files",
+                                 param_hint="'--min-runs'")
+    pages = merge_working_set_files(files, min_runs, output)
+    if not quiet:
+        kept = f"in at least {min_runs}" if min_runs is not None else "in all"
+        print(f"fcsnap: {output}: {pages} pages seen {kept} of {len(files)} runs",
+              file=sys.stderr)
+
+
 def main() -> None:
     """Console entry point: one clear line and exit 1 for runtime failures."""
     try:
