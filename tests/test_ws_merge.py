@@ -101,7 +101,7 @@ def test_cli_bad_input_is_one_line(tmp_path, case, status, message) -> None:
     if case == "other-size":
         b = write(tmp_path / "b.ws", 2 * SIZE, 2)
     elif case == "garbage":
-        b.write_bytes(b"not a working set")
+        b.write_bytes(b"not a working set, but long enough to have a header")
     elif case == "missing":
         b = tmp_path / "missing.ws"
     elif case == "k-zero":
