@@ -298,11 +298,22 @@ int64_t fp_copy_runs(int uffd, const uint64_t *dst, const uint64_t *src, const u
                      int64_t n, int *err, int64_t *part)
 {
     for (int64_t k = 0; k < n; k++) {
-        struct uffdio_copy cp = {.dst = dst[k], .src = src[k], .len = len[k],
-                                 .mode = UFFDIO_COPY_MODE_DONTWAKE};
-        if (ioctl(uffd, UFFDIO_COPY, &cp) != 0) {
+        int64_t done = 0;
+        int rc;
+        if (src[k] == 0) {
+            struct uffdio_zeropage z = {.range = {.start = dst[k], .len = len[k]},
+                                        .mode = UFFDIO_ZEROPAGE_MODE_DONTWAKE};
+            rc = ioctl(uffd, UFFDIO_ZEROPAGE, &z);
+            done = z.zeropage;
+        } else {
+            struct uffdio_copy cp = {.dst = dst[k], .src = src[k], .len = len[k],
+                                     .mode = UFFDIO_COPY_MODE_DONTWAKE};
+            rc = ioctl(uffd, UFFDIO_COPY, &cp);
+            done = cp.copy;
+        }
+        if (rc != 0) {
             *err = errno;
-            *part = cp.copy > 0 ? cp.copy : 0;
+            *part = done > 0 ? done : 0;
             return k;
         }
     }

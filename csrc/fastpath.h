@@ -63,8 +63,9 @@ struct fp_ctx {
 };
 
 int fp_fault(struct fp_ctx *c, uint64_t address);
-/* UFFDIO_COPY (DONTWAKE) of n runs: run k is len[k] bytes from src[k] to dst[k]. Returns the
- * runs done whole; on a failed run, its errno in *err and the bytes of it copied in *part */
+/* n installs with DONTWAKE, in order: run k is len[k] bytes at dst[k], copied from src[k]
+ * (UFFDIO_COPY), or zeros (UFFDIO_ZEROPAGE) where src[k] is 0. Returns the runs done whole;
+ * at the first that fails, its errno in *err and the bytes of it installed in *part */
 int64_t fp_copy_runs(int uffd, const uint64_t *dst, const uint64_t *src, const uint64_t *len,
                      int64_t n, int *err, int64_t *part);
 /* read and serve what is pending on the uffd */

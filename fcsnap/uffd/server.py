@@ -349,9 +349,11 @@ class FaultServer:
         busy = True  # populate work may remain
         try:
             while True:
+                # With background work, what is pending is served once between its batches:
+                # a guest faulting as fast as it is served must not hold the batches back.
                 timeout = 0 if busy or prefetching else (RETRY_POLL if deferred else -1)
                 batch = None
-                if fast is not None and not deferred:
+                if fast is not None and not deferred and timeout != 0:
                     batch = fast.run(self._stop_r, peer.pidfd, timeout)  # serves, GIL released
                     ready = {fd for fd, _ in poller.poll(0)}
                 else:
