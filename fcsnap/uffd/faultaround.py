@@ -41,13 +41,14 @@ def grown(window: int, most: int) -> int:
 def adaptive_window(streams: np.ndarray, page: int, pages: int, most: int) -> tuple[int, int]:
     """The window [page, hi) to install for a fault on `page` of a region of `pages` pages,
     `most` pages at the largest; updates the stream table."""
-    ends, windows = streams[0:CURSOR:2], streams[1:CURSOR:2]
-    hits = np.flatnonzero((ends <= page) & (page < ends + windows))
-    if len(hits):
-        slot = int(hits[0])
-        window = grown(int(windows[slot]), most)
+    table = streams.tolist()  # one conversion: element reads of an array cost more
+    for slot in range(STREAMS):
+        end, window = table[2 * slot], table[2 * slot + 1]
+        if end <= page < end + window:  # the stream goes on
+            window = grown(window, most)
+            break
     else:
-        slot = int(streams[CURSOR])
+        slot = table[CURSOR]
         streams[CURSOR] = (slot + 1) % STREAMS
         window = 1
     hi = min(pages, page + window)
