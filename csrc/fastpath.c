@@ -254,6 +254,8 @@ int fp_fault(struct fp_ctx *c, uint64_t address)
     uint64_t page = (address - r->base) / PAGE;
     if (r->removed[page])
         return FP_DEFER;
+    if (c->record_capacity && !r->present[page] && c->nrecord == c->record_capacity)
+        return FP_DEFER;  /* the record is full: Python serves and records it */
     if (r->present[page]) {
         c->stats[FP_ALREADY] += 1;
         int err = wake_range(c, r->base + page * PAGE, PAGE);
@@ -293,7 +295,10 @@ int fp_fault(struct fp_ctx *c, uint64_t address)
         if (side == FP_ERROR)
             return side;
     }
-    return install(c, r, lo, hi, (int64_t)page, 1);
+    int outcome = install(c, r, lo, hi, (int64_t)page, 1);
+    if (outcome == FP_DONE && c->record_capacity)
+        c->record[c->nrecord++] = r->offset + page * PAGE;
+    return outcome;
 }
 
 int64_t fp_copy_runs(int uffd, const uint64_t *dst, const uint64_t *src, const uint64_t *len,

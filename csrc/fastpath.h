@@ -57,6 +57,9 @@ struct fp_ctx {
     int64_t nretry;
     uint64_t *defer;
     int64_t ndefer;
+    uint64_t *record;      /* guest offsets of the pages faulted (restore --record-ws) */
+    int64_t nrecord;
+    int64_t record_capacity; /* 0: not recording */
     uint64_t error_dst;
     int64_t error_owner;
     int error_errno;

@@ -162,10 +162,7 @@ def test_default_restore_serves_in_order_readers_in_few_faults(
         lineages, procs, path, monkeypatch) -> None:
     """The default (adaptive) restore: every byte right, far fewer faults than pages for
     threads reading in order, on both paths."""
-    if path == "python":
-        monkeypatch.setenv(fastpath.PURE_PYTHON_ENV, "1")
-    elif fastpath.lib is None:
-        pytest.skip("the compiled fault path is not built (no C compiler)")
+    use_path(path, monkeypatch)
     lineage = lineages["none", PAGE]
     out = restore(procs, lineage, (), threads=2)
     check_served(out, lineage)
@@ -174,9 +171,20 @@ def test_default_restore_serves_in_order_readers_in_few_faults(
     assert (out.stats["compiled_faults"] > 0) == (path == "compiled")
 
 
-def test_recording_holds_the_pages_the_guest_faulted(lineages, procs, tmp_path) -> None:
+def use_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if path == "python":
+        monkeypatch.setenv(fastpath.PURE_PYTHON_ENV, "1")
+    elif fastpath.lib is None:
+        pytest.skip("the compiled fault path is not built (no C compiler)")
+
+
+@pytest.mark.parametrize("path", ["compiled", "python"])
+def test_recording_holds_the_pages_the_guest_faulted(
+        lineages, procs, tmp_path, path, monkeypatch) -> None:
     """With the default fault-around, --record-ws serves one page per fault and records
-    exactly the pages the guest read, not windows around them."""
+    exactly the pages the guest read, in its order, not windows around them; the compiled
+    loop serves and records on its own."""
+    use_path(path, monkeypatch)
     lineage = lineages["none", PAGE]
     ws = tmp_path / "ws"
     out = restore(procs, lineage, ("--record-ws", str(ws)), touch=0.05, order="sequential",
@@ -186,6 +194,22 @@ def test_recording_holds_the_pages_the_guest_faulted(lineages, procs, tmp_path) 
     touched = round(0.05 * SIZE / PAGE)
     assert len(recorded) == out.stats["faults"] == out.stats["pages_served"] == touched
     assert np.all(np.diff(recorded) > 0)  # in the order the guest read them
+    assert (out.stats["compiled_faults"] == out.stats["faults"]) == (path == "compiled")
+
+
+@pytest.mark.parametrize("path", ["compiled", "python"])
+def test_recording_random_reads_of_two_threads(
+        lineages, procs, tmp_path, path, monkeypatch) -> None:
+    """Two threads reading random pages: the recording holds each page read exactly once,
+    and nothing else."""
+    use_path(path, monkeypatch)
+    lineage = lineages["none", PAGE]
+    ws = tmp_path / "ws"
+    out = restore(procs, lineage, ("--record-ws", str(ws)), touch=0.2, order="random",
+                  seed=4, threads=2)
+    check_served(out, lineage)
+    recorded = read_working_set(ws, SIZE)
+    assert len(recorded) == out.stats["pages_served"] == round(0.2 * SIZE / PAGE)
 
 
 def test_fixed_window_while_recording_records_faulted_pages_only(
