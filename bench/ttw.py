@@ -11,7 +11,10 @@ thread; the sides of a case run in rotation, `repeat` times, and the medians cou
 - floor: the working set's pages copied with UFFDIO_COPY (DONTWAKE, from C: fp_copy_runs)
   from the warm working-set-first diff into a registered anonymous area, no guest: each page
   to its own guest address (scattered, one copy per page: what any server must do at least),
-  and the same bytes to one contiguous range in 1 MiB copies (bytes).
+  and the same bytes to one contiguous range in 1 MiB copies (bytes); beside it fcsnap's own
+  prefetch of that working set into such an area, no guest;
+- the guest alone: --prefetch-ws with the stand-in starting 0.5 s after the handshake, when
+  the working set is in place: the stand-in's own share of every time to working set.
 """
 
 from __future__ import annotations
@@ -27,11 +30,18 @@ import numpy as np
 
 from fcsnap.header import load_header
 from fcsnap.store.layout import DIFF_RAW
+from fcsnap.store.source import open_diffs
 from fcsnap.uffd import abi, fastpath
+from fcsnap.uffd.faultaround import ADAPTIVE
+from fcsnap.uffd.installer import Installer, InstallStats
+from fcsnap.uffd.pages import PageSource
+from fcsnap.uffd.prefetch import Prefetch
+from fcsnap.uffd.regions import Region, RegionMap
 from fcsnap.workingset import read_working_set
 
 PAGE = 4096
 WINDOWS = ["0", "16K", "64K", "256K", "1M", "2M"]
+GUEST_ALONE = "the guest alone: --prefetch-ws done before it starts"
 
 
 def copy_floor(build: Path, ws_file: Path) -> dict[str, float]:
@@ -77,10 +87,38 @@ def copy_floor(build: Path, ws_file: Path) -> dict[str, float]:
             finally:
                 os.close(uffd)
                 abi.munmap(addr, size)
+        times["prefetch"] = prefetch_alone(build, offsets)
         return times
     finally:
         os.sched_setaffinity(0, old)
         del data
+
+
+def prefetch_alone(build: Path, offsets: np.ndarray) -> float:
+    """Seconds fcsnap's prefetch (prefetch.py, as the server runs it) takes to install the
+    working set into a registered anonymous area, no guest: the floor's counterpart."""
+    header = load_header(build)
+    diffs = open_diffs(header, build.parent)
+    size = header.metadata.size
+    uffd = abi.userfaultfd()
+    abi.api_handshake(uffd, 0)
+    addr = abi.mmap_anonymous(size)
+    try:
+        abi.register(uffd, addr, size)
+        pages = PageSource(header, diffs)
+        pages.mapping_arrays()  # the server makes them before the handshake
+        installer = Installer(uffd, RegionMap([Region(addr, size, 0, PAGE)]), pages,
+                              InstallStats(), ADAPTIVE)
+        start = time.perf_counter()
+        prefetch = Prefetch(installer, offsets, 1 << 20)
+        while prefetch.step():
+            pass
+        return time.perf_counter() - start
+    finally:
+        os.close(uffd)
+        abi.munmap(addr, size)
+        for diff in diffs.values():
+            diff.close()
 
 
 def sides(setup: Any) -> list[tuple[str, str, dict[str, Any]]]:
@@ -91,8 +129,9 @@ def sides(setup: Any) -> list[tuple[str, str, dict[str, Any]]]:
     for w in WINDOWS:
         out.append(("scattered", f"fcsnap --fault-around {w}", {"args": ["--fault-around", w]}))
     if setup.ws_build is not None:
-        out.append(("scattered", "fcsnap --prefetch-ws, ws-first build",
-                    {"args": ["--prefetch-ws", str(setup.ws_file)], "build": setup.ws_build}))
+        prefetch = {"args": ["--prefetch-ws", str(setup.ws_file)], "build": setup.ws_build}
+        out.append(("scattered", "fcsnap --prefetch-ws, ws-first build", prefetch))
+        out.append(("scattered", GUEST_ALONE, {**prefetch, "delay": 0.5}))
     out.append(("in order", "fcsnap default", {"args": []}))
     for w in WINDOWS:
         out.append(("in order", f"fcsnap --fault-around {w}", {"args": ["--fault-around", w]}))
@@ -117,6 +156,8 @@ def time_to_ws(setup: Any, repeat: int, serve: Any, serve_c: Any, handler: Path,
             warm(setup.warm_files)
             busy.append(busy_share())
             standin = scattered if case == "scattered" else in_order
+            if "delay" in how:
+                standin = {**standin, "start_delay": how["delay"]}
             if "c" in how:
                 run = serve_c(setup.work, handler, setup.unpacked,
                               fault_case(how["c"]), standin, False)
@@ -177,6 +218,10 @@ def targets(rows: list[dict[str, Any]], floor: dict[str, float]) -> list[dict[st
     if prefetch and floor.get("contiguous"):
         add("--prefetch-ws / floor (contiguous copies)", prefetch / floor["contiguous"], "-",
             None)
+    if floor.get("prefetch") and floor.get("scattered"):
+        add("prefetch alone / floor (scattered copies), no guest",
+            floor["prefetch"] / floor["scattered"], "<= 2",
+            floor["prefetch"] / floor["scattered"] <= 2)
     return out
 
 
@@ -207,7 +252,10 @@ def markdown(result: dict[str, Any], repeat: int, ws_pages: int | None) -> list[
         lines += ["", f"Copy floor (no guest, pinned, median): the working set's pages one "
                   f"UFFDIO_COPY each to their guest addresses {floor['scattered'] * 1e3:.1f} ms; "
                   f"the same bytes in 1 MiB copies to one range {floor['contiguous'] * 1e3:.1f} "
-                  "ms."]
+                  f"ms; fcsnap's prefetch (prefetch.py) of the same working set, no guest, "
+                  f"{floor['prefetch'] * 1e3:.1f} ms (its zero pages go in with "
+                  "UFFDIO_ZEROPAGE). The guest-alone row is the stand-in touching a working set "
+                  "already in place: its own share of every time to working set."]
     lines += ["", "| target | value | wanted | met |", "|---|---:|---|---|"]
     for t in result["targets"]:
         met = {None: "-", True: "yes", False: "NO"}[t["met"]]
