@@ -29,12 +29,18 @@ same C loop copying from one fixed buffer with no lookup), 256 KiB windows on bo
 unpinned, and one page per fault with 4 threads in random order. fcsnap runs with its compiled
 fault path and with FCSNAP_PURE_PYTHON=1.
 
+The time-to-working-set table (`--time-to-ws`, or alone with `--time-to-ws-only`; bench/ttw.py)
+puts fcsnap's default (adaptive fault-around), its fixed windows and --prefetch-ws next to the
+same C server and to the copy floor (the working set's pages copied with UFFDIO_COPY from the
+warm diff, no guest), all pinned, one stand-in thread.
+
 With `--corpus DIR` (bench/corpus.py output: gen0.mem, gen1.mem, ... and manifest.json) the
 guest is real: the newest generation's memory file, packed the same way, and the results
 (restore-corpus.md/json/png) carry the corpus's own figures from its manifest.
 
     python bench/restore.py [--size 1G | --corpus DIR] [--workdir DIR] [--repeat 3]
                             [--rss-size 4G] [--keep] [--per-fault | --per-fault-only]
+                            [--time-to-ws | --time-to-ws-only]
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ttw
 from machine import drop_caches, filesystem, machine
 
 from fcsnap.testing import firecracker
@@ -130,6 +137,7 @@ class Run:
     populated_pages: int | None = None
     retries: int | None = None
     prefetch_s: float | None = None  # the server's handshake to the end of its prefetch
+    compiled_faults: int | None = None  # faults the compiled path served
     server_duration_s: float | None = None
     hwm_mib: float | None = None  # server VmHWM just before the VM exits
     anon_mib: float | None = None  # server RssAnon then
@@ -276,6 +284,7 @@ def serve(
         pages_served=s["pages_served"], prefetched_pages=s.get("prefetched_pages"),
         populated_pages=s.get("populated_pages"), retries=s["retries"],
         prefetch_s=s.get("prefetch_s"), server_duration_s=s["duration_s"],
+        compiled_faults=s.get("compiled_faults"),
         hwm_mib=memory.get("VmHWM"), anon_mib=memory.get("RssAnon"),
         file_mib=memory.get("RssFile"),
         latency=r.get("latency"),
@@ -383,8 +392,8 @@ def serve_c(work: Path, handler: Path, memfile: Path, case: FaultCase, standin: 
         raise RuntimeError(f"C handler run: stand-in exit {vm_status}, handler "
                            f"{server.returncode}")
     r = firecracker.read_report(report)
-    return Run(ws_s=r["touch_s"], all_s=r["touch_s"], minor_faults=r["rusage"]["minor_faults"],
-               faults=json.loads(out)["faults"])
+    return Run(ws_s=r.get("ws_s", r["touch_s"]), all_s=r.get("all_s", r["touch_s"]),
+               minor_faults=r["rusage"]["minor_faults"], faults=json.loads(out)["faults"])
 
 
 def fcsnap_env(pure_python: bool) -> dict[str, str]:
@@ -501,9 +510,9 @@ def prepare(work: Path, memfile: Path, size: int, data_share: float, threads: in
                   restore_flags=flags_of("restore"))
     if {"--record-ws", "--fault-around"} <= setup.restore_flags:
         ws_file = work / "ws.bin"
-        # The recording run touches the working set only, one page per fault, so the file
-        # holds exactly the pages the guest faulted.
-        serve(work, build, ["--fault-around", "0", "--record-ws", str(ws_file)],
+        # The recording run touches the working set only; recording serves one page per
+        # fault (the default), so the file holds exactly the pages the guest faulted.
+        serve(work, build, ["--record-ws", str(ws_file)],
               {"threads": threads, "ws_fraction": ws_fraction, "seed": SEED, "touch": 0,
                "size": size, "verify_bytes": False}, pinned=False)
         setup.ws_file = ws_file
@@ -592,7 +601,8 @@ def markdown(info: dict[str, Any], results: list[Result], checks: list[dict[str,
         f"({info['ws_pages']} pages, random, fixed seed) in random order, then every page "
         "(each thread a contiguous share, in order). Times are from the guest's first touch "
         "(right after the handshake) to the end of each pass. "
-        + (f"The working set for (c) was recorded by a run with `--record-ws --fault-around 0` "
+        + (f"The working set for (c) was recorded by a run with `--record-ws` (one page per "
+           "fault while recording) "
            f"touching the working set only ({info['ws_recorded_pages']} pages recorded); the "
            "(c) build is `fcsnap pack --working-set` of the same memory file."
            if info["ws_build"] else "No working-set build could be made: (c) skipped."),
@@ -763,6 +773,37 @@ def per_fault_only(work: Path, memfile: Path, size: int, data_share: float, repe
     return 0
 
 
+def run_time_to_ws(setup: Setup, repeat: int) -> dict[str, Any]:
+    """The time-to-working-set table's runs (bench/ttw.py)."""
+    handler = build_handler(setup.work)
+
+    def case(window: int) -> FaultCase:
+        return FaultCase("ttw", "time to ws", window, True, 1, "random")
+
+    return ttw.time_to_ws(setup, repeat, serve, serve_c, handler, case, warm, busy_share, SEED)
+
+
+def time_to_ws_only(setup: Setup, repeat: int, stem: str, corpus: dict[str, Any] | None) -> int:
+    """Only the time-to-working-set table: STEM-ttw.md/json."""
+    result = run_time_to_ws(setup, repeat)
+    m = machine()
+    guest = f"{corpus['file']} (real guest)" if corpus else "synthetic"
+    text = "\n".join([
+        "# fcsnap restore: time to working set", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}.",
+        f"Guest: {setup.size / (1 << 30):g} GiB {guest}, {setup.data_share:.1%} of its pages "
+        "non-zero, packed raw; the working-set-first build is `pack --working-set` of the "
+        "same memory file with the working set a `--record-ws` run recorded.", "",
+        *ttw.markdown(result, repeat, working_set_pages(setup.ws_file))])
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}-ttw.md").write_text(text)
+    (RESULTS / f"{stem}-ttw.json").write_text(json.dumps(
+        {"machine": m, "corpus": corpus, "size": setup.size, "repeat": repeat, **result},
+        indent=2) + "\n")
+    print(text)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="1G", help="guest memory size (default 1G)")
@@ -782,6 +823,10 @@ def main() -> int:
                         help="add the per-fault table (fcsnap against a minimal C server)")
     parser.add_argument("--per-fault-only", action="store_true",
                         help="only the per-fault table (results in STEM-perfault.md/json)")
+    parser.add_argument("--time-to-ws", action="store_true",
+                        help="add the time-to-working-set table (bench/ttw.py)")
+    parser.add_argument("--time-to-ws-only", action="store_true",
+                        help="only the time-to-working-set table (results in STEM-ttw.md/json)")
     args = parser.parse_args()
     size, rss_size = parse_size(args.size), parse_size(args.rss_size)
     stem = "restore-corpus" if args.corpus else "restore"
@@ -802,6 +847,8 @@ def main() -> int:
         if args.per_fault_only:
             return per_fault_only(work, memfile, size, data_share, args.repeat, stem, corpus)
         setup = prepare(work, memfile, size, data_share, args.threads, args.ws_fraction)
+        if args.time_to_ws_only:
+            return time_to_ws_only(setup, args.repeat, stem, corpus)
         skipped = {m.key: restore_args(setup, m) for m in modes if not m.file_backend}
         runnable = [m for m in modes if not isinstance(skipped.get(m.key), str)]
         results = [Result(m, pinned) for pinned in (True, False) for m in modes]
@@ -847,6 +894,10 @@ def main() -> int:
         fault_rows = per_fault(setup, args.repeat) if args.per_fault else []
         if fault_rows:
             text += "\n".join(["", *per_fault_markdown(fault_rows, args.repeat)])
+        ttw_result = run_time_to_ws(setup, args.repeat) if args.time_to_ws else None
+        if ttw_result is not None:
+            text += "\n".join(["", *ttw.markdown(ttw_result, args.repeat,
+                                                 working_set_pages(setup.ws_file))])
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"{stem}.md").write_text(text)
         guest = f"{corpus['file']} (real guest)" if corpus else "synthetic"
@@ -864,7 +915,8 @@ def main() -> int:
         correctness = {k: asdict(v) for k, v in checks_runs.items()}
         (RESULTS / f"{stem}.json").write_text(json.dumps(
             {**info, "results": rows, "ratios": checks, "correctness": correctness,
-             "rss_check": rss, "per_fault": fault_rows}, indent=2) + "\n")
+             "rss_check": rss, "per_fault": fault_rows, "time_to_ws": ttw_result},
+            indent=2) + "\n")
         print(text)
     finally:
         if args.keep:

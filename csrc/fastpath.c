@@ -28,17 +28,20 @@ static int64_t now_ns(void)
 }
 
 /* bytes of zeros: not on hugetlb, which this path leaves to Python */
-static int zero_range(struct fp_ctx *c, uint64_t dst, uint64_t len, int64_t *done)
+static int zero_range(struct fp_ctx *c, uint64_t dst, uint64_t len, int64_t *done, int wake)
 {
-    struct uffdio_zeropage z = {.range = {.start = dst, .len = len}, .mode = 0};
+    struct uffdio_zeropage z = {.range = {.start = dst, .len = len},
+                                .mode = wake ? 0 : UFFDIO_ZEROPAGE_MODE_DONTWAKE};
     int rc = ioctl(c->uffd, UFFDIO_ZEROPAGE, &z);
     *done = rc == 0 ? (int64_t)len : (z.zeropage > 0 ? z.zeropage : 0);
     return rc == 0 ? 0 : errno;
 }
 
-static int copy_range(struct fp_ctx *c, uint64_t dst, uint64_t src, uint64_t len, int64_t *done)
+static int copy_range(struct fp_ctx *c, uint64_t dst, uint64_t src, uint64_t len, int64_t *done,
+                      int wake)
 {
-    struct uffdio_copy cp = {.dst = dst, .src = src, .len = len, .mode = 0};
+    struct uffdio_copy cp = {.dst = dst, .src = src, .len = len,
+                             .mode = wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE};
     int rc = ioctl(c->uffd, UFFDIO_COPY, &cp);
     *done = rc == 0 ? (int64_t)len : (cp.copy > 0 ? cp.copy : 0);
     return rc == 0 ? 0 : errno;
@@ -152,9 +155,9 @@ static void note_installed(struct fp_ctx *c, struct fp_region *r, uint64_t lo, i
 }
 
 /* Installer._install for pages [lo, hi) of one source run; `needed` is the faulting page
- * or -1. Returns an FP_* outcome. */
+ * or -1; wake 0: DONTWAKE. Returns an FP_* outcome. */
 static int install(struct fp_ctx *c, struct fp_region *r, uint64_t lo, uint64_t hi,
-                   int64_t needed)
+                   int64_t needed, int wake)
 {
     uint64_t offset = r->offset + lo * PAGE, length = (hi - lo) * PAGE;
     uint64_t dst = r->base + lo * PAGE;
@@ -163,7 +166,7 @@ static int install(struct fp_ctx *c, struct fp_region *r, uint64_t lo, uint64_t 
     int64_t done = 0;
     int err;
     if (owner < 0) {
-        err = zero_range(c, dst, length, &done);
+        err = zero_range(c, dst, length, &done, wake);
     } else {
         uint64_t storage = (uint64_t)c->storage[i] + (offset - (uint64_t)c->starts[i]);
         uint64_t src = diff_source(&c->diffs[owner], storage, length);
@@ -173,14 +176,14 @@ static int install(struct fp_ctx *c, struct fp_region *r, uint64_t lo, uint64_t 
             c->error_errno = 0;
             return FP_ERROR;
         }
-        err = copy_range(c, dst, src, length, &done);
+        err = copy_range(c, dst, src, length, &done, wake);
     }
     int outcome = FP_DONE;
     if (err == EEXIST) {
         c->stats[FP_ALREADY] += 1;
         r->present[lo + done / PAGE] = 1;
         if (needed >= 0 && !r->present[needed])
-            outcome = install(c, r, (uint64_t)needed, (uint64_t)needed + 1, -1);
+            outcome = install(c, r, (uint64_t)needed, (uint64_t)needed + 1, -1, 1);
     } else if (err == EAGAIN) {
         outcome = FP_RETRY;
     } else if (err == ESRCH) {
@@ -197,7 +200,7 @@ static int install(struct fp_ctx *c, struct fp_region *r, uint64_t lo, uint64_t 
     return outcome;
 }
 
-/* Installer.install_span with wake: the free pages of [lo, hi), a source run at a time */
+/* Installer.install_span without waking: the free pages of [lo, hi), a source run at a time */
 static int install_span(struct fp_ctx *c, struct fp_region *r, uint64_t lo, uint64_t hi)
 {
     uint64_t pos = lo;
@@ -211,12 +214,36 @@ static int install_span(struct fp_ctx *c, struct fp_region *r, uint64_t lo, uint
             end++;
         uint64_t seg_lo = pos, seg_hi = end;
         source_bounds(c, r, pos, &seg_lo, &seg_hi);
-        int outcome = install(c, r, seg_lo, seg_hi, -1);
+        int outcome = install(c, r, seg_lo, seg_hi, -1, 0);
         if (outcome != FP_DONE)
             return outcome;
         pos = seg_hi;
     }
     return FP_DONE;
+}
+
+/* faultaround.py's adaptive_window: continue a stream (growing its window) or start one */
+static void adaptive_window(struct fp_ctx *c, struct fp_region *r, uint64_t page,
+                            uint64_t *lo, uint64_t *hi)
+{
+    int64_t *s = r->streams, p = (int64_t)page, most = c->adaptive_max;
+    int64_t slot = -1, window = 1;
+    for (int64_t k = 0; k < FP_STREAMS; k++)
+        if (s[2 * k] <= p && p < s[2 * k] + s[2 * k + 1]) {
+            slot = k;
+            window = s[2 * k + 1] * (s[2 * k + 1] * 16 < most ? 4 : 2);
+            if (window > most)
+                window = most;
+            break;
+        }
+    if (slot < 0) {
+        slot = s[2 * FP_STREAMS];
+        s[2 * FP_STREAMS] = (slot + 1) % FP_STREAMS;
+    }
+    *lo = page;
+    *hi = page + (uint64_t)window < r->pages ? page + (uint64_t)window : r->pages;
+    s[2 * slot] = (int64_t)*hi;
+    s[2 * slot + 1] = window;
 }
 
 int fp_fault(struct fp_ctx *c, uint64_t address)
@@ -227,6 +254,8 @@ int fp_fault(struct fp_ctx *c, uint64_t address)
     uint64_t page = (address - r->base) / PAGE;
     if (r->removed[page])
         return FP_DEFER;
+    if (c->record_capacity && !r->present[page] && c->nrecord == c->record_capacity)
+        return FP_DEFER;  /* the record is full: Python serves and records it */
     if (r->present[page]) {
         c->stats[FP_ALREADY] += 1;
         int err = wake_range(c, r->base + page * PAGE, PAGE);
@@ -237,12 +266,16 @@ int fp_fault(struct fp_ctx *c, uint64_t address)
         c->error_errno = err;
         return FP_ERROR;
     }
-    uint64_t window = c->fault_around / PAGE;
-    if (window < 1 || r->wanted[page])
-        window = 1;
-    uint64_t w_lo = page - page % window, w_hi = w_lo + window;
-    if (w_hi > r->pages)
-        w_hi = r->pages;
+    uint64_t w_lo = page, w_hi = page + 1;
+    if (r->wanted[page]) {
+        /* the prefetch brings the rest of the working set: only this page */
+    } else if (c->adaptive_max > 0) {
+        adaptive_window(c, r, page, &w_lo, &w_hi);
+    } else if (c->fault_around / PAGE > 1) {
+        uint64_t window = c->fault_around / PAGE;
+        w_lo = page - page % window;
+        w_hi = w_lo + window < r->pages ? w_lo + window : r->pages;
+    }
     uint64_t lo = w_lo, hi = w_hi;
     source_bounds(c, r, page, &lo, &hi);
     for (uint64_t p = page; p > lo; p--)
@@ -255,15 +288,45 @@ int fp_fault(struct fp_ctx *c, uint64_t address)
             hi = p;
             break;
         }
-    int outcome = install(c, r, lo, hi, (int64_t)page);
-    if (outcome != FP_DONE)
-        return outcome;
-    if (window > 1) {
-        outcome = install_span(c, r, w_lo, w_hi);
-        if (outcome == FP_ERROR || outcome == FP_GONE)
-            return outcome;
+    if (w_hi - w_lo > 1) {  /* the rest of the window first, waking no one (installer.py) */
+        int side = install_span(c, r, w_lo, lo);
+        if (side != FP_ERROR)
+            side = install_span(c, r, hi, w_hi);
+        if (side == FP_ERROR)
+            return side;
     }
-    return FP_DONE;
+    int outcome = install(c, r, lo, hi, (int64_t)page, 1);
+    if (outcome == FP_DONE && c->record_capacity)
+        c->record[c->nrecord++] = r->offset + page * PAGE;
+    return outcome;
+}
+
+int64_t fp_copy_runs(int uffd, const uint64_t *dst, const uint64_t *src, const uint64_t *len,
+                     int64_t n, int *err, int64_t *part)
+{
+    for (int64_t k = 0; k < n; k++) {
+        int64_t done = 0;
+        int rc;
+        if (src[k] == 0) {
+            struct uffdio_zeropage z = {.range = {.start = dst[k], .len = len[k]},
+                                        .mode = UFFDIO_ZEROPAGE_MODE_DONTWAKE};
+            rc = ioctl(uffd, UFFDIO_ZEROPAGE, &z);
+            done = z.zeropage;
+        } else {
+            struct uffdio_copy cp = {.dst = dst[k], .src = src[k], .len = len[k],
+                                     .mode = UFFDIO_COPY_MODE_DONTWAKE};
+            rc = ioctl(uffd, UFFDIO_COPY, &cp);
+            done = cp.copy;
+        }
+        if (rc != 0) {
+            *err = errno;
+            *part = done > 0 ? done : 0;
+            return k;
+        }
+    }
+    *err = 0;
+    *part = 0;
+    return n;
 }
 
 int fp_pump(struct fp_ctx *c)

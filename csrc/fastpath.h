@@ -4,6 +4,8 @@
 
 enum { FP_DONE = 0, FP_RETRY = 1, FP_GONE = 2, FP_DEFER = 3, FP_ERROR = 4, FP_EVENTS = 5,
        FP_IDLE = 6 };
+/* adaptive fault-around: (end page, window pages) pairs per region, then the next slot */
+enum { FP_STREAMS = 8 };
 enum { FP_FAULTS = 0, FP_PAGES = 1, FP_ZERO_PAGES = 2, FP_INSTALLS = 3, FP_ALREADY = 4 };
 
 struct fp_region {
@@ -15,6 +17,7 @@ struct fp_region {
     uint8_t *present;
     uint8_t *removed;
     uint8_t *wanted;
+    int64_t *streams;     /* FP_STREAMS (end, window) pairs and a cursor (faultaround.py) */
 };
 
 struct fp_diff {
@@ -44,7 +47,8 @@ struct fp_ctx {
     struct fp_diff *diffs;
     int64_t *per_owner;
     int64_t stats[8];
-    uint64_t fault_around;
+    uint64_t fault_around; /* fixed window, bytes; unused when adaptive_max > 0 */
+    int64_t adaptive_max;  /* the largest adaptive window, pages; 0: fixed windows */
     int64_t first_fault_ns;
     void *messages;       /* struct uffd_msg[capacity] */
     int64_t capacity;
@@ -53,12 +57,20 @@ struct fp_ctx {
     int64_t nretry;
     uint64_t *defer;
     int64_t ndefer;
+    uint64_t *record;      /* guest offsets of the pages faulted (restore --record-ws) */
+    int64_t nrecord;
+    int64_t record_capacity; /* 0: not recording */
     uint64_t error_dst;
     int64_t error_owner;
     int error_errno;
 };
 
 int fp_fault(struct fp_ctx *c, uint64_t address);
+/* n installs with DONTWAKE, in order: run k is len[k] bytes at dst[k], copied from src[k]
+ * (UFFDIO_COPY), or zeros (UFFDIO_ZEROPAGE) where src[k] is 0. Returns the runs done whole;
+ * at the first that fails, its errno in *err and the bytes of it installed in *part */
+int64_t fp_copy_runs(int uffd, const uint64_t *dst, const uint64_t *src, const uint64_t *len,
+                     int64_t n, int *err, int64_t *part);
 /* read and serve what is pending on the uffd */
 int fp_pump(struct fp_ctx *c);
 /* poll the stop pipe, the VM's pidfd and the uffd, serving faults, until something needs

@@ -20,6 +20,7 @@ from fcsnap.options import (
     DEFAULT_FRAME_SIZE,
     parse_block_size,
     parse_compression,
+    parse_fault_around,
     parse_frame_size,
     parse_offset,
 )
@@ -359,6 +360,8 @@ def restore(
         raise UsageError("--vmstate and --track-dirty-pages need --firecracker-api")
     if api_timeout <= 0:
         raise UsageError(f"invalid --api-timeout {api_timeout}: must be more than 0 seconds")
+    if "fault_around" in options:  # a size ("256K", 0) or "adaptive", as the CLI takes it
+        options["fault_around"] = parse_fault_around(options["fault_around"])
     build_dir = _dir(build, store)
     socket = Path(socket)
     load: SnapshotLoad | None = None

@@ -65,19 +65,15 @@ def _value(name: str) -> Callable[[str], str]:
     return convert
 
 
-def _size(what: str) -> Callable[[str], int]:
-    """An argparse type for a size in bytes (4096, 0x1000, 256K)."""
+def _fault_around(text: str) -> int:
+    """An argparse type for --fault-around: a size, or 'adaptive'."""
+    from fcsnap.errors import UsageError
+    from fcsnap.options import parse_fault_around
 
-    def convert(text: str) -> int:
-        from fcsnap.errors import UsageError
-        from fcsnap.units import parse_size
-
-        try:
-            return parse_size(text, what)
-        except UsageError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    return convert
+    try:
+        return parse_fault_around(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # -- output ----------------------------------------------------------------------------------
@@ -487,6 +483,21 @@ def render_gc(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_ws_merge(args: argparse.Namespace) -> int:
+    from fcsnap.workingset import merge_working_set_files
+
+    runs = len(args.files)
+    if args.min_runs is not None and not 1 <= args.min_runs <= runs:
+        usage_error(f"argument --min-runs: must be between 1 and {runs}, the number of WS files",
+                    f"{PROG} ws merge")
+    pages = merge_working_set_files(args.files, args.min_runs, args.output)
+    if not args.quiet:
+        kept = f"in at least {args.min_runs}" if args.min_runs is not None else "in all"
+        print(f"fcsnap: {args.output}: {pages} pages seen {kept} of {runs} runs",
+              file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fcsnap.demo import run_demo
 
@@ -660,6 +671,21 @@ def build_parser() -> Parser:
                           "bytes its lineage stores, so the partly dead builds become garbage.")
     _add_json(sub)
 
+    ws = commands.add_parser("ws", help="Working-set files (restore --record-ws).",
+                             description="Working-set files (restore --record-ws).")
+    ws_commands = ws.add_subparsers(dest="ws_command", title="commands", metavar="COMMAND",
+                                    parser_class=Parser, required=True)
+    sub = _command(ws_commands, "merge", cmd_ws_merge, "Merge working sets recorded on several "
+                   "runs of one guest: the pages seen in at least K of them, each at its mean "
+                   "position in the runs that saw it.")
+    sub.add_argument("files", nargs="+", type=Path, metavar="WS", help="Recorded working sets.")
+    sub.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
+                     help="The merged working set.")
+    sub.add_argument("--min-runs", type=int, metavar="K",
+                     help="Keep pages seen in at least K of the runs (default: all, the "
+                          "intersection).")
+    _add_quiet(sub)
+
     sub = _command(commands, "demo", cmd_demo, "Pack, diff, inspect and lazily restore a "
                    "bundled snapshot, checking every byte.")
     sub.add_argument("--threads", type=int, default=4, metavar="N",
@@ -680,9 +706,10 @@ def _restore_options(sub: argparse.ArgumentParser) -> None:
         help="Seconds a connected VM has to send its regions (10).")
     add("--cache-mb", type=int, default=64, metavar="N",
         help="Memory for diff data: decompressed frames (zstd), mapped pages (raw) (64).")
-    add("--fault-around", default="256K", type=_size("fault-around size"), metavar="SIZE",
-        help="Install up to this much contiguous memory around a fault in one copy "
-             "(256K; 0: off).")
+    add("--fault-around", default="adaptive", type=_fault_around, metavar="SIZE|adaptive",
+        help="Install this much contiguous memory around a fault in one copy (0: one page); "
+             "adaptive (the default): grow the window while the guest reads in order, one "
+             "page when it scatters.")
     add("--record-ws", type=Path, metavar="FILE",
         help="Write the pages the guest faulted, in order (working set).")
     add("--prefetch-ws", type=Path, metavar="FILE",

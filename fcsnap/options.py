@@ -12,6 +12,7 @@ from fcsnap.units import BLOCK_SIZES, PAGE, parse_size
 DEFAULT_LEVEL = 3  # zstd's own default level
 DEFAULT_FRAME_SIZE = 256 << 10  # uncompressed bytes per zstd frame: what serving a page decodes
 MAX_FRAME = 1 << 30
+ADAPTIVE = -1  # restore's fault_around: choose the window per region (the default)
 
 
 def parse_compression(text: str | None) -> tuple[str, int]:
@@ -53,3 +54,12 @@ def parse_offset(value: int | str) -> int:
             raise UsageError(f"invalid offset {value}: must not be negative")
         return value
     return parse_size(value, "offset")
+
+
+def parse_fault_around(value: int | str) -> int:
+    """restore --fault-around: "adaptive" (ADAPTIVE) or a fixed size in bytes (0: one page)."""
+    if isinstance(value, int):
+        return value
+    if value.strip().lower() == "adaptive":
+        return ADAPTIVE
+    return parse_size(value, "fault-around size (or 'adaptive')")

@@ -68,3 +68,44 @@ def write_working_set(path: Path, size: int, offsets: Iterable[int]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(dump_working_set(size, offsets))
     os.replace(tmp, path)
+
+
+def merge_working_sets(
+    recordings: list[tuple[str, int, np.ndarray]], min_runs: int
+) -> tuple[int, np.ndarray]:
+    """(memory size, offsets) of the pages seen in at least `min_runs` of the recorded runs
+    given as (name, memory size, offsets): `min_runs` = all is their intersection. A page's
+    place is its mean position across the runs that saw it (0 = faulted first, 1 = last),
+    so pages every run needs early stay early; ties go by guest offset."""
+    if not recordings:
+        raise FcsnapError("no working sets to merge")
+    if not 1 <= min_runs <= len(recordings):
+        raise FcsnapError(f"--min-runs must be between 1 and {len(recordings)}, the number of "
+                          f"working sets given (got {min_runs})")
+    first_name, size, _ = recordings[0]
+    for name, other, _ in recordings[1:]:
+        if other != size:
+            raise FcsnapError(f"{name}: recorded for {other} bytes of guest memory, "
+                              f"{first_name} for {size}: not runs of the same guest")
+    offsets = np.concatenate([o for _, _, o in recordings])
+    positions = np.concatenate([np.arange(len(o)) / max(1, len(o)) for _, _, o in recordings])
+    pages, index, runs = np.unique(offsets, return_inverse=True, return_counts=True)
+    mean = np.bincount(index, weights=positions, minlength=len(pages)) / runs
+    keep = np.flatnonzero(runs >= min_runs)
+    order = np.lexsort((pages[keep], mean[keep]))
+    return size, pages[keep][order]
+
+
+def merge_working_set_files(paths: list[Path], min_runs: int | None, out: Path) -> int:
+    """`fcsnap ws merge`: read every file (all checked before anything is written), merge,
+    write `out`; the number of pages written. min_runs None: all of them."""
+    recordings = []
+    for path in paths:
+        size, offsets = parse_working_set(read_regular(path, "working set"), str(path))
+        recordings.append((str(path), size, offsets))
+    size, merged = merge_working_sets(recordings, len(paths) if min_runs is None else min_runs)
+    try:
+        write_working_set(out, size, merged.tolist())
+    except OSError as e:
+        raise FcsnapError(f"cannot write {out}: {e.strerror or e}") from e
+    return len(merged)

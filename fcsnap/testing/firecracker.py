@@ -471,12 +471,14 @@ class StandIn:
         return self._split(offsets)
 
     def _ws_plan(self, guest: GuestMemory) -> Plan:
-        """The working set: --ws-fraction of the pages, chosen by --seed alone (the same set
-        on every run of the same guest size), in random order, split over the threads."""
+        """The working set: --ws-fraction of the pages, chosen by --ws-seed or --seed alone (the
+        same set on every run of the same guest size), in random order, split over the
+        threads."""
         a = self.args
         n = guest.size // guest.page_size
         count = max(1, round(a.ws_fraction * n)) if a.ws_fraction > 0 else 0
-        chosen = random.Random(f"ws:{a.seed}").sample(range(n), count)
+        seed = a.seed if a.ws_seed is None else a.ws_seed
+        chosen = random.Random(f"ws:{seed}").sample(range(n), count)
         return self._split([p * guest.page_size for p in chosen])
 
     def _split(self, offsets: list[int]) -> Plan:
@@ -604,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first read a working set (F of the pages, random, fixed by --seed), "
                    "then the --touch pages; reports ws_s and all_s")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ws-seed", type=int, metavar="N",
+                   help="choose the working set by N instead of --seed: the same working set "
+                   "on runs whose other touches differ")
     p.add_argument("--file-backend", metavar="FILE",
                    help="no socket, no uffd: map FILE MAP_PRIVATE as guest memory "
                    "(Firecracker's File memory backend)")

@@ -8,8 +8,9 @@ so the sessions of other VMs in the same process run meanwhile on other cores.
 It works on the installer's own state (the present/removed/wanted arrays, the mapping arrays,
 each raw diff's MappedDiff state), so it and the Python installer can take turns fault by
 fault. It serves 4 KiB pages of raw (mapped) builds; the rest comes back to Python untouched:
-REMOVE and other events, removed pages, huge pages, an EAGAIN to retry. A server under
---verify, --record-ws, or with a zstd build in its lineage serves everything in Python.
+REMOVE and other events, removed pages, huge pages, an EAGAIN to retry. Under --record-ws it
+records the pages faulted, in order, in a buffer Python empties after every call. A server
+under --verify, or with a zstd build in its lineage, serves everything in Python.
 
 The module is compiled at install time (setup.py's cffi_modules). When it is missing (no C
 compiler at install) or FCSNAP_PURE_PYTHON=1 is set, the server runs the pure-Python path,
@@ -22,7 +23,9 @@ import os
 from dataclasses import dataclass
 
 from fcsnap.errors import FcsnapError
+from fcsnap.options import ADAPTIVE
 from fcsnap.uffd import abi
+from fcsnap.uffd.faultaround import ADAPTIVE_MAX, STREAMS
 from fcsnap.uffd.installer import Installer, InstallStats
 from fcsnap.uffd.mapped import READ_BELOW
 
@@ -31,9 +34,11 @@ try:
 except ImportError:  # not compiled: no C compiler when fcsnap was installed
     ffi = lib = None
 
+assert lib is None or lib.FP_STREAMS == STREAMS, "csrc/fastpath.h and faultaround.py disagree"
 PURE_PYTHON_ENV = "FCSNAP_PURE_PYTHON"
 CAPACITY = 256  # messages read at once
 RUN_BUDGET_MS = 10  # the longest `run` serves before Python sees the stats again
+RECORD_CAPACITY = 1 << 16  # faulted pages recorded between two returns to Python (--record-ws)
 
 
 def compiled() -> bool:
@@ -81,6 +86,7 @@ class FastPath:
             c_region.present = pointer("uint8_t[]", state.present)
             c_region.removed = pointer("uint8_t[]", state.removed)
             c_region.wanted = pointer("uint8_t[]", state.wanted)
+            c_region.streams = pointer("int64_t[]", state.streams)
         starts, storage, owner = pages.mapping_arrays()
         c_diffs = ffi.new("struct fp_diff[]", max(1, len(pages.builds)))
         for c_diff, build in zip(c_diffs, pages.builds, strict=False):
@@ -104,7 +110,15 @@ class FastPath:
         ctx.owner = pointer("int64_t[]", owner)
         ctx.memory_size = pages.header.metadata.size
         ctx.diffs, ctx.per_owner = c_diffs, self.per_owner
-        ctx.fault_around = installer.fault_around
+        recording = installer.recorded is not None
+        if installer.fault_around == ADAPTIVE and not recording:
+            ctx.adaptive_max = max(1, ADAPTIVE_MAX // 4096)  # the C loop serves 4 KiB pages
+        elif installer.fault_around != ADAPTIVE:
+            ctx.fault_around = installer.fault_around
+        # else: recording with the default: one page per fault (Installer.window)
+        self.record = ffi.new("uint64_t[]", RECORD_CAPACITY if recording else 1)
+        ctx.record = self.record
+        ctx.record_capacity = RECORD_CAPACITY if recording else 0
         ctx.messages = ffi.cast("void *", abi.buffer_address(abi.ffi.buffer(self.messages)))
         ctx.capacity = CAPACITY
         ctx.retry, ctx.defer = self.retry, self.defer
@@ -117,7 +131,7 @@ class FastPath:
         """The C loop for this installer, or None where Python must serve (see the module
         docstring for when)."""
         pages = installer.pages
-        if not compiled() or pages.hashes is not None or installer.recorded is not None:
+        if not compiled() or pages.hashes is not None:
             return None
         if any(build not in pages.mapped for build in pages.builds):
             return None  # a zstd (or empty) diff: its frames are decompressed in Python
@@ -138,6 +152,10 @@ class FastPath:
         retry = ffi.unpack(self.retry, ctx.nretry) if ctx.nretry else []
         defer = ffi.unpack(self.defer, ctx.ndefer) if ctx.ndefer else []
         self.handed_back += len(retry) + len(defer)
+        if ctx.nrecord:  # before Python serves what was handed back: the order stays
+            assert self.installer.recorded is not None
+            self.installer.recorded.extend(ffi.unpack(self.record, ctx.nrecord))
+            ctx.nrecord = 0
         self.add_stats(self.installer.stats)
         events = []
         if status == lib.FP_EVENTS:

@@ -20,7 +20,14 @@ from typing import NamedTuple
 import numpy as np
 
 from fcsnap.errors import FcsnapError
+from fcsnap.options import ADAPTIVE
 from fcsnap.uffd import abi
+from fcsnap.uffd.faultaround import (
+    ADAPTIVE_MAX,
+    adaptive_window,
+    fixed_window,
+    new_streams,
+)
 from fcsnap.uffd.pages import PageSource
 from fcsnap.uffd.regions import Region, RegionMap
 
@@ -65,7 +72,7 @@ class InstallStats:
 
 class RegionState:
     """Per-page flags of one region: present (installed by us), removed (balloon) and wanted
-    (in the working set being prefetched)."""
+    (in the working set being prefetched); and its adaptive fault-around streams."""
 
     def __init__(self, region: Region) -> None:
         self.region = region
@@ -73,6 +80,7 @@ class RegionState:
         self.present = np.zeros(self.pages, bool)
         self.removed = np.zeros(self.pages, bool)
         self.wanted = np.zeros(self.pages, bool)
+        self.streams = new_streams()  # the adaptive fault-around's recent streams
 
 
 class Installer:
@@ -89,7 +97,7 @@ class Installer:
         largest = max([fault_around, 2 << 20, *(r.page_size for r in regions.regions)])
         self.zeros = bytearray(largest)  # hugetlb ranges cannot take UFFDIO_ZEROPAGE
         self.zeros_addr = abi.buffer_address(self.zeros)
-        self.recorded: list[int] | None = None  # guest offsets installed for faults, in order
+        self.recorded: list[int] | None = None  # guest offsets faulted, in order
 
     # -- events ----------------------------------------------------------------------------
 
@@ -116,63 +124,69 @@ class Installer:
             return self._install(state, page, page + 1)
         if state.present[page]:
             return self._refault(state, page)
-        window = max(1, self.fault_around // region.page_size)
-        if state.wanted[page]:  # the prefetch brings the rest of the working set: only this
-            window = 1
-        w_lo = page - page % window
-        w_hi = min(state.pages, w_lo + window)
+        w_lo, w_hi = self.window(state, page)
         lo, hi = self._source_bounds(state, page, w_lo, w_hi)
-        if hi - lo > 1:  # no array work for one page
-            blocked = np.flatnonzero(state.present[lo:hi] | state.removed[lo:hi]) + lo
-            left = blocked[blocked < page]
-            right = blocked[blocked > page]
-            if len(left):
-                lo = int(left[-1]) + 1
-            if len(right):
-                hi = int(right[0])
-        before = state.present[w_lo:w_hi].copy() if self.recorded is not None else None
+        if hi - lo > 1:  # the free pages around the faulting one
+            blocked = (state.present[lo:hi] | state.removed[lo:hi]).tobytes()
+            left = blocked.rfind(b"\1", 0, page - lo)
+            right = blocked.find(b"\1", page - lo + 1)
+            lo, hi = lo + left + 1, (hi if right < 0 else lo + right)
+        if w_hi - w_lo > 1:
+            # The rest of the window (other source runs) first, without waking anyone: a
+            # few more ioctls now cost far less than the fault round trips they spare, and
+            # the guest, woken once by its own page, finds the window whole. Woken earlier,
+            # it would take the CPU from the server at once and fault again in the part not
+            # yet installed (on a shared core that made 16 KiB windows 4x slower per fault).
+            # A vCPU waiting elsewhere in the window is woken when its fault is read.
+            self.install_span(region, w_lo, lo)
+            self.install_span(region, hi, w_hi)
         result = self._install(state, lo, hi, needed=page)
         if result is not DONE:
             return result
-        # The rest of the window, from other source runs: a few more ioctls now cost far
-        # less than the fault round trips they spare. A vCPU may already wait there: wake.
-        if window > 1:
-            self.install_span(region, w_lo, w_hi, wake=True)
-        if before is not None and self.recorded is not None:
-            done = np.flatnonzero(state.present[w_lo:w_hi] & ~before) + w_lo
-            size = region.page_size
-            for p in done.tolist():
-                self.recorded.extend(range(region.offset + p * size,
-                                           region.offset + (p + 1) * size, 4096))
+        if self.recorded is not None:  # the page the guest faulted, not the window
+            at = region.offset + page * region.page_size
+            self.recorded.extend(range(at, at + region.page_size, 4096))
         return DONE
+
+    def window(self, state: RegionState, page: int) -> tuple[int, int]:
+        """The pages [lo, hi) to install for a fault on `page`: one page of the working set
+        being prefetched (the prefetch brings the rest) or while recording one with the
+        adaptive default (so that the recording holds what the guest touched); otherwise the
+        fixed or adaptive window (faultaround.py)."""
+        r = state.region
+        one = (page, page + 1)
+        if state.wanted[page]:
+            return one
+        if self.fault_around == ADAPTIVE:
+            if self.recorded is not None:
+                return one
+            return adaptive_window(state.streams, page, state.pages,
+                                   max(1, ADAPTIVE_MAX // r.page_size))
+        window = self.fault_around // r.page_size
+        return one if window <= 1 else fixed_window(page, state.pages, window)
 
     # -- batches ---------------------------------------------------------------------------
 
-    def install_span(
-        self, region: Region, lo: int, hi: int, wake: bool = False
-    ) -> SpanResult:
-        """Install the missing, not removed pages of [lo, hi), by default with DONTWAKE (the
-        caller wakes once per batch). An EAGAIN stops early, since events must be read before
-        anything installs."""
+    def install_span(self, region: Region, lo: int, hi: int) -> SpanResult:
+        """Install the missing, not removed pages of [lo, hi) with DONTWAKE (the caller wakes
+        once per batch, or the fault's own install does). An EAGAIN stops early, since events
+        must be read before anything installs."""
         state = self.states[region.base]
+        # One look at the flags, then byte searches: a small window costs about what one
+        # page does, not a round of array work per run. Pages past each install are not
+        # touched by it, so the look stays true for what is left.
+        blocked = (state.present[lo:hi] | state.removed[lo:hi]).tobytes()
         installed = 0
-        pos = lo
-        while pos < hi:
-            blocked = state.present[pos:hi] | state.removed[pos:hi]
-            free = np.flatnonzero(~blocked)
-            if not len(free):
-                break
-            start = int(free[0])
-            taken = np.flatnonzero(blocked[start:])
-            end = hi if not len(taken) else pos + start + int(taken[0])
-            pos += start
-            seg_lo, seg_hi = self._source_bounds(state, pos, pos, end)
-            before = int(state.present[seg_lo:seg_hi].sum())
-            result = self._install(state, seg_lo, seg_hi, wake=wake)
-            installed += int(state.present[seg_lo:seg_hi].sum()) - before
+        at = 0
+        while (at := blocked.find(b"\0", at)) >= 0:
+            end = blocked.find(b"\1", at)
+            end = len(blocked) if end < 0 else end
+            seg_lo, seg_hi = self._source_bounds(state, lo + at, lo + at, lo + end)
+            result = self._install(state, seg_lo, seg_hi, wake=False)
+            installed += int(np.count_nonzero(state.present[seg_lo:seg_hi]))
             if result is not DONE:
-                return SpanResult(installed, pos)
-            pos = seg_hi
+                return SpanResult(installed, seg_lo)
+            at = seg_hi - lo
         return SpanResult(installed, None)
 
     def note_installed(

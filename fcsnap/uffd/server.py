@@ -29,6 +29,7 @@ from typing import Any
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import load_header
+from fcsnap.options import ADAPTIVE
 from fcsnap.store.pins import open_lineage
 from fcsnap.store.source import DiffFile, open_diffs
 from fcsnap.uffd import abi
@@ -53,8 +54,8 @@ class ServeOptions:
     handshake_timeout: float = 10.0
     cache_bytes: int = 64 << 20
     on_listening: Callable[[], None] | None = None  # e.g. ask Firecracker to load the snapshot
-    fault_around: int = 256 << 10  # bytes installed around a fault, when contiguous
-    record_ws: Path | None = None  # write the pages installed for faults, in order
+    fault_around: int = ADAPTIVE  # bytes installed around a fault (faultaround.py)
+    record_ws: Path | None = None  # write the pages the guest faulted, in order
     prefetch_ws: Path | None = None  # install these pages right after the handshake
     populate: bool = False  # then install every other page in the background
     eager: bool = False  # install every page before serving any fault
@@ -348,9 +349,11 @@ class FaultServer:
         busy = True  # populate work may remain
         try:
             while True:
+                # With background work, what is pending is served once between its batches:
+                # a guest faulting as fast as it is served must not hold the batches back.
                 timeout = 0 if busy or prefetching else (RETRY_POLL if deferred else -1)
                 batch = None
-                if fast is not None and not deferred:
+                if fast is not None and not deferred and timeout != 0:
                     batch = fast.run(self._stop_r, peer.pidfd, timeout)  # serves, GIL released
                     ready = {fd for fd, _ in poller.poll(0)}
                 else:
