@@ -425,6 +425,11 @@ def restore(
         help="Also admit connections from this uid (repeatable). Admitted always: this "
         "process's uid and the --socket-owner's.",
     ),
+    daemon: Path | None = typer.Option(
+        None, "--daemon", metavar="API",
+        help="Ask the `fcsnap serve` daemon at this API socket to serve the VM (BUILD is in "
+        "the daemon's store); print the restore's id and exit 0 once the socket listens.",
+    ),
     quiet: bool = QUIET,
 ) -> None:
     """Serve BUILD's memory to one Firecracker VM over userfaultfd, lazily.
@@ -437,6 +442,21 @@ def restore(
     from fcsnap.uffd.firecracker_api import Response, SnapshotLoad, load_body
     from fcsnap.uffd.server import FaultServer, ServeOptions
 
+    if daemon is not None:
+        from fcsnap.daemon.client import restore_via_daemon
+
+        if store is not None:
+            raise typer.BadParameter("the daemon serves its own store", param_hint="'--store'")
+        answer = restore_via_daemon(daemon, vm, dict(
+            socket=socket_path, stats=stats, verify=verify_pages,
+            handshake_timeout=handshake_timeout, fault_around=fault_around,
+            record_ws=record_ws, prefetch_ws=prefetch_ws, populate=populate, eager=eager,
+            firecracker_api=firecracker_api, vmstate=vmstate,
+            track_dirty_pages=track_dirty_pages, api_timeout=api_timeout,
+            socket_owner=socket_owner, socket_mode=socket_mode, allow_uid=allow_uid,
+        ))
+        print(answer["id"])
+        return
     access = _socket_access(socket_owner, socket_mode, allow_uid)
     build_dir = resolve_build(vm, store)
     load: SnapshotLoad | None = None
@@ -491,6 +511,34 @@ def restore(
     if load is not None and (error := load.finish()) is not None:
         raise error
     raise typer.Exit(status)
+
+
+@app.command()
+def serve(
+    store: Path = typer.Option(..., "--store", help="Store holding the builds to serve."),
+    api: Path = typer.Option(..., "--api", metavar="PATH", help="The API's Unix socket."),
+    cache_mb: int = typer.Option(
+        256, "--cache-mb", help="Memory for diff data, for every build and VM together."
+    ),
+    socket_owner: str | None = typer.Option(
+        None, "--socket-owner", metavar="UID[:GID]", help="Give the API socket to this user."
+    ),
+    socket_mode: str = typer.Option(
+        "0600", "--socket-mode", metavar="MODE", help="The API socket's permissions (octal)."
+    ),
+    allow_uid: list[str] = typer.Option(
+        [], "--allow-uid", metavar="UID", help="Also admit API clients with this uid."
+    ),
+) -> None:
+    """Run the restore daemon: many VMs served at once, each build opened once for all.
+
+    HTTP/1.1 with JSON on the Unix socket PATH: POST /restores, GET /restores[/ID],
+    DELETE /restores/ID, GET /metrics, GET /healthz. SIGTERM/SIGINT end every restore as
+    they end `restore` and exit 0."""
+    from fcsnap.daemon.main import run_daemon
+
+    access = _socket_access(socket_owner, socket_mode, allow_uid)
+    raise typer.Exit(run_daemon(store, api, access, max(0, cache_mb) << 20))
 
 
 def _socket_access(owner: str | None, mode: str, allowed: list[str]) -> SocketAccess:

@@ -62,6 +62,7 @@ class ServeOptions:
     batch_bytes: int = 1 << 20  # background work between two looks at the uffd
     access: SocketAccess = field(default_factory=SocketAccess)  # mode, owner, admitted uids
     watchdog: Watchdog | None = None  # a shared one (a daemon's); None: run() starts its own
+    fault_seconds: Callable[[float], None] | None = None  # times each fault Python serves
 
 
 def stats_json(stats: InstallStats, extra: dict[str, Any]) -> dict[str, Any]:
@@ -116,6 +117,7 @@ class Session:
         # on the main thread, which may be inside stop() already.
         self._stop_lock = threading.RLock()
         self._failure: FcsnapError | None = None  # set by `fail`, raised by `serve`
+        self._stop_reason = "signal"  # the exit reason a stop gives
         self._socket_inode: int | None = None
         self._pending_span: tuple[Region, int, int] | None = None
         self._backlog: list[int] = []  # faults read while installing eagerly
@@ -202,9 +204,11 @@ class Session:
                     os.close(fd)
             self._stop_r = self._stop_w = -1
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "signal") -> None:
         """Ask `serve` to stop (from a signal handler or another thread): it kills the VM, if
-        one is being served, and returns 0. Once `serve` has returned this does nothing."""
+        one is being served, and returns 0 with `reason` as its exit reason. Once `serve` has
+        returned this does nothing."""
+        self._stop_reason = reason
         with self._stop_lock:
             if self._stop_w < 0:
                 return
@@ -353,7 +357,7 @@ class Session:
                 if self._stop_r in ready:
                     if self._failure is not None:
                         raise self._failure
-                    self.exit_reason = "signal"
+                    self.exit_reason = self._stop_reason
                     if not installer.fully_resident():
                         peer.kill()  # it would freeze at its next fault
                     return 0
@@ -377,8 +381,12 @@ class Session:
                     self.stats.retries += len(deferred)
                     faults = deferred + faults
                 deferred = [] if batch is None else batch.retry
+                timer = self.options.fault_seconds
                 for address in faults:
+                    began = time.perf_counter()
                     outcome = installer.fault(address)
+                    if timer is not None:
+                        timer(time.perf_counter() - began)
                     if outcome is RETRY:
                         deferred.append(address)
                     elif outcome is GONE:
