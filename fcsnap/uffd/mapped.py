@@ -51,7 +51,7 @@ class MappedDiff:
         self.chunks = np.zeros(((diff.size - 1) >> CHUNK_SHIFT) + 1, np.uint8)  # since the drop
         self.counters = np.zeros(2, np.int64)  # [chunks in use, next slot in `ends`]
         self.ends = np.full(RECENT_ENDS, -1, np.int64)  # where recent reads ended
-        self.buffer = bytearray(READ_BELOW)
+        self.buffer = mmap.mmap(-1, READ_BELOW)  # resident only once used (one per VM)
         self.view = memoryview(self.buffer)
         self.buffer_address = abi.buffer_address(self.buffer)
 
