@@ -105,7 +105,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/restores":
             if method == "POST":
                 restore = restores.start(self._body())
-                self._json(201, {"id": restore.id, "socket": str(restore.session.options.socket),
+                self._json(201, {"id": restore.id, "socket": restore.summary()["socket"],
                                  "build_id": str(restore.build.build_id)},
                            {"Location": f"/restores/{restore.id}"})
                 return

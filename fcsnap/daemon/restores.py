@@ -38,15 +38,19 @@ COUNTERS = ("faults", "pages_served", "bytes_served", "zero_pages", "compiled_fa
 class Restore:
     id: str
     vm: str
-    session: Session
+    session: Session | None  # None once ended: only its final documents are kept
     build: SharedBuild
     load: SnapshotLoad | None
     thread: threading.Thread | None = None
     started: float = field(default_factory=time.time)
     ended_reason: str | None = None  # the reason class once ended (metrics' label)
+    final: tuple[dict[str, Any], dict[str, Any]] | None = None  # (summary, document)
 
     def summary(self) -> dict[str, Any]:
         session = self.session
+        if session is None:
+            assert self.final is not None
+            return self.final[0]
         stats = session.stats
         return {
             "id": self.id,
@@ -60,8 +64,17 @@ class Restore:
         }
 
     def document(self) -> dict[str, Any]:
-        return {"id": self.id, "vm": self.vm, "state": self.session.state,
-                **self.session.document()}
+        session = self.session
+        if session is None:
+            assert self.final is not None
+            return self.final[1]
+        return {"id": self.id, "vm": self.vm, "state": session.state, **session.document()}
+
+    def retire(self) -> None:
+        """Keep the final documents, drop the session (its page flags, buffers, fds' owners):
+        an ended restore stays listed for a while and must cost next to nothing."""
+        self.final = (self.summary(), self.document())
+        self.session = None
 
 
 def reason_class(exit_reason: str) -> str:
@@ -133,7 +146,8 @@ class Restores:
     def end(self, restore: Restore, wait: float = END_WAIT) -> bool:
         """Stop one restore as SIGTERM stops `restore` (the VM is killed unless every page is
         installed); True once its session has ended."""
-        restore.session.stop("deleted")
+        if restore.session is not None:
+            restore.session.stop("deleted")
         if restore.thread is not None:
             restore.thread.join(wait)
             return not restore.thread.is_alive()
@@ -144,7 +158,8 @@ class Restores:
         self._closing = True
         live = self.live()
         for restore in live:
-            restore.session.stop("daemon stopped")
+            if restore.session is not None:
+                restore.session.stop("daemon stopped")
         deadline = time.monotonic() + END_WAIT
         for restore in live:
             if restore.thread is not None:
@@ -157,14 +172,16 @@ class Restores:
             totals = Counter(self.ended_totals)
             for restore in self._live.values():
                 build_id = str(restore.build.build_id)
-                for key in COUNTERS:
-                    totals[key, build_id] += getattr(restore.session.stats, key)
+                if restore.session is not None:
+                    for key in COUNTERS:
+                        totals[key, build_id] += getattr(restore.session.stats, key)
             return totals
 
     # -- one restore's thread ------------------------------------------------------------
 
     def _serve(self, restore: Restore) -> None:
         session = restore.session
+        assert session is not None
         try:
             try:
                 session.serve()
@@ -179,7 +196,7 @@ class Restores:
             traceback.print_exc(file=sys.stderr)
         finally:
             self.builds.release(restore.build)
-            self._retire(restore)
+            self._retire(restore, session)
 
     def _start_load(self, restore: Restore) -> None:
         assert restore.load is not None
@@ -187,10 +204,10 @@ class Restores:
         def loaded(response: Response) -> None:
             log(f"restore {restore.id}: Firecracker loaded the snapshot (HTTP {response.status})")
 
+        assert restore.session is not None
         restore.load.start(restore.session.fail, loaded)
 
-    def _retire(self, restore: Restore) -> None:
-        session = restore.session
+    def _retire(self, restore: Restore, session: Session) -> None:
         stats = session.stats
         restore.ended_reason = reason_class(session.exit_reason)
         log(f"restore {restore.id} ({restore.vm} on {session.options.socket}) ended: "
@@ -198,6 +215,7 @@ class Restores:
             f"({format_bytes(stats.bytes_served)}) served")
         build_id = str(restore.build.build_id)
         with self._lock:
+            restore.retire()
             self._live.pop(restore.id, None)
             self._ended[restore.id] = restore
             while len(self._ended) > KEEP_ENDED:
