@@ -226,4 +226,7 @@ class Restores:
 
 
 def log(line: str) -> None:
-    print(f"fcsnap: {line}", file=sys.stderr, flush=True)
+    """One line on stderr, written whole: print() writes the newline separately, so lines
+    from two restores ending at once could run together."""
+    sys.stderr.write(f"fcsnap: {line}\n")
+    sys.stderr.flush()

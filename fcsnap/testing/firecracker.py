@@ -420,6 +420,7 @@ class StandIn:
                 raise self.errors[0]
             latencies[name] = [ns for t in tallies for ns in t.latencies_ns]
         self.report["touch_s"] = round(time.monotonic() - t0, 6)
+        self.report["touch_start"] = t0  # CLOCK_MONOTONIC: lines up the runs of many VMs
         starts = [t.first_touch for t in self.tallies if t.first_touch is not None]
         first = min(starts, default=t0)
         if a.ws_fraction is not None:
