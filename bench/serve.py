@@ -11,7 +11,7 @@ One synthetic guest image (60% zero pages) is packed raw; every VM is the Firecr
            VMs connected and idle (each touched 1% of its memory): the daemon's growth per VM
            against one restore process (+ watchdog) per VM
   touch    --touch-vms VMs touching all their memory at once, one thread each, no byte
-           compare (each waits after its handshake until all are up): from the first VM's
+           compare (each waits after its handshake for one start time): from the first VM's
            first touch to the last VM's last
   scale    1, 8, 32, 64 VMs of --scale-size touching all their memory at once through the
            daemon and through processes: aggregate MiB/s, median per-VM time, server PSS peak
@@ -109,9 +109,9 @@ def restore_process(store: Path, work: Path, name: str) -> tuple[float, subproce
 
 
 def stand_in(work: Path, name: str, size: int, touch: float, hold: float = 0.0,
-             delay: float = 0.0) -> subprocess.Popen:
+             start_at: float | None = None) -> subprocess.Popen:
     return firecracker.spawn(work / f"{name}.sock", size=size, touch=touch, threads=1,
-                             hold=hold, verify_bytes=False, deadline=WAIT, start_delay=delay,
+                             hold=hold, verify_bytes=False, deadline=WAIT, start_at=start_at,
                              report=work / f"{name}.json",
                              popen={"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL})
 
@@ -129,8 +129,8 @@ def touch_all(n: int, size: int, start: Any, work: Path, tag: str) -> dict[str, 
                 [pids] if pids is not None else [s.pid for s in servers])))
 
     sampler = threading.Thread(target=sample, daemon=True)
-    delay = 2.0 + 0.15 * n  # every stand-in is up and handshaken before any touches
-    vms = [stand_in(work, f"{tag}{i}", size, 1.0, delay=delay) for i in range(n)]
+    start_at = time.monotonic() + 3.0 + 0.3 * n  # every stand-in is up before any touches
+    vms = [stand_in(work, f"{tag}{i}", size, 1.0, start_at=start_at) for i in range(n)]
     sampler.start()
     for vm in vms:
         assert vm.wait(WAIT) == 0
