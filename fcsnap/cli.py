@@ -252,6 +252,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    if args.daemon is not None:
+        return _restore_via_daemon(args)
     from fcsnap import api, deferred
 
     numpy = deferred.defer("numpy")  # serving needs it once a VM connects, not to listen
@@ -288,6 +290,35 @@ def cmd_restore(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return served.status
+
+
+def _restore_via_daemon(args: argparse.Namespace) -> int:
+    """restore --daemon: the options as the daemon's POST /restores takes them (its texts, as
+    typed on a command line); print the restore's id once its socket listens."""
+    from fcsnap.daemon.client import restore_via_daemon
+    from fcsnap.options import ADAPTIVE
+
+    if args.store is not None:
+        usage_error("argument --store: the daemon serves its own store", f"{PROG} restore")
+    owner = args.socket_owner
+    answer = restore_via_daemon(args.daemon, args.vm, dict(
+        socket=args.socket, stats=args.stats, verify=args.verify,
+        handshake_timeout=args.handshake_timeout,
+        fault_around="adaptive" if args.fault_around == ADAPTIVE else str(args.fault_around),
+        record_ws=args.record_ws, prefetch_ws=args.prefetch_ws, populate=args.populate,
+        eager=args.eager, firecracker_api=args.firecracker_api, vmstate=args.vmstate,
+        track_dirty_pages=args.track_dirty_pages, api_timeout=args.api_timeout,
+        socket_owner=None if owner is None else ":".join(str(i) for i in owner if i is not None),
+        socket_mode=f"0{args.socket_mode:o}", allow_uid=[str(uid) for uid in args.allow_uid],
+    ))
+    print(answer["id"])
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fcsnap.daemon.main import run_daemon
+
+    return run_daemon(args.store, args.api, _socket_access(args), max(0, args.cache_mb) << 20)
 
 
 def _socket_access(args: argparse.Namespace) -> Any:
@@ -641,6 +672,18 @@ def build_parser() -> Parser:
     sub = _command(commands, "restore", cmd_restore, RESTORE_TEXT)
     _restore_options(sub)
 
+    sub = _command(commands, "serve", cmd_serve, "Run the restore daemon: many VMs served at "
+                   "once, each build opened once for all.\n\nHTTP/1.1 with JSON on the Unix "
+                   "socket --api: POST /restores, GET /restores[/ID],\nDELETE /restores/ID, GET "
+                   "/metrics, GET /healthz. SIGTERM/SIGINT end every restore as\nthey end "
+                   "'restore' and exit 0.")
+    _add_store(sub)
+    sub.add_argument("--api", type=Path, required=True, metavar="PATH",
+                     help="The API's Unix socket.")
+    sub.add_argument("--cache-mb", type=int, default=256, metavar="N",
+                     help="Memory for diff data, for every build and VM together (256).")
+    _add_socket_access(sub, "API socket", "call the API")
+
     sub = _command(commands, "ls", cmd_ls, "List the store's names (or every build, or one "
                    "name's lineage) and the bytes they hold.\n\nA build's live fraction is the "
                    "share of its stored bytes some name's head still reads.")
@@ -726,15 +769,24 @@ def _restore_options(sub: argparse.ArgumentParser) -> None:
         help="Have the loaded VM track dirty pages.")
     add("--api-timeout", type=float, default=30.0, metavar="SECONDS",
         help="Seconds Firecracker has to answer the snapshot load (30).")
+    _add_socket_access(sub, "socket", "connect")
+    add("--daemon", type=Path, metavar="API",
+        help="Ask the 'fcsnap serve' daemon at this API socket to serve the VM (BUILD is in "
+             "the daemon's store); print the restore's id and exit 0 once the socket listens.")
+    _add_quiet(sub)
+
+
+def _add_socket_access(sub: argparse.ArgumentParser, what: str, verb: str) -> None:
+    """--socket-owner, --socket-mode, --allow-uid: who may use a socket (restore's, serve's)."""
+    add = sub.add_argument
     add("--socket-owner", type=_listener_value("parse_owner"), metavar="UID[:GID]",
-        help="Give the socket to this user (and group), e.g. a jailed Firecracker's; that uid "
-             "may connect too.")
+        help=f"Give the {what} file to this user (and group), e.g. a jailed Firecracker's; "
+             f"that uid may {verb} too.")
     add("--socket-mode", default=0o600, type=_listener_value("parse_mode"), metavar="MODE",
-        help="The socket file's permissions, octal (0600).")
+        help=f"The {what} file's permissions, octal (0600).")
     add("--allow-uid", action="append", default=[], type=_listener_value("parse_uid"),
         metavar="UID", help="Also admit connections from this uid (repeatable). Admitted "
                             "always: this process's uid and the --socket-owner's.")
-    _add_quiet(sub)
 
 
 # -- entry point -----------------------------------------------------------------------------

@@ -290,6 +290,50 @@ class SeekableWriter:
             view = view[self._out.write(view) :]
 
 
+class FrameCache:
+    """Decompressed frames kept under one byte budget, least recently used first out.
+
+    One per reader by default; a daemon gives every reader of every build the same one, so
+    that 100 clones of a template decompress each frame once and one budget (`--cache-mb`)
+    is evicted across builds. Keys are (reader, frame index). Thread-safe.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.hits = 0
+        self.misses = 0
+        self.cached = 0
+        self._frames: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, int]) -> bytes | None:
+        with self._lock:
+            data = self._frames.get(key)
+            if data is None:
+                self.misses += 1
+                return None
+            self._frames.move_to_end(key)
+            self.hits += 1
+            return data
+
+    def put(self, key: tuple[int, int], data: bytes) -> None:
+        if len(data) > self.budget:
+            return
+        with self._lock:
+            if key in self._frames:
+                return
+            self._frames[key] = data
+            self.cached += len(data)
+            while self.cached > self.budget:
+                self.cached -= len(self._frames.popitem(last=False)[1])
+
+    def drop(self, owner: int) -> None:
+        """Forget every frame of one reader (it closed)."""
+        with self._lock:
+            for key in [k for k in self._frames if k[0] == owner]:
+                self.cached -= len(self._frames.pop(key))
+
+
 class SeekableReader:
     """Random access to a seekable file: pread, decompress one frame, keep recent frames.
 
@@ -302,15 +346,12 @@ class SeekableReader:
         path: str | os.PathLike[str],
         cache_bytes: int = 64 << 20,
         verify_checksums: bool = False,
+        cache: FrameCache | None = None,
     ) -> None:
         self.path = os.fspath(path)
         self.verify_checksums = verify_checksums
-        self.hits = 0
-        self.misses = 0
-        self._cache_bytes = cache_bytes
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
-        self._cached = 0
-        self._lock = threading.Lock()
+        self.cache = cache if cache is not None else FrameCache(cache_bytes)
+        self._key = id(self)  # this reader's frames in a shared cache
         self._local = threading.local()
         try:
             self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -328,9 +369,17 @@ class SeekableReader:
         self.size: int = last.decompressed_offset + last.decompressed_size if last else 0
 
     @property
+    def hits(self) -> int:
+        return self.cache.hits
+
+    @property
+    def misses(self) -> int:
+        return self.cache.misses
+
+    @property
     def cached_bytes(self) -> int:
         """Decompressed bytes held by the cache now (never more than cache_bytes)."""
-        return self._cached
+        return self.cache.cached
 
     def frame_index(self, offset: int) -> int:
         if not 0 <= offset < self.size:
@@ -341,21 +390,10 @@ class SeekableReader:
         """Frame `index` decompressed, from the cache when it is there."""
         if not 0 <= index < len(self.frames):
             raise FcsnapError(f"{self.path}: no frame {index} ({len(self.frames)} frames)")
-        with self._lock:
-            data = self._cache.get(index)
-            if data is not None:
-                self._cache.move_to_end(index)
-                self.hits += 1
-                return data
-            self.misses += 1
-        data = self._decompress(index)
-        if len(data) <= self._cache_bytes:
-            with self._lock:
-                if index not in self._cache:
-                    self._cache[index] = data
-                    self._cached += len(data)
-                    while self._cached > self._cache_bytes:
-                        self._cached -= len(self._cache.popitem(last=False)[1])
+        data = self.cache.get((self._key, index))
+        if data is None:
+            data = self._decompress(index)
+            self.cache.put((self._key, index), data)
         return data
 
     def read(self, offset: int, length: int) -> bytes:
@@ -386,9 +424,7 @@ class SeekableReader:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        with self._lock:
-            self._cache.clear()
-            self._cached = 0
+        self.cache.drop(self._key)
 
     def __enter__(self) -> Self:
         return self

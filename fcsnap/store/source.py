@@ -14,7 +14,7 @@ from fcsnap.errors import FcsnapError
 from fcsnap.header import Header, load_header
 from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes
 from fcsnap.store.layout import DIFF_ZSTD, HASHES, build_path, diff_path, store_of
-from fcsnap.store.seekable import SeekableReader
+from fcsnap.store.seekable import FrameCache, SeekableReader
 
 
 class DiffFile:
@@ -24,7 +24,8 @@ class DiffFile:
     to wrong bytes without a word; a reader that hashes every block itself can skip it."""
 
     def __init__(
-        self, build_dir: Path, cache_bytes: int = 64 << 20, check_frames: bool = False
+        self, build_dir: Path, cache_bytes: int = 64 << 20, check_frames: bool = False,
+        frame_cache: FrameCache | None = None,
     ) -> None:
         self.path = diff_path(build_dir)
         self.build_dir = build_dir
@@ -38,7 +39,8 @@ class DiffFile:
             raise FcsnapError(f"cannot read diff {self.path}: not a regular file")
         if self.compressed:
             self.zstd = SeekableReader(
-                self.path, cache_bytes=cache_bytes, verify_checksums=check_frames
+                self.path, cache_bytes=cache_bytes, verify_checksums=check_frames,
+                cache=frame_cache,
             )
             self.size = self.zstd.size
             return
@@ -87,18 +89,20 @@ class DiffFile:
 
 
 def open_diffs(
-    header: Header, store: Path, cache_bytes: int = 64 << 20
+    header: Header, store: Path, cache_bytes: int = 64 << 20,
+    frame_cache: FrameCache | None = None,
 ) -> dict[uuid.UUID, DiffFile]:
     """Open every build the header reads, checking each diff covers what the mappings use;
     zstd frames are checked against their checksums as they are read (restore, unpack, squash
-    and diff trust what these return)."""
+    and diff trust what these return). `frame_cache`: one cache shared with other readers
+    (a daemon's), instead of one of `cache_bytes` per zstd diff."""
     diffs: dict[uuid.UUID, DiffFile] = {}
     try:
         for build_id, end in header.storage_ends().items():
             build_dir = build_path(store, build_id)
             if not build_dir.is_dir():
                 raise FcsnapError(f"build {build_id} referenced by the header is not in {store}")
-            diff = DiffFile(build_dir, cache_bytes, check_frames=True)
+            diff = DiffFile(build_dir, cache_bytes, check_frames=True, frame_cache=frame_cache)
             diffs[build_id] = diff
             if diff.size < end:
                 raise FcsnapError(

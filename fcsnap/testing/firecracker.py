@@ -371,6 +371,8 @@ class StandIn:
                 handshake(self.sock, guest, a.payload, a.misbehave)
             if not a.misbehave:
                 time.sleep(a.start_delay)
+                if a.start_at is not None:  # many VMs touching at once, whenever each started
+                    time.sleep(max(0.0, a.start_at - time.monotonic()))
                 self._workload(guest, expected, passes)
         watchdog.cancel()
         self.write_report()
@@ -420,6 +422,7 @@ class StandIn:
                 raise self.errors[0]
             latencies[name] = [ns for t in tallies for ns in t.latencies_ns]
         self.report["touch_s"] = round(time.monotonic() - t0, 6)
+        self.report["touch_start"] = t0  # CLOCK_MONOTONIC: lines up the runs of many VMs
         starts = [t.first_touch for t in self.tallies if t.first_touch is not None]
         first = min(starts, default=t0)
         if a.ws_fraction is not None:
@@ -623,6 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the --balloon pages back one at a time, then reads them (zeros)")
     p.add_argument("--start-delay", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long after the handshake before touching memory")
+    p.add_argument("--start-at", type=float, metavar="MONOTONIC",
+                   help="after the handshake, wait until CLOCK_MONOTONIC reads this")
     p.add_argument("--kvm", action="store_true", help="also read memory from a KVM vCPU")
     p.add_argument("--report", help="write a JSON report here")
     p.add_argument("--hold", type=float,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import mmap
 import os
 import time
 import uuid
@@ -95,7 +96,10 @@ class Installer:
         self.fault_around = fault_around
         self.states = {r.base: RegionState(r) for r in regions.regions}
         largest = max([fault_around, 2 << 20, *(r.page_size for r in regions.regions)])
-        self.zeros = bytearray(largest)  # hugetlb ranges cannot take UFFDIO_ZEROPAGE
+        # hugetlb ranges cannot take UFFDIO_ZEROPAGE. An anonymous mapping, not a bytearray:
+        # it costs no memory until read, and then only the shared zero page (a daemon has one
+        # of these per VM).
+        self.zeros = mmap.mmap(-1, largest)
         self.zeros_addr = abi.buffer_address(self.zeros)
         self.recorded: list[int] | None = None  # guest offsets faulted, in order
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,7 @@ class PageSource:
         diffs: dict[uuid.UUID, DiffFile],
         hashes: dict[uuid.UUID, np.ndarray] | None = None,
         map_budget: int = 64 << 20,
+        shared_arrays: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
     ) -> None:
         self.header = header
         self.mappings = header.mappings
@@ -64,6 +66,7 @@ class PageSource:
         self.builds = list(diffs)  # `where` numbers builds by their place here
         self._spans: list[bytes] = []  # decompressed bytes `span_base` handed out
         self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._shared_arrays = shared_arrays  # a shared build's, made once for every session
 
     def locate(self, offset: int, length: int) -> Source:
         """Source for guest bytes [offset, offset+length)."""
@@ -87,13 +90,10 @@ class PageSource:
         first use (a server that never prefetches does not pay for them); a prefetching
         server asks before the handshake, so the guest does not wait for them."""
         if self._arrays is None:
-            number = {b: i for i, b in enumerate(self.builds)}
-            self._arrays = (
-                np.array([m.offset for m in self.mappings], np.int64),
-                np.array([m.storage_offset for m in self.mappings], np.int64),
-                np.array([ZERO if m.is_zero else number[m.build_id] for m in self.mappings],
-                         np.int64),
-            )
+            if self._shared_arrays is not None:
+                self._arrays = self._shared_arrays()
+            else:
+                self._arrays = mapping_arrays(self.header, self.builds)
         return self._arrays
 
     def where(self, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -163,6 +163,20 @@ class PageSource:
                 )
         start = storage - first * bs
         return data[start : start + length]
+
+
+def mapping_arrays(
+    header: Header, builds: list[uuid.UUID]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The mappings' offsets, storage offsets and owners (index into `builds`, or ZERO). The
+    compiled loop only reads them, so sessions of one build share one set."""
+    number = {b: i for i, b in enumerate(builds)}
+    mappings = header.mappings
+    return (
+        np.array([m.offset for m in mappings], np.int64),
+        np.array([m.storage_offset for m in mappings], np.int64),
+        np.array([ZERO if m.is_zero else number[m.build_id] for m in mappings], np.int64),
+    )
 
 
 def hash_tables(diffs: dict[uuid.UUID, DiffFile]) -> dict[uuid.UUID, np.ndarray]:

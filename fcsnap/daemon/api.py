@@ -1,0 +1,161 @@
+"""The daemon's API: HTTP/1.1 with JSON bodies on a Unix socket, in Firecracker's style.
+
+    POST   /restores        {"vm": BUILD, "socket": PATH, ...restore's options}
+                            -> 201 {"id", "socket", "build_id"} once the socket listens
+    GET    /restores        -> 200 [{"id", "vm", "build_id", "state", "vm_pid", counters}]
+    GET    /restores/ID     -> 200 the live --stats document
+    DELETE /restores/ID     -> 200 the final --stats document (VM killed unless every page
+                               is installed, as SIGTERM does for `restore`)
+    GET    /metrics         -> 200 Prometheus text format
+    GET    /healthz         -> 200 {"status": "ok", ...}
+
+Errors are {"error": "<one line>"} with a 4xx (5xx for a bug, which ends nothing else). The
+HTTP is the standard library's http.server, one thread per connection: requests are few and
+small next to the faults, which never wait for them. The socket is made by the restore socket's
+own `listen` (0600 from the start, --socket-owner/--socket-mode), and each connection's uid is
+checked as a VM's is (SO_PEERCRED, --allow-uid).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import socketserver
+import traceback
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
+from fcsnap.daemon.metrics import CONTENT_TYPE, DaemonMetrics
+from fcsnap.daemon.request import RequestError
+from fcsnap.daemon.restores import Restores, log
+from fcsnap.errors import FcsnapError
+from fcsnap.uffd.handshake import peer_credentials
+from fcsnap.uffd.listener import SocketAccess
+
+MAX_BODY = 64 << 10
+BACKLOG = 128  # API clients queued at once (listen() makes the VM sockets' 1)
+CLIENT_TIMEOUT = 30.0  # seconds an idle or slow API connection may hold its thread
+
+
+class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """http.server over a socket that `listen` already made, admitting only allowed uids."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, sock: socket.socket, access: SocketAccess, restores: Restores,
+                 metrics: DaemonMetrics) -> None:
+        super().__init__("", _Handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        sock.listen(BACKLOG)
+        self.access = access
+        self.restores = restores
+        self.metrics = metrics
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        pid, uid = peer_credentials(request)
+        if self.access.admits(uid):
+            return True
+        log(f"refused an API connection from uid {uid} (pid {pid})")
+        return False
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "fcsnap"
+    timeout = CLIENT_TIMEOUT
+    server: ApiServer
+
+    def address_string(self) -> str:
+        return "unix"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's name)
+        """Quiet: a daemon's stderr carries one line per restore, not one per request."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's names)
+        self._route("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._route("POST")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._route("DELETE")
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._route("PUT")
+
+    def do_PATCH(self) -> None:  # noqa: N802
+        self._route("PATCH")
+
+    def _route(self, method: str) -> None:
+        try:
+            self._dispatch(method, self.path.split("?", 1)[0].rstrip("/") or "/")
+        except RequestError as e:
+            self._json(e.status, {"error": str(e)})
+        except FcsnapError as e:
+            self._json(400, {"error": str(e)})
+        except Exception as e:  # a bug answers 500 and ends nothing else
+            traceback.print_exc()
+            self._json(500, {"error": f"internal error ({type(e).__name__}: {e})"})
+
+    def _dispatch(self, method: str, path: str) -> None:
+        restores = self.server.restores
+        parts = path.strip("/").split("/")
+        if path == "/restores":
+            if method == "POST":
+                restore = restores.start(self._body())
+                self._json(201, {"id": restore.id, "socket": restore.summary()["socket"],
+                                 "build_id": str(restore.build.build_id)},
+                           {"Location": f"/restores/{restore.id}"})
+                return
+            self._allow(method, "GET, POST")
+            self._json(200, [r.summary() for r in restores.all()])
+        elif len(parts) == 2 and parts[0] == "restores":
+            self._allow(method, "GET, DELETE")
+            restore = restores.get(parts[1])
+            if restore is None:
+                raise RequestError(f"no restore {parts[1]!r}", 404)
+            if method == "DELETE" and not restores.end(restore):
+                raise RequestError(f"restore {restore.id} did not end in time", 504)
+            self._json(200, restore.document())
+        elif path == "/metrics":
+            self._allow(method, "GET")
+            self._send(200, self.server.metrics.render(), CONTENT_TYPE)
+        elif path == "/healthz":
+            self._allow(method, "GET")
+            self._json(200, {"status": "ok", "restores_active": len(restores.live())})
+        else:
+            raise RequestError(f"no such resource {path!r}", 404)
+
+    def _allow(self, method: str, allowed: str) -> None:
+        if method not in allowed.split(", "):
+            raise RequestError(f"{method} is not allowed here (allowed: {allowed})", 405)
+
+    def _body(self) -> object:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.strip().isdigit():
+            raise RequestError("a JSON body with a Content-Length is required", 411)
+        if int(length) > MAX_BODY:
+            raise RequestError(f"a body of {length} bytes (at most {MAX_BODY})", 413)
+        data = self.rfile.read(int(length))
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RequestError(f"the body is not JSON: {e}") from None
+
+    def _json(self, status: int, document: object, headers: dict[str, str] | None = None
+              ) -> None:
+        self._send(status, json.dumps(document).encode() + b"\n", "application/json", headers)
+
+    def _send(self, status: int, body: bytes, content_type: str,
+              headers: dict[str, str] | None = None) -> None:
+        if status >= 400:
+            self.close_connection = True  # a body this request left unread must not be parsed
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)

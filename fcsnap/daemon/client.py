@@ -1,0 +1,70 @@
+"""`fcsnap restore --daemon PATH`: ask a running daemon to serve the VM instead of serving it.
+
+The options become a `POST /restores` body (paths made absolute: the daemon's working
+directory is not ours); the daemon answers once the VM socket listens, or with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from fcsnap.errors import FcsnapError
+from fcsnap.unix_http import AnswerError, UnixHTTPConnection, exchange
+
+PATH_KEYS = ("socket", "stats", "record_ws", "prefetch_ws", "firecracker_api", "vmstate")
+ANSWER_TIMEOUT = 30.0  # seconds the daemon has to answer a POST (it answers once listening)
+HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+MAX_ANSWER = 1 << 20
+
+
+def restore_body(vm: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The request body: `vm` as given unless it names a directory (made absolute), every
+    path absolute, options left at None omitted (the daemon applies restore's defaults)."""
+    body: dict[str, Any] = {"vm": os.path.abspath(vm) if "/" in vm else vm}
+    for key, value in options.items():
+        if value is None or value == [] or value is False:
+            continue
+        body[key] = os.path.abspath(value) if key in PATH_KEYS else value
+    return body
+
+
+def call_daemon(api: Path, method: str, path: str, body: object | None, timeout: float
+                ) -> tuple[int, Any]:
+    """(status, decoded JSON answer) of one request to the daemon; FcsnapError when the
+    daemon cannot be reached or answers something that is not JSON."""
+    connection = UnixHTTPConnection(api, timeout)
+    try:
+        try:
+            connection.connect()
+        except OSError as e:
+            raise FcsnapError(f"cannot reach the fcsnap daemon at {api}: "
+                              f"{e.strerror or 'timed out'} (is `fcsnap serve` running?)") from None
+        data = b"" if body is None else json.dumps(body).encode()
+        try:
+            answer, raw = exchange(connection, method, path, data, HEADERS, MAX_ANSWER)
+        except (AnswerError, OSError) as e:
+            raise FcsnapError(f"the fcsnap daemon at {api} did not answer: {e}") from None
+        try:
+            return answer.status, json.loads(raw)
+        except ValueError:
+            raise FcsnapError(f"the fcsnap daemon at {api} answered HTTP {answer.status} "
+                              "without JSON") from None
+    finally:
+        connection.close()
+
+
+def ask_daemon(api: Path, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """POST /restores; the daemon's answer ({"id", "socket", "build_id"}) or its error."""
+    status, answer = call_daemon(api, "POST", "/restores", body, timeout)
+    if status != 201:
+        message = answer.get("error") if isinstance(answer, dict) else None
+        raise FcsnapError(f"the daemon refused the restore: {message or f'HTTP {status}'}")
+    return answer
+
+
+def restore_via_daemon(api: Path, vm: str, options: dict[str, Any]) -> dict[str, Any]:
+    """`fcsnap restore --daemon`: restore's options sent as one request."""
+    return ask_daemon(api, restore_body(vm, options), ANSWER_TIMEOUT)

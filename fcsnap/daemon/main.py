@@ -1,0 +1,69 @@
+"""`fcsnap serve`: the daemon's life, from listening on its API socket to its last restore.
+
+The main thread owns the signals and nothing else: SIGTERM/SIGINT stop the API (no new
+restores), then end every restore as `restore`'s SIGTERM does (each VM is killed unless every
+page is installed), then hang up on the watchdog. A SIGKILLed daemon cannot do any of that:
+the one watchdog all its sessions share sees it die and kills every VM still watched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from pathlib import Path
+
+from fcsnap.daemon.api import ApiServer
+from fcsnap.daemon.metrics import DaemonMetrics
+from fcsnap.daemon.restores import Restores, log
+from fcsnap.errors import FcsnapError
+from fcsnap.uffd.listener import SocketAccess, listen
+from fcsnap.uffd.watchdog import Watchdog, WatchdogError
+
+
+def run_daemon(store: Path, api_path: Path, access: SocketAccess, cache_bytes: int) -> int:
+    """Serve the API until SIGTERM/SIGINT; 0 once every restore has ended."""
+    if not store.is_dir():
+        raise FcsnapError(f"store {store} is not a directory")
+    stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
+    old = {s: signal.signal(s, lambda *_: _wake(stop_w)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            watchdog = Watchdog.start()
+        except WatchdogError as e:
+            raise FcsnapError(str(e)) from e
+        try:
+            metrics = DaemonMetrics()
+            restores = Restores(store, cache_bytes, watchdog, metrics.fault_seconds.observe)
+            metrics.attach(restores)
+            sock = listen(api_path, access)
+            inode = os.stat(api_path).st_ino
+            server = ApiServer(sock, access, restores, metrics)
+            thread = threading.Thread(target=server.serve_forever, args=(0.2,), name="api",
+                                      daemon=True)
+            thread.start()
+            log(f"serving restores from {store} on {api_path}")
+            try:
+                os.read(stop_r, 1)  # until a signal
+            finally:
+                server.shutdown()
+                server.server_close()
+                with contextlib.suppress(FileNotFoundError):
+                    if os.lstat(api_path).st_ino == inode:
+                        os.unlink(api_path)
+                restores.stop_all()
+            log(f"stopped; {sum(restores.ended_by_reason.values())} restores served")
+        finally:
+            watchdog.close()
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+        os.close(stop_r)
+        os.close(stop_w)
+    return 0
+
+
+def _wake(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, b"x")

@@ -1,0 +1,85 @@
+"""`GET /metrics`: the daemon's counters in Prometheus text format (prometheus-client).
+
+Counters are read from the sessions at scrape time (live ones plus the totals of ended ones),
+so serving never pays for metrics. The one histogram, fault service time, is observed for the
+faults Python serves (the installer: zstd builds, --verify, ballooned and huge pages, retries);
+faults the compiled loop serves are counted (`fcsnap_compiled_faults_total`) but not timed,
+since timing them would cost the C loop a clock read per fault.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from fcsnap.daemon.restores import COUNTERS, Restores
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 10e-3, 50e-3)
+HELP = {
+    "faults": "Page faults read from the VMs' userfaultfds.",
+    "pages_served": "Pages installed (faults, fault-around, prefetch, populate).",
+    "bytes_served": "Bytes of guest memory installed.",
+    "zero_pages": "Pages installed as zeros.",
+    "compiled_faults": "Faults served by the compiled loop.",
+    "remove_events": "Balloon REMOVE events.",
+    "retries": "Faults retried after EAGAIN.",
+}
+
+
+class DaemonMetrics:
+    """The registry `/metrics` renders: a collector over the restores, and the histogram."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.fault_seconds = Histogram(
+            "fcsnap_fault_service_seconds",
+            "Time to serve one fault in Python (compiled faults are not timed).",
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.restores: Restores | None = None
+
+    def attach(self, restores: Restores) -> None:
+        self.restores = restores
+        self.registry.register(_RestoresCollector(restores))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _RestoresCollector(Collector):
+    def __init__(self, restores: Restores) -> None:
+        self.restores = restores
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        restores = self.restores
+        totals = restores.counter_totals()
+        for key in COUNTERS:
+            family = CounterMetricFamily(f"fcsnap_{key}", HELP[key], labels=["build_id"])
+            for (name, build_id), value in sorted(totals.items()):
+                if name == key:
+                    family.add_metric([build_id], value)
+            yield family
+        yield GaugeMetricFamily("fcsnap_restores_active", "Restores listening or serving.",
+                                value=len(restores.live()))
+        ended = CounterMetricFamily("fcsnap_restores_ended", "Restores ended, by reason.",
+                                    labels=["reason"])
+        for reason, count in sorted(restores.ended_by_reason.items()):
+            ended.add_metric([reason], count)
+        yield ended
+        cache = restores.builds.frames
+        yield GaugeMetricFamily("fcsnap_cache_bytes", "Decompressed frames held (all builds).",
+                                value=cache.cached)
+        yield GaugeMetricFamily("fcsnap_cache_budget_bytes", "The daemon's --cache-mb.",
+                                value=cache.budget)
+        yield CounterMetricFamily("fcsnap_cache_hits", "Frame cache hits.", value=cache.hits)
+        yield CounterMetricFamily("fcsnap_cache_misses", "Frame cache misses (decompressions).",
+                                  value=cache.misses)
+        builds = restores.builds
+        yield GaugeMetricFamily("fcsnap_builds_open", "Builds open (shared by their restores).",
+                                value=len(builds.open_builds()))
+        yield CounterMetricFamily("fcsnap_build_opens", "Times a build was opened.",
+                                  value=builds.opened)

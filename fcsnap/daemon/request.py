@@ -1,0 +1,138 @@
+"""`POST /restores`: a JSON body checked as `fcsnap restore` checks its options.
+
+Keys are restore's options with `_` for `-`; the daemon-wide ones (`--store`, `--cache-mb`)
+are the daemon's. Paths must be absolute: the daemon's working directory is not the caller's
+(`fcsnap restore --daemon` makes them absolute before sending). Every check that restore makes
+before listening is made here or by the session's `listen`, so a bad request listens on nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fcsnap.errors import FcsnapError
+from fcsnap.options import parse_fault_around
+from fcsnap.store.layout import SNAPFILE, resolve_build
+from fcsnap.uffd.firecracker_api import SnapshotLoad, load_body
+from fcsnap.uffd.listener import SocketAccess, parse_mode, parse_owner, parse_uid
+from fcsnap.uffd.session import ServeOptions
+
+BOOLEANS = ("verify", "populate", "eager", "track_dirty_pages")
+NUMBERS = {"handshake_timeout": 10.0, "api_timeout": 30.0}
+PATHS = ("stats", "record_ws", "prefetch_ws", "firecracker_api", "vmstate")
+TEXTS = ("fault_around", "socket_owner", "socket_mode")
+KNOWN = {"vm", "socket", "allow_uid", *BOOLEANS, *NUMBERS, *PATHS, *TEXTS}
+
+
+class RequestError(FcsnapError):
+    """A request the daemon refuses: an HTTP status and one line."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class RestoreRequest:
+    vm: str
+    build_dir: Path
+    options: ServeOptions
+    load: SnapshotLoad | None
+
+
+def parse_restore(body: object, store: Path, cache_bytes: int) -> RestoreRequest:
+    """The request's build and options; RequestError naming the first thing wrong."""
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object")
+    unknown = sorted(set(body) - KNOWN)
+    if unknown:
+        raise RequestError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(KNOWN))})")
+    vm = _text(body, "vm", required=True)
+    socket_path = _path(body, "socket", required=True)
+    assert vm is not None and socket_path is not None
+    for key in BOOLEANS:
+        if not isinstance(body.get(key, False), bool):
+            raise RequestError(f"{key} must be true or false")
+    numbers = {key: _number(body, key, default) for key, default in NUMBERS.items()}
+    paths = {key: _path(body, key) for key in PATHS}
+    try:
+        build_dir = resolve_build(vm, store)
+    except FcsnapError as e:
+        raise RequestError(str(e), 404) from None
+    fault_around = _text(body, "fault_around") or "adaptive"
+    try:
+        around = parse_fault_around(fault_around)
+        access = _access(body)
+    except (ValueError, FcsnapError) as e:
+        raise RequestError(str(e)) from None
+    load = None
+    if paths["firecracker_api"] is not None:
+        if numbers["api_timeout"] <= 0:
+            raise RequestError("api_timeout must be more than 0 seconds")
+        vmstate = paths["vmstate"] or build_dir / SNAPFILE
+        if paths["vmstate"] is None and not vmstate.is_file():
+            raise RequestError(f"build {build_dir.name} has no {SNAPFILE}: give vmstate")
+        payload = load_body(vmstate, socket_path, bool(body.get("track_dirty_pages")))
+        load = SnapshotLoad(paths["firecracker_api"], payload, numbers["api_timeout"])
+    elif paths["vmstate"] is not None or body.get("track_dirty_pages"):
+        raise RequestError("vmstate and track_dirty_pages need firecracker_api")
+    options = ServeOptions(
+        socket=socket_path,
+        verify=bool(body.get("verify")),
+        stats_path=paths["stats"],
+        handshake_timeout=numbers["handshake_timeout"],
+        cache_bytes=cache_bytes,
+        fault_around=around,
+        record_ws=paths["record_ws"],
+        prefetch_ws=paths["prefetch_ws"],
+        populate=bool(body.get("populate")),
+        eager=bool(body.get("eager")),
+        access=access,
+    )
+    return RestoreRequest(vm, build_dir, options, load)
+
+
+def _access(body: dict[str, Any]) -> SocketAccess:
+    owner = _text(body, "socket_owner")
+    uid, gid = parse_owner(owner) if owner else (None, None)
+    allowed = body.get("allow_uid", [])
+    if not isinstance(allowed, list) or not all(isinstance(u, str | int) for u in allowed):
+        raise RequestError("allow_uid must be a list of uids or user names")
+    return SocketAccess(
+        mode=parse_mode(_text(body, "socket_mode") or "0600"), owner_uid=uid, owner_gid=gid,
+        allowed_uids=frozenset(parse_uid(str(u)) for u in allowed),
+    )
+
+
+def _text(body: dict[str, Any], key: str, required: bool = False) -> str | None:
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise RequestError(f"{key} is required")
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and key != "vm":
+        return str(value)
+    if not isinstance(value, str) or not value:
+        raise RequestError(f"{key} must be a non-empty string")
+    return value
+
+
+def _path(body: dict[str, Any], key: str, required: bool = False) -> Path | None:
+    text = _text(body, key, required)
+    if text is None:
+        return None
+    if "\0" in text or not text.startswith("/"):
+        raise RequestError(f"{key} must be an absolute path (the daemon's working directory "
+                           f"is not the caller's): {text!r}")
+    return Path(text)
+
+
+def _number(body: dict[str, Any], key: str, default: float) -> float:
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise RequestError(f"{key} must be a number of seconds")
+    if value < 0:
+        raise RequestError(f"{key} must not be negative")
+    return float(value)

@@ -1,0 +1,232 @@
+"""The daemon's restores: start one per request, each on a thread of its own, isolated.
+
+A restore is a Session (fcsnap/uffd/session.py) over a SharedBuild from the daemon's registry,
+watched by the daemon's one watchdog. Its thread runs `serve`: the compiled fault loop waits
+and installs with the GIL released, so sessions serve side by side. Whatever ends a session
+(its VM exiting, a DELETE, a bad handshake, a corrupt block, any exception) ends that restore
+only: its reason goes into its stats and one line on stderr, and the other VMs go on.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fcsnap.daemon.request import RequestError, RestoreRequest, parse_restore
+from fcsnap.errors import FcsnapError
+from fcsnap.uffd.firecracker_api import Response, SnapshotLoad
+from fcsnap.uffd.session import Session
+from fcsnap.uffd.shared import BuildRegistry, SharedBuild
+from fcsnap.uffd.watchdog import Watchdog
+from fcsnap.units import format_bytes
+
+KEEP_ENDED = 256  # ended restores still listed (their final stats), newest kept
+END_WAIT = 10.0  # seconds a DELETE or a daemon stop waits for a session to end
+
+COUNTERS = ("faults", "pages_served", "bytes_served", "zero_pages", "compiled_faults",
+            "remove_events", "retries")
+
+
+@dataclass
+class Restore:
+    id: str
+    vm: str
+    session: Session | None  # None once ended: only its final documents are kept
+    build: SharedBuild
+    load: SnapshotLoad | None
+    thread: threading.Thread | None = None
+    started: float = field(default_factory=time.time)
+    ended_reason: str | None = None  # the reason class once ended (metrics' label)
+    final: tuple[dict[str, Any], dict[str, Any]] | None = None  # (summary, document)
+
+    def summary(self) -> dict[str, Any]:
+        session = self.session
+        if session is None:
+            assert self.final is not None
+            return self.final[0]
+        stats = session.stats
+        return {
+            "id": self.id,
+            "vm": self.vm,
+            "build_id": str(self.build.build_id),
+            "socket": str(session.options.socket),
+            "state": session.state,
+            "vm_pid": session.peer.pid if session.peer else None,
+            "exit_reason": session.exit_reason,
+            **{key: getattr(stats, key) for key in ("faults", "pages_served", "bytes_served")},
+        }
+
+    def document(self) -> dict[str, Any]:
+        session = self.session
+        if session is None:
+            assert self.final is not None
+            return self.final[1]
+        return {"id": self.id, "vm": self.vm, "state": session.state, **session.document()}
+
+    def retire(self) -> None:
+        """Keep the final documents, drop the session (its page flags, buffers, fds' owners):
+        an ended restore stays listed for a while and must cost next to nothing."""
+        self.final = (self.summary(), self.document())
+        self.session = None
+
+
+def reason_class(exit_reason: str) -> str:
+    """The few values of the `reason` label: the exit reason without its details."""
+    if exit_reason.startswith("error"):
+        return "error"
+    return exit_reason.replace(" ", "_")
+
+
+class Restores:
+    """Every restore of the daemon: start, list, end; totals of the ended ones for metrics."""
+
+    def __init__(self, store: Path, cache_bytes: int, watchdog: Watchdog,
+                 fault_seconds: Any = None) -> None:
+        self.store = store
+        self.builds = BuildRegistry(cache_bytes)
+        self.watchdog = watchdog
+        self.fault_seconds = fault_seconds  # a histogram's observe, or None
+        self._live: dict[str, Restore] = {}
+        self._ended: OrderedDict[str, Restore] = OrderedDict()
+        self.ended_by_reason: Counter[str] = Counter()
+        self.ended_totals: Counter[tuple[str, str]] = Counter()  # (counter, build id)
+        self._lock = threading.Lock()
+        self._closing = False
+
+    def start(self, body: object) -> Restore:
+        """Check the request, open (or share) its build, listen; the restore is serving on
+        its own thread when this returns. RequestError/FcsnapError: nothing listens."""
+        if self._closing:
+            raise RequestError("the daemon is stopping", 503)
+        request: RestoreRequest = parse_restore(body, self.store, self.builds.cache_bytes)
+        restore_id = uuid.uuid4().hex[:16]
+        options = request.options
+        options.watchdog = self.watchdog
+        options.fault_seconds = self.fault_seconds
+        build = self.builds.acquire(request.build_dir)
+        try:
+            session = Session(build, options, vm_id=restore_id)
+        except BaseException:
+            self.builds.release(build)
+            raise
+        restore = Restore(restore_id, request.vm, session, build, request.load)
+        if request.load is not None:
+            options.on_listening = lambda: self._start_load(restore)
+        try:
+            session.listen()
+        except BaseException:
+            self.builds.release(build)
+            raise
+        with self._lock:
+            self._live[restore_id] = restore
+        restore.thread = threading.Thread(target=self._serve, args=(restore,),
+                                          name=f"restore-{restore_id}", daemon=True)
+        restore.thread.start()
+        return restore
+
+    def get(self, restore_id: str) -> Restore | None:
+        with self._lock:
+            return self._live.get(restore_id) or self._ended.get(restore_id)
+
+    def all(self) -> list[Restore]:
+        with self._lock:
+            return [*self._ended.values(), *self._live.values()]
+
+    def live(self) -> list[Restore]:
+        with self._lock:
+            return list(self._live.values())
+
+    def end(self, restore: Restore, wait: float = END_WAIT) -> bool:
+        """Stop one restore as SIGTERM stops `restore` (the VM is killed unless every page is
+        installed); True once its session has ended."""
+        if restore.session is not None:
+            restore.session.stop("deleted")
+        if restore.thread is not None:
+            restore.thread.join(wait)
+            return not restore.thread.is_alive()
+        return True
+
+    def stop_all(self) -> None:
+        """The daemon is stopping: refuse new restores, end every live one."""
+        self._closing = True
+        live = self.live()
+        for restore in live:
+            if restore.session is not None:
+                restore.session.stop("daemon stopped")
+        deadline = time.monotonic() + END_WAIT
+        for restore in live:
+            if restore.thread is not None:
+                restore.thread.join(max(0.0, deadline - time.monotonic()))
+
+    def counter_totals(self) -> Counter[tuple[str, str]]:
+        """(counter, build id) -> total over every restore, ended or live, taken under the
+        lock so that a restore ending meanwhile is counted once."""
+        with self._lock:
+            totals = Counter(self.ended_totals)
+            for restore in self._live.values():
+                build_id = str(restore.build.build_id)
+                if restore.session is not None:
+                    for key in COUNTERS:
+                        totals[key, build_id] += getattr(restore.session.stats, key)
+            return totals
+
+    # -- one restore's thread ------------------------------------------------------------
+
+    def _serve(self, restore: Restore) -> None:
+        session = restore.session
+        assert session is not None
+        try:
+            try:
+                session.serve()
+            finally:
+                if restore.load is not None and (error := restore.load.finish()) is not None:
+                    raise error
+        except FcsnapError as e:
+            if not session.exit_reason.startswith("error"):
+                session.exit_reason = f"error: {e}"
+        except Exception as e:  # a bug in one session: that VM is killed, the daemon goes on
+            session.exit_reason = f"error: internal error ({type(e).__name__}: {e})"
+            traceback.print_exc(file=sys.stderr)
+        finally:
+            self.builds.release(restore.build)
+            self._retire(restore, session)
+
+    def _start_load(self, restore: Restore) -> None:
+        assert restore.load is not None
+
+        def loaded(response: Response) -> None:
+            log(f"restore {restore.id}: Firecracker loaded the snapshot (HTTP {response.status})")
+
+        assert restore.session is not None
+        restore.load.start(restore.session.fail, loaded)
+
+    def _retire(self, restore: Restore, session: Session) -> None:
+        stats = session.stats
+        restore.ended_reason = reason_class(session.exit_reason)
+        log(f"restore {restore.id} ({restore.vm} on {session.options.socket}) ended: "
+            f"{session.exit_reason}; {stats.faults} faults, {stats.pages_served} pages "
+            f"({format_bytes(stats.bytes_served)}) served")
+        build_id = str(restore.build.build_id)
+        with self._lock:
+            restore.retire()
+            self._live.pop(restore.id, None)
+            self._ended[restore.id] = restore
+            while len(self._ended) > KEEP_ENDED:
+                self._ended.popitem(last=False)
+            self.ended_by_reason[restore.ended_reason] += 1
+            for key in COUNTERS:
+                self.ended_totals[key, build_id] += getattr(stats, key)
+
+
+def log(line: str) -> None:
+    """One line on stderr, written whole: print() writes the newline separately, so lines
+    from two restores ending at once could run together."""
+    sys.stderr.write(f"fcsnap: {line}\n")
+    sys.stderr.flush()

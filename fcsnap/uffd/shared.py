@@ -1,0 +1,109 @@
+"""A build opened once and served to any number of VMs: what sessions may share, and what not.
+
+Shared (read-only once made, or behind a lock): the lineage lock and pin check, the header,
+the diff files (raw: one fd and one read-only shared mapping; zstd: a SeekableReader, which is
+thread-safe, over the daemon's one FrameCache), the hash sidecars (--verify) and the mapping
+arrays. Per session, never shared: PageSource's span buffers and each raw diff's MappedDiff
+(its chunk counters and read buffer, which the compiled loop updates with the GIL released).
+A MappedDiff dropping the shared mapping (MADV_DONTNEED) only zaps page table entries of a
+read-only file mapping; another session's copy out of it faults the page back in.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from fcsnap.header import Header, load_header
+from fcsnap.store.pins import open_lineage
+from fcsnap.store.seekable import FrameCache
+from fcsnap.store.source import DiffFile, open_diffs
+from fcsnap.uffd.pages import PageSource, hash_tables, mapping_arrays
+
+
+class SharedBuild:
+    """One build's header, diffs, hashes and mapping arrays, opened once."""
+
+    def __init__(self, build_dir: Path, cache_bytes: int, frame_cache: FrameCache | None = None
+                 ) -> None:
+        self.build_dir = build_dir
+        self.cache_bytes = cache_bytes
+        self.lineage = open_lineage(build_dir)  # pins checked; LOCK_SH held while served
+        try:
+            self.header: Header = load_header(build_dir)
+            self.diffs: dict[uuid.UUID, DiffFile] = open_diffs(
+                self.header, build_dir.parent, cache_bytes, frame_cache
+            )
+        except BaseException:
+            self.lineage.release()
+            raise
+        self.build_id = self.header.metadata.build_id
+        self.users = 0  # sessions holding it (BuildRegistry counts them)
+        self._lock = threading.Lock()
+        self._hashes: dict[uuid.UUID, np.ndarray] | None = None
+        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def hashes(self) -> dict[uuid.UUID, np.ndarray]:
+        """The hash sidecars (for --verify), read on first use."""
+        with self._lock:
+            if self._hashes is None:
+                self._hashes = hash_tables(self.diffs)
+            return self._hashes
+
+    def mapping_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The header's mappings as arrays (PageSource.where, the compiled loop), made once."""
+        with self._lock:
+            if self._arrays is None:
+                self._arrays = mapping_arrays(self.header, list(self.diffs))
+            return self._arrays
+
+    def page_source(self, verify: bool, map_budget: int) -> PageSource:
+        """A session's own view of the build (its own mapped-diff state)."""
+        hashes = self.hashes() if verify else None
+        return PageSource(self.header, self.diffs, hashes, map_budget, self.mapping_arrays)
+
+    def close(self) -> None:
+        for diff in self.diffs.values():
+            diff.close()
+        self.lineage.release()
+
+
+class BuildRegistry:
+    """The builds a daemon serves, each opened once while a session uses it; one frame cache
+    (one budget) for all."""
+
+    def __init__(self, cache_bytes: int) -> None:
+        self.frames = FrameCache(cache_bytes)
+        self.cache_bytes = cache_bytes
+        self._builds: dict[Path, SharedBuild] = {}
+        self._lock = threading.Lock()
+        self.opened = 0  # times a build was opened (not found open): sharing at work
+
+    def acquire(self, build_dir: Path) -> SharedBuild:
+        """The open build (opening it if no session has it), counted as used once more.
+        Opening holds the registry lock: two first requests for a build open it once."""
+        key = build_dir.resolve()
+        with self._lock:
+            build = self._builds.get(key)
+            if build is None:
+                build = SharedBuild(key, self.cache_bytes, self.frames)
+                self._builds[key] = build
+                self.opened += 1
+            build.users += 1
+            return build
+
+    def release(self, build: SharedBuild) -> None:
+        """One session is done with it; the last closes it (releasing its lineage lock)."""
+        with self._lock:
+            build.users -= 1
+            if build.users > 0:
+                return
+            self._builds.pop(build.build_dir, None)
+        build.close()
+
+    def open_builds(self) -> list[SharedBuild]:
+        with self._lock:
+            return list(self._builds.values())
