@@ -27,9 +27,10 @@ from fcsnap.inspection import inspect_report
 from fcsnap.progress import progress_bar
 from fcsnap.store import ops
 from fcsnap.store.builder import BuildOptions
-from fcsnap.store.layout import HEADER, resolve_build
+from fcsnap.store.layout import HEADER
 from fcsnap.store.manifest import Manifest, read_manifest
-from fcsnap.store.names import check_vm_name, read_vm_pointer
+from fcsnap.store.names import check_vm_name
+from fcsnap.store.stores import Store, current_head, open_optional, open_store, resolve
 from fcsnap.units import format_bytes, parse_size
 
 if TYPE_CHECKING:
@@ -67,20 +68,20 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
-def _header_arg(arg: str, store: Path | None) -> tuple[Path, Path | None]:
+def _header_arg(arg: str, store: Store | None) -> tuple[Path, Path | None]:
     """Resolve BUILD|HEADER to a header file and the store around it (if any). A path that
     exists and is not a directory is a header file, whatever else it is: reading it says."""
     path = Path(arg)
     if path.exists() and not path.is_dir() and (store is None or "/" in arg):
         return path, path.parent.parent if path.name == HEADER else None
-    build = resolve_build(arg, store)
+    build = resolve(arg, store)
     return build / HEADER, build.parent
 
 
 @app.command()
 def inspect(
     target: str = typer.Argument(..., metavar="BUILD|HEADER"),
-    store: Path | None = typer.Option(None, "--store", help="Store holding BUILD."),
+    store_url: str | None = typer.Option(None, "--store", help="Store holding BUILD."),
     mappings: bool = typer.Option(False, "--mappings", help="List every mapping run."),
     at: list[str] = typer.Option(
         [], "--at", metavar="OFFSET", help="Which build serves this byte? (repeatable)"
@@ -88,7 +89,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Show a header: metadata, the builds it reads, its runs, and lookups."""
-    header_path, around = _header_arg(target, store)
+    header_path, around = _header_arg(target, open_optional(store_url))
     header = load_header(header_path)
     offsets = [parse_size(text, what="offset") for text in at]
     report = inspect_report(header, around, mappings, offsets)
@@ -186,7 +187,7 @@ def build_options(
 
 
 def name_head(
-    store: Path, name: str | None, build_arg: str | None = None, build_dir: Path | None = None
+    store: Store, name: str | None, build_arg: str | None = None, build_dir: Path | None = None
 ) -> uuid.UUID | None:
     """The build `name` points at as the command starts (None: no such name): publishing the
     name at the end is a compare-and-swap against it. When the command's BUILD argument is
@@ -195,10 +196,10 @@ def name_head(
         return None
     if build_arg == name and build_dir is not None:
         return uuid.UUID(build_dir.name)
-    return read_vm_pointer(store, name)
+    return current_head(store, name)
 
 
-def report_build(manifest: Manifest, path: Path, as_json: bool, verb: str) -> None:
+def report_build(manifest: Manifest, path: Path | str, as_json: bool, verb: str) -> None:
     data = manifest.to_json()
     data["path"] = str(path)
     if as_json:
@@ -231,13 +232,13 @@ WORKING_SET = typer.Option(
 )
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 JSON = typer.Option(False, "--json", help="Print one JSON object.")
-STORE = typer.Option(..., "--store", help="The store directory.")
+STORE = typer.Option(..., "--store", help="The store: a directory, or s3://BUCKET/PREFIX.")
 
 
 @app.command()
 def pack(
     memfile: Path = typer.Argument(..., help="Firecracker memory file."),
-    store: Path = STORE,
+    store_url: str = STORE,
     block_size: str = BLOCK_SIZE,
     compress: str = COMPRESS,
     frame_size: str = FRAME_SIZE,
@@ -248,6 +249,7 @@ def pack(
     as_json: bool = JSON,
 ) -> None:
     """Pack a memory file as generation 0 of a new lineage."""
+    store = open_store(store_url)
     options = build_options(block_size, compress, frame_size, name, vmstate, working_set)
     options = replace(options, name_expected=name_head(store, name), verb="pack")
     total = memfile.stat().st_size if memfile.is_file() else 0
@@ -260,7 +262,7 @@ def pack(
 def diff(
     memfile: Path = typer.Argument(..., help="Firecracker memory file of the next snapshot."),
     base: str = typer.Option(..., "--base", help="Parent build: directory, id or VM name."),
-    store: Path = STORE,
+    store_url: str = STORE,
     sparse_diff: bool = typer.Option(
         False, "--sparse-diff",
         help="MEMFILE is a Firecracker Diff snapshot: holes are unchanged pages, not zeros.",
@@ -277,9 +279,10 @@ def diff(
     as_json: bool = JSON,
 ) -> None:
     """Store what changed since BASE as the next generation."""
+    store = open_store(store_url)
     if name is not None:
         check_vm_name(name)  # before anything else: a bad name costs nothing
-    base_dir = resolve_build(base, store)
+    base_dir = resolve(base, store, data=sparse_diff)
     base_block_size = read_manifest(base_dir).block_size
     options = build_options(
         block_size or str(base_block_size), compress, frame_size, name, vmstate, working_set
@@ -298,15 +301,16 @@ def diff(
 @app.command()
 def squash(
     build: str = typer.Argument(..., metavar="BUILD"),
-    store: Path = STORE,
+    store_url: str = STORE,
     name: str | None = NAME,
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
     """Flatten BUILD into a new generation 0 with the same content and no ancestors."""
+    store = open_store(store_url)
     if name is not None:
         check_vm_name(name)  # before anything else: a bad name costs nothing
-    build_dir = resolve_build(build, store)
+    build_dir = resolve(build, store, data=True)
     source = read_manifest(build_dir)
     options = BuildOptions(
         block_size=source.block_size,
@@ -326,12 +330,12 @@ def squash(
 def unpack(
     build: str = typer.Argument(..., metavar="BUILD"),
     output: Path = typer.Option(..., "-o", "--output", help="Memory file to write."),
-    store: Path | None = typer.Option(None, "--store", help="Store holding BUILD."),
+    store_url: str | None = typer.Option(None, "--store", help="Store holding BUILD."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
     quiet: bool = QUIET,
 ) -> None:
     """Rebuild the full memory file of BUILD (sparse where zero)."""
-    build_dir = resolve_build(build, store)
+    build_dir = resolve(build, open_optional(store_url), data=True)
     header = load_header(build_dir)
     data = sum(m.length for m in header.mappings if not m.is_zero)
     with progress_bar("unpack", data, quiet) as advance:
@@ -343,12 +347,12 @@ def unpack(
 @app.command()
 def verify(
     build: str = typer.Argument(..., metavar="BUILD"),
-    store: Path | None = typer.Option(None, "--store", help="Store holding BUILD."),
+    store_url: str | None = typer.Option(None, "--store", help="Store holding BUILD."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
     """Check BUILD and every build it reads: files, sizes, and every block's hash."""
-    build_dir = resolve_build(build, store)
+    build_dir = resolve(build, open_optional(store_url), data=True)
     total = sum(
         read_manifest(build_dir.parent / str(b)).stats.bytes_stored
         for b in load_header(build_dir).build_ids()
@@ -370,7 +374,7 @@ def verify(
 def restore(
     vm: str = typer.Option(..., "--vm", metavar="BUILD", help="Build to serve: dir, id or name."),
     socket_path: Path = typer.Option(..., "--socket", help="Unix socket Firecracker connects to."),
-    store: Path | None = typer.Option(None, "--store", help="Store holding BUILD."),
+    store_url: str | None = typer.Option(None, "--store", help="Store holding BUILD."),
     stats: Path | None = typer.Option(None, "--stats", help="Write serving statistics (JSON)."),
     verify_pages: bool = typer.Option(
         False, "--verify", help="Check every block against its hash before installing it."
@@ -438,7 +442,7 @@ def restore(
     from fcsnap.uffd.server import FaultServer, ServeOptions
 
     access = _socket_access(socket_owner, socket_mode, allow_uid)
-    build_dir = resolve_build(vm, store)
+    build_dir = resolve(vm, open_optional(store_url), data=True)
     load: SnapshotLoad | None = None
     if firecracker_api is not None:
         if api_timeout <= 0:
@@ -513,7 +517,7 @@ def _socket_access(owner: str | None, mode: str, allowed: list[str]) -> SocketAc
 @app.command(name="ls")
 def list_store(
     name: str | None = typer.Argument(None, metavar="NAME", help="Show this name's lineage."),
-    store: Path = STORE,
+    store_url: str = STORE,
     builds: bool = typer.Option(
         False, "--builds", help="List every build: size, readers, live fraction."
     ),
@@ -523,9 +527,9 @@ def list_store(
 
     A build's live fraction is the share of its stored bytes some name's head still reads."""
     from fcsnap.store import listing
-    from fcsnap.store.usage import scan
+    from fcsnap.store.stores import scan_store
 
-    view = scan(store)
+    view = scan_store(open_store(store_url))
     if name is not None:
         report = listing.lineage_report(view, name)
     elif builds:
@@ -625,22 +629,22 @@ def render_lineage(report: dict[str, Any]) -> None:
 @app.command()
 def rm(
     names: list[str] = typer.Argument(..., metavar="NAME", help="Names to remove."),
-    store: Path = STORE,
+    store_url: str = STORE,
     quiet: bool = QUIET,
 ) -> None:
     """Remove names (never builds: `fcsnap gc` deletes the builds no name reads any more).
 
     Either every NAME is removed or, when one does not exist, none."""
-    from fcsnap.store.lifecycle import remove_names
+    from fcsnap.store.stores import remove_names
 
-    for row in remove_names(store, names):
+    for row in remove_names(open_store(store_url), names):
         if not quiet:
             out.print(f"removed {row['name']} (was {row['head']})")
 
 
 @app.command()
 def gc(
-    store: Path = STORE,
+    store_url: str = STORE,
     dry_run: bool = typer.Option(
         False, "--dry-run", help="List what would be deleted and the bytes freed; change nothing."
     ),
@@ -659,12 +663,14 @@ def gc(
 
     A build only an older generation of a name read is garbage once no head reads it. Builds
     another command is using (restore, a diff's base, a build not yet named) are kept."""
-    from fcsnap.store.lifecycle import collect
+    from fcsnap.store.stores import collect
     from fcsnap.units import parse_duration
 
     if repack_below is not None and not 0 < repack_below <= 1:
         raise typer.BadParameter("must be a fraction in (0, 1]", param_hint="'--repack-below'")
-    report = collect(store, parse_duration(grace, "--grace"), dry_run, repack_below)
+    report = collect(
+        open_store(store_url), parse_duration(grace, "--grace"), dry_run, repack_below
+    )
     if as_json:
         print_json(report)
         return
