@@ -4,13 +4,18 @@ protocol (build.json last, names by compare-and-swap), and failures as one line.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
-from s3_helpers import Bucket
-from store_procs import fcsnap
+from s3_helpers import Bucket, memfile
+from store_procs import TIMEOUT, fcsnap, wait_stopped
 
+from fcsnap.store.locks import STOP_ENV
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full, write_sparse_diff
+from fcsnap.testing.s3server import free_ports
 
 MIB = 1 << 20
 
@@ -102,3 +107,132 @@ def _objects(bucket: Bucket) -> list[dict]:
     import obstore
 
     return [o for batch in obstore.list(bucket.client(), prefix="snaps/") for o in batch]
+
+
+def start_stopped(bucket: Bucket, *args: object, point: str) -> subprocess.Popen:
+    """`fcsnap ARGS` on the bucket's server, stopped (SIGSTOP) at its stop point `point`."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fcsnap", *map(str, args)], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        env={**bucket.env, STOP_ENV: point},
+    )
+    wait_stopped(proc.pid)
+    return proc
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=TIMEOUT)
+    return proc.returncode, err
+
+
+def test_a_build_killed_before_its_build_json_is_invisible(bucket: Bucket, tmp_path: Path) -> None:
+    store = bucket.url()
+    mem = memfile(tmp_path, "m0", seed=3)
+    proc = start_stopped(bucket, "pack", mem, "--store", store, "--name", "web", point="commit")
+    uploaded = bucket.listing()
+    build_id = uploaded[0].split("/")[0]
+    assert {k.split("/")[1] for k in uploaded} == {"memfile.diff", "memfile.header",
+                                                   "memfile.hashes"}
+    proc.kill()
+    proc.communicate(timeout=TIMEOUT)
+    assert bucket.listing() == uploaded  # what a killed writer left: no build.json, no name
+    listing = json.loads(run(bucket, "ls", "--store", store, "--builds", "--json").stdout)
+    assert listing["builds"] == [] and listing["summary"]["builds"] == 0
+    for arg in (build_id, "web"):
+        line = one_line_error(run(bucket, "inspect", arg, "--store", store, ok=False))
+        assert "not found" in line or "no build or VM named" in line
+    # the next pack is unaffected
+    run(bucket, "pack", mem, "--store", store, "--name", "web")
+    run(bucket, "verify", "web", "--store", store)
+
+
+def test_a_pack_killed_mid_upload_leaves_no_object(bucket: Bucket, tmp_path: Path) -> None:
+    """Killed while its diff streams up (a multipart upload not completed): nothing visible."""
+    store = bucket.url()
+    mem = memfile(tmp_path, "m0", seed=4, mib=64)
+    proc = start_stopped(bucket, "pack", mem, "--store", store, "--name", "web",
+                         point="uploading")
+    proc.kill()
+    proc.communicate(timeout=TIMEOUT)
+    assert bucket.listing() == []
+    assert json.loads(run(bucket, "ls", "--store", store, "--json").stdout)["names"] == []
+
+
+def test_a_failing_pack_removes_what_it_uploaded(bucket: Bucket, tmp_path: Path) -> None:
+    store = bucket.url()
+    (tmp_path / "bad").write_bytes(b"x" * 5000)  # not a multiple of 4 KiB
+    line = one_line_error(run(bucket, "pack", tmp_path / "bad", "--store", store, ok=False))
+    assert "fcsnap: error:" in line
+    assert bucket.listing() == []
+
+
+def test_racing_diffs_one_moves_the_name(bucket: Bucket, tmp_path: Path) -> None:
+    """Two diffs from the same head: both read the pointer, then both put it conditionally on
+    the ETag they read. Exactly one wins; the loser says where the name went and removes its
+    build."""
+    store = bucket.url()
+    mem0 = synthetic_memory(8 * MIB, seed=5)
+    write_full(tmp_path / "m0", mem0)
+    write_full(tmp_path / "a", evolve(mem0, seed=6)[0])
+    write_full(tmp_path / "b", evolve(mem0, seed=7)[0])
+    head = json.loads(run(bucket, "pack", tmp_path / "m0", "--store", store, "--name", "web",
+                          "--json").stdout)["build_id"]
+    a = start_stopped(bucket, "diff", tmp_path / "a", "--base", "web", "--store", store,
+                      "--name", "web", "--json", point="compare-and-swap")
+    b = start_stopped(bucket, "diff", tmp_path / "b", "--base", "web", "--store", store,
+                      "--name", "web", "--json", point="compare-and-swap")
+    status_a, err_a = finish(a)
+    status_b, err_b = finish(b)
+    assert sorted([status_a, status_b]) == [0, 1], (err_a, err_b)
+    loser_err = err_b if status_a == 0 else err_a
+    pointer = run(bucket, "inspect", "web", "--store", store, "--json").stdout
+    now = json.loads(pointer)["metadata"]["build_id"]
+    assert now != head
+    assert loser_err.strip() == f"fcsnap: error: web moved to {now} while this diff ran"
+    builds = {k.split("/")[0] for k in bucket.listing() if not k.startswith("vms/")}
+    assert builds == {head, now}  # the loser's objects are gone
+    run(bucket, "verify", "web", "--store", store)
+
+
+def test_a_name_moved_while_a_diff_ran(bucket: Bucket, tmp_path: Path) -> None:
+    store = bucket.url()
+    mem0 = synthetic_memory(8 * MIB, seed=8)
+    write_full(tmp_path / "m0", mem0)
+    write_full(tmp_path / "a", evolve(mem0, seed=9)[0])
+    run(bucket, "pack", tmp_path / "m0", "--store", store, "--name", "web")
+    a = start_stopped(bucket, "diff", tmp_path / "a", "--base", "web", "--store", store,
+                      "--name", "web", point="publish")
+    other = json.loads(run(bucket, "pack", tmp_path / "m0", "--store", store, "--name", "web",
+                           "--json").stdout)["build_id"]
+    status, err = finish(a)
+    assert status == 1 and err.strip() == f"fcsnap: error: web moved to {other} while this diff ran"
+    run(bucket, "rm", "web", "--store", store)
+    b = start_stopped(bucket, "pack", tmp_path / "m0", "--store", store, "--name", "web",
+                      point="publish")
+    run(bucket, "pack", tmp_path / "m0", "--store", store, "--name", "web")
+    status, err = finish(b)
+    assert status == 1 and "web moved to" in err  # absent at the start: created meanwhile
+
+
+def test_bad_urls_credentials_and_servers_are_one_line(bucket: Bucket, tmp_path: Path) -> None:
+    mem = memfile(tmp_path, "m0", seed=10, mib=1)
+    env = bucket.env
+
+    def fails(*args: object, env: dict[str, str] = env) -> str:
+        return one_line_error(fcsnap(*args, env=env))
+
+    for url in ("s3://", "s3://A_B/x", "s3://ab", "s3://bucket/a//b", "s3://bucket/../x"):
+        assert "invalid store URL" in fails("ls", "--store", url)
+    bare = {k: v for k, v in env.items() if not k.startswith("AWS_")}
+    assert "no S3 credentials" in fails("ls", "--store", bucket.url(), env=bare)
+    wrong = {**env, "AWS_SECRET_ACCESS_KEY": "wrong"}
+    assert "S3 refused" in fails("pack", mem, "--store", bucket.url(), env=wrong)
+    assert "does not exist" in fails("ls", "--store", "s3://no-such-bucket-here/x")
+    port = free_ports(1)[0]
+    dead = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    started = time.monotonic()
+    assert "cannot reach S3 at" in fails("ls", "--store", bucket.url(), env=dead)
+    assert time.monotonic() - started < 60
+    assert "not an http" in fails("ls", "--store", bucket.url(),
+                                  env={**env, "AWS_ENDPOINT_URL": "ftp://x"})

@@ -30,7 +30,7 @@ from fcsnap.store.layout import (
     SNAPFILE,
     parse_build_id,
 )
-from fcsnap.store.locks import NameMoved, builds_read
+from fcsnap.store.locks import NameMoved, builds_read, stop_point
 from fcsnap.store.names import POINTER_MAX, VMS, check_vm_name
 from fcsnap.store.objects import Conflict, ObjectInfo, ObjectStore
 
@@ -89,8 +89,10 @@ class RemoteStore:
         """Point `name` at build_id if it still points at `expected` (None: absent): read the
         pointer, compare, then put it conditionally on the ETag read, so a writer that moved
         it in between makes the put fail (NameMoved, as locks.publish_name)."""
+        stop_point("publish")
         current, etag = self.read_pointer(name)
         if current == expected:
+            stop_point("compare-and-swap")
             try:
                 self.objects.put(name_key(name), f"{build_id}\n".encode(), etag)
                 return

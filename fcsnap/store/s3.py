@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fcsnap.errors import FcsnapError
+from fcsnap.store.locks import stop_point
 from fcsnap.store.objects import Conflict, ObjectInfo
 
 SCHEME = "s3://"
@@ -124,10 +125,15 @@ class _S3Writer:
             objects.client, key, buffer_size=PART_SIZE, max_concurrency=4
         )
         self.done = False
+        self.written = 0
 
     def write(self, data: bytes | memoryview) -> int:
         with self.objects.errors("upload", self.key):
-            return self.file.write(data)
+            done = self.file.write(data)
+        if self.written < 2 * PART_SIZE <= self.written + done:
+            stop_point("uploading")  # parts are up, the upload is not complete (tests)
+        self.written += done
+        return done
 
     def close(self) -> None:
         with self.objects.errors("upload", self.key):
