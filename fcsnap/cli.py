@@ -710,6 +710,52 @@ def render_gc(report: dict[str, Any]) -> None:
     )
 
 
+def _copy(build: str, source: str, dest: str, as_json: bool, quiet: bool, verb: str) -> None:
+    from fcsnap.store.transfer import copy_lineage
+
+    report = copy_lineage(build, open_store(source), open_store(dest), verb)
+    if as_json:
+        print_json(report)
+    elif not quiet:
+        copied = [b for b in report["builds"] if b["copied"]]
+        out.print(
+            f"{verb}ed {report['name'] or report['head']}: {len(copied)} builds copied "
+            f"({format_bytes(report['bytes_copied'])}), "
+            f"{len(report['builds']) - len(copied)} already there"
+        )
+
+
+FROM = typer.Option(..., "--from", help="Store to copy from: a directory or s3://BUCKET/PREFIX.")
+TO = typer.Option(..., "--to", help="Store to copy to: a directory or s3://BUCKET/PREFIX.")
+
+
+@app.command()
+def push(
+    build: str = typer.Argument(..., metavar="NAME|BUILD"),
+    source: str = FROM,
+    dest: str = TO,
+    quiet: bool = QUIET,
+    as_json: bool = JSON,
+) -> None:
+    """Copy a build and every build it reads to another store (a NAME is published there too).
+
+    Builds already there are kept (checked against the head's pins); every build copied is
+    checked, block by block, before it becomes visible."""
+    _copy(build, source, dest, as_json, quiet, "push")
+
+
+@app.command()
+def pull(
+    build: str = typer.Argument(..., metavar="NAME|BUILD"),
+    source: str = FROM,
+    dest: str = TO,
+    quiet: bool = QUIET,
+    as_json: bool = JSON,
+) -> None:
+    """The same copy as push, for who thinks of it from the receiving side."""
+    _copy(build, source, dest, as_json, quiet, "pull")
+
+
 @app.command()
 def demo(
     threads: int = typer.Option(4, "--threads", help="Faulting threads in the stand-in VM."),
