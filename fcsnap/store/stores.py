@@ -110,7 +110,6 @@ def collect(
 
     if not isinstance(store, RemoteStore):
         return lifecycle.collect(store, grace, dry_run, repack_below)
-    raise FcsnapError(
-        f"gc of an S3 store ({store.url}) is not supported: object storage has no locks to "
-        "tell which builds other hosts are using"
-    )
+    from fcsnap.store.remote_gc import collect_remote
+
+    return collect_remote(store, grace, dry_run, repack_below)
