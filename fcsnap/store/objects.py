@@ -54,6 +54,8 @@ class ObjectStore(Protocol):
     def put(self, key: str, data: bytes, expect: str | None) -> str:
         """Write `data` only if the object's ETag is `expect` (None: only if it does not
         exist); returns the new ETag; Conflict otherwise."""
+    def replace(self, key: str, data: bytes) -> None:
+        """Write `data` whatever the object holds (for servers without If-Match)."""
     def delete(self, key: str) -> None: ...
 
 
@@ -153,6 +155,11 @@ class LocalObjects:
             writer.write(data)
             writer.close()
         return local_etag(data)
+
+    def replace(self, key: str, data: bytes) -> None:
+        writer = self.writer(key)
+        writer.write(data)
+        writer.close()
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)

@@ -16,6 +16,7 @@ size (ls counts their bytes, nothing reads them).
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -93,13 +94,31 @@ class RemoteStore:
         current, etag = self.read_pointer(name)
         if current == expected:
             stop_point("compare-and-swap")
+            data = f"{build_id}\n".encode()
             try:
-                self.objects.put(name_key(name), f"{build_id}\n".encode(), etag)
+                self.objects.put(name_key(name), data, etag)
                 return
             except Conflict:
-                current, _ = self.read_pointer(name)
+                again, etag_again = self.read_pointer(name)
+                if etag is None or (again, etag_again) != (current, etag):
+                    current = again
+                else:  # refused an If-Match on the ETag it still reports: not supported
+                    self._replace_without_if_match(name, data)
+                    return
         where = f"moved to {current}" if current is not None else "was removed"
         raise NameMoved(f"{name} {where} while this {verb} ran")
+
+    def _replace_without_if_match(self, name: str, data: bytes) -> None:
+        """Servers without conditional updates (Ceph before Reef refuses every If-Match on
+        PUT with 412) get compare-then-put: the pointer was just read back unchanged, and is
+        replaced unconditionally. Another host moving the name in the instant between the
+        two can lose its move: said once on stderr."""
+        print(
+            f"fcsnap: warning: the S3 server of {self.url} refuses conditional updates "
+            f"(If-Match); {name} was moved by compare-then-put, not atomically",
+            file=sys.stderr,
+        )
+        self.objects.replace(name_key(name), data)
 
     def remove_name(self, name: str, expected_etag: str) -> None:
         """Delete a pointer. S3 has no conditional delete everywhere: a name moved between the

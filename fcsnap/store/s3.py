@@ -241,6 +241,12 @@ class S3Objects:
                 raise Conflict(f"{self.url}/{key} changed") from None
         return result["e_tag"] or ""
 
+    def replace(self, key: str, data: bytes) -> None:
+        import obstore
+
+        with self.errors("write", key):
+            obstore.put(self.client, key, data, use_multipart=False)
+
     def delete(self, key: str) -> None:
         import obstore
 
