@@ -429,6 +429,17 @@ def restore(
         help="Also admit connections from this uid (repeatable). Admitted always: this "
         "process's uid and the --socket-owner's.",
     ),
+    cache_dir: Path | None = typer.Option(
+        None, "--cache-dir",
+        help="S3 stores: the host chunk cache (default ~/.cache/fcsnap/chunks).",
+    ),
+    cache_size: str = typer.Option(
+        "10G", "--cache-size", help="S3 stores: the most the chunk cache holds."
+    ),
+    fetch_timeout: float = typer.Option(
+        30.0, "--fetch-timeout",
+        help="S3 stores: seconds a fetch may take, retries included; then the VM is killed.",
+    ),
     quiet: bool = QUIET,
 ) -> None:
     """Serve BUILD's memory to one Firecracker VM over userfaultfd, lazily.
@@ -442,7 +453,12 @@ def restore(
     from fcsnap.uffd.server import FaultServer, ServeOptions
 
     access = _socket_access(socket_owner, socket_mode, allow_uid)
-    build_dir = resolve(vm, open_optional(store_url), data=True)
+    from fcsnap.store.stores import add_fetch_stats, serve_source
+
+    build_dir, fetched = serve_source(
+        vm, None if store_url is None else open_store(store_url, fetch_timeout), cache_dir,
+        parse_size(cache_size, "cache size"), fetch_timeout,
+    )
     load: SnapshotLoad | None = None
     if firecracker_api is not None:
         if api_timeout <= 0:
@@ -485,6 +501,8 @@ def restore(
     )
     server = FaultServer(build_dir, options)
     status = server.run()
+    if fetched is not None and stats is not None:
+        add_fetch_stats(stats, fetched)
     if not quiet:
         s = server.stats
         print(

@@ -149,7 +149,9 @@ class _S3Writer:
 
 
 class S3Objects:
-    def __init__(self, location: S3Location) -> None:
+    def __init__(self, location: S3Location, timeout: float | None = None) -> None:
+        """`timeout`: the most seconds one request may take, retries included (restore's
+        --fetch-timeout); by default REQUEST_TIMEOUT each and RETRY_TIMEOUT of retries."""
         from obstore.store import S3Store
 
         self.location = location
@@ -164,9 +166,13 @@ class S3Objects:
                 client_options={
                     "allow_http": endpoint.startswith("http://"),
                     "connect_timeout": CONNECT_TIMEOUT,
-                    "timeout": REQUEST_TIMEOUT,
+                    "timeout": REQUEST_TIMEOUT if timeout is None else f"{timeout}s",
                 },
-                retry_config={"max_retries": MAX_RETRIES, "retry_timeout": RETRY_TIMEOUT},
+                retry_config={
+                    "max_retries": MAX_RETRIES,
+                    "retry_timeout": RETRY_TIMEOUT if timeout is None
+                    else datetime.timedelta(seconds=timeout),
+                },
             )
         except Exception as e:  # obstore's configuration errors
             raise FcsnapError(f"cannot open store {self.url}: {_message(e)}") from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +90,17 @@ def store_of(build_dir: Path) -> Path:
     return build_dir.parent
 
 
+DiffOpener = Callable[[Path], "DiffFile"]
+_openers: dict[Path, DiffOpener] = {}
+
+
+def open_diffs_with(store: Path, opener: DiffOpener) -> None:
+    """Have open_diffs open the builds of `store` (the local mirror of a store in object
+    storage) with `opener`: their diffs are read through the host chunk cache
+    (fcsnap/store/chunk_cache.py), not from files."""
+    _openers[store.resolve()] = opener
+
+
 def open_diffs(
     header: Header, store: Path, cache_bytes: int = 64 << 20
 ) -> dict[uuid.UUID, DiffFile]:
@@ -101,12 +112,16 @@ def open_diffs(
         if not m.is_zero:
             needed[m.build_id] = max(needed.get(m.build_id, 0), m.storage_offset + m.length)
     diffs: dict[uuid.UUID, DiffFile] = {}
+    opener = _openers.get(store.resolve())
     try:
         for build_id, end in needed.items():
             build_dir = build_path(store, build_id)
             if not build_dir.is_dir():
                 raise FcsnapError(f"build {build_id} referenced by the header is not in {store}")
-            diff = DiffFile(build_dir, cache_bytes, check_frames=True)
+            diff = (
+                opener(build_dir) if opener is not None
+                else DiffFile(build_dir, cache_bytes, check_frames=True)
+            )
             diffs[build_id] = diff
             if diff.size < end:
                 raise FcsnapError(

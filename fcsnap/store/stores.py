@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcsnap.errors import FcsnapError
-from fcsnap.store.layout import resolve_build
+from fcsnap.store.layout import DIFF_RAW, SNAPFILE, resolve_build
 from fcsnap.store.names import check_vm_name, read_vm_pointer
 from fcsnap.store.remote import RemoteStore
 from fcsnap.store.s3 import is_s3_url
 
 if TYPE_CHECKING:
+    from fcsnap.store.chunk_cache import FetchStats
     from fcsnap.store.usage import StoreView
 
 Store = Path | RemoteStore
@@ -32,11 +33,12 @@ def scratch_dir(what: str) -> Path:
     return path
 
 
-def open_store(text: str) -> Store:
+def open_store(text: str, timeout: float | None = None) -> Store:
+    """`timeout`: for a store in S3, the most seconds a request may take with its retries."""
     if is_s3_url(text):
         from fcsnap.store.s3 import S3Objects, parse_s3_url
 
-        return RemoteStore(S3Objects(parse_s3_url(text)), scratch_dir("mirror"))
+        return RemoteStore(S3Objects(parse_s3_url(text), timeout), scratch_dir("mirror"))
     return Path(text)
 
 
@@ -113,3 +115,56 @@ def collect(
     from fcsnap.store.remote_gc import collect_remote
 
     return collect_remote(store, grace, dry_run, repack_below)
+
+
+def serve_source(
+    arg: str, store: Store | None, cache_dir: Path | None, cache_size: int,
+    fetch_timeout: float,
+) -> tuple[Path, FetchStats | None]:
+    """restore's BUILD: a local build, or a build in object storage whose raw diffs are read
+    on demand through the host chunk cache (zstd diffs are downloaded whole first). Returns
+    the build directory and the fetch statistics to report."""
+    from fcsnap.store.chunk_cache import CachedDiff, ChunkCache, default_cache_dir, with_deadline
+    from fcsnap.store.layout import DIFF_ZSTD
+    from fcsnap.store.source import DiffFile, open_diffs_with
+
+    if not isinstance(store, RemoteStore):
+        return resolve(arg, store), None
+    head = store.mirror_lineage(store.resolve(arg))
+    if (head / SNAPFILE).exists():  # Firecracker loads it: the real bytes, not a placeholder
+        store.download(f"{head.name}/{SNAPFILE}", head / SNAPFILE)
+    cache = ChunkCache(cache_dir or default_cache_dir(), cache_size)
+
+    def opener(build_dir: Path) -> DiffFile:
+        objects = store.build_objects(uuid.UUID(build_dir.name))
+        if DIFF_ZSTD in objects:
+            store.mirror_build(uuid.UUID(build_dir.name), data=True)
+            return DiffFile(build_dir, check_frames=True)
+        key = f"{build_dir.name}/{DIFF_RAW}"
+        info = objects.get(DIFF_RAW)
+
+        def read_range(start: int, length: int) -> bytes:
+            fetch = with_deadline(
+                lambda: store.objects.get_range(key, start, length), fetch_timeout,
+                f"{store.url}/{key}",
+            )
+            return fetch()
+
+        return CachedDiff(  # type: ignore[return-value]  (DiffFile's reading interface)
+            build_dir, cache, info.size if info else None, read_range
+        )
+
+    open_diffs_with(store.mirror, opener)
+    return head, cache.stats
+
+
+def add_fetch_stats(path: Path, stats: FetchStats) -> None:
+    """restore --stats of a build in object storage: the fetch counters beside the server's."""
+    import json
+
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # the server did not write its stats: nothing to add to
+    report.update(stats.as_dict())
+    path.write_text(json.dumps(report, indent=2) + "\n")

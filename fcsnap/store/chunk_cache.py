@@ -1,0 +1,201 @@
+"""The host chunk cache: diffs of builds in object storage, fetched on demand in 4 MiB chunks.
+
+A restore from S3 does not wait for whole diffs: a read fetches the chunks it needs (one range
+GET each), checks every block of them against the build's hash sidecar (remote data is
+untrusted; the sidecar itself is pinned by the head, docs/FORMAT.md §6.2), and only then keeps
+the chunk in the cache directory and hands it out. A block that does not match is never
+installed in a guest, and never cached.
+
+The cache is shared by every restore on the host and survives restarts: a chunk is one file,
+written under a temporary name and renamed into place, so readers see it whole or not at all.
+Chunks are keyed by build id and the SHA-256 of the build's sidecar, so two stores holding
+different builds under one id never share a chunk. When the cache passes its size, the chunks
+least recently used (by modification time, touched on every hit) are removed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fcsnap.errors import FcsnapError
+from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes, sidecar_pin
+from fcsnap.store.layout import DIFF_RAW, HASHES
+from fcsnap.store.manifest import read_manifest
+
+CHUNK = 4 << 20
+DEFAULT_SIZE = 10 << 30
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "fcsnap" / "chunks"
+
+
+@dataclass
+class FetchStats:
+    fetched_bytes: int = 0
+    fetch_requests: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ChunkCache:
+    directory: Path
+    limit_bytes: int = DEFAULT_SIZE
+    stats: FetchStats = field(default_factory=FetchStats)
+
+    def __post_init__(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise FcsnapError(f"cannot use cache directory {self.directory}: {e.strerror}") from e
+        self.used = self._scan()[1]
+
+    def get(self, key: str, index: int, fetch: Callable[[], bytes],
+            check: Callable[[bytes], None]) -> bytes:
+        """Chunk `index` of the diff cached under `key`: from the cache, or fetched, checked
+        and cached."""
+        path = self.directory / key / f"{index:08d}"
+        try:
+            data = path.read_bytes()
+            os.utime(path)  # recently used
+            self.stats.cache_hits += 1
+            return data
+        except FileNotFoundError:
+            pass
+        self.stats.cache_misses += 1
+        data = fetch()
+        self.stats.fetch_requests += 1
+        self.stats.fetched_bytes += len(data)
+        check(data)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
+        tmp.write_bytes(data)
+        os.rename(tmp, path)
+        self.used += len(data)
+        if self.used > self.limit_bytes:
+            self._evict()
+        return data
+
+    def _scan(self) -> tuple[list[tuple[float, int, Path]], int]:
+        chunks = []
+        for entry in self.directory.glob("*/*"):
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue
+            chunks.append((st.st_mtime, st.st_size, entry))
+        return chunks, sum(size for _, size, _ in chunks)
+
+    def _evict(self) -> None:
+        """Remove the least recently used chunks until the cache holds 90% of its limit."""
+        chunks, self.used = self._scan()
+        for _, size, path in sorted(chunks, key=lambda c: c[0]):
+            if self.used <= self.limit_bytes * 0.9:
+                break
+            path.unlink(missing_ok=True)
+            self.used -= size
+
+
+class CachedDiff:
+    """A raw diff in object storage read through the chunk cache: what DiffFile is to a local
+    diff, for the readers that use `read` (no mapping: `map` is None)."""
+
+    def __init__(
+        self, build_dir: Path, cache: ChunkCache, object_size: int | None,
+        read_range: Callable[[int, int], bytes],
+    ) -> None:
+        self.build_dir = build_dir
+        self.path = build_dir / DIFF_RAW
+        self.compressed = False
+        self.map = None
+        self.zstd = None
+        self.fd = -1
+        self.cache = cache
+        self.read_range = read_range
+        manifest = read_manifest(build_dir)
+        self.size = manifest.stats.bytes_stored
+        if object_size != self.size:
+            raise FcsnapError(
+                f"build {build_dir.name}: its diff object holds {object_size} bytes, build.json "
+                f"says {self.size}"
+            )
+        sidecar = (build_dir / HASHES).read_bytes()
+        self.block_size, self.table = read_hashes(build_dir / HASHES)
+        self.key = f"{build_dir.name}-{sidecar_pin(sidecar)[7:39]}"
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or offset + length > self.size:
+            raise FcsnapError(
+                f"build {self.build_dir.name}: read [{offset:#x}, {offset + length:#x}) beyond "
+                f"its {self.size:#x} bytes"
+            )
+        pieces = []
+        end = offset + length
+        while offset < end:
+            index = offset // CHUNK
+            chunk = self._chunk(index)
+            lo = offset - index * CHUNK
+            take = min(end - offset, len(chunk) - lo)
+            pieces.append(chunk[lo:lo + take])
+            offset += take
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _chunk(self, index: int) -> bytes:
+        start = index * CHUNK
+        length = min(CHUNK, self.size - start)
+        return self.cache.get(
+            self.key, index, lambda: self.read_range(start, length),
+            lambda data: self._check(start, data),
+        )
+
+    def _check(self, start: int, data: bytes) -> None:
+        """Every block of a fetched chunk against the sidecar, before it is used or cached."""
+        bs = self.block_size
+        first, count = start // bs, len(data) // bs
+        got = np.frombuffer(
+            b"".join(digest(data[i * bs:(i + 1) * bs]) for i in range(count)), np.uint8
+        ).reshape(count, DIGEST_SIZE)
+        bad = np.flatnonzero((got != self.table[first:first + count]).any(axis=1))
+        if len(bad) or len(data) != count * bs:
+            block = first + (int(bad[0]) if len(bad) else count)
+            raise FcsnapError(
+                f"build {self.build_dir.name}: block {block} fetched from the store does not "
+                "match its hash; not installed"
+            )
+
+    def check_size(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def with_deadline(fetch: Callable[[], bytes], timeout: float, what: str) -> Callable[[], bytes]:
+    """`fetch` retried with backoff until `timeout` seconds have passed, then one FcsnapError
+    (the restore server then kills the VM: never a hang)."""
+
+    def fetched() -> bytes:
+        deadline = time.monotonic() + timeout
+        delay = 0.1
+        while True:
+            try:
+                return fetch()
+            except FcsnapError as e:
+                if time.monotonic() + delay > deadline:
+                    raise FcsnapError(f"cannot fetch {what} within {timeout:g}s: {e}") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    return fetched
