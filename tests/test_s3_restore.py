@@ -4,6 +4,7 @@ the VM within --fetch-timeout."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -35,12 +36,10 @@ def push(bucket: Bucket, lineage: Lineage, prefix: str = "snaps") -> str:
 
 
 def serve(procs: Procs, bucket: Bucket, build: str, cache: Path, *args: str,
-          socket: Path | None = None) -> subprocess.Popen[bytes]:
+          socket: Path | None = None, stats: Path | None = None) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "fcsnap", "restore", "--vm", build, "--socket",
             str(socket or procs.socket), "--store", bucket.url(), "--cache-dir", str(cache),
-            "--quiet", *args]
-    if socket is None:
-        argv += ["--stats", str(procs.stats)]
+            "--quiet", "--stats", str(stats or procs.stats), *args]
     return procs._track(subprocess.Popen(argv, env=bucket.env, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
 
@@ -82,7 +81,10 @@ def test_two_restores_share_one_cache(bucket: Bucket, raw_lineage: Lineage, proc
     build = push(bucket, raw_lineage)
     cache = tmp_path / "cache"
     sockets = [tmp_path / "a.sock", tmp_path / "b.sock"]
-    servers = [serve(procs, bucket, build, cache, socket=s) for s in sockets]
+    servers = [
+        serve(procs, bucket, build, cache, socket=s, stats=tmp_path / f"stats{i}.json")
+        for i, s in enumerate(sockets)
+    ]
     vms = [
         procs._track(firecracker.spawn(
             s, expected=raw_lineage.expected, deadline=WAIT, report=tmp_path / f"vm{i}.json",
@@ -96,6 +98,22 @@ def test_two_restores_share_one_cache(bucket: Bucket, raw_lineage: Lineage, proc
         assert vm.returncode == 0 and server.returncode == 0, err
     for i in range(2):
         assert firecracker.read_report(tmp_path / f"vm{i}.json")["mismatches"] == 0
+    stats = [json.loads((tmp_path / f"stats{i}.json").read_text()) for i in range(2)]
+    chunks = [p for d in cache.iterdir() for p in d.iterdir() if not p.name.startswith(".")]
+    assert sum(s["fetch_requests"] for s in stats) == len(chunks)  # each chunk fetched once
+    assert sum(s["cache_hits"] for s in stats) > 0
+
+
+def test_the_cache_stays_within_its_size(bucket: Bucket, raw_lineage: Lineage, procs: Procs,
+                                         tmp_path: Path) -> None:
+    build = push(bucket, raw_lineage)
+    cache = tmp_path / "cache"
+    server = serve(procs, bucket, build, cache, "--cache-size", "4M")
+    out = procs.outcome(server, procs.vm(expected=raw_lineage.expected))
+    check_served(out, raw_lineage)
+    assert out.stats["fetch_requests"] > 1
+    held = sum(p.stat().st_size for d in cache.iterdir() for p in d.iterdir())
+    assert held <= 4 << 20
 
 
 def test_a_corrupt_object_is_never_installed(bucket: Bucket, raw_lineage: Lineage,
@@ -110,7 +128,8 @@ def test_a_corrupt_object_is_never_installed(bucket: Bucket, raw_lineage: Lineag
     out = procs.outcome(server, procs.vm(expected=raw_lineage.expected))
     assert out.status == 1 and out.vm_status == KILLED, out
     assert "block 3 fetched from the store does not match its hash; not installed" in out.error
-    assert not any(p.name.startswith(build) for p in cache.iterdir())  # and never cached
+    cached = [p.name for d in cache.iterdir() if d.name.startswith(build) for p in d.iterdir()]
+    assert "00000000" not in cached  # the chunk holding block 3 was never cached
 
 
 def test_a_dead_server_kills_the_vm_within_the_fetch_timeout(

@@ -15,10 +15,12 @@ least recently used (by modification time, touched on every hit) are removed.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,30 +69,40 @@ class ChunkCache:
         """Chunk `index` of the diff cached under `key`: from the cache, or fetched, checked
         and cached."""
         path = self.directory / key / f"{index:08d}"
-        try:
-            data = path.read_bytes()
-            os.utime(path)  # recently used
-            self.stats.cache_hits += 1
+        data = self._cached(path)
+        if data is not None:
             return data
-        except FileNotFoundError:
-            pass
-        self.stats.cache_misses += 1
-        data = fetch()
-        self.stats.fetch_requests += 1
-        self.stats.fetched_bytes += len(data)
-        check(data)
         path.parent.mkdir(exist_ok=True)
-        tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
-        tmp.write_bytes(data)
-        os.rename(tmp, path)
+        # One fetch per chunk on the host: the others wait for it, then read the file.
+        with locked(path.parent / f".lock-{index:08d}"):
+            data = self._cached(path)
+            if data is not None:
+                return data
+            self.stats.cache_misses += 1
+            data = fetch()
+            self.stats.fetch_requests += 1
+            self.stats.fetched_bytes += len(data)
+            check(data)
+            tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
+            tmp.write_bytes(data)
+            os.rename(tmp, path)
         self.used += len(data)
         if self.used > self.limit_bytes:
             self._evict()
         return data
 
+    def _cached(self, path: Path) -> bytes | None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        os.utime(path)  # recently used
+        self.stats.cache_hits += 1
+        return data
+
     def _scan(self) -> tuple[list[tuple[float, int, Path]], int]:
         chunks = []
-        for entry in self.directory.glob("*/*"):
+        for entry in self.directory.glob("*/[0-9]*"):
             try:
                 st = entry.stat()
             except FileNotFoundError:
@@ -180,6 +192,17 @@ class CachedDiff:
 
     def close(self) -> None:
         pass
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """flock(LOCK_EX) on a lock file: held across processes, released if the holder dies."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def with_deadline(fetch: Callable[[], bytes], timeout: float, what: str) -> Callable[[], bytes]:
