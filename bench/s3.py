@@ -1,0 +1,118 @@
+"""pack straight into S3 against a plain multipart upload of pack's output, in the same run.
+
+A synthetic guest image (fcsnap.testing.memimage) is packed three ways, against one SeaweedFS
+server started here (`weed mini`, 127.0.0.1; server and client share the machine's cores):
+
+- `local`: into a local store (fsynced, as pack publishes), for reference;
+- `upload`: the local build's files uploaded as they are (obstore, multipart in 8 MiB parts, 4
+  in flight: what pack uses), i.e. the cost of getting pack's output into S3 when it exists;
+- `s3`: pack with `--store s3://...`: the diff streams up while it is produced.
+
+fcsnap is timed through its Python API (no interpreter start-up). Each way runs --repeat times;
+the best counts. The target: pack to S3 at >= 0.8x the throughput of the plain upload of its
+output (throughput = diff bytes / seconds). Results go to bench/results/s3-<compression>.{md,json}.
+
+    python bench/s3.py [--size 256M] [--compress none|zstd] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fcsnap.store import ops  # noqa: E402
+from fcsnap.store.builder import BuildOptions  # noqa: E402
+from fcsnap.store.remote import RemoteStore  # noqa: E402
+from fcsnap.store.s3 import S3Objects, parse_s3_url  # noqa: E402
+from fcsnap.testing.memimage import synthetic_memory, write_full  # noqa: E402
+from fcsnap.testing.s3server import seaweedfs  # noqa: E402
+from fcsnap.units import parse_size  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def best(runs: int, fn) -> float:  # noqa: ANN001
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="256M")
+    parser.add_argument("--compress", default="none", choices=("none", "zstd"))
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    size = parse_size(args.size, "size")
+    options = BuildOptions(compression=args.compress)
+    with tempfile.TemporaryDirectory(prefix="fcsnap-bench-s3-") as tmp_text:
+        tmp = Path(tmp_text)
+        mem = tmp / "mem"
+        write_full(mem, synthetic_memory(size, seed=7))
+        with seaweedfs(tmp / "weed") as server:
+            server.create_bucket("bench")
+            os.environ.update(server.env())
+            objects = S3Objects(parse_s3_url("s3://bench/p"))
+            remote = RemoteStore(objects, tmp / "mirror")
+            local = tmp / "local"
+            built: list[Path] = []
+
+            def pack_local() -> None:
+                built.append(Path(ops.pack(mem, local, options)[1]))
+
+            def upload() -> None:
+                build = built[-1]
+                for path in sorted(build.iterdir()):
+                    objects.upload(f"upload-{len(built)}/{build.name}/{path.name}", path)
+
+            def pack_s3() -> None:
+                ops.pack(mem, remote, options)
+
+            t_local = best(args.repeat, pack_local)
+            t_upload = best(args.repeat, upload)
+            t_s3 = best(args.repeat, pack_s3)
+            manifest = json.loads((built[-1] / "build.json").read_text())
+    diff_bytes = manifest["stats"]["bytes_written"]
+    mib = 1 << 20
+    rows = {
+        "local": t_local, "upload": t_upload, "s3": t_s3,
+    }
+    result = {
+        "size": size, "compression": args.compress, "diff_bytes": diff_bytes,
+        "seconds": rows,
+        "throughput_mib_s": {k: round(diff_bytes / mib / v, 1) for k, v in rows.items()},
+        "s3_vs_upload": round(t_upload / t_s3, 3),
+        "cpus": os.cpu_count(),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"s3-{args.compress}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"pack of a {size // mib} MiB synthetic guest ({args.compress}), diff "
+        f"{diff_bytes / mib:.1f} MiB; SeaweedFS on 127.0.0.1, {os.cpu_count()} cores shared; "
+        f"best of {args.repeat}",
+        "",
+        "| way | seconds | diff MiB/s |",
+        "|---|---:|---:|",
+        f"| pack into a local store | {t_local:.2f} | {result['throughput_mib_s']['local']} |",
+        f"| plain multipart upload of that build | {t_upload:.2f} | "
+        f"{result['throughput_mib_s']['upload']} |",
+        f"| pack straight into S3 | {t_s3:.2f} | {result['throughput_mib_s']['s3']} |",
+        "",
+        f"pack into S3 / plain upload throughput: {result['s3_vs_upload']:.2f}x (target >= 0.8)",
+    ]
+    (RESULTS / f"s3-{args.compress}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
