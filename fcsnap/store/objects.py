@@ -123,6 +123,8 @@ class LocalObjects:
         found = []
         for dirpath, _, files in os.walk(self.root):
             for name in files:
+                if name.startswith("."):  # the protocol's own files: locks, temporaries
+                    continue
                 path = Path(dirpath) / name
                 key = str(path.relative_to(self.root))
                 if key.startswith(prefix):
@@ -147,6 +149,7 @@ class LocalObjects:
     def put(self, key: str, data: bytes, expect: str | None) -> str:
         from fcsnap.store.locks import name_lock
 
+        self.root.mkdir(parents=True, exist_ok=True)
         with name_lock(self.root):
             current = self.get(key)
             if (current[1] if current else None) != expect:
