@@ -1,4 +1,5 @@
-"""pack straight into S3 against a plain multipart upload of pack's output, in the same run.
+"""pack straight into S3 against a plain multipart upload of its output; restore from S3 with a
+cold and a warm chunk cache against the same restore from a local store. All in one run.
 
 A synthetic guest image (fcsnap.testing.memimage) is packed three ways, against one SeaweedFS
 server started here (`weed mini`, 127.0.0.1; server and client share the machine's cores):
@@ -10,7 +11,13 @@ server started here (`weed mini`, 127.0.0.1; server and client share the machine
 
 fcsnap is timed through its Python API (no interpreter start-up). Each way runs --repeat times;
 the best counts. The target: pack to S3 at >= 0.8x the throughput of the plain upload of its
-output (throughput = diff bytes / seconds). Results go to bench/results/s3-<compression>.{md,json}.
+output (throughput = diff bytes / seconds).
+
+Restore: the build is served to the Firecracker stand-in (2 threads: a random working set of
+10% of the pages, then every page), from the local store, from S3 with an empty cache
+directory (cold), and from S3 again with that cache (warm: a second VM on the host); the
+stand-in reports the time to its working set and to all memory; median of --repeat.
+Results go to bench/results/s3-<compression>.{md,json}.
 
     python bench/s3.py [--size 256M] [--compress none|zstd] [--repeat 3]
 """
@@ -20,6 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +41,7 @@ from fcsnap.store import ops  # noqa: E402
 from fcsnap.store.builder import BuildOptions  # noqa: E402
 from fcsnap.store.remote import RemoteStore  # noqa: E402
 from fcsnap.store.s3 import S3Objects, parse_s3_url  # noqa: E402
+from fcsnap.testing import firecracker  # noqa: E402
 from fcsnap.testing.memimage import synthetic_memory, write_full  # noqa: E402
 from fcsnap.testing.s3server import seaweedfs  # noqa: E402
 from fcsnap.units import parse_size  # noqa: E402
@@ -45,6 +56,48 @@ def best(runs: int, fn) -> float:  # noqa: ANN001
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def restore_once(work: Path, build: str, store: str, extra: list[str], size: int) -> dict:
+    """One restore and one stand-in; the stand-in's times and the server's stats."""
+    sock, stats, report = work / "uffd.sock", work / "stats.json", work / "vm.json"
+    for path in (stats, report):
+        path.unlink(missing_ok=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fcsnap", "restore", "--vm", build, "--store", store,
+         "--socket", str(sock), "--stats", str(stats), "--quiet", *extra],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while not sock.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"restore did not listen: {server.stderr.read().decode()}")
+        time.sleep(0.005)
+    vm = firecracker.spawn(sock, report=report, threads=2, ws_fraction=0.1, seed=3, size=size,
+                           verify_bytes=False, deadline=120)
+    vm_status = vm.wait(timeout=180)
+    _, err = server.communicate(timeout=60)
+    if vm_status or server.returncode:
+        raise RuntimeError(f"stand-in {vm_status}, server {server.returncode}: {err.decode()}")
+    r, st = firecracker.read_report(report), json.loads(stats.read_text())
+    return {"ws_s": r.get("ws_s", r["touch_s"]), "all_s": r.get("all_s", r["touch_s"]),
+            "fetched_bytes": st.get("fetched_bytes", 0)}
+
+
+def restores(tmp: Path, build: str, local: Path, remote_url: str, size: int,
+             repeat: int) -> dict[str, dict[str, float]]:
+    runs: dict[str, list[dict]] = {"local": [], "s3 cold": [], "s3 warm": []}
+    for i in range(repeat):
+        cache = tmp / f"cache-{i}"
+        runs["local"].append(restore_once(tmp, build, str(local), [], size))
+        s3_args = ["--cache-dir", str(cache)]
+        runs["s3 cold"].append(restore_once(tmp, build, remote_url, s3_args, size))
+        runs["s3 warm"].append(restore_once(tmp, build, remote_url, s3_args, size))
+        shutil.rmtree(cache, ignore_errors=True)
+    return {
+        way: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+        for way, rs in runs.items()
+    }
 
 
 def main() -> None:
@@ -82,6 +135,14 @@ def main() -> None:
             t_upload = best(args.repeat, upload)
             t_s3 = best(args.repeat, pack_s3)
             manifest = json.loads((built[-1] / "build.json").read_text())
+            build = built[-1].name
+            ops_push = subprocess.run(
+                [sys.executable, "-m", "fcsnap", "push", build, "--from", str(local), "--to",
+                 "s3://bench/served", "-q"], capture_output=True, text=True, timeout=300,
+            )
+            if ops_push.returncode:
+                raise RuntimeError(ops_push.stderr)
+            served = restores(tmp, build, local, "s3://bench/served", size, args.repeat)
     diff_bytes = manifest["stats"]["bytes_written"]
     mib = 1 << 20
     rows = {
@@ -92,6 +153,7 @@ def main() -> None:
         "seconds": rows,
         "throughput_mib_s": {k: round(diff_bytes / mib / v, 1) for k, v in rows.items()},
         "s3_vs_upload": round(t_upload / t_s3, 3),
+        "restore": served,
         "cpus": os.cpu_count(),
     }
     RESULTS.mkdir(exist_ok=True)
@@ -109,7 +171,18 @@ def main() -> None:
         f"| pack straight into S3 | {t_s3:.2f} | {result['throughput_mib_s']['s3']} |",
         "",
         f"pack into S3 / plain upload throughput: {result['s3_vs_upload']:.2f}x (target >= 0.8)",
+        "",
+        f"restore, median of {args.repeat} (stand-in: 2 threads, a 10% working set, then all)",
+        "",
+        "| from | working set s | all memory s | x local (ws / all) | fetched MiB |",
+        "|---|---:|---:|---:|---:|",
     ]
+    base = served["local"]
+    for way, r in served.items():
+        lines.append(
+            f"| {way} | {r['ws_s']:.3f} | {r['all_s']:.3f} | {r['ws_s'] / base['ws_s']:.2f} / "
+            f"{r['all_s'] / base['all_s']:.2f} | {r['fetched_bytes'] / mib:.1f} |"
+        )
     (RESULTS / f"s3-{args.compress}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -16,10 +16,14 @@ least recently used (by modification time, touched on every hit) are removed.
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +36,21 @@ from fcsnap.store.layout import DIFF_RAW, HASHES
 from fcsnap.store.manifest import read_manifest
 
 CHUNK = 4 << 20
+AHEAD = 4  # chunks fetched ahead of a sequential reader, in flight at once
+MAPPED = 8  # chunks a diff keeps mapped (32 MiB of page cache)
+Buffer = bytes | mmap.mmap
+
+
+def _mapped(path: Path) -> mmap.mmap | None:
+    """A cache file mapped read-only (the mapping outlives a later eviction of the file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        return mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
 DEFAULT_SIZE = 10 << 30
 
 
@@ -56,6 +75,7 @@ class ChunkCache:
     directory: Path
     limit_bytes: int = DEFAULT_SIZE
     stats: FetchStats = field(default_factory=FetchStats)
+    pool: ThreadPoolExecutor | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -65,36 +85,41 @@ class ChunkCache:
         self.used = self._scan()[1]
 
     def get(self, key: str, index: int, fetch: Callable[[], bytes],
-            check: Callable[[bytes], None]) -> bytes:
-        """Chunk `index` of the diff cached under `key`: from the cache, or fetched, checked
-        and cached."""
+            check: Callable[[bytes], None]) -> Buffer:
+        """Chunk `index` of the diff cached under `key`, mapped from its cache file: from the
+        cache, or fetched, checked and cached first."""
         path = self.directory / key / f"{index:08d}"
         data = self._cached(path)
         if data is not None:
             return data
         path.parent.mkdir(exist_ok=True)
-        # One fetch per chunk on the host: the others wait for it, then read the file.
+        # One fetch per chunk on the host: the others wait for it, then map the file.
         with locked(path.parent / f".lock-{index:08d}"):
             data = self._cached(path)
             if data is not None:
                 return data
             self.stats.cache_misses += 1
-            data = fetch()
+            fetched = fetch()
             self.stats.fetch_requests += 1
-            self.stats.fetched_bytes += len(data)
-            check(data)
+            self.stats.fetched_bytes += len(fetched)
+            check(fetched)
             tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
-            tmp.write_bytes(data)
+            tmp.write_bytes(fetched)
             os.rename(tmp, path)
-        self.used += len(data)
+        self.used += len(fetched)
         if self.used > self.limit_bytes:
             self._evict()
-        return data
+        return _mapped(path) or fetched
 
-    def _cached(self, path: Path) -> bytes | None:
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+    def prefetch(self, work: Callable[[], object]) -> None:
+        """Run `work` (fetching a chunk ahead of its reader) on the cache's fetch threads."""
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(AHEAD, thread_name_prefix="fcsnap-fetch")
+        self.pool.submit(work)
+
+    def _cached(self, path: Path) -> Buffer | None:
+        data = _mapped(path)
+        if data is None:
             return None
         os.utime(path)  # recently used
         self.stats.cache_hits += 1
@@ -146,6 +171,9 @@ class CachedDiff:
         sidecar = (build_dir / HASHES).read_bytes()
         self.block_size, self.table = read_hashes(build_dir / HASHES)
         self.key = f"{build_dir.name}-{sidecar_pin(sidecar)[7:39]}"
+        self.mapped: OrderedDict[int, Buffer] = OrderedDict()
+        self.ahead: set[int] = set()  # chunks whose fetch ahead was started
+        self.lock = threading.Lock()
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or offset + length > self.size:
@@ -160,17 +188,43 @@ class CachedDiff:
             chunk = self._chunk(index)
             lo = offset - index * CHUNK
             take = min(end - offset, len(chunk) - lo)
-            pieces.append(chunk[lo:lo + take])
+            pieces.append(bytes(chunk[lo:lo + take]))
             offset += take
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def _chunk(self, index: int) -> bytes:
+    def _chunk(self, index: int) -> Buffer:
+        """A chunk mapped from the cache (the last MAPPED stay mapped); a chunk not mapped yet
+        also starts the fetch of the AHEAD chunks after it, so a sequential reader (a
+        working-set prefetch, populate) finds them fetched or in flight."""
+        with self.lock:
+            chunk = self.mapped.get(index)
+            if chunk is not None:
+                self.mapped.move_to_end(index)
+                return chunk
+        chunk = self._get(index)
+        last = (self.size - 1) // CHUNK
+        for ahead in range(index + 1, min(index + AHEAD, last) + 1):
+            if ahead not in self.mapped and ahead not in self.ahead:
+                self.ahead.add(ahead)
+                self.cache.prefetch(lambda i=ahead: self._get(i, keep=False))
+        with self.lock:
+            self.mapped[index] = chunk
+            while len(self.mapped) > MAPPED:
+                self.mapped.popitem(last=False)
+        return chunk
+
+    def _get(self, index: int, keep: bool = True) -> Buffer:
         start = index * CHUNK
         length = min(CHUNK, self.size - start)
-        return self.cache.get(
-            self.key, index, lambda: self.read_range(start, length),
-            lambda data: self._check(start, data),
-        )
+        try:
+            return self.cache.get(
+                self.key, index, lambda: self.read_range(start, length),
+                lambda data: self._check(start, data),
+            )
+        except FcsnapError:
+            if keep:
+                raise
+            return b""  # a fetch ahead that failed: its reader fetches again and says why
 
     def _check(self, start: int, data: bytes) -> None:
         """Every block of a fetched chunk against the sidecar, before it is used or cached."""
