@@ -148,3 +148,14 @@ def test_a_dead_server_kills_the_vm_within_the_fetch_timeout(
     assert time.monotonic() - started < 3 + 20
     assert out.status == 1 and out.vm_status == KILLED, out
     assert "within 3s" in out.error and "cannot fetch" in out.error
+
+
+def test_a_zstd_lineage_is_served_from_s3(bucket: Bucket, procs: Procs, tmp_path: Path) -> None:
+    """zstd diffs are downloaded whole before serving (counted as fetched), frames checked."""
+    lineage = make_lineage(tmp_path / "zstd", "zstd", PAGE, seed=43)
+    build = push(bucket, lineage)
+    server = serve(procs, bucket, build, tmp_path / "cache")
+    out = procs.outcome(server, procs.vm(expected=lineage.expected))
+    check_served(out, lineage)
+    stored = sum((b / "memfile.diff.zst").stat().st_size for b in lineage.builds)
+    assert out.stats["fetched_bytes"] == stored and out.stats["cache_misses"] == 0

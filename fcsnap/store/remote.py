@@ -36,6 +36,7 @@ from fcsnap.store.names import POINTER_MAX, VMS, check_vm_name
 from fcsnap.store.objects import Conflict, ObjectInfo, ObjectStore
 
 META_FILES = (HEADER, MANIFEST, HASHES)
+DOWNLOAD_STEP = 16 << 20  # bytes per range GET of a whole-object download
 
 
 def build_key(build_id: uuid.UUID, name: str) -> str:
@@ -191,7 +192,7 @@ class RemoteStore:
         info = self.objects.head(key)
         if info is None:
             raise FcsnapError(f"{self.url}/{key} disappeared")
-        step = 16 << 20
+        step = DOWNLOAD_STEP
         tmp = path.with_name(f".{path.name}.part")
         with open(tmp, "wb") as f:
             for start in range(0, info.size, step):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from fcsnap.errors import FcsnapError
 from fcsnap.store.layout import DIFF_RAW, SNAPFILE, resolve_build
 from fcsnap.store.names import check_vm_name, read_vm_pointer
-from fcsnap.store.remote import RemoteStore
+from fcsnap.store.remote import DOWNLOAD_STEP, RemoteStore
 from fcsnap.store.s3 import is_s3_url
 
 if TYPE_CHECKING:
@@ -137,8 +137,11 @@ def serve_source(
 
     def opener(build_dir: Path) -> DiffFile:
         objects = store.build_objects(uuid.UUID(build_dir.name))
-        if DIFF_ZSTD in objects:
+        if DIFF_ZSTD in objects:  # downloaded whole, before serving: counted as fetched
             store.mirror_build(uuid.UUID(build_dir.name), data=True)
+            size = objects[DIFF_ZSTD].size
+            cache.stats.fetched_bytes += size
+            cache.stats.fetch_requests += -(-size // DOWNLOAD_STEP)
             return DiffFile(build_dir, check_frames=True)
         key = f"{build_dir.name}/{DIFF_RAW}"
         info = objects.get(DIFF_RAW)
