@@ -58,7 +58,8 @@ def best(runs: int, fn) -> float:  # noqa: ANN001
     return min(times)
 
 
-def restore_once(work: Path, build: str, store: str, extra: list[str], size: int) -> dict:
+def restore_once(work: Path, build: str, store: str, extra: list[str], size: int,
+                 touch: float = 1.0) -> dict:
     """One restore and one stand-in; the stand-in's times and the server's stats."""
     sock, stats, report = work / "uffd.sock", work / "stats.json", work / "vm.json"
     for path in (stats, report):
@@ -74,7 +75,7 @@ def restore_once(work: Path, build: str, store: str, extra: list[str], size: int
             raise RuntimeError(f"restore did not listen: {server.stderr.read().decode()}")
         time.sleep(0.005)
     vm = firecracker.spawn(sock, report=report, threads=2, ws_fraction=0.1, seed=3, size=size,
-                           verify_bytes=False, deadline=120)
+                           verify_bytes=False, deadline=120, touch=touch)
     vm_status = vm.wait(timeout=180)
     _, err = server.communicate(timeout=60)
     if vm_status or server.returncode:
@@ -84,16 +85,25 @@ def restore_once(work: Path, build: str, store: str, extra: list[str], size: int
             "fetched_bytes": st.get("fetched_bytes", 0)}
 
 
-def restores(tmp: Path, build: str, local: Path, remote_url: str, size: int,
-             repeat: int) -> dict[str, dict[str, float]]:
-    runs: dict[str, list[dict]] = {"local": [], "s3 cold": [], "s3 warm": []}
+def restores(tmp: Path, builds: dict[str, str], local: Path, remote_url: str, size: int,
+             ws: Path, repeat: int) -> dict[str, dict[str, float]]:
+    """`builds`: the plain build and the one laid out with the working set first."""
+    ways = {
+        "local": (builds["plain"], str(local), []),
+        "s3 cold": (builds["plain"], remote_url, ["cache"]),
+        "s3 warm": (builds["plain"], remote_url, ["cache", "warm"]),
+        "local --prefetch-ws": (builds["ws"], str(local), ["ws"]),
+        "s3 cold --prefetch-ws": (builds["ws"], remote_url, ["ws", "cache"]),
+    }
+    runs: dict[str, list[dict]] = {way: [] for way in ways}
     for i in range(repeat):
-        cache = tmp / f"cache-{i}"
-        runs["local"].append(restore_once(tmp, build, str(local), [], size))
-        s3_args = ["--cache-dir", str(cache)]
-        runs["s3 cold"].append(restore_once(tmp, build, remote_url, s3_args, size))
-        runs["s3 warm"].append(restore_once(tmp, build, remote_url, s3_args, size))
-        shutil.rmtree(cache, ignore_errors=True)
+        for way, (build, store, flags) in ways.items():
+            cache = tmp / f"cache-{i}-{build}"
+            if "cache" in flags and "warm" not in flags:
+                shutil.rmtree(cache, ignore_errors=True)
+            extra = ["--cache-dir", str(cache)] if "cache" in flags else []
+            extra += ["--prefetch-ws", str(ws)] if "ws" in flags else []
+            runs[way].append(restore_once(tmp, build, store, extra, size))
     return {
         way: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
         for way, rs in runs.items()
@@ -135,14 +145,23 @@ def main() -> None:
             t_upload = best(args.repeat, upload)
             t_s3 = best(args.repeat, pack_s3)
             manifest = json.loads((built[-1] / "build.json").read_text())
-            build = built[-1].name
-            ops_push = subprocess.run(
-                [sys.executable, "-m", "fcsnap", "push", build, "--from", str(local), "--to",
-                 "s3://bench/served", "-q"], capture_output=True, text=True, timeout=300,
-            )
-            if ops_push.returncode:
-                raise RuntimeError(ops_push.stderr)
-            served = restores(tmp, build, local, "s3://bench/served", size, args.repeat)
+            # the working set: recorded from a local restore touching only it, one page per
+            # fault; then a build laid out with it first (pack --working-set)
+            ws = tmp / "ws.bin"
+            restore_once(tmp, built[-1].name, str(local),
+                         ["--fault-around", "0", "--record-ws", str(ws)], size, touch=0)
+            ws_options = BuildOptions(compression=args.compress, working_set=ws)
+            builds = {"plain": built[-1].name,
+                      "ws": Path(ops.pack(mem, local, ws_options)[1]).name}
+            for build in builds.values():
+                pushed = subprocess.run(
+                    [sys.executable, "-m", "fcsnap", "push", build, "--from", str(local),
+                     "--to", "s3://bench/served", "-q"], capture_output=True, text=True,
+                    timeout=300,
+                )
+                if pushed.returncode:
+                    raise RuntimeError(pushed.stderr)
+            served = restores(tmp, builds, local, "s3://bench/served", size, ws, args.repeat)
     diff_bytes = manifest["stats"]["bytes_written"]
     mib = 1 << 20
     rows = {
@@ -177,8 +196,8 @@ def main() -> None:
         "| from | working set s | all memory s | x local (ws / all) | fetched MiB |",
         "|---|---:|---:|---:|---:|",
     ]
-    base = served["local"]
     for way, r in served.items():
+        base = served["local --prefetch-ws" if "prefetch" in way else "local"]
         lines.append(
             f"| {way} | {r['ws_s']:.3f} | {r['all_s']:.3f} | {r['ws_s'] / base['ws_s']:.2f} / "
             f"{r['all_s'] / base['all_s']:.2f} | {r['fetched_bytes'] / mib:.1f} |"

@@ -175,6 +175,14 @@ class CachedDiff:
         self.ahead: set[int] = set()  # chunks whose fetch ahead was started
         self.lock = threading.Lock()
 
+    def fetch_start(self) -> None:
+        """Start fetching the diff's first chunks now, before any read: they hold a working
+        set laid out first (pack --working-set), which --prefetch-ws reads right after the
+        handshake, and the VM takes a while to connect."""
+        for index in range(min(AHEAD, -(-self.size // CHUNK))):
+            self.ahead.add(index)
+            self.cache.prefetch(lambda i=index: self._get(i, keep=False))
+
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or offset + length > self.size:
             raise FcsnapError(

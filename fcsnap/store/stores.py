@@ -153,9 +153,10 @@ def serve_source(
             )
             return fetch()
 
-        return CachedDiff(  # type: ignore[return-value]  (DiffFile's reading interface)
-            build_dir, cache, info.size if info else None, read_range
-        )
+        diff = CachedDiff(build_dir, cache, info.size if info else None, read_range)
+        if build_dir.name == head.name:
+            diff.fetch_start()
+        return diff  # type: ignore[return-value]  (DiffFile's reading interface)
 
     open_diffs_with(store.mirror, opener)
     return head, cache.stats
