@@ -81,7 +81,9 @@ def _header_arg(arg: str, store: Store | None) -> tuple[Path, Path | None]:
 @app.command()
 def inspect(
     target: str = typer.Argument(..., metavar="BUILD|HEADER"),
-    store_url: str | None = typer.Option(None, "--store", help="Store holding BUILD."),
+    store_url: str | None = typer.Option(
+        None, "--store", help="Store holding BUILD: a directory or s3://BUCKET/PREFIX."
+    ),
     mappings: bool = typer.Option(False, "--mappings", help="List every mapping run."),
     at: list[str] = typer.Option(
         [], "--at", metavar="OFFSET", help="Which build serves this byte? (repeatable)"
@@ -330,7 +332,9 @@ def squash(
 def unpack(
     build: str = typer.Argument(..., metavar="BUILD"),
     output: Path = typer.Option(..., "-o", "--output", help="Memory file to write."),
-    store_url: str | None = typer.Option(None, "--store", help="Store holding BUILD."),
+    store_url: str | None = typer.Option(
+        None, "--store", help="Store holding BUILD: a directory or s3://BUCKET/PREFIX."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
     quiet: bool = QUIET,
 ) -> None:
@@ -347,7 +351,9 @@ def unpack(
 @app.command()
 def verify(
     build: str = typer.Argument(..., metavar="BUILD"),
-    store_url: str | None = typer.Option(None, "--store", help="Store holding BUILD."),
+    store_url: str | None = typer.Option(
+        None, "--store", help="Store holding BUILD: a directory or s3://BUCKET/PREFIX."
+    ),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -374,7 +380,9 @@ def verify(
 def restore(
     vm: str = typer.Option(..., "--vm", metavar="BUILD", help="Build to serve: dir, id or name."),
     socket_path: Path = typer.Option(..., "--socket", help="Unix socket Firecracker connects to."),
-    store_url: str | None = typer.Option(None, "--store", help="Store holding BUILD."),
+    store_url: str | None = typer.Option(
+        None, "--store", help="Store holding BUILD: a directory or s3://BUCKET/PREFIX."
+    ),
     stats: Path | None = typer.Option(None, "--stats", help="Write serving statistics (JSON)."),
     verify_pages: bool = typer.Option(
         False, "--verify", help="Check every block against its hash before installing it."

@@ -23,7 +23,6 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +74,7 @@ class ChunkCache:
     directory: Path
     limit_bytes: int = DEFAULT_SIZE
     stats: FetchStats = field(default_factory=FetchStats)
-    pool: ThreadPoolExecutor | None = None
+    slots: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(AHEAD))
 
     def __post_init__(self) -> None:
         try:
@@ -112,10 +111,19 @@ class ChunkCache:
         return _mapped(path) or fetched
 
     def prefetch(self, work: Callable[[], object]) -> None:
-        """Run `work` (fetching a chunk ahead of its reader) on the cache's fetch threads."""
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(AHEAD, thread_name_prefix="fcsnap-fetch")
-        self.pool.submit(work)
+        """Run `work` (fetching a chunk ahead of its reader) on a daemon thread, at most AHEAD
+        at once (beyond that it is skipped: the reader fetches the chunk itself). Daemon
+        threads: a restore that ends (its VM killed by a dead server) does not wait for them."""
+        if not self.slots.acquire(blocking=False):
+            return
+
+        def run() -> None:
+            try:
+                work()
+            finally:
+                self.slots.release()
+
+        threading.Thread(target=run, name="fcsnap-fetch", daemon=True).start()
 
     def _cached(self, path: Path) -> Buffer | None:
         data = _mapped(path)
