@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from s3_helpers import Bucket, memfile
@@ -228,7 +229,7 @@ def test_bad_urls_credentials_and_servers_are_one_line(bucket: Bucket, tmp_path:
     assert "no S3 credentials" in fails("ls", "--store", bucket.url(), env=bare)
     wrong = {**env, "AWS_SECRET_ACCESS_KEY": "wrong"}
     assert "S3 refused" in fails("pack", mem, "--store", bucket.url(), env=wrong)
-    assert "does not exist" in fails("ls", "--store", "s3://no-such-bucket-here/x")
+    assert "does not exist" in fails("ls", "--store", f"s3://missing-{uuid.uuid4().hex[:12]}/x")
     port = free_ports(1)[0]
     dead = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     started = time.monotonic()
@@ -236,3 +237,25 @@ def test_bad_urls_credentials_and_servers_are_one_line(bucket: Bucket, tmp_path:
     assert time.monotonic() - started < 60
     assert "not an http" in fails("ls", "--store", bucket.url(),
                                   env={**env, "AWS_ENDPOINT_URL": "ftp://x"})
+
+
+def test_an_s3_url_never_becomes_a_local_directory(bucket: Bucket, tmp_path: Path) -> None:
+    """Before S3 stores, `--store s3://b/p` made a directory named `s3:` in the working
+    directory; now every command reaches the server or fails in one line, leaving cwd alone."""
+    mem = memfile(tmp_path, "m0", seed=11, mib=1)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    missing = f"s3://missing-{uuid.uuid4().hex[:12]}/p"
+
+    def fcsnap_in_cwd(*args: object) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "fcsnap", *map(str, args)], cwd=work, env=bucket.env,
+            capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL,
+        )
+
+    for args in (("ls", "--store", missing), ("inspect", "web", "--store", missing),
+                 ("gc", "--store", missing), ("rm", "web", "--store", missing)):
+        assert "does not exist" in one_line_error(fcsnap_in_cwd(*args)), args
+    packed = fcsnap_in_cwd("pack", mem, "--store", missing)  # SeaweedFS makes the bucket
+    assert packed.returncode == 0 or "does not exist" in one_line_error(packed)
+    assert list(work.iterdir()) == []
