@@ -284,7 +284,7 @@ def diff(
     store = open_store(store_url)
     if name is not None:
         check_vm_name(name)  # before anything else: a bad name costs nothing
-    base_dir = resolve(base, store, data=sparse_diff)
+    base_dir = resolve(base, store, lazy=sparse_diff)
     base_block_size = read_manifest(base_dir).block_size
     options = build_options(
         block_size or str(base_block_size), compress, frame_size, name, vmstate, working_set
@@ -312,7 +312,7 @@ def squash(
     store = open_store(store_url)
     if name is not None:
         check_vm_name(name)  # before anything else: a bad name costs nothing
-    build_dir = resolve(build, store, data=True)
+    build_dir = resolve(build, store, lazy=True)
     source = read_manifest(build_dir)
     options = BuildOptions(
         block_size=source.block_size,
@@ -339,7 +339,7 @@ def unpack(
     quiet: bool = QUIET,
 ) -> None:
     """Rebuild the full memory file of BUILD (sparse where zero)."""
-    build_dir = resolve(build, open_optional(store_url), data=True)
+    build_dir = resolve(build, open_optional(store_url), lazy=True)
     header = load_header(build_dir)
     data = sum(m.length for m in header.mappings if not m.is_zero)
     with progress_bar("unpack", data, quiet) as advance:

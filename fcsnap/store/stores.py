@@ -20,7 +20,7 @@ from fcsnap.store.remote import DOWNLOAD_STEP, RemoteStore
 from fcsnap.store.s3 import is_s3_url
 
 if TYPE_CHECKING:
-    from fcsnap.store.chunk_cache import FetchStats
+    from fcsnap.store.chunk_cache import ChunkCache, FetchStats
     from fcsnap.store.usage import StoreView
 
 Store = Path | RemoteStore
@@ -46,12 +46,23 @@ def open_optional(text: str | None) -> Store | None:
     return None if text is None else open_store(text)
 
 
-def resolve(arg: str, store: Store | None, data: bool = False) -> Path:
+LAZY_FETCH_TIMEOUT = 60.0  # seconds a chunk fetch of unpack, squash or diff may take
+
+
+def resolve(arg: str, store: Store | None, data: bool = False, lazy: bool = False) -> Path:
     """A BUILD argument as a local build directory: in a local store, or in the mirror of a
-    remote one (with `data`, the diffs of its lineage are brought too)."""
-    if isinstance(store, RemoteStore):
-        return store.mirror_lineage(store.resolve(arg), data)
-    return resolve_build(arg, store)
+    remote one. With `data`, the diffs of its lineage are downloaded too (verify reads them
+    as files); with `lazy`, its readers fetch the chunks they read, into a cache private to
+    this process (fcsnap/store/chunk_cache.py)."""
+    if not isinstance(store, RemoteStore):
+        return resolve_build(arg, store)
+    head = store.mirror_lineage(store.resolve(arg), data)
+    if lazy:
+        from fcsnap.store.chunk_cache import ChunkCache
+
+        cache = ChunkCache(scratch_dir("chunks"), limit_bytes=1 << 62)
+        read_through(store, head, cache, LAZY_FETCH_TIMEOUT)
+    return head
 
 
 def current_head(store: Store, name: str) -> uuid.UUID | None:
@@ -124,9 +135,7 @@ def serve_source(
     """restore's BUILD: a local build, or a build in object storage whose raw diffs are read
     on demand through the host chunk cache (zstd diffs are downloaded whole first). Returns
     the build directory and the fetch statistics to report."""
-    from fcsnap.store.chunk_cache import CachedDiff, ChunkCache, default_cache_dir, with_deadline
-    from fcsnap.store.layout import DIFF_ZSTD
-    from fcsnap.store.source import DiffFile, open_diffs_with
+    from fcsnap.store.chunk_cache import ChunkCache, default_cache_dir
 
     if not isinstance(store, RemoteStore):
         return resolve(arg, store), None
@@ -134,6 +143,18 @@ def serve_source(
     if (head / SNAPFILE).exists():  # Firecracker loads it: the real bytes, not a placeholder
         store.download(f"{head.name}/{SNAPFILE}", head / SNAPFILE)
     cache = ChunkCache(cache_dir or default_cache_dir(), cache_size)
+    read_through(store, head, cache, fetch_timeout)
+    return head, cache.stats
+
+
+def read_through(
+    store: RemoteStore, head: Path, cache: ChunkCache, fetch_timeout: float
+) -> None:
+    """Have every reader of the mirror's diffs (restore, and GenerationReader: unpack, squash,
+    diff --sparse-diff) read raw diffs through `cache`, fetching only the chunks they read."""
+    from fcsnap.store.chunk_cache import CachedDiff, with_deadline
+    from fcsnap.store.layout import DIFF_ZSTD
+    from fcsnap.store.source import DiffFile, open_diffs_with
 
     def opener(build_dir: Path) -> DiffFile:
         objects = store.build_objects(uuid.UUID(build_dir.name))
@@ -159,7 +180,6 @@ def serve_source(
         return diff  # type: ignore[return-value]  (DiffFile's reading interface)
 
     open_diffs_with(store.mirror, opener)
-    return head, cache.stats
 
 
 def add_fetch_stats(path: Path, stats: FetchStats) -> None:
