@@ -121,7 +121,7 @@ class RemoteStore:
         )
         self.objects.replace(name_key(name), data)
 
-    def remove_name(self, name: str, expected_etag: str) -> None:
+    def remove_name(self, name: str) -> None:
         """Delete a pointer. S3 has no conditional delete everywhere: a name moved between the
         check and the delete is removed too (rm's documented limit on S3)."""
         self.objects.delete(name_key(name))

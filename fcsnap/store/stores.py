@@ -108,8 +108,8 @@ def remove_names(store: Store, names: list[str]) -> list[dict[str, str]]:
         if head is None:
             raise FcsnapError(f"no VM named {name!r} in store {store.url}")
     removed = []
-    for name, (head, etag) in heads.items():
-        store.remove_name(name, etag or "")
+    for name, (head, _) in heads.items():
+        store.remove_name(name)
         removed.append({"name": name, "head": str(head)})
     return removed
 
