@@ -19,6 +19,7 @@ from fcsnap.errors import UsageError
 from fcsnap.options import (
     DEFAULT_FRAME_SIZE,
     parse_block_size,
+    parse_cache_size,
     parse_compression,
     parse_fault_around,
     parse_frame_size,
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from fcsnap.header import Header
     from fcsnap.store.builder import BuildOptions
     from fcsnap.store.manifest import Manifest, Stats
+    from fcsnap.store.stores import Store as StoreTarget
     from fcsnap.uffd.firecracker_api import Response
     from fcsnap.uffd.installer import InstallStats
 
@@ -45,7 +47,7 @@ class Build:
     """A build in a store: one generation of a lineage, as its build.json describes it."""
 
     build_id: uuid.UUID
-    path: Path
+    path: Path | str  # the build directory, or its URL in an S3 store
     generation: int
     parent_build_id: uuid.UUID | None
     base_build_id: uuid.UUID  # generation 0 of the lineage
@@ -56,7 +58,7 @@ class Build:
     manifest: Manifest
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, path: Path) -> Build:
+    def from_manifest(cls, manifest: Manifest, path: Path | str) -> Build:
         return cls(
             manifest.build_id, path, manifest.generation, manifest.parent_build_id,
             manifest.base_build_id, manifest.size, manifest.block_size, manifest.compression,
@@ -114,10 +116,25 @@ class Served:
     stats: InstallStats
 
 
-def _dir(build: BuildRef, store: PathLike | None) -> Path:
-    from fcsnap.store.layout import resolve_build
+def _open(store: PathLike | StoreTarget | None) -> StoreTarget | None:
+    """A store as commands take it: a directory (Path), or a store in object storage for an
+    `s3://BUCKET/PREFIX` text (fcsnap/store/stores.py)."""
+    if store is None or not isinstance(store, str | os.PathLike):
+        return store
+    from fcsnap.store.stores import open_store
 
-    return resolve_build(str(build), None if store is None else Path(store))
+    return open_store(str(store))
+
+
+def _dir(
+    build: BuildRef, store: PathLike | StoreTarget | None, *, data: bool = False,
+    lazy: bool = False,
+) -> Path:
+    """BUILD as a local build directory (in an S3 store: in its local mirror; `data`: with
+    its lineage's diffs downloaded; `lazy`: read through a private chunk cache)."""
+    from fcsnap.store.stores import resolve
+
+    return resolve(str(build), _open(store), data=data, lazy=lazy)
 
 
 def _tracker(progress: Progress | None, total: int) -> Callable[[int], None]:
@@ -155,7 +172,7 @@ def _size_of(memfile: Path) -> int:
     return memfile.stat().st_size if memfile.is_file() else 0
 
 
-def _built(result: tuple[Manifest, Path]) -> Build:
+def _built(result: tuple[Manifest, Path | str]) -> Build:
     manifest, path = result
     return Build.from_manifest(manifest, path)
 
@@ -164,7 +181,16 @@ class Store:
     """A store directory: builds by id, `vms/NAME` pointers to the newest build of a VM."""
 
     def __init__(self, path: PathLike) -> None:
-        self.path = Path(path)
+        self.path = path if isinstance(path, str) and "://" in path else Path(path)
+        self._target: StoreTarget | None = None
+
+    @property
+    def target(self) -> StoreTarget:
+        """What the store operations take: the directory, or the object store (opened once)."""
+        if self._target is None:
+            self._target = _open(self.path)
+        assert self._target is not None
+        return self._target
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r})"
@@ -173,7 +199,7 @@ class Store:
         """The build a directory, id or VM name stands for."""
         from fcsnap.store.manifest import read_manifest
 
-        path = _dir(build, self.path)
+        path = _dir(build, self.target)
         return Build.from_manifest(read_manifest(path), path)
 
     def pack(
@@ -192,7 +218,8 @@ class Store:
         )
         options = replace(options, name_expected=self._head(name), verb="pack")
         memfile = Path(memfile)
-        return _built(ops.pack(memfile, self.path, options, _tracker(progress, _size_of(memfile))))
+        advance = _tracker(progress, _size_of(memfile))
+        return _built(ops.pack(memfile, self.target, options, advance))
 
     def diff(
         self, memfile: PathLike, *, base: BuildRef, name: str | None = None,
@@ -213,7 +240,7 @@ class Store:
             block_size=wanted or 4096, compress=compress, frame_size=frame_size, name=name,
             vmstate=vmstate, working_set=working_set,
         )
-        base_dir = _dir(base, self.path)
+        base_dir = _dir(base, self.target, lazy=sparse)
         base_block_size = read_manifest(base_dir).block_size
         if wanted is not None and wanted != base_block_size:
             raise FcsnapError(
@@ -223,7 +250,7 @@ class Store:
         options = replace(options, name_expected=self._head(name, base, base_dir), verb="diff")
         memfile = Path(memfile)
         advance = _tracker(progress, _size_of(memfile))
-        return _built(ops.diff(memfile, base_dir, self.path, options, sparse, advance))
+        return _built(ops.diff(memfile, base_dir, self.target, options, sparse, advance))
 
     def squash(
         self, build: BuildRef, *, name: str | None = None, progress: Progress | None = None
@@ -236,10 +263,10 @@ class Store:
 
         if name is not None:
             check_vm_name(name)  # before anything else: a bad name costs nothing
-        build_dir = _dir(build, self.path)
+        build_dir = _dir(build, self.target, lazy=True)
         advance = _tracker(progress, _data_bytes(load_header(build_dir)))
         return _built(ops.squash(
-            build_dir, self.path, name=name, progress=advance,
+            build_dir, self.target, name=name, progress=advance,
             name_expected=self._head(name, build, build_dir),
         ))
 
@@ -250,48 +277,49 @@ class Store:
         the name at the end is a compare-and-swap against it. When the command's BUILD
         argument is that same name, it is the build the argument resolved to, not a second
         look (the name may have moved in between)."""
-        from fcsnap.store.names import read_vm_pointer
+        from fcsnap.store.stores import current_head
 
         if name is None:
             return None
         if build_arg == name and build_dir is not None:
             return uuid.UUID(build_dir.name)
-        return read_vm_pointer(self.path, name)
+        return current_head(self.target, name)
 
     def unpack(
         self, build: BuildRef, output: PathLike, *, force: bool = False,
         progress: Progress | None = None,
     ) -> Path:
-        return unpack(build, output, store=self.path, force=force, progress=progress)
+        return unpack(build, output, store=self.target, force=force, progress=progress)
 
     def verify(self, build: BuildRef, *, progress: Progress | None = None) -> Verification:
-        return verify(build, store=self.path, progress=progress)
+        return verify(build, store=self.target, progress=progress)
 
     def inspect(
         self, build: BuildRef, *, mappings: bool = False, at: Iterable[int | str] = ()
     ) -> Inspection:
-        return inspect(build, store=self.path, mappings=mappings, at=at)
+        return inspect(build, store=self.target, mappings=mappings, at=at)
 
     def restore(self, build: BuildRef, socket: PathLike, **options: Any) -> Served:
-        return restore(build, socket, store=self.path, **options)
+        return restore(build, socket, store=self.target, **options)
 
 
 def unpack(
-    build: BuildRef, output: PathLike, *, store: PathLike | None = None, force: bool = False,
-    progress: Progress | None = None,
+    build: BuildRef, output: PathLike, *, store: PathLike | StoreTarget | None = None,
+    force: bool = False, progress: Progress | None = None,
 ) -> Path:
     """Rebuild the full memory file of `build` at `output` (sparse where zero)."""
     from fcsnap.header import load_header
     from fcsnap.store import ops
 
-    build_dir = _dir(build, store)
+    build_dir = _dir(build, store, lazy=True)
     advance = _tracker(progress, _data_bytes(load_header(build_dir)))
     ops.unpack(build_dir, Path(output), force, advance)
     return Path(output)
 
 
 def verify(
-    build: BuildRef, *, store: PathLike | None = None, progress: Progress | None = None
+    build: BuildRef, *, store: PathLike | StoreTarget | None = None,
+    progress: Progress | None = None,
 ) -> Verification:
     """Check `build` and every build it reads: files, sizes, and every block's hash."""
     from fcsnap.header import load_header
@@ -299,7 +327,7 @@ def verify(
     from fcsnap.store.layout import build_path, store_of
     from fcsnap.store.manifest import read_manifest
 
-    build_dir = _dir(build, store)
+    build_dir = _dir(build, store, data=True)
     builds = [build_path(store_of(build_dir), b) for b in load_header(build_dir).build_ids()]
     total = sum(read_manifest(b).stats.bytes_stored for b in builds if b.is_dir())
     result = ops.verify(build_dir, _tracker(progress, total))
@@ -310,7 +338,7 @@ def verify(
 
 
 def inspect(
-    target: BuildRef, *, store: PathLike | None = None, mappings: bool = False,
+    target: BuildRef, *, store: PathLike | StoreTarget | None = None, mappings: bool = False,
     at: Iterable[int | str] = (),
 ) -> Inspection:
     """Report on a build (directory, id, VM name) or a bare header file (any E2B/Wrenn
@@ -339,9 +367,11 @@ def inspect(
 
 
 def restore(
-    build: BuildRef, socket: PathLike, *, store: PathLike | None = None,
+    build: BuildRef, socket: PathLike, *, store: PathLike | StoreTarget | None = None,
     firecracker_api: PathLike | None = None, vmstate: PathLike | None = None,
     track_dirty_pages: bool = False, api_timeout: float = 30.0,
+    cache_dir: PathLike | None = None, cache_size: int | str = "10G",
+    fetch_timeout: float = 30.0,
     on_listening: Callable[[Path], None] | None = None,
     on_loaded: Callable[[Response], None] | None = None, **options: Any,
 ) -> Served:
@@ -351,8 +381,11 @@ def restore(
     listens (the moment to start the VM). `options` are ServeOptions fields (verify, stats_path,
     fault_around, cache_bytes, prefetch_ws, populate, eager, ...). With `firecracker_api`,
     Firecracker's API socket is asked to load the snapshot from us once we listen; a load it
-    refuses raises FcsnapError (the VM is killed if it connected)."""
+    refuses raises FcsnapError (the VM is killed if it connected). A build in an S3 store is
+    served through the host chunk cache at `cache_dir` (at most `cache_size`), each fetch
+    allowed `fetch_timeout` seconds with its retries."""
     from fcsnap.store.layout import SNAPFILE
+    from fcsnap.store.stores import add_fetch_stats, open_store, serve_source
     from fcsnap.uffd.firecracker_api import SnapshotLoad, load_body
     from fcsnap.uffd.server import FaultServer, ServeOptions
 
@@ -362,7 +395,12 @@ def restore(
         raise UsageError(f"invalid --api-timeout {api_timeout}: must be more than 0 seconds")
     if "fault_around" in options:  # a size ("256K", 0) or "adaptive", as the CLI takes it
         options["fault_around"] = parse_fault_around(options["fault_around"])
-    build_dir = _dir(build, store)
+    if isinstance(store, str | os.PathLike):
+        store = open_store(str(store), fetch_timeout)
+    size = parse_cache_size(cache_size)
+    build_dir, fetched = serve_source(
+        str(build), store, None if cache_dir is None else Path(cache_dir), size, fetch_timeout
+    )
     socket = Path(socket)
     load: SnapshotLoad | None = None
     if firecracker_api is not None:
@@ -380,6 +418,9 @@ def restore(
 
     server = FaultServer(build_dir, ServeOptions(socket=socket, on_listening=listening, **options))
     status = server.run()
+    stats_path = options.get("stats_path")
+    if fetched is not None and stats_path is not None:
+        add_fetch_stats(Path(stats_path), fetched)
     if load is not None and (error := load.finish()) is not None:
         raise error
     return Served(status, server.exit_reason, server.stats)

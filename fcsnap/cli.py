@@ -278,7 +278,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         verify=args.verify, stats_path=args.stats, handshake_timeout=args.handshake_timeout,
         cache_bytes=max(0, args.cache_mb) << 20, fault_around=args.fault_around,
         record_ws=args.record_ws, prefetch_ws=args.prefetch_ws, populate=args.populate,
-        eager=args.eager, access=_socket_access(args),
+        eager=args.eager, access=_socket_access(args), cache_dir=args.cache_dir,
+        cache_size=args.cache_size, fetch_timeout=args.fetch_timeout,
     )
     if not quiet:
         from fcsnap.units import format_bytes
@@ -317,8 +318,14 @@ def _restore_via_daemon(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from fcsnap.daemon.main import run_daemon
+    from fcsnap.store.s3 import is_s3_url
 
-    return run_daemon(args.store, args.api, _socket_access(args), max(0, args.cache_mb) << 20)
+    if is_s3_url(args.store):
+        usage_error("argument --store: the daemon serves a local store (restore serves S3 "
+                    "builds)", f"{PROG} serve")
+    return run_daemon(
+        Path(args.store), args.api, _socket_access(args), max(0, args.cache_mb) << 20
+    )
 
 
 def _socket_access(args: argparse.Namespace) -> Any:
@@ -348,9 +355,9 @@ def _listener_value(parse: str) -> Callable[[str], Any]:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     from fcsnap.store import listing
-    from fcsnap.store.usage import scan
+    from fcsnap.store.stores import open_store, scan_store
 
-    view = scan(args.store)
+    view = scan_store(open_store(args.store))
     if args.name is not None:
         report = listing.lineage_report(view, args.name)
     elif args.builds:
@@ -434,9 +441,9 @@ def render_lineage(report: dict[str, Any]) -> str:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from fcsnap.store.lifecycle import remove_names
+    from fcsnap.store.stores import open_store, remove_names
 
-    for row in remove_names(args.store, args.names):
+    for row in remove_names(open_store(args.store), args.names):
         if not args.quiet:
             print(f"removed {row['name']} (was {row['head']})")
     return 0
@@ -465,9 +472,9 @@ def _fraction_arg(text: str) -> float:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from fcsnap.store.lifecycle import collect
+    from fcsnap.store.stores import collect, open_store
 
-    report = collect(args.store, args.grace, args.dry_run, args.repack_below)
+    report = collect(open_store(args.store), args.grace, args.dry_run, args.repack_below)
     if args.json:
         print_json(report)
     else:
@@ -529,6 +536,25 @@ def cmd_ws_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_copy(args: argparse.Namespace) -> int:
+    """push and pull: the same copy of a lineage between two stores."""
+    from fcsnap.store.stores import open_store
+    from fcsnap.store.transfer import copy_lineage
+    from fcsnap.units import format_bytes, plural
+
+    report = copy_lineage(args.build, open_store(args.source), open_store(args.dest), args.verb)
+    if args.json:
+        print_json(report)
+    elif not args.quiet:
+        copied = [b for b in report["builds"] if b["copied"]]
+        print(
+            f"{args.verb}ed {report['name'] or report['head']}: "
+            f"{plural(len(copied), 'build')} copied ({format_bytes(report['bytes_copied'])}), "
+            f"{len(report['builds']) - len(copied)} already there"
+        )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fcsnap.demo import run_demo
 
@@ -579,9 +605,10 @@ def _add_build_options(sub: argparse.ArgumentParser) -> None:
                           "that restore --prefetch-ws reads the diff sequentially.")
 
 
-def _add_store(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--store", type=Path, required=True, metavar="DIR",
-                     help="The store directory.")
+def _add_store(sub: argparse.ArgumentParser, option: str = "--store", what: str = "The store",
+               dest: str | None = None) -> None:
+    sub.add_argument(option, required=True, metavar="STORE", dest=dest or option[2:],
+                     help=f"{what}: a directory, or s3://BUCKET/PREFIX.")
 
 
 def _add_write_options(sub: argparse.ArgumentParser) -> None:
@@ -601,8 +628,9 @@ def _add_json(sub: argparse.ArgumentParser) -> None:
 
 
 def _add_store_of_build(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--store", type=Path, metavar="DIR",
-                     help="Store holding BUILD (not needed for a build directory).")
+    sub.add_argument("--store", metavar="STORE",
+                     help="Store holding BUILD: a directory, or s3://BUCKET/PREFIX (not needed "
+                          "for a build directory).")
 
 
 def build_parser() -> Parser:
@@ -683,6 +711,21 @@ def build_parser() -> Parser:
     sub.add_argument("--cache-mb", type=int, default=256, metavar="N",
                      help="Memory for diff data, for every build and VM together (256).")
     _add_socket_access(sub, "API socket", "call the API")
+
+    for verb, text in (
+        ("push", "Copy a build and every build it reads to another store (a NAME is published "
+                 "there too).\n\nBuilds already there are kept (checked against the head's "
+                 "pins); every build copied is\nchecked, block by block, before it becomes "
+                 "visible."),
+        ("pull", "The same copy as push, for who thinks of it from the receiving side."),
+    ):
+        sub = _command(commands, verb, cmd_copy, text)
+        sub.set_defaults(verb=verb)
+        sub.add_argument("build", metavar="NAME|BUILD", help="What to copy, with its lineage.")
+        _add_store(sub, "--from", "Store to copy from", dest="source")
+        _add_store(sub, "--to", "Store to copy to", dest="dest")
+        _add_quiet(sub)
+        _add_json(sub)
 
     sub = _command(commands, "ls", cmd_ls, "List the store's names (or every build, or one "
                    "name's lineage) and the bytes they hold.\n\nA build's live fraction is the "
@@ -770,6 +813,13 @@ def _restore_options(sub: argparse.ArgumentParser) -> None:
     add("--api-timeout", type=float, default=30.0, metavar="SECONDS",
         help="Seconds Firecracker has to answer the snapshot load (30).")
     _add_socket_access(sub, "socket", "connect")
+    add("--cache-dir", type=Path, metavar="DIR",
+        help="S3 stores: the host chunk cache (default ~/.cache/fcsnap/chunks).")
+    add("--cache-size", default="10G", type=_value("parse_cache_size"), metavar="SIZE",
+        help="S3 stores: the most the chunk cache holds (10G).")
+    add("--fetch-timeout", type=float, default=30.0, metavar="SECONDS",
+        help="S3 stores: seconds a fetch may take, retries included; then the VM is killed "
+             "(30).")
     add("--daemon", type=Path, metavar="API",
         help="Ask the 'fcsnap serve' daemon at this API socket to serve the VM (BUILD is in "
              "the daemon's store); print the restore's id and exit 0 once the socket listens.")

@@ -63,3 +63,11 @@ def parse_fault_around(value: int | str) -> int:
     if value.strip().lower() == "adaptive":
         return ADAPTIVE
     return parse_size(value, "fault-around size (or 'adaptive')")
+
+
+def parse_cache_size(value: int | str) -> int:
+    """restore --cache-size: the most the host chunk cache of S3 stores holds, in bytes."""
+    size = value if isinstance(value, int) else parse_size(value, "cache size")
+    if size <= 0:
+        raise UsageError(f"invalid cache size {value!r}: must be more than 0")
+    return size

@@ -51,3 +51,19 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
     p = Procs(tmp_path)
     yield p
     p.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """A real S3 server for the session (tests/s3_helpers.py says which)."""
+    from s3_helpers import s3_server as start
+
+    yield from start(tmp_path_factory)
+
+
+@pytest.fixture
+def bucket(s3_server):  # noqa: ANN001, ANN201
+    """A new, empty bucket on the session's S3 server."""
+    from s3_helpers import new_bucket
+
+    return new_bucket(s3_server)

@@ -6,9 +6,11 @@ generation) are the same pipeline fed from different sources.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,11 +38,13 @@ from fcsnap.store.layout import (
     staged_build,
 )
 from fcsnap.store.lineage import Parent, Runs
-from fcsnap.store.locks import publish_name
+from fcsnap.store.locks import publish_name, stop_point
 from fcsnap.store.manifest import Manifest, Stats, write_manifest
-from fcsnap.store.names import check_vm_name, read_vm_pointer
+from fcsnap.store.names import check_vm_name
+from fcsnap.store.remote import RemoteStore, build_key
 from fcsnap.store.scan import consecutive_runs
 from fcsnap.store.seekable import SeekableWriter
+from fcsnap.store.stores import current_head
 from fcsnap.units import PAGE
 
 
@@ -91,20 +95,30 @@ class DiffSink:
     the fsync at publication has little left to wait for.
     """
 
-    def __init__(self, stage: Path, options: BuildOptions) -> None:
-        name = DIFF_ZSTD if options.compression == "zstd" else DIFF_RAW
-        self.what = f"{name} of the new build in store {stage.parent}"
-        # Unbuffered: batches are large, and the SeekableWriter writes whole frames.
-        self.file: BinaryIO = open(stage / name, "wb", buffering=0)  # noqa: SIM115 (close())
+    def __init__(self, out: BinaryIO, what: str, options: BuildOptions, local: bool) -> None:
+        """`out`: the diff file (unbuffered), or an object writer streaming to object storage
+        (`local` False: no writeback hints)."""
+        self.what = what
+        self.file = out
+        self.local = local
         self.zstd = (
             SeekableWriter(self.file, options.frame_size, options.level)
             if options.compression == "zstd"
             else None
         )
         self.stored = 0
+        self.written = 0  # bytes handed to `out`
         self.synced = 0  # bytes of the file whose writeback has been started
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="fcsnap-sink")
         self.in_flight: list[Future[None]] = []
+        self.closed = False
+
+    @classmethod
+    def local_file(cls, stage: Path, options: BuildOptions) -> DiffSink:
+        name = diff_name(options)
+        # Unbuffered: batches are large, and the SeekableWriter writes whole frames.
+        out = open(stage / name, "wb", buffering=0)  # noqa: SIM115 (close())
+        return cls(out, f"{name} of the new build in store {stage.parent}", options, local=True)
 
     def write(self, pieces: list[memoryview]) -> None:
         """Append `pieces` in order (copied: the caller may reuse their memory at once)."""
@@ -120,14 +134,18 @@ class DiffSink:
             view = memoryview(data)
             while view:
                 view = view[self.file.write(view) :]
-        end = self.file.tell()
-        if end - self.synced >= WRITEBACK_BYTES:
+        self.written += len(data) if self.zstd is None else 0
+        end = self.size_written()
+        if self.local and end - self.synced >= WRITEBACK_BYTES:
             # On Linux, DONTNEED starts writeback of the range's dirty pages and returns; pages
             # under writeback stay cached.
             os.posix_fadvise(
                 self.file.fileno(), self.synced, end - self.synced, os.POSIX_FADV_DONTNEED
             )
             self.synced = end
+
+    def size_written(self) -> int:
+        return self.zstd.compressed_size if self.zstd is not None else self.written
 
     def _wait(self, pending: int = 0) -> None:
         """Wait until at most `pending` batches are in flight; their errors are raised here."""
@@ -141,14 +159,24 @@ class DiffSink:
         if self.zstd is not None:
             with writing(self.what):
                 self.zstd.close()
-        written = os.fstat(self.file.fileno()).st_size
-        self.discard()
+        written = self.size_written()
+        self.closed = True
+        self.worker.shutdown()
+        with writing(self.what):
+            self.file.close()  # an object writer commits the object here
         return written
 
     def discard(self) -> None:
-        """Stop the worker and close the file (all that is left to do after a failure)."""
+        """Stop the worker and drop the file (all that is left to do after a failure): an
+        object writer is aborted, so no object appears."""
+        if self.closed:
+            return
+        self.closed = True
         self.worker.shutdown()
-        self.file.close()
+        if self.local:
+            self.file.close()
+        else:
+            self.file.abort()
 
 
 class GenerationBuilder:
@@ -161,15 +189,16 @@ class GenerationBuilder:
 
     def __init__(
         self, stage: Path, build_id: uuid.UUID, size: int, parent: Parent | None,
-        options: BuildOptions,
+        options: BuildOptions, sink: DiffSink, store_label: str,
     ) -> None:
         self.stage = stage
+        self.store_label = store_label
         self.build_id = build_id
         self.size = size
         self.parent = parent
         self.bs = options.block_size
         self.blocks = size // self.bs
-        self.sink = DiffSink(stage, options)
+        self.sink = sink
         self.build_ids = [*parent.build_ids, build_id] if parent else [build_id]
         self.me = len(self.build_ids) - 1
         empty = np.zeros(0, np.int64)
@@ -287,7 +316,7 @@ class GenerationBuilder:
             self.build_id,
             parent.metadata.base_build_id if parent else self.build_id,
         )
-        store = self.stage.parent
+        store = self.store_label
         with writing(f"{HEADER} of the new build in store {store}"):
             (self.stage / HEADER).write_bytes(
                 encode(meta, layout.records(self.build_ids, self.bs).tobytes())
@@ -318,44 +347,81 @@ class GenerationBuilder:
         return Runs(start, count, np.full(len(start), ZEROS, np.int32), np.zeros_like(start))
 
 
+def diff_name(options: BuildOptions) -> str:
+    return DIFF_ZSTD if options.compression == "zstd" else DIFF_RAW
+
+
 def build_generation(
-    store: Path,
+    store: Path | RemoteStore,
     chunks: Iterable[tuple[int, bytes | memoryview]],
     size: int,
     options: BuildOptions,
     parent: Parent | None = None,
     holes_are_zero: bool = True,
     first: Iterable[tuple[np.ndarray, memoryview]] = (),
-) -> tuple[Manifest, Path]:
-    """Run the pipeline and publish the build; returns its manifest and directory. `first`
-    (MemoryFile.working_set) is taken before `chunks`: its stored blocks lead the diff."""
+) -> tuple[Manifest, Path | str]:
+    """Run the pipeline and publish the build; returns its manifest and directory (its URL in
+    a remote store). `first` (MemoryFile.working_set) is taken before `chunks`: its stored
+    blocks lead the diff."""
     expected = options.name_expected
     if options.name is not None:
         check_vm_name(options.name)
         if expected is Head.AT_START:
-            expected = read_vm_pointer(store, options.name)
+            expected = current_head(store, options.name)
     if options.vmstate is not None and not options.vmstate.is_file():
         problem = "is not a regular file" if options.vmstate.exists() else "not found"
         raise FcsnapError(f"vmstate file {options.vmstate} {problem}")
     build_id = uuid.uuid4()
+    work = Assembly(build_id, chunks, size, options, parent, holes_are_zero, first)
+    if isinstance(store, RemoteStore):
+        return build_remote(store, work, expected), f"{store.url}/{build_id}"
     with staged_build(store, build_id) as lock:
         stage = lock.path
-        builder = GenerationBuilder(stage, build_id, size, parent, options)
+        manifest = work.assemble(stage, DiffSink.local_file(stage, options), str(store))
+    final = lock.path
+    with lock:  # held until the name is published: no cleanup or gc takes the build before
+        if options.name:
+            try:
+                publish_name(store, options.name, build_id, expected, options.verb)
+            except BaseException:
+                shutil.rmtree(final, ignore_errors=True)  # a failed command leaves no new build
+                raise
+    return manifest, final
+
+
+@dataclass
+class Assembly:
+    """One build's inputs; `assemble` writes it into a staging directory (the diff into the
+    sink given, which may stream it elsewhere)."""
+
+    build_id: uuid.UUID
+    chunks: Iterable[tuple[int, bytes | memoryview]]
+    size: int
+    options: BuildOptions
+    parent: Parent | None
+    holes_are_zero: bool
+    first: Iterable[tuple[np.ndarray, memoryview]]
+
+    def assemble(self, stage: Path, sink: DiffSink, store: str) -> Manifest:
+        options, parent = self.options, self.parent
+        builder = GenerationBuilder(
+            stage, self.build_id, self.size, parent, options, sink, store
+        )
         try:
-            for blocks, data in first:
+            for blocks, data in self.first:
                 builder.add_first(blocks, data)
-            for offset, chunk in chunks:
+            for offset, chunk in self.chunks:
                 builder.add(offset, chunk)
-            meta, stats = builder.finish(holes_are_zero)
+            meta, stats = builder.finish(self.holes_are_zero)
         finally:
             builder.sink.discard()
         manifest = Manifest(
-            build_id=build_id,
+            build_id=self.build_id,
             parent_build_id=parent.manifest.build_id if parent else None,
             generation=meta.generation,
             base_build_id=meta.base_build_id,
             block_size=options.block_size,
-            size=size,
+            size=self.size,
             compression=options.compression,
             compression_level=options.level if options.compression == "zstd" else None,
             frame_size=options.frame_size if options.compression == "zstd" else None,
@@ -370,13 +436,36 @@ def build_generation(
         if options.vmstate is not None:
             with writing(f"{SNAPFILE} of the new build in store {store}"):
                 shutil.copyfile(options.vmstate, stage / SNAPFILE)
-    final = lock.path
-    with lock:  # held until the name is published: no cleanup or gc takes the build before
-        if options.name:
-            try:
-                publish_name(store, options.name, build_id, expected, options.verb)
-            except BaseException:
-                shutil.rmtree(final, ignore_errors=True)  # a failed command leaves no new build
-                raise
-    return manifest, final
+        return manifest
 
+
+def build_remote(store: RemoteStore, work: Assembly, expected: uuid.UUID | None) -> Manifest:
+    """A build into object storage (docs/FORMAT.md §8.5): the diff streams up as a multipart
+    upload while it is produced; the small files are assembled in a local temporary directory
+    and uploaded after it, build.json last (the commit); then the name by compare-and-swap.
+    Whatever fails, the objects written are deleted, build.json first."""
+    options = work.options
+    stage = Path(tempfile.mkdtemp(prefix="fcsnap-stage-"))
+    diff_key = build_key(work.build_id, diff_name(options))
+    written: list[str] = [diff_key]
+    try:
+        sink = DiffSink(store.objects.writer(diff_key), f"{diff_key} in {store.url}", options,
+                        local=False)
+        manifest = work.assemble(stage, sink, store.url)
+        for name in (HEADER, HASHES, SNAPFILE):
+            if (stage / name).exists():
+                written.append(build_key(work.build_id, name))
+                store.objects.upload(written[-1], stage / name)
+        stop_point("commit")
+        written.append(build_key(work.build_id, MANIFEST))
+        store.objects.upload(written[-1], stage / MANIFEST)
+        if options.name:
+            store.publish_name(options.name, work.build_id, expected, options.verb)
+    except BaseException:
+        for key in reversed(written):  # build.json first: the build is invisible at once
+            with contextlib.suppress(FcsnapError):
+                store.objects.delete(key)
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return manifest

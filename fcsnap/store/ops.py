@@ -23,6 +23,7 @@ from fcsnap.store.manifest import Manifest, read_manifest
 from fcsnap.store.pins import open_lineage
 from fcsnap.store.scan import CHUNK, MemoryFile, block_aligned
 from fcsnap.store.source import DiffFile, GenerationReader
+from fcsnap.store.stores import Store, local_path
 from fcsnap.workingset import read_working_set
 
 Progress = Callable[[int], None]
@@ -42,8 +43,8 @@ def _tracked(
 
 
 def pack(
-    memfile: Path, store: Path, options: BuildOptions, progress: Progress = _noop
-) -> tuple[Manifest, Path]:
+    memfile: Path, store: Store, options: BuildOptions, progress: Progress = _noop
+) -> tuple[Manifest, Path | str]:
     """Generation 0 of a new lineage."""
     with MemoryFile(memfile, options.block_size) as source:
         options = replace(options, source=memfile.name)
@@ -65,23 +66,24 @@ def _working_set(
 def diff(
     memfile: Path,
     base_dir: Path,
-    store: Path,
+    store: Store,
     options: BuildOptions,
     sparse_diff: bool = False,
     progress: Progress = _noop,
-) -> tuple[Manifest, Path]:
-    """Generation N+1 over base_dir. With sparse_diff (a Firecracker Diff snapshot), holes mean
-    "unchanged"; otherwise the file is Full and holes are zeros."""
-    if store_of(base_dir).resolve() != store.resolve():
+) -> tuple[Manifest, Path | str]:
+    """Generation N+1 over base_dir (in a remote store: in its mirror). With sparse_diff (a
+    Firecracker Diff snapshot), holes mean "unchanged"; otherwise the file is Full and holes
+    are zeros."""
+    if store_of(base_dir).resolve() != local_path(store).resolve():
         raise FcsnapError(f"base build {base_dir} is not in store {store}")
     with open_lineage(base_dir):  # the base's lineage stays what it is until we are done
         return _diff(memfile, base_dir, store, options, sparse_diff, progress)
 
 
 def _diff(
-    memfile: Path, base_dir: Path, store: Path, options: BuildOptions, sparse_diff: bool,
+    memfile: Path, base_dir: Path, store: Store, options: BuildOptions, sparse_diff: bool,
     progress: Progress,
-) -> tuple[Manifest, Path]:
+) -> tuple[Manifest, Path | str]:
     parent = Parent(base_dir)
     options = replace(options, block_size=parent.block_size, source=memfile.name)
     with MemoryFile(memfile, parent.block_size) as source:
@@ -119,10 +121,10 @@ def generation_chunks(reader: GenerationReader) -> Iterator[tuple[int, bytes]]:
 
 
 def squash(
-    build_dir: Path, store: Path, name: str | None = None,
+    build_dir: Path, store: Store, name: str | None = None,
     name_expected: uuid.UUID | None | Head = Head.AT_START, progress: Progress = _noop,
     verb: str = "squash",
-) -> tuple[Manifest, Path]:
+) -> tuple[Manifest, Path | str]:
     """A generation 0 with the same content as build_dir and no ancestors, stored the way
     build_dir is (block size, compression, level, frame size); `name` points vms/NAME at it
     if it still points at `name_expected` (BuildOptions.name_expected). `verb` names the

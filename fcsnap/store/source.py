@@ -5,7 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +88,17 @@ class DiffFile:
             self.fd = -1
 
 
+DiffOpener = Callable[[Path], "DiffFile"]
+_openers: dict[Path, DiffOpener] = {}
+
+
+def open_diffs_with(store: Path, opener: DiffOpener) -> None:
+    """Have open_diffs open the builds of `store` (the local mirror of a store in object
+    storage) with `opener`: their diffs are read through the host chunk cache
+    (fcsnap/store/chunk_cache.py), not from files."""
+    _openers[store.resolve()] = opener
+
+
 def open_diffs(
     header: Header, store: Path, cache_bytes: int = 64 << 20,
     frame_cache: FrameCache | None = None,
@@ -97,12 +108,16 @@ def open_diffs(
     and diff trust what these return). `frame_cache`: one cache shared with other readers
     (a daemon's), instead of one of `cache_bytes` per zstd diff."""
     diffs: dict[uuid.UUID, DiffFile] = {}
+    opener = _openers.get(store.resolve())
     try:
         for build_id, end in header.storage_ends().items():
             build_dir = build_path(store, build_id)
             if not build_dir.is_dir():
                 raise FcsnapError(f"build {build_id} referenced by the header is not in {store}")
-            diff = DiffFile(build_dir, cache_bytes, check_frames=True, frame_cache=frame_cache)
+            diff = (
+                opener(build_dir) if opener is not None
+                else DiffFile(build_dir, cache_bytes, check_frames=True, frame_cache=frame_cache)
+            )
             diffs[build_id] = diff
             if diff.size < end:
                 raise FcsnapError(

@@ -1,0 +1,210 @@
+"""pack straight into S3 against a plain multipart upload of its output; restore from S3 with a
+cold and a warm chunk cache against the same restore from a local store. All in one run.
+
+A synthetic guest image (fcsnap.testing.memimage) is packed three ways, against one SeaweedFS
+server started here (`weed mini`, 127.0.0.1; server and client share the machine's cores):
+
+- `local`: into a local store (fsynced, as pack publishes), for reference;
+- `upload`: the local build's files uploaded as they are (obstore, multipart in 8 MiB parts, 4
+  in flight: what pack uses), i.e. the cost of getting pack's output into S3 when it exists;
+- `s3`: pack with `--store s3://...`: the diff streams up while it is produced.
+
+fcsnap is timed through its Python API (no interpreter start-up). Each way runs --repeat times;
+the best counts. The target: pack to S3 at >= 0.8x the throughput of the plain upload of its
+output (throughput = diff bytes / seconds).
+
+Restore: the build is served to the Firecracker stand-in (2 threads: a random working set of
+10% of the pages, then every page), from the local store, from S3 with an empty cache
+directory (cold), and from S3 again with that cache (warm: a second VM on the host); the
+stand-in reports the time to its working set and to all memory; median of --repeat.
+Results go to bench/results/s3-<compression>.{md,json}.
+
+    python bench/s3.py [--size 256M] [--compress none|zstd] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fcsnap.store import ops  # noqa: E402
+from fcsnap.store.builder import BuildOptions  # noqa: E402
+from fcsnap.store.remote import RemoteStore  # noqa: E402
+from fcsnap.store.s3 import S3Objects, parse_s3_url  # noqa: E402
+from fcsnap.testing import firecracker  # noqa: E402
+from fcsnap.testing.memimage import synthetic_memory, write_full  # noqa: E402
+from fcsnap.testing.s3server import seaweedfs  # noqa: E402
+from fcsnap.units import parse_size  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def best(runs: int, fn) -> float:  # noqa: ANN001
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def restore_once(work: Path, build: str, store: str, extra: list[str], size: int,
+                 touch: float = 1.0) -> dict:
+    """One restore and one stand-in; the stand-in's times and the server's stats."""
+    sock, stats, report = work / "uffd.sock", work / "stats.json", work / "vm.json"
+    for path in (stats, report):
+        path.unlink(missing_ok=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fcsnap", "restore", "--vm", build, "--store", store,
+         "--socket", str(sock), "--stats", str(stats), "--quiet", *extra],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while not sock.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"restore did not listen: {server.stderr.read().decode()}")
+        time.sleep(0.005)
+    vm = firecracker.spawn(sock, report=report, threads=2, ws_fraction=0.1, seed=3, size=size,
+                           verify_bytes=False, deadline=120, touch=touch)
+    vm_status = vm.wait(timeout=180)
+    _, err = server.communicate(timeout=60)
+    if vm_status or server.returncode:
+        raise RuntimeError(f"stand-in {vm_status}, server {server.returncode}: {err.decode()}")
+    r, st = firecracker.read_report(report), json.loads(stats.read_text())
+    return {"ws_s": r.get("ws_s", r["touch_s"]), "all_s": r.get("all_s", r["touch_s"]),
+            "fetched_bytes": st.get("fetched_bytes", 0)}
+
+
+def restores(tmp: Path, builds: dict[str, str], local: Path, remote_url: str, size: int,
+             ws: Path, repeat: int) -> dict[str, dict[str, float]]:
+    """`builds`: the plain build and the one laid out with the working set first."""
+    ways = {
+        "local": (builds["plain"], str(local), []),
+        "s3 cold": (builds["plain"], remote_url, ["cache"]),
+        "s3 warm": (builds["plain"], remote_url, ["cache", "warm"]),
+        "local --prefetch-ws": (builds["ws"], str(local), ["ws"]),
+        "s3 cold --prefetch-ws": (builds["ws"], remote_url, ["ws", "cache"]),
+    }
+    runs: dict[str, list[dict]] = {way: [] for way in ways}
+    for i in range(repeat):
+        for way, (build, store, flags) in ways.items():
+            cache = tmp / f"cache-{i}-{build}"
+            if "cache" in flags and "warm" not in flags:
+                shutil.rmtree(cache, ignore_errors=True)
+            extra = ["--cache-dir", str(cache)] if "cache" in flags else []
+            extra += ["--prefetch-ws", str(ws)] if "ws" in flags else []
+            runs[way].append(restore_once(tmp, build, store, extra, size))
+    return {
+        way: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+        for way, rs in runs.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="256M")
+    parser.add_argument("--compress", default="none", choices=("none", "zstd"))
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    size = parse_size(args.size, "size")
+    options = BuildOptions(compression=args.compress)
+    with tempfile.TemporaryDirectory(prefix="fcsnap-bench-s3-") as tmp_text:
+        tmp = Path(tmp_text)
+        mem = tmp / "mem"
+        write_full(mem, synthetic_memory(size, seed=7))
+        with seaweedfs(tmp / "weed") as server:
+            server.create_bucket("bench")
+            os.environ.update(server.env())
+            objects = S3Objects(parse_s3_url("s3://bench/p"))
+            remote = RemoteStore(objects, tmp / "mirror")
+            local = tmp / "local"
+            built: list[Path] = []
+
+            def pack_local() -> None:
+                built.append(Path(ops.pack(mem, local, options)[1]))
+
+            def upload() -> None:
+                build = built[-1]
+                for path in sorted(build.iterdir()):
+                    objects.upload(f"upload-{len(built)}/{build.name}/{path.name}", path)
+
+            def pack_s3() -> None:
+                ops.pack(mem, remote, options)
+
+            t_local = best(args.repeat, pack_local)
+            t_upload = best(args.repeat, upload)
+            t_s3 = best(args.repeat, pack_s3)
+            manifest = json.loads((built[-1] / "build.json").read_text())
+            # the working set: recorded from a local restore touching only it, one page per
+            # fault; then a build laid out with it first (pack --working-set)
+            ws = tmp / "ws.bin"
+            restore_once(tmp, built[-1].name, str(local),
+                         ["--fault-around", "0", "--record-ws", str(ws)], size, touch=0)
+            ws_options = BuildOptions(compression=args.compress, working_set=ws)
+            builds = {"plain": built[-1].name,
+                      "ws": Path(ops.pack(mem, local, ws_options)[1]).name}
+            for build in builds.values():
+                pushed = subprocess.run(
+                    [sys.executable, "-m", "fcsnap", "push", build, "--from", str(local),
+                     "--to", "s3://bench/served", "-q"], capture_output=True, text=True,
+                    timeout=300,
+                )
+                if pushed.returncode:
+                    raise RuntimeError(pushed.stderr)
+            served = restores(tmp, builds, local, "s3://bench/served", size, ws, args.repeat)
+    diff_bytes = manifest["stats"]["bytes_written"]
+    mib = 1 << 20
+    rows = {
+        "local": t_local, "upload": t_upload, "s3": t_s3,
+    }
+    result = {
+        "size": size, "compression": args.compress, "diff_bytes": diff_bytes,
+        "seconds": rows,
+        "throughput_mib_s": {k: round(diff_bytes / mib / v, 1) for k, v in rows.items()},
+        "s3_vs_upload": round(t_upload / t_s3, 3),
+        "restore": served,
+        "cpus": os.cpu_count(),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"s3-{args.compress}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"pack of a {size // mib} MiB synthetic guest ({args.compress}), diff "
+        f"{diff_bytes / mib:.1f} MiB; SeaweedFS on 127.0.0.1, {os.cpu_count()} cores shared; "
+        f"best of {args.repeat}",
+        "",
+        "| way | seconds | diff MiB/s |",
+        "|---|---:|---:|",
+        f"| pack into a local store | {t_local:.2f} | {result['throughput_mib_s']['local']} |",
+        f"| plain multipart upload of that build | {t_upload:.2f} | "
+        f"{result['throughput_mib_s']['upload']} |",
+        f"| pack straight into S3 | {t_s3:.2f} | {result['throughput_mib_s']['s3']} |",
+        "",
+        f"pack into S3 / plain upload throughput: {result['s3_vs_upload']:.2f}x (target >= 0.8)",
+        "",
+        f"restore, median of {args.repeat} (stand-in: 2 threads, a 10% working set, then all)",
+        "",
+        "| from | working set s | all memory s | x local (ws / all) | fetched MiB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for way, r in served.items():
+        base = served["local --prefetch-ws" if "prefetch" in way else "local"]
+        lines.append(
+            f"| {way} | {r['ws_s']:.3f} | {r['all_s']:.3f} | {r['ws_s'] / base['ws_s']:.2f} / "
+            f"{r['all_s'] / base['all_s']:.2f} | {r['fetched_bytes'] / mib:.1f} |"
+        )
+    (RESULTS / f"s3-{args.compress}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""The host chunk cache: diffs of builds in object storage, fetched on demand in 4 MiB chunks.
+
+A restore from S3 does not wait for whole diffs: a read fetches the chunks it needs (one range
+GET each), checks every block of them against the build's hash sidecar (remote data is
+untrusted; the sidecar itself is pinned by the head, docs/FORMAT.md §6.2), and only then keeps
+the chunk in the cache directory and hands it out. A block that does not match is never
+installed in a guest, and never cached.
+
+The cache is shared by every restore on the host and survives restarts: a chunk is one file,
+written under a temporary name and renamed into place, so readers see it whole or not at all.
+Chunks are keyed by build id and the SHA-256 of the build's sidecar, so two stores holding
+different builds under one id never share a chunk. When the cache passes its size, the chunks
+least recently used (by modification time, touched on every hit) are removed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fcsnap.errors import FcsnapError
+from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes, sidecar_pin
+from fcsnap.store.layout import DIFF_RAW, HASHES
+from fcsnap.store.manifest import read_manifest
+
+CHUNK = 4 << 20
+AHEAD = 4  # chunks fetched ahead of a sequential reader, in flight at once
+MAPPED = 8  # chunks a diff keeps mapped (32 MiB of page cache)
+Buffer = bytes | mmap.mmap
+
+
+def _mapped(path: Path) -> mmap.mmap | None:
+    """A cache file mapped read-only (the mapping outlives a later eviction of the file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        return mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+DEFAULT_SIZE = 10 << 30
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "fcsnap" / "chunks"
+
+
+@dataclass
+class FetchStats:
+    fetched_bytes: int = 0
+    fetch_requests: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ChunkCache:
+    directory: Path
+    limit_bytes: int = DEFAULT_SIZE
+    stats: FetchStats = field(default_factory=FetchStats)
+    slots: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(AHEAD))
+
+    def __post_init__(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise FcsnapError(f"cannot use cache directory {self.directory}: {e.strerror}") from e
+        self.used = self._scan()[1]
+
+    def get(self, key: str, index: int, fetch: Callable[[], bytes],
+            check: Callable[[bytes], None]) -> Buffer:
+        """Chunk `index` of the diff cached under `key`, mapped from its cache file: from the
+        cache, or fetched, checked and cached first."""
+        path = self.directory / key / f"{index:08d}"
+        data = self._cached(path)
+        if data is not None:
+            return data
+        path.parent.mkdir(exist_ok=True)
+        # One fetch per chunk on the host: the others wait for it, then map the file.
+        with locked(path.parent / f".lock-{index:08d}"):
+            data = self._cached(path)
+            if data is not None:
+                return data
+            self.stats.cache_misses += 1
+            fetched = fetch()
+            self.stats.fetch_requests += 1
+            self.stats.fetched_bytes += len(fetched)
+            check(fetched)
+            tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
+            tmp.write_bytes(fetched)
+            os.rename(tmp, path)
+        self.used += len(fetched)
+        if self.used > self.limit_bytes:
+            self._evict()
+        return _mapped(path) or fetched
+
+    def prefetch(self, work: Callable[[], object]) -> None:
+        """Run `work` (fetching a chunk ahead of its reader) on a daemon thread, at most AHEAD
+        at once (beyond that it is skipped: the reader fetches the chunk itself). Daemon
+        threads: a restore that ends (its VM killed by a dead server) does not wait for them."""
+        if not self.slots.acquire(blocking=False):
+            return
+
+        def run() -> None:
+            try:
+                work()
+            finally:
+                self.slots.release()
+
+        threading.Thread(target=run, name="fcsnap-fetch", daemon=True).start()
+
+    def _cached(self, path: Path) -> Buffer | None:
+        data = _mapped(path)
+        if data is None:
+            return None
+        os.utime(path)  # recently used
+        self.stats.cache_hits += 1
+        return data
+
+    def _scan(self) -> tuple[list[tuple[float, int, Path]], int]:
+        chunks = []
+        for entry in self.directory.glob("*/[0-9]*"):
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue
+            chunks.append((st.st_mtime, st.st_size, entry))
+        return chunks, sum(size for _, size, _ in chunks)
+
+    def _evict(self) -> None:
+        """Remove the least recently used chunks until the cache holds 90% of its limit."""
+        chunks, self.used = self._scan()
+        for _, size, path in sorted(chunks, key=lambda c: c[0]):
+            if self.used <= self.limit_bytes * 0.9:
+                break
+            path.unlink(missing_ok=True)
+            self.used -= size
+
+
+class CachedDiff:
+    """A raw diff in object storage read through the chunk cache: what DiffFile is to a local
+    diff, for the readers that use `read` (no mapping: `map` is None)."""
+
+    def __init__(
+        self, build_dir: Path, cache: ChunkCache, object_size: int | None,
+        read_range: Callable[[int, int], bytes],
+    ) -> None:
+        self.build_dir = build_dir
+        self.path = build_dir / DIFF_RAW
+        self.compressed = False
+        self.map = None
+        self.zstd = None
+        self.fd = -1
+        self.cache = cache
+        self.read_range = read_range
+        manifest = read_manifest(build_dir)
+        self.size = manifest.stats.bytes_stored
+        if object_size != self.size:
+            raise FcsnapError(
+                f"build {build_dir.name}: its diff object holds {object_size} bytes, build.json "
+                f"says {self.size}"
+            )
+        sidecar = (build_dir / HASHES).read_bytes()
+        self.block_size, self.table = read_hashes(build_dir / HASHES)
+        self.key = f"{build_dir.name}-{sidecar_pin(sidecar)[7:39]}"
+        self.mapped: OrderedDict[int, Buffer] = OrderedDict()
+        self.ahead: set[int] = set()  # chunks whose fetch ahead was started
+        self.lock = threading.Lock()
+
+    def fetch_start(self) -> None:
+        """Start fetching the diff's first chunks now, before any read: they hold a working
+        set laid out first (pack --working-set), which --prefetch-ws reads right after the
+        handshake, and the VM takes a while to connect."""
+        for index in range(min(AHEAD, -(-self.size // CHUNK))):
+            self.ahead.add(index)
+            self.cache.prefetch(lambda i=index: self._get(i, keep=False))
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or offset + length > self.size:
+            raise FcsnapError(
+                f"build {self.build_dir.name}: read [{offset:#x}, {offset + length:#x}) beyond "
+                f"its {self.size:#x} bytes"
+            )
+        pieces = []
+        end = offset + length
+        while offset < end:
+            index = offset // CHUNK
+            chunk = self._chunk(index)
+            lo = offset - index * CHUNK
+            take = min(end - offset, len(chunk) - lo)
+            pieces.append(bytes(chunk[lo:lo + take]))
+            offset += take
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _chunk(self, index: int) -> Buffer:
+        """A chunk mapped from the cache (the last MAPPED stay mapped); a chunk not mapped yet
+        also starts the fetch of the AHEAD chunks after it, so a sequential reader (a
+        working-set prefetch, populate) finds them fetched or in flight."""
+        with self.lock:
+            chunk = self.mapped.get(index)
+            if chunk is not None:
+                self.mapped.move_to_end(index)
+                return chunk
+        chunk = self._get(index)
+        last = (self.size - 1) // CHUNK
+        for ahead in range(index + 1, min(index + AHEAD, last) + 1):
+            if ahead not in self.mapped and ahead not in self.ahead:
+                self.ahead.add(ahead)
+                self.cache.prefetch(lambda i=ahead: self._get(i, keep=False))
+        with self.lock:
+            self.mapped[index] = chunk
+            while len(self.mapped) > MAPPED:
+                self.mapped.popitem(last=False)
+        return chunk
+
+    def _get(self, index: int, keep: bool = True) -> Buffer:
+        start = index * CHUNK
+        length = min(CHUNK, self.size - start)
+        try:
+            return self.cache.get(
+                self.key, index, lambda: self.read_range(start, length),
+                lambda data: self._check(start, data),
+            )
+        except FcsnapError:
+            if keep:
+                raise
+            return b""  # a fetch ahead that failed: its reader fetches again and says why
+
+    def _check(self, start: int, data: bytes) -> None:
+        """Every block of a fetched chunk against the sidecar, before it is used or cached."""
+        bs = self.block_size
+        first, count = start // bs, len(data) // bs
+        got = np.frombuffer(
+            b"".join(digest(data[i * bs:(i + 1) * bs]) for i in range(count)), np.uint8
+        ).reshape(count, DIGEST_SIZE)
+        bad = np.flatnonzero((got != self.table[first:first + count]).any(axis=1))
+        if len(bad) or len(data) != count * bs:
+            block = first + (int(bad[0]) if len(bad) else count)
+            raise FcsnapError(
+                f"build {self.build_dir.name}: block {block} fetched from the store does not "
+                "match its hash; not installed"
+            )
+
+    def check_size(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """flock(LOCK_EX) on a lock file: held across processes, released if the holder dies."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def with_deadline(fetch: Callable[[], bytes], timeout: float, what: str) -> Callable[[], bytes]:
+    """`fetch` retried with backoff until `timeout` seconds have passed, then one FcsnapError
+    (the restore server then kills the VM: never a hang)."""
+
+    def fetched() -> bytes:
+        deadline = time.monotonic() + timeout
+        delay = 0.1
+        while True:
+            try:
+                return fetch()
+            except FcsnapError as e:
+                if time.monotonic() + delay > deadline:
+                    raise FcsnapError(f"cannot fetch {what} within {timeout:g}s: {e}") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    return fetched

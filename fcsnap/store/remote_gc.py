@@ -1,0 +1,143 @@
+"""gc of a store in object storage: protected by --grace alone (docs/FORMAT.md §8.5).
+
+Object storage has no locks, so gc cannot see which builds another host is using, as the local
+gc does with flock. What it can rely on is time: a build is committed (build.json) only after
+all its objects, and named right after; whatever a running command writes is therefore
+younger than that command. So gc deletes only what no name's head reads *and* is older than
+--grace (default 1h): committed builds by their build.json's time, and objects of builds never
+committed (a killed upload) by their newest object. Before deleting, it lists the store again
+and keeps whatever a head, or a build committed meanwhile, reads. What this cannot protect:
+a command running longer than --grace over a build no name reads (a `diff --base <old id>`,
+or a restore still downloading an unnamed build); keep --grace above your longest command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from typing import Any
+
+from fcsnap.errors import FcsnapError
+from fcsnap.store.layout import MANIFEST, parse_build_id
+from fcsnap.store.listing import summary
+from fcsnap.store.locks import stop_point
+from fcsnap.store.remote import RemoteStore
+from fcsnap.store.stores import scan_store
+from fcsnap.store.usage import StoreView
+
+
+def collect_remote(
+    store: RemoteStore, grace: float, dry_run: bool, repack_below: float | None
+) -> dict[str, Any]:
+    if repack_below is not None:
+        raise FcsnapError(f"gc --repack-below is not supported on an S3 store ({store.url})")
+    before = scan_store(store)
+    bad = before.unreadable_heads()
+    if bad:
+        raise FcsnapError(f"gc stopped, it cannot tell what VM {bad[0]} reads; fix or rm it")
+    now = time.time()
+    reachable = before.reachable()
+    delete: dict[uuid.UUID, int] = {}
+    kept: dict[uuid.UUID, str] = {}
+    for build in before.builds.values():
+        if build.build_id in reachable:
+            continue
+        if build.age(now) < grace:
+            kept[build.build_id] = "younger than the grace period"
+        else:
+            delete[build.build_id] = build.disk_bytes
+    _keep_what_kept_builds_read(before, kept, delete)
+    stop_point("gc-recheck")
+    _recheck(store, before, delete, kept)
+    uncommitted = _uncommitted(store, now, grace)
+    if not dry_run:
+        for build_id in sorted(delete):
+            _delete_build(store, build_id)
+        for prefix in uncommitted:
+            for info in store.objects.list(prefix):
+                store.objects.delete(info.key)
+    freed = sum(delete.values())
+    after = summary(scan_store(_fresh(store))) if not dry_run else _predicted(before, delete)
+    return {
+        "dry_run": dry_run,
+        "grace_s": grace,
+        "deleted" if not dry_run else "would_delete": [
+            {"build_id": str(b), "disk_bytes": n} for b, n in sorted(delete.items())
+        ],
+        "bytes_freed" if not dry_run else "bytes_to_free": freed,
+        "kept": [{"build_id": str(b), "reason": r} for b, r in sorted(kept.items())],
+        "leftovers": [f"{store.url}/{p}" for p in uncommitted],
+        "repacked": [],
+        "before": summary(before),
+        "after": after,
+    }
+
+
+def _keep_what_kept_builds_read(
+    view: StoreView, kept: dict[uuid.UUID, str], delete: dict[uuid.UUID, int]
+) -> None:
+    for build_id in list(kept):
+        build = view.builds[build_id]
+        reads = build.reads
+        for target in set(delete) if reads is None else reads & set(delete):
+            if target != build_id:
+                delete.pop(target)
+                kept[target] = f"read by {build_id}"
+
+
+def _recheck(
+    store: RemoteStore, before: StoreView, delete: dict[uuid.UUID, int],
+    kept: dict[uuid.UUID, str],
+) -> None:
+    """Names moved and builds committed since the scan: keep what they read."""
+    view = scan_store(_fresh(store))
+    readers = set(view.reachable()) | (set(view.builds) - set(before.builds))
+    for reader in readers:
+        build = view.builds.get(reader)
+        reads = ({reader} | (build.reads or set())) if build is not None else {reader}
+        for target in reads & set(delete):
+            delete.pop(target)
+            kept[target] = f"read by {reader}, named or written during this gc"
+
+
+def _uncommitted(store: RemoteStore, now: float, grace: float) -> list[str]:
+    """Prefixes `<build-id>/` holding objects but no build.json, whose newest object is older
+    than the grace period: what killed uploads left."""
+    newest: dict[str, float] = {}
+    committed: set[str] = set()
+    for info in store.objects.list():
+        head, _, rest = info.key.partition("/")
+        if parse_build_id(head) is None or not rest:
+            continue
+        newest[head] = max(newest.get(head, 0.0), info.mtime)
+        if rest == MANIFEST:
+            committed.add(head)
+    return sorted(
+        f"{head}/" for head, t in newest.items() if head not in committed and now - t >= grace
+    )
+
+
+def _delete_build(store: RemoteStore, build_id: uuid.UUID) -> None:
+    """build.json first: from then on no reader sees the build, whatever is left."""
+    store.objects.delete(f"{build_id}/{MANIFEST}")
+    for info in store.objects.list(f"{build_id}/"):
+        with contextlib.suppress(FcsnapError):
+            store.objects.delete(info.key)
+
+
+def _fresh(store: RemoteStore) -> RemoteStore:
+    """The same store with an empty mirror (a second scan must not see the first's files)."""
+    from fcsnap.store.stores import scratch_dir
+
+    return RemoteStore(store.objects, scratch_dir("mirror"))
+
+
+def _predicted(before: StoreView, delete: dict[uuid.UUID, int]) -> dict[str, Any]:
+    out = summary(before)
+    out["disk_bytes"] -= sum(delete.values())
+    out["builds"] -= len(delete)
+    out["unreferenced_builds"] -= len(delete)
+    live = out["live_bytes"]
+    out["amplification"] = round(out["disk_bytes"] / live, 4) if live else None
+    return out

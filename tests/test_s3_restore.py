@@ -1,0 +1,155 @@
+"""restore from a store in S3 through the host chunk cache: every byte checked by the
+stand-in VM, a cold and a warm cache, corrupt objects never installed, a dead server kills
+the VM within --fetch-timeout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import obstore
+import pytest
+from helpers import PAGE, WAIT, Lineage, Procs, check_served
+from s3_helpers import Bucket, new_bucket
+from test_restore import KILLED, make_lineage
+
+from fcsnap.testing import firecracker
+from fcsnap.testing.s3server import seaweedfs
+
+
+@pytest.fixture(scope="module")
+def raw_lineage(tmp_path_factory: pytest.TempPathFactory) -> Lineage:
+    return make_lineage(tmp_path_factory.mktemp("s3lineage") / "raw", "none", PAGE, seed=41)
+
+
+def push(bucket: Bucket, lineage: Lineage, prefix: str = "snaps") -> str:
+    """The lineage's newest build pushed to the bucket; its id."""
+    result = subprocess.run(
+        [sys.executable, "-m", "fcsnap", "push", lineage.newest.name, "--from",
+         str(lineage.store), "--to", bucket.url(prefix), "-q"],
+        env=bucket.env, capture_output=True, text=True, timeout=WAIT, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    return lineage.newest.name
+
+
+def serve(procs: Procs, bucket: Bucket, build: str, cache: Path, *args: str,
+          socket: Path | None = None, stats: Path | None = None) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "fcsnap", "restore", "--vm", build, "--socket",
+            str(socket or procs.socket), "--store", bucket.url(), "--cache-dir", str(cache),
+            "--quiet", "--stats", str(stats or procs.stats), *args]
+    return procs.track(subprocess.Popen(argv, env=bucket.env, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+
+
+def stored_bytes(lineage: Lineage) -> int:
+    return sum((b / "memfile.diff").stat().st_size for b in lineage.builds)
+
+
+def test_cold_then_warm_cache(bucket: Bucket, raw_lineage: Lineage, procs: Procs,
+                              tmp_path: Path) -> None:
+    build = push(bucket, raw_lineage)
+    cache = tmp_path / "cache"
+    server = serve(procs, bucket, build, cache, "--fault-around", "0")
+    out = procs.outcome(server, procs.vm(expected=raw_lineage.expected))
+    check_served(out, raw_lineage)
+    cold = out.stats
+    assert cold["fetch_requests"] > 0 and cold["cache_misses"] == cold["fetch_requests"]
+    assert 0 < cold["fetched_bytes"] <= stored_bytes(raw_lineage)
+    assert sorted(p.name for p in cache.iterdir())  # chunks kept for the next VM
+
+    procs.stats.unlink()
+    server = serve(procs, bucket, build, cache)
+    out = procs.outcome(server, procs.vm(expected=raw_lineage.expected))
+    check_served(out, raw_lineage)
+    warm = out.stats
+    assert warm["fetched_bytes"] == 0 and warm["fetch_requests"] == 0
+    assert warm["cache_hits"] > 0 and warm["cache_misses"] == 0
+
+
+def test_two_restores_share_one_cache(bucket: Bucket, raw_lineage: Lineage, procs: Procs,
+                                      tmp_path: Path) -> None:
+    build = push(bucket, raw_lineage)
+    cache = tmp_path / "cache"
+    sockets = [tmp_path / "a.sock", tmp_path / "b.sock"]
+    servers = [
+        serve(procs, bucket, build, cache, socket=s, stats=tmp_path / f"stats{i}.json")
+        for i, s in enumerate(sockets)
+    ]
+    vms = [
+        procs.track(firecracker.spawn(
+            s, expected=raw_lineage.expected, deadline=WAIT, report=tmp_path / f"vm{i}.json",
+            popen={"stdout": subprocess.PIPE, "stderr": subprocess.PIPE},
+        ))
+        for i, s in enumerate(sockets)
+    ]
+    for vm, server in zip(vms, servers, strict=True):
+        vm.communicate(timeout=WAIT + 10)
+        _, err = server.communicate(timeout=WAIT)
+        assert vm.returncode == 0 and server.returncode == 0, err
+    for i in range(2):
+        assert firecracker.read_report(tmp_path / f"vm{i}.json")["mismatches"] == 0
+    stats = [json.loads((tmp_path / f"stats{i}.json").read_text()) for i in range(2)]
+    chunks = [p for d in cache.iterdir() for p in d.iterdir() if not p.name.startswith(".")]
+    assert sum(s["fetch_requests"] for s in stats) == len(chunks)  # each chunk fetched once
+    assert sum(s["cache_hits"] for s in stats) > 0
+
+
+def test_the_cache_stays_within_its_size(bucket: Bucket, raw_lineage: Lineage, procs: Procs,
+                                         tmp_path: Path) -> None:
+    build = push(bucket, raw_lineage)
+    cache = tmp_path / "cache"
+    server = serve(procs, bucket, build, cache, "--cache-size", "4M")
+    out = procs.outcome(server, procs.vm(expected=raw_lineage.expected))
+    check_served(out, raw_lineage)
+    assert out.stats["fetch_requests"] > 1
+    held = sum(p.stat().st_size for d in cache.iterdir() for p in d.iterdir())
+    assert held <= 4 << 20
+
+
+def test_a_corrupt_object_is_never_installed(bucket: Bucket, raw_lineage: Lineage,
+                                             procs: Procs, tmp_path: Path) -> None:
+    build = push(bucket, raw_lineage)
+    key = f"snaps/{build}/memfile.diff"
+    data = bytearray(obstore.get(bucket.client(), key).bytes())
+    data[PAGE * 3 + 17] ^= 0x55
+    obstore.put(bucket.client(), key, bytes(data))
+    cache = tmp_path / "cache"
+    server = serve(procs, bucket, build, cache, "--fault-around", "0")
+    out = procs.outcome(server, procs.vm(expected=raw_lineage.expected))
+    assert out.status == 1 and out.vm_status == KILLED, out
+    assert "block 3 fetched from the store does not match its hash; not installed" in out.error
+    cached = [p.name for d in cache.iterdir() if d.name.startswith(build) for p in d.iterdir()]
+    assert "00000000" not in cached  # the chunk holding block 3 was never cached
+
+
+def test_a_dead_server_kills_the_vm_within_the_fetch_timeout(
+    raw_lineage: Lineage, procs: Procs, tmp_path: Path
+) -> None:
+    with seaweedfs(tmp_path / "weed") as server:
+        own = new_bucket(server)
+        build = push(own, raw_lineage)
+        restore = serve(procs, own, build, tmp_path / "cache", "--fetch-timeout", "3")
+        deadline = time.monotonic() + WAIT
+        while not procs.socket.exists():
+            assert time.monotonic() < deadline and restore.poll() is None
+            time.sleep(0.05)
+    started = time.monotonic()  # the S3 server is gone; the VM faults now
+    out = procs.outcome(restore, procs.vm(expected=raw_lineage.expected))
+    assert time.monotonic() - started < 3 + 20
+    assert out.status == 1 and out.vm_status == KILLED, out
+    assert "within 3s" in out.error and "cannot fetch" in out.error
+
+
+def test_a_zstd_lineage_is_served_from_s3(bucket: Bucket, procs: Procs, tmp_path: Path) -> None:
+    """zstd diffs are downloaded whole before serving (counted as fetched), frames checked."""
+    lineage = make_lineage(tmp_path / "zstd", "zstd", PAGE, seed=43)
+    build = push(bucket, lineage)
+    server = serve(procs, bucket, build, tmp_path / "cache")
+    out = procs.outcome(server, procs.vm(expected=lineage.expected))
+    check_served(out, lineage)
+    stored = sum((b / "memfile.diff.zst").stat().st_size for b in lineage.builds)
+    assert out.stats["fetched_bytes"] == stored and out.stats["cache_misses"] == 0
