@@ -95,7 +95,8 @@ def test_a_guest_at_the_prefetch_frontier_does_not_hold_it_back(tmp_path, procs)
     """A guest touching its working set in the recorded order, from the moment of the
     handshake, is always at the prefetch's frontier. Its faults are served once between
     batches, so it waits for batches instead of taking the pages one fault at a time: nearly
-    every page comes from the prefetch, however fast the guest faults."""
+    every page comes from the prefetch, however fast the guest faults. (With faults served
+    until none was pending, this run took 200-350 faults about one time in three.)"""
     size = 64 << 20
     memory = synthetic_memory(size, seed=21)
     write_full(tmp_path / "mem", memory)
