@@ -96,14 +96,14 @@ def test_a_guest_at_the_prefetch_frontier_does_not_hold_it_back(tmp_path, procs)
     handshake, is always at the prefetch's frontier. Its faults are served once between
     batches, so it waits for batches instead of taking the pages one fault at a time: nearly
     every page comes from the prefetch, however fast the guest faults. (With faults served
-    until none was pending, this run took 200-350 faults about one time in three.)"""
+    until none was pending, this run took 150-1100 faults about three times in four.)"""
     size = 64 << 20
     memory = synthetic_memory(size, seed=21)
     write_full(tmp_path / "mem", memory)
     store = tmp_path / "store"
     _, build = ops.pack(tmp_path / "mem", store, BuildOptions())
     ws = tmp_path / "ws"
-    guest = {"ws_fraction": 0.25, "touch": 0.0, "threads": 1, "size": size}
+    guest = {"ws_fraction": 0.25, "touch": 0.0, "threads": 2, "size": size}
     first = restore(procs, Lineage(store, [build], tmp_path / "mem", PAGE),
                     ("--record-ws", str(ws)), **guest)
     assert first.status == 0 and first.report["mismatches"] == 0, first.stderr
@@ -121,6 +121,6 @@ def test_a_guest_at_the_prefetch_frontier_does_not_hold_it_back(tmp_path, procs)
         os.sched_setaffinity(0, allowed)
     assert second.status == 0 and second.vm_status == 0, second.stderr
     assert second.report["mismatches"] == 0
-    # batches of 1, 2, 4, 8 and 1 MiB: a fault or two between each, not thousands
-    assert second.stats["faults"] <= 20
-    assert second.stats["prefetched_pages"] >= len(recorded) - 20
+    # batches of 1, 2, 4, 8 and 1 MiB: a fault per thread between each, not hundreds
+    assert second.stats["faults"] <= 30
+    assert second.stats["prefetched_pages"] >= len(recorded) - 30
