@@ -10,9 +10,8 @@ import os
 import numpy as np
 import pytest
 import test_hotpath
-import test_restore
+from helpers import PAGE, Lineage, restore
 from test_hotpath import GUEST, Served, needs_compiled
-from test_restore import PAGE, Lineage, restore
 
 from fcsnap.store import ops
 from fcsnap.store.builder import BuildOptions
@@ -22,7 +21,6 @@ from fcsnap.uffd.prefetch import Prefetch
 from fcsnap.workingset import read_working_set
 
 guest = test_hotpath.guest
-procs = test_restore.procs
 PAGES = GUEST // PAGE
 
 
@@ -104,7 +102,7 @@ def test_a_guest_at_the_prefetch_frontier_does_not_hold_it_back(tmp_path, procs)
     _, build = ops.pack(tmp_path / "mem", store, BuildOptions())
     ws = tmp_path / "ws"
     guest = {"ws_fraction": 0.25, "touch": 0.0, "threads": 2, "size": size}
-    first = restore(procs, Lineage(store, [build], tmp_path / "mem", PAGE),
+    first = restore(procs, Lineage(store, [build], [tmp_path / "mem"], PAGE),
                     ("--record-ws", str(ws)), **guest)
     assert first.status == 0 and first.report["mismatches"] == 0, first.stderr
     recorded = read_working_set(ws, size)
@@ -115,7 +113,7 @@ def test_a_guest_at_the_prefetch_frontier_does_not_hold_it_back(tmp_path, procs)
     allowed = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(allowed)})
     try:
-        second = restore(procs, Lineage(store, [ws_build], tmp_path / "mem", PAGE),
+        second = restore(procs, Lineage(store, [ws_build], [tmp_path / "mem"], PAGE),
                          ("--prefetch-ws", str(ws)), **guest)
     finally:
         os.sched_setaffinity(0, allowed)
