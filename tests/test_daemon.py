@@ -388,3 +388,26 @@ def test_restore_daemon_flag_prints_the_id_once_listening(store, daemon: Daemon,
     assert refused.stderr.splitlines() == [
         "fcsnap: error: the daemon refused the restore: no build or VM named 'nosuch' in store "
         f"{store[0]}"]
+
+
+def test_serve_refuses_a_bad_store_or_a_socket_in_use(store, daemon: Daemon, tmp_path: Path
+                                                      ) -> None:
+    """`fcsnap serve` with no such store, or on the API socket of a running daemon: one line,
+    exit 1, the running daemon untouched."""
+    for args, says in [
+        (["--store", str(tmp_path / "none"), "--api", str(tmp_path / "a.sock")],
+         "is not a directory"),
+        (["--store", str(store[0]), "--api", str(daemon.api)],
+         "is the socket of a running process"),
+    ]:
+        done = subprocess.run([sys.executable, "-m", "fcsnap", "serve", *args],
+                              capture_output=True, text=True, timeout=WAIT)
+        assert done.returncode == 1
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("fcsnap: error: ") and says in lines[0]
+    assert daemon.call("GET", "/healthz")[0] == 200
+    usage = subprocess.run(
+        [sys.executable, "-m", "fcsnap", "restore", "--daemon", str(daemon.api), "--vm", "raw",
+         "--socket", str(tmp_path / "u.sock"), "--store", str(store[0])],
+        capture_output=True, text=True, timeout=WAIT)
+    assert usage.returncode == 2 and "the daemon serves its own store" in usage.stderr
