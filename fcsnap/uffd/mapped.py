@@ -51,7 +51,8 @@ class MappedDiff:
         self.chunks = np.zeros(((diff.size - 1) >> CHUNK_SHIFT) + 1, np.uint8)  # since the drop
         self.counters = np.zeros(2, np.int64)  # [chunks in use, next slot in `ends`]
         self.ends = np.full(RECENT_ENDS, -1, np.int64)  # where recent reads ended
-        self.buffer = mmap.mmap(-1, READ_BELOW)  # resident only once used (one per VM)
+        # Resident only once used (a daemon has one per VM and raw diff).
+        self.buffer = mmap.mmap(-1, READ_BELOW, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.view = memoryview(self.buffer)
         self.buffer_address = abi.buffer_address(self.buffer)
 
