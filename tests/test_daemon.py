@@ -30,6 +30,7 @@ from fcsnap.store import ops
 from fcsnap.store.builder import BuildOptions
 from fcsnap.store.layout import diff_path
 from fcsnap.testing import firecracker
+from fcsnap.testing.firecracker_api import FAULT, FakeFirecracker
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full
 
 MiB = 1 << 20
@@ -388,3 +389,57 @@ def test_restore_daemon_flag_prints_the_id_once_listening(store, daemon: Daemon,
     assert refused.stderr.splitlines() == [
         "fcsnap: error: the daemon refused the restore: no build or VM named 'nosuch' in store "
         f"{store[0]}"]
+
+
+def test_serve_refuses_a_bad_store_or_a_socket_in_use(store, daemon: Daemon, tmp_path: Path
+                                                      ) -> None:
+    """`fcsnap serve` with no such store, or on the API socket of a running daemon: one line,
+    exit 1, the running daemon untouched."""
+    for args, says in [
+        (["--store", str(tmp_path / "none"), "--api", str(tmp_path / "a.sock")],
+         "is not a directory"),
+        (["--store", str(store[0]), "--api", str(daemon.api)],
+         "is the socket of a running process"),
+    ]:
+        done = subprocess.run([sys.executable, "-m", "fcsnap", "serve", *args],
+                              capture_output=True, text=True, timeout=WAIT)
+        assert done.returncode == 1
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("fcsnap: error: ") and says in lines[0]
+    assert daemon.call("GET", "/healthz")[0] == 200
+    usage = subprocess.run(
+        [sys.executable, "-m", "fcsnap", "restore", "--daemon", str(daemon.api), "--vm", "raw",
+         "--socket", str(tmp_path / "u.sock"), "--store", str(store[0])],
+        capture_output=True, text=True, timeout=WAIT)
+    assert usage.returncode == 2 and "the daemon serves its own store" in usage.stderr
+
+
+def test_firecracker_api_load_from_the_daemon(store, daemon: Daemon, tmp_path: Path) -> None:
+    """With `firecracker_api`, the daemon has Firecracker load the snapshot once the socket
+    listens: a VM Firecracker connects is served every byte; a load Firecracker refuses ends
+    that restore with its fault_message and kills its VM, and the daemon serves on."""
+    _, builds = store
+    vmstate = tmp_path / "vm.state"
+    vmstate.write_bytes(b"state")
+    ids = {}
+    fakes = {}
+    for behaviour in ("load", "refuse-late"):
+        fakes[behaviour] = FakeFirecracker(tmp_path / f"{behaviour}.api", behaviour,
+                                           builds["raw"].expected, tmp_path / f"{behaviour}.json")
+        ids[behaviour] = daemon.restore("raw", behaviour, vmstate=str(vmstate),
+                                        firecracker_api=str(tmp_path / f"{behaviour}.api"))["id"]
+    try:
+        loaded = daemon.wait_ended(ids["load"])
+        refused = daemon.wait_ended(ids["refuse-late"])
+    finally:
+        for fake in fakes.values():
+            fake.close()
+    assert fakes["load"].problems == [] and fakes["load"].vm is not None
+    assert fakes["load"].vm.wait(WAIT) == 0
+    assert fakes["load"].body["mem_backend"]["backend_path"] == str(tmp_path / "load.sock")
+    assert loaded["exit_reason"] == "vm exited"
+    assert firecracker.read_report(tmp_path / "load.json")["mismatches"] == 0
+    assert refused["exit_reason"] == f"error: Firecracker refused the snapshot load: {FAULT}"
+    assert fakes["refuse-late"].vm is not None
+    assert fakes["refuse-late"].vm.wait(WAIT) == KILLED
+    assert daemon.call("GET", "/healthz")[0] == 200

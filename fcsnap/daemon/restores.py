@@ -15,6 +15,7 @@ import time
 import traceback
 import uuid
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ class Restore:
             "state": session.state,
             "vm_pid": session.peer.pid if session.peer else None,
             "exit_reason": session.exit_reason,
+            "started_at": round(self.started, 3),  # Unix time of the request
             **{key: getattr(stats, key) for key in ("faults", "pages_served", "bytes_served")},
         }
 
@@ -88,7 +90,7 @@ class Restores:
     """Every restore of the daemon: start, list, end; totals of the ended ones for metrics."""
 
     def __init__(self, store: Path, cache_bytes: int, watchdog: Watchdog,
-                 fault_seconds: Any = None) -> None:
+                 fault_seconds: Callable[[float], None] | None = None) -> None:
         self.store = store
         self.builds = BuildRegistry(cache_bytes)
         self.watchdog = watchdog

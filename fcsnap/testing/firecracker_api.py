@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -27,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from fcsnap.testing import firecracker
+from fcsnap.uffd import unixdiag
 
 WAIT = 30.0  # seconds any one step may take before the fake gives up
-SO_ACCEPTCON = 1 << 16  # /proc/net/unix flag of a listening socket
 FAULT = "Load snapshot error: Cannot restore microvm state: the vmstate file is for another CPU"
 BEHAVIOURS = ("load", "refuse-early", "refuse-late", "silent", "hang")
 
@@ -137,22 +136,15 @@ def answer(status: int, error: dict[str, str] | None = None) -> tuple[bytes, byt
     return head.encode(), body
 
 
-def listening(pid: int) -> bool:
-    """Whether process `pid` holds a listening Unix socket: the page server does until it has
-    accepted its VM (and taken the handshake)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except FileNotFoundError:  # closed meanwhile
-            continue
-        if link.startswith("socket:["):
-            inodes.add(link[len("socket:[") : -1])
-    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[6] in inodes and int(fields[3], 16) & SO_ACCEPTCON:
-            return True
-    return False
+def listening(path: str) -> bool:
+    """Whether a socket listens on the file at `path`: a page server's does until it has
+    accepted its VM. Asked of the kernel (sock_diag), not by connecting, which a page server
+    would take for its VM; by file, not by process, as a daemon listens on many."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return bool(unixdiag.listening(st.st_dev, st.st_ino))
 
 
 class FakeFirecracker:
@@ -187,9 +179,6 @@ class FakeFirecracker:
         try:
             self.conn, _ = self.listener.accept()
             self.conn.settimeout(WAIT)
-            restore_pid, _, _ = struct.unpack("3i", self.conn.getsockopt(
-                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
-            ))
             self.request = read_request(self.conn)
             self.problems = self._request_problems(self.request)
             if self.problems:
@@ -204,7 +193,7 @@ class FakeFirecracker:
                 threads=2, report=self.report, deadline=WAIT,
                 hold=WAIT if self.behaviour == "refuse-late" else self.hold,
             )
-            self._wait_accepted(self.vm, restore_pid)
+            self._wait_accepted(self.vm, self.body["mem_backend"]["backend_path"])
             if self.behaviour == "load":
                 self._answer(204)
             elif self.behaviour == "refuse-late":
@@ -224,10 +213,10 @@ class FakeFirecracker:
             return [*problems, "the body is not JSON"]
         return problems + load_problems(self.body)
 
-    def _wait_accepted(self, vm: subprocess.Popen[bytes], server_pid: int) -> None:
+    def _wait_accepted(self, vm: subprocess.Popen[bytes], backend_path: str) -> None:
         """Firecracker answers the load only after the page server took its handshake."""
         deadline = time.monotonic() + WAIT
-        while listening(server_pid):
+        while listening(backend_path):
             assert vm.poll() is None, f"the stand-in exited ({vm.returncode}) unserved"
             assert time.monotonic() < deadline, "the page server never accepted the VM"
             time.sleep(0.01)

@@ -96,10 +96,10 @@ class Installer:
         self.fault_around = fault_around
         self.states = {r.base: RegionState(r) for r in regions.regions}
         largest = max([fault_around, 2 << 20, *(r.page_size for r in regions.regions)])
-        # hugetlb ranges cannot take UFFDIO_ZEROPAGE. An anonymous mapping, not a bytearray:
-        # it costs no memory until read, and then only the shared zero page (a daemon has one
-        # of these per VM).
-        self.zeros = mmap.mmap(-1, largest)
+        # hugetlb ranges cannot take UFFDIO_ZEROPAGE. A private anonymous mapping, not a
+        # bytearray: read (by the kernel's copy) it maps the shared zero page and costs no
+        # memory; a bytearray would hold 2 MiB per VM in a daemon.
+        self.zeros = mmap.mmap(-1, largest, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.zeros_addr = abi.buffer_address(self.zeros)
         self.recorded: list[int] | None = None  # guest offsets faulted, in order
 

@@ -52,7 +52,8 @@ class MappedDiff:
         self.chunks = array("B", bytes(((diff.size - 1) >> CHUNK_SHIFT) + 1))  # since the drop
         self.counters = array("q", [0, 0])  # [chunks in use, next slot in `ends`]
         self.ends = array("q", [-1] * RECENT_ENDS)  # where recent reads ended
-        self.buffer = mmap.mmap(-1, READ_BELOW)  # resident only once used (one per VM)
+        # Resident only once used (a daemon has one per VM and raw diff).
+        self.buffer = mmap.mmap(-1, READ_BELOW, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.view = memoryview(self.buffer)
         self.buffer_address = abi.buffer_address(self.buffer)
 
