@@ -18,6 +18,7 @@ checked as a VM's is (SO_PEERCRED, --allow-uid).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import socketserver
@@ -89,6 +90,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._route("PATCH")
 
     def _route(self, method: str) -> None:
+        self._body_read = False
         try:
             self._dispatch(method, self.path.split("?", 1)[0].rstrip("/") or "/")
         except RequestError as e:
@@ -139,10 +141,20 @@ class _Handler(BaseHTTPRequestHandler):
         if int(length) > MAX_BODY:
             raise RequestError(f"a body of {length} bytes (at most {MAX_BODY})", 413)
         data = self.rfile.read(int(length))
+        self._body_read = True
         try:
             return json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
             raise RequestError(f"the body is not JSON: {e}") from None
+
+    def _drain_body(self) -> None:
+        """Read a small body the request was refused before reading: closing with it unread
+        would reset the connection while the client may still be sending it (EPIPE there)."""
+        length = self.headers.get("Content-Length", "")
+        if not self._body_read and length.strip().isdigit() and int(length) <= MAX_BODY:
+            self._body_read = True
+            with contextlib.suppress(OSError):
+                self.rfile.read(int(length))
 
     def _json(self, status: int, document: object, headers: dict[str, str] | None = None
               ) -> None:
@@ -152,6 +164,7 @@ class _Handler(BaseHTTPRequestHandler):
               headers: dict[str, str] | None = None) -> None:
         if status >= 400:
             self.close_connection = True  # a body this request left unread must not be parsed
+            self._drain_body()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
