@@ -12,7 +12,7 @@ import test_restore
 from helpers import check_served, restore
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_hotpath import GUEST, Served, needs_compiled
+from test_hotpath import GUEST, Served, assert_paths_agree, needs_compiled
 from test_restore import PAGE, SIZE
 
 from fcsnap.errors import FcsnapError
@@ -136,15 +136,7 @@ def test_compiled_and_python_choose_the_same_windows(guest, budget, sequence) ->
                 read_in_order(python, page, last, serve_python)
                 read_in_order(compiled, page, last, lambda sv, p: serve_compiled(sv, fast, p))
             assert np.array_equal(python.state.streams, compiled.state.streams)
-        fast.add_stats(compiled.stats)
-        assert np.array_equal(python.state.present, compiled.state.present)
-        assert np.array_equal(python.state.removed, compiled.state.removed)
-        for i in np.flatnonzero(python.state.present).tolist():
-            expected = bytes(PAGE) if python.state.removed[i] else guest.memory[i].tobytes()
-            assert python.page(i) == compiled.page(i) == expected, f"page {i}"
-        for name in ("pages_served", "bytes_served", "zero_pages", "installs",
-                     "already_present", "per_build_pages"):
-            assert getattr(python.stats, name) == getattr(compiled.stats, name), name
+        assert_paths_agree(python, compiled, fast, guest)
     finally:
         python.close()
         compiled.close()

@@ -106,6 +106,21 @@ steps = st.lists(
 )
 
 
+def assert_paths_agree(python: Served, compiled: Served, fast: fastpath.FastPath,
+                       guest: Guest) -> None:
+    """The Python and the compiled path left the same pages (each the guest's bytes, or zeros
+    where ballooned) and the same stats."""
+    fast.add_stats(compiled.stats)
+    assert np.array_equal(python.state.present, compiled.state.present)
+    assert np.array_equal(python.state.removed, compiled.state.removed)
+    for i in np.flatnonzero(python.state.present).tolist():
+        expected = bytes(PAGE) if python.state.removed[i] else guest.memory[i].tobytes()
+        assert python.page(i) == compiled.page(i) == expected, f"page {i}"
+    for name in ("pages_served", "bytes_served", "zero_pages", "installs",
+                 "already_present", "per_build_pages"):
+        assert getattr(python.stats, name) == getattr(compiled.stats, name), name
+
+
 @needs_compiled
 @pytest.mark.parametrize("fault_around", [0, 64 << 10, 256 << 10])
 @pytest.mark.parametrize("budget", [64 << 20, 4 << 20], ids=["mapped", "bounded"])
@@ -133,15 +148,7 @@ def test_compiled_and_python_serve_the_same(guest, fault_around, budget, sequenc
                 assert compiled.installer.fault(compiled.addr + page * PAGE + extra) is DONE
             else:
                 assert outcome == fastpath.lib.FP_DONE
-        fast.add_stats(compiled.stats)
-        assert np.array_equal(python.state.present, compiled.state.present)
-        assert np.array_equal(python.state.removed, compiled.state.removed)
-        for i in np.flatnonzero(python.state.present).tolist():
-            expected = bytes(PAGE) if python.state.removed[i] else guest.memory[i].tobytes()
-            assert python.page(i) == compiled.page(i) == expected, f"page {i}"
-        for name in ("pages_served", "bytes_served", "zero_pages", "installs",
-                     "already_present", "per_build_pages"):
-            assert getattr(python.stats, name) == getattr(compiled.stats, name), name
+        assert_paths_agree(python, compiled, fast, guest)
     finally:
         python.close()
         compiled.close()
