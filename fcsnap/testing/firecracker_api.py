@@ -147,6 +147,15 @@ def listening(path: str) -> bool:
     return bool(unixdiag.listening(st.st_dev, st.st_ino))
 
 
+def listen_once(path: Path) -> socket.socket:
+    """A Unix socket listening on `path` for one connection, accepted within WAIT."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    listener.settimeout(WAIT)
+    return listener
+
+
 class FakeFirecracker:
     """Firecracker's API socket for one `PUT /snapshot/load`. `behaviour`: "load" connects a
     VM and answers 204; "refuse-late" connects a VM (that then stays alive) and answers 400;
@@ -168,10 +177,7 @@ class FakeFirecracker:
         self.vm: subprocess.Popen[bytes] | None = None
         self.conn: socket.socket | None = None
         self.error: BaseException | None = None
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(path))
-        self.listener.listen(1)
-        self.listener.settimeout(WAIT)
+        self.listener = listen_once(path)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -255,10 +261,7 @@ class RawAnswer:
         self.request: Request | None = None
         self.requested = threading.Event()  # set once the whole request has arrived
         self.error: BaseException | None = None
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(path))
-        self.listener.listen(1)
-        self.listener.settimeout(WAIT)
+        self.listener = listen_once(path)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
