@@ -27,6 +27,15 @@ static int64_t now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* latency.py's observe: count a fault served in `ns` into its bucket (<= 2**k us) */
+static void note_latency(int64_t *histogram, int64_t ns)
+{
+    uint64_t micros = ns > 1000 ? (uint64_t)(ns + 999) / 1000 : 1;
+    int k = micros > 1 ? 64 - __builtin_clzll(micros - 1) : 0;
+    histogram[k < FP_LATENCY_BUCKETS ? k : FP_LATENCY_BUCKETS - 1] += 1;
+    histogram[FP_LATENCY_BUCKETS] += ns;
+}
+
 /* bytes of zeros: not on hugetlb, which this path leaves to Python */
 static int zero_range(struct fp_ctx *c, uint64_t dst, uint64_t len, int64_t *done, int wake)
 {
@@ -345,12 +354,19 @@ int fp_pump(struct fp_ctx *c)
                 c->nmessages = count;  /* the whole read goes to Python, in order */
                 return FP_EVENTS;
             }
+        /* Each fault served is timed from the later of its read and the end of the fault
+         * before it to its wake: one clock read per fault. */
+        int64_t began = now_ns();
         if (count && c->first_fault_ns == 0)
-            c->first_fault_ns = now_ns();
+            c->first_fault_ns = began;
         c->stats[FP_FAULTS] += count;
         for (int64_t k = 0; k < count; k++) {
             uint64_t address = messages[k].arg.pagefault.address;
             int outcome = fp_fault(c, address);
+            int64_t ended = now_ns();
+            if (outcome == FP_DONE)
+                note_latency(c->latency, ended - began);
+            began = ended;
             if (outcome == FP_RETRY)
                 c->retry[c->nretry++] = address;
             else if (outcome == FP_DEFER)

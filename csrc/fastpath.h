@@ -7,6 +7,8 @@ enum { FP_DONE = 0, FP_RETRY = 1, FP_GONE = 2, FP_DEFER = 3, FP_ERROR = 4, FP_EV
 /* adaptive fault-around: (end page, window pages) pairs per region, then the next slot */
 enum { FP_STREAMS = 8 };
 enum { FP_FAULTS = 0, FP_PAGES = 1, FP_ZERO_PAGES = 2, FP_INSTALLS = 3, FP_ALREADY = 4 };
+/* fault latency buckets: <= 2**k us for k < FP_LATENCY_BUCKETS - 1, then the rest (latency.py) */
+enum { FP_LATENCY_BUCKETS = 22 };
 
 struct fp_region {
     uint64_t base;
@@ -63,6 +65,8 @@ struct fp_ctx {
     uint64_t error_dst;
     int64_t error_owner;
     int error_errno;
+    int64_t *latency;      /* FP_LATENCY_BUCKETS counts of the faults served, then their sum
+                              in ns: the session's histogram (latency.py), shared with Python */
 };
 
 int fp_fault(struct fp_ctx *c, uint64_t address);

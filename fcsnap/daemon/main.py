@@ -35,7 +35,7 @@ def run_daemon(store: Path, api_path: Path, access: SocketAccess, cache_bytes: i
             raise FcsnapError(str(e)) from e
         try:
             metrics = DaemonMetrics()
-            restores = Restores(store, cache_bytes, watchdog, metrics.fault_seconds.observe)
+            restores = Restores(store, cache_bytes, watchdog)
             metrics.attach(restores)
             sock = listen(api_path, access)
             inode = os.stat(api_path).st_ino

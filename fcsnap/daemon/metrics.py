@@ -1,24 +1,24 @@
 """`GET /metrics`: the daemon's counters in Prometheus text format (prometheus-client).
 
-Counters are read from the sessions at scrape time (live ones plus the totals of ended ones),
-so serving never pays for metrics. The one histogram, fault service time, is observed for the
-faults Python serves (the installer: zstd builds, --verify, ballooned and huge pages, retries);
-faults the compiled loop serves are counted (`fcsnap_compiled_faults_total`) but not timed,
-since timing them would cost the C loop a clock read per fault.
+Everything is read from the sessions at scrape time (live ones plus the totals of ended ones),
+so serving never pays for metrics beyond its own counting. That includes the fault service
+histogram: each session counts every fault it serves, in the compiled loop or in Python, into
+its own fixed buckets (fcsnap/uffd/latency.py), and a scrape sums them per build.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from fcsnap.daemon.restores import COUNTERS, Restores
+from fcsnap.uffd import latency
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-LATENCY_BUCKETS = (10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 10e-3, 50e-3)
 HELP = {
     "faults": "Page faults read from the VMs' userfaultfds.",
     "pages_served": "Pages installed (faults, fault-around, prefetch, populate).",
@@ -31,15 +31,10 @@ HELP = {
 
 
 class DaemonMetrics:
-    """The registry `/metrics` renders: a collector over the restores, and the histogram."""
+    """The registry `/metrics` renders: a collector over the restores."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.fault_seconds = Histogram(
-            "fcsnap_fault_service_seconds",
-            "Time to serve one fault in Python (compiled faults are not timed).",
-            buckets=LATENCY_BUCKETS, registry=self.registry,
-        )
         self.restores: Restores | None = None
 
     def attach(self, restores: Restores) -> None:
@@ -54,7 +49,7 @@ class _RestoresCollector(Collector):
     def __init__(self, restores: Restores) -> None:
         self.restores = restores
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         restores = self.restores
         totals = restores.counter_totals()
         for key in COUNTERS:
@@ -63,6 +58,14 @@ class _RestoresCollector(Collector):
                 if name == key:
                     family.add_metric([build_id], value)
             yield family
+        service = HistogramMetricFamily(
+            "fcsnap_fault_service_seconds",
+            "Time to serve one fault, from reading it to waking the vCPU (both fault paths).",
+            labels=["build_id"])
+        for build_id, histogram in sorted(restores.latency_totals().items()):
+            service.add_metric([build_id], latency.cumulative(histogram),
+                               int(histogram[latency.SUM]) / 1e9)
+        yield service
         yield GaugeMetricFamily("fcsnap_restores_active", "Restores listening or serving.",
                                 value=len(restores.live()))
         ended = CounterMetricFamily("fcsnap_restores_ended", "Restores ended, by reason.",

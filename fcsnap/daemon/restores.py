@@ -15,13 +15,15 @@ import time
 import traceback
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fcsnap.daemon.request import RequestError, RestoreRequest, parse_restore
 from fcsnap.errors import FcsnapError
+from fcsnap.uffd import latency
 from fcsnap.uffd.firecracker_api import Response, SnapshotLoad
 from fcsnap.uffd.session import Session
 from fcsnap.uffd.shared import BuildRegistry, SharedBuild
@@ -89,16 +91,15 @@ def reason_class(exit_reason: str) -> str:
 class Restores:
     """Every restore of the daemon: start, list, end; totals of the ended ones for metrics."""
 
-    def __init__(self, store: Path, cache_bytes: int, watchdog: Watchdog,
-                 fault_seconds: Callable[[float], None] | None = None) -> None:
+    def __init__(self, store: Path, cache_bytes: int, watchdog: Watchdog) -> None:
         self.store = store
         self.builds = BuildRegistry(cache_bytes)
         self.watchdog = watchdog
-        self.fault_seconds = fault_seconds  # a histogram's observe, or None
         self._live: dict[str, Restore] = {}
         self._ended: OrderedDict[str, Restore] = OrderedDict()
         self.ended_by_reason: Counter[str] = Counter()
         self.ended_totals: Counter[tuple[str, str]] = Counter()  # (counter, build id)
+        self.ended_latency: dict[str, np.ndarray] = {}  # build id -> summed histograms
         self._lock = threading.Lock()
         self._closing = False
 
@@ -111,7 +112,6 @@ class Restores:
         restore_id = uuid.uuid4().hex[:16]
         options = request.options
         options.watchdog = self.watchdog
-        options.fault_seconds = self.fault_seconds
         build = self.builds.acquire(request.build_dir)
         try:
             session = Session(build, options, vm_id=restore_id)
@@ -179,6 +179,18 @@ class Restores:
                         totals[key, build_id] += getattr(restore.session.stats, key)
             return totals
 
+    def latency_totals(self) -> dict[str, np.ndarray]:
+        """build id -> fault latency histogram summed over every restore, ended or live
+        (the live ones' arrays read as they are counted into: a moment's figures)."""
+        with self._lock:
+            totals = {build_id: h.copy() for build_id, h in self.ended_latency.items()}
+            for restore in self._live.values():
+                if restore.session is not None:
+                    build_id = str(restore.build.build_id)
+                    histogram = totals.setdefault(build_id, latency.new_histogram())
+                    histogram += restore.session.stats.latency
+            return totals
+
     # -- one restore's thread ------------------------------------------------------------
 
     def _serve(self, restore: Restore) -> None:
@@ -225,6 +237,8 @@ class Restores:
             self.ended_by_reason[restore.ended_reason] += 1
             for key in COUNTERS:
                 self.ended_totals[key, build_id] += getattr(stats, key)
+            self.ended_latency.setdefault(build_id, latency.new_histogram())
+            self.ended_latency[build_id] += stats.latency
 
 
 def log(line: str) -> None:

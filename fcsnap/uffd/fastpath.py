@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from fcsnap.errors import FcsnapError
 from fcsnap.options import ADAPTIVE
-from fcsnap.uffd import abi
+from fcsnap.uffd import abi, latency
 from fcsnap.uffd.faultaround import ADAPTIVE_MAX, STREAMS
 from fcsnap.uffd.installer import Installer, InstallStats
 from fcsnap.uffd.mapped import READ_BELOW
@@ -35,6 +35,7 @@ except ImportError:  # not compiled: no C compiler when fcsnap was installed
     ffi = lib = None
 
 assert lib is None or lib.FP_STREAMS == STREAMS, "csrc/fastpath.h and faultaround.py disagree"
+assert lib is None or lib.FP_LATENCY_BUCKETS == latency.BUCKETS, "fastpath.h and latency.py"
 PURE_PYTHON_ENV = "FCSNAP_PURE_PYTHON"
 CAPACITY = 256  # messages read at once
 RUN_BUDGET_MS = 10  # the longest `run` serves before Python sees the stats again
@@ -122,6 +123,7 @@ class FastPath:
         ctx.messages = ffi.cast("void *", abi.buffer_address(abi.ffi.buffer(self.messages)))
         ctx.capacity = CAPACITY
         ctx.retry, ctx.defer = self.retry, self.defer
+        ctx.latency = pointer("int64_t[]", installer.stats.latency)  # counted in place
         self.ctx = ctx
         self.handed_back = 0  # faults read in C and served by Python
         self._keep = (keep, c_regions, c_diffs)

@@ -22,7 +22,7 @@ import numpy as np
 
 from fcsnap.errors import FcsnapError
 from fcsnap.options import ADAPTIVE
-from fcsnap.uffd import abi
+from fcsnap.uffd import abi, latency
 from fcsnap.uffd.faultaround import (
     ADAPTIVE_MAX,
     adaptive_window,
@@ -69,6 +69,7 @@ class InstallStats:
     started: float = field(default_factory=time.monotonic)
     first_fault_s: float | None = None
     prefetch_s: float | None = None  # from the handshake to the end of the prefetch
+    latency: np.ndarray = field(default_factory=latency.new_histogram)  # faults served
 
 
 class RegionState:
@@ -118,7 +119,15 @@ class Installer:
                 state.removed[first:last] = True
 
     def fault(self, address: int) -> Outcome:
-        """Serve one fault."""
+        """Serve one fault, timed into the latency histogram once it is done (a retry is
+        timed when it succeeds, as the compiled loop does)."""
+        began = time.monotonic_ns()
+        outcome = self._serve_fault(address)
+        if outcome is DONE:
+            latency.observe(self.stats.latency, time.monotonic_ns() - began)
+        return outcome
+
+    def _serve_fault(self, address: int) -> Outcome:
         region = self.regions.find(address)
         if region is None:
             raise FcsnapError(f"fault at {address:#x} is outside every region the VM sent")

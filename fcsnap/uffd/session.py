@@ -33,7 +33,7 @@ from typing import Any
 
 from fcsnap.errors import FcsnapError
 from fcsnap.options import ADAPTIVE
-from fcsnap.uffd import abi
+from fcsnap.uffd import abi, latency
 from fcsnap.uffd.fastpath import FastPath
 from fcsnap.uffd.handshake import Peer, accept_peer
 from fcsnap.uffd.installer import GONE, RETRY, Installer, InstallStats
@@ -63,7 +63,6 @@ class ServeOptions:
     batch_bytes: int = 1 << 20  # background work between two looks at the uffd
     access: SocketAccess = field(default_factory=SocketAccess)  # mode, owner, admitted uids
     watchdog: Watchdog | None = None  # a shared one (a daemon's); None: run() starts its own
-    fault_seconds: Callable[[float], None] | None = None  # times each fault Python serves
 
 
 def stats_json(stats: InstallStats, extra: dict[str, Any]) -> dict[str, Any]:
@@ -83,6 +82,7 @@ def stats_json(stats: InstallStats, extra: dict[str, Any]) -> dict[str, Any]:
         "duration_s": round(time.monotonic() - stats.started, 6),
         "first_fault_s": stats.first_fault_s,
         "prefetch_s": stats.prefetch_s,
+        "fault_latency": latency.summary(stats.latency),
         **extra,
     }
 
@@ -384,12 +384,8 @@ class Session:
                     self.stats.retries += len(deferred)
                     faults = deferred + faults
                 deferred = [] if batch is None else batch.retry
-                timer = self.options.fault_seconds
                 for address in faults:
-                    began = time.perf_counter()
                     outcome = installer.fault(address)
-                    if timer is not None:
-                        timer(time.perf_counter() - began)
                     if outcome is RETRY:
                         deferred.append(address)
                     elif outcome is GONE:
