@@ -27,7 +27,8 @@ in memory, one UFFDIO_COPY per fault, a poll loop) in the same run, with one thr
 every page in order: one page per fault pinned (both on CPU 0; also the kernel floor, the
 same C loop copying from one fixed buffer with no lookup), 256 KiB windows on both sides
 unpinned, and one page per fault with 4 threads in random order. fcsnap runs with its compiled
-fault path and with FCSNAP_PURE_PYTHON=1.
+fault path and with FCSNAP_PURE_PYTHON=1, and with `--baseline TREE` also with the compiled
+path of another checkout (before and after a change, in one run).
 
 The time-to-working-set table (`--time-to-ws`, or alone with `--time-to-ws-only`; bench/ttw.py)
 puts fcsnap's default (adaptive fault-around), its fixed windows and --prefetch-ws next to the
@@ -40,6 +41,7 @@ guest is real: the newest generation's memory file, packed the same way, and the
 
     python bench/restore.py [--size 1G | --corpus DIR] [--workdir DIR] [--repeat 3]
                             [--rss-size 4G] [--keep] [--per-fault | --per-fault-only]
+                            [--baseline TREE]
                             [--time-to-ws | --time-to-ws-only]
 """
 
@@ -396,23 +398,29 @@ def serve_c(work: Path, handler: Path, memfile: Path, case: FaultCase, standin: 
                minor_faults=r["rusage"]["minor_faults"], faults=json.loads(out)["faults"])
 
 
-def fcsnap_env(pure_python: bool) -> dict[str, str]:
+def fcsnap_env(pure_python: bool, tree: Path | None = None) -> dict[str, str]:
+    """The environment of an fcsnap side: pure Python or not, fcsnap from `tree` if given."""
     env = dict(os.environ)
     env.pop("FCSNAP_PURE_PYTHON", None)
     if pure_python:
         env["FCSNAP_PURE_PYTHON"] = "1"
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
     return env
 
 
-def per_fault(setup: Setup, repeat: int) -> list[dict[str, Any]]:
+def per_fault(setup: Setup, repeat: int, baseline: Path | None = None) -> list[dict[str, Any]]:
     """The per-fault table's rows: each side of each case `repeat` times in rotation, the
-    median of the guest's touch time and of microseconds per fault."""
+    median of the guest's touch time and of microseconds per fault. With `baseline` (another
+    fcsnap tree, its C extension built) its compiled path is one more side, `fcsnap-baseline`:
+    a change's cost per fault, before and after in one run."""
     handler = build_handler(setup.work)
     rows = []
     for case in FAULT_CASES:
         standin = {"threads": case.threads, "order": case.order, "seed": SEED,
                    "size": setup.size, "verify_bytes": False}
         sides = ["c", *(["floor"] if case.pinned and not case.window else []), "fcsnap",
+                 *(["fcsnap-baseline"] if baseline is not None else []),
                  *(["fcsnap-mapped"] if case.order == "random" else []), "fcsnap-python"]
         runs: dict[str, list[Run]] = {side: [] for side in sides}
         busy: list[float] = []
@@ -427,7 +435,9 @@ def per_fault(setup: Setup, repeat: int) -> list[dict[str, Any]]:
                 else:
                     saved = dict(os.environ)
                     os.environ.clear()
-                    os.environ.update(fcsnap_env(side == "fcsnap-python"))
+                    os.environ.update(fcsnap_env(
+                        side == "fcsnap-python",
+                        baseline if side == "fcsnap-baseline" else None))
                     try:
                         # mapped: --cache-mb as big as the diff, so scattered faults copy
                         # from the mapping (as the C server from memory), not through pread
@@ -748,14 +758,14 @@ def chart(results: list[Result], path: Path, title: str) -> None:
 
 
 def per_fault_only(work: Path, memfile: Path, size: int, data_share: float, repeat: int,
-                   stem: str, corpus: dict[str, Any] | None) -> int:
+                   stem: str, corpus: dict[str, Any] | None, baseline: Path | None) -> int:
     """Pack and unpack the guest, run the per-fault table alone, write STEM-perfault.*."""
     store = work / "store"
     build = pack(memfile, store)
     unpacked = work / "unpacked.mem"
     fcsnap("unpack", str(build), "-o", str(unpacked), "--quiet")
     setup = Setup(work, memfile, unpacked, build, size, data_share, 1, 0.0)
-    rows = per_fault(setup, repeat)
+    rows = per_fault(setup, repeat, baseline)
     info = {"machine": machine(), "corpus": corpus, "size": size, "data_share": data_share,
             "filesystem": filesystem(work), "repeat": repeat}
     m = info["machine"]
@@ -821,6 +831,9 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
     parser.add_argument("--per-fault", action="store_true",
                         help="add the per-fault table (fcsnap against a minimal C server)")
+    parser.add_argument("--baseline", type=Path, metavar="TREE",
+                        help="per-fault table: also serve with the fcsnap of TREE (a checkout "
+                        "with its C extension built), side fcsnap-baseline")
     parser.add_argument("--per-fault-only", action="store_true",
                         help="only the per-fault table (results in STEM-perfault.md/json)")
     parser.add_argument("--time-to-ws", action="store_true",
@@ -845,7 +858,8 @@ def main() -> int:
             memfile, data_share = synthetic_guest(work, size)
         print(f"packing {memfile}", file=sys.stderr)
         if args.per_fault_only:
-            return per_fault_only(work, memfile, size, data_share, args.repeat, stem, corpus)
+            return per_fault_only(work, memfile, size, data_share, args.repeat, stem, corpus,
+                                  args.baseline)
         setup = prepare(work, memfile, size, data_share, args.threads, args.ws_fraction)
         if args.time_to_ws_only:
             return time_to_ws_only(setup, args.repeat, stem, corpus)
@@ -891,7 +905,7 @@ def main() -> int:
         }
         checks = ratios(results)
         text = markdown(info, results, checks, checks_runs, rss)
-        fault_rows = per_fault(setup, args.repeat) if args.per_fault else []
+        fault_rows = per_fault(setup, args.repeat, args.baseline) if args.per_fault else []
         if fault_rows:
             text += "\n".join(["", *per_fault_markdown(fault_rows, args.repeat)])
         ttw_result = run_time_to_ws(setup, args.repeat) if args.time_to_ws else None

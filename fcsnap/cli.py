@@ -324,7 +324,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         usage_error("argument --store: the daemon serves a local store (restore serves S3 "
                     "builds)", f"{PROG} serve")
     return run_daemon(
-        Path(args.store), args.api, _socket_access(args), max(0, args.cache_mb) << 20
+        Path(args.store), args.api, _socket_access(args), max(0, args.cache_mb) << 20,
+        args.preload,
     )
 
 
@@ -710,6 +711,10 @@ def build_parser() -> Parser:
                      help="The API's Unix socket.")
     sub.add_argument("--cache-mb", type=int, default=256, metavar="N",
                      help="Memory for diff data, for every build and VM together (256).")
+    sub.add_argument("--preload", nargs="+", action="extend", default=[], metavar="BUILD",
+                     help="Open these builds (name, id or directory) before the API listens "
+                     "and keep them open until the daemon stops: no POST waits for opening "
+                     "them (gc cannot remove them meanwhile).")
     _add_socket_access(sub, "API socket", "call the API")
 
     for verb, text in (

@@ -24,13 +24,17 @@ from fcsnap.uffd import fastpath, latency
 SIZE = 8 << 20
 
 
-@pytest.fixture(scope="module")
-def raw_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Build]:
-    """A store holding one raw build: the kind the compiled loop serves."""
-    root = tmp_path_factory.mktemp("latency")
+def raw_store(root: Path) -> tuple[Path, Build]:
+    """A store in `root` holding one raw build named "web": the kind the compiled loop
+    serves."""
     write_full(root / "web.mem", synthetic_memory(SIZE, seed=71))
     head = ops.pack(root / "web.mem", root / "store", BuildOptions(name="web"))[1]
     return root / "store", Build("web", head.name, root / "web.mem")
+
+
+@pytest.fixture(scope="module")
+def raw_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Build]:
+    return raw_store(tmp_path_factory.mktemp("latency"))
 
 
 @pytest.fixture(params=["compiled", "python"])

@@ -22,8 +22,10 @@ from fcsnap.uffd.listener import SocketAccess, listen
 from fcsnap.uffd.watchdog import Watchdog, WatchdogError
 
 
-def run_daemon(store: Path, api_path: Path, access: SocketAccess, cache_bytes: int) -> int:
-    """Serve the API until SIGTERM/SIGINT; 0 once every restore has ended."""
+def run_daemon(store: Path, api_path: Path, access: SocketAccess, cache_bytes: int,
+               preload: list[str] | None = None) -> int:
+    """Serve the API until SIGTERM/SIGINT; 0 once every restore has ended. The `preload`
+    builds are open before the API listens (an unknown one: FcsnapError, nothing listens)."""
     if not store.is_dir():
         raise FcsnapError(f"store {store} is not a directory")
     stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
@@ -37,7 +39,12 @@ def run_daemon(store: Path, api_path: Path, access: SocketAccess, cache_bytes: i
             metrics = DaemonMetrics()
             restores = Restores(store, cache_bytes, watchdog)
             metrics.attach(restores)
-            sock = listen(api_path, access)
+            try:
+                restores.preload(preload or [])
+                sock = listen(api_path, access)
+            except BaseException:
+                restores.stop_all()  # closes the builds preloaded
+                raise
             inode = os.stat(api_path).st_ino
             server = ApiServer(sock, access, restores, metrics)
             thread = threading.Thread(target=server.serve_forever, args=(0.2,), name="api",

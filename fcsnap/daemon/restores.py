@@ -23,6 +23,7 @@ import numpy as np
 
 from fcsnap.daemon.request import RequestError, RestoreRequest, parse_restore
 from fcsnap.errors import FcsnapError
+from fcsnap.store.layout import resolve_build
 from fcsnap.uffd import latency
 from fcsnap.uffd.firecracker_api import Response, SnapshotLoad
 from fcsnap.uffd.session import Session
@@ -102,6 +103,19 @@ class Restores:
         self.ended_latency: dict[str, np.ndarray] = {}  # build id -> summed histograms
         self._lock = threading.Lock()
         self._closing = False
+        self._preloaded: list[SharedBuild] = []  # held open until the daemon stops
+
+    def preload(self, names: list[str]) -> None:
+        """Open these builds (names, ids or directories in the store) now and keep them open
+        until the daemon stops, so that no POST pays for opening them (lineage lock and pin
+        check, header, diffs, mapping arrays). The price: while open, `gc` cannot remove
+        them. A name is resolved once, here: a build published under it later is opened by
+        its first POST."""
+        for name in names:
+            build = self.builds.acquire(resolve_build(name, self.store))
+            self._preloaded.append(build)
+            build.mapping_arrays()
+            build.page_source(False, self.builds.cache_bytes)  # a session's first steps, once
 
     def start(self, body: object) -> Restore:
         """Check the request, open (or share) its build, listen; the restore is serving on
@@ -166,6 +180,9 @@ class Restores:
         for restore in live:
             if restore.thread is not None:
                 restore.thread.join(max(0.0, deadline - time.monotonic()))
+        preloaded, self._preloaded = self._preloaded, []
+        for build in preloaded:
+            self.builds.release(build)
 
     def counter_totals(self) -> Counter[tuple[str, str]]:
         """(counter, build id) -> total over every restore, ended or live, taken under the
