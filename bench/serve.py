@@ -20,8 +20,9 @@ One synthetic guest image (60% zero pages) is packed raw; every VM is the Firecr
            (--ws-fraction of the pages, random) recorded once through the daemon
            (record_ws), then every stand-in up and waiting for its socket before all the
            servers are asked for at once (POSTs to the daemon; `fcsnap restore` processes
-           started back to back), each VM touching that working set from its handshake: per-VM
-           time to working set (the stand-in's ws_s), median and worst
+           started back to back), each VM touching that working set right after its
+           handshake: per-VM time to working set (the stand-in's ws_s, from its first touch),
+           median and worst
   chart    bench/results/serve.png: the scaling table's MiB/s, time to working set and PSS
            against the number of VMs (needs matplotlib: `pip install fcsnap[bench]`; without
            it the tables are still written)
@@ -216,7 +217,8 @@ def time_to_ws(n: int, size: int, ws_fraction: float, start: Any, work: Path, ta
                ) -> dict[str, float]:
     """n VMs resumed at once with the working set prefetched: every stand-in waits for its
     socket before `start(name)` asks for any server, so the n handshakes (and prefetches)
-    overlap; each VM's time from its handshake to the end of its working set."""
+    overlap; each VM's time from its first touch (right after its handshake) to the end of
+    its working set."""
     vms = [ws_stand_in(work, f"{tag}{i}", size, ws_fraction) for i in range(n)]
     wait_for(lambda: all(waiting_to_connect(vm.pid) for vm in vms),
              "the stand-ins to wait for their sockets")
@@ -415,7 +417,8 @@ def render(r: dict[str, Any]) -> str:
         f"Scaling ({r['scale_size'] // MiB} MiB guests; d: daemon, p: one process per VM). "
         "All memory: every VM touching all its memory at once. Working set: every VM "
         f"resumed at once with `--prefetch-ws` (a recorded {r['ws_fraction']:.0%} of its "
-        "pages, random), time from its handshake to the end of its working set:",
+        "pages, random), time from its first touch (right after its handshake) to the end of "
+        "its working set:",
         "",
         "| VMs | all memory MiB/s (d / p) | all memory per-VM median (d / p) | working set "
         "per-VM median (d / p) | working set worst (d / p) | PSS peak (d / p) | touch start "
