@@ -116,3 +116,18 @@ def test_every_fault_served_is_in_the_histogram(raw_build, fault_path: str, daem
 def test_bucket_edges(ns: int, expected: int) -> None:
     """Bucket k holds latencies of at most 2**k us, as csrc/fastpath.c's note_latency counts."""
     assert latency.bucket(ns) == expected
+
+
+def test_summary_names_the_buckets_of_the_median_p99_and_slowest() -> None:
+    """--stats' fault_latency: the upper bounds of the buckets holding them (None: past the
+    last bound), from a histogram filled as the installer fills it."""
+    histogram = latency.new_histogram()
+    for ns in [500] * 60 + [3_000] * 39 + [50_000] + [2 * 10**9]:
+        latency.observe(histogram, ns)
+    summary = latency.summary(histogram)
+    assert summary["count"] == 101
+    assert summary["p50_us"] == 1.0
+    assert summary["p99_us"] == 64.0  # the 100th of 101: 50 us
+    assert summary["max_us"] is None  # over a second
+    assert summary["mean_us"] == round((60 * 500 + 39 * 3000 + 50_000 + 2 * 10**9) / 101 / 1000, 2)
+    assert latency.summary(latency.new_histogram())["count"] == 0

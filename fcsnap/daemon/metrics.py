@@ -64,7 +64,7 @@ class _RestoresCollector(Collector):
             labels=["build_id"])
         for build_id, histogram in sorted(restores.latency_totals().items()):
             service.add_metric([build_id], latency.cumulative(histogram),
-                               int(histogram[latency.SUM]) / 1e9)
+                               histogram[latency.SUM] / 1e9)
         yield service
         yield GaugeMetricFamily("fcsnap_restores_active", "Restores listening or serving.",
                                 value=len(restores.live()))

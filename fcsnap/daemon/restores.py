@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fcsnap.daemon.request import RequestError, RestoreRequest, parse_restore
 from fcsnap.errors import FcsnapError
 from fcsnap.store.layout import resolve_build
@@ -100,7 +98,7 @@ class Restores:
         self._ended: OrderedDict[str, Restore] = OrderedDict()
         self.ended_by_reason: Counter[str] = Counter()
         self.ended_totals: Counter[tuple[str, str]] = Counter()  # (counter, build id)
-        self.ended_latency: dict[str, np.ndarray] = {}  # build id -> summed histograms
+        self.ended_latency: dict[str, latency.Histogram] = {}  # build id -> their sum
         self._lock = threading.Lock()
         self._closing = False
         self._preloaded: list[SharedBuild] = []  # held open until the daemon stops
@@ -196,16 +194,18 @@ class Restores:
                         totals[key, build_id] += getattr(restore.session.stats, key)
             return totals
 
-    def latency_totals(self) -> dict[str, np.ndarray]:
+    def latency_totals(self) -> dict[str, latency.Histogram]:
         """build id -> fault latency histogram summed over every restore, ended or live
         (the live ones' arrays read as they are counted into: a moment's figures)."""
         with self._lock:
-            totals = {build_id: h.copy() for build_id, h in self.ended_latency.items()}
+            totals = {build_id: latency.new_histogram() for build_id in self.ended_latency}
+            for build_id, histogram in self.ended_latency.items():
+                latency.add(totals[build_id], histogram)
             for restore in self._live.values():
                 if restore.session is not None:
                     build_id = str(restore.build.build_id)
-                    histogram = totals.setdefault(build_id, latency.new_histogram())
-                    histogram += restore.session.stats.latency
+                    latency.add(totals.setdefault(build_id, latency.new_histogram()),
+                                restore.session.stats.latency)
             return totals
 
     # -- one restore's thread ------------------------------------------------------------
@@ -254,8 +254,8 @@ class Restores:
             self.ended_by_reason[restore.ended_reason] += 1
             for key in COUNTERS:
                 self.ended_totals[key, build_id] += getattr(stats, key)
-            self.ended_latency.setdefault(build_id, latency.new_histogram())
-            self.ended_latency[build_id] += stats.latency
+            latency.add(self.ended_latency.setdefault(build_id, latency.new_histogram()),
+                        stats.latency)
 
 
 def log(line: str) -> None:

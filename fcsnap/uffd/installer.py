@@ -69,7 +69,7 @@ class InstallStats:
     started: float = field(default_factory=time.monotonic)
     first_fault_s: float | None = None
     prefetch_s: float | None = None  # from the handshake to the end of the prefetch
-    latency: np.ndarray = field(default_factory=latency.new_histogram)  # faults served
+    latency: latency.Histogram = field(default_factory=latency.new_histogram)  # faults served
 
 
 class RegionState:

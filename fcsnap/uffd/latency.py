@@ -7,23 +7,26 @@ faults served in at most 2**k microseconds (1 us .. ~1 s), the last one anything
 slot after the buckets holds the sum of every latency, in nanoseconds.
 
 Keep BUCKETS and bucket() in step with FP_LATENCY_BUCKETS and note_latency in
-csrc/fastpath.c (fastpath.py asserts the count).
+csrc/fastpath.c (fastpath.py asserts the count). A plain array, not numpy: a session is made
+before its socket listens, and restore loads numpy only after that (fcsnap/deferred.py).
 """
 
 from __future__ import annotations
 
+from array import array
+from itertools import accumulate
 from typing import Any
 
-import numpy as np
+Histogram = array  # of "q": BUCKETS counts, then the sum in ns
 
 BUCKETS = 22  # 2**0 .. 2**20 us, then +Inf
 SUM = BUCKETS  # the slot holding the sum of the latencies, ns
 BOUNDS_S = tuple((1 << k) * 1e-6 for k in range(BUCKETS - 1))  # upper bounds, seconds
 
 
-def new_histogram() -> np.ndarray:
+def new_histogram() -> Histogram:
     """Zeroed counts, then the sum slot."""
-    return np.zeros(BUCKETS + 1, np.int64)
+    return array("q", bytes(8 * (BUCKETS + 1)))
 
 
 def bucket(ns: int) -> int:
@@ -32,14 +35,20 @@ def bucket(ns: int) -> int:
     return min((micros - 1).bit_length(), BUCKETS - 1)
 
 
-def observe(histogram: np.ndarray, ns: int) -> None:
+def observe(histogram: Histogram, ns: int) -> None:
     histogram[bucket(ns)] += 1
     histogram[SUM] += ns
 
 
-def cumulative(histogram: np.ndarray) -> list[tuple[str, int]]:
+def add(total: Histogram, other: Histogram) -> None:
+    """Fold `other` into `total`."""
+    for k, value in enumerate(other):
+        total[k] += value
+
+
+def cumulative(histogram: Histogram) -> list[tuple[str, int]]:
     """(le, cumulative count) pairs as Prometheus wants them, +Inf last."""
-    counts = np.cumsum(histogram[:BUCKETS]).tolist()
+    counts = list(accumulate(histogram[:BUCKETS]))
     return [*((repr(b), c) for b, c in zip(BOUNDS_S, counts, strict=False)),
             ("+Inf", counts[-1])]
 
@@ -48,22 +57,21 @@ def _bound_us(k: int) -> float | None:
     return float(1 << k) if k < BUCKETS - 1 else None  # None: beyond the last bound
 
 
-def summary(histogram: np.ndarray) -> dict[str, Any]:
+def summary(histogram: Histogram) -> dict[str, Any]:
     """The --stats document's view: count, mean, and the upper bound (us) of the bucket
     holding the median, the 99th percentile and the slowest fault (null: over ~1 s)."""
-    counts = histogram[:BUCKETS]
-    total = int(counts.sum())
+    running = list(accumulate(histogram[:BUCKETS]))
+    total = running[-1]
     if total == 0:
         return {"count": 0, "mean_us": None, "p50_us": None, "p99_us": None, "max_us": None}
-    running = np.cumsum(counts)
 
     def quantile(q: float) -> float | None:
-        return _bound_us(int(np.searchsorted(running, q * total)))
+        return _bound_us(next(k for k, n in enumerate(running) if n >= q * total))
 
     return {
         "count": total,
-        "mean_us": round(int(histogram[SUM]) / total / 1000, 2),
+        "mean_us": round(histogram[SUM] / total / 1000, 2),
         "p50_us": quantile(0.5),
         "p99_us": quantile(0.99),
-        "max_us": _bound_us(int(np.flatnonzero(counts)[-1])),
+        "max_us": _bound_us(running.index(total)),
     }
