@@ -69,11 +69,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def pss_kib(pid: int) -> int:
-    """PSS of `pid` and its children (a server's watchdog), in KiB."""
+    """PSS of `pid` and its children (a server's watchdog), in KiB; 0 once it has exited."""
     total = 0
     pids = [pid]
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        pids += [int(p) for p in f.read().split()]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+    except OSError:
+        return 0
     for p in pids:
         try:
             with open(f"/proc/{p}/smaps_rollup") as f:
