@@ -364,7 +364,7 @@ int fp_pump(struct fp_ctx *c)
             uint64_t address = messages[k].arg.pagefault.address;
             int outcome = fp_fault(c, address);
             int64_t ended = now_ns();
-            if (outcome == FP_DONE)
+            if (outcome == FP_DONE && c->latency != NULL)  /* NULL: a context not timed */
                 note_latency(c->latency, ended - began);
             began = ended;
             if (outcome == FP_RETRY)
