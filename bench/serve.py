@@ -6,7 +6,8 @@ One synthetic guest image (60% zero pages) is packed raw; every VM is the Firecr
 
   start    time from asking to a listening socket: POST /restores until its 201 (the daemon
            answers once the socket listens) against exec of `fcsnap restore` until its socket
-           file appears; --vms restores each, median and worst
+           file appears; --vms restores each, median and worst; and the same POSTs to a
+           second daemon started with `--preload` of the build (opened before it listens)
   memory   PSS (/proc/PID/smaps_rollup) of the page servers (and their watchdogs) with --vms
            VMs connected and idle (each touched 1% of its memory): the daemon's growth per VM
            after its first (which maps the build's diff, page cache the later VMs share)
@@ -240,14 +241,16 @@ def time_to_ws(n: int, size: int, ws_fraction: float, start: Any, work: Path, ta
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="256M")
-    p.add_argument("--vms", type=int, default=32)
-    p.add_argument("--touch-vms", type=int, default=8)
-    p.add_argument("--scale", default="1,8,32,64")
-    p.add_argument("--scale-size", default="32M")
-    p.add_argument("--ws-fraction", type=float, default=0.1)
-    p.add_argument("--scale-only", action="store_true")
-    p.add_argument("--workdir", type=Path)
+    p.add_argument("--size", default="256M", help="start/memory/touch guest size (256M)")
+    p.add_argument("--vms", type=int, default=32, help="VMs of the start and memory rows (32)")
+    p.add_argument("--touch-vms", type=int, default=8, help="VMs of the touch row (8)")
+    p.add_argument("--scale", default="1,8,32,64", help="VM counts of the scaling rows")
+    p.add_argument("--scale-size", default="32M", help="scaling guest size (32M)")
+    p.add_argument("--ws-fraction", type=float, default=0.1,
+                   help="share of the scaling guest's pages in its working set (0.1)")
+    p.add_argument("--scale-only", action="store_true",
+                   help="only the scaling table and chart")
+    p.add_argument("--workdir", type=Path, help="where the run's files go (a new directory)")
     args = p.parse_args()
     size, scale_size = parse_size(args.size), parse_size(args.scale_size)
     work = Path(tempfile.mkdtemp(prefix="fcsnap-serve-", dir=args.workdir))
