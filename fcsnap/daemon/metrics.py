@@ -86,3 +86,6 @@ class _RestoresCollector(Collector):
                                 value=len(builds.open_builds()))
         yield CounterMetricFamily("fcsnap_build_opens", "Times a build was opened.",
                                   value=builds.opened)
+        yield CounterMetricFamily("fcsnap_header_parses",
+                                  "Build openings that parsed the header (not kept from before).",
+                                  value=builds.header_parses)

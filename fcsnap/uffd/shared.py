@@ -7,33 +7,73 @@ arrays. Per session, never shared: PageSource's span buffers and each raw diff's
 (its chunk counters and read buffer, which the compiled loop updates with the GIL released).
 A MappedDiff dropping the shared mapping (MADV_DONTNEED) only zaps page table entries of a
 read-only file mapping; another session's copy out of it faults the page back in.
+
+A closed build leaves its parsed header and mapping arrays behind (the last PARSED_KEPT
+builds): parsing is most of the cost of opening a build, and a build's header never changes
+once published, so the next opening of it (a VM restored after its build's last one ended)
+only locks the lineage, checks the pins and opens the diffs. The header file's identity
+(device, inode, size, mtime) must match, or it is parsed again.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fcsnap.header import Header, load_header
+from fcsnap.store.layout import HEADER
 from fcsnap.store.pins import open_lineage
 from fcsnap.store.seekable import FrameCache
 from fcsnap.store.source import DiffFile, open_diffs
 from fcsnap.uffd.pages import PageSource, hash_tables, mapping_arrays
 
+PARSED_KEPT = 16  # closed builds whose parsed header and mapping arrays are kept
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """What a closed build leaves for its next opening: its header file's identity, the
+    header parsed from it, and its mapping arrays if they were made."""
+
+    identity: tuple[int, int, int, int] | None
+    header: Header
+    arrays: Arrays | None
+
+
+def header_identity(build_dir: Path) -> tuple[int, int, int, int] | None:
+    """None if it cannot be had (then the header is read, and its reading says what is
+    wrong)."""
+    try:
+        st = os.stat(build_dir / HEADER)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
 
 class SharedBuild:
     """One build's header, diffs, hashes and mapping arrays, opened once."""
 
-    def __init__(self, build_dir: Path, cache_bytes: int, frame_cache: FrameCache | None = None
-                 ) -> None:
+    def __init__(self, build_dir: Path, cache_bytes: int, frame_cache: FrameCache | None = None,
+                 parsed: Parsed | None = None) -> None:
         self.build_dir = build_dir
         self.cache_bytes = cache_bytes
         self.lineage = open_lineage(build_dir)  # pins checked; LOCK_SH held while served
         try:
-            self.header: Header = load_header(build_dir)
+            identity = header_identity(build_dir)
+            self.header_parsed = parsed is None or identity is None or parsed.identity != identity
+            if self.header_parsed:
+                parsed = Parsed(identity, load_header(build_dir), None)
+            assert parsed is not None
+            self.identity = identity
+            self.header: Header = parsed.header
             self.diffs: dict[uuid.UUID, DiffFile] = open_diffs(
                 self.header, build_dir.parent, cache_bytes, frame_cache
             )
@@ -44,7 +84,7 @@ class SharedBuild:
         self.users = 0  # sessions holding it (BuildRegistry counts them)
         self._lock = threading.Lock()
         self._hashes: dict[uuid.UUID, np.ndarray] | None = None
-        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._arrays: Arrays | None = parsed.arrays
 
     def hashes(self) -> dict[uuid.UUID, np.ndarray]:
         """The hash sidecars (for --verify), read on first use."""
@@ -53,7 +93,7 @@ class SharedBuild:
                 self._hashes = hash_tables(self.diffs)
             return self._hashes
 
-    def mapping_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def mapping_arrays(self) -> Arrays:
         """The header's mappings as arrays (PageSource.where, the compiled loop), made once."""
         with self._lock:
             if self._arrays is None:
@@ -64,6 +104,11 @@ class SharedBuild:
         """A session's own view of the build (its own mapped-diff state)."""
         hashes = self.hashes() if verify else None
         return PageSource(self.header, self.diffs, hashes, map_budget, self.mapping_arrays)
+
+    def parsed(self) -> Parsed:
+        """What the next opening of this build may reuse."""
+        with self._lock:
+            return Parsed(self.identity, self.header, self._arrays)
 
     def close(self) -> None:
         for diff in self.diffs.values():
@@ -79,8 +124,10 @@ class BuildRegistry:
         self.frames = FrameCache(cache_bytes)
         self.cache_bytes = cache_bytes
         self._builds: dict[Path, SharedBuild] = {}
+        self._parsed: OrderedDict[Path, Parsed] = OrderedDict()  # closed builds', newest last
         self._lock = threading.Lock()
         self.opened = 0  # times a build was opened (not found open): sharing at work
+        self.header_parses = 0  # of those, the times its header was parsed (not kept)
 
     def acquire(self, build_dir: Path) -> SharedBuild:
         """The open build (opening it if no session has it), counted as used once more.
@@ -89,9 +136,10 @@ class BuildRegistry:
         with self._lock:
             build = self._builds.get(key)
             if build is None:
-                build = SharedBuild(key, self.cache_bytes, self.frames)
+                build = SharedBuild(key, self.cache_bytes, self.frames, self._parsed.get(key))
                 self._builds[key] = build
                 self.opened += 1
+                self.header_parses += build.header_parsed
             build.users += 1
             return build
 
@@ -102,6 +150,10 @@ class BuildRegistry:
             if build.users > 0:
                 return
             self._builds.pop(build.build_dir, None)
+            self._parsed[build.build_dir] = build.parsed()
+            self._parsed.move_to_end(build.build_dir)
+            while len(self._parsed) > PARSED_KEPT:
+                self._parsed.popitem(last=False)
         build.close()
 
     def open_builds(self) -> list[SharedBuild]:
