@@ -23,6 +23,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,7 +36,8 @@ from fcsnap.uffd.pages import PageSource, hash_tables, mapping_arrays
 
 PARSED_KEPT = 16  # closed builds whose parsed header and mapping arrays are kept
 
-Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
+if TYPE_CHECKING:  # not at run time: np is a stand-in until restore listens (deferred.py)
+    Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 @dataclass(frozen=True)
