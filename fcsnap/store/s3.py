@@ -29,7 +29,8 @@ CONNECT_TIMEOUT = "5s"
 REQUEST_TIMEOUT = "120s"
 RETRY_TIMEOUT = datetime.timedelta(seconds=15)
 MAX_RETRIES = 4
-PART_SIZE = 8 << 20  # multipart part size: big enough for throughput, 2 in memory at most
+PART_SIZE = 8 << 20  # multipart part size: big enough for throughput
+PARTS_IN_FLIGHT = 4  # parts uploading at once (memory: this many parts and one filling)
 # Credentials a deployment may hand over other than by keys in the environment (obstore then
 # finds them); without any of these and without keys, a command fails at once instead of
 # waiting on instance metadata that is not there.
@@ -129,7 +130,7 @@ class _S3Writer:
         self.objects = objects
         self.key = key
         self.file = obstore.open_writer(
-            objects.client, key, buffer_size=PART_SIZE, max_concurrency=4
+            objects.client, key, buffer_size=PART_SIZE, max_concurrency=PARTS_IN_FLIGHT
         )
         self.done = False
         self.written = 0
@@ -240,7 +241,8 @@ class S3Objects:
         import obstore
 
         with self.errors("upload", key):
-            obstore.put(self.client, key, path, chunk_size=PART_SIZE, max_concurrency=4)
+            obstore.put(self.client, key, path, chunk_size=PART_SIZE,
+                        max_concurrency=PARTS_IN_FLIGHT)
 
     def put(self, key: str, data: bytes, expect: str | None) -> str:
         import obstore
