@@ -11,7 +11,8 @@ from pathlib import Path
 import obstore
 import pytest
 from s3_helpers import Bucket, memfile
-from store_procs import fcsnap
+from store_procs import TIMEOUT, fcsnap
+from test_s3_store import start_stopped
 
 from fcsnap.store.s3 import PART_SIZE
 
@@ -59,6 +60,30 @@ def test_an_s3_pack_stores_what_a_local_pack_stores(
     remote_manifest = json.loads(remote("build.json"))
     assert without_volatile(remote_manifest) == without_volatile(local_manifest)
     assert remote_manifest["stats"]["bytes_written"] == len(diff)
+
+
+def test_a_zstd_pack_killed_mid_upload_or_before_its_commit_shows_nothing(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    """Killed while compressed parts stream up: no object. Killed just before build.json: the
+    diff's upload had completed (it ends on a worker while the small files go up, but before
+    the commit), and without build.json nothing is visible."""
+    mem = memfile(tmp_path, "mem", seed=12, mib=128)  # > 2 parts of zstd output
+    store = bucket.url()
+    for point in ("uploading", "commit"):
+        proc = start_stopped(bucket, "pack", mem, "--store", store, "--compress", "zstd",
+                             "--name", "web", point=point)
+        uploaded = bucket.listing()
+        proc.kill()
+        proc.communicate(timeout=TIMEOUT)
+        if point == "uploading":
+            assert uploaded == []
+        else:
+            build_id = uploaded[0].split("/")[0]
+            assert uploaded == sorted(f"{build_id}/{name}" for name in (
+                "memfile.diff.zst", "memfile.header", "memfile.hashes"))
+        listed = fcsnap("ls", "--store", store, "--json", env=bucket.env)
+        assert listed.returncode == 0 and json.loads(listed.stdout)["names"] == []
 
 
 @pytest.mark.parametrize(("endpoint", "variable", "unsigned"), [
