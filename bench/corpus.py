@@ -501,6 +501,23 @@ def _complete(path: Path, size: int) -> dict[str, Any] | None:
     return manifest if ok else None
 
 
+def cached_corpus(
+    size: int = DEFAULT_SIZE, stages: int = DEFAULT_STAGES, cache: Path = DEFAULT_CACHE
+) -> Corpus | None:
+    """The newest finished corpus of (size, stages) in `cache`, found without booting or
+    installing anything; None when there is none (a bench then falls back to synthetic
+    memory). Unlike build_corpus it does not check that the cache key matches today's tools."""
+    found = []
+    for path in cache.glob(f"{size // MIB}M-{stages}-*"):
+        manifest = _complete(path, size)
+        if manifest is not None and manifest.get("format") == FORMAT:
+            found.append((manifest.get("created_at", ""), str(path), manifest))
+    if not found:
+        return None
+    _, path, manifest = max(found, key=lambda f: f[:2])
+    return Corpus(Path(path), manifest)
+
+
 def build_corpus(
     size: int = DEFAULT_SIZE, stages: int = DEFAULT_STAGES, cache: Path = DEFAULT_CACHE,
     force: bool = False, boot_timeout: float = 300.0, stage_timeout: float = 600.0,

@@ -15,13 +15,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fcsnap.errors import UsageError
 from fcsnap.options import (
     DEFAULT_FRAME_SIZE,
     parse_block_size,
     parse_cache_size,
     parse_compression,
-    parse_fault_around,
     parse_frame_size,
     parse_offset,
 )
@@ -384,17 +382,18 @@ def restore(
     refuses raises FcsnapError (the VM is killed if it connected). A build in an S3 store is
     served through the host chunk cache at `cache_dir` (at most `cache_size`), each fetch
     allowed `fetch_timeout` seconds with its retries."""
-    from fcsnap.store.layout import SNAPFILE
+    from fcsnap.restore_options import check_restore
     from fcsnap.store.stores import add_fetch_stats, open_store, serve_source
-    from fcsnap.uffd.firecracker_api import SnapshotLoad, load_body
     from fcsnap.uffd.server import FaultServer, ServeOptions
 
-    if firecracker_api is None and (vmstate is not None or track_dirty_pages):
-        raise UsageError("--vmstate and --track-dirty-pages need --firecracker-api")
-    if api_timeout <= 0:
-        raise UsageError(f"invalid --api-timeout {api_timeout}: must be more than 0 seconds")
-    if "fault_around" in options:  # a size ("256K", 0) or "adaptive", as the CLI takes it
-        options["fault_around"] = parse_fault_around(options["fault_around"])
+    checked = check_restore(  # fault_around: a size ("256K", 0) or "adaptive", as typed
+        fault_around=options.get("fault_around", "adaptive"),
+        handshake_timeout=options.get("handshake_timeout", ServeOptions.handshake_timeout),
+        firecracker_api=firecracker_api, vmstate=vmstate, track_dirty_pages=track_dirty_pages,
+        api_timeout=api_timeout, access=options.get("access"),
+    )
+    options.update(fault_around=checked.fault_around, access=checked.access,
+                   handshake_timeout=checked.handshake_timeout)
     if isinstance(store, str | os.PathLike):
         store = open_store(str(store), fetch_timeout)
     size = parse_cache_size(cache_size)
@@ -402,13 +401,7 @@ def restore(
         str(build), store, None if cache_dir is None else Path(cache_dir), size, fetch_timeout
     )
     socket = Path(socket)
-    load: SnapshotLoad | None = None
-    if firecracker_api is not None:
-        if vmstate is None and not (build_dir / SNAPFILE).is_file():
-            raise UsageError(f"build {build_dir.name} has no {SNAPFILE}: give --vmstate")
-        state = Path(vmstate) if vmstate is not None else build_dir / SNAPFILE
-        body = load_body(state, socket, track_dirty_pages)
-        load = SnapshotLoad(Path(firecracker_api), body, api_timeout)
+    load = checked.snapshot_load(build_dir, socket)
 
     def listening() -> None:
         if on_listening is not None:

@@ -65,17 +65,6 @@ def _value(name: str) -> Callable[[str], str]:
     return convert
 
 
-def _fault_around(text: str) -> int:
-    """An argparse type for --fault-around: a size, or 'adaptive'."""
-    from fcsnap.errors import UsageError
-    from fcsnap.options import parse_fault_around
-
-    try:
-        return parse_fault_around(text)
-    except UsageError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 # -- output ----------------------------------------------------------------------------------
 
 
@@ -294,23 +283,28 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def _restore_via_daemon(args: argparse.Namespace) -> int:
-    """restore --daemon: the options as the daemon's POST /restores takes them (its texts, as
-    typed on a command line); print the restore's id once its socket listens."""
+    """restore --daemon: the options as the daemon's POST /restores takes them (texts as
+    typed), checked here first as the daemon checks them (a bad value: exit 2, no request);
+    print the restore's id once its socket listens."""
     from fcsnap.daemon.client import restore_via_daemon
-    from fcsnap.options import ADAPTIVE
+    from fcsnap.restore_options import check_restore
 
     if args.store is not None:
         usage_error("argument --store: the daemon serves its own store", f"{PROG} restore")
-    owner = args.socket_owner
+    check_restore(
+        fault_around=args.fault_around, handshake_timeout=args.handshake_timeout,
+        firecracker_api=args.firecracker_api, vmstate=args.vmstate,
+        track_dirty_pages=args.track_dirty_pages, api_timeout=args.api_timeout,
+        access=_socket_access(args),
+    )
     answer = restore_via_daemon(args.daemon, args.vm, dict(
         socket=args.socket, stats=args.stats, verify=args.verify,
-        handshake_timeout=args.handshake_timeout,
-        fault_around="adaptive" if args.fault_around == ADAPTIVE else str(args.fault_around),
+        handshake_timeout=args.handshake_timeout, fault_around=args.fault_around,
         record_ws=args.record_ws, prefetch_ws=args.prefetch_ws, populate=args.populate,
         eager=args.eager, firecracker_api=args.firecracker_api, vmstate=args.vmstate,
         track_dirty_pages=args.track_dirty_pages, api_timeout=args.api_timeout,
-        socket_owner=None if owner is None else ":".join(str(i) for i in owner if i is not None),
-        socket_mode=f"0{args.socket_mode:o}", allow_uid=[str(uid) for uid in args.allow_uid],
+        socket_owner=args.socket_owner, socket_mode=args.socket_mode,
+        allow_uid=args.allow_uid,
     ))
     print(answer["id"])
     return 0
@@ -330,28 +324,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _socket_access(args: argparse.Namespace) -> Any:
-    """restore's --socket-owner/--socket-mode/--allow-uid, parsed by argparse, as one value."""
-    from fcsnap.uffd.listener import SocketAccess
+    """--socket-owner/--socket-mode/--allow-uid (restore's, serve's) as one value, checked
+    as the daemon checks a request's (a bad one is a UsageError: exit 2)."""
+    from fcsnap.restore_options import socket_access
 
-    uid, gid = args.socket_owner or (None, None)
-    return SocketAccess(
-        mode=args.socket_mode, owner_uid=uid, owner_gid=gid,
-        allowed_uids=frozenset(args.allow_uid),
-    )
-
-
-def _listener_value(parse: str) -> Callable[[str], Any]:
-    """An argparse type from a parser of fcsnap.uffd.listener (a ValueError is a usage error)."""
-
-    def convert(text: str) -> Any:
-        from fcsnap.uffd import listener
-
-        try:
-            return getattr(listener, parse)(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    return convert
+    return socket_access(args.socket_owner, args.socket_mode, args.allow_uid)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -797,7 +774,7 @@ def _restore_options(sub: argparse.ArgumentParser) -> None:
         help="Seconds a connected VM has to send its regions (10).")
     add("--cache-mb", type=int, default=64, metavar="N",
         help="Memory for diff data: decompressed frames (zstd), mapped pages (raw) (64).")
-    add("--fault-around", default="adaptive", type=_fault_around, metavar="SIZE|adaptive",
+    add("--fault-around", default="adaptive", metavar="SIZE|adaptive",
         help="Install this much contiguous memory around a fault in one copy (0: one page); "
              "adaptive (the default): grow the window while the guest reads in order, one "
              "page when it scatters.")
@@ -834,12 +811,12 @@ def _restore_options(sub: argparse.ArgumentParser) -> None:
 def _add_socket_access(sub: argparse.ArgumentParser, what: str, verb: str) -> None:
     """--socket-owner, --socket-mode, --allow-uid: who may use a socket (restore's, serve's)."""
     add = sub.add_argument
-    add("--socket-owner", type=_listener_value("parse_owner"), metavar="UID[:GID]",
+    add("--socket-owner", metavar="UID[:GID]",
         help=f"Give the {what} file to this user (and group), e.g. a jailed Firecracker's; "
              f"that uid may {verb} too.")
-    add("--socket-mode", default=0o600, type=_listener_value("parse_mode"), metavar="MODE",
+    add("--socket-mode", metavar="MODE",
         help=f"The {what} file's permissions, octal (0600).")
-    add("--allow-uid", action="append", default=[], type=_listener_value("parse_uid"),
+    add("--allow-uid", action="append", default=[],
         metavar="UID", help="Also admit connections from this uid (repeatable). Admitted "
                             "always: this process's uid and the --socket-owner's.")
 

@@ -268,7 +268,7 @@ def test_metrics_count_what_the_restores_served(store, daemon: Daemon) -> None:
     ({"vm": "raw", "socket": "/tmp/x.sock", "eager": "yes"}, 400, "eager must be true"),
     ({"vm": "nosuch", "socket": "/tmp/x.sock"}, 404, "no build or VM named 'nosuch'"),
     ({"vm": "raw", "socket": "/tmp/x.sock", "fault_around": "lots"}, 400, "fault-around"),
-    ({"vm": "raw", "socket": "/tmp/x.sock", "vmstate": "/tmp/v"}, 400, "need firecracker_api"),
+    ({"vm": "raw", "socket": "/tmp/x.sock", "vmstate": "/tmp/v"}, 400, "need --firecracker-api"),
     ([1, 2], 400, "must be a JSON object"),
 ])
 def test_bad_requests_are_one_line_and_listen_on_nothing(daemon: Daemon, body, status, says

@@ -2,7 +2,9 @@
 
 Keys are restore's options with `_` for `-`; the daemon-wide ones (`--store`, `--cache-mb`)
 are the daemon's. Paths must be absolute: the daemon's working directory is not the caller's
-(`fcsnap restore --daemon` makes them absolute before sending). Every check that restore makes
+(`fcsnap restore --daemon` makes them absolute before sending). Here the body's JSON types are
+checked; the values go through fcsnap.restore_options, as the command line's and the Python
+API's do, so a value is refused with the same line everywhere. Every check that restore makes
 before listening is made here or by the session's `listen`, so a bad request listens on nothing.
 """
 
@@ -13,14 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from fcsnap.errors import FcsnapError
-from fcsnap.options import parse_fault_around
-from fcsnap.store.layout import SNAPFILE, resolve_build
-from fcsnap.uffd.firecracker_api import SnapshotLoad, load_body
-from fcsnap.uffd.listener import SocketAccess, parse_mode, parse_owner, parse_uid
+from fcsnap.restore_options import (
+    DEFAULT_API_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    check_restore,
+    socket_access,
+)
+from fcsnap.store.layout import resolve_build
+from fcsnap.uffd.firecracker_api import SnapshotLoad
+from fcsnap.uffd.listener import SocketAccess
 from fcsnap.uffd.session import ServeOptions
 
 BOOLEANS = ("verify", "populate", "eager", "track_dirty_pages")
-NUMBERS = {"handshake_timeout": 10.0, "api_timeout": 30.0}
+NUMBERS = {"handshake_timeout": DEFAULT_HANDSHAKE_TIMEOUT, "api_timeout": DEFAULT_API_TIMEOUT}
 PATHS = ("stats", "record_ws", "prefetch_ws", "firecracker_api", "vmstate")
 TEXTS = ("fault_around", "socket_owner", "socket_mode")
 KNOWN = {"vm", "socket", "allow_uid", *BOOLEANS, *NUMBERS, *PATHS, *TEXTS}
@@ -58,51 +65,52 @@ def parse_restore(body: object, store: Path, cache_bytes: int) -> RestoreRequest
     numbers = {key: _number(body, key, default) for key, default in NUMBERS.items()}
     paths = {key: _path(body, key) for key in PATHS}
     try:
-        build_dir = resolve_build(vm, store)
+        checked = check_restore(
+            fault_around=_text(body, "fault_around") or "adaptive",
+            handshake_timeout=numbers["handshake_timeout"],
+            firecracker_api=paths["firecracker_api"], vmstate=paths["vmstate"],
+            track_dirty_pages=bool(body.get("track_dirty_pages")),
+            api_timeout=numbers["api_timeout"], access=_access(body),
+        )
+        build_dir = request_build(vm, store)
+        load = checked.snapshot_load(build_dir, socket_path)
+    except RequestError:
+        raise
     except FcsnapError as e:
-        raise RequestError(str(e), 404) from None
-    fault_around = _text(body, "fault_around") or "adaptive"
-    try:
-        around = parse_fault_around(fault_around)
-        access = _access(body)
-    except (ValueError, FcsnapError) as e:
         raise RequestError(str(e)) from None
-    load = None
-    if paths["firecracker_api"] is not None:
-        if numbers["api_timeout"] <= 0:
-            raise RequestError("api_timeout must be more than 0 seconds")
-        vmstate = paths["vmstate"] or build_dir / SNAPFILE
-        if paths["vmstate"] is None and not vmstate.is_file():
-            raise RequestError(f"build {build_dir.name} has no {SNAPFILE}: give vmstate")
-        payload = load_body(vmstate, socket_path, bool(body.get("track_dirty_pages")))
-        load = SnapshotLoad(paths["firecracker_api"], payload, numbers["api_timeout"])
-    elif paths["vmstate"] is not None or body.get("track_dirty_pages"):
-        raise RequestError("vmstate and track_dirty_pages need firecracker_api")
     options = ServeOptions(
         socket=socket_path,
         verify=bool(body.get("verify")),
         stats_path=paths["stats"],
-        handshake_timeout=numbers["handshake_timeout"],
+        handshake_timeout=checked.handshake_timeout,
         cache_bytes=cache_bytes,
-        fault_around=around,
+        fault_around=checked.fault_around,
         record_ws=paths["record_ws"],
         prefetch_ws=paths["prefetch_ws"],
         populate=bool(body.get("populate")),
         eager=bool(body.get("eager")),
-        access=access,
+        access=checked.access,
     )
     return RestoreRequest(vm, build_dir, options, load)
 
 
+def request_build(vm: str, store: Path) -> Path:
+    """The build directory `vm` (a directory, id or name) stands for in the daemon's store;
+    RequestError 404 when there is none."""
+    try:
+        return resolve_build(vm, store)
+    except FcsnapError as e:
+        raise RequestError(str(e), 404) from None
+
+
 def _access(body: dict[str, Any]) -> SocketAccess:
-    owner = _text(body, "socket_owner")
-    uid, gid = parse_owner(owner) if owner else (None, None)
     allowed = body.get("allow_uid", [])
-    if not isinstance(allowed, list) or not all(isinstance(u, str | int) for u in allowed):
+    if not isinstance(allowed, list) or not all(
+        isinstance(u, str | int) and not isinstance(u, bool) for u in allowed
+    ):
         raise RequestError("allow_uid must be a list of uids or user names")
-    return SocketAccess(
-        mode=parse_mode(_text(body, "socket_mode") or "0600"), owner_uid=uid, owner_gid=gid,
-        allowed_uids=frozenset(parse_uid(str(u)) for u in allowed),
+    return socket_access(
+        _text(body, "socket_owner"), _text(body, "socket_mode"), [str(u) for u in allowed]
     )
 
 
@@ -133,6 +141,4 @@ def _number(body: dict[str, Any], key: str, default: float) -> float:
     value = body.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
         raise RequestError(f"{key} must be a number of seconds")
-    if value < 0:
-        raise RequestError(f"{key} must not be negative")
     return float(value)

@@ -43,7 +43,7 @@ from fcsnap.store.manifest import Manifest, Stats, write_manifest
 from fcsnap.store.names import check_vm_name
 from fcsnap.store.remote import RemoteStore, build_key
 from fcsnap.store.scan import consecutive_runs
-from fcsnap.store.seekable import SeekableWriter
+from fcsnap.store.seekable import BATCH_BYTES, SeekableWriter
 from fcsnap.store.stores import current_head
 from fcsnap.units import PAGE
 
@@ -85,6 +85,10 @@ GATHER_BELOW = 256 << 10
 GATHER_BYTES = 4 << 20
 WRITEBACK_BYTES = 4 << 20
 IN_FLIGHT = 2  # batches handed to the sink's worker and not yet written
+# zstd input compressed at once when the diff streams to object storage: small, so the first
+# parts go up while the scan has barely started and little is left to compress at its end
+# (the upload, not the disk, is then what the build waits for).
+STREAM_BATCH_BYTES = 2 << 20
 
 
 class DiffSink:
@@ -102,7 +106,10 @@ class DiffSink:
         self.file = out
         self.local = local
         self.zstd = (
-            SeekableWriter(self.file, options.frame_size, options.level)
+            SeekableWriter(
+                self.file, options.frame_size, options.level,
+                batch_bytes=BATCH_BYTES if local else STREAM_BATCH_BYTES,
+            )
             if options.compression == "zstd"
             else None
         )
@@ -111,6 +118,7 @@ class DiffSink:
         self.synced = 0  # bytes of the file whose writeback has been started
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="fcsnap-sink")
         self.in_flight: list[Future[None]] = []
+        self.committing: Future[None] | None = None  # an object writer's commit, under way
         self.closed = False
 
     @classmethod
@@ -154,21 +162,33 @@ class DiffSink:
                 self.in_flight.pop(0).result()
 
     def close(self) -> int:
-        """Finish the file; returns its size on disk."""
+        """Finish the file; returns its size. A local file is closed here; an object writer's
+        commit (its last parts, then completing the upload) is started on the worker, so the
+        build's small files go up meanwhile: `committed` waits for it."""
         self._wait()
         if self.zstd is not None:
             with writing(self.what):
                 self.zstd.close()
         written = self.size_written()
         self.closed = True
-        self.worker.shutdown()
-        with writing(self.what):
-            self.file.close()  # an object writer commits the object here
+        if self.local:
+            self.worker.shutdown()
+            with writing(self.what):
+                self.file.close()
+        else:
+            self.committing = self.worker.submit(self.file.close)
+            self.worker.shutdown(wait=False)
         return written
+
+    def committed(self) -> None:
+        """Wait until the object is complete (it exists whole); its errors are raised here."""
+        if self.committing is not None:
+            with writing(self.what):
+                self.committing.result()
 
     def discard(self) -> None:
         """Stop the worker and drop the file (all that is left to do after a failure): an
-        object writer is aborted, so no object appears."""
+        object writer is aborted, so no object appears. (After close, see `committed`.)"""
         if self.closed:
             return
         self.closed = True
@@ -442,26 +462,37 @@ class Assembly:
 def build_remote(store: RemoteStore, work: Assembly, expected: uuid.UUID | None) -> Manifest:
     """A build into object storage (docs/FORMAT.md §8.5): the diff streams up as a multipart
     upload while it is produced; the small files are assembled in a local temporary directory
-    and uploaded after it, build.json last (the commit); then the name by compare-and-swap.
-    Whatever fails, the objects written are deleted, build.json first."""
+    and uploaded while the diff's upload completes, build.json last (the commit) once every
+    other object exists; then the name by compare-and-swap. Whatever fails, the objects
+    written are deleted, build.json first."""
     options = work.options
     stage = Path(tempfile.mkdtemp(prefix="fcsnap-stage-"))
     diff_key = build_key(work.build_id, diff_name(options))
     written: list[str] = [diff_key]
+    sink: DiffSink | None = None
     try:
         sink = DiffSink(store.objects.writer(diff_key), f"{diff_key} in {store.url}", options,
                         local=False)
         manifest = work.assemble(stage, sink, store.url)
-        for name in (HEADER, HASHES, SNAPFILE):
-            if (stage / name).exists():
-                written.append(build_key(work.build_id, name))
-                store.objects.upload(written[-1], stage / name)
+        small = [name for name in (HEADER, HASHES, SNAPFILE) if (stage / name).exists()]
+        written += [build_key(work.build_id, name) for name in small]
+        with ThreadPoolExecutor(len(small), thread_name_prefix="fcsnap-upload") as pool:
+            uploads = [
+                pool.submit(store.objects.upload, build_key(work.build_id, name), stage / name)
+                for name in small
+            ]
+            for upload in uploads:
+                upload.result()
+        sink.committed()
         stop_point("commit")
         written.append(build_key(work.build_id, MANIFEST))
         store.objects.upload(written[-1], stage / MANIFEST)
         if options.name:
             store.publish_name(options.name, work.build_id, expected, options.verb)
     except BaseException:
+        if sink is not None:
+            with contextlib.suppress(Exception):
+                sink.committed()  # a commit under way ends before its object is deleted
         for key in reversed(written):  # build.json first: the build is invisible at once
             with contextlib.suppress(FcsnapError):
                 store.objects.delete(key)

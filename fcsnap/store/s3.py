@@ -29,7 +29,8 @@ CONNECT_TIMEOUT = "5s"
 REQUEST_TIMEOUT = "120s"
 RETRY_TIMEOUT = datetime.timedelta(seconds=15)
 MAX_RETRIES = 4
-PART_SIZE = 8 << 20  # multipart part size: big enough for throughput, 2 in memory at most
+PART_SIZE = 8 << 20  # multipart part size: big enough for throughput
+PARTS_IN_FLIGHT = 4  # parts uploading at once (memory: this many parts and one filling)
 # Credentials a deployment may hand over other than by keys in the environment (obstore then
 # finds them); without any of these and without keys, a command fails at once instead of
 # waiting on instance metadata that is not there.
@@ -83,6 +84,13 @@ def _config(location: S3Location) -> dict[str, Any]:
         if not re.match(r"https?://[^/\s]+", endpoint):
             raise FcsnapError(f"AWS_ENDPOINT_URL {endpoint!r} is not an http:// or https:// URL")
         config["endpoint"] = endpoint
+    if _env("AWS_UNSIGNED_PAYLOAD") is None and not config.get("endpoint", "").startswith(
+        "http://"
+    ):
+        # Over TLS the body is protected already; signing it too (SigV4's signed payload) is
+        # a SHA-256 pass over every byte sent: measured, 14% of the CPU of a zstd pack into
+        # S3. AWS's SDKs skip it over https as well; AWS_UNSIGNED_PAYLOAD decides if set.
+        config["unsigned_payload"] = True
     key, secret = _env("AWS_ACCESS_KEY_ID"), _env("AWS_SECRET_ACCESS_KEY")
     if key and secret:
         config["access_key_id"], config["secret_access_key"] = key, secret
@@ -122,7 +130,7 @@ class _S3Writer:
         self.objects = objects
         self.key = key
         self.file = obstore.open_writer(
-            objects.client, key, buffer_size=PART_SIZE, max_concurrency=4
+            objects.client, key, buffer_size=PART_SIZE, max_concurrency=PARTS_IN_FLIGHT
         )
         self.done = False
         self.written = 0
@@ -233,7 +241,8 @@ class S3Objects:
         import obstore
 
         with self.errors("upload", key):
-            obstore.put(self.client, key, path, chunk_size=PART_SIZE, max_concurrency=4)
+            obstore.put(self.client, key, path, chunk_size=PART_SIZE,
+                        max_concurrency=PARTS_IN_FLIGHT)
 
     def put(self, key: str, data: bytes, expect: str | None) -> str:
         import obstore

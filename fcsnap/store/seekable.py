@@ -167,7 +167,11 @@ class SeekableWriter:
         level: int = 3,
         checksums: bool = True,
         threads: int = 2,
+        batch_bytes: int = BATCH_BYTES,
     ) -> None:
+        """`batch_bytes`: how much is compressed at once. A writer streaming to object storage
+        passes a small batch, so the upload starts early and little is left to compress (and
+        send) once its input ends."""
         if not 0 < frame_size <= MAX_FRAME_SIZE:
             raise FcsnapError(
                 f"zstd frame size {frame_size} is out of range (1 byte to {MAX_FRAME_SIZE >> 20} "
@@ -180,7 +184,7 @@ class SeekableWriter:
         self._checksums = checksums
         self._threads = threads
         self._compressor = zstandard.ZstdCompressor(level=level)
-        self._batch_frames = min(MAX_BATCH_FRAMES, max(2 * threads, BATCH_BYTES // frame_size))
+        self._batch_frames = min(MAX_BATCH_FRAMES, max(2 * threads, batch_bytes // frame_size))
         self._batch_bytes = self._batch_frames * frame_size
         # One batch of staging space, allocated once and reused: growing a fresh buffer per batch
         # costs more in page faults than the copy itself.
