@@ -21,6 +21,7 @@ import os
 import threading
 import time
 import uuid
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,8 +34,10 @@ from fcsnap.errors import FcsnapError
 from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes, sidecar_pin
 from fcsnap.store.layout import DIFF_RAW, HASHES
 from fcsnap.store.manifest import read_manifest
+from fcsnap.uffd import abi
 
-CHUNK = 4 << 20
+CHUNK_SHIFT = 22
+CHUNK = 1 << CHUNK_SHIFT
 AHEAD = 4  # chunks fetched ahead of a sequential reader, in flight at once
 MAPPED = 8  # chunks a diff keeps mapped (32 MiB of page cache)
 Buffer = bytes | mmap.mmap
@@ -155,7 +158,18 @@ class ChunkCache:
 
 class CachedDiff:
     """A raw diff in object storage read through the chunk cache: what DiffFile is to a local
-    diff, for the readers that use `read` (no mapping: `map` is None)."""
+    diff, for the readers that use `read` (no mapping of the whole diff: `map` is None).
+
+    For a restore (`serving`), every chunk read stays mapped while the diff is open and its
+    address goes into `chunk_maps` (0: not mapped yet), which the compiled fault loop
+    (csrc/fastpath.c) copies from with the GIL released, handing a fault back to Python when
+    its chunk is not mapped yet. The table is shared by every session of the build: an entry
+    only ever goes from 0 to the address of a mapping that lives until `close` (after the
+    last session), so a reader sees 0 or a valid address, never a stale one. A chunk evicted
+    from the cache meanwhile stays readable through its mapping (the inode lives while
+    mapped)."""
+
+    chunk_shift = CHUNK_SHIFT
 
     def __init__(
         self, build_dir: Path, cache: ChunkCache, object_size: int | None,
@@ -180,6 +194,9 @@ class CachedDiff:
         self.block_size, self.table = read_hashes(build_dir / HASHES)
         self.key = f"{build_dir.name}-{sidecar_pin(sidecar)[7:39]}"
         self.mapped: OrderedDict[int, Buffer] = OrderedDict()
+        self.serving = False  # keep every chunk read mapped, in chunk_maps (serve_source)
+        self.held: dict[int, Buffer] = {}  # the chunks chunk_maps points into
+        self.chunk_maps = array("Q", bytes(8 * max(1, -(-self.size // CHUNK))))
         self.ahead: set[int] = set()  # chunks whose fetch ahead was started
         self.lock = threading.Lock()
 
@@ -208,14 +225,27 @@ class CachedDiff:
             offset += take
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
+    def source(self, storage: int, length: int) -> int | None:
+        """The address of diff bytes [storage, storage+length) in a mapped chunk (valid while
+        the diff is open), or None when they span chunks."""
+        index = storage >> CHUNK_SHIFT
+        if (storage + length - 1) >> CHUNK_SHIFT != index:
+            return None
+        address = self.chunk_maps[index]
+        if not address:
+            self._chunk(index)
+            address = self.chunk_maps[index]
+        return address + storage - (index << CHUNK_SHIFT) if address else None
+
     def _chunk(self, index: int) -> Buffer:
         """A chunk mapped from the cache (the last MAPPED stay mapped); a chunk not mapped yet
         also starts the fetch of the AHEAD chunks after it, so a sequential reader (a
         working-set prefetch, populate) finds them fetched or in flight."""
         with self.lock:
-            chunk = self.mapped.get(index)
+            chunk = self.held.get(index) or self.mapped.get(index)
             if chunk is not None:
-                self.mapped.move_to_end(index)
+                if index in self.mapped:
+                    self.mapped.move_to_end(index)
                 return chunk
         chunk = self._get(index)
         last = (self.size - 1) // CHUNK
@@ -224,6 +254,11 @@ class CachedDiff:
                 self.ahead.add(ahead)
                 self.cache.prefetch(lambda i=ahead: self._get(i, keep=False))
         with self.lock:
+            if self.serving:
+                if index not in self.held:
+                    self.held[index] = chunk
+                    self.chunk_maps[index] = abi.buffer_address(chunk)
+                return self.held[index]
             self.mapped[index] = chunk
             while len(self.mapped) > MAPPED:
                 self.mapped.popitem(last=False)
@@ -261,7 +296,12 @@ class CachedDiff:
         pass
 
     def close(self) -> None:
-        pass
+        """Forget the mappings (their memory goes when the last reference does: a session's
+        compiled loop has stopped before its build is closed)."""
+        with self.lock:
+            self.chunk_maps[:] = array("Q", bytes(8 * len(self.chunk_maps)))
+            self.held.clear()
+            self.mapped.clear()
 
 
 @contextmanager

@@ -143,15 +143,18 @@ def serve_source(
     if (head / SNAPFILE).exists():  # Firecracker loads it: the real bytes, not a placeholder
         store.download(f"{head.name}/{SNAPFILE}", head / SNAPFILE)
     cache = ChunkCache(cache_dir or default_cache_dir(), cache_size)
-    read_through(store, head, cache, fetch_timeout)
+    read_through(store, head, cache, fetch_timeout, serving=True)
     return head, cache.stats
 
 
 def read_through(
-    store: RemoteStore, head: Path, cache: ChunkCache, fetch_timeout: float
+    store: RemoteStore, head: Path, cache: ChunkCache, fetch_timeout: float,
+    serving: bool = False,
 ) -> None:
     """Have every reader of the mirror's diffs (restore, and GenerationReader: unpack, squash,
-    diff --sparse-diff) read raw diffs through `cache`, fetching only the chunks they read."""
+    diff --sparse-diff) read raw diffs through `cache`, fetching only the chunks they read.
+    `serving`: for a fault server, which copies pages straight from the chunks' mappings
+    (CachedDiff.chunk_maps)."""
     from fcsnap.store.chunk_cache import CachedDiff, with_deadline
     from fcsnap.store.layout import DIFF_ZSTD
     from fcsnap.store.source import DiffFile, open_diffs_with
@@ -175,6 +178,7 @@ def read_through(
             return fetch()
 
         diff = CachedDiff(build_dir, cache, info.size if info else None, read_range)
+        diff.serving = serving
         if build_dir.name == head.name:
             diff.fetch_start()
         return diff  # type: ignore[return-value]  (DiffFile's reading interface)

@@ -63,6 +63,8 @@ class PageSource:
         self.block_size = header.metadata.block_size
         raw = {b: d for b, d in diffs.items() if d.map}  # each gets a share of map_budget
         self.mapped = {b: MappedDiff(d, map_budget // max(1, len(raw))) for b, d in raw.items()}
+        # diffs read through the host chunk cache, copied from from their chunks' mappings
+        self.cached = {b: d for b, d in diffs.items() if getattr(d, "serving", False)}
         self.builds = list(diffs)  # `where` numbers builds by their place here
         self._spans: list[bytes] = []  # decompressed bytes `span_base` handed out
         self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -82,6 +84,9 @@ class PageSource:
         mapped = self.mapped.get(m.build_id)
         if mapped is not None:
             return Source(mapped.source(storage, length), m.build_id)
+        cached = self.cached.get(m.build_id)
+        if cached is not None and (address := cached.source(storage, length)) is not None:
+            return Source(address, m.build_id)
         data = self.diffs[m.build_id].read(storage, length)
         return Source(abi.buffer_address(data), m.build_id, data)
 
@@ -113,6 +118,9 @@ class PageSource:
         mapped = self.mapped.get(build)
         if mapped is not None:
             return mapped.window(lo, hi)
+        cached = self.cached.get(build)
+        if cached is not None and (address := cached.source(lo, hi - lo)) is not None:
+            return address - lo
         if hi - lo > SPAN_BYTES:
             return None
         data = self.diffs[build].read(lo, hi - lo)
