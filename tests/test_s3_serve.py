@@ -4,15 +4,19 @@ pure-Python path and --verify serve the same bytes."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import obstore
 import pytest
 from helpers import WAIT, Procs, assert_served
 from s3_helpers import Bucket, memfile
+from test_restore import KILLED
 
+from fcsnap.store.cached_zstd import TAIL_GUESS
 from fcsnap.store.chunk_cache import CHUNK
 
 MIB = 1 << 20
@@ -95,3 +99,45 @@ def test_a_chunk_evicted_while_mapped_still_serves(
     assert stats["fetch_requests"] == chunks >= 3  # each chunk fetched once
     assert len(chunk_files(cache)) < chunks  # ... though the cache evicted some
     assert stats["compiled_faults"] > 0
+
+
+def test_zstd_frames_are_fetched_as_they_are_read(
+    bucket: Bucket, wide_mem: Path, procs: Procs, tmp_path: Path
+) -> None:
+    """A few scattered pages fetch about their frames, not the diff; every byte is right, and
+    a second VM on the host fetches nothing."""
+    build = fcsnap(bucket, "pack", str(wide_mem), "--store", bucket.url(), "--name", "wide",
+                   "--compress", "zstd", "--json")
+    diff = f"snaps/{json.loads(build)['build_id']}/memfile.diff.zst"
+    whole = obstore.head(bucket.client(), diff)["size"]
+    cache = tmp_path / "cache"
+    touched = 8  # pages, of 4096, in 64 frames
+    few = served(procs, bucket, wide_mem, cache, touch=touched / 4096, order="random")
+    assert few["pages_served"] >= touched
+    assert 0 < few["fetch_requests"] <= touched + 2  # its frames and the seek table
+    assert few["fetched_bytes"] < whole / 3
+    every = served(procs, bucket, wide_mem, cache)  # then every page, in order
+    assert few["fetched_bytes"] + every["fetched_bytes"] <= whole + TAIL_GUESS
+    assert every["fetch_requests"] > 0
+    again = served(procs, bucket, wide_mem, cache, order="random")
+    assert again["fetch_requests"] == 0 and again["cache_hits"] > 0
+
+
+def test_a_corrupt_zstd_frame_is_never_installed(
+    bucket: Bucket, wide_mem: Path, procs: Procs, tmp_path: Path
+) -> None:
+    build = json.loads(fcsnap(bucket, "pack", str(wide_mem), "--store", bucket.url(),
+                              "--name", "wide", "--compress", "zstd", "--json"))["build_id"]
+    key = f"snaps/{build}/memfile.diff.zst"
+    data = bytearray(obstore.get(bucket.client(), key).bytes())
+    data[len(data) // 3] ^= 0x55  # inside a frame, away from the seek table
+    obstore.put(bucket.client(), key, bytes(data))
+    argv = [sys.executable, "-m", "fcsnap", "restore", "--vm", "wide", "--socket",
+            str(procs.socket), "--store", bucket.url(), "--cache-dir", str(tmp_path / "c"),
+            "--quiet", "--stats", str(procs.stats)]
+    server = procs.track(subprocess.Popen(
+        argv, env=bucket.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE))
+    out = procs.outcome(server, procs.vm(expected=wide_mem))
+    assert out.status == 1 and out.vm_status == KILLED, out
+    assert "fetched from the store" in out.error and "not installed" in out.error

@@ -78,6 +78,7 @@ class ChunkCache:
     limit_bytes: int = DEFAULT_SIZE
     stats: FetchStats = field(default_factory=FetchStats)
     slots: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(AHEAD))
+    counting: threading.Lock = field(default_factory=threading.Lock)  # stats and `used`
 
     def __post_init__(self) -> None:
         try:
@@ -86,32 +87,40 @@ class ChunkCache:
             raise FcsnapError(f"cannot use cache directory {self.directory}: {e.strerror}") from e
         self.used = self._scan()[1]
 
-    def get(self, key: str, index: int, fetch: Callable[[], bytes],
+    def get(self, key: str, index: int | str, fetch: Callable[[], bytes],
             check: Callable[[bytes], None]) -> Buffer:
         """Chunk `index` of the diff cached under `key`, mapped from its cache file: from the
-        cache, or fetched, checked and cached first."""
-        path = self.directory / key / f"{index:08d}"
+        cache, or fetched, checked and cached first. A named piece (`index` a name, such as
+        a zstd diff's seek table) is kept outside the size accounting: it is small."""
+        name = index if isinstance(index, str) else f"{index:08d}"
+        path = self.directory / key / name
         data = self._cached(path)
         if data is not None:
             return data
         path.parent.mkdir(exist_ok=True)
         # One fetch per chunk on the host: the others wait for it, then map the file.
-        with locked(path.parent / f".lock-{index:08d}"):
+        with locked(path.parent / f".lock-{name}"):
             data = self._cached(path)
             if data is not None:
                 return data
-            self.stats.cache_misses += 1
             fetched = fetch()
-            self.stats.fetch_requests += 1
-            self.stats.fetched_bytes += len(fetched)
+            self.count(cache_misses=1, fetch_requests=1, fetched_bytes=len(fetched))
             check(fetched)
             tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
             tmp.write_bytes(fetched)
             os.rename(tmp, path)
-        self.used += len(fetched)
-        if self.used > self.limit_bytes:
+        with self.counting:
+            self.used += len(fetched)
+            full = self.used > self.limit_bytes
+        if full:
             self._evict()
         return _mapped(path) or fetched
+
+    def count(self, **counts: int) -> None:
+        """Add to the stats (fetch threads count too: under a lock, none is lost)."""
+        with self.counting:
+            for name, n in counts.items():
+                setattr(self.stats, name, getattr(self.stats, name) + n)
 
     def prefetch(self, work: Callable[[], object]) -> None:
         """Run `work` (fetching a chunk ahead of its reader) on a daemon thread, at most AHEAD
@@ -133,7 +142,7 @@ class ChunkCache:
         if data is None:
             return None
         os.utime(path)  # recently used
-        self.stats.cache_hits += 1
+        self.count(cache_hits=1)
         return data
 
     def _scan(self) -> tuple[list[tuple[float, int, Path]], int]:
@@ -148,12 +157,14 @@ class ChunkCache:
 
     def _evict(self) -> None:
         """Remove the least recently used chunks until the cache holds 90% of its limit."""
-        chunks, self.used = self._scan()
+        chunks, used = self._scan()
         for _, size, path in sorted(chunks, key=lambda c: c[0]):
-            if self.used <= self.limit_bytes * 0.9:
+            if used <= self.limit_bytes * 0.9:
                 break
             path.unlink(missing_ok=True)
-            self.used -= size
+            used -= size
+        with self.counting:
+            self.used = used
 
 
 class CachedDiff:
