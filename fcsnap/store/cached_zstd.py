@@ -109,6 +109,14 @@ class CachedZstd:
             parts.append(data if lo == 0 and hi == len(data) else data[lo:hi])
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def fetch_extent(self, storage: np.ndarray) -> None:
+        """Start fetching, in this order, the frames holding the bytes at `storage` (a
+        working set about to be prefetched), as many in flight as the host cache allows."""
+        frames = np.searchsorted(self.starts, storage, "right") - 1
+        _, first = np.unique(frames, return_index=True)
+        for index in frames[np.sort(first)].tolist():
+            self._fetch_ahead(index)
+
     def read_frame(self, index: int) -> bytes:
         """Frame `index` decompressed: from the FrameCache, or from the host cache, or
         fetched and checked first. A fetch for a reader in order (the frame before was read

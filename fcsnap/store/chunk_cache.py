@@ -15,15 +15,17 @@ least recently used (by modification time, touched on every hit) are removed.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
+import queue
 import threading
 import time
 import uuid
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +40,8 @@ from fcsnap.uffd import abi
 
 CHUNK_SHIFT = 22
 CHUNK = 1 << CHUNK_SHIFT
-AHEAD = 4  # chunks fetched ahead of a sequential reader, in flight at once
+AHEAD = 4  # chunks fetched ahead of a sequential reader
+IN_FLIGHT = 8  # fetches ahead of readers in flight at once (fetch threads)
 MAPPED = 8  # chunks a diff keeps mapped (32 MiB of page cache)
 Buffer = bytes | mmap.mmap
 
@@ -77,7 +80,7 @@ class ChunkCache:
     directory: Path
     limit_bytes: int = DEFAULT_SIZE
     stats: FetchStats = field(default_factory=FetchStats)
-    slots: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(AHEAD))
+    in_flight: int = IN_FLIGHT
     counting: threading.Lock = field(default_factory=threading.Lock)  # stats and `used`
 
     def __post_init__(self) -> None:
@@ -86,6 +89,8 @@ class ChunkCache:
         except OSError as e:
             raise FcsnapError(f"cannot use cache directory {self.directory}: {e.strerror}") from e
         self.used = self._scan()[1]
+        self.queue: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+        self.workers = 0
 
     def get(self, key: str, index: int | str, fetch: Callable[[], bytes],
             check: Callable[[bytes], None]) -> Buffer:
@@ -123,19 +128,21 @@ class ChunkCache:
                 setattr(self.stats, name, getattr(self.stats, name) + n)
 
     def prefetch(self, work: Callable[[], object]) -> None:
-        """Run `work` (fetching a chunk ahead of its reader) on a daemon thread, at most AHEAD
-        at once (beyond that it is skipped: the reader fetches the chunk itself). Daemon
-        threads: a restore that ends (its VM killed by a dead server) does not wait for them."""
-        if not self.slots.acquire(blocking=False):
-            return
+        """Run `work` (fetching a chunk ahead of its reader) on one of `in_flight` fetch
+        threads, in the order asked. Daemon threads: a restore that ends (its VM killed by a
+        dead server) does not wait for them."""
+        self.queue.put(work)
+        with self.counting:
+            if self.workers >= self.in_flight:
+                return
+            self.workers += 1
+        threading.Thread(target=self._work, name="fcsnap-fetch", daemon=True).start()
 
-        def run() -> None:
-            try:
+    def _work(self) -> None:
+        while True:
+            work = self.queue.get()
+            with contextlib.suppress(FcsnapError):  # its reader fetches again and says why
                 work()
-            finally:
-                self.slots.release()
-
-        threading.Thread(target=run, name="fcsnap-fetch", daemon=True).start()
 
     def _cached(self, path: Path) -> Buffer | None:
         data = _mapped(path)
@@ -208,16 +215,44 @@ class CachedDiff:
         self.serving = False  # keep every chunk read mapped, in chunk_maps (serve_source)
         self.held: dict[int, Buffer] = {}  # the chunks chunk_maps points into
         self.chunk_maps = array("Q", bytes(8 * max(1, -(-self.size // CHUNK))))
-        self.ahead: set[int] = set()  # chunks whose fetch ahead was started
+        self.ahead: set[int] = set()  # chunks whose fetch ahead was asked for
+        self.landing: dict[int, threading.Event] = {}  # ... and has started: set once done
         self.lock = threading.Lock()
 
     def fetch_start(self) -> None:
         """Start fetching the diff's first chunks now, before any read: they hold a working
         set laid out first (pack --working-set), which --prefetch-ws reads right after the
         handshake, and the VM takes a while to connect."""
-        for index in range(min(AHEAD, -(-self.size // CHUNK))):
-            self.ahead.add(index)
-            self.cache.prefetch(lambda i=index: self._get(i, keep=False))
+        self.fetch_chunks(range(min(AHEAD, -(-self.size // CHUNK))))
+
+    def fetch_extent(self, storage: np.ndarray) -> None:
+        """Start fetching, in this order, the chunks holding the pages at `storage` (the
+        working set a restore is about to prefetch): as many in flight as the cache allows,
+        so that a VM connecting later finds its working set fetched, or in flight."""
+        chunks = storage >> CHUNK_SHIFT
+        _, first = np.unique(chunks, return_index=True)
+        self.fetch_chunks(chunks[np.sort(first)].tolist())
+
+    def fetch_chunks(self, indexes: Iterable[int]) -> None:
+        """Fetch these chunks ahead of their readers (those not fetched or asked for yet);
+        while serving, each is mapped into chunk_maps as it lands."""
+        for index in indexes:
+            with self.lock:
+                if index in self.ahead or index in self.held:
+                    continue
+                self.ahead.add(index)
+            self.cache.prefetch(lambda i=index: self._fetched_ahead(i))
+
+    def _fetched_ahead(self, index: int) -> None:
+        landed = threading.Event()
+        with self.lock:
+            self.landing[index] = landed
+        try:
+            chunk = self._get(index, keep=False)
+            if chunk and self.serving:
+                self._keep(index, chunk)
+        finally:
+            landed.set()
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or offset + length > self.size:
@@ -248,8 +283,20 @@ class CachedDiff:
             address = self.chunk_maps[index]
         return address + storage - (index << CHUNK_SHIFT) if address else None
 
+    def addresses(self, storage: np.ndarray) -> np.ndarray | None:
+        """The addresses of the 4 KiB pages at `storage` in the chunks' mappings (mapping
+        the chunks first, fetching those not cached); None if a page straddles chunks."""
+        if (storage % 4096).any():
+            return None
+        chunks = storage >> CHUNK_SHIFT
+        for index in np.unique(chunks).tolist():
+            if not self.chunk_maps[index]:
+                self._chunk(index)
+        table = np.frombuffer(self.chunk_maps, np.uint64).astype(np.int64)
+        return table[chunks] + (storage & (CHUNK - 1))
+
     def _chunk(self, index: int) -> Buffer:
-        """A chunk mapped from the cache (the last MAPPED stay mapped); a chunk not mapped yet
+        """A chunk mapped from the cache (see `_keep`); a chunk not mapped yet
         also starts the fetch of the AHEAD chunks after it, so a sequential reader (a
         working-set prefetch, populate) finds them fetched or in flight."""
         with self.lock:
@@ -258,12 +305,22 @@ class CachedDiff:
                 if index in self.mapped:
                     self.mapped.move_to_end(index)
                 return chunk
+            landing = self.landing.get(index) if self.serving else None
+        if landing is not None:  # being fetched ahead: it is mapped as it lands
+            landing.wait()
+            with self.lock:
+                chunk = self.held.get(index)
+            if chunk is not None:
+                return chunk
         chunk = self._get(index)
         last = (self.size - 1) // CHUNK
-        for ahead in range(index + 1, min(index + AHEAD, last) + 1):
-            if ahead not in self.mapped and ahead not in self.ahead:
-                self.ahead.add(ahead)
-                self.cache.prefetch(lambda i=ahead: self._get(i, keep=False))
+        self.fetch_chunks(i for i in range(index + 1, min(index + AHEAD, last) + 1)
+                          if i not in self.mapped)
+        return self._keep(index, chunk)
+
+    def _keep(self, index: int, chunk: Buffer) -> Buffer:
+        """Serving: keep the chunk mapped while the diff is open, its address in chunk_maps;
+        otherwise among the last MAPPED chunks."""
         with self.lock:
             if self.serving:
                 if index not in self.held:

@@ -127,6 +127,27 @@ class PageSource:
         self._spans.append(data)
         return abi.buffer_address(data) - lo
 
+    def span_sources(self, owner: int, storage: np.ndarray) -> np.ndarray | None:
+        """Source addresses of the 4 KiB pages at `storage` in build `owner`'s diff, for a
+        batch (valid until `release_spans`), or None as for `span_base`. A diff read
+        through the host cache gives addresses in its chunks' mappings: runs are cut where
+        the addresses do not follow on (prefetch.py)."""
+        cached = self.cached.get(self.builds[owner])
+        if cached is not None and self.hashes is None:
+            return cached.addresses(storage)
+        base = self.span_base(owner, int(storage.min()), int(storage.max()) + 4096)
+        return None if base is None else base + storage
+
+    def fetch_ahead(self, offsets: np.ndarray) -> None:
+        """Start fetching what the guest pages at `offsets` (a working set about to be
+        prefetched) need from builds in object storage, before the VM connects."""
+        owner, storage = self.where(offsets)
+        for number, build in enumerate(self.builds):
+            fetch = getattr(self.diffs[build], "fetch_extent", None)
+            mine = owner == number
+            if fetch is not None and mine.any():
+                fetch(storage[mine])
+
     def release_spans(self) -> None:
         self._spans.clear()
 
