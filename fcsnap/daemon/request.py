@@ -1,16 +1,18 @@
 """`POST /restores`: a JSON body checked as `fcsnap restore` checks its options.
 
 Keys are restore's options with `_` for `-`; the daemon-wide ones (`--store`, `--cache-mb`)
-are the daemon's. Paths must be absolute: the daemon's working directory is not the caller's
-(`fcsnap restore --daemon` makes them absolute before sending). Every check that restore makes
-before listening is made here or by the session's `listen`, so a bad request listens on nothing.
+are the daemon's (in an S3 store, `vm` is resolved in the bucket and served through the host
+chunk cache: fcsnap/daemon/remote.py). Paths must be absolute: the daemon's working directory
+is not the caller's (`fcsnap restore --daemon` makes them absolute before sending). Every check
+that restore makes before listening is made here or by the session's `listen`, so a bad request
+listens on nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fcsnap.errors import FcsnapError
 from fcsnap.options import parse_fault_around
@@ -18,6 +20,9 @@ from fcsnap.store.layout import SNAPFILE, resolve_build
 from fcsnap.uffd.firecracker_api import SnapshotLoad, load_body
 from fcsnap.uffd.listener import SocketAccess, parse_mode, parse_owner, parse_uid
 from fcsnap.uffd.session import ServeOptions
+
+if TYPE_CHECKING:
+    from fcsnap.daemon.remote import RemoteBuilds
 
 BOOLEANS = ("verify", "populate", "eager", "track_dirty_pages")
 NUMBERS = {"handshake_timeout": 10.0, "api_timeout": 30.0}
@@ -42,7 +47,8 @@ class RestoreRequest:
     load: SnapshotLoad | None
 
 
-def parse_restore(body: object, store: Path, cache_bytes: int) -> RestoreRequest:
+def parse_restore(body: object, store: Path | RemoteBuilds, cache_bytes: int
+                  ) -> RestoreRequest:
     """The request's build and options; RequestError naming the first thing wrong."""
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object")
@@ -58,7 +64,7 @@ def parse_restore(body: object, store: Path, cache_bytes: int) -> RestoreRequest
     numbers = {key: _number(body, key, default) for key, default in NUMBERS.items()}
     paths = {key: _path(body, key) for key in PATHS}
     try:
-        build_dir = resolve_build(vm, store)
+        build_dir = resolve_build(vm, store) if isinstance(store, Path) else store.resolve(vm)
     except FcsnapError as e:
         raise RequestError(str(e), 404) from None
     fault_around = _text(body, "fault_around") or "adaptive"

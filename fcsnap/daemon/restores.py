@@ -18,7 +18,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fcsnap.daemon.request import RequestError, RestoreRequest, parse_restore
 from fcsnap.errors import FcsnapError
@@ -27,6 +27,9 @@ from fcsnap.uffd.session import Session
 from fcsnap.uffd.shared import BuildRegistry, SharedBuild
 from fcsnap.uffd.watchdog import Watchdog
 from fcsnap.units import format_bytes
+
+if TYPE_CHECKING:
+    from fcsnap.daemon.remote import RemoteBuilds
 
 KEEP_ENDED = 256  # ended restores still listed (their final stats), newest kept
 END_WAIT = 10.0  # seconds a DELETE or a daemon stop waits for a session to end
@@ -89,7 +92,7 @@ def reason_class(exit_reason: str) -> str:
 class Restores:
     """Every restore of the daemon: start, list, end; totals of the ended ones for metrics."""
 
-    def __init__(self, store: Path, cache_bytes: int, watchdog: Watchdog,
+    def __init__(self, store: Path | RemoteBuilds, cache_bytes: int, watchdog: Watchdog,
                  fault_seconds: Callable[[float], None] | None = None) -> None:
         self.store = store
         self.builds = BuildRegistry(cache_bytes)

@@ -141,7 +141,8 @@ class ChunkCache:
     def _work(self) -> None:
         while True:
             work = self.queue.get()
-            with contextlib.suppress(FcsnapError):  # its reader fetches again and says why
+            # Whatever fails here, its reader meets again and reports; the thread lives on.
+            with contextlib.suppress(Exception):
                 work()
 
     def _cached(self, path: Path) -> Buffer | None:

@@ -139,12 +139,19 @@ def serve_source(
 
     if not isinstance(store, RemoteStore):
         return resolve(arg, store), None
-    head = store.mirror_lineage(store.resolve(arg))
-    if (head / SNAPFILE).exists():  # Firecracker loads it: the real bytes, not a placeholder
-        store.download(f"{head.name}/{SNAPFILE}", head / SNAPFILE)
+    head = mirror_for_serving(store, arg)
     cache = ChunkCache(cache_dir or default_cache_dir(), cache_size)
     read_through(store, head, cache, fetch_timeout, serving=True)
     return head, cache.stats
+
+
+def mirror_for_serving(store: RemoteStore, arg: str) -> Path:
+    """A build to serve, in the mirror: its lineage's headers and sidecars (not its diffs),
+    and its snapfile, which Firecracker loads (the real bytes, not a placeholder)."""
+    head = store.mirror_lineage(store.resolve(arg))
+    if (head / SNAPFILE).exists():
+        store.download(f"{head.name}/{SNAPFILE}", head / SNAPFILE)
+    return head
 
 
 def read_through(
