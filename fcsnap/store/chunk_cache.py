@@ -41,7 +41,7 @@ from fcsnap.uffd import abi
 CHUNK_SHIFT = 22
 CHUNK = 1 << CHUNK_SHIFT
 AHEAD = 4  # chunks fetched ahead of a sequential reader
-IN_FLIGHT = 8  # fetches ahead of readers in flight at once (fetch threads)
+IN_FLIGHT = 16  # fetches ahead of readers in flight at once (fetch threads; 16 measured best)
 MAPPED = 8  # chunks a diff keeps mapped (32 MiB of page cache)
 Buffer = bytes | mmap.mmap
 
@@ -350,8 +350,9 @@ class CachedDiff:
         """Every block of a fetched chunk against the sidecar, before it is used or cached."""
         bs = self.block_size
         first, count = start // bs, len(data) // bs
+        view = memoryview(data)  # blocks hashed in place, not copied out
         got = np.frombuffer(
-            b"".join(digest(data[i * bs:(i + 1) * bs]) for i in range(count)), np.uint8
+            b"".join(digest(view[i * bs:(i + 1) * bs]) for i in range(count)), np.uint8
         ).reshape(count, DIGEST_SIZE)
         bad = np.flatnonzero((got != self.table[first:first + count]).any(axis=1))
         if len(bad) or len(data) != count * bs:
