@@ -80,6 +80,9 @@ def test_a_warm_cache_is_served_by_the_compiled_loop(
     assert warm["fetch_requests"] == 0 and warm["cache_hits"] > 0
     # every fault but the first of each chunk is served in C, from the chunk's mapping
     assert warm["compiled_faults"] >= warm["faults"] - cold["fetch_requests"] > 0
+    # in order, 1 MiB windows: installs that cross from one chunk's mapping to the next
+    windows = served(procs, bucket, wide_mem, cache, "--fault-around", "1M")
+    assert windows["compiled_faults"] > 0 and windows["fetch_requests"] == 0
 
 
 def test_python_and_verify_serve_the_same_bytes(

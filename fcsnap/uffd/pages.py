@@ -141,9 +141,11 @@ class PageSource:
     def fetch_ahead(self, offsets: np.ndarray) -> None:
         """Start fetching what the guest pages at `offsets` (a working set about to be
         prefetched) need from builds in object storage, before the VM connects."""
+        fetchers = [getattr(self.diffs[b], "fetch_extent", None) for b in self.builds]
+        if not any(fetchers):
+            return  # every build is local
         owner, storage = self.where(offsets)
-        for number, build in enumerate(self.builds):
-            fetch = getattr(self.diffs[build], "fetch_extent", None)
+        for number, fetch in enumerate(fetchers):
             mine = owner == number
             if fetch is not None and mine.any():
                 fetch(storage[mine])
