@@ -13,6 +13,7 @@ working set laid out first, fault-around, populate) finds them in flight.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import threading
 import uuid
@@ -36,7 +37,8 @@ from fcsnap.store.seekable import (
     seek_table_size,
 )
 
-AHEAD_FRAMES = 8  # frames fetched ahead of a reader, once one was fetched
+AHEAD_FRAMES = 8  # frames fetched ahead of a reader in order, or reading widely
+WIDE_FRAMES = 16  # frames read (and an eighth of the diff's) before a reader reads widely
 TAIL_GUESS = 16 << 10  # bytes read at the object's end for its seek table (1,300 frames)
 SEEK_TABLE = "seektable"  # the seek table's name in the host cache
 
@@ -63,7 +65,7 @@ class CachedZstd:
         self.cache = cache
         self.read_range = read_range
         self.frames = frames
-        self.starts = np.array([f.decompressed_offset for f in frames], np.int64)
+        self.starts = [f.decompressed_offset for f in frames]  # bisect: cheap per fault
         self.size = frames[-1].decompressed_offset + frames[-1].decompressed_size if frames else 0
         self.decompressed = frame_cache if frame_cache is not None else FrameCache(cache_bytes)
         self.block_size, self.table = read_hashes(build_dir / HASHES)
@@ -72,6 +74,7 @@ class CachedZstd:
         self._local = threading.local()
         self._started: set[int] = set()  # frames whose fetch ahead was started
         self._read = bytearray(len(frames))  # frames read here (a fetch ahead: not yet)
+        self._frames_read = 0
         self._lock = threading.Lock()
 
     @classmethod
@@ -95,8 +98,8 @@ class CachedZstd:
             )
         if length == 0:
             return b""
-        first = int(np.searchsorted(self.starts, offset, "right")) - 1
-        last = int(np.searchsorted(self.starts, offset + length - 1, "right")) - 1
+        first = bisect.bisect_right(self.starts, offset) - 1
+        last = bisect.bisect_right(self.starts, offset + length - 1, lo=first) - 1
         for index in range(first + 1, last + 1):  # in flight while the first is read
             self._fetch_ahead(index)
         parts = []
@@ -112,7 +115,7 @@ class CachedZstd:
     def fetch_extent(self, storage: np.ndarray) -> None:
         """Start fetching, in this order, the frames holding the bytes at `storage` (a
         working set about to be prefetched), as many in flight as the host cache allows."""
-        frames = np.searchsorted(self.starts, storage, "right") - 1
+        frames = np.searchsorted(np.array(self.starts, np.int64), storage, "right") - 1
         _, first = np.unique(frames, return_index=True)
         for index in frames[np.sort(first)].tolist():
             self._fetch_ahead(index)
@@ -120,15 +123,20 @@ class CachedZstd:
     def read_frame(self, index: int) -> bytes:
         """Frame `index` decompressed: from the FrameCache, or from the host cache, or
         fetched and checked first. A fetch for a reader in order (the frame before was read
-        too) starts the fetches of the next AHEAD_FRAMES; a scattered reader fetches only the
-        frames it reads."""
+        too), or for one that has read an eighth of the frames already (a guest touching much
+        of its memory), starts the fetches of the next AHEAD_FRAMES; a reader of a few
+        scattered pages fetches only the frames it reads."""
         streaming = index > 0 and self._read[index - 1]
-        self._read[index] = 1
+        if not self._read[index]:
+            self._read[index] = 1
+            self._frames_read += 1
+        # a reader all over the diff (a guest touching much of its memory) wants most frames
+        wide = self._frames_read >= max(WIDE_FRAMES, len(self.frames) // 8)
         data = self.decompressed.get((self._id, index))
         if data is not None:
             return data
         data, fetched = self._load(index)
-        if fetched and streaming:
+        if fetched and (streaming or wide):
             for later in range(index + 1, min(index + 1 + AHEAD_FRAMES, len(self.frames))):
                 self._fetch_ahead(later)
         return data
@@ -143,9 +151,10 @@ class CachedZstd:
             lambda: self.read_range(frame.compressed_offset, frame.compressed_size),
             lambda fetched: checked.append(self._checked(index, fetched)),
         )
-        # a frame from the host cache was checked when fetched; its checksum still catches a
-        # damaged cache file
-        data = checked[0] if checked else self._decompress(index, raw, verify_checksum=True)
+        # a frame from the host cache was checked when fetched (by a fetch ahead, which may
+        # have decompressed it already); its checksum still catches a damaged cache file
+        data = (checked[0] if checked else self.decompressed.get((self._id, index))
+                or self._decompress(index, raw, verify_checksum=True))
         self.decompressed.put((self._id, index), data)
         return data, bool(checked)
 
