@@ -47,13 +47,16 @@ Buffer = bytes | mmap.mmap
 
 
 def _mapped(path: Path) -> mmap.mmap | None:
-    """A cache file mapped read-only (the mapping outlives a later eviction of the file)."""
+    """A cache file mapped read-only (the mapping outlives a later eviction of the file), its
+    page tables filled at once (MAP_POPULATE): the guest's scattered faults then copy from
+    it without a page fault in the server each (at 4 KiB a fault, those cost more than the
+    copies)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     try:
-        return mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+        return mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
 DEFAULT_SIZE = 10 << 30
