@@ -134,6 +134,68 @@ static uint64_t mapping_end(struct fp_ctx *c, int64_t i)
     return i + 1 < c->nmappings ? (uint64_t)c->starts[i + 1] : c->memory_size;
 }
 
+static uint64_t chunk_at(const struct fp_diff *d, uint64_t k)
+{
+    return __atomic_load_n(&d->chunk_maps[k], __ATOMIC_ACQUIRE);  /* Python fills it */
+}
+
+/* Narrow [lo, hi), one source run holding `page`, to the pages whose bytes lie in chunks of
+ * a cached diff mapped in this process; 0 when the page's own chunk is not mapped yet (or
+ * its bytes are not page-aligned in the diff): Python serves it. Other sources: 1, as is. */
+static int cached_bounds(struct fp_ctx *c, struct fp_region *r, uint64_t page, uint64_t *lo,
+                         uint64_t *hi)
+{
+    uint64_t offset = r->offset + page * PAGE;
+    int64_t i = find_mapping(c, offset);
+    int64_t owner = c->owner[i];
+    if (owner < 0 || c->diffs[owner].chunk_maps == NULL)
+        return 1;
+    struct fp_diff *d = &c->diffs[owner];
+    int64_t shift = d->chunk_shift;
+    uint64_t s = (uint64_t)c->storage[i] + (offset - (uint64_t)c->starts[i]);
+    uint64_t first = s >> shift, last = first;
+    if (s % PAGE || chunk_at(d, first) == 0)
+        return 0;
+    uint64_t s_lo = s - (page - *lo) * PAGE, s_hi = s + (*hi - page) * PAGE;
+    while ((first << shift) > s_lo && chunk_at(d, first - 1))
+        first--;
+    while (((last + 1) << shift) < s_hi && chunk_at(d, last + 1))
+        last++;
+    uint64_t from = first << shift > s_lo ? first << shift : s_lo;
+    uint64_t to = (last + 1) << shift < s_hi ? (last + 1) << shift : s_hi;
+    *lo = page - (s - from) / PAGE;
+    *hi = page + (to - s) / PAGE;
+    return 1;
+}
+
+/* One install from a cached diff's chunk mappings (cached_bounds made sure they are
+ * mapped): a UFFDIO_COPY per chunk crossed, waking the range once at the end. */
+static int copy_cached(struct fp_ctx *c, struct fp_diff *d, uint64_t dst, uint64_t storage,
+                       uint64_t len, int64_t *done, int wake)
+{
+    int64_t shift = d->chunk_shift;
+    uint64_t pos = 0;
+    int split = (storage >> shift) != ((storage + len - 1) >> shift);
+    *done = 0;
+    while (pos < len) {
+        uint64_t s = storage + pos, k = s >> shift;
+        uint64_t take = ((k + 1) << shift) - s;
+        uint64_t base = chunk_at(d, k);
+        int64_t part = 0;
+        if (take > len - pos)
+            take = len - pos;
+        if (base == 0)
+            return ENXIO;  /* not reached: cached_bounds checked every chunk */
+        int err = copy_range(c, dst + pos, base + (s - (k << shift)), take, &part,
+                             wake && !split);
+        *done += part;
+        if (err != 0)
+            return err;
+        pos += take;
+    }
+    return wake && split ? wake_range(c, dst, len) : 0;
+}
+
 /* Installer._source_bounds: narrow [lo, hi) around `page` to one mapping */
 static void source_bounds(struct fp_ctx *c, struct fp_region *r, uint64_t page, uint64_t *lo,
                           uint64_t *hi)
@@ -176,6 +238,9 @@ static int install(struct fp_ctx *c, struct fp_region *r, uint64_t lo, uint64_t 
     int err;
     if (owner < 0) {
         err = zero_range(c, dst, length, &done, wake);
+    } else if (c->diffs[owner].chunk_maps != NULL) {
+        uint64_t storage = (uint64_t)c->storage[i] + (offset - (uint64_t)c->starts[i]);
+        err = copy_cached(c, &c->diffs[owner], dst, storage, length, &done, wake);
     } else {
         uint64_t storage = (uint64_t)c->storage[i] + (offset - (uint64_t)c->starts[i]);
         uint64_t src = diff_source(&c->diffs[owner], storage, length);
@@ -223,6 +288,10 @@ static int install_span(struct fp_ctx *c, struct fp_region *r, uint64_t lo, uint
             end++;
         uint64_t seg_lo = pos, seg_hi = end;
         source_bounds(c, r, pos, &seg_lo, &seg_hi);
+        if (!cached_bounds(c, r, pos, &seg_lo, &seg_hi)) {
+            pos = seg_hi;  /* its chunk is not mapped yet: left to a later fault */
+            continue;
+        }
         int outcome = install(c, r, seg_lo, seg_hi, -1, 0);
         if (outcome != FP_DONE)
             return outcome;
@@ -287,6 +356,8 @@ int fp_fault(struct fp_ctx *c, uint64_t address)
     }
     uint64_t lo = w_lo, hi = w_hi;
     source_bounds(c, r, page, &lo, &hi);
+    if (!cached_bounds(c, r, page, &lo, &hi))
+        return FP_DEFER;  /* Python fetches and maps the chunk */
     for (uint64_t p = page; p > lo; p--)
         if (r->present[p - 1] || r->removed[p - 1]) {
             lo = p;

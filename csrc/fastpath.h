@@ -35,6 +35,12 @@ struct fp_diff {
     int64_t *ends;        /* where recent reads ended */
     uint64_t read_buffer; /* for scattered copies, read_below bytes */
     uint64_t read_below;
+    /* A diff read through the host chunk cache (chunk_cache.py) instead of one mapping:
+     * the address of each chunk's mapping, 0 while not mapped in this process (the fault
+     * goes back to Python, which fetches, checks and maps it). Entries only ever go from
+     * 0 to an address that stays valid while the diff is open. NULL: a local raw diff. */
+    uint64_t *chunk_maps;
+    int64_t chunk_shift;  /* log2 of the chunk size */
 };
 
 struct fp_ctx {

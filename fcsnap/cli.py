@@ -314,13 +314,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fcsnap.daemon.main import run_daemon
     from fcsnap.store.s3 import is_s3_url
 
+    store: Any = Path(args.store)
     if is_s3_url(args.store):
-        usage_error("argument --store: the daemon serves a local store (restore serves S3 "
-                    "builds)", f"{PROG} serve")
-    return run_daemon(
-        Path(args.store), args.api, _socket_access(args), max(0, args.cache_mb) << 20,
-        args.preload,
-    )
+        from fcsnap.daemon.remote import RemoteBuilds
+        from fcsnap.options import parse_cache_size
+        from fcsnap.store.chunk_cache import ChunkCache, default_cache_dir
+        from fcsnap.store.stores import open_store
+
+        cache = ChunkCache(args.cache_dir or default_cache_dir(),
+                           parse_cache_size(args.cache_size))
+        store = RemoteBuilds(open_store(args.store, args.fetch_timeout), cache,
+                             args.fetch_timeout)
+    return run_daemon(store, args.api, _socket_access(args), max(0, args.cache_mb) << 20,
+                      args.preload)
 
 
 def _socket_access(args: argparse.Namespace) -> Any:
@@ -692,6 +698,7 @@ def build_parser() -> Parser:
                      help="Open these builds (name, id or directory) before the API listens "
                      "and keep them open until the daemon stops: no POST waits for opening "
                      "them (gc cannot remove them meanwhile).")
+    _add_fetch_options(sub)
     _add_socket_access(sub, "API socket", "call the API")
 
     for verb, text in (
@@ -795,6 +802,16 @@ def _restore_options(sub: argparse.ArgumentParser) -> None:
     add("--api-timeout", type=float, default=30.0, metavar="SECONDS",
         help="Seconds Firecracker has to answer the snapshot load (30).")
     _add_socket_access(sub, "socket", "connect")
+    _add_fetch_options(sub)
+    add("--daemon", type=Path, metavar="API",
+        help="Ask the 'fcsnap serve' daemon at this API socket to serve the VM (BUILD is in "
+             "the daemon's store); print the restore's id and exit 0 once the socket listens.")
+    _add_quiet(sub)
+
+
+def _add_fetch_options(sub: argparse.ArgumentParser) -> None:
+    """--cache-dir, --cache-size, --fetch-timeout: serving a store in S3 (restore, serve)."""
+    add = sub.add_argument
     add("--cache-dir", type=Path, metavar="DIR",
         help="S3 stores: the host chunk cache (default ~/.cache/fcsnap/chunks).")
     add("--cache-size", default="10G", type=_value("parse_cache_size"), metavar="SIZE",
@@ -802,10 +819,6 @@ def _restore_options(sub: argparse.ArgumentParser) -> None:
     add("--fetch-timeout", type=float, default=30.0, metavar="SECONDS",
         help="S3 stores: seconds a fetch may take, retries included; then the VM is killed "
              "(30).")
-    add("--daemon", type=Path, metavar="API",
-        help="Ask the 'fcsnap serve' daemon at this API socket to serve the VM (BUILD is in "
-             "the daemon's store); print the restore's id and exit 0 once the socket listens.")
-    _add_quiet(sub)
 
 
 def _add_socket_access(sub: argparse.ArgumentParser, what: str, verb: str) -> None:

@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fcsnap.daemon.api import ApiServer
 from fcsnap.daemon.metrics import DaemonMetrics
@@ -21,12 +22,15 @@ from fcsnap.errors import FcsnapError
 from fcsnap.uffd.listener import SocketAccess, listen
 from fcsnap.uffd.watchdog import Watchdog, WatchdogError
 
+if TYPE_CHECKING:
+    from fcsnap.daemon.remote import RemoteBuilds
 
-def run_daemon(store: Path, api_path: Path, access: SocketAccess, cache_bytes: int,
-               preload: list[str] | None = None) -> int:
+
+def run_daemon(store: Path | RemoteBuilds, api_path: Path, access: SocketAccess,
+               cache_bytes: int, preload: list[str] | None = None) -> int:
     """Serve the API until SIGTERM/SIGINT; 0 once every restore has ended. The `preload`
     builds are open before the API listens (an unknown one: FcsnapError, nothing listens)."""
-    if not store.is_dir():
+    if isinstance(store, Path) and not store.is_dir():
         raise FcsnapError(f"store {store} is not a directory")
     stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
     old = {s: signal.signal(s, lambda *_: _wake(stop_w)) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -29,6 +29,13 @@ HELP = {
     "retries": "Faults retried after EAGAIN.",
 }
 
+FETCH_HELP = {  # a store in S3: metric, FetchStats field, help (the host chunk cache's use)
+    "fetched_bytes": ("fetched_bytes", "Bytes fetched from the S3 store."),
+    "fetch_requests": ("fetch_requests", "Range requests to the S3 store."),
+    "chunk_cache_hits": ("cache_hits", "Chunks and frames found in the host chunk cache."),
+    "chunk_cache_misses": ("cache_misses", "Chunks and frames fetched into the host cache."),
+}
+
 
 class DaemonMetrics:
     """The registry `/metrics` renders: a collector over the restores."""
@@ -81,6 +88,11 @@ class _RestoresCollector(Collector):
         yield CounterMetricFamily("fcsnap_cache_hits", "Frame cache hits.", value=cache.hits)
         yield CounterMetricFamily("fcsnap_cache_misses", "Frame cache misses (decompressions).",
                                   value=cache.misses)
+        fetches = getattr(restores.store, "cache", None)  # a store in S3 (daemon/remote.py)
+        if fetches is not None:
+            stats = fetches.stats
+            for name, (key, text) in FETCH_HELP.items():
+                yield CounterMetricFamily(f"fcsnap_{name}", text, value=getattr(stats, key))
         builds = restores.builds
         yield GaugeMetricFamily("fcsnap_builds_open", "Builds open (shared by their restores).",
                                 value=len(builds.open_builds()))

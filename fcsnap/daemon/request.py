@@ -1,18 +1,20 @@
 """`POST /restores`: a JSON body checked as `fcsnap restore` checks its options.
 
 Keys are restore's options with `_` for `-`; the daemon-wide ones (`--store`, `--cache-mb`)
-are the daemon's. Paths must be absolute: the daemon's working directory is not the caller's
-(`fcsnap restore --daemon` makes them absolute before sending). Here the body's JSON types are
-checked; the values go through fcsnap.restore_options, as the command line's and the Python
-API's do, so a value is refused with the same line everywhere. Every check that restore makes
-before listening is made here or by the session's `listen`, so a bad request listens on nothing.
+are the daemon's (in an S3 store, `vm` is resolved in the bucket and served through the host
+chunk cache: fcsnap/daemon/remote.py). Paths must be absolute: the daemon's working directory
+is not the caller's (`fcsnap restore --daemon` makes them absolute before sending). Here the
+body's JSON types are checked; the values go through fcsnap.restore_options, as the command
+line's and the Python API's do, so a value is refused with the same line everywhere. Every check
+that restore makes before listening is made here or by the session's `listen`, so a bad request
+listens on nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fcsnap.errors import FcsnapError
 from fcsnap.restore_options import (
@@ -25,6 +27,9 @@ from fcsnap.store.layout import resolve_build
 from fcsnap.uffd.firecracker_api import SnapshotLoad
 from fcsnap.uffd.listener import SocketAccess
 from fcsnap.uffd.session import ServeOptions
+
+if TYPE_CHECKING:
+    from fcsnap.daemon.remote import RemoteBuilds
 
 BOOLEANS = ("verify", "populate", "eager", "track_dirty_pages")
 NUMBERS = {"handshake_timeout": DEFAULT_HANDSHAKE_TIMEOUT, "api_timeout": DEFAULT_API_TIMEOUT}
@@ -49,7 +54,8 @@ class RestoreRequest:
     load: SnapshotLoad | None
 
 
-def parse_restore(body: object, store: Path, cache_bytes: int) -> RestoreRequest:
+def parse_restore(body: object, store: Path | RemoteBuilds, cache_bytes: int
+                  ) -> RestoreRequest:
     """The request's build and options; RequestError naming the first thing wrong."""
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object")
@@ -94,11 +100,11 @@ def parse_restore(body: object, store: Path, cache_bytes: int) -> RestoreRequest
     return RestoreRequest(vm, build_dir, options, load)
 
 
-def request_build(vm: str, store: Path) -> Path:
-    """The build directory `vm` (a directory, id or name) stands for in the daemon's store;
-    RequestError 404 when there is none."""
+def request_build(vm: str, store: Path | RemoteBuilds) -> Path:
+    """The build directory `vm` (a directory, id or name) stands for in the daemon's store (a
+    local one, or a mirror of a build in object storage); RequestError 404 when there is none."""
     try:
-        return resolve_build(vm, store)
+        return resolve_build(vm, store) if isinstance(store, Path) else store.resolve(vm)
     except FcsnapError as e:
         raise RequestError(str(e), 404) from None
 

@@ -17,17 +17,19 @@ import uuid
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fcsnap.daemon.request import RequestError, RestoreRequest, parse_restore
+from fcsnap.daemon.request import RequestError, RestoreRequest, parse_restore, request_build
 from fcsnap.errors import FcsnapError
-from fcsnap.store.layout import resolve_build
 from fcsnap.uffd import latency
 from fcsnap.uffd.firecracker_api import Response, SnapshotLoad
 from fcsnap.uffd.session import Session
 from fcsnap.uffd.shared import BuildRegistry, SharedBuild
 from fcsnap.uffd.watchdog import Watchdog
 from fcsnap.units import format_bytes
+
+if TYPE_CHECKING:
+    from fcsnap.daemon.remote import RemoteBuilds
 
 KEEP_ENDED = 256  # ended restores still listed (their final stats), newest kept
 END_WAIT = 10.0  # seconds a DELETE or a daemon stop waits for a session to end
@@ -90,7 +92,8 @@ def reason_class(exit_reason: str) -> str:
 class Restores:
     """Every restore of the daemon: start, list, end; totals of the ended ones for metrics."""
 
-    def __init__(self, store: Path, cache_bytes: int, watchdog: Watchdog) -> None:
+    def __init__(self, store: Path | RemoteBuilds, cache_bytes: int, watchdog: Watchdog
+                 ) -> None:
         self.store = store
         self.builds = BuildRegistry(cache_bytes)
         self.watchdog = watchdog
@@ -110,7 +113,7 @@ class Restores:
         them. A name is resolved once, here: a build published under it later is opened by
         its first POST."""
         for name in names:
-            build = self.builds.acquire(resolve_build(name, self.store))
+            build = self.builds.acquire(request_build(name, self.store))
             self._preloaded.append(build)
             build.mapping_arrays()
             build.page_source(False, self.builds.cache_bytes)  # a session's first steps, once

@@ -15,14 +15,17 @@ least recently used (by modification time, touched on every hit) are removed.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
+import queue
 import threading
 import time
 import uuid
+from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,21 +36,27 @@ from fcsnap.errors import FcsnapError
 from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes, sidecar_pin
 from fcsnap.store.layout import DIFF_RAW, HASHES
 from fcsnap.store.manifest import read_manifest
+from fcsnap.uffd import abi
 
-CHUNK = 4 << 20
-AHEAD = 4  # chunks fetched ahead of a sequential reader, in flight at once
+CHUNK_SHIFT = 22
+CHUNK = 1 << CHUNK_SHIFT
+AHEAD = 4  # chunks fetched ahead of a sequential reader
+IN_FLIGHT = 16  # fetches ahead of readers in flight at once (fetch threads; 16 measured best)
 MAPPED = 8  # chunks a diff keeps mapped (32 MiB of page cache)
 Buffer = bytes | mmap.mmap
 
 
 def _mapped(path: Path) -> mmap.mmap | None:
-    """A cache file mapped read-only (the mapping outlives a later eviction of the file)."""
+    """A cache file mapped read-only (the mapping outlives a later eviction of the file), its
+    page tables filled at once (MAP_POPULATE): the guest's scattered faults then copy from
+    it without a page fault in the server each (at 4 KiB a fault, those cost more than the
+    copies)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     try:
-        return mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+        return mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
 DEFAULT_SIZE = 10 << 30
@@ -74,7 +83,8 @@ class ChunkCache:
     directory: Path
     limit_bytes: int = DEFAULT_SIZE
     stats: FetchStats = field(default_factory=FetchStats)
-    slots: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(AHEAD))
+    in_flight: int = IN_FLIGHT
+    counting: threading.Lock = field(default_factory=threading.Lock)  # stats and `used`
 
     def __post_init__(self) -> None:
         try:
@@ -82,55 +92,68 @@ class ChunkCache:
         except OSError as e:
             raise FcsnapError(f"cannot use cache directory {self.directory}: {e.strerror}") from e
         self.used = self._scan()[1]
+        self.queue: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+        self.workers = 0
 
-    def get(self, key: str, index: int, fetch: Callable[[], bytes],
+    def get(self, key: str, index: int | str, fetch: Callable[[], bytes],
             check: Callable[[bytes], None]) -> Buffer:
         """Chunk `index` of the diff cached under `key`, mapped from its cache file: from the
-        cache, or fetched, checked and cached first."""
-        path = self.directory / key / f"{index:08d}"
+        cache, or fetched, checked and cached first. A named piece (`index` a name, such as
+        a zstd diff's seek table) is kept outside the size accounting: it is small."""
+        name = index if isinstance(index, str) else f"{index:08d}"
+        path = self.directory / key / name
         data = self._cached(path)
         if data is not None:
             return data
         path.parent.mkdir(exist_ok=True)
         # One fetch per chunk on the host: the others wait for it, then map the file.
-        with locked(path.parent / f".lock-{index:08d}"):
+        with locked(path.parent / f".lock-{name}"):
             data = self._cached(path)
             if data is not None:
                 return data
-            self.stats.cache_misses += 1
             fetched = fetch()
-            self.stats.fetch_requests += 1
-            self.stats.fetched_bytes += len(fetched)
+            self.count(cache_misses=1, fetch_requests=1, fetched_bytes=len(fetched))
             check(fetched)
             tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
             tmp.write_bytes(fetched)
             os.rename(tmp, path)
-        self.used += len(fetched)
-        if self.used > self.limit_bytes:
+        with self.counting:
+            self.used += len(fetched)
+            full = self.used > self.limit_bytes
+        if full:
             self._evict()
         return _mapped(path) or fetched
 
+    def count(self, **counts: int) -> None:
+        """Add to the stats (fetch threads count too: under a lock, none is lost)."""
+        with self.counting:
+            for name, n in counts.items():
+                setattr(self.stats, name, getattr(self.stats, name) + n)
+
     def prefetch(self, work: Callable[[], object]) -> None:
-        """Run `work` (fetching a chunk ahead of its reader) on a daemon thread, at most AHEAD
-        at once (beyond that it is skipped: the reader fetches the chunk itself). Daemon
-        threads: a restore that ends (its VM killed by a dead server) does not wait for them."""
-        if not self.slots.acquire(blocking=False):
-            return
+        """Run `work` (fetching a chunk ahead of its reader) on one of `in_flight` fetch
+        threads, in the order asked. Daemon threads: a restore that ends (its VM killed by a
+        dead server) does not wait for them."""
+        self.queue.put(work)
+        with self.counting:
+            if self.workers >= self.in_flight:
+                return
+            self.workers += 1
+        threading.Thread(target=self._work, name="fcsnap-fetch", daemon=True).start()
 
-        def run() -> None:
-            try:
+    def _work(self) -> None:
+        while True:
+            work = self.queue.get()
+            # Whatever fails here, its reader meets again and reports; the thread lives on.
+            with contextlib.suppress(Exception):
                 work()
-            finally:
-                self.slots.release()
-
-        threading.Thread(target=run, name="fcsnap-fetch", daemon=True).start()
 
     def _cached(self, path: Path) -> Buffer | None:
         data = _mapped(path)
         if data is None:
             return None
         os.utime(path)  # recently used
-        self.stats.cache_hits += 1
+        self.count(cache_hits=1)
         return data
 
     def _scan(self) -> tuple[list[tuple[float, int, Path]], int]:
@@ -145,17 +168,30 @@ class ChunkCache:
 
     def _evict(self) -> None:
         """Remove the least recently used chunks until the cache holds 90% of its limit."""
-        chunks, self.used = self._scan()
+        chunks, used = self._scan()
         for _, size, path in sorted(chunks, key=lambda c: c[0]):
-            if self.used <= self.limit_bytes * 0.9:
+            if used <= self.limit_bytes * 0.9:
                 break
             path.unlink(missing_ok=True)
-            self.used -= size
+            used -= size
+        with self.counting:
+            self.used = used
 
 
 class CachedDiff:
     """A raw diff in object storage read through the chunk cache: what DiffFile is to a local
-    diff, for the readers that use `read` (no mapping: `map` is None)."""
+    diff, for the readers that use `read` (no mapping of the whole diff: `map` is None).
+
+    For a restore (`serving`), every chunk read stays mapped while the diff is open and its
+    address goes into `chunk_maps` (0: not mapped yet), which the compiled fault loop
+    (csrc/fastpath.c) copies from with the GIL released, handing a fault back to Python when
+    its chunk is not mapped yet. The table is shared by every session of the build: an entry
+    only ever goes from 0 to the address of a mapping that lives until `close` (after the
+    last session), so a reader sees 0 or a valid address, never a stale one. A chunk evicted
+    from the cache meanwhile stays readable through its mapping (the inode lives while
+    mapped)."""
+
+    chunk_shift = CHUNK_SHIFT
 
     def __init__(
         self, build_dir: Path, cache: ChunkCache, object_size: int | None,
@@ -180,16 +216,47 @@ class CachedDiff:
         self.block_size, self.table = read_hashes(build_dir / HASHES)
         self.key = f"{build_dir.name}-{sidecar_pin(sidecar)[7:39]}"
         self.mapped: OrderedDict[int, Buffer] = OrderedDict()
-        self.ahead: set[int] = set()  # chunks whose fetch ahead was started
+        self.serving = False  # keep every chunk read mapped, in chunk_maps (serve_source)
+        self.held: dict[int, Buffer] = {}  # the chunks chunk_maps points into
+        self.chunk_maps = array("Q", bytes(8 * max(1, -(-self.size // CHUNK))))
+        self.ahead: set[int] = set()  # chunks whose fetch ahead was asked for
+        self.landing: dict[int, threading.Event] = {}  # ... and has started: set once done
         self.lock = threading.Lock()
 
     def fetch_start(self) -> None:
         """Start fetching the diff's first chunks now, before any read: they hold a working
         set laid out first (pack --working-set), which --prefetch-ws reads right after the
         handshake, and the VM takes a while to connect."""
-        for index in range(min(AHEAD, -(-self.size // CHUNK))):
-            self.ahead.add(index)
-            self.cache.prefetch(lambda i=index: self._get(i, keep=False))
+        self.fetch_chunks(range(min(AHEAD, -(-self.size // CHUNK))))
+
+    def fetch_extent(self, storage: np.ndarray) -> None:
+        """Start fetching, in this order, the chunks holding the pages at `storage` (the
+        working set a restore is about to prefetch): as many in flight as the cache allows,
+        so that a VM connecting later finds its working set fetched, or in flight."""
+        chunks = storage >> CHUNK_SHIFT
+        _, first = np.unique(chunks, return_index=True)
+        self.fetch_chunks(chunks[np.sort(first)].tolist())
+
+    def fetch_chunks(self, indexes: Iterable[int]) -> None:
+        """Fetch these chunks ahead of their readers (those not fetched or asked for yet);
+        while serving, each is mapped into chunk_maps as it lands."""
+        for index in indexes:
+            with self.lock:
+                if index in self.ahead or index in self.held:
+                    continue
+                self.ahead.add(index)
+            self.cache.prefetch(lambda i=index: self._fetched_ahead(i))
+
+    def _fetched_ahead(self, index: int) -> None:
+        landed = threading.Event()
+        with self.lock:
+            self.landing[index] = landed
+        try:
+            chunk = self._get(index, keep=False)
+            if chunk and self.serving:
+                self._keep(index, chunk)
+        finally:
+            landed.set()
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or offset + length > self.size:
@@ -208,22 +275,62 @@ class CachedDiff:
             offset += take
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
+    def source(self, storage: int, length: int) -> int | None:
+        """The address of diff bytes [storage, storage+length) in a mapped chunk (valid while
+        the diff is open), or None when they span chunks."""
+        index = storage >> CHUNK_SHIFT
+        if (storage + length - 1) >> CHUNK_SHIFT != index:
+            return None
+        address = self.chunk_maps[index]
+        if not address:
+            self._chunk(index)
+            address = self.chunk_maps[index]
+        return address + storage - (index << CHUNK_SHIFT) if address else None
+
+    def addresses(self, storage: np.ndarray) -> np.ndarray | None:
+        """The addresses of the 4 KiB pages at `storage` in the chunks' mappings (mapping
+        the chunks first, fetching those not cached); None if a page straddles chunks."""
+        if (storage % 4096).any():
+            return None
+        chunks = storage >> CHUNK_SHIFT
+        for index in np.unique(chunks).tolist():
+            if not self.chunk_maps[index]:
+                self._chunk(index)
+        table = np.frombuffer(self.chunk_maps, np.uint64).astype(np.int64)
+        return table[chunks] + (storage & (CHUNK - 1))
+
     def _chunk(self, index: int) -> Buffer:
-        """A chunk mapped from the cache (the last MAPPED stay mapped); a chunk not mapped yet
+        """A chunk mapped from the cache (see `_keep`); a chunk not mapped yet
         also starts the fetch of the AHEAD chunks after it, so a sequential reader (a
         working-set prefetch, populate) finds them fetched or in flight."""
         with self.lock:
-            chunk = self.mapped.get(index)
+            chunk = self.held.get(index) or self.mapped.get(index)
             if chunk is not None:
-                self.mapped.move_to_end(index)
+                if index in self.mapped:
+                    self.mapped.move_to_end(index)
+                return chunk
+            landing = self.landing.get(index) if self.serving else None
+        if landing is not None:  # being fetched ahead: it is mapped as it lands
+            landing.wait()
+            with self.lock:
+                chunk = self.held.get(index)
+            if chunk is not None:
                 return chunk
         chunk = self._get(index)
         last = (self.size - 1) // CHUNK
-        for ahead in range(index + 1, min(index + AHEAD, last) + 1):
-            if ahead not in self.mapped and ahead not in self.ahead:
-                self.ahead.add(ahead)
-                self.cache.prefetch(lambda i=ahead: self._get(i, keep=False))
+        self.fetch_chunks(i for i in range(index + 1, min(index + AHEAD, last) + 1)
+                          if i not in self.mapped)
+        return self._keep(index, chunk)
+
+    def _keep(self, index: int, chunk: Buffer) -> Buffer:
+        """Serving: keep the chunk mapped while the diff is open, its address in chunk_maps;
+        otherwise among the last MAPPED chunks."""
         with self.lock:
+            if self.serving:
+                if index not in self.held:
+                    self.held[index] = chunk
+                    self.chunk_maps[index] = abi.buffer_address(chunk)
+                return self.held[index]
             self.mapped[index] = chunk
             while len(self.mapped) > MAPPED:
                 self.mapped.popitem(last=False)
@@ -246,8 +353,9 @@ class CachedDiff:
         """Every block of a fetched chunk against the sidecar, before it is used or cached."""
         bs = self.block_size
         first, count = start // bs, len(data) // bs
+        view = memoryview(data)  # blocks hashed in place, not copied out
         got = np.frombuffer(
-            b"".join(digest(data[i * bs:(i + 1) * bs]) for i in range(count)), np.uint8
+            b"".join(digest(view[i * bs:(i + 1) * bs]) for i in range(count)), np.uint8
         ).reshape(count, DIGEST_SIZE)
         bad = np.flatnonzero((got != self.table[first:first + count]).any(axis=1))
         if len(bad) or len(data) != count * bs:
@@ -261,7 +369,12 @@ class CachedDiff:
         pass
 
     def close(self) -> None:
-        pass
+        """Forget the mappings (their memory goes when the last reference does: a session's
+        compiled loop has stopped before its build is closed)."""
+        with self.lock:
+            self.chunk_maps[:] = array("Q", bytes(8 * len(self.chunk_maps)))
+            self.held.clear()
+            self.mapped.clear()
 
 
 @contextmanager

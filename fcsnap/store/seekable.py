@@ -477,33 +477,41 @@ class SeekableReader:
         dctx = getattr(self._local, "dctx", None)
         if dctx is None:
             dctx = self._local.dctx = zstandard.ZstdDecompressor()
-        size = frame.decompressed_size
-        try:
-            # A declared content size is what decompress() would allocate: check it first.
-            declared = zstandard.frame_content_size(raw)
-            if declared not in (-1, size):
-                raise FcsnapError(f"frame header says {declared} bytes, seek table says {size}")
-            if declared == size and size <= len(raw) * ONE_SHOT_EXPANSION:
-                data = dctx.decompress(raw, max_output_size=size, allow_extra_data=False)
-            else:
-                data = _stream(dctx, raw, size)
-        except zstandard.ZstdError as e:
-            raise FcsnapError(f"corrupt zstd frame: {e}") from e
-        if len(data) > size:  # the stream stopped one byte past the table's size
-            raise FcsnapError(f"decompresses to more than the {size} bytes the seek table says")
-        if len(data) < size:
-            raise FcsnapError(f"decompressed to {len(data)} bytes, seek table says {size}")
-        if self.verify_checksums and frame.checksum is not None:
-            actual = frame_checksum(data)
-            if actual != frame.checksum:
-                raise FcsnapError(
-                    f"checksum {actual:#010x} does not match the seek table's "
-                    f"{frame.checksum:#010x}"
-                )
-        return data
+        return decompress_frame(dctx, raw, frame, self.verify_checksums)
 
 
-def _stream(dctx: zstandard.ZstdDecompressor, raw: bytes, size: int) -> bytes:
+def decompress_frame(
+    dctx: zstandard.ZstdDecompressor, raw: BytesLike, frame: Frame, verify_checksum: bool
+) -> bytes:
+    """One frame's compressed bytes `raw` decompressed, exactly the size the seek table says
+    (and its checksum checked, with `verify_checksum`), or an FcsnapError."""
+    size = frame.decompressed_size
+    try:
+        # A declared content size is what decompress() would allocate: check it first.
+        declared = zstandard.frame_content_size(raw)
+        if declared not in (-1, size):
+            raise FcsnapError(f"frame header says {declared} bytes, seek table says {size}")
+        if declared == size and size <= len(raw) * ONE_SHOT_EXPANSION:
+            data = dctx.decompress(raw, max_output_size=size, allow_extra_data=False)
+        else:
+            data = _stream(dctx, raw, size)
+    except zstandard.ZstdError as e:
+        raise FcsnapError(f"corrupt zstd frame: {e}") from e
+    if len(data) > size:  # the stream stopped one byte past the table's size
+        raise FcsnapError(f"decompresses to more than the {size} bytes the seek table says")
+    if len(data) < size:
+        raise FcsnapError(f"decompressed to {len(data)} bytes, seek table says {size}")
+    if verify_checksum and frame.checksum is not None:
+        actual = frame_checksum(data)
+        if actual != frame.checksum:
+            raise FcsnapError(
+                f"checksum {actual:#010x} does not match the seek table's "
+                f"{frame.checksum:#010x}"
+            )
+    return data
+
+
+def _stream(dctx: zstandard.ZstdDecompressor, raw: BytesLike, size: int) -> bytes:
     """Decompress `raw` in chunks, stopping one byte past `size`.
 
     decompress() with max_output_size allocates that many bytes up front when the frame does

@@ -88,7 +88,8 @@ class DiffFile:
             self.fd = -1
 
 
-DiffOpener = Callable[[Path], "DiffFile"]
+# (build directory, frame cache budget, a shared frame cache or None) -> the diff
+DiffOpener = Callable[[Path, int, "FrameCache | None"], "DiffFile"]
 _openers: dict[Path, DiffOpener] = {}
 
 
@@ -115,7 +116,7 @@ def open_diffs(
             if not build_dir.is_dir():
                 raise FcsnapError(f"build {build_id} referenced by the header is not in {store}")
             diff = (
-                opener(build_dir) if opener is not None
+                opener(build_dir, cache_bytes, frame_cache) if opener is not None
                 else DiffFile(build_dir, cache_bytes, check_frames=True, frame_cache=frame_cache)
             )
             diffs[build_id] = diff

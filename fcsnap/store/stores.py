@@ -133,39 +133,47 @@ def serve_source(
     fetch_timeout: float,
 ) -> tuple[Path, FetchStats | None]:
     """restore's BUILD: a local build, or a build in object storage whose raw diffs are read
-    on demand through the host chunk cache (zstd diffs are downloaded whole first). Returns
+    on demand through the host chunk cache (raw in 4 MiB chunks, zstd frame by frame). Returns
     the build directory and the fetch statistics to report."""
     from fcsnap.store.chunk_cache import ChunkCache, default_cache_dir
 
     if not isinstance(store, RemoteStore):
         return resolve(arg, store), None
-    head = store.mirror_lineage(store.resolve(arg))
-    if (head / SNAPFILE).exists():  # Firecracker loads it: the real bytes, not a placeholder
-        store.download(f"{head.name}/{SNAPFILE}", head / SNAPFILE)
+    head = mirror_for_serving(store, arg)
     cache = ChunkCache(cache_dir or default_cache_dir(), cache_size)
-    read_through(store, head, cache, fetch_timeout)
+    read_through(store, head, cache, fetch_timeout, serving=True)
     return head, cache.stats
 
 
+def mirror_for_serving(store: RemoteStore, arg: str) -> Path:
+    """A build to serve, in the mirror: its lineage's headers and sidecars (not its diffs),
+    and its snapfile, which Firecracker loads (the real bytes, not a placeholder)."""
+    head = store.mirror_lineage(store.resolve(arg))
+    if (head / SNAPFILE).exists():
+        store.download(f"{head.name}/{SNAPFILE}", head / SNAPFILE)
+    return head
+
+
 def read_through(
-    store: RemoteStore, head: Path, cache: ChunkCache, fetch_timeout: float
+    store: RemoteStore, head: Path, cache: ChunkCache, fetch_timeout: float,
+    serving: bool = False,
 ) -> None:
     """Have every reader of the mirror's diffs (restore, and GenerationReader: unpack, squash,
-    diff --sparse-diff) read raw diffs through `cache`, fetching only the chunks they read."""
+    diff --sparse-diff) read diffs through `cache`, fetching only the chunks (raw) or frames
+    (zstd) they read.
+    `serving`: for a fault server, which copies pages straight from the chunks' mappings
+    (CachedDiff.chunk_maps)."""
+    from fcsnap.store.cached_zstd import CachedZstd
     from fcsnap.store.chunk_cache import CachedDiff, with_deadline
     from fcsnap.store.layout import DIFF_ZSTD
+    from fcsnap.store.seekable import FrameCache
     from fcsnap.store.source import DiffFile, open_diffs_with
 
-    def opener(build_dir: Path) -> DiffFile:
+    def opener(build_dir: Path, cache_bytes: int, frames: FrameCache | None) -> DiffFile:
         objects = store.build_objects(uuid.UUID(build_dir.name))
-        if DIFF_ZSTD in objects:  # downloaded whole, before serving: counted as fetched
-            store.mirror_build(uuid.UUID(build_dir.name), data=True)
-            size = objects[DIFF_ZSTD].size
-            cache.stats.fetched_bytes += size
-            cache.stats.fetch_requests += -(-size // DOWNLOAD_STEP)
-            return DiffFile(build_dir, check_frames=True)
-        key = f"{build_dir.name}/{DIFF_RAW}"
-        info = objects.get(DIFF_RAW)
+        name = DIFF_ZSTD if DIFF_ZSTD in objects else DIFF_RAW
+        key = f"{build_dir.name}/{name}"
+        info = objects.get(name)
 
         def read_range(start: int, length: int) -> bytes:
             fetch = with_deadline(
@@ -174,10 +182,20 @@ def read_through(
             )
             return fetch()
 
-        diff = CachedDiff(build_dir, cache, info.size if info else None, read_range)
+        if name == DIFF_ZSTD:
+            assert info is not None
+            diff = CachedZstd.open(build_dir, cache, info.size, read_range, frames, cache_bytes)
+            if diff is not None:
+                return diff  # type: ignore[return-value]  (DiffFile's reading interface)
+            # frames smaller than a block (2 MiB blocks): downloaded whole, counted as fetched
+            store.mirror_build(uuid.UUID(build_dir.name), data=True)
+            cache.count(fetched_bytes=info.size, fetch_requests=-(-info.size // DOWNLOAD_STEP))
+            return DiffFile(build_dir, cache_bytes, check_frames=True, frame_cache=frames)
+        raw = CachedDiff(build_dir, cache, info.size if info else None, read_range)
+        raw.serving = serving
         if build_dir.name == head.name:
-            diff.fetch_start()
-        return diff  # type: ignore[return-value]  (DiffFile's reading interface)
+            raw.fetch_start()
+        return raw  # type: ignore[return-value]  (DiffFile's reading interface)
 
     open_diffs_with(store.mirror, opener)
 

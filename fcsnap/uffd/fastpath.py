@@ -7,7 +7,9 @@ so the sessions of other VMs in the same process run meanwhile on other cores.
 
 It works on the installer's own state (the present/removed/wanted arrays, the mapping arrays,
 each raw diff's MappedDiff state), so it and the Python installer can take turns fault by
-fault. It serves 4 KiB pages of raw (mapped) builds; the rest comes back to Python untouched:
+fault. It serves 4 KiB pages of raw builds, mapped whole (local) or chunk by chunk (read
+through the host chunk cache: a fault on a chunk not mapped yet comes back to Python, which
+fetches and maps it); the rest comes back to Python untouched:
 REMOVE and other events, removed pages, huge pages, an EAGAIN to retry. Under --record-ws it
 records the pages faulted, in order, in a buffer Python empties after every call. A server
 under --verify, or with a zstd build in its lineage, serves everything in Python.
@@ -91,6 +93,12 @@ class FastPath:
         starts, storage, owner = pages.mapping_arrays()
         c_diffs = ffi.new("struct fp_diff[]", max(1, len(pages.builds)))
         for c_diff, build in zip(c_diffs, pages.builds, strict=False):
+            cached = pages.cached.get(build)
+            if cached is not None:  # copies from its chunks' mappings, as they are mapped
+                c_diff.size, c_diff.fd = cached.size, -1
+                c_diff.chunk_maps = pointer("uint64_t[]", cached.chunk_maps)
+                c_diff.chunk_shift = cached.chunk_shift
+                continue
             mapped = pages.mapped[build]
             c_diff.base, c_diff.size = mapped.base, mapped.diff.size
             c_diff.fd, c_diff.fits, c_diff.limit = mapped.diff.fd, mapped.fits, mapped.limit
@@ -135,7 +143,7 @@ class FastPath:
         pages = installer.pages
         if not compiled() or pages.hashes is not None:
             return None
-        if any(build not in pages.mapped for build in pages.builds):
+        if any(b not in pages.mapped and b not in pages.cached for b in pages.builds):
             return None  # a zstd (or empty) diff: its frames are decompressed in Python
         return cls(installer)
 

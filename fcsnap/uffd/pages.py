@@ -63,6 +63,8 @@ class PageSource:
         self.block_size = header.metadata.block_size
         raw = {b: d for b, d in diffs.items() if d.map}  # each gets a share of map_budget
         self.mapped = {b: MappedDiff(d, map_budget // max(1, len(raw))) for b, d in raw.items()}
+        # diffs read through the host chunk cache, copied from from their chunks' mappings
+        self.cached = {b: d for b, d in diffs.items() if getattr(d, "serving", False)}
         self.builds = list(diffs)  # `where` numbers builds by their place here
         self._spans: list[bytes] = []  # decompressed bytes `span_base` handed out
         self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -82,6 +84,9 @@ class PageSource:
         mapped = self.mapped.get(m.build_id)
         if mapped is not None:
             return Source(mapped.source(storage, length), m.build_id)
+        cached = self.cached.get(m.build_id)
+        if cached is not None and (address := cached.source(storage, length)) is not None:
+            return Source(address, m.build_id)
         data = self.diffs[m.build_id].read(storage, length)
         return Source(abi.buffer_address(data), m.build_id, data)
 
@@ -113,11 +118,37 @@ class PageSource:
         mapped = self.mapped.get(build)
         if mapped is not None:
             return mapped.window(lo, hi)
+        cached = self.cached.get(build)
+        if cached is not None and (address := cached.source(lo, hi - lo)) is not None:
+            return address - lo
         if hi - lo > SPAN_BYTES:
             return None
         data = self.diffs[build].read(lo, hi - lo)
         self._spans.append(data)
         return abi.buffer_address(data) - lo
+
+    def span_sources(self, owner: int, storage: np.ndarray) -> np.ndarray | None:
+        """Source addresses of the 4 KiB pages at `storage` in build `owner`'s diff, for a
+        batch (valid until `release_spans`), or None as for `span_base`. A diff read
+        through the host cache gives addresses in its chunks' mappings: runs are cut where
+        the addresses do not follow on (prefetch.py)."""
+        cached = self.cached.get(self.builds[owner])
+        if cached is not None and self.hashes is None:
+            return cached.addresses(storage)
+        base = self.span_base(owner, int(storage.min()), int(storage.max()) + 4096)
+        return None if base is None else base + storage
+
+    def fetch_ahead(self, offsets: np.ndarray) -> None:
+        """Start fetching what the guest pages at `offsets` (a working set about to be
+        prefetched) need from builds in object storage, before the VM connects."""
+        fetchers = [getattr(self.diffs[b], "fetch_extent", None) for b in self.builds]
+        if not any(fetchers):
+            return  # every build is local
+        owner, storage = self.where(offsets)
+        for number, fetch in enumerate(fetchers):
+            mine = owner == number
+            if fetch is not None and mine.any():
+                fetch(storage[mine])
 
     def release_spans(self) -> None:
         self._spans.clear()

@@ -87,19 +87,20 @@ class Prefetch:
         todo = pages[todo_at]
         n = len(todo)
         owner, storage = installer.pages.where(region.offset + todo * PAGE)
-        cut = np.ones(n, bool)
-        cut[1:] = (todo[1:] != todo[:-1] + 1) | (owner[1:] != owner[:-1]) | (
-            (owner[1:] != ZERO) & (storage[1:] != storage[:-1] + PAGE))
-        starts = np.flatnonzero(cut)
-        counts = np.diff(starts, append=n)
         source = np.zeros(n, np.int64)  # 0: no address at hand, ask `locate`
         try:
             for o in np.unique(owner[owner != ZERO]).tolist():
                 mine = owner == o
-                base = installer.pages.span_base(
-                    o, int(storage[mine].min()), int(storage[mine].max()) + PAGE)
-                if base is not None:
-                    source[mine] = base + storage[mine]
+                sources = installer.pages.span_sources(o, storage[mine])
+                if sources is not None:
+                    source[mine] = sources
+            # a run: pages next to each other in guest memory and in their source
+            cut = np.ones(n, bool)
+            cut[1:] = (todo[1:] != todo[:-1] + 1) | (owner[1:] != owner[:-1]) | (
+                (owner[1:] != ZERO) & ((storage[1:] != storage[:-1] + PAGE)
+                                       | ((source[1:] != 0) & (source[1:] != source[:-1] + PAGE))))
+            starts = np.flatnonzero(cut)
+            counts = np.diff(starts, append=n)
             whole, stopped_at = self._copy_runs(region, todo, owner, source, starts, counts)
         finally:
             installer.pages.release_spans()

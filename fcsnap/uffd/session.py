@@ -105,6 +105,7 @@ class Session:
         self.pages = build.page_source(options.verify, options.cache_bytes)
         if self.prefetch is not None:
             self.pages.mapping_arrays()  # now, not after the handshake
+            self.pages.fetch_ahead(self.prefetch)  # a build in S3: fetched while VM connects
         self.stats = InstallStats()
         self.peer: Peer | None = None
         self.installer: Installer | None = None

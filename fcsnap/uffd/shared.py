@@ -6,7 +6,11 @@ thread-safe, over the daemon's one FrameCache), the hash sidecars (--verify) and
 arrays. Per session, never shared: PageSource's span buffers and each raw diff's MappedDiff
 (its chunk counters and read buffer, which the compiled loop updates with the GIL released).
 A MappedDiff dropping the shared mapping (MADV_DONTNEED) only zaps page table entries of a
-read-only file mapping; another session's copy out of it faults the page back in.
+read-only file mapping; another session's copy out of it faults the page back in. A diff in
+object storage (chunk_cache.CachedDiff) is shared whole, its table of chunk mappings too: an
+entry only goes from 0 to the address of a mapping that lives until the build is closed
+(after its last session), so every session's compiled loop reads it without a lock.
+
 
 A closed build leaves its parsed header and mapping arrays behind (the last PARSED_KEPT
 builds): parsing is most of the cost of opening a build, and a build's header never changes

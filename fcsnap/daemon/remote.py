@@ -1,0 +1,33 @@
+"""The daemon's store in object storage: each request's build resolved in the bucket, its
+headers and sidecars mirrored, its diffs served through the one host chunk cache the daemon
+shares with every other restore on the host (fcsnap/store/chunk_cache.py)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from fcsnap.store.chunk_cache import ChunkCache
+from fcsnap.store.remote import RemoteStore
+from fcsnap.store.stores import mirror_for_serving, read_through
+
+
+class RemoteBuilds:
+    """Resolves a request's VM name or build id to a served build directory (in the mirror);
+    its diffs are read on demand through `cache`, each fetch allowed `fetch_timeout`."""
+
+    def __init__(self, store: RemoteStore, cache: ChunkCache, fetch_timeout: float) -> None:
+        self.store = store
+        self.cache = cache
+        self.fetch_timeout = fetch_timeout
+        self._lock = threading.Lock()  # one mirror: one request at a time writes it
+
+    def resolve(self, vm: str) -> Path:
+        """The build (a name read now: it may have moved since the last request)."""
+        with self._lock:
+            head = mirror_for_serving(self.store, vm)
+            read_through(self.store, head, self.cache, self.fetch_timeout, serving=True)
+        return head
+
+    def __str__(self) -> str:
+        return f"{self.store.url} (chunk cache {self.cache.directory})"

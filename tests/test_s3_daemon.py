@@ -1,0 +1,67 @@
+"""`fcsnap serve --store s3://...`: the daemon resolves each request's VM in the bucket and
+serves it through the host chunk cache; /metrics counts what it fetched."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from s3_helpers import Bucket, memfile
+from test_daemon import WAIT, Build, Daemon
+from test_s3_serve import fcsnap
+
+
+@pytest.fixture
+def s3_daemon(bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+              ) -> Iterator[tuple[Daemon, dict[str, Build]]]:
+    """A daemon on a bucket holding "raw" and "zstd" (16 MiB each)."""
+    builds = {}
+    for seed, (name, compression) in enumerate([("raw", "none"), ("zstd", "zstd")]):
+        mem = memfile(tmp_path, f"{name}.mem", seed=70 + seed, mib=16)
+        fcsnap(bucket, "pack", str(mem), "--store", bucket.url(), "--name", name,
+               "--compress", compression, "-q")
+        builds[name] = Build(name, "", mem)
+    for key, value in bucket.server.env().items():  # the daemon's credentials and endpoint
+        monkeypatch.setenv(key, value)
+    daemon = Daemon(bucket.url(), tmp_path, "--cache-dir",  # type: ignore[arg-type]
+                    str(tmp_path / "cache"), "--fetch-timeout", "10")
+    yield daemon, builds
+    daemon.close()
+
+
+def served(daemon: Daemon, build: Build, name: str) -> dict:
+    """One restore of `build` to a stand-in that checks every byte; its final document."""
+    restore = daemon.restore(build.name, name)
+    vm = daemon.vm(name, build, order="random")
+    assert vm.wait(timeout=WAIT + 10) == 0, vm.communicate()[1]
+    report = daemon.report(name)
+    assert report is not None and report["mismatches"] == 0, report
+    document = daemon.wait_ended(restore["id"])
+    assert document["exit_reason"] == "vm exited", document
+    return document
+
+
+def test_two_vms_share_the_host_cache(s3_daemon: tuple[Daemon, dict[str, Build]]) -> None:
+    daemon, builds = s3_daemon
+    first = served(daemon, builds["raw"], "a")
+    assert first["compiled_faults"] > 0  # pages copied in C from the cached chunks' mappings
+    cold = daemon.metrics()
+    fetched = cold["fcsnap_fetched_bytes_total", ()]
+    assert fetched > 0 and cold["fcsnap_fetch_requests_total", ()] > 0
+    served(daemon, builds["raw"], "b")
+    warm = daemon.metrics()
+    assert warm["fcsnap_fetched_bytes_total", ()] == fetched  # the second fetched nothing
+    assert warm["fcsnap_chunk_cache_misses_total", ()] == cold[
+        "fcsnap_chunk_cache_misses_total", ()]
+    assert warm["fcsnap_chunk_cache_hits_total", ()] > cold["fcsnap_chunk_cache_hits_total", ()]
+
+
+def test_a_zstd_build_and_an_unknown_name(s3_daemon: tuple[Daemon, dict[str, Build]]) -> None:
+    daemon, builds = s3_daemon
+    served(daemon, builds["zstd"], "z")
+    assert daemon.metrics()["fcsnap_fetch_requests_total", ()] > 1  # frames, on demand
+    status, answer = daemon.call("POST", "/restores", {
+        "vm": "nobody", "socket": str(daemon.tmp / "n.sock")})
+    assert status == 404 and "nobody" in answer["error"], answer
+    assert not (daemon.tmp / "n.sock").exists()
