@@ -8,8 +8,8 @@
  * Called through cffi's API mode, which releases the GIL for the whole call. */
 
 #include <errno.h>
-#include <poll.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -363,26 +363,41 @@ int fp_pump(struct fp_ctx *c)
     }
 }
 
-int fp_run(struct fp_ctx *c, int stop_fd, int pidfd, int timeout_ms, int budget_ms)
+int fp_wait(int epfd, struct fp_ctx **ctxs, int64_t nctxs, int timeout_ms, int budget_ms,
+            int *out, int capacity)
 {
-    int64_t until = now_ns() + (int64_t)budget_ms * 1000000;
-    struct pollfd fds[3] = {
-        {.fd = stop_fd, .events = POLLIN},
-        {.fd = pidfd, .events = POLLIN},
-        {.fd = c->uffd, .events = POLLIN},
-    };
+    struct epoll_event events[64];
+    int64_t start = now_ns();
+    int64_t until = start + (int64_t)budget_ms * 1000000;
+    int64_t deadline = timeout_ms < 0 ? -1 : start + (int64_t)timeout_ms * 1000000;
+    int max = capacity < 64 ? capacity : 64;
+    int wait_ms = timeout_ms;
     for (;;) {
-        int n = poll(fds, 3, timeout_ms);
+        int n = epoll_wait(epfd, events, max, wait_ms);
         if (n < 0)
-            return errno == EINTR ? FP_IDLE : -errno;
+            return errno == EINTR ? 0 : -errno;
         if (n == 0)
-            return FP_IDLE;
-        if (fds[0].revents || fds[1].revents)
-            return FP_IDLE;  /* the caller looks at what happened */
-        int status = fp_pump(c);
-        if (status != FP_DONE || c->nretry || c->ndefer)
-            return status;
-        if (now_ns() > until)
-            return FP_IDLE;  /* let the caller keep its stats current */
+            return 0;
+        int nout = 0;
+        for (int k = 0; k < n; k++) {
+            int fd = events[k].data.fd;
+            struct fp_ctx *c = fd >= 0 && fd < nctxs ? ctxs[fd] : NULL;
+            if (c == NULL) {
+                out[nout++] = fd;
+                continue;
+            }
+            c->status = fp_pump(c);
+            c->pumped = 1;
+            if (c->status != FP_DONE || c->nretry || c->ndefer)
+                out[nout++] = fd;
+        }
+        int64_t now = now_ns();
+        if (nout || now > until)
+            return nout;  /* what needs Python, or let it keep its stats current */
+        if (deadline >= 0) {
+            if (now >= deadline)
+                return 0;
+            wait_ms = (int)((deadline - now + 999999) / 1000000);
+        }
     }
 }

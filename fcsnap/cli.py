@@ -323,8 +323,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if is_s3_url(args.store):
         usage_error("argument --store: the daemon serves a local store (restore serves S3 "
                     "builds)", f"{PROG} serve")
+    if args.reactors is not None and args.reactors < 1:
+        usage_error(f"argument --reactors: invalid value {args.reactors}: at least 1",
+                    f"{PROG} serve")
     return run_daemon(
-        Path(args.store), args.api, _socket_access(args), max(0, args.cache_mb) << 20
+        Path(args.store), args.api, _socket_access(args), max(0, args.cache_mb) << 20,
+        args.reactors,
     )
 
 
@@ -710,6 +714,9 @@ def build_parser() -> Parser:
                      help="The API's Unix socket.")
     sub.add_argument("--cache-mb", type=int, default=256, metavar="N",
                      help="Memory for diff data, for every build and VM together (256).")
+    sub.add_argument("--reactors", type=int, default=None, metavar="N",
+                     help="Threads serving the VMs, each any number of them (one per CPU "
+                          "the daemon may use).")
     _add_socket_access(sub, "API socket", "call the API")
 
     for verb, text in (

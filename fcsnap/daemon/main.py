@@ -1,9 +1,10 @@
 """`fcsnap serve`: the daemon's life, from listening on its API socket to its last restore.
 
-The main thread owns the signals and nothing else: SIGTERM/SIGINT stop the API (no new
-restores), then end every restore as `restore`'s SIGTERM does (each VM is killed unless every
-page is installed), then hang up on the watchdog. A SIGKILLed daemon cannot do any of that:
-the one watchdog all its sessions share sees it die and kills every VM still watched.
+The VMs are served by a fixed pool of reactor threads (restores.py), the API by http.server's
+threads. The main thread owns the signals and nothing else: SIGTERM/SIGINT stop the API (no
+new restores), then end every restore as `restore`'s SIGTERM does (each VM is killed unless
+every page is installed), then hang up on the watchdog. A SIGKILLed daemon cannot do any of
+that: the one watchdog all its sessions share sees it die and kills every VM still watched.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from fcsnap.uffd.listener import SocketAccess, listen
 from fcsnap.uffd.watchdog import Watchdog, WatchdogError
 
 
-def run_daemon(store: Path, api_path: Path, access: SocketAccess, cache_bytes: int) -> int:
-    """Serve the API until SIGTERM/SIGINT; 0 once every restore has ended."""
+def run_daemon(store: Path, api_path: Path, access: SocketAccess, cache_bytes: int,
+               reactors: int | None = None) -> int:
+    """Serve the API until SIGTERM/SIGINT; 0 once every restore has ended. `reactors`:
+    threads serving the VMs (None: one per CPU this process may use)."""
     if not store.is_dir():
         raise FcsnapError(f"store {store} is not a directory")
     stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
@@ -35,7 +38,8 @@ def run_daemon(store: Path, api_path: Path, access: SocketAccess, cache_bytes: i
             raise FcsnapError(str(e)) from e
         try:
             metrics = DaemonMetrics()
-            restores = Restores(store, cache_bytes, watchdog, metrics.fault_seconds.observe)
+            restores = Restores(store, cache_bytes, watchdog, metrics.fault_seconds.observe,
+                                reactors)
             metrics.attach(restores)
             sock = listen(api_path, access)
             inode = os.stat(api_path).st_ino
