@@ -367,9 +367,8 @@ int fp_wait(int epfd, struct fp_ctx **ctxs, int64_t nctxs, int timeout_ms, int b
             int *out, int capacity)
 {
     struct epoll_event events[64];
-    int64_t start = now_ns();
-    int64_t until = start + (int64_t)budget_ms * 1000000;
-    int64_t deadline = timeout_ms < 0 ? -1 : start + (int64_t)timeout_ms * 1000000;
+    int64_t deadline = timeout_ms < 0 ? -1 : now_ns() + (int64_t)timeout_ms * 1000000;
+    int64_t until = -1;  /* budget_ms after the first fault served */
     int max = capacity < 64 ? capacity : 64;
     int wait_ms = timeout_ms;
     for (;;) {
@@ -392,12 +391,12 @@ int fp_wait(int epfd, struct fp_ctx **ctxs, int64_t nctxs, int timeout_ms, int b
                 out[nout++] = fd;
         }
         int64_t now = now_ns();
+        if (until < 0)
+            until = now + (int64_t)budget_ms * 1000000;
         if (nout || now > until)
             return nout;  /* what needs Python, or let it keep its stats current */
-        if (deadline >= 0) {
-            if (now >= deadline)
-                return 0;
-            wait_ms = (int)((deadline - now + 999999) / 1000000);
-        }
+        /* faults were served: back to Python by the budget's end even if all goes quiet */
+        int64_t end = deadline >= 0 && deadline < until ? deadline : until;
+        wait_ms = (int)((end - now + 999999) / 1000000);
     }
 }

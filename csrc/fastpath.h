@@ -79,7 +79,8 @@ int fp_pump(struct fp_ctx *c);
  * (indexed by fd, nctxs long) is a ctx is that session's uffd and is pumped here, its outcome
  * kept in ctx->status; every other ready fd, and a pumped uffd whose outcome needs Python
  * (events, retries, faults to defer, an error, the VM gone), goes into out (at most
- * capacity). Returns how many fds are in out, 0 on a timeout, a signal or budget_ms of
- * serving gone by, or -errno; timeout_ms < 0 waits without a limit. */
+ * capacity). Returns how many fds are in out, 0 on a timeout, a signal or budget_ms gone
+ * by since it first served a fault (so that the stats stay current), or -errno;
+ * timeout_ms < 0 waits without a limit. */
 int fp_wait(int epfd, struct fp_ctx **ctxs, int64_t nctxs, int timeout_ms, int budget_ms,
             int *out, int capacity);
