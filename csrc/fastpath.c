@@ -395,8 +395,10 @@ int fp_wait(int epfd, struct fp_ctx **ctxs, int64_t nctxs, int timeout_ms, int b
             until = now + (int64_t)budget_ms * 1000000;
         if (nout || now > until)
             return nout;  /* what needs Python, or let it keep its stats current */
+        if (deadline >= 0 && now >= deadline)
+            return 0;
         /* faults were served: back to Python by the budget's end even if all goes quiet */
         int64_t end = deadline >= 0 && deadline < until ? deadline : until;
-        wait_ms = (int)((end - now + 999999) / 1000000);
+        wait_ms = (int)((end - now + 999999) / 1000000);  /* end > now: at least 1 */
     }
 }

@@ -147,6 +147,52 @@ def test_one_reactor_thread_serves_many_vms_at_once(store, tmp_path: Path, path:
             build.close()
 
 
+@pytest.mark.parametrize("path", ["compiled", "python"])
+def test_stats_are_current_while_the_vm_sits_idle(store, tmp_path: Path, path: str,  # noqa: F811
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A VM that touched all its memory and then does nothing: the live stats (a daemon's
+    GET /restores/ID) show every page served within moments, not at the VM's exit."""
+    root, builds = store
+    if path == "python":
+        monkeypatch.setenv(fastpath.PURE_PYTHON_ENV, "1")
+    elif fastpath.lib is None:
+        pytest.skip("the compiled fault path is not built (no C compiler)")
+    build = SharedBuild(root / builds["raw"].build_id, 8 << 20)
+    reactor = Reactor()
+    thread = threading.Thread(target=reactor.run, daemon=True)
+    ended = Ended()
+    session = Session(build, ServeOptions(socket=tmp_path / "vm.sock", fault_around=0))
+    vm = None
+    try:
+        session.listen()
+        reactor.add(session, ended.callback("vm"))
+        thread.start()
+        report = tmp_path / "vm.json"
+        vm = firecracker.spawn(tmp_path / "vm.sock", expected=builds["raw"].expected,
+                               report=report, deadline=WAIT, threads=1, hold=WAIT,
+                               popen={"stdout": subprocess.DEVNULL})
+        wait_for(report.exists, "the VM to touch all its memory")
+        assert firecracker.read_report(report)["mismatches"] == 0
+        wait_for(lambda: session.document()["pages_served"] == SIZE // PAGE,
+                 "the live stats to show every page", 2.0)
+        assert session.state == "serving"
+        session.stop()
+        ended.wait(["vm"])
+        assert ended.errors["vm"] is None and session.exit_reason == "signal"
+        time.sleep(0.2)
+        assert vm.poll() is None  # every page was in: a stop leaves it running
+    finally:
+        session.stop()
+        reactor.shutdown()
+        thread.join(WAIT)
+        if vm is not None and vm.poll() is None:
+            vm.kill()
+            vm.wait(WAIT)
+        if not thread.is_alive():
+            reactor.close()
+        build.close()
+
+
 def threads(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
