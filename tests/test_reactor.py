@@ -49,6 +49,16 @@ SESSIONS = {
 GOOD = [name for name, (_, _, vm) in SESSIONS.items() if not vm]
 
 
+def use_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serve through the compiled path or the Python one, whatever the environment says."""
+    if path == "python":
+        monkeypatch.setenv(fastpath.PURE_PYTHON_ENV, "1")
+    elif fastpath.lib is None:
+        pytest.skip("the compiled fault path is not built (no C compiler)")
+    else:
+        monkeypatch.delenv(fastpath.PURE_PYTHON_ENV, raising=False)
+
+
 class Ended:
     """What each session ended with, as the reactor reports it."""
 
@@ -71,10 +81,7 @@ class Ended:
 def test_one_reactor_thread_serves_many_vms_at_once(store, tmp_path: Path, path: str,  # noqa: F811
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     root, builds = store
-    if path == "python":
-        monkeypatch.setenv(fastpath.PURE_PYTHON_ENV, "1")
-    elif fastpath.lib is None:
-        pytest.skip("the compiled fault path is not built (no C compiler)")
+    use_path(path, monkeypatch)
     ws = tmp_path / "ws"  # the first and the last quarter of the guest, in that order
     write_working_set(ws, SIZE, dict.fromkeys(
         [*range(0, SIZE // 4, PAGE), *range(3 * SIZE // 4, SIZE, PAGE)]))
@@ -153,10 +160,7 @@ def test_stats_are_current_while_the_vm_sits_idle(store, tmp_path: Path, path: s
     """A VM that touched all its memory and then does nothing: the live stats (a daemon's
     GET /restores/ID) show every page served within moments, not at the VM's exit."""
     root, builds = store
-    if path == "python":
-        monkeypatch.setenv(fastpath.PURE_PYTHON_ENV, "1")
-    elif fastpath.lib is None:
-        pytest.skip("the compiled fault path is not built (no C compiler)")
+    use_path(path, monkeypatch)
     build = SharedBuild(root / builds["raw"].build_id, 8 << 20)
     reactor = Reactor()
     thread = threading.Thread(target=reactor.run, daemon=True)
