@@ -13,6 +13,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
 #include <linux/userfaultfd.h>
@@ -363,14 +364,20 @@ int fp_pump(struct fp_ctx *c)
     }
 }
 
+int fp_timer(void)
+{
+    int fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    return fd < 0 ? -errno : fd;
+}
+
 int fp_wait(int epfd, struct fp_ctx **ctxs, int64_t nctxs, int timeout_ms, int budget_ms,
-            int *out, int capacity)
+            int timer_fd, int *out, int capacity)
 {
     struct epoll_event events[64];
     int64_t deadline = timeout_ms < 0 ? -1 : now_ns() + (int64_t)timeout_ms * 1000000;
-    int64_t until = -1;  /* budget_ms after the first fault served */
     int max = capacity < 64 ? capacity : 64;
     int wait_ms = timeout_ms;
+    int armed = 0;
     for (;;) {
         int n = epoll_wait(epfd, events, max, wait_ms);
         if (n < 0)
@@ -389,16 +396,20 @@ int fp_wait(int epfd, struct fp_ctx **ctxs, int64_t nctxs, int timeout_ms, int b
             c->pumped = 1;
             if (c->status != FP_DONE || c->nretry || c->ndefer)
                 out[nout++] = fd;
+            if (!armed) {  /* back to Python budget_ms from now, however busy or quiet */
+                struct itimerspec t = {.it_value = {.tv_sec = budget_ms / 1000,
+                                                    .tv_nsec = budget_ms % 1000 * 1000000L}};
+                timerfd_settime(timer_fd, 0, &t, NULL);
+                armed = 1;
+            }
         }
-        int64_t now = now_ns();
-        if (until < 0)
-            until = now + (int64_t)budget_ms * 1000000;
-        if (nout || now > until)
-            return nout;  /* what needs Python, or let it keep its stats current */
-        if (deadline >= 0 && now >= deadline)
-            return 0;
-        /* faults were served: back to Python by the budget's end even if all goes quiet */
-        int64_t end = deadline >= 0 && deadline < until ? deadline : until;
-        wait_ms = (int)((end - now + 999999) / 1000000);  /* end > now: at least 1 */
+        if (nout)
+            return nout;
+        if (deadline >= 0) {
+            int64_t now = now_ns();
+            if (now >= deadline)
+                return 0;
+            wait_ms = (int)((deadline - now + 999999) / 1000000);
+        }
     }
 }

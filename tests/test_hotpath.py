@@ -320,9 +320,11 @@ def test_compiled_wait_releases_the_gil(guest) -> None:
         table = fastpath.ffi.new("struct fp_ctx *[]", uffd + 1)
         table[uffd] = fast.ctx
         ready = fastpath.ffi.new("int[]", 8)
+        timer = fastpath.lib.fp_timer()
+        assert timer >= 0
         waited: list[int] = []
         t = threading.Thread(target=lambda: waited.append(
-            fastpath.lib.fp_wait(poller.fileno(), table, len(table), 500, 10, ready, 8)))
+            fastpath.lib.fp_wait(poller.fileno(), table, len(table), 500, 10, timer, ready, 8)))
         start = time.monotonic()
         t.start()
         spins = 0
@@ -331,6 +333,7 @@ def test_compiled_wait_releases_the_gil(guest) -> None:
         assert t.is_alive() and spins > 10_000
         t.join(WAIT)
         assert not t.is_alive() and waited == [0]  # a timeout: nothing for Python
+        os.close(timer)
     finally:
         poller.close()
         s.close()

@@ -22,6 +22,7 @@ from helpers import wait_for
 from test_daemon import SIZE, Build, Daemon, store  # noqa: F401  (the store fixture)
 from test_restore_faults import KILLED, WAIT
 
+from fcsnap.daemon.restores import Restores
 from fcsnap.testing import firecracker
 from fcsnap.uffd import fastpath
 from fcsnap.uffd.reactor import Reactor
@@ -234,6 +235,27 @@ def test_daemon_keeps_its_reactor_pool_for_sixteen_vms(store, tmp_path: Path) ->
         assert code == 0
     finally:
         daemon.close()
+
+
+def test_daemon_places_each_restore_on_the_least_loaded_reactor(store, tmp_path: Path  # noqa: F811
+                                                                 ) -> None:
+    """Restores spread evenly over the pool; a DELETE frees its reactor's place."""
+    root, _ = store
+    watchdog = Watchdog.start()
+    restores = Restores(root, 8 << 20, watchdog, reactors=3)
+    try:
+        started = [restores.start({"vm": "raw", "socket": str(tmp_path / f"{i}.sock")})
+                   for i in range(6)]
+        assert [r.load for r in restores.reactors] == [2, 2, 2]
+        assert restores.end(started[0])
+        assert sorted(r.load for r in restores.reactors) == [1, 2, 2]
+        started.append(restores.start({"vm": "raw", "socket": str(tmp_path / "6.sock")}))
+        assert [r.load for r in restores.reactors] == [2, 2, 2]
+    finally:
+        restores.stop_all()
+        watchdog.close()
+    assert all(r.ended.is_set() for r in started)
+    assert restores.ended_by_reason == {"stopped_before_a_VM_was_served": 7}
 
 
 def test_serve_refuses_no_reactors(tmp_path: Path) -> None:

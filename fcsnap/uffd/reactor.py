@@ -9,9 +9,10 @@ faults come first and no session holds up the others for longer than a batch.
 Where the fault path is compiled the wait itself is in C (fp_wait in csrc/fastpath.c), with
 the GIL released: it serves the ready uffds of compiled sessions there, fault after fault,
 and comes back to Python only with what Python handles (a session's events, retries, faults
-it defers, an error, the VM gone; any other fd ready; a timeout), or after BUDGET_MS of
-serving, so that the stats stay current. Sessions that serve in Python (--verify, zstd,
-FCSNAP_PURE_PYTHON=1) are called when their uffd is ready.
+it defers, an error, the VM gone; any other fd ready; a timeout), or BUDGET_MS after it
+first served a fault (a timerfd in the epoll set), so that the stats stay current. Sessions
+that serve in Python (--verify, zstd, FCSNAP_PURE_PYTHON=1) are called when their uffd is
+ready.
 
 Each session is isolated: an exception in one of its handlers ends that session only (the VM
 killed, its stats written, its `on_end` told), never the reactor or the other sessions.
@@ -49,10 +50,14 @@ class Reactor:
         self._epoll = select.epoll()
         self._compiled = fastpath.compiled()
         self._table = self._ready = None
+        self._timer = -1  # fires BUDGET_MS after the compiled wait first served a fault
         if self._compiled:
-            ffi = fastpath.ffi
+            ffi, lib = fastpath.ffi, fastpath.lib
             self._table = ffi.new("struct fp_ctx *[]", FD_TABLE)  # uffd -> compiled ctx
             self._ready = ffi.new("int[]", READY_MAX)
+            self._timer = lib.fp_timer()
+            if self._timer < 0:
+                raise OSError(-self._timer, f"timerfd_create: {os.strerror(-self._timer)}")
         self._handlers: dict[int, tuple[Session, Handler]] = {}
         self._fds: dict[Session, set[int]] = {}
         self._on_end: dict[Session, OnEnd] = {}
@@ -63,6 +68,8 @@ class Reactor:
         self._closing = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._epoll.register(self._wake_r, select.EPOLLIN)
+        if self._timer >= 0:
+            self._epoll.register(self._timer, select.EPOLLIN)
 
     @property
     def load(self) -> int:
@@ -83,8 +90,10 @@ class Reactor:
         self._wake()
 
     def close(self) -> None:
-        """Free the epoll fd and the wake pipe (after `run` has returned)."""
+        """Free the epoll fd, the timer and the wake pipe (after `run` has returned)."""
         self._epoll.close()
+        if self._timer >= 0:
+            os.close(self._timer)
         with self._lock:
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -147,10 +156,10 @@ class Reactor:
         timeout = 0.0 if self._background else self._until_next_timer()
         for fd in self._wait(timeout):
             entry = self._handlers.get(fd)
-            if entry is None:  # the wake pipe, or an fd a session just let go of
-                if fd == self._wake_r:
+            if entry is None:  # the wake pipe, the budget's timer, or an fd let go of
+                if fd in (self._wake_r, self._timer):
                     with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_r, 4096)
+                        os.read(fd, 4096)
                 continue
             self._call(entry[0], entry[1])
         for session, path in list(self._paths.items()):
@@ -185,7 +194,7 @@ class Reactor:
         ffi, lib = fastpath.ffi, fastpath.lib
         ms = -1 if timeout < 0 else math.ceil(timeout * 1000)
         n = lib.fp_wait(self._epoll.fileno(), self._table, len(self._table), ms, BUDGET_MS,
-                        self._ready, READY_MAX)
+                        self._timer, self._ready, READY_MAX)
         if n < 0:
             raise OSError(-n, f"epoll_wait: {os.strerror(-n)}")
         return ffi.unpack(self._ready, n) if n else []
