@@ -8,11 +8,12 @@
  * Called through cffi's API mode, which releases the GIL for the whole call. */
 
 #include <errno.h>
-#include <poll.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
 #include <linux/userfaultfd.h>
@@ -450,26 +451,52 @@ int fp_pump(struct fp_ctx *c)
     }
 }
 
-int fp_run(struct fp_ctx *c, int stop_fd, int pidfd, int timeout_ms, int budget_ms)
+int fp_timer(void)
 {
-    int64_t until = now_ns() + (int64_t)budget_ms * 1000000;
-    struct pollfd fds[3] = {
-        {.fd = stop_fd, .events = POLLIN},
-        {.fd = pidfd, .events = POLLIN},
-        {.fd = c->uffd, .events = POLLIN},
-    };
+    int fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    return fd < 0 ? -errno : fd;
+}
+
+int fp_wait(int epfd, struct fp_ctx **ctxs, int64_t nctxs, int timeout_ms, int budget_ms,
+            int timer_fd, int *out, int capacity)
+{
+    struct epoll_event events[64];
+    int64_t deadline = timeout_ms < 0 ? -1 : now_ns() + (int64_t)timeout_ms * 1000000;
+    int max = capacity < 64 ? capacity : 64;
+    int wait_ms = timeout_ms;
+    int armed = 0;
     for (;;) {
-        int n = poll(fds, 3, timeout_ms);
+        int n = epoll_wait(epfd, events, max, wait_ms);
         if (n < 0)
-            return errno == EINTR ? FP_IDLE : -errno;
+            return errno == EINTR ? 0 : -errno;
         if (n == 0)
-            return FP_IDLE;
-        if (fds[0].revents || fds[1].revents)
-            return FP_IDLE;  /* the caller looks at what happened */
-        int status = fp_pump(c);
-        if (status != FP_DONE || c->nretry || c->ndefer)
-            return status;
-        if (now_ns() > until)
-            return FP_IDLE;  /* let the caller keep its stats current */
+            return 0;
+        int nout = 0;
+        for (int k = 0; k < n; k++) {
+            int fd = events[k].data.fd;
+            struct fp_ctx *c = fd >= 0 && fd < nctxs ? ctxs[fd] : NULL;
+            if (c == NULL) {
+                out[nout++] = fd;
+                continue;
+            }
+            c->status = fp_pump(c);
+            c->pumped = 1;
+            if (c->status != FP_DONE || c->nretry || c->ndefer)
+                out[nout++] = fd;
+            if (!armed) {  /* back to Python budget_ms from now, however busy or quiet */
+                struct itimerspec t = {.it_value = {.tv_sec = budget_ms / 1000,
+                                                    .tv_nsec = budget_ms % 1000 * 1000000L}};
+                timerfd_settime(timer_fd, 0, &t, NULL);
+                armed = 1;
+            }
+        }
+        if (nout)
+            return nout;
+        if (deadline >= 0) {
+            int64_t now = now_ns();
+            if (now >= deadline)
+                return 0;
+            wait_ms = (int)((deadline - now + 999999) / 1000000);
+        }
     }
 }

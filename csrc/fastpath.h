@@ -73,6 +73,8 @@ struct fp_ctx {
     int error_errno;
     int64_t *latency;      /* FP_LATENCY_BUCKETS counts of the faults served, then their sum
                               in ns: the session's histogram (latency.py), shared with Python */
+    int status;            /* fp_wait: the outcome of this uffd's last pump */
+    int pumped;            /* fp_wait: pumped since Python last looked (its stats changed) */
 };
 
 int fp_fault(struct fp_ctx *c, uint64_t address);
@@ -83,7 +85,16 @@ int64_t fp_copy_runs(int uffd, const uint64_t *dst, const uint64_t *src, const u
                      int64_t n, int *err, int64_t *part);
 /* read and serve what is pending on the uffd */
 int fp_pump(struct fp_ctx *c);
-/* poll the stop pipe, the VM's pidfd and the uffd, serving faults, until something needs
- * Python: FP_IDLE (a timeout, a signal, stop_fd/pidfd readable, or budget_ms of serving
- * gone by), or fp_pump's outcome */
-int fp_run(struct fp_ctx *c, int stop_fd, int pidfd, int timeout_ms, int budget_ms);
+/* a timerfd for fp_wait (CLOCK_MONOTONIC, non-blocking), or -errno */
+int fp_timer(void);
+/* one epoll wait over many sessions, with the GIL released: a ready fd whose entry in ctxs
+ * (indexed by fd, nctxs long) is a ctx is that session's uffd and is pumped here, its outcome
+ * kept in ctx->status; every other ready fd, and a pumped uffd whose outcome needs Python
+ * (events, retries, faults to defer, an error, the VM gone), goes into out (at most
+ * capacity). The first pump arms timer_fd (registered in epfd by the caller) to fire
+ * budget_ms later, so that Python folds the stats in soon whether serving goes on or stops;
+ * a timer in the kernel's epoll_wait at every sleep would cost each fault more. Returns how
+ * many fds are in out, 0 on a timeout or a signal, or -errno; timeout_ms < 0 waits without
+ * a limit. */
+int fp_wait(int epfd, struct fp_ctx **ctxs, int64_t nctxs, int timeout_ms, int budget_ms,
+            int timer_fd, int *out, int capacity);

@@ -325,8 +325,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            parse_cache_size(args.cache_size))
         store = RemoteBuilds(open_store(args.store, args.fetch_timeout), cache,
                              args.fetch_timeout)
+    if args.reactors is not None and args.reactors < 1:
+        usage_error(f"argument --reactors: invalid value {args.reactors}: at least 1",
+                    f"{PROG} serve")
     return run_daemon(store, args.api, _socket_access(args), max(0, args.cache_mb) << 20,
-                      args.preload)
+                      args.preload, args.reactors)
 
 
 def _socket_access(args: argparse.Namespace) -> Any:
@@ -699,6 +702,9 @@ def build_parser() -> Parser:
                      "and keep them open until the daemon stops: no POST waits for opening "
                      "them (gc cannot remove them meanwhile).")
     _add_fetch_options(sub)
+    sub.add_argument("--reactors", type=int, default=None, metavar="N",
+                     help="Threads serving the VMs, each any number of them (one per CPU "
+                          "the daemon may use).")
     _add_socket_access(sub, "API socket", "call the API")
 
     for verb, text in (

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -308,23 +309,31 @@ def test_kernel_features_are_probed() -> None:
 
 
 @needs_compiled
-def test_compiled_loop_releases_the_gil(guest) -> None:
-    """While one session waits or serves in C, Python threads (other VMs' sessions) run."""
+def test_compiled_wait_releases_the_gil(guest) -> None:
+    """While a reactor waits or serves in C (fp_wait), Python threads (other reactors) run."""
     s = Served(guest, 0, 64 << 20)
-    r, w = os.pipe()
+    poller = select.epoll()
     try:
         fast = fastpath.FastPath(s.installer)
-        waited: list[object] = []
-        t = threading.Thread(target=lambda: waited.append(fast.run(r, r, 0.5)))
+        uffd = s.installer.uffd
+        poller.register(uffd, select.EPOLLIN)
+        table = fastpath.ffi.new("struct fp_ctx *[]", uffd + 1)
+        table[uffd] = fast.ctx
+        ready = fastpath.ffi.new("int[]", 8)
+        timer = fastpath.lib.fp_timer()
+        assert timer >= 0
+        waited: list[int] = []
+        t = threading.Thread(target=lambda: waited.append(
+            fastpath.lib.fp_wait(poller.fileno(), table, len(table), 500, 10, timer, ready, 8)))
         start = time.monotonic()
         t.start()
         spins = 0
-        while time.monotonic() - start < 0.3:  # inside fp_run's poll the whole time
+        while time.monotonic() - start < 0.3:  # inside fp_wait's epoll_wait the whole time
             spins += 1
         assert t.is_alive() and spins > 10_000
         t.join(WAIT)
-        assert not t.is_alive() and waited[0].status == fastpath.lib.FP_IDLE
+        assert not t.is_alive() and waited == [0]  # a timeout: nothing for Python
+        os.close(timer)
     finally:
-        os.close(r)
-        os.close(w)
+        poller.close()
         s.close()

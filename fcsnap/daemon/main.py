@@ -1,9 +1,10 @@
 """`fcsnap serve`: the daemon's life, from listening on its API socket to its last restore.
 
-The main thread owns the signals and nothing else: SIGTERM/SIGINT stop the API (no new
-restores), then end every restore as `restore`'s SIGTERM does (each VM is killed unless every
-page is installed), then hang up on the watchdog. A SIGKILLed daemon cannot do any of that:
-the one watchdog all its sessions share sees it die and kills every VM still watched.
+The VMs are served by a fixed pool of reactor threads (restores.py), the API by http.server's
+threads. The main thread owns the signals and nothing else: SIGTERM/SIGINT stop the API (no
+new restores), then end every restore as `restore`'s SIGTERM does (each VM is killed unless
+every page is installed), then hang up on the watchdog. A SIGKILLed daemon cannot do any of
+that: the one watchdog all its sessions share sees it die and kills every VM still watched.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ if TYPE_CHECKING:
 
 
 def run_daemon(store: Path | RemoteBuilds, api_path: Path, access: SocketAccess,
-               cache_bytes: int, preload: list[str] | None = None) -> int:
+               cache_bytes: int, preload: list[str] | None = None,
+               reactors: int | None = None) -> int:
     """Serve the API until SIGTERM/SIGINT; 0 once every restore has ended. The `preload`
-    builds are open before the API listens (an unknown one: FcsnapError, nothing listens)."""
+    builds are open before the API listens (an unknown one: FcsnapError, nothing listens).
+    `reactors`: threads serving the VMs (None: one per CPU this process may use)."""
     if isinstance(store, Path) and not store.is_dir():
         raise FcsnapError(f"store {store} is not a directory")
     stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
@@ -41,7 +44,7 @@ def run_daemon(store: Path | RemoteBuilds, api_path: Path, access: SocketAccess,
             raise FcsnapError(str(e)) from e
         try:
             metrics = DaemonMetrics()
-            restores = Restores(store, cache_bytes, watchdog)
+            restores = Restores(store, cache_bytes, watchdog, reactors)
             metrics.attach(restores)
             try:
                 restores.preload(preload or [])

@@ -1,14 +1,17 @@
-"""The daemon's restores: start one per request, each on a thread of its own, isolated.
+"""The daemon's restores: start one per request, on the least loaded of a few reactors.
 
 A restore is a Session (fcsnap/uffd/session.py) over a SharedBuild from the daemon's registry,
-watched by the daemon's one watchdog. Its thread runs `serve`: the compiled fault loop waits
-and installs with the GIL released, so sessions serve side by side. Whatever ends a session
-(its VM exiting, a DELETE, a bad handshake, a corrupt block, any exception) ends that restore
-only: its reason goes into its stats and one line on stderr, and the other VMs go on.
+watched by the daemon's one watchdog. The daemon has a fixed pool of reactors (reactor.py),
+one thread each, by default as many as the CPUs it may run on: a reactor's compiled wait
+serves faults with the GIL released, so the reactors serve side by side on every core, and
+however many VMs there are the daemon has the same few threads. Whatever ends a session (its
+VM exiting, a DELETE, a bad handshake, a corrupt block, any exception) ends that restore only:
+its reason goes into its stats and one line on stderr, and the other VMs go on.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -23,6 +26,7 @@ from fcsnap.daemon.request import RequestError, RestoreRequest, parse_restore, r
 from fcsnap.errors import FcsnapError
 from fcsnap.uffd import latency
 from fcsnap.uffd.firecracker_api import Response, SnapshotLoad
+from fcsnap.uffd.reactor import Reactor
 from fcsnap.uffd.session import Session
 from fcsnap.uffd.shared import BuildRegistry, SharedBuild
 from fcsnap.uffd.watchdog import Watchdog
@@ -45,7 +49,7 @@ class Restore:
     session: Session | None  # None once ended: only its final documents are kept
     build: SharedBuild
     load: SnapshotLoad | None
-    thread: threading.Thread | None = None
+    ended: threading.Event = field(default_factory=threading.Event)  # retired
     started: float = field(default_factory=time.time)
     ended_reason: str | None = None  # the reason class once ended (metrics' label)
     final: tuple[dict[str, Any], dict[str, Any]] | None = None  # (summary, document)
@@ -92,8 +96,8 @@ def reason_class(exit_reason: str) -> str:
 class Restores:
     """Every restore of the daemon: start, list, end; totals of the ended ones for metrics."""
 
-    def __init__(self, store: Path | RemoteBuilds, cache_bytes: int, watchdog: Watchdog
-                 ) -> None:
+    def __init__(self, store: Path | RemoteBuilds, cache_bytes: int, watchdog: Watchdog,
+                 reactors: int | None = None) -> None:
         self.store = store
         self.builds = BuildRegistry(cache_bytes)
         self.watchdog = watchdog
@@ -104,6 +108,13 @@ class Restores:
         self.ended_latency: dict[str, latency.Histogram] = {}  # build id -> their sum
         self._lock = threading.Lock()
         self._closing = False
+        self.reactors = [Reactor() for _ in range(reactors or default_reactors())]
+        self._threads = [
+            threading.Thread(target=reactor.run, name=f"reactor-{i}", daemon=True)
+            for i, reactor in enumerate(self.reactors)
+        ]
+        for thread in self._threads:
+            thread.start()
         self._preloaded: list[SharedBuild] = []  # held open until the daemon stops
 
     def preload(self, names: list[str]) -> None:
@@ -119,8 +130,8 @@ class Restores:
             build.page_source(False, self.builds.cache_bytes)  # a session's first steps, once
 
     def start(self, body: object) -> Restore:
-        """Check the request, open (or share) its build, listen; the restore is serving on
-        its own thread when this returns. RequestError/FcsnapError: nothing listens."""
+        """Check the request, open (or share) its build, listen; the restore is on the least
+        loaded reactor when this returns. RequestError/FcsnapError: nothing listens."""
         if self._closing:
             raise RequestError("the daemon is stopping", 503)
         request: RestoreRequest = parse_restore(body, self.store, self.builds.cache_bytes)
@@ -143,9 +154,8 @@ class Restores:
             raise
         with self._lock:
             self._live[restore_id] = restore
-        restore.thread = threading.Thread(target=self._serve, args=(restore,),
-                                          name=f"restore-{restore_id}", daemon=True)
-        restore.thread.start()
+        reactor = min(self.reactors, key=lambda r: r.load)
+        reactor.add(session, lambda _session, error: self._ended_session(restore, error))
         return restore
 
     def get(self, restore_id: str) -> Restore | None:
@@ -165,10 +175,7 @@ class Restores:
         installed); True once its session has ended."""
         if restore.session is not None:
             restore.session.stop("deleted")
-        if restore.thread is not None:
-            restore.thread.join(wait)
-            return not restore.thread.is_alive()
-        return True
+        return restore.ended.wait(wait)
 
     def stop_all(self) -> None:
         """The daemon is stopping: refuse new restores, end every live one."""
@@ -179,11 +186,17 @@ class Restores:
                 restore.session.stop("daemon stopped")
         deadline = time.monotonic() + END_WAIT
         for restore in live:
-            if restore.thread is not None:
-                restore.thread.join(max(0.0, deadline - time.monotonic()))
+            restore.ended.wait(max(0.0, deadline - time.monotonic()))
         preloaded, self._preloaded = self._preloaded, []
         for build in preloaded:
             self.builds.release(build)
+        for reactor in self.reactors:
+            reactor.shutdown()
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for reactor, thread in zip(self.reactors, self._threads, strict=True):
+            if not thread.is_alive():
+                reactor.close()
 
     def counter_totals(self) -> Counter[tuple[str, str]]:
         """(counter, build id) -> total over every restore, ended or live, taken under the
@@ -211,26 +224,38 @@ class Restores:
                                 restore.session.stats.latency)
             return totals
 
-    # -- one restore's thread ------------------------------------------------------------
 
-    def _serve(self, restore: Restore) -> None:
+    # -- a restore's end (on its reactor's thread) ----------------------------------------
+
+    def _ended_session(self, restore: Restore, error: BaseException | None) -> None:
+        """Its session has finished: settle the snapshot load, then retire the restore. A
+        load still waiting for Firecracker's answer is waited for on a thread of its own,
+        not on the reactor, which serves other VMs."""
+        if restore.load is not None:
+            threading.Thread(target=self._retire_after_load, args=(restore, error),
+                             name=f"load-{restore.id}", daemon=True).start()
+        else:
+            self._retire_with(restore, error)
+
+    def _retire_after_load(self, restore: Restore, error: BaseException | None) -> None:
+        assert restore.load is not None
+        self._retire_with(restore, restore.load.finish() or error)
+
+    def _retire_with(self, restore: Restore, error: BaseException | None) -> None:
         session = restore.session
         assert session is not None
         try:
-            try:
-                session.serve()
-            finally:
-                if restore.load is not None and (error := restore.load.finish()) is not None:
-                    raise error
-        except FcsnapError as e:
-            if not session.exit_reason.startswith("error"):
-                session.exit_reason = f"error: {e}"
-        except Exception as e:  # a bug in one session: that VM is killed, the daemon goes on
-            session.exit_reason = f"error: internal error ({type(e).__name__}: {e})"
-            traceback.print_exc(file=sys.stderr)
+            if isinstance(error, FcsnapError):
+                if not session.exit_reason.startswith("error"):
+                    session.exit_reason = f"error: {error}"
+            elif error is not None:  # a bug in one session: that VM was killed, on we go
+                session.exit_reason = (
+                    f"error: internal error ({type(error).__name__}: {error})")
+                traceback.print_exception(error, file=sys.stderr)
         finally:
             self.builds.release(restore.build)
             self._retire(restore, session)
+            restore.ended.set()
 
     def _start_load(self, restore: Restore) -> None:
         assert restore.load is not None
@@ -259,6 +284,11 @@ class Restores:
                 self.ended_totals[key, build_id] += getattr(stats, key)
             latency.add(self.ended_latency.setdefault(build_id, latency.new_histogram()),
                         stats.latency)
+
+
+def default_reactors() -> int:
+    """One reactor per CPU this process may run on."""
+    return max(1, len(os.sched_getaffinity(0)))
 
 
 def log(line: str) -> None:

@@ -5,6 +5,9 @@ parsing the event, finding the region and the mapping, choosing the source, the 
 bookkeeping) cost more than the kernel's part. The C loop does all of it with the GIL released,
 so the sessions of other VMs in the same process run meanwhile on other cores.
 
+The reactor (reactor.py) waits on every session's fds at once in C (fp_wait), which pumps the
+ready uffds of compiled sessions there and returns only with what needs Python.
+
 It works on the installer's own state (the present/removed/wanted arrays, the mapping arrays,
 each raw diff's MappedDiff state), so it and the Python installer can take turns fault by
 fault. It serves 4 KiB pages of raw builds, mapped whole (local) or chunk by chunk (read
@@ -40,7 +43,6 @@ assert lib is None or lib.FP_STREAMS == STREAMS, "csrc/fastpath.h and faultaroun
 assert lib is None or lib.FP_LATENCY_BUCKETS == latency.BUCKETS, "fastpath.h and latency.py"
 PURE_PYTHON_ENV = "FCSNAP_PURE_PYTHON"
 CAPACITY = 256  # messages read at once
-RUN_BUDGET_MS = 10  # the longest `run` serves before Python sees the stats again
 RECORD_CAPACITY = 1 << 16  # faulted pages recorded between two returns to Python (--record-ws)
 
 
@@ -147,26 +149,24 @@ class FastPath:
             return None  # a zstd (or empty) diff: its frames are decompressed in Python
         return cls(installer)
 
-    def run(self, stop_fd: int, pidfd: int, timeout: float) -> Batch:
-        """Serve faults until something needs Python (see fp_run), at most RUN_BUDGET_MS;
-        timeout < 0: wait for events without a limit. The stats are current afterwards."""
-        ms = -1 if timeout < 0 else int(timeout * 1000)
-        return self._batch(lib.fp_run(self.ctx, stop_fd, pidfd, ms, RUN_BUDGET_MS))
-
     def pump(self) -> Batch:
         """Read and serve what is pending on the uffd now; the stats are current afterwards."""
         return self._batch(lib.fp_pump(self.ctx))
+
+    def collect(self) -> Batch:
+        """What the reactor's wait (fp_wait, reactor.py) left from its last pump of this
+        uffd; the stats are current afterwards."""
+        self.ctx.pumped = 0
+        status, self.ctx.status = self.ctx.status, lib.FP_DONE
+        return self._batch(status)
 
     def _batch(self, status: int) -> Batch:
         ctx = self.ctx
         retry = ffi.unpack(self.retry, ctx.nretry) if ctx.nretry else []
         defer = ffi.unpack(self.defer, ctx.ndefer) if ctx.ndefer else []
+        ctx.nretry = ctx.ndefer = 0  # handed back once
         self.handed_back += len(retry) + len(defer)
-        if ctx.nrecord:  # before Python serves what was handed back: the order stays
-            assert self.installer.recorded is not None
-            self.installer.recorded.extend(ffi.unpack(self.record, ctx.nrecord))
-            ctx.nrecord = 0
-        self.add_stats(self.installer.stats)
+        self.settle()  # before Python serves what was handed back: the order stays
         events = []
         if status == lib.FP_EVENTS:
             events = abi.parse_events(self.messages, ctx.nmessages)
@@ -175,6 +175,15 @@ class FastPath:
         elif status == lib.FP_ERROR:
             self._raise_error()
         return Batch(status, events, retry, defer)
+
+    def settle(self) -> None:
+        """Bring the installer's record of faulted pages and its stats up to date."""
+        ctx = self.ctx
+        if ctx.nrecord:
+            assert self.installer.recorded is not None
+            self.installer.recorded.extend(ffi.unpack(self.record, ctx.nrecord))
+            ctx.nrecord = 0
+        self.add_stats(self.installer.stats)
 
     def _raise_error(self) -> None:
         """An install failed for a reason that is not transient: the same error as Python's."""

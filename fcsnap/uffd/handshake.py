@@ -84,55 +84,90 @@ def peer_pidfd(pid: int) -> int:
         raise HandshakeError(f"cannot watch the VM (pid {pid}): {e.strerror or e}") from e
 
 
-def receive_handshake(
-    conn: socket.socket, memory_size: int, timeout: float, stop_fd: int
-) -> tuple[list[Region], int, int] | None:
-    """(regions, uffd, number of extra fds closed), or None if `stop_fd` became readable
-    first; HandshakeError on anything wrong."""
-    deadline = time.monotonic() + timeout
-    payload = b""
-    fds: list[int] = []
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            ready = wait_readable([conn.fileno(), stop_fd], left) if left > 0 else []
-            if stop_fd in ready:
-                for fd in fds:
-                    os.close(fd)
+class HandshakeReader:
+    """Firecracker's one sendmsg, taken a recvmsg at a time as the connection becomes readable
+    (so that a slow or silent VM holds up no one): `feed` until it returns the handshake; then,
+    or on any way out, the fds received are the caller's or closed by `close`."""
+
+    def __init__(self, memory_size: int, timeout: float) -> None:
+        self.memory_size = memory_size
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.payload = b""
+        self.fds: list[int] = []
+
+    def feed(self, conn: socket.socket) -> tuple[list[Region], int, int] | None:
+        """One read: (regions, uffd, number of extra fds closed) once it is all there, None
+        while more is to come; HandshakeError on anything wrong (the fds are then closed)."""
+        try:
+            try:
+                data, ancdata, _flags, _ = conn.recvmsg(
+                    MAX_PAYLOAD, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+                )
+            except BlockingIOError:
                 return None
-            if not ready:
-                what = "the uffd" if payload and not fds else "its handshake"
-                raise HandshakeError(f"the VM connected but did not send {what} in {timeout:g}s")
-            data, ancdata, _flags, _ = conn.recvmsg(
-                MAX_PAYLOAD, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
-            )
             for level, kind, body in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     got = array.array("i")
                     got.frombytes(body[: len(body) - len(body) % 4])
-                    fds.extend(got)
+                    self.fds.extend(got)
             if not data and not ancdata:
                 raise HandshakeError("the VM closed the connection before the handshake ended")
-            payload += data
-            if len(payload) > MAX_PAYLOAD:
+            self.payload += data
+            if len(self.payload) > MAX_PAYLOAD:
                 raise HandshakeError(f"handshake larger than {MAX_PAYLOAD} bytes")
-            if fds and payload and _complete_json(payload):
-                break
-        regions = parse_regions(payload, memory_size)
-        uffd = next((fd for fd in fds if _is_uffd(fd)), None)
+            if not (self.fds and self.payload and _complete_json(self.payload)):
+                return None
+            return self._finish()
+        except BaseException:
+            self.close()
+            raise
+
+    def timed_out(self) -> HandshakeError:
+        """The error for a VM that did not finish its handshake by the deadline."""
+        what = "the uffd" if self.payload and not self.fds else "its handshake"
+        return HandshakeError(f"the VM connected but did not send {what} in {self.timeout:g}s")
+
+    def close(self) -> None:
+        """Close every fd received and not handed out."""
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            os.close(fd)
+
+    def _finish(self) -> tuple[list[Region], int, int]:
+        regions = parse_regions(self.payload, self.memory_size)
+        uffd = next((fd for fd in self.fds if _is_uffd(fd)), None)
         if uffd is None:
-            raise HandshakeError(f"none of the {len(fds)} fds the VM sent is a userfaultfd")
+            raise HandshakeError(f"none of the {len(self.fds)} fds the VM sent is a userfaultfd")
         # Non-blocking whatever the VM chose: a blocking uffd would stall the fault loop in
         # read(), and poll reports it as an error, not as readable.
         os.set_blocking(uffd, False)
-    except BaseException:
+        fds, self.fds = self.fds, []
         for fd in fds:
-            os.close(fd)
-        raise
-    for fd in fds:
-        if fd != uffd:
-            os.close(fd)
-    return regions, uffd, len(fds) - 1
+            if fd != uffd:
+                os.close(fd)
+        return regions, uffd, len(fds) - 1
+
+
+def receive_handshake(
+    conn: socket.socket, memory_size: int, timeout: float, stop_fd: int
+) -> tuple[list[Region], int, int] | None:
+    """HandshakeReader, blocking: (regions, uffd, number of extra fds closed), or None if
+    `stop_fd` became readable first; HandshakeError on anything wrong."""
+    reader = HandshakeReader(memory_size, timeout)
+    try:
+        while True:
+            left = reader.deadline - time.monotonic()
+            ready = wait_readable([conn.fileno(), stop_fd], left) if left > 0 else []
+            if stop_fd in ready:
+                return None
+            if not ready:
+                raise reader.timed_out()
+            received = reader.feed(conn)
+            if received is not None:
+                return received
+    finally:
+        reader.close()
 
 
 def _is_uffd(fd: int) -> bool:
@@ -147,52 +182,24 @@ def _complete_json(payload: bytes) -> bool:
     return payload.rstrip().endswith(b"]") or not payload.lstrip().startswith(b"[")
 
 
-def accept_peer(
-    listener: socket.socket, memory_size: int, timeout: float, stop_fd: int,
-    admits: Callable[[int], bool] = lambda uid: True,
-    refused: Callable[[int, int], None] = lambda pid, uid: None,
-    watch: Callable[[int, int], None] = lambda pid, pidfd: None,
-) -> Peer | None:
-    """Wait for Firecracker, then take its handshake; None if `stop_fd` became readable first.
-
-    A peer whose uid is not admitted is disconnected at once and reported to `refused`
-    (pid, uid): it does not take the VM's place, and the wait goes on. The listener is closed
-    as soon as an admitted VM is accepted, before its handshake: a second client is refused
-    (or, if it was already queued, disconnected) at once instead of waiting behind this
-    handshake. The VM's pidfd goes to `watch` (pid, pidfd) before the handshake. A VM that
-    connected and is not served (bad handshake, stop request) is killed: it would wait for its
-    pages forever.
-    """
+def accept_admitted(
+    listener: socket.socket, admits: Callable[[int], bool], refused: Callable[[int, int], None]
+) -> tuple[socket.socket, int] | None:
+    """The first pending connection from an admitted uid, as (conn, pid), or None once none
+    is pending (the listener is non-blocking). A peer whose uid is not admitted is
+    disconnected at once and reported to `refused` (pid, uid): it does not take the VM's
+    place."""
     while True:
-        if listener.fileno() not in wait_readable([listener.fileno(), stop_fd], None):
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
             return None
-        conn, _ = listener.accept()
         try:
             pid, uid = peer_credentials(conn)
         except BaseException:
             conn.close()
             raise
         if admits(uid):
-            break
+            return conn, pid
         conn.close()
         refused(pid, uid)
-    listener.close()
-    try:
-        conn.setblocking(True)
-        pidfd = peer_pidfd(pid)
-    except BaseException:
-        conn.close()
-        raise
-    received = None
-    try:
-        watch(pid, pidfd)
-        received = receive_handshake(conn, memory_size, timeout, stop_fd)
-    finally:
-        if received is None:  # stopped, or a bad handshake on its way up
-            kill_process(pidfd)
-            os.close(pidfd)
-            conn.close()
-    if received is None:
-        return None
-    regions, uffd, extra = received
-    return Peer(conn, uffd, regions, pid, pidfd, extra)

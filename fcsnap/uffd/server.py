@@ -1,7 +1,9 @@
-"""`fcsnap restore`: one session (session.py) on the main thread, with signals.
+"""`fcsnap restore`: one session (session.py) on one reactor (reactor.py) on the main thread,
+with signals.
 
-The session is the same code the daemon (daemon.py) runs per VM; here it has a build of its
-own and SIGTERM/SIGINT become its stop, as they should for a process that serves one VM.
+The session and the reactor are the same code the daemon (fcsnap/daemon/restores.py) runs for
+many VMs; here the session has a build of its own and SIGTERM/SIGINT become its stop, as they
+should for a process that serves one VM.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 from fcsnap.errors import FcsnapError
 from fcsnap.uffd.installer import InstallStats
+from fcsnap.uffd.reactor import Reactor
 from fcsnap.uffd.session import ServeOptions, Session, stats_json
 from fcsnap.uffd.shared import SharedBuild
 
@@ -42,13 +45,22 @@ class FaultServer:
         """Listen, serve one VM until it exits (0) or SIGTERM/SIGINT (0, VM killed unless
         every page is in); any exception kills the VM and propagates."""
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        ended: list[BaseException | None] = []
         try:
             self.session.listen()
-            return self.session.serve()
+            reactor = Reactor()
+            try:
+                reactor.add(self.session, lambda _session, error: ended.append(error))
+                reactor.run_until_idle()
+            finally:
+                reactor.close()
         finally:
             self.build.close()
             self._restore_signals(old)
             self.session.close()  # after: no handler of ours can run stop() any more
+        if ended and ended[0] is not None:
+            raise ended[0]
+        return 0
 
     def stop(self) -> None:
         self.session.stop()

@@ -1,16 +1,19 @@
 """One VM's restore session: listen, accept, handshake, serve its faults, account for them.
 
-A session owns no signals and assumes no thread: `restore` runs one on its main thread (server.py
-turns SIGTERM/SIGINT into `stop`), the daemon runs one per VM on a thread of its own (the
-compiled loop releases the GIL while it waits and installs). The build it serves is a
-SharedBuild (shared.py), opened once for every session that serves it.
+A session is event-driven and owns no thread and no signals: a reactor (reactor.py) waits on
+its fds together with other sessions' and calls it when one is ready (the listener, the
+connection while the handshake comes in, the uffd, the VM's pidfd, the stop pipe), when a
+timer of its is due (the handshake's deadline, deferred faults to retry) and, round robin with
+the others, for a step of background work (prefetch, populate, eager). `restore` runs one
+session on a reactor on its main thread (server.py turns SIGTERM/SIGINT into `stop`); the
+daemon spreads its sessions over a few reactor threads. The build it serves is a SharedBuild
+(shared.py), opened once for every session that serves it.
 
-Loop: epoll over the uffd, the VM's pidfd and a stop pipe; read *all* pending events before
-serving (a pending REMOVE makes every copy fail with EAGAIN); install pages with UFFDIO_COPY or
-ZEROPAGE; defer EAGAIN faults and retry them after the next drain, with a short poll timeout so
-none is stranded. The server never touches the guest memory itself. Where it can, a compiled
-loop (fastpath.py) does the polling, reading and installing with the GIL released, and hands
-back what only Python handles.
+Serving: read *all* pending events before serving (a pending REMOVE makes every copy fail
+with EAGAIN); install pages with UFFDIO_COPY or ZEROPAGE; defer EAGAIN faults and retry them
+after the next drain, on a short timer so none is stranded. The server never touches the guest
+memory itself. Where it can, the reactor's compiled wait (fastpath.py) reads and installs a
+session's faults with the GIL released and hands back only what Python handles.
 
 A guest whose page server is gone freezes at its next fault, so every way out other than the
 VM's own exit - an error of any kind, a stop - kills the VM first.
@@ -21,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import socket
 import sys
 import threading
@@ -29,13 +31,19 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fcsnap.errors import FcsnapError
 from fcsnap.options import ADAPTIVE
 from fcsnap.uffd import abi, latency
-from fcsnap.uffd.fastpath import FastPath
-from fcsnap.uffd.handshake import Peer, accept_peer
+from fcsnap.uffd.fastpath import Batch, FastPath
+from fcsnap.uffd.handshake import (
+    HandshakeReader,
+    Peer,
+    accept_admitted,
+    kill_process,
+    peer_pidfd,
+)
 from fcsnap.uffd.installer import GONE, RETRY, Installer, InstallStats
 from fcsnap.uffd.listener import SocketAccess, listen
 from fcsnap.uffd.prefetch import Prefetch
@@ -43,6 +51,9 @@ from fcsnap.uffd.regions import Region, RegionMap
 from fcsnap.uffd.shared import SharedBuild
 from fcsnap.uffd.watchdog import Watchdog, WatchdogError
 from fcsnap.workingset import read_working_set, write_working_set
+
+if TYPE_CHECKING:
+    from fcsnap.uffd.reactor import Reactor
 
 RETRY_POLL = 0.002  # seconds between retries of deferred faults
 
@@ -88,9 +99,9 @@ def stats_json(stats: InstallStats, extra: dict[str, Any]) -> dict[str, Any]:
 
 
 class Session:
-    """Serves one VM from a shared build: `listen`, then `serve` (on any thread), which
-    returns 0 when the VM exits or a stop is asked for, and raises (VM killed) otherwise.
-    Stats are written on every way out of `serve`; `close` frees a session never served."""
+    """Serves one VM from a shared build: `listen`, then hand it to a reactor, which calls
+    the `on_*` handlers until `done`, then `finish` (VM killed unless it exited or is fully
+    served; stats and working set written). `close` frees a session never served."""
 
     def __init__(self, build: SharedBuild, options: ServeOptions, vm_id: str | None = None
                  ) -> None:
@@ -111,18 +122,31 @@ class Session:
         self.installer: Installer | None = None
         self.exit_reason = "not started"
         self.state = "new"  # new, listening, serving, ended
+        self.done = False  # set by a handler: the reactor then calls `finish`
+        self._error: BaseException | None = None  # what ended it, if not the VM or a stop
+        self._reactor: Reactor | None = None
         self._listener: socket.socket | None = None
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # Held while writing to or closing the stop pipe, so that a late stop() (the snapshot
-        # load thread failing after serve() has returned) never writes to a closed fd number
+        # load thread failing after the session ended) never writes to a closed fd number
         # that something else has since been given. Reentrant: a signal handler runs stop()
         # on the main thread, which may be inside stop() already.
         self._stop_lock = threading.RLock()
-        self._failure: FcsnapError | None = None  # set by `fail`, raised by `serve`
+        self._failure: FcsnapError | None = None  # set by `fail`, raised by the reactor
         self._stop_reason = "signal"  # the exit reason a stop gives
         self._socket_inode: int | None = None
+        # A VM accepted whose handshake is on its way: (connection, pid, pidfd) and its reader
+        self._connecting: tuple[socket.socket, int, int] | None = None
+        self._handshake: HandshakeReader | None = None
+        self._fast: FastPath | None = None
+        self._phase: str | None = None  # background work: eager, prefetch, populate, or None
+        self._prefetcher: Prefetch | None = None
+        self._populate: Iterator[tuple[Region, int, int]] = iter(())
+        self._served_from = 0.0  # when the handshake ended
         self._pending_span: tuple[Region, int, int] | None = None
         self._backlog: list[int] = []  # faults read while installing eagerly
+        self._deferred: list[int] = []  # faults that met EAGAIN: retried after a drain
+        self._retry_at: float | None = None
         self.rejected_peers = 0  # connections from uids not admitted
         self._watchdog: Watchdog | None = None  # kills the VM if this process is SIGKILLed
         self._vm_id = vm_id or str(options.socket)  # the VM's name to the watchdog
@@ -146,6 +170,7 @@ class Session:
                 raise FcsnapError(f"cannot write --stats {stats_path}: {problem}")
             self._start_watchdog()
             self._listener = listen(self.options.socket, self.options.access)
+            self._listener.setblocking(False)  # accept only what is there: see on_listener
         except BaseException:
             self._end_watch()
             self.close()
@@ -153,39 +178,39 @@ class Session:
         self._socket_inode = os.stat(self.options.socket).st_ino
         self.state = "listening"
 
-    def serve(self) -> int:
-        """Serve one VM until it exits (0) or a stop is asked for (0, VM killed unless every
-        page is in); any exception kills the VM and propagates."""
+    def attach(self, reactor: Reactor) -> None:
+        """Start being served by `reactor` (on its thread): wait for the VM or a stop."""
         listener = self._listener
         assert listener is not None, "listen() first"
+        self._reactor = reactor
+        reactor.watch(self._stop_r, self, self.on_stop)
+        reactor.watch(listener.fileno(), self, self.on_listener)
+        if self.options.on_listening is not None:
+            self.options.on_listening()
+
+    def abort(self, error: BaseException) -> None:
+        """End with `error` (a handler raised it): `finish` kills the VM and reports it."""
+        self._error = error
+        self.done = True
+
+    def finish(self) -> BaseException | None:
+        """The session's way out, whatever it was (the reactor has stopped watching its fds):
+        the VM killed unless it exited or needs us no more, everything closed, the working
+        set and stats written. Returns the error that ended it, None for the VM's exit or a
+        stop."""
+        error = self._error
+        self.done = True
         try:
-            if self.options.on_listening is not None:
-                self.options.on_listening()
-            self.peer = accept_peer(
-                listener, self.header.metadata.size, self.options.handshake_timeout,
-                self._stop_r, self.options.access.admits, self._refused, self._watch,
-            )
-            if self.peer is None:
-                if self._failure is not None:
-                    raise self._failure
-                self.exit_reason = "stopped before a VM was served"
-                return 0
-            self.state = "serving"
-            self.installer = Installer(
-                self.peer.uffd, RegionMap(self.peer.regions), self.pages, self.stats,
-                self.options.fault_around,
-            )
-            if self.options.record_ws is not None:
-                self.installer.recorded = []
-            return self._serve()
-        except BaseException as e:
-            self.exit_reason = f"error: {e}"
-            if self.peer is not None:
-                self.peer.kill()
-            raise
-        finally:
-            listener.close()
+            if error is not None:
+                self.exit_reason = f"error: {error}"
+                if self.peer is not None:
+                    self.peer.kill()
+            if self._listener is not None:
+                self._listener.close()
             self._unlink_socket()
+            self._close_handshake()
+            if self._fast is not None:
+                self._fast.settle()
             if self.peer is not None:
                 self.peer.close()
             self._end_watch()  # the VM exited, was killed, or needs us no more
@@ -193,8 +218,11 @@ class Session:
             try:
                 self._write_working_set()
                 self._write_stats()
-            finally:
-                self.close()
+            except FcsnapError as e:
+                error = error or e
+        finally:
+            self.close()
+        return error
 
     def close(self) -> None:
         """Close the stop pipe: a session serves once, and leaks nothing when it is done.
@@ -207,9 +235,9 @@ class Session:
             self._stop_r = self._stop_w = -1
 
     def stop(self, reason: str = "signal") -> None:
-        """Ask `serve` to stop (from a signal handler or another thread): it kills the VM, if
-        one is being served, and returns 0 with `reason` as its exit reason. Once `serve` has
-        returned this does nothing."""
+        """Ask the session to stop (from a signal handler or another thread): it kills the
+        VM, if one is being served and needs us, and ends with `reason` as its exit reason.
+        Once it has ended this does nothing."""
         self._stop_reason = reason
         with self._stop_lock:
             if self._stop_w < 0:
@@ -219,7 +247,7 @@ class Session:
 
     def fail(self, error: FcsnapError) -> None:
         """Stop with `error` (from another thread: Firecracker refused the snapshot load):
-        `serve` kills the VM, if one connected, and raises it."""
+        the session kills the VM, if one connected, and ends with it."""
         self._failure = error
         self.stop()
 
@@ -236,6 +264,254 @@ class Session:
         }
         return stats_json(self.stats, extra)
 
+    # -- handlers (the reactor's thread) ---------------------------------------------------
+
+    def on_stop(self) -> None:
+        """The stop pipe: end, the VM killed unless every page is in (a failure: raised)."""
+        if self._failure is not None:
+            raise self._failure
+        installer = self.installer
+        if self.peer is None or installer is None:
+            self._end("stopped before a VM was served")  # finish kills a VM half connected
+            return
+        if not installer.fully_resident():
+            self.peer.kill()  # it would freeze at its next fault
+        self._end(self._stop_reason)
+
+    def on_listener(self) -> None:
+        """Accept the VM, if an admitted one is there, and start taking its handshake. The
+        listener is closed at once: a second client is refused (or, if it was already
+        queued, disconnected) instead of waiting behind this handshake."""
+        listener, reactor = self._listener, self._reactor
+        assert listener is not None and reactor is not None
+        accepted = accept_admitted(listener, self.options.access.admits, self._refused)
+        if accepted is None:
+            return
+        conn, pid = accepted
+        reactor.unwatch(listener.fileno())
+        listener.close()
+        self._listener = None
+        try:
+            conn.setblocking(False)
+            pidfd = peer_pidfd(pid)
+        except BaseException:
+            conn.close()
+            raise
+        self._connecting = (conn, pid, pidfd)
+        self._watch(pidfd)
+        self._handshake = HandshakeReader(self.header.metadata.size,
+                                          self.options.handshake_timeout)
+        reactor.watch(conn.fileno(), self, self.on_connection)
+
+    def on_connection(self) -> None:
+        """Part of the handshake came in; once it is whole, start serving the VM."""
+        assert self._connecting is not None and self._handshake is not None
+        conn, pid, pidfd = self._connecting
+        received = self._handshake.feed(conn)
+        if received is None:
+            return
+        regions, uffd, extra = received
+        self.peer = Peer(conn, uffd, regions, pid, pidfd, extra)
+        self._connecting = self._handshake = None
+        assert self._reactor is not None
+        self._reactor.unwatch(conn.fileno())
+        self._start_serving()
+
+    def on_pidfd(self) -> None:
+        self._end("vm exited")
+
+    def on_uffd(self) -> None:
+        """Events for Python: read by the compiled wait (its batch), or all of them here."""
+        if self._phase == "eager":  # every page in before any fault: keep them for later
+            self._backlog += self._drain()
+            return
+        self._serve_pending(self._fast.collect() if self._fast is not None else None)
+
+    def collect(self) -> None:
+        """The compiled wait served this session's faults in C: fold its stats in."""
+        fast = self._fast
+        if fast is not None and fast.ctx.pumped:
+            batch = fast.collect()
+            assert not (batch.events or batch.retry or batch.defer)
+
+    def next_timer(self) -> float | None:
+        """When `on_timer` is next due (time.monotonic()), or None."""
+        if self._handshake is not None:
+            return self._handshake.deadline
+        return self._retry_at
+
+    def on_timer(self, now: float) -> None:
+        """The handshake's deadline passed (an error), or deferred faults are due again."""
+        if self._handshake is not None:
+            if now >= self._handshake.deadline:
+                raise self._handshake.timed_out()
+        elif self._retry_at is not None and now >= self._retry_at:
+            self._serve_pending(self._fast.pump() if self._fast is not None else None)
+
+    def background(self) -> bool:
+        """One batch of background work (the reactor serves every session's pending faults
+        between two); False once this session has none left."""
+        installer = self.installer
+        assert installer is not None
+        if self._phase == "eager":
+            self._backlog += self._drain()  # REMOVEs before going on
+            if self._prefetcher is not None:
+                if self._prefetcher.step():
+                    return True
+                self._prefetched()
+            if self._run_background():
+                return True
+            self._update_watch()
+            self._phase = None
+            assert self._reactor is not None and self.peer is not None
+            if self._fast is not None:  # from now on the compiled wait serves the uffd
+                self._reactor.watch(self.peer.uffd, self, self.on_uffd, self._fast)
+            self._serve_pending(self._fast.pump() if self._fast is not None else None)
+            return False
+        if self._phase == "prefetch":
+            # Faults or not: the guest needs every page of its working set.
+            assert self._prefetcher is not None
+            if not self._prefetcher.step():
+                self._prefetched()
+                self._phase = "populate"
+            return True
+        if self._deferred:  # faults waiting for their retry come first
+            return True
+        if self._run_background():
+            return True
+        self._update_watch()
+        self._phase = None
+        return False
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def _start_serving(self) -> None:
+        peer, reactor = self.peer, self._reactor
+        assert peer is not None and reactor is not None
+        self.state = "serving"
+        installer = self.installer = Installer(
+            peer.uffd, RegionMap(peer.regions), self.pages, self.stats, self.options.fault_around,
+        )
+        if self.options.record_ws is not None:
+            installer.recorded = []
+        self._served_from = time.monotonic()
+        if self.prefetch is not None:
+            self._prefetcher = Prefetch(installer, self.prefetch, self.options.batch_bytes)
+        if self.options.populate or self.options.eager:
+            self._populate = self._populate_work(installer)
+        self._fast = FastPath.for_installer(installer)
+        reactor.watch(peer.pidfd, self, self.on_pidfd)
+        if self.options.eager:
+            self._phase = "eager"
+            reactor.watch(peer.uffd, self, self.on_uffd)  # drained in Python until done
+        else:
+            self._phase = "prefetch" if self._prefetcher is not None else "populate"
+            reactor.watch(peer.uffd, self, self.on_uffd, self._fast)
+        reactor.schedule(self)  # populate's last step hands the VM back when all is in
+
+    def _prefetched(self) -> None:
+        self.stats.prefetch_s = round(time.monotonic() - self._served_from, 6)
+        self._prefetcher = None
+
+    def _serve_pending(self, batch: Batch | None) -> None:
+        """Serve what is pending: the faults kept back, the compiled wait's batch (or, in
+        Python, every event now readable), the deferred ones first."""
+        installer = self.installer
+        assert installer is not None
+        faults, self._backlog = self._backlog, []
+        if batch is None:
+            faults += self._drain()
+        else:
+            if batch.gone:
+                self._end("vm exited")
+                return
+            self._apply(batch.events, faults)
+            if batch.events:  # the rest of what is pending, before serving any
+                faults += self._drain()
+            faults += batch.defer
+        if self._released and self.stats.remove_events != self._removes_seen:
+            self._update_watch()  # a balloon: the VM needs us again
+        if self._deferred:
+            self.stats.retries += len(self._deferred)
+            faults = self._deferred + faults
+        self._deferred = [] if batch is None else batch.retry
+        for address in faults:
+            outcome = installer.fault(address)
+            if outcome is RETRY:
+                self._deferred.append(address)
+            elif outcome is GONE:
+                self._end("vm exited")
+                return
+        self._retry_at = time.monotonic() + RETRY_POLL if self._deferred else None
+
+    def _end(self, reason: str) -> None:
+        self.exit_reason = reason
+        self.done = True
+
+    def _populate_work(self, installer: Installer) -> Iterator[tuple[Region, int, int]]:
+        """Spans to install when no fault is waiting (--populate, --eager): everything."""
+        batch = max(1, self.options.batch_bytes)
+        for region in installer.regions.regions:
+            step = max(1, batch // region.page_size)
+            pages = region.size // region.page_size
+            for lo in range(0, pages, step):
+                yield region, lo, min(lo + step, pages)
+
+    def _run_background(self) -> bool:
+        """Install about batch_bytes of populate spans (DONTWAKE), then wake what they
+        cover; False once no work is left. An EAGAIN ends the batch early: the events are
+        read before it resumes there."""
+        installer = self.installer
+        assert installer is not None
+        budget = self.options.batch_bytes
+        woken: dict[int, tuple[int, int]] = {}
+        more = True
+        while budget > 0:
+            span = self._pending_span or next(self._populate, None)
+            self._pending_span = None
+            if span is None:
+                more = False
+                break
+            region, lo, hi = span
+            installed, resume = installer.install_span(region, lo, hi)
+            self.stats.populated_pages += installed
+            budget -= max(1, installed) * region.page_size
+            if installed:
+                first, last = woken.get(region.base, (lo, hi))
+                woken[region.base] = (min(first, lo), max(last, hi))
+            if resume is not None:
+                self._pending_span = (region, resume, hi)
+                break
+        for region in installer.regions.regions:
+            if region.base in woken:
+                first, last = woken[region.base]
+                size = region.page_size
+                abi.wake(installer.uffd, region.base + first * size, (last - first) * size)
+        return more
+
+    def _drain(self) -> list[int]:
+        """Read every pending event; apply REMOVEs; return fault addresses in arrival order."""
+        assert self.installer is not None
+        faults: list[int] = []
+        while events := self._events.read(self.installer.uffd):
+            self._apply(events, faults)
+        return faults
+
+    def _apply(self, events: list[abi.Event], faults: list[int]) -> None:
+        """Apply REMOVEs now and append the addresses of faults to `faults`, in order."""
+        installer = self.installer
+        assert installer is not None
+        for event in events:
+            if type(event) is abi.Fault:
+                self.stats.faults += 1
+                if self.stats.first_fault_s is None:
+                    self.stats.first_fault_s = time.monotonic() - self.stats.started
+                faults.append(event.address)
+            elif type(event) is abi.Remove:
+                installer.remove(event.start, event.end)
+
+    # -- the watchdog, files ---------------------------------------------------------------
+
     def _start_watchdog(self) -> None:
         self._watchdog = self.options.watchdog
         if self._watchdog is None:
@@ -244,7 +520,7 @@ class Session:
             except WatchdogError as e:
                 raise FcsnapError(str(e)) from e
 
-    def _watch(self, _pid: int, pidfd: int) -> None:
+    def _watch(self, pidfd: int) -> None:
         """Hand the accepted VM to the watchdog, before its handshake: from then on it
         freezes at its next fault if this process dies."""
         assert self._watchdog is not None
@@ -283,6 +559,19 @@ class Session:
         if self.options.watchdog is None:
             watchdog.close()
 
+    def _close_handshake(self) -> None:
+        """A VM that connected and was not served (a stop, a bad or late handshake) is
+        killed: it would wait for its pages forever."""
+        if self._handshake is not None:
+            self._handshake.close()
+            self._handshake = None
+        if self._connecting is not None:
+            conn, _pid, pidfd = self._connecting
+            self._connecting = None
+            kill_process(pidfd)
+            os.close(pidfd)
+            conn.close()
+
     def _refused(self, pid: int, uid: int) -> None:
         """A connection from a uid not admitted: log it, count it, keep waiting for the VM."""
         self.rejected_peers += 1
@@ -292,6 +581,8 @@ class Session:
 
     def _unlink_socket(self) -> None:
         """Remove our socket file, unless someone has since put another file there."""
+        if self._socket_inode is None:
+            return
         with contextlib.suppress(FileNotFoundError):
             if os.lstat(self.options.socket).st_ino == self._socket_inode:
                 os.unlink(self.options.socket)
@@ -316,156 +607,3 @@ class Session:
             write_working_set(path, self.header.metadata.size, offsets)
         except OSError as e:
             raise FcsnapError(f"cannot write --record-ws {path}: {e.strerror or e}") from e
-
-    # -- the loop --------------------------------------------------------------------------
-
-    def _serve(self) -> int:
-        peer, installer = self.peer, self.installer
-        assert peer is not None and installer is not None
-        prefetch = None
-        handshake = time.monotonic()
-        if self.prefetch is not None:
-            prefetch = Prefetch(installer, self.prefetch, self.options.batch_bytes)
-        background = self._populate_work(installer)
-        if self.options.eager:
-            while prefetch is not None and prefetch.step():
-                if select.select([peer.pidfd], [], [], 0)[0]:
-                    break  # the VM is gone: installs fail (ESRCH) from now on
-                self._backlog += self._drain(peer.uffd, installer)  # REMOVEs before going on
-            if prefetch is not None:
-                self.stats.prefetch_s = round(time.monotonic() - handshake, 6)
-            prefetch = None
-            self._run_background(background, until_done=True)
-            self._update_watch()
-        poller = select.epoll()
-        poller.register(peer.uffd, select.EPOLLIN)
-        poller.register(self._stop_r, select.EPOLLIN)
-        poller.register(peer.pidfd, select.EPOLLIN)
-        fast = FastPath.for_installer(installer)
-        deferred: list[int] = []
-        prefetching = prefetch is not None
-        busy = True  # populate work may remain
-        try:
-            while True:
-                # With background work, what is pending is served once between its batches:
-                # a guest faulting as fast as it is served must not hold the batches back.
-                timeout = 0 if busy or prefetching else (RETRY_POLL if deferred else -1)
-                batch = None
-                if fast is not None and not deferred and timeout != 0:
-                    batch = fast.run(self._stop_r, peer.pidfd, timeout)  # serves, GIL released
-                    ready = {fd for fd, _ in poller.poll(0)}
-                else:
-                    ready = {fd for fd, _ in poller.poll(timeout)}
-                    if fast is not None and peer.uffd in ready:
-                        batch = fast.pump()
-                if self._stop_r in ready:
-                    if self._failure is not None:
-                        raise self._failure
-                    self.exit_reason = self._stop_reason
-                    if not installer.fully_resident():
-                        peer.kill()  # it would freeze at its next fault
-                    return 0
-                if peer.pidfd in ready:
-                    self.exit_reason = "vm exited"
-                    return 0
-                faults, self._backlog = self._backlog, []
-                if fast is None:
-                    faults += self._drain(peer.uffd, installer)
-                elif batch is not None:
-                    if batch.gone:
-                        self.exit_reason = "vm exited"
-                        return 0
-                    self._apply(batch.events, installer, faults)
-                    if batch.events:  # the rest of what is pending, before serving any
-                        faults += self._drain(peer.uffd, installer)
-                    faults += batch.defer
-                if self._released and self.stats.remove_events != self._removes_seen:
-                    self._update_watch()  # a balloon: the VM needs us again
-                if deferred:
-                    self.stats.retries += len(deferred)
-                    faults = deferred + faults
-                deferred = [] if batch is None else batch.retry
-                for address in faults:
-                    outcome = installer.fault(address)
-                    if outcome is RETRY:
-                        deferred.append(address)
-                    elif outcome is GONE:
-                        self.exit_reason = "vm exited"
-                        return 0
-                if prefetch is not None and prefetching:
-                    # Faults or not: the guest needs every page of its working set.
-                    prefetching = prefetch.step()
-                    if not prefetching:
-                        self.stats.prefetch_s = round(time.monotonic() - handshake, 6)
-                elif busy and not faults and not deferred:
-                    busy = self._run_background(background)
-                    if not busy:
-                        self._update_watch()
-        finally:
-            poller.close()
-            if fast is not None:
-                fast.add_stats(self.stats)
-
-    def _populate_work(self, installer: Installer) -> Iterator[tuple[Region, int, int]]:
-        """Spans to install when no fault is waiting (--populate, --eager): everything."""
-        if self.options.populate or self.options.eager:
-            batch = max(1, self.options.batch_bytes)
-            for region in installer.regions.regions:
-                step = max(1, batch // region.page_size)
-                pages = region.size // region.page_size
-                for lo in range(0, pages, step):
-                    yield region, lo, min(lo + step, pages)
-
-    def _run_background(
-        self, work: Iterator[tuple[Region, int, int]], until_done: bool = False
-    ) -> bool:
-        """Install about batch_bytes of populate spans (DONTWAKE), then wake what they
-        cover; False once no work is left."""
-        installer = self.installer
-        assert installer is not None
-        budget = self.options.batch_bytes
-        woken: dict[int, tuple[int, int]] = {}
-        more = True
-        while until_done or budget > 0:
-            span = self._pending_span or next(work, None)
-            self._pending_span = None
-            if span is None:
-                more = False
-                break
-            region, lo, hi = span
-            installed, resume = installer.install_span(region, lo, hi)
-            self.stats.populated_pages += installed
-            budget -= max(1, installed) * region.page_size
-            if installed:
-                first, last = woken.get(region.base, (lo, hi))
-                woken[region.base] = (min(first, lo), max(last, hi))
-            if resume is not None:  # EAGAIN: events first, then carry on from there
-                self._pending_span = (region, resume, hi)
-                if until_done:  # eager: keep the faults for the loop, carry on installing
-                    self._backlog += self._drain(installer.uffd, installer)
-                    continue
-                break
-        for region in installer.regions.regions:
-            if region.base in woken:
-                first, last = woken[region.base]
-                size = region.page_size
-                abi.wake(installer.uffd, region.base + first * size, (last - first) * size)
-        return more
-
-    def _drain(self, uffd: int, installer: Installer) -> list[int]:
-        """Read every pending event; apply REMOVEs; return fault addresses in arrival order."""
-        faults: list[int] = []
-        while events := self._events.read(uffd):
-            self._apply(events, installer, faults)
-        return faults
-
-    def _apply(self, events: list[abi.Event], installer: Installer, faults: list[int]) -> None:
-        """Apply REMOVEs now and append the addresses of faults to `faults`, in order."""
-        for event in events:
-            if type(event) is abi.Fault:
-                self.stats.faults += 1
-                if self.stats.first_fault_s is None:
-                    self.stats.first_fault_s = time.monotonic() - self.stats.started
-                faults.append(event.address)
-            elif type(event) is abi.Remove:
-                installer.remove(event.start, event.end)
