@@ -120,9 +120,8 @@ class Daemon:
             assert time.monotonic() < deadline, f"restore {restore_id} never ended"
             time.sleep(0.02)
 
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        connection_status, _ = self.call("GET", "/healthz")
-        assert connection_status == 200
+    def metrics_text(self) -> str:
+        """GET /metrics: Prometheus's text format (it is not JSON, unlike `call`'s answers)."""
         from fcsnap.unix_http import UnixHTTPConnection, exchange
 
         connection = UnixHTTPConnection(self.api, WAIT)
@@ -132,8 +131,13 @@ class Daemon:
             connection.close()
         assert answer.status == 200
         assert answer.getheader("Content-Type", "").startswith("text/plain")
+        return body.decode()
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        connection_status, _ = self.call("GET", "/healthz")
+        assert connection_status == 200
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(body.decode())
+                for family in text_string_to_metric_families(self.metrics_text())
                 for s in family.samples}
 
     def stop(self, signum: int = signal.SIGTERM) -> tuple[int, list[str]]:

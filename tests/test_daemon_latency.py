@@ -57,15 +57,7 @@ def daemon(fault_path: str, raw_build, tmp_path: Path) -> Iterator[Daemon]:
 def histogram(daemon: Daemon, build_id: str) -> dict[str, float]:
     """The fault service histogram's samples for one build: le -> cumulative count, and
     "count" and "sum"."""
-    from fcsnap.unix_http import UnixHTTPConnection, exchange
-
-    connection = UnixHTTPConnection(daemon.api, WAIT)
-    try:
-        answer, body = exchange(connection, "GET", "/metrics", b"", {}, 1 << 20)
-    finally:
-        connection.close()
-    assert answer.status == 200
-    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    families = {f.name: f for f in text_string_to_metric_families(daemon.metrics_text())}
     family = families["fcsnap_fault_service_seconds"]
     assert family.type == "histogram"
     samples: dict[str, float] = {}
