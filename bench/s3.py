@@ -22,7 +22,9 @@ CPU competes with it.
 Restore: the build is served to the Firecracker stand-in (2 threads: a random working set of
 10% of the pages, then every page), from the local store, from S3 with an empty cache
 directory (cold), and from S3 again with that cache (warm: a second VM on the host); the
-stand-in reports the time to its working set and to all memory; median of --repeat.
+stand-in reports the time to its working set and to all memory; median of --repeat. Each
+round runs the cold ways first; then local and warm take --repeat more turns from the last
+round's cache with no cold restore between (a second VM once the host's fetching is over).
 Results go to bench/results/s3-<compression>.{md,json} (s3-corpus-<compression>.* with --corpus).
 
     python bench/s3.py [--size 256M | --corpus [DIR]] [--compress none|zstd] [--repeat 3]
@@ -148,14 +150,18 @@ def restore_once(work: Path, build: str, store: str, extra: list[str], size: int
 def restores(tmp: Path, builds: dict[str, str], local: Path, remote_url: str, size: int,
              ws: Path, repeat: int) -> dict[str, dict[str, float]]:
     """`builds`: the plain build and the one laid out with the working set first."""
+    # The cold ways first in each round, then local and warm side by side: a warm restore run
+    # right after a cold one shared the cores with the S3 server's own work after the load.
     ways = {
-        "local": (builds["plain"], str(local), []),
         "s3 cold": (builds["plain"], remote_url, ["cache"]),
+        "s3 cold --prefetch-ws": (builds["ws"], remote_url, ["ws", "cache"]),
+        "local": (builds["plain"], str(local), []),
         "s3 warm": (builds["plain"], remote_url, ["cache", "warm"]),
         "local --prefetch-ws": (builds["ws"], str(local), ["ws"]),
-        "s3 cold --prefetch-ws": (builds["ws"], remote_url, ["ws", "cache"]),
     }
-    runs: dict[str, list[dict]] = {way: [] for way in ways}
+    runs: dict[str, list[dict]] = {
+        way: [] for way in [*ways, "local, in turns with warm", "s3 warm, in turns with local"]
+    }
     for i in range(repeat):
         for way, (build, store, flags) in ways.items():
             cache = tmp / f"cache-{i}-{build}"
@@ -164,6 +170,13 @@ def restores(tmp: Path, builds: dict[str, str], local: Path, remote_url: str, si
             extra = ["--cache-dir", str(cache)] if "cache" in flags else []
             extra += ["--prefetch-ws", str(ws)] if "ws" in flags else []
             runs[way].append(restore_once(tmp, build, store, extra, size))
+    # A second VM on a host whose S3 fetching is over: local and warm in turns, from the last
+    # round's cache, no cold restore in between (the rounds above put one before each).
+    build, cache = builds["plain"], tmp / f"cache-{repeat - 1}-{builds['plain']}"
+    for _ in range(repeat):
+        runs["local, in turns with warm"].append(restore_once(tmp, build, str(local), [], size))
+        runs["s3 warm, in turns with local"].append(
+            restore_once(tmp, build, remote_url, ["--cache-dir", str(cache)], size))
     return {
         way: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
         for way, rs in runs.items()
@@ -275,7 +288,8 @@ def main() -> None:
         "|---|---:|---:|---:|---:|",
     ]
     for way, r in served.items():
-        base = served["local --prefetch-ws" if "prefetch" in way else "local"]
+        base = served["local --prefetch-ws" if "prefetch" in way else
+                      "local, in turns with warm" if "in turns" in way else "local"]
         lines.append(
             f"| {way} | {r['ws_s']:.3f} | {r['all_s']:.3f} | {r['ws_s'] / base['ws_s']:.2f} / "
             f"{r['all_s'] / base['all_s']:.2f} | {r['fetched_bytes'] / mib:.1f} |"
