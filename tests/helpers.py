@@ -124,6 +124,16 @@ class Processes:
             proc.communicate(timeout=WAIT)
 
 
+def one_build_store(root: Path, size: int, seed: int) -> Path:
+    """root/store holding one raw build of synthetic memory, named "vm" (no snapfile)."""
+    from fcsnap.store.builder import BuildOptions
+    from fcsnap.testing.memimage import synthetic_memory, write_full
+
+    write_full(root / "vm.mem", synthetic_memory(size, seed=seed))
+    ops.pack(root / "vm.mem", root / "store", BuildOptions(name="vm"))
+    return root / "store"
+
+
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

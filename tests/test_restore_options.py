@@ -10,13 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import one_build_store
 from test_daemon import WAIT, Daemon
 
 from fcsnap import api
 from fcsnap.errors import UsageError
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
-from fcsnap.testing.memimage import synthetic_memory, write_full
 
 # (id, command-line options, the same as POST /restores keys, the API's keyword arguments or
 # None where the API takes a typed value instead, what the line says)
@@ -49,10 +47,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A store with one build named "vm", packed without a snapfile."""
-    root = tmp_path_factory.mktemp("options")
-    write_full(root / "vm.mem", synthetic_memory(1 << 20, seed=5))
-    ops.pack(root / "vm.mem", root / "store", BuildOptions(name="vm"))
-    return root / "store"
+    return one_build_store(tmp_path_factory.mktemp("options"), 1 << 20, seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
-from fcsnap.testing.memimage import synthetic_memory, write_full
+from helpers import one_build_store
 
 HEAVY = ("numpy", "zstandard", "xxhash", "cffi", "rich", "typer", "click", "pydantic")
 
@@ -42,10 +39,7 @@ def imported(code: str, cwd: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("startup")
-    write_full(root / "mem", synthetic_memory(256 << 10, seed=1))
-    ops.pack(root / "mem", root / "store", BuildOptions(name="vm"))
-    return root / "store"
+    return one_build_store(tmp_path_factory.mktemp("startup"), 256 << 10, seed=1)
 
 
 @pytest.mark.parametrize(
