@@ -13,6 +13,10 @@ class OptionalBuildExt(build_ext):
     """build_ext that warns instead of failing when the C compiler is missing or fails."""
 
     def run(self) -> None:
+        for ext in self.extensions:
+            # Optional: a module that failed to build is not copied into the source tree,
+            # which an in-place build (and so `pip install -e .`) would otherwise fail on.
+            ext.optional = True
         try:
             super().run()
         except (PlatformError, CCompilerError, CompileError, ExecError, OSError) as e:

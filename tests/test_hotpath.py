@@ -14,6 +14,7 @@ import ctypes
 import errno
 import os
 import select
+import shutil
 import subprocess
 import sys
 import threading
@@ -284,6 +285,31 @@ def test_missing_compiled_module_means_pure_python() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, timeout=WAIT)
     assert (out.returncode, out.stdout.strip()) == (0, "False"), out.stderr
+
+
+def test_build_without_a_c_compiler_goes_on(tmp_path) -> None:
+    """The in-place build that `pip install -e .` runs, with a C compiler that fails: a
+    warning, exit 0, no module, and the tree then serves on the pure-Python path."""
+    root = Path(__file__).resolve().parent.parent
+    tree = tmp_path / "src"
+    skip = shutil.ignore_patterns("__pycache__", "*.so", "build", "*.egg-info")
+    for name in ("fcsnap", "csrc"):
+        shutil.copytree(root / name, tree / name, ignore=skip)
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
+        shutil.copy(root / name, tree / name)
+    env = {k: v for k, v in os.environ.items() if k != fastpath.PURE_PYTHON_ENV}
+    env["CC"] = shutil.which("false") or "false"
+    built = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree,
+                           env=env, capture_output=True, text=True, timeout=WAIT * 4)
+    assert built.returncode == 0, built.stderr
+    assert "compiled fault path not built" in built.stdout + built.stderr
+    assert not list((tree / "fcsnap" / "uffd").glob("_fastpath*"))
+    code = ("import fcsnap; from fcsnap.uffd import fastpath; "
+            "print(fcsnap.__file__, fastpath.compiled())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tree,
+                         env={**env, "PYTHONPATH": str(tree)}, capture_output=True, text=True,
+                         timeout=WAIT)
+    assert out.stdout.split() == [str(tree / "fcsnap" / "__init__.py"), "False"], out.stderr
 
 
 # -- the uffd bindings: architecture and features ---------------------------------------------
