@@ -37,7 +37,7 @@ from fcsnap.store.layout import DIFF_RAW
 from fcsnap.store.source import open_diffs
 from fcsnap.testing.memimage import synthetic_memory, write_full
 from fcsnap.uffd import abi, fastpath
-from fcsnap.uffd.installer import DONE, Installer, InstallStats
+from fcsnap.uffd.installer import DONE, RETRY, Installer, InstallStats, Outcome
 from fcsnap.uffd.pages import PageSource, VerifyError, hash_tables
 from fcsnap.uffd.regions import Region, RegionMap
 
@@ -68,13 +68,14 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
 class Served:
     """One uffd-registered anonymous copy of the guest and an installer serving it."""
 
-    def __init__(self, guest: Guest, fault_around: int, budget: int, verify: bool = False):
+    def __init__(self, guest: Guest, fault_around: int, budget: int, verify: bool = False,
+                 features: int = 0):
         self.header = load_header(guest.build)
         self.diffs = open_diffs(self.header, guest.store)
         hashes = hash_tables(self.diffs) if verify else None
         self.pages = PageSource(self.header, self.diffs, hashes, budget)
         self.uffd = abi.userfaultfd()
-        abi.api_handshake(self.uffd, 0)
+        abi.api_handshake(self.uffd, features)
         self.addr = abi.mmap_anonymous(GUEST)
         abi.register(self.uffd, self.addr, GUEST)
         self.stats = InstallStats()
@@ -168,6 +169,53 @@ def test_huge_page_faults_go_back_to_python(guest) -> None:
         assert not huge.states[s.addr].present.any()
     finally:
         s.close()
+
+
+@needs_compiled
+def test_eagain_and_eexist_on_both_paths(guest) -> None:
+    """A page already in place (EEXIST) counts as served; a fault met while a balloon's REMOVE
+    is unread (EAGAIN) installs nothing and is left for a retry, which succeeds once the
+    event is read; a removed page goes back to Python. Both paths end the same."""
+    sides = [Served(guest, 0, 64 << 20, features=abi.UFFD_FEATURE_EVENT_REMOVE)
+             for _ in range(2)]
+    python, compiled = sides
+    try:
+        fast = fastpath.FastPath(compiled.installer)
+        lib = fastpath.lib
+
+        def fault_compiled(page: int) -> int:
+            return lib.fp_fault(fast.ctx, compiled.addr + page * PAGE)
+
+        def fault_python(page: int) -> Outcome:
+            return python.installer.fault(python.addr + page * PAGE)
+
+        for s in sides:  # page 20 put in place behind the installer's back
+            abi.copy(s.uffd, s.addr + 20 * PAGE, abi.buffer_address(guest.memory[20]), PAGE)
+        assert (fault_python(20), fault_compiled(20)) == (DONE, lib.FP_DONE)
+        balloons = []
+        for s in sides:  # madvise waits until the server has read its REMOVE
+            balloons.append(threading.Thread(
+                target=abi.madvise, args=(s.addr + 2 * PAGE, 5 * PAGE, abi.MADV_DONTNEED)))
+            balloons[-1].start()
+            poller = select.poll()
+            poller.register(s.uffd, select.POLLIN)
+            assert poller.poll(int(WAIT * 1000)), "no REMOVE event"
+        assert (fault_python(12), fault_compiled(12)) == (RETRY, lib.FP_RETRY)
+        assert not python.state.present[12] and not compiled.state.present[12]
+        for s, balloon in zip(sides, balloons, strict=True):
+            [event] = abi.read_events(s.uffd)
+            assert type(event) is abi.Remove
+            s.installer.remove(event.start, event.end)
+            balloon.join(WAIT)
+            assert not balloon.is_alive()
+        assert (fault_python(12), fault_compiled(12)) == (DONE, lib.FP_DONE)
+        assert (fault_python(3), fault_compiled(3)) == (DONE, lib.FP_DEFER)
+        assert compiled.installer.fault(compiled.addr + 3 * PAGE) is DONE
+        assert_paths_agree(python, compiled, fast, guest)
+        assert (python.stats.already_present, python.stats.pages_served) == (1, 2)
+    finally:
+        for s in sides:
+            s.close()
 
 
 def test_verify_installs_exactly_the_checked_bytes(guest) -> None:
