@@ -170,9 +170,9 @@ def test_disk_full_names_the_file(tmp_path):
     ]
 
 
-def test_a_build_published_but_never_named_is_left_unlocked_for_gc(tmp_path):
+def test_a_build_published_but_never_named_is_collected_by_gc(tmp_path):
     """Killed between publishing its build and moving the name: the name is untouched and the
-    build is visible but held by no one, so `fcsnap gc` (lifecycle) may collect it."""
+    build is visible but held by no one, so `fcsnap gc` collects it and nothing else."""
     store = tmp_path / "store"
     g0, g1 = make_lineage(tmp_path, store)
     killed = start_stopped("squash", "web", "--store", store, "--name", "web", point="publish")
@@ -183,3 +183,10 @@ def test_a_build_published_but_never_named_is_left_unlocked_for_gc(tmp_path):
     lock = lock_dir(store / orphan, exclusive=True, block=False)
     assert lock is not None
     lock.release()
+    r = fcsnap("gc", "--store", store, "--grace", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [d["build_id"] for d in json.loads(r.stdout)["deleted"]] == [orphan]
+    assert visible_builds(store) == sorted([g0, g1])
+    r = fcsnap("unpack", "web", "--store", store, "-o", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out").read_bytes() == (tmp_path / "m1").read_bytes()
