@@ -121,6 +121,7 @@ def _uncommitted(store: RemoteStore, now: float, grace: float) -> list[str]:
 def _delete_build(store: RemoteStore, build_id: uuid.UUID) -> None:
     """build.json first: from then on no reader sees the build, whatever is left."""
     store.objects.delete(f"{build_id}/{MANIFEST}")
+    stop_point("gc-delete")  # tests kill gc here: a build without build.json is left
     for info in store.objects.list(f"{build_id}/"):
         with contextlib.suppress(FcsnapError):
             store.objects.delete(info.key)
