@@ -5,6 +5,7 @@ hosts)."""
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import obstore
 import pytest
 from s3_helpers import Bucket
 from test_lifecycle import Store, fcsnap_json, make_store, next_image
-from test_s3_store import finish, one_line_error, run, start_stopped
+from test_s3_store import finish, run, start_stopped
 
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full
 
@@ -54,8 +55,6 @@ def test_gc_deletes_what_no_head_reads_once_older_than_grace(
     assert {r["build_id"] for r in done["deleted"]} == doomed
     assert _builds(bucket) == {g1} | _reads(bucket, "web")
     run(bucket, "verify", "web", "--store", store)
-    line = one_line_error(run(bucket, "gc", "--store", store, "--repack-below", "0.5", ok=False))
-    assert "not supported on an S3 store" in line
 
 
 def test_gc_keeps_what_a_name_moved_onto_during_gc(bucket: Bucket, tmp_path: Path) -> None:
@@ -191,3 +190,66 @@ def test_gc_within_grace_beside_a_pack_and_a_diff(
                 proc.kill()
                 proc.communicate(timeout=60)
     _names_verify_and_unpack(bucket, {"packed": image, "diffed": image}, tmp_path)
+
+
+def test_repack_on_s3_squashes_a_partly_dead_lineage(
+    bucket: Bucket, copied: Store, tmp_path: Path
+) -> None:
+    """As on a local store (test_lifecycle.test_repack_squashes_a_partly_dead_lineage): with
+    `base` removed, web's head reads part of G0; --repack-below squashes web into one flat
+    build (a dry run changes no object), and G0, G1, G2 go."""
+    run(bucket, "rm", "base", "--store", bucket.url())
+    del copied.images["base"]
+    before = _objects(bucket)
+    dry = _gc(bucket, "--grace", "0", "--repack-below", "0.99", "--dry-run")
+    assert _objects(bucket) == before
+    assert [r["name"] for r in dry["repacked"]] == ["web"] and "new_head" not in dry["repacked"][0]
+    report = _gc(bucket, "--grace", "0", "--repack-below", "0.99")
+    (row,) = report["repacked"]
+    assert row["name"] == "web" and row["head"] == copied.id("G2")
+    assert row["live_fraction"] == dry["repacked"][0]["live_fraction"] < 0.99
+    assert {r["build_id"] for r in report["deleted"]} == {copied.id(b) for b in ("G0", "G1", "G2")}
+    new = json.loads(run(bucket, "ls", "web", "--store", bucket.url(), "--json").stdout)
+    (gen,) = new["generations"]
+    assert gen["build_id"] == row["new_head"] and gen["generation"] == 0
+    assert gen["head_reads_fraction"] == 1.0
+    assert row["new_head_disk_bytes"] == sum(
+        size for key, (size, _, _) in _objects(bucket).items()
+        if key.startswith(f"snaps/{row['new_head']}/")
+    )
+    assert report["after"]["disk_bytes"] == (
+        report["before"]["disk_bytes"] - report["bytes_freed"] + row["new_head_disk_bytes"]
+    )
+    assert report["after"]["amplification"] < report["before"]["amplification"]
+    assert _builds(bucket) == {row["new_head"], copied.id("A0"), copied.id("A1")}
+    _names_verify_and_unpack(bucket, copied.images, tmp_path)
+
+
+def test_repack_on_s3_loses_to_a_diff_that_moves_the_name(
+    bucket: Bucket, copied: Store, tmp_path: Path
+) -> None:
+    """gc --repack-below stops just before moving `web`; a diff moves it meanwhile. The
+    repack loses the compare-and-swap, removes its flat build and leaves the name alone."""
+    run(bucket, "rm", "base", "--store", bucket.url())
+    del copied.images["base"]
+    gc = start_stopped(bucket, "gc", "--store", bucket.url(), "--grace", "0",
+                       "--repack-below", "0.99", "--json", point="publish")
+    try:
+        path, image = next_image(copied, tmp_path)
+        diff = json.loads(run(bucket, "diff", path, "--base", "web", "--name", "web",
+                              "--store", bucket.url(), "--json").stdout)
+        gc.send_signal(signal.SIGCONT)
+        out, err = gc.communicate(timeout=120)
+        assert gc.returncode == 0, err
+    finally:
+        if gc.poll() is None:
+            gc.kill()
+            gc.communicate(timeout=60)
+    report = json.loads(out)
+    (row,) = report["repacked"]
+    assert row["skipped"] == f"web moved to {diff['build_id']} while this gc --repack-below ran"
+    assert {r["build_id"] for r in report["deleted"]} == {copied.id("G1")}
+    assert _builds(bucket) == {
+        copied.id(b) for b in ("G0", "G2", "A0", "A1")} | {diff["build_id"]}
+    copied.images["web"] = image
+    _names_verify_and_unpack(bucket, copied.images, tmp_path)
