@@ -26,7 +26,7 @@ from fcsnap.store import ops
 from fcsnap.store.builder import BuildOptions
 from fcsnap.store.layout import DIFF_RAW, VMS
 from fcsnap.testing.memimage import synthetic_memory, write_full
-from fcsnap.units import parse_duration
+from fcsnap.units import format_bytes, parse_duration
 
 MIB = 1 << 20
 PAGE = 4096
@@ -266,6 +266,19 @@ def test_gc_deletes_what_only_an_older_generation_read(store: Store, tmp_path: P
     assert_names_verify_and_unpack(store, tmp_path)
     again = fcsnap_json("gc", "--store", store.path, "--grace", "0")
     assert again["deleted"] == [] and again["bytes_freed"] == 0
+
+
+def test_gc_prints_what_it_freed(store: Store) -> None:
+    size = format_bytes(du(store.builds["G1"]))
+    dry = fcsnap("gc", "--store", store.path, "--grace", "0", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines()[-1].startswith(f"would free {size} in 1 build; ")
+    result = fcsnap("gc", "--store", store.path, "--grace", "0")
+    assert result.returncode == 0, result.stderr
+    first, *_, last = result.stdout.splitlines()
+    assert first == f"deleted build {store.id('G1')} ({size})"
+    on_disk = format_bytes(sum(du(store.builds[b]) for b in ("G0", "G2", "A0", "A1")))
+    assert last.startswith(f"freed {size} in 1 build; {on_disk} on disk (space amplification ")
 
 
 def test_rm_then_gc_keeps_shared_and_deduplicated_builds(store: Store, tmp_path: Path) -> None:
