@@ -363,12 +363,16 @@ def test_gc_removes_what_killed_commands_left(store: Store) -> None:
     trash = store.path / f".trash-{uuid.uuid4()}"
     trash.mkdir()
     (trash / "memfile.diff").write_bytes(b"y")
+    pointer = store.path / VMS / f".tmp-{uuid.uuid4().hex}"  # a killed publisher's
+    pointer.write_text(store.id("G1") + "\n")
+    left = sorted([stale.name, trash.name, f"{VMS}/{pointer.name}"])
     report = fcsnap_json("gc", "--store", store.path, "--dry-run")
-    assert sorted(report["leftovers"]) == sorted([stale.name, trash.name])
-    assert stale.exists() and trash.exists()
+    assert sorted(report["leftovers"]) == left
+    assert stale.exists() and trash.exists() and pointer.exists()
     report = fcsnap_json("gc", "--store", store.path)
-    assert sorted(report["leftovers"]) == sorted([stale.name, trash.name])
-    assert not stale.exists() and not trash.exists()
+    assert sorted(report["leftovers"]) == left
+    assert not stale.exists() and not trash.exists() and not pointer.exists()
+    assert sorted(p.name for p in (store.path / VMS).iterdir()) == [".lock", "api", "base", "web"]
 
 
 def test_gc_refuses_when_a_head_cannot_be_read(store: Store) -> None:
