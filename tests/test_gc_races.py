@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import WAIT, Procs
+from test_daemon import Build as DaemonBuild
+from test_daemon import Daemon
 from test_lifecycle import (
     TIMEOUT,
     Store,
@@ -197,6 +199,41 @@ def test_gc_keeps_what_restore_serves(store: Store, tmp_path: Path) -> None:
         procs.close()
     report = gc_now(store)  # the server is gone: now they go
     assert {r["build_id"] for r in report["deleted"]} == {store.id("G0"), store.id("G2")}
+
+
+def test_gc_keeps_what_the_daemon_serves(store: Store, tmp_path: Path) -> None:
+    """`fcsnap serve` holds `api` open (--preload) and serves `web` to a VM; every name is
+    removed and gc runs: it keeps every build either reads, and the VM (the Firecracker
+    stand-in) reads every page right after gc ran. Once web's restore ended its lineage goes;
+    api's goes once the daemon stopped."""
+    expected = tmp_path / "web.mem"
+    expected.write_bytes(store.images["web"].tobytes())
+    daemon = Daemon(store.path, tmp_path, "--preload", "api")
+    try:
+        restore = daemon.restore("web", "web")
+        assert fcsnap("rm", "web", "base", "api", "--store", store.path).returncode == 0
+        report = gc_now(store)
+        assert {r["build_id"] for r in report["deleted"]} == {store.id("G1")}
+        kept = {r["build_id"]: r["reason"] for r in report["kept"]}
+        assert kept[store.id("G2")] == kept[store.id("A1")] == "in use"
+        assert {store.id("G0"), store.id("A0")} <= set(kept)
+        vm = daemon.vm("web", DaemonBuild("web", store.id("G2"), expected), threads=2)
+        _, err = vm.communicate(timeout=2 * WAIT)
+        assert vm.returncode == 0, err
+        served = daemon.report("web")
+        assert served is not None and served["mismatches"] == 0
+        assert served["pages_touched"] == len(store.images["web"])
+        assert daemon.wait_ended(restore["id"])["exit_reason"] == "vm exited"
+        report = gc_now(store)  # no session reads web's lineage now; api is still preloaded
+        assert {r["build_id"] for r in report["deleted"]} == {store.id("G0"), store.id("G2")}
+        assert visible_builds(store.path) == {store.id("A0"), store.id("A1")}
+        status, _ = daemon.stop()
+        assert status == 0
+    finally:
+        daemon.close()
+    report = gc_now(store)
+    assert {r["build_id"] for r in report["deleted"]} == {store.id("A0"), store.id("A1")}
+    assert visible_builds(store.path) == set()
 
 
 def test_a_diff_over_a_build_gc_is_deleting_fails_cleanly(store: Store, tmp_path, stopped):

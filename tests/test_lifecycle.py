@@ -26,7 +26,7 @@ from fcsnap.store import ops
 from fcsnap.store.builder import BuildOptions
 from fcsnap.store.layout import DIFF_RAW, VMS
 from fcsnap.testing.memimage import synthetic_memory, write_full
-from fcsnap.units import parse_duration
+from fcsnap.units import format_bytes, parse_duration
 
 MIB = 1 << 20
 PAGE = 4096
@@ -268,6 +268,19 @@ def test_gc_deletes_what_only_an_older_generation_read(store: Store, tmp_path: P
     assert again["deleted"] == [] and again["bytes_freed"] == 0
 
 
+def test_gc_prints_what_it_freed(store: Store) -> None:
+    size = format_bytes(du(store.builds["G1"]))
+    dry = fcsnap("gc", "--store", store.path, "--grace", "0", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines()[-1].startswith(f"would free {size} in 1 build; ")
+    result = fcsnap("gc", "--store", store.path, "--grace", "0")
+    assert result.returncode == 0, result.stderr
+    first, *_, last = result.stdout.splitlines()
+    assert first == f"deleted build {store.id('G1')} ({size})"
+    on_disk = format_bytes(sum(du(store.builds[b]) for b in ("G0", "G2", "A0", "A1")))
+    assert last.startswith(f"freed {size} in 1 build; {on_disk} on disk (space amplification ")
+
+
 def test_rm_then_gc_keeps_shared_and_deduplicated_builds(store: Store, tmp_path: Path) -> None:
     assert fcsnap("rm", "base", "--store", store.path).returncode == 0
     del store.images["base"]
@@ -350,12 +363,16 @@ def test_gc_removes_what_killed_commands_left(store: Store) -> None:
     trash = store.path / f".trash-{uuid.uuid4()}"
     trash.mkdir()
     (trash / "memfile.diff").write_bytes(b"y")
+    pointer = store.path / VMS / f".tmp-{uuid.uuid4().hex}"  # a killed publisher's
+    pointer.write_text(store.id("G1") + "\n")
+    left = sorted([stale.name, trash.name, f"{VMS}/{pointer.name}"])
     report = fcsnap_json("gc", "--store", store.path, "--dry-run")
-    assert sorted(report["leftovers"]) == sorted([stale.name, trash.name])
-    assert stale.exists() and trash.exists()
+    assert sorted(report["leftovers"]) == left
+    assert stale.exists() and trash.exists() and pointer.exists()
     report = fcsnap_json("gc", "--store", store.path)
-    assert sorted(report["leftovers"]) == sorted([stale.name, trash.name])
-    assert not stale.exists() and not trash.exists()
+    assert sorted(report["leftovers"]) == left
+    assert not stale.exists() and not trash.exists() and not pointer.exists()
+    assert sorted(p.name for p in (store.path / VMS).iterdir()) == [".lock", "api", "base", "web"]
 
 
 def test_gc_refuses_when_a_head_cannot_be_read(store: Store) -> None:

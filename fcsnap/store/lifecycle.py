@@ -38,6 +38,7 @@ from fcsnap.store.locks import (
     try_remove_staging,
 )
 from fcsnap.store.names import VMS, check_vm_name
+from fcsnap.store.stores import Store, build_bytes, squash_source
 from fcsnap.store.usage import (
     StoreView,
     build_dirs,
@@ -291,11 +292,12 @@ def predicted(before: StoreView, plan: GcPlan) -> dict[str, Any]:
 
 
 def repack(
-    store: Path, view: StoreView, below: float, dry_run: bool
+    store: Store, view: StoreView, below: float, dry_run: bool
 ) -> list[dict[str, Any]]:
     """Squash every name whose head reads less than `below` of the bytes its lineage stores,
     when that shrinks the store (the builds only it reads outweigh what the head reads), and
-    point the name at the flat copy by compare-and-swap: a name moved meanwhile is left alone."""
+    point the name at the flat copy by compare-and-swap: a name moved meanwhile is left alone.
+    Local and remote stores alike (the remote gc calls it too)."""
     if not 0 < below <= 1:
         raise FcsnapError(f"--repack-below {below} must be a fraction in (0, 1]")
     readers = view.readers()
@@ -320,12 +322,12 @@ def repack(
         elif not dry_run:
             try:
                 # squashed as the head was written; `name` moves only if still at the head
-                new, _ = ops.squash(head.path, store, name, head.manifest.build_id,
-                                    verb="gc --repack-below")
+                new, _ = ops.squash(squash_source(store, head.path), store, name,
+                                    head.manifest.build_id, verb="gc --repack-below")
             except NameMoved as e:  # the squash removed its build
                 row["skipped"] = str(e)
             else:
                 row["new_head"] = str(new.build_id)
-                row["new_head_disk_bytes"] = directory_bytes(build_path(store, new.build_id))
+                row["new_head_disk_bytes"] = build_bytes(store, new.build_id)
         done.append(row)
     return done

@@ -9,6 +9,8 @@ committed (a killed upload) by their newest object. Before deleting, it lists th
 and keeps whatever a head, or a build committed meanwhile, reads. What this cannot protect:
 a command running longer than --grace over a build no name reads (a `diff --base <old id>`,
 or a restore still downloading an unnamed build); keep --grace above your longest command.
+--repack-below squashes as the local gc does (lifecycle.repack), moving names by
+compare-and-swap on the pointer's ETag; the builds it leaves unread then go as any other.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from fcsnap.errors import FcsnapError
 from fcsnap.store.layout import MANIFEST, parse_build_id
+from fcsnap.store.lifecycle import repack
 from fcsnap.store.listing import summary
 from fcsnap.store.locks import stop_point
 from fcsnap.store.remote import RemoteStore
@@ -30,26 +33,26 @@ from fcsnap.store.usage import StoreView
 def collect_remote(
     store: RemoteStore, grace: float, dry_run: bool, repack_below: float | None
 ) -> dict[str, Any]:
-    if repack_below is not None:
-        raise FcsnapError(f"gc --repack-below is not supported on an S3 store ({store.url})")
     before = scan_store(store)
     bad = before.unreadable_heads()
     if bad:
         raise FcsnapError(f"gc stopped, it cannot tell what VM {bad[0]} reads; fix or rm it")
+    repacked = repack(store, before, repack_below, dry_run) if repack_below is not None else []
+    view = scan_store(_fresh(store)) if repacked and not dry_run else before
     now = time.time()
-    reachable = before.reachable()
+    reachable = view.reachable()
     delete: dict[uuid.UUID, int] = {}
     kept: dict[uuid.UUID, str] = {}
-    for build in before.builds.values():
+    for build in view.builds.values():
         if build.build_id in reachable:
             continue
         if build.age(now) < grace:
             kept[build.build_id] = "younger than the grace period"
         else:
             delete[build.build_id] = build.disk_bytes
-    _keep_what_kept_builds_read(before, kept, delete)
+    _keep_what_kept_builds_read(view, kept, delete)
     stop_point("gc-recheck")
-    _recheck(store, before, delete, kept)
+    _recheck(store, view, delete, kept)
     uncommitted = _uncommitted(store, now, grace)
     if not dry_run:
         for build_id in sorted(delete):
@@ -68,7 +71,7 @@ def collect_remote(
         "bytes_freed" if not dry_run else "bytes_to_free": freed,
         "kept": [{"build_id": str(b), "reason": r} for b, r in sorted(kept.items())],
         "leftovers": [f"{store.url}/{p}" for p in uncommitted],
-        "repacked": [],
+        "repacked": repacked,
         "before": summary(before),
         "after": after,
     }
@@ -121,6 +124,7 @@ def _uncommitted(store: RemoteStore, now: float, grace: float) -> list[str]:
 def _delete_build(store: RemoteStore, build_id: uuid.UUID) -> None:
     """build.json first: from then on no reader sees the build, whatever is left."""
     store.objects.delete(f"{build_id}/{MANIFEST}")
+    stop_point("gc-delete")  # tests kill gc here: a build without build.json is left
     for info in store.objects.list(f"{build_id}/"):
         with contextlib.suppress(FcsnapError):
             store.objects.delete(info.key)

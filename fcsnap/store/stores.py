@@ -77,6 +77,24 @@ def local_path(store: Store) -> Path:
     return store.mirror if isinstance(store, RemoteStore) else store
 
 
+def squash_source(store: Store, build_dir: Path) -> Path:
+    """A build to squash (gc --repack-below): in place in a local store; in a remote one, its
+    mirror, whose diffs are read through a chunk cache (only what the squash reads)."""
+    if not isinstance(store, RemoteStore):
+        return build_dir
+    return resolve(build_dir.name, store, lazy=True)
+
+
+def build_bytes(store: Store, build_id: uuid.UUID) -> int:
+    """Bytes a build holds in the store: its files, or its objects."""
+    if isinstance(store, RemoteStore):
+        return sum(info.size for info in store.build_objects(build_id).values())
+    from fcsnap.store.layout import build_path
+    from fcsnap.store.usage import directory_bytes
+
+    return directory_bytes(build_path(store, build_id))
+
+
 def scan_store(store: Store) -> StoreView:
     """What `ls` shows: a local store as it is, a remote one through its mirror (headers and
     manifests of every committed build; diff sizes from the listing)."""
