@@ -112,6 +112,21 @@ def test_every_citation_names_a_section_that_exists() -> None:
     assert len(code_citations) >= 10, "the code no longer cites the format document"
 
 
+def test_every_mention_in_the_code_cites_a_section() -> None:
+    """A bare "docs/FORMAT.md" in the code sends the reader to 800 lines; a section, to the
+    rule the code follows."""
+    bare = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in repo_text_files()
+        if path.suffix in (".py", ".c", ".h")
+        and any(path.is_relative_to(ROOT / part) for part in ("fcsnap", "csrc"))
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+        for mention in re.finditer(r"docs/FORMAT\.md", line)
+        if not CITATION.match(line, mention.start())
+    ]
+    assert not bare, f"mentions of docs/FORMAT.md without a section: {bare}"
+
+
 def test_the_readme_links_the_documents() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "(docs/FORMAT.md)" in readme and "(docs/THREAT_MODEL.md)" in readme

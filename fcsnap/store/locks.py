@@ -5,7 +5,7 @@ that means nothing here, but its flock on a shared directory is seen by every pr
 belongs to the open file description, so a locked directory stays locked when it is renamed
 (staging into place), and it is released by the kernel when its holder dies, however it dies.
 
-The protocol (who takes which lock, in which order) is in docs/FORMAT.md.
+The protocol (who takes which lock, in which order) is docs/FORMAT.md §8.2.
 """
 
 from __future__ import annotations
