@@ -37,6 +37,7 @@ from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes, sidecar_pin
 from fcsnap.store.layout import DIFF_RAW, HASHES
 from fcsnap.store.manifest import read_manifest
 from fcsnap.uffd import abi
+from fcsnap.units import PAGE
 
 CHUNK_SHIFT = 22
 CHUNK = 1 << CHUNK_SHIFT
@@ -290,7 +291,7 @@ class CachedDiff:
     def addresses(self, storage: np.ndarray) -> np.ndarray | None:
         """The addresses of the 4 KiB pages at `storage` in the chunks' mappings (mapping
         the chunks first, fetching those not cached); None if a page straddles chunks."""
-        if (storage % 4096).any():
+        if (storage % PAGE).any():
             return None
         chunks = storage >> CHUNK_SHIFT
         for index in np.unique(chunks).tolist():

@@ -53,9 +53,9 @@ from typing import Any
 
 from fcsnap.errors import FcsnapError
 from fcsnap.uffd import abi
-from fcsnap.units import parse_size
+from fcsnap.units import HUGE_PAGE, PAGE, parse_size
 
-PAGE_SIZES = {"4K": 4096, "2M": 2 << 20}
+PAGE_SIZES = {"4K": PAGE, "2M": HUGE_PAGE}
 PAYLOADS = ("v1.1", "v1.7", "v1.12")
 MISBEHAVIOURS = (
     "nothing", "garbage", "no-fd", "two-fds", "late", "oversize-region", "bad-page-size",
@@ -137,7 +137,7 @@ class Guest(GuestMemory):
 
     def __init__(self, size: int, page_size: int, n_regions: int) -> None:
         self._flags = abi.MAP_PRIVATE | abi.MAP_ANONYMOUS | abi.MAP_NORESERVE
-        if page_size != 4096:
+        if page_size != PAGE:
             self._flags |= abi.MAP_HUGETLB | abi.MAP_HUGE_2MB
         self.uffd = abi.userfaultfd(os.O_CLOEXEC | os.O_NONBLOCK)
         abi.api_handshake(self.uffd, abi.UFFD_FEATURE_EVENT_REMOVE)
@@ -157,7 +157,7 @@ class FileGuest(GuestMemory):
         self._maps: list[mmap.mmap] = []  # kept open: their addresses are the guest memory
         with open(path, "rb") as f:
             self._fileno = f.fileno()  # only used while mapping, inside this block
-            super().__init__(size, 4096, n_regions)
+            super().__init__(size, PAGE, n_regions)
 
     def _map(self, offset: int, length: int) -> int:
         m = mmap.mmap(self._fileno, length, offset=offset, access=mmap.ACCESS_COPY)
@@ -661,7 +661,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if (args.socket is None) == (args.file_backend is None):
         p.error("give either SOCKET or --file-backend")
     if args.file_backend is not None and (
-        args.misbehave or args.late or args.balloon or args.page_size != 4096
+        args.misbehave or args.late or args.balloon or args.page_size != PAGE
     ):
         p.error("--file-backend takes no --misbehave, --balloon or --page-size 2M")
     for option, path in (("--expected", args.expected), ("--file-backend", args.file_backend)):

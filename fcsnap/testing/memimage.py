@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-PAGE = 4096
+from fcsnap.units import PAGE
 
 
 def _compressible(rng: np.random.Generator, pages: int) -> np.ndarray:

@@ -33,6 +33,7 @@ from fcsnap.uffd import abi, latency
 from fcsnap.uffd.faultaround import ADAPTIVE_MAX, STREAMS
 from fcsnap.uffd.installer import Installer, InstallStats
 from fcsnap.uffd.mapped import READ_BELOW
+from fcsnap.units import PAGE
 
 try:
     from fcsnap.uffd._fastpath import ffi, lib
@@ -123,7 +124,7 @@ class FastPath:
         ctx.diffs, ctx.per_owner = c_diffs, self.per_owner
         recording = installer.recorded is not None
         if installer.fault_around == ADAPTIVE and not recording:
-            ctx.adaptive_max = max(1, ADAPTIVE_MAX // 4096)  # the C loop serves 4 KiB pages
+            ctx.adaptive_max = max(1, ADAPTIVE_MAX // PAGE)  # the C loop serves 4 KiB pages
         elif installer.fault_around != ADAPTIVE:
             ctx.fault_around = installer.fault_around
         # else: recording with the default: one page per fault (Installer.window)
@@ -204,7 +205,7 @@ class FastPath:
         stats.faults += counts[lib.FP_FAULTS]
         stats.compiled_faults += counts[lib.FP_FAULTS] - self.handed_back
         stats.pages_served += counts[lib.FP_PAGES]
-        stats.bytes_served += counts[lib.FP_PAGES] * 4096
+        stats.bytes_served += counts[lib.FP_PAGES] * PAGE
         stats.zero_pages += counts[lib.FP_ZERO_PAGES]
         stats.installs += counts[lib.FP_INSTALLS]
         stats.already_present += counts[lib.FP_ALREADY]

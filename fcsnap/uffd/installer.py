@@ -31,6 +31,7 @@ from fcsnap.uffd.faultaround import (
 )
 from fcsnap.uffd.pages import PageSource
 from fcsnap.uffd.regions import Region, RegionMap
+from fcsnap.units import PAGE
 
 
 class Outcome(enum.Enum):
@@ -158,7 +159,7 @@ class Installer:
             return result
         if self.recorded is not None:  # the page the guest faulted, not the window
             at = region.offset + page * region.page_size
-            self.recorded.extend(range(at, at + region.page_size, 4096))
+            self.recorded.extend(range(at, at + region.page_size, PAGE))
         return DONE
 
     def window(self, state: RegionState, page: int) -> tuple[int, int]:
@@ -268,7 +269,7 @@ class Installer:
             source = self.pages.locate(r.offset + lo * size, length)
             source_addr, build = source.address, source.build_id
         try:
-            if source_addr is None and size == 4096:
+            if source_addr is None and size == PAGE:
                 abi.zeropage(self.uffd, dst, length, mode)
             else:
                 src = self.zeros_addr if source_addr is None else source_addr

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from fcsnap.errors import FcsnapError
-from fcsnap.header import ZEROS as ZERO  # the owner of zero pages in `PageSource.where`
-from fcsnap.header import Header
+from fcsnap.header import ZEROS, Header
 from fcsnap.store.hashes import digest, read_hashes
 from fcsnap.store.layout import HASHES
 from fcsnap.store.source import DiffFile
 from fcsnap.uffd import abi
 from fcsnap.uffd.mapped import MappedDiff
+from fcsnap.units import PAGE
 
 SPAN_BYTES = 4 << 20  # the most `span_base` decompresses for one batch
 
@@ -103,7 +103,7 @@ class PageSource:
 
     def where(self, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(owner, storage offset) of each 4 KiB guest page at `offsets`: owner indexes
-        `builds`, or is ZERO."""
+        `builds`, or is ZEROS."""
         starts, storage, owner = self.mapping_arrays()
         i = np.searchsorted(starts, offsets, "right") - 1
         return owner[i], storage[i] + (offsets - starts[i])
@@ -135,7 +135,7 @@ class PageSource:
         cached = self.cached.get(self.builds[owner])
         if cached is not None and self.hashes is None:
             return cached.addresses(storage)
-        base = self.span_base(owner, int(storage.min()), int(storage.max()) + 4096)
+        base = self.span_base(owner, int(storage.min()), int(storage.max()) + PAGE)
         return None if base is None else base + storage
 
     def fetch_ahead(self, offsets: np.ndarray) -> None:
@@ -199,14 +199,14 @@ class PageSource:
 def mapping_arrays(
     header: Header, builds: list[uuid.UUID]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The mappings' offsets, storage offsets and owners (index into `builds`, or ZERO). The
+    """The mappings' offsets, storage offsets and owners (index into `builds`, or ZEROS). The
     compiled loop only reads them, so sessions of one build share one set."""
     number = {b: i for i, b in enumerate(builds)}
     mappings = header.mappings
     return (
         np.array([m.offset for m in mappings], np.int64),
         np.array([m.storage_offset for m in mappings], np.int64),
-        np.array([ZERO if m.is_zero else number[m.build_id] for m in mappings], np.int64),
+        np.array([ZEROS if m.is_zero else number[m.build_id] for m in mappings], np.int64),
     )
 
 

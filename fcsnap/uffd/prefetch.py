@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from fcsnap.header import ZEROS
 from fcsnap.uffd import abi, fastpath
 from fcsnap.uffd.installer import Installer, RegionState
-from fcsnap.uffd.pages import ZERO
 from fcsnap.uffd.regions import Region
 from fcsnap.units import PAGE
 
@@ -89,7 +89,7 @@ class Prefetch:
         owner, storage = installer.pages.where(region.offset + todo * PAGE)
         source = np.zeros(n, np.int64)  # 0: no address at hand, ask `locate`
         try:
-            for o in np.unique(owner[owner != ZERO]).tolist():
+            for o in np.unique(owner[owner != ZEROS]).tolist():
                 mine = owner == o
                 sources = installer.pages.span_sources(o, storage[mine])
                 if sources is not None:
@@ -97,7 +97,7 @@ class Prefetch:
             # a run: pages next to each other in guest memory and in their source
             cut = np.ones(n, bool)
             cut[1:] = (todo[1:] != todo[:-1] + 1) | (owner[1:] != owner[:-1]) | (
-                (owner[1:] != ZERO) & ((storage[1:] != storage[:-1] + PAGE)
+                (owner[1:] != ZEROS) & ((storage[1:] != storage[:-1] + PAGE)
                                        | ((source[1:] != 0) & (source[1:] != source[:-1] + PAGE))))
             starts = np.flatnonzero(cut)
             counts = np.diff(starts, append=n)
@@ -117,7 +117,7 @@ class Prefetch:
         (copy_runs); runs without an address, and any the kernel turns down, go through the
         installer's own path. Returns the runs installed here whole (for `_account`) and the
         run where an install stopped, if one did."""
-        zero = owner[starts] == ZERO
+        zero = owner[starts] == ZEROS
         dst = (region.base + todo[starts] * PAGE).astype(np.uint64)
         src = np.where(zero, 0, source[starts]).astype(np.uint64)
         lengths = (counts * PAGE).astype(np.uint64)
@@ -138,7 +138,7 @@ class Prefetch:
             page, count = int(todo[starts[r]]), int(counts[r])
             if done:  # part of the run went in before the kernel stopped
                 o = int(owner[starts[r]])
-                build = None if o == ZERO else self.installer.pages.builds[o]
+                build = None if o == ZEROS else self.installer.pages.builds[o]
                 self.installer.note_installed(
                     self.installer.states[region.base], page, done, build)
                 self.installer.stats.prefetched_pages += done
@@ -169,7 +169,7 @@ class Prefetch:
         stats.pages_served += len(at)
         stats.bytes_served += len(at) * PAGE
         stats.prefetched_pages += len(at)
-        zero = owners == ZERO
+        zero = owners == ZEROS
         stats.zero_pages += int(zero.sum())
         built, pages = np.unique(owners[~zero], return_counts=True)
         for o, n in zip(built.tolist(), pages.tolist(), strict=True):

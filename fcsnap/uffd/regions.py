@@ -62,7 +62,7 @@ def parse_regions(payload: bytes, memory_size: int) -> list[Region]:
         sizes = {_field(obj, k, i) for k in ("page_size", "page_size_kib") if k in obj}
         if len(sizes) > 1:
             raise HandshakeError(f"region {i}: page_size and page_size_kib disagree: {sizes}")
-        page_size = sizes.pop() if sizes else 4096
+        page_size = sizes.pop() if sizes else PAGE
         if page_size not in PAGE_SIZES:
             raise HandshakeError(f"region {i}: page size {page_size} is neither 4 KiB nor 2 MiB")
         region = Region(
