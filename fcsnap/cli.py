@@ -72,11 +72,14 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
-def report_build(build: Build, as_json: bool, verb: str) -> None:
+def report_build(build: Build, args: argparse.Namespace, verb: str) -> None:
+    """The new build: one JSON object with --json, else a summary unless --quiet."""
     from fcsnap.units import format_bytes
 
-    if as_json:
+    if args.json:
         print_json(build.to_json())
+        return
+    if args.quiet:
         return
     s = build.stats
     print(f"{verb} build {build.build_id} (generation {build.generation}) at {build.path}")
@@ -180,7 +183,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
             frame_size=args.frame_size, vmstate=args.vmstate, working_set=args.working_set,
             progress=progress,
         )
-    report_build(build, args.json, "packed")
+    report_build(build, args, "packed")
     return 0
 
 
@@ -193,7 +196,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
             block_size=args.block_size, frame_size=args.frame_size, sparse=args.sparse_diff,
             vmstate=args.vmstate, working_set=args.working_set, progress=progress,
         )
-    report_build(build, args.json, "diffed")
+    report_build(build, args, "diffed")
     return 0
 
 
@@ -202,7 +205,7 @@ def cmd_squash(args: argparse.Namespace) -> int:
 
     with progress_bar("squash", args.quiet or args.json) as progress:
         build = _store(args).squash(args.build, name=args.name, progress=progress)
-    report_build(build, args.json, "squashed")
+    report_build(build, args, "squashed")
     return 0
 
 

@@ -191,6 +191,25 @@ def test_verify_counts_read_as_english(store: Path, tmp_path: Path) -> None:
                         result.stdout), result.stdout
 
 
+def test_quiet_is_quiet_and_json_still_answers(tmp_path: Path) -> None:
+    """--quiet promises "no progress bar or summary" for every command that writes a build;
+    --json is asked for explicitly, so it still prints its object."""
+    mem = tmp_path / "one"
+    write_full(mem, synthetic_memory(64 << 10, seed=6))
+    runs = {
+        "pack": fcsnap("pack", str(mem), "--store", "st", "--name", "a", "-q", cwd=tmp_path),
+        "diff": fcsnap("diff", str(mem), "--base", "a", "--store", "st", "--name", "a",
+                       "--quiet", cwd=tmp_path),
+        "squash": fcsnap("squash", "a", "--store", "st", "-q", cwd=tmp_path),
+    }
+    for verb, result in runs.items():
+        assert (result.returncode, result.stdout, result.stderr) == (0, "", ""), verb
+    both = fcsnap("squash", "a", "--store", "st", "-q", "--json", cwd=tmp_path)
+    assert json.loads(both.stdout)["generation"] == 0
+    loud = fcsnap("squash", "a", "--store", "st", cwd=tmp_path)
+    assert loud.stdout.startswith("squashed build ")
+
+
 def test_a_bare_header_has_no_known_parent(store: Path, tmp_path: Path) -> None:
     """Outside its build directory a generation-1 header names its base, not its parent."""
     gen1 = json.loads(fcsnap("inspect", "vm", "--store", "store", "--json",
