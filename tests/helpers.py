@@ -22,6 +22,7 @@ from fcsnap.testing import firecracker
 from fcsnap.units import PAGE
 
 WAIT = 30.0  # seconds any one process may take before the test fails
+CLI_WAIT = 120.0  # seconds one fcsnap command may take (a pack on a loaded machine)
 STATS_KEYS = {
     "faults", "pages_served", "bytes_served", "zero_pages", "remove_events", "retries",
     "per_build_pages", "duration_s",
@@ -67,7 +68,17 @@ class Lineage:
         return replace(self, store=dest, builds=[dest / b.name for b in self.builds])
 
 
-def restore_argv(vm: str | Path, socket: Path, *args: str, store: Path | None = None,
+def fcsnap(*args: object, env: dict[str, str] | None = None, cwd: Path | None = None,
+           timeout: float = CLI_WAIT) -> subprocess.CompletedProcess[str]:
+    """Run the `fcsnap` command line of this tree (this interpreter) to the end, with a
+    deadline, stdin closed, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "fcsnap", *map(str, args)], capture_output=True, text=True,
+        timeout=timeout, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+    )
+
+
+def restore_argv(vm: str | Path, socket: Path, *args: str, store: Path | str | None = None,
                  stats: Path | None = None, quiet: bool = True) -> list[str]:
     """The `fcsnap restore` command line, run by this interpreter (and so this tree)."""
     argv = [sys.executable, "-m", "fcsnap", "restore", "--vm", str(vm), "--socket", str(socket),

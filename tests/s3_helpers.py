@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import restore_argv
 
 from fcsnap.testing.s3server import S3Server, external_server, seaweedfs, weed_binary
 
@@ -50,6 +52,16 @@ class Bucket:
 
     def client(self):  # noqa: ANN201
         return self.server.client(self.name)
+
+
+def restore_from(bucket: Bucket, vm: str, socket: Path, cache: Path, *args: str, stats: Path,
+                 env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """`fcsnap restore` of `vm` from the bucket's store, through the host chunk cache at
+    `cache`, quiet, its stats to `stats`; output piped. The caller tracks the process."""
+    argv = restore_argv(vm, socket, "--cache-dir", str(cache), *args, store=bucket.url(),
+                        stats=stats)
+    return subprocess.Popen(argv, env={**bucket.env, **(env or {})}, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def new_bucket(server: S3Server) -> Bucket:

@@ -11,18 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+from helpers import fcsnap
+
 from fcsnap.store.locks import STOP_ENV
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full
 
 MIB = 1 << 20
 TIMEOUT = 120  # seconds any one command may take
-
-
-def fcsnap(*args: object, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fcsnap", *map(str, args)],
-        capture_output=True, text=True, timeout=TIMEOUT, env=env, stdin=subprocess.DEVNULL, **kw,
-    )
 
 
 def stopping_at(point: str) -> dict[str, str]:

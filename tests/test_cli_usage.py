@@ -8,9 +8,9 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
+import helpers
 import pytest
 
 from fcsnap.cli import build_parser
@@ -35,11 +35,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def fcsnap(*args: str, cwd: Path, columns: int = 80) -> subprocess.CompletedProcess[str]:
+    """The command line at a terminal width of `columns`, without FCSNAP_DEBUG."""
     env = {k: v for k, v in os.environ.items() if k != "FCSNAP_DEBUG"}
-    return subprocess.run(
-        [sys.executable, "-m", "fcsnap", *args], cwd=cwd, capture_output=True, text=True,
-        timeout=WAIT, env=env | {"COLUMNS": str(columns)}, stdin=subprocess.DEVNULL,
-    )
+    return helpers.fcsnap(*args, cwd=cwd, env=env | {"COLUMNS": str(columns)}, timeout=WAIT)
 
 
 def listing(root: Path) -> list[str]:

@@ -13,10 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
 from helpers import Lineage, restore_argv
 
 from fcsnap.testing import firecracker
+from fcsnap.units import PAGE
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -27,13 +29,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.qemu]
 MIB = 1 << 20
 SIZE = 128 * MIB
 STAGES = 3
-PAGE = 4096
 WAIT = 300.0  # seconds one restore may take before the test fails
 
 
 def fcsnap(*args: str) -> dict:
-    result = subprocess.run([sys.executable, "-m", "fcsnap", *args, "--json"],
-                            capture_output=True, text=True, timeout=WAIT)
+    result = helpers.fcsnap(*args, "--json", timeout=WAIT)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 

@@ -32,10 +32,10 @@ from fcsnap.store.layout import diff_path
 from fcsnap.testing import firecracker
 from fcsnap.testing.firecracker_api import FAULT, FakeFirecracker
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full
+from fcsnap.units import PAGE
 
 MiB = 1 << 20
 SIZE = 8 * MiB
-PAGE = 4096
 DEADLINE = 1.0  # seconds from the daemon's SIGKILL to its VMs' deaths (the watchdog)
 HAS_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
 

@@ -11,7 +11,6 @@ removing a trashed build's files). Every wait has a deadline.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,14 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import WAIT, Procs
+from helpers import CLI_WAIT, WAIT, Procs, fcsnap
+from store_procs import stopping_at
 from test_daemon import Build as DaemonBuild
 from test_daemon import Daemon
 from test_lifecycle import (
-    TIMEOUT,
     Store,
     assert_names_verify_and_unpack,
-    fcsnap,
     fcsnap_json,
     make_store,
     next_image,
@@ -38,8 +36,6 @@ from test_lifecycle import (
 from fcsnap.store.layout import VMS
 from fcsnap.testing.memimage import write_full
 
-STOP = "FCSNAP_STOP_AT"
-
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
@@ -47,11 +43,10 @@ def store(tmp_path: Path) -> Store:
 
 
 def start(*args: object, stop_at: str | None = None) -> subprocess.Popen[str]:
-    env = dict(os.environ)
-    if stop_at is not None:
-        env[STOP] = stop_at
+    """`fcsnap ARGS`, stopping itself (SIGSTOP) at `stop_at` if given."""
     return subprocess.Popen(
-        [sys.executable, "-m", "fcsnap", *map(str, args)], env=env, text=True,
+        [sys.executable, "-m", "fcsnap", *map(str, args)],
+        env=None if stop_at is None else stopping_at(stop_at), text=True,
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
 
@@ -61,7 +56,7 @@ def wait_stopped(proc: subprocess.Popen[str], timeout: float = WAIT) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"exited {proc.returncode} before its stop point: " + (
-            proc.communicate(timeout=TIMEOUT)[1]
+            proc.communicate(timeout=CLI_WAIT)[1]
         )
         state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         if state == "T":
@@ -75,7 +70,7 @@ def wait_blocked_on_flock(proc: subprocess.Popen[str], timeout: float = WAIT) ->
     """Until the process waits for a flock (/proc/locks lists waiters with '->')."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate(timeout=TIMEOUT)
+        assert proc.poll() is None, proc.communicate(timeout=CLI_WAIT)
         for line in Path("/proc/locks").read_text().splitlines():
             fields = line.split()
             if "->" in fields and fields[fields.index("->") + 4] == str(proc.pid):
@@ -86,7 +81,7 @@ def wait_blocked_on_flock(proc: subprocess.Popen[str], timeout: float = WAIT) ->
 
 def resume(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
     proc.send_signal(signal.SIGCONT)
-    out, err = proc.communicate(timeout=TIMEOUT)
+    out, err = proc.communicate(timeout=CLI_WAIT)
     return proc.returncode, out, err
 
 
@@ -98,7 +93,7 @@ def stopped() -> list[subprocess.Popen[str]]:
     for proc in procs:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate(timeout=TIMEOUT)
+            proc.communicate(timeout=CLI_WAIT)
 
 
 def gc_now(store: Store) -> dict:
@@ -250,7 +245,7 @@ def test_a_diff_over_a_build_gc_is_deleting_fails_cleanly(store: Store, tmp_path
     status, out, err = resume(gc)
     assert status == 0, err
     assert [r["build_id"] for r in json.loads(out)["deleted"]] == [store.id("G1")]
-    _, err = diff.communicate(timeout=TIMEOUT)
+    _, err = diff.communicate(timeout=CLI_WAIT)
     assert diff.returncode == 1
     assert err.strip() == f"fcsnap: error: build {store.id('G1')} was removed"
     assert visible_builds(store.path) == known - {store.id("G1")}
@@ -295,7 +290,7 @@ def test_killed_gc_leaves_a_store_that_verifies(store: Store, tmp_path, stopped)
     stopped.append(gc)
     wait_stopped(gc)  # the first trashed build has lost a file
     gc.kill()
-    gc.communicate(timeout=TIMEOUT)
+    gc.communicate(timeout=CLI_WAIT)
     trash = sorted(p.name for p in store.path.glob(".trash-*"))
     assert trash, "gc was killed before it trashed anything"
     assert_names_verify_and_unpack(store, tmp_path)
@@ -340,7 +335,7 @@ def test_free_running_gcs_beside_diffs_lose_nothing(store: Store, tmp_path) -> N
     finally:
         done.set()
         for t in threads:
-            t.join(timeout=TIMEOUT)
+            t.join(timeout=CLI_WAIT)
             assert not t.is_alive(), "a gc loop did not stop in time"
     assert errors == []
     store.images["web"] = mem

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
+from helpers import fcsnap
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,12 +21,6 @@ sys.path.insert(0, str(ROOT / "fixtures"))
 import make_headers  # noqa: E402
 
 BUILD = uuid.UUID("12345678-1234-4234-8234-123456789abc")
-
-
-def fcsnap(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fcsnap", *args], capture_output=True, text=True, timeout=60
-    )
 
 
 def meta(version=3, block_size=PAGE, size=4 * PAGE, generation=0) -> bytes:

@@ -17,8 +17,7 @@ from store_procs import fcsnap, hidden_entries, make_lineage, start_stopped, vis
 
 from fcsnap.header import load_header
 from fcsnap.store.layout import DIFF_RAW, HASHES, MANIFEST
-
-PAGE = 4096
+from fcsnap.units import PAGE
 
 
 def pages(path: Path) -> np.ndarray:

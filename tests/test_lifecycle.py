@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -20,24 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import fcsnap
 
 from fcsnap.errors import FcsnapError
 from fcsnap.store import ops
 from fcsnap.store.builder import BuildOptions
 from fcsnap.store.layout import DIFF_RAW, VMS
 from fcsnap.testing.memimage import synthetic_memory, write_full
-from fcsnap.units import format_bytes, parse_duration
+from fcsnap.units import PAGE, format_bytes, parse_duration
 
 MIB = 1 << 20
-PAGE = 4096
-TIMEOUT = 120
-
-
-def fcsnap(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fcsnap", *map(str, args)],
-        capture_output=True, text=True, timeout=TIMEOUT, env=env,
-    )
 
 
 def fcsnap_json(*args: object) -> dict:

@@ -29,9 +29,8 @@ from fcsnap.uffd.reactor import Reactor
 from fcsnap.uffd.session import ServeOptions, Session
 from fcsnap.uffd.shared import SharedBuild
 from fcsnap.uffd.watchdog import Watchdog
+from fcsnap.units import PAGE
 from fcsnap.workingset import write_working_set
-
-PAGE = 4096
 
 # name: (build, session options, stand-in options)
 SESSIONS = {

@@ -47,10 +47,10 @@ from fcsnap.uffd.installer import Installer, InstallStats
 from fcsnap.uffd.pages import PageSource
 from fcsnap.uffd.regions import PAGE_SIZES, HandshakeError, Region, RegionMap, parse_regions
 from fcsnap.uffd.server import FaultServer, ServeOptions
+from fcsnap.units import PAGE
 from fcsnap.workingset import read_working_set, write_working_set
 
 MiB = 1 << 20
-PAGE = 4096
 HUGE = 2 * MiB
 SIZE = 4 * MiB  # guest memory per test: two hugepages, 1024 small pages
 KILLED = -signal.SIGKILL

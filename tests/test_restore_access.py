@@ -23,8 +23,9 @@ import pytest
 from helpers import WAIT, Lineage, check_served, wait_for
 from test_restore import make_lineage
 
+from fcsnap.units import PAGE
+
 NOBODY = 65534
-PAGE = 4096
 PROMPT = 3.0  # seconds within which a refused peer must be disconnected
 KILLED = -9
 AS_ROOT = pytest.mark.skipif(

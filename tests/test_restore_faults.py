@@ -39,10 +39,10 @@ from fcsnap.store.seekable import SeekableReader
 from fcsnap.testing import firecracker
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full
 from fcsnap.uffd.server import FaultServer, ServeOptions
+from fcsnap.units import PAGE
 
 MiB = 1 << 20
 GiB = 1 << 30
-PAGE = 4096
 HUGE = 2 * MiB
 SIZE = 128 * MiB  # the lineages' guest memory; small runs give the stand-in a smaller --size
 SMALL = 8 * MiB

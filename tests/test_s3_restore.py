@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import obstore
 import pytest
-from helpers import PAGE, WAIT, Lineage, Procs, check_served
-from s3_helpers import Bucket, new_bucket
+from helpers import PAGE, WAIT, Lineage, Procs, check_served, fcsnap
+from s3_helpers import Bucket, new_bucket, restore_from
 from test_restore import KILLED, make_lineage
 
 from fcsnap.store.cached_zstd import TAIL_GUESS
@@ -28,22 +27,16 @@ def raw_lineage(tmp_path_factory: pytest.TempPathFactory) -> Lineage:
 
 def push(bucket: Bucket, lineage: Lineage, prefix: str = "snaps") -> str:
     """The lineage's newest build pushed to the bucket; its id."""
-    result = subprocess.run(
-        [sys.executable, "-m", "fcsnap", "push", lineage.newest.name, "--from",
-         str(lineage.store), "--to", bucket.url(prefix), "-q"],
-        env=bucket.env, capture_output=True, text=True, timeout=WAIT, stdin=subprocess.DEVNULL,
-    )
+    result = fcsnap("push", lineage.newest.name, "--from", lineage.store, "--to",
+                    bucket.url(prefix), "-q", env=bucket.env)
     assert result.returncode == 0, result.stderr
     return lineage.newest.name
 
 
 def serve(procs: Procs, bucket: Bucket, build: str, cache: Path, *args: str,
           socket: Path | None = None, stats: Path | None = None) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "fcsnap", "restore", "--vm", build, "--socket",
-            str(socket or procs.socket), "--store", bucket.url(), "--cache-dir", str(cache),
-            "--quiet", "--stats", str(stats or procs.stats), *args]
-    return procs.track(subprocess.Popen(argv, env=bucket.env, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return procs.track(restore_from(bucket, build, socket or procs.socket, cache, *args,
+                                    stats=stats or procs.stats))
 
 
 def stored_bytes(lineage: Lineage) -> int:

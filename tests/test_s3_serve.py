@@ -5,15 +5,14 @@ pure-Python path and --verify serve the same bytes."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+import helpers
 import obstore
 import pytest
-from helpers import WAIT, Procs, assert_served
-from s3_helpers import Bucket, memfile
+from helpers import Procs, assert_served
+from s3_helpers import Bucket, memfile, restore_from
 from test_restore import KILLED
 
 from fcsnap.store.cached_zstd import TAIL_GUESS
@@ -23,10 +22,7 @@ MIB = 1 << 20
 
 
 def fcsnap(bucket: Bucket, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "fcsnap", *args], env=bucket.env, capture_output=True,
-        text=True, timeout=WAIT, stdin=subprocess.DEVNULL,
-    )
+    result = helpers.fcsnap(*args, env=bucket.env)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -47,12 +43,8 @@ def served(procs: Procs, bucket: Bucket, mem: Path, cache: Path, *args: str,
            env: dict[str, str] | None = None, **vm: Any) -> dict[str, Any]:
     """Restore `wide` to a stand-in that checks every byte it reads; the server's stats."""
     procs.stats.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "fcsnap", "restore", "--vm", "wide", "--socket",
-            str(procs.socket), "--store", bucket.url(), "--cache-dir", str(cache), "--quiet",
-            "--stats", str(procs.stats), *args]
-    server = procs.track(subprocess.Popen(
-        argv, env={**bucket.env, **(env or {})}, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    server = procs.track(restore_from(bucket, "wide", procs.socket, cache, *args,
+                                      stats=procs.stats, env=env))
     out = procs.outcome(server, procs.vm(expected=mem, **vm))
     return assert_served(out.vm_status, out.status, out.stderr, out.report, out.stats)
 
@@ -142,12 +134,8 @@ def test_a_corrupt_zstd_frame_is_never_installed(
     data = bytearray(obstore.get(bucket.client(), key).bytes())
     data[len(data) // 3] ^= 0x55  # inside a frame, away from the seek table
     obstore.put(bucket.client(), key, bytes(data))
-    argv = [sys.executable, "-m", "fcsnap", "restore", "--vm", "wide", "--socket",
-            str(procs.socket), "--store", bucket.url(), "--cache-dir", str(tmp_path / "c"),
-            "--quiet", "--stats", str(procs.stats)]
-    server = procs.track(subprocess.Popen(
-        argv, env=bucket.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE))
+    server = procs.track(restore_from(bucket, "wide", procs.socket, tmp_path / "c",
+                                      stats=procs.stats))
     out = procs.outcome(server, procs.vm(expected=wide_mem))
     assert out.status == 1 and out.vm_status == KILLED, out
     assert "fetched from the store" in out.error and "not installed" in out.error

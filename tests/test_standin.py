@@ -27,9 +27,9 @@ import pytest
 
 from fcsnap.testing import firecracker
 from fcsnap.uffd import abi
+from fcsnap.units import PAGE
 
 MiB = 1 << 20
-PAGE = 4096
 HUGE = 2 * MiB
 WAIT = 30  # seconds any one stand-in run may take before the test fails
 

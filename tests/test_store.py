@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import unpacked
+from helpers import fcsnap, unpacked
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import load_header
@@ -25,16 +25,6 @@ from fcsnap.store.manifest import read_manifest
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full, write_sparse_diff
 
 MIB = 1 << 20
-
-
-def fcsnap(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fcsnap", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        **kw,
-    )
 
 
 def wait_mid_pack(store: Path, proc: subprocess.Popen) -> None:

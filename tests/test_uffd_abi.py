@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from fcsnap.uffd import abi
+from fcsnap.units import PAGE
 
-PAGE = 4096
 PAGES = 16
 TIMEOUT = 5.0
 

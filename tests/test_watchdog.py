@@ -25,10 +25,10 @@ from test_restore_faults import KILLED, PIDFD_LINK, UFFD_LINK, Runs, Server, mak
 from fcsnap.testing import firecracker
 from fcsnap.uffd.server import FaultServer, ServeOptions
 from fcsnap.uffd.watchdog import Watchdog
+from fcsnap.units import PAGE
 
 MiB = 1 << 20
 SIZE = 32 * MiB
-PAGE = 4096
 DEADLINE = 1.0  # seconds from the server's death to the VM's
 POLL_SYSCALLS = {"7", "271", "73"}  # poll and ppoll on x86_64, ppoll on aarch64
 

@@ -10,14 +10,12 @@ distinct content once).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import Lineage, race_the_balloon, restore, unpacked
+from helpers import Lineage, fcsnap, race_the_balloon, restore, unpacked
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import NIL, load_header
@@ -25,9 +23,9 @@ from fcsnap.store import ops
 from fcsnap.store.builder import BuildOptions
 from fcsnap.store.manifest import read_manifest
 from fcsnap.testing.memimage import synthetic_memory, write_full, write_sparse_diff
+from fcsnap.units import PAGE
 from fcsnap.workingset import read_working_set, write_working_set
 
-PAGE = 4096
 MiB = 1 << 20
 BLOCK_SIZES = [pytest.param(PAGE, id="4K"), pytest.param(2 * MiB, id="2M")]
 COMPRESSIONS = ["none", "zstd"]
@@ -192,11 +190,6 @@ def test_without_a_working_set_the_layout_is_memory_order(tmp_path) -> None:
     _, plain = ops.pack(tmp_path / "mem", tmp_path / "store", BuildOptions())
     with pytest.raises(AssertionError):
         check_ws_first(plain, plain, content, offsets)
-
-
-def fcsnap(*args: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fcsnap", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
 
 
 def test_cli_working_set_json_stats_and_size_mismatch(tmp_path) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import fcsnap
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,7 +20,6 @@ from fcsnap.workingset import (
 
 SIZE = 1 << 20
 P = 4096
-TIMEOUT = 60
 
 
 def run(name: str, *pages: int) -> tuple[str, int, np.ndarray]:
@@ -60,11 +58,6 @@ def test_runs_of_other_guests_or_bad_k_are_refused() -> None:
         merge_working_sets([run("a", 1), ("b", 2 * SIZE, np.array([0], np.int64))], 1)
     with pytest.raises(FcsnapError, match="--min-runs must be between 1 and 2"):
         merge_working_sets([run("a", 1), run("b", 1)], 3)
-
-
-def fcsnap(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fcsnap", *map(str, args)],
-                          capture_output=True, text=True, timeout=TIMEOUT)
 
 
 def write(path: Path, size: int, *pages: int) -> Path:
