@@ -140,6 +140,27 @@ def test_cli_lookup_outside_memory_is_a_clear_error():
     assert result.returncode == 1 and "outside guest memory" in result.stderr
 
 
+def test_an_e2b_or_wrenn_build_directory_is_inspected_and_refused_elsewhere(tmp_path):
+    """The README's claim, exactly: inspect reads an E2B/Wrenn build directory (memfile.header
+    beside memfile); verify, unpack and restore refuse it with one line (no build.json), before
+    writing anything."""
+    build = tmp_path / "wrenn"
+    build.mkdir()
+    header = (FIXTURES / "wrenn-v1.header").read_bytes()
+    (build / "memfile.header").write_bytes(header)
+    (build / "memfile").write_bytes(bytes(parse_header(header).metadata.size))
+    shown = fcsnap("inspect", build, "--mappings", "--at", "0x1000")
+    assert shown.returncode == 0, shown.stderr
+    assert "11111111-2222-4333-8444-555555555555" in shown.stdout and "Lookups" in shown.stdout
+    for argv in (("verify", build), ("unpack", build, "-o", tmp_path / "out"),
+                 ("restore", "--vm", build, "--socket", tmp_path / "uffd.sock")):
+        result = fcsnap(*argv)
+        lines = result.stderr.splitlines()
+        assert result.returncode == 1 and len(lines) == 1, (argv, result.stderr)
+        assert lines[0].startswith("fcsnap: error: ") and "build.json" in lines[0], argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wrenn"]
+
+
 def test_cli_usage_error_exits_2():
     assert fcsnap("inspect").returncode == 2
 
