@@ -6,7 +6,8 @@ a dependency's release. Modules are imported by the command that needs them: `--
 little more than the interpreter, and `restore` loads numpy only once its socket listens.
 
 Exit statuses: 0 done, 1 a runtime failure (one line `fcsnap: error: ...`; `--debug` or
-FCSNAP_DEBUG=1 adds the traceback), 2 a usage error (one line too), 130 interrupted.
+FCSNAP_DEBUG=1 adds the traceback; none when a pipe's reader stopped early), 2 a usage error
+(one line too), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -864,10 +865,15 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
     try:
         status = run(argv)
+        sys.stdout.flush()
     except UsageError as e:
         _traceback()
         usage_error(str(e), f"{PROG} {_command_name(argv)}".rstrip())
     except (FcsnapError, OSError) as e:
+        if isinstance(e, BrokenPipeError) and _reader_gone():
+            # `fcsnap inspect ... | head`: the reader has what it wanted; nothing to report.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         _traceback()
         if isinstance(e, FcsnapError):
             message = str(e)
@@ -886,8 +892,20 @@ def main(argv: list[str] | None = None) -> NoReturn:
             file=sys.stderr,
         )
         sys.exit(1)
-    sys.stdout.flush()
     sys.exit(status)
+
+
+def _reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (a broken pipe of a socket, say to
+    Firecracker, is a failure to report)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def _traceback() -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import helpers
@@ -166,6 +167,20 @@ def test_piped_inspect_is_whole_at_any_width(store: Path) -> None:
     mappings = out.split("Mappings\n", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
     assert mappings and all(len(row.split()) == 4 for row in mappings)
     assert "00000000-0000-0000-0000-000000000000" not in out  # zero mappings say (zeros)
+
+
+def test_a_reader_that_stops_early_gets_no_error_line(store: Path) -> None:
+    """`fcsnap inspect ... | head`: once the reader has gone, no "Broken pipe" error line and
+    no traceback (the output is larger than a pipe's buffer, so the writes do meet it)."""
+    read_end, write_end = os.pipe()
+    argv = ["inspect", "vm", "--store", "store", "--mappings", *["--at", "0x1000"] * 3000]
+    proc = subprocess.Popen([sys.executable, "-m", "fcsnap", *argv], cwd=store.parent,
+                            stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.PIPE)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        assert reader.read(100).startswith(b"Header ")
+    _, err = proc.communicate(timeout=WAIT)
+    assert (proc.returncode, err) == (1, b"")
 
 
 def test_inspect_names_parent_and_root(store: Path) -> None:
