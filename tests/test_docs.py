@@ -132,6 +132,21 @@ def test_the_readme_links_the_documents() -> None:
     assert "(docs/FORMAT.md)" in readme and "(docs/THREAT_MODEL.md)" in readme
 
 
+def test_the_readme_names_every_restore_option() -> None:
+    """Every option of `fcsnap restore` is in the README, and the options that have
+    Firecracker load the snapshot are rows of its restore options table."""
+    from fcsnap.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command")
+    restore = commands.choices["restore"]  # type: ignore[attr-defined]
+    readme = (ROOT / "README.md").read_text()
+    options = [o for a in restore._actions for o in a.option_strings if o.startswith("--")]
+    missing = [o for o in options if not re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", readme)]
+    assert not missing, f"restore options the README does not name: {missing}"
+    for option in ("--firecracker-api", "--vmstate", "--track-dirty-pages", "--api-timeout"):
+        assert re.search(rf"^\| `{option}\b", readme, re.M), option
+
+
 def test_nothing_cites_the_retired_spec() -> None:
     offenders = [
         f"{path.relative_to(ROOT)}: {word}"
