@@ -9,3 +9,10 @@ class FcsnapError(Exception):
 class UsageError(FcsnapError):
     """An argument that can never work, whatever the files hold (`--compress gzip`, an offset
     that is not a number, `vmstate` without a Firecracker API socket): exit status 2."""
+
+
+class FetchPending(Exception):  # noqa: N818 (not an error: a state to wait out)
+    """What a fault server asked for is being fetched from object storage: it serves other
+    faults (other VMs on its reactor) meanwhile and asks again shortly. Raised only to a
+    fault server's reads (the chunk cache's serving mode), never to one that may block
+    (unpack, squash, verify)."""

@@ -3,13 +3,18 @@ serves it through the host chunk cache; /metrics counts what it fetched."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from s3_helpers import Bucket, memfile
+from s3_helpers import Bucket, memfile, new_bucket
 from test_daemon import WAIT, Build, Daemon
 from test_s3_serve import fcsnap
+
+from fcsnap.testing.s3server import seaweedfs
 
 
 @pytest.fixture
@@ -65,3 +70,69 @@ def test_a_zstd_build_and_an_unknown_name(s3_daemon: tuple[Daemon, dict[str, Bui
         "vm": "nobody", "socket": str(daemon.tmp / "n.sock")})
     assert status == 404 and "nobody" in answer["error"], answer
     assert not (daemon.tmp / "n.sock").exists()
+
+
+def server_processes(data_dir: Path) -> list[int]:
+    """The pids of the S3 server running on `data_dir` (its command line names it)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(data_dir) in (entry / "cmdline").read_text():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_a_stalled_fetch_holds_up_no_other_vm(
+    compression: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One reactor serves two VMs: one waits on chunks (or frames) from an S3 server that
+    has stopped answering, the other (its build in the host cache) runs to its end
+    meanwhile; once the server answers again the first gets every byte right too."""
+    with seaweedfs(tmp_path / "weed") as server:
+        bucket = new_bucket(server)
+        builds = {}
+        # raw: more chunks than a restore fetches at once when it starts (4)
+        cold_mib = 64 if compression == "none" else 16
+        for seed, (name, mib) in enumerate([("cold", cold_mib), ("warm", 16)]):
+            mem = memfile(tmp_path, f"{name}.mem", seed=80 + seed, mib=mib)
+            fcsnap(bucket, "pack", str(mem), "--store", bucket.url(), "--name", name, "-q",
+                   "--compress", compression)
+            builds[name] = Build(name, "", mem)
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        daemon = Daemon(bucket.url(), tmp_path, "--cache-dir",  # type: ignore[arg-type]
+                        str(tmp_path / "cache"), "--fetch-timeout", str(WAIT), "--reactors", "1")
+        stopped: list[int] = []
+        try:
+            served(daemon, builds["warm"], "w0")  # its chunks now in the host cache
+            cold = daemon.restore("cold", "c")
+            warm = daemon.restore("warm", "w1")  # both listening before the server stops
+            stopped = server_processes(tmp_path / "weed")
+            assert stopped
+            for pid in stopped:
+                os.kill(pid, signal.SIGSTOP)
+            cold_vm = daemon.vm("c", builds["cold"], order="random")
+            time.sleep(0.5)  # it faults on chunks that cannot come now
+            assert cold_vm.poll() is None
+            began = time.monotonic()
+            warm_vm = daemon.vm("w1", builds["warm"], order="random")
+            assert warm_vm.wait(timeout=WAIT) == 0, warm_vm.communicate()[1]
+            assert time.monotonic() - began < WAIT / 3  # well before the fetch timeout
+            report = daemon.report("w1")
+            assert report is not None and report["mismatches"] == 0, report
+            assert daemon.wait_ended(warm["id"])["exit_reason"] == "vm exited"
+            assert cold_vm.poll() is None  # still waiting on the server
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+            stopped = []
+            assert cold_vm.wait(timeout=WAIT) == 0, cold_vm.communicate()[1]
+            report = daemon.report("c")
+            assert report is not None and report["mismatches"] == 0, report
+            assert daemon.wait_ended(cold["id"])["exit_reason"] == "vm exited"
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+            daemon.close()

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from fcsnap.errors import FcsnapError
+from fcsnap.errors import FcsnapError, FetchPending
 from fcsnap.store.chunk_cache import ChunkCache
 from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes, sidecar_pin
 from fcsnap.store.layout import DIFF_ZSTD, HASHES
@@ -50,7 +50,11 @@ def frames_fit_blocks(frames: list[Frame], block_size: int) -> bool:
 
 
 class CachedZstd:
-    """What DiffFile is to a local zstd diff (`read`, `size`), for a diff in object storage."""
+    """What DiffFile is to a local zstd diff (`read`, `size`), for a diff in object storage.
+
+    `nonblocking` (a fault server's reads): a frame neither decompressed nor in the host
+    cache is fetched on a thread for readers and the read raises FetchPending (as
+    CachedDiff's do); a failed fetch is reported to the next read of that frame."""
 
     def __init__(
         self, build_dir: Path, cache: ChunkCache, object_size: int,
@@ -76,6 +80,9 @@ class CachedZstd:
         self._read = bytearray(len(frames))  # frames read here (a fetch ahead: not yet)
         self._frames_read = 0
         self._lock = threading.Lock()
+        self.nonblocking = False
+        self._for_reader: set[int] = set()  # frames a read waits on, being fetched
+        self._failed: dict[int, str] = {}  # ... whose fetch failed: the next read says why
 
     @classmethod
     def open(cls, build_dir: Path, cache: ChunkCache, object_size: int,
@@ -135,11 +142,45 @@ class CachedZstd:
         data = self.decompressed.get((self._id, index))
         if data is not None:
             return data
+        if self.nonblocking and self.cache.lookup(self.key, index) is None:
+            self._fetch_for_reader(index, streaming or wide)
+            raise FetchPending(f"zstd frame {index} of build {self.build_dir.name}")
         data, fetched = self._load(index)
         if fetched and (streaming or wide):
-            for later in range(index + 1, min(index + 1 + AHEAD_FRAMES, len(self.frames))):
-                self._fetch_ahead(later)
+            self._read_ahead(index)
         return data
+
+    def _read_ahead(self, index: int) -> None:
+        for later in range(index + 1, min(index + 1 + AHEAD_FRAMES, len(self.frames))):
+            self._fetch_ahead(later)
+
+    def _fetch_for_reader(self, index: int, ahead: bool) -> None:
+        """Fetch frame `index` for a nonblocking read, once; raise what its fetch failed
+        with. `ahead`: then the frames after it too (see read_frame)."""
+        with self._lock:
+            failed = self._failed.pop(index, None)
+            asked = index in self._for_reader
+            self._for_reader.add(index)
+        if failed is not None:
+            with self._lock:
+                self._for_reader.discard(index)
+            raise FcsnapError(failed)
+        if asked:
+            return
+
+        def fetch() -> None:
+            try:
+                self._load(index)
+            except FcsnapError as e:
+                with self._lock:
+                    self._failed[index] = str(e)
+            finally:
+                with self._lock:
+                    self._for_reader.discard(index)
+
+        self.cache.fetch_for_reader(fetch)
+        if ahead:
+            self._read_ahead(index)
 
     def _load(self, index: int) -> tuple[bytes, bool]:
         """Frame `index` from the host cache, or fetched and checked (then True), decompressed

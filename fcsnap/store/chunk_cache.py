@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fcsnap.errors import FcsnapError
+from fcsnap.errors import FcsnapError, FetchPending
 from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes, sidecar_pin
 from fcsnap.store.layout import DIFF_RAW, HASHES
 from fcsnap.store.manifest import read_manifest
@@ -43,6 +43,7 @@ CHUNK_SHIFT = 22
 CHUNK = 1 << CHUNK_SHIFT
 AHEAD = 4  # chunks fetched ahead of a sequential reader
 IN_FLIGHT = 16  # fetches ahead of readers in flight at once (fetch threads; 16 measured best)
+FOR_READERS = 4  # fetch threads for what a fault server's reader waits on, ahead of those
 MAPPED = 8  # chunks a diff keeps mapped (32 MiB of page cache)
 Buffer = bytes | mmap.mmap
 
@@ -93,8 +94,13 @@ class ChunkCache:
         except OSError as e:
             raise FcsnapError(f"cannot use cache directory {self.directory}: {e.strerror}") from e
         self.used = self._scan()[1]
-        self.queue: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
-        self.workers = 0
+        self.ahead = _Pool(self.in_flight)
+        self.for_readers = _Pool(FOR_READERS)
+
+    def lookup(self, key: str, index: int) -> Buffer | None:
+        """Chunk `index` of `key` mapped from the cache, or None when it is not cached (no
+        fetch: what a fault server may do without waiting on the network)."""
+        return self._cached(self.directory / key / f"{index:08d}")
 
     def get(self, key: str, index: int | str, fetch: Callable[[], bytes],
             check: Callable[[bytes], None]) -> Buffer:
@@ -133,21 +139,13 @@ class ChunkCache:
 
     def prefetch(self, work: Callable[[], object]) -> None:
         """Run `work` (fetching a chunk ahead of its reader) on one of `in_flight` fetch
-        threads, in the order asked. Daemon threads: a restore that ends (its VM killed by a
-        dead server) does not wait for them."""
-        self.queue.put(work)
-        with self.counting:
-            if self.workers >= self.in_flight:
-                return
-            self.workers += 1
-        threading.Thread(target=self._work, name="fcsnap-fetch", daemon=True).start()
+        threads, in the order asked."""
+        self.ahead.run(work)
 
-    def _work(self) -> None:
-        while True:
-            work = self.queue.get()
-            # Whatever fails here, its reader meets again and reports; the thread lives on.
-            with contextlib.suppress(Exception):
-                work()
+    def fetch_for_reader(self, work: Callable[[], object]) -> None:
+        """Run `work` (fetching what a fault server waits on) on threads of its own, so it
+        does not queue behind the fetches ahead."""
+        self.for_readers.run(work)
 
     def _cached(self, path: Path) -> Buffer | None:
         data = _mapped(path)
@@ -190,7 +188,12 @@ class CachedDiff:
     only ever goes from 0 to the address of a mapping that lives until `close` (after the
     last session), so a reader sees 0 or a valid address, never a stale one. A chunk evicted
     from the cache meanwhile stays readable through its mapping (the inode lives while
-    mapped)."""
+    mapped).
+
+    While serving, a read never waits on the network: a chunk neither mapped nor in the host
+    cache is fetched on a thread for readers and the read raises FetchPending; the fault
+    server serves other faults meanwhile and asks again. A failed fetch is reported to the
+    next read of that chunk."""
 
     chunk_shift = CHUNK_SHIFT
 
@@ -221,7 +224,8 @@ class CachedDiff:
         self.held: dict[int, Buffer] = {}  # the chunks chunk_maps points into
         self.chunk_maps = array("Q", bytes(8 * max(1, -(-self.size // CHUNK))))
         self.ahead: set[int] = set()  # chunks whose fetch ahead was asked for
-        self.landing: dict[int, threading.Event] = {}  # ... and has started: set once done
+        self.for_reader: set[int] = set()  # chunks a serving read waits on, being fetched
+        self.failed: dict[int, str] = {}  # ... whose fetch failed: the next read says why
         self.lock = threading.Lock()
 
     def fetch_start(self) -> None:
@@ -249,15 +253,9 @@ class CachedDiff:
             self.cache.prefetch(lambda i=index: self._fetched_ahead(i))
 
     def _fetched_ahead(self, index: int) -> None:
-        landed = threading.Event()
-        with self.lock:
-            self.landing[index] = landed
-        try:
-            chunk = self._get(index, keep=False)
-            if chunk and self.serving:
-                self._keep(index, chunk)
-        finally:
-            landed.set()
+        chunk = self._get(index, keep=False)
+        if chunk and self.serving:
+            self._keep(index, chunk)
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or offset + length > self.size:
@@ -294,34 +292,69 @@ class CachedDiff:
         if (storage % PAGE).any():
             return None
         chunks = storage >> CHUNK_SHIFT
+        pending = None
         for index in np.unique(chunks).tolist():
             if not self.chunk_maps[index]:
-                self._chunk(index)
+                try:
+                    self._chunk(index)
+                except FetchPending as e:  # the others are asked for too, then all wait
+                    pending = e
+        if pending is not None:
+            raise pending
         table = np.frombuffer(self.chunk_maps, np.uint64).astype(np.int64)
         return table[chunks] + (storage & (CHUNK - 1))
 
     def _chunk(self, index: int) -> Buffer:
-        """A chunk mapped from the cache (see `_keep`); a chunk not mapped yet
-        also starts the fetch of the AHEAD chunks after it, so a sequential reader (a
-        working-set prefetch, populate) finds them fetched or in flight."""
+        """A chunk mapped from the cache (see `_keep`); a chunk not mapped yet also starts the
+        fetch of the AHEAD chunks after it, so a sequential reader (a working-set prefetch,
+        populate) finds them fetched or in flight. While serving, FetchPending instead of
+        waiting for a fetch (see the class doc)."""
         with self.lock:
             chunk = self.held.get(index) or self.mapped.get(index)
-            if chunk is not None:
-                if index in self.mapped:
-                    self.mapped.move_to_end(index)
-                return chunk
-            landing = self.landing.get(index) if self.serving else None
-        if landing is not None:  # being fetched ahead: it is mapped as it lands
-            landing.wait()
-            with self.lock:
-                chunk = self.held.get(index)
-            if chunk is not None:
-                return chunk
-        chunk = self._get(index)
+            if index in self.mapped:
+                self.mapped.move_to_end(index)
+        if chunk is not None:
+            return chunk
+        if self.serving:
+            chunk = self.cache.lookup(self.key, index)
+            if chunk is None:
+                self._fetch_for_reader(index)
+                raise FetchPending(f"chunk {index} of build {self.build_dir.name}")
+        else:
+            chunk = self._get(index)
+        self._read_ahead(index)
+        return self._keep(index, chunk)
+
+    def _read_ahead(self, index: int) -> None:
         last = (self.size - 1) // CHUNK
         self.fetch_chunks(i for i in range(index + 1, min(index + AHEAD, last) + 1)
                           if i not in self.mapped)
-        return self._keep(index, chunk)
+
+    def _fetch_for_reader(self, index: int) -> None:
+        """Fetch chunk `index` for a serving read, once; raise what its fetch failed with."""
+        with self.lock:
+            failed = self.failed.pop(index, None)
+            asked = index in self.for_reader
+            self.for_reader.add(index)
+        if failed is not None:
+            with self.lock:
+                self.for_reader.discard(index)
+            raise FcsnapError(failed)
+        if asked:
+            return
+
+        def fetch() -> None:
+            try:
+                self._keep(index, self._get(index))
+            except FcsnapError as e:
+                with self.lock:
+                    self.failed[index] = str(e)
+            finally:
+                with self.lock:
+                    self.for_reader.discard(index)
+
+        self.cache.fetch_for_reader(fetch)
+        self._read_ahead(index)
 
     def _keep(self, index: int, chunk: Buffer) -> Buffer:
         """Serving: keep the chunk mapped while the diff is open, its address in chunk_maps;
@@ -387,6 +420,32 @@ def locked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+class _Pool:
+    """Up to `size` daemon threads running work in the order asked. Daemon threads: a
+    restore that ends (its VM killed by a dead server) does not wait for them."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.queue: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+        self.workers = 0
+        self.lock = threading.Lock()
+
+    def run(self, work: Callable[[], object]) -> None:
+        self.queue.put(work)
+        with self.lock:
+            if self.workers >= self.size:
+                return
+            self.workers += 1
+        threading.Thread(target=self._work, name="fcsnap-fetch", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            work = self.queue.get()
+            # Whatever fails here, its reader meets again and reports; the thread lives on.
+            with contextlib.suppress(Exception):
+                work()
 
 
 def with_deadline(fetch: Callable[[], bytes], timeout: float, what: str) -> Callable[[], bytes]:

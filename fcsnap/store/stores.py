@@ -180,7 +180,7 @@ def read_through(
     diff --sparse-diff) read diffs through `cache`, fetching only the chunks (raw) or frames
     (zstd) they read.
     `serving`: for a fault server, which copies pages straight from the chunks' mappings
-    (CachedDiff.chunk_maps)."""
+    (CachedDiff.chunk_maps) and never waits on the network (FetchPending)."""
     from fcsnap.store.cached_zstd import CachedZstd
     from fcsnap.store.chunk_cache import CachedDiff, with_deadline
     from fcsnap.store.layout import DIFF_ZSTD
@@ -204,6 +204,7 @@ def read_through(
             assert info is not None
             diff = CachedZstd.open(build_dir, cache, info.size, read_range, frames, cache_bytes)
             if diff is not None:
+                diff.nonblocking = serving
                 return diff  # type: ignore[return-value]  (DiffFile's reading interface)
             # frames smaller than a block (2 MiB blocks): downloaded whole, counted as fetched
             store.mirror_build(uuid.UUID(build_dir.name), data=True)

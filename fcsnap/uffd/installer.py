@@ -119,10 +119,11 @@ class Installer:
                 state.present[first:last] = False
                 state.removed[first:last] = True
 
-    def fault(self, address: int) -> Outcome:
+    def fault(self, address: int, since: int | None = None) -> Outcome:
         """Serve one fault, timed into the latency histogram once it is done (a retry is
-        timed when it succeeds, as the compiled loop does)."""
-        began = time.monotonic_ns()
+        timed when it succeeds, as the compiled loop does; one that waited on a fetch, from
+        `since`, when it was first read). FetchPending: its bytes are being fetched."""
+        began = since or time.monotonic_ns()
         outcome = self._serve_fault(address)
         if outcome is DONE:
             latency.observe(self.stats.latency, time.monotonic_ns() - began)

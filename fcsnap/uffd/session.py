@@ -13,7 +13,10 @@ Serving: read *all* pending events before serving (a pending REMOVE makes every 
 with EAGAIN); install pages with UFFDIO_COPY or ZEROPAGE; defer EAGAIN faults and retry them
 after the next drain, on a short timer so none is stranded. The server never touches the guest
 memory itself. Where it can, the reactor's compiled wait (fastpath.py) reads and installs a
-session's faults with the GIL released and hands back only what Python handles.
+session's faults with the GIL released and hands back only what Python handles. A build in
+object storage never makes the reactor wait on the network: a fault (or a batch of background
+work) whose bytes are still being fetched (FetchPending) is asked again on a 1 ms timer, and
+the reactor serves every other fault and VM meanwhile.
 
 A guest whose page server is gone freezes at its next fault, so every way out other than the
 VM's own exit - an error of any kind, a stop - kills the VM first.
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fcsnap.errors import FcsnapError
+from fcsnap.errors import FcsnapError, FetchPending
 from fcsnap.options import ADAPTIVE
 from fcsnap.uffd import abi, latency
 from fcsnap.uffd.fastpath import Batch, FastPath
@@ -56,6 +59,7 @@ if TYPE_CHECKING:
     from fcsnap.uffd.reactor import Reactor
 
 RETRY_POLL = 0.002  # seconds between retries of deferred faults
+FETCH_POLL = 0.001  # seconds between asks for what is being fetched (a fetch takes ~10 ms)
 
 
 @dataclass
@@ -146,7 +150,9 @@ class Session:
         self._pending_span: tuple[Region, int, int] | None = None
         self._backlog: list[int] = []  # faults read while installing eagerly
         self._deferred: list[int] = []  # faults that met EAGAIN: retried after a drain
+        self._fetching: dict[int, int] = {}  # faults waiting on a fetch: when first read (ns)
         self._retry_at: float | None = None
+        self._background_at: float | None = None  # background work waiting on a fetch
         self.rejected_peers = 0  # connections from uids not admitted
         self._watchdog: Watchdog | None = None  # kills the VM if this process is SIGKILLed
         self._vm_id = vm_id or str(options.socket)  # the VM's name to the watchdog
@@ -338,19 +344,34 @@ class Session:
         """When `on_timer` is next due (time.monotonic()), or None."""
         if self._handshake is not None:
             return self._handshake.deadline
-        return self._retry_at
+        due = [t for t in (self._retry_at, self._background_at) if t is not None]
+        return min(due) if due else None
 
     def on_timer(self, now: float) -> None:
-        """The handshake's deadline passed (an error), or deferred faults are due again."""
+        """The handshake's deadline passed (an error), or deferred faults, or work waiting on
+        a fetch, are due again."""
         if self._handshake is not None:
             if now >= self._handshake.deadline:
                 raise self._handshake.timed_out()
-        elif self._retry_at is not None and now >= self._retry_at:
+            return
+        if self._background_at is not None and now >= self._background_at:
+            self._background_at = None
+            assert self._reactor is not None
+            self._reactor.schedule(self)
+        if self._retry_at is not None and now >= self._retry_at:
             self._serve_pending(self._fast.pump() if self._fast is not None else None)
 
     def background(self) -> bool:
         """One batch of background work (the reactor serves every session's pending faults
-        between two); False once this session has none left."""
+        between two); False once this session has none left, or while what it needs is
+        being fetched (the timer schedules it again)."""
+        try:
+            return self._background_step()
+        except FetchPending:
+            self._background_at = time.monotonic() + FETCH_POLL
+            return False
+
+    def _background_step(self) -> bool:
         installer = self.installer
         assert installer is not None
         if self._phase == "eager":
@@ -435,14 +456,21 @@ class Session:
             self.stats.retries += len(self._deferred)
             faults = self._deferred + faults
         self._deferred = [] if batch is None else batch.retry
-        for address in faults:
-            outcome = installer.fault(address)
+        fetching, self._fetching = self._fetching, {}
+        for address in [*fetching, *faults]:
+            try:
+                outcome = installer.fault(address, since=fetching.get(address))
+            except FetchPending:
+                self._fetching.setdefault(address, fetching.get(address, time.monotonic_ns()))
+                continue
             if outcome is RETRY:
                 self._deferred.append(address)
             elif outcome is GONE:
                 self._end("vm exited")
                 return
-        self._retry_at = time.monotonic() + RETRY_POLL if self._deferred else None
+        now = time.monotonic()
+        self._retry_at = (now + RETRY_POLL if self._deferred
+                          else now + FETCH_POLL if self._fetching else None)
 
     def _end(self, reason: str) -> None:
         self.exit_reason = reason
@@ -466,27 +494,33 @@ class Session:
         budget = self.options.batch_bytes
         woken: dict[int, tuple[int, int]] = {}
         more = True
-        while budget > 0:
-            span = self._pending_span or next(self._populate, None)
-            self._pending_span = None
-            if span is None:
-                more = False
-                break
-            region, lo, hi = span
-            installed, resume = installer.install_span(region, lo, hi)
-            self.stats.populated_pages += installed
-            budget -= max(1, installed) * region.page_size
-            if installed:
-                first, last = woken.get(region.base, (lo, hi))
-                woken[region.base] = (min(first, lo), max(last, hi))
-            if resume is not None:
-                self._pending_span = (region, resume, hi)
-                break
-        for region in installer.regions.regions:
-            if region.base in woken:
-                first, last = woken[region.base]
-                size = region.page_size
-                abi.wake(installer.uffd, region.base + first * size, (last - first) * size)
+        try:
+            while budget > 0:
+                span = self._pending_span or next(self._populate, None)
+                self._pending_span = None
+                if span is None:
+                    more = False
+                    break
+                region, lo, hi = span
+                try:
+                    installed, resume = installer.install_span(region, lo, hi)
+                except FetchPending:  # this span again once fetched (what is in stays in)
+                    self._pending_span = span
+                    raise
+                self.stats.populated_pages += installed
+                budget -= max(1, installed) * region.page_size
+                if installed:
+                    first, last = woken.get(region.base, (lo, hi))
+                    woken[region.base] = (min(first, lo), max(last, hi))
+                if resume is not None:
+                    self._pending_span = (region, resume, hi)
+                    break
+        finally:
+            for region in installer.regions.regions:
+                if region.base in woken:
+                    first, last = woken[region.base]
+                    size = region.page_size
+                    abi.wake(installer.uffd, region.base + first * size, (last - first) * size)
         return more
 
     def _drain(self) -> list[int]:

@@ -1,0 +1,109 @@
+"""The host chunk cache's serving mode: a fault server's read never waits on the network. A
+chunk being fetched answers FetchPending (the reactor serves other faults meanwhile), the
+fetch is asked once however often the read is tried, and a failed fetch is reported to the
+next read as one line."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import WAIT, wait_for
+
+from fcsnap.errors import FcsnapError, FetchPending
+from fcsnap.store import ops
+from fcsnap.store.builder import BuildOptions
+from fcsnap.store.chunk_cache import CHUNK, CachedDiff, ChunkCache
+from fcsnap.store.layout import DIFF_RAW
+from fcsnap.store.names import read_vm_pointer
+
+CHUNKS = 3  # of random memory: the raw diff is as large
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("chunks")
+    rng = np.random.default_rng(5)
+    (root / "vm.mem").write_bytes(rng.integers(0, 256, CHUNKS * CHUNK, np.uint8).tobytes())
+    ops.pack(root / "vm.mem", root / "store", BuildOptions(name="vm"))
+    return root / "store" / str(read_vm_pointer(root / "store", "vm"))
+
+
+class GatedStore:
+    """Range reads of the local diff that wait for `gate` (a server that has stopped
+    answering) and count what was asked; `failing`: each read fails instead."""
+
+    def __init__(self, diff: Path, failing: bool = False) -> None:
+        self.diff = diff
+        self.failing = failing
+        self.gate = threading.Event()
+        self.asked: list[int] = []
+
+    def __call__(self, start: int, length: int) -> bytes:
+        self.asked.append(start // CHUNK)
+        if self.failing:
+            raise FcsnapError("cannot fetch s3://b/p/diff within 1s: connection refused")
+        assert self.gate.wait(WAIT)
+        with open(self.diff, "rb") as f:
+            f.seek(start)
+            return f.read(length)
+
+
+def serving(build: Path, tmp_path: Path, store: GatedStore) -> CachedDiff:
+    diff = CachedDiff(build, ChunkCache(tmp_path / "cache"), CHUNKS * CHUNK, store)
+    diff.serving = True
+    return diff
+
+
+def test_a_read_waits_on_no_fetch_and_asks_once(build: Path, tmp_path: Path) -> None:
+    store = GatedStore(build / DIFF_RAW)
+    diff = serving(build, tmp_path, store)
+    for _ in range(3):  # the server answers nothing: each try comes back at once
+        with pytest.raises(FetchPending):
+            diff.source(CHUNK + 8192, 4096)
+    wait_for(lambda: 1 in store.asked, "the fetch to be asked for")
+    assert store.asked.count(1) == 1
+    with pytest.raises(FetchPending):  # several chunks at once: each asked, none waited on
+        diff.addresses(np.array([0, 2 * CHUNK], np.int64))
+    store.gate.set()
+
+    def served() -> bool:
+        try:
+            return diff.source(CHUNK + 8192, 4096) is not None
+        except FetchPending:
+            return False
+
+    wait_for(served, "the chunk to land")
+    want = (build / DIFF_RAW).read_bytes()
+    address = diff.source(CHUNK + 8192, 4096)
+    assert ctypes.string_at(address, 4096) == want[CHUNK + 8192:CHUNK + 12288]
+    assert store.asked.count(1) == 1  # fetched once for all those reads
+
+
+def test_a_failed_fetch_reaches_the_next_read(build: Path, tmp_path: Path) -> None:
+    diff = serving(build, tmp_path, GatedStore(build / DIFF_RAW, failing=True))
+    with pytest.raises(FetchPending):
+        diff.source(0, 4096)
+
+    def failed() -> bool:
+        try:
+            diff.source(0, 4096)
+        except FetchPending:
+            return False
+        except FcsnapError as e:
+            assert "cannot fetch" in str(e) and "\n" not in str(e)
+            return True
+        raise AssertionError("a chunk that never came was served")
+
+    wait_for(failed, "the failure to be reported")
+
+
+def test_a_reader_that_may_wait_gets_the_bytes(build: Path, tmp_path: Path) -> None:
+    """unpack, squash, verify: not serving, the read waits for its fetch."""
+    store = GatedStore(build / DIFF_RAW)
+    diff = CachedDiff(build, ChunkCache(tmp_path / "cache"), CHUNKS * CHUNK, store)
+    threading.Timer(0.2, store.gate.set).start()
+    assert diff.read(2 * CHUNK, 4096) == (build / DIFF_RAW).read_bytes()[2 * CHUNK:][:4096]
