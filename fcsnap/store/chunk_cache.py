@@ -224,6 +224,7 @@ class CachedDiff:
         self.held: dict[int, Buffer] = {}  # the chunks chunk_maps points into
         self.chunk_maps = array("Q", bytes(8 * max(1, -(-self.size // CHUNK))))
         self.ahead: set[int] = set()  # chunks whose fetch ahead was asked for
+        self.landing: set[int] = set()  # chunks being fetched ahead right now
         self.for_reader: set[int] = set()  # chunks a serving read waits on, being fetched
         self.failed: dict[int, str] = {}  # ... whose fetch failed: the next read says why
         self.lock = threading.Lock()
@@ -253,9 +254,21 @@ class CachedDiff:
             self.cache.prefetch(lambda i=index: self._fetched_ahead(i))
 
     def _fetched_ahead(self, index: int) -> None:
-        chunk = self._get(index, keep=False)
-        if chunk and self.serving:
-            self._keep(index, chunk)
+        with self.lock:
+            if index in self.held or index in self.for_reader:
+                return  # a reader's fetch came first
+            self.landing.add(index)
+        try:
+            chunk = self._get(index)
+            if self.serving:
+                self._keep(index, chunk)
+        except FcsnapError as e:  # after retries for the whole --fetch-timeout (or a bad
+            if self.serving:  # block): a serving read of it says so, without a second wait
+                with self.lock:
+                    self.failed[index] = str(e)
+        finally:
+            with self.lock:
+                self.landing.discard(index)
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or offset + length > self.size:
@@ -318,7 +331,10 @@ class CachedDiff:
         if self.serving:
             chunk = self.cache.lookup(self.key, index)
             if chunk is None:
-                self._fetch_for_reader(index)
+                with self.lock:
+                    landing = index in self.landing
+                if not landing:  # (a fetch ahead in flight is mapped as it lands)
+                    self._fetch_for_reader(index)
                 raise FetchPending(f"chunk {index} of build {self.build_dir.name}")
         else:
             chunk = self._get(index)
@@ -345,6 +361,9 @@ class CachedDiff:
 
         def fetch() -> None:
             try:
+                with self.lock:
+                    if index in self.held:  # landed from a fetch ahead meanwhile
+                        return
                 self._keep(index, self._get(index))
             except FcsnapError as e:
                 with self.lock:
@@ -370,18 +389,13 @@ class CachedDiff:
                 self.mapped.popitem(last=False)
         return chunk
 
-    def _get(self, index: int, keep: bool = True) -> Buffer:
+    def _get(self, index: int) -> Buffer:
         start = index * CHUNK
         length = min(CHUNK, self.size - start)
-        try:
-            return self.cache.get(
-                self.key, index, lambda: self.read_range(start, length),
-                lambda data: self._check(start, data),
-            )
-        except FcsnapError:
-            if keep:
-                raise
-            return b""  # a fetch ahead that failed: its reader fetches again and says why
+        return self.cache.get(
+            self.key, index, lambda: self.read_range(start, length),
+            lambda data: self._check(start, data),
+        )
 
     def _check(self, start: int, data: bytes) -> None:
         """Every block of a fetched chunk against the sidecar, before it is used or cached."""
