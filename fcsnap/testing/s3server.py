@@ -10,9 +10,11 @@ AWS_SECRET_ACCESS_KEY) to use a server that is already running, e.g. Ceph's rado
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -119,12 +121,10 @@ def seaweedfs(data_dir: Path) -> Iterator[S3Server]:
         _wait_ready(server, proc, data_dir)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        # Killed, not asked to stop: its data is thrown away, and a graceful stop took 2 s.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
         log.close()
 
 
