@@ -84,19 +84,18 @@ def server_processes(data_dir: Path) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("compression", ["none", "zstd"])
-def test_a_stalled_fetch_holds_up_no_other_vm(
-    compression: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """One reactor serves two VMs: one waits on chunks (or frames) from an S3 server that
-    has stopped answering, the other (its build in the host cache) runs to its end
-    meanwhile; once the server answers again the first gets every byte right too."""
+def test_a_stalled_fetch_holds_up_no_other_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                              ) -> None:
+    """One reactor serves three VMs: two wait on chunks (raw) and frames (zstd) from an S3
+    server that has stopped answering; the third (its build in the host cache) runs to its
+    end meanwhile; once the server answers again the first two get every byte right too."""
     with seaweedfs(tmp_path / "weed") as server:
         bucket = new_bucket(server)
         builds = {}
         # raw: more chunks than a restore fetches at once when it starts (4)
-        cold_mib = 64 if compression == "none" else 16
-        for seed, (name, mib) in enumerate([("cold", cold_mib), ("warm", 16)]):
+        for seed, (name, mib, compression) in enumerate(
+            [("raw", 64, "none"), ("zstd", 16, "zstd"), ("warm", 16, "none")]
+        ):
             mem = memfile(tmp_path, f"{name}.mem", seed=80 + seed, mib=mib)
             fcsnap(bucket, "pack", str(mem), "--store", bucket.url(), "--name", name, "-q",
                    "--compress", compression)
@@ -108,15 +107,15 @@ def test_a_stalled_fetch_holds_up_no_other_vm(
         stopped: list[int] = []
         try:
             served(daemon, builds["warm"], "w0")  # its chunks now in the host cache
-            cold = daemon.restore("cold", "c")
-            warm = daemon.restore("warm", "w1")  # both listening before the server stops
+            cold = {name: daemon.restore(name, name) for name in ("raw", "zstd")}
+            warm = daemon.restore("warm", "w1")  # all listening before the server stops
             stopped = server_processes(tmp_path / "weed")
             assert stopped
             for pid in stopped:
                 os.kill(pid, signal.SIGSTOP)
-            cold_vm = daemon.vm("c", builds["cold"], order="random")
-            time.sleep(0.5)  # it faults on chunks that cannot come now
-            assert cold_vm.poll() is None
+            cold_vms = {name: daemon.vm(name, builds[name], order="random") for name in cold}
+            time.sleep(0.5)  # they fault on chunks and frames that cannot come now
+            assert all(vm.poll() is None for vm in cold_vms.values())
             began = time.monotonic()
             warm_vm = daemon.vm("w1", builds["warm"], order="random")
             assert warm_vm.wait(timeout=WAIT) == 0, warm_vm.communicate()[1]
@@ -124,14 +123,15 @@ def test_a_stalled_fetch_holds_up_no_other_vm(
             report = daemon.report("w1")
             assert report is not None and report["mismatches"] == 0, report
             assert daemon.wait_ended(warm["id"])["exit_reason"] == "vm exited"
-            assert cold_vm.poll() is None  # still waiting on the server
+            assert all(vm.poll() is None for vm in cold_vms.values())  # still waiting
             for pid in stopped:
                 os.kill(pid, signal.SIGCONT)
             stopped = []
-            assert cold_vm.wait(timeout=WAIT) == 0, cold_vm.communicate()[1]
-            report = daemon.report("c")
-            assert report is not None and report["mismatches"] == 0, report
-            assert daemon.wait_ended(cold["id"])["exit_reason"] == "vm exited"
+            for name, vm in cold_vms.items():
+                assert vm.wait(timeout=WAIT) == 0, (name, vm.communicate()[1])
+                report = daemon.report(name)
+                assert report is not None and report["mismatches"] == 0, report
+                assert daemon.wait_ended(cold[name]["id"])["exit_reason"] == "vm exited"
         finally:
             for pid in stopped:
                 os.kill(pid, signal.SIGCONT)
