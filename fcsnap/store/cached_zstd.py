@@ -24,7 +24,7 @@ import numpy as np
 import zstandard
 
 from fcsnap.errors import FcsnapError, FetchPending
-from fcsnap.store.chunk_cache import ChunkCache
+from fcsnap.store.chunk_cache import ChunkCache, ReaderFetches
 from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes, sidecar_pin
 from fcsnap.store.layout import DIFF_ZSTD, HASHES
 from fcsnap.store.manifest import read_manifest
@@ -81,8 +81,7 @@ class CachedZstd:
         self._frames_read = 0
         self._lock = threading.Lock()
         self.nonblocking = False
-        self._for_reader: set[int] = set()  # frames a read waits on, being fetched
-        self._failed: dict[int, str] = {}  # ... whose fetch failed: the next read says why
+        self._for_reader = ReaderFetches(cache)  # frames nonblocking reads wait on
 
     @classmethod
     def open(cls, build_dir: Path, cache: ChunkCache, object_size: int,
@@ -157,29 +156,7 @@ class CachedZstd:
     def _fetch_for_reader(self, index: int, ahead: bool) -> None:
         """Fetch frame `index` for a nonblocking read, once; raise what its fetch failed
         with. `ahead`: then the frames after it too (see read_frame)."""
-        with self._lock:
-            failed = self._failed.pop(index, None)
-            asked = index in self._for_reader
-            self._for_reader.add(index)
-        if failed is not None:
-            with self._lock:
-                self._for_reader.discard(index)
-            raise FcsnapError(failed)
-        if asked:
-            return
-
-        def fetch() -> None:
-            try:
-                self._load(index)
-            except FcsnapError as e:
-                with self._lock:
-                    self._failed[index] = str(e)
-            finally:
-                with self._lock:
-                    self._for_reader.discard(index)
-
-        self.cache.fetch_for_reader(fetch)
-        if ahead:
+        if self._for_reader.ask(index, lambda: self._load(index)) and ahead:
             self._read_ahead(index)
 
     def _load(self, index: int) -> tuple[bytes, bool]:

@@ -177,6 +177,50 @@ class ChunkCache:
             self.used = used
 
 
+class ReaderFetches:
+    """What a fault server's reads wait on (FetchPending): each piece fetched once, on the
+    cache's threads for readers; a fetch that failed is raised to the next read that asks."""
+
+    def __init__(self, cache: ChunkCache) -> None:
+        self.cache = cache
+        self.lock = threading.Lock()
+        self.under_way: set[int] = set()
+        self.failed: dict[int, str] = {}
+
+    def __contains__(self, index: int) -> bool:
+        with self.lock:
+            return index in self.under_way
+
+    def fail(self, index: int, error: FcsnapError) -> None:
+        """A fetch of `index` failed (a reader's, or one ahead): the next read says so."""
+        with self.lock:
+            self.failed[index] = str(error)
+
+    def ask(self, index: int, fetch: Callable[[], object]) -> bool:
+        """Start `fetch` of piece `index` unless one is under way (True: started now); raise
+        what the last fetch of it failed with."""
+        with self.lock:
+            failed = self.failed.pop(index, None)
+            if failed is None and index in self.under_way:
+                return False
+            if failed is None:
+                self.under_way.add(index)
+        if failed is not None:
+            raise FcsnapError(failed)
+
+        def run() -> None:
+            try:
+                fetch()
+            except FcsnapError as e:
+                self.fail(index, e)
+            finally:
+                with self.lock:
+                    self.under_way.discard(index)
+
+        self.cache.fetch_for_reader(run)
+        return True
+
+
 class CachedDiff:
     """A raw diff in object storage read through the chunk cache: what DiffFile is to a local
     diff, for the readers that use `read` (no mapping of the whole diff: `map` is None).
@@ -225,8 +269,7 @@ class CachedDiff:
         self.chunk_maps = array("Q", bytes(8 * max(1, -(-self.size // CHUNK))))
         self.ahead: set[int] = set()  # chunks whose fetch ahead was asked for
         self.landing: set[int] = set()  # chunks being fetched ahead right now
-        self.for_reader: set[int] = set()  # chunks a serving read waits on, being fetched
-        self.failed: dict[int, str] = {}  # ... whose fetch failed: the next read says why
+        self.for_reader = ReaderFetches(cache)  # chunks serving reads wait on
         self.lock = threading.Lock()
 
     def fetch_start(self) -> None:
@@ -264,8 +307,7 @@ class CachedDiff:
                 self._keep(index, chunk)
         except FcsnapError as e:  # after retries for the whole --fetch-timeout (or a bad
             if self.serving:  # block): a serving read of it says so, without a second wait
-                with self.lock:
-                    self.failed[index] = str(e)
+                self.for_reader.fail(index, e)
         finally:
             with self.lock:
                 self.landing.discard(index)
@@ -348,32 +390,15 @@ class CachedDiff:
 
     def _fetch_for_reader(self, index: int) -> None:
         """Fetch chunk `index` for a serving read, once; raise what its fetch failed with."""
-        with self.lock:
-            failed = self.failed.pop(index, None)
-            asked = index in self.for_reader
-            self.for_reader.add(index)
-        if failed is not None:
-            with self.lock:
-                self.for_reader.discard(index)
-            raise FcsnapError(failed)
-        if asked:
-            return
 
         def fetch() -> None:
-            try:
-                with self.lock:
-                    if index in self.held:  # landed from a fetch ahead meanwhile
-                        return
-                self._keep(index, self._get(index))
-            except FcsnapError as e:
-                with self.lock:
-                    self.failed[index] = str(e)
-            finally:
-                with self.lock:
-                    self.for_reader.discard(index)
+            with self.lock:
+                if index in self.held:  # landed from a fetch ahead meanwhile
+                    return
+            self._keep(index, self._get(index))
 
-        self.cache.fetch_for_reader(fetch)
-        self._read_ahead(index)
+        if self.for_reader.ask(index, fetch):
+            self._read_ahead(index)
 
     def _keep(self, index: int, chunk: Buffer) -> Buffer:
         """Serving: keep the chunk mapped while the diff is open, its address in chunk_maps;
