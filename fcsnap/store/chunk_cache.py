@@ -151,7 +151,9 @@ class ChunkCache:
         data = _mapped(path)
         if data is None:
             return None
-        os.utime(path)  # recently used
+        # recently used; evicted by another thread since it was mapped: the mapping holds it
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path)
         self.count(cache_hits=1)
         return data
 
