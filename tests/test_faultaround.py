@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from test_hotpath import GUEST, Served, assert_paths_agree, needs_compiled
 from test_restore import PAGE, SIZE
 
-from fcsnap.errors import FcsnapError
+from fcsnap.errors import FcsnapError, FetchPending
 from fcsnap.options import ADAPTIVE, parse_fault_around
 from fcsnap.uffd import fastpath
 from fcsnap.uffd.faultaround import ADAPTIVE_MAX, STREAMS
@@ -216,3 +216,48 @@ def test_fixed_window_while_recording_records_faulted_pages_only(
     check_served(out, lineage)
     recorded = read_working_set(ws, SIZE)
     assert len(recorded) == out.stats["faults"] < out.stats["pages_served"]
+
+
+def pending_on(served: Served, pending: set[int]) -> None:
+    """Guest pages in `pending` are still being fetched (object storage): a read of any of
+    them answers FetchPending, as the chunk cache does for a fault server."""
+    locate = served.pages.locate
+
+    def waiting(offset: int, length: int):  # noqa: ANN202
+        if pending.intersection(range(offset // PAGE, -(-(offset + length) // PAGE))):
+            raise FetchPending("being fetched")
+        return locate(offset, length)
+
+    served.pages.locate = waiting  # type: ignore[method-assign]
+
+
+def test_a_fault_waiting_on_a_fetch_takes_no_stream_and_no_window(guest) -> None:
+    """Asked again while its bytes are fetched, a fault takes no further stream slot (that
+    would push out other readers' streams) and is served one page; pages of its window still
+    being fetched do not hold up a page that is there."""
+    s = Served(guest, ADAPTIVE, 64 << 20)
+    try:
+        pending: set[int] = set()
+        pending_on(s, pending)
+        read_in_order(s, 0, 64, serve_python)  # one stream, its window grown
+        scattered = PAGES // 2
+        pending.add(scattered)
+        with pytest.raises(FetchPending):
+            s.installer.fault(s.addr + scattered * PAGE)
+        streams = s.state.streams.copy()
+        for _ in range(3 * STREAMS):
+            with pytest.raises(FetchPending):
+                s.installer.fault(s.addr + scattered * PAGE, since=1)
+        assert (s.state.streams == streams).all()
+        pending.clear()
+        served = s.stats.pages_served
+        assert s.installer.fault(s.addr + scattered * PAGE, since=1) is DONE
+        assert s.stats.pages_served == served + 1
+        # the in-order reader goes on: its next window's far pages are not fetched yet
+        nxt = int(np.flatnonzero(~s.state.present[64:])[0]) + 64
+        pending.update(range(nxt + 1, nxt + MOST))
+        assert s.installer.fault(s.addr + nxt * PAGE) is DONE
+        assert s.state.present[nxt] and not s.state.present[nxt + 1:nxt + MOST].any()
+        assert s.page(nxt) == guest.memory[nxt].tobytes()
+    finally:
+        s.close()

@@ -8,6 +8,7 @@ fault-arounds over a removed range (those pages serve zeros, one at a time, when
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import mmap
@@ -20,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fcsnap.errors import FcsnapError
+from fcsnap.errors import FcsnapError, FetchPending
 from fcsnap.options import ADAPTIVE
 from fcsnap.uffd import abi, latency
 from fcsnap.uffd.faultaround import (
@@ -122,14 +123,15 @@ class Installer:
     def fault(self, address: int, since: int | None = None) -> Outcome:
         """Serve one fault, timed into the latency histogram once it is done (a retry is
         timed when it succeeds, as the compiled loop does; one that waited on a fetch, from
-        `since`, when it was first read). FetchPending: its bytes are being fetched."""
+        `since`, when it was first read). FetchPending: its bytes are being fetched; asked
+        again (`since` given), it is served one page, its window chosen the first time."""
         began = since or time.monotonic_ns()
-        outcome = self._serve_fault(address)
+        outcome = self._serve_fault(address, asked_again=since is not None)
         if outcome is DONE:
             latency.observe(self.stats.latency, time.monotonic_ns() - began)
         return outcome
 
-    def _serve_fault(self, address: int) -> Outcome:
+    def _serve_fault(self, address: int, asked_again: bool) -> Outcome:
         region = self.regions.find(address)
         if region is None:
             raise FcsnapError(f"fault at {address:#x} is outside every region the VM sent")
@@ -139,7 +141,8 @@ class Installer:
             return self._install(state, page, page + 1)
         if state.present[page]:
             return self._refault(state, page)
-        w_lo, w_hi = self.window(state, page)
+        # (asked again: choosing once more would take another adaptive stream each time)
+        w_lo, w_hi = (page, page + 1) if asked_again else self.window(state, page)
         lo, hi = self._source_bounds(state, page, w_lo, w_hi)
         if hi - lo > 1:  # the free pages around the faulting one
             blocked = (state.present[lo:hi] | state.removed[lo:hi]).tobytes()
@@ -153,8 +156,10 @@ class Installer:
             # it would take the CPU from the server at once and fault again in the part not
             # yet installed (on a shared core that made 16 KiB windows 4x slower per fault).
             # A vCPU waiting elsewhere in the window is woken when its fault is read.
-            self.install_span(region, w_lo, lo)
-            self.install_span(region, hi, w_hi)
+            # Bytes still being fetched (object storage) hold up only the faulting page.
+            for side_lo, side_hi in ((w_lo, lo), (hi, w_hi)):
+                with contextlib.suppress(FetchPending):
+                    self.install_span(region, side_lo, side_hi)
         result = self._install(state, lo, hi, needed=page)
         if result is not DONE:
             return result

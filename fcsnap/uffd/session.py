@@ -457,7 +457,7 @@ class Session:
             faults = self._deferred + faults
         self._deferred = [] if batch is None else batch.retry
         fetching, self._fetching = self._fetching, {}
-        for address in [*fetching, *faults]:
+        for address in [*fetching, *faults] if fetching else faults:
             try:
                 outcome = installer.fault(address, since=fetching.get(address))
             except FetchPending:
