@@ -25,9 +25,10 @@ directory (cold), and from S3 again with that cache (warm: a second VM on the ho
 stand-in reports the time to its working set and to all memory; median of --repeat. Each
 round runs the cold ways first; then local and warm take --repeat more turns from the last
 round's cache with no cold restore between (a second VM once the host's fetching is over).
-Results go to bench/results/s3-<compression>.{md,json} (s3-corpus-<compression>.* with --corpus).
+Results go to bench/results/s3-<compression>.{md,json} (s3-corpus-<compression>.* with --corpus;
+-pinned added with --pin).
 
-    python bench/s3.py [--size 256M | --corpus [DIR]] [--compress none|zstd] [--repeat 3]
+    python bench/s3.py [--size 256M | --corpus [DIR]] [--compress none|zstd] [--repeat 3] [--pin 0]
 """
 
 from __future__ import annotations
@@ -118,9 +119,13 @@ def guest(args: argparse.Namespace, tmp: Path) -> tuple[Path, int, dict | None]:
     return mem, size, None
 
 
+PIN: list[str] = []  # --pin CPU: the command prefix that runs restore and stand-in on it
+
+
 def restore_once(work: Path, build: str, store: str, extra: list[str], size: int,
                  touch: float = 1.0) -> dict:
-    """One restore and one stand-in; the stand-in's times and the server's stats."""
+    """One restore and one stand-in (both on one core with --pin); the stand-in's times and
+    the server's stats."""
     sock, stats, report = work / "uffd.sock", work / "stats.json", work / "vm.json"
     # Every way starts from the same quiet machine: the cache files a cold run just wrote are
     # on disk, not being written back under the next run.
@@ -129,7 +134,7 @@ def restore_once(work: Path, build: str, store: str, extra: list[str], size: int
     for path in (stats, report):
         path.unlink(missing_ok=True)
     server = subprocess.Popen(
-        [sys.executable, "-m", "fcsnap", "restore", "--vm", build, "--store", store,
+        [*PIN, sys.executable, "-m", "fcsnap", "restore", "--vm", build, "--store", store,
          "--socket", str(sock), "--stats", str(stats), "--quiet", *extra],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
@@ -138,8 +143,9 @@ def restore_once(work: Path, build: str, store: str, extra: list[str], size: int
         if server.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"restore did not listen: {server.stderr.read().decode()}")
         time.sleep(0.005)
-    vm = firecracker.spawn(sock, report=report, threads=2, ws_fraction=0.1, seed=3, size=size,
-                           verify_bytes=False, deadline=120, touch=touch)
+    vm = subprocess.Popen([*PIN, *firecracker.command(
+        sock, report=report, threads=2, ws_fraction=0.1, seed=3, size=size, verify_bytes=False,
+        deadline=120, touch=touch)])
     vm_status = vm.wait(timeout=180)
     _, err = server.communicate(timeout=60)
     if vm_status or server.returncode:
@@ -208,7 +214,12 @@ def main() -> None:
                         help="pack and serve the real guest of bench/corpus.py: its cached "
                         "256 MiB corpus, or the corpus in DIR (--size is then the corpus's); "
                         "synthetic memory when none is cached")
+    parser.add_argument("--pin", metavar="CPU",
+                        help="run each restore and its stand-in on this CPU (taskset -c): "
+                        "cross-core wakeups are slow on some VMs; the S3 server is not pinned")
     args = parser.parse_args()
+    if args.pin is not None:
+        PIN[:] = ["taskset", "-c", args.pin]
     options = BuildOptions(compression=args.compress)
     with tempfile.TemporaryDirectory(prefix="fcsnap-bench-s3-") as tmp_text:
         tmp = Path(tmp_text)
@@ -277,11 +288,13 @@ def main() -> None:
         "fetch_whole_diff_s": round(fetch_s, 3),
         "cpus": os.cpu_count(),
         "load_average": os.getloadavg(),
+        "pinned_cpu": args.pin,
     }
     cores = os.cpu_count() or 1
     floor = (t_s3.client_cpu + t_s3.server_cpu) / cores
     result["s3_best_possible_vs_upload"] = round(t_upload.seconds / max(floor, t_local.seconds), 3)
     stem = f"s3-corpus-{args.compress}" if corpus else f"s3-{args.compress}"
+    stem += "-pinned" if args.pin is not None else ""
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     what = (f"the real guest {corpus['file']} of {corpus['path']}" if corpus
@@ -303,7 +316,8 @@ def main() -> None:
         f"{t_upload.seconds / max(floor, t_local.seconds):.2f}x",
         "",
         f"restore of {what}, median of {args.repeat} (stand-in: 2 threads, a 10% working set, "
-        "then all)",
+        "then all; " + (f"restore and stand-in on CPU {args.pin})" if args.pin is not None
+                        else "not pinned)"),
         "",
         "| from | working set s | all memory s | x local (ws / all) | fetched MiB |",
         "|---|---:|---:|---:|---:|",

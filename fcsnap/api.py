@@ -369,7 +369,7 @@ def restore(
     firecracker_api: PathLike | None = None, vmstate: PathLike | None = None,
     track_dirty_pages: bool = False, api_timeout: float = 30.0,
     cache_dir: PathLike | None = None, cache_size: int | str = "10G",
-    fetch_timeout: float = 30.0,
+    fetch_timeout: float = 30.0, lazy_fetch: bool = False,
     on_listening: Callable[[Path], None] | None = None,
     on_loaded: Callable[[Response], None] | None = None, **options: Any,
 ) -> Served:
@@ -381,7 +381,8 @@ def restore(
     Firecracker's API socket is asked to load the snapshot from us once we listen; a load it
     refuses raises FcsnapError (the VM is killed if it connected). A build in an S3 store is
     served through the host chunk cache at `cache_dir` (at most `cache_size`), each fetch
-    allowed `fetch_timeout` seconds with its retries."""
+    allowed `fetch_timeout` seconds with its retries; the rest of its raw diff is fetched in
+    the background unless `lazy_fetch`."""
     from fcsnap.restore_options import check_restore
     from fcsnap.store.stores import add_fetch_stats, open_store, serve_source
     from fcsnap.uffd.server import FaultServer, ServeOptions
@@ -398,7 +399,8 @@ def restore(
         store = open_store(str(store), fetch_timeout)
     size = parse_cache_size(cache_size)
     build_dir, fetched = serve_source(
-        str(build), store, None if cache_dir is None else Path(cache_dir), size, fetch_timeout
+        str(build), store, None if cache_dir is None else Path(cache_dir), size, fetch_timeout,
+        lazy_fetch,
     )
     socket = Path(socket)
     load = checked.snapshot_load(build_dir, socket)

@@ -273,6 +273,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         record_ws=args.record_ws, prefetch_ws=args.prefetch_ws, populate=args.populate,
         eager=args.eager, access=_socket_access(args), cache_dir=args.cache_dir,
         cache_size=args.cache_size, fetch_timeout=args.fetch_timeout,
+        lazy_fetch=args.lazy_fetch,
     )
     if not quiet:
         from fcsnap.units import format_bytes
@@ -326,7 +327,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from fcsnap.store.stores import open_store
 
         cache = ChunkCache(args.cache_dir or default_cache_dir(),
-                           parse_cache_size(args.cache_size))
+                           parse_cache_size(args.cache_size), fetch_whole=not args.lazy_fetch)
         store = RemoteBuilds(open_store(args.store, args.fetch_timeout), cache,
                              args.fetch_timeout)
     if args.reactors is not None and args.reactors < 1:
@@ -829,6 +830,9 @@ def _add_fetch_options(sub: argparse.ArgumentParser) -> None:
     add("--fetch-timeout", type=float, default=30.0, metavar="SECONDS",
         help="S3 stores: seconds a fetch may take, retries included; then the VM is killed "
              "(30).")
+    add("--lazy-fetch", action="store_true",
+        help="S3 stores: fetch only what faults, fault-around and --prefetch-ws read (by "
+             "default the rest of the build's own raw diff follows in the background).")
 
 
 def _add_socket_access(sub: argparse.ArgumentParser, what: str, verb: str) -> None:

@@ -16,7 +16,7 @@ from helpers import WAIT, wait_for
 from fcsnap.errors import FcsnapError, FetchPending
 from fcsnap.store import ops
 from fcsnap.store.builder import BuildOptions
-from fcsnap.store.chunk_cache import CHUNK, CachedDiff, ChunkCache
+from fcsnap.store.chunk_cache import BACKGROUND, CHUNK, CachedDiff, ChunkCache, FetchPool
 from fcsnap.store.layout import DIFF_RAW
 from fcsnap.store.names import read_vm_pointer
 
@@ -107,3 +107,58 @@ def test_a_reader_that_may_wait_gets_the_bytes(build: Path, tmp_path: Path) -> N
     diff = CachedDiff(build, ChunkCache(tmp_path / "cache"), CHUNKS * CHUNK, store)
     threading.Timer(0.2, store.gate.set).start()
     assert diff.read(2 * CHUNK, 4096) == (build / DIFF_RAW).read_bytes()[2 * CHUNK:][:4096]
+
+
+def test_background_fetches_wait_for_every_other_fetch() -> None:
+    """A whole diff fetched in the background never competes with what a working set or a
+    reader asks for: it starts only when no other fetch waits or runs, BACKGROUND at most."""
+    pool = FetchPool(8)
+    release = threading.Event()
+    lock = threading.Lock()
+    running = {"asked": 0, "background": 0}
+    started: list[str] = []
+    overlaps: list[str] = []
+
+    def work(name: str, background: bool) -> None:
+        key = "background" if background else "asked"
+        with lock:
+            started.append(name)
+            if background and running["asked"]:
+                overlaps.append(f"{name} began while an asked fetch ran")
+            running[key] += 1
+            if running["background"] > BACKGROUND:
+                overlaps.append(f"{running['background']} background fetches at once")
+        if not background:
+            assert release.wait(WAIT)
+        with lock:
+            running[key] -= 1
+
+    pool.run(lambda: work("asked 1", False))
+    for i in range(5):
+        pool.run(lambda i=i: work(f"background {i}", True), background=True)
+    pool.run(lambda: work("asked 2", False))
+    wait_for(lambda: len(started) == 2, "both asked fetches to start")
+    assert sorted(started) == ["asked 1", "asked 2"]
+    release.set()
+    wait_for(lambda: len(started) == 7 and not any(running.values()), "the background")
+    assert overlaps == []
+
+
+def test_a_head_diff_is_fetched_whole_in_the_background(build: Path, tmp_path: Path) -> None:
+    store = GatedStore(build / DIFF_RAW)
+    store.gate.set()
+    diff = serving(build, tmp_path, store)
+    diff.fetch_rest()
+    wait_for(lambda: all(diff.chunk_maps), "every chunk to land")
+    assert sorted(store.asked) == list(range(CHUNKS))  # each once
+    want = (build / DIFF_RAW).read_bytes()
+    assert ctypes.string_at(diff.source(2 * CHUNK, 4096), 4096) == want[2 * CHUNK:][:4096]
+
+
+def test_a_diff_the_cache_cannot_hold_is_not_fetched_whole(build: Path, tmp_path: Path) -> None:
+    store = GatedStore(build / DIFF_RAW)
+    diff = CachedDiff(build, ChunkCache(tmp_path / "cache", limit_bytes=CHUNKS * CHUNK),
+                      CHUNKS * CHUNK, store)
+    diff.serving = True
+    diff.fetch_rest()
+    assert not diff.cache.ahead.background and store.asked == []

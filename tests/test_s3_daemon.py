@@ -102,8 +102,11 @@ def test_a_stalled_fetch_holds_up_no_other_vm(tmp_path: Path, monkeypatch: pytes
             builds[name] = Build(name, "", mem)
         for key, value in server.env().items():
             monkeypatch.setenv(key, value)
+        # --lazy-fetch: the cold builds' chunks are not fetched in the background before the
+        # server stops, so their VMs' faults are what waits on it
         daemon = Daemon(bucket.url(), tmp_path, "--cache-dir",  # type: ignore[arg-type]
-                        str(tmp_path / "cache"), "--fetch-timeout", str(WAIT), "--reactors", "1")
+                        str(tmp_path / "cache"), "--fetch-timeout", str(WAIT), "--reactors", "1",
+                        "--lazy-fetch")
         stopped: list[int] = []
         try:
             served(daemon, builds["warm"], "w0")  # its chunks now in the host cache

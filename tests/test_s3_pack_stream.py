@@ -5,6 +5,7 @@ flight) and must store exactly what a local pack stores: the same diff bytes, si
 from __future__ import annotations
 
 import json
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -107,3 +108,21 @@ def test_payload_signing_follows_the_transport(
         monkeypatch.setenv("AWS_UNSIGNED_PAYLOAD", variable)
     config = _config(parse_s3_url("s3://bucket/p"))
     assert config.get("unsigned_payload", False) is unsigned
+
+
+def test_a_diff_is_stored_as_sent_not_recompressed_by_the_server(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    """SeaweedFS gzips every chunk of a body sent without a type whose first bytes compress
+    (guest memory's do), and then inflates whole chunks to answer each range GET: fcsnap names
+    a type on every request, multipart parts included, so its diffs are stored as sent."""
+    if not bucket.server.filer:
+        pytest.skip("only SeaweedFS's filer shows how an object is stored (not this server)")
+    mem = tmp_path / "mem"  # 24 MiB of distinct pages that compress, as guest memory does
+    mem.write_bytes(b"".join(((b"page %08d " % i) * 293)[:4096] for i in range(6144)))
+    build = pack(bucket, mem, bucket.url(), "--compress", "none")
+    url = f"{bucket.server.filer}/buckets/{bucket.name}/snaps/{build}/memfile.diff?metadata=true"
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+        chunks = json.load(response)["chunks"]
+    assert sum(c["size"] for c in chunks) > PART_SIZE  # the diff went up in parts
+    assert [c for c in chunks if c.get("is_compressed")] == []

@@ -9,13 +9,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import obstore
 import pytest
-from helpers import PAGE, WAIT, Lineage, Procs, check_served, fcsnap
+from helpers import PAGE, WAIT, Lineage, Procs, check_served, fcsnap, wait_for
 from s3_helpers import Bucket, new_bucket, restore_from
 from test_restore import KILLED, make_lineage
 
 from fcsnap.store.cached_zstd import TAIL_GUESS
+from fcsnap.store.chunk_cache import AHEAD, CHUNK
 from fcsnap.testing import firecracker
 from fcsnap.testing.s3server import seaweedfs
 
@@ -150,3 +152,36 @@ def test_a_zstd_lineage_is_served_from_s3(bucket: Bucket, procs: Procs, tmp_path
     tables = len(lineage.builds) * TAIL_GUESS
     assert stored <= out.stats["fetched_bytes"] <= stored + tables
     assert out.stats["cache_misses"] == out.stats["fetch_requests"] > len(lineage.builds)
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["whole", "lazy"])
+def test_a_cold_restore_fetches_the_rest_of_its_diff_behind_the_guest(
+    bucket: Bucket, procs: Procs, tmp_path: Path, lazy: bool
+) -> None:
+    """By default the head's raw diff lands whole in the host cache while a guest that reads
+    little of it runs; with --lazy-fetch only what it reads (and reads ahead) is fetched."""
+    chunks = 16
+    mem = tmp_path / "vm.mem"  # random pages: a diff as large
+    mem.write_bytes(np.random.default_rng(43).integers(0, 256, chunks * CHUNK, np.uint8).tobytes())
+    pushed = fcsnap("pack", mem, "--store", bucket.url(), "--name", "vm", "--json",
+                    env=bucket.env)
+    assert pushed.returncode == 0, pushed.stderr
+    build = json.loads(pushed.stdout)["build_id"]
+    cache = tmp_path / "cache"
+
+    def cached() -> int:
+        return sum(1 for d in cache.glob(f"{build}-*") for p in d.iterdir()
+                   if not p.name.startswith("."))
+
+    server = serve(procs, bucket, "vm", cache, *(["--lazy-fetch"] if lazy else []))
+    # the guest reads one page; it then lives on, lazily 1 s (the whole diff lands in 0.2 s)
+    vm = procs.vm(size=chunks * CHUNK, touch=1 / 16384, verify_bytes=False,
+                  hold=1 if lazy else WAIT)
+    if lazy:
+        out = procs.outcome(server, vm)
+        assert out.status == 0 and out.vm_status == 0, out
+        # the first AHEAD (at listen), the one read and the AHEAD after it
+        assert cached() <= 2 * AHEAD + 1 and out.stats["fetched_bytes"] < chunks * CHUNK
+    else:
+        wait_for(lambda: cached() == chunks, "every chunk of the diff in the cache")
+        vm.kill()

@@ -24,7 +24,7 @@ import numpy as np
 import zstandard
 
 from fcsnap.errors import FcsnapError, FetchPending
-from fcsnap.store.chunk_cache import ChunkCache, ReaderFetches
+from fcsnap.store.chunk_cache import Buffer, ChunkCache, ReaderFetches
 from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes, sidecar_pin
 from fcsnap.store.layout import DIFF_ZSTD, HASHES
 from fcsnap.store.manifest import read_manifest
@@ -141,10 +141,11 @@ class CachedZstd:
         data = self.decompressed.get((self._id, index))
         if data is not None:
             return data
-        if self.nonblocking and self.cache.lookup(self.key, index) is None:
+        cached = self.cache.lookup(self.key, index) if self.nonblocking else None
+        if self.nonblocking and cached is None:
             self._fetch_for_reader(index, streaming or wide)
             raise FetchPending(f"zstd frame {index} of build {self.build_dir.name}")
-        data, fetched = self._load(index)
+        data, fetched = self._load(index, cached)
         if fetched and (streaming or wide):
             self._read_ahead(index)
         return data
@@ -159,20 +160,21 @@ class CachedZstd:
         if self._for_reader.ask(index, lambda: self._load(index)) and ahead:
             self._read_ahead(index)
 
-    def _load(self, index: int) -> tuple[bytes, bool]:
-        """Frame `index` from the host cache, or fetched and checked (then True), decompressed
-        and kept in the FrameCache."""
+    def _load(self, index: int, cached: Buffer | None = None) -> tuple[bytes, bool]:
+        """Frame `index` from the host cache (`cached`: mapped from it already), or fetched
+        and checked (then True), decompressed and kept in the FrameCache."""
         frame = self.frames[index]
         checked: list[bytes] = []
-        raw = self.cache.get(
+        raw = cached if cached is not None else self.cache.get(
             self.key, index,
             lambda: self.read_range(frame.compressed_offset, frame.compressed_size),
             lambda fetched: checked.append(self._checked(index, fetched)),
         )
-        # a frame from the host cache was checked when fetched (by a fetch ahead, which may
-        # have decompressed it already); its checksum still catches a damaged cache file
+        # a frame from the host cache was checked block by block when fetched (by a fetch
+        # ahead, which may have decompressed it already): from then on it is trusted as a
+        # local store's diff is (written whole or not at all; --verify re-hashes each block)
         data = (checked[0] if checked else self.decompressed.get((self._id, index))
-                or self._decompress(index, raw, verify_checksum=True))
+                or self._decompress(index, raw, verify_checksum=False))
         self.decompressed.put((self._id, index), data)
         return data, bool(checked)
 
@@ -183,6 +185,8 @@ class CachedZstd:
             self._started.add(index)
 
         def fetch() -> None:
+            if self.cache.holds(self.key, index):
+                return  # nothing to fetch: decompressing it here too would race its reader
             with contextlib.suppress(FcsnapError):  # its reader fetches again and says why
                 self._load(index)
 

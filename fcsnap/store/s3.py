@@ -31,6 +31,12 @@ RETRY_TIMEOUT = datetime.timedelta(seconds=15)
 MAX_RETRIES = 4
 PART_SIZE = 8 << 20  # multipart part size: big enough for throughput
 PARTS_IN_FLIGHT = 4  # parts uploading at once (memory: this many parts and one filling)
+# Sent on every request, multipart parts included (which carry no object attributes): a
+# server that compresses what it cannot name (SeaweedFS gzips every chunk of a body sent
+# without a type, or as application/octet-stream, when its first 128 bytes compress) then
+# stores diffs as they are. Measured here: a gzipped raw diff made each 4 MiB range GET 3.5x
+# slower (the server inflates the chunk) and its upload 30% slower.
+CONTENT_TYPE = "application/x-fcsnap"
 # Credentials a deployment may hand over other than by keys in the environment (obstore then
 # finds them); without any of these and without keys, a command fails at once instead of
 # waiting on instance metadata that is not there.
@@ -173,6 +179,7 @@ class S3Objects:
                 config=config,
                 client_options={
                     "allow_http": endpoint.startswith("http://"),
+                    "default_headers": {"Content-Type": CONTENT_TYPE},
                     "connect_timeout": CONNECT_TIMEOUT,
                     "timeout": REQUEST_TIMEOUT if timeout is None else f"{timeout}s",
                 },

@@ -148,7 +148,7 @@ def collect(
 
 def serve_source(
     arg: str, store: Store | None, cache_dir: Path | None, cache_size: int,
-    fetch_timeout: float,
+    fetch_timeout: float, lazy_fetch: bool = False,
 ) -> tuple[Path, FetchStats | None]:
     """restore's BUILD: a local build, or a build in object storage whose raw diffs are read
     on demand through the host chunk cache (raw in 4 MiB chunks, zstd frame by frame). Returns
@@ -158,7 +158,7 @@ def serve_source(
     if not isinstance(store, RemoteStore):
         return resolve(arg, store), None
     head = mirror_for_serving(store, arg)
-    cache = ChunkCache(cache_dir or default_cache_dir(), cache_size)
+    cache = ChunkCache(cache_dir or default_cache_dir(), cache_size, fetch_whole=not lazy_fetch)
     read_through(store, head, cache, fetch_timeout, serving=True)
     return head, cache.stats
 
@@ -214,6 +214,8 @@ def read_through(
         raw.serving = serving
         if build_dir.name == head.name:
             raw.fetch_start()
+            if serving and cache.fetch_whole:
+                raw.fetch_rest()
         return raw  # type: ignore[return-value]  (DiffFile's reading interface)
 
     open_diffs_with(store.mirror, opener)

@@ -40,6 +40,7 @@ class S3Server:
     access_key: str
     secret_key: str
     region: str = "us-east-1"
+    filer: str = ""  # SeaweedFS's filer API (how it stores each object); "" elsewhere
 
     def env(self) -> dict[str, str]:
         """The AWS variables fcsnap (like any AWS tool) reads for this server."""
@@ -104,7 +105,7 @@ def seaweedfs(data_dir: Path) -> Iterator[S3Server]:
     }]}))
     ports = dict(zip(PORT_OPTIONS, free_ports(len(PORT_OPTIONS)), strict=True))
     server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", server.access_key,
-                      server.secret_key)
+                      server.secret_key, filer=f"http://127.0.0.1:{ports['filer.port']}")
     (data_dir / "logs").mkdir(exist_ok=True)
     command = [
         weed, f"-logdir={data_dir / 'logs'}", "mini", f"-dir={data_dir / 'data'}",
