@@ -381,8 +381,8 @@ def restore(
     Firecracker's API socket is asked to load the snapshot from us once we listen; a load it
     refuses raises FcsnapError (the VM is killed if it connected). A build in an S3 store is
     served through the host chunk cache at `cache_dir` (at most `cache_size`), each fetch
-    allowed `fetch_timeout` seconds with its retries; the rest of its raw diff is fetched in
-    the background unless `lazy_fetch`."""
+    allowed `fetch_timeout` seconds with its retries; the rest of what it reads of raw diffs is
+    fetched in the background unless `lazy_fetch`."""
     from fcsnap.restore_options import check_restore
     from fcsnap.store.stores import add_fetch_stats, open_store, serve_source
     from fcsnap.uffd.server import FaultServer, ServeOptions

@@ -327,7 +327,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from fcsnap.store.stores import open_store
 
         cache = ChunkCache(args.cache_dir or default_cache_dir(),
-                           parse_cache_size(args.cache_size), fetch_whole=not args.lazy_fetch)
+                           parse_cache_size(args.cache_size), fetch_rest=not args.lazy_fetch)
         store = RemoteBuilds(open_store(args.store, args.fetch_timeout), cache,
                              args.fetch_timeout)
     if args.reactors is not None and args.reactors < 1:
@@ -832,7 +832,8 @@ def _add_fetch_options(sub: argparse.ArgumentParser) -> None:
              "(30).")
     add("--lazy-fetch", action="store_true",
         help="S3 stores: fetch only what faults, fault-around and --prefetch-ws read (by "
-             "default the rest of the build's own raw diff follows in the background).")
+             "default the rest of what the build reads of its raw diffs follows in the "
+             "background).")
 
 
 def _add_socket_access(sub: argparse.ArgumentParser, what: str, verb: str) -> None:

@@ -144,15 +144,20 @@ def test_background_fetches_wait_for_every_other_fetch() -> None:
     assert overlaps == []
 
 
-def test_a_head_diff_is_fetched_whole_in_the_background(build: Path, tmp_path: Path) -> None:
+def test_what_a_build_reads_is_fetched_in_the_background(build: Path, tmp_path: Path) -> None:
+    """Every chunk holding bytes the served memory maps to, each once; no other chunk (an
+    ancestor's diff holds much its head no longer reads)."""
     store = GatedStore(build / DIFF_RAW)
     store.gate.set()
     diff = serving(build, tmp_path, store)
-    diff.fetch_rest()
-    wait_for(lambda: all(diff.chunk_maps), "every chunk to land")
-    assert sorted(store.asked) == list(range(CHUNKS))  # each once
+    diff.fetch_rest(np.array([8192, 2 * CHUNK + 4096]), np.array([12288, 2 * CHUNK + 8192]))
+    wait_for(lambda: diff.chunk_maps[0] and diff.chunk_maps[2], "chunks 0 and 2 to land")
+    assert sorted(store.asked) == [0, 2] and not diff.chunk_maps[1]
     want = (build / DIFF_RAW).read_bytes()
     assert ctypes.string_at(diff.source(2 * CHUNK, 4096), 4096) == want[2 * CHUNK:][:4096]
+    diff.fetch_rest(np.array([0]), np.array([CHUNKS * CHUNK]))  # all of it: the one missing
+    wait_for(lambda: all(diff.chunk_maps), "every chunk to land")
+    assert sorted(store.asked) == list(range(CHUNKS))
 
 
 def test_a_diff_the_cache_cannot_hold_is_not_fetched_whole(build: Path, tmp_path: Path) -> None:
@@ -160,5 +165,8 @@ def test_a_diff_the_cache_cannot_hold_is_not_fetched_whole(build: Path, tmp_path
     diff = CachedDiff(build, ChunkCache(tmp_path / "cache", limit_bytes=CHUNKS * CHUNK),
                       CHUNKS * CHUNK, store)
     diff.serving = True
-    diff.fetch_rest()
+    diff.fetch_rest(np.array([0]), np.array([CHUNKS * CHUNK]))
     assert not diff.cache.ahead.background and store.asked == []
+    diff.fetch_rest(np.array([0]), np.array([4096]))  # a chunk of it: fine
+    wait_for(lambda: store.asked == [0], "its one chunk to be asked for")
+    store.gate.set()

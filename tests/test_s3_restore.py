@@ -128,7 +128,9 @@ def test_a_dead_server_kills_the_vm_within_the_fetch_timeout(
     with seaweedfs(tmp_path / "weed") as server:
         own = new_bucket(server)
         build = push(own, raw_lineage)
-        restore = serve(procs, own, build, tmp_path / "cache", "--fetch-timeout", "1")
+        # --lazy-fetch: nothing is fetched in the background before the server goes
+        restore = serve(procs, own, build, tmp_path / "cache", "--fetch-timeout", "1",
+                        "--lazy-fetch")
         deadline = time.monotonic() + WAIT
         while not procs.socket.exists():
             assert time.monotonic() < deadline and restore.poll() is None
@@ -154,12 +156,12 @@ def test_a_zstd_lineage_is_served_from_s3(bucket: Bucket, procs: Procs, tmp_path
     assert out.stats["cache_misses"] == out.stats["fetch_requests"] > len(lineage.builds)
 
 
-@pytest.mark.parametrize("lazy", [False, True], ids=["whole", "lazy"])
-def test_a_cold_restore_fetches_the_rest_of_its_diff_behind_the_guest(
-    bucket: Bucket, procs: Procs, tmp_path: Path, lazy: bool
+def test_a_lazy_restore_fetches_only_what_the_guest_reads(
+    bucket: Bucket, procs: Procs, tmp_path: Path
 ) -> None:
-    """By default the head's raw diff lands whole in the host cache while a guest that reads
-    little of it runs; with --lazy-fetch only what it reads (and reads ahead) is fetched."""
+    """With --lazy-fetch, a guest that reads one page and lives on has no more fetched than
+    that page's chunk, the chunks after it and those fetched at listen (by default all of
+    them land: the next test)."""
     chunks = 16
     mem = tmp_path / "vm.mem"  # random pages: a diff as large
     mem.write_bytes(np.random.default_rng(43).integers(0, 256, chunks * CHUNK, np.uint8).tobytes())
@@ -168,20 +170,42 @@ def test_a_cold_restore_fetches_the_rest_of_its_diff_behind_the_guest(
     assert pushed.returncode == 0, pushed.stderr
     build = json.loads(pushed.stdout)["build_id"]
     cache = tmp_path / "cache"
+    server = serve(procs, bucket, "vm", cache, "--lazy-fetch")
+    # the guest reads one page, then lives 1 s on (a whole diff lands in 0.2 s)
+    vm = procs.vm(size=chunks * CHUNK, touch=1 / 16384, verify_bytes=False, hold=1)
+    out = procs.outcome(server, vm)
+    assert out.status == 0 and out.vm_status == 0, out
+    cached = [p for d in cache.glob(f"{build}-*") for p in d.iterdir()
+              if not p.name.startswith(".")]
+    # the first AHEAD (at listen), the one read and the AHEAD after it
+    assert len(cached) <= 2 * AHEAD + 1 and out.stats["fetched_bytes"] < chunks * CHUNK
 
-    def cached() -> int:
-        return sum(1 for d in cache.glob(f"{build}-*") for p in d.iterdir()
-                   if not p.name.startswith("."))
 
-    server = serve(procs, bucket, "vm", cache, *(["--lazy-fetch"] if lazy else []))
-    # the guest reads one page; it then lives on, lazily 1 s (the whole diff lands in 0.2 s)
-    vm = procs.vm(size=chunks * CHUNK, touch=1 / 16384, verify_bytes=False,
-                  hold=1 if lazy else WAIT)
-    if lazy:
-        out = procs.outcome(server, vm)
-        assert out.status == 0 and out.vm_status == 0, out
-        # the first AHEAD (at listen), the one read and the AHEAD after it
-        assert cached() <= 2 * AHEAD + 1 and out.stats["fetched_bytes"] < chunks * CHUNK
-    else:
-        wait_for(lambda: cached() == chunks, "every chunk of the diff in the cache")
-        vm.kill()
+def test_the_chunks_a_lineage_reads_are_fetched_behind_the_guest(
+    bucket: Bucket, procs: Procs, tmp_path: Path
+) -> None:
+    """The background fetch covers ancestors too: of gen0's diff, the chunks the head still
+    reads, and no other."""
+    rng = np.random.default_rng(44)
+    gen0 = rng.integers(0, 256, 6 * CHUNK, np.uint8)
+    gen1 = gen0.copy()
+    gen1[:2 * CHUNK] = rng.integers(0, 256, 2 * CHUNK, np.uint8)  # gen0's chunks 0-1: unread
+    ids = []
+    for name, mem, command in (("gen0", gen0, ("pack",)), ("gen1", gen1, ("diff", "--base", "vm"))):
+        (tmp_path / name).write_bytes(mem.tobytes())
+        made = fcsnap(command[0], tmp_path / name, *command[1:], "--store", bucket.url(),
+                      "--name", "vm", "--json", env=bucket.env)
+        assert made.returncode == 0, made.stderr
+        ids.append(json.loads(made.stdout)["build_id"])
+    cache = tmp_path / "cache"
+
+    def cached() -> dict[str, list[str]]:
+        return {build: sorted(p.name for d in cache.glob(f"{build}-*") for p in d.iterdir()
+                              if not p.name.startswith(".")) for build in ids}
+
+    server = serve(procs, bucket, "vm", cache)
+    vm = procs.vm(size=6 * CHUNK, touch=1 / 6144, verify_bytes=False, hold=WAIT)
+    want = {ids[0]: [f"{i:08d}" for i in (2, 3, 4, 5)], ids[1]: ["00000000", "00000001"]}
+    wait_for(lambda: cached() == want, f"the cache to hold {want}")
+    vm.kill()
+    server.wait(timeout=WAIT)

@@ -86,10 +86,10 @@ class ChunkCache:
     limit_bytes: int = DEFAULT_SIZE
     stats: FetchStats = field(default_factory=FetchStats)
     in_flight: int = IN_FLIGHT
-    # A raw head diff opened for serving is then fetched whole, behind every other fetch
+    # What a served build reads of raw diffs is fetched behind every other fetch
     # (CachedDiff.fetch_rest): the guest's later faults find its chunks here. False
     # (restore/serve --lazy-fetch): only what faults, fault-around and prefetch read.
-    fetch_whole: bool = True
+    fetch_rest: bool = True
     counting: threading.Lock = field(default_factory=threading.Lock)  # stats and `used`
 
     def __post_init__(self) -> None:
@@ -288,15 +288,23 @@ class CachedDiff:
         handshake, and the VM takes a while to connect."""
         self.fetch_chunks(range(min(AHEAD, -(-self.size // CHUNK))))
 
-    def fetch_rest(self) -> None:
-        """Queue every chunk of the diff for fetching in the background, in storage order,
-        behind every fetch a reader or a working set asks for (see FetchPool): a cold host then
-        has all of a head's diff (every block of which its guest reads) at the pace of the
-        store, not of the guest's faults. Not for a diff the cache could not hold: it would
-        evict its own chunks."""
-        if self.size > self.cache.limit_bytes // 2:
+    def fetch_rest(self, starts: np.ndarray, ends: np.ndarray) -> None:
+        """Queue every chunk holding diff bytes [starts[i], ends[i]) (what the served build's
+        memory maps to) for fetching in the background, in storage order, behind every fetch
+        a reader or a working set asks for (see FetchPool): a cold host then has all of it at
+        the pace of the store, not of the guest's faults. Only while serving with the
+        cache's `fetch_rest`, and not more than half the cache holds (it would evict its
+        own chunks)."""
+        if not (self.serving and self.cache.fetch_rest):
             return
-        for index in range(-(-self.size // CHUNK)):
+        count = -(-self.size // CHUNK)
+        edges = np.zeros(count + 1, np.int64)  # +1 where a range starts, -1 past its end
+        np.add.at(edges, starts >> CHUNK_SHIFT, 1)
+        np.add.at(edges, ((ends - 1) >> CHUNK_SHIFT) + 1, -1)
+        needed = np.flatnonzero(np.cumsum(edges[:-1]) > 0)
+        if len(needed) * CHUNK > self.cache.limit_bytes // 2:
+            return
+        for index in needed.tolist():
             self.cache.prefetch(lambda i=index: self._fetched_ahead(i), background=True)
 
     def fetch_extent(self, storage: np.ndarray) -> None:

@@ -158,7 +158,7 @@ def serve_source(
     if not isinstance(store, RemoteStore):
         return resolve(arg, store), None
     head = mirror_for_serving(store, arg)
-    cache = ChunkCache(cache_dir or default_cache_dir(), cache_size, fetch_whole=not lazy_fetch)
+    cache = ChunkCache(cache_dir or default_cache_dir(), cache_size, fetch_rest=not lazy_fetch)
     read_through(store, head, cache, fetch_timeout, serving=True)
     return head, cache.stats
 
@@ -214,8 +214,6 @@ def read_through(
         raw.serving = serving
         if build_dir.name == head.name:
             raw.fetch_start()
-            if serving and cache.fetch_whole:
-                raw.fetch_rest()
         return raw  # type: ignore[return-value]  (DiffFile's reading interface)
 
     open_diffs_with(store.mirror, opener)

@@ -118,6 +118,7 @@ class Session:
             else None
         )
         self.pages = build.page_source(options.verify, options.cache_bytes)
+        build.fetch_rest()  # of builds in object storage: in the background
         if self.prefetch is not None:
             self.pages.mapping_arrays()  # now, not after the handshake
             self.pages.fetch_ahead(self.prefetch)  # a build in S3: fetched while VM connects

@@ -25,6 +25,7 @@ import os
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -91,6 +92,7 @@ class SharedBuild:
         self._lock = threading.Lock()
         self._hashes: dict[uuid.UUID, np.ndarray] | None = None
         self._arrays: Arrays | None = parsed.arrays
+        self._fetching_rest = False
 
     def hashes(self) -> dict[uuid.UUID, np.ndarray]:
         """The hash sidecars (for --verify), read on first use."""
@@ -105,6 +107,28 @@ class SharedBuild:
             if self._arrays is None:
                 self._arrays = mapping_arrays(self.header, list(self.diffs))
             return self._arrays
+
+    def fetch_rest(self) -> None:
+        """Builds in object storage: have every chunk of their raw diffs that this build's
+        memory maps to fetched in the background (CachedDiff.fetch_rest), the head's and its
+        ancestors' alike; once per opening, on a thread (the mapping arrays take a moment on
+        a large header, and the VM is about to connect)."""
+        fetchers = [getattr(d, "fetch_rest", None) for d in self.diffs.values()]
+        with self._lock:
+            if self._fetching_rest or not any(fetchers):
+                return
+            self._fetching_rest = True
+        threading.Thread(target=self._fetch_rest, args=(fetchers,), name="fcsnap-fetch-rest",
+                         daemon=True).start()
+
+    def _fetch_rest(self, fetchers: list[Callable[[np.ndarray, np.ndarray], None] | None]
+                    ) -> None:
+        starts, storage, owner = self.mapping_arrays()
+        lengths = np.diff(starts, append=self.header.metadata.size)
+        for number, fetch in enumerate(fetchers):
+            mine = owner == number
+            if fetch is not None and mine.any():
+                fetch(storage[mine], storage[mine] + lengths[mine])
 
     def page_source(self, verify: bool, map_budget: int) -> PageSource:
         """A session's own view of the build (its own mapped-diff state)."""
