@@ -118,7 +118,8 @@ class Session:
             else None
         )
         self.pages = build.page_source(options.verify, options.cache_bytes)
-        build.fetch_rest()  # of builds in object storage: in the background
+        if self.prefetch is None:  # (else once the working set is in: see _prefetched)
+            build.fetch_rest()  # of builds in object storage: in the background
         if self.prefetch is not None:
             self.pages.mapping_arrays()  # now, not after the handshake
             self.pages.fetch_ahead(self.prefetch)  # a build in S3: fetched while VM connects
@@ -434,6 +435,9 @@ class Session:
     def _prefetched(self) -> None:
         self.stats.prefetch_s = round(time.monotonic() - self._served_from, 6)
         self._prefetcher = None
+        # Only now the rest of a build in object storage: checking and caching its chunks
+        # would take the cores the working set's installs need.
+        self.build.fetch_rest()
 
     def _serve_pending(self, batch: Batch | None) -> None:
         """Serve what is pending: the faults kept back, the compiled wait's batch (or, in
