@@ -20,6 +20,7 @@ from fcsnap.store.cached_zstd import TAIL_GUESS
 from fcsnap.store.chunk_cache import AHEAD, CHUNK
 from fcsnap.testing import firecracker
 from fcsnap.testing.s3server import seaweedfs
+from fcsnap.workingset import write_working_set
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +210,34 @@ def test_the_chunks_a_lineage_reads_are_fetched_behind_the_guest(
     wait_for(lambda: cached() == want, f"the cache to hold {want}")
     vm.kill()
     server.wait(timeout=WAIT)
+
+
+def test_a_working_set_is_fetched_first_and_the_rest_after_it(
+    bucket: Bucket, procs: Procs, tmp_path: Path
+) -> None:
+    """--prefetch-ws from S3: at listen only the working set's chunks (and the first few)
+    are fetched; once the VM has its working set the rest follows, and every byte is right."""
+    chunks, size = 12, 12 * CHUNK
+    mem = tmp_path / "vm.mem"
+    mem.write_bytes(np.random.default_rng(45).integers(0, 256, size, np.uint8).tobytes())
+    made = fcsnap("pack", mem, "--store", bucket.url(), "--name", "vm", "--json", env=bucket.env)
+    assert made.returncode == 0, made.stderr
+    build = json.loads(made.stdout)["build_id"]
+    ws = tmp_path / "ws"  # every 7th page of chunks 8 and 9 (random pages: stored in order)
+    write_working_set(ws, size, range(8 * CHUNK, 10 * CHUNK, 7 * PAGE))
+    cache = tmp_path / "cache"
+
+    def cached() -> set[int]:
+        return {int(p.name) for d in cache.glob(f"{build}-*") for p in d.iterdir()
+                if not p.name.startswith(".")}
+
+    server = serve(procs, bucket, "vm", cache, "--prefetch-ws", str(ws))
+    wait_for(lambda: {8, 9} <= cached(), "the working set's chunks")
+    time.sleep(0.5)  # what else lands before the VM comes: only what listening fetches
+    assert cached() <= {0, 1, 2, 3, 8, 9}, cached()
+    vm = procs.vm(expected=mem, touch=0.02, hold=WAIT)  # reads a few pages, then lives on
+    wait_for(lambda: cached() == set(range(chunks)), "the rest of the diff")
+    vm.kill()
+    out = procs.outcome(server, vm)
+    assert out.report is not None and out.report["mismatches"] == 0, out
+    assert out.stats["prefetched_pages"] == len(range(8 * CHUNK, 10 * CHUNK, 7 * PAGE)), out
