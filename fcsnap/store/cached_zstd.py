@@ -1,14 +1,20 @@
-"""A seekable-zstd diff in object storage, read frame by frame through the host chunk cache.
+"""A seekable-zstd diff in object storage, read group by group through the host chunk cache.
 
-Opening fetches the seek table only (the object's last bytes); a read fetches each frame it
-needs whole (one range GET of its compressed bytes), decompresses it and checks every block
-it holds against the build's hash sidecar (pinned by the head) before the frame is cached on
-the host or used: remote data is untrusted, and zstd decodes many corruptions to wrong bytes
-without a word. Checked frames are kept compressed in the host cache (shared by every restore
-on the host, as raw chunks are) and decompressed in the process's FrameCache (the daemon's is
-shared by all its builds). A read that needs frames not yet fetched starts their fetches at
-once, and a frame fetched starts the fetch of the few after it, so a sequential reader (a
-working set laid out first, fault-around, populate) finds them in flight.
+The unit fetched, checked and cached is a group: the consecutive frames that together hold
+whole blocks, since a block can only be checked whole. With 4 KiB blocks every frame holds
+whole pages, so a group is one frame; with 2 MiB blocks and smaller frames (256 KiB by
+default) a group is the frames of one block. Frames are contiguous in the object, so a group
+is one range GET.
+
+Opening fetches the seek table only (the object's last bytes); a read fetches each group it
+needs whole, decompresses its frames and checks every block against the build's hash sidecar
+(pinned by the head) before the group is cached on the host or used: remote data is
+untrusted, and zstd decodes many corruptions to wrong bytes without a word. Checked groups are
+kept compressed in the host cache (shared by every restore on the host, as raw chunks are)
+and decompressed in the process's FrameCache (the daemon's is shared by all its builds). A
+read that needs groups not yet fetched starts their fetches at once, and a group fetched
+starts the fetch of the few after it, so a sequential reader (a working set laid out first,
+fault-around, populate) finds them in flight.
 """
 
 from __future__ import annotations
@@ -37,24 +43,30 @@ from fcsnap.store.seekable import (
     seek_table_size,
 )
 
-AHEAD_FRAMES = 8  # frames fetched ahead of a reader in order, or reading widely
-WIDE_FRAMES = 16  # frames read (and an eighth of the diff's) before a reader reads widely
+AHEAD_GROUPS = 8  # groups fetched ahead of a reader in order, or reading widely
+WIDE_GROUPS = 16  # groups read (and an eighth of the diff's) before a reader reads widely
 TAIL_GUESS = 16 << 10  # bytes read at the object's end for its seek table (1,300 frames)
 SEEK_TABLE = "seektable"  # the seek table's name in the host cache
 
 
-def frames_fit_blocks(frames: list[Frame], block_size: int) -> bool:
-    """Every frame holds whole blocks (always so for 4 KiB blocks: frames are whole pages),
-    so each can be checked against the sidecar on its own."""
-    return all(f.decompressed_offset % block_size == 0 for f in frames)
+def frame_groups(frames: list[Frame], block_size: int) -> list[range]:
+    """The frames in groups holding whole blocks, each group checkable against the sidecar on
+    its own: a group starts at every frame that starts at a block's start (every frame with
+    4 KiB blocks: frames are whole pages) and takes the frames up to the next one."""
+    starts = [i for i, f in enumerate(frames) if f.decompressed_offset % block_size == 0]
+    return [range(a, b) for a, b in zip(starts, [*starts[1:], len(frames)], strict=True)]
 
 
 class CachedZstd:
     """What DiffFile is to a local zstd diff (`read`, `size`), for a diff in object storage.
 
-    `nonblocking` (a fault server's reads): a frame neither decompressed nor in the host
+    Groups of frames (see the module doc) are numbered from 0: group `i` is the host cache's
+    piece `i`, the FrameCache's entry `i` of this reader (a group's frames decompressed and
+    joined), and what a fetch asks for.
+
+    `nonblocking` (a fault server's reads): a group neither decompressed nor in the host
     cache is fetched on a thread for readers and the read raises FetchPending (as
-    CachedDiff's do); a failed fetch is reported to the next read of that frame."""
+    CachedDiff's do); a failed fetch is reported to the next read of that group."""
 
     def __init__(
         self, build_dir: Path, cache: ChunkCache, object_size: int,
@@ -69,31 +81,28 @@ class CachedZstd:
         self.cache = cache
         self.read_range = read_range
         self.frames = frames
-        self.starts = [f.decompressed_offset for f in frames]  # bisect: cheap per fault
         self.size = frames[-1].decompressed_offset + frames[-1].decompressed_size if frames else 0
         self.decompressed = frame_cache if frame_cache is not None else FrameCache(cache_bytes)
         self.block_size, self.table = read_hashes(build_dir / HASHES)
+        self.groups = frame_groups(frames, self.block_size)
+        self.starts = [frames[g.start].decompressed_offset for g in self.groups]  # bisect
         self.key = cache_key(build_dir)
-        self._id = id(self)  # this reader's frames in a shared FrameCache
+        self._id = id(self)  # this reader's groups in a shared FrameCache
         self._local = threading.local()
-        self._started: set[int] = set()  # frames whose fetch ahead was started
-        self._read = bytearray(len(frames))  # frames read here (a fetch ahead: not yet)
-        self._frames_read = 0
+        self._started: set[int] = set()  # groups whose fetch ahead was started
+        self._read = bytearray(len(self.groups))  # groups read here (a fetch ahead: not yet)
+        self._groups_read = 0
         self._lock = threading.Lock()
         self.nonblocking = False
-        self._for_reader = ReaderFetches(cache)  # frames nonblocking reads wait on
+        self._for_reader = ReaderFetches(cache)  # groups nonblocking reads wait on
 
     @classmethod
     def open(cls, build_dir: Path, cache: ChunkCache, object_size: int,
              read_range: Callable[[int, int], bytes], frame_cache: FrameCache | None = None,
-             cache_bytes: int = 64 << 20) -> CachedZstd | None:
-        """The diff, its seek table fetched (or found in the host cache); None when its frames
-        do not hold whole blocks (2 MiB blocks: the caller downloads it whole)."""
+             cache_bytes: int = 64 << 20) -> CachedZstd:
+        """The diff, its seek table fetched (or found in the host cache)."""
         manifest = read_manifest(build_dir)
         frames = seek_table(build_dir, cache, object_size, read_range, manifest.stats.bytes_stored)
-        block_size, _ = read_hashes(build_dir / HASHES)
-        if not frames_fit_blocks(frames, block_size):
-            return None
         return cls(build_dir, cache, object_size, read_range, frames, frame_cache, cache_bytes)
 
     def read(self, offset: int, length: int) -> bytes:
@@ -110,71 +119,72 @@ class CachedZstd:
             self._fetch_ahead(index)
         parts = []
         for index in range(first, last + 1):
-            frame = self.frames[index]
-            data = self.read_frame(index)
-            lo = max(offset, frame.decompressed_offset) - frame.decompressed_offset
-            hi = min(offset + length, frame.decompressed_offset + frame.decompressed_size)
-            hi -= frame.decompressed_offset
+            start = self.starts[index]
+            data = self.read_group(index)
+            lo = max(offset, start) - start
+            hi = min(offset + length, start + len(data)) - start
             parts.append(data if lo == 0 and hi == len(data) else data[lo:hi])
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def fetch_extent(self, storage: np.ndarray) -> None:
-        """Start fetching, in this order, the frames holding the bytes at `storage` (a
+        """Start fetching, in this order, the groups holding the bytes at `storage` (a
         working set about to be prefetched), as many in flight as the host cache allows."""
-        frames = np.searchsorted(np.array(self.starts, np.int64), storage, "right") - 1
-        _, first = np.unique(frames, return_index=True)
-        for index in frames[np.sort(first)].tolist():
+        groups = np.searchsorted(np.array(self.starts, np.int64), storage, "right") - 1
+        _, first = np.unique(groups, return_index=True)
+        for index in groups[np.sort(first)].tolist():
             self._fetch_ahead(index)
 
-    def read_frame(self, index: int) -> bytes:
-        """Frame `index` decompressed: from the FrameCache, or from the host cache, or
-        fetched and checked first. A fetch for a reader in order (the frame before was read
-        too), or for one that has read an eighth of the frames already (a guest touching much
-        of its memory), starts the fetches of the next AHEAD_FRAMES; a reader of a few
-        scattered pages fetches only the frames it reads."""
+    def read_group(self, index: int) -> bytes:
+        """Group `index` decompressed: from the FrameCache, or from the host cache, or
+        fetched and checked first. A fetch for a reader in order (the group before was read
+        too), or for one that has read an eighth of the groups already (a guest touching much
+        of its memory), starts the fetches of the next AHEAD_GROUPS; a reader of a few
+        scattered pages fetches only the groups it reads."""
         streaming = index > 0 and self._read[index - 1]
         if not self._read[index]:
             self._read[index] = 1
-            self._frames_read += 1
-        # a reader all over the diff (a guest touching much of its memory) wants most frames
-        wide = self._frames_read >= max(WIDE_FRAMES, len(self.frames) // 8)
+            self._groups_read += 1
+        # a reader all over the diff (a guest touching much of its memory) wants most groups
+        wide = self._groups_read >= max(WIDE_GROUPS, len(self.groups) // 8)
         data = self.decompressed.get((self._id, index))
         if data is not None:
             return data
         cached = self.cache.lookup(self.key, index) if self.nonblocking else None
         if self.nonblocking and cached is None:
             self._fetch_for_reader(index, streaming or wide)
-            raise FetchPending(f"zstd frame {index} of build {self.build_dir.name}")
+            raise FetchPending(f"zstd frame group {index} of build {self.build_dir.name}")
         data, fetched = self._load(index, cached)
         if fetched and (streaming or wide):
             self._read_ahead(index)
         return data
 
     def _read_ahead(self, index: int) -> None:
-        for later in range(index + 1, min(index + 1 + AHEAD_FRAMES, len(self.frames))):
+        for later in range(index + 1, min(index + 1 + AHEAD_GROUPS, len(self.groups))):
             self._fetch_ahead(later)
 
     def _fetch_for_reader(self, index: int, ahead: bool) -> None:
-        """Fetch frame `index` for a nonblocking read, once; raise what its fetch failed
-        with. `ahead`: then the frames after it too (see read_frame)."""
+        """Fetch group `index` for a nonblocking read, once; raise what its fetch failed
+        with. `ahead`: then the groups after it too (see read_group)."""
         if self._for_reader.ask(index, lambda: self._load(index)) and ahead:
             self._read_ahead(index)
 
     def _load(self, index: int, cached: Buffer | None = None) -> tuple[bytes, bool]:
-        """Frame `index` from the host cache (`cached`: mapped from it already), or fetched
+        """Group `index` from the host cache (`cached`: mapped from it already), or fetched
         and checked (then True), decompressed and kept in the FrameCache."""
-        frame = self.frames[index]
+        group = self.groups[index]
+        start = self.frames[group.start].compressed_offset
+        last = self.frames[group[-1]]
         checked: list[bytes] = []
         raw = cached if cached is not None else self.cache.get(
             self.key, index,
-            lambda: self.read_range(frame.compressed_offset, frame.compressed_size),
+            lambda: self.read_range(start, last.compressed_offset + last.compressed_size - start),
             lambda fetched: checked.append(self._checked(index, fetched)),
         )
-        # a frame from the host cache was checked block by block when fetched (by a fetch
+        # a group from the host cache was checked block by block when fetched (by a fetch
         # ahead, which may have decompressed it already): from then on it is trusted as a
         # local store's diff is (written whole or not at all; --verify re-hashes each block)
         data = (checked[0] if checked else self.decompressed.get((self._id, index))
-                or self._decompress(index, raw, verify_checksum=False))
+                or self._decompress(index, raw))
         self.decompressed.put((self._id, index), data)
         return data, bool(checked)
 
@@ -192,23 +202,36 @@ class CachedZstd:
 
         self.cache.prefetch(fetch)
 
-    def _decompress(self, index: int, raw: bytes, verify_checksum: bool) -> bytes:
+    def _decompress(self, index: int, raw: Buffer) -> bytes:
+        """Group `index`'s frames, whose compressed bytes `raw` holds one after the other,
+        decompressed and joined (the seek table's checksums are not checked: the blocks are,
+        against the sidecar)."""
         dctx = getattr(self._local, "dctx", None)
         if dctx is None:
             dctx = self._local.dctx = zstandard.ZstdDecompressor()
-        try:
-            return decompress_frame(dctx, raw, self.frames[index], verify_checksum)
-        except FcsnapError as e:
-            raise FcsnapError(
-                f"build {self.build_dir.name}: zstd frame {index} fetched from the store is "
-                f"corrupt ({e}); not installed"
-            ) from None
+        group = self.groups[index]
+        base = self.frames[group.start].compressed_offset
+        view = memoryview(raw)
+        parts = []
+        for number in group:
+            frame = self.frames[number]
+            at = frame.compressed_offset - base
+            try:
+                parts.append(decompress_frame(
+                    dctx, view[at:at + frame.compressed_size], frame, verify_checksum=False
+                ))
+            except FcsnapError as e:
+                raise FcsnapError(
+                    f"build {self.build_dir.name}: zstd frame {number} fetched from the store "
+                    f"is corrupt ({e}); not installed"
+                ) from None
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _checked(self, index: int, raw: bytes) -> bytes:
-        """Frame `index` decompressed, every block it holds matching the sidecar."""
-        data = self._decompress(index, raw, verify_checksum=False)
+        """Group `index` decompressed, every block it holds matching the sidecar."""
+        data = self._decompress(index, raw)
         bs = self.block_size
-        first, count = self.frames[index].decompressed_offset // bs, -(-len(data) // bs)
+        first, count = self.starts[index] // bs, -(-len(data) // bs)
         view = memoryview(data)
         got = np.frombuffer(
             b"".join(digest(view[i * bs:(i + 1) * bs]) for i in range(count)), np.uint8

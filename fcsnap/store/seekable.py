@@ -299,7 +299,8 @@ class FrameCache:
 
     One per reader by default; a daemon gives every reader of every build the same one, so
     that 100 clones of a template decompress each frame once and one budget (`--cache-mb`)
-    is evicted across builds. Keys are (reader, frame index). Thread-safe.
+    is evicted across builds. Keys are (reader, frame index; for a diff in object storage,
+    the index of a group of frames, fcsnap/store/cached_zstd.py). Thread-safe.
     """
 
     def __init__(self, budget: int) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from fcsnap.errors import FcsnapError
 from fcsnap.store.layout import DIFF_RAW, SNAPFILE, resolve_build
 from fcsnap.store.names import check_vm_name, read_vm_pointer
-from fcsnap.store.remote import DOWNLOAD_STEP, RemoteStore
+from fcsnap.store.remote import RemoteStore
 from fcsnap.store.s3 import is_s3_url
 
 if TYPE_CHECKING:
@@ -150,9 +150,10 @@ def serve_source(
     arg: str, store: Store | None, cache_dir: Path | None, cache_size: int,
     fetch_timeout: float, lazy_fetch: bool = False,
 ) -> tuple[Path, FetchStats | None]:
-    """restore's BUILD: a local build, or a build in object storage whose raw diffs are read
-    on demand through the host chunk cache (raw in 4 MiB chunks, zstd frame by frame). Returns
-    the build directory and the fetch statistics to report."""
+    """restore's BUILD: a local build, or a build in object storage whose diffs are read on
+    demand through the host chunk cache (raw in 4 MiB chunks, zstd in groups of frames
+    holding whole blocks: frame by frame with 4 KiB blocks). Returns the build directory and
+    the fetch statistics to report."""
     from fcsnap.store.chunk_cache import ChunkCache, default_cache_dir
 
     if not isinstance(store, RemoteStore):
@@ -177,8 +178,8 @@ def read_through(
     serving: bool = False,
 ) -> None:
     """Have every reader of the mirror's diffs (restore, and GenerationReader: unpack, squash,
-    diff --sparse-diff) read diffs through `cache`, fetching only the chunks (raw) or frames
-    (zstd) they read.
+    diff --sparse-diff) read diffs through `cache`, fetching only the chunks (raw) or groups
+    of frames holding whole blocks (zstd) they read.
     `serving`: for a fault server, which copies pages straight from the chunks' mappings
     (CachedDiff.chunk_maps) and never waits on the network (FetchPending)."""
     from fcsnap.store.cached_zstd import CachedZstd
@@ -203,13 +204,8 @@ def read_through(
         if name == DIFF_ZSTD:
             assert info is not None
             diff = CachedZstd.open(build_dir, cache, info.size, read_range, frames, cache_bytes)
-            if diff is not None:
-                diff.nonblocking = serving
-                return diff  # type: ignore[return-value]  (DiffFile's reading interface)
-            # frames smaller than a block (2 MiB blocks): downloaded whole, counted as fetched
-            store.mirror_build(uuid.UUID(build_dir.name), data=True)
-            cache.count(fetched_bytes=info.size, fetch_requests=-(-info.size // DOWNLOAD_STEP))
-            return DiffFile(build_dir, cache_bytes, check_frames=True, frame_cache=frames)
+            diff.nonblocking = serving
+            return diff  # type: ignore[return-value]  (DiffFile's reading interface)
         raw = CachedDiff(build_dir, cache, info.size if info else None, read_range)
         raw.serving = serving
         if build_dir.name == head.name:
