@@ -109,39 +109,52 @@ def test_a_reader_that_may_wait_gets_the_bytes(build: Path, tmp_path: Path) -> N
     assert diff.read(2 * CHUNK, 4096) == (build / DIFF_RAW).read_bytes()[2 * CHUNK:][:4096]
 
 
-def test_background_fetches_wait_for_every_other_fetch() -> None:
-    """A whole diff fetched in the background never competes with what a working set or a
-    reader asks for: it starts only when no other fetch waits or runs, BACKGROUND at most."""
-    pool = FetchPool(8)
-    release = threading.Event()
+def test_background_fetches_give_way_to_every_other_fetch() -> None:
+    """A whole diff fetched in the background never holds up what a working set or a reader
+    asks for: it takes BACKGROUND threads at most, so asked work finds a thread at once."""
+    pool = FetchPool(BACKGROUND + 1)
+    gates = {name: threading.Event() for name in ("b0", "b1", "b2", "b3", "asked")}
     lock = threading.Lock()
-    running = {"asked": 0, "background": 0}
     started: list[str] = []
-    overlaps: list[str] = []
+    most = [0, 0]  # background running now, at most
 
-    def work(name: str, background: bool) -> None:
-        key = "background" if background else "asked"
+    def work(name: str) -> None:
+        background = name.startswith("b")
         with lock:
             started.append(name)
-            if background and running["asked"]:
-                overlaps.append(f"{name} began while an asked fetch ran")
-            running[key] += 1
-            if running["background"] > BACKGROUND:
-                overlaps.append(f"{running['background']} background fetches at once")
-        if not background:
-            assert release.wait(WAIT)
+            most[0] += background
+            most[1] = max(most)
+        assert gates[name].wait(WAIT)
         with lock:
-            running[key] -= 1
+            most[0] -= background
 
-    pool.run(lambda: work("asked 1", False))
-    for i in range(5):
-        pool.run(lambda i=i: work(f"background {i}", True), background=True)
-    pool.run(lambda: work("asked 2", False))
-    wait_for(lambda: len(started) == 2, "both asked fetches to start")
-    assert sorted(started) == ["asked 1", "asked 2"]
-    release.set()
-    wait_for(lambda: len(started) == 7 and not any(running.values()), "the background")
-    assert overlaps == []
+    for name in ("b0", "b1", "b2", "b3"):
+        pool.run(lambda name=name: work(name), background=True)
+    wait_for(lambda: len(started) == BACKGROUND, "the background's first fetches")
+    pool.run(lambda: work("asked"))  # a thread is free for it: it starts at once
+    wait_for(lambda: "asked" in started, "the asked fetch")
+    assert started[-1] == "asked" and len(started) == BACKGROUND + 1
+    for gate in gates.values():
+        gate.set()
+    wait_for(lambda: len(started) == 5 and not most[0], "every fetch")
+    assert most[1] == BACKGROUND
+
+
+def test_a_hold_keeps_background_fetches_from_starting() -> None:
+    """While a working set goes in (a hold), asked fetches run and no background one starts;
+    they start once every hold is let go."""
+    pool = FetchPool(4)
+    started: list[str] = []
+    pool.hold(True)
+    pool.hold(True)  # two sessions installing their working sets
+    pool.run(lambda: started.append("background"), background=True)
+    pool.run(lambda: started.append("asked"))
+    wait_for(lambda: started == ["asked"], "the asked fetch")
+    pool.hold(False)
+    pool.run(lambda: started.append("asked 2"))
+    wait_for(lambda: started == ["asked", "asked 2"], "the second asked fetch")
+    pool.hold(False)
+    wait_for(lambda: started[-1:] == ["background"], "the background fetch, once let go")
 
 
 def test_what_a_build_reads_is_fetched_in_the_background(build: Path, tmp_path: Path) -> None:

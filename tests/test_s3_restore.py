@@ -5,6 +5,7 @@ the VM within --fetch-timeout."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -227,8 +228,8 @@ def test_the_chunks_a_lineage_reads_are_fetched_behind_the_guest(
 def test_a_working_set_is_fetched_first_and_the_rest_after_it(
     bucket: Bucket, procs: Procs, tmp_path: Path
 ) -> None:
-    """--prefetch-ws from S3: at listen only the working set's chunks (and the first few)
-    are fetched; once the VM has its working set the rest follows, and every byte is right."""
+    """--prefetch-ws from S3: the working set's chunks are fetched at listen, the VM gets its
+    working set and every byte right, and the rest of the diff follows in the background."""
     chunks, size = 12, 12 * CHUNK
     mem = tmp_path / "vm.mem"
     mem.write_bytes(np.random.default_rng(45).integers(0, 256, size, np.uint8).tobytes())
@@ -243,10 +244,17 @@ def test_a_working_set_is_fetched_first_and_the_rest_after_it(
         return {int(p.name) for d in cache.glob(f"{build}-*") for p in d.iterdir()
                 if not p.name.startswith(".")}
 
-    server = serve(procs, bucket, "vm", cache, "--prefetch-ws", str(ws))
+    server = serve(procs, bucket, "vm", cache, "--prefetch-ws", str(ws), "--lazy-fetch")
     wait_for(lambda: {8, 9} <= cached(), "the working set's chunks")
-    time.sleep(0.5)  # what else lands before the VM comes: only what listening fetches
+    time.sleep(0.5)  # lazily, nothing else lands before the VM comes but what listening fetches
     assert cached() <= {0, 1, 2, 3, 8, 9}, cached()
+    vm = procs.vm(expected=mem, touch=0.02)
+    out = procs.outcome(server, vm)
+    assert out.status == 0 and out.report["mismatches"] == 0, out
+    assert out.stats["prefetched_pages"] == len(range(8 * CHUNK, 10 * CHUNK, 7 * PAGE)), out
+
+    shutil.rmtree(cache)
+    server = serve(procs, bucket, "vm", cache, "--prefetch-ws", str(ws))
     vm = procs.vm(expected=mem, touch=0.02, hold=WAIT)  # reads a few pages, then lives on
     wait_for(lambda: cached() == set(range(chunks)), "the rest of the diff")
     vm.kill()

@@ -150,6 +150,10 @@ class ChunkCache:
         threads, in the order asked; `background` work only when no other is waiting."""
         self.ahead.run(work, background)
 
+    def hold_background(self, held: bool) -> None:
+        """While held (a working set going in), no background fetch starts; holds nest."""
+        self.ahead.hold(held)
+
     def fetch_for_reader(self, work: Callable[[], object]) -> None:
         """Run `work` (fetching what a fault server waits on) on threads of its own, so it
         does not queue behind the fetches ahead."""
@@ -491,17 +495,17 @@ def locked(path: Path) -> Iterator[None]:
 
 
 class FetchPool:
-    """Up to `size` daemon threads running work in the order asked. Background work runs
-    only while no other work waits or runs: a working set's fetches get the store to
-    themselves. Daemon threads: a restore that ends (its VM killed by a dead server) does
-    not wait for them."""
+    """Up to `size` daemon threads running work in the order asked; background work only
+    when no other waits and no hold is on, and BACKGROUND of it at most at once, so what
+    readers and working sets ask for keeps most of the threads and of the store. Daemon
+    threads: a restore that ends (its VM killed by a dead server) does not wait for them."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.work: deque[Callable[[], object]] = deque()
         self.background: deque[Callable[[], object]] = deque()
-        self.running = 0  # work (not background) being run
         self.in_background = 0  # background work being run (at most BACKGROUND)
+        self.holds = 0  # while > 0 no background work starts
         self.workers = 0
         self.changed = threading.Condition()
 
@@ -514,13 +518,18 @@ class FetchPool:
             self.workers += 1
         threading.Thread(target=self._work, name="fcsnap-fetch", daemon=True).start()
 
+    def hold(self, held: bool) -> None:
+        with self.changed:
+            self.holds += 1 if held else -1
+            if not self.holds:
+                self.changed.notify_all()
+
     def _next(self) -> tuple[Callable[[], object], bool]:
         with self.changed:
-            while not (self.work or (self.background and not self.running
-                                     and self.in_background < BACKGROUND)):
+            while not (self.work or (self.background and self.in_background < BACKGROUND
+                                     and not self.holds)):
                 self.changed.wait()
             if self.work:
-                self.running += 1
                 return self.work.popleft(), False
             self.in_background += 1
             return self.background.popleft(), True
@@ -531,12 +540,10 @@ class FetchPool:
             # Whatever fails here, its reader meets again and reports; the thread lives on.
             with contextlib.suppress(Exception):
                 work()
-            with self.changed:
-                if background:
+            if background:
+                with self.changed:
                     self.in_background -= 1
-                else:
-                    self.running -= 1
-                self.changed.notify_all()
+                    self.changed.notify()
 
 
 def with_deadline(fetch: Callable[[], bytes], timeout: float, what: str) -> Callable[[], bytes]:

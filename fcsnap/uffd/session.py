@@ -118,8 +118,8 @@ class Session:
             else None
         )
         self.pages = build.page_source(options.verify, options.cache_bytes)
-        if self.prefetch is None:  # (else once the working set is in: see _prefetched)
-            build.fetch_rest()  # of builds in object storage: in the background
+        self._holding_fetches = False  # while the working set goes in (see _start_serving)
+        build.fetch_rest()  # of builds in object storage: in the background
         if self.prefetch is not None:
             self.pages.mapping_arrays()  # now, not after the handshake
             self.pages.fetch_ahead(self.prefetch)  # a build in S3: fetched while VM connects
@@ -236,6 +236,7 @@ class Session:
         """Close the stop pipe: a session serves once, and leaks nothing when it is done.
         (The shared build is its owner's to release.)"""
         self.state = "ended"
+        self._hold_fetches(False)  # a working set never finished: let the fetches go on
         with self._stop_lock:
             for fd in (self._stop_r, self._stop_w):
                 if fd >= 0:
@@ -420,6 +421,9 @@ class Session:
         self._served_from = time.monotonic()
         if self.prefetch is not None:
             self._prefetcher = Prefetch(installer, self.prefetch, self.options.batch_bytes)
+            # No background fetch starts meanwhile: checking and caching its chunks would take
+            # the cores the working set's installs need.
+            self._hold_fetches(True)
         if self.options.populate or self.options.eager:
             self._populate = self._populate_work(installer)
         self._fast = FastPath.for_installer(installer)
@@ -435,9 +439,12 @@ class Session:
     def _prefetched(self) -> None:
         self.stats.prefetch_s = round(time.monotonic() - self._served_from, 6)
         self._prefetcher = None
-        # Only now the rest of a build in object storage: checking and caching its chunks
-        # would take the cores the working set's installs need.
-        self.build.fetch_rest()
+        self._hold_fetches(False)
+
+    def _hold_fetches(self, held: bool) -> None:
+        if held != self._holding_fetches:
+            self._holding_fetches = held
+            self.build.hold_fetch_rest(held)
 
     def _serve_pending(self, batch: Batch | None) -> None:
         """Serve what is pending: the faults kept back, the compiled wait's batch (or, in

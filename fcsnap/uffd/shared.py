@@ -121,6 +121,13 @@ class SharedBuild:
         threading.Thread(target=self._fetch_rest, args=(fetchers,), name="fcsnap-fetch-rest",
                          daemon=True).start()
 
+    def hold_fetch_rest(self, held: bool) -> None:
+        """Hold (or let go on) the background fetches of the host caches this build reads
+        through: while held, none starts (those under way finish). Holds nest."""
+        caches = {id(d.cache): d.cache for d in self.diffs.values() if hasattr(d, "cache")}
+        for cache in caches.values():
+            cache.hold_background(held)
+
     def _fetch_rest(self, fetchers: list[Callable[[np.ndarray, np.ndarray], None] | None]
                     ) -> None:
         starts, storage, owner = self.mapping_arrays()
