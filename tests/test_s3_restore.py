@@ -18,7 +18,7 @@ from s3_helpers import Bucket, new_bucket, restore_from
 from test_restore import HUGE, KILLED, SIZE, make_lineage
 
 from fcsnap.store.cached_zstd import TAIL_GUESS
-from fcsnap.store.chunk_cache import AHEAD, CHUNK
+from fcsnap.store.chunk_cache import CHUNK
 from fcsnap.testing import firecracker
 from fcsnap.testing.s3server import seaweedfs
 from fcsnap.workingset import write_working_set
@@ -170,31 +170,6 @@ def test_a_zstd_lineage_is_served_from_s3(request: pytest.FixtureRequest, bucket
         assert 0 < stats["fetched_bytes"] < stored
 
 
-def test_a_lazy_restore_fetches_only_what_the_guest_reads(
-    bucket: Bucket, procs: Procs, tmp_path: Path
-) -> None:
-    """With --lazy-fetch, a guest that reads one page and lives on has no more fetched than
-    that page's chunk, the chunks after it and those fetched at listen (by default all of
-    them land: the next test)."""
-    chunks = 16
-    mem = tmp_path / "vm.mem"  # random pages: a diff as large
-    mem.write_bytes(np.random.default_rng(43).integers(0, 256, chunks * CHUNK, np.uint8).tobytes())
-    pushed = fcsnap("pack", mem, "--store", bucket.url(), "--name", "vm", "--json",
-                    env=bucket.env)
-    assert pushed.returncode == 0, pushed.stderr
-    build = json.loads(pushed.stdout)["build_id"]
-    cache = tmp_path / "cache"
-    server = serve(procs, bucket, "vm", cache, "--lazy-fetch")
-    # the guest reads one page, then lives 1 s on (a whole diff lands in 0.2 s)
-    vm = procs.vm(size=chunks * CHUNK, touch=1 / 16384, verify_bytes=False, hold=1)
-    out = procs.outcome(server, vm)
-    assert out.status == 0 and out.vm_status == 0, out
-    cached = [p for d in cache.glob(f"{build}-*") for p in d.iterdir()
-              if not p.name.startswith(".")]
-    # the first AHEAD (at listen), the one read and the AHEAD after it
-    assert len(cached) <= 2 * AHEAD + 1 and out.stats["fetched_bytes"] < chunks * CHUNK
-
-
 def test_the_chunks_a_lineage_reads_are_fetched_behind_the_guest(
     bucket: Bucket, procs: Procs, tmp_path: Path
 ) -> None:
@@ -229,7 +204,8 @@ def test_a_working_set_is_fetched_first_and_the_rest_after_it(
     bucket: Bucket, procs: Procs, tmp_path: Path
 ) -> None:
     """--prefetch-ws from S3: the working set's chunks are fetched at listen, the VM gets its
-    working set and every byte right, and the rest of the diff follows in the background."""
+    working set and every byte right; with --lazy-fetch nothing else is fetched before the VM
+    comes, by default the rest of the diff follows in the background."""
     chunks, size = 12, 12 * CHUNK
     mem = tmp_path / "vm.mem"
     mem.write_bytes(np.random.default_rng(45).integers(0, 256, size, np.uint8).tobytes())
