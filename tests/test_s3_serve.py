@@ -119,6 +119,22 @@ def test_a_chunk_evicted_while_mapped_still_serves(
     assert stats["compiled_faults"] > 0
 
 
+def scattered_then_all(procs: Procs, bucket: Bucket, mem: Path, cache: Path, touched: int,
+                       most_requests: int, most_bytes: float) -> tuple[dict, dict]:
+    """Serve `touched` scattered pages (of 8192) from a cold cache: at most `most_requests`
+    fetches and `most_bytes` fetched; then every page, the diff fetched no more than once;
+    then a second VM fetching nothing. The first two VMs' stats."""
+    few = served(procs, bucket, mem, cache, touch=touched / 8192, order="random")
+    assert few["pages_served"] >= touched
+    assert 0 < few["fetch_requests"] <= most_requests
+    assert few["fetched_bytes"] < most_bytes
+    every = served(procs, bucket, mem, cache)  # then every page, in order
+    assert few["fetched_bytes"] + every["fetched_bytes"] <= diff_size(bucket) + TAIL_GUESS
+    again = served(procs, bucket, mem, cache, order="random")
+    assert again["fetch_requests"] == 0 and again["cache_hits"] > 0
+    return few, every
+
+
 def test_zstd_frames_are_fetched_as_they_are_read(
     bucket: Bucket, wide_mem: Path, procs: Procs, tmp_path: Path
 ) -> None:
@@ -126,17 +142,10 @@ def test_zstd_frames_are_fetched_as_they_are_read(
     a second VM on the host fetches nothing."""
     packed(bucket, wide_mem, "--compress", "zstd")
     whole = diff_size(bucket)
-    cache = tmp_path / "cache"
-    touched = 8  # pages, of 8192, in 128 frames
-    few = served(procs, bucket, wide_mem, cache, touch=touched / 8192, order="random")
-    assert few["pages_served"] >= touched
-    assert 0 < few["fetch_requests"] <= touched + 2  # its frames and the seek table
-    assert few["fetched_bytes"] < whole / 3
-    every = served(procs, bucket, wide_mem, cache)  # then every page, in order
-    assert few["fetched_bytes"] + every["fetched_bytes"] <= whole + TAIL_GUESS
+    # 8 pages, of 8192, in 128 frames: their frames and the seek table
+    few, every = scattered_then_all(procs, bucket, wide_mem, tmp_path / "cache", 8, 8 + 2,
+                                    whole / 3)
     assert every["fetch_requests"] > 0
-    again = served(procs, bucket, wide_mem, cache, order="random")
-    assert again["fetch_requests"] == 0 and again["cache_hits"] > 0
 
 
 def test_a_corrupt_zstd_frame_is_never_installed(
@@ -167,18 +176,11 @@ def test_zstd_frames_smaller_than_a_block_are_fetched_a_block_at_a_time(
     blocks = sum(f.decompressed_size for f in parse_seek_table(data, whole)) // (2 * MIB)
     assert blocks >= 12
     cache = tmp_path / "cache"
-    touched = 2  # pages, of 8192, in `blocks` blocks
-    few = served(procs, bucket, wide_mem, cache, touch=touched / 8192, order="random")
-    assert few["pages_served"] >= touched
-    assert 0 < few["fetch_requests"] <= touched + 1  # their blocks and the seek table
-    assert few["fetched_bytes"] < whole / 4
-    every = served(procs, bucket, wide_mem, cache)  # then every page, in order
-    assert few["fetched_bytes"] + every["fetched_bytes"] <= whole + TAIL_GUESS
+    # 2 pages, of 8192, in `blocks` blocks: their blocks and the seek table
+    few, every = scattered_then_all(procs, bucket, wide_mem, cache, 2, 2 + 1, whole / 4)
     assert few["fetch_requests"] + every["fetch_requests"] == blocks + 1
     pieces = [p for p in chunk_files(cache) if p.name != "seektable"]
     assert len(pieces) == blocks  # one piece per block, not per frame
-    again = served(procs, bucket, wide_mem, cache, order="random")
-    assert again["fetch_requests"] == 0 and again["cache_hits"] > 0
 
 
 def test_a_bad_frame_inside_a_block_is_never_installed(

@@ -124,7 +124,8 @@ class SharedBuild:
     def hold_fetch_rest(self, held: bool) -> None:
         """Hold (or let go on) the background fetches of the host caches this build reads
         through: while held, none starts (those under way finish). Holds nest."""
-        caches = {id(d.cache): d.cache for d in self.diffs.values() if hasattr(d, "cache")}
+        caches = {id(c): c for d in self.diffs.values()
+                  if hasattr(c := getattr(d, "cache", None), "hold_background")}
         for cache in caches.values():
             cache.hold_background(held)
 
