@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sysconfig
 import time
 import uuid
 from collections.abc import Iterator
@@ -85,6 +86,11 @@ def free_ports(count: int) -> list[int]:
 
 
 def weed_binary() -> str | None:
+    """The `weed` the test extra installed: in this interpreter's scripts directory (a venv's
+    bin/, which an unactivated `.venv/bin/python -m pytest` does not put on PATH), else on PATH."""
+    installed = Path(sysconfig.get_path("scripts")) / "weed"
+    if installed.is_file() and os.access(installed, os.X_OK):
+        return str(installed)
     return shutil.which("weed")
 
 
