@@ -195,7 +195,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
         build = _store(args).diff(
             args.memfile, base=args.base, name=args.name, compress=args.compress,
             block_size=args.block_size, frame_size=args.frame_size, sparse=args.sparse_diff,
-            vmstate=args.vmstate, working_set=args.working_set, progress=progress,
+            holes_are_zeros=args.holes_are_zeros, vmstate=args.vmstate,
+            working_set=args.working_set, progress=progress,
         )
     report_build(build, args, "diffed")
     return 0
@@ -660,9 +661,14 @@ def build_parser() -> Parser:
                      help="Firecracker memory file of the next snapshot.")
     sub.add_argument("--base", required=True, metavar="BUILD",
                      help="The parent build: directory, id or VM name.")
-    sub.add_argument("--sparse-diff", action="store_true",
-                     help="MEMFILE is a Firecracker Diff snapshot: holes are unchanged pages, "
-                          "not zeros.")
+    holes = sub.add_mutually_exclusive_group()
+    holes.add_argument("--sparse-diff", action="store_true",
+                       help="MEMFILE is a Firecracker Diff snapshot: holes are unchanged pages, "
+                            "not zeros.")
+    holes.add_argument("--holes-are-zeros", action="store_true",
+                       help="MEMFILE's holes are zeros (a sparse copy of a Full snapshot). "
+                            "Without either option, holes over pages the base holds as data "
+                            "are refused.")
     sub.add_argument("--block-size", type=_value("parse_block_size"), metavar="4K|2M",
                      help="Must match the base build's (the default).")
     _add_build_options(sub)

@@ -72,6 +72,22 @@ class Runs:
         owner = self.owner[i]
         return owner, np.where(owner == ZEROS, 0, self.slot[i] + (blocks - self.start[i]))
 
+    def data_blocks_in(self, start: np.ndarray, count: np.ndarray) -> int:
+        """How many blocks of the runs [start, start + count) (ascending, non-overlapping)
+        map to data, not zeros."""
+        data = self.owner != ZEROS
+        lo, n = self.start[data], self.count[data]
+        before = np.concatenate(([0], np.cumsum(n)))
+
+        def below(x: np.ndarray) -> np.ndarray:  # data blocks under block x
+            i = np.searchsorted(lo, x, "right") - 1
+            inside = np.clip(x - lo[np.maximum(i, 0)], 0, n[np.maximum(i, 0)])
+            return np.where(i >= 0, before[np.maximum(i, 0)] + inside, 0)
+
+        if not len(lo) or not len(start):
+            return 0
+        return int((below(start + count) - below(start)).sum())
+
     def over(self, below: Runs, blocks: int) -> Runs:
         """These runs laid over `below`, which covers [0, blocks): cut both at every boundary,
         take each piece from the top where it has one, then join (docs/FORMAT.md §3.4's normal
