@@ -79,7 +79,7 @@ def run(store: Path, paths: list[Path]) -> list[dict[str, Any]]:
     fcsnap("pack", paths[0], "--store", store, "--name", "vm@0", "--quiet")
     for g, path in enumerate(paths[1:], start=1):
         fcsnap("diff", path, "--base", f"vm@{g - 1}", "--store", store, "--name", f"vm@{g}",
-               "--quiet")
+               "--holes-are-zeros", "--quiet")  # corpus images: zero pages are holes
     newest = len(paths) - 1
     head = f"vm@{newest}"
     steps = [state(store, f"{len(paths)} generations, each kept under its own name", head)]

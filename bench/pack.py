@@ -175,7 +175,8 @@ def corpus_lineage(work: Path, corpus: Path) -> list[dict[str, object]]:
             if base is None:
                 result, base = ops.pack(path, store, options)
             else:
-                result, base = ops.diff(path, base, store, options)
+                # corpus images are sparse copies of Full snapshots: holes are zeros
+                result, base = ops.diff(path, base, store, options, holes_are_zeros=True)
             row[f"{compression}_s"] = round(time.perf_counter() - t0, 3)
             row[f"{compression}_stored_bytes"] = disk_usage(base)
             row[f"{compression}_stats"] = asdict(result.stats)

@@ -223,11 +223,13 @@ class Store:
         self, memfile: PathLike, *, base: BuildRef, name: str | None = None,
         compress: str | None = None, block_size: int | str | None = None,
         frame_size: int | str = DEFAULT_FRAME_SIZE, sparse: bool = False,
-        vmstate: PathLike | None = None, working_set: PathLike | None = None,
-        progress: Progress | None = None,
+        holes_are_zeros: bool = False, vmstate: PathLike | None = None,
+        working_set: PathLike | None = None, progress: Progress | None = None,
     ) -> Build:
         """Store what changed in `memfile` since `base` (the parent) as the next generation.
-        With sparse=True the file is a Firecracker Diff snapshot: holes are unchanged pages."""
+        With sparse=True the file is a Firecracker Diff snapshot: holes are unchanged pages;
+        with holes_are_zeros=True holes are zeros. With neither, holes over pages the base
+        holds as data are refused (UsageError): the file cannot say which it is."""
         from fcsnap.errors import FcsnapError
         from fcsnap.store import ops
         from fcsnap.store.manifest import read_manifest
@@ -248,7 +250,10 @@ class Store:
         options = replace(options, name_expected=self._head(name, base, base_dir), verb="diff")
         memfile = Path(memfile)
         advance = _tracker(progress, _size_of(memfile))
-        return _built(ops.diff(memfile, base_dir, self.target, options, sparse, advance))
+        return _built(ops.diff(
+            memfile, base_dir, self.target, options, sparse, advance,
+            holes_are_zeros=holes_are_zeros,
+        ))
 
     def squash(
         self, build: BuildRef, *, name: str | None = None, progress: Progress | None = None

@@ -101,6 +101,17 @@ def _build_cell(build_id: str) -> str:
     return "(zeros)" if build_id == str(NIL) else build_id
 
 
+def _pinned_text(report: dict[str, Any]) -> str:
+    """inspect's `pinned` row: what the check of the pins found, never a bare yes."""
+    if not report["pinned"]:
+        return "no (unpinned: ancestors trusted by id)"
+    errors = report["pin_errors"]
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        return f"FAILED: {errors[0]}{more}"
+    return "yes (every build read matches its pin)"
+
+
 def render_inspect(inspection: Inspection) -> str:
     """The plain-text tables of `inspect`: the header, the builds it reads (and its zeros),
     then the mappings and lookups asked for. The same words as the JSON report."""
@@ -122,8 +133,7 @@ def render_inspect(inspection: Inspection) -> str:
         ("block_size", format_block_size(meta["block_size"])),
         ("size", f"{format_bytes(meta['size'])} ({meta['size']} bytes)"),
         ("mappings", str(report["mapping_count"])),
-        *([("pinned", "yes" if report["pinned"] else "no (unpinned: ancestors trusted by id)")]
-          if "pinned" in report else []),
+        *([("pinned", _pinned_text(report))] if "pinned" in report else []),
     ], title=f"Header {inspection.path}")
     rows = [
         (row["build_id"], "?" if row["generation"] is None else str(row["generation"]),
@@ -166,6 +176,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print_json(inspection.to_json())
     else:
         print(render_inspect(inspection))
+    errors = inspection.report.get("pin_errors")
+    if errors:  # reported in full above; the exit status and one line say it failed
+        sys.stdout.flush()
+        print(f"{PROG}: error: {errors[0]}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -195,7 +210,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
         build = _store(args).diff(
             args.memfile, base=args.base, name=args.name, compress=args.compress,
             block_size=args.block_size, frame_size=args.frame_size, sparse=args.sparse_diff,
-            vmstate=args.vmstate, working_set=args.working_set, progress=progress,
+            holes_are_zeros=args.holes_are_zeros, vmstate=args.vmstate,
+            working_set=args.working_set, progress=progress,
         )
     report_build(build, args, "diffed")
     return 0
@@ -390,6 +406,14 @@ def render_names(rows: list[dict[str, Any]]) -> str:
     return "\n".join([text, *errors])
 
 
+def _readers(row: dict[str, Any]) -> str:
+    """`ls --builds`' read-by column: the names whose heads read the build, and those whose
+    head it is without reading it (it stores nothing they read); `unreferenced` as the JSON
+    and the summary count it."""
+    heads = [f"{name} (head)" for name in row["head_of"] if name not in row["read_by"]]
+    return ", ".join([*row["read_by"], *heads]) or ("unreferenced" if row["unreferenced"] else "-")
+
+
 def render_builds(rows: list[dict[str, Any]]) -> str:
     from fcsnap.render import table
     from fcsnap.units import format_bytes
@@ -397,8 +421,7 @@ def render_builds(rows: list[dict[str, Any]]) -> str:
     columns = ("build", "gen", "parent", "on disk", "live", "read by")
     text = table(columns, [(
         r["build_id"], _generation(r["generation"]), r["parent"] or "-",
-        format_bytes(r["disk_bytes"]), _fraction(r["live_fraction"]),
-        ", ".join(r["read_by"]) or "unreferenced",
+        format_bytes(r["disk_bytes"]), _fraction(r["live_fraction"]), _readers(r),
     ) for r in rows], title="Builds", left=("build", "parent", "read by"))
     errors = [f"{r['build_id']}: {r['error']}" for r in rows if "error" in r]
     return "\n".join([text, *errors])
@@ -419,17 +442,32 @@ def render_lineage(report: dict[str, Any]) -> str:
     from fcsnap.render import table
     from fcsnap.units import format_bytes
 
+    def reads(r: dict[str, Any]) -> str:
+        if "pin_error" in r:
+            return "FAILS ITS PIN"
+        if "error" in r:
+            return "DAMAGED"
+        return f"{format_bytes(r['head_reads_bytes'])} ({_fraction(r['head_reads_fraction'])})"
+
     rows = [
         ("?", r["build_id"], "missing", "", "") if r["missing"] else (
             _generation(r["generation"]), r["build_id"], r["created_at"] or "?",
-            format_bytes(r["disk_bytes"]),
-            f"{format_bytes(r['head_reads_bytes'])} ({_fraction(r['head_reads_fraction'])})",
+            format_bytes(r["disk_bytes"]), reads(r),
         )
         for r in report["generations"]
     ]
-    return table(("gen", "build", "created", "on disk", "head reads"), rows,
+    text = table(("gen", "build", "created", "on disk", "head reads"), rows,
                  title=f"{report['name']}: lineage of {report['head']}",
                  left=("build", "created"))
+    pinned = {
+        True: "pins: every build the head reads matches its pin",
+        False: "pins: none (unpinned: ancestors trusted by id)",
+        None: "pins: not checked (the head's build.json cannot be read)",
+    }[report["pinned"]]
+    errors = [f"{r['build_id']}: {r['error']}" for r in report["generations"] if "error" in r]
+    if report["pin_errors"]:
+        pinned = "pins: FAILED"
+    return "\n".join([text, pinned, *report["pin_errors"], *errors])
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
@@ -660,9 +698,14 @@ def build_parser() -> Parser:
                      help="Firecracker memory file of the next snapshot.")
     sub.add_argument("--base", required=True, metavar="BUILD",
                      help="The parent build: directory, id or VM name.")
-    sub.add_argument("--sparse-diff", action="store_true",
-                     help="MEMFILE is a Firecracker Diff snapshot: holes are unchanged pages, "
-                          "not zeros.")
+    holes = sub.add_mutually_exclusive_group()
+    holes.add_argument("--sparse-diff", action="store_true",
+                       help="MEMFILE is a Firecracker Diff snapshot: holes are unchanged pages, "
+                            "not zeros.")
+    holes.add_argument("--holes-are-zeros", action="store_true",
+                       help="MEMFILE's holes are zeros (a sparse copy of a Full snapshot). "
+                            "Without either option, holes over pages the base holds as data "
+                            "are refused.")
     sub.add_argument("--block-size", type=_value("parse_block_size"), metavar="4K|2M",
                      help="Must match the base build's (the default).")
     _add_build_options(sub)

@@ -7,16 +7,26 @@ memory, hands over the uffd, faults from several threads and balloons), and chec
 
 from __future__ import annotations
 
+import os
+import select
+import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from fcsnap.api import Build, Store
 from fcsnap.errors import FcsnapError
 from fcsnap.render import table
 from fcsnap.testing import firecracker, guest
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full
+from fcsnap.uffd.installer import InstallStats
+from fcsnap.uffd.server import FaultServer, ServeOptions
+from fcsnap.uffd.support import userfaultfd_problem
 from fcsnap.units import format_bytes
+
+DEADLINE = 120.0  # seconds the restore step may take; the stand-in gives up at this too
 
 
 def _memory_files(work: Path) -> tuple[Path, Path, str]:
@@ -42,7 +52,98 @@ def _counts(build: Build) -> str:
     )
 
 
+def _last_line(log: Path) -> str:
+    """The stand-in's last line of output (its error), for a one-line failure."""
+    lines = log.read_text(errors="replace").strip().splitlines()
+    return lines[-1] if lines else "no output"
+
+
+class _StandIn:
+    """The stand-in VM, started once the server listens (as a real restore starts
+    Firecracker), and a thread watching it through a pidfd: if it exits with a failure or
+    outlives DEADLINE, the server is stopped with one line instead of waiting on."""
+
+    def __init__(self, work: Path, expected: Path, threads: int) -> None:
+        self.work, self.expected, self.threads = work, expected, threads
+        self.report = work / "vm.json"
+        self.log = work / "vm.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.server: FaultServer | None = None
+        self._done_r, self._done_w = os.pipe()
+
+    def start(self) -> None:
+        with open(self.log, "wb") as out:
+            self.proc = firecracker.spawn(
+                self.work / "uffd.sock", popen={"stdout": out, "stderr": out},
+                expected=self.expected, threads=self.threads, order="random",
+                balloon=[(0, 1 << 20)], report=self.report, deadline=DEADLINE,
+            )
+        threading.Thread(target=self._watch, args=(self.proc,), daemon=True).start()
+
+    def _watch(self, proc: subprocess.Popen[bytes]) -> None:
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            ready, _, _ = select.select([pidfd, self._done_r], [], [], DEADLINE + 10)
+        finally:
+            os.close(pidfd)
+        if self._done_r in ready or self.server is None:
+            return
+        if not ready:
+            self.server.fail(FcsnapError(
+                f"demo failed: the stand-in VM was not done within {DEADLINE + 10:g}s"
+            ))
+        elif proc.poll():  # exited with a failure: a VM the server may still be waiting for
+            self.server.fail(FcsnapError(
+                f"demo failed: the stand-in VM exited with status {proc.returncode}: "
+                f"{_last_line(self.log)}"
+            ))
+
+    def end(self) -> int | None:
+        """Stop the watch, kill the stand-in if it still runs; its exit status (None if it
+        was never started)."""
+        os.write(self._done_w, b"x")
+        status = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            status = self.proc.wait(timeout=30)
+        os.close(self._done_r)
+        os.close(self._done_w)
+        return status
+
+
+def _restore(build: Path, expected: Path, work: Path, threads: int
+             ) -> tuple[InstallStats, dict[str, Any], float]:
+    """Serve `build` to the stand-in; (the server's stats, the stand-in's report, seconds)."""
+    vm = _StandIn(work, expected, threads)
+    server = vm.server = FaultServer(
+        build, ServeOptions(socket=work / "uffd.sock", on_listening=vm.start)
+    )
+    started = time.monotonic()
+    try:
+        server.run()
+    finally:
+        status = vm.end()
+    elapsed = time.monotonic() - started
+    if server.exit_reason == "signal":  # Ctrl-C or SIGTERM: the stand-in was killed
+        raise KeyboardInterrupt
+    if not vm.report.exists():
+        raise FcsnapError(
+            f"demo failed: the stand-in VM exited with status {status} without a report: "
+            f"{_last_line(vm.log)}"
+        )
+    report = firecracker.read_report(vm.report)
+    if status != 0 or report["mismatches"]:
+        raise FcsnapError(
+            f"demo failed: the VM saw {report['mismatches']} wrong pages (exit {status})"
+        )
+    return server.stats, report, elapsed
+
+
 def run_demo(threads: int = 4) -> None:
+    problem = userfaultfd_problem()
+    if problem is not None:
+        raise FcsnapError(f"demo needs userfaultfd: {problem}")
     with tempfile.TemporaryDirectory(prefix="fcsnap-demo-") as tmp:
         work = Path(tmp)
         store = Store(work / "store")
@@ -66,26 +167,7 @@ def run_demo(threads: int = 4) -> None:
             f"4. restore generation 1 to a Firecracker stand-in ({threads} faulting threads, "
             "balloon) and check every byte"
         )
-        sock, report_path = work / "uffd.sock", work / "vm.json"
-        vm = firecracker.spawn(
-            sock, expected=gen1, threads=threads, order="random",
-            balloon=[(0, 1 << 20)], report=report_path, deadline=120,
-        )
-        started = time.monotonic()
-        try:
-            served = store.restore(b1.path, sock)
-        finally:
-            if vm.poll() is None:
-                vm.kill()
-            vm.wait(timeout=30)
-        elapsed = time.monotonic() - started
-        vm_report = firecracker.read_report(report_path)
-        if vm.returncode != 0 or vm_report["mismatches"]:
-            raise FcsnapError(
-                f"demo failed: the VM saw {vm_report['mismatches']} wrong pages "
-                f"(exit {vm.returncode})"
-            )
-        s = served.stats
+        s, vm_report, elapsed = _restore(b1.path, gen1, work, threads)
         print(
             f"   {s.faults} faults, {s.pages_served} pages installed "
             f"({format_bytes(s.bytes_served)}, {s.zero_pages} zero), {s.remove_events} "

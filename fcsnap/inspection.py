@@ -16,6 +16,7 @@ from fcsnap.errors import FcsnapError
 from fcsnap.header import NIL, Header
 from fcsnap.store.layout import MANIFEST
 from fcsnap.store.manifest import read_manifest
+from fcsnap.store.pins import pin_problems
 
 
 def _generation_of(build_id: uuid.UUID, header: Header, store: Path | None) -> int | None:
@@ -30,14 +31,20 @@ def _generation_of(build_id: uuid.UUID, header: Header, store: Path | None) -> i
     return None
 
 
-def _pinned(build_id: uuid.UUID, store: Path | None) -> bool | None:
-    """Does the build's build.json pin the builds it reads? None: no build.json to say."""
-    if store is None or not (store / str(build_id) / MANIFEST).exists():
-        return None
+def _pins(header: Header, store: Path | None) -> dict[str, Any]:
+    """Whether the build's build.json pins the builds it reads, checked as restore checks
+    them (the sidecars' hashes, not the memory): {"pinned": bool, "pin_errors": [lines]}
+    (errors only when pinned); {} when there is no readable build.json to say."""
+    build_dir = None if store is None else store / str(header.metadata.build_id)
+    if build_dir is None or not (build_dir / MANIFEST).exists():
+        return {}
     try:
-        return read_manifest(store / str(build_id)).pins is not None
+        problems = pin_problems(build_dir, header.build_ids())
     except FcsnapError:
-        return None
+        return {}
+    if problems is None:
+        return {"pinned": False}
+    return {"pinned": True, "pin_errors": list(problems.values())}
 
 
 def _parent_of(header: Header, build_dir: Path | None) -> str | None:
@@ -103,9 +110,7 @@ def inspect_report(
         },
         "builds": builds,
     }
-    pinned = _pinned(meta.build_id, store)
-    if pinned is not None:  # a build's header, not a lone header file
-        report = {"pinned": pinned, **report}
+    report = {**_pins(header, store), **report}  # a build's header, not a lone header file
     if show_mappings:
         report["mappings"] = [
             {

@@ -53,7 +53,8 @@ def lineage(corpus: corpus_mod.Corpus, tmp_path_factory: pytest.TempPathFactory)
     builds = [fcsnap("pack", str(images[0]), "--store", str(store), "--compress", "zstd")]
     for image in images[1:]:
         builds.append(fcsnap("diff", str(image), "--base", builds[-1]["build_id"],
-                             "--store", str(store), "--compress", "zstd"))
+                             "--store", str(store), "--compress", "zstd",
+                             "--holes-are-zeros"))  # corpus images: zero pages are holes
     return Lineage(store, [store / b["build_id"] for b in builds], corpus.images)
 
 

@@ -193,3 +193,18 @@ def test_builder_vector_runs_agree_with_merge(lineage):
             for r in records
         ]
         assert got == current
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-1, 2), min_size=1, max_size=120), st.data())
+def test_data_blocks_in_counts_what_a_block_by_block_count_finds(owners, data):
+    """Runs.data_blocks_in (diff's check for holes over the base's data) against counting
+    block by block: joined runs of any owner, any set of ranges."""
+    owner = np.array([ZEROS if o < 0 else o for o in owners], np.int32)
+    blocks = np.arange(len(owner))
+    runs = Runs.of_blocks(blocks, owner, np.where(owner == ZEROS, 0, blocks))
+    chosen = np.array(data.draw(st.lists(st.booleans(), min_size=len(owner),
+                                         max_size=len(owner))))
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], chosen.astype(np.int8), [0]))))
+    start, end = edges[::2], edges[1::2]
+    assert runs.data_blocks_in(start, end - start) == int((chosen & (owner != ZEROS)).sum())

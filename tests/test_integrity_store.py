@@ -73,6 +73,40 @@ def test_verify_unpack_squash_diff_restore_refuse_an_impostor_ancestor(impostor,
     assert visible_builds(store) == builds and hidden_entries(store) == []
 
 
+def test_inspect_and_ls_check_the_pins_they_report(impostor):
+    """inspect and `ls NAME` never vouch for pins unchecked: with an impostor ancestor, the
+    pinned row says FAILED (inspect exits 1 with the pin's line), and the ancestor's row of
+    the lineage is marked."""
+    store, g0, g1 = impostor
+    pin = f"build {g0} does not match the pin in {g1}'s build.json"
+    r = fcsnap("inspect", "web", "--store", store)
+    assert r.returncode == 1 and r.stderr.splitlines() == [f"fcsnap: error: {pin} "
+                                                           "(a different build with the same id?)"]
+    pinned = next(line for line in r.stdout.splitlines() if line.startswith("pinned"))
+    assert "FAILED" in pinned and pin in pinned and "yes" not in pinned, pinned
+    r = fcsnap("inspect", "web", "--store", store, "--json")
+    report = json.loads(r.stdout)
+    assert r.returncode == 1 and report["pinned"] is True and pin in report["pin_errors"][0]
+    r = fcsnap("ls", "web", "--store", store, "--json")
+    report = json.loads(r.stdout)
+    rows = {row["build_id"]: row for row in report["generations"]}
+    assert pin in rows[g0]["pin_error"] and "pin_error" not in rows[g1]
+    assert report["pinned"] is True and len(report["pin_errors"]) == 1
+    r = fcsnap("ls", "web", "--store", store)
+    g0_row = next(line for line in r.stdout.splitlines() if g0 in line)  # the table's
+    assert "FAILS ITS PIN" in g0_row, r.stdout
+    assert "pins: FAILED" in r.stdout and pin in r.stdout
+
+
+def test_inspect_and_ls_say_when_the_pins_match(tmp_path):
+    store = tmp_path / "store"
+    make_lineage(tmp_path, store)
+    r = fcsnap("inspect", "web", "--store", store)
+    assert r.returncode == 0 and "yes (every build read matches its pin)" in r.stdout, r.stderr
+    r = fcsnap("ls", "web", "--store", store)
+    assert r.returncode == 0 and "pins: every build the head reads matches its pin" in r.stdout
+
+
 def test_builds_pin_every_other_build_they_read(tmp_path):
     store = tmp_path / "store"
     g0, g1 = make_lineage(tmp_path, store)

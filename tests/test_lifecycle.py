@@ -212,6 +212,52 @@ def test_ls_text_output_lists_every_build(store: Store) -> None:
     assert "unreferenced" in result.stdout and "space amplification" in result.stdout
 
 
+def test_ls_reports_an_ancestors_corrupt_build_json_never_a_figure(store: Store) -> None:
+    """With G0's build.json unreadable, what G0 stores is unknown: no `head reads` figure
+    for the names reading it (it read 975% once), a line saying why, and G0's row in
+    web's lineage marked."""
+    g0 = store.builds["G0"]
+    os.chmod(g0, 0o755)
+    (g0 / "build.json").chmod(0o644)
+    (g0 / "build.json").write_text('{"bad')
+    rows = {r["name"]: r for r in fcsnap_json("ls", "--store", store.path)["names"]}
+    for name in ("base", "web"):
+        assert rows[name]["live_fraction"] is None, rows[name]
+        assert store.id("G0") in rows[name]["error"] and "not valid JSON" in rows[name]["error"]
+    assert "error" not in rows["api"] and 0 < rows["api"]["live_fraction"] <= 1
+    text = fcsnap("ls", "--store", store.path)
+    assert text.returncode == 0, text.stderr
+    web_row = next(line for line in text.stdout.splitlines() if line.startswith("web "))
+    assert web_row.split()[-1] == "-" and "%" not in web_row, web_row
+    assert f"web: build {store.id('G0')}: " in text.stdout
+    lineage = fcsnap_json("ls", "web", "--store", store.path)["generations"]
+    assert "not valid JSON" in lineage[-1]["error"] and lineage[-1]["head_reads_fraction"] is None
+    text = fcsnap("ls", "web", "--store", store.path)
+    g0_row = next(line for line in text.stdout.splitlines() if store.id("G0") in line)
+    assert "DAMAGED" in g0_row and "%" not in g0_row, g0_row
+
+
+def test_ls_builds_labels_a_head_that_stores_nothing_as_its_names(store: Store,
+                                                                   tmp_path: Path) -> None:
+    """A head diffed from unchanged memory stores no block and reads none of its own: it is
+    still its name's head, in the table as in the JSON and the summary."""
+    write_full(tmp_path / "same.mem", store.images["web"])
+    result = fcsnap("diff", tmp_path / "same.mem", "--base", "web", "--store", store.path,
+                    "--name", "same", "--json")
+    assert result.returncode == 0, result.stderr
+    same = json.loads(result.stdout)["build_id"]
+    report = fcsnap_json("ls", "--store", store.path, "--builds")
+    row = next(r for r in report["builds"] if r["build_id"] == same)
+    assert row["stored_bytes"] == 0 and row["read_by"] == [] and row["head_of"] == ["same"]
+    assert not row["unreferenced"]
+    text = fcsnap("ls", "--store", store.path, "--builds").stdout
+    line = next(line for line in text.splitlines() if line.startswith(same))
+    assert line.endswith("same (head)"), line
+    labelled = sum(line.endswith("unreferenced") for line in text.splitlines())
+    assert labelled == report["summary"]["unreferenced_builds"] == 1  # G1
+    assert "(1 unreferenced)" in text
+
+
 # -- rm ----------------------------------------------------------------------------------------
 
 

@@ -136,8 +136,58 @@ def test_sparse_diff_reads_only_dirty_data(tmp_path):
     assert sum(seen) == len(dirty) * 4096, "only the dirty pages are read"
     assert unpacked(b1, tmp_path) == mem1.tobytes()
     # Read as a Full file instead, the holes would be zeros: a different (wrong) generation.
-    m_full, b_full = ops.diff(tmp_path / "m1", b0, store, BuildOptions())
+    m_full, b_full = ops.diff(tmp_path / "m1", b0, store, BuildOptions(), holes_are_zeros=True)
     assert m_full.stats.blocks_zero > m1.stats.blocks_zero
+
+
+@pytest.mark.parametrize("block_size", [4096, 2 * MIB], ids=["4K", "2M"])
+def test_diff_refuses_holes_over_the_bases_data_unless_told(tmp_path, block_size):
+    """A Diff snapshot given without --sparse-diff would store every unchanged page as zeros:
+    exit 2 and one line naming both readings; no build, the name unchanged."""
+    store = tmp_path / "store"
+    mem0 = synthetic_memory(16 * MIB, seed=5, zero_share=0.1)
+    write_full(tmp_path / "m0", mem0)
+    bs = ["--block-size", "2M"] if block_size != 4096 else []
+    assert fcsnap("pack", tmp_path / "m0", "--store", store, "--name", "web", *bs,
+                  "--quiet").returncode == 0
+    head = (store / VMS / "web").read_bytes()
+    builds = visible_builds(store)
+    mem1, dirty = evolve(mem0, seed=6, dirty_share=0.01)
+    write_sparse_diff(tmp_path / "m1", mem1, dirty)
+    done = fcsnap("diff", tmp_path / "m1", "--base", "web", "--store", store, "--name", "web")
+    err = done.stderr.splitlines()
+    assert done.returncode == 2, done.stderr
+    assert len(err) == 1 and "--sparse-diff" in err[0] and "--holes-are-zeros" in err[0], err
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in store.iterdir() if p.name != VMS) == builds
+    assert (store / VMS / "web").read_bytes() == head
+    both = fcsnap("diff", tmp_path / "m1", "--base", "web", "--store", store, "--sparse-diff",
+                  "--holes-are-zeros")
+    assert both.returncode == 2 and visible_builds(store) == builds
+    done = fcsnap("diff", tmp_path / "m1", "--base", "web", "--store", store, "--name", "web",
+                  "--sparse-diff", "--json")
+    assert done.returncode == 0, done.stderr
+    built = resolve_build("web", store)
+    assert unpacked(built, tmp_path) == mem1.tobytes()
+    done = fcsnap("diff", tmp_path / "m1", "--base", built, "--store", store,
+                  "--holes-are-zeros", "--quiet")
+    assert done.returncode == 0, done.stderr
+
+
+def test_diff_takes_a_sparse_full_file_whose_holes_are_zeros_in_the_base(tmp_path):
+    """A sparse copy of a Full snapshot (holes only where the base has zeros too) needs no
+    option: both readings give the same memory."""
+    store = tmp_path / "store"
+    mem0 = synthetic_memory(8 * MIB, seed=9)
+    write_full(tmp_path / "m0", mem0)
+    _, b0 = ops.pack(tmp_path / "m0", store, BuildOptions())
+    mem1 = mem0.copy()
+    data = np.flatnonzero(mem0.any(axis=1))
+    mem1[data[:50]] = np.frombuffer(os.urandom(50 * 4096), np.uint8).reshape(50, 4096)
+    write_sparse_diff(tmp_path / "m1", mem1, np.flatnonzero(mem1.any(axis=1)))
+    assert os.stat(tmp_path / "m1").st_blocks * 512 < 8 * MIB, "the copy is sparse"
+    _, b1 = ops.diff(tmp_path / "m1", b0, store, BuildOptions())
+    assert unpacked(b1, tmp_path) == mem1.tobytes()
 
 
 def test_sparse_diff_with_2m_blocks_keeps_clean_part_of_a_dirty_block(tmp_path):

@@ -6,7 +6,6 @@ u64, count u64, then `count` 16-byte digests (xxh3-128 canonical, big-endian, as
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import xxhash
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
+from fcsnap.store.manifest import sidecar_pin as sidecar_pin  # the pin of a sidecar's bytes
 from fcsnap.units import BLOCK_SIZES
 
 MAGIC = b"FCSH"
@@ -24,12 +24,6 @@ DIGEST_SIZE = 16
 HEAD = struct.Struct("<4sHHQQ")
 
 digest = xxhash.xxh3_128_digest
-
-
-def sidecar_pin(sidecar: bytes) -> str:
-    """A build's pin in its children's build.json: the SHA-256 of its sidecar's bytes (whose
-    digests pin every block)."""
-    return "sha256:" + hashlib.sha256(sidecar).hexdigest()
 
 
 def zero_digest(block_size: int) -> bytes:

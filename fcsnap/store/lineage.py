@@ -72,6 +72,23 @@ class Runs:
         owner = self.owner[i]
         return owner, np.where(owner == ZEROS, 0, self.slot[i] + (blocks - self.start[i]))
 
+    def data_blocks_in(self, start: np.ndarray, count: np.ndarray) -> int:
+        """How many blocks of the ranges [start, start + count) (ascending, not overlapping)
+        these runs map to data, not zeros: no Python work per range or per block."""
+        data = self.owner != ZEROS
+        lo, n = self.start[data], self.count[data]
+        if not len(lo) or not len(start):
+            return 0
+        before = np.concatenate(([0], np.cumsum(n)))  # data blocks ahead of each data run
+
+        def below(x: np.ndarray) -> np.ndarray:
+            """Data blocks ahead of block x."""
+            i = np.searchsorted(lo, x, "right") - 1
+            j = np.maximum(i, 0)
+            return np.where(i >= 0, before[j] + np.clip(x - lo[j], 0, n[j]), 0)
+
+        return int((below(start + count) - below(start)).sum())
+
     def over(self, below: Runs, blocks: int) -> Runs:
         """These runs laid over `below`, which covers [0, blocks): cut both at every boundary,
         take each piece from the top where it has one, then join (docs/FORMAT.md §3.4's normal

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
@@ -15,6 +16,13 @@ from fcsnap.store.layout import MANIFEST
 from fcsnap.units import BLOCK_SIZES
 
 COMPRESSIONS = ("none", "zstd")
+
+
+def sidecar_pin(sidecar: bytes) -> str:
+    """A build's pin in its children's build.json: the SHA-256 of its sidecar's bytes (whose
+    digests pin every block). Here, not with the sidecar's parser, so that checking pins
+    (`inspect`, `ls NAME`) loads neither numpy nor xxhash."""
+    return "sha256:" + hashlib.sha256(sidecar).hexdigest()
 
 
 @dataclass(frozen=True)

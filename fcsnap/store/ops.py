@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from fcsnap.errors import FcsnapError
+from fcsnap.errors import FcsnapError, UsageError
 from fcsnap.header import load_header
 from fcsnap.store.builder import BuildOptions, Head, build_generation
 from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes
@@ -70,19 +70,41 @@ def diff(
     options: BuildOptions,
     sparse_diff: bool = False,
     progress: Progress = _noop,
+    *,
+    holes_are_zeros: bool = False,
 ) -> tuple[Manifest, Path | str]:
     """Generation N+1 over base_dir (in a remote store: in its mirror). With sparse_diff (a
-    Firecracker Diff snapshot), holes mean "unchanged"; otherwise the file is Full and holes
-    are zeros."""
+    Firecracker Diff snapshot), holes mean "unchanged"; with holes_are_zeros the file is Full
+    and holes are zeros; with neither, holes over the base's data are refused (see
+    _refuse_holes_over_data)."""
+    if sparse_diff and holes_are_zeros:
+        raise UsageError("--sparse-diff and --holes-are-zeros contradict each other: give one")
     if store_of(base_dir).resolve() != local_path(store).resolve():
         raise FcsnapError(f"base build {base_dir} is not in store {store}")
     with open_lineage(base_dir):  # the base's lineage stays what it is until we are done
-        return _diff(memfile, base_dir, store, options, sparse_diff, progress)
+        return _diff(memfile, base_dir, store, options, sparse_diff, holes_are_zeros, progress)
+
+
+def _refuse_holes_over_data(source: MemoryFile, parent: Parent) -> None:
+    """Firecracker writes Full snapshots whole and Diff snapshots as holes over the pages that
+    did not change, and the file cannot say which it is. Holes over blocks the base holds as
+    data most likely mean a Diff snapshot given without --sparse-diff: read as zeros, every
+    unchanged page of the VM would become a zero page. Holes over the base's zeros are the
+    same either way, so a sparse copy of a Full snapshot that only zeroes zeros passes."""
+    start, count = source.hole_blocks()
+    over = parent.runs.data_blocks_in(start, count)
+    if over:
+        raise UsageError(
+            f"{source.path} has holes over {over} blocks (of {parent.size // parent.block_size})"
+            f" that the base holds as data: for a Firecracker Diff snapshot give --sparse-diff "
+            f"(holes are unchanged pages); for a sparse copy of a Full snapshot give "
+            f"--holes-are-zeros"
+        )
 
 
 def _diff(
     memfile: Path, base_dir: Path, store: Store, options: BuildOptions, sparse_diff: bool,
-    progress: Progress,
+    holes_are_zeros: bool, progress: Progress,
 ) -> tuple[Manifest, Path | str]:
     parent = Parent(base_dir)
     options = replace(options, block_size=parent.block_size, source=memfile.name)
@@ -92,6 +114,8 @@ def _diff(
                 f"{memfile}: {source.size} bytes, but base build {parent.manifest.build_id} "
                 f"is {parent.size} bytes of guest memory"
             )
+        if not sparse_diff and not holes_are_zeros:
+            _refuse_holes_over_data(source, parent)
         reader: list[GenerationReader] = []
 
         def base_bytes(offset: int, length: int) -> bytes:

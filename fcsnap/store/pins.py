@@ -10,14 +10,14 @@ reading the sidecars (16 bytes per block), not the memory.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
-from fcsnap.store.hashes import parse_hashes, sidecar_pin
 from fcsnap.store.layout import HASHES
 from fcsnap.store.locks import LineageLock, lock_lineage, stop_point
-from fcsnap.store.manifest import read_manifest
+from fcsnap.store.manifest import read_manifest, sidecar_pin
 
 
 def open_lineage(build_dir: Path) -> LineageLock:
@@ -41,6 +41,28 @@ def open_lineage(build_dir: Path) -> LineageLock:
     return lineage
 
 
+def pin_problems(build_dir: Path, reads: Iterable[uuid.UUID]) -> dict[uuid.UUID, str] | None:
+    """For reports (`inspect`, `ls NAME`), without locks: what is wrong with each other build
+    in `reads` (those build_dir's header reads) against the pins of build_dir's build.json,
+    the lines open_lineage would raise; empty when every one matches, None when build.json
+    pins nothing (a build written before pins). FcsnapError when build.json cannot be read."""
+    manifest = read_manifest(build_dir)
+    if manifest.pins is None:
+        return None
+    problems = {}
+    for build_id in reads:
+        if build_id == manifest.build_id:
+            continue
+        ancestor = build_dir.parent / str(build_id)
+        try:
+            if not ancestor.is_dir():
+                raise FcsnapError(f"build {build_id} read by {build_dir.name} is not in the store")
+            _check_pin(ancestor, build_dir.name, manifest.pins, manifest.block_size)
+        except FcsnapError as e:
+            problems[build_id] = str(e)
+    return problems
+
+
 def _check_pin(
     build_dir: Path, head: str, pins: dict[uuid.UUID, str], block_size: int
 ) -> None:
@@ -51,6 +73,8 @@ def _check_pin(
     sidecar = read_regular(path, "hash sidecar")
     if sidecar_pin(sidecar) == pins[build_id]:
         return
+    from fcsnap.store.hashes import parse_hashes  # numpy: only once a pin fails
+
     found, _ = parse_hashes(sidecar, str(path))  # a damaged sidecar says what is wrong with it
     if found != block_size:
         raise FcsnapError(

@@ -95,6 +95,18 @@ class MemoryFile:
         self.ranges = data_ranges(self.fd, self.size)
         self.data_bytes = sum(end - start for start, end in self.ranges)
 
+    def hole_blocks(self) -> tuple[np.ndarray, np.ndarray]:
+        """(first block, count) of each run of blocks holding any hole byte: what a Full
+        snapshot has as zeros and a Diff snapshot as unchanged."""
+        bs = self.block_size
+        covered = np.array(self.ranges, np.int64).reshape(-1, 2)
+        lo, hi = -(-covered[:, 0] // bs), covered[:, 1] // bs  # blocks wholly in data
+        keep = hi > lo
+        lo, hi = lo[keep], hi[keep]
+        start = np.concatenate(([0], hi))
+        count = np.concatenate((lo, [self.size // bs])) - start
+        return start[count > 0], count[count > 0]
+
     def chunks(
         self,
         fill_holes: Callable[[int, int], bytes] | None = None,
