@@ -11,6 +11,7 @@ their directory, fsynced, renamed into place, and the directory fsynced.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import stat
@@ -41,6 +42,12 @@ def private_dirs(path: Path, what: str) -> None:
     check_dir_chain(path, what)
     if not missing and os.stat(path).st_mode & 0o077:
         os.chmod(path, DIR_MODE)
+
+
+def private_dir(path: Path) -> None:
+    """`path` made a directory (0700) unless it is one (in a directory already checked)."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, DIR_MODE)
 
 
 def check_dir_chain(path: Path, what: str) -> None:
@@ -84,14 +91,15 @@ def _check_above(directory: Path, path: Path, what: str, uid: int) -> None:
         )
 
 
-def new_private_file(directory: Path) -> tuple[int, Path]:
-    """A new empty file in `directory`, created exclusively (mode 0600) under an
-    unpredictable hidden name: its fd (read-write) and path."""
+def new_private_file(directory: Path, mode: int = FILE_MODE) -> tuple[int, Path]:
+    """A new empty file in `directory`, created exclusively (with `mode`: 0600 unless a
+    store's file, whose mode the umask decides) under an unpredictable hidden name: its fd
+    (read-write) and path."""
     while True:
         tmp = directory / f".tmp-{secrets.token_hex(12)}"
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         FILE_MODE)
+                         mode)
         except FileExistsError:
             continue
         return fd, tmp
