@@ -39,7 +39,13 @@ from fcsnap.errors import FcsnapError, FetchPending
 from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes, sidecar_pin
 from fcsnap.store.layout import DIFF_RAW, HASHES
 from fcsnap.store.manifest import read_manifest
-from fcsnap.store.private import DIR_MODE, FILE_MODE, new_private_file, private_dirs, publish
+from fcsnap.store.private import (
+    FILE_MODE,
+    new_private_file,
+    private_dir,
+    private_dirs,
+    publish,
+)
 from fcsnap.uffd import abi
 from fcsnap.units import PAGE
 
@@ -128,12 +134,7 @@ class ChunkCache:
         data = self._cached(path, size, check)
         if data is not None:
             return data
-        try:
-            os.mkdir(path.parent, DIR_MODE)
-        except FileExistsError:
-            pass
-        except OSError as e:
-            raise FcsnapError(f"cannot write the chunk cache {path.parent}: {e.strerror}") from e
+        private_dir(path.parent)
         # One fetch per chunk on the host: the others wait for it, then map the file.
         with locked(path.parent / f".lock-{name}"):
             data = self._cached(path, size, check)
