@@ -196,6 +196,11 @@ def damage(path: Path, how: str) -> None:
         os.truncate(path, 100 << 10)
     elif how == "empty":  # what an un-fsynced file often becomes after a power loss
         os.truncate(path, 0)
+    elif how == "symlink":  # to a file of the right size and other bytes: never followed
+        other = path.with_name("elsewhere")
+        other.write_bytes(bytes(path.stat().st_size))
+        path.unlink()
+        path.symlink_to(other)
     else:  # one flipped byte, in the middle
         with open(path, "r+b") as f:
             f.seek(os.path.getsize(path) // 2)
@@ -205,9 +210,10 @@ def damage(path: Path, how: str) -> None:
 
 
 DAMAGE = ["short", "empty", "flipped"]
+KINDS = [*DAMAGE, "symlink"]
 
 
-@pytest.mark.parametrize("how", DAMAGE)
+@pytest.mark.parametrize("how", KINDS)
 def test_a_damaged_cached_chunk_is_fetched_again(build: Path, tmp_path: Path, how: str,
                                                  capfd: pytest.CaptureFixture[str]) -> None:
     store = GatedStore(build / DIFF_RAW)
@@ -255,7 +261,7 @@ def zstd_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "store" / str(read_vm_pointer(root / "store", "vm"))
 
 
-@pytest.mark.parametrize("how", DAMAGE)
+@pytest.mark.parametrize("how", KINDS)
 def test_a_damaged_cached_zstd_group_is_fetched_again(zstd_build: Path, tmp_path: Path,
                                                       how: str) -> None:
     diff_path = zstd_build / DIFF_ZSTD
