@@ -6,18 +6,21 @@ next read as one line."""
 from __future__ import annotations
 
 import ctypes
+import os
+import stat
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import WAIT, wait_for
+from helpers import WAIT, fcsnap, wait_for
 
 from fcsnap.errors import FcsnapError, FetchPending
 from fcsnap.store import ops
 from fcsnap.store.builder import BuildOptions
+from fcsnap.store.cached_zstd import CachedZstd
 from fcsnap.store.chunk_cache import BACKGROUND, CHUNK, CachedDiff, ChunkCache, FetchPool
-from fcsnap.store.layout import DIFF_RAW
+from fcsnap.store.layout import DIFF_RAW, DIFF_ZSTD
 from fcsnap.store.names import read_vm_pointer
 
 CHUNKS = 3  # of random memory: the raw diff is as large
@@ -183,3 +186,204 @@ def test_a_diff_the_cache_cannot_hold_is_not_fetched_whole(build: Path, tmp_path
     diff.fetch_rest(np.array([0]), np.array([4096]))  # a chunk of it: fine
     wait_for(lambda: store.asked == [0], "its one chunk to be asked for")
     store.gate.set()
+
+
+# What the host cache holds is checked by each process that maps it (issue: a short or
+# damaged cache file served other memory). A bad file is a miss: removed, fetched again.
+
+def damage(path: Path, how: str) -> None:
+    if how == "short":  # what a cut-off copy or a full disk leaves
+        os.truncate(path, 100 << 10)
+    elif how == "empty":  # what an un-fsynced file often becomes after a power loss
+        os.truncate(path, 0)
+    elif how == "symlink":  # to a file of the right size and other bytes: never followed
+        other = path.with_name("elsewhere")
+        other.write_bytes(bytes(path.stat().st_size))
+        path.unlink()
+        path.symlink_to(other)
+    else:  # one flipped byte, in the middle
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0x5A]))
+
+
+DAMAGE = ["short", "empty", "flipped"]
+KINDS = [*DAMAGE, "symlink"]
+
+
+@pytest.mark.parametrize("how", KINDS)
+def test_a_damaged_cached_chunk_is_fetched_again(build: Path, tmp_path: Path, how: str,
+                                                 capfd: pytest.CaptureFixture[str]) -> None:
+    store = GatedStore(build / DIFF_RAW)
+    store.gate.set()
+    cache = tmp_path / "cache"
+    CachedDiff(build, ChunkCache(cache), CHUNKS * CHUNK, store).read(CHUNK, 4096)
+    (cached,) = cache.glob("*/00000001")
+    damage(cached, how)
+    store.asked.clear()
+    want = (build / DIFF_RAW).read_bytes()[CHUNK:2 * CHUNK]
+
+    reader = CachedDiff(build, ChunkCache(cache), CHUNKS * CHUNK, store)  # another process
+    chunk = reader._chunk(1)
+    assert len(chunk) == CHUNK and bytes(chunk) == want
+    assert 1 in store.asked  # fetched again from the store
+    assert cached.read_bytes() == want  # and cached right
+    assert reader.cache.stats.cache_discarded == 1
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and f"chunk cache file {cached}" in err, err
+
+    damage(cached, how)  # a fault server: never an address into a bad mapping
+    store.asked.clear()
+    diff = serving(build, tmp_path, store)
+    with pytest.raises(FetchPending):
+        diff.source(CHUNK, 4096)
+
+    def served() -> bool:
+        try:
+            return diff.source(CHUNK, 4096) is not None
+        except FetchPending:
+            return False
+
+    wait_for(served, "the chunk fetched again")
+    assert ctypes.string_at(diff.source(CHUNK + 8192, 4096), 4096) == want[8192:12288]
+
+
+@pytest.fixture(scope="module")
+def zstd_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("zstd-chunks")
+    rng = np.random.default_rng(6)
+    mem = rng.integers(0, 256, 2 * CHUNK, np.uint8)
+    mem[::3] = 0  # compressible
+    (root / "vm.mem").write_bytes(mem.tobytes())
+    ops.pack(root / "vm.mem", root / "store", BuildOptions(name="vm", compression="zstd"))
+    return root / "store" / str(read_vm_pointer(root / "store", "vm"))
+
+
+@pytest.mark.parametrize("how", KINDS)
+def test_a_damaged_cached_zstd_group_is_fetched_again(zstd_build: Path, tmp_path: Path,
+                                                      how: str) -> None:
+    diff_path = zstd_build / DIFF_ZSTD
+    size = diff_path.stat().st_size
+    asked: list[int] = []
+
+    def read_range(start: int, length: int) -> bytes:
+        asked.append(start)
+        with open(diff_path, "rb") as f:
+            f.seek(start)
+            return f.read(length)
+
+    cache = tmp_path / "cache"
+    first = CachedZstd.open(zstd_build, ChunkCache(cache), size, read_range)
+    want = first.read(0, 8192)
+    (cached,) = cache.glob("*/00000000")
+    damage(cached, how)
+    asked.clear()
+    for nonblocking in (False, True):  # a reader that may wait, and a fault server
+        again = CachedZstd.open(zstd_build, ChunkCache(cache), size, read_range)
+        again.nonblocking = nonblocking
+
+        def read(reader: CachedZstd = again) -> bytes | None:
+            try:
+                return reader.read(0, 8192)
+            except FetchPending:
+                return None
+
+        wait_for(lambda r=read: r() is not None, "the group fetched again")
+        assert read() == want
+        damage(cached, how)
+    assert asked.count(0) == 2  # the damaged group, each time from the store
+
+
+def modes(root: Path) -> dict[str, str]:
+    """Every directory and file under root (and root), with its permission bits."""
+    return {str(p.relative_to(root.parent)): oct(stat.S_IMODE(p.lstat().st_mode))
+            for p in [root, *root.rglob("*")]}
+
+
+def test_the_cache_is_private_from_the_start(build: Path, tmp_path: Path) -> None:
+    """0700 directories and 0600 files whatever the umask, the cache's parents made by it
+    too; a cache directory made readable by an older fcsnap is made private."""
+    store = GatedStore(build / DIFF_RAW)
+    store.gate.set()
+    old = os.umask(0o022)
+    try:
+        cache = ChunkCache(tmp_path / "made" / "here" / "cache")
+        CachedDiff(build, cache, CHUNKS * CHUNK, store).read(0, 4096)
+        wait_for(lambda: len(list(cache.directory.glob("*/0*"))) == CHUNKS,
+                 "the chunks read ahead")  # (none half-written when the modes are read)
+        legacy = tmp_path / "legacy"
+        legacy.mkdir(mode=0o755)
+        ChunkCache(legacy)
+    finally:
+        os.umask(old)
+    found = modes(tmp_path / "made")
+    files = {k: v for k, v in found.items() if Path(k).name.startswith(("0", ".lock-"))}
+    assert len(files) >= 2 and set(files.values()) == {"0o600"}, found
+    assert {v for k, v in found.items() if k not in files} == {"0o700"}, found
+    assert oct(stat.S_IMODE(legacy.stat().st_mode)) == "0o700"
+
+
+NOBODY = 65534
+
+
+@pytest.mark.parametrize("layout", ["owned", "parent-owned", "group-writable",
+                                    "parent-world-writable", "symlink-in-their-directory"])
+def test_a_cache_directory_someone_else_controls_is_refused(tmp_path: Path, layout: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a directory to another user")
+    cache = tmp_path / "cache"
+    if layout == "owned":
+        cache.mkdir(mode=0o700)
+        os.chown(cache, NOBODY, NOBODY)
+        where = str(cache)
+    elif layout == "parent-owned":
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o755)
+        cache = theirs / "cache"
+        cache.mkdir(mode=0o700)
+        os.chown(theirs, NOBODY, NOBODY)
+        where = str(theirs)
+    elif layout == "group-writable":
+        cache.mkdir(mode=0o700)
+        cache.chmod(0o770)
+        where = "writable by group or others"
+    elif layout == "parent-world-writable":
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        shared.chmod(0o777)
+        cache = shared / "cache"
+        where = f"{shared} above it is writable by group or others without the sticky bit"
+    else:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o755)
+        (tmp_path / "mine").mkdir(mode=0o700)
+        (theirs / "cache").symlink_to(tmp_path / "mine")
+        os.chown(theirs, NOBODY, NOBODY)
+        cache = theirs / "cache"
+        where = str(theirs)
+    with pytest.raises(FcsnapError) as e:
+        ChunkCache(cache)
+    assert "refusing cache directory" in str(e.value) and where in str(e.value), e.value
+    assert "\n" not in str(e.value)
+
+
+def test_a_sticky_world_writable_parent_is_fine(tmp_path: Path) -> None:
+    """As /tmp: nobody else can rename or remove what this user made in it."""
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    ChunkCache(shared / "cache")
+    assert oct(stat.S_IMODE((shared / "cache").stat().st_mode)) == "0o700"
+
+
+def test_serve_refuses_such_a_cache_directory_in_one_line(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    result = fcsnap("serve", "--store", "s3://bucket/prefix", "--api", tmp_path / "api.sock",
+                    "--cache-dir", shared / "cache")
+    assert result.returncode == 1, result
+    assert result.stderr.count("\n") == 1 and "refusing cache directory" in result.stderr
+    assert not (tmp_path / "api.sock").exists()

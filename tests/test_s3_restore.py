@@ -15,6 +15,7 @@ import obstore
 import pytest
 from helpers import PAGE, WAIT, Lineage, Procs, check_served, fcsnap, wait_for
 from s3_helpers import Bucket, new_bucket, restore_from
+from test_chunk_cache import DAMAGE, damage
 from test_restore import HUGE, KILLED, SIZE, make_lineage
 
 from fcsnap.store.cached_zstd import TAIL_GUESS
@@ -122,6 +123,31 @@ def test_a_corrupt_object_is_never_installed(bucket: Bucket, raw_lineage: Lineag
     assert "block 3 fetched from the store does not match its hash; not installed" in out.error
     cached = [p.name for d in cache.iterdir() if d.name.startswith(build) for p in d.iterdir()]
     assert "00000000" not in cached  # the chunk holding block 3 was never cached
+
+
+def test_a_damaged_host_cache_is_fetched_again(bucket: Bucket, raw_lineage: Lineage,
+                                               procs: Procs, tmp_path: Path) -> None:
+    """A cached chunk cut short, one emptied and one with a byte changed: a restore on that
+    host checks each before use, fetches those three again and serves every byte right (a
+    short chunk was mapped as it was and the compiled copy read past its end)."""
+    build = push(bucket, raw_lineage)
+    cache = tmp_path / "cache"
+    server = serve(procs, bucket, build, cache)
+    check_served(procs.outcome(server, procs.vm(expected=raw_lineage.expected)), raw_lineage)
+    chunks = sorted(p for p in cache.glob("*/0*"))
+    assert len(chunks) >= 3, chunks
+    for path, how in zip(chunks, DAMAGE, strict=False):
+        damage(path, how)
+
+    procs.stats.unlink()
+    server = serve(procs, bucket, build, cache)
+    out = procs.outcome(server, procs.vm(expected=raw_lineage.expected))
+    warnings = [line for line in out.stderr if "chunk cache file" in line]
+    out.stderr[:] = [line for line in out.stderr if line not in warnings]
+    check_served(out, raw_lineage)
+    assert len(warnings) == 3 and all("removed, fetched again" in w for w in warnings), warnings
+    assert out.stats["cache_discarded"] == 3 and out.stats["fetch_requests"] == 3, out.stats
+    assert all(p.stat().st_size for p in chunks)
 
 
 def test_a_dead_server_kills_the_vm_within_the_fetch_timeout(

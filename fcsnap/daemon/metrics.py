@@ -34,6 +34,8 @@ FETCH_HELP = {  # a store in S3: metric, FetchStats field, help (the host chunk 
     "fetch_requests": ("fetch_requests", "Range requests to the S3 store."),
     "chunk_cache_hits": ("cache_hits", "Chunks and frames found in the host chunk cache."),
     "chunk_cache_misses": ("cache_misses", "Chunks and frames fetched into the host cache."),
+    "chunk_cache_discarded": ("cache_discarded", "Host cache files removed as short, "
+                              "unreadable or failing their check (then fetched again)."),
 }
 
 

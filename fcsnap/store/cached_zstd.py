@@ -149,11 +149,13 @@ class CachedZstd:
         data = self.decompressed.get((self._id, index))
         if data is not None:
             return data
-        cached = self.cache.lookup(self.key, index) if self.nonblocking else None
-        if self.nonblocking and cached is None:
-            self._fetch_for_reader(index, streaming or wide)
-            raise FetchPending(f"zstd frame group {index} of build {self.build_dir.name}")
-        data, fetched = self._load(index, cached)
+        if self.nonblocking:
+            data = self._from_host(index)
+            if data is None:
+                self._fetch_for_reader(index, streaming or wide)
+                raise FetchPending(f"zstd frame group {index} of build {self.build_dir.name}")
+            return data
+        data, fetched = self._load(index)
         if fetched and (streaming or wide):
             self._read_ahead(index)
         return data
@@ -168,25 +170,40 @@ class CachedZstd:
         if self._for_reader.ask(index, lambda: self._load(index)) and ahead:
             self._read_ahead(index)
 
-    def _load(self, index: int, cached: Buffer | None = None) -> tuple[bytes, bool]:
-        """Group `index` from the host cache (`cached`: mapped from it already), or fetched
-        and checked (then True), decompressed and kept in the FrameCache."""
+    def _span(self, index: int) -> tuple[int, int]:
+        """Where group `index`'s compressed bytes are in the object: (offset, length)."""
         group = self.groups[index]
         start = self.frames[group.start].compressed_offset
         last = self.frames[group[-1]]
+        return start, last.compressed_offset + last.compressed_size - start
+
+    def _from_host(self, index: int) -> bytes | None:
+        """Group `index` from the host cache, checked and decompressed, kept in the
+        FrameCache; None when the host cache does not hold it right (no fetch)."""
         checked: list[bytes] = []
-        raw = cached if cached is not None else self.cache.get(
-            self.key, index,
-            lambda: self.read_range(start, last.compressed_offset + last.compressed_size - start),
-            lambda fetched: checked.append(self._checked(index, fetched)),
-        )
-        # a group from the host cache was checked block by block when fetched (by a fetch
-        # ahead, which may have decompressed it already): from then on it is trusted as a
-        # local store's diff is (written whole or not at all; --verify re-hashes each block)
-        data = (checked[0] if checked else self.decompressed.get((self._id, index))
-                or self._decompress(index, raw))
-        self.decompressed.put((self._id, index), data)
-        return data, bool(checked)
+        found = self.cache.lookup(self.key, index, self._span(index)[1],
+                                  lambda raw: checked.append(self._checked(index, raw)))
+        if found is None:
+            return None
+        self.decompressed.put((self._id, index), checked[0])
+        return checked[0]
+
+    def _load(self, index: int) -> tuple[bytes, bool]:
+        """Group `index` from the host cache, or fetched (then True), decompressed and every
+        block checked against the sidecar either way (what another process cached is checked
+        by this one before use), kept in the FrameCache."""
+        start, length = self._span(index)
+        checked: list[bytes] = []
+        fetched: list[bool] = []
+
+        def fetch() -> bytes:
+            fetched.append(True)
+            return self.read_range(start, length)
+
+        self.cache.get(self.key, index, fetch,
+                       lambda raw: checked.append(self._checked(index, raw)), length)
+        self.decompressed.put((self._id, index), checked[0])
+        return checked[0], bool(fetched)
 
     def _fetch_ahead(self, index: int) -> None:
         with self._lock:
@@ -205,7 +222,7 @@ class CachedZstd:
     def _decompress(self, index: int, raw: Buffer) -> bytes:
         """Group `index`'s frames, whose compressed bytes `raw` holds one after the other,
         decompressed and joined (the seek table's checksums are not checked: the blocks are,
-        against the sidecar)."""
+        against the sidecar, by `_checked`)."""
         dctx = getattr(self._local, "dctx", None)
         if dctx is None:
             dctx = self._local.dctx = zstandard.ZstdDecompressor()
@@ -227,7 +244,7 @@ class CachedZstd:
                 ) from None
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _checked(self, index: int, raw: bytes) -> bytes:
+    def _checked(self, index: int, raw: Buffer) -> bytes:
         """Group `index` decompressed, every block it holds matching the sidecar."""
         data = self._decompress(index, raw)
         bs = self.block_size
@@ -272,21 +289,24 @@ def seek_table(build_dir: Path, cache: ChunkCache, object_size: int,
         return tail
 
     frames: list[Frame] = []
-
-    def check(tail: bytes) -> None:
-        frames.extend(parse_seek_table(bytes(tail), object_size))
-
     name = uuid.UUID(build_dir.name)
+
+    def check(tail: Buffer) -> None:
+        """The table parses and describes exactly the bytes build.json says (a damaged copy
+        in the host cache is then a miss, fetched again)."""
+        found = parse_seek_table(bytes(tail), object_size)
+        size = found[-1].decompressed_offset + found[-1].decompressed_size if found else 0
+        if size != stored:
+            raise FcsnapError(
+                f"build {name}: its zstd diff's seek table describes {size} bytes, build.json "
+                f"says {stored}"
+            )
+        frames[:] = found
+
     try:
-        tail = cache.get(cache_key(build_dir), SEEK_TABLE, fetch, check)
-        if not frames:
-            check(tail)
+        cache.get(cache_key(build_dir), SEEK_TABLE, fetch, check, None)
     except FcsnapError as e:
+        if str(e).startswith(f"build {name}:"):
+            raise
         raise FcsnapError(f"build {name}: the seek table of its zstd diff: {e}") from None
-    size = frames[-1].decompressed_offset + frames[-1].decompressed_size if frames else 0
-    if size != stored:
-        raise FcsnapError(
-            f"build {name}: its zstd diff's seek table describes {size} bytes, build.json says "
-            f"{stored}"
-        )
     return frames

@@ -6,11 +6,14 @@ untrusted; the sidecar itself is pinned by the head, docs/FORMAT.md §6.2), and 
 the chunk in the cache directory and hands it out. A block that does not match is never
 installed in a guest, and never cached.
 
-The cache is shared by every restore on the host and survives restarts: a chunk is one file,
-written under a temporary name and renamed into place, so readers see it whole or not at all.
-Chunks are keyed by build id and the SHA-256 of the build's sidecar, so two stores holding
-different builds under one id never share a chunk. When the cache passes its size, the chunks
-least recently used (by modification time, touched on every hit) are removed.
+The cache is shared by every restore on the host and survives restarts, so what it holds is
+checked again by each process that maps it: a cache file whose size is not the chunk's, or
+whose blocks do not match the sidecar, is removed and fetched again (a miss), before any of
+its bytes is used. Its directories and files are private to the server's user, and a chunk
+is written durably before it is visible (fcsnap/store/private.py): readers see it whole or
+not at all. Chunks are keyed by build id and the SHA-256 of the build's sidecar, so two stores
+holding different builds under one id never share a chunk. When the cache passes its size,
+the chunks least recently used (by modification time, touched on every hit) are removed.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import contextlib
 import fcntl
 import mmap
 import os
+import stat
+import sys
 import threading
 import time
-import uuid
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -35,6 +39,13 @@ from fcsnap.errors import FcsnapError, FetchPending
 from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes, sidecar_pin
 from fcsnap.store.layout import DIFF_RAW, HASHES
 from fcsnap.store.manifest import read_manifest
+from fcsnap.store.private import (
+    FILE_MODE,
+    new_private_file,
+    private_dir,
+    private_dirs,
+    publish,
+)
 from fcsnap.uffd import abi
 from fcsnap.units import PAGE
 
@@ -48,19 +59,21 @@ MAPPED = 8  # chunks a diff keeps mapped (32 MiB of page cache)
 Buffer = bytes | mmap.mmap
 
 
-def _mapped(path: Path) -> mmap.mmap | None:
+Check = Callable[[Buffer], None]  # raises FcsnapError when a piece's bytes are not right
+
+
+class Damaged(Exception):
+    """A cache file that cannot be used as it is (why, in a few words)."""
+
+
+def _mapped(fd: int) -> mmap.mmap:
     """A cache file mapped read-only (the mapping outlives a later eviction of the file), its
     page tables filled at once (MAP_POPULATE): the guest's scattered faults then copy from
     it without a page fault in the server each (at 4 KiB a fault, those cost more than the
     copies)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        return mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
-    finally:
-        os.close(fd)
+    return mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+
+
 DEFAULT_SIZE = 10 << 30
 
 
@@ -75,6 +88,7 @@ class FetchStats:
     fetch_requests: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
+    cache_discarded: int = 0  # cache files short, unreadable or failing their check
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -93,51 +107,69 @@ class ChunkCache:
     counting: threading.Lock = field(default_factory=threading.Lock)  # stats and `used`
 
     def __post_init__(self) -> None:
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise FcsnapError(f"cannot use cache directory {self.directory}: {e.strerror}") from e
+        private_dirs(self.directory, "cache directory")
         self.used = self._scan()[1]
         self.ahead = FetchPool(self.in_flight)
         self.for_readers = FetchPool(FOR_READERS)
 
-    def lookup(self, key: str, index: int) -> Buffer | None:
-        """Chunk `index` of `key` mapped from the cache, or None when it is not cached (no
-        fetch: what a fault server may do without waiting on the network)."""
-        return self._cached(self.directory / key / f"{index:08d}")
+    def lookup(self, key: str, index: int, size: int, check: Check) -> Buffer | None:
+        """Chunk `index` of `key` mapped from the cache and checked, or None when it is not
+        cached or not right (no fetch: what a fault server may do without waiting on the
+        network)."""
+        return self._cached(self.directory / key / f"{index:08d}", size, check)
 
     def holds(self, key: str, index: int) -> bool:
-        """Whether chunk `index` of `key` is in the cache (not mapped, not counted)."""
+        """Whether chunk `index` of `key` is in the cache (not mapped, not checked, not
+        counted)."""
         return (self.directory / key / f"{index:08d}").exists()
 
-    def get(self, key: str, index: int | str, fetch: Callable[[], bytes],
-            check: Callable[[bytes], None]) -> Buffer:
+    def get(self, key: str, index: int | str, fetch: Callable[[], bytes], check: Check,
+            size: int | None) -> Buffer:
         """Chunk `index` of the diff cached under `key`, mapped from its cache file: from the
-        cache, or fetched, checked and cached first. A named piece (`index` a name, such as
-        a zstd diff's seek table) is kept outside the size accounting: it is small."""
+        cache when the file holds `size` bytes (None: a size `check` checks) that pass
+        `check`, else fetched, checked and cached first. A named piece (`index` a name, such
+        as a zstd diff's seek table) is kept outside the size accounting: it is small."""
         name = index if isinstance(index, str) else f"{index:08d}"
         path = self.directory / key / name
-        data = self._cached(path)
+        data = self._cached(path, size, check)
         if data is not None:
             return data
-        path.parent.mkdir(exist_ok=True)
+        private_dir(path.parent)
         # One fetch per chunk on the host: the others wait for it, then map the file.
         with locked(path.parent / f".lock-{name}"):
-            data = self._cached(path)
+            data = self._cached(path, size, check)
             if data is not None:
                 return data
             fetched = fetch()
             self.count(cache_misses=1, fetch_requests=1, fetched_bytes=len(fetched))
             check(fetched)
-            tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
-            tmp.write_bytes(fetched)
-            os.rename(tmp, path)
+            data = self._store(path, fetched)
         with self.counting:
             self.used += len(fetched)
             full = self.used > self.limit_bytes
         if full:
             self._evict()
-        return _mapped(path) or fetched
+        return data
+
+    def _store(self, path: Path, fetched: bytes) -> Buffer:
+        """Checked bytes written to the cache (durable before visible), mapped from the
+        file written (not from the name, which another process may replace meanwhile); the
+        bytes themselves when there is no room (a full disk costs the cache, not the VM)."""
+        try:
+            fd, tmp = new_private_file(path.parent)
+        except OSError:
+            return fetched
+        try:
+            with open(fd, "wb", closefd=False) as f:
+                f.write(fetched)
+            data = _mapped(fd) if fetched else fetched
+            publish(fd, tmp, path)
+            return data
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            return fetched
+        finally:
+            os.close(fd)
 
     def count(self, **counts: int) -> None:
         """Add to the stats (fetch threads count too: under a lock, none is lost)."""
@@ -159,15 +191,60 @@ class ChunkCache:
         does not queue behind the fetches ahead."""
         self.for_readers.run(work)
 
-    def _cached(self, path: Path) -> Buffer | None:
-        data = _mapped(path)
-        if data is None:
+    def _cached(self, path: Path, size: int | None, check: Check) -> Buffer | None:
+        """The cache file at `path` mapped, once it is found to hold `size` bytes passing
+        `check`; None when there is none. A file that is short, empty, not a regular file,
+        unreadable or failing its check is removed (with one line on stderr): a miss."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
             return None
+        except OSError as e:
+            self._discard(path, None, f"cannot be read ({e.strerror})")
+            return None
+        try:
+            found = os.fstat(fd)
+            data = self._checked(fd, found, size, check)
+        except Damaged as e:
+            self._discard(path, found, str(e))
+            return None
+        finally:
+            os.close(fd)
         # recently used; evicted by another thread since it was mapped: the mapping holds it
         with contextlib.suppress(FileNotFoundError):
             os.utime(path)
         self.count(cache_hits=1)
         return data
+
+    @staticmethod
+    def _checked(fd: int, found: os.stat_result, size: int | None, check: Check) -> Buffer:
+        """The open cache file mapped, its size and bytes checked before any is used: the
+        compiled copy reads a whole chunk's mapping, so a short one must never be handed
+        out."""
+        if not stat.S_ISREG(found.st_mode):
+            raise Damaged("is not a regular file")
+        if found.st_size == 0 or (size is not None and found.st_size != size):
+            raise Damaged(f"holds {found.st_size} bytes, not {size}")
+        try:
+            data = _mapped(fd)
+        except OSError as e:
+            raise Damaged(f"cannot be mapped ({e.strerror})") from None
+        try:
+            check(data)
+        except FcsnapError:
+            raise Damaged("does not match the build's hash sidecar") from None
+        return data
+
+    def _discard(self, path: Path, found: os.stat_result | None, why: str) -> None:
+        """Remove a cache file that cannot be used (unless another process replaced it
+        meanwhile): the caller fetches it again."""
+        with contextlib.suppress(OSError):
+            now = os.lstat(path)
+            if found is None or (now.st_ino, now.st_dev) == (found.st_ino, found.st_dev):
+                os.unlink(path)
+        self.count(cache_discarded=1)
+        print(f"fcsnap: warning: chunk cache file {path} {why}: removed, fetched again",
+              file=sys.stderr)
 
     def _scan(self) -> tuple[list[tuple[float, int, Path]], int]:
         chunks = []
@@ -404,7 +481,8 @@ class CachedDiff:
         if chunk is not None:
             return chunk
         if self.serving:
-            chunk = self.cache.lookup(self.key, index)
+            chunk = self.cache.lookup(self.key, index, self._chunk_size(index),
+                                      lambda data: self._check(index * CHUNK, data))
             if chunk is None:
                 with self.lock:
                     landing = index in self.landing
@@ -447,16 +525,21 @@ class CachedDiff:
                 self.mapped.popitem(last=False)
         return chunk
 
+    def _chunk_size(self, index: int) -> int:
+        return min(CHUNK, self.size - index * CHUNK)
+
     def _get(self, index: int) -> Buffer:
         start = index * CHUNK
-        length = min(CHUNK, self.size - start)
+        length = self._chunk_size(index)
         return self.cache.get(
             self.key, index, lambda: self.read_range(start, length),
-            lambda data: self._check(start, data),
+            lambda data: self._check(start, data), length,
         )
 
-    def _check(self, start: int, data: bytes) -> None:
-        """Every block of a fetched chunk against the sidecar, before it is used or cached."""
+    def _check(self, start: int, data: Buffer) -> None:
+        """Every block of a chunk against the sidecar, before it is used or cached: fetched
+        from the store, or found in the host cache (once per process: the chunk stays
+        mapped)."""
         bs = self.block_size
         first, count = start // bs, len(data) // bs
         view = memoryview(data)  # blocks hashed in place, not copied out
@@ -486,7 +569,7 @@ class CachedDiff:
 @contextmanager
 def locked(path: Path) -> Iterator[None]:
     """flock(LOCK_EX) on a lock file: held across processes, released if the holder dies."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

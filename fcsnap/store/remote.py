@@ -10,7 +10,10 @@ Commands that read builds (inspect, verify, unpack, squash, diff's base, ls) rea
 a temporary local directory with the store's layout holding the objects they need (headers,
 manifests, hash sidecars; diffs only for the commands that read data), so the local code
 reads a remote build unchanged. Diffs a command does not read are sparse files of the right
-size (ls counts their bytes, nothing reads them).
+size (ls counts their bytes, nothing reads them). The mirror is private to the user (0700
+directories, 0600 files: fcsnap/store/private.py). A mirrored object is fetched again when its
+ETag is not the one it was fetched as: a long-lived mirror (the daemon's) sees a header,
+sidecar or build.json repaired in the bucket even when its size did not change.
 """
 
 from __future__ import annotations
@@ -34,6 +37,14 @@ from fcsnap.store.layout import (
 from fcsnap.store.locks import NameMoved, builds_read, stop_point
 from fcsnap.store.names import POINTER_MAX, VMS, check_vm_name
 from fcsnap.store.objects import Conflict, ObjectInfo, ObjectStore
+from fcsnap.store.private import (
+    FILE_MODE,
+    new_private_file,
+    private_dir,
+    private_dirs,
+    publish,
+    write_private,
+)
 
 META_FILES = (HEADER, MANIFEST, HASHES)
 DOWNLOAD_STEP = 16 << 20  # bytes per range GET of a whole-object download
@@ -54,6 +65,8 @@ class RemoteStore:
         self.objects = objects
         self.url = objects.url
         self.mirror = scratch  # the local mirror of what this command reads
+        private_dirs(scratch, "mirror directory")
+        self.fetched_as: dict[Path, str] = {}  # each mirrored object's ETag when fetched
 
     def __str__(self) -> str:
         return self.url
@@ -172,32 +185,46 @@ class RemoteStore:
         objects = self.build_objects(build_id)
         if MANIFEST not in objects:
             raise FcsnapError(f"build {build_id} not found in store {self.url}")
-        target.mkdir(parents=True, exist_ok=True)
+        private_dir(target)
         for name, info in objects.items():
             path = target / name
-            if "/" in name or (path.exists() and path.stat().st_size == info.size and (
-                name in META_FILES or not data or path.stat().st_blocks
-            )):
+            if "/" in name:
                 continue
             if name in META_FILES or (data and name in (DIFF_RAW, DIFF_ZSTD, SNAPFILE)):
-                self.download(info.key, path)
-            elif name in (DIFF_RAW, DIFF_ZSTD, SNAPFILE):
-                with open(path, "wb") as f:  # sparse: its size is right, nothing reads it
-                    f.truncate(info.size)
+                if not (info.etag and self.fetched_as.get(path) == info.etag):
+                    self.download(info.key, path)
+            elif name in (DIFF_RAW, DIFF_ZSTD, SNAPFILE) and not (
+                path.exists() and path.stat().st_size == info.size
+            ):  # sparse: its size is right, nothing reads it
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             FILE_MODE)
+                try:
+                    os.ftruncate(fd, info.size)
+                finally:
+                    os.close(fd)
         os.utime(target, (objects[MANIFEST].mtime, objects[MANIFEST].mtime))
         return target
 
-    def download(self, key: str, path: Path) -> None:
-        """Copy an object to a local file, in ranges (no whole diff in memory)."""
+    def download(self, key: str, path: Path, mode: int = FILE_MODE) -> None:
+        """Copy an object to a local file, in ranges (no whole diff in memory), durably
+        before it is visible; remembered as fetched at the ETag it had then. `mode`: the new
+        file's (0600: the mirror is private)."""
         info = self.objects.head(key)
         if info is None:
             raise FcsnapError(f"{self.url}/{key} disappeared")
         step = DOWNLOAD_STEP
-        tmp = path.with_name(f".{path.name}.part")
-        with open(tmp, "wb") as f:
-            for start in range(0, info.size, step):
-                f.write(self.objects.get_range(key, start, min(step, info.size - start)))
-        os.rename(tmp, path)
+        fd, tmp = new_private_file(path.parent, mode)
+        try:
+            with open(fd, "wb", closefd=False) as f:
+                for start in range(0, info.size, step):
+                    f.write(self.objects.get_range(key, start, min(step, info.size - start)))
+            publish(fd, tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+        self.fetched_as[path] = info.etag
 
     def mirror_lineage(self, build_id: uuid.UUID, data: bool = False) -> Path:
         """The build and every build its header reads, mirrored; the head's directory."""
@@ -209,8 +236,8 @@ class RemoteStore:
 
     def mirror_names(self, names: Iterable[str] | None = None) -> None:
         vms = self.mirror / VMS
-        vms.mkdir(parents=True, exist_ok=True)
+        private_dir(vms)
         pointers = self.names()
         for name in pointers if names is None else names:
             if name in pointers:
-                (vms / name).write_text(pointers[name] + "\n")
+                write_private(vms / name, (pointers[name] + "\n").encode())

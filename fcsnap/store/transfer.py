@@ -159,7 +159,7 @@ def _fetch(build_id: uuid.UUID, source: Store, target: Path) -> int:
         objects = source.build_objects(build_id)
         for name, info in objects.items():
             if "/" not in name:
-                source.download(info.key, target / name)
+                source.download(info.key, target / name, 0o666)  # a store's: the umask's
         return sum(o.size for o in objects.values())
     total = 0
     for path in build_path(source, build_id).iterdir():
