@@ -334,7 +334,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         usage_error(f"argument --reactors: invalid value {args.reactors}: at least 1",
                     f"{PROG} serve")
     return run_daemon(store, args.api, _socket_access(args), max(0, args.cache_mb) << 20,
-                      args.preload, args.reactors)
+                      args.preload, args.reactors, _output_dir(args.output_dir))
+
+
+def _output_dir(path: Path | None) -> Path | None:
+    """serve --output-dir: an existing directory, kept as its real path (symlinks resolved
+    once, here: below it none are followed)."""
+    from fcsnap.errors import FcsnapError
+
+    if path is None:
+        return None
+    if not path.is_dir():
+        raise FcsnapError(f"--output-dir {path}: not a directory")
+    return Path(os.path.realpath(path))
 
 
 def _socket_access(args: argparse.Namespace) -> Any:
@@ -710,6 +722,9 @@ def build_parser() -> Parser:
     sub.add_argument("--reactors", type=int, default=None, metavar="N",
                      help="Threads serving the VMs, each any number of them (one per CPU "
                           "the daemon may use).")
+    sub.add_argument("--output-dir", type=Path, metavar="DIR",
+                     help="Requests may have stats and record_ws files written under DIR "
+                          "(none elsewhere; without this option, none at all).")
     _add_socket_access(sub, "API socket", "call the API")
 
     for verb, text in (

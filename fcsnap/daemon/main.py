@@ -29,10 +29,12 @@ if TYPE_CHECKING:
 
 def run_daemon(store: Path | RemoteBuilds, api_path: Path, access: SocketAccess,
                cache_bytes: int, preload: list[str] | None = None,
-               reactors: int | None = None) -> int:
+               reactors: int | None = None, output_dir: Path | None = None) -> int:
     """Serve the API until SIGTERM/SIGINT; 0 once every restore has ended. The `preload`
     builds are open before the API listens (an unknown one: FcsnapError, nothing listens).
-    `reactors`: threads serving the VMs (None: one per CPU this process may use)."""
+    `reactors`: threads serving the VMs (None: one per CPU this process may use).
+    `output_dir`: the directory under which requests may name stats and record_ws files
+    (None: they may name none)."""
     if isinstance(store, Path) and not store.is_dir():
         raise FcsnapError(f"store {store} is not a directory")
     stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
@@ -44,7 +46,7 @@ def run_daemon(store: Path | RemoteBuilds, api_path: Path, access: SocketAccess,
             raise FcsnapError(str(e)) from e
         try:
             metrics = DaemonMetrics()
-            restores = Restores(store, cache_bytes, watchdog, reactors)
+            restores = Restores(store, cache_bytes, watchdog, reactors, output_dir)
             metrics.attach(restores)
             try:
                 restores.preload(preload or [])

@@ -97,8 +97,9 @@ class Restores:
     """Every restore of the daemon: start, list, end; totals of the ended ones for metrics."""
 
     def __init__(self, store: Path | RemoteBuilds, cache_bytes: int, watchdog: Watchdog,
-                 reactors: int | None = None) -> None:
+                 reactors: int | None = None, output_dir: Path | None = None) -> None:
         self.store = store
+        self.output_dir = output_dir  # where requests may have stats and working sets written
         self.builds = BuildRegistry(cache_bytes)
         self.watchdog = watchdog
         self._live: dict[str, Restore] = {}
@@ -134,7 +135,8 @@ class Restores:
         loaded reactor when this returns. RequestError/FcsnapError: nothing listens."""
         if self._closing:
             raise RequestError("the daemon is stopping", 503)
-        request: RestoreRequest = parse_restore(body, self.store, self.builds.cache_bytes)
+        request: RestoreRequest = parse_restore(body, self.store, self.builds.cache_bytes,
+                                                 self.output_dir)
         restore_id = uuid.uuid4().hex[:16]
         options = request.options
         options.watchdog = self.watchdog
