@@ -7,7 +7,8 @@ little more than the interpreter, and `restore` loads numpy only once its socket
 
 Exit statuses: 0 done, 1 a runtime failure (one line `fcsnap: error: ...`; `--debug` or
 FCSNAP_DEBUG=1 adds the traceback; none when a pipe's reader stopped early), 2 a usage error
-(one line too), 130 interrupted.
+(one line too), 130 interrupted (SIGINT), 143 terminated (SIGTERM; `restore` and `serve`
+handle SIGTERM themselves once serving: they exit 0).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -28,6 +31,18 @@ if TYPE_CHECKING:
 PROG = "fcsnap"
 USAGE_ERROR = 2
 INTERRUPTED = 130
+TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where SIGINT raises KeyboardInterrupt, so that a command stopped by
+    either (a service manager, `timeout`, `kill`) undoes its staging and partial output the
+    same way."""
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second one must not cut cleanup
+    raise Terminated
 
 
 class Parser(argparse.ArgumentParser):
@@ -883,6 +898,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
     """Console entry point: one clear line and exit 1 for runtime failures, 2 for usage."""
     from fcsnap.errors import FcsnapError, UsageError
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         status = run(argv)
         sys.stdout.flush()
@@ -901,9 +918,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
             message = f"{e.strerror or e}: {e.filename}" if e.filename else f"{e.strerror or e}"
         print(f"{PROG}: error: {message}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        sys.exit(INTERRUPTED)
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print(f"{PROG}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        sys.exit(TERMINATED if terminated else INTERRUPTED)
     except Exception as e:  # a bug: still one line, and the traceback on request
         _traceback()
         print(
