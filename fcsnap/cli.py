@@ -896,7 +896,7 @@ _state = {"debug": os.environ.get("FCSNAP_DEBUG") == "1"}
 
 def main(argv: list[str] | None = None) -> NoReturn:
     """Console entry point: one clear line and exit 1 for runtime failures, 2 for usage."""
-    from fcsnap.errors import FcsnapError, UsageError
+    from fcsnap.errors import FcsnapError, UsageError, redact
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
@@ -905,7 +905,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         sys.stdout.flush()
     except UsageError as e:
         _traceback()
-        usage_error(str(e), f"{PROG} {_command_name(argv)}".rstrip())
+        usage_error(redact(str(e)), f"{PROG} {_command_name(argv)}".rstrip())
     except (FcsnapError, OSError) as e:
         if isinstance(e, BrokenPipeError) and _reader_gone():
             # `fcsnap inspect ... | head`: the reader has what it wanted; nothing to report.
@@ -916,7 +916,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
             message = str(e)
         else:  # an OSError of a write has no file name: then say what was being done
             message = f"{e.strerror or e}: {e.filename}" if e.filename else f"{e.strerror or e}"
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        print(f"{PROG}: error: {redact(message)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)
@@ -925,7 +925,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except Exception as e:  # a bug: still one line, and the traceback on request
         _traceback()
         print(
-            f"{PROG}: error: internal error ({type(e).__name__}: {e}); "
+            f"{PROG}: error: internal error ({type(e).__name__}: {redact(str(e))}); "
             "run with --debug or FCSNAP_DEBUG=1 for the traceback",
             file=sys.stderr,
         )

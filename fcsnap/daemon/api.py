@@ -29,7 +29,7 @@ from typing import Any
 from fcsnap.daemon.metrics import CONTENT_TYPE, DaemonMetrics
 from fcsnap.daemon.request import RequestError
 from fcsnap.daemon.restores import Restores, log
-from fcsnap.errors import FcsnapError
+from fcsnap.errors import FcsnapError, redact
 from fcsnap.uffd.handshake import peer_credentials
 from fcsnap.uffd.listener import SocketAccess
 
@@ -94,12 +94,12 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self._dispatch(method, self.path.split("?", 1)[0].rstrip("/") or "/")
         except RequestError as e:
-            self._json(e.status, {"error": str(e)})
+            self._json(e.status, {"error": redact(str(e))})
         except FcsnapError as e:
-            self._json(400, {"error": str(e)})
+            self._json(400, {"error": redact(str(e))})
         except Exception as e:  # a bug answers 500 and ends nothing else
             traceback.print_exc()
-            self._json(500, {"error": f"internal error ({type(e).__name__}: {e})"})
+            self._json(500, {"error": redact(f"internal error ({type(e).__name__}: {e})")})
 
     def _dispatch(self, method: str, path: str) -> None:
         restores = self.server.restores

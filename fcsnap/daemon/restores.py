@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcsnap.daemon.request import RequestError, RestoreRequest, parse_restore, request_build
-from fcsnap.errors import FcsnapError
+from fcsnap.errors import FcsnapError, redact
 from fcsnap.uffd import latency
 from fcsnap.uffd.firecracker_api import Response, SnapshotLoad
 from fcsnap.uffd.reactor import Reactor
@@ -296,5 +296,5 @@ def default_reactors() -> int:
 def log(line: str) -> None:
     """One line on stderr, written whole: print() writes the newline separately, so lines
     from two restores ending at once could run together."""
-    sys.stderr.write(f"fcsnap: {line}\n")
+    sys.stderr.write(f"fcsnap: {redact(line)}\n")
     sys.stderr.flush()
