@@ -348,8 +348,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.reactors is not None and args.reactors < 1:
         usage_error(f"argument --reactors: invalid value {args.reactors}: at least 1",
                     f"{PROG} serve")
+    if args.max_api_connections < 1:
+        usage_error(f"argument --max-api-connections: invalid value "
+                    f"{args.max_api_connections}: at least 1", f"{PROG} serve")
     return run_daemon(store, args.api, _socket_access(args), max(0, args.cache_mb) << 20,
-                      args.preload, args.reactors, _output_dir(args.output_dir))
+                      args.preload, args.reactors, _output_dir(args.output_dir),
+                      args.max_api_connections)
 
 
 def _output_dir(path: Path | None) -> Path | None:
@@ -740,6 +744,8 @@ def build_parser() -> Parser:
     sub.add_argument("--output-dir", type=Path, metavar="DIR",
                      help="Requests may have stats and record_ws files written under DIR "
                           "(none elsewhere; without this option, none at all).")
+    sub.add_argument("--max-api-connections", type=int, default=64, metavar="N",
+                     help="API connections served at once; more are answered 503 (64).")
     _add_socket_access(sub, "API socket", "call the API")
 
     for verb, text in (
