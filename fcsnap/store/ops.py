@@ -160,11 +160,9 @@ def check_output(output: Path, force: bool) -> None:
     elif stat.S_ISDIR(mode):
         raise FcsnapError(f"{output} is a directory: give the memory file to write")
     elif not stat.S_ISREG(mode):
-        kind = {
-            stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
-            stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-        }.get(stat.S_IFMT(mode), "not a regular file")
-        raise FcsnapError(f"{output} is {kind}: only a regular file can be replaced")
+        raise FcsnapError(
+            f"{output} is {outputs.kind_of(mode)}: only a regular file can be replaced"
+        )
     elif not force:
         raise FcsnapError(f"{output} exists (use --force to replace it)")
 

@@ -213,18 +213,3 @@ def read_through(
         return raw  # type: ignore[return-value]  (DiffFile's reading interface)
 
     open_diffs_with(store.mirror, opener)
-
-
-def add_fetch_stats(path: Path, stats: FetchStats) -> None:
-    """restore --stats of a build in object storage: the fetch counters beside the server's.
-    Stats written to a device or FIFO went there whole already: nothing to add to."""
-    import json
-
-    from fcsnap.outputs import read_output, write_output
-
-    try:
-        report = json.loads(read_output(path))
-    except (OSError, ValueError):
-        return  # the server did not write its stats as a file: nothing to add to
-    report.update(stats.as_dict())
-    write_output(path, (json.dumps(report, indent=2) + "\n").encode(), "--stats")

@@ -80,6 +80,7 @@ class ServeOptions:
     access: SocketAccess = field(default_factory=SocketAccess)  # mode, owner, admitted uids
     watchdog: Watchdog | None = None  # a shared one (a daemon's); None: run() starts its own
     output_root: Path | None = None  # stats_path and record_ws must be under it (a daemon's)
+    more_stats: Callable[[], dict[str, Any]] | None = None  # others' counters (S3 fetches)
 
 
 def stats_json(stats: InstallStats, extra: dict[str, Any]) -> dict[str, Any]:
@@ -269,6 +270,8 @@ class Session:
             "rejected_peers": self.rejected_peers,
             "build_id": str(self.header.metadata.build_id),
         }
+        if self.options.more_stats is not None:
+            extra.update(self.options.more_stats())
         return stats_json(self.stats, extra)
 
     # -- handlers (the reactor's thread) ---------------------------------------------------
