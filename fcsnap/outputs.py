@@ -22,6 +22,7 @@ import contextlib
 import errno
 import os
 import secrets
+import select
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from pathlib import Path
 from fcsnap.errors import FcsnapError
 
 TEMP_SUFFIX = ".tmp"
+STALL_TIMEOUT = 10.0  # seconds a FIFO's reader may leave it full
 _TRIES = 16  # names taken meanwhile (planted): another random name each time
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _KINDS = {
@@ -110,10 +112,19 @@ def _existing(dir_fd: int, path: Path, what: str) -> int | None:
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
-    """Write everything (a short write is retried: the retry says why it cannot go on)."""
+    """Write everything (a short write is retried: the retry says why it cannot go on). A
+    device or FIFO written in place is non-blocking: a reader that stops reading for
+    STALL_TIMEOUT seconds fails the write rather than hold the writer (a daemon's reactor)."""
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+            if not poller.poll(STALL_TIMEOUT * 1000):
+                raise TimeoutError(errno.ETIMEDOUT, f"its reader read nothing for "
+                                   f"{STALL_TIMEOUT:g}s") from None
 
 
 def write_output(path: Path, data: bytes, what: str, root: Path | None = None) -> None:
@@ -190,7 +201,6 @@ def _open_in_place(dir_fd: int, path: Path, what: str) -> int:
     if not (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):  # replaced since we looked
         os.close(fd)
         raise OutputError(_say(what, path, "it changed while being opened"))
-    os.set_blocking(fd, True)
     return fd
 
 

@@ -96,9 +96,12 @@ def test_stats_and_record_ws_to_a_device_leave_it_a_device(tmp_path: Path) -> No
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
-def test_a_fifo_output_is_written_in_place(tmp_path: Path) -> None:
+def test_a_fifo_output_is_written_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
     """A FIFO someone reads gets the whole content; one nobody reads is refused at once
-    (one line), not waited on; the FIFO stays a FIFO."""
+    (one line), not waited on, and one whose reader stops reading fails after
+    STALL_TIMEOUT; the FIFO stays a FIFO."""
+    from fcsnap import outputs
     from fcsnap.outputs import OutputError, write_output
 
     fifo = tmp_path / "pipe"
@@ -116,6 +119,13 @@ def test_a_fifo_output_is_written_in_place(tmp_path: Path) -> None:
             threading.Event().wait(0.01)
     reader.join(WAIT)
     assert got == [b"whole document\n"]
+    monkeypatch.setattr(outputs, "STALL_TIMEOUT", 0.2)
+    idle = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader that never reads
+    try:
+        with pytest.raises(OutputError, match="its reader read nothing for 0.2s"):
+            write_output(fifo, bytes(4 << 20), "--record-ws")
+    finally:
+        os.close(idle)
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
@@ -210,3 +220,18 @@ def test_daemon_writes_outputs_only_under_its_output_dir(tmp_path: Path) -> None
         assert code == 403 and "--output-dir" in answer["error"], answer
     finally:
         plain.close()
+
+
+def test_unpack_output_is_private_and_replaces_a_link_not_its_target(tmp_path: Path) -> None:
+    """`unpack -o LINK --force`: the link is replaced by the memory file (0600: guest memory),
+    the file it pointed at is untouched."""
+    from fcsnap.store import ops
+
+    store = one_build_store(tmp_path, SIZE, seed=7)
+    victim = _victim(tmp_path)
+    out = tmp_path / "out.mem"
+    out.symlink_to(victim)
+    ops.unpack(store / (store / "vms" / "vm").read_text().strip(), out, force=True)
+    assert victim.read_bytes() == VICTIM
+    assert not out.is_symlink() and out.read_bytes() == (tmp_path / "vm.mem").read_bytes()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
