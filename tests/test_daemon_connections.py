@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
-import time
 from pathlib import Path
 
 from helpers import WAIT, one_build_store, wait_for
@@ -37,6 +37,11 @@ def ask(api: Path) -> tuple[int, dict]:
     return int(head.split()[1]), json.loads(body)
 
 
+def answered(sockets: list[socket.socket]) -> list[socket.socket]:
+    """Those with something to read (an answer, or the end of the connection)."""
+    return select.select(sockets, [], [], 0)[0]
+
+
 def _length(data: bytes) -> int:
     for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
@@ -61,9 +66,11 @@ def test_half_sent_requests_hold_at_most_the_cap(tmp_path: Path) -> None:
             s.connect(str(daemon.api))
             s.sendall(b"POST /restores HTTP/1.1\r\nContent-Len")
             held.append(s)
-        wait_for(lambda: threads(daemon.proc.pid) >= before + CAP, "the daemon to fill its cap")
-        time.sleep(0.5)  # the rest of them accepted (and turned away) meanwhile
+        wait_for(lambda: len(answered(held)) == HALF_SENT - CAP,
+                 "every connection beyond the cap to be answered")
         assert threads(daemon.proc.pid) <= before + CAP
+        for s in answered(held):
+            assert s.recv(4096).startswith(b"HTTP/1.1 503 ")
         status, answer = ask(daemon.api)
         assert status == 503 and f"at most {CAP}" in answer["error"], answer
         for s in held:
