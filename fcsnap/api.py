@@ -389,7 +389,7 @@ def restore(
     allowed `fetch_timeout` seconds with its retries; the rest of what it reads of raw diffs is
     fetched in the background unless `lazy_fetch`."""
     from fcsnap.restore_options import check_restore
-    from fcsnap.store.stores import add_fetch_stats, open_store, serve_source
+    from fcsnap.store.stores import open_store, serve_source
     from fcsnap.uffd.server import FaultServer, ServeOptions
 
     checked = check_restore(  # fault_around: a size ("256K", 0) or "adaptive", as typed
@@ -416,11 +416,10 @@ def restore(
         if load is not None:  # in the background: Firecracker answers after our accept
             load.start(server.fail, on_loaded or (lambda _response: None))
 
-    server = FaultServer(build_dir, ServeOptions(socket=socket, on_listening=listening, **options))
+    more_stats = None if fetched is None else fetched.as_dict  # fetch counters in --stats
+    server = FaultServer(build_dir, ServeOptions(socket=socket, on_listening=listening,
+                                                 more_stats=more_stats, **options))
     status = server.run()
-    stats_path = options.get("stats_path")
-    if fetched is not None and stats_path is not None:
-        add_fetch_stats(Path(stats_path), fetched)
     if load is not None and (error := load.finish()) is not None:
         raise error
     return Served(status, server.exit_reason, server.stats)

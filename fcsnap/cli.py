@@ -7,7 +7,8 @@ little more than the interpreter, and `restore` loads numpy only once its socket
 
 Exit statuses: 0 done, 1 a runtime failure (one line `fcsnap: error: ...`; `--debug` or
 FCSNAP_DEBUG=1 adds the traceback; none when a pipe's reader stopped early), 2 a usage error
-(one line too), 130 interrupted.
+(one line too), 130 interrupted (SIGINT), 143 terminated (SIGTERM; `restore` and `serve`
+handle SIGTERM themselves once serving: they exit 0).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -28,6 +31,18 @@ if TYPE_CHECKING:
 PROG = "fcsnap"
 USAGE_ERROR = 2
 INTERRUPTED = 130
+TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where SIGINT raises KeyboardInterrupt, so that a command stopped by
+    either (a service manager, `timeout`, `kill`) undoes its staging and partial output the
+    same way."""
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second one must not cut cleanup
+    raise Terminated
 
 
 class Parser(argparse.ArgumentParser):
@@ -349,8 +364,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.reactors is not None and args.reactors < 1:
         usage_error(f"argument --reactors: invalid value {args.reactors}: at least 1",
                     f"{PROG} serve")
+    if args.max_api_connections < 1:
+        usage_error(f"argument --max-api-connections: invalid value "
+                    f"{args.max_api_connections}: at least 1", f"{PROG} serve")
     return run_daemon(store, args.api, _socket_access(args), max(0, args.cache_mb) << 20,
-                      args.preload, args.reactors)
+                      args.preload, args.reactors, _output_dir(args.output_dir),
+                      args.max_api_connections)
+
+
+def _output_dir(path: Path | None) -> Path | None:
+    """serve --output-dir: an existing directory, kept as its real path (symlinks resolved
+    once, here: below it none are followed)."""
+    from fcsnap.errors import FcsnapError
+
+    if path is None:
+        return None
+    if not path.is_dir():
+        raise FcsnapError(f"--output-dir {path}: not a directory")
+    return Path(os.path.realpath(path))
 
 
 def _socket_access(args: argparse.Namespace) -> Any:
@@ -753,6 +784,11 @@ def build_parser() -> Parser:
     sub.add_argument("--reactors", type=int, default=None, metavar="N",
                      help="Threads serving the VMs, each any number of them (one per CPU "
                           "the daemon may use).")
+    sub.add_argument("--output-dir", type=Path, metavar="DIR",
+                     help="Requests may have stats and record_ws files written under DIR "
+                          "(none elsewhere; without this option, none at all).")
+    sub.add_argument("--max-api-connections", type=int, default=64, metavar="N",
+                     help="API connections served at once; more are answered 503 (64).")
     _add_socket_access(sub, "API socket", "call the API")
 
     for verb, text in (
@@ -909,14 +945,16 @@ _state = {"debug": os.environ.get("FCSNAP_DEBUG") == "1"}
 
 def main(argv: list[str] | None = None) -> NoReturn:
     """Console entry point: one clear line and exit 1 for runtime failures, 2 for usage."""
-    from fcsnap.errors import FcsnapError, UsageError
+    from fcsnap.errors import FcsnapError, UsageError, redact
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         status = run(argv)
         sys.stdout.flush()
     except UsageError as e:
         _traceback()
-        usage_error(str(e), f"{PROG} {_command_name(argv)}".rstrip())
+        usage_error(redact(str(e)), f"{PROG} {_command_name(argv)}".rstrip())
     except (FcsnapError, OSError) as e:
         if isinstance(e, BrokenPipeError) and _reader_gone():
             # `fcsnap inspect ... | head`: the reader has what it wanted; nothing to report.
@@ -927,15 +965,16 @@ def main(argv: list[str] | None = None) -> NoReturn:
             message = str(e)
         else:  # an OSError of a write has no file name: then say what was being done
             message = f"{e.strerror or e}: {e.filename}" if e.filename else f"{e.strerror or e}"
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        print(f"{PROG}: error: {redact(message)}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        sys.exit(INTERRUPTED)
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print(f"{PROG}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        sys.exit(TERMINATED if terminated else INTERRUPTED)
     except Exception as e:  # a bug: still one line, and the traceback on request
         _traceback()
         print(
-            f"{PROG}: error: internal error ({type(e).__name__}: {e}); "
+            f"{PROG}: error: internal error ({type(e).__name__}: {redact(str(e))}); "
             "run with --debug or FCSNAP_DEBUG=1 for the traceback",
             file=sys.stderr,
         )

@@ -1,4 +1,16 @@
-"""The error types: every failure fcsnap foresees is an FcsnapError, one line for the user."""
+"""The error types: every failure fcsnap foresees is an FcsnapError, one line for the user;
+and `redact`, which every line shown to a user or a log goes through."""
+
+import re
+
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s?#]*@")
+
+
+def redact(text: str) -> str:
+    """`text` with the user and password of every URL in it replaced by `***`: an endpoint
+    given as http://user:pass@host (AWS_ENDPOINT_URL) must not reach a terminal, a log or an
+    API client whole."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 class FcsnapError(Exception):

@@ -12,6 +12,13 @@ import signal
 import threading
 
 
+def block_signals() -> None:
+    """Block every signal in the calling thread (a pool's initializer: the pool's threads, and
+    the threads they start, such as zstd's, leave SIGTERM and SIGINT to the main thread, which
+    is then woken from waiting on them rather than after their work is done)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+
+
 def start_signal_free(thread: threading.Thread) -> threading.Thread:
     """Start `thread` with every signal blocked (a new thread inherits its creator's mask;
     the creator's own mask is restored at once, and a signal pending meanwhile reaches it)."""

@@ -38,20 +38,24 @@ def format_bytes(n: float) -> str:
     return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
 
 
-_DURATIONS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATIONS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def parse_duration(text: str, what: str = "duration") -> float:
-    """Parse '0', '90s', '30m', '1h', '2d', '1w' (a number alone is seconds) into seconds."""
+    """Parse '0', '90s', '30m', '1h', '2d', '1w' into seconds. A number other than 0 needs
+    its unit: `--grace 1` meant as an hour must not delete builds a second old."""
     raw = text.strip().lower()
     suffix = raw[-1:] if raw[-1:].isalpha() else ""
     try:
         number = float(raw[: len(raw) - len(suffix)])
     except ValueError:
         number = -1.0
-    if suffix not in _DURATIONS or not 0 <= number < float("inf"):
+    if (suffix or "s") not in _DURATIONS or not 0 <= number < float("inf"):
         raise UsageError(f"invalid {what} {text!r}: use e.g. 0, 90s, 30m, 1h, 2d")
-    return number * _DURATIONS[suffix]
+    if not suffix and number:
+        raise UsageError(f"invalid {what} {text!r}: give a unit, s, m, h, d or w (e.g. "
+                         f"{text.strip()}s, {text.strip()}h)")
+    return number * _DURATIONS[suffix or "s"]
 
 
 def format_block_size(n: int) -> str:

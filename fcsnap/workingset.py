@@ -8,7 +8,6 @@ memory size u64, count u64, then `count` u64 guest offsets (4096-aligned, distin
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
+from fcsnap.outputs import write_output
 from fcsnap.units import PAGE
 
 MAGIC = b"FCWS"
@@ -64,10 +64,10 @@ def read_working_set(path: Path, size: int) -> np.ndarray:
     return offsets
 
 
-def write_working_set(path: Path, size: int, offsets: Iterable[int]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(dump_working_set(size, offsets))
-    os.replace(tmp, path)
+def write_working_set(path: Path, size: int, offsets: Iterable[int], what: str = "",
+                      root: Path | None = None) -> None:
+    """Write the file safely (fcsnap/outputs.py); OutputError naming `what` and `path`."""
+    write_output(path, dump_working_set(size, offsets), what, root)
 
 
 def merge_working_sets(
@@ -104,8 +104,5 @@ def merge_working_set_files(paths: list[Path], min_runs: int | None, out: Path) 
         size, offsets = parse_working_set(read_regular(path, "working set"), str(path))
         recordings.append((str(path), size, offsets))
     size, merged = merge_working_sets(recordings, len(paths) if min_runs is None else min_runs)
-    try:
-        write_working_set(out, size, merged.tolist())
-    except OSError as e:
-        raise FcsnapError(f"cannot write {out}: {e.strerror or e}") from e
+    write_working_set(out, size, merged.tolist())
     return len(merged)

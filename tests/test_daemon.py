@@ -154,7 +154,7 @@ class Daemon:
 
 @pytest.fixture
 def daemon(store, tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(store[0], tmp_path)
+    d = Daemon(store[0], tmp_path, "--output-dir", str(tmp_path))
     yield d
     d.close()
 

@@ -443,17 +443,28 @@ def test_gc_bad_options(store: Store, args: tuple[str, ...], message: str) -> No
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("0", 0), ("45", 45), ("90s", 90), ("30m", 1800), ("1h", 3600), ("1.5h", 5400),
+    [("0", 0), ("0.0", 0), ("45s", 45), ("90s", 90), ("30m", 1800), ("1h", 3600), ("1.5h", 5400),
      ("2d", 172800), ("1w", 604800)],
 )
 def test_grace_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "h", "1x", "-5m", "nan", "inf", "1hh"])
+@pytest.mark.parametrize("text", ["", "h", "1x", "-5m", "nan", "inf", "1hh", "1", "45"])
 def test_bad_grace_durations(text: str) -> None:
     with pytest.raises(FcsnapError, match="invalid duration"):
         parse_duration(text)
+
+
+def test_gc_grace_without_a_unit_is_a_usage_error(store: Store) -> None:
+    """`gc --grace 1` (meant as an hour?) deletes nothing: exit 2, one line naming the units."""
+    before = sorted(p.name for p in store.path.iterdir())
+    result = fcsnap("gc", "--store", store.path, "--grace", "1")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "fcsnap: error: argument --grace: invalid --grace '1': give a unit, s, m, h, d or w "
+        "(e.g. 1s, 1h) (see 'fcsnap gc --help')"]
+    assert sorted(p.name for p in store.path.iterdir()) == before
 
 
 def test_a_damaged_manifest_is_shown_and_does_not_hide_what_a_header_reads(store: Store) -> None:

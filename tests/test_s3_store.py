@@ -160,6 +160,19 @@ def test_a_pack_killed_mid_upload_leaves_no_object(bucket: Bucket, tmp_path: Pat
     assert json.loads(run(bucket, "ls", "--store", store, "--json").stdout)["names"] == []
 
 
+def test_sigterm_during_a_pack_removes_what_it_uploaded(bucket: Bucket, tmp_path: Path) -> None:
+    """SIGTERM once the diff, header and sidecar are up (before build.json): the pack removes
+    them as a failing pack does, says so in one line and exits 143; the name is not made."""
+    store = bucket.url()
+    mem = memfile(tmp_path, "m0", seed=5)
+    proc = start_stopped(bucket, "pack", mem, "--store", store, "--name", "web", point="commit")
+    assert bucket.listing() != []
+    proc.send_signal(signal.SIGTERM)  # pending until it runs again
+    status, err = finish(proc)
+    assert status == 143 and err.splitlines() == ["fcsnap: terminated"]
+    assert bucket.listing() == []
+
+
 def test_a_failing_pack_removes_what_it_uploaded(bucket: Bucket, tmp_path: Path) -> None:
     store = bucket.url()
     (tmp_path / "bad").write_bytes(b"x" * 5000)  # not a multiple of 4 KiB

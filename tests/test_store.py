@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import fcsnap, unpacked
+from store_procs import start_stopped
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import load_header
@@ -336,9 +337,13 @@ def test_killed_pack_leaves_no_build_and_no_pointer_change(tmp_path):
     assert not any(p.name.startswith(".staging-") for p in store.iterdir())
 
 
-def test_interrupted_pack_removes_its_own_staging(tmp_path):
-    """Ctrl-C (SIGINT) mid-pack: the command cleans up after itself - no build, no staging
-    directory, no pointer change - and exits 130 without a traceback."""
+@pytest.mark.parametrize(("signum", "status", "line"), [
+    (signal.SIGINT, 130, "fcsnap: interrupted"), (signal.SIGTERM, 143, "fcsnap: terminated"),
+], ids=["INT", "TERM"])
+def test_interrupted_pack_removes_its_own_staging(tmp_path, signum, status, line):
+    """Ctrl-C (SIGINT) or SIGTERM (a service manager, `timeout`) mid-pack: the command cleans
+    up after itself - no build, no staging directory, no pointer change - and exits 130 (143)
+    with one line, no traceback."""
     store = tmp_path / "store"
     write_full(tmp_path / "small", synthetic_memory(4 * MIB, seed=13))
     assert fcsnap("pack", tmp_path / "small", "--store", store, "--name", "vm").returncode == 0
@@ -352,14 +357,14 @@ def test_interrupted_pack_removes_its_own_staging(tmp_path):
     )
     try:
         wait_mid_pack(store, proc)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
-    assert proc.returncode == 130
-    assert "Traceback" not in err.decode() and len(err.decode().splitlines()) <= 1
+    assert proc.returncode == status
+    assert err.decode().splitlines() == [line]
     assert (visible_builds(store), (store / VMS / "vm").read_text()) == before
     assert not any(p.name.startswith(".") for p in store.iterdir())
 
@@ -427,3 +432,26 @@ def test_bad_memory_files_get_one_line_and_exit_1(tmp_path, case):
     assert r.returncode == 1, r.stdout
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert visible_builds(store) == before
+
+
+def test_sigterm_during_unpack_leaves_no_partial_output(tmp_path):
+    """SIGTERM while `unpack` writes (stopped there, then terminated): one line, exit 143,
+    no output and no temporary file left beside it."""
+    write_full(tmp_path / "m", synthetic_memory(4 * MIB, seed=15))
+    assert fcsnap("pack", tmp_path / "m", "--store", tmp_path / "s", "--name", "vm"
+                  ).returncode == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = start_stopped("unpack", "vm", "--store", tmp_path / "s", "-o", out / "mem",
+                         point="unpacking")
+    try:
+        proc.send_signal(signal.SIGTERM)  # pending until it runs again
+        proc.send_signal(signal.SIGCONT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert proc.returncode == 143
+    assert err.splitlines() == ["fcsnap: terminated"]
+    assert list(out.iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import subprocess
 import sys
@@ -21,7 +22,6 @@ from fcsnap.store.locks import (
     lock_dir,
     lock_lineage,
     locked_new_dir,
-    locked_new_file,
     publish_name,
     try_remove_staging,
 )
@@ -81,11 +81,16 @@ def test_cleanup_keeps_staging_a_live_process_holds_and_removes_it_once_gone(tmp
 
 def test_locked_new_dir_and_file_are_held_against_cleanup(tmp_path):
     lock = locked_new_dir(tmp_path / ".staging-2-y")
-    partial = locked_new_file(tmp_path / ".fcsnap-unpack-z.partial")
-    assert not try_remove_staging(lock.path) and not try_remove_staging(partial.path)
+    partial = tmp_path / ".fcsnap-unpack-z.partial"
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        partial_fd = ops.locked_partial(dir_fd, partial.name)
+    finally:
+        os.close(dir_fd)
+    assert not try_remove_staging(lock.path) and not try_remove_staging(partial)
     lock.release()
-    partial.release()
-    assert try_remove_staging(lock.path) and try_remove_staging(partial.path)
+    os.close(partial_fd)
+    assert try_remove_staging(lock.path) and try_remove_staging(partial)
     assert list(tmp_path.iterdir()) == []
 
 

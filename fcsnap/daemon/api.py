@@ -11,9 +11,11 @@
 
 Errors are {"error": "<one line>"} with a 4xx (5xx for a bug, which ends nothing else). The
 HTTP is the standard library's http.server, one thread per connection: requests are few and
-small next to the faults, which never wait for them. The socket is made by the restore socket's
-own `listen` (0600 from the start, --socket-owner/--socket-mode), and each connection's uid is
-checked as a VM's is (SO_PEERCRED, --allow-uid).
+small next to the faults, which never wait for them. Connections are capped
+(--max-api-connections): one beyond the cap is answered 503 at once by the accepting thread,
+so clients that connect and never finish a request hold at most that many threads. The socket
+is made by the restore socket's own `listen` (0600 from the start, --socket-owner/
+--socket-mode), and each connection's uid is checked as a VM's is (SO_PEERCRED, --allow-uid).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import contextlib
 import json
 import socket
 import socketserver
+import threading
 import traceback
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -29,11 +32,12 @@ from typing import Any
 from fcsnap.daemon.metrics import CONTENT_TYPE, DaemonMetrics
 from fcsnap.daemon.request import RequestError
 from fcsnap.daemon.restores import Restores, log
-from fcsnap.errors import FcsnapError
+from fcsnap.errors import FcsnapError, redact
 from fcsnap.uffd.handshake import peer_credentials
 from fcsnap.uffd.listener import SocketAccess
 
 MAX_BODY = 64 << 10
+MAX_CONNECTIONS = 64  # API connections served at once (each a thread); more are answered 503
 BACKLOG = 128  # API clients queued at once (listen() makes the VM sockets' 1)
 CLIENT_TIMEOUT = 30.0  # seconds an idle or slow API connection may hold its thread
 
@@ -45,8 +49,10 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     block_on_close = False
 
     def __init__(self, sock: socket.socket, access: SocketAccess, restores: Restores,
-                 metrics: DaemonMetrics) -> None:
+                 metrics: DaemonMetrics, max_connections: int = MAX_CONNECTIONS) -> None:
         super().__init__("", _Handler, bind_and_activate=False)
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
         self.socket.close()
         self.socket = sock
         sock.listen(BACKLOG)
@@ -60,6 +66,36 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             return True
         log(f"refused an API connection from uid {uid} (pid {pid})")
         return False
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread for the connection if one of the `max_connections` slots is free; a 503
+        from this (the accepting) thread otherwise, without waiting for the client."""
+        if not self._slots.acquire(blocking=False):
+            self._busy(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _busy(self, request: socket.socket) -> None:
+        body = json.dumps({"error": f"too many API connections (at most "
+                                    f"{self.max_connections}): try again"}).encode() + b"\n"
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
+        with contextlib.suppress(OSError):
+            request.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                request.recv(MAX_BODY)  # what it sent already: closing unread would cut it off
+            request.send(head.encode() + body)
+        self.shutdown_request(request)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -94,12 +130,12 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self._dispatch(method, self.path.split("?", 1)[0].rstrip("/") or "/")
         except RequestError as e:
-            self._json(e.status, {"error": str(e)})
+            self._json(e.status, {"error": redact(str(e))})
         except FcsnapError as e:
-            self._json(400, {"error": str(e)})
+            self._json(400, {"error": redact(str(e))})
         except Exception as e:  # a bug answers 500 and ends nothing else
             traceback.print_exc()
-            self._json(500, {"error": f"internal error ({type(e).__name__}: {e})"})
+            self._json(500, {"error": redact(f"internal error ({type(e).__name__}: {e})")})
 
     def _dispatch(self, method: str, path: str) -> None:
         restores = self.server.restores

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fcsnap.daemon.api import ApiServer
+from fcsnap.daemon.api import MAX_CONNECTIONS, ApiServer
 from fcsnap.daemon.metrics import DaemonMetrics
 from fcsnap.daemon.restores import Restores, log
 from fcsnap.errors import FcsnapError
@@ -29,10 +29,14 @@ if TYPE_CHECKING:
 
 def run_daemon(store: Path | RemoteBuilds, api_path: Path, access: SocketAccess,
                cache_bytes: int, preload: list[str] | None = None,
-               reactors: int | None = None) -> int:
+               reactors: int | None = None, output_dir: Path | None = None,
+               max_connections: int = MAX_CONNECTIONS) -> int:
     """Serve the API until SIGTERM/SIGINT; 0 once every restore has ended. The `preload`
     builds are open before the API listens (an unknown one: FcsnapError, nothing listens).
-    `reactors`: threads serving the VMs (None: one per CPU this process may use)."""
+    `reactors`: threads serving the VMs (None: one per CPU this process may use).
+    `output_dir`: the directory under which requests may name stats and record_ws files
+    (None: they may name none). `max_connections`: API connections served at once (more
+    are answered 503)."""
     if isinstance(store, Path) and not store.is_dir():
         raise FcsnapError(f"store {store} is not a directory")
     stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
@@ -44,7 +48,7 @@ def run_daemon(store: Path | RemoteBuilds, api_path: Path, access: SocketAccess,
             raise FcsnapError(str(e)) from e
         try:
             metrics = DaemonMetrics()
-            restores = Restores(store, cache_bytes, watchdog, reactors)
+            restores = Restores(store, cache_bytes, watchdog, reactors, output_dir)
             metrics.attach(restores)
             try:
                 restores.preload(preload or [])
@@ -53,7 +57,7 @@ def run_daemon(store: Path | RemoteBuilds, api_path: Path, access: SocketAccess,
                 restores.stop_all()  # closes the builds preloaded
                 raise
             inode = os.stat(api_path).st_ino
-            server = ApiServer(sock, access, restores, metrics)
+            server = ApiServer(sock, access, restores, metrics, max_connections)
             thread = threading.Thread(target=server.serve_forever, args=(0.2,), name="api",
                                       daemon=True)
             thread.start()

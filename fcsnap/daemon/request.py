@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcsnap.errors import FcsnapError
+from fcsnap.outputs import inside
 from fcsnap.restore_options import (
     DEFAULT_API_TIMEOUT,
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 BOOLEANS = ("verify", "populate", "eager", "track_dirty_pages")
 NUMBERS = {"handshake_timeout": DEFAULT_HANDSHAKE_TIMEOUT, "api_timeout": DEFAULT_API_TIMEOUT}
 PATHS = ("stats", "record_ws", "prefetch_ws", "firecracker_api", "vmstate")
+OUTPUTS = ("stats", "record_ws")  # files the daemon writes: under its --output-dir only
 TEXTS = ("fault_around", "socket_owner", "socket_mode")
 KNOWN = {"vm", "socket", "allow_uid", *BOOLEANS, *NUMBERS, *PATHS, *TEXTS}
 
@@ -54,9 +56,10 @@ class RestoreRequest:
     load: SnapshotLoad | None
 
 
-def parse_restore(body: object, store: Path | RemoteBuilds, cache_bytes: int
-                  ) -> RestoreRequest:
-    """The request's build and options; RequestError naming the first thing wrong."""
+def parse_restore(body: object, store: Path | RemoteBuilds, cache_bytes: int,
+                  output_dir: Path | None = None) -> RestoreRequest:
+    """The request's build and options; RequestError naming the first thing wrong. The files
+    the daemon writes for a request (stats, record_ws) must be under `output_dir`."""
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object")
     unknown = sorted(set(body) - KNOWN)
@@ -70,6 +73,8 @@ def parse_restore(body: object, store: Path | RemoteBuilds, cache_bytes: int
             raise RequestError(f"{key} must be true or false")
     numbers = {key: _number(body, key, default) for key, default in NUMBERS.items()}
     paths = {key: _path(body, key) for key in PATHS}
+    for key in OUTPUTS:
+        _check_output_path(key, paths[key], output_dir)
     try:
         checked = check_restore(
             fault_around=_text(body, "fault_around") or "adaptive",
@@ -96,6 +101,7 @@ def parse_restore(body: object, store: Path | RemoteBuilds, cache_bytes: int
         populate=bool(body.get("populate")),
         eager=bool(body.get("eager")),
         access=checked.access,
+        output_root=output_dir,
     )
     return RestoreRequest(vm, build_dir, options, load)
 
@@ -107,6 +113,20 @@ def request_build(vm: str, store: Path | RemoteBuilds) -> Path:
         return resolve_build(vm, store) if isinstance(store, Path) else store.resolve(vm)
     except FcsnapError as e:
         raise RequestError(str(e), 404) from None
+
+
+def _check_output_path(key: str, path: Path | None, output_dir: Path | None) -> None:
+    """403 for an output file outside the daemon's --output-dir (or any, without one): the
+    daemon's user may be root, and its API clients must not choose what it overwrites.
+    Symlinks below the directory are refused when the file is written (outputs.py)."""
+    if path is None:
+        return
+    if output_dir is None:
+        raise RequestError(f"{key}: this daemon writes no output files (start fcsnap serve "
+                           "with --output-dir DIR to allow them under DIR)", 403)
+    if not inside(path, output_dir):
+        raise RequestError(f"{key} {str(path)!r} is not under {output_dir}, the daemon's "
+                           "--output-dir (no '..')", 403)
 
 
 def _access(body: dict[str, Any]) -> SocketAccess:

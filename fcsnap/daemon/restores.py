@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcsnap.daemon.request import RequestError, RestoreRequest, parse_restore, request_build
-from fcsnap.errors import FcsnapError
+from fcsnap.errors import FcsnapError, redact
 from fcsnap.uffd import latency
 from fcsnap.uffd.firecracker_api import Response, SnapshotLoad
 from fcsnap.uffd.reactor import Reactor
@@ -97,8 +97,9 @@ class Restores:
     """Every restore of the daemon: start, list, end; totals of the ended ones for metrics."""
 
     def __init__(self, store: Path | RemoteBuilds, cache_bytes: int, watchdog: Watchdog,
-                 reactors: int | None = None) -> None:
+                 reactors: int | None = None, output_dir: Path | None = None) -> None:
         self.store = store
+        self.output_dir = output_dir  # where requests may have stats and working sets written
         self.builds = BuildRegistry(cache_bytes)
         self.watchdog = watchdog
         self._live: dict[str, Restore] = {}
@@ -134,7 +135,8 @@ class Restores:
         loaded reactor when this returns. RequestError/FcsnapError: nothing listens."""
         if self._closing:
             raise RequestError("the daemon is stopping", 503)
-        request: RestoreRequest = parse_restore(body, self.store, self.builds.cache_bytes)
+        request: RestoreRequest = parse_restore(body, self.store, self.builds.cache_bytes,
+                                                 self.output_dir)
         restore_id = uuid.uuid4().hex[:16]
         options = request.options
         options.watchdog = self.watchdog
@@ -294,5 +296,5 @@ def default_reactors() -> int:
 def log(line: str) -> None:
     """One line on stderr, written whole: print() writes the newline separately, so lines
     from two restores ending at once could run together."""
-    sys.stderr.write(f"fcsnap: {line}\n")
+    sys.stderr.write(f"fcsnap: {redact(line)}\n")
     sys.stderr.flush()

@@ -45,6 +45,7 @@ from fcsnap.store.remote import RemoteStore, build_key
 from fcsnap.store.scan import consecutive_runs
 from fcsnap.store.seekable import BATCH_BYTES, SeekableWriter
 from fcsnap.store.stores import current_head
+from fcsnap.threads import block_signals
 from fcsnap.units import PAGE
 
 
@@ -116,7 +117,8 @@ class DiffSink:
         self.stored = 0
         self.written = 0  # bytes handed to `out`
         self.synced = 0  # bytes of the file whose writeback has been started
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="fcsnap-sink")
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="fcsnap-sink",
+                                         initializer=block_signals)
         self.in_flight: list[Future[None]] = []
         self.committing: Future[None] | None = None  # an object writer's commit, under way
         self.closed = False
@@ -192,7 +194,9 @@ class DiffSink:
         if self.closed:
             return
         self.closed = True
-        self.worker.shutdown()
+        if self.zstd is not None:
+            self.zstd.abandon()  # the batch being compressed is its last
+        self.worker.shutdown(cancel_futures=True)
         if self.local:
             self.file.close()
         else:
@@ -476,7 +480,8 @@ def build_remote(store: RemoteStore, work: Assembly, expected: uuid.UUID | None)
         manifest = work.assemble(stage, sink, store.url)
         small = [name for name in (HEADER, HASHES, SNAPFILE) if (stage / name).exists()]
         written += [build_key(work.build_id, name) for name in small]
-        with ThreadPoolExecutor(len(small), thread_name_prefix="fcsnap-upload") as pool:
+        with ThreadPoolExecutor(len(small), thread_name_prefix="fcsnap-upload",
+                                initializer=block_signals) as pool:
             uploads = [
                 pool.submit(store.objects.upload, build_key(work.build_id, name), stage / name)
                 for name in small

@@ -198,16 +198,6 @@ def locked_new_dir(path: Path) -> DirLock:
                 lock.release()
 
 
-def locked_new_file(path: Path, mode: int = 0o644) -> DirLock:
-    """Create the file `path` (O_EXCL, read-write) and hold LOCK_EX on it, as `locked_new_dir`."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        lock = DirLock(fd, path)
-        if _flock(fd, exclusive=True, block=False) and lock.still_at(path):
-            return lock
-        lock.release()
-
-
 @contextlib.contextmanager
 def name_lock(store: Path) -> Iterator[Path]:
     """Hold STORE/vms/.lock LOCK_EX: the short critical section in which names change.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 import uuid
@@ -12,13 +13,14 @@ from typing import Any
 
 import numpy as np
 
+from fcsnap import outputs
 from fcsnap.errors import FcsnapError, UsageError
 from fcsnap.header import load_header
 from fcsnap.store.builder import BuildOptions, Head, build_generation
 from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes
 from fcsnap.store.layout import HASHES, build_path, store_of
 from fcsnap.store.lineage import Parent
-from fcsnap.store.locks import locked_new_file, stop_point, try_remove_staging
+from fcsnap.store.locks import stop_point, try_remove_staging
 from fcsnap.store.manifest import Manifest, read_manifest
 from fcsnap.store.pins import open_lineage
 from fcsnap.store.scan import CHUNK, MemoryFile, block_aligned
@@ -182,11 +184,9 @@ def check_output(output: Path, force: bool) -> None:
     elif stat.S_ISDIR(mode):
         raise FcsnapError(f"{output} is a directory: give the memory file to write")
     elif not stat.S_ISREG(mode):
-        kind = {
-            stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
-            stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-        }.get(stat.S_IFMT(mode), "not a regular file")
-        raise FcsnapError(f"{output} is {kind}: only a regular file can be replaced")
+        raise FcsnapError(
+            f"{output} is {outputs.kind_of(mode)}: only a regular file can be replaced"
+        )
     elif not force:
         raise FcsnapError(f"{output} exists (use --force to replace it)")
 
@@ -205,41 +205,49 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[done:], offset + done
 
 
+def _partial_name() -> str:
+    return f"{PARTIAL_PREFIX}{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
+
+
+def locked_partial(dir_fd: int, name: str) -> int:
+    """Create the temporary `name` exclusively (private: it holds guest memory) and hold
+    LOCK_EX on it, so that another unpack's cleanup leaves it alone; FileExistsError (try
+    another name) if a cleanup removed it before it was locked."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a new file: nobody else holds it
+    try:
+        still_there = os.lstat(name, dir_fd=dir_fd).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        still_there = False
+    if not still_there:
+        os.close(fd)
+        raise FileExistsError(name)
+    return fd
+
+
 def unpack(build_dir: Path, output: Path, force: bool = False, progress: Progress = _noop) -> int:
     """Rebuild the full memory file, sparse where zero, every block checked against its hash;
     returns bytes of data written. The file is written under a temporary name, locked while
-    being written, and renamed over `output` only once complete."""
+    being written, and renamed over `output` only once complete (fcsnap/outputs.py)."""
     check_output(output, force)
     remove_stale_partials(output.parent)
-    tmp = output.parent / f"{PARTIAL_PREFIX}{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
     written = 0
-    with open_lineage(build_dir), GenerationReader(build_dir) as reader:
-        try:
-            lock = locked_new_file(tmp)
-        except OSError as e:  # named after the output: the temporary name means nothing
-            raise FcsnapError(f"cannot create {output}: {e.strerror or e}") from e
+    with open_lineage(build_dir), GenerationReader(build_dir) as reader, outputs.output(
+        output, "", in_place=False, temp_name=_partial_name, create=locked_partial,
+        recheck=lambda: check_output(output, force),  # it may have changed while we wrote
+    ) as fd:
         stop_point("unpacking")
-        with lock:
-            try:
-                fd = lock.fd
-                os.ftruncate(fd, reader.size)
-                for m in reader.header.mappings:
-                    if m.is_zero:
-                        continue
-                    for pos in range(0, m.length, CHUNK):
-                        n = min(CHUNK, m.length - pos)
-                        data = reader.stored(m.build_id, m.storage_offset + pos, n)
-                        _pwrite_all(fd, data, m.offset + pos)
-                        written += n
-                        progress(n)
-                os.fsync(fd)
-                check_output(output, force)  # again: it may have changed while we wrote
-                os.rename(tmp, output)
-            except BaseException as e:
-                tmp.unlink(missing_ok=True)
-                if isinstance(e, OSError):
-                    raise FcsnapError(f"cannot write {output}: {e.strerror or e}") from e
-                raise
+        os.ftruncate(fd, reader.size)
+        for m in reader.header.mappings:
+            if m.is_zero:
+                continue
+            for pos in range(0, m.length, CHUNK):
+                n = min(CHUNK, m.length - pos)
+                data = reader.stored(m.build_id, m.storage_offset + pos, n)
+                _pwrite_all(fd, data, m.offset + pos)
+                written += n
+                progress(n)
     return written
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fcsnap.errors import FcsnapError
+from fcsnap.errors import FcsnapError, redact
 from fcsnap.store.locks import stop_point
 from fcsnap.store.objects import Conflict, ObjectInfo
 
@@ -88,7 +88,8 @@ def _config(location: S3Location) -> dict[str, Any]:
     endpoint = _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
     if endpoint is not None:
         if not re.match(r"https?://[^/\s]+", endpoint):
-            raise FcsnapError(f"AWS_ENDPOINT_URL {endpoint!r} is not an http:// or https:// URL")
+            raise FcsnapError(f"AWS_ENDPOINT_URL {redact(endpoint)!r} is not an http:// or "
+                              "https:// URL")
         config["endpoint"] = endpoint
     if _env("AWS_UNSIGNED_PAYLOAD") is None and not config.get("endpoint", "").startswith(
         "http://"
@@ -117,7 +118,7 @@ def _config(location: S3Location) -> dict[str, Any]:
 
 def _message(e: BaseException) -> str:
     """obstore's errors carry the server's XML and a chain of causes: keep one short line."""
-    text = " ".join(str(e).split())
+    text = redact(" ".join(str(e).split()))
     code = re.search(r"<Code>([^<]+)</Code>", text)
     if code:
         return code.group(1)
@@ -191,7 +192,7 @@ class S3Objects:
             )
         except Exception as e:  # obstore's configuration errors
             raise FcsnapError(f"cannot open store {self.url}: {_message(e)}") from None
-        self.endpoint = endpoint or "AWS S3"
+        self.endpoint = redact(endpoint) or "AWS S3"  # for messages
 
     def errors(self, op: str, key: str) -> _Errors:
         return _Errors(self, op, key)

@@ -195,6 +195,12 @@ class SeekableWriter:
         self._decompressed = 0
         self._written = 0
         self._closed = False
+        self._abandoned = False
+
+    def abandon(self) -> None:
+        """Compress nothing more (from any thread): the file is being thrown away after a
+        failure or a signal, and its owner should not wait for batches nobody will read."""
+        self._abandoned = True
 
     @property
     def uncompressed_size(self) -> int:
@@ -275,6 +281,8 @@ class SeekableWriter:
     def _compress(self, chunks: list[memoryview]) -> None:
         step = self._batch_frames
         for first in range(0, len(chunks), step):
+            if self._abandoned:
+                return
             batch = chunks[first : first + step]
             # multi_compress_to_buffer splits the batch across threads that run without the GIL.
             result = self._compressor.multi_compress_to_buffer(batch, threads=self._threads)

@@ -213,15 +213,3 @@ def read_through(
         return raw  # type: ignore[return-value]  (DiffFile's reading interface)
 
     open_diffs_with(store.mirror, opener)
-
-
-def add_fetch_stats(path: Path, stats: FetchStats) -> None:
-    """restore --stats of a build in object storage: the fetch counters beside the server's."""
-    import json
-
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return  # the server did not write its stats: nothing to add to
-    report.update(stats.as_dict())
-    path.write_text(json.dumps(report, indent=2) + "\n")

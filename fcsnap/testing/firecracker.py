@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from fcsnap.errors import FcsnapError
+from fcsnap.outputs import write_output
 from fcsnap.uffd import abi
 from fcsnap.units import HUGE_PAGE, PAGE, parse_size
 
@@ -343,10 +344,8 @@ class StandIn:
             r["elapsed_s"] = round(time.monotonic() - self.started, 6)
             if self.args.report is None:
                 return
-            path = Path(self.args.report)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(r, indent=2) + "\n")
-            os.replace(tmp, path)
+            report = (json.dumps(r, indent=2) + "\n").encode()
+            write_output(Path(self.args.report), report, "the report")
 
     def _expire(self) -> None:
         self.report["deadline_exceeded"] = True

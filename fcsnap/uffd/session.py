@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from fcsnap.errors import FcsnapError, FetchPending
 from fcsnap.options import ADAPTIVE
+from fcsnap.outputs import check_output, write_output
 from fcsnap.uffd import abi, latency
 from fcsnap.uffd.fastpath import Batch, FastPath
 from fcsnap.uffd.handshake import (
@@ -78,6 +79,8 @@ class ServeOptions:
     batch_bytes: int = 1 << 20  # background work between two looks at the uffd
     access: SocketAccess = field(default_factory=SocketAccess)  # mode, owner, admitted uids
     watchdog: Watchdog | None = None  # a shared one (a daemon's); None: run() starts its own
+    output_root: Path | None = None  # stats_path and record_ws must be under it (a daemon's)
+    more_stats: Callable[[], dict[str, Any]] | None = None  # others' counters (S3 fetches)
 
 
 def stats_json(stats: InstallStats, extra: dict[str, Any]) -> dict[str, Any]:
@@ -167,15 +170,11 @@ class Session:
     def listen(self) -> None:
         """Check what can be checked, start (or join) the watchdog and listen; FcsnapError
         before anything listens, with everything this session opened closed again."""
-        stats_path = self.options.stats_path
-        problem = None
-        if stats_path is not None and not stats_path.parent.is_dir():
-            problem = "no such directory"
-        elif stats_path is not None and stats_path.is_dir():  # found now, not after serving
-            problem = "is a directory"
         try:
-            if problem is not None:
-                raise FcsnapError(f"cannot write --stats {stats_path}: {problem}")
+            for what, path in (("--stats", self.options.stats_path),
+                               ("--record-ws", self.options.record_ws)):
+                if path is not None:  # found now, not after serving
+                    check_output(path, what, self.options.output_root)
             self._start_watchdog()
             self._listener = listen(self.options.socket, self.options.access)
             self._listener.setblocking(False)  # accept only what is there: see on_listener
@@ -271,6 +270,8 @@ class Session:
             "rejected_peers": self.rejected_peers,
             "build_id": str(self.header.metadata.build_id),
         }
+        if self.options.more_stats is not None:
+            extra.update(self.options.more_stats())
         return stats_json(self.stats, extra)
 
     # -- handlers (the reactor's thread) ---------------------------------------------------
@@ -637,19 +638,13 @@ class Session:
         path = self.options.stats_path
         if path is None:
             return
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            tmp.write_text(json.dumps(self.document(), indent=2) + "\n")
-            os.replace(tmp, path)
-        except OSError as e:
-            raise FcsnapError(f"cannot write --stats {path}: {e.strerror or e}") from e
+        document = json.dumps(self.document(), indent=2) + "\n"
+        write_output(path, document.encode(), "--stats", self.options.output_root)
 
     def _write_working_set(self) -> None:
         path = self.options.record_ws
         if path is None or self.installer is None or self.installer.recorded is None:
             return
         offsets = dict.fromkeys(self.installer.recorded)  # first install of each page
-        try:
-            write_working_set(path, self.header.metadata.size, offsets)
-        except OSError as e:
-            raise FcsnapError(f"cannot write --record-ws {path}: {e.strerror or e}") from e
+        write_working_set(path, self.header.metadata.size, offsets, "--record-ws",
+                          self.options.output_root)
