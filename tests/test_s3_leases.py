@@ -56,8 +56,9 @@ def wait_listening(procs: Procs, server: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture
 def web(bucket: Bucket, tmp_path: Path) -> tuple[str, Path]:
-    """The build `web` names (8 MiB, raw) and the memory it holds."""
-    mem = memfile(tmp_path, "web.mem", seed=91)
+    """The build `web` names and the memory it holds: 64 MiB, a raw diff of 7 chunks (a
+    restore fetches the first 4 as it starts)."""
+    mem = memfile(tmp_path, "web.mem", seed=91, mib=64)
     return pack(bucket, mem, "web"), mem
 
 
