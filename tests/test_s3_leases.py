@@ -15,6 +15,7 @@ import pytest
 from helpers import WAIT, Procs, fcsnap
 from s3_helpers import Bucket, memfile, restore_from
 from test_daemon import Build, Daemon
+from test_s3_store import finish, one_line_error, start_stopped
 
 from fcsnap.store.leases import EXPIRY_ENV, MARGIN
 
@@ -151,3 +152,31 @@ def test_the_daemon_s_leases_end_with_its_restores(
         assert status == 0 and leases(bucket) == {}
     finally:
         daemon.close()
+
+
+def test_a_restore_opening_a_build_gc_is_deleting_fails_cleanly(
+    bucket: Bucket, procs: Procs, tmp_path: Path, web: tuple[str, Path]
+) -> None:
+    """gc has read the leases (none) and is about to delete `web`'s old build when a restore
+    of that build by id writes its lease: the restore sees gc's lease naming the build, waits
+    for gc to end, finds the build gone and says so, never listening."""
+    build, _ = web
+    run(bucket, "rm", "web", "--store", bucket.url())
+    collector = start_stopped(bucket, "gc", "--store", bucket.url(), "--grace", "0s", "--json",
+                              point="gc-leases")
+    server = procs.track(restore_from(bucket, build, procs.socket, tmp_path / "cache",
+                                      stats=procs.stats))
+    deadline = time.monotonic() + WAIT
+    while not any(body["kind"] == "serve" for body in leases(bucket).values()):
+        assert server.poll() is None, server.communicate(timeout=WAIT)
+        assert time.monotonic() < deadline, "the restore wrote no lease"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert server.poll() is None and not procs.socket.exists()  # waiting for gc to end
+    status, err = finish(collector)
+    assert status == 0, err
+    _, err = server.communicate(timeout=WAIT)
+    result = subprocess.CompletedProcess(server.args, server.returncode, "", err.decode())
+    line = one_line_error(result)
+    assert f"build {build} was deleted from {bucket.url()} by gc" in line
+    assert not procs.socket.exists() and leases(bucket) == {}

@@ -61,6 +61,7 @@ def collect_remote(
     marker = take(store, delete, kind="gc") if delete and not dry_run else None
     try:
         stale = _keep_leased(store, view, kept, delete)
+        stop_point("gc-leases")  # tests start a restore of a doomed build here
         if not dry_run:
             for build_id in sorted(delete):
                 _delete_build(store, build_id)
