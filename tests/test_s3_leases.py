@@ -180,3 +180,17 @@ def test_a_restore_opening_a_build_gc_is_deleting_fails_cleanly(
     line = one_line_error(result)
     assert f"build {build} was deleted from {bucket.url()} by gc" in line
     assert not procs.socket.exists() and leases(bucket) == {}
+
+
+@pytest.mark.parametrize("expiry", ["30", "0.5s", "soon"])
+def test_a_bad_lease_expiry_is_one_line(bucket: Bucket, procs: Procs, tmp_path: Path,
+                                        expiry: str) -> None:
+    """Refused before the store is read (there is no `web` in it)."""
+    server = restore_from(bucket, "web", procs.socket, tmp_path / "cache", stats=procs.stats,
+                          env={EXPIRY_ENV: expiry})
+    _, err = procs.track(server).communicate(timeout=WAIT)
+    lines = err.decode().splitlines()
+    assert server.returncode == 1 and len(lines) == 1, lines
+    assert lines[0] == (f"fcsnap: error: invalid {EXPIRY_ENV} {expiry!r}: a duration of at "
+                        "least 1s, with its unit (30s, 10m)"), lines
+    assert not procs.socket.exists() and leases(bucket) == {}

@@ -27,7 +27,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from fcsnap.errors import FcsnapError, UsageError
-from fcsnap.store.locks import stop_point
 from fcsnap.store.remote import RemoteStore
 from fcsnap.units import parse_duration
 
@@ -48,9 +47,12 @@ def lease_expiry() -> float:
     text = os.environ.get(EXPIRY_ENV)
     if text is None:
         return DEFAULT_EXPIRY
-    expiry = parse_duration(text, EXPIRY_ENV)
-    if not text.strip()[-1:].isalpha() or expiry < 1:
-        raise UsageError(f"invalid {EXPIRY_ENV} {text!r}: a duration of at least 1s, with "
+    try:
+        expiry = parse_duration(text, EXPIRY_ENV) if text.strip()[-1:].isalpha() else 0.0
+    except UsageError:
+        expiry = 0.0
+    if expiry < 1:  # like AWS_ENDPOINT_URL, not an argument: exit 1, no pointer to --help
+        raise FcsnapError(f"invalid {EXPIRY_ENV} {text!r}: a duration of at least 1s, with "
                          "its unit (30s, 10m)")
     return expiry
 
@@ -71,6 +73,7 @@ class RemoteLease:
         self.key = f"{LEASES}/{uuid.uuid4().hex}"
         self.released = False
         self.failing = False  # the last refresh failed (said once on stderr)
+        self._lock = threading.Lock()  # a refresh never writes the object after its delete
 
     @property
     def url(self) -> str:
@@ -88,7 +91,10 @@ class RemoteLease:
 
     def refresh(self) -> None:
         try:
-            self.write()
+            with self._lock:
+                if self.released:
+                    return
+                self.write()
         except FcsnapError as e:
             if not self.failing:
                 print(f"fcsnap: warning: cannot refresh lease {self.url}: {e}; its builds are "
@@ -99,9 +105,10 @@ class RemoteLease:
         self.failing = False
 
     def release(self) -> None:
-        if self.released:
-            return
-        self.released = True
+        with self._lock:
+            if self.released:
+                return
+            self.released = True
         _keeper.drop(self)
         try:
             self.store.objects.delete(self.key)
@@ -165,7 +172,6 @@ def take(store: RemoteStore, builds: Iterable[uuid.UUID], kind: str = "serve",
     if kind == "gc":
         return lease
     try:
-        stop_point("lease-written")
         _wait_for_gc(store, set(lease.builds))
         for build_id in lease.builds:
             if not store.has_build(build_id):

@@ -158,6 +158,9 @@ def serve_source(
 
     if not isinstance(store, RemoteStore):
         return resolve(arg, store), None
+    from fcsnap.store.leases import lease_expiry
+
+    lease_expiry()  # a bad FCSNAP_S3_LEASE_EXPIRY is refused before any work
     head = mirror_for_serving(store, arg)
     cache = ChunkCache(cache_dir or default_cache_dir(), cache_size, fetch_rest=not lazy_fetch)
     read_through(store, head, cache, fetch_timeout, serving=True)
