@@ -16,6 +16,7 @@ serving anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -110,10 +111,8 @@ class RemoteLease:
                 return
             self.released = True
         _keeper.drop(self)
-        try:
+        with contextlib.suppress(FcsnapError):  # the store is unreachable: it expires
             self.store.objects.delete(self.key)
-        except FcsnapError as e:  # it expires on its own
-            print(f"fcsnap: warning: cannot delete lease {self.url}: {e}", file=sys.stderr)
 
     def __enter__(self) -> RemoteLease:
         return self
