@@ -1,8 +1,8 @@
 """Leases: what stands for flock in a store in object storage (docs/FORMAT.md §8.6).
 
 A process serving builds from S3 (restore, the daemon) cannot lock them: gc runs on another
-host. It writes a lease instead, an object `leases/<id>` naming every build it reads, and
-rewrites it every expiry/REFRESHES while it runs; gc keeps every build a live lease names. A
+host. It writes a lease instead, an object `leases/serve/<id>` naming every build it reads,
+and rewrites it every expiry/REFRESHES while it runs; gc keeps every build a live lease names. A
 lease is live while its object is younger (by its LastModified) than the expiry its body
 states: a holder that died (SIGKILL, a lost host) stops refreshing, and its lease is ignored
 once that long has passed; gc reports such leases as stale and deletes them.
@@ -71,7 +71,7 @@ class RemoteLease:
         self.builds = sorted(set(builds))
         self.kind = kind
         self.expiry = expiry
-        self.key = f"{LEASES}/{uuid.uuid4().hex}"
+        self.key = f"{LEASES}/{kind}/{uuid.uuid4().hex}"  # a holder lists only leases/gc/
         self.released = False
         self.failing = False  # the last refresh failed (said once on stderr)
         self._lock = threading.Lock()  # a refresh never writes the object after its delete
@@ -185,8 +185,8 @@ def take(store: RemoteStore, builds: Iterable[uuid.UUID], kind: str = "serve",
 def _wait_for_gc(store: RemoteStore, builds: set[uuid.UUID]) -> None:
     deadline = time.monotonic() + GC_WAIT
     while True:
-        live, _ = read_leases(store, time.time())
-        deleting = [e for e in live if e.kind == "gc" and (e.builds is None or e.builds & builds)]
+        live, _ = read_leases(store, time.time(), "gc/")
+        deleting = [e for e in live if e.builds is None or e.builds & builds]
         if not deleting:
             return
         if time.monotonic() > deadline:
@@ -225,12 +225,13 @@ def _parse(key: str, data: bytes | None, age: float) -> LeaseEntry:
         return LeaseEntry(key, "unreadable", "?", None, age, DEFAULT_EXPIRY)
 
 
-def read_leases(store: RemoteStore, now: float) -> tuple[list[LeaseEntry], list[LeaseEntry]]:
-    """Every lease in the store: (live, stale). A lease's age is `now` less its object's
-    LastModified (the server's clock when it was last written); it is stale once its age
-    reaches its expiry and MARGIN."""
+def read_leases(store: RemoteStore, now: float, prefix: str = ""
+                ) -> tuple[list[LeaseEntry], list[LeaseEntry]]:
+    """Every lease in the store under `leases/<prefix>` (whole path segments: `gc/`): (live,
+    stale). A lease's age is `now` less its object's LastModified (the server's clock when it
+    was last written); it is stale once its age reaches its expiry and MARGIN."""
     live, stale = [], []
-    for info in store.objects.list(f"{LEASES}/"):
+    for info in store.objects.list(f"{LEASES}/{prefix}"):
         if info.size > LEASE_MAX:
             data = None
         else:
