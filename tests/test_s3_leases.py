@@ -141,6 +141,8 @@ def test_the_daemon_s_leases_end_with_its_restores(
         assert report["deleted"] == [], report
         assert report["kept"] == [{"build_id": build, "reason": report["kept"][0]["reason"]}]
         assert next(iter(held)) in report["kept"][0]["reason"]
+        text = run(bucket, "gc", "--store", bucket.url(), "--grace", "0s").stdout
+        assert f"kept unreferenced build {build}: leased by " in text, text
         vm = daemon.vm("w", Build("web", build, mem), order="random")
         assert vm.wait(timeout=WAIT + 10) == 0, vm.communicate()[1]
         served = daemon.report("w")
