@@ -116,8 +116,9 @@ def _keep_leased(
         held = set(delete) if entry.builds is None else entry.builds
         for build_id in held:
             build = view.builds.get(build_id)
-            reads = (build.reads if build is not None and build.reads is not None
-                     else set(delete))
+            reads: set[uuid.UUID] = set() if build is None else (
+                set(delete) if build.reads is None else build.reads  # unreadable: all
+            )
             for target in ({build_id} | reads) & set(delete):
                 delete.pop(target)
                 kept[target] = f"leased by {entry.holder} ({store.url}/{entry.key})"
