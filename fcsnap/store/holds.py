@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fcsnap.store.leases import RemoteLease, take
 from fcsnap.store.locks import LineageLock
 from fcsnap.store.pins import open_lineage
-from fcsnap.store.remote import RemoteStore
+
+if TYPE_CHECKING:  # a local restore imports no S3 code as it starts
+    from fcsnap.store.leases import RemoteLease
+    from fcsnap.store.remote import RemoteStore
 
 _remote: dict[Path, RemoteStore] = {}  # mirror directory -> the store it mirrors
 
@@ -58,6 +61,8 @@ def hold_builds(build_dir: Path) -> Hold:
     store = _remote.get(build_dir.parent.resolve())
     if store is None:
         return Hold(lineage, None)
+    from fcsnap.store.leases import take
+
     try:
         lease = take(store, [uuid.UUID(d.name) for d in lineage.build_dirs])
     except BaseException:
