@@ -34,25 +34,11 @@ class Hold:
         self.lineage = lineage
         self.lease = lease
 
-    @property
-    def pinned(self) -> bool:
-        return self.lineage.pinned
-
-    @property
-    def build_dirs(self) -> list[Path]:
-        return self.lineage.build_dirs
-
     def release(self) -> None:
         if self.lease is not None:
             self.lease.release()
             self.lease = None
         self.lineage.release()
-
-    def __enter__(self) -> Hold:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def hold_builds(build_dir: Path) -> Hold:

@@ -114,12 +114,6 @@ class RemoteLease:
         with contextlib.suppress(FcsnapError):  # the store is unreachable: it expires
             self.store.objects.delete(self.key)
 
-    def __enter__(self) -> RemoteLease:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
 
 class _Keeper:
     """One thread per process refreshing every lease it holds, each every expiry/REFRESHES."""

@@ -73,7 +73,7 @@ class SharedBuild:
         self.build_dir = build_dir
         self.cache_bytes = cache_bytes
         # pins checked; LOCK_SH held (and in object storage a lease) while served
-        self.lineage = hold_builds(build_dir)
+        self.hold = hold_builds(build_dir)
         try:
             identity = header_identity(build_dir)
             self.header_parsed = parsed is None or identity is None or parsed.identity != identity
@@ -86,7 +86,7 @@ class SharedBuild:
                 self.header, build_dir.parent, cache_bytes, frame_cache
             )
         except BaseException:
-            self.lineage.release()
+            self.hold.release()
             raise
         self.build_id = self.header.metadata.build_id
         self.users = 0  # sessions holding it (BuildRegistry counts them)
@@ -152,7 +152,7 @@ class SharedBuild:
     def close(self) -> None:
         for diff in self.diffs.values():
             diff.close()
-        self.lineage.release()
+        self.hold.release()
 
 
 class BuildRegistry:
