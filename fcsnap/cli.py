@@ -569,6 +569,12 @@ def render_gc(report: dict[str, Any]) -> str:
         lines.append(f"kept unreferenced build {row['build_id']}: {row['reason']}")
     for name in report["leftovers"]:
         lines.append(f"{'would remove' if dry else 'removed'} leftover {name}")
+    for lease in report.get("stale_leases", ()):
+        lines.append(
+            f"ignored stale lease {lease['lease']} ({lease['holder']}, not refreshed for "
+            f"{lease['age_s']:g}s, expires after {lease['expires_after_s']:g}s)"
+            f"{'' if dry else '; removed'}"
+        )
     freed = report["bytes_to_free" if dry else "bytes_freed"]
     after = report["after"]
     amp = "-" if after["amplification"] is None else f"{after['amplification']:.2f}x"
