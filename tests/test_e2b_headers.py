@@ -276,3 +276,20 @@ def test_fuzz_mutated_body_clear_error_or_valid(path, data):
     assert sum(m.length for m in header.mappings) == header.metadata.size
     for m in header.mappings[:64]:
         assert header.lookup(m.offset).remaining == m.length
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([V4, V5]), st.data())
+def test_fuzz_mutated_file_clear_error_or_valid(path, data):
+    """Mutations of the file as stored: the prefix, the LZ4 frame and its checksums."""
+    blob = bytearray(path.read_bytes())
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(METADATA.size, len(blob) - 1))
+        blob[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(METADATA.size, len(blob)))
+    try:
+        header = parse_header(bytes(blob[:cut]))
+    except HeaderError as e:
+        assert str(e) and "\n" not in str(e)
+        return
+    assert sum(m.length for m in header.mappings) == header.metadata.size
