@@ -279,6 +279,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         result = api.verify(args.build, store=args.store, progress=progress)
     if args.json:
         print_json(result.to_json())
+    elif not args.quiet and not isinstance(result, api.Verification):
+        print(result.summary())  # an E2B/Wrenn build: what its data allowed to check
     elif not args.quiet:
         print(
             f"ok: build {result.build_id} (generation {result.generation}): "

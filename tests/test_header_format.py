@@ -140,25 +140,35 @@ def test_cli_lookup_outside_memory_is_a_clear_error():
     assert result.returncode == 1 and "outside guest memory" in result.stderr
 
 
-def test_an_e2b_or_wrenn_build_directory_is_inspected_and_refused_elsewhere(tmp_path):
-    """The README's claim, exactly: inspect reads an E2B/Wrenn build directory (memfile.header
-    beside memfile); verify, unpack and restore refuse it with one line (no build.json), before
-    writing anything."""
-    build = tmp_path / "wrenn"
+def test_a_wrenn_build_directory_is_inspected_verified_unpacked_and_refused_elsewhere(tmp_path):
+    """The README's claim, exactly: inspect, verify and unpack read an E2B/Wrenn build
+    directory (memfile.header beside memfile); restore refuses it with one line (no
+    build.json), before writing anything."""
+    build = tmp_path / "11111111-2222-4333-8444-555555555555"
     build.mkdir()
     header = (FIXTURES / "wrenn-v1.header").read_bytes()
     (build / "memfile.header").write_bytes(header)
-    (build / "memfile").write_bytes(bytes(parse_header(header).metadata.size))
+    size = parse_header(header).metadata.size
+    (build / "memfile").write_bytes(bytes(range(256)) * (size // 256))
     shown = fcsnap("inspect", build, "--mappings", "--at", "0x1000")
     assert shown.returncode == 0, shown.stderr
     assert "11111111-2222-4333-8444-555555555555" in shown.stdout and "Lookups" in shown.stdout
-    for argv in (("verify", build), ("unpack", build, "-o", tmp_path / "out"),
-                 ("restore", "--vm", build, "--socket", tmp_path / "uffd.sock")):
-        result = fcsnap(*argv)
-        lines = result.stderr.splitlines()
-        assert result.returncode == 1 and len(lines) == 1, (argv, result.stderr)
-        assert lines[0].startswith("fcsnap: error: ") and "build.json" in lines[0], argv
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["wrenn"]
+    verified = fcsnap("verify", build)
+    assert verified.returncode == 0 and "SHA-256 not checked" in verified.stdout, verified.stderr
+    out = tmp_path / "memory"
+    assert fcsnap("unpack", build, "-o", out).returncode == 0
+    want = bytearray(size)
+    for m in parse_header(header).mappings:
+        if not m.is_zero:
+            want[m.offset : m.end] = (build / "memfile").read_bytes()[
+                m.storage_offset : m.storage_offset + m.length]
+    assert out.read_bytes() == bytes(want)
+    out.unlink()
+    result = fcsnap("restore", "--vm", build, "--socket", tmp_path / "uffd.sock")
+    lines = result.stderr.splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("fcsnap: error: ") and "build.json" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [build.name]
 
 
 def test_cli_usage_error_exits_2():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from fcsnap.errors import FcsnapError
-from fcsnap.header import load_header
+from fcsnap.header import Mapping, load_header
 from fcsnap.store.builder import BuildOptions, Head, build_generation
 from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes
 from fcsnap.store.layout import HASHES, build_path, store_of
@@ -186,36 +186,48 @@ def unpack(build_dir: Path, output: Path, force: bool = False, progress: Progres
     returns bytes of data written. The file is written under a temporary name, locked while
     being written, and renamed over `output` only once complete."""
     check_output(output, force)
+    with open_lineage(build_dir), GenerationReader(build_dir) as reader:
+        return write_memory(output, force, reader.size, reader.header.mappings, reader.stored,
+                            progress)
+
+
+def write_memory(
+    output: Path, force: bool, size: int, mappings: Iterable[Mapping],
+    stored: Callable[[uuid.UUID, int, int], bytes], progress: Progress = _noop,
+) -> int:
+    """Write guest memory of `size` bytes at `output`, sparse where zero, each mapping's bytes
+    from `stored(build, storage_offset, length)`; returns bytes of data written. The file is
+    written under a temporary name, locked while being written, and renamed over `output`
+    only once complete."""
+    check_output(output, force)
     remove_stale_partials(output.parent)
     tmp = output.parent / f"{PARTIAL_PREFIX}{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
     written = 0
-    with open_lineage(build_dir), GenerationReader(build_dir) as reader:
+    try:
+        lock = locked_new_file(tmp)
+    except OSError as e:  # named after the output: the temporary name means nothing
+        raise FcsnapError(f"cannot create {output}: {e.strerror or e}") from e
+    stop_point("unpacking")
+    with lock:
         try:
-            lock = locked_new_file(tmp)
-        except OSError as e:  # named after the output: the temporary name means nothing
-            raise FcsnapError(f"cannot create {output}: {e.strerror or e}") from e
-        stop_point("unpacking")
-        with lock:
-            try:
-                fd = lock.fd
-                os.ftruncate(fd, reader.size)
-                for m in reader.header.mappings:
-                    if m.is_zero:
-                        continue
-                    for pos in range(0, m.length, CHUNK):
-                        n = min(CHUNK, m.length - pos)
-                        data = reader.stored(m.build_id, m.storage_offset + pos, n)
-                        _pwrite_all(fd, data, m.offset + pos)
-                        written += n
-                        progress(n)
-                os.fsync(fd)
-                check_output(output, force)  # again: it may have changed while we wrote
-                os.rename(tmp, output)
-            except BaseException as e:
-                tmp.unlink(missing_ok=True)
-                if isinstance(e, OSError):
-                    raise FcsnapError(f"cannot write {output}: {e.strerror or e}") from e
-                raise
+            fd = lock.fd
+            os.ftruncate(fd, size)
+            for m in mappings:
+                if m.is_zero:
+                    continue
+                for pos in range(0, m.length, CHUNK):
+                    n = min(CHUNK, m.length - pos)
+                    _pwrite_all(fd, stored(m.build_id, m.storage_offset + pos, n), m.offset + pos)
+                    written += n
+                    progress(n)
+            os.fsync(fd)
+            check_output(output, force)  # again: it may have changed while we wrote
+            os.rename(tmp, output)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise FcsnapError(f"cannot write {output}: {e.strerror or e}") from e
+            raise
     return written
 
 
