@@ -304,7 +304,7 @@ ROWS = [
     Row("inspect/not-a-build", "inspect {out}", "directory without memfile.header"),
     Row("inspect/header-truncated", INSPECT, "not a whole number", (cut(HEADER1, -17),)),
     Row("inspect/header-short-cover", INSPECT, "not the memory size", (cut(HEADER1, -40),)),
-    Row("inspect/header-v4", INSPECT, "not supported yet", (poke(HEADER1, 0, b"\x04"),)),
+    Row("inspect/header-v4", INSPECT, "version 4 body: LZ4 frame is damaged", (poke(HEADER1, 0, b"\x04"),)),
     Row("inspect/header-size-unaligned", INSPECT, "not a positive multiple of 4096",
         (poke(HEADER1, 16, (SIZE + 1).to_bytes(8, "little")),)),
     Row("inspect/header-directory", INSPECT, "memfile.header: is a directory",

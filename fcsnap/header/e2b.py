@@ -13,7 +13,9 @@ from __future__ import annotations
 import bisect
 import struct
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fcsnap.errors import FcsnapError
 from fcsnap.units import PAGE
@@ -30,7 +32,10 @@ FRAME = struct.Struct("<qqii")
 MAX_FRAMES = 1 << 20
 COMPRESSIONS = {0: "none", 1: "zstd", 2: "lz4"}
 COUNT = struct.Struct("<I")
-RECORD_SIZE = 40
+RECORD = struct.Struct("<QQ16sQ")
+"""§3.1's mapping record, what both versions are turned into."""
+RECORD_DTYPE = [("offset", "<u8"), ("length", "<u8"), ("build_id", "S16"), ("storage", "<u8")]
+RECORD_SIZE = RECORD.size
 MAX_BLOCK_INDEX = (1 << 32) - 1
 """E2B keeps offsets, lengths and storage offsets as 32-bit counts of 4 KiB pages."""
 MAX_COLUMN_BUILDS = 0xFFFF
@@ -200,34 +205,44 @@ def _record_mappings(r: _Reader) -> bytes:
     return records
 
 
-def _varints(data: bytes, start: int, count: int, what: str) -> tuple[list[int], int]:
-    """`count` unsigned LEB128 varints (Go's binary.Uvarint) from data[start:], and the
-    position after them. A varint longer than 10 bytes, or whose 10th byte exceeds 1,
-    overflows 64 bits."""
+def _varints(data: bytes, start: int, count: int, what: str) -> tuple[Any, int]:
+    """`count` unsigned LEB128 varints (Go's binary.Uvarint) from data[start:] as a uint64
+    array, and the position after them. A varint longer than 10 bytes, or whose 10th byte
+    exceeds 1, overflows 64 bits."""
     import numpy as np
 
     raw = np.frombuffer(data, dtype=np.uint8, offset=start)
     ends = np.flatnonzero(raw < 0x80)[:count]
     if len(ends) < count:
         raise BodyError(f"truncated: {what} needs {count} varints, {len(ends)} are whole")
-    starts = np.concatenate(([0], ends[:-1] + 1)) if count else ends
+    starts = np.concatenate(([0], ends[:-1] + 1))
     lengths = ends - starts + 1
-    if count and (lengths.max() > 10 or (raw[ends[lengths == 10]] > 1).any()):
-        bad = int(np.flatnonzero((lengths > 10) | ((lengths == 10) & (raw[ends] > 1)))[0])
-        raise BodyError(f"{what}: varint {bad} overflows 64 bits")
-    stop = int(ends[-1]) + 1 if count else 0
-    body = raw[:stop].astype(np.uint64)
-    owner = np.repeat(np.arange(count), lengths)
+    bad = np.flatnonzero((lengths > 10) | ((lengths == 10) & (raw[ends] > 1)))
+    if len(bad):
+        raise BodyError(f"{what}: varint {int(bad[0])} overflows 64 bits")
+    stop = int(ends[-1]) + 1
     shift = (np.arange(stop) - np.repeat(starts, lengths)).astype(np.uint64) * np.uint64(7)
-    parts = (body & np.uint64(0x7F)) << shift
-    values = np.zeros(count, dtype=np.uint64)
-    np.bitwise_or.at(values, owner, parts)
-    return values.tolist(), start + stop
+    parts = (raw[:stop].astype(np.uint64) & np.uint64(0x7F)) << shift
+    return np.bitwise_or.reduceat(parts, starts), start + stop
+
+
+def _first(rules: list[tuple[Any, Callable[[int], str]]]) -> None:
+    """Raise for the earliest entry that breaks a rule: (array of bools per entry, the message
+    for entry i)."""
+    import numpy as np
+
+    found = [(int(np.argmax(broken)), message) for broken, message in rules if broken.any()]
+    if found:
+        i, message = min(found, key=lambda f: f[0])
+        raise BodyError(f"entry {i}: {message(i)}")
 
 
 def _column_mappings(r: _Reader, size: int) -> bytes:
     """V5: a build-id table, then offset deltas, lengths, storage deltas (signed) and build
-    indexes, one varint column each, in 4 KiB pages; gaps between entries are zeros."""
+    indexes, one varint column each, in 4 KiB pages; gaps between entries are zeros. Decoded
+    column-wise with numpy: a page-granular header has millions of entries."""
+    import numpy as np
+
     pages = -(-size // PAGE)
     if pages > MAX_BLOCK_INDEX:
         raise BodyError(f"memory of {pages} pages exceeds E2B's 32-bit page index")
@@ -237,54 +252,55 @@ def _column_mappings(r: _Reader, size: int) -> bytes:
     if nbuilds > r.left // 16:
         raise BodyError(f"mapping build count {nbuilds} exceeds what the {r.left} bytes left "
                         "can hold")
-    ids = [r.take(16, "mapping build id") for _ in range(nbuilds)]
+    ids = r.take(16 * nbuilds, "mapping build ids")
     (n,) = r.unpack(COUNT, "mapping count")
     if n > MAX_COLUMN_ENTRIES:
         raise BodyError(f"mapping count {n} exceeds the maximum {MAX_COLUMN_ENTRIES}")
     if n == 0:  # all zeros
-        return struct.pack("<QQ16sQ", 0, pages * PAGE, bytes(16), 0) if pages else b""
+        return RECORD.pack(0, pages * PAGE, bytes(16), 0) if pages else b""
     if n > r.left // 4:
         raise BodyError(f"mapping count {n} exceeds what the {r.left} bytes left can hold")
-    columns = []
     pos = r.pos
-    for what in ("offset deltas", "lengths", "storage deltas", "build indexes"):
-        values, pos = _varints(r.data, pos, n, what)
-        columns.append(values)
+    deltas, pos = _varints(r.data, pos, n, "offset deltas")
+    lengths, pos = _varints(r.data, pos, n, "lengths")
+    zigzag, pos = _varints(r.data, pos, n, "storage deltas")
+    indexes, pos = _varints(r.data, pos, n, "build indexes")
     r.pos = pos
-    deltas, lengths, storage_zz, indexes = columns
-    records = []
-    offset = storage = current = 0
-    for i in range(n):
-        delta = deltas[i]
-        if delta > MAX_BLOCK_INDEX or offset + delta > MAX_BLOCK_INDEX:
-            raise BodyError(f"entry {i}: offset beyond E2B's 32-bit page index")
-        offset += delta
-        zz = storage_zz[i]
-        storage += (zz >> 1) ^ -(zz & 1)
-        if not 0 <= storage <= MAX_BLOCK_INDEX:
-            raise BodyError(f"entry {i}: storage offset {storage} pages out of range")
-        length = lengths[i]
-        if length > MAX_BLOCK_INDEX:
-            raise BodyError(f"entry {i}: length of {length} pages beyond E2B's 32-bit index")
-        if indexes[i] >= nbuilds:
-            raise BodyError(f"entry {i}: build index {indexes[i]} out of range "
-                            f"({nbuilds} builds)")
-        if length == 0:
-            raise BodyError(f"entry {i}: zero length")
-        if offset < current:
-            raise BodyError(f"entry {i}: page {offset} overlaps the previous entry, which ends "
-                            f"at page {current}")
-        if offset > current:
-            records.append((current * PAGE, (offset - current) * PAGE, bytes(16), 0))
-        if offset + length > pages:
-            raise BodyError(f"entry {i}: ends at page {offset + length}, beyond the memory's "
-                            f"{pages} pages")
-        records.append((offset * PAGE, length * PAGE, ids[indexes[i]], storage * PAGE))
-        current = offset + length
-    if current < pages:
-        records.append((current * PAGE, (pages - current) * PAGE, bytes(16), 0))
-    record = struct.Struct("<QQ16sQ")
-    return b"".join(record.pack(*rec) for rec in records)
+    limit = np.uint64(MAX_BLOCK_INDEX)
+    huge = deltas > limit  # summed only below the limit: no wrap-around
+    offsets = np.cumsum(np.where(huge, limit, deltas))
+    signed = (zigzag >> np.uint64(1)).astype(np.int64) ^ -(zigzag & np.uint64(1)).astype(np.int64)
+    with np.errstate(over="ignore"):  # Go's int64 sum wraps the same way
+        storage = np.cumsum(signed)
+    ends = offsets + np.minimum(lengths, limit)
+    previous = np.concatenate(([0], ends[:-1])).astype(np.uint64)
+    _first([
+        (huge | (offsets > limit), lambda i: "offset beyond E2B's 32-bit page index"),
+        (lengths > limit, lambda i: f"length of {lengths[i]} pages beyond E2B's 32-bit index"),
+        ((storage < 0) | (storage > MAX_BLOCK_INDEX),
+         lambda i: f"storage offset of {storage[i]} pages out of range"),
+        (indexes >= nbuilds,
+         lambda i: f"build index {indexes[i]} out of range ({nbuilds} builds)"),
+        (lengths == 0, lambda i: "zero length"),
+        (offsets < previous, lambda i: f"page {offsets[i]} overlaps the previous entry, which "
+                                       f"ends at page {previous[i]}"),
+        (ends > np.uint64(pages),
+         lambda i: f"ends at page {ends[i]}, beyond the memory's {pages} pages"),
+    ])
+    gap = offsets > previous
+    tail = int(ends[-1]) < pages
+    at = np.arange(n) + np.cumsum(gap)
+    records = np.zeros(n + int(gap.sum()) + tail, dtype=RECORD_DTYPE)
+    records["offset"][at] = offsets * np.uint64(PAGE)
+    records["length"][at] = lengths * np.uint64(PAGE)
+    records["build_id"][at] = np.frombuffer(ids, dtype="S16")[indexes.astype(np.intp)]
+    records["storage"][at] = storage.astype(np.uint64) * np.uint64(PAGE)
+    holes = at[gap] - 1
+    records["offset"][holes] = previous[gap] * np.uint64(PAGE)
+    records["length"][holes] = (offsets[gap] - previous[gap]) * np.uint64(PAGE)
+    if tail:
+        records[-1] = (ends[-1] * np.uint64(PAGE), (pages - ends[-1]) * np.uint64(PAGE), b"", 0)
+    return records.tobytes()
 
 
 def decode_body(version: int, body: bytes, size: int) -> tuple[bytes, BuildsSection]:
