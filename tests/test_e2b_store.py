@@ -14,7 +14,7 @@ import pytest
 from helpers import fcsnap
 from test_e2b_headers import body_of, wrap
 
-from fcsnap.header.e2b import BUILD_INFO
+from fcsnap.header.e2b import BUILD_INFO, FRAME, FRAME_TABLE
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures" / "e2b"
@@ -106,7 +106,28 @@ def _uncompressed_short(store: Path) -> Path:
     return store / "e2b00004-0000-4000-8000-000000000002"
 
 
+def _frame_claims_too_much(store: Path) -> Path:
+    header = store / "e2b00002-0000-4000-8000-000000000001" / "memfile.header"
+    meta, flags, body = body_of(header)
+    table = 4 + BUILD_INFO.size
+    kind, count = FRAME_TABLE.unpack_from(body, table)
+    last = table + FRAME_TABLE.size + (count - 1) * FRAME.size
+    start_u, start_c, _, size_c = FRAME.unpack_from(body, last)
+    body = body[:last] + FRAME.pack(start_u, start_c, 65 << 20, size_c) + body[last + FRAME.size:]
+    header.write_bytes(wrap(meta, body, flags))
+    return header.parent
+
+
+def _head_table_disagrees(store: Path) -> Path:
+    _frame_claims_too_much(store)
+    return store / "e2b00002-0000-4000-8000-000000000003"
+
+
 DAMAGE = {
+    "frame beyond the size cap": ("v4-zstd-4k", _frame_claims_too_much, ("verify", "unpack"),
+                                  "uncompressed is beyond"),
+    "frame tables disagree": ("v4-zstd-4k", _head_table_disagrees, ("verify", "unpack"),
+                              "disagrees with that build's own header"),
     "recorded SHA-256 differs": ("v4-zstd-4k", _recorded_checksum_changed, ("verify",),
                                  "SHA-256"),
     "zstd frame damaged": ("v4-zstd-4k", _zstd_frame_damaged, ("verify", "unpack"), "frame"),

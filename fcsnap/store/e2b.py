@@ -28,8 +28,9 @@ from fcsnap.store.layout import HEADER, MANIFEST
 
 SUFFIXES = {"none": "", "zstd": ".zstd", "lz4": ".lz4"}
 DATA = "memfile"
-MAX_FRAME = 1 << 30
-"""A frame larger than this is refused before it is read (E2B's frames are 2 MiB)."""
+MAX_FRAME = 64 << 20
+"""A frame table's frame larger than this is refused before it is read (E2B's are 2 MiB by
+default): decoding holds one frame in memory."""
 Progress = Callable[[int], None]
 
 
@@ -147,7 +148,7 @@ def _zstd_frame(raw: bytes, size: int, where: str) -> bytes:
 
     try:
         params = zstandard.get_frame_parameters(raw)
-        if params.content_size not in (size, zstandard.CONTENTSIZE_UNKNOWN):
+        if params.content_size != size:  # E2B's frames carry it; it bounds what is decoded
             raise FcsnapError(f"{where}: zstd frame says {params.content_size} bytes, the frame "
                               f"table {size}")
         reader = zstandard.ZstdDecompressor().decompressobj()
