@@ -15,7 +15,7 @@ from helpers import fcsnap
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fcsnap.header import NIL, PAGE, HeaderError, load_header, parse_header
+from fcsnap.header import NIL, PAGE, HeaderError, encode, load_header, parse_header, to_records
 from fcsnap.header.e2b import BUILD_INFO, FRAME, FRAME_TABLE, PREFIX
 from fcsnap.header.format import METADATA
 
@@ -293,3 +293,15 @@ def test_fuzz_mutated_file_clear_error_or_valid(path, data):
         assert str(e) and "\n" not in str(e)
         return
     assert sum(m.length for m in header.mappings) == header.metadata.size
+
+
+def test_the_format_version_is_the_low_16_bits_and_only_records_are_written():
+    """E2B dispatches on version & 0xFFFF and so does fcsnap; fcsnap writes only V1-V3's
+    record layout, so a version-4 label on records is refused, not written."""
+    data = bytearray(V4.read_bytes())
+    data[0:8] = (0x10004).to_bytes(8, "little")
+    flagged = parse_header(bytes(data))
+    plain = load_header(V4)
+    assert flagged.metadata.version == 0x10004 and flagged.mappings == plain.mappings
+    with pytest.raises(HeaderError, match="not written as 40-byte records"):
+        encode(plain.metadata, to_records(plain.mappings))

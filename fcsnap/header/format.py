@@ -30,6 +30,8 @@ NIL = uuid.UUID(int=0)
 ZEROS = -1
 """Where builds are numbered (numpy owner arrays), the number standing for NIL: zeros."""
 READ_VERSIONS = (1, 2, 3, 4, 5)
+RECORD_VERSIONS = (1, 2, 3)
+"""The versions whose mappings are §3.1's records to the end of the file: what encode writes."""
 WRITE_VERSION = 3
 VERSION_MASK = 0xFFFF
 """E2B reads the format version from the low 16 bits of the version field; so does fcsnap."""
@@ -237,6 +239,8 @@ def encode(meta: Metadata, records: bytes) -> bytes:
     """The header bytes of `meta` and `records` (40-byte mapping records), checked like any
     header read back: the one writer of headers."""
     check(meta, records, "new header")
+    if meta.version & VERSION_MASK not in RECORD_VERSIONS:
+        raise HeaderError(f"new header: version {meta.version} is not written as 40-byte records")
     return (
         METADATA.pack(
             meta.version, meta.block_size, meta.size, meta.generation, meta.build_id.bytes,
