@@ -11,7 +11,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from helpers import fcsnap
+from helpers import fcsnap, one_build_store
 from test_e2b_headers import body_of, wrap
 
 from fcsnap.header.e2b import BUILD_INFO, FRAME, FRAME_TABLE
@@ -171,3 +171,12 @@ def test_header_checksum_offset_is_the_build_entry_checksum():
     checksum = body[4 + BUILD_INFO.size - 32 : 4 + BUILD_INFO.size].hex()
     want = EXPECTED["v4-zstd-4k"][0]["builds"]["e2b00002-0000-4000-8000-000000000001"]
     assert count == 1 and checksum == want["checksum"]
+
+
+def test_an_fcsnap_build_without_its_build_json_is_not_taken_for_an_e2b_build(tmp_path):
+    store = one_build_store(tmp_path, 64 * 4096, seed=3)
+    build = next(p for p in store.iterdir() if (p / "memfile.header").exists())
+    (build / "build.json").unlink()
+    for argv in (("verify", build), ("unpack", build, "-o", tmp_path / "out.mem")):
+        result = fcsnap(*argv)
+        assert result.returncode == 1 and "build.json" in result.stderr, result.stderr

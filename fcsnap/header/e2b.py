@@ -66,6 +66,10 @@ class Frame:
         return self.start_c + self.size_c
 
 
+def _start_u(frame: Frame) -> int:
+    return frame.start_u
+
+
 @dataclass(frozen=True, slots=True)
 class BuildInfo:
     """A builds-section entry. `frames` is empty and `compression` "none" for an uncompressed
@@ -84,7 +88,7 @@ class BuildInfo:
 
     def frame_at(self, storage_offset: int) -> Frame | None:
         """The frame holding an uncompressed offset, or None (uncompressed, or not kept)."""
-        i = bisect.bisect_right([f.start_u for f in self.frames], storage_offset) - 1
+        i = bisect.bisect_right(self.frames, storage_offset, key=_start_u) - 1
         if i >= 0 and storage_offset < self.frames[i].end_u:
             return self.frames[i]
         return None

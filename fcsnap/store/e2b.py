@@ -12,6 +12,7 @@ and length, and the SHA-256 the builds section records where it records one. `ve
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 import uuid
@@ -24,13 +25,14 @@ from fcsnap.errors import FcsnapError
 from fcsnap.files import open_regular
 from fcsnap.header import Header, load_header
 from fcsnap.header.e2b import BodyError, BuildInfo, Frame, decompress
-from fcsnap.store.layout import HEADER, MANIFEST
+from fcsnap.store.layout import DIFF_RAW, DIFF_ZSTD, HASHES, HEADER, MANIFEST
 
 SUFFIXES = {"none": "", "zstd": ".zstd", "lz4": ".lz4"}
 DATA = "memfile"
 MAX_FRAME = 64 << 20
 """A frame table's frame larger than this is refused before it is read (E2B's are 2 MiB by
 default): decoding holds one frame in memory."""
+FCSNAP_FILES = (MANIFEST, HASHES, DIFF_RAW, DIFF_ZSTD)
 Progress = Callable[[int], None]
 
 
@@ -41,13 +43,16 @@ def _noop(_n: int) -> None:
 def e2b_build_dir(
     build: str | os.PathLike[str], store: str | os.PathLike[str] | None
 ) -> Path | None:
-    """BUILD as an E2B/Wrenn build directory (a header, no build.json), or None: a directory
-    given as such, or `<store>/<build>` of a local store laid out as their buckets are."""
+    """BUILD as an E2B/Wrenn build directory (a header and none of fcsnap's own files), or
+    None: a directory given as such, or `<store>/<build>` of a local store laid out as their
+    buckets are. An fcsnap build that lost its build.json is not one: fcsnap says so."""
     candidates = [Path(build)]
     if store is not None and not str(store).startswith("s3://"):
         candidates.append(Path(store) / str(build))
     for path in candidates:
-        if path.is_dir() and (path / HEADER).is_file() and not (path / MANIFEST).exists():
+        if path.is_dir() and (path / HEADER).is_file() and not any(
+            (path / name).exists() for name in FCSNAP_FILES
+        ):
             return path
     return None
 
@@ -90,14 +95,7 @@ class BuildData:
 
     def frame_index(self, storage_offset: int) -> int:
         """The frame holding an uncompressed offset (FcsnapError where no frame does)."""
-        lo, hi = 0, len(self.frames)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self.frames[mid].start_u <= storage_offset:
-                lo = mid + 1
-            else:
-                hi = mid
-        i = lo - 1
+        i = bisect.bisect_right(self.frames, storage_offset, key=lambda f: f.start_u) - 1
         if i < 0 or storage_offset >= self.frames[i].end_u:
             raise FcsnapError(f"build {self.build_id}: no frame in its table holds uncompressed "
                               f"offset {storage_offset:#x}")
