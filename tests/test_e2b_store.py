@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from helpers import fcsnap, one_build_store
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_e2b_headers import body_of, wrap
 
 from fcsnap.header.e2b import BUILD_INFO, FRAME, FRAME_TABLE
@@ -180,3 +182,32 @@ def test_an_fcsnap_build_without_its_build_json_is_not_taken_for_an_e2b_build(tm
     for argv in (("verify", build), ("unpack", build, "-o", tmp_path / "out.mem")):
         result = fcsnap(*argv)
         assert result.returncode == 1 and "build.json" in result.stderr, result.stderr
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["v4-zstd-4k", "v5-lz4-4k"]), st.data())
+def test_fuzz_damaged_objects_give_the_right_memory_or_one_error(scenario, data):
+    """Any byte of any data object changed or cut: unpack either writes exactly E2B's memory
+    (the change touched nothing read) or fails with an FcsnapError; never other bytes."""
+    import tempfile
+
+    from fcsnap.errors import FcsnapError
+    from fcsnap.store.e2b import unpack_e2b
+
+    expected = EXPECTED[scenario][2]
+    with tempfile.TemporaryDirectory() as tmp:
+        store = copy_store(Path(tmp), scenario)
+        objects = sorted(p for p in store.rglob("memfile.*") if p.suffix in (".zstd", ".lz4"))
+        target = data.draw(st.sampled_from(objects))
+        blob = bytearray(target.read_bytes())
+        for _ in range(data.draw(st.integers(1, 3))):
+            blob[data.draw(st.integers(0, len(blob) - 1))] ^= data.draw(st.integers(1, 255))
+        target.write_bytes(bytes(blob[: data.draw(st.integers(0, len(blob)))]))
+        out = Path(tmp) / "memory"
+        try:
+            unpack_e2b(store / Path(expected["file"]).parent.name, out)
+        except FcsnapError as e:
+            assert str(e) and "\n" not in str(e)
+            assert not out.exists()
+            return
+        assert hashlib.sha256(out.read_bytes()).hexdigest() == expected["memory_sha256"]
