@@ -291,7 +291,9 @@ class Firecracker:
         """Wait for `rounds` progress lines here and check that the guest went on from round
         `after`, the last it printed before its snapshot: the first line is round after+1 (or
         after+2, when the snapshot caught after+1 half printed), each next one more, every
-        one ok. Returns them; GuestError if not."""
+        one ok. Returns them; GuestError if not. The first line after a load may report checks
+        made before the snapshot (the pause can fall between a round's checks and its line):
+        only the rounds after it prove what was loaded, so `rounds` should be 2 or more."""
         seen = self.wait_rounds(rounds, timeout)
         numbers = [r.number for r in seen]
         if numbers[0] not in (after + 1, after + 2):
