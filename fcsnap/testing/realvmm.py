@@ -44,6 +44,8 @@ from fcsnap.unix_http import AnswerError, UnixHTTPConnection, exchange
 
 WAIT = 30.0  # seconds any one step may take (a boot, a load, a few rounds, a process exit)
 LOG_TAIL = 5  # lines of Firecracker's log or fcsnap's stderr quoted in an error
+POLL = 0.1  # seconds between looks at whether a process whose output is awaited still runs
+EXIT_GRACE = 0.5  # seconds to read what a process wrote before it exited
 
 
 class VmmError(Exception):
@@ -79,15 +81,20 @@ class _Lines:
             self.ended = True
             self._cond.notify_all()
 
-    def wait(self, done: Callable[[list[str]], bool], timeout: float) -> bool:
-        """Wait until done(lines) (True) or the pipe ended or the deadline passed (False)."""
+    def wait(self, done: Callable[[list[str]], bool], timeout: float,
+             proc: subprocess.Popen[bytes] | None = None) -> bool:
+        """Wait until done(lines) (True), or the pipe ended, `proc` exited (its children may
+        hold the pipe open) or the deadline passed (False)."""
         deadline = time.monotonic() + timeout
+        exited_at = None
         with self._cond:
             while not done(self.lines):
-                left = deadline - time.monotonic()
-                if self.ended or left <= 0:
+                now = time.monotonic()
+                if exited_at is None and proc is not None and proc.poll() is not None:
+                    exited_at = now  # lines it wrote may still be in the pipe: a moment more
+                if self.ended or now >= deadline or (exited_at and now - exited_at > EXIT_GRACE):
                     return False
-                self._cond.wait(left)
+                self._cond.wait(min(deadline - now, POLL))
             return True
 
     def join(self, timeout: float) -> None:
@@ -275,7 +282,7 @@ class Firecracker:
                 return True
             return sum(parse_round(line) is not None for line in lines) >= count
 
-        self.console.wait(enough, timeout)
+        self.console.wait(enough, timeout, self.proc)
         if errors := [line for line in self.console.lines if line.startswith("fcguest error")]:
             raise VmmError(f"the guest halted: {errors[0]}")
         seen = self.rounds()
@@ -355,7 +362,8 @@ class RestoreProcess:
         assert self.proc.stderr is not None
         self.stderr = _Lines(self.proc.stderr, "restore-stderr")
         want = "fcsnap: Firecracker loaded" if self.wait_loaded else "fcsnap: serving "
-        if not self.stderr.wait(lambda lines: any(x.startswith(want) for x in lines), timeout):
+        if not self.stderr.wait(lambda lines: any(x.startswith(want) for x in lines), timeout,
+                                self.proc):
             self.close()
             raise VmmError(f"fcsnap restore did not print {want!r} within {timeout:g}s "
                            f"(status {self.proc.poll()}): {self.tail()}")
