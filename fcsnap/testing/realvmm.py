@@ -46,6 +46,7 @@ WAIT = 30.0  # seconds any one step may take (a boot, a load, a few rounds, a pr
 LOG_TAIL = 5  # lines of Firecracker's log or fcsnap's stderr quoted in an error
 POLL = 0.1  # seconds between looks at whether a process whose output is awaited still runs
 EXIT_GRACE = 0.5  # seconds to read what a process wrote before it exited
+SETTLE = 0.2  # seconds for the console's reader to take what a just-paused guest printed
 
 
 class VmmError(Exception):
@@ -213,7 +214,10 @@ class Firecracker:
     def ask(self, method: str, path: str, body: dict[str, Any] | None = None,
             timeout: float = WAIT) -> Response:
         """One API request that must succeed (2xx); VmmError with Firecracker's reason if not."""
-        answer = self.call(method, path, body, timeout)
+        try:
+            answer = self.call(method, path, body, timeout)
+        except VmmError as e:
+            raise VmmError(f"{e}{self._tail()}") from None
         if not 200 <= answer.status < 300:
             raise VmmError(f"Firecracker {self.name} refused {method} {path}: "
                            f"{answer.fault_message()}{self._tail()}")
@@ -317,19 +321,44 @@ def take_snapshot(workdir: Path, config: GuestConfig = GuestConfig(), *, rounds:
                   mem_mib: int = 256, huge_pages: str | None = None,
                   track_dirty_pages: bool = False, timeout: float = WAIT) -> Snapshot:
     """Boot fcguest in a new Firecracker, let it print `rounds` good rounds, pause it, take a
-    Full snapshot into workdir (vm.state, vm.mem), and kill it."""
+    Full snapshot into workdir (gen0.state, gen0.mem), and kill it."""
+    return take_snapshots(workdir, config, ("Full",), rounds=rounds, mem_mib=mem_mib,
+                          huge_pages=huge_pages, track_dirty_pages=track_dirty_pages,
+                          timeout=timeout)[0]
+
+
+def take_snapshots(workdir: Path, config: GuestConfig = GuestConfig(),
+                   kinds: Sequence[str] = ("Full", "Diff", "Diff"), *, rounds: int = 2,
+                   mem_mib: int = 256, huge_pages: str | None = None,
+                   track_dirty_pages: bool | None = None, timeout: float = WAIT
+                   ) -> list[Snapshot]:
+    """Boot fcguest in a new Firecracker and snapshot it once per `kinds` ("Full" or "Diff"),
+    each after `rounds` more good rounds, into workdir/gen<i>.state and gen<i>.mem (a Diff's
+    memory file is sparse: only the pages written since the snapshot before); the VM runs on
+    between snapshots, and is killed after the last. Dirty pages are tracked when a Diff is
+    asked for (or as `track_dirty_pages` says)."""
     workdir.mkdir(parents=True, exist_ok=True)
+    if track_dirty_pages is None:
+        track_dirty_pages = "Diff" in kinds
+    snapshots = []
     with Firecracker(workdir, "template") as vm:
         vm.boot(config, mem_mib=mem_mib, huge_pages=huge_pages,
                 track_dirty_pages=track_dirty_pages)
-        seen = vm.wait_rounds(rounds, timeout)
-        if bad := [r.line for r in seen if not r.ok]:
-            raise GuestError(f"the freshly booted guest found its memory wrong: {bad[0]}")
-        vm.pause()
-        vmstate, mem = workdir / "vm.state", workdir / "vm.mem"
-        vm.snapshot(vmstate, mem, "Full", timeout)
-    # Killed and its console read to the end: the last whole line is the last round printed.
-    return Snapshot(vmstate, mem, "Full", vm.rounds()[-1].number, config, mem_mib, huge_pages)
+        for generation, kind in enumerate(kinds):
+            if generation:
+                vm.resume()
+            seen = vm.wait_rounds(len(vm.rounds()) + rounds, timeout)
+            if bad := [r.line for r in seen if not r.ok]:
+                raise GuestError(f"the guest found its memory wrong before its snapshot: "
+                                 f"{bad[0]}")
+            vm.pause()
+            time.sleep(SETTLE)  # the console thread reads what the guest printed before it
+            last = vm.rounds()[-1].number
+            vmstate, mem = workdir / f"gen{generation}.state", workdir / f"gen{generation}.mem"
+            vm.snapshot(vmstate, mem, kind, timeout)
+            snapshots.append(
+                Snapshot(vmstate, mem, kind, last, config, mem_mib, huge_pages))
+    return snapshots
 
 
 class RestoreProcess:
