@@ -12,6 +12,7 @@ machine cannot run Firecracker).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from fcsnap.testing.realvmm import (
     Daemon,
     Firecracker,
     GuestError,
+    Jail,
     RestoreProcess,
     Snapshot,
     VmmError,
@@ -218,3 +220,22 @@ def test_hugepage_guest(huge_template: Snapshot, hugepage_pool: list[bool], tmp_
         assert server.finish() == 0, server.tail()
     served = served_stats(stats)
     assert served["bytes_served"] == served["pages_served"] * (2 << 20)
+
+
+def test_jailed_firecracker_with_socket_owner(template: Snapshot, store: Path,
+                                              tmp_path: Path) -> None:
+    """Firecracker under its jailer (chrooted, uid 65534) loads from a socket made in its
+    chroot and given to its uid with `--socket-owner`: the guest goes on."""
+    if os.geteuid() != 0:
+        pytest.skip("the jailer needs root")
+    jail = Jail(uid=65534, gid=65534)
+    with Firecracker(tmp_path, "jailed", jail=jail) as vm, RestoreProcess(
+            vm.root / "uffd.sock", "--vm", "raw", "--store", store, "--socket-owner",
+            f"{jail.uid}:{jail.gid}") as server:
+        assert vm.root is not None and vm.proc is not None
+        assert Path(f"/proc/{vm.proc.pid}").stat().st_uid == jail.uid  # jailed: not root
+        assert server.socket.stat().st_uid == jail.uid
+        vm.load(template.vmstate, uffd=server.socket)
+        vm.expect_progress(template.last_round, ROUNDS)
+        vm.kill()
+        assert server.finish() == 0, server.tail()

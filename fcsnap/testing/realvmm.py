@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fcsnap.testing import fcguest
-from fcsnap.testing.fcbinary import firecracker_binary
+from fcsnap.testing.fcbinary import firecracker_binary, jailer_binary
 from fcsnap.testing.fcguest import GuestConfig, Round, parse_round
 from fcsnap.uffd.firecracker_api import Response
 from fcsnap.unix_http import AnswerError, UnixHTTPConnection, exchange
@@ -132,16 +133,32 @@ class Snapshot:
     huge_pages: str | None
 
 
+@dataclass(frozen=True)
+class Jail:
+    """Run Firecracker under its jailer, as production does: chrooted, as uid:gid (nobody by
+    default). Needs root."""
+
+    uid: int = 65534
+    gid: int = 65534
+
+
 class Firecracker:
     """One Firecracker process, its API socket and log in `workdir` (named after `name`).
-    `with Firecracker(...) as vm:` starts it and waits for its API; exit kills it."""
+    `with Firecracker(...) as vm:` starts it and waits for its API; exit kills it.
+
+    With `jail`, the jailer runs it chrooted at `root` (workdir/jail/firecracker/NAME/root) as
+    the jail's uid: paths it is given are mapped into the chroot (`vmm_path`: a file outside
+    it is hard-linked or copied in), and a page server's socket must be made inside `root`,
+    owned by that uid (`fcsnap restore --socket-owner`)."""
 
     def __init__(self, workdir: Path, name: str = "fc", *, binary: Path | None = None,
-                 extra_args: Sequence[str] = ()) -> None:
+                 jail: Jail | None = None, extra_args: Sequence[str] = ()) -> None:
         self.workdir = workdir
         self.name = name
-        self.api_socket = workdir / f"{name}.api"
-        self.log = workdir / f"{name}.log"
+        self.jail = jail
+        self.root = workdir / "jail" / "firecracker" / name / "root" if jail else None
+        self.api_socket = (self.root or workdir) / (f"{name}.api" if not jail else "api.sock")
+        self.log = (self.root or workdir) / (f"{name}.log" if not jail else "fc.log")
         self.binary = binary or firecracker_binary()
         self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -156,13 +173,20 @@ class Firecracker:
 
     def start(self, timeout: float = WAIT) -> Firecracker:
         """Start the process and wait until its API answers (GET /version: `version`)."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
         self.api_socket.unlink(missing_ok=True)
         self.log.write_bytes(b"")  # Firecracker opens its --log-path, it does not create it
-        self.proc = subprocess.Popen(
-            [str(self.binary), "--api-sock", str(self.api_socket), "--log-path", str(self.log),
-             "--level", "Warning", *self.extra_args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        argv = ["--api-sock", self.vmm_path(self.api_socket), "--log-path",
+                self.vmm_path(self.log), "--level", "Warning", *self.extra_args]
+        if self.jail is not None:
+            os.chown(self.log, self.jail.uid, self.jail.gid)
+            argv = [str(jailer_binary()), "--id", self.name, "--exec-file", str(self.binary),
+                    "--uid", str(self.jail.uid), "--gid", str(self.jail.gid),
+                    "--chroot-base-dir", str(self.workdir / "jail"), "--", *argv]
+        else:
+            argv = [str(self.binary), *argv]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
         assert self.proc.stdout is not None
         self.console = _Lines(self.proc.stdout, f"{self.name}-console")
         deadline = time.monotonic() + timeout
@@ -193,6 +217,24 @@ class Firecracker:
             self.console.join(WAIT)
 
     kill = close
+
+    def vmm_path(self, path: Path) -> str:
+        """`path` as Firecracker must be given it: absolute; in a jail, inside the chroot (a
+        file from outside is hard-linked, or copied, in under its name, owned by the jail's
+        uid)."""
+        if self.root is None or self.jail is None:
+            return str(path.absolute())
+        path = path.absolute()
+        if not path.is_relative_to(self.root):
+            inside = self.root / path.name
+            if not inside.exists():
+                try:
+                    os.link(path, inside)
+                except OSError:
+                    shutil.copyfile(path, inside)
+                os.chown(inside, self.jail.uid, self.jail.gid)
+            path = inside
+        return "/" + str(path.relative_to(self.root))
 
     def _tail(self) -> str:
         try:
@@ -230,7 +272,8 @@ class Firecracker:
         if not config.fits(mem_mib):
             raise ValueError(f"{config} does not fit in {mem_mib} MiB")
         self.ask("PUT", "/boot-source", {
-            "kernel_image_path": str(kernel or fcguest.build()), "boot_args": config.cmdline()})
+            "kernel_image_path": self.vmm_path(kernel or fcguest.build()),
+            "boot_args": config.cmdline()})
         machine: dict[str, Any] = {"vcpu_count": 1, "mem_size_mib": mem_mib,
                                    "track_dirty_pages": track_dirty_pages}
         if huge_pages is not None:
@@ -247,10 +290,17 @@ class Firecracker:
     def snapshot(self, vmstate: Path, mem: Path, kind: str = "Full",
                  timeout: float = WAIT) -> None:
         """PUT /snapshot/create of the paused VM: `kind` "Full", or "Diff" (only the pages
-        written since the last snapshot; the VM must track dirty pages)."""
+        written since the last snapshot; the VM must track dirty pages). In a jail the files
+        are written in the chroot and then moved to `vmstate` and `mem`."""
+        targets = [vmstate, mem]
+        if self.root is not None:
+            targets = [self.root / f"snapshot.{p.name}" for p in (vmstate, mem)]
         self.ask("PUT", "/snapshot/create", {
-            "snapshot_type": kind, "snapshot_path": str(vmstate.absolute()),
-            "mem_file_path": str(mem.absolute())}, timeout)
+            "snapshot_type": kind, "snapshot_path": self.vmm_path(targets[0]),
+            "mem_file_path": self.vmm_path(targets[1])}, timeout)
+        for written, wanted in zip(targets, (vmstate, mem), strict=True):
+            if written != wanted:
+                shutil.move(written, wanted)
 
     def load(self, vmstate: Path, *, uffd: Path | None = None, mem_file: Path | None = None,
              enable_diff_snapshots: bool = False, resume: bool = True,
@@ -260,12 +310,12 @@ class Firecracker:
         Firecracker 1.12 takes (`enable_diff_snapshots`)."""
         if (uffd is None) == (mem_file is None):
             raise ValueError("load: give exactly one of uffd= and mem_file=")
-        backend = ({"backend_type": "Uffd", "backend_path": str(uffd.absolute())}
+        backend = ({"backend_type": "Uffd", "backend_path": self.vmm_path(uffd)}
                    if uffd is not None else
-                   {"backend_type": "File", "backend_path": str(mem_file.absolute())})
+                   {"backend_type": "File", "backend_path": self.vmm_path(mem_file)})
         start = time.monotonic()
         self.ask("PUT", "/snapshot/load", {
-            "snapshot_path": str(vmstate.absolute()), "mem_backend": backend,
+            "snapshot_path": self.vmm_path(vmstate), "mem_backend": backend,
             "enable_diff_snapshots": enable_diff_snapshots, "resume_vm": resume}, timeout)
         return time.monotonic() - start
 
