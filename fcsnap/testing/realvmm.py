@@ -47,6 +47,7 @@ WAIT = 30.0  # seconds any one step may take (a boot, a load, a few rounds, a pr
 LOG_TAIL = 5  # lines of Firecracker's log or fcsnap's stderr quoted in an error
 POLL = 0.1  # seconds between looks at whether a process whose output is awaited still runs
 EXIT_GRACE = 0.5  # seconds to read what a process wrote before it exited
+MAX_SOCKET_PATH = 107  # bytes in a Unix socket's address (sun_path less its NUL)
 SETTLE = 0.2  # seconds for the console's reader to take what a just-paused guest printed
 
 
@@ -172,7 +173,17 @@ class Firecracker:
         self.close()
 
     def start(self, timeout: float = WAIT) -> Firecracker:
-        """Start the process and wait until its API answers (GET /version: `version`)."""
+        """Start the process and wait until its API answers (GET /version: `version`); if it
+        does not, kill it and raise VmmError."""
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, timeout: float) -> Firecracker:
+        if len(os.fsencode(self.api_socket.absolute())) > MAX_SOCKET_PATH:
+            raise VmmError(f"{self.api_socket}: too long for a Unix socket's address")
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.api_socket.unlink(missing_ok=True)
         self.log.write_bytes(b"")  # Firecracker opens its --log-path, it does not create it
