@@ -175,7 +175,8 @@ def test_diff_snapshots_three_generations(real_vmm: None, tmp_path: Path) -> Non
     two `diff --sparse-diff` store the three generations, and restoring the newest (its pages
     from all three builds) lets the guest go on from its last snapshot."""
     config = GuestConfig(fill=2048, ws=1024, sweep=512, write=64, seed=8)
-    snaps = take_snapshots(tmp_path / "template", config, ("Full", "Diff", "Diff"))
+    snaps = take_snapshots(tmp_path / "template", config, ("Full", "Diff", "Diff"),
+                           mem_mib=64)
     store = tmp_path / "store"
     done = fcsnap("pack", snaps[0].mem, "--vmstate", snaps[0].vmstate, "--store", store,
                   "--name", "vm", "--quiet")
