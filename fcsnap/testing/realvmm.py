@@ -64,12 +64,11 @@ class GuestError(AssertionError):
 
 class _Lines:
     """Lines a process writes to one pipe, read by a thread as they come; waiters get them
-    with a deadline. A last line without its newline (a VM paused mid-line) is kept apart."""
+    with a deadline. A last line without its newline (a VM killed mid-line) is left out."""
 
     def __init__(self, pipe: IO[bytes], name: str) -> None:
         self.lines: list[str] = []
         self.times: list[float] = []  # time.monotonic() when each line was read
-        self.partial = ""
         self.ended = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._read, args=(pipe,), name=name, daemon=True)
@@ -77,13 +76,11 @@ class _Lines:
 
     def _read(self, pipe: IO[bytes]) -> None:
         for raw in iter(pipe.readline, b""):
-            text = raw.decode(errors="replace")
+            if not raw.endswith(b"\n"):
+                break  # the end of the pipe, mid-line
             with self._cond:
-                if text.endswith("\n"):
-                    self.lines.append(text.rstrip("\r\n"))
-                    self.times.append(time.monotonic())
-                else:
-                    self.partial = text
+                self.lines.append(raw.decode(errors="replace").rstrip("\r\n"))
+                self.times.append(time.monotonic())
                 self._cond.notify_all()
         with self._cond:
             self.ended = True
@@ -100,7 +97,8 @@ class _Lines:
                 now = time.monotonic()
                 if exited_at is None and proc is not None and proc.poll() is not None:
                     exited_at = now  # lines it wrote may still be in the pipe: a moment more
-                if self.ended or now >= deadline or (exited_at and now - exited_at > EXIT_GRACE):
+                gone = exited_at is not None and now - exited_at > EXIT_GRACE
+                if self.ended or gone or now >= deadline:
                     return False
                 self._cond.wait(min(deadline - now, POLL))
             return True
@@ -437,6 +435,20 @@ def take_snapshots(workdir: Path, config: GuestConfig = GuestConfig(),
     return snapshots
 
 
+def _stop(proc: subprocess.Popen[bytes] | None, output: _Lines | None) -> None:
+    """End an fcsnap process as a user would (SIGTERM; SIGKILL if it lingers) and read its
+    output to the end."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(WAIT)
+    if output is not None:
+        output.join(WAIT)
+
+
 class RestoreProcess:
     """`fcsnap restore ARGS --socket SOCKET` as its own process (this interpreter, and so this
     tree), not --quiet: `with` starts it and waits for its "serving" line (it listens), or for
@@ -469,9 +481,10 @@ class RestoreProcess:
         want = "fcsnap: Firecracker loaded" if self.wait_loaded else "fcsnap: serving "
         if not self.stderr.wait(lambda lines: any(x.startswith(want) for x in lines), timeout,
                                 self.proc):
+            status = self.proc.poll()
             self.close()
-            raise VmmError(f"fcsnap restore did not print {want!r} within {timeout:g}s "
-                           f"(status {self.proc.poll()}): {self.tail()}")
+            how = f"within {timeout:g}s" if status is None else f"(it exited {status})"
+            raise VmmError(f"fcsnap restore did not print {want!r} {how}: {self.tail()}")
         return self
 
     def tail(self) -> str:
@@ -489,17 +502,7 @@ class RestoreProcess:
         return status
 
     def close(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(WAIT)
-        if self.stderr is not None:
-            self.stderr.join(WAIT)
+        _stop(self.proc, self.stderr)
 
 
 class Daemon:
@@ -527,17 +530,7 @@ class Daemon:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(WAIT)
-        if self.stderr is not None:
-            self.stderr.join(WAIT)
+        _stop(self.proc, self.stderr)
 
     def restore(self, vm: str, socket: Path, *args: str, timeout: float = WAIT) -> str:
         """`fcsnap restore --daemon API --vm VM --socket SOCKET ARGS`: the restore's id, once
