@@ -11,9 +11,11 @@ machine cannot run Firecracker).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import fcsnap, top_up_hugepages
@@ -58,41 +60,82 @@ def store(template: Snapshot, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return store
 
 
-def served_stats(path: Path) -> dict[str, object]:
+def served_stats(path: Path) -> dict[str, Any]:
     stats = json.loads(path.read_text())
     assert stats["exit_reason"] == "vm exited", stats
     assert stats["faults"] > 0 and stats["pages_served"] > 0, stats
     return stats
 
 
+def resume_from(template: Snapshot, store: Path, tmp_path: Path, name: str,
+                *args: str) -> dict[str, Any]:
+    """`fcsnap restore --vm NAME ARGS` serving a new Firecracker that loads the template with
+    the Uffd backend: the guest goes on right, and once the VM is gone restore exits 0 by
+    itself. Returns its stats."""
+    tmp_path.mkdir(exist_ok=True)
+    stats = tmp_path / "stats.json"
+    with RestoreProcess(tmp_path / "uffd.sock", "--vm", name, "--store", store,
+                        "--stats", stats, *args) as server, Firecracker(tmp_path, "clone") as vm:
+        vm.load(template.vmstate, uffd=server.socket)
+        vm.expect_progress(template.last_round, ROUNDS)
+        vm.kill()
+        assert server.finish() == 0, server.tail()
+    return served_stats(stats)
+
+
 @pytest.mark.parametrize("name", ["raw", "zstd"])
 def test_restore_serves_a_packed_snapshot(template: Snapshot, store: Path, tmp_path: Path,
                                           name: str) -> None:
-    """`fcsnap restore` (default options) serves the packed Full snapshot to a Firecracker
-    loading it with the Uffd backend: the guest goes on, its memory right; once the VM is
-    gone, restore exits 0 by itself."""
-    stats = tmp_path / "stats.json"
-    with RestoreProcess(tmp_path / "uffd.sock", "--vm", name, "--store", store,
-                        "--stats", stats) as server, Firecracker(tmp_path, "clone") as vm:
-        vm.load(template.vmstate, uffd=server.socket)
-        vm.expect_progress(template.last_round, ROUNDS)
-        vm.kill()
-        assert server.finish() == 0, server.tail()
-    served_stats(stats)
+    """`fcsnap restore` (default options) serves the packed Full snapshot: every page the
+    guest reads comes through a fault."""
+    stats = resume_from(template, store, tmp_path, name)
+    assert stats["populated_pages"] == stats["prefetched_pages"] == 0
 
 
-def test_restore_verify_checks_every_block_it_serves(template: Snapshot, store: Path,
-                                                     tmp_path: Path) -> None:
-    """`restore --verify` under the real VMM: every block hashed before it goes in, and the
-    guest goes on right."""
-    stats = tmp_path / "stats.json"
-    with RestoreProcess(tmp_path / "uffd.sock", "--vm", "zstd", "--store", store, "--verify",
-                        "--stats", stats) as server, Firecracker(tmp_path, "clone") as vm:
-        vm.load(template.vmstate, uffd=server.socket)
-        vm.expect_progress(template.last_round, ROUNDS)
-        vm.kill()
-        assert server.finish() == 0, server.tail()
-    served_stats(stats)
+@pytest.mark.parametrize("args", [
+    ("--verify",), ("--eager",), ("--populate",), ("--fault-around", "0"),
+], ids=lambda args: " ".join(args))
+def test_restore_options(template: Snapshot, store: Path, tmp_path: Path,
+                         args: tuple[str, ...]) -> None:
+    """Each restore option under the real VMM, the guest going on right: --verify (every
+    block hashed before it goes in), --eager (every page in before any fault is served: the
+    vCPU waits at its first), --populate (the rest in the background), --fault-around 0 (one
+    page a fault)."""
+    stats = resume_from(template, store, tmp_path, "zstd", *args)
+    every_page = template.mem_mib << 8
+    if args == ("--eager",):
+        assert stats["pages_served"] == every_page and stats["faults"] < 64, stats
+    elif args == ("--populate",):
+        assert stats["pages_served"] == every_page and stats["populated_pages"] > 0, stats
+    elif args == ("--fault-around", "0"):
+        assert stats["installs"] == stats["pages_served"] == stats["faults"], stats
+
+
+def test_record_then_prefetch_the_working_set(template: Snapshot, store: Path,
+                                              tmp_path: Path) -> None:
+    """`--record-ws` writes the pages a restored guest faulted; `--prefetch-ws` of that file
+    installs them right after the handshake, so the next clone faults far less."""
+    working_set = tmp_path / "ws.txt"
+    recorded = resume_from(template, store, tmp_path / "first", "raw", "--record-ws",
+                           str(working_set))
+    prefetched = resume_from(template, store, tmp_path / "second", "raw", "--prefetch-ws",
+                             str(working_set))
+    assert prefetched["prefetched_pages"] >= CONFIG.ws, prefetched
+    assert prefetched["faults"] < recorded["faults"] // 2, (recorded, prefetched)
+
+
+def test_four_clones_on_the_daemon_at_once(template: Snapshot, store: Path,
+                                           tmp_path: Path) -> None:
+    """One daemon serves four Firecrackers loading the same snapshot at once: every guest
+    goes on from the template's round, its memory right."""
+    with Daemon(store, tmp_path) as daemon, contextlib.ExitStack() as vms:
+        clones = [vms.enter_context(Firecracker(tmp_path, f"clone{i}")) for i in range(4)]
+        for i, _vm in enumerate(clones):
+            daemon.restore("zstd", tmp_path / f"clone{i}.sock")
+        for i, vm in enumerate(clones):
+            vm.load(template.vmstate, uffd=tmp_path / f"clone{i}.sock")
+        for vm in clones:
+            vm.expect_progress(template.last_round, ROUNDS)
 
 
 def test_python_api_restore(template: Snapshot, store: Path, tmp_path: Path) -> None:
