@@ -63,7 +63,7 @@ def store(template: Snapshot, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def served_stats(path: Path) -> dict[str, Any]:
     stats = json.loads(path.read_text())
     assert stats["exit_reason"] == "vm exited", stats
-    assert stats["faults"] > 0 and stats["pages_served"] > 0, stats
+    assert stats["pages_served"] > 0, stats
     return stats
 
 
@@ -89,7 +89,7 @@ def test_restore_serves_a_packed_snapshot(template: Snapshot, store: Path, tmp_p
     """`fcsnap restore` (default options) serves the packed Full snapshot: every page the
     guest reads comes through a fault."""
     stats = resume_from(template, store, tmp_path, name)
-    assert stats["populated_pages"] == stats["prefetched_pages"] == 0
+    assert stats["faults"] > 0 and stats["populated_pages"] == stats["prefetched_pages"] == 0
 
 
 @pytest.mark.parametrize("args", [
