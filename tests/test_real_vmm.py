@@ -14,14 +14,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import fcsnap, top_up_hugepages
 
-from fcsnap.testing.fcguest import FILL_BASE, GuestConfig
+from fcsnap.store.layout import diff_path, resolve_build
+from fcsnap.testing.fcguest import FILL_BASE, PAGE, GuestConfig
 from fcsnap.testing.realvmm import (
+    WAIT,
     Daemon,
     Firecracker,
     GuestError,
@@ -136,6 +140,67 @@ def test_four_clones_on_the_daemon_at_once(template: Snapshot, store: Path,
             vm.load(template.vmstate, uffd=tmp_path / f"clone{i}.sock")
         for vm in clones:
             vm.expect_progress(template.last_round, ROUNDS)
+
+
+def damage_page(template: Snapshot, store: Path, dest: Path, at: int) -> Path:
+    """A writable copy of `store` at `dest` in which byte `at` of the guest's page 0 (at
+    FILL_BASE) is flipped where the raw build keeps it; returns the copy's build."""
+    shutil.copytree(store, dest)
+    for path in dest.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    build = resolve_build("raw", dest)
+    with template.mem.open("rb") as f:
+        f.seek(FILL_BASE)
+        page = f.read(PAGE)
+    diff = bytearray(diff_path(build).read_bytes())
+    assert diff.count(page) == 1  # its tag words make every filled page unique
+    diff[diff.find(page) + at] ^= 0x40
+    diff_path(build).write_bytes(diff)
+    return build
+
+
+def test_a_damaged_block_is_seen_by_the_guest(template: Snapshot, store: Path,
+                                              tmp_path: Path) -> None:
+    """A byte flipped in a stored page is served as it is without --verify: the guest finds
+    it in its working set on the next round."""
+    damaged = damage_page(template, store, tmp_path / "store", 3)
+    with RestoreProcess(tmp_path / "uffd.sock", "--vm", "raw", "--store", damaged.parent
+                        ) as server, Firecracker(tmp_path, "clone") as vm:
+        vm.load(template.vmstate, uffd=server.socket)
+        with pytest.raises(GuestError, match=f"BAD page={FILL_BASE:#x}"):
+            vm.expect_progress(template.last_round, 2)
+
+
+def test_verify_refuses_a_damaged_block(template: Snapshot, store: Path, tmp_path: Path
+                                        ) -> None:
+    """Under --verify the damaged block fails its hash as the guest first reads it: restore
+    exits 1 with one line naming the build, and the VM is killed, having never printed a
+    BAD round."""
+    damaged = damage_page(template, store, tmp_path / "store", 3)
+    with RestoreProcess(tmp_path / "uffd.sock", "--vm", "raw", "--store", damaged.parent,
+                        "--verify") as server, Firecracker(tmp_path, "clone") as vm:
+        vm.load(template.vmstate, uffd=server.socket)
+        assert server.finish() == 1
+        assert vm.proc is not None and vm.proc.wait(WAIT) == -signal.SIGKILL
+        assert [r for r in vm.rounds() if not r.ok] == []
+    errors = [line for line in server.stderr.lines if line.startswith("fcsnap: error: ")]
+    assert len(errors) == 1 and damaged.name in errors[0], server.stderr.lines
+    assert "does not match its hash" in errors[0]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
+def test_the_vm_does_not_outlive_its_page_server(template: Snapshot, store: Path,
+                                                 tmp_path: Path, signum: int) -> None:
+    """A restore ended by SIGTERM (exit 0) or SIGKILL (its watchdog left) while the guest
+    still faults pages in: Firecracker is killed, not left frozen at its next fault."""
+    with RestoreProcess(tmp_path / "uffd.sock", "--vm", "raw", "--store", store
+                        ) as server, Firecracker(tmp_path, "clone") as vm:
+        vm.load(template.vmstate, uffd=server.socket)
+        vm.expect_progress(template.last_round, 2)
+        assert server.proc is not None and vm.proc is not None
+        server.proc.send_signal(signum)
+        assert server.finish() == (0 if signum == signal.SIGTERM else -signal.SIGKILL)
+        assert vm.proc.wait(WAIT) == -signal.SIGKILL
 
 
 def test_python_api_restore(template: Snapshot, store: Path, tmp_path: Path) -> None:
