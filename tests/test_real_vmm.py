@@ -142,13 +142,18 @@ def test_four_clones_on_the_daemon_at_once(template: Snapshot, store: Path,
             vm.expect_progress(template.last_round, ROUNDS)
 
 
-def damage_page(template: Snapshot, store: Path, dest: Path, at: int) -> Path:
-    """A writable copy of `store` at `dest` in which byte `at` of the guest's page 0 (at
-    FILL_BASE) is flipped where the raw build keeps it; returns the copy's build."""
+def writable_copy(store: Path, dest: Path) -> Path:
+    """A copy of the module's store that a test may add to or damage."""
     shutil.copytree(store, dest)
     for path in dest.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
-    build = resolve_build("raw", dest)
+    return dest
+
+
+def damage_page(template: Snapshot, store: Path, dest: Path, at: int) -> Path:
+    """A writable copy of `store` at `dest` in which byte `at` of the guest's page 0 (at
+    FILL_BASE) is flipped where the raw build keeps it; returns the copy's build."""
+    build = resolve_build("raw", writable_copy(store, dest))
     with template.mem.open("rb") as f:
         f.seek(FILL_BASE)
         page = f.read(PAGE)
@@ -201,6 +206,30 @@ def test_the_vm_does_not_outlive_its_page_server(template: Snapshot, store: Path
         server.proc.send_signal(signum)
         assert server.finish() == (0 if signum == signal.SIGTERM else -signal.SIGKILL)
         assert vm.proc.wait(WAIT) == -signal.SIGKILL
+
+
+def test_full_snapshot_of_a_restored_vm(template: Snapshot, store: Path,
+                                        tmp_path: Path) -> None:
+    """A VM restored by fcsnap runs on, is paused and snapshotted Full (Firecracker reads all
+    of its memory through the page server to write it); `diff` stores that as the next
+    generation, and restoring it lets the guest go on from its second snapshot."""
+    store = writable_copy(store, tmp_path / "store")
+    with RestoreProcess(tmp_path / "uffd.sock", "--vm", "raw", "--store", store
+                        ) as server, Firecracker(tmp_path, "first") as vm:
+        vm.load(template.vmstate, uffd=server.socket)
+        vm.expect_progress(template.last_round, ROUNDS)
+        last = vm.pause()
+        vm.snapshot(tmp_path / "gen1.state", tmp_path / "gen1.mem", "Full")
+        vm.kill()
+        assert server.finish() == 0, server.tail()
+    done = fcsnap("diff", tmp_path / "gen1.mem", "--base", "raw", "--vmstate",
+                  tmp_path / "gen1.state", "--store", store, "--name", "raw", "--quiet")
+    assert done.returncode == 0, done.stderr
+    (tmp_path / "gen1.mem").unlink()
+    with RestoreProcess(tmp_path / "uffd.sock", "--vm", "raw", "--store", store
+                        ) as server, Firecracker(tmp_path, "second") as vm:
+        vm.load(tmp_path / "gen1.state", uffd=server.socket)
+        vm.expect_progress(last, ROUNDS)
 
 
 def test_python_api_restore(template: Snapshot, store: Path, tmp_path: Path) -> None:

@@ -296,8 +296,13 @@ class Firecracker:
         self.ask("PUT", "/machine-config", machine)
         self.ask("PUT", "/actions", {"action_type": "InstanceStart"})
 
-    def pause(self) -> None:
+    def pause(self) -> int:
+        """Pause the VM; the last round the guest printed before it (the round a snapshot
+        taken now must go on from), 0 if none."""
         self.ask("PATCH", "/vm", {"state": "Paused"})
+        time.sleep(SETTLE)  # the console thread reads what the guest printed before it
+        seen = self.rounds()
+        return seen[-1].number if seen else 0
 
     def resume(self) -> None:
         self.ask("PATCH", "/vm", {"state": "Resumed"})
@@ -425,9 +430,7 @@ def take_snapshots(workdir: Path, config: GuestConfig = GuestConfig(),
             if bad := [r.line for r in seen if not r.ok]:
                 raise GuestError(f"the guest found its memory wrong before its snapshot: "
                                  f"{bad[0]}")
-            vm.pause()
-            time.sleep(SETTLE)  # the console thread reads what the guest printed before it
-            last = vm.rounds()[-1].number
+            last = vm.pause()
             vmstate, mem = workdir / f"gen{generation}.state", workdir / f"gen{generation}.mem"
             vm.snapshot(vmstate, mem, kind, timeout)
             snapshots.append(
