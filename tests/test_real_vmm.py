@@ -232,6 +232,25 @@ def test_full_snapshot_of_a_restored_vm(template: Snapshot, store: Path,
         vm.expect_progress(last, ROUNDS)
 
 
+def test_a_build_in_s3(template: Snapshot, bucket, tmp_path: Path) -> None:  # noqa: ANN001
+    """The snapshot packed (zstd) into a store in S3 and restored from there through the host
+    chunk cache: the guest goes on; what it reads was fetched from the bucket."""
+    done = fcsnap("pack", template.mem, "--vmstate", template.vmstate, "--store",
+                  bucket.url(), "--name", "vm", "--compress", "zstd", "--quiet",
+                  env=bucket.env)
+    assert done.returncode == 0, done.stderr
+    stats = tmp_path / "stats.json"
+    with RestoreProcess(tmp_path / "uffd.sock", "--vm", "vm", "--store", bucket.url(),
+                        "--cache-dir", tmp_path / "cache", "--stats", stats, env=bucket.env
+                        ) as server, Firecracker(tmp_path, "clone") as vm:
+        vm.load(template.vmstate, uffd=server.socket)
+        vm.expect_progress(template.last_round, ROUNDS)
+        vm.kill()
+        assert server.finish() == 0, server.tail()
+    fetched = served_stats(stats)
+    assert fetched["fetch_requests"] > 0 and fetched["fetched_bytes"] > 0, fetched
+
+
 def test_python_api_restore(template: Snapshot, store: Path, tmp_path: Path) -> None:
     """fcsnap.api.restore in this process serves the real VMM; it returns once the VM is gone,
     with status 0 and its stats."""
