@@ -2,11 +2,12 @@
 
 One guest is booted per module and snapshotted (Full) after two good rounds (the Diff, hugepage
 and restored-VM tests take snapshots of their own); every test loads a snapshot into a new
-Firecracker, its memory served by one of fcsnap's paths, and checks that the guest goes on: the round counter kept in its RAM continues from the last round printed
-before the snapshot, and every page it checks (its working set, the same each round, and a
-sweep over the rest) holds what it wrote. Marked `firecracker`: run with `-m firecracker`
-(fcsnap.testing.realvmm says how; the `real_vmm` fixture skips, or fails in CI, when this
-machine cannot run Firecracker).
+Firecracker, its memory served by one of fcsnap's paths, and checks that the guest goes on:
+the round counter kept in its RAM continues from the last round printed before the snapshot,
+and every page it checks (its working set, the same each round, and a sweep over the rest)
+holds what it wrote. Marked `firecracker`: run with `-m firecracker` (fcsnap.testing.realvmm
+says how; the `real_vmm` fixture skips, or fails in CI, when this machine cannot run
+Firecracker).
 """
 
 from __future__ import annotations
