@@ -181,10 +181,11 @@ class Firecracker:
         self.workdir = workdir
         self.name = name
         self.jail = jail
-        self.root = workdir / "jail" / "firecracker" / name / "root" if jail else None
+        self.binary = binary or firecracker_binary()
+        # the jailer's layout: <chroot base>/<exec file's name>/<id>/root
+        self.root = workdir / "jail" / self.binary.name / name / "root" if jail else None
         self.api_socket = (self.root or workdir) / (f"{name}.api" if not jail else "api.sock")
         self.log = (self.root or workdir) / (f"{name}.log" if not jail else "fc.log")
-        self.binary = binary or firecracker_binary()
         self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
         self.console: _Console | None = None
