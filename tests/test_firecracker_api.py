@@ -224,6 +224,22 @@ def test_load_body_is_what_each_release_accepts(version: tuple[int, int]) -> Non
     assert (refused is None) == (version >= (1, 13))
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "since"),
+    [("network_overrides", [], (1, 12)), ("track_dirty_pages", True, (1, 13)),
+     ("clock_realtime", True, (1, 16)), ("vsock_override", {"uds_path": "/v"}, (1, 16))],
+)
+def test_fake_knows_each_release_fields(field: str, value: object, since: tuple[int, int]
+                                        ) -> None:
+    """A field is taken from the release that brought it, refused by those before it."""
+    body = {"snapshot_path": "/v", "mem_backend": {"backend_type": "Uffd", "backend_path": "/s"},
+            field: value}
+    for version in VERSIONS:
+        refused = load_error(json.dumps(body).encode(), version)
+        assert (refused is None) == (version >= since), (version, refused)
+        assert refused is None or f"unknown field `{field}`" in refused
+
+
 def test_load_body_for_releases_newer_than_known() -> None:
     """A release after the newest known gets the newest known body (the deprecated name
     is the one that goes away)."""

@@ -6,7 +6,8 @@ fields, so a field a release does not know is a 400; then the API server's
 `parse_put_snapshot_load` wants exactly one of `mem_backend` and `mem_file_path`. Fields by
 release: `network_overrides` from 1.12, `track_dirty_pages` from 1.13 (where
 `enable_diff_snapshots` is deprecated but still taken), `vsock_override` and `clock_realtime`
-from 1.16. `MemBackendConfig` denies unknown fields too; the override objects do not.
+from 1.16. `MemBackendConfig` denies unknown fields too; the override objects do not. serde
+also takes a struct as a JSON array of its fields in order, and so does the fake.
 
 `load_error` gives serde's first error as Firecracker words it (without serde's `at line L
 column C`), so a test can compare the fake's verdict and message with the real binary's.
@@ -24,36 +25,49 @@ PREFIX = "An error occurred when deserializing the json body of a request: "
 MISSING_MEMORY = "missing field: either `mem_backend` or `mem_file_path` is required"
 TOO_MANY_MEMORIES = (
     "too many fields: either `mem_backend` or `mem_file_path` exclusively is required")
-BACKEND_TYPES = ("File", "Uffd")
+
+
+@dataclass(frozen=True)
+class Struct:
+    name: str
+    fields: tuple[Field, ...]
+    deny_unknown: bool  # #[serde(deny_unknown_fields)]
 
 
 @dataclass(frozen=True)
 class Field:
     name: str
-    kind: type  # the JSON value's Python type: str, bool, dict, list
+    shape: str | Struct  # serde's words for what it expects ("a boolean"), or a struct
     since: Version = OLDEST
-    required: bool = False
-    option: bool = False  # an Option<T>: null is taken as absent
+    default: bool = False  # #[serde(default)]: may be left out
+    option: bool = False  # an Option<T>: null (or, in a map, leaving it out) is None
+    many: bool = False  # a Vec of `shape`
+
+    def expects(self) -> str:
+        if self.many:
+            return "a sequence"
+        return f"struct {self.shape.name}" if isinstance(self.shape, Struct) else self.shape
 
 
+VARIANT = "variant"  # MemBackendType: a unit enum, named by a string
+MEM_BACKEND = Struct("MemBackendConfig", (
+    Field("backend_path", "path string"), Field("backend_type", VARIANT)), deny_unknown=True)
+NETWORK_OVERRIDE = Struct("NetworkOverride", (
+    Field("iface_id", "a string"), Field("host_dev_name", "a string")), deny_unknown=False)
+VSOCK_OVERRIDE = Struct("VsockOverride", (Field("uds_path", "a string"),), deny_unknown=False)
 # LoadSnapshotConfig's fields in the struct's order (serde lists them so in its messages).
 LOAD_FIELDS = (
-    Field("snapshot_path", str, required=True),
-    Field("mem_file_path", str, option=True),
-    Field("mem_backend", dict, option=True),
-    Field("enable_diff_snapshots", bool),
-    Field("track_dirty_pages", bool, since=(1, 13)),
-    Field("resume_vm", bool),
-    Field("network_overrides", list, since=(1, 12)),
-    Field("vsock_override", dict, since=(1, 16), option=True),
-    Field("clock_realtime", bool, since=(1, 16)),
+    Field("snapshot_path", "path string"),
+    Field("mem_file_path", "path string", option=True),
+    Field("mem_backend", MEM_BACKEND, option=True),
+    Field("enable_diff_snapshots", "a boolean", default=True),
+    Field("track_dirty_pages", "a boolean", since=(1, 13), default=True),
+    Field("resume_vm", "a boolean", default=True),
+    Field("network_overrides", NETWORK_OVERRIDE, since=(1, 12), default=True, many=True),
+    Field("vsock_override", VSOCK_OVERRIDE, since=(1, 16), option=True),
+    Field("clock_realtime", "a boolean", since=(1, 16), default=True),
 )
-BACKEND_FIELDS = (Field("backend_path", str, required=True),
-                  Field("backend_type", str, required=True))
-NETWORK_FIELDS = (Field("iface_id", str, required=True),
-                  Field("host_dev_name", str, required=True))
-VSOCK_FIELDS = (Field("uds_path", str, required=True),)
-JSON_NAMES = {str: "a string", bool: "a boolean", dict: "a map", list: "a sequence"}
+BACKEND_TYPES = ("File", "Uffd")
 
 
 class Pairs(list[tuple[str, Any]]):
@@ -72,19 +86,21 @@ def parse_version(text: str) -> Version:
     return major, minor
 
 
-def load_fields(version: Version) -> tuple[Field, ...]:
-    return tuple(f for f in LOAD_FIELDS if f.since <= version)
+def load_struct(version: Version) -> Struct:
+    """LoadSnapshotConfig as Firecracker `version` has it."""
+    fields = tuple(f for f in LOAD_FIELDS if f.since <= version)
+    return Struct("LoadSnapshotConfig", fields, deny_unknown=True)
 
 
 def load_error(raw: bytes, version: Version) -> str | None:
     """Firecracker `version`'s fault message for this body, None if it takes it (the load
     may still fail, as it would for any body: a missing snapshot file, say)."""
     try:
-        body = json.loads(raw, object_pairs_hook=Pairs)
-    except ValueError as e:
+        body = json.loads(raw, object_pairs_hook=Pairs, parse_constant=_not_json)
+    except ValueError as e:  # Python's words, not serde's: only the verdict is the same
         return f"{PREFIX}{e}."
     try:
-        fields = _struct(body, load_fields(version), "LoadSnapshotConfig", deny_unknown=True)
+        fields = _struct(body, load_struct(version))
     except Refused as e:
         return f"{PREFIX}{e}."
     memories = [fields.get(name) is not None for name in ("mem_backend", "mem_file_path")]
@@ -95,46 +111,75 @@ def load_error(raw: bytes, version: Version) -> str | None:
     return None
 
 
-def _struct(obj: Any, fields: tuple[Field, ...], name: str, deny_unknown: bool
-            ) -> dict[str, Any]:
-    """`obj` deserialized as the struct `name`, in serde's order: each key as it comes
-    (unknown, duplicate, wrong type), then the first required field missing."""
-    if not isinstance(obj, Pairs):
-        raise Refused(f"invalid type: {_kind(obj)}, expected struct {name}")
-    by_name = {f.name: f for f in fields}
+def _not_json(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _struct(obj: Any, struct: Struct) -> dict[str, Any]:
+    """`obj` deserialized as `struct`, in serde's order. From a map: each key as it comes
+    (unknown, duplicate, wrong type), then the first field missing that has no default and is
+    no Option. From a sequence (serde takes one too): the fields in order, those with a
+    default may be left off the end."""
+    if isinstance(obj, Pairs):
+        return _from_map(obj, struct)
+    if isinstance(obj, list):
+        return _from_seq(obj, struct)
+    raise Refused(f"invalid type: {_kind(obj)}, expected struct {struct.name}")
+
+
+def _from_map(obj: Pairs, struct: Struct) -> dict[str, Any]:
+    by_name = {f.name: f for f in struct.fields}
     seen: dict[str, Any] = {}
     for key, value in obj:
         field = by_name.get(key)
         if field is None:
-            if deny_unknown:
-                raise Refused(f"unknown field `{key}`, {_expected(fields)}")
+            if struct.deny_unknown:
+                raise Refused(f"unknown field `{key}`, {_expected(struct.fields)}")
             continue
         if key in seen:
             raise Refused(f"duplicate field `{key}`")
         seen[key] = _value(field, value)
-    for field in fields:
-        if field.required and field.name not in seen:
+    for field in struct.fields:
+        if field.name not in seen and not (field.default or field.option):
             raise Refused(f"missing field `{field.name}`")
+    return seen
+
+
+def _from_seq(obj: list[Any], struct: Struct) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for i, field in enumerate(struct.fields):
+        if i < len(obj):
+            seen[field.name] = _value(field, obj[i])
+        elif not field.default:
+            raise Refused(f"invalid length {len(obj)}, expected struct {struct.name} with "
+                          f"{len(struct.fields)} elements")
+    if len(obj) > len(struct.fields):
+        raise Refused("trailing characters")
     return seen
 
 
 def _value(field: Field, value: Any) -> Any:
     if value is None and field.option:
         return None
-    if field.kind is dict and isinstance(value, Pairs):
-        if field.name == "mem_backend":
-            backend = _struct(value, BACKEND_FIELDS, "MemBackendConfig", deny_unknown=True)
-            if backend["backend_type"] not in BACKEND_TYPES:
-                raise Refused(f"unknown variant `{backend['backend_type']}`, expected "
-                              "`File` or `Uffd`")
-            return backend
-        return _struct(value, VSOCK_FIELDS, "VsockOverride", deny_unknown=False)
-    if field.kind is list and isinstance(value, list) and not isinstance(value, Pairs):
-        return [_struct(item, NETWORK_FIELDS, "NetworkOverride", deny_unknown=False)
-                for item in value]
-    if field.kind in (str, bool) and isinstance(value, field.kind):
+    if field.many:
+        if not isinstance(value, list) or isinstance(value, Pairs):
+            raise Refused(f"invalid type: {_kind(value)}, expected a sequence")
+        return [_one(field, item) for item in value]
+    return _one(field, value)
+
+
+def _one(field: Field, value: Any) -> Any:
+    if isinstance(field.shape, Struct):
+        return _struct(value, field.shape)
+    if field.shape == VARIANT:
+        if not isinstance(value, str):
+            raise Refused("expected value")  # serde_json's words for a non-string variant
+        if value not in BACKEND_TYPES:
+            raise Refused(f"unknown variant `{value}`, expected `File` or `Uffd`")
         return value
-    raise Refused(f"invalid type: {_kind(value)}, expected {JSON_NAMES[field.kind]}")
+    if isinstance(value, bool if field.shape == "a boolean" else str):
+        return value
+    raise Refused(f"invalid type: {_kind(value)}, expected {field.expects()}")
 
 
 def _kind(value: Any) -> str:
