@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,13 +38,16 @@ from pathlib import Path
 from typing import IO, Any
 
 from fcsnap.testing import fcguest
-from fcsnap.testing.fcbinary import firecracker_binary
+from fcsnap.testing.fcbinary import firecracker_binary, jailer_binary
 from fcsnap.testing.fcguest import GuestConfig, Round, parse_round
 from fcsnap.uffd.firecracker_api import Response
 from fcsnap.unix_http import AnswerError, UnixHTTPConnection, exchange
 
 WAIT = 30.0  # seconds any one step may take (a boot, a load, a few rounds, a process exit)
 LOG_TAIL = 5  # lines of Firecracker's log or fcsnap's stderr quoted in an error
+POLL = 0.1  # seconds between looks at whether a process whose output is awaited still runs
+EXIT_GRACE = 0.5  # seconds to read what a process wrote before it exited
+SETTLE = 0.2  # seconds for the console's reader to take what a just-paused guest printed
 
 
 class VmmError(Exception):
@@ -79,15 +83,20 @@ class _Lines:
             self.ended = True
             self._cond.notify_all()
 
-    def wait(self, done: Callable[[list[str]], bool], timeout: float) -> bool:
-        """Wait until done(lines) (True) or the pipe ended or the deadline passed (False)."""
+    def wait(self, done: Callable[[list[str]], bool], timeout: float,
+             proc: subprocess.Popen[bytes] | None = None) -> bool:
+        """Wait until done(lines) (True), or the pipe ended, `proc` exited (its children may
+        hold the pipe open) or the deadline passed (False)."""
         deadline = time.monotonic() + timeout
+        exited_at = None
         with self._cond:
             while not done(self.lines):
-                left = deadline - time.monotonic()
-                if self.ended or left <= 0:
+                now = time.monotonic()
+                if exited_at is None and proc is not None and proc.poll() is not None:
+                    exited_at = now  # lines it wrote may still be in the pipe: a moment more
+                if self.ended or now >= deadline or (exited_at and now - exited_at > EXIT_GRACE):
                     return False
-                self._cond.wait(left)
+                self._cond.wait(min(deadline - now, POLL))
             return True
 
     def join(self, timeout: float) -> None:
@@ -124,16 +133,32 @@ class Snapshot:
     huge_pages: str | None
 
 
+@dataclass(frozen=True)
+class Jail:
+    """Run Firecracker under its jailer, as production does: chrooted, as uid:gid (nobody by
+    default). Needs root."""
+
+    uid: int = 65534
+    gid: int = 65534
+
+
 class Firecracker:
     """One Firecracker process, its API socket and log in `workdir` (named after `name`).
-    `with Firecracker(...) as vm:` starts it and waits for its API; exit kills it."""
+    `with Firecracker(...) as vm:` starts it and waits for its API; exit kills it.
+
+    With `jail`, the jailer runs it chrooted at `root` (workdir/jail/firecracker/NAME/root) as
+    the jail's uid: paths it is given are mapped into the chroot (`vmm_path`: a file outside
+    it is hard-linked or copied in), and a page server's socket must be made inside `root`,
+    owned by that uid (`fcsnap restore --socket-owner`)."""
 
     def __init__(self, workdir: Path, name: str = "fc", *, binary: Path | None = None,
-                 extra_args: Sequence[str] = ()) -> None:
+                 jail: Jail | None = None, extra_args: Sequence[str] = ()) -> None:
         self.workdir = workdir
         self.name = name
-        self.api_socket = workdir / f"{name}.api"
-        self.log = workdir / f"{name}.log"
+        self.jail = jail
+        self.root = workdir / "jail" / "firecracker" / name / "root" if jail else None
+        self.api_socket = (self.root or workdir) / (f"{name}.api" if not jail else "api.sock")
+        self.log = (self.root or workdir) / (f"{name}.log" if not jail else "fc.log")
         self.binary = binary or firecracker_binary()
         self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -148,13 +173,20 @@ class Firecracker:
 
     def start(self, timeout: float = WAIT) -> Firecracker:
         """Start the process and wait until its API answers (GET /version: `version`)."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
         self.api_socket.unlink(missing_ok=True)
         self.log.write_bytes(b"")  # Firecracker opens its --log-path, it does not create it
-        self.proc = subprocess.Popen(
-            [str(self.binary), "--api-sock", str(self.api_socket), "--log-path", str(self.log),
-             "--level", "Warning", *self.extra_args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        argv = ["--api-sock", self.vmm_path(self.api_socket), "--log-path",
+                self.vmm_path(self.log), "--level", "Warning", *self.extra_args]
+        if self.jail is not None:
+            os.chown(self.log, self.jail.uid, self.jail.gid)
+            argv = [str(jailer_binary()), "--id", self.name, "--exec-file", str(self.binary),
+                    "--uid", str(self.jail.uid), "--gid", str(self.jail.gid),
+                    "--chroot-base-dir", str(self.workdir / "jail"), "--", *argv]
+        else:
+            argv = [str(self.binary), *argv]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
         assert self.proc.stdout is not None
         self.console = _Lines(self.proc.stdout, f"{self.name}-console")
         deadline = time.monotonic() + timeout
@@ -186,6 +218,24 @@ class Firecracker:
 
     kill = close
 
+    def vmm_path(self, path: Path) -> str:
+        """`path` as Firecracker must be given it: absolute; in a jail, inside the chroot (a
+        file from outside is hard-linked, or copied, in under its name, owned by the jail's
+        uid)."""
+        if self.root is None or self.jail is None:
+            return str(path.absolute())
+        path = path.absolute()
+        if not path.is_relative_to(self.root):
+            inside = self.root / path.name
+            if not inside.exists():
+                try:
+                    os.link(path, inside)
+                except OSError:
+                    shutil.copyfile(path, inside)
+                os.chown(inside, self.jail.uid, self.jail.gid)
+            path = inside
+        return "/" + str(path.relative_to(self.root))
+
     def _tail(self) -> str:
         try:
             lines = self.log.read_text(errors="replace").splitlines()[-LOG_TAIL:]
@@ -206,7 +256,10 @@ class Firecracker:
     def ask(self, method: str, path: str, body: dict[str, Any] | None = None,
             timeout: float = WAIT) -> Response:
         """One API request that must succeed (2xx); VmmError with Firecracker's reason if not."""
-        answer = self.call(method, path, body, timeout)
+        try:
+            answer = self.call(method, path, body, timeout)
+        except VmmError as e:
+            raise VmmError(f"{e}{self._tail()}") from None
         if not 200 <= answer.status < 300:
             raise VmmError(f"Firecracker {self.name} refused {method} {path}: "
                            f"{answer.fault_message()}{self._tail()}")
@@ -219,7 +272,8 @@ class Firecracker:
         if not config.fits(mem_mib):
             raise ValueError(f"{config} does not fit in {mem_mib} MiB")
         self.ask("PUT", "/boot-source", {
-            "kernel_image_path": str(kernel or fcguest.build()), "boot_args": config.cmdline()})
+            "kernel_image_path": self.vmm_path(kernel or fcguest.build()),
+            "boot_args": config.cmdline()})
         machine: dict[str, Any] = {"vcpu_count": 1, "mem_size_mib": mem_mib,
                                    "track_dirty_pages": track_dirty_pages}
         if huge_pages is not None:
@@ -236,10 +290,17 @@ class Firecracker:
     def snapshot(self, vmstate: Path, mem: Path, kind: str = "Full",
                  timeout: float = WAIT) -> None:
         """PUT /snapshot/create of the paused VM: `kind` "Full", or "Diff" (only the pages
-        written since the last snapshot; the VM must track dirty pages)."""
+        written since the last snapshot; the VM must track dirty pages). In a jail the files
+        are written in the chroot and then moved to `vmstate` and `mem`."""
+        targets = [vmstate, mem]
+        if self.root is not None:
+            targets = [self.root / f"snapshot.{p.name}" for p in (vmstate, mem)]
         self.ask("PUT", "/snapshot/create", {
-            "snapshot_type": kind, "snapshot_path": str(vmstate.absolute()),
-            "mem_file_path": str(mem.absolute())}, timeout)
+            "snapshot_type": kind, "snapshot_path": self.vmm_path(targets[0]),
+            "mem_file_path": self.vmm_path(targets[1])}, timeout)
+        for written, wanted in zip(targets, (vmstate, mem), strict=True):
+            if written != wanted:
+                shutil.move(written, wanted)
 
     def load(self, vmstate: Path, *, uffd: Path | None = None, mem_file: Path | None = None,
              enable_diff_snapshots: bool = False, resume: bool = True,
@@ -249,12 +310,12 @@ class Firecracker:
         Firecracker 1.12 takes (`enable_diff_snapshots`)."""
         if (uffd is None) == (mem_file is None):
             raise ValueError("load: give exactly one of uffd= and mem_file=")
-        backend = ({"backend_type": "Uffd", "backend_path": str(uffd.absolute())}
+        backend = ({"backend_type": "Uffd", "backend_path": self.vmm_path(uffd)}
                    if uffd is not None else
-                   {"backend_type": "File", "backend_path": str(mem_file.absolute())})
+                   {"backend_type": "File", "backend_path": self.vmm_path(mem_file)})
         start = time.monotonic()
         self.ask("PUT", "/snapshot/load", {
-            "snapshot_path": str(vmstate.absolute()), "mem_backend": backend,
+            "snapshot_path": self.vmm_path(vmstate), "mem_backend": backend,
             "enable_diff_snapshots": enable_diff_snapshots, "resume_vm": resume}, timeout)
         return time.monotonic() - start
 
@@ -275,7 +336,7 @@ class Firecracker:
                 return True
             return sum(parse_round(line) is not None for line in lines) >= count
 
-        self.console.wait(enough, timeout)
+        self.console.wait(enough, timeout, self.proc)
         if errors := [line for line in self.console.lines if line.startswith("fcguest error")]:
             raise VmmError(f"the guest halted: {errors[0]}")
         seen = self.rounds()
@@ -310,19 +371,44 @@ def take_snapshot(workdir: Path, config: GuestConfig = GuestConfig(), *, rounds:
                   mem_mib: int = 256, huge_pages: str | None = None,
                   track_dirty_pages: bool = False, timeout: float = WAIT) -> Snapshot:
     """Boot fcguest in a new Firecracker, let it print `rounds` good rounds, pause it, take a
-    Full snapshot into workdir (vm.state, vm.mem), and kill it."""
+    Full snapshot into workdir (gen0.state, gen0.mem), and kill it."""
+    return take_snapshots(workdir, config, ("Full",), rounds=rounds, mem_mib=mem_mib,
+                          huge_pages=huge_pages, track_dirty_pages=track_dirty_pages,
+                          timeout=timeout)[0]
+
+
+def take_snapshots(workdir: Path, config: GuestConfig = GuestConfig(),
+                   kinds: Sequence[str] = ("Full", "Diff", "Diff"), *, rounds: int = 2,
+                   mem_mib: int = 256, huge_pages: str | None = None,
+                   track_dirty_pages: bool | None = None, timeout: float = WAIT
+                   ) -> list[Snapshot]:
+    """Boot fcguest in a new Firecracker and snapshot it once per `kinds` ("Full" or "Diff"),
+    each after `rounds` more good rounds, into workdir/gen<i>.state and gen<i>.mem (a Diff's
+    memory file is sparse: only the pages written since the snapshot before); the VM runs on
+    between snapshots, and is killed after the last. Dirty pages are tracked when a Diff is
+    asked for (or as `track_dirty_pages` says)."""
     workdir.mkdir(parents=True, exist_ok=True)
+    if track_dirty_pages is None:
+        track_dirty_pages = "Diff" in kinds
+    snapshots = []
     with Firecracker(workdir, "template") as vm:
         vm.boot(config, mem_mib=mem_mib, huge_pages=huge_pages,
                 track_dirty_pages=track_dirty_pages)
-        seen = vm.wait_rounds(rounds, timeout)
-        if bad := [r.line for r in seen if not r.ok]:
-            raise GuestError(f"the freshly booted guest found its memory wrong: {bad[0]}")
-        vm.pause()
-        vmstate, mem = workdir / "vm.state", workdir / "vm.mem"
-        vm.snapshot(vmstate, mem, "Full", timeout)
-    # Killed and its console read to the end: the last whole line is the last round printed.
-    return Snapshot(vmstate, mem, "Full", vm.rounds()[-1].number, config, mem_mib, huge_pages)
+        for generation, kind in enumerate(kinds):
+            if generation:
+                vm.resume()
+            seen = vm.wait_rounds(len(vm.rounds()) + rounds, timeout)
+            if bad := [r.line for r in seen if not r.ok]:
+                raise GuestError(f"the guest found its memory wrong before its snapshot: "
+                                 f"{bad[0]}")
+            vm.pause()
+            time.sleep(SETTLE)  # the console thread reads what the guest printed before it
+            last = vm.rounds()[-1].number
+            vmstate, mem = workdir / f"gen{generation}.state", workdir / f"gen{generation}.mem"
+            vm.snapshot(vmstate, mem, kind, timeout)
+            snapshots.append(
+                Snapshot(vmstate, mem, kind, last, config, mem_mib, huge_pages))
+    return snapshots
 
 
 class RestoreProcess:
@@ -355,7 +441,8 @@ class RestoreProcess:
         assert self.proc.stderr is not None
         self.stderr = _Lines(self.proc.stderr, "restore-stderr")
         want = "fcsnap: Firecracker loaded" if self.wait_loaded else "fcsnap: serving "
-        if not self.stderr.wait(lambda lines: any(x.startswith(want) for x in lines), timeout):
+        if not self.stderr.wait(lambda lines: any(x.startswith(want) for x in lines), timeout,
+                                self.proc):
             self.close()
             raise VmmError(f"fcsnap restore did not print {want!r} within {timeout:g}s "
                            f"(status {self.proc.poll()}): {self.tail()}")
