@@ -26,7 +26,6 @@ from fcsnap.testing.realvmm import (
     Jail,
     RestoreProcess,
     Snapshot,
-    VmmError,
     restore_in_process,
     take_snapshot,
     take_snapshots,
@@ -136,14 +135,6 @@ def test_a_wrong_page_is_seen_by_the_guest(template: Snapshot, tmp_path: Path) -
             vm.expect_progress(template.last_round, 2)  # the 1st may have checked before
 
 
-
-# What restore sends to have Firecracker load a snapshot, Firecracker 1.12 refuses.
-REFUSED_LOAD_BODY = pytest.mark.xfail(
-    strict=True, raises=VmmError,
-    reason="restore's load body has track_dirty_pages, which Firecracker 1.12 refuses")
-
-
-@REFUSED_LOAD_BODY
 def test_restore_has_firecracker_load_the_snapshot(template: Snapshot, store: Path,
                                                    tmp_path: Path) -> None:
     """`restore --firecracker-api`: once listening, restore has Firecracker load the build's
@@ -156,7 +147,6 @@ def test_restore_has_firecracker_load_the_snapshot(template: Snapshot, store: Pa
         assert server.finish() == 0, server.tail()
 
 
-@REFUSED_LOAD_BODY
 def test_daemon_has_firecracker_load_the_snapshot(template: Snapshot, store: Path,
                                                   tmp_path: Path) -> None:
     """`restore --daemon --firecracker-api`: the daemon has Firecracker load the snapshot from
