@@ -33,8 +33,9 @@ from fcsnap.testing.realvmm import (
 
 pytestmark = [pytest.mark.firecracker, pytest.mark.usefixtures("real_vmm")]
 
-# 8 MiB of scattered pages in a 256 MiB VM; 576 of them checked a round (~0.3 s a round).
-CONFIG = GuestConfig(fill=2048, ws=512, sweep=64, write=16, seed=7)
+# 8 MiB of scattered pages in a 256 MiB VM; each round reads 1024 of them (its working set) and
+# compares 512 word for word (all 2048 every 4 rounds): about 0.3 s a round.
+CONFIG = GuestConfig(fill=2048, ws=1024, sweep=512, write=16, seed=7)
 ROUNDS = 3  # rounds a restored guest must print, all ok and counting on
 HUGE_MIB = 64  # a hugepage-backed VM: 32 hugepages (the pool is machine-wide: keep it small)
 
@@ -120,20 +121,23 @@ def test_file_backend_is_the_baseline(template: Snapshot, tmp_path: Path) -> Non
         vm.expect_progress(template.last_round, ROUNDS)
 
 
-def test_a_wrong_page_is_seen_by_the_guest(template: Snapshot, tmp_path: Path) -> None:
-    """The guest's own check: one byte flipped in a page of its working set (in the memory
-    file the File backend maps) makes its next round BAD - so an ok round means the pages it
+@pytest.mark.parametrize(("where", "rounds"), [
+    (3, 2),  # in the tag word its working-set pass reads: the first whole round after the load
+    (1000, CONFIG.fill // CONFIG.sweep + 2),  # elsewhere: once its sweep comes to the page
+])
+def test_a_wrong_byte_is_seen_by_the_guest(template: Snapshot, tmp_path: Path, where: int,
+                                           rounds: int) -> None:
+    """The guest's own check: one byte flipped in page 0 of its fill order (in the memory
+    file the File backend maps) makes a round BAD - so rounds that say ok mean the pages they
     checked were right."""
     mem = tmp_path / "vm.mem"
     data = bytearray(template.mem.read_bytes())
-    offset = FILL_BASE + 1000  # in page 0 of the fill order, which every round checks first
-    data[offset] ^= 0x40
+    data[FILL_BASE + where] ^= 0x40
     mem.write_bytes(data)
     with Firecracker(tmp_path, "clone") as vm:
         vm.load(template.vmstate, mem_file=mem)
-        with pytest.raises(GuestError, match=f"BAD page={offset & ~4095:#x}"):
-            vm.expect_progress(template.last_round, 2)  # the 1st may have checked before
-
+        with pytest.raises(GuestError, match=f"BAD page={FILL_BASE:#x}"):
+            vm.expect_progress(template.last_round, rounds)
 
 def test_restore_has_firecracker_load_the_snapshot(template: Snapshot, store: Path,
                                                    tmp_path: Path) -> None:
@@ -160,8 +164,9 @@ def test_diff_snapshots_three_generations(real_vmm: None, tmp_path: Path) -> Non
     """A VM tracking dirty pages, snapshotted Full and then Diff twice as it runs; `pack` and
     two `diff --sparse-diff` store the three generations, and restoring the newest (its pages
     from all three builds) lets the guest go on from its last snapshot."""
-    config = GuestConfig(fill=2048, ws=512, sweep=64, write=64, seed=8)
-    snaps = take_snapshots(tmp_path / "template", config, ("Full", "Diff", "Diff"))
+    config = GuestConfig(fill=2048, ws=1024, sweep=512, write=64, seed=8)
+    snaps = take_snapshots(tmp_path / "template", config, ("Full", "Diff", "Diff"),
+                           mem_mib=64)
     store = tmp_path / "store"
     done = fcsnap("pack", snaps[0].mem, "--vmstate", snaps[0].vmstate, "--store", store,
                   "--name", "vm", "--quiet")
@@ -219,7 +224,7 @@ def test_jailed_firecracker_with_socket_owner(template: Snapshot, store: Path,
     if os.geteuid() != 0:
         pytest.skip("the jailer needs root")
     jail = Jail(uid=65534, gid=65534)
-    with Firecracker(tmp_path, "jailed", jail=jail) as vm, RestoreProcess(
+    with Firecracker(tmp_path, "j", jail=jail) as vm, RestoreProcess(
             vm.root / "uffd.sock", "--vm", "raw", "--store", store, "--socket-owner",
             f"{jail.uid}:{jail.gid}") as server:
         assert vm.root is not None and vm.proc is not None

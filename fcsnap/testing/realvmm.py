@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from fcsnap.testing import fcguest
 from fcsnap.testing.fcbinary import firecracker_binary, jailer_binary
@@ -43,10 +43,14 @@ from fcsnap.testing.fcguest import GuestConfig, Round, parse_round
 from fcsnap.uffd.firecracker_api import Response
 from fcsnap.unix_http import AnswerError, UnixHTTPConnection, exchange
 
+if TYPE_CHECKING:
+    from fcsnap.api import Served
+
 WAIT = 30.0  # seconds any one step may take (a boot, a load, a few rounds, a process exit)
 LOG_TAIL = 5  # lines of Firecracker's log or fcsnap's stderr quoted in an error
 POLL = 0.1  # seconds between looks at whether a process whose output is awaited still runs
 EXIT_GRACE = 0.5  # seconds to read what a process wrote before it exited
+MAX_SOCKET_PATH = 107  # bytes in a Unix socket's address (sun_path less its NUL)
 SETTLE = 0.2  # seconds for the console's reader to take what a just-paused guest printed
 
 
@@ -64,6 +68,7 @@ class _Lines:
 
     def __init__(self, pipe: IO[bytes], name: str) -> None:
         self.lines: list[str] = []
+        self.times: list[float] = []  # time.monotonic() when each line was read
         self.partial = ""
         self.ended = False
         self._cond = threading.Condition()
@@ -76,6 +81,7 @@ class _Lines:
             with self._cond:
                 if text.endswith("\n"):
                     self.lines.append(text.rstrip("\r\n"))
+                    self.times.append(time.monotonic())
                 else:
                     self.partial = text
                 self._cond.notify_all()
@@ -164,6 +170,7 @@ class Firecracker:
         self.proc: subprocess.Popen[bytes] | None = None
         self.console: _Lines | None = None
         self.version = ""
+        self.load_started: float | None = None  # time.monotonic() as the last load was sent
 
     def __enter__(self) -> Firecracker:
         return self.start()
@@ -172,7 +179,17 @@ class Firecracker:
         self.close()
 
     def start(self, timeout: float = WAIT) -> Firecracker:
-        """Start the process and wait until its API answers (GET /version: `version`)."""
+        """Start the process and wait until its API answers (GET /version: `version`); if it
+        does not, kill it and raise VmmError."""
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, timeout: float) -> Firecracker:
+        if len(os.fsencode(self.api_socket.absolute())) > MAX_SOCKET_PATH:
+            raise VmmError(f"{self.api_socket}: too long for a Unix socket's address")
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.api_socket.unlink(missing_ok=True)
         self.log.write_bytes(b"")  # Firecracker opens its --log-path, it does not create it
@@ -306,14 +323,15 @@ class Firecracker:
              enable_diff_snapshots: bool = False, resume: bool = True,
              timeout: float = WAIT) -> float:
         """PUT /snapshot/load with its memory from a page server at `uffd` (the Uffd backend)
-        or from `mem_file` (the File backend); the seconds to its answer. The body is what
-        Firecracker 1.12 takes (`enable_diff_snapshots`)."""
+        or from `mem_file` (the File backend); the seconds to its answer (`load_started` is
+        when it was sent: see `timed_rounds`). The body is what Firecracker 1.12 takes
+        (`enable_diff_snapshots`)."""
         if (uffd is None) == (mem_file is None):
             raise ValueError("load: give exactly one of uffd= and mem_file=")
         backend = ({"backend_type": "Uffd", "backend_path": self.vmm_path(uffd)}
                    if uffd is not None else
                    {"backend_type": "File", "backend_path": self.vmm_path(mem_file)})
-        start = time.monotonic()
+        self.load_started = start = time.monotonic()
         self.ask("PUT", "/snapshot/load", {
             "snapshot_path": self.vmm_path(vmstate), "mem_backend": backend,
             "enable_diff_snapshots": enable_diff_snapshots, "resume_vm": resume}, timeout)
@@ -325,6 +343,14 @@ class Firecracker:
         """Every whole progress line the guest has printed on this process's console."""
         assert self.console is not None, "not started"
         return [r for line in list(self.console.lines) if (r := parse_round(line))]
+
+    def timed_rounds(self) -> list[tuple[float, Round]]:
+        """The progress lines with the time.monotonic() each was read at (within a
+        millisecond or so of the guest printing it): e.g. `timed_rounds()[0][0] -
+        load_started` is the time from the load call to the guest's first progress."""
+        assert self.console is not None, "not started"
+        lines = list(zip(self.console.times, self.console.lines, strict=False))
+        return [(t, r) for t, line in lines if (r := parse_round(line))]
 
     def wait_rounds(self, count: int, timeout: float = WAIT) -> list[Round]:
         """Wait until the guest has printed `count` progress lines here; returns them all.
@@ -526,7 +552,7 @@ class Daemon:
 
 
 def restore_in_process(build: str, socket: Path, vm: Firecracker, vmstate: Path, after: int,
-                       *, rounds: int = 2, **options: Any) -> tuple[Any, list[Round]]:
+                       *, rounds: int = 2, **options: Any) -> tuple[Served, list[Round]]:
     """fcsnap.api.restore(build, socket, **options) in this process (it must be the main
     thread: the API installs signal handlers), with `vm` (started, not booted) loading
     `vmstate` from it once it listens and the guest checked to go on from round `after`.
@@ -549,8 +575,14 @@ def restore_in_process(build: str, socket: Path, vm: Firecracker, vmstate: Path,
                 os.kill(os.getpid(), signal.SIGTERM)
 
     thread = threading.Thread(target=drive, name="load-and-watch", daemon=True)
-    served = api.restore(build, socket, on_listening=lambda _dir: thread.start(), **options)
-    thread.join(WAIT)
+    # restore() puts back the handler it found: a SIGTERM sent as it returned lands here.
+    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
+    try:
+        served = api.restore(build, socket, on_listening=lambda _dir: thread.start(),
+                             **options)
+        thread.join(WAIT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if "error" in outcome:
         raise outcome["error"]
     if "rounds" not in outcome:

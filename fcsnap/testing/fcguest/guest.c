@@ -3,24 +3,29 @@
  *
  * Firecracker enters it like a 64-bit Linux kernel: long mode, CPL0, the first 1 GiB
  * identity-mapped, interrupts off, RSI = the zero page (boot_params). It reads its parameters
- * from the kernel command line and fills `fill` pages scattered over its memory above 32 MiB.
- * Each page is one of 64 template pages (dense random data, a repeating pattern, half zero,
- * nearly empty) chosen by the page's number and version, its first two words a tag of both;
- * the version of every page is kept in guest RAM. Then, round after round, it checks the first
- * `ws` pages of its fill order (its working set) and `sweep` more pages in turn, every word,
- * rewrites `write` pages at their next version, counts the round in RAM and prints on COM1:
+ * from the kernel command line and fills `fill` pages scattered over its memory above 32 MiB
+ * (the k-th at FILL_BASE + (k * stride mod span) pages, stride about 5/8 of the span). Each
+ * page is one of 64 template pages (dense random data, a repeating pattern, half zero, nearly
+ * empty) chosen by the page's number and version, its first two words a tag of both; every
+ * page's version and tag are kept in guest RAM. Then, round after round, it reads the first
+ * word of each of the first `ws` pages of its fill order (its working set: the same pages
+ * every round) and checks it is the page's tag, compares `sweep` more pages word for word
+ * (in turn, so that every filled page is compared once every fill/sweep rounds), rewrites
+ * `write` pages chosen at random at their next version, counts the round in RAM and prints
+ * on COM1:
  *
  *     fcguest round N ok
  *     fcguest round N BAD page=0x...       (the first page that did not hold what it should)
  *
- * A restore that serves a wrong, damaged or missing page shows as BAD; one that loses the
- * guest's state shows as a counter that does not go on. Command line (decimal; other words
+ * A restore that serves a wrong or missing page of the working set shows as BAD in the next
+ * round, a damaged byte anywhere within fill/sweep rounds; one that loses the guest's state
+ * shows as a counter that does not go on. Command line (decimal; other words
  * are ignored, as Firecracker adds its own): fill=PAGES ws=PAGES sweep=PAGES write=PAGES
  * seed=N. Bad parameters print `fcguest error ...` and halt.
  *
  * Why it is written so: under kvm_pvm (no hardware virtualization) CPL0 code runs through
  * KVM's instruction emulator at about a million instructions a second, so pages are copied
- * and compared with `rep movsq` / `repe cmpsq`, which it runs as one instruction each; and
+ * and compared with `rep movsq` / `repe cmpsq` (far cheaper there than a loop), and
  * only general-purpose registers are used (the emulator does not do every SSE instruction).
  */
 
@@ -53,7 +58,8 @@ static struct state {
     u64 round;
     u64 sweep_cursor;
     u64 rng;
-    u64 version[MAX_PAGES];
+    u64 version[MAX_PAGES];  /* of each filled page, by fill order */
+    u64 tag[MAX_PAGES];      /* its first word */
 } st;
 
 #define TEMPLATES 64
@@ -185,14 +191,31 @@ static void write_page(u64 k, u64 version)
     w[0] = t;
     w[1] = k ^ (version << 32);
     st.version[k] = version;
+    st.tag[k] = t;
 }
 
+/* Every word of page k as write_page left it. */
 static int check_page(u64 k)
 {
     volatile u64 *w = page_at(k);
-    u64 v = st.version[k], t = tag(k, v);
+    u64 v = st.version[k], t = st.tag[k];
     return w[0] == t && w[1] == (k ^ (v << 32)) &&
            same_words(w + 2, templates[t % TEMPLATES] + 2, WORDS - 2);
+}
+
+/* Read the first word of the first `ws` pages of the fill order: each must be its page's tag
+   (a wrong, zero or misplaced page is not). The first such page that is not, or ~0. */
+static u64 touch_working_set(void)
+{
+    u64 bad = ~0UL, at = 0;
+    for (u64 k = 0; k < st.p.ws; k++) {
+        if (*(volatile u64 *)(FILL_BASE + at * PAGE) != st.tag[k] && bad == ~0UL)
+            bad = k;
+        at += st.stride;
+        if (at >= st.span)
+            at -= st.span;
+    }
+    return bad;
 }
 
 static u64 parse_dec(const char *s)
@@ -257,7 +280,7 @@ static void halt(const char *why)
 void guest_main(const u8 *zero_page);
 void guest_main(const u8 *zero_page)
 {
-    st.p = (struct params){.fill = 2048, .ws = 512, .sweep = 64, .write = 16, .seed = 1};
+    st.p = (struct params){.fill = 2048, .ws = 1024, .sweep = 512, .write = 16, .seed = 1};
     parse_cmdline((const char *)(u64)*(const u32 *)(zero_page + BP_CMD_LINE_PTR));
     u64 end = memory_end(zero_page);
     if (end <= FILL_BASE)
@@ -267,7 +290,7 @@ void guest_main(const u8 *zero_page)
         halt("fill= must be 1 to the pages above 32 MiB");
     if (st.p.ws > st.p.fill || st.p.sweep > st.p.fill || st.p.write > st.p.fill)
         halt("ws=, sweep= and write= must be at most fill=");
-    st.stride = st.span * 5 / 8 + 1;
+    st.stride = st.span * 5 / 8 + 1;  /* below span: touch_working_set steps by it */
     while (gcd(st.stride, st.span) != 1)
         st.stride++;
     st.rng = mix(st.p.seed + 1);
@@ -290,10 +313,7 @@ void guest_main(const u8 *zero_page)
         write_page(k, 0);
     puts_serial("fcguest filled\n");
     for (;;) {
-        u64 bad = ~0UL;
-        for (u64 k = 0; k < st.p.ws; k++)
-            if (!check_page(k) && bad == ~0UL)
-                bad = k;
+        u64 bad = touch_working_set();
         for (u64 n = 0; n < st.p.sweep; n++) {
             u64 k = st.sweep_cursor;
             st.sweep_cursor = (k + 1) % st.p.fill;
