@@ -194,11 +194,12 @@ def test_server_stopped_or_killed_under_a_running_vm(template: Snapshot, store: 
 
 
 def damaged_store(store: Path, tmp_path: Path) -> Path:
-    """A copy of `store` with one byte flipped in the page the guest checks first."""
+    """A copy of `store` with one byte flipped in the tag word of the page the guest checks
+    first every round."""
     copy = tmp_path / "store"
     shutil.copytree(store, copy, symlinks=True)
     build = copy / (copy / "vms" / "vm").read_text().strip()
-    offset = FILL_BASE + 1000
+    offset = FILL_BASE + 3  # in the tag word of the first page of the working set
     mapping = next(m for m in load_header(build).mappings if m.offset <= offset < m.end)
     assert not mapping.is_zero
     path = copy / str(mapping.build_id) / DIFF_RAW
@@ -216,7 +217,7 @@ def test_damaged_block_with_and_without_verify(template: Snapshot, store: Path,
     """A flipped byte in a stored block: with --verify restore refuses the block, kills the
     VM and exits 1 with one line; without it the guest gets the page and sees it wrong."""
     damaged = damaged_store(store, tmp_path)
-    page = (FILL_BASE + 1000) & ~(PAGE - 1)
+    page = FILL_BASE
     (tmp_path / "verify").mkdir()
     with Firecracker(tmp_path / "verify", "clone") as fc, RestoreProcess(
             tmp_path / "verify" / "uffd.sock", "--vm", "vm", "--store", damaged, "--verify",
