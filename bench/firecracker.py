@@ -32,6 +32,7 @@ Firecracker and fcsnap are started before the load (not timed). The modes run in
 matplotlib, firecracker.png.
 
     python3 bench/firecracker.py [--sizes 256M,1G] [--repeat 3] [--workdir /var/tmp]
+    python3 bench/firecracker.py --replot     # the .md and .png again from the .json
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ LABELS = {
     "daemon": "fcsnap serve (daemon, default)",
     "daemon-ws": "fcsnap serve (daemon) --prefetch-ws",
     "daemon-clones": f"fcsnap serve (daemon), {CLONES} clones at once (each)",
+}
+SHORT = {  # the chart's labels
+    "file-warm": "File\nwarm", "file-cold": "File\ncold", "file-clones": f"File\n{CLONES} clones",
+    "restore": "restore", "restore-cold": "restore\ncold", "restore-ws": "restore\n--prefetch-ws",
+    "daemon": "daemon", "daemon-ws": "daemon\n--prefetch-ws",
+    "daemon-clones": f"daemon\n{CLONES} clones",
 }
 
 
@@ -312,8 +319,7 @@ def chart(results: dict[int, dict[str, Timings]], path: Path) -> bool:
         ax.bar([x + (i - (len(results) - 1) / 2) * width for x in range(len(modes))], values,
                width, label=f"{mib} MiB guest")
     ax.set_xticks(range(len(modes)))
-    ax.set_xticklabels([LABELS[m].replace(", ", ",\n").replace(" (", "\n(") for m in modes],
-                       fontsize=7)
+    ax.set_xticklabels([SHORT[m] for m in modes], fontsize=8)
     ax.set_ylabel("load call to first progress line, ms (median)")
     ax.set_title("Restores with the real Firecracker v1.12.1 (fcguest, 10% working set)")
     ax.grid(axis="y", alpha=0.3)
@@ -339,7 +345,11 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per mode (median)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
+    parser.add_argument("--replot", action="store_true",
+                        help="write the table and chart again from firecracker.json, no runs")
     args = parser.parse_args()
+    if args.replot:
+        return write(*read_results())
     modes = args.modes.split(",")
     if unknown := set(modes) - set(MODES):
         parser.error(f"unknown modes: {', '.join(sorted(unknown))}")
@@ -363,12 +373,25 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     info["load_after"] = load_average()
-    text = markdown(results, info)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "firecracker.md").write_text(text)
     (RESULTS / "firecracker.json").write_text(json.dumps({**info, "results": {
         mib: {mode: {"load_s": t.load, "progress_s": t.progress} for mode, t in r.items()}
         for mib, r in results.items()}}, indent=2) + "\n")
+    return write(results, info)
+
+
+def read_results() -> tuple[dict[int, dict[str, Timings]], dict[str, Any]]:
+    """What firecracker.json holds, as `main` measured it."""
+    data = json.loads((RESULTS / "firecracker.json").read_text())
+    results = {int(mib): {mode: Timings(t["load_s"], t["progress_s"]) for mode, t in r.items()}
+               for mib, r in data.pop("results").items()}
+    return results, data
+
+
+def write(results: dict[int, dict[str, Timings]], info: dict[str, Any]) -> int:
+    """firecracker.md (printed too) and, with matplotlib, firecracker.png."""
+    text = markdown(results, info)
+    (RESULTS / "firecracker.md").write_text(text)
     if chart(results, RESULTS / "firecracker.png"):
         print(f"chart: {RESULTS / 'firecracker.png'}", file=sys.stderr)
     print(text)
