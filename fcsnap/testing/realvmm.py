@@ -64,12 +64,10 @@ class GuestError(AssertionError):
 
 class _Lines:
     """Lines a process writes to one pipe, read by a thread as they come; waiters get them
-    with a deadline. A last line without its newline (a VM paused mid-line) is kept apart."""
+    with a deadline. A last line without its newline (a VM killed mid-line) is left out."""
 
     def __init__(self, pipe: IO[bytes], name: str) -> None:
         self.lines: list[str] = []
-        self.times: list[float] = []  # time.monotonic() when each line was read
-        self.partial = ""
         self.ended = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._read, args=(pipe,), name=name, daemon=True)
@@ -77,36 +75,57 @@ class _Lines:
 
     def _read(self, pipe: IO[bytes]) -> None:
         for raw in iter(pipe.readline, b""):
-            text = raw.decode(errors="replace")
+            if not raw.endswith(b"\n"):
+                break  # the end of the pipe, mid-line
             with self._cond:
-                if text.endswith("\n"):
-                    self.lines.append(text.rstrip("\r\n"))
-                    self.times.append(time.monotonic())
-                else:
-                    self.partial = text
+                self._take(raw.decode(errors="replace").rstrip("\r\n"), time.monotonic())
                 self._cond.notify_all()
         with self._cond:
             self.ended = True
             self._cond.notify_all()
 
-    def wait(self, done: Callable[[list[str]], bool], timeout: float,
+    def _take(self, line: str, _read_at: float) -> None:
+        self.lines.append(line)
+
+    def wait(self, done: Callable[[], bool], timeout: float,
              proc: subprocess.Popen[bytes] | None = None) -> bool:
-        """Wait until done(lines) (True), or the pipe ended, `proc` exited (its children may
-        hold the pipe open) or the deadline passed (False)."""
+        """Wait until done() (True), or the pipe ended, `proc` exited (its children may hold
+        the pipe open) or the deadline passed (False). done() runs under the lock that the
+        reader takes lines under."""
         deadline = time.monotonic() + timeout
         exited_at = None
         with self._cond:
-            while not done(self.lines):
+            while not done():
                 now = time.monotonic()
                 if exited_at is None and proc is not None and proc.poll() is not None:
                     exited_at = now  # lines it wrote may still be in the pipe: a moment more
-                if self.ended or now >= deadline or (exited_at and now - exited_at > EXIT_GRACE):
+                gone = exited_at is not None and now - exited_at > EXIT_GRACE
+                if self.ended or gone or now >= deadline:
                     return False
                 self._cond.wait(min(deadline - now, POLL))
             return True
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
+
+
+class _Console(_Lines):
+    """Firecracker's stdout, the guest's serial console: progress lines are parsed as they
+    come, with the time each was read (a guest under hardware KVM prints thousands a second,
+    so they are counted, not searched); other lines are kept as lines."""
+
+    def __init__(self, pipe: IO[bytes], name: str) -> None:
+        self.rounds: list[tuple[float, Round]] = []
+        self.error: str | None = None  # the guest's `fcguest error ...` line, if it halted
+        super().__init__(pipe, name)
+
+    def _take(self, line: str, read_at: float) -> None:
+        if (progress := parse_round(line)) is not None:
+            self.rounds.append((read_at, progress))
+            return
+        if line.startswith("fcguest error") and self.error is None:
+            self.error = line
+        self.lines.append(line)
 
 
 def _request(socket_path: Path, method: str, path: str, body: dict[str, Any] | None,
@@ -162,13 +181,14 @@ class Firecracker:
         self.workdir = workdir
         self.name = name
         self.jail = jail
-        self.root = workdir / "jail" / "firecracker" / name / "root" if jail else None
+        self.binary = binary or firecracker_binary()
+        # the jailer's layout: <chroot base>/<exec file's name>/<id>/root
+        self.root = workdir / "jail" / self.binary.name / name / "root" if jail else None
         self.api_socket = (self.root or workdir) / (f"{name}.api" if not jail else "api.sock")
         self.log = (self.root or workdir) / (f"{name}.log" if not jail else "fc.log")
-        self.binary = binary or firecracker_binary()
         self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
-        self.console: _Lines | None = None
+        self.console: _Console | None = None
         self.version = ""
         self.load_started: float | None = None  # time.monotonic() as the last load was sent
 
@@ -205,7 +225,7 @@ class Firecracker:
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT)
         assert self.proc.stdout is not None
-        self.console = _Lines(self.proc.stdout, f"{self.name}-console")
+        self.console = _Console(self.proc.stdout, f"{self.name}-console")
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -298,8 +318,13 @@ class Firecracker:
         self.ask("PUT", "/machine-config", machine)
         self.ask("PUT", "/actions", {"action_type": "InstanceStart"})
 
-    def pause(self) -> None:
+    def pause(self) -> int:
+        """Pause the VM; the last round the guest printed before it (the round a snapshot
+        taken now must go on from), 0 if none."""
         self.ask("PATCH", "/vm", {"state": "Paused"})
+        time.sleep(SETTLE)  # the console thread reads what the guest printed before it
+        seen = self.rounds()
+        return seen[-1].number if seen else 0
 
     def resume(self) -> None:
         self.ask("PATCH", "/vm", {"state": "Resumed"})
@@ -342,29 +367,24 @@ class Firecracker:
     def rounds(self) -> list[Round]:
         """Every whole progress line the guest has printed on this process's console."""
         assert self.console is not None, "not started"
-        return [r for line in list(self.console.lines) if (r := parse_round(line))]
+        return [progress for _, progress in list(self.console.rounds)]
 
     def timed_rounds(self) -> list[tuple[float, Round]]:
         """The progress lines with the time.monotonic() each was read at (within a
         millisecond or so of the guest printing it): e.g. `timed_rounds()[0][0] -
         load_started` is the time from the load call to the guest's first progress."""
         assert self.console is not None, "not started"
-        lines = list(zip(self.console.times, self.console.lines, strict=False))
-        return [(t, r) for t, line in lines if (r := parse_round(line))]
+        return list(self.console.rounds)
 
     def wait_rounds(self, count: int, timeout: float = WAIT) -> list[Round]:
         """Wait until the guest has printed `count` progress lines here; returns them all.
         VmmError if it stops (Firecracker exited, the guest halted) or the deadline passes."""
-        assert self.console is not None, "not started"
-
-        def enough(lines: list[str]) -> bool:
-            if any(line.startswith("fcguest error") for line in lines):
-                return True
-            return sum(parse_round(line) is not None for line in lines) >= count
-
-        self.console.wait(enough, timeout, self.proc)
-        if errors := [line for line in self.console.lines if line.startswith("fcguest error")]:
-            raise VmmError(f"the guest halted: {errors[0]}")
+        console = self.console
+        assert console is not None, "not started"
+        console.wait(lambda: console.error is not None or len(console.rounds) >= count,
+                     timeout, self.proc)
+        if console.error is not None:
+            raise VmmError(f"the guest halted: {console.error}")
         seen = self.rounds()
         if len(seen) < count:
             state = ("exited" if self.proc is not None and self.proc.poll() is not None
@@ -427,14 +447,26 @@ def take_snapshots(workdir: Path, config: GuestConfig = GuestConfig(),
             if bad := [r.line for r in seen if not r.ok]:
                 raise GuestError(f"the guest found its memory wrong before its snapshot: "
                                  f"{bad[0]}")
-            vm.pause()
-            time.sleep(SETTLE)  # the console thread reads what the guest printed before it
-            last = vm.rounds()[-1].number
+            last = vm.pause()
             vmstate, mem = workdir / f"gen{generation}.state", workdir / f"gen{generation}.mem"
             vm.snapshot(vmstate, mem, kind, timeout)
             snapshots.append(
                 Snapshot(vmstate, mem, kind, last, config, mem_mib, huge_pages))
     return snapshots
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, output: _Lines | None) -> None:
+    """End an fcsnap process as a user would (SIGTERM; SIGKILL if it lingers) and read its
+    output to the end."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(WAIT)
+    if output is not None:
+        output.join(WAIT)
 
 
 class RestoreProcess:
@@ -467,11 +499,13 @@ class RestoreProcess:
         assert self.proc.stderr is not None
         self.stderr = _Lines(self.proc.stderr, "restore-stderr")
         want = "fcsnap: Firecracker loaded" if self.wait_loaded else "fcsnap: serving "
-        if not self.stderr.wait(lambda lines: any(x.startswith(want) for x in lines), timeout,
-                                self.proc):
+        stderr = self.stderr
+        if not stderr.wait(lambda: any(x.startswith(want) for x in stderr.lines), timeout,
+                           self.proc):
+            status = self.proc.poll()
             self.close()
-            raise VmmError(f"fcsnap restore did not print {want!r} within {timeout:g}s "
-                           f"(status {self.proc.poll()}): {self.tail()}")
+            how = f"within {timeout:g}s" if status is None else f"(it exited {status})"
+            raise VmmError(f"fcsnap restore did not print {want!r} {how}: {self.tail()}")
         return self
 
     def tail(self) -> str:
@@ -489,17 +523,7 @@ class RestoreProcess:
         return status
 
     def close(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(WAIT)
-        if self.stderr is not None:
-            self.stderr.join(WAIT)
+        _stop(self.proc, self.stderr)
 
 
 class Daemon:
@@ -527,17 +551,7 @@ class Daemon:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(WAIT)
-        if self.stderr is not None:
-            self.stderr.join(WAIT)
+        _stop(self.proc, self.stderr)
 
     def restore(self, vm: str, socket: Path, *args: str, timeout: float = WAIT) -> str:
         """`fcsnap restore --daemon API --vm VM --socket SOCKET ARGS`: the restore's id, once

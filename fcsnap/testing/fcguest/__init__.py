@@ -26,7 +26,7 @@ CFLAGS = (
     "-fno-stack-protector", "-fno-pic", "-fno-pie", "-mno-red-zone", "-mgeneral-regs-only",
     "-fno-asynchronous-unwind-tables", "-Wall", "-Wextra", "-Werror",
 )
-LDFLAGS = ("-static", "-nostdlib", "-z", "max-page-size=4096", "--no-warn-rwx-segments")
+LDFLAGS = ("-static", "-nostdlib", "-z", "max-page-size=4096")
 BUILD_TIMEOUT = 120.0
 PAGE = 4096
 FILL_BASE = 32 << 20  # the guest fills pages from here up (guest.c)
