@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ from fcsnap.header import load_header
 from fcsnap.store.layout import DIFF_RAW
 from fcsnap.testing.fcguest import FILL_BASE, PAGE, GuestConfig
 from fcsnap.testing.realvmm import (
-    SETTLE,
     WAIT,
     Daemon,
     Firecracker,
@@ -125,9 +123,7 @@ def test_full_snapshot_of_a_restored_vm_and_its_diff(template: Snapshot, store: 
             first / "uffd.sock", "--vm", "vm", "--store", store, "--firecracker-api",
             fc.api_socket, loaded=True) as server:
         fc.expect_progress(template.last_round, ROUNDS)
-        fc.pause()
-        time.sleep(SETTLE)
-        last = fc.rounds()[-1].number
+        last = fc.pause()
         fc.snapshot(vmstate, mem, "Full")
         fc.kill()
         assert server.finish() == 0, server.tail()
