@@ -447,4 +447,5 @@ def restore(
     status = server.run()
     if load is not None and (error := load.finish()) is not None:
         raise error
+    assert server.exit_reason is not None  # run() returns once serving has ended
     return Served(status, server.exit_reason, server.stats)

@@ -946,7 +946,9 @@ def _restore_options(sub: argparse.ArgumentParser) -> None:
     _add_fetch_options(sub)
     add("--daemon", type=Path, metavar="API",
         help="Ask the 'fcsnap serve' daemon at this API socket to serve the VM (BUILD is in "
-             "the daemon's store); print the restore's id and exit 0 once the socket listens.")
+             "the daemon's store); print the restore's id and exit 0 once the socket listens "
+             "(with --firecracker-api, once Firecracker has loaded the snapshot; exit 1 with "
+             "its message if it refused).")
     _add_quiet(sub)
 
 

@@ -26,7 +26,6 @@ from fcsnap.testing.realvmm import (
     Jail,
     RestoreProcess,
     Snapshot,
-    VmmError,
     restore_in_process,
     take_snapshot,
     take_snapshots,
@@ -140,14 +139,6 @@ def test_a_wrong_byte_is_seen_by_the_guest(template: Snapshot, tmp_path: Path, w
         with pytest.raises(GuestError, match=f"BAD page={FILL_BASE:#x}"):
             vm.expect_progress(template.last_round, rounds)
 
-
-# What restore sends to have Firecracker load a snapshot, Firecracker 1.12 refuses.
-REFUSED_LOAD_BODY = pytest.mark.xfail(
-    strict=True, raises=VmmError,
-    reason="restore's load body has track_dirty_pages, which Firecracker 1.12 refuses")
-
-
-@REFUSED_LOAD_BODY
 def test_restore_has_firecracker_load_the_snapshot(template: Snapshot, store: Path,
                                                    tmp_path: Path) -> None:
     """`restore --firecracker-api`: once listening, restore has Firecracker load the build's
@@ -160,7 +151,6 @@ def test_restore_has_firecracker_load_the_snapshot(template: Snapshot, store: Pa
         assert server.finish() == 0, server.tail()
 
 
-@REFUSED_LOAD_BODY
 def test_daemon_has_firecracker_load_the_snapshot(template: Snapshot, store: Path,
                                                   tmp_path: Path) -> None:
     """`restore --daemon --firecracker-api`: the daemon has Firecracker load the snapshot from
