@@ -1,24 +1,36 @@
-"""docs/FORMAT.md must stay true to the code: every citation of it names a real section, its
-byte tables match the structs the code parses with, its constants and build.json fields match
-the code, and nothing cites the retired specification (outside the repository) any more."""
+"""The README and docs/ stay true to the code. Every shell block marked runnable runs; every
+option a command's --help shows is documented; every relative link resolves. docs/FORMAT.md:
+every citation of it names a real section, its byte tables match the structs the code parses
+with, its constants and build.json fields match the code, and nothing cites the retired
+specification (outside the repository) any more."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
+import os
 import re
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from fcsnap.store.manifest import Manifest, Stats
+from fcsnap.testing.memimage import evolve, synthetic_memory, write_full, write_sparse_diff
 
 ROOT = Path(__file__).resolve().parent.parent
-FORMAT = ROOT / "docs" / "FORMAT.md"
-THREAT_MODEL = ROOT / "docs" / "THREAT_MODEL.md"
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+FORMAT = DOCS / "FORMAT.md"
+THREAT_MODEL = DOCS / "THREAT_MODEL.md"
 LEAD_CHECK = "<!-- lead: check against code -->"
+RUNNABLE = re.compile(r"<!-- runnable -->\n```sh\n(.*?)```", re.DOTALL)
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+MEMORY = 8 << 20  # bytes of guest memory the runnable blocks' snapshots hold
+RUN_WAIT = 120.0  # seconds a runnable block, or a --help, may take
 
 HEADING = re.compile(r"^#{2,4} (\d+(?:\.\d+)*)\.? ", re.MULTILINE)
 CITATION = re.compile(r"docs/FORMAT\.md((?:(?:,| to| and)? §\d+(?:\.\d+)*)+)")
@@ -28,6 +40,76 @@ GRAMMAR = re.compile(r"<!-- grammar: ([\w.]+) -->\n((?:\|.*\n)+)")
 TYPES = {"Q": {"u64"}, "I": {"u32"}, "H": {"u16"}, "B": {"u8"}, "s": {"uuid", "bytes"}}
 # Built in two parts so that this file does not match what it looks for.
 RETIRED = ["SPEC" + ".md", "SPEC" + " section", "../" + "shared", "/work/" + "shared"]
+
+
+def manual_pages() -> list[Path]:
+    """The README and every page of docs/."""
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def runnable_blocks() -> dict[Path, list[str]]:
+    """The shell blocks marked `<!-- runnable -->` of each page that has any."""
+    found = {page: RUNNABLE.findall(page.read_text()) for page in manual_pages()}
+    return {page: blocks for page, blocks in found.items() if blocks}
+
+
+def docs_environment(work: Path) -> dict[str, str]:
+    """What the runnable blocks start from, in `work`: two Full snapshots of one VM (mem.snap,
+    mem2.snap), a Diff snapshot taken after the second (dirty.snap), a vmstate, and `fcsnap`
+    on PATH running this tree with this interpreter."""
+    mem = synthetic_memory(MEMORY, seed=31)
+    mem2, _ = evolve(mem, seed=32, dirty_share=0.1)
+    mem3, dirty = evolve(mem2, seed=33, dirty_share=0.02)
+    write_full(work / "mem.snap", mem)
+    write_full(work / "mem2.snap", mem2)
+    write_sparse_diff(work / "dirty.snap", mem3, dirty)
+    (work / "vm.state").write_bytes(b"vmstate")
+    bin_dir = work / ".bin"
+    bin_dir.mkdir()
+    shim = bin_dir / "fcsnap"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m fcsnap "$@"\n')
+    shim.chmod(0o755)
+    path = f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"
+    return {**os.environ, "PATH": path, "PYTHONPATH": str(ROOT)}
+
+
+def cli_commands() -> list[tuple[str, ...]]:
+    """Every command of the command line, as the words that name it (("ws", "merge"), ...)."""
+    from fcsnap.cli import build_parser
+
+    def walk(parser: argparse.ArgumentParser, prefix: tuple[str, ...]) -> list[tuple[str, ...]]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found += walk(sub, (*prefix, name)) or [(*prefix, name)]
+        return found
+
+    return walk(build_parser(), ())
+
+
+def help_options(command: list[str]) -> list[str]:
+    """The long options `fcsnap COMMAND --help` shows (--help itself left out)."""
+    shown = subprocess.run(
+        [sys.executable, "-m", "fcsnap", *command, "--help"], capture_output=True, text=True,
+        timeout=RUN_WAIT, env={**os.environ, "COLUMNS": "200", "PYTHONPATH": str(ROOT)},
+    )
+    assert shown.returncode == 0, shown.stderr
+    options = dict.fromkeys(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", shown.stdout))
+    return [o for o in options if o != "--help"]
+
+
+def names_option(text: str, option: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", text) is not None
+
+
+def anchors(page: Path) -> set[str]:
+    """The #anchors of a markdown page's headings, made as GitHub makes them."""
+    out = set()
+    for heading in re.findall(r"^#{1,6} (.+)$", page.read_text(), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        out.add(slug)
+    return out
 
 
 def format_text() -> str:
@@ -127,24 +209,78 @@ def test_every_mention_in_the_code_cites_a_section() -> None:
     assert not bare, f"mentions of docs/FORMAT.md without a section: {bare}"
 
 
-def test_the_readme_links_the_documents() -> None:
+def test_the_readme_links_every_page_of_the_manual() -> None:
     readme = (ROOT / "README.md").read_text()
-    assert "(docs/FORMAT.md)" in readme and "(docs/THREAT_MODEL.md)" in readme
+    unlinked = [p.name for p in manual_pages() if p != README and f"(docs/{p.name})" not in readme]
+    assert not unlinked, f"pages of docs/ the README does not link: {unlinked}"
 
 
-def test_the_readme_names_every_restore_option() -> None:
-    """Every option of `fcsnap restore` is in the README, and the options that have
-    Firecracker load the snapshot are rows of its restore options table."""
-    from fcsnap.cli import build_parser
-
-    commands = next(a for a in build_parser()._actions if a.dest == "command")
-    restore = commands.choices["restore"]  # type: ignore[attr-defined]
-    readme = (ROOT / "README.md").read_text()
-    options = [o for a in restore._actions for o in a.option_strings if o.startswith("--")]
-    missing = [o for o in options if not re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", readme)]
-    assert not missing, f"restore options the README does not name: {missing}"
+def test_restore_md_names_every_restore_option() -> None:
+    """Every option of `fcsnap restore` is on its page, and the options that have Firecracker
+    load the snapshot are rows of its options table."""
+    page = (DOCS / "restore.md").read_text()
+    missing = [o for o in help_options(["restore"]) if not names_option(page, o)]
+    assert not missing, f"restore options docs/restore.md does not name: {missing}"
     for option in ("--firecracker-api", "--vmstate", "--track-dirty-pages", "--api-timeout"):
-        assert re.search(rf"^\| `{option}\b", readme, re.M), option
+        assert re.search(rf"^\| `{option}\b", page, re.M), option
+
+
+def test_every_option_of_every_command_is_documented() -> None:
+    """What `fcsnap CMD --help` offers, the README or a page of docs/ names."""
+    text = "\n".join(p.read_text() for p in manual_pages())
+    commands = cli_commands()
+    assert {("pack",), ("restore",), ("serve",), ("ws", "merge")} <= set(commands)
+    missing = {
+        " ".join(command): undocumented
+        for command in commands
+        if (undocumented := [o for o in help_options(list(command)) if not names_option(text, o)])
+    }
+    assert not missing, f"options no page documents: {missing}"
+
+
+def test_every_relative_link_resolves() -> None:
+    """Links to files of the repository name files that exist, and their #anchors headings
+    that the target has."""
+    broken = []
+    for page in manual_pages():
+        for target in LINK.findall(page.read_text()):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and anchor not in anchors(file):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, broken
+
+
+def test_every_runnable_block_is_found() -> None:
+    """The test below cannot pass by running nothing: the README's stand-in quickstart and the
+    store page's commands are among the runnable blocks."""
+    found = {page.name: len(blocks) for page, blocks in runnable_blocks().items()}
+    assert found.get("README.md", 0) >= 1 and found.get("store.md", 0) >= 3, found
+
+
+@pytest.mark.parametrize("page", list(runnable_blocks()), ids=lambda p: p.name)
+def test_runnable_blocks_run(page: Path, tmp_path: Path) -> None:
+    """Each page's runnable blocks, in order, by `bash -e` in one directory that holds what
+    the pages say they start from, with `fcsnap` on PATH running this tree."""
+    blocks = runnable_blocks()[page]
+    if any("fcsnap.testing.firecracker" in b or "fcsnap restore" in b for b in blocks):
+        from fcsnap.uffd.support import userfaultfd_problem
+
+        if problem := userfaultfd_problem():
+            pytest.skip(f"the stand-in VM needs userfaultfd: {problem}")
+    env = docs_environment(tmp_path)
+    for number, block in enumerate(blocks, 1):
+        try:
+            done = subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, env=env,
+                                  capture_output=True, text=True, timeout=RUN_WAIT,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{page.name} block {number} did not finish within {RUN_WAIT:g}s")
+        assert done.returncode == 0, f"{page.name} block {number}:\n{block}\n{done.stderr}"
 
 
 def test_nothing_cites_the_retired_spec() -> None:
