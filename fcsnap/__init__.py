@@ -1,6 +1,6 @@
 """fcsnap: Firecracker memory snapshots in a generational store, restored lazily over uffd.
 
-The public API (see README "Use from Python"): `Store` (pack, diff, squash, unpack, verify,
+The public API (see README.md, "Use from Python"): `Store` (pack, diff, squash, unpack, verify,
 inspect, restore), the functions `inspect`, `verify`, `unpack`, `restore` for builds outside a
 store, the result types `Build`, `Verification`, `Inspection`, `Served`, and the errors
 `FcsnapError` and `UsageError`. Names load on first use, so `import fcsnap` costs next to
