@@ -208,7 +208,7 @@ def test_recording_random_reads_of_two_threads(
 def test_fixed_window_while_recording_records_faulted_pages_only(
         lineages, procs, tmp_path) -> None:
     """Told a fixed window, the recording run installs windows but records only the pages
-    that faulted (the README says what that leaves out)."""
+    that faulted (docs/restore.md, "Working sets", says what that leaves out)."""
     lineage = lineages["none", PAGE]
     ws = tmp_path / "ws"
     out = restore(procs, lineage, ("--record-ws", str(ws), "--fault-around", "64K"),

@@ -141,7 +141,7 @@ def test_cli_lookup_outside_memory_is_a_clear_error():
 
 
 def test_a_wrenn_build_directory_is_inspected_verified_unpacked_and_refused_elsewhere(tmp_path):
-    """The README's claim, exactly: inspect, verify and unpack read an E2B/Wrenn build
+    """docs/store.md's claim, exactly: inspect, verify and unpack read an E2B/Wrenn build
     directory (memfile.header beside memfile); restore refuses it with one line (no
     build.json), before writing anything."""
     build = tmp_path / "11111111-2222-4333-8444-555555555555"
