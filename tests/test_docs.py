@@ -74,7 +74,8 @@ def docs_environment(work: Path) -> dict[str, str]:
 
 
 def cli_commands() -> list[tuple[str, ...]]:
-    """Every command of the command line, as the words that name it (("ws", "merge"), ...)."""
+    """Every command of the command line, as the words that name it: () for `fcsnap` itself,
+    ("pack",), ("ws", "merge"), ..."""
     from fcsnap.cli import build_parser
 
     def walk(parser: argparse.ArgumentParser, prefix: tuple[str, ...]) -> list[tuple[str, ...]]:
@@ -85,7 +86,7 @@ def cli_commands() -> list[tuple[str, ...]]:
                     found += walk(sub, (*prefix, name)) or [(*prefix, name)]
         return found
 
-    return walk(build_parser(), ())
+    return [(), *walk(build_parser(), ())]
 
 
 def help_options(command: list[str]) -> list[str]:
