@@ -24,7 +24,9 @@ VM's own exit - an error of any kind, a stop - kills the VM first.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -36,9 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from fcsnap.errors import FcsnapError, FetchPending
 from fcsnap.options import ADAPTIVE
-from fcsnap.uffd import abi, latency
+from fcsnap.uffd import abi, latency, writes
 from fcsnap.uffd.fastpath import Batch, FastPath
 from fcsnap.uffd.handshake import (
     HandshakeReader,
@@ -53,6 +57,7 @@ from fcsnap.uffd.prefetch import Prefetch
 from fcsnap.uffd.regions import Region, RegionMap
 from fcsnap.uffd.shared import SharedBuild
 from fcsnap.uffd.watchdog import Watchdog, WatchdogError
+from fcsnap.units import PAGE
 from fcsnap.workingset import read_working_set, write_working_set
 
 if TYPE_CHECKING:
@@ -72,6 +77,8 @@ class ServeOptions:
     on_listening: Callable[[], None] | None = None  # e.g. ask Firecracker to load the snapshot
     fault_around: int = ADAPTIVE  # bytes installed around a fault (faultaround.py)
     record_ws: Path | None = None  # write the pages the guest faulted, in order
+    track_writes: bool = False  # register MISSING-only memory for write-protect too
+    written: Path | None = None  # write the pages the guest wrote (the written set) at the end
     prefetch_ws: Path | None = None  # install these pages right after the handshake
     populate: bool = False  # then install every other page in the background
     eager: bool = False  # install every page before serving any fault
@@ -93,6 +100,7 @@ def stats_json(stats: InstallStats, extra: dict[str, Any]) -> dict[str, Any]:
         "remove_events": stats.remove_events,
         "retries": stats.retries,
         "already_present": stats.already_present,
+        "wp_faults": stats.wp_faults,
         "per_build_pages": {str(k): v for k, v in stats.per_build_pages.items()},
         "duration_s": round(time.monotonic() - stats.started, 6),
         "first_fault_s": stats.first_fault_s,
@@ -225,6 +233,7 @@ class Session:
             self.state = "ended"
             try:
                 self._write_working_set()
+                self._write_written()
                 self._write_stats()
             except FcsnapError as e:
                 error = error or e
@@ -263,7 +272,12 @@ class Session:
     def document(self) -> dict[str, Any]:
         """The --stats document, live (read from another thread while serving: the counters
         are a moment's, not one consistent snapshot)."""
+        installer = self.installer
+        tracking = installer.tracking if installer is not None else None
         extra = {
+            "write_tracking": tracking.mode if tracking is not None else None,
+            "written_pages": (self.written_count() if tracking is not None
+                              and tracking.recorded else None),
             "exit_reason": self.exit_reason,
             "peer_pid": self.peer.pid if self.peer else None,
             "regions": len(self.peer.regions) if self.peer else 0,
@@ -272,6 +286,81 @@ class Session:
             "build_id": str(self.header.metadata.build_id),
         }
         return stats_json(self.stats, extra)
+
+    # -- the written set ---------------------------------------------------------------------
+
+    def written_count(self) -> int:
+        """4 KiB pages the guest wrote since the restore or the last new interval (a moment's
+        count, from any thread)."""
+        installer = self.installer
+        if installer is None:
+            return 0
+        return sum(int(np.count_nonzero(st.written & writes.WRITTEN)) * st.region.page_size
+                   for st in installer.states.values()) // PAGE
+
+    def written_set(self) -> np.ndarray:
+        """Guest-memory offsets of the 4 KiB pages written or given back by a balloon since
+        the restore or the last new interval, ascending."""
+        installer = self.installer
+        if installer is None:
+            return np.zeros(0, np.int64)
+        parts = [writes.offsets(st.region, np.flatnonzero(st.written))
+                 for st in installer.states.values()]
+        return np.sort(np.concatenate([np.zeros(0, np.int64), *parts]))
+
+    def take_written(self, new_interval: bool) -> tuple[np.ndarray, int]:
+        """(the written set, its written pages); with `new_interval`, the set starts empty
+        again and the pages in it are write-protected again, so that the next interval gets
+        only its own writes. On the reactor's thread (`call`): the compiled loop, which
+        notes writes, runs there too, so nothing is noted between the take and the
+        re-protect. FcsnapError where writes are not tracked."""
+        installer = self.installer
+        if installer is None or not installer.tracking.recorded:
+            raise FcsnapError("this restore does not track writes (no VM yet, or its memory "
+                              "is not registered for write-protect: restore --track-writes)")
+        written, count = self.written_set(), self.written_count()
+        if new_interval and self.peer is not None:
+            for state in installer.states.values():
+                pages = np.flatnonzero(state.written)
+                state.written[pages] = 0  # before protecting: a write after it is noted
+                self._protect(state, writes.runs(pages))
+        return written, count
+
+    def _protect(self, state: Any, runs: list[tuple[int, int]]) -> None:
+        """Write-protect the runs of pages again; events the kernel wants read first (EAGAIN)
+        are read, their faults kept for serving."""
+        installer = self.installer
+        assert installer is not None
+        r = state.region
+        for first, count in runs:
+            while True:
+                try:
+                    abi.writeprotect(installer.uffd, r.base + first * r.page_size,
+                                     count * r.page_size, abi.UFFDIO_WRITEPROTECT_MODE_WP)
+                    break
+                except abi.UffdError as e:
+                    if e.errno == errno.ESRCH:
+                        return  # the VM has exited
+                    if e.errno != errno.EAGAIN:
+                        raise FcsnapError(f"write-protecting guest memory at {r.base:#x} "
+                                          f"again failed: {os.strerror(e.errno)}") from e
+                    self._backlog += self._drain()
+        if self._backlog and self._phase != "eager":
+            self._serve_pending(None)
+
+    def call(self, fn: Callable[[], Any], timeout: float) -> Any:
+        """Run `fn` on the reactor's thread (from another thread) and return what it returns,
+        or raise what it raises; FcsnapError if it has not run within `timeout` seconds."""
+        reactor = self._reactor
+        if reactor is None or self.done:
+            raise FcsnapError("the restore is not being served")
+        future = reactor.call(self, fn)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise FcsnapError(f"the restore's server did not answer within {timeout:g}s"
+                              ) from None
 
     # -- handlers (the reactor's thread) ---------------------------------------------------
 
@@ -412,12 +501,25 @@ class Session:
     def _start_serving(self) -> None:
         peer, reactor = self.peer, self._reactor
         assert peer is not None and reactor is not None
+        early: list[abi.Event] = []  # read before the installer is there to apply them
+
+        def read_events() -> int:
+            events = self._events.read(peer.uffd)
+            early.extend(events)
+            return len(events)
+
+        tracking = writes.set_up(peer.uffd, peer.regions, self.options.track_writes,
+                                 read_events)
         self.state = "serving"
         installer = self.installer = Installer(
             peer.uffd, RegionMap(peer.regions), self.pages, self.stats, self.options.fault_around,
+            tracking,
         )
         if self.options.record_ws is not None:
             installer.recorded = []
+        if early:  # applied now, their faults served first
+            self._apply(early, self._backlog)
+            self._retry_at = time.monotonic()
         self._served_from = time.monotonic()
         if self.prefetch is not None:
             self._prefetcher = Prefetch(installer, self.prefetch, self.options.batch_bytes)
@@ -552,7 +654,7 @@ class Session:
                 self.stats.faults += 1
                 if self.stats.first_fault_s is None:
                     self.stats.first_fault_s = time.monotonic() - self.stats.started
-                faults.append(event.address)
+                faults.append(writes.fault_token(event.address, event.flags))
             elif type(event) is abi.Remove:
                 installer.remove(event.start, event.end)
 
@@ -643,6 +745,15 @@ class Session:
             os.replace(tmp, path)
         except OSError as e:
             raise FcsnapError(f"cannot write --stats {path}: {e.strerror or e}") from e
+
+    def _write_written(self) -> None:
+        path = self.options.written
+        if path is None or self.installer is None or not self.installer.tracking.recorded:
+            return
+        try:
+            write_working_set(path, self.header.metadata.size, self.written_set().tolist())
+        except OSError as e:
+            raise FcsnapError(f"cannot write --written {path}: {e.strerror or e}") from e
 
     def _write_working_set(self) -> None:
         path = self.options.record_ws
