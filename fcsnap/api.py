@@ -224,15 +224,20 @@ class Store:
         compress: str | None = None, block_size: int | str | None = None,
         frame_size: int | str = DEFAULT_FRAME_SIZE, sparse: bool = False,
         vmstate: PathLike | None = None, working_set: PathLike | None = None,
-        progress: Progress | None = None,
+        written: PathLike | None = None, progress: Progress | None = None,
     ) -> Build:
         """Store what changed in `memfile` since `base` (the parent) as the next generation.
-        With sparse=True the file is a Firecracker Diff snapshot: holes are unchanged pages."""
-        from fcsnap.errors import FcsnapError
+        With sparse=True the file is a Firecracker Diff snapshot: holes are unchanged pages.
+        With `written` (restore --written of a VM served `base`), `memfile` is a Full
+        snapshot of which only the pages in that written set are read."""
+        from fcsnap.errors import FcsnapError, UsageError
         from fcsnap.store import ops
         from fcsnap.store.manifest import read_manifest
         from fcsnap.units import format_block_size
 
+        if written is not None and (sparse or working_set is not None):
+            raise UsageError("--written takes no --sparse-diff or --working-set: the written "
+                             "set says which pages changed")
         wanted = None if block_size is None else parse_block_size(block_size)
         options = _build_options(
             block_size=wanted or 4096, compress=compress, frame_size=frame_size, name=name,
@@ -248,7 +253,9 @@ class Store:
         options = replace(options, name_expected=self._head(name, base, base_dir), verb="diff")
         memfile = Path(memfile)
         advance = _tracker(progress, _size_of(memfile))
-        return _built(ops.diff(memfile, base_dir, self.target, options, sparse, advance))
+        written = None if written is None else Path(written)
+        return _built(ops.diff(memfile, base_dir, self.target, options, sparse, advance,
+                               written))
 
     def squash(
         self, build: BuildRef, *, name: str | None = None, progress: Progress | None = None

@@ -14,7 +14,8 @@ from typing import Any
 from fcsnap.errors import FcsnapError
 from fcsnap.unix_http import AnswerError, UnixHTTPConnection, exchange
 
-PATH_KEYS = ("socket", "stats", "record_ws", "prefetch_ws", "firecracker_api", "vmstate")
+PATH_KEYS = ("socket", "stats", "record_ws", "prefetch_ws", "firecracker_api", "vmstate",
+             "written")
 ANSWER_TIMEOUT = 30.0  # seconds the daemon has to answer a POST (it answers once listening)
 HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 MAX_ANSWER = 1 << 20

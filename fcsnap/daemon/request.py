@@ -31,9 +31,9 @@ from fcsnap.uffd.session import ServeOptions
 if TYPE_CHECKING:
     from fcsnap.daemon.remote import RemoteBuilds
 
-BOOLEANS = ("verify", "populate", "eager", "track_dirty_pages")
+BOOLEANS = ("verify", "populate", "eager", "track_dirty_pages", "track_writes")
 NUMBERS = {"handshake_timeout": DEFAULT_HANDSHAKE_TIMEOUT, "api_timeout": DEFAULT_API_TIMEOUT}
-PATHS = ("stats", "record_ws", "prefetch_ws", "firecracker_api", "vmstate")
+PATHS = ("stats", "record_ws", "prefetch_ws", "firecracker_api", "vmstate", "written")
 TEXTS = ("fault_around", "socket_owner", "socket_mode")
 KNOWN = {"vm", "socket", "allow_uid", *BOOLEANS, *NUMBERS, *PATHS, *TEXTS}
 
@@ -95,6 +95,8 @@ def parse_restore(body: object, store: Path | RemoteBuilds, cache_bytes: int
         prefetch_ws=paths["prefetch_ws"],
         populate=bool(body.get("populate")),
         eager=bool(body.get("eager")),
+        track_writes=bool(body.get("track_writes")),
+        written=paths["written"],
         access=checked.access,
     )
     return RestoreRequest(vm, build_dir, options, load)

@@ -42,6 +42,7 @@ import numpy as np
 
 from fcsnap.errors import FcsnapError, FetchPending
 from fcsnap.options import ADAPTIVE
+from fcsnap.store.scan import consecutive_runs
 from fcsnap.uffd import abi, latency, writes
 from fcsnap.uffd.fastpath import Batch, FastPath
 from fcsnap.uffd.handshake import (
@@ -175,15 +176,13 @@ class Session:
     def listen(self) -> None:
         """Check what can be checked, start (or join) the watchdog and listen; FcsnapError
         before anything listens, with everything this session opened closed again."""
-        stats_path = self.options.stats_path
-        problem = None
-        if stats_path is not None and not stats_path.parent.is_dir():
-            problem = "no such directory"
-        elif stats_path is not None and stats_path.is_dir():  # found now, not after serving
-            problem = "is a directory"
         try:
-            if problem is not None:
-                raise FcsnapError(f"cannot write --stats {stats_path}: {problem}")
+            for option, path in (("--stats", self.options.stats_path),
+                                 ("--written", self.options.written)):
+                if path is not None and not path.parent.is_dir():
+                    raise FcsnapError(f"cannot write {option} {path}: no such directory")
+                if path is not None and path.is_dir():  # found now, not after serving
+                    raise FcsnapError(f"cannot write {option} {path}: is a directory")
             self._start_watchdog()
             self._listener = listen(self.options.socket, self.options.access)
             self._listener.setblocking(False)  # accept only what is there: see on_listener
@@ -323,7 +322,7 @@ class Session:
             for state in installer.states.values():
                 pages = np.flatnonzero(state.written)
                 state.written[pages] = 0  # before protecting: a write after it is noted
-                self._protect(state, writes.runs(pages))
+                self._protect(state, consecutive_runs(pages))
         return written, count
 
     def _protect(self, state: Any, runs: list[tuple[int, int]]) -> None:
@@ -508,8 +507,8 @@ class Session:
             early.extend(events)
             return len(events)
 
-        tracking = writes.set_up(peer.uffd, peer.regions, self.options.track_writes,
-                                 read_events)
+        track = self.options.track_writes or self.options.written is not None
+        tracking = writes.set_up(peer.uffd, peer.regions, track, read_events)
         self.state = "serving"
         installer = self.installer = Installer(
             peer.uffd, RegionMap(peer.regions), self.pages, self.stats, self.options.fault_around,

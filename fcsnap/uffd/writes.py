@@ -131,13 +131,3 @@ def offsets(region: Region, pages: np.ndarray) -> np.ndarray:
     per = region.page_size // PAGE
     first = region.offset + pages.astype(np.int64) * region.page_size
     return (first[:, None] + np.arange(per, dtype=np.int64) * PAGE).ravel()
-
-
-def runs(pages: np.ndarray) -> list[tuple[int, int]]:
-    """(first, count) of each run of consecutive page numbers in sorted `pages`."""
-    if not len(pages):
-        return []
-    cut = np.flatnonzero(np.diff(pages) != 1) + 1
-    starts = np.concatenate([[0], cut])
-    ends = np.concatenate([cut, [len(pages)]])
-    return [(int(pages[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
