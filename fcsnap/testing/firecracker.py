@@ -28,6 +28,8 @@ guest writes. `--write START:LEN[,...]` then plays a guest that writes: after th
 the balloon), threads write those pages (each with `written_page(offset)`) and read them back;
 `--dump FILE` then reads all of guest memory into FILE, as a Full snapshot does, and
 `--pagemap` reports which present pages are write-protected (/proc/self/pagemap bit 57).
+`--second-write RANGES --gate FILE` writes again once FILE exists (the report says
+"first_write_done" meanwhile): two intervals of a VM's writes.
 
 Guest memory is only ever read through ctypes.memmove, which releases the GIL: a Python thread
 blocked in a uffd fault would otherwise hold it and stop every other thread (and the watchdog).
@@ -458,17 +460,23 @@ class StandIn:
         if a.balloon and race is None:
             self._balloon(guest, expected)
         if a.write:
-            self._write(guest)
+            self.report["written"] = self._write(guest, a.write)
+        if a.second_write:
+            self.report["first_write_done"] = True
+            self.write_report()
+            while not os.path.exists(a.gate):  # the watchdog's deadline bounds this
+                time.sleep(0.01)
+            self.report["written_second"] = self._write(guest, a.second_write)
         if a.dump:
             self._dump(guest)
         if a.pagemap:
             self.report["pagemap"] = pagemap_report(guest)
 
-    def _write(self, guest: GuestMemory) -> None:
-        """Write the --write pages from all the threads at once (each `written_page`), then
-        read them back."""
+    def _write(self, guest: GuestMemory, ranges: list[tuple[int, int]]) -> list[int]:
+        """Write the pages of `ranges` from all the threads at once (each `written_page`),
+        then read them back; returns their offsets."""
         page = guest.page_size
-        offsets = sorted({o for start, n in self.args.write for o in range(start, start + n, page)})
+        offsets = sorted({o for start, n in ranges for o in range(start, start + n, page)})
         tally = Tally(on_first_mismatch=self.write_report)
         self.tallies.append(tally)
 
@@ -489,7 +497,7 @@ class StandIn:
         for off in offsets:
             ctypes.memmove(abi.buffer_address(buf), guest.host(off), page)
             tally.record(off, buf == written_page(off, page))
-        self.report["written"] = offsets
+        return offsets
 
     def _dump(self, guest: GuestMemory) -> None:
         """All of guest memory into --dump, in memory-file order (as a Full snapshot)."""
@@ -704,6 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", type=_balloon_ranges, metavar="START:LEN[,...]",
                    help="after the passes (and --balloon), write these memory-file ranges from "
                    "the threads, then read them back")
+    p.add_argument("--second-write", type=_balloon_ranges, metavar="START:LEN[,...]",
+                   help="after --write, once --gate exists, write these ranges too")
+    p.add_argument("--gate", metavar="FILE", help="the file --second-write waits for")
     p.add_argument("--dump", metavar="FILE",
                    help="at the end, read all of guest memory into FILE (a Full snapshot)")
     p.add_argument("--pagemap", action="store_true",
@@ -767,7 +778,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.threads < 0 or (args.threads == 0 and not args.kvm):
         p.error("--threads must be at least 1 (or 0 with --kvm)")
     page = args.page_size
-    for start, length in [*(args.balloon or ()), *(args.write or ())]:
+    if (args.second_write is None) != (args.gate is None) or (
+            args.second_write and not args.write):
+        p.error("--second-write needs --write and --gate (and --gate --second-write)")
+    for start, length in [*(args.balloon or ()), *(args.write or ()),
+                          *(args.second_write or ())]:
         if start % page or length % page or length == 0 or start + length > args.size:
             p.error(f"range {start}:{length} is not whole pages inside guest memory")
     return args
@@ -805,7 +820,7 @@ def command(socket_path: str | os.PathLike[str] | None, **options: Any) -> list[
             continue
         elif value is True:
             argv.append(flag)
-        elif name in ("balloon", "write") and not isinstance(value, str):
+        elif name in ("balloon", "write", "second_write") and not isinstance(value, str):
             argv += [flag, ",".join(f"{s}:{n}" for s, n in value)]
         else:
             argv += [flag, os.fspath(value) if isinstance(value, os.PathLike) else str(value)]
