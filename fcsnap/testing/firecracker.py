@@ -487,10 +487,12 @@ class StandIn:
 
         workers = [threading.Thread(target=self._guarded, args=(write, share))
                    for share in self._split(offsets)]
+        began = time.monotonic()
         for w in workers:
             w.start()
         for w in workers:
             w.join()
+        self.report["write_s"] = round(time.monotonic() - began, 6)  # the last write pass
         if self.errors:
             raise self.errors[0]
         buf = bytearray(page)
