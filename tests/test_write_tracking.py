@@ -11,13 +11,16 @@ and `diff --written` of the snapshot must unpack byte-exact. On both fault paths
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
 import pytest
 import test_hotpath
-from helpers import WAIT, Procs, fcsnap, one_build_store
+from helpers import WAIT, Procs, fcsnap, one_build_store, wait_for
 from test_daemon import Daemon
+from test_restore import guest_memory
+from test_restore_faults import KILLED
 
 from fcsnap.daemon.client import call_daemon
 from fcsnap.store.manifest import read_manifest
@@ -113,6 +116,36 @@ def test_every_kind_of_install_goes_in_protected(store, procs, path, how) -> Non
     stats, report, _ = run(procs, store, how, wp=True, touch=0.3)
     assert stats["zero_pages"] > 0
     check_tracked(procs, store, stats, report)
+
+
+def test_tracked_vm_is_never_left_without_its_server(store, procs) -> None:
+    """Every page installed (--populate) does not make a tracked VM independent: its next
+    write to a protected page would wait for the server forever, so SIGTERM kills it."""
+    server = procs.server("vm", store, "--populate", "--track-writes")
+    vm = procs.vm(expected=store.parent / "vm.mem", touch=0.1, threads=1, hold=WAIT)
+    wait_for(procs.report.exists, "the VM to finish its reads")
+    wait_for(lambda: guest_memory(vm.pid) >= SIZE, "the server to populate all guest memory")
+    server.send_signal(signal.SIGTERM)
+    out = procs.outcome(server, vm)
+    assert out.vm_status == KILLED
+    assert out.stats is not None and out.stats["pages_served"] == PAGES
+
+
+def test_hugetlb_memory_registered_wp_is_tracked(store, procs, hugepages) -> None:
+    """2 MiB pages registered MISSING|WP (the Python path serves them): the pages written,
+    in 4 KiB pages, and every other page still write-protected."""
+    huge = 2 * MiB
+    server = procs.server("vm", store, "--written", str(procs.tmp / "written.ws"))
+    out = procs.outcome(server, procs.vm(
+        expected=store.parent / "vm.mem", page_size="2M", wp=True, threads=2,
+        write=[(huge, huge), (3 * huge, huge)], pagemap=True))
+    assert out.vm_status == 0 and out.status == 0, (out.stderr, out.report)
+    assert out.report is not None and out.report["mismatches"] == 0
+    wrote = list(range(huge, 2 * huge, PAGE)) + list(range(3 * huge, 4 * huge, PAGE))
+    assert out.stats is not None and out.stats["written_pages"] == len(wrote)
+    assert out.report["pagemap"]["writable"] == wrote
+    assert len(out.report["pagemap"]["protected"]) == SIZE // PAGE - len(wrote)
+    assert read_working_set(procs.tmp / "written.ws", SIZE).tolist() == wrote
 
 
 def test_hugetlb_memory_the_kernel_cannot_protect_is_refused(store, procs, hugepages) -> None:

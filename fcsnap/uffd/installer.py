@@ -245,8 +245,9 @@ class Installer:
                 self.stats.per_build_pages[build] += pages
 
     def fully_resident(self) -> bool:
-        """Every page is in place: the VM no longer needs this server (until a balloon)."""
-        return all(s.present.all() for s in self.states.values())
+        """Every page is in place: the VM no longer needs this server (until a balloon).
+        Never where memory is write-protected: a write to a protected page waits for us."""
+        return all(s.present.all() and not s.wp for s in self.states.values())
 
     def install_error(self, dst: int, build: uuid.UUID | None, err: int) -> FcsnapError:
         """The one-line error for an install the kernel refused for a reason that is not
