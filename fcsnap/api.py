@@ -253,7 +253,12 @@ class Store:
         options = replace(options, name_expected=self._head(name, base, base_dir), verb="diff")
         memfile = Path(memfile)
         advance = _tracker(progress, _size_of(memfile))
-        written = None if written is None else Path(written)
+        if written is not None:  # the progress is over what is read: the written set's blocks
+            from fcsnap.workingset import HEAD
+
+            written = Path(written)
+            pages = max(0, _size_of(written) - HEAD.size) // 8
+            advance = _tracker(progress, min(pages * base_block_size, _size_of(memfile)))
         return _built(ops.diff(memfile, base_dir, self.target, options, sparse, advance,
                                written))
 
@@ -384,9 +389,10 @@ def restore(
     exits (status 0) or SIGTERM/SIGINT arrives (0). Blocks; installs its signal handlers,
     so call it from the main thread. `on_listening(build_dir)` is called once the socket
     listens (the moment to start the VM). `options` are ServeOptions fields (verify, stats_path,
-    fault_around, cache_bytes, prefetch_ws, populate, eager, ...). With `firecracker_api`,
-    Firecracker's API socket is asked to load the snapshot from us once we listen; a load it
-    refuses raises FcsnapError (the VM is killed if it connected). A build in an S3 store is
+    fault_around, cache_bytes, prefetch_ws, populate, eager, track_writes, written, ...).
+    With `firecracker_api`, Firecracker's API socket is asked to load the snapshot from us
+    once we listen; a load it refuses raises FcsnapError (the VM is killed if it connected).
+    A build in an S3 store is
     served through the host chunk cache at `cache_dir` (at most `cache_size`), each fetch
     allowed `fetch_timeout` seconds with its retries; the rest of what it reads of raw diffs is
     fetched in the background unless `lazy_fetch`."""

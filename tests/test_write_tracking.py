@@ -248,3 +248,31 @@ def test_daemon_written_set_is_refused_where_writes_are_not_tracked(store, tmp_p
         assert status == 400 and "new_interval must be 1 or 0" in error["error"]
     finally:
         daemon.close()
+
+
+def test_python_api_tracks_writes_and_diffs_the_written_set(tmp_path: Path) -> None:
+    """restore(track_writes=..., written=...) and Store.diff(written=...), as the CLI."""
+    import fcsnap
+
+    store = fcsnap.Store(one_build_store(tmp_path, SIZE, seed=5))
+    sock, written_set, snapshot = tmp_path / "uffd.sock", tmp_path / "w.ws", tmp_path / "s.mem"
+    vms: list = []
+
+    def listening(_build_dir: Path) -> None:
+        vms.append(firecracker.spawn(sock, expected=tmp_path / "vm.mem", threads=2,
+                                     write=WRITES, dump=snapshot, deadline=WAIT))
+
+    try:
+        served = store.restore("vm", sock, on_listening=listening, track_writes=True,
+                               written=written_set, handshake_timeout=WAIT)
+    finally:
+        for vm in vms:
+            if vm.poll() is None:
+                vm.kill()
+            vm.wait(timeout=WAIT)
+    assert (served.status, vms[0].returncode) == (0, 0)
+    assert served.stats.wp_faults == len(offsets(WRITES))
+    assert read_working_set(written_set, SIZE).tolist() == offsets(WRITES)
+    build = store.diff(snapshot, base="vm", written=written_set)
+    unpacked = fcsnap.unpack(build.path, tmp_path / "next.mem", store=store.path)
+    assert unpacked.read_bytes() == snapshot.read_bytes()
