@@ -307,14 +307,18 @@ def writeprotect(fd: int, addr: int, length: int, mode: int) -> None:
         raise _fail("UFFDIO_WRITEPROTECT")
 
 
-def uffd_features(fd: int) -> int:
+def uffd_features(fd: int) -> int | None:
     """The UFFD_FEATURE_* the uffd's creator enabled (its UFFDIO_API), read from this
-    process's /proc fdinfo of it: the creator alone can ask, and only once."""
-    with open(f"/proc/self/fdinfo/{fd}") as f:
-        for line in f:
-            if line.startswith("API:"):
-                return int(line.split(":")[2], 16) & ((1 << 31) - 1)  # bit 31: kernel-internal
-    raise UffdError(errno.EINVAL, f"fd {fd} is not a userfaultfd")
+    process's /proc fdinfo of it: the creator alone can ask, and only once. None where /proc
+    cannot tell (not mounted)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("API:"):
+                    return int(line.split(":")[2], 16) & ((1 << 31) - 1)  # bit 31: internal
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def wake(fd: int, addr: int, length: int) -> None:

@@ -95,6 +95,8 @@ def set_up(uffd: int, regions: list[Region], track_writes: bool,
     the faults itself (UFFD_FEATURE_WP_ASYNC: no write would be seen). `read_events` as for
     `registered_wp`."""
     features = abi.uffd_features(uffd)
+    if features is None:  # /proc cannot tell: the kernel's answers to REGISTER decide
+        features = abi.UFFD_FEATURE_WP_HUGETLBFS_SHMEM
     protected = {r.base for r in regions if registered_wp(uffd, r, read_events)}
     added = False
     if track_writes:
