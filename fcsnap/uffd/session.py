@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import errno
 import json
 import os
 import socket
@@ -42,7 +41,6 @@ import numpy as np
 
 from fcsnap.errors import FcsnapError, FetchPending
 from fcsnap.options import ADAPTIVE
-from fcsnap.store.scan import consecutive_runs
 from fcsnap.uffd import abi, latency, writes
 from fcsnap.uffd.fastpath import Batch, FastPath
 from fcsnap.uffd.handshake import (
@@ -58,7 +56,6 @@ from fcsnap.uffd.prefetch import Prefetch
 from fcsnap.uffd.regions import Region, RegionMap
 from fcsnap.uffd.shared import SharedBuild
 from fcsnap.uffd.watchdog import Watchdog, WatchdogError
-from fcsnap.units import PAGE
 from fcsnap.workingset import read_working_set, write_working_set
 
 if TYPE_CHECKING:
@@ -292,20 +289,14 @@ class Session:
         """4 KiB pages the guest wrote since the restore or the last new interval (a moment's
         count, from any thread)."""
         installer = self.installer
-        if installer is None:
-            return 0
-        return sum(int(np.count_nonzero(st.written & writes.WRITTEN)) * st.region.page_size
-                   for st in installer.states.values()) // PAGE
+        return 0 if installer is None else writes.written_count(installer.states.values())
 
     def written_set(self) -> np.ndarray:
-        """Guest-memory offsets of the 4 KiB pages written or given back by a balloon since
-        the restore or the last new interval, ascending."""
+        """The written set (writes.py): ascending guest-memory offsets of 4 KiB pages."""
         installer = self.installer
         if installer is None:
             return np.zeros(0, np.int64)
-        parts = [writes.offsets(st.region, np.flatnonzero(st.written))
-                 for st in installer.states.values()]
-        return np.sort(np.concatenate([np.zeros(0, np.int64), *parts]))
+        return writes.written_set(installer.states.values())
 
     def take_written(self, new_interval: bool) -> tuple[np.ndarray, int]:
         """(the written set, its written pages); with `new_interval`, the set starts empty
@@ -319,33 +310,16 @@ class Session:
                               "is not registered for write-protect: restore --track-writes)")
         written, count = self.written_set(), self.written_count()
         if new_interval and self.peer is not None:
-            for state in installer.states.values():
-                pages = np.flatnonzero(state.written)
-                state.written[pages] = 0  # before protecting: a write after it is noted
-                self._protect(state, consecutive_runs(pages))
-        return written, count
+            def read_events() -> int:  # REMOVEs applied; the faults served below
+                events = self._events.read(installer.uffd)
+                self._apply(events, self._backlog)
+                return len(events)
 
-    def _protect(self, state: Any, runs: list[tuple[int, int]]) -> None:
-        """Write-protect the runs of pages again; events the kernel wants read first (EAGAIN)
-        are read, their faults kept for serving."""
-        installer = self.installer
-        assert installer is not None
-        r = state.region
-        for first, count in runs:
-            while True:
-                try:
-                    abi.writeprotect(installer.uffd, r.base + first * r.page_size,
-                                     count * r.page_size, abi.UFFDIO_WRITEPROTECT_MODE_WP)
-                    break
-                except abi.UffdError as e:
-                    if e.errno == errno.ESRCH:
-                        return  # the VM has exited
-                    if e.errno != errno.EAGAIN:
-                        raise FcsnapError(f"write-protecting guest memory at {r.base:#x} "
-                                          f"again failed: {os.strerror(e.errno)}") from e
-                    self._backlog += self._drain()
-        if self._backlog and self._phase != "eager":
-            self._serve_pending(None)
+            for state in installer.states.values():
+                writes.protect_again(installer.uffd, state, read_events)
+            if self._backlog and self._phase != "eager":
+                self._serve_pending(None)
+        return written, count
 
     def call(self, fn: Callable[[], Any], timeout: float) -> Any:
         """Run `fn` on the reactor's thread (from another thread) and return what it returns,

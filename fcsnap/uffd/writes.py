@@ -24,15 +24,20 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fcsnap.errors import FcsnapError
+from fcsnap.store.scan import consecutive_runs
 from fcsnap.uffd import abi
 from fcsnap.uffd.regions import Region
 from fcsnap.units import PAGE
+
+if TYPE_CHECKING:
+    from fcsnap.uffd.installer import RegionState
 
 WRITTEN = 1  # the guest wrote the page (csrc/fastpath.h FP_WRITTEN)
 REMOVED = 2  # a balloon gave it back: it reads zeros (FP_REMOVED)
@@ -133,3 +138,40 @@ def offsets(region: Region, pages: np.ndarray) -> np.ndarray:
     per = region.page_size // PAGE
     first = region.offset + pages.astype(np.int64) * region.page_size
     return (first[:, None] + np.arange(per, dtype=np.int64) * PAGE).ravel()
+
+
+def written_count(states: Iterable[RegionState]) -> int:
+    """4 KiB pages the guest wrote (WRITTEN), over every region."""
+    return sum(int(np.count_nonzero(st.written & WRITTEN)) * st.region.page_size
+               for st in states) // PAGE
+
+
+def written_set(states: Iterable[RegionState]) -> np.ndarray:
+    """Ascending guest-memory offsets of the 4 KiB pages written or given back (WRITTEN or
+    REMOVED), over every region."""
+    parts = [offsets(st.region, np.flatnonzero(st.written)) for st in states]
+    return np.sort(np.concatenate([np.zeros(0, np.int64), *parts]))
+
+
+def protect_again(uffd: int, state: RegionState, read_events: Callable[[], int]) -> None:
+    """Start a new interval in one region: its written set emptied, then those pages
+    write-protected again (in that order: a write after the protection is noted). While the
+    kernel answers EAGAIN, `read_events` reads what is pending first. A VM gone: nothing to
+    protect."""
+    r = state.region
+    pages = np.flatnonzero(state.written)
+    state.written[pages] = 0
+    for first, count in consecutive_runs(pages):
+        while True:
+            try:
+                abi.writeprotect(uffd, r.base + first * r.page_size, count * r.page_size,
+                                 abi.UFFDIO_WRITEPROTECT_MODE_WP)
+                break
+            except abi.UffdError as e:
+                if e.errno == errno.ESRCH:
+                    return
+                if e.errno != errno.EAGAIN:
+                    raise FcsnapError(f"write-protecting guest memory at {r.base:#x} again "
+                                      f"failed: {os.strerror(e.errno)}") from e
+            if not read_events():
+                time.sleep(0.0005)  # read already: the VMM is finishing the change
