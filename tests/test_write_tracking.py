@@ -276,3 +276,14 @@ def test_python_api_tracks_writes_and_diffs_the_written_set(tmp_path: Path) -> N
     build = store.diff(snapshot, base="vm", written=written_set)
     unpacked = fcsnap.unpack(build.path, tmp_path / "next.mem", store=store.path)
     assert unpacked.read_bytes() == snapshot.read_bytes()
+
+
+@pytest.mark.parametrize("where", ["missing/written.ws", "."], ids=["no-directory", "a-directory"])
+def test_a_written_file_that_cannot_be_written_is_refused_before_listening(
+        store, procs, where) -> None:
+    target = procs.tmp / where
+    server = procs.server("vm", store, "--written", str(target))
+    out = procs.outcome(server, None)
+    assert out.status == 1
+    assert out.error.startswith(f"fcsnap: error: cannot write --written {target}")
+    assert not procs.socket.exists()
