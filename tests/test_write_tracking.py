@@ -158,6 +158,16 @@ def test_hugetlb_memory_the_kernel_cannot_protect_is_refused(store, procs, hugep
     assert out.vm_status != 0
 
 
+def test_track_writes_is_refused_where_the_kernel_resolves_the_faults(store, procs) -> None:
+    """A uffd made with UFFD_FEATURE_WP_ASYNC: no write-protect fault would reach the
+    server, so --track-writes would track nothing: one line, the VM killed."""
+    server = procs.server("vm", store, "--track-writes")
+    out = procs.outcome(server, procs.vm(size=SIZE, wp_async=True, threads=1))
+    assert out.status == 1
+    assert "UFFD_FEATURE_WP_ASYNC" in out.error
+    assert out.vm_status != 0
+
+
 def test_diff_written_refuses_what_does_not_fit(store, tmp_path: Path) -> None:
     """A memory file of the wrong size, a written set of other geometry, a damaged written
     set, or one given with --sparse-diff: one line each, no build."""

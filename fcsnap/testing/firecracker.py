@@ -151,13 +151,14 @@ class Guest(GuestMemory):
     """Guest memory on Firecracker's Uffd backend: anonymous mappings, all registered MISSING
     (with `wp`, MISSING|WP) on one uffd with EVENT_REMOVE."""
 
-    def __init__(self, size: int, page_size: int, n_regions: int, wp: bool = False) -> None:
+    def __init__(self, size: int, page_size: int, n_regions: int, wp: bool = False,
+                 features: int = 0) -> None:
         self._flags = abi.MAP_PRIVATE | abi.MAP_ANONYMOUS | abi.MAP_NORESERVE
         if page_size != PAGE:
             self._flags |= abi.MAP_HUGETLB | abi.MAP_HUGE_2MB
         self._mode = abi.MISSING | (abi.UFFDIO_REGISTER_MODE_WP if wp else 0)
         self.uffd = abi.userfaultfd(os.O_CLOEXEC | os.O_NONBLOCK)
-        features = abi.UFFD_FEATURE_EVENT_REMOVE
+        features |= abi.UFFD_FEATURE_EVENT_REMOVE
         if wp and page_size != PAGE:
             features |= abi.UFFD_FEATURE_WP_HUGETLBFS_SHMEM
         abi.api_handshake(self.uffd, features)
@@ -379,7 +380,8 @@ class StandIn:
         if a.file_backend is not None:
             guest = FileGuest(a.file_backend, a.size, a.regions)
         else:
-            guest = Guest(a.size, a.page_size, a.regions, a.wp)
+            guest = Guest(a.size, a.page_size, a.regions, a.wp,
+                          abi.UFFD_FEATURE_WP_ASYNC if a.wp_async else 0)
         self.report["backend"] = "file" if a.file_backend is not None else "uffd"
         self.report["regions"] = guest.region_objects(a.payload)
         passes = self._passes(guest)  # planned before the handshake: touching starts right after
@@ -711,6 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the --balloon pages back one at a time, then reads them (zeros)")
     p.add_argument("--wp", action="store_true",
                    help="register guest memory MISSING|WP (as E2B's Firecracker does)")
+    p.add_argument("--wp-async", action="store_true",
+                   help="ask for UFFD_FEATURE_WP_ASYNC (the kernel resolves WP faults itself)")
     p.add_argument("--write", type=_balloon_ranges, metavar="START:LEN[,...]",
                    help="after the passes (and --balloon), write these memory-file ranges from "
                    "the threads, then read them back")
