@@ -4,25 +4,30 @@ One synthetic guest (fcsnap.testing.memimage, 60% zero pages) is packed raw and 
 Firecracker stand-in, server and stand-in pinned to CPU 0 (`taskset -c 0`), one page per fault
 (`--fault-around 0`: the server's cost per fault in full), one thread touching every page in
 order and then writing every page (`--write`). Three sides, each on the compiled fault path
-and on the pure-Python one, --repeat times in rotation (the median counts):
+and on the pure-Python one, --repeat times in rotation, the order of the sides reversed every
+other round (the median counts):
 
     untracked     memory registered MISSING (Firecracker), no tracking
     vmm-wp        memory registered MISSING|WP by the VMM (E2B's Firecracker)
     track-writes  registered MISSING, `restore --track-writes` adds WP after the handshake
 
-Reported: microseconds per read fault (the touch pass's time over its faults) and per
-first write of a page the guest had read (the write pass's time over its pages: a
-write-protect fault each when tracking, none without).
+Each side runs twice per round: reading every page (microseconds per read fault as the
+guest sees it, the touch pass's time over the faults, and as the server spends it, the mean
+of its own fault-latency histogram, from reading a fault to waking the guest), and reading
+then writing every page (microseconds per first write of a page the guest had read, the
+write pass's time over its pages: a write-protect fault each when tracking, none without).
 
 Then the next generation from a written set: 5% of the pages (scattered, random) changed
 in a Full memory file, `diff --written` of it against `diff` of the whole file and against the
 copy floor (the written pages read with one pread per run and written to a file, fsynced),
 page cache warm, medians of --repeat runs.
 
-Last, the ways to install a zero page write-protected, timed in this process on its own uffd
-(one ioctl sequence per 4 KiB page, 4096 pages, best of 5): UFFDIO_ZEROPAGE alone (not
-protected: the reference), UFFDIO_COPY of a zero buffer with UFFDIO_COPY_MODE_WP (what fcsnap
-does), and UFFDIO_ZEROPAGE then UFFDIO_WRITEPROTECT (racy: a write between the two is missed).
+Last, the kernel's part of an install, timed in this process on its own uffd (one ioctl
+sequence per 4 KiB page, 4096 pages, best of 5, no fault): a data page with UFFDIO_COPY, with
+and without UFFDIO_COPY_MODE_WP; and the ways to install a zero page write-protected:
+UFFDIO_ZEROPAGE alone (not protected: the reference), UFFDIO_COPY of a zero buffer with
+UFFDIO_COPY_MODE_WP (what fcsnap does), and UFFDIO_ZEROPAGE then UFFDIO_WRITEPROTECT (racy: a
+write between the two is missed).
 
     python bench/write_tracking.py [--size 256M] [--repeat 3] [--workdir DIR]
 """
@@ -60,8 +65,10 @@ SIDES = {"untracked": ((), {}), "vmm-wp": ((), {"wp": True}),
 DEADLINE_S = 300.0
 
 
-def serve_once(work: Path, size: int, side: str, pure_python: bool) -> dict[str, float]:
-    """One pinned restore of the whole guest, read then written; its per-fault figures."""
+def serve_once(work: Path, size: int, side: str, pure_python: bool, write: bool
+               ) -> dict[str, float]:
+    """One pinned restore of the whole guest, read (then written, with `write`); its
+    per-fault figures."""
     server_args, standin = SIDES[side]
     sock, stats, report = work / "uffd.sock", work / "stats.json", work / "vm.json"
     for path in (stats, report):
@@ -79,7 +86,8 @@ def serve_once(work: Path, size: int, side: str, pure_python: bool) -> dict[str,
                 raise RuntimeError(f"restore did not listen (exit {server.poll()})")
             time.sleep(0.005)
         status = subprocess.run([*pin, *firecracker.command(
-            sock, size=size, threads=1, verify_bytes=False, write=[(0, size)], report=report,
+            sock, size=size, threads=1, verify_bytes=False,
+            write=[(0, size)] if write else None, report=report,
             deadline=DEADLINE_S, **standin)], timeout=DEADLINE_S).returncode
         server_status = server.wait(timeout=60)
     finally:
@@ -89,10 +97,10 @@ def serve_once(work: Path, size: int, side: str, pure_python: bool) -> dict[str,
     if status or server_status:
         raise RuntimeError(f"{side}: stand-in exit {status}, server exit {server_status}")
     r, s = firecracker.read_report(report), json.loads(stats.read_text())
-    reads = s["faults"] - s["wp_faults"]  # the touch pass's faults (then the writes')
-    return {"read_us": r["touch_s"] / reads * 1e6 if reads else 0.0,
-            "write_us": r["write_s"] / (size // PAGE) * 1e6, "faults": s["faults"],
-            "wp_faults": s["wp_faults"], "written_pages": s["written_pages"] or 0}
+    if write:
+        return {"write_us": r["write_s"] / (size // PAGE) * 1e6, "wp_faults": s["wp_faults"]}
+    return {"read_us": r["touch_s"] / s["faults"] * 1e6,
+            "serve_us": s["fault_latency"]["mean_us"], "faults": s["faults"]}
 
 
 def diff_costs(work: Path, size: int, repeat: int, share: float = 0.05) -> dict[str, float]:
@@ -133,16 +141,22 @@ def copy_floor(memfile: Path, pages: np.ndarray, out: Path) -> None:
         os.close(fd)
 
 
-def zero_installs(pages: int = 4096, rounds: int = 5) -> dict[str, float]:
-    """ns per page of each way to install a zero page (the module docstring), best of
-    `rounds`, on a MISSING|WP range of this process."""
+def installs(pages: int = 4096, rounds: int = 5) -> dict[str, float]:
+    """ns per page of each install (the module docstring), best of `rounds`, on a
+    MISSING|WP range of this process."""
     zeros = mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     zeros_addr = abi.buffer_address(zeros)
+    data = mmap.mmap(-1, PAGE)
+    data.write(os.urandom(PAGE))
+    data_addr = abi.buffer_address(data)
     ways = {
-        "zeropage (not protected)": lambda fd, at: abi.zeropage(fd, at, PAGE),
-        "copy of zeros, MODE_WP": lambda fd, at: abi.copy(fd, at, zeros_addr, PAGE,
-                                                          abi.UFFDIO_COPY_MODE_WP),
-        "zeropage then writeprotect": lambda fd, at: (
+        "data: copy": lambda fd, at: abi.copy(fd, at, data_addr, PAGE),
+        "data: copy, MODE_WP": lambda fd, at: abi.copy(fd, at, data_addr, PAGE,
+                                                       abi.UFFDIO_COPY_MODE_WP),
+        "zeros: zeropage (not protected)": lambda fd, at: abi.zeropage(fd, at, PAGE),
+        "zeros: copy of zeros, MODE_WP": lambda fd, at: abi.copy(fd, at, zeros_addr, PAGE,
+                                                                 abi.UFFDIO_COPY_MODE_WP),
+        "zeros: zeropage then writeprotect": lambda fd, at: (
             abi.zeropage(fd, at, PAGE),
             abi.writeprotect(fd, at, PAGE, abi.UFFDIO_WRITEPROTECT_MODE_WP)),
     }
@@ -165,31 +179,35 @@ def zero_installs(pages: int = 4096, rounds: int = 5) -> dict[str, float]:
 
 
 def markdown(size: int, repeat: int, rows: dict[str, dict[str, float]],
-             diffs: dict[str, float], zeros: dict[str, float]) -> str:
+             diffs: dict[str, float], zeros: dict[str, float], load: float) -> str:
     lines = [
         "# Write tracking: cost per fault",
         "",
         f"`python3 bench/write_tracking.py --size {size >> 20}M --repeat {repeat}`: a "
         f"{size >> 20} MiB synthetic guest (60% zero pages), raw, pinned to one CPU, one page "
         "per fault, one thread reading every page in order and then writing every page; "
-        f"medians of {repeat} runs in rotation. Ratios are against `untracked` on the same "
-        "path.",
+        f"medians of {repeat} runs in rotation (sides reversed every other round). Ratios are "
+        f"against `untracked` on the same path. Load average at the end: {load:.1f} on "
+        f"{os.cpu_count()} CPUs (other work on the machine): single runs spread widely.",
         "",
-        "| side | path | µs per read fault | ratio | µs per first write | WP faults |",
-        "|---|---|---|---|---|---|",
+        "| side | path | µs per read fault, guest | ratio | µs per fault, server | ratio "
+        "| µs per first write | WP faults |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key, row in rows.items():
         side, path = key.split("/")
-        base = rows[f"untracked/{path}"]["read_us"]
-        lines.append(f"| {side} | {path} | {row['read_us']:.2f} | {row['read_us'] / base:.2f}x "
-                     f"| {row['write_us']:.2f} | {row['wp_faults']:.0f} |")
+        base = rows[f"untracked/{path}"]
+        lines.append(f"| {side} | {path} | {row['read_us']:.2f} | "
+                     f"{row['read_us'] / base['read_us']:.2f}x | {row['serve_us']:.2f} | "
+                     f"{row['serve_us'] / base['serve_us']:.2f}x | {row['write_us']:.2f} | "
+                     f"{row['wp_faults']:.0f} |")
     floor = diffs["copy floor"]
     lines += ["", f"The next generation, 5% of {size >> 20} MiB written (seconds, page cache "
               f"warm, median of {repeat}):", "", "| how | s | against the copy floor |",
               "|---|---|---|"]
     lines += [f"| {name} | {s:.3f} | {s / floor:.1f}x |" for name, s in diffs.items()]
-    lines += ["", "Installing a zero page on a MISSING|WP range (ns per page, best of 5):", "",
-              "| how | ns per page |", "|---|---|"]
+    lines += ["", "The kernel's part of an install on a MISSING|WP range (ns per 4 KiB page, "
+              "best of 5, no fault):", "", "| install | ns per page |", "|---|---|"]
     lines += [f"| {name} | {ns:.0f} |" for name, ns in zeros.items()]
     return "\n".join(lines) + "\n"
 
@@ -208,19 +226,20 @@ def main() -> int:
     runs: dict[str, list[dict[str, float]]] = {}
     for i in range(args.repeat):
         for path in ("compiled", "python"):
-            for side in SIDES:
+            for side in list(SIDES)[:: -1 if i % 2 else 1]:  # no side always runs first
                 print(f"{i + 1}/{args.repeat}: {side} ({path})", file=sys.stderr)
+                read = serve_once(work, size, side, path == "python", write=False)
                 runs.setdefault(f"{side}/{path}", []).append(
-                    serve_once(work, size, side, path == "python"))
+                    {**read, **serve_once(work, size, side, path == "python", write=True)})
     rows: dict[str, Any] = {key: {m: statistics.median(r[m] for r in rs) for m in rs[0]}
                             for key, rs in runs.items()}
     diffs = diff_costs(work, size, args.repeat)
-    zeros = zero_installs()
+    zeros = installs()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "write-tracking.json").write_text(json.dumps(
         {"size": size, "repeat": args.repeat, "load_average": os.getloadavg(), "rows": rows,
-         "diff_s": diffs, "zero_installs_ns": zeros}, indent=2) + "\n")
-    text = markdown(size, args.repeat, rows, diffs, zeros)
+         "diff_s": diffs, "installs_ns": zeros}, indent=2) + "\n")
+    text = markdown(size, args.repeat, rows, diffs, zeros, os.getloadavg()[0])
     (RESULTS / "write-tracking.md").write_text(text)
     print(text)
     return 0
