@@ -64,7 +64,8 @@ class Tracking:
     @property
     def mode(self) -> str | None:
         """The --stats `write_tracking`: "registered" (by the VMM), "added" (--track-writes),
-        "partial" (some regions only: no written set), None (no region protected)."""
+        "partial" (no written set: some regions only, or the kernel resolves the faults,
+        WP_ASYNC), None (no region protected)."""
         if not self.protected:
             return None
         if not self.recorded:
@@ -84,7 +85,7 @@ def registered_wp(uffd: int, region: Region, read_events: Callable[[], int]) -> 
                              abi.UFFDIO_WRITEPROTECT_MODE_DONTWAKE)
             return True
         except abi.UffdError as e:
-            if e.errno == errno.ENOENT:
+            if e.errno in (errno.ENOENT, errno.EINVAL):  # EINVAL: a kernel without WP
                 return False
             if e.errno != errno.EAGAIN or time.monotonic() > deadline:
                 raise FcsnapError(f"asking whether the region at {region.base:#x} is "
