@@ -29,6 +29,7 @@ THREAT_MODEL = DOCS / "THREAT_MODEL.md"
 LEAD_CHECK = "<!-- lead: check against code -->"
 RUNNABLE = re.compile(r"<!-- runnable -->\n```sh\n(.*?)```", re.DOTALL)
 LINK = re.compile(r"\]\(([^)\s]+)\)")
+README_LINES = 250  # the most the README may have
 MEMORY = 8 << 20  # bytes of guest memory the runnable blocks' snapshots hold
 RUN_WAIT = 120.0  # seconds a runnable block, or a --help, may take
 
@@ -208,6 +209,12 @@ def test_every_mention_in_the_code_cites_a_section() -> None:
         if not CITATION.match(line, mention.start())
     ]
     assert not bare, f"mentions of docs/FORMAT.md without a section: {bare}"
+
+
+def test_the_readme_stays_short() -> None:
+    """A newcomer reads the README in minutes; the manual is docs/."""
+    lines = len(README.read_text().splitlines())
+    assert lines <= README_LINES, f"README.md has {lines} lines: move the detail to docs/"
 
 
 def test_the_readme_links_every_page_of_the_manual() -> None:
