@@ -3,8 +3,10 @@ buffer with writev, and the batches handed to the compressing worker."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -74,3 +76,40 @@ def test_zstd_diff_handed_to_the_worker_in_many_batches_round_trips(tmp_path, mo
     plain = subprocess.run(["zstd", "-d", "-c", str(build / DIFF_ZSTD)], capture_output=True,
                            check=True).stdout
     assert len(plain) == manifest.stats.bytes_stored
+
+
+ENTRY = """
+import atexit, sys, threading, time
+from pathlib import Path
+from fcsnap.cli import main
+atexit.register(print, "exit handler ran", file=sys.stderr)
+marker, store = Path(sys.argv.pop(1)), Path(sys.argv[sys.argv.index("--store") + 1])
+def late() -> None:  # ends a second after the build is published: after the command
+    deadline = time.monotonic() + 60
+    while not any(p.name[0] != "." for p in store.glob("*")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(1)
+    marker.write_text("done")
+if marker.name == "thread":
+    threading.Thread(target=late).start()
+sys.argv[0] = "fcsnap"
+main()
+"""
+
+
+@pytest.mark.parametrize("thread", [False, True], ids=["alone", "with a thread running"])
+def test_a_build_command_ends_with_its_output_exit_handlers_and_threads(tmp_path, thread):
+    """pack ends its process at once (cli._end_now), yet prints all it says and runs exit
+    handlers; with a thread still running, the process waits for it."""
+    mem = synthetic_memory(4 * MIB, seed=22)
+    write_full(tmp_path / "mem", mem)
+    marker = tmp_path / ("thread" if thread else "none")
+    r = subprocess.run(
+        [sys.executable, "-c", ENTRY, str(marker), "pack", str(tmp_path / "mem"), "--store",
+         str(tmp_path / "store"), "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["stats"]["blocks_total"] == len(mem)
+    assert r.stderr.splitlines() == ["exit handler ran"]
+    assert marker.exists() == thread

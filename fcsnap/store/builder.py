@@ -13,12 +13,11 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from itertools import compress
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
@@ -46,6 +45,9 @@ from fcsnap.store.scan import consecutive_runs
 from fcsnap.store.seekable import BATCH_BYTES, SeekableWriter
 from fcsnap.store.stores import current_head
 from fcsnap.units import PAGE
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 
 class Head(Enum):
@@ -142,7 +144,7 @@ class DiffSink:
         self.written = 0  # bytes handed to `out`
         self.synced = 0  # bytes of the file whose writeback has been started
         self.direct = local and self.zstd is None  # written by the caller's thread (write)
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="fcsnap-sink")
+        self.worker = None if self.direct else threads(1, "fcsnap-sink")
         self.in_flight: list[Future[None]] = []
         self.handoff = HANDOFF_BYTES if local else STREAM_BATCH_BYTES
         self.gathered: list[bytes] = []  # copies not yet handed to the worker
@@ -179,6 +181,7 @@ class DiffSink:
             return
         batch, self.gathered, self.gathered_bytes = self.gathered, [], 0
         self._wait(IN_FLIGHT - 1)
+        assert self.worker is not None  # only a direct sink has none, and it gathers nothing
         self.in_flight.append(self.worker.submit(self._write, batch))
 
     def _write(self, batch: list[bytes]) -> None:
@@ -223,10 +226,12 @@ class DiffSink:
         written = self.size_written()
         self.closed = True
         if self.local:
-            self.worker.shutdown()
+            if self.worker is not None:
+                self.worker.shutdown()
             with writing(self.what):
                 self.file.close()
         else:
+            assert self.worker is not None
             self.committing = self.worker.submit(self.file.close)
             self.worker.shutdown(wait=False)
         return written
@@ -243,7 +248,8 @@ class DiffSink:
         if self.closed:
             return
         self.closed = True
-        self.worker.shutdown()
+        if self.worker is not None:
+            self.worker.shutdown()
         if self.local:
             self.file.close()
         else:
@@ -419,6 +425,14 @@ class GenerationBuilder:
         return Runs(start, count, np.full(len(start), ZEROS, np.int32), np.zeros_like(start))
 
 
+def threads(count: int, name: str) -> ThreadPoolExecutor:
+    """A thread pool; concurrent.futures (and the logging it imports) is loaded only by the
+    builds that hand work to threads, not by a raw local one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(count, thread_name_prefix=name)
+
+
 def diff_name(options: BuildOptions) -> str:
     return DIFF_ZSTD if options.compression == "zstd" else DIFF_RAW
 
@@ -528,7 +542,7 @@ def build_remote(store: RemoteStore, work: Assembly, expected: uuid.UUID | None)
         manifest = work.assemble(stage, sink, store.url)
         small = [name for name in (HEADER, HASHES, SNAPFILE) if (stage / name).exists()]
         written += [build_key(work.build_id, name) for name in small]
-        with ThreadPoolExecutor(len(small), thread_name_prefix="fcsnap-upload") as pool:
+        with threads(len(small), "fcsnap-upload") as pool:
             uploads = [
                 pool.submit(store.objects.upload, build_key(work.build_id, name), stage / name)
                 for name in small
