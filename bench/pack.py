@@ -131,11 +131,12 @@ def compile_bytecode(tree: Path) -> dict[str, str]:
     return env
 
 
-def fcsnap(argv: list[str], env: dict[str, str]) -> Callable[[], Path]:
-    """A whole `python -m fcsnap` process; returns the new build's directory."""
+def fcsnap(argv: list[str], tree: Path, env: dict[str, str]) -> Callable[[], Path]:
+    """A whole `python -m fcsnap` process from `tree`; returns the new build's directory. It
+    runs in `tree`: `-m` puts the working directory first on the module path."""
     def run() -> Path:
         out = subprocess.run([sys.executable, "-m", "fcsnap", *argv, "--json"], env=env,
-                             check=True, capture_output=True, text=True).stdout
+                             cwd=tree, check=True, capture_output=True, text=True).stdout
         return Path(json.loads(out)["path"])
 
     return run
@@ -239,7 +240,8 @@ def cases(work: Path, gen0: Path, gen1: Path, gen1_sparse: Path,
         if not suffix:
             todo.append(Case(Row(CP, f"cp --sparse=always {gen0.name} OUT", size),
                              tool(["cp", "--sparse=always", str(gen0), str(cp_out)], cp_out)))
-        todo.append(Case(Row(PACK + suffix, f"fcsnap pack {gen0.name}", size), fcsnap(pack, env)))
+        todo.append(Case(Row(PACK + suffix, f"fcsnap pack {gen0.name}", size),
+                         fcsnap(pack, tree, env)))
         if not suffix:
             todo.append(Case(
                 Row(ZSTD, f"zstd -3 -T2 -f {gen0.name} -o OUT", size),
@@ -247,11 +249,11 @@ def cases(work: Path, gen0: Path, gen1: Path, gen1_sparse: Path,
             ))
         todo += [
             Case(Row(PACK_ZSTD + suffix, f"fcsnap pack --compress zstd {gen0.name}", size),
-                 fcsnap([*pack, "--compress", "zstd"], env)),
+                 fcsnap([*pack, "--compress", "zstd"], tree, env)),
             Case(Row(DIFF_FULL + suffix, f"fcsnap diff {gen1.name} (base gen0)", size),
-                 fcsnap([*diff, str(gen1)], env)),
+                 fcsnap([*diff, str(gen1)], tree, env)),
             Case(Row(DIFF_SPARSE + suffix, f"fcsnap diff --sparse-diff {gen1_sparse.name}",
-                     size), fcsnap([*diff, "--sparse-diff", str(gen1_sparse)], env)),
+                     size), fcsnap([*diff, "--sparse-diff", str(gen1_sparse)], tree, env)),
         ]
     return todo
 
@@ -405,7 +407,7 @@ def main() -> int:
     if args.baseline is not None and not (args.baseline / "fcsnap" / "__main__.py").is_file():
         parser.error(f"{args.baseline}: not a tree of fcsnap (no fcsnap/__main__.py)")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="fcsnap-bench-", dir=args.workdir))
+    work = Path(tempfile.mkdtemp(prefix="fcsnap-bench-", dir=args.workdir)).resolve()
     try:
         if args.corpus is None:
             print(f"writing a {args.size} image and its next generation in {work}",
