@@ -283,6 +283,26 @@ class Store:
             name_expected=self._head(name, build, build_dir),
         ))
 
+    def import_e2b(
+        self, src: PathLike, *, name: str | None = None, compress: str | None = None,
+        progress: Progress | None = None,
+    ) -> list[Build]:
+        """Import the E2B/Wrenn lineage whose newest build is the directory `src` (in a local
+        directory laid out as their buckets): one build per generation with E2B's build ids,
+        oldest first; `name` points vms/NAME at `src`'s. Builds imported before are reused."""
+        from fcsnap.errors import FcsnapError
+        from fcsnap.store.e2b_import import import_e2b, own_bytes
+
+        options = _build_options(block_size=4096, compress=compress,
+                                 frame_size=DEFAULT_FRAME_SIZE, name=name, vmstate=None,
+                                 working_set=None)
+        if not isinstance(self.target, Path):
+            raise FcsnapError(f"import writes to a local store directory, not {self.path}")
+        options = replace(options, name_expected=self._head(name), verb="import")
+        src = Path(src)
+        advance = _tracker(progress, own_bytes(src))
+        return [_built(result) for result in import_e2b(src, self.target, options, advance)]
+
     def _head(
         self, name: str | None, build_arg: BuildRef | None = None, build_dir: Path | None = None
     ) -> uuid.UUID | None:

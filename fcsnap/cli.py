@@ -284,6 +284,21 @@ def cmd_squash(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from fcsnap.progress import progress_bar
+
+    with progress_bar("import", args.quiet or args.json) as progress:
+        builds = _store(args).import_e2b(args.src, name=args.name, compress=args.compress,
+                                         progress=progress)
+    if args.json:
+        print_json([build.to_json() for build in builds])
+    elif not args.quiet:
+        for build in builds:
+            print(f"imported build {build.build_id} (generation {build.generation}) at "
+                  f"{build.path}")
+    return 0
+
+
 def cmd_unpack(args: argparse.Namespace) -> int:
     from fcsnap import api
     from fcsnap.progress import progress_bar
@@ -791,6 +806,15 @@ def build_parser() -> Parser:
     sub.add_argument("--block-size", type=_value("parse_block_size"), metavar="4K|2M",
                      help="Must match the base build's (the default).")
     _add_build_options(sub)
+    _add_write_options(sub)
+
+    sub = _command(commands, "import", cmd_import, "Import an E2B/Wrenn lineage: one build "
+                   "per generation, with E2B's build ids.")
+    sub.add_argument("src", type=Path, metavar="SRC",
+                     help="The newest E2B/Wrenn build directory (<build_id>/memfile.header and "
+                          "its memfile, memfile.zstd or memfile.lz4), its ancestors beside it.")
+    sub.add_argument("--compress", default="none", type=_value("parse_compression"),
+                     metavar="none|zstd|zstd:LEVEL", help="Compression of the diffs (none).")
     _add_write_options(sub)
 
     sub = _command(commands, "squash", cmd_squash, "Flatten BUILD into a new generation 0 with "
