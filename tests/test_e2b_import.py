@@ -1,0 +1,163 @@
+"""`fcsnap import` of E2B/Wrenn lineages (fixtures/e2b/, written by E2B's own code): one fcsnap
+build per generation with E2B's build ids, each unpacking to the memory E2B says it has, every
+source data object read once, restore serving the imported head, and malformed sources refused
+with one line and nothing left in the store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+from helpers import Lineage, check_served, fcsnap, restore, unpacked
+from test_e2b_store import EXPECTED, FIXTURES, copy_store
+
+from fcsnap.store import e2b
+from fcsnap.store.builder import BuildOptions
+from fcsnap.store.e2b_import import import_e2b
+from fcsnap.store.layout import HASHES, HEADER
+from fcsnap.store.manifest import read_manifest
+from fcsnap.store.ops import verify
+
+SCENARIOS = sorted(EXPECTED)
+
+
+def generations(scenario: str) -> list[dict]:
+    """E2B's answers for the scenario's build directories, oldest first."""
+    return [h for h in EXPECTED[scenario] if "peer-" not in h["file"]]
+
+
+def head_dir(scenario: str, root: Path = FIXTURES.parent) -> Path:
+    return (root / "e2b" / generations(scenario)[-1]["file"]).parent
+
+
+def listed(store: Path) -> list[str]:
+    return sorted(p.name for p in store.iterdir() if p.name != "vms") if store.exists() else []
+
+
+@pytest.mark.parametrize("compress", ["none", "zstd"])
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_import_keeps_ids_and_every_generation_unpacks_to_e2bs_memory(scenario, compress,
+                                                                      tmp_path):
+    store = tmp_path / "store"
+    result = fcsnap("import", head_dir(scenario), "--store", store, "--name", "vm",
+                    "--compress", compress, "--json")
+    assert result.returncode == 0, result.stderr
+    builds = json.loads(result.stdout)
+    gens = generations(scenario)
+    assert [b["build_id"] for b in builds] == [g["build_id"] for g in gens]
+    parent = None
+    for number, (build, expected) in enumerate(zip(builds, gens, strict=True)):
+        path = store / expected["build_id"]
+        manifest = read_manifest(path)
+        assert manifest.generation == number and manifest.compression == compress
+        assert manifest.parent_build_id == (None if parent is None else parent.build_id)
+        assert manifest.block_size == expected["block_size"]
+        assert (path / HASHES).is_file() and manifest.pins is not None
+        assert {str(b) for b in manifest.pins} <= {g["build_id"] for g in gens[:number]}
+        memory = unpacked(path, tmp_path)
+        assert hashlib.sha256(memory).hexdigest() == expected["memory_sha256"], build
+        parent = manifest
+    assert (store / "vms" / "vm").exists()
+    report = verify(store / gens[-1]["build_id"])  # every block against its hash and pin
+    assert report["ok"] and report["pinned"]
+
+
+def test_each_source_object_is_read_once(tmp_path, monkeypatch):
+    reads: dict[Path, list[tuple[int, int]]] = {}
+    real = e2b.BuildData._pread
+
+    def counting(self, offset: int, length: int) -> bytes:
+        reads.setdefault(self.path, []).append((offset, offset + length))
+        return real(self, offset, length)
+
+    monkeypatch.setattr(e2b.BuildData, "_pread", counting)
+    for scenario in SCENARIOS:
+        import_e2b(head_dir(scenario), tmp_path / scenario, BuildOptions(verb="import"))
+    objects = {p for p in FIXTURES.rglob("memfile*") if p.name != HEADER
+               and not p.name.endswith(".uncompressed-size")}
+    assert set(reads) <= objects and len(reads) >= len(SCENARIOS)
+    for path, ranges in reads.items():
+        ranges.sort()
+        for (_, end), (start, _) in zip(ranges, ranges[1:], strict=False):
+            assert start >= end, f"{path}: bytes read twice"
+        assert sum(b - a for a, b in ranges) <= path.stat().st_size
+
+
+@pytest.mark.parametrize("scenario", ["v4-zstd-4k", "v5-lz4-4k"])
+def test_restore_serves_the_imported_head(scenario, procs, tmp_path):
+    store = tmp_path / "store"
+    result = fcsnap("import", head_dir(scenario), "--store", store, "--compress", "zstd", "-q")
+    assert result.returncode == 0, result.stderr
+    builds = [store / g["build_id"] for g in generations(scenario)]
+    image = tmp_path / "expected"
+    image.write_bytes(unpacked(builds[-1], tmp_path))
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == \
+        generations(scenario)[-1]["memory_sha256"]
+    lineage = Lineage(store, builds, [image])
+    check_served(restore(procs, lineage), lineage)
+
+
+def test_reimport_reuses_the_builds_and_moves_the_name(tmp_path):
+    store = tmp_path / "store"
+    middle = (FIXTURES / generations("v3-4k")[1]["file"]).parent
+    assert fcsnap("import", middle, "--store", store, "--name", "vm").returncode == 0
+    before = {p.name: p.stat().st_ino for p in store.iterdir()}
+    result = fcsnap("import", head_dir("v3-4k"), "--store", store, "--name", "vm")
+    assert result.returncode == 0, result.stderr
+    after = {p.name: p.stat().st_ino for p in store.iterdir()}
+    assert all(after[name] == ino for name, ino in before.items() if name != "vms")
+    assert (store / "vms" / "vm").read_text().strip().endswith(generations("v3-4k")[-1]["build_id"])
+
+
+def _one_error_nothing_left(src: Path, store: Path, *extra: object) -> str:
+    result = fcsnap("import", src, "--store", store, *extra)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fcsnap: error: "), lines
+    assert listed(store) == [], listed(store)
+    return lines[0]
+
+
+def test_a_damaged_frame_of_a_later_generation_leaves_no_build(tmp_path):
+    src = copy_store(tmp_path, "v4-zstd-4k")
+    data = src / "e2b00002-0000-4000-8000-000000000003" / "memfile.zstd"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    line = _one_error_nothing_left(src / "e2b00002-0000-4000-8000-000000000003",
+                                   tmp_path / "store", "--compress", "zstd")
+    assert "memfile.zstd" in line
+
+
+def test_a_short_data_object_is_refused_before_anything_is_written(tmp_path):
+    src = copy_store(tmp_path, "v3-4k")
+    data = src / "e2b00001-0000-4000-8000-000000000002" / "memfile"
+    os.truncate(data, data.stat().st_size - 4096)
+    line = _one_error_nothing_left(src / "e2b00001-0000-4000-8000-000000000003",
+                                   tmp_path / "store")
+    assert "e2b00001-0000-4000-8000-000000000002" in line
+
+
+def test_a_truncated_header_and_a_directory_that_is_no_build_are_refused(tmp_path):
+    src = copy_store(tmp_path, "v5-lz4-4k")
+    header = src / "e2b00003-0000-4000-8000-000000000002" / HEADER
+    header.write_bytes(header.read_bytes()[:-7])
+    _one_error_nothing_left(src / "e2b00003-0000-4000-8000-000000000003", tmp_path / "store")
+    line = _one_error_nothing_left(src, tmp_path / "store")
+    assert "not an E2B/Wrenn build directory" in line
+
+
+def test_an_fcsnap_build_by_the_same_id_is_not_overwritten(tmp_path):
+    store = tmp_path / "store"
+    first = (FIXTURES / generations("v3-4k")[0]["file"]).parent
+    assert fcsnap("import", first, "--store", store).returncode == 0
+    manifest = store / first.name / "build.json"
+    text = manifest.read_text().replace("import of E2B build", "something else")
+    manifest.chmod(0o644)
+    manifest.write_text(text)
+    result = fcsnap("import", head_dir("v3-4k"), "--store", store)
+    assert result.returncode == 1 and "already exists" in result.stderr
+    assert listed(store) == [first.name]
