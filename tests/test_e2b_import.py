@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,11 @@ def test_an_fcsnap_build_by_the_same_id_is_not_overwritten(tmp_path):
     result = fcsnap("import", head_dir("v3-4k"), "--store", store)
     assert result.returncode == 1 and "already exists" in result.stderr
     assert listed(store) == [first.name]
+
+
+def test_a_header_marked_incomplete_is_refused(tmp_path):
+    src = copy_store(tmp_path, "v4-zstd-4k")
+    head = src / "e2b00002-0000-4000-8000-000000000003"
+    shutil.copyfile(src / f"peer-{head.name}.header", head / HEADER)
+    line = _one_error_nothing_left(head, tmp_path / "store")
+    assert "incomplete" in line

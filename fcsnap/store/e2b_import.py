@@ -56,6 +56,10 @@ def lineage_headers(src: Path) -> list[Header]:
                 continue
             header = found[build_id] = load_header(path)
             todo.append(header)
+    for build_id, header in found.items():
+        if header.builds_section and header.builds_section.incomplete:
+            raise FcsnapError(f"build {build_id}: its header is marked incomplete (upload "
+                              "pending): import it once its upload has finished")
     by_generation: dict[int, Header] = {}
     want = (head.metadata.size, head.metadata.block_size)
     for build_id, header in found.items():
