@@ -303,6 +303,25 @@ class Store:
         advance = _tracker(progress, own_bytes(src))
         return [_built(result) for result in import_e2b(src, self.target, options, advance)]
 
+    def export_e2b(
+        self, build: BuildRef, output: PathLike, *, compress: str | None = None,
+        progress: Progress | None = None,
+    ) -> list[Path]:
+        """Write `build`'s lineage into the directory `output` as an E2B store (version-4
+        headers, `memfile` or `memfile.zstd` frames); returns the build directories written."""
+        from fcsnap.store.e2b_export import export_e2b, lineage_dirs
+        from fcsnap.store.hashes import read_hashes
+        from fcsnap.store.layout import HASHES
+
+        compression, level = parse_compression(compress)
+        build_dir = _dir(build, self.target, data=True)
+        total = 0
+        for b in lineage_dirs(build_dir):
+            bs, table = read_hashes(b / HASHES)
+            total += bs * len(table)
+        advance = _tracker(progress, total)
+        return export_e2b(build_dir, Path(output), compression, level, advance)
+
     def _head(
         self, name: str | None, build_arg: BuildRef | None = None, build_dir: Path | None = None
     ) -> uuid.UUID | None:

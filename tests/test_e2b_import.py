@@ -15,6 +15,7 @@ import pytest
 from helpers import Lineage, check_served, fcsnap, restore, unpacked
 from test_e2b_store import EXPECTED, FIXTURES, copy_store
 
+from fcsnap.header import load_header
 from fcsnap.store import e2b
 from fcsnap.store.builder import BuildOptions
 from fcsnap.store.e2b_import import import_e2b
@@ -170,3 +171,64 @@ def test_a_header_marked_incomplete_is_refused(tmp_path):
     shutil.copyfile(src / f"peer-{head.name}.header", head / HEADER)
     line = _one_error_nothing_left(head, tmp_path / "store")
     assert "incomplete" in line
+
+
+# -- export: fcsnap builds written back as an E2B store ------------------------------------
+
+
+def _imported(tmp_path: Path, scenario: str) -> Path:
+    store = tmp_path / "store"
+    result = fcsnap("import", head_dir(scenario), "--store", store, "--name", "vm", "-q")
+    assert result.returncode == 0, result.stderr
+    return store
+
+
+@pytest.mark.parametrize("compress", ["none", "zstd"])
+@pytest.mark.parametrize("scenario", ["v4-zstd-4k", "v5-zstd-2m", "v3-4k"])
+def test_export_writes_v4_builds_e2bs_layout_reads_back(scenario, compress, tmp_path):
+    store = _imported(tmp_path, scenario)
+    out = tmp_path / "e2b"
+    result = fcsnap("export", "vm", "--store", store, "-o", out, "--compress", compress, "-q")
+    assert result.returncode == 0, result.stderr
+    gens = generations(scenario)
+    assert sorted(p.name for p in out.iterdir()) == sorted(g["build_id"] for g in gens)
+    for expected in gens:
+        build = out / expected["build_id"]
+        header = load_header(build / HEADER)
+        assert header.metadata.version == 4
+        entry = header.builds_section.builds[header.metadata.build_id]
+        assert entry.checksum_known and entry.compression == compress
+        assert (build / ("memfile.zstd" if compress == "zstd" else "memfile")).is_file()
+        assert all(f.size_u <= 2 << 20 for f in entry.frames) and bool(entry.frames) == (
+            compress == "zstd" and entry.size > 0)
+        memory = tmp_path / "memory"
+        result = fcsnap("unpack", build, "-o", memory, "--force")
+        assert result.returncode == 0, result.stderr
+        assert hashlib.sha256(memory.read_bytes()).hexdigest() == expected["memory_sha256"]
+    report = json.loads(fcsnap("verify", out / gens[-1]["build_id"], "--json").stdout)
+    assert report["sha256_unchecked"] == {} and len(report["sha256_checked"]) >= 1
+    again = tmp_path / "again"  # and import takes it back, byte for byte
+    result = fcsnap("import", out / gens[-1]["build_id"], "--store", again, "-q")
+    assert result.returncode == 0, result.stderr
+    assert hashlib.sha256(unpacked(again / gens[-1]["build_id"], tmp_path)).hexdigest() == \
+        gens[-1]["memory_sha256"]
+
+
+def test_export_refuses_a_build_already_there_and_a_damaged_block(tmp_path):
+    store = _imported(tmp_path, "v4-zstd-4k")
+    out = tmp_path / "e2b"
+    (out / generations("v4-zstd-4k")[1]["build_id"]).mkdir(parents=True)
+    result = fcsnap("export", "vm", "--store", store, "-o", out)
+    assert result.returncode == 1 and "already exists" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert [p.name for p in out.iterdir()] == [generations("v4-zstd-4k")[1]["build_id"]]
+    diff = store / generations("v4-zstd-4k")[0]["build_id"] / "memfile.diff"
+    diff.chmod(0o644)
+    raw = bytearray(diff.read_bytes())
+    raw[100] ^= 0xFF
+    diff.write_bytes(bytes(raw))
+    fresh = tmp_path / "fresh"
+    result = fcsnap("export", "vm", "--store", store, "-o", fresh)
+    assert result.returncode == 1 and "does not match its hash" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert list(fresh.iterdir()) == []
