@@ -57,6 +57,8 @@ def _own_diff(build_dir: Path, out: Path, compression: str, level: int,
     size = len(table) * bs
     sha = hashlib.sha256()
     frames: list[Frame] = []
+    if not size:  # no frames: E2B names the object of an entry without a table `memfile`
+        compression = "none"
     name = "memfile" + (".zstd" if compression == "zstd" else "")
     step = FRAME_BYTES if compression == "zstd" else READ_BYTES
     diff = DiffFile(build_dir) if size else None
@@ -93,8 +95,7 @@ def _own_diff(build_dir: Path, out: Path, compression: str, level: int,
     finally:
         if diff is not None:
             diff.close()
-    return BuildInfo(uuid.UUID(build_dir.name), size, sha.digest(),
-                     compression if frames else "none", tuple(frames))
+    return BuildInfo(uuid.UUID(build_dir.name), size, sha.digest(), compression, tuple(frames))
 
 
 def _v4_header(build_dir: Path, entries: dict[uuid.UUID, BuildInfo]) -> bytes:
