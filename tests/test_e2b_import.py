@@ -232,3 +232,23 @@ def test_export_refuses_a_build_already_there_and_a_damaged_block(tmp_path):
     assert result.returncode == 1 and "does not match its hash" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert list(fresh.iterdir()) == []
+
+
+def test_export_of_a_build_that_stores_nothing(tmp_path):
+    memory = tmp_path / "memory"
+    memory.write_bytes(os.urandom(64 << 10) + bytes(64 << 10))
+    store = tmp_path / "store"
+    assert fcsnap("pack", memory, "--store", store, "--name", "vm", "-q").returncode == 0
+    result = fcsnap("diff", memory, "--base", "vm", "--store", store, "--name", "vm", "-q")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "e2b"
+    result = fcsnap("export", "vm", "--store", store, "-o", out, "--compress", "zstd", "-q")
+    assert result.returncode == 0, result.stderr
+    child = read_manifest(next(
+        p for p in store.iterdir() if p.name != "vms" and read_manifest(p).generation == 1))
+    empty = out / str(child.build_id)
+    assert (empty / "memfile").stat().st_size == 0 and not (empty / "memfile.zstd").exists()
+    assert load_header(empty / HEADER).builds_section.builds[child.build_id].compression == "none"
+    again = tmp_path / "again"
+    assert fcsnap("unpack", empty, "-o", again).returncode == 0
+    assert again.read_bytes() == memory.read_bytes()
