@@ -136,7 +136,7 @@ def _changed_chunks(
                     data = bytes(n)
                 else:
                     data = lineage.builds[ids[build]].read(int(s[a]) * bs + pos - a * bs, n)
-                progress(n)
+                    progress(n)
                 yield (first * bs + pos, data)
 
 
