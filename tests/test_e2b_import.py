@@ -252,3 +252,17 @@ def test_export_of_a_build_that_stores_nothing(tmp_path):
     again = tmp_path / "again"
     assert fcsnap("unpack", empty, "-o", again).returncode == 0
     assert again.read_bytes() == memory.read_bytes()
+
+
+def test_a_build_without_its_header_is_read_through_the_next_generation(tmp_path):
+    src = copy_store(tmp_path, "v3-4k")
+    gens = generations("v3-4k")
+    (src / gens[1]["build_id"] / HEADER).unlink()
+    store = tmp_path / "store"
+    result = fcsnap("import", src / gens[2]["build_id"], "--store", store, "--json")
+    assert result.returncode == 0, result.stderr
+    assert [b["build_id"] for b in json.loads(result.stdout)] == \
+        [gens[0]["build_id"], gens[2]["build_id"]]
+    for expected in (gens[0], gens[2]):
+        memory = unpacked(store / expected["build_id"], tmp_path)
+        assert hashlib.sha256(memory).hexdigest() == expected["memory_sha256"]
