@@ -170,8 +170,8 @@ def import_e2b(
         with open_e2b(build_dir.parent / str(header.metadata.build_id)):
             pass
     ids: dict[uuid.UUID, int] = {}
-    before = _block_map(headers[0], {})
-    before = (np.full_like(before[0], -1), np.zeros_like(before[1]))
+    blocks = headers[0].metadata.size // headers[0].metadata.block_size
+    before = (np.full(blocks, -1, np.int32), np.zeros(blocks, np.int64))  # all zeros
     parent_dir: Path | None = None
     made: list[Path] = []
     result: list[tuple[Manifest, Path]] = []
