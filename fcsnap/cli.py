@@ -284,6 +284,33 @@ def cmd_squash(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from fcsnap.progress import progress_bar
+
+    with progress_bar("import", args.quiet or args.json) as progress:
+        builds = _store(args).import_e2b(args.src, name=args.name, compress=args.compress,
+                                         progress=progress)
+    if args.json:
+        print_json([build.to_json() for build in builds])
+    elif not args.quiet:
+        for build in builds:
+            print(f"imported build {build.build_id} (generation {build.generation}) at "
+                  f"{build.path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fcsnap.progress import progress_bar
+
+    with progress_bar("export", args.quiet) as progress:
+        written = _store(args).export_e2b(args.build, args.output, compress=args.compress,
+                                          progress=progress)
+    if not args.quiet:
+        for path in written:
+            print(f"wrote E2B build {path}")
+    return 0
+
+
 def cmd_unpack(args: argparse.Namespace) -> int:
     from fcsnap import api
     from fcsnap.progress import progress_bar
@@ -796,6 +823,26 @@ def build_parser() -> Parser:
                      help="Must match the base build's (the default).")
     _add_build_options(sub)
     _add_write_options(sub)
+
+    sub = _command(commands, "import", cmd_import, "Import an E2B/Wrenn lineage: one build "
+                   "per generation, with E2B's build ids.")
+    sub.add_argument("src", type=Path, metavar="SRC",
+                     help="The newest E2B/Wrenn build directory (<build_id>/memfile.header and "
+                          "its memfile, memfile.zstd or memfile.lz4), its ancestors beside it.")
+    sub.add_argument("--compress", default="none", type=_value("parse_compression"),
+                     metavar="none|zstd|zstd:LEVEL", help="Compression of the diffs (none).")
+    _add_write_options(sub)
+
+    sub = _command(commands, "export", cmd_export, "Write BUILD's lineage as an E2B store "
+                   "(version-4 headers) in OUTDIR.")
+    sub.add_argument("build", metavar="BUILD", help="Build directory, build id or VM name.")
+    _add_store(sub)
+    sub.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR",
+                     help="Directory of the E2B store: <build_id>/memfile.header and its data.")
+    sub.add_argument("--compress", default="none", type=_value("parse_compression"),
+                     metavar="none|zstd|zstd:LEVEL",
+                     help="memfile (none) or memfile.zstd in 2 MiB frames.")
+    _add_quiet(sub)
 
     sub = _command(commands, "squash", cmd_squash, "Flatten BUILD into a new generation 0 with "
                    "the same content and no ancestors.")
