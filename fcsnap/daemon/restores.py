@@ -55,6 +55,8 @@ class Restore:
     started: float = field(default_factory=time.time)
     ended_reason: str | None = None  # the reason class once ended (metrics' label)
     final: tuple[dict[str, Any], dict[str, Any]] | None = None  # (summary, document)
+    checkpoint_base: Path | None = None  # the last checkpoint's build: the next one's base
+    checkpointing: threading.Lock = field(default_factory=threading.Lock)  # one at a time
 
     def summary(self) -> dict[str, Any]:
         session = self.session

@@ -29,7 +29,8 @@ the balloon), threads write those pages (each with `written_page(offset)`) and r
 `--dump FILE` then reads all of guest memory into FILE, as a Full snapshot does, and
 `--pagemap` reports which present pages are write-protected (/proc/self/pagemap bit 57).
 `--second-write RANGES --gate FILE` writes again once FILE exists (the report says
-"first_write_done" meanwhile): two intervals of a VM's writes.
+"first_write_done" meanwhile): two intervals of a VM's writes. `--last-gate FILE` then says
+"second_write_done" and waits for FILE (a VM checkpointed after each interval).
 
 Guest memory is only ever read through ctypes.memmove, which releases the GIL: a Python thread
 blocked in a uffd fault would otherwise hold it and stop every other thread (and the watchdog).
@@ -468,6 +469,11 @@ class StandIn:
             while not os.path.exists(a.gate):  # the watchdog's deadline bounds this
                 time.sleep(0.01)
             self.report["written_second"] = self._write(guest, a.second_write)
+        if a.last_gate:
+            self.report["second_write_done"] = True
+            self.write_report()
+            while not os.path.exists(a.last_gate):  # the watchdog's deadline bounds this
+                time.sleep(0.01)
         if a.dump:
             self._dump(guest)
         if a.pagemap:
@@ -720,6 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--second-write", type=_balloon_ranges, metavar="START:LEN[,...]",
                    help="after --write, once --gate exists, write these ranges too")
     p.add_argument("--gate", metavar="FILE", help="the file --second-write waits for")
+    p.add_argument("--last-gate", metavar="FILE",
+                   help="after --second-write, say so in the report and wait for FILE")
     p.add_argument("--dump", metavar="FILE",
                    help="at the end, read all of guest memory into FILE (a Full snapshot)")
     p.add_argument("--pagemap", action="store_true",

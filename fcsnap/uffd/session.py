@@ -325,6 +325,13 @@ class Session:
                 self._serve_pending(None)
         return written, count
 
+    def give_back_written(self, offsets: np.ndarray) -> None:
+        """Note `offsets` (taken by take_written) as written again, on the reactor's thread:
+        a checkpoint that failed after the take loses no write."""
+        installer = self.installer
+        if installer is not None:
+            writes.mark_written(installer.states.values(), offsets)
+
     def call(self, fn: Callable[[], Any], timeout: float) -> Any:
         """Run `fn` on the reactor's thread (from another thread) and return what it returns,
         or raise what it raises; FcsnapError if it has not run within `timeout` seconds."""
