@@ -392,6 +392,15 @@ def _restore_via_daemon(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    """Ask the daemon for a checkpoint of a restore; print the new build's id."""
+    from fcsnap.daemon.client import checkpoint_via_daemon
+
+    answer = checkpoint_via_daemon(args.daemon, args.restore, args.name)
+    print(answer["build_id"])
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from fcsnap.daemon.main import run_daemon
     from fcsnap.store.s3 import is_s3_url
@@ -845,6 +854,19 @@ def build_parser() -> Parser:
     sub.add_argument("--max-api-connections", type=int, default=64, metavar="N",
                      help="API connections served at once; more are answered 503 (64).")
     _add_socket_access(sub, "API socket", "call the API")
+
+    sub = _command(commands, "checkpoint", cmd_checkpoint, "The next generation of a VM a "
+                   "daemon serves with track_writes, from the pages it wrote.\n\nThe VM must be "
+                   "paused (the daemon pauses and resumes it itself when the restore has\n"
+                   "firecracker_api); the pages written since the last checkpoint are read from "
+                   "its memory\nand stored as a diff over that checkpoint (at first: the build "
+                   "served), published as NAME.")
+    sub.add_argument("restore", metavar="ID", help="The restore's id (as restore --daemon "
+                     "printed it).")
+    sub.add_argument("--daemon", type=Path, required=True, metavar="API",
+                     help="The daemon's API socket.")
+    sub.add_argument("--name", required=True, metavar="NAME",
+                     help="The name to publish the checkpoint under.")
 
     for verb, text in (
         ("push", "Copy a build and every build it reads to another store (a NAME is published "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from helpers import WAIT, one_build_store, unpacked
+from helpers import WAIT, fcsnap, one_build_store, unpacked
 from test_daemon import Daemon
 
 from fcsnap.store.layout import build_path
@@ -50,8 +50,15 @@ def test_checkpoints_hold_each_interval_and_unpack_byte_exact(tmp_path: Path) ->
         for ranges, key, go_on in ((FIRST, "first_write_done", gate),
                                    (SECOND, "second_write_done", hold)):
             wait_report(vm, report, key)
-            status, done = daemon.call("POST", url, {"name": "vm-cp"})
-            assert status == 201, done
+            if not builds:
+                status, done = daemon.call("POST", url, {"name": "vm-cp"})
+                assert status == 201, done
+            else:  # the command line's form
+                out = fcsnap("checkpoint", answer["id"], "--daemon", daemon.api,
+                             "--name", "vm-cp")
+                assert out.returncode == 0, out.stderr
+                done = {"build_id": out.stdout.strip(),
+                        "written_pages": len(pages(ranges))}
             assert done["written_pages"] == len(pages(ranges))  # this interval's writes only
             for offset in pages(ranges):
                 memory[offset:offset + PAGE] = firecracker.written_page(offset)
@@ -81,7 +88,8 @@ def test_checkpoint_refusals(tmp_path: Path) -> None:
         assert status == 400 and "the body must be" in error["error"]
         status, error = daemon.call("POST", url, {"name": "../x"})
         assert status == 400
-        status, error = daemon.call("POST", "/restores/nope/checkpoint", {"name": "x"})
-        assert status == 404
+        out = fcsnap("checkpoint", "nope", "--daemon", daemon.api, "--name", "x")
+        assert out.returncode == 1 and out.stderr.splitlines() == [
+            "fcsnap: error: the daemon refused the checkpoint: no restore 'nope'"]
     finally:
         daemon.close()
