@@ -9,12 +9,15 @@ from pathlib import Path
 
 from helpers import WAIT, fcsnap, one_build_store, unpacked
 from test_daemon import Daemon
+from test_write_tracking import written
 
 from fcsnap.store.layout import build_path
 from fcsnap.store.manifest import read_manifest
 from fcsnap.testing import firecracker
 from fcsnap.units import PAGE
 
+# The daemon without CAP_SYS_PTRACE (dropped from its bounding set: root keeps the rest).
+NO_PTRACE = ("setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace")
 MiB = 1 << 20
 SIZE = 8 * MiB
 # Two regions of 4 MiB: the first interval writes across their border too.
@@ -91,5 +94,33 @@ def test_checkpoint_refusals(tmp_path: Path) -> None:
         out = fcsnap("checkpoint", "nope", "--daemon", daemon.api, "--name", "x")
         assert out.returncode == 1 and out.stderr.splitlines() == [
             "fcsnap: error: the daemon refused the checkpoint: no restore 'nope'"]
+    finally:
+        daemon.close()
+
+
+def test_a_refused_read_is_one_line_and_loses_no_write(tmp_path: Path) -> None:
+    """A VM the daemon may not read (not dumpable, the daemon without CAP_SYS_PTRACE): one
+    line naming the refusal, nothing published, and the written set still holds every page."""
+    store = one_build_store(tmp_path, SIZE, seed=7)
+    daemon = Daemon(store, tmp_path, prefix=NO_PTRACE)
+    try:
+        status, answer = daemon.call("POST", "/restores", {
+            "vm": "vm", "socket": str(tmp_path / "vm.sock"), "track_writes": True})
+        assert status == 201, answer
+        report, gate = tmp_path / "vm.json", tmp_path / "gate"
+        vm = firecracker.spawn(tmp_path / "vm.sock", expected=tmp_path / "vm.mem",
+                               report=report, threads=2, write=FIRST, second_write=SECOND,
+                               gate=gate, not_dumpable=True, deadline=WAIT)
+        wait_report(vm, report, "first_write_done")
+        status, error = daemon.call("POST", f"/restores/{answer['id']}/checkpoint",
+                                    {"name": "vm-cp"})
+        assert status == 400, error
+        assert error["error"].startswith("the kernel refused to read the VM's memory "
+                                         "(process_vm_readv on pid"), error
+        assert "Operation not permitted" in error["error"]
+        assert not (store / "vms" / "vm-cp").exists()
+        assert written(daemon.api, f"/restores/{answer['id']}/written") == pages(FIRST)
+        gate.touch()
+        assert vm.wait(WAIT) == 0
     finally:
         daemon.close()

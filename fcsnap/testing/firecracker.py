@@ -82,6 +82,9 @@ PAGEMAP_PRESENT = 1 << 63
 PAGEMAP_UFFD_WP = 1 << 57
 
 
+PR_SET_DUMPABLE = 4
+
+
 def written_page(offset: int, size: int = PAGE) -> bytes:
     """What `--write` writes into the page at memory-file `offset`."""
     return struct.pack("<QQ", offset, 0xF00DFACE) * (size // 16)
@@ -718,6 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the --balloon pages back one at a time, then reads them (zeros)")
     p.add_argument("--wp", action="store_true",
                    help="register guest memory MISSING|WP (as E2B's Firecracker does)")
+    p.add_argument("--not-dumpable", action="store_true",
+                   help="prctl(PR_SET_DUMPABLE, 0): only CAP_SYS_PTRACE may read this memory")
     p.add_argument("--wp-async", action="store_true",
                    help="ask for UFFD_FEATURE_WP_ASYNC (the kernel resolves WP faults itself)")
     p.add_argument("--write", type=_balloon_ranges, metavar="START:LEN[,...]",
@@ -804,6 +809,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the stand-in; meant to be its own process (the watchdog ends the process)."""
     args = parse_args(argv)
+    if args.not_dumpable:  # as a hardened VMM: only CAP_SYS_PTRACE may read its memory
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0)")
     try:
         return StandIn(args).run()
     except FcsnapError as e:
