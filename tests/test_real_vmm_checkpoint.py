@@ -53,3 +53,21 @@ def test_checkpoint_of_a_running_vm_restores_and_goes_on(tmp_path: Path) -> None
         daemon.restore("vm-cp", again / "uffd.sock")
         vm.load(vmstate, uffd=again / "uffd.sock")
         vm.expect_progress(last, ROUNDS)
+
+
+def test_daemon_pauses_and_resumes_through_firecracker_api(tmp_path: Path) -> None:
+    """A restore given firecracker_api: the checkpoint pauses the VM itself (PATCH /vm) and
+    resumes it after; the guest goes on."""
+    template = take_snapshot(tmp_path / "template", CONFIG, mem_mib=64)
+    store = tmp_path / "store"
+    done = fcsnap("pack", template.mem, "--vmstate", template.vmstate, "--store", store,
+                  "--name", "vm", "--quiet")
+    assert done.returncode == 0, done.stderr
+    with Daemon(store, tmp_path) as daemon, Firecracker(tmp_path, "clone") as vm:
+        restore = daemon.restore("vm", tmp_path / "uffd.sock", "--track-writes",
+                                 "--firecracker-api", str(vm.api_socket))
+        vm.expect_progress(template.last_round, 2)
+        answer = checkpoint_via_daemon(daemon.api, restore, "vm-cp")
+        assert answer["written_pages"] > 0 and answer["paused_seconds"] > 0
+        seen = len(vm.rounds())
+        vm.wait_rounds(seen + 2)  # resumed: it goes on
