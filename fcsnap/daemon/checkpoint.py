@@ -11,6 +11,7 @@ the pages go back into the written set, so the next checkpoint still has them.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -80,12 +81,14 @@ def _checkpoint(restore: Restore, store: Path, request: CheckpointRequest) -> di
         try:
             manifest, build_dir = _build(restore, store, request, offsets)
         except BaseException:
-            session.call(lambda: session.give_back_written(offsets), CALL_WAIT)
+            with contextlib.suppress(FcsnapError):  # ended meanwhile: nothing to give back to
+                session.call(lambda: session.give_back_written(offsets), CALL_WAIT)
             raise
+        # before the resume, which may fail: the next checkpoint is over this one regardless
+        restore.checkpoint_base = Path(build_dir)
     finally:
         if api is not None:
             _vm_state(api, "Resumed")
-    restore.checkpoint_base = Path(build_dir)
     return {"build_id": str(manifest.build_id), "name": request.name,
             "written_pages": count, "pages_read": len(offsets),
             "bytes_stored": manifest.stats.bytes_stored,
