@@ -20,7 +20,7 @@ with KVM dirty logging (enable_diff_snapshots).
 
     python3 bench/checkpoint.py [--mib 256] [--repeat 3] [--write 512]
 
-Results: bench/results/checkpoint.{md,json}.
+Results: bench/results/checkpoint-<mib>M.{md,json}.
 """
 
 from __future__ import annotations
@@ -131,8 +131,9 @@ def main() -> int:
     result = {"mib": a.mib, "repeat": a.repeat, "write_pages_per_round": a.write,
               "machine": machine(), "runs": runs, "round_s": rounds}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "checkpoint.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / "checkpoint.md").write_text(markdown(result))
+    stem = RESULTS / f"checkpoint-{a.mib}M"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
     return 0
 
