@@ -4,9 +4,11 @@ that interval's writes, byte-exact against the guest's memory at that moment."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
+import pytest
 from helpers import WAIT, fcsnap, one_build_store, unpacked
 from test_daemon import Daemon
 from test_write_tracking import written
@@ -98,6 +100,8 @@ def test_checkpoint_refusals(tmp_path: Path) -> None:
         daemon.close()
 
 
+@pytest.mark.skipif(shutil.which("setpriv") is None,
+                    reason="setpriv (util-linux) drops the daemon's CAP_SYS_PTRACE")
 def test_a_refused_read_is_one_line_and_loses_no_write(tmp_path: Path) -> None:
     """A VM the daemon may not read (not dumpable, the daemon without CAP_SYS_PTRACE): one
     line naming the refusal, nothing published, and the written set still holds every page."""
