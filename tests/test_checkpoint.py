@@ -73,6 +73,8 @@ def test_checkpoints_hold_each_interval_and_unpack_byte_exact(tmp_path: Path) ->
             builds.append(build)
             go_on.touch()
         assert read_manifest(builds[1]).parent_build_id == read_manifest(builds[0]).build_id
+        status, error = daemon.call("GET", f"/restores/{answer['id']}/written?new_interval=1")
+        assert status == 409 and "out of the next checkpoint" in error["error"]
         assert vm.wait(WAIT) == 0
     finally:
         daemon.close()
@@ -123,7 +125,12 @@ def test_a_refused_read_is_one_line_and_loses_no_write(tmp_path: Path) -> None:
                                          "(process_vm_readv on pid"), error
         assert "Operation not permitted" in error["error"]
         assert not (store / "vms" / "vm-cp").exists()
-        assert written(daemon.api, f"/restores/{answer['id']}/written") == pages(FIRST)
+        url = f"/restores/{answer['id']}/written"
+        assert written(daemon.api, url) == pages(FIRST)
+        assert written(daemon.api, url + "?new_interval=1") == pages(FIRST)
+        status, error = daemon.call("POST", f"/restores/{answer['id']}/checkpoint",
+                                    {"name": "vm-cp"})
+        assert status == 409 and "would miss those pages" in error["error"]
         gate.touch()
         assert vm.wait(WAIT) == 0
     finally:

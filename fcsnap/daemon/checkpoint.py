@@ -60,6 +60,10 @@ def checkpoint(restore: Restore, store: Path, request: CheckpointRequest) -> dic
     session = restore.session
     if session is None or session.peer is None or session.installer is None:
         raise RequestError(f"restore {restore.id} has no VM being served", 409)
+    if restore.interval_restarted:
+        raise RequestError(f"restore {restore.id}: its written set was restarted by GET "
+                           "written?new_interval=1, so a checkpoint would miss those pages",
+                           409)
     if not restore.checkpointing.acquire(blocking=False):
         raise RequestError(f"restore {restore.id} is being checkpointed already", 409)
     try:
