@@ -12,6 +12,7 @@ the pages go back into the written set, so the next checkpoint still has them.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -81,13 +82,15 @@ def _checkpoint(restore: Restore, store: Path, request: CheckpointRequest) -> di
         _vm_state(api, "Paused")
     try:
         paused = time.monotonic()
-        offsets, count = _take(restore)
+        offsets, count, pidfd = _take(restore)
         try:
-            manifest, build_dir = _build(restore, store, request, offsets)
+            manifest, build_dir = _build(restore, store, request, offsets, pidfd)
         except BaseException:
             with contextlib.suppress(FcsnapError):  # ended meanwhile: nothing to give back to
                 session.call(lambda: session.give_back_written(offsets), CALL_WAIT)
             raise
+        finally:
+            os.close(pidfd)
         # before the resume, which may fail: the next checkpoint is over this one regardless
         restore.checkpoint_base = Path(build_dir)
     finally:
@@ -100,21 +103,29 @@ def _checkpoint(restore: Restore, store: Path, request: CheckpointRequest) -> di
             "paused_seconds": round(time.monotonic() - started, 6) if api else None}
 
 
-def _take(restore: Restore) -> tuple[Any, int]:
+def _take(restore: Restore) -> tuple[Any, int, int]:
+    """(the written set, its written pages, a pidfd of the VM of our own), on the reactor's
+    thread, where the session's pidfd is open: the session may end and close it meanwhile."""
     session = restore.session
     assert session is not None
+
+    def take() -> tuple[Any, int, int]:
+        assert session.peer is not None
+        offsets, count = session.take_written(True)
+        return offsets, count, os.dup(session.peer.pidfd)
+
     try:
-        return session.call(lambda: session.take_written(True), CALL_WAIT)
+        return session.call(take, CALL_WAIT)
     except FcsnapError as e:
         raise RequestError(f"restore {restore.id}: {e}", 409) from None
 
 
-def _build(restore: Restore, store: Path, request: CheckpointRequest, offsets: Any
-           ) -> tuple[Any, Path | str]:
+def _build(restore: Restore, store: Path, request: CheckpointRequest, offsets: Any,
+           pidfd: int) -> tuple[Any, Path | str]:
     session = restore.session
     assert session is not None and session.peer is not None
     peer = session.peer
-    memory = GuestMemory(peer.pid, peer.pidfd, peer.regions)
+    memory = GuestMemory(peer.pid, pidfd, peer.regions)
     base_dir = restore.checkpoint_base or restore.build.build_dir
     with open_lineage(base_dir):
         parent = Parent(base_dir)

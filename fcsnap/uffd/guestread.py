@@ -47,6 +47,7 @@ class GuestMemory:
     """The memory of the VM process `pid` (watched through `pidfd`), by memory-file offset."""
 
     def __init__(self, pid: int, pidfd: int, regions: list[Region]) -> None:
+        """`pidfd` must stay open (the caller's own) until the reads are checked."""
         self.pid = pid
         self.pidfd = pidfd
         self.regions = sorted(regions, key=lambda r: r.offset)
@@ -70,11 +71,7 @@ class GuestMemory:
 
     def check_alive(self) -> None:
         """FcsnapError if the VM has exited (its pid may since name another process)."""
-        try:
-            exited = bool(select.select([self.pidfd], [], [], 0)[0])
-        except (OSError, ValueError):  # the session ended and closed it: the VM is gone
-            exited = True
-        if exited:
+        if select.select([self.pidfd], [], [], 0)[0]:
             raise FcsnapError(f"the VM (pid {self.pid}) exited during the checkpoint")
 
     def _region(self, offset: int) -> Region:
