@@ -3,7 +3,8 @@
 argparse (standard library) rather than a framework: it costs a few milliseconds where typer
 costs hundreds (bench/startup.py), and the help text, `-h` and exit statuses do not change with
 a dependency's release. Modules are imported by the command that needs them: `--help` costs
-little more than the interpreter, and `restore` loads numpy only once its socket listens.
+little more than the interpreter, and `restore` loads numpy on a thread while it opens the
+store and listens.
 
 Exit statuses: 0 done, 1 a runtime failure (one line `fcsnap: error: ...`; `--debug` or
 FCSNAP_DEBUG=1 adds the traceback; none when a pipe's reader stopped early), 2 a usage error
@@ -352,11 +353,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return _restore_via_daemon(args)
     from fcsnap import api, deferred
 
-    numpy = deferred.defer("numpy")  # serving needs it once a VM connects, not to listen
+    # Serving needs numpy once a VM connects, not to listen: it loads on a thread from now
+    # on, while the store is opened and the socket made, and is in by the time a VM that
+    # connects right away faults.
+    deferred.load_in_background(deferred.defer("numpy"))
     quiet = args.quiet
 
     def listening(build_dir: Path) -> None:
-        deferred.load_in_background(numpy)  # while Firecracker loads and connects
         # Announced only now: a socket that cannot be created is then the one line on stderr.
         if not quiet:
             print(f"fcsnap: serving {build_dir.name} on {args.socket}", file=sys.stderr,
