@@ -199,6 +199,7 @@ class Session:
         self._reactor = reactor
         reactor.watch(self._stop_r, self, self.on_stop)
         reactor.watch(listener.fileno(), self, self.on_listener)
+        self.build.make_arrays_soon()  # while the VM starts and connects
         if self.options.on_listening is not None:
             self.options.on_listening()
 
