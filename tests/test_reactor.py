@@ -299,3 +299,31 @@ def test_a_listening_session_has_its_mapping_arrays_made_before_a_vm_connects(
         if not thread.is_alive():
             reactor.close()
         build.close()
+
+
+def test_a_call_made_before_the_reactor_adopts_a_session_waits_for_it(
+        store, tmp_path: Path) -> None:  # noqa: F811
+    """The daemon answers `POST /restores` once the session is handed to a reactor, which
+    adopts it on its own thread a moment later: a request about that restore in between (its
+    written set, a checkpoint) is run once the reactor has adopted it, not refused."""
+    root, builds = store
+    build = SharedBuild(root / builds["raw"].build_id, 8 << 20)
+    reactor = Reactor()
+    thread = threading.Thread(target=reactor.run, daemon=True)
+    session = Session(build, ServeOptions(socket=tmp_path / "vm.sock"))
+    answers: list = []
+    try:
+        session.listen()
+        reactor.add(session, Ended().callback("vm"))  # not adopted: the reactor is not running
+        asking = threading.Thread(target=lambda: answers.append(session.call(lambda: 42, WAIT)))
+        asking.start()
+        thread.start()
+        asking.join(WAIT)
+        assert answers == [42]
+    finally:
+        session.stop()
+        reactor.shutdown()
+        thread.join(WAIT)
+        if not thread.is_alive():
+            reactor.close()
+        build.close()

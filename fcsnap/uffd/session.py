@@ -192,6 +192,11 @@ class Session:
         self._socket_inode = os.stat(self.options.socket).st_ino
         self.state = "listening"
 
+    def handed_to(self, reactor: Reactor) -> None:
+        """Note the reactor about to serve this session (on the thread handing it over), so
+        that `call` made before the reactor adopts it waits for it rather than failing."""
+        self._reactor = reactor
+
     def attach(self, reactor: Reactor) -> None:
         """Start being served by `reactor` (on its thread): wait for the VM or a stop."""
         listener = self._listener
