@@ -5,9 +5,10 @@ disk; its next generation (1% of pages dirty) is written both as a Full file and
 file. Every timed command ends with its output fsynced, because fcsnap publishes builds durably
 (fsync, then rename) and a comparison that skips that for the tools would flatter them.
 
-fcsnap is timed through its Python API (fcsnap.store.ops), not the CLI, so interpreter startup
-(~0.3 s of imports) is not counted. Warm: each command runs once, then --repeat times back to
-back; the best counts. Cold: one run each after dropping the page cache (needs root).
+fcsnap is timed through its Python API (fcsnap.store.operations.ops), not the CLI, so
+interpreter startup (~0.3 s of imports) is not counted. Warm: each command runs once, then
+--repeat times back to back; the best counts. Cold: one run each after dropping the page
+cache (needs root).
 
 With `--corpus DIR` (the output of bench/corpus.py: a real Linux guest's memory, generation by
 generation) the same commands run on the corpus's gen0 and gen1 instead (written out as Full
@@ -37,8 +38,8 @@ import numpy as np
 import zstandard
 from machine import drop_caches, filesystem, machine
 
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing.memimage import (
     PAGE,
     evolve,

@@ -26,9 +26,9 @@ from fcsnap.options import (
 
 if TYPE_CHECKING:
     from fcsnap.header import Header
-    from fcsnap.store.builder import BuildOptions
-    from fcsnap.store.manifest import Manifest, Stats
-    from fcsnap.store.stores import Store as StoreTarget
+    from fcsnap.store.backends.stores import Store as StoreTarget
+    from fcsnap.store.format.manifest import Manifest, Stats
+    from fcsnap.store.operations.builder import BuildOptions
     from fcsnap.uffd.firecracker_api import Response
     from fcsnap.uffd.installer import InstallStats
 
@@ -116,10 +116,10 @@ class Served:
 
 def _open(store: PathLike | StoreTarget | None) -> StoreTarget | None:
     """A store as commands take it: a directory (Path), or a store in object storage for an
-    `s3://BUCKET/PREFIX` text (fcsnap/store/stores.py)."""
+    `s3://BUCKET/PREFIX` text (fcsnap/store/backends/stores.py)."""
     if store is None or not isinstance(store, str | os.PathLike):
         return store
-    from fcsnap.store.stores import open_store
+    from fcsnap.store.backends.stores import open_store
 
     return open_store(str(store))
 
@@ -130,7 +130,7 @@ def _dir(
 ) -> Path:
     """BUILD as a local build directory (in an S3 store: in its local mirror; `data`: with
     its lineage's diffs downloaded; `lazy`: read through a private chunk cache)."""
-    from fcsnap.store.stores import resolve
+    from fcsnap.store.backends.stores import resolve
 
     return resolve(str(build), _open(store), data=data, lazy=lazy)
 
@@ -153,8 +153,8 @@ def _build_options(
     *, block_size: int | str, compress: str | None, frame_size: int | str, name: str | None,
     vmstate: PathLike | None, working_set: PathLike | None,
 ) -> BuildOptions:
-    from fcsnap.store.builder import BuildOptions
-    from fcsnap.store.names import check_vm_name
+    from fcsnap.store.format.names import check_vm_name
+    from fcsnap.store.operations.builder import BuildOptions
 
     if name is not None:
         check_vm_name(name)  # before anything else: a bad name costs nothing
@@ -195,7 +195,7 @@ class Store:
 
     def build(self, build: BuildRef) -> Build:
         """The build a directory, id or VM name stands for."""
-        from fcsnap.store.manifest import read_manifest
+        from fcsnap.store.format.manifest import read_manifest
 
         path = _dir(build, self.target)
         return Build.from_manifest(read_manifest(path), path)
@@ -208,7 +208,7 @@ class Store:
     ) -> Build:
         """Pack a Firecracker memory file as generation 0 of a new lineage. `compress` is
         None/'none', 'zstd' or 'zstd:LEVEL'; `name` points vms/NAME at the new build."""
-        from fcsnap.store import ops
+        from fcsnap.store.operations import ops
 
         options = _build_options(
             block_size=block_size, compress=compress, frame_size=frame_size, name=name,
@@ -231,8 +231,8 @@ class Store:
         with holes_are_zeros=True holes are zeros. With neither, holes over pages the base
         holds as data are refused (UsageError): the file cannot say which it is."""
         from fcsnap.errors import FcsnapError
-        from fcsnap.store import ops
-        from fcsnap.store.manifest import read_manifest
+        from fcsnap.store.format.manifest import read_manifest
+        from fcsnap.store.operations import ops
         from fcsnap.units import format_block_size
 
         wanted = None if block_size is None else parse_block_size(block_size)
@@ -261,8 +261,8 @@ class Store:
         """A new generation 0 with the same content as `build` and no ancestors (same block
         size and compression)."""
         from fcsnap.header import load_header
-        from fcsnap.store import ops
-        from fcsnap.store.names import check_vm_name
+        from fcsnap.store.format.names import check_vm_name
+        from fcsnap.store.operations import ops
 
         if name is not None:
             check_vm_name(name)  # before anything else: a bad name costs nothing
@@ -280,7 +280,7 @@ class Store:
         the name at the end is a compare-and-swap against it. When the command's BUILD
         argument is that same name, it is the build the argument resolved to, not a second
         look (the name may have moved in between)."""
-        from fcsnap.store.stores import current_head
+        from fcsnap.store.backends.stores import current_head
 
         if name is None:
             return None
@@ -312,7 +312,7 @@ def unpack(
 ) -> Path:
     """Rebuild the full memory file of `build` at `output` (sparse where zero)."""
     from fcsnap.header import load_header
-    from fcsnap.store import ops
+    from fcsnap.store.operations import ops
 
     build_dir = _dir(build, store, lazy=True)
     advance = _tracker(progress, _data_bytes(load_header(build_dir)))
@@ -326,9 +326,9 @@ def verify(
 ) -> Verification:
     """Check `build` and every build it reads: files, sizes, and every block's hash."""
     from fcsnap.header import load_header
-    from fcsnap.store import ops
-    from fcsnap.store.layout import build_path, store_of
-    from fcsnap.store.manifest import read_manifest
+    from fcsnap.store.format.layout import build_path, store_of
+    from fcsnap.store.format.manifest import read_manifest
+    from fcsnap.store.operations import ops
 
     build_dir = _dir(build, store, data=True)
     builds = [build_path(store_of(build_dir), b) for b in load_header(build_dir).build_ids()]
@@ -348,7 +348,7 @@ def inspect(
     memfile.header): which builds serve which share of memory; `at` looks offsets up."""
     from fcsnap.header import load_header
     from fcsnap.inspection import inspect_report
-    from fcsnap.store.layout import HEADER
+    from fcsnap.store.format.layout import HEADER
 
     offsets = [parse_offset(value) for value in at]
     path = Path(target) if not isinstance(target, uuid.UUID) else None
@@ -389,7 +389,7 @@ def restore(
     allowed `fetch_timeout` seconds with its retries; the rest of what it reads of raw diffs is
     fetched in the background unless `lazy_fetch`."""
     from fcsnap.restore_options import check_restore
-    from fcsnap.store.stores import open_store, serve_source
+    from fcsnap.store.backends.stores import open_store, serve_source
     from fcsnap.uffd.server import FaultServer, ServeOptions
 
     checked = check_restore(  # fault_around: a size ("256K", 0) or "adaptive", as typed

@@ -46,7 +46,7 @@ class RestoreOptions:
         --firecracker-api); UsageError when the build has no snapfile and no --vmstate."""
         if self.firecracker_api is None:
             return None
-        from fcsnap.store.layout import SNAPFILE
+        from fcsnap.store.format.layout import SNAPFILE
         from fcsnap.uffd.firecracker_api import SnapshotLoad, load_body
 
         if self.vmstate is None and not (build_dir / SNAPFILE).is_file():

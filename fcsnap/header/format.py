@@ -4,7 +4,7 @@ Little-endian, no padding, no record count: 64 bytes of metadata, then 40-byte m
 the end of the file.
 
 One path for each job: `decode` reads bytes (checked by `check`) into metadata and the records'
-bytes, which the store views as a numpy array (store/lineage.py); `parse_header` makes them a
+bytes, which the store views as a numpy array (store/format/lineage.py); `parse_header` makes them a
 `Header` of Mapping objects for lookups; `encode` is the only writer, and checks what it writes.
 """
 

@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fcsnap.header import Header, load_header
-from fcsnap.store.layout import HEADER
-from fcsnap.store.pins import open_lineage
-from fcsnap.store.seekable import FrameCache
-from fcsnap.store.source import DiffFile, open_diffs
+from fcsnap.store.format.layout import HEADER
+from fcsnap.store.format.pins import open_lineage
+from fcsnap.store.format.seekable import FrameCache
+from fcsnap.store.format.source import DiffFile, open_diffs
 from fcsnap.uffd.pages import PageSource, hash_tables, mapping_arrays
 
 PARSED_KEPT = 16  # closed builds whose parsed header and mapping arrays are kept

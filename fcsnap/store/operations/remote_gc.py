@@ -21,13 +21,13 @@ import uuid
 from typing import Any
 
 from fcsnap.errors import FcsnapError
-from fcsnap.store.layout import MANIFEST, parse_build_id
-from fcsnap.store.lifecycle import repack
-from fcsnap.store.listing import summary
-from fcsnap.store.locks import stop_point
-from fcsnap.store.remote import RemoteStore
-from fcsnap.store.stores import scan_store
-from fcsnap.store.usage import StoreView
+from fcsnap.store.backends.remote import RemoteStore
+from fcsnap.store.backends.stores import scan_store
+from fcsnap.store.backends.usage import StoreView
+from fcsnap.store.format.layout import MANIFEST, parse_build_id
+from fcsnap.store.format.locks import stop_point
+from fcsnap.store.operations.lifecycle import repack
+from fcsnap.store.operations.listing import summary
 
 
 def collect_remote(
@@ -132,7 +132,7 @@ def _delete_build(store: RemoteStore, build_id: uuid.UUID) -> None:
 
 def _fresh(store: RemoteStore) -> RemoteStore:
     """The same store with an empty mirror (a second scan must not see the first's files)."""
-    from fcsnap.store.stores import scratch_dir
+    from fcsnap.store.backends.stores import scratch_dir
 
     return RemoteStore(store.objects, scratch_dir("mirror"))
 
