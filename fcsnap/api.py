@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from fcsnap.store.backends.stores import Store as StoreTarget
     from fcsnap.store.format.manifest import Manifest, Stats
     from fcsnap.store.operations.builder import BuildOptions
+    from fcsnap.store.operations.e2b import E2BVerification
     from fcsnap.uffd.firecracker_api import Response
     from fcsnap.uffd.installer import InstallStats
 
@@ -133,6 +134,15 @@ def _dir(
     from fcsnap.store.backends.stores import resolve
 
     return resolve(str(build), _open(store), data=data, lazy=lazy)
+
+
+def _e2b_dir(build: BuildRef, store: PathLike | StoreTarget | None) -> Path | None:
+    """BUILD as a local E2B/Wrenn build directory (no build.json beside its header), or None."""
+    from fcsnap.store.operations.e2b import e2b_build_dir
+
+    if store is not None and not isinstance(store, str | os.PathLike):
+        return None  # a store object: fcsnap's own
+    return e2b_build_dir(str(build), store)
 
 
 def _tracker(progress: Progress | None, total: int) -> Callable[[int], None]:
@@ -294,7 +304,9 @@ class Store:
     ) -> Path:
         return unpack(build, output, store=self.target, force=force, progress=progress)
 
-    def verify(self, build: BuildRef, *, progress: Progress | None = None) -> Verification:
+    def verify(
+        self, build: BuildRef, *, progress: Progress | None = None
+    ) -> Verification | E2BVerification:
         return verify(build, store=self.target, progress=progress)
 
     def inspect(
@@ -314,6 +326,13 @@ def unpack(
     from fcsnap.header import load_header
     from fcsnap.store.operations import ops
 
+    foreign = _e2b_dir(build, store)
+    if foreign is not None:
+        from fcsnap.store.operations.e2b import unpack_e2b
+
+        advance = _tracker(progress, _data_bytes(load_header(foreign)))
+        unpack_e2b(foreign, Path(output), force, advance)
+        return Path(output)
     build_dir = _dir(build, store, lazy=True)
     advance = _tracker(progress, _data_bytes(load_header(build_dir)))
     ops.unpack(build_dir, Path(output), force, advance)
@@ -323,13 +342,19 @@ def unpack(
 def verify(
     build: BuildRef, *, store: PathLike | StoreTarget | None = None,
     progress: Progress | None = None,
-) -> Verification:
-    """Check `build` and every build it reads: files, sizes, and every block's hash."""
+) -> Verification | E2BVerification:
+    """Check `build` and every build it reads: files, sizes, and every block's hash. An E2B or
+    Wrenn build is checked with what it carries (E2BVerification says what that was)."""
     from fcsnap.header import load_header
     from fcsnap.store.format.layout import build_path, store_of
     from fcsnap.store.format.manifest import read_manifest
     from fcsnap.store.operations import ops
 
+    foreign = _e2b_dir(build, store)
+    if foreign is not None:
+        from fcsnap.store.operations.e2b import verify_e2b
+
+        return verify_e2b(foreign, _tracker(progress, _data_bytes(load_header(foreign))))
     build_dir = _dir(build, store, data=True)
     builds = [build_path(store_of(build_dir), b) for b in load_header(build_dir).build_ids()]
     total = sum(read_manifest(b).stats.bytes_stored for b in builds if b.is_dir())
@@ -422,4 +447,5 @@ def restore(
     status = server.run()
     if load is not None and (error := load.finish()) is not None:
         raise error
+    assert server.exit_reason is not None  # run() returns once serving has ended
     return Served(status, server.exit_reason, server.stats)

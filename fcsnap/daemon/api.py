@@ -2,6 +2,8 @@
 
     POST   /restores        {"vm": BUILD, "socket": PATH, ...restore's options}
                             -> 201 {"id", "socket", "build_id"} once the socket listens
+                               (with "firecracker_api": once Firecracker loaded the
+                               snapshot; 502 {"error", "id"} if it did not)
     GET    /restores        -> 200 [{"id", "vm", "build_id", "state", "vm_pid", counters}]
     GET    /restores/ID     -> 200 the live --stats document
     DELETE /restores/ID     -> 200 the final --stats document (VM killed unless every page
@@ -143,6 +145,9 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/restores":
             if method == "POST":
                 restore = restores.start(self._body())
+                if restore.load is not None and (error := restores.wait_loaded(restore)):
+                    self._json(502, {"error": str(error), "id": restore.id})
+                    return
                 self._json(201, {"id": restore.id, "socket": restore.summary()["socket"],
                                  "build_id": str(restore.build.build_id)},
                            {"Location": f"/restores/{restore.id}"})

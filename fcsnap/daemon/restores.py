@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 KEEP_ENDED = 256  # ended restores still listed (their final stats), newest kept
 END_WAIT = 10.0  # seconds a DELETE or a daemon stop waits for a session to end
+LOAD_GRACE = 5.0  # seconds past its --api-timeout a snapshot load may take to settle
 
 COUNTERS = ("faults", "pages_served", "bytes_served", "zero_pages", "compiled_faults",
             "remove_events", "retries")
@@ -159,6 +160,16 @@ class Restores:
         reactor = min(self.reactors, key=lambda r: r.load)
         reactor.add(session, lambda _session, error: self._ended_session(restore, error))
         return restore
+
+    def wait_loaded(self, restore: Restore) -> FcsnapError | None:
+        """With `firecracker_api`: wait for Firecracker's answer to the snapshot load; its
+        refusal (the restore has then ended with it), or None once the VM is loaded."""
+        load = restore.load
+        assert load is not None
+        if not load.settled(load.timeout + LOAD_GRACE):
+            return FcsnapError(f"Firecracker did not answer PUT /snapshot/load within "
+                               f"{load.timeout:g}s")
+        return load.error
 
     def get(self, restore_id: str) -> Restore | None:
         with self._lock:

@@ -129,7 +129,7 @@ class Session:
         self.stats = InstallStats()
         self.peer: Peer | None = None
         self.installer: Installer | None = None
-        self.exit_reason = "not started"
+        self.exit_reason: str | None = None  # why it ended: None until it has
         self.state = "new"  # new, listening, serving, ended
         self.done = False  # set by a handler: the reactor then calls `finish`
         self._error: BaseException | None = None  # what ended it, if not the VM or a stop

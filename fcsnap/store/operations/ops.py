@@ -6,7 +6,7 @@ import fcntl
 import os
 import stat
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ import numpy as np
 
 from fcsnap import outputs
 from fcsnap.errors import FcsnapError, UsageError
-from fcsnap.header import load_header
+from fcsnap.header import Mapping, load_header
 from fcsnap.store.backends.stores import Store, local_path
 from fcsnap.store.format.hashes import DIGEST_SIZE, digest, read_hashes
 from fcsnap.store.format.layout import HASHES, build_path, store_of
@@ -231,21 +231,34 @@ def unpack(build_dir: Path, output: Path, force: bool = False, progress: Progres
     returns bytes of data written. The file is written under a temporary name, locked while
     being written, and renamed over `output` only once complete (fcsnap/outputs.py)."""
     check_output(output, force)
+    with open_lineage(build_dir), GenerationReader(build_dir) as reader:
+        return write_memory(output, force, reader.size, reader.header.mappings, reader.stored,
+                            progress)
+
+
+def write_memory(
+    output: Path, force: bool, size: int, mappings: Iterable[Mapping],
+    stored: Callable[[uuid.UUID, int, int], bytes], progress: Progress = _noop,
+) -> int:
+    """Write guest memory of `size` bytes at `output`, sparse where zero, each mapping's bytes
+    from `stored(build, storage_offset, length)`; returns bytes of data written. The file is
+    written under a temporary name, locked while being written, and renamed over `output`
+    only once complete."""
+    check_output(output, force)
     remove_stale_partials(output.parent)
     written = 0
-    with open_lineage(build_dir), GenerationReader(build_dir) as reader, outputs.output(
+    with outputs.output(
         output, "", in_place=False, temp_name=_partial_name, create=locked_partial,
         recheck=lambda: check_output(output, force),  # it may have changed while we wrote
     ) as fd:
         stop_point("unpacking")
-        os.ftruncate(fd, reader.size)
-        for m in reader.header.mappings:
+        os.ftruncate(fd, size)
+        for m in mappings:
             if m.is_zero:
                 continue
             for pos in range(0, m.length, CHUNK):
                 n = min(CHUNK, m.length - pos)
-                data = reader.stored(m.build_id, m.storage_offset + pos, n)
-                _pwrite_all(fd, data, m.offset + pos)
+                _pwrite_all(fd, stored(m.build_id, m.storage_offset + pos, n), m.offset + pos)
                 written += n
                 progress(n)
     return written
