@@ -234,17 +234,23 @@ class Store:
         compress: str | None = None, block_size: int | str | None = None,
         frame_size: int | str = DEFAULT_FRAME_SIZE, sparse: bool = False,
         holes_are_zeros: bool = False, vmstate: PathLike | None = None,
-        working_set: PathLike | None = None, progress: Progress | None = None,
+        working_set: PathLike | None = None, written: PathLike | None = None,
+        progress: Progress | None = None,
     ) -> Build:
         """Store what changed in `memfile` since `base` (the parent) as the next generation.
         With sparse=True the file is a Firecracker Diff snapshot: holes are unchanged pages;
         with holes_are_zeros=True holes are zeros. With neither, holes over pages the base
-        holds as data are refused (UsageError): the file cannot say which it is."""
-        from fcsnap.errors import FcsnapError
+        holds as data are refused (UsageError): the file cannot say which it is. With
+        `written` (restore --written of a VM served `base`), `memfile` is a Full snapshot of
+        which only the pages in that written set are read."""
+        from fcsnap.errors import FcsnapError, UsageError
         from fcsnap.store.format.manifest import read_manifest
         from fcsnap.store.operations import ops
         from fcsnap.units import format_block_size
 
+        if written is not None and (sparse or working_set is not None):
+            raise UsageError("--written takes no --sparse-diff or --working-set: the written "
+                             "set says which pages changed")
         wanted = None if block_size is None else parse_block_size(block_size)
         options = _build_options(
             block_size=wanted or 4096, compress=compress, frame_size=frame_size, name=name,
@@ -260,8 +266,14 @@ class Store:
         options = replace(options, name_expected=self._head(name, base, base_dir), verb="diff")
         memfile = Path(memfile)
         advance = _tracker(progress, _size_of(memfile))
+        if written is not None:  # the progress is over what is read: the written set's blocks
+            from fcsnap.workingset import HEAD
+
+            written = Path(written)
+            pages = max(0, _size_of(written) - HEAD.size) // 8
+            advance = _tracker(progress, min(pages * base_block_size, _size_of(memfile)))
         return _built(ops.diff(
-            memfile, base_dir, self.target, options, sparse, advance,
+            memfile, base_dir, self.target, options, sparse, advance, written,
             holes_are_zeros=holes_are_zeros,
         ))
 
@@ -407,9 +419,10 @@ def restore(
     exits (status 0) or SIGTERM/SIGINT arrives (0). Blocks; installs its signal handlers,
     so call it from the main thread. `on_listening(build_dir)` is called once the socket
     listens (the moment to start the VM). `options` are ServeOptions fields (verify, stats_path,
-    fault_around, cache_bytes, prefetch_ws, populate, eager, ...). With `firecracker_api`,
-    Firecracker's API socket is asked to load the snapshot from us once we listen; a load it
-    refuses raises FcsnapError (the VM is killed if it connected). A build in an S3 store is
+    fault_around, cache_bytes, prefetch_ws, populate, eager, track_writes, written, ...).
+    With `firecracker_api`, Firecracker's API socket is asked to load the snapshot from us
+    once we listen; a load it refuses raises FcsnapError (the VM is killed if it connected).
+    A build in an S3 store is
     served through the host chunk cache at `cache_dir` (at most `cache_size`), each fetch
     allowed `fetch_timeout` seconds with its retries; the rest of what it reads of raw diffs is
     fetched in the background unless `lazy_fetch`."""

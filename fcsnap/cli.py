@@ -269,7 +269,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
             args.memfile, base=args.base, name=args.name, compress=args.compress,
             block_size=args.block_size, frame_size=args.frame_size, sparse=args.sparse_diff,
             holes_are_zeros=args.holes_are_zeros, vmstate=args.vmstate,
-            working_set=args.working_set, progress=progress,
+            working_set=args.working_set, written=args.written, progress=progress,
         )
     report_build(build, args, "diffed")
     return 0
@@ -347,7 +347,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         verify=args.verify, stats_path=args.stats, handshake_timeout=args.handshake_timeout,
         cache_bytes=max(0, args.cache_mb) << 20, fault_around=args.fault_around,
         record_ws=args.record_ws, prefetch_ws=args.prefetch_ws, populate=args.populate,
-        eager=args.eager, access=_socket_access(args), cache_dir=args.cache_dir,
+        eager=args.eager, track_writes=args.track_writes, written=args.written,
+        access=_socket_access(args), cache_dir=args.cache_dir,
         cache_size=args.cache_size, fetch_timeout=args.fetch_timeout,
         lazy_fetch=args.lazy_fetch,
     )
@@ -384,8 +385,8 @@ def _restore_via_daemon(args: argparse.Namespace) -> int:
         record_ws=args.record_ws, prefetch_ws=args.prefetch_ws, populate=args.populate,
         eager=args.eager, firecracker_api=args.firecracker_api, vmstate=args.vmstate,
         track_dirty_pages=args.track_dirty_pages, api_timeout=args.api_timeout,
-        socket_owner=args.socket_owner, socket_mode=args.socket_mode,
-        allow_uid=args.allow_uid,
+        track_writes=args.track_writes, written=args.written, socket_owner=args.socket_owner,
+        socket_mode=args.socket_mode, allow_uid=args.allow_uid,
     ))
     print(answer["id"])
     return 0
@@ -790,6 +791,9 @@ def build_parser() -> Parser:
                        help="MEMFILE's holes are zeros (a sparse copy of a Full snapshot). "
                             "Without either option, holes over pages the base holds as data "
                             "are refused.")
+    sub.add_argument("--written", type=Path, metavar="FILE",
+                     help="MEMFILE is a Full snapshot of a VM restored from BASE and this its "
+                          "written set (restore --written): read only those pages.")
     sub.add_argument("--block-size", type=_value("parse_block_size"), metavar="4K|2M",
                      help="Must match the base build's (the default).")
     _add_build_options(sub)
@@ -935,6 +939,12 @@ def _restore_options(sub: argparse.ArgumentParser) -> None:
     add("--populate", action="store_true",
         help="Then install every other page in the background.")
     add("--eager", action="store_true", help="Install every page before serving any fault.")
+    add("--track-writes", action="store_true",
+        help="Track the pages the guest writes: register its memory for write-protect too "
+             "(memory Firecracker registered MISSING|WP is tracked without it).")
+    add("--written", type=Path, metavar="FILE",
+        help="Write the pages the guest wrote (the written set, for diff --written) when the "
+             "restore ends; implies --track-writes.")
     add("--firecracker-api", type=Path, metavar="SOCK",
         help="Firecracker's API socket: once listening, have it load the snapshot from us "
              "(PUT /snapshot/load, resuming the VM). Paths are sent absolute.")

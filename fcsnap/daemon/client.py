@@ -16,7 +16,8 @@ from fcsnap.errors import FcsnapError
 from fcsnap.restore_options import DEFAULT_API_TIMEOUT
 from fcsnap.unix_http import AnswerError, UnixHTTPConnection, exchange
 
-PATH_KEYS = ("socket", "stats", "record_ws", "prefetch_ws", "firecracker_api", "vmstate")
+PATH_KEYS = ("socket", "stats", "record_ws", "prefetch_ws", "firecracker_api", "vmstate",
+             "written")
 ANSWER_TIMEOUT = 30.0  # seconds the daemon has to answer a POST (it answers once listening)
 HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 MAX_ANSWER = 1 << 20

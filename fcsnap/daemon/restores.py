@@ -31,6 +31,7 @@ from fcsnap.uffd.session import Session
 from fcsnap.uffd.shared import BuildRegistry, SharedBuild
 from fcsnap.uffd.watchdog import Watchdog
 from fcsnap.units import format_bytes
+from fcsnap.workingset import dump_working_set
 
 if TYPE_CHECKING:
     from fcsnap.daemon.remote import RemoteBuilds
@@ -79,6 +80,20 @@ class Restore:
             assert self.final is not None
             return self.final[1]
         return {"id": self.id, "vm": self.vm, "state": session.state, **session.document()}
+
+    def written(self, new_interval: bool) -> tuple[bytes, int]:
+        """(the written set as a working-set file, its written pages), taken on the session's
+        reactor thread; with `new_interval` the set starts empty again, atomically with the
+        take (Session.take_written). RequestError 409 once ended or where writes are not
+        tracked."""
+        session = self.session
+        if session is None:
+            raise RequestError(f"restore {self.id} has ended", 409)
+        try:
+            offsets, count = session.call(lambda: session.take_written(new_interval), END_WAIT)
+        except FcsnapError as e:
+            raise RequestError(f"restore {self.id}: {e}", 409) from None
+        return dump_working_set(session.header.metadata.size, offsets.tolist()), count
 
     def retire(self) -> None:
         """Keep the final documents, drop the session (its page flags, buffers, fds' owners):
