@@ -7,5 +7,5 @@ backends/    where builds live: a local directory, or object storage (S3) throug
              mirror, its chunk cache, private files and leases; `stores` turns `--store`
              into one, `holds` keeps what a fault server serves from either
 operations/  what commands do with them: build (pack, diff, squash), unpack, verify, ls,
-             rm and gc (local and in object storage), push and pull, E2B builds
+             rm and gc (local and in object storage), push and pull, E2B import and export
 """

@@ -20,6 +20,10 @@ from fcsnap.header import PAGE
 from fcsnap.units import format_block_size
 
 CHUNK = 32 << 20
+# Bytes a pack or diff reads at a time: small enough that the scan that follows each read (zero
+# check, hashes, the write of what is stored) finds the bytes still in the CPU's cache, large
+# enough that the per-chunk work of the scan is paid rarely.
+SCAN_CHUNK = 1 << 20
 PREFETCH_BYTES = 64 << 20
 FIRST_BATCH = 4 << 20  # bytes of working-set blocks handed to the builder at a time
 
@@ -110,7 +114,7 @@ class MemoryFile:
     def chunks(
         self,
         fill_holes: Callable[[int, int], bytes] | None = None,
-        chunk_bytes: int = CHUNK,
+        chunk_bytes: int = SCAN_CHUNK,
     ) -> Iterator[tuple[int, memoryview]]:
         """Yield (offset, bytes) for every block that holds data, in ascending order.
 
@@ -121,10 +125,9 @@ class MemoryFile:
         bs = self.block_size
         aligned = block_aligned(self.ranges, bs)
         chunk_bytes = max(bs, chunk_bytes - chunk_bytes % bs)
-        # No bigger than the largest range: allocating (zeroing) 32 MiB costs more than reading
-        # all the pages of a typical 1%-dirty Diff snapshot.
+        # No bigger than the largest range: a sparse Diff file's ranges are often one page.
         chunk_bytes = min(chunk_bytes, max((hi - lo for lo, hi, _ in aligned), default=0))
-        view = memoryview(bytearray(chunk_bytes))
+        view = memoryview(np.empty(chunk_bytes, np.uint8))  # every byte is read into first
         asked = 0  # data before this offset has been asked for (see _read)
         for lo, hi, covered in aligned:
             partial = covered < hi - lo
