@@ -3,7 +3,8 @@
 argparse (standard library) rather than a framework: it costs a few milliseconds where typer
 costs hundreds (bench/startup.py), and the help text, `-h` and exit statuses do not change with
 a dependency's release. Modules are imported by the command that needs them: `--help` costs
-little more than the interpreter, and `restore` loads numpy only once its socket listens.
+little more than the interpreter, and `restore` loads numpy on a thread while it opens the
+store and listens.
 
 Exit statuses: 0 done, 1 a runtime failure (one line `fcsnap: error: ...`; `--debug` or
 FCSNAP_DEBUG=1 adds the traceback; none when a pipe's reader stopped early), 2 a usage error
@@ -352,11 +353,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return _restore_via_daemon(args)
     from fcsnap import api, deferred
 
-    numpy = deferred.defer("numpy")  # serving needs it once a VM connects, not to listen
+    # Serving needs numpy once a VM connects, not to listen: it loads on a thread from now
+    # on, while the store is opened and the socket made, and is in by the time a VM that
+    # connects right away faults.
+    deferred.load_in_background(deferred.defer("numpy"))
     quiet = args.quiet
 
     def listening(build_dir: Path) -> None:
-        deferred.load_in_background(numpy)  # while Firecracker loads and connects
         # Announced only now: a socket that cannot be created is then the one line on stderr.
         if not quiet:
             print(f"fcsnap: serving {build_dir.name} on {args.socket}", file=sys.stderr,
@@ -416,6 +419,15 @@ def _restore_via_daemon(args: argparse.Namespace) -> int:
         socket_mode=args.socket_mode, allow_uid=args.allow_uid,
     ))
     print(answer["id"])
+    return 0
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    """Ask the daemon for a checkpoint of a restore; print the new build's id."""
+    from fcsnap.daemon.client import checkpoint_via_daemon
+
+    answer = checkpoint_via_daemon(args.daemon, args.restore, args.name)
+    print(answer["build_id"])
     return 0
 
 
@@ -894,6 +906,19 @@ def build_parser() -> Parser:
     sub.add_argument("--max-api-connections", type=int, default=64, metavar="N",
                      help="API connections served at once; more are answered 503 (64).")
     _add_socket_access(sub, "API socket", "call the API")
+
+    sub = _command(commands, "checkpoint", cmd_checkpoint, "The next generation of a VM a "
+                   "daemon serves with track_writes, from the pages it wrote.\n\nThe VM must be "
+                   "paused (the daemon pauses and resumes it itself when the restore has\n"
+                   "firecracker_api); the pages written since the last checkpoint are read from "
+                   "its memory\nand stored as a diff over that checkpoint (at first: the build "
+                   "served), published as NAME.")
+    sub.add_argument("restore", metavar="ID", help="The restore's id (as restore --daemon "
+                     "printed it).")
+    sub.add_argument("--daemon", type=Path, required=True, metavar="API",
+                     help="The daemon's API socket.")
+    sub.add_argument("--name", required=True, metavar="NAME",
+                     help="The name to publish the checkpoint under.")
 
     for verb, text in (
         ("push", "Copy a build and every build it reads to another store (a NAME is published "
