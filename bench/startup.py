@@ -115,8 +115,8 @@ def make_store(work: Path) -> Path:
     script = """
 import sys
 from pathlib import Path
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full
 work = Path(sys.argv[1])
 mem = synthetic_memory(8 << 20, seed=1)

@@ -433,14 +433,14 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from fcsnap.daemon.main import run_daemon
-    from fcsnap.store.s3 import is_s3_url
+    from fcsnap.store.backends.s3 import is_s3_url
 
     store: Any = Path(args.store)
     if is_s3_url(args.store):
         from fcsnap.daemon.remote import RemoteBuilds
         from fcsnap.options import parse_cache_size
-        from fcsnap.store.chunk_cache import ChunkCache, default_cache_dir
-        from fcsnap.store.stores import open_store
+        from fcsnap.store.backends.chunk_cache import ChunkCache, default_cache_dir
+        from fcsnap.store.backends.stores import open_store
 
         cache = ChunkCache(args.cache_dir or default_cache_dir(),
                            parse_cache_size(args.cache_size), fetch_rest=not args.lazy_fetch)
@@ -478,8 +478,8 @@ def _socket_access(args: argparse.Namespace) -> Any:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from fcsnap.store import listing
-    from fcsnap.store.stores import open_store, scan_store
+    from fcsnap.store.backends.stores import open_store, scan_store
+    from fcsnap.store.operations import listing
 
     view = scan_store(open_store(args.store))
     if args.name is not None:
@@ -587,7 +587,8 @@ def render_lineage(report: dict[str, Any]) -> str:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from fcsnap.store.stores import open_store, remove_names
+    from fcsnap.store.backends.stores import open_store
+    from fcsnap.store.operations.gc import remove_names
 
     for row in remove_names(open_store(args.store), args.names):
         if not args.quiet:
@@ -618,7 +619,8 @@ def _fraction_arg(text: str) -> float:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from fcsnap.store.stores import collect, open_store
+    from fcsnap.store.backends.stores import open_store
+    from fcsnap.store.operations.gc import collect
 
     report = collect(open_store(args.store), args.grace, args.dry_run, args.repack_below)
     if args.json:
@@ -690,8 +692,8 @@ def cmd_ws_merge(args: argparse.Namespace) -> int:
 
 def cmd_copy(args: argparse.Namespace) -> int:
     """push and pull: the same copy of a lineage between two stores."""
-    from fcsnap.store.stores import open_store
-    from fcsnap.store.transfer import copy_lineage
+    from fcsnap.store.backends.stores import open_store
+    from fcsnap.store.operations.transfer import copy_lineage
     from fcsnap.units import format_bytes, plural
 
     report = copy_lineage(args.build, open_store(args.source), open_store(args.dest), args.verb)

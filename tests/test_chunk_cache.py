@@ -16,12 +16,12 @@ import pytest
 from helpers import WAIT, fcsnap, wait_for
 
 from fcsnap.errors import FcsnapError, FetchPending
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
-from fcsnap.store.cached_zstd import CachedZstd
-from fcsnap.store.chunk_cache import BACKGROUND, CHUNK, CachedDiff, ChunkCache, FetchPool
-from fcsnap.store.layout import DIFF_RAW, DIFF_ZSTD
-from fcsnap.store.names import read_vm_pointer
+from fcsnap.store.backends.cached_zstd import CachedZstd
+from fcsnap.store.backends.chunk_cache import BACKGROUND, CHUNK, CachedDiff, ChunkCache, FetchPool
+from fcsnap.store.format.layout import DIFF_RAW, DIFF_ZSTD
+from fcsnap.store.format.names import read_vm_pointer
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
 
 CHUNKS = 3  # of random memory: the raw diff is as large
 

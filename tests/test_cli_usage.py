@@ -15,8 +15,8 @@ import helpers
 import pytest
 
 from fcsnap.cli import build_parser
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full
 
 SIZE = 1 << 20

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fcsnap.store.manifest import Manifest, Stats
+from fcsnap.store.format.manifest import Manifest, Stats
 
 ROOT = Path(__file__).resolve().parent.parent
 FORMAT = ROOT / "docs" / "FORMAT.md"
@@ -160,11 +160,11 @@ def test_nothing_cites_the_retired_spec() -> None:
 EXPECTED_GRAMMARS = {
     "fcsnap.header.format.METADATA",
     "fcsnap.header.format.MAPPING",
-    "fcsnap.store.hashes.HEAD",
+    "fcsnap.store.format.hashes.HEAD",
     "fcsnap.workingset.HEAD",
-    "fcsnap.store.seekable.SKIPPABLE_HEAD",
-    "fcsnap.store.seekable.ENTRY_CHECKSUM",
-    "fcsnap.store.seekable.FOOTER",
+    "fcsnap.store.format.seekable.SKIPPABLE_HEAD",
+    "fcsnap.store.format.seekable.ENTRY_CHECKSUM",
+    "fcsnap.store.format.seekable.FOOTER",
 }
 
 

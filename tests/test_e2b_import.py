@@ -16,12 +16,12 @@ from helpers import Lineage, check_served, fcsnap, restore, unpacked
 from test_e2b_store import EXPECTED, FIXTURES, copy_store
 
 from fcsnap.header import load_header
-from fcsnap.store import e2b
-from fcsnap.store.builder import BuildOptions
-from fcsnap.store.e2b_import import import_e2b
-from fcsnap.store.layout import HASHES, HEADER
-from fcsnap.store.manifest import read_manifest
-from fcsnap.store.ops import verify
+from fcsnap.store.format.layout import HASHES, HEADER
+from fcsnap.store.format.manifest import read_manifest
+from fcsnap.store.operations import e2b
+from fcsnap.store.operations.builder import BuildOptions
+from fcsnap.store.operations.e2b_import import import_e2b
+from fcsnap.store.operations.ops import verify
 
 SCENARIOS = sorted(EXPECTED)
 

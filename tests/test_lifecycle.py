@@ -21,9 +21,9 @@ import pytest
 from helpers import fcsnap
 
 from fcsnap.errors import FcsnapError
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
-from fcsnap.store.layout import DIFF_RAW, VMS
+from fcsnap.store.format.layout import DIFF_RAW, VMS
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing.memimage import synthetic_memory, write_full
 from fcsnap.units import PAGE, format_bytes, parse_duration
 

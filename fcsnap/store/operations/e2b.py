@@ -25,7 +25,7 @@ from fcsnap.errors import FcsnapError
 from fcsnap.files import open_regular
 from fcsnap.header import Header, load_header
 from fcsnap.header.e2b import BodyError, BuildInfo, Frame, decompress
-from fcsnap.store.layout import DIFF_RAW, DIFF_ZSTD, HASHES, HEADER, MANIFEST
+from fcsnap.store.format.layout import DIFF_RAW, DIFF_ZSTD, HASHES, HEADER, MANIFEST
 
 SUFFIXES = {"none": "", "zstd": ".zstd", "lz4": ".lz4"}
 DATA = "memfile"
@@ -262,7 +262,7 @@ def unpack_e2b(build_dir: Path, output: Path, force: bool = False,
                progress: Progress = _noop) -> int:
     """The full memory of an E2B/Wrenn build at `output`, as `unpack` writes fcsnap's: every
     frame read decoded and checked; there are no block hashes to check the bytes against."""
-    from fcsnap.store.ops import check_output, write_memory
+    from fcsnap.store.operations.ops import check_output, write_memory
 
     check_output(output, force)
     with open_e2b(build_dir) as lineage:

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from fcsnap.errors import FcsnapError, redact
-from fcsnap.store.locks import stop_point
-from fcsnap.store.objects import Conflict, ObjectInfo
+from fcsnap.store.backends.objects import Conflict, ObjectInfo
+from fcsnap.store.format.locks import stop_point
 
 SCHEME = "s3://"
 BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")

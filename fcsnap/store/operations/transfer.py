@@ -21,14 +21,14 @@ from typing import Any
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import load_header
-from fcsnap.store.hashes import sidecar_pin
-from fcsnap.store.layout import HASHES, MANIFEST, build_path, parse_build_id, staged_build
-from fcsnap.store.locks import publish_name
-from fcsnap.store.manifest import read_manifest
-from fcsnap.store.ops import verify_build_data
-from fcsnap.store.pins import open_lineage
-from fcsnap.store.remote import RemoteStore, build_key
-from fcsnap.store.stores import Store, current_head, resolve
+from fcsnap.store.backends.remote import RemoteStore, build_key
+from fcsnap.store.backends.stores import Store, current_head, resolve
+from fcsnap.store.format.hashes import sidecar_pin
+from fcsnap.store.format.layout import HASHES, MANIFEST, build_path, parse_build_id, staged_build
+from fcsnap.store.format.locks import publish_name
+from fcsnap.store.format.manifest import read_manifest
+from fcsnap.store.format.pins import open_lineage
+from fcsnap.store.operations.ops import verify_build_data
 
 
 @dataclass

@@ -18,9 +18,9 @@ import numpy as np
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
-from fcsnap.store.layout import HEADER, VMS, parse_build_id
-from fcsnap.store.lineage import header_records, is_nil
-from fcsnap.store.manifest import Manifest, read_manifest
+from fcsnap.store.format.layout import HEADER, VMS, parse_build_id
+from fcsnap.store.format.lineage import header_records, is_nil
+from fcsnap.store.format.manifest import Manifest, read_manifest
 
 Ranges = dict[uuid.UUID, tuple[np.ndarray, np.ndarray]]
 """Per build read: the (start, end) byte ranges of its diff, as two arrays."""

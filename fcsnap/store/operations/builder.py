@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from fcsnap import __version__
 from fcsnap.errors import FcsnapError
 from fcsnap.files import writing
 from fcsnap.header import WRITE_VERSION, ZEROS, Metadata, encode
 from fcsnap.options import DEFAULT_FRAME_SIZE, DEFAULT_LEVEL
-from fcsnap.store.hashes import DIGEST_SIZE, digest, dump_hashes
-from fcsnap.store.layout import (
+from fcsnap.store.backends.remote import RemoteStore, build_key
+from fcsnap.store.backends.stores import current_head
+from fcsnap.store.format.hashes import DIGEST_SIZE, digest, dump_hashes
+from fcsnap.store.format.layout import (
     DIFF_RAW,
     DIFF_ZSTD,
     HASHES,
@@ -36,16 +37,15 @@ from fcsnap.store.layout import (
     SNAPFILE,
     staged_build,
 )
-from fcsnap.store.lineage import Parent, Runs
-from fcsnap.store.locks import publish_name, stop_point
-from fcsnap.store.manifest import Manifest, Stats, write_manifest
-from fcsnap.store.names import check_vm_name
-from fcsnap.store.remote import RemoteStore, build_key
-from fcsnap.store.scan import consecutive_runs
-from fcsnap.store.seekable import BATCH_BYTES, SeekableWriter
-from fcsnap.store.stores import current_head
+from fcsnap.store.format.lineage import Parent, Runs
+from fcsnap.store.format.locks import publish_name, stop_point
+from fcsnap.store.format.manifest import Manifest, Stats, write_manifest
+from fcsnap.store.format.names import check_vm_name
+from fcsnap.store.format.seekable import BATCH_BYTES, SeekableWriter
+from fcsnap.store.operations.scan import consecutive_runs
 from fcsnap.threads import block_signals
 from fcsnap.units import PAGE
+from fcsnap.version import __version__
 
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor

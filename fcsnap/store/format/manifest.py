@@ -12,7 +12,7 @@ from typing import Any
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
-from fcsnap.store.layout import MANIFEST
+from fcsnap.store.format.layout import MANIFEST
 from fcsnap.units import BLOCK_SIZES
 
 COMPRESSIONS = ("none", "zstd")

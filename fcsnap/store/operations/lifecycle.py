@@ -25,10 +25,17 @@ from typing import Any
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import fsync_path
-from fcsnap.store import ops
-from fcsnap.store.layout import STAGING_PREFIX, build_path
-from fcsnap.store.listing import summary
-from fcsnap.store.locks import (
+from fcsnap.store.backends.stores import Store, build_bytes, squash_source
+from fcsnap.store.backends.usage import (
+    StoreView,
+    build_dirs,
+    directory_bytes,
+    read_names,
+    read_ranges,
+    scan,
+)
+from fcsnap.store.format.layout import STAGING_PREFIX, build_path
+from fcsnap.store.format.locks import (
     POINTER_TMP_PREFIX,
     DirLock,
     NameMoved,
@@ -37,16 +44,9 @@ from fcsnap.store.locks import (
     stop_point,
     try_remove_staging,
 )
-from fcsnap.store.names import VMS, check_vm_name
-from fcsnap.store.stores import Store, build_bytes, squash_source
-from fcsnap.store.usage import (
-    StoreView,
-    build_dirs,
-    directory_bytes,
-    read_names,
-    read_ranges,
-    scan,
-)
+from fcsnap.store.format.names import VMS, check_vm_name
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.listing import summary
 
 GC_LOCK = ".gc.lock"
 TRASH_PREFIX = ".trash-"

@@ -11,7 +11,7 @@ a temporary local directory with the store's layout holding the objects they nee
 manifests, hash sidecars; diffs only for the commands that read data), so the local code
 reads a remote build unchanged. Diffs a command does not read are sparse files of the right
 size (ls counts their bytes, nothing reads them). The mirror is private to the user (0700
-directories, 0600 files: fcsnap/store/private.py). A mirrored object is fetched again when its
+directories, 0600 files: private.py). A mirrored object is fetched again when its
 ETag is not the one it was fetched as: a long-lived mirror (the daemon's) sees a header,
 sidecar or build.json repaired in the bucket even when its size did not change.
 """
@@ -25,7 +25,16 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from fcsnap.errors import FcsnapError
-from fcsnap.store.layout import (
+from fcsnap.store.backends.objects import Conflict, ObjectInfo, ObjectStore
+from fcsnap.store.backends.private import (
+    FILE_MODE,
+    new_private_file,
+    private_dir,
+    private_dirs,
+    publish,
+    write_private,
+)
+from fcsnap.store.format.layout import (
     DIFF_RAW,
     DIFF_ZSTD,
     HASHES,
@@ -34,17 +43,8 @@ from fcsnap.store.layout import (
     SNAPFILE,
     parse_build_id,
 )
-from fcsnap.store.locks import NameMoved, builds_read, stop_point
-from fcsnap.store.names import POINTER_MAX, VMS, check_vm_name
-from fcsnap.store.objects import Conflict, ObjectInfo, ObjectStore
-from fcsnap.store.private import (
-    FILE_MODE,
-    new_private_file,
-    private_dir,
-    private_dirs,
-    publish,
-    write_private,
-)
+from fcsnap.store.format.locks import NameMoved, builds_read, stop_point
+from fcsnap.store.format.names import POINTER_MAX, VMS, check_vm_name
 
 META_FILES = (HEADER, MANIFEST, HASHES)
 DOWNLOAD_STEP = 16 << 20  # bytes per range GET of a whole-object download

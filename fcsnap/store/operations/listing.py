@@ -9,8 +9,8 @@ import uuid
 from typing import Any
 
 from fcsnap.errors import FcsnapError
-from fcsnap.store.pins import pin_problems
-from fcsnap.store.usage import StoreView, union_length
+from fcsnap.store.backends.usage import StoreView, union_length
+from fcsnap.store.format.pins import pin_problems
 
 
 def _fraction(part: int, whole: int) -> float | None:

@@ -10,7 +10,7 @@ The cache is shared by every restore on the host and survives restarts, so what 
 checked again by each process that maps it: a cache file whose size is not the chunk's, or
 whose blocks do not match the sidecar, is removed and fetched again (a miss), before any of
 its bytes is used. Its directories and files are private to the server's user, and a chunk
-is written durably before it is visible (fcsnap/store/private.py): readers see it whole or
+is written durably before it is visible (fcsnap/store/backends/private.py): readers see it whole or
 not at all. Chunks are keyed by build id and the SHA-256 of the build's sidecar, so two stores
 holding different builds under one id never share a chunk. When the cache passes its size,
 the chunks least recently used (by modification time, touched on every hit) are removed.
@@ -36,16 +36,16 @@ from pathlib import Path
 import numpy as np
 
 from fcsnap.errors import FcsnapError, FetchPending
-from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes, sidecar_pin
-from fcsnap.store.layout import DIFF_RAW, HASHES
-from fcsnap.store.manifest import read_manifest
-from fcsnap.store.private import (
+from fcsnap.store.backends.private import (
     FILE_MODE,
     new_private_file,
     private_dir,
     private_dirs,
     publish,
 )
+from fcsnap.store.format.hashes import DIGEST_SIZE, digest, read_hashes, sidecar_pin
+from fcsnap.store.format.layout import DIFF_RAW, HASHES
+from fcsnap.store.format.manifest import read_manifest
 from fcsnap.uffd import abi
 from fcsnap.units import PAGE
 

@@ -30,11 +30,11 @@ import numpy as np
 import zstandard
 
 from fcsnap.errors import FcsnapError, FetchPending
-from fcsnap.store.chunk_cache import Buffer, ChunkCache, ReaderFetches
-from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes, sidecar_pin
-from fcsnap.store.layout import DIFF_ZSTD, HASHES
-from fcsnap.store.manifest import read_manifest
-from fcsnap.store.seekable import (
+from fcsnap.store.backends.chunk_cache import Buffer, ChunkCache, ReaderFetches
+from fcsnap.store.format.hashes import DIGEST_SIZE, digest, read_hashes, sidecar_pin
+from fcsnap.store.format.layout import DIFF_ZSTD, HASHES
+from fcsnap.store.format.manifest import read_manifest
+from fcsnap.store.format.seekable import (
     FOOTER,
     Frame,
     FrameCache,

@@ -23,12 +23,12 @@ from fcsnap.files import fsync_path, writing
 from fcsnap.header import load_header
 from fcsnap.header.e2b import BuildInfo, Frame, encode_v4_body
 from fcsnap.header.format import METADATA, parse_header
-from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes
-from fcsnap.store.layout import HASHES, HEADER, build_path, store_of
-from fcsnap.store.lineage import header_records
-from fcsnap.store.manifest import read_manifest
-from fcsnap.store.pins import open_lineage
-from fcsnap.store.source import DiffFile
+from fcsnap.store.format.hashes import DIGEST_SIZE, digest, read_hashes
+from fcsnap.store.format.layout import HASHES, HEADER, build_path, store_of
+from fcsnap.store.format.lineage import header_records
+from fcsnap.store.format.manifest import read_manifest
+from fcsnap.store.format.pins import open_lineage
+from fcsnap.store.format.source import DiffFile
 
 FRAME_BYTES = 2 << 20
 """Uncompressed bytes per zstd frame: E2B's default."""

@@ -1,7 +1,7 @@
 """gc of a store in object storage: protected by leases and --grace (docs/FORMAT.md §8.5-6).
 
 Object storage has no locks, so gc cannot see which builds another host is using, as the local
-gc does with flock. Restores and the daemon write leases (fcsnap/store/leases.py) on the builds
+gc does with flock. Restores and the daemon write leases (backends/leases.py) on the builds
 they serve, and gc keeps whatever a live lease names. For the other commands, it relies on
 time: a build is committed (build.json) only after all its objects, and named right after;
 whatever a running command writes is therefore younger than that command. So gc deletes only
@@ -23,14 +23,14 @@ import uuid
 from typing import Any
 
 from fcsnap.errors import FcsnapError
-from fcsnap.store.layout import MANIFEST, parse_build_id
-from fcsnap.store.leases import LeaseEntry, read_leases, take
-from fcsnap.store.lifecycle import repack
-from fcsnap.store.listing import summary
-from fcsnap.store.locks import stop_point
-from fcsnap.store.remote import RemoteStore
-from fcsnap.store.stores import scan_store
-from fcsnap.store.usage import StoreView
+from fcsnap.store.backends.leases import LeaseEntry, read_leases, take
+from fcsnap.store.backends.remote import RemoteStore
+from fcsnap.store.backends.stores import scan_store
+from fcsnap.store.backends.usage import StoreView
+from fcsnap.store.format.layout import MANIFEST, parse_build_id
+from fcsnap.store.format.locks import stop_point
+from fcsnap.store.operations.lifecycle import repack
+from fcsnap.store.operations.listing import summary
 
 
 def collect_remote(
@@ -168,7 +168,7 @@ def _delete_build(store: RemoteStore, build_id: uuid.UUID) -> None:
 
 def _fresh(store: RemoteStore) -> RemoteStore:
     """The same store with an empty mirror (a second scan must not see the first's files)."""
-    from fcsnap.store.stores import scratch_dir
+    from fcsnap.store.backends.stores import scratch_dir
 
     return RemoteStore(store.objects, scratch_dir("mirror"))
 

@@ -24,7 +24,7 @@ from fcsnap.errors import FcsnapError
 from fcsnap.files import fsync_path, read_regular
 from fcsnap.header import NIL
 from fcsnap.header.format import MAPPING, METADATA
-from fcsnap.store.names import VMS, read_vm_pointer
+from fcsnap.store.format.names import VMS, read_vm_pointer
 
 HEADER = "memfile.header"  # (layout.HEADER: layout imports this module)
 NAME_LOCK = ".lock"

@@ -3,7 +3,7 @@
 A store is a set of objects named by keys ("<build-id>/memfile.header", "vms/<name>"): read
 whole or by range, written whole or streamed, listed by prefix, replaced only if unchanged
 (compare-and-swap on an ETag), deleted. `LocalObjects` is a store directory (a key is a path
-under it), `S3Objects` (fcsnap/store/s3.py) a bucket and prefix. Code that copies builds or
+under it), `S3Objects` (fcsnap/store/backends/s3.py) a bucket and prefix. Code that copies builds or
 moves names through this interface works on either.
 """
 
@@ -147,7 +147,7 @@ class LocalObjects:
         writer.close()
 
     def put(self, key: str, data: bytes, expect: str | None) -> str:
-        from fcsnap.store.locks import name_lock
+        from fcsnap.store.format.locks import name_lock
 
         self.root.mkdir(parents=True, exist_ok=True)
         with name_lock(self.root):

@@ -20,16 +20,16 @@ import numpy as np
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import Header, load_header
-from fcsnap.store.builder import BuildOptions, build_generation
-from fcsnap.store.e2b import E2BLineage, e2b_build_dir, open_e2b
-from fcsnap.store.layout import HEADER, MANIFEST, build_path
-from fcsnap.store.lineage import Parent
-from fcsnap.store.locks import publish_name
-from fcsnap.store.manifest import Manifest, read_manifest
-from fcsnap.store.names import check_vm_name
-from fcsnap.store.pins import open_lineage
-from fcsnap.store.scan import CHUNK, consecutive_runs
-from fcsnap.store.stores import current_head
+from fcsnap.store.backends.stores import current_head
+from fcsnap.store.format.layout import HEADER, MANIFEST, build_path
+from fcsnap.store.format.lineage import Parent
+from fcsnap.store.format.locks import publish_name
+from fcsnap.store.format.manifest import Manifest, read_manifest
+from fcsnap.store.format.names import check_vm_name
+from fcsnap.store.format.pins import open_lineage
+from fcsnap.store.operations.builder import BuildOptions, build_generation
+from fcsnap.store.operations.e2b import E2BLineage, e2b_build_dir, open_e2b
+from fcsnap.store.operations.scan import CHUNK, consecutive_runs
 
 SOURCE = "import of E2B build "
 """build.json's `source` of an imported build, followed by its id: a later import of a child

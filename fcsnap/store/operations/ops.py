@@ -17,16 +17,16 @@ from fcsnap import outputs
 from fcsnap.errors import FcsnapError, UsageError
 from fcsnap.files import read_regular
 from fcsnap.header import Mapping, load_header
-from fcsnap.store.builder import BuildOptions, Head, build_generation
-from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes
-from fcsnap.store.layout import HASHES, build_path, store_of
-from fcsnap.store.lineage import Parent
-from fcsnap.store.locks import stop_point, try_remove_staging
-from fcsnap.store.manifest import Manifest, read_manifest
-from fcsnap.store.pins import open_lineage
-from fcsnap.store.scan import CHUNK, MemoryFile, block_aligned
-from fcsnap.store.source import DiffFile, GenerationReader
-from fcsnap.store.stores import Store, local_path
+from fcsnap.store.backends.stores import Store, local_path
+from fcsnap.store.format.hashes import DIGEST_SIZE, digest, read_hashes
+from fcsnap.store.format.layout import HASHES, build_path, store_of
+from fcsnap.store.format.lineage import Parent
+from fcsnap.store.format.locks import stop_point, try_remove_staging
+from fcsnap.store.format.manifest import Manifest, read_manifest
+from fcsnap.store.format.pins import open_lineage
+from fcsnap.store.format.source import DiffFile, GenerationReader
+from fcsnap.store.operations.builder import BuildOptions, Head, build_generation
+from fcsnap.store.operations.scan import CHUNK, MemoryFile, block_aligned
 from fcsnap.workingset import parse_working_set, read_working_set
 
 Progress = Callable[[int], None]

@@ -14,7 +14,7 @@ import xxhash
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
-from fcsnap.store.manifest import sidecar_pin as sidecar_pin  # the pin of a sidecar's bytes
+from fcsnap.store.format.manifest import sidecar_pin as sidecar_pin  # the pin of a sidecar's bytes
 from fcsnap.units import BLOCK_SIZES
 
 MAGIC = b"FCSH"

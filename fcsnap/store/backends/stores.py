@@ -1,4 +1,4 @@
-"""`--store` as a store: a directory, or `s3://BUCKET/PREFIX` (fcsnap/store/s3.py).
+"""`--store` as a store: a directory, or `s3://BUCKET/PREFIX` (fcsnap/store/backends/s3.py).
 
 The CLI turns its --store text into a store here and nowhere else; commands get a `Path` (a
 local store, its own protocol of renames and flock locks) or a `RemoteStore`.
@@ -11,17 +11,16 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from fcsnap.errors import FcsnapError
-from fcsnap.store.layout import DIFF_RAW, SNAPFILE, resolve_build
-from fcsnap.store.names import check_vm_name, read_vm_pointer
-from fcsnap.store.remote import RemoteStore
-from fcsnap.store.s3 import is_s3_url
+from fcsnap.store.backends.remote import RemoteStore
+from fcsnap.store.backends.s3 import is_s3_url
+from fcsnap.store.format.layout import DIFF_RAW, SNAPFILE, resolve_build
+from fcsnap.store.format.names import read_vm_pointer
 
 if TYPE_CHECKING:
-    from fcsnap.store.chunk_cache import ChunkCache, FetchStats
-    from fcsnap.store.usage import StoreView
+    from fcsnap.store.backends.chunk_cache import ChunkCache, FetchStats
+    from fcsnap.store.backends.usage import StoreView
 
 Store = Path | RemoteStore
 
@@ -36,7 +35,7 @@ def scratch_dir(what: str) -> Path:
 def open_store(text: str, timeout: float | None = None) -> Store:
     """`timeout`: for a store in S3, the most seconds a request may take with its retries."""
     if is_s3_url(text):
-        from fcsnap.store.s3 import S3Objects, parse_s3_url
+        from fcsnap.store.backends.s3 import S3Objects, parse_s3_url
 
         return RemoteStore(S3Objects(parse_s3_url(text), timeout), scratch_dir("mirror"))
     return Path(text)
@@ -53,12 +52,12 @@ def resolve(arg: str, store: Store | None, data: bool = False, lazy: bool = Fals
     """A BUILD argument as a local build directory: in a local store, or in the mirror of a
     remote one. With `data`, the diffs of its lineage are downloaded too (verify reads them
     as files); with `lazy`, its readers fetch the chunks they read, into a cache private to
-    this process (fcsnap/store/chunk_cache.py)."""
+    this process (fcsnap/store/backends/chunk_cache.py)."""
     if not isinstance(store, RemoteStore):
         return resolve_build(arg, store)
     head = store.mirror_lineage(store.resolve(arg), data)
     if lazy:
-        from fcsnap.store.chunk_cache import ChunkCache
+        from fcsnap.store.backends.chunk_cache import ChunkCache
 
         cache = ChunkCache(scratch_dir("chunks"), limit_bytes=1 << 62)
         read_through(store, head, cache, LAZY_FETCH_TIMEOUT)
@@ -89,8 +88,8 @@ def build_bytes(store: Store, build_id: uuid.UUID) -> int:
     """Bytes a build holds in the store: its files, or its objects."""
     if isinstance(store, RemoteStore):
         return sum(info.size for info in store.build_objects(build_id).values())
-    from fcsnap.store.layout import build_path
-    from fcsnap.store.usage import directory_bytes
+    from fcsnap.store.backends.usage import directory_bytes
+    from fcsnap.store.format.layout import build_path
 
     return directory_bytes(build_path(store, build_id))
 
@@ -98,7 +97,7 @@ def build_bytes(store: Store, build_id: uuid.UUID) -> int:
 def scan_store(store: Store) -> StoreView:
     """What `ls` shows: a local store as it is, a remote one through its mirror (headers and
     manifests of every committed build; diff sizes from the listing)."""
-    from fcsnap.store.usage import scan
+    from fcsnap.store.backends.usage import scan
 
     if not isinstance(store, RemoteStore):
         return scan(store)
@@ -110,42 +109,6 @@ def scan_store(store: Store) -> StoreView:
     return view
 
 
-def remove_names(store: Store, names: list[str]) -> list[dict[str, str]]:
-    """`rm`: every name or, when one does not exist, none. In object storage the names are
-    checked first and then deleted one by one (no lock spans them, and not every server has
-    conditional deletes: a name another host moves meanwhile is removed all the same)."""
-    from fcsnap.store import lifecycle
-
-    if not isinstance(store, RemoteStore):
-        return lifecycle.remove_names(store, names)
-    wanted = list(dict.fromkeys(names))
-    for name in wanted:
-        check_vm_name(name)
-    heads = {name: store.read_pointer(name) for name in wanted}
-    for name, (head, _) in heads.items():
-        if head is None:
-            raise FcsnapError(f"no VM named {name!r} in store {store.url}")
-    removed = []
-    for name, (head, _) in heads.items():
-        store.remove_name(name)
-        removed.append({"name": name, "head": str(head)})
-    return removed
-
-
-def collect(
-    store: Store, grace: float, dry_run: bool, repack_below: float | None
-) -> dict[str, Any]:
-    """`gc`: the local store's collector (fcsnap/store/lifecycle.py), or for a remote store
-    the grace-only collector (fcsnap/store/remote_gc.py)."""
-    from fcsnap.store import lifecycle
-
-    if not isinstance(store, RemoteStore):
-        return lifecycle.collect(store, grace, dry_run, repack_below)
-    from fcsnap.store.remote_gc import collect_remote
-
-    return collect_remote(store, grace, dry_run, repack_below)
-
-
 def serve_source(
     arg: str, store: Store | None, cache_dir: Path | None, cache_size: int,
     fetch_timeout: float, lazy_fetch: bool = False,
@@ -154,11 +117,11 @@ def serve_source(
     demand through the host chunk cache (raw in 4 MiB chunks, zstd in groups of frames
     holding whole blocks: frame by frame with 4 KiB blocks). Returns the build directory and
     the fetch statistics to report."""
-    from fcsnap.store.chunk_cache import ChunkCache, default_cache_dir
+    from fcsnap.store.backends.chunk_cache import ChunkCache, default_cache_dir
 
     if not isinstance(store, RemoteStore):
         return resolve(arg, store), None
-    from fcsnap.store.leases import lease_expiry
+    from fcsnap.store.backends.leases import lease_expiry
 
     lease_expiry()  # a bad FCSNAP_S3_LEASE_EXPIRY is refused before any work
     head = mirror_for_serving(store, arg)
@@ -185,12 +148,12 @@ def read_through(
     of frames holding whole blocks (zstd) they read.
     `serving`: for a fault server, which copies pages straight from the chunks' mappings
     (CachedDiff.chunk_maps) and never waits on the network (FetchPending); the builds it
-    serves are leased in the store while served (fcsnap/store/holds.py)."""
-    from fcsnap.store.cached_zstd import CachedZstd
-    from fcsnap.store.chunk_cache import CachedDiff, with_deadline
-    from fcsnap.store.layout import DIFF_ZSTD
-    from fcsnap.store.seekable import FrameCache
-    from fcsnap.store.source import DiffFile, open_diffs_with
+    serves are leased in the store while served (fcsnap/store/backends/holds.py)."""
+    from fcsnap.store.backends.cached_zstd import CachedZstd
+    from fcsnap.store.backends.chunk_cache import CachedDiff, with_deadline
+    from fcsnap.store.format.layout import DIFF_ZSTD
+    from fcsnap.store.format.seekable import FrameCache
+    from fcsnap.store.format.source import DiffFile, open_diffs_with
 
     def opener(build_dir: Path, cache_bytes: int, frames: FrameCache | None) -> DiffFile:
         objects = store.build_objects(uuid.UUID(build_dir.name))
@@ -218,6 +181,6 @@ def read_through(
 
     open_diffs_with(store.mirror, opener)
     if serving:
-        from fcsnap.store.holds import lease_through
+        from fcsnap.store.backends.holds import lease_through
 
         lease_through(store)

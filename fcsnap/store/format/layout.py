@@ -15,9 +15,9 @@ from pathlib import Path
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import fsync_path, writing
-from fcsnap.store.locks import DirLock, locked_new_dir, stop_point, try_remove_staging
-from fcsnap.store.names import VMS as VMS
-from fcsnap.store.names import check_vm_name, read_vm_pointer
+from fcsnap.store.format.locks import DirLock, locked_new_dir, stop_point, try_remove_staging
+from fcsnap.store.format.names import VMS as VMS
+from fcsnap.store.format.names import check_vm_name, read_vm_pointer
 
 HEADER = "memfile.header"
 DIFF_RAW = "memfile.diff"

@@ -21,9 +21,9 @@ from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
 from fcsnap.header import NIL, ZEROS, Metadata, decode
 from fcsnap.header.format import MAPPING
-from fcsnap.store.hashes import DIGEST_SIZE, parse_hashes, sidecar_pin, zero_digest
-from fcsnap.store.layout import HASHES, HEADER, build_path, store_of
-from fcsnap.store.manifest import Manifest, read_manifest
+from fcsnap.store.format.hashes import DIGEST_SIZE, parse_hashes, sidecar_pin, zero_digest
+from fcsnap.store.format.layout import HASHES, HEADER, build_path, store_of
+from fcsnap.store.format.manifest import Manifest, read_manifest
 
 # One mapping record (docs/FORMAT.md §3.1) as a numpy dtype: the same 40 bytes, no padding.
 RECORD = np.dtype([("offset", "<u8"), ("length", "<u8"), ("build_id", "V16"), ("storage", "<u8")])

@@ -308,7 +308,7 @@ class FrameCache:
     One per reader by default; a daemon gives every reader of every build the same one, so
     that 100 clones of a template decompress each frame once and one budget (`--cache-mb`)
     is evicted across builds. Keys are (reader, frame index; for a diff in object storage,
-    the index of a group of frames, fcsnap/store/cached_zstd.py). Thread-safe.
+    the index of a group of frames, fcsnap/store/backends/cached_zstd.py). Thread-safe.
     """
 
     def __init__(self, budget: int) -> None:

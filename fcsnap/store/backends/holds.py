@@ -12,12 +12,12 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fcsnap.store.locks import LineageLock
-from fcsnap.store.pins import open_lineage
+from fcsnap.store.format.locks import LineageLock
+from fcsnap.store.format.pins import open_lineage
 
 if TYPE_CHECKING:  # a local restore imports no S3 code as it starts
-    from fcsnap.store.leases import RemoteLease
-    from fcsnap.store.remote import RemoteStore
+    from fcsnap.store.backends.leases import RemoteLease
+    from fcsnap.store.backends.remote import RemoteStore
 
 _remote: dict[Path, RemoteStore] = {}  # mirror directory -> the store it mirrors
 
@@ -47,7 +47,7 @@ def hold_builds(build_dir: Path) -> Hold:
     store = _remote.get(build_dir.parent.resolve())
     if store is None:
         return Hold(lineage, None)
-    from fcsnap.store.leases import take
+    from fcsnap.store.backends.leases import take
 
     try:
         lease = take(store, [uuid.UUID(d.name) for d in lineage.build_dirs])

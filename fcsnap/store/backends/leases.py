@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from fcsnap.errors import FcsnapError, UsageError
-from fcsnap.store.remote import RemoteStore
+from fcsnap.store.backends.remote import RemoteStore
 from fcsnap.units import parse_duration
 
 LEASES = "leases"

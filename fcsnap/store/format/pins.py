@@ -15,9 +15,9 @@ from pathlib import Path
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
-from fcsnap.store.layout import HASHES
-from fcsnap.store.locks import LineageLock, lock_lineage, stop_point
-from fcsnap.store.manifest import read_manifest, sidecar_pin
+from fcsnap.store.format.layout import HASHES
+from fcsnap.store.format.locks import LineageLock, lock_lineage, stop_point
+from fcsnap.store.format.manifest import read_manifest, sidecar_pin
 
 
 def open_lineage(build_dir: Path) -> LineageLock:
@@ -73,7 +73,7 @@ def _check_pin(
     sidecar = read_regular(path, "hash sidecar")
     if sidecar_pin(sidecar) == pins[build_id]:
         return
-    from fcsnap.store.hashes import parse_hashes  # numpy: only once a pin fails
+    from fcsnap.store.format.hashes import parse_hashes  # numpy: only once a pin fails
 
     found, _ = parse_hashes(sidecar, str(path))  # a damaged sidecar says what is wrong with it
     if found != block_size:

@@ -12,9 +12,9 @@ import numpy as np
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import Header, load_header
-from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes
-from fcsnap.store.layout import DIFF_ZSTD, HASHES, build_path, diff_path, store_of
-from fcsnap.store.seekable import FrameCache, SeekableReader
+from fcsnap.store.format.hashes import DIGEST_SIZE, digest, read_hashes
+from fcsnap.store.format.layout import DIFF_ZSTD, HASHES, build_path, diff_path, store_of
+from fcsnap.store.format.seekable import FrameCache, SeekableReader
 
 
 class DiffFile:
@@ -96,7 +96,7 @@ _openers: dict[Path, DiffOpener] = {}
 def open_diffs_with(store: Path, opener: DiffOpener) -> None:
     """Have open_diffs open the builds of `store` (the local mirror of a store in object
     storage) with `opener`: their diffs are read through the host chunk cache
-    (fcsnap/store/chunk_cache.py), not from files."""
+    (fcsnap/store/backends/chunk_cache.py), not from files."""
     _openers[store.resolve()] = opener
 
 
