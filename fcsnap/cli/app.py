@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fcsnap.cli import builds, names, serving, tools
+from fcsnap.cli import builds, daemon, names, serving, tools
 
 DESCRIPTION = "Firecracker memory snapshots: pack into a generational store, restore lazily."
 EPILOG = (
@@ -21,7 +21,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]}, rich_markup_mode="rich",
     pretty_exceptions_enable=False,
 )
-for module in (builds, serving, names, tools):
+for module in (builds, serving, daemon, names, tools):
     app.add_typer(module.app)
 
 

@@ -24,6 +24,7 @@ from fcsnap.cli.common import (
     WorkingSet,
     checked,
     command,
+    note_unnamed,
     print_json,
     report_build,
 )
@@ -57,6 +58,7 @@ def pack(
             frame_size=frame_size, vmstate=vmstate, working_set=working_set, progress=progress,
         )
     report_build(build, json_out, quiet, "packed")
+    note_unnamed(build, name, quiet)
     return 0
 
 
@@ -99,6 +101,7 @@ def diff(
             vmstate=vmstate, working_set=working_set, progress=progress,
         )
     report_build(build, json_out, quiet, "diffed")
+    note_unnamed(build, name, quiet)
     return 0
 
 
@@ -123,15 +126,17 @@ def unpack(
     store: StoreOfBuild = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.",
                                         rich_help_panel=OUTPUT)] = False,
-    quiet: Quiet = False,
+    quiet: Quiet = False, json_out: Json = False,
 ) -> int:
     """Rebuild the full memory file of BUILD (sparse where zero)."""
     from fcsnap import api
     from fcsnap.progress import progress_bar
 
-    with progress_bar("unpack", quiet) as progress:
+    with progress_bar("unpack", quiet or json_out) as progress:
         written = api.unpack(build, output, store=store, force=force, progress=progress)
-    if not quiet:
+    if json_out:
+        print_json({"output": str(written), "size": written.stat().st_size})
+    elif not quiet:
         from fcsnap.units import format_bytes
 
         print(f"wrote {written} ({format_bytes(written.stat().st_size)})")

@@ -125,10 +125,12 @@ def fraction(value: float | None) -> float | None:
 # -- options every command spells the same way ------------------------------------------------
 
 STORE_HELP = "The store: a directory, or s3://BUCKET/PREFIX."
+STORE_ENV = "FCSNAP_STORE"  # the default --store, as restic takes RESTIC_REPOSITORY
 StoreOpt = Annotated[str, typer.Option(
-    "--store", metavar="STORE", help=STORE_HELP, rich_help_panel=STORE, show_default=False)]
+    "--store", metavar="STORE", help=STORE_HELP, rich_help_panel=STORE, show_default=False,
+    envvar=STORE_ENV)]
 StoreOfBuild = Annotated[str | None, typer.Option(
-    "--store", metavar="STORE", rich_help_panel=STORE,
+    "--store", metavar="STORE", rich_help_panel=STORE, envvar=STORE_ENV,
     help="Store holding BUILD: a directory, or s3://BUCKET/PREFIX (not needed for a build "
          "directory).")]
 NameOpt = Annotated[str | None, typer.Option(
@@ -189,8 +191,21 @@ def socket_access(owner: str | None, mode: str | None, allow: list[str] | None) 
 # -- output -----------------------------------------------------------------------------------
 
 
-def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+JSON_SCHEMA = 1  # the "schema" key of every JSON document printed: raised when one changes
+
+
+def print_json(data: dict[str, Any]) -> None:
+    """One JSON object, its "schema" key first: a key added keeps the version; a key removed,
+    renamed or changed in meaning raises it."""
+    sys.stdout.write(json.dumps({"schema": JSON_SCHEMA, **data}, indent=2) + "\n")
+
+
+def note_unnamed(build: Build, name: str | None, quiet: bool) -> None:
+    """pack/diff without --name: say on stderr that gc will remove the build."""
+    if name is None and not quiet:
+        print(f"fcsnap: build {build.build_id} has no name: 'fcsnap gc' removes it once it is "
+              "older than the grace period (--grace, 1h); give --name NAME to keep it",
+              file=sys.stderr)
 
 
 def report_build(build: Build, json_out: bool, quiet: bool, verb: str) -> None:

@@ -63,11 +63,15 @@ def ls(
 def rm(
     names: Annotated[list[str], typer.Argument(
         metavar="NAME...", help="Names to remove.", show_default=False)],
-    store: StoreOpt, quiet: Quiet = False,
+    store: StoreOpt, quiet: Quiet = False, json_out: Json = False,
 ) -> int:
     from fcsnap.store.stores import open_store, remove_names
 
-    for row in remove_names(open_store(store), names):
+    removed = remove_names(open_store(store), names)
+    if json_out:
+        print_json({"removed": removed})
+        return 0
+    for row in removed:
         if not quiet:
             print(f"removed {row['name']} (was {row['head']})")
     return 0

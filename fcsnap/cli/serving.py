@@ -19,6 +19,7 @@ from fcsnap.cli.common import (
     CacheDir,
     CacheSize,
     FetchTimeout,
+    Json,
     LazyFetch,
     Quiet,
     SocketMode,
@@ -27,6 +28,7 @@ from fcsnap.cli.common import (
     StoreOpt,
     at_least_one,
     command,
+    print_json,
     socket_access,
     usage_error,
 )
@@ -43,15 +45,18 @@ killing the VM if it connected."""
 
 
 @command(app, "restore", [
-    "fcsnap restore --vm web --store /srv/snaps --socket /run/web.uffd",
-    "fcsnap restore --vm web --store /srv/snaps --socket /run/web.uffd "
+    "fcsnap restore web --store /srv/snaps --socket /run/web.uffd",
+    "fcsnap restore web --store /srv/snaps --socket /run/web.uffd "
     "--firecracker-api /run/fc.sock --prefetch-ws web.ws",
-    "fcsnap restore --vm web --socket /run/web.uffd --daemon /run/fcsnap.sock",
+    "fcsnap restore web --socket /run/web.uffd --daemon /run/fcsnap.sock",
 ], help=RESTORE_TEXT)
 def restore(
-    vm: Annotated[str, typer.Option(
-        "--vm", metavar="BUILD", help="Build to serve: directory, id or VM name.",
-        show_default=False)],
+    build: Annotated[str | None, typer.Argument(
+        metavar="BUILD", help="Build to serve: directory, id or VM name.",
+        show_default=False)] = None,
+    *,
+    vm: Annotated[str | None, typer.Option(
+        "--vm", metavar="BUILD", help="The same as BUILD.")] = None,
     socket: Annotated[Path, typer.Option(
         "--socket", metavar="PATH", help="Unix socket Firecracker connects to.",
         show_default=False)],
@@ -107,8 +112,9 @@ def restore(
         help="Ask the 'fcsnap serve' daemon at this API socket to serve the VM (BUILD is in "
              "the daemon's store); print the restore's id and exit 0 once the socket "
              "listens.")] = None,
-    quiet: Quiet = False,
+    quiet: Quiet = False, json_out: Json = False,
 ) -> int:
+    vm = _one_build(build, vm)
     options = dict(locals())
     access = socket_access(socket_owner, socket_mode, allow_uid)
     if daemon is not None:
@@ -137,7 +143,12 @@ def restore(
         cache_dir=cache_dir, cache_size=cache_size, fetch_timeout=fetch_timeout,
         lazy_fetch=lazy_fetch,
     )
-    if not quiet:
+    if json_out:
+        from fcsnap.uffd.session import stats_json
+
+        print_json(stats_json(served.stats, {"exit_reason": served.exit_reason,
+                                             "status": served.status}))
+    elif not quiet:
         from fcsnap.units import format_bytes
 
         s = served.stats
@@ -149,14 +160,27 @@ def restore(
     return served.status
 
 
+def _one_build(build: str | None, vm: str | None) -> str:
+    """restore's build, given as BUILD or as --vm BUILD (the same, or one of them)."""
+    if build is None and vm is None:
+        usage_error("Missing argument 'BUILD' (or --vm BUILD)")
+    if build is not None and vm is not None and build != vm:
+        usage_error(f"BUILD {build!r} and --vm {vm!r} differ: give one")
+    return build if build is not None else vm  # type: ignore[return-value]
+
+
 def _restore_via_daemon(o: dict[str, Any], access: Any) -> int:
     """restore --daemon: the options as the daemon's POST /restores takes them (texts as
     typed), checked here first as the daemon checks them (a bad value: exit 2, no request);
     print the restore's id once its socket listens."""
+    from typer._click.core import ParameterSource
+    from typer._click.globals import get_current_context
+
     from fcsnap.daemon.client import restore_via_daemon
     from fcsnap.restore_options import check_restore
 
-    if o["store"] is not None:
+    from_env = get_current_context().get_parameter_source("store") is ParameterSource.ENVIRONMENT
+    if o["store"] is not None and not from_env:  # FCSNAP_STORE names this host's store
         usage_error("--store: the daemon serves its own store")
     check_restore(
         fault_around=o["fault_around"], handshake_timeout=o["handshake_timeout"],

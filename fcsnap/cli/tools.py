@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from fcsnap.cli.common import Quiet, command, usage_error
+from fcsnap.cli.common import Json, Quiet, command, print_json, usage_error
 
 app = typer.Typer()
 ws = typer.Typer(help="Working-set files (restore --record-ws).", no_args_is_help=True)
@@ -26,7 +26,7 @@ def ws_merge(
     min_runs: Annotated[int | None, typer.Option(
         "--min-runs", metavar="K", help="Keep pages seen in at least K of the runs (default: "
         "all, the intersection).")] = None,
-    quiet: Quiet = False,
+    quiet: Quiet = False, json_out: Json = False,
 ) -> int:
     from fcsnap.workingset import merge_working_set_files
 
@@ -34,7 +34,10 @@ def ws_merge(
     if min_runs is not None and not 1 <= min_runs <= runs:
         usage_error(f"--min-runs: must be between 1 and {runs}, the number of WS files")
     pages = merge_working_set_files(files, min_runs, output)
-    if not quiet:
+    if json_out:
+        print_json({"output": str(output), "pages": pages, "runs": runs,
+                    "min_runs": runs if min_runs is None else min_runs})
+    elif not quiet:
         kept = f"in at least {min_runs}" if min_runs is not None else "in all"
         print(f"fcsnap: {output}: {pages} pages seen {kept} of {runs} runs", file=sys.stderr)
     return 0
