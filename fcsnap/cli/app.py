@@ -1,5 +1,5 @@
-"""The `fcsnap` command tree: the root (its help, --version, --debug, completion) and the
-commands of each module, in the order `fcsnap --help` lists them."""
+"""The `fcsnap` command tree: the root (its help, --version, --debug, completion); the commands,
+one module per group, are built when used (fcsnap/cli/lazy.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fcsnap.cli import builds, daemon, names, serving, tools
+from fcsnap.cli.lazy import LazyGroup
 
 DESCRIPTION = "Firecracker memory snapshots: pack into a generational store, restore lazily."
 EPILOG = (
@@ -19,10 +19,8 @@ EPILOG = (
 app = typer.Typer(
     name="fcsnap", help=DESCRIPTION, epilog=EPILOG, no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]}, rich_markup_mode="rich",
-    pretty_exceptions_enable=False,
-)
-for module in (builds, serving, daemon, names, tools):
-    app.add_typer(module.app)
+    pretty_exceptions_enable=False, cls=LazyGroup,
+)  # the commands: fcsnap.cli.lazy.WHERE
 
 
 def _version(value: bool) -> None:
