@@ -5,17 +5,24 @@ disk; its next generation (1% of pages dirty) is written both as a Full file and
 file. Every timed command ends with its output fsynced, because fcsnap publishes builds durably
 (fsync, then rename) and a comparison that skips that for the tools would flatter them.
 
-fcsnap is timed through its Python API (fcsnap.store.ops), not the CLI, so interpreter startup
-(~0.3 s of imports) is not counted. Warm: each command runs once, then --repeat times back to
-back; the best counts. Cold: one run each after dropping the page cache (needs root).
+Every command is a whole process, timed from exec to exit, as a user runs it: fcsnap is
+`python -m fcsnap pack|diff ... --json` with PYTHONPATH at the tree measured, so interpreter
+start-up and imports count. Its bytecode is compiled first (into the tree's __pycache__), as
+a pip install leaves it. Runs are interleaved: each round runs every command once, so the
+machine's load hits all alike; medians (and best and worst) are reported. Each output is deleted
+and synced away before the next command. Cold: one run each after dropping the page cache
+(needs root; off with --no-cold, as on a shared machine). With `--baseline DIR` (another
+version of the code, e.g. `git archive <commit> | tar -x -C DIR`) every fcsnap command also
+runs from DIR, in the same rounds.
 
 With `--corpus DIR` (the output of bench/corpus.py: a real Linux guest's memory, generation by
 generation) the same commands run on the corpus's gen0 and gen1 instead (written out as Full
 files; the sparse Diff file holds the pages that changed), and a second table follows the whole
 lineage: the corpus's own figures per generation next to what pack and diff stored for it, raw
-and compressed. Results go to bench/results/pack-corpus.{md,json}.
+and compressed (through the Python API). Results go to bench/results/pack-corpus.{md,json}.
 
-    python bench/pack.py [--size 1G] [--workdir DIR] [--repeat 3] [--no-cold] [--keep]
+    python bench/pack.py [--size 1G] [--workdir DIR] [--repeat 7] [--no-cold] [--keep]
+                         [--baseline DIR]
     python bench/pack.py --corpus ~/.cache/fcsnap/corpus/256M-4-<key>
 """
 
@@ -24,7 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,11 +57,14 @@ from fcsnap.testing.memimage import (
 )
 from fcsnap.units import parse_size
 
-RESULTS = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve().parent
+TREE = HERE.parent
+RESULTS = HERE / "results"
 MB = 1e6
 CP, PACK = "cp --sparse=always", "fcsnap pack (raw)"
 ZSTD, PACK_ZSTD = "zstd -3 -T2", "fcsnap pack --compress zstd"
 DIFF_FULL, DIFF_SPARSE = "fcsnap diff (Full file)", "fcsnap diff --sparse-diff"
+BASELINE = " (baseline)"
 
 
 @dataclass
@@ -61,12 +73,17 @@ class Row:
     command: str
     input_bytes: int  # apparent size of the memory file the command reads
     warm_runs: list[float] = field(default_factory=list)
+    cpu_runs: list[float] = field(default_factory=list)  # user + system seconds of the process
     cold_s: float | None = None
     output_bytes: int = 0  # allocated on disk
 
     @property
     def warm_s(self) -> float:
-        return min(self.warm_runs)
+        return statistics.median(self.warm_runs)
+
+    @property
+    def cpu_s(self) -> float:
+        return statistics.median(self.cpu_runs)
 
     def mbps(self, seconds: float) -> float:
         return self.input_bytes / MB / seconds
@@ -101,6 +118,28 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+
+
+def compile_bytecode(tree: Path) -> dict[str, str]:
+    """The environment of a `python -m fcsnap` from `tree`, its bytecode compiled first into
+    the tree's __pycache__ directories, as a pip install leaves it (PYTHONDONTWRITEBYTECODE,
+    where set, would otherwise make every run compile every module it imports)."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    env.pop("PYTHONPYCACHEPREFIX", None)  # bytecode is looked up only there when set
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "fcsnap")],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
+    return env
+
+
+def fcsnap(argv: list[str], tree: Path, env: dict[str, str]) -> Callable[[], Path]:
+    """A whole `python -m fcsnap` process from `tree`; returns the new build's directory. It
+    runs in `tree`: `-m` puts the working directory first on the module path."""
+    def run() -> Path:
+        out = subprocess.run([sys.executable, "-m", "fcsnap", *argv, "--json"], env=env,
+                             cwd=tree, check=True, capture_output=True, text=True).stdout
+        return Path(json.loads(out)["path"])
+
+    return run
 
 
 def tool(argv: list[str], out: Path) -> Callable[[], Path]:
@@ -183,36 +222,61 @@ def corpus_lineage(work: Path, corpus: Path) -> list[dict[str, object]]:
     return rows
 
 
-def cases(work: Path, gen0: Path, gen1: Path, gen1_sparse: Path) -> list[Case]:
+def cases(work: Path, gen0: Path, gen1: Path, gen1_sparse: Path,
+          baseline: Path | None) -> list[Case]:
+    """Every timed command, in table order: the tools next to what fcsnap does in their
+    stead, then (with a baseline) the baseline tree's fcsnap commands."""
     size = gen0.stat().st_size
-    store = work / "store"
-    _, base = ops.pack(gen0, store, BuildOptions())  # the parent of both diffs
-    raw, zst = BuildOptions(), BuildOptions(compression="zstd", level=3)
-
-    def build(call: Callable[[], tuple[object, Path]]) -> Callable[[], Path]:
-        return lambda: call()[1]
-
     cp_out, zstd_out = work / "cp.out", work / "zstd.out"
-    return [
-        Case(Row(CP, f"cp --sparse=always {gen0.name} OUT", size),
-             tool(["cp", "--sparse=always", str(gen0), str(cp_out)], cp_out)),
-        Case(Row(PACK, "ops.pack(gen0, compression none)", size),
-             build(lambda: ops.pack(gen0, store, raw))),
-        Case(Row(ZSTD, f"zstd -3 -T2 -f {gen0.name} -o OUT", size),
-             tool(["zstd", "-3", "-T2", "-q", "-f", str(gen0), "-o", str(zstd_out)], zstd_out)),
-        Case(Row(PACK_ZSTD, "ops.pack(gen0, compression zstd:3)", size),
-             build(lambda: ops.pack(gen0, store, zst))),
-        Case(Row(DIFF_FULL, "ops.diff(gen1 Full file, base gen0)", size),
-             build(lambda: ops.diff(gen1, base, store, raw))),
-        Case(Row(DIFF_SPARSE, "ops.diff(gen1 Diff file, base gen0, sparse_diff)", size),
-             build(lambda: ops.diff(gen1_sparse, base, store, raw, sparse_diff=True))),
-    ]
+    trees = [("", TREE)] + ([(BASELINE, baseline)] if baseline is not None else [])
+    todo: list[Case] = []
+    for suffix, tree in trees:
+        label = "baseline" if suffix else "tree"
+        env = compile_bytecode(tree)
+        store = work / f"store-{label}"
+        _, base = ops.pack(gen0, store, BuildOptions())  # the parent of both diffs
+        pack = ["pack", str(gen0), "--store", str(store)]
+        diff = ["diff", "--store", str(store), "--base", str(base)]
+        if not suffix:
+            todo.append(Case(Row(CP, f"cp --sparse=always {gen0.name} OUT", size),
+                             tool(["cp", "--sparse=always", str(gen0), str(cp_out)], cp_out)))
+        todo.append(Case(Row(PACK + suffix, f"fcsnap pack {gen0.name}", size),
+                         fcsnap(pack, tree, env)))
+        if not suffix:
+            todo.append(Case(
+                Row(ZSTD, f"zstd -3 -T2 -f {gen0.name} -o OUT", size),
+                tool(["zstd", "-3", "-T2", "-q", "-f", str(gen0), "-o", str(zstd_out)], zstd_out),
+            ))
+        todo += [
+            Case(Row(PACK_ZSTD + suffix, f"fcsnap pack --compress zstd {gen0.name}", size),
+                 fcsnap([*pack, "--compress", "zstd"], tree, env)),
+            Case(Row(DIFF_FULL + suffix, f"fcsnap diff {gen1.name} (base gen0)", size),
+                 fcsnap([*diff, str(gen1)], tree, env)),
+            Case(Row(DIFF_SPARSE + suffix, f"fcsnap diff --sparse-diff {gen1_sparse.name}",
+                     size), fcsnap([*diff, "--sparse-diff", str(gen1_sparse)], tree, env)),
+        ]
+    return todo
+
+
+def interpreter() -> float:
+    """One `python -c pass`: the floor under every fcsnap row."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    return time.perf_counter() - t0
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def measure(case: Case) -> float:
+    """One run's wall time; its CPU time (all its threads) goes to the row."""
+    cpu = children_cpu()
     t0 = time.perf_counter()
     out = case.run()
     elapsed = time.perf_counter() - t0
+    case.row.cpu_runs.append(children_cpu() - cpu)
     case.row.output_bytes = disk_usage(out)
     remove(out)
     # The next run must not pay for this one's deletion: on a filesystem mounted with
@@ -221,23 +285,31 @@ def measure(case: Case) -> float:
     return elapsed
 
 
-def ratios(rows: dict[str, Row]) -> list[dict[str, object]]:
+def ratios(rows: dict[str, Row], suffix: str = "") -> list[dict[str, object]]:
+    """The targets, from medians of the same interleaved run; `suffix` picks the tree."""
     def both(a: str, b: str) -> tuple[float, float | None]:
         cold_a, cold_b = rows[a].cold_s, rows[b].cold_s
         return rows[a].warm_s / rows[b].warm_s, cold_a / cold_b if cold_a and cold_b else None
 
-    size = rows[PACK_ZSTD].output_bytes / rows[ZSTD].output_bytes
+    def cpu(a: str, b: str) -> float:
+        return round(rows[a].cpu_s / rows[b].cpu_s, 3)
+
+    pack, pack_zstd = PACK + suffix, PACK_ZSTD + suffix
+    size = rows[pack_zstd].output_bytes / rows[ZSTD].output_bytes
     checks = [
-        ("pack raw time / cp time", *both(PACK, CP), "<= 2", lambda r: r <= 2),
-        ("pack zstd time / zstd -3 -T2 time", *both(PACK_ZSTD, ZSTD), "<= 1", lambda r: r <= 1),
-        ("pack zstd size / zstd -3 -T2 size", size, None, "<= 1.10", lambda r: r <= 1.10),
-        ("full diff time / sparse diff time", *both(DIFF_FULL, DIFF_SPARSE), ">= 10",
-         lambda r: r >= 10),
+        ("pack raw time / cp time", *both(pack, CP), cpu(pack, CP), "<= 1.5",
+         lambda r: r <= 1.5),
+        ("pack zstd time / zstd -3 -T2 time", *both(pack_zstd, ZSTD), cpu(pack_zstd, ZSTD),
+         "<= 1", lambda r: r <= 1),
+        ("pack zstd size / zstd -3 -T2 size", size, None, None, "<= 1.05", lambda r: r <= 1.05),
+        ("full diff time / sparse diff time", *both(DIFF_FULL + suffix, DIFF_SPARSE + suffix),
+         cpu(DIFF_FULL + suffix, DIFF_SPARSE + suffix), ">= 10", lambda r: r >= 10),
     ]
     return [
-        {"ratio": name, "warm": round(warm, 3), "cold": None if cold is None else round(cold, 3),
-         "target": target, "met": ok(warm)}
-        for name, warm, cold, target, ok in checks
+        {"ratio": name + suffix, "warm": round(warm, 3),
+         "cold": None if cold is None else round(cold, 3), "cpu": cpu_ratio, "target": target,
+         "met": ok(warm)}
+        for name, warm, cold, cpu_ratio, target, ok in checks
     ]
 
 
@@ -253,27 +325,39 @@ def markdown(info: dict[str, object], rows: list[Row], checks: list[dict[str, ob
         f"{info['image']}; diffs are raw, over a raw pack of gen0. Files in {info['workdir']} "
         f"on {info['filesystem']}.",
         "",
-        f"Warm: each command once, then {info['repeat']} runs back to back; best and worst "
-        "shown. Cold: one run after `sync; echo 3 > /proc/sys/vm/drop_caches`. Every time "
-        "includes the fsync of the output. fcsnap runs through its Python API (no interpreter "
-        "startup). MB/s = 10^6 bytes of memory file (apparent size) per second. Output = blocks "
-        "allocated on disk; for fcsnap the whole build (diff, header, hashes, build.json).",
+        f"Whole processes, exec to exit. Warm: each command once, then {info['repeat']} rounds, "
+        "each running every command once (interleaved); median, best and worst shown. Cold: one "
+        "run after `sync; echo 3 > /proc/sys/vm/drop_caches`. Every time includes the fsync of "
+        "the output. CPU = user + system seconds of the process (all its threads; not the "
+        "fsync the bench adds after a tool). fcsnap is `python -m fcsnap ... --json` with its "
+        "bytecode compiled, "
+        "interpreter start-up and imports included"
+        + (f" (the interpreter alone, `python -c pass`: {info['interpreter_s'] * 1000:.0f} ms "
+           "median)" if info.get("interpreter_s") else "")
+        + f". Load average {info['load']}. MB/s = 10^6 bytes of memory file (apparent size) "
+        "per second, at the median. Output = blocks allocated on disk; for fcsnap the whole "
+        "build (diff, header, hashes, build.json).",
         "",
-        "| Command | Warm s (best) | Warm MB/s | Warm s (worst) | Cold s | Cold MB/s "
-        "| Output MiB | Output / input |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| Command | Warm s (median) | Warm MB/s | Warm s (best) | Warm s (worst) "
+        "| CPU s (median) | Cold s | Cold MB/s | Output MiB | Output / input |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         cold = f"{r.cold_s:.3f} | {r.mbps(r.cold_s):.0f}" if r.cold_s else "- | -"
         lines.append(
-            f"| {r.name} | {r.warm_s:.3f} | {r.mbps(r.warm_s):.0f} | {max(r.warm_runs):.3f} | "
-            f"{cold} | {r.output_bytes / (1 << 20):.1f} | {r.output_bytes / r.input_bytes:.3f} |"
+            f"| {r.name} | {r.warm_s:.3f} | {r.mbps(r.warm_s):.0f} | {min(r.warm_runs):.3f} | "
+            f"{max(r.warm_runs):.3f} | {r.cpu_s:.3f} | {cold} | "
+            f"{r.output_bytes / (1 << 20):.1f} | {r.output_bytes / r.input_bytes:.3f} |"
         )
-    lines += ["", "| Ratio | Warm | Cold | Target | Met (warm) |", "|---|---:|---:|---|---|"]
+    lines += ["", "| Ratio (of medians) | Warm | Cold | CPU | Target | Met (warm) |",
+              "|---|---:|---:|---:|---|---|"]
     for c in checks:
         cold = "-" if c["cold"] is None else f"{c['cold']:.3f}"
+        cpu = "-" if c["cpu"] is None else f"{c['cpu']:.3f}"
         met = "yes" if c["met"] else "NO"
-        lines.append(f"| {c['ratio']} | {c['warm']:.3f} | {cold} | {c['target']} | {met} |")
+        lines.append(
+            f"| {c['ratio']} | {c['warm']:.3f} | {cold} | {cpu} | {c['target']} | {met} |"
+        )
     if info.get("lineage"):
         lines += ["", *lineage_markdown(info["lineage"])]
     return "\n".join(lines) + "\n"
@@ -308,17 +392,22 @@ def main() -> int:
     parser.add_argument("--size", default="1G", help="memory file size (default 1G)")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                         help="where to put the files: a real disk, not tmpfs (default /var/tmp)")
-    parser.add_argument("--repeat", type=int, default=3, help="warm runs per command (best of)")
+    parser.add_argument("--repeat", type=int, default=7,
+                        help="interleaved rounds of warm runs (median of)")
     parser.add_argument("--no-cold", action="store_true", help="skip the dropped-cache runs")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
     parser.add_argument("--corpus", type=Path, metavar="DIR",
                         help="run on a bench/corpus.py lineage instead of synthetic memory")
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="also run every fcsnap command from this tree, in the same rounds")
     args = parser.parse_args()
     size = parse_size(args.size)
     if args.corpus is not None and not (args.corpus / "manifest.json").is_file():
         parser.error(f"{args.corpus}: not a corpus directory (no manifest.json)")
+    if args.baseline is not None and not (args.baseline / "fcsnap" / "__main__.py").is_file():
+        parser.error(f"{args.baseline}: not a tree of fcsnap (no fcsnap/__main__.py)")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="fcsnap-bench-", dir=args.workdir))
+    work = Path(tempfile.mkdtemp(prefix="fcsnap-bench-", dir=args.workdir)).resolve()
     try:
         if args.corpus is None:
             print(f"writing a {args.size} image and its next generation in {work}",
@@ -335,13 +424,17 @@ def main() -> int:
                      "= the corpus's next generation as a Full file and as a sparse Diff file "
                      "of its changed pages (the >= 10 diff target is for 1% dirty pages; this "
                      "generation changed more)")
-        todo = cases(work, gen0, gen1, gen1_sparse)
+        todo = cases(work, gen0, gen1, gen1_sparse, args.baseline)
+        load = [os.getloadavg()]
         for case in todo:
-            # Each command's runs back to back: interleaved, a command paid for the one before
-            # it (writing into memory that the previous command's output had just freed).
-            print(f"warm: {case.row.name}", file=sys.stderr)
-            measure(case)
-            case.row.warm_runs = [measure(case) for _ in range(args.repeat)]
+            measure(case)  # warm the caches (and the page cache with the inputs)
+        floor = []
+        for n in range(args.repeat):
+            print(f"warm: round {n + 1} of {args.repeat}", file=sys.stderr)
+            floor.append(interpreter())
+            for case in todo:
+                case.row.warm_runs.append(measure(case))
+        load.append(os.getloadavg())
         if not args.no_cold and os.geteuid() == 0:
             for case in todo:
                 print(f"cold: {case.row.name}", file=sys.stderr)
@@ -357,11 +450,17 @@ def main() -> int:
             "workdir": str(work),
             "filesystem": filesystem(work),
             "repeat": args.repeat,
+            "interpreter_s": statistics.median(floor),
+            "load": " to ".join(" ".join(f"{x:.1f}" for x in avg) for avg in load),
+            "baseline": None if args.baseline is None else str(args.baseline),
         }
         if args.corpus is not None:
             print("corpus lineage", file=sys.stderr)
             info["lineage"] = corpus_lineage(work, args.corpus)
-        checks = ratios({r.name: r for r in rows})
+        by_name = {r.name: r for r in rows}
+        checks = ratios(by_name)
+        if args.baseline is not None:
+            checks += ratios(by_name, BASELINE)
         text = markdown(info, rows, checks)
         RESULTS.mkdir(exist_ok=True)
         name = "pack" if args.corpus is None else "pack-corpus"

@@ -37,21 +37,12 @@ static void note_latency(int64_t *histogram, int64_t ns)
     histogram[FP_LATENCY_BUCKETS] += ns;
 }
 
-/* bytes of zeros: not on hugetlb, which this path leaves to Python */
-static int zero_range(struct fp_ctx *c, uint64_t dst, uint64_t len, int64_t *done, int wake)
-{
-    struct uffdio_zeropage z = {.range = {.start = dst, .len = len},
-                                .mode = wake ? 0 : UFFDIO_ZEROPAGE_MODE_DONTWAKE};
-    int rc = ioctl(c->uffd, UFFDIO_ZEROPAGE, &z);
-    *done = rc == 0 ? (int64_t)len : (z.zeropage > 0 ? z.zeropage : 0);
-    return rc == 0 ? 0 : errno;
-}
-
 static int copy_range(struct fp_ctx *c, uint64_t dst, uint64_t src, uint64_t len, int64_t *done,
-                      int wake)
+                      int wake, int wp)
 {
     struct uffdio_copy cp = {.dst = dst, .src = src, .len = len,
-                             .mode = wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE};
+                             .mode = (wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE) |
+                                     (wp ? UFFDIO_COPY_MODE_WP : 0)};
     int rc = ioctl(c->uffd, UFFDIO_COPY, &cp);
     *done = rc == 0 ? (int64_t)len : (cp.copy > 0 ? cp.copy : 0);
     return rc == 0 ? 0 : errno;
@@ -61,6 +52,46 @@ static int wake_range(struct fp_ctx *c, uint64_t start, uint64_t len)
 {
     struct uffdio_range r = {.start = start, .len = len};
     return ioctl(c->uffd, UFFDIO_WAKE, &r) == 0 ? 0 : errno;
+}
+
+/* Zeros write-protected: UFFDIO_ZEROPAGE has no WP mode, and protecting after it would let
+ * a write slip in between, so they are copied from a zero buffer, zeros_len at a time. */
+static int zero_wp(int uffd, uint64_t zeros, uint64_t zeros_len, uint64_t dst, uint64_t len,
+                   int64_t *done, int wake)
+{
+    uint64_t pos = 0;
+    int whole = len <= zeros_len;
+    *done = 0;
+    while (pos < len) {
+        uint64_t take = len - pos < zeros_len ? len - pos : zeros_len;
+        struct uffdio_copy cp = {.dst = dst + pos, .src = zeros, .len = take,
+                                 .mode = UFFDIO_COPY_MODE_WP |
+                                         (wake && whole ? 0 : UFFDIO_COPY_MODE_DONTWAKE)};
+        if (ioctl(uffd, UFFDIO_COPY, &cp) != 0) {
+            *done += cp.copy > 0 ? cp.copy : 0;
+            return errno;
+        }
+        *done += (int64_t)take;
+        pos += take;
+    }
+    if (wake && !whole) {
+        struct uffdio_range r = {.start = dst, .len = len};
+        return ioctl(uffd, UFFDIO_WAKE, &r) == 0 ? 0 : errno;
+    }
+    return 0;
+}
+
+/* bytes of zeros: not on hugetlb, which this path leaves to Python */
+static int zero_range(struct fp_ctx *c, uint64_t dst, uint64_t len, int64_t *done, int wake,
+                      int wp)
+{
+    if (wp)
+        return zero_wp(c->uffd, c->zeros, c->zeros_len, dst, len, done, wake);
+    struct uffdio_zeropage z = {.range = {.start = dst, .len = len},
+                                .mode = wake ? 0 : UFFDIO_ZEROPAGE_MODE_DONTWAKE};
+    int rc = ioctl(c->uffd, UFFDIO_ZEROPAGE, &z);
+    *done = rc == 0 ? (int64_t)len : (z.zeropage > 0 ? z.zeropage : 0);
+    return rc == 0 ? 0 : errno;
 }
 
 /* MappedDiff.source: an address holding diff bytes [storage, storage+len), or 0 when the
@@ -172,7 +203,7 @@ static int cached_bounds(struct fp_ctx *c, struct fp_region *r, uint64_t page, u
 /* One install from a cached diff's chunk mappings (cached_bounds made sure they are
  * mapped): a UFFDIO_COPY per chunk crossed, waking the range once at the end. */
 static int copy_cached(struct fp_ctx *c, struct fp_diff *d, uint64_t dst, uint64_t storage,
-                       uint64_t len, int64_t *done, int wake)
+                       uint64_t len, int64_t *done, int wake, int wp)
 {
     int64_t shift = d->chunk_shift;
     uint64_t pos = 0;
@@ -188,7 +219,7 @@ static int copy_cached(struct fp_ctx *c, struct fp_diff *d, uint64_t dst, uint64
         if (base == 0)
             return ENXIO;  /* not reached: cached_bounds checked every chunk */
         int err = copy_range(c, dst + pos, base + (s - (k << shift)), take, &part,
-                             wake && !split);
+                             wake && !split, wp);
         *done += part;
         if (err != 0)
             return err;
@@ -227,10 +258,12 @@ static void note_installed(struct fp_ctx *c, struct fp_region *r, uint64_t lo, i
 }
 
 /* Installer._install for pages [lo, hi) of one source run; `needed` is the faulting page
- * or -1; wake 0: DONTWAKE. Returns an FP_* outcome. */
+ * or -1; wake 0: DONTWAKE; writable: not write-protected in a region registered for it (the
+ * page a write fault asked for). Returns an FP_* outcome. */
 static int install(struct fp_ctx *c, struct fp_region *r, uint64_t lo, uint64_t hi,
-                   int64_t needed, int wake)
+                   int64_t needed, int wake, int writable)
 {
+    int wp = r->wp && !writable;
     uint64_t offset = r->offset + lo * PAGE, length = (hi - lo) * PAGE;
     uint64_t dst = r->base + lo * PAGE;
     int64_t i = find_mapping(c, offset);
@@ -238,10 +271,10 @@ static int install(struct fp_ctx *c, struct fp_region *r, uint64_t lo, uint64_t 
     int64_t done = 0;
     int err;
     if (owner < 0) {
-        err = zero_range(c, dst, length, &done, wake);
+        err = zero_range(c, dst, length, &done, wake, wp);
     } else if (c->diffs[owner].chunk_maps != NULL) {
         uint64_t storage = (uint64_t)c->storage[i] + (offset - (uint64_t)c->starts[i]);
-        err = copy_cached(c, &c->diffs[owner], dst, storage, length, &done, wake);
+        err = copy_cached(c, &c->diffs[owner], dst, storage, length, &done, wake, wp);
     } else {
         uint64_t storage = (uint64_t)c->storage[i] + (offset - (uint64_t)c->starts[i]);
         uint64_t src = diff_source(&c->diffs[owner], storage, length);
@@ -251,14 +284,14 @@ static int install(struct fp_ctx *c, struct fp_region *r, uint64_t lo, uint64_t 
             c->error_errno = 0;
             return FP_ERROR;
         }
-        err = copy_range(c, dst, src, length, &done, wake);
+        err = copy_range(c, dst, src, length, &done, wake, wp);
     }
     int outcome = FP_DONE;
     if (err == EEXIST) {
         c->stats[FP_ALREADY] += 1;
         r->present[lo + done / PAGE] = 1;
         if (needed >= 0 && !r->present[needed])
-            outcome = install(c, r, (uint64_t)needed, (uint64_t)needed + 1, -1, 1);
+            outcome = install(c, r, (uint64_t)needed, (uint64_t)needed + 1, -1, 1, writable);
     } else if (err == EAGAIN) {
         outcome = FP_RETRY;
     } else if (err == ESRCH) {
@@ -293,7 +326,7 @@ static int install_span(struct fp_ctx *c, struct fp_region *r, uint64_t lo, uint
             pos = seg_hi;  /* its chunk is not mapped yet: left to a later fault */
             continue;
         }
-        int outcome = install(c, r, seg_lo, seg_hi, -1, 0);
+        int outcome = install(c, r, seg_lo, seg_hi, -1, 0, 0);
         if (outcome != FP_DONE)
             return outcome;
         pos = seg_hi;
@@ -325,12 +358,36 @@ static void adaptive_window(struct fp_ctx *c, struct fp_region *r, uint64_t page
     s[2 * slot + 1] = window;
 }
 
-int fp_fault(struct fp_ctx *c, uint64_t address)
+/* A write-protect fault: the guest writes a page it had only read. Lift the protection,
+ * waking it, and note the page written. */
+static int unprotect(struct fp_ctx *c, struct fp_region *r, uint64_t page)
 {
+    struct uffdio_writeprotect w = {.range = {.start = r->base + page * PAGE, .len = PAGE},
+                                    .mode = 0};
+    if (ioctl(c->uffd, UFFDIO_WRITEPROTECT, &w) != 0) {
+        if (errno == EAGAIN || errno == ESRCH)
+            return errno == EAGAIN ? FP_RETRY : FP_GONE;
+        c->error_dst = w.range.start;
+        c->error_owner = -1;
+        c->error_errno = errno;
+        return FP_ERROR;
+    }
+    c->stats[FP_WP_FAULTS] += 1;
+    if (r->written != NULL)
+        r->written[page] |= FP_WRITTEN;
+    return FP_DONE;
+}
+
+int fp_fault(struct fp_ctx *c, uint64_t token)
+{
+    uint64_t flags = token & FP_FLAGS, address = token & ~(PAGE - 1);
     struct fp_region *r = find_region(c, address);
     if (r == NULL || r->page_size != PAGE)
         return FP_DEFER;
     uint64_t page = (address - r->base) / PAGE;
+    if ((flags & FP_FLAG_WP) && r->wp)
+        return unprotect(c, r, page);
+    int writable = (flags & FP_FLAG_WRITE) && r->wp;  /* its own page goes in writable */
     if (r->removed[page])
         return FP_DEFER;
     if (c->record_capacity && !r->present[page] && c->nrecord == c->record_capacity)
@@ -359,6 +416,10 @@ int fp_fault(struct fp_ctx *c, uint64_t address)
     source_bounds(c, r, page, &lo, &hi);
     if (!cached_bounds(c, r, page, &lo, &hi))
         return FP_DEFER;  /* Python fetches and maps the chunk */
+    if (writable) {  /* the rest of the window goes in write-protected, as the sides */
+        lo = page;
+        hi = page + 1;
+    }
     for (uint64_t p = page; p > lo; p--)
         if (r->present[p - 1] || r->removed[p - 1]) {
             lo = p;
@@ -376,26 +437,33 @@ int fp_fault(struct fp_ctx *c, uint64_t address)
         if (side == FP_ERROR)
             return side;
     }
-    int outcome = install(c, r, lo, hi, (int64_t)page, 1);
+    int outcome = install(c, r, lo, hi, (int64_t)page, 1, writable);
+    if (outcome == FP_DONE && writable && r->written != NULL)
+        r->written[page] |= FP_WRITTEN;
     if (outcome == FP_DONE && c->record_capacity)
         c->record[c->nrecord++] = r->offset + page * PAGE;
     return outcome;
 }
 
 int64_t fp_copy_runs(int uffd, const uint64_t *dst, const uint64_t *src, const uint64_t *len,
-                     int64_t n, int *err, int64_t *part)
+                     int64_t n, int wp, uint64_t zeros, uint64_t zeros_len, int *err,
+                     int64_t *part)
 {
     for (int64_t k = 0; k < n; k++) {
         int64_t done = 0;
         int rc;
-        if (src[k] == 0) {
+        if (src[k] == 0 && wp) {
+            errno = zero_wp(uffd, zeros, zeros_len, dst[k], len[k], &done, 0);
+            rc = errno ? -1 : 0;
+        } else if (src[k] == 0) {
             struct uffdio_zeropage z = {.range = {.start = dst[k], .len = len[k]},
                                         .mode = UFFDIO_ZEROPAGE_MODE_DONTWAKE};
             rc = ioctl(uffd, UFFDIO_ZEROPAGE, &z);
             done = z.zeropage;
         } else {
             struct uffdio_copy cp = {.dst = dst[k], .src = src[k], .len = len[k],
-                                     .mode = UFFDIO_COPY_MODE_DONTWAKE};
+                                     .mode = UFFDIO_COPY_MODE_DONTWAKE |
+                                             (wp ? UFFDIO_COPY_MODE_WP : 0)};
             rc = ioctl(uffd, UFFDIO_COPY, &cp);
             done = cp.copy;
         }
@@ -433,7 +501,8 @@ int fp_pump(struct fp_ctx *c)
             c->first_fault_ns = began;
         c->stats[FP_FAULTS] += count;
         for (int64_t k = 0; k < count; k++) {
-            uint64_t address = messages[k].arg.pagefault.address;
+            uint64_t address = (messages[k].arg.pagefault.address & ~(PAGE - 1)) |
+                               (messages[k].arg.pagefault.flags & FP_FLAGS);
             int outcome = fp_fault(c, address);
             int64_t ended = now_ns();
             if (outcome == FP_DONE && c->latency != NULL)  /* NULL: a context not timed */

@@ -6,7 +6,12 @@ enum { FP_DONE = 0, FP_RETRY = 1, FP_GONE = 2, FP_DEFER = 3, FP_ERROR = 4, FP_EV
        FP_IDLE = 6 };
 /* adaptive fault-around: (end page, window pages) pairs per region, then the next slot */
 enum { FP_STREAMS = 8 };
-enum { FP_FAULTS = 0, FP_PAGES = 1, FP_ZERO_PAGES = 2, FP_INSTALLS = 3, FP_ALREADY = 4 };
+enum { FP_FAULTS = 0, FP_PAGES = 1, FP_ZERO_PAGES = 2, FP_INSTALLS = 3, FP_ALREADY = 4,
+       FP_WP_FAULTS = 5 };
+/* a fault's flags ride in its address's low bits (retry, defer, fp_fault): page-aligned */
+enum { FP_FLAG_WRITE = 1, FP_FLAG_WP = 2, FP_FLAGS = 3 };
+/* the written array's flags (writes.py) */
+enum { FP_WRITTEN = 1, FP_REMOVED = 2 };
 /* fault latency buckets: <= 2**k us for k < FP_LATENCY_BUCKETS - 1, then the rest (latency.py) */
 enum { FP_LATENCY_BUCKETS = 22 };
 
@@ -20,6 +25,9 @@ struct fp_region {
     uint8_t *removed;
     uint8_t *wanted;
     int64_t *streams;     /* FP_STREAMS (end, window) pairs and a cursor (faultaround.py) */
+    int64_t wp;           /* registered for write-protect: installs the guest did not write
+                             go in with UFFDIO_COPY_MODE_WP */
+    uint8_t *written;     /* FP_WRITTEN per page the guest wrote; NULL: writes not recorded */
 };
 
 struct fp_diff {
@@ -71,18 +79,24 @@ struct fp_ctx {
     uint64_t error_dst;
     int64_t error_owner;
     int error_errno;
+    uint64_t zeros;        /* zero bytes to copy from where zeros go in write-protected */
+    uint64_t zeros_len;
     int64_t *latency;      /* FP_LATENCY_BUCKETS counts of the faults served, then their sum
                               in ns: the session's histogram (latency.py), shared with Python */
     int status;            /* fp_wait: the outcome of this uffd's last pump */
     int pumped;            /* fp_wait: pumped since Python last looked (its stats changed) */
 };
 
+/* serve one fault: its page-aligned address with its FP_FLAG_* in the low bits */
 int fp_fault(struct fp_ctx *c, uint64_t address);
 /* n installs with DONTWAKE, in order: run k is len[k] bytes at dst[k], copied from src[k]
- * (UFFDIO_COPY), or zeros (UFFDIO_ZEROPAGE) where src[k] is 0. Returns the runs done whole;
- * at the first that fails, its errno in *err and the bytes of it installed in *part */
+ * (UFFDIO_COPY), or zeros (UFFDIO_ZEROPAGE) where src[k] is 0. With wp, every install is
+ * write-protected (UFFDIO_COPY_MODE_WP), zeros copied from zeros_len bytes at zeros. Returns
+ * the runs done whole; at the first that fails, its errno in *err and the bytes of it
+ * installed in *part */
 int64_t fp_copy_runs(int uffd, const uint64_t *dst, const uint64_t *src, const uint64_t *len,
-                     int64_t n, int *err, int64_t *part);
+                     int64_t n, int wp, uint64_t zeros, uint64_t zeros_len, int *err,
+                     int64_t *part);
 /* read and serve what is pending on the uffd */
 int fp_pump(struct fp_ctx *c);
 /* a timerfd for fp_wait (CLOCK_MONOTONIC, non-blocking), or -errno */

@@ -27,6 +27,7 @@ from fcsnap.options import (
 if TYPE_CHECKING:
     from fcsnap.header import Header
     from fcsnap.store.builder import BuildOptions
+    from fcsnap.store.e2b import E2BVerification
     from fcsnap.store.manifest import Manifest, Stats
     from fcsnap.store.stores import Store as StoreTarget
     from fcsnap.uffd.firecracker_api import Response
@@ -135,6 +136,15 @@ def _dir(
     return resolve(str(build), _open(store), data=data, lazy=lazy)
 
 
+def _e2b_dir(build: BuildRef, store: PathLike | StoreTarget | None) -> Path | None:
+    """BUILD as a local E2B/Wrenn build directory (no build.json beside its header), or None."""
+    from fcsnap.store.e2b import e2b_build_dir
+
+    if store is not None and not isinstance(store, str | os.PathLike):
+        return None  # a store object: fcsnap's own
+    return e2b_build_dir(str(build), store)
+
+
 def _tracker(progress: Progress | None, total: int) -> Callable[[int], None]:
     """The ops' `advance(bytes)` callback, calling `progress` with the total: once with 0
     bytes right away, so that a progress bar knows its length before the work starts."""
@@ -224,17 +234,23 @@ class Store:
         compress: str | None = None, block_size: int | str | None = None,
         frame_size: int | str = DEFAULT_FRAME_SIZE, sparse: bool = False,
         holes_are_zeros: bool = False, vmstate: PathLike | None = None,
-        working_set: PathLike | None = None, progress: Progress | None = None,
+        working_set: PathLike | None = None, written: PathLike | None = None,
+        progress: Progress | None = None,
     ) -> Build:
         """Store what changed in `memfile` since `base` (the parent) as the next generation.
         With sparse=True the file is a Firecracker Diff snapshot: holes are unchanged pages;
         with holes_are_zeros=True holes are zeros. With neither, holes over pages the base
-        holds as data are refused (UsageError): the file cannot say which it is."""
-        from fcsnap.errors import FcsnapError
+        holds as data are refused (UsageError): the file cannot say which it is. With
+        `written` (restore --written of a VM served `base`), `memfile` is a Full snapshot of
+        which only the pages in that written set are read."""
+        from fcsnap.errors import FcsnapError, UsageError
         from fcsnap.store import ops
         from fcsnap.store.manifest import read_manifest
         from fcsnap.units import format_block_size
 
+        if written is not None and (sparse or working_set is not None):
+            raise UsageError("--written takes no --sparse-diff or --working-set: the written "
+                             "set says which pages changed")
         wanted = None if block_size is None else parse_block_size(block_size)
         options = _build_options(
             block_size=wanted or 4096, compress=compress, frame_size=frame_size, name=name,
@@ -250,8 +266,14 @@ class Store:
         options = replace(options, name_expected=self._head(name, base, base_dir), verb="diff")
         memfile = Path(memfile)
         advance = _tracker(progress, _size_of(memfile))
+        if written is not None:  # the progress is over what is read: the written set's blocks
+            from fcsnap.workingset import HEAD
+
+            written = Path(written)
+            pages = max(0, _size_of(written) - HEAD.size) // 8
+            advance = _tracker(progress, min(pages * base_block_size, _size_of(memfile)))
         return _built(ops.diff(
-            memfile, base_dir, self.target, options, sparse, advance,
+            memfile, base_dir, self.target, options, sparse, advance, written,
             holes_are_zeros=holes_are_zeros,
         ))
 
@@ -294,7 +316,9 @@ class Store:
     ) -> Path:
         return unpack(build, output, store=self.target, force=force, progress=progress)
 
-    def verify(self, build: BuildRef, *, progress: Progress | None = None) -> Verification:
+    def verify(
+        self, build: BuildRef, *, progress: Progress | None = None
+    ) -> Verification | E2BVerification:
         return verify(build, store=self.target, progress=progress)
 
     def inspect(
@@ -314,6 +338,13 @@ def unpack(
     from fcsnap.header import load_header
     from fcsnap.store import ops
 
+    foreign = _e2b_dir(build, store)
+    if foreign is not None:
+        from fcsnap.store.e2b import unpack_e2b
+
+        advance = _tracker(progress, _data_bytes(load_header(foreign)))
+        unpack_e2b(foreign, Path(output), force, advance)
+        return Path(output)
     build_dir = _dir(build, store, lazy=True)
     advance = _tracker(progress, _data_bytes(load_header(build_dir)))
     ops.unpack(build_dir, Path(output), force, advance)
@@ -323,13 +354,19 @@ def unpack(
 def verify(
     build: BuildRef, *, store: PathLike | StoreTarget | None = None,
     progress: Progress | None = None,
-) -> Verification:
-    """Check `build` and every build it reads: files, sizes, and every block's hash."""
+) -> Verification | E2BVerification:
+    """Check `build` and every build it reads: files, sizes, and every block's hash. An E2B or
+    Wrenn build is checked with what it carries (E2BVerification says what that was)."""
     from fcsnap.header import load_header
     from fcsnap.store import ops
     from fcsnap.store.layout import build_path, store_of
     from fcsnap.store.manifest import read_manifest
 
+    foreign = _e2b_dir(build, store)
+    if foreign is not None:
+        from fcsnap.store.e2b import verify_e2b
+
+        return verify_e2b(foreign, _tracker(progress, _data_bytes(load_header(foreign))))
     build_dir = _dir(build, store, data=True)
     builds = [build_path(store_of(build_dir), b) for b in load_header(build_dir).build_ids()]
     total = sum(read_manifest(b).stats.bytes_stored for b in builds if b.is_dir())
@@ -382,9 +419,10 @@ def restore(
     exits (status 0) or SIGTERM/SIGINT arrives (0). Blocks; installs its signal handlers,
     so call it from the main thread. `on_listening(build_dir)` is called once the socket
     listens (the moment to start the VM). `options` are ServeOptions fields (verify, stats_path,
-    fault_around, cache_bytes, prefetch_ws, populate, eager, ...). With `firecracker_api`,
-    Firecracker's API socket is asked to load the snapshot from us once we listen; a load it
-    refuses raises FcsnapError (the VM is killed if it connected). A build in an S3 store is
+    fault_around, cache_bytes, prefetch_ws, populate, eager, track_writes, written, ...).
+    With `firecracker_api`, Firecracker's API socket is asked to load the snapshot from us
+    once we listen; a load it refuses raises FcsnapError (the VM is killed if it connected).
+    A build in an S3 store is
     served through the host chunk cache at `cache_dir` (at most `cache_size`), each fetch
     allowed `fetch_timeout` seconds with its retries; the rest of what it reads of raw diffs is
     fetched in the background unless `lazy_fetch`."""
@@ -422,4 +460,5 @@ def restore(
     status = server.run()
     if load is not None and (error := load.finish()) is not None:
         raise error
+    assert server.exit_reason is not None  # run() returns once serving has ended
     return Served(status, server.exit_reason, server.stats)

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from fcsnap.errors import FcsnapError
-from fcsnap.header import NIL, Header
+from fcsnap.header import NIL, Header, Lookup
+from fcsnap.header.e2b import BuildsSection, Frame
 from fcsnap.store.layout import MANIFEST
 from fcsnap.store.manifest import read_manifest
 from fcsnap.store.pins import pin_problems
@@ -64,6 +65,46 @@ def _parent_of(header: Header, build_dir: Path | None) -> str | None:
     return str(manifest.parent_build_id)
 
 
+def _frame_json(frame: Frame) -> dict[str, int]:
+    return {
+        "uncompressed_offset": frame.start_u, "uncompressed_length": frame.size_u,
+        "compressed_offset": frame.start_c, "compressed_length": frame.size_c,
+    }
+
+
+def _builds_section(section: BuildsSection, show_frames: bool) -> dict[str, Any]:
+    """E2B's V4/V5 flags and builds section: per build its file size, SHA-256 (None where the
+    header says unknown: all zeros) and frame table; the frames themselves with --mappings."""
+    builds = []
+    for info in section.builds.values():
+        row: dict[str, Any] = {
+            "build_id": str(info.build_id),
+            "file_size": info.size,
+            "sha256": info.checksum.hex() if info.checksum_known else None,
+            "compression": info.compression,
+            "frames": len(info.frames),
+            "frames_uncompressed_bytes": sum(f.size_u for f in info.frames),
+            "frames_compressed_bytes": sum(f.size_c for f in info.frames),
+        }
+        if show_frames:
+            row["frame_table"] = [_frame_json(f) for f in info.frames]
+        builds.append(row)
+    return {
+        "flags": section.flags,
+        "incomplete_pending_upload": section.incomplete,
+        "builds": builds,
+    }
+
+
+def _lookup_frame(header: Header, found: Lookup) -> dict[str, int] | None:
+    """The frame of a compressed build's object that holds a looked-up byte, if the header's
+    builds section has it."""
+    section = header.builds_section
+    info = section.builds.get(found.build_id) if section else None
+    frame = info.frame_at(found.storage_offset) if info else None
+    return None if frame is None else _frame_json(frame)
+
+
 def inspect_report(
     header: Header,
     store: Path | None = None,
@@ -111,6 +152,8 @@ def inspect_report(
         "builds": builds,
     }
     report = {**_pins(header, store), **report}  # a build's header, not a lone header file
+    if header.builds_section is not None:
+        report["e2b"] = _builds_section(header.builds_section, show_mappings)
     if show_mappings:
         report["mappings"] = [
             {
@@ -129,6 +172,7 @@ def inspect_report(
                 "build_id": str(found.build_id),
                 "build_storage_offset": found.storage_offset,
                 "remaining_length": found.remaining,
+                **({"frame": _lookup_frame(header, found)} if header.builds_section else {}),
             }
             for found in lookups
         ]

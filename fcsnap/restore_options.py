@@ -43,16 +43,19 @@ class RestoreOptions:
 
     def snapshot_load(self, build_dir: Path, socket: Path) -> SnapshotLoad | None:
         """Firecracker's load request for `build_dir` served at `socket` (None without
-        --firecracker-api); UsageError when the build has no snapfile and no --vmstate."""
+        --firecracker-api), written for the version Firecracker says it is (asked now, before
+        anything listens); UsageError when the build has no snapfile and no --vmstate,
+        FcsnapError when Firecracker cannot be asked or is too old."""
         if self.firecracker_api is None:
             return None
         from fcsnap.store.layout import SNAPFILE
-        from fcsnap.uffd.firecracker_api import SnapshotLoad, load_body
+        from fcsnap.uffd.firecracker_api import SnapshotLoad, firecracker_version, load_body
 
         if self.vmstate is None and not (build_dir / SNAPFILE).is_file():
             raise UsageError(f"build {build_dir.name} has no {SNAPFILE}: give --vmstate")
         state = self.vmstate if self.vmstate is not None else build_dir / SNAPFILE
-        body = load_body(state, socket, self.track_dirty_pages)
+        version = firecracker_version(self.firecracker_api, self.api_timeout)
+        body = load_body(state, socket, self.track_dirty_pages, version)
         return SnapshotLoad(self.firecracker_api, body, self.api_timeout)
 
 

@@ -1,8 +1,11 @@
 """Shared pytest options and fixtures. Tests marked `slow` (soaks, loads, and the `qemu` ones
-that boot a real guest) run only with --runslow."""
+that boot a real guest) run only with --runslow; tests marked `firecracker` (the real VMM) run
+only when a -m expression names them (`pytest -m firecracker`): the default run leaves them
+out, CI runs them as a step of their own."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +23,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if "firecracker" not in (config.getoption("markexpr") or ""):
+        left_out = [item for item in items if item.get_closest_marker("firecracker")]
+        if left_out:
+            config.hook.pytest_deselected(items=left_out)
+            items[:] = [item for item in items if not item.get_closest_marker("firecracker")]
     if config.getoption("--runslow"):
         return
     skip = pytest.mark.skip(reason="slow: run with --runslow")
@@ -43,6 +51,24 @@ def hugepages(hugepage_pool: list[bool]) -> None:
     """HUGEPAGES_NEEDED free 2 MiB hugepages for this test, or a skip saying why."""
     if top_up_hugepages(HUGEPAGES_NEEDED):
         hugepage_pool.append(True)
+
+
+@pytest.fixture(scope="session")
+def real_vmm() -> None:
+    """The real Firecracker (fetched and cached once), the fcguest guest (built once) and
+    /dev/kvm, or a skip saying which is missing - a failure under CI=true: CI must run them."""
+    from fcsnap.testing import fcguest
+    from fcsnap.testing.fcbinary import Unavailable, firecracker_binary
+
+    try:
+        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            raise Unavailable("no read-write /dev/kvm")
+        firecracker_binary()
+        fcguest.build()
+    except Unavailable as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the real-Firecracker tests: {e}")
+        pytest.skip(f"the real Firecracker cannot run here: {e}")
 
 
 @pytest.fixture

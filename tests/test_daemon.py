@@ -308,6 +308,7 @@ def test_api_errors(store, daemon: Daemon, tmp_path: Path) -> None:
     connection.close()
     listed = daemon.call("GET", "/restores")[1]
     assert [r["id"] for r in listed] == [live["id"]] and listed[0]["state"] == "listening"
+    assert listed[0]["exit_reason"] is None  # not ended
     assert daemon.vm("busy", builds["raw"], threads=2).wait(WAIT) == 0
     assert daemon.wait_ended(live["id"])["exit_reason"] == "vm exited"
 
@@ -323,6 +324,10 @@ def test_delete_ends_a_restore_and_kills_its_vm(store, daemon: Daemon) -> None:
     while daemon.call("GET", f"/restores/{served['id']}")[1]["state"] != "serving":
         assert time.monotonic() < deadline
         time.sleep(0.02)
+    listed = {r["id"]: r for r in daemon.call("GET", "/restores")[1]}
+    assert (listed[served["id"]]["state"], listed[served["id"]]["exit_reason"]) == (
+        "serving", None)
+    assert daemon.call("GET", f"/restores/{served['id']}")[1]["exit_reason"] is None
     status, document = daemon.call("DELETE", f"/restores/{served['id']}")
     assert status == 200 and document["exit_reason"] == "deleted"
     assert vm.wait(WAIT) == KILLED
@@ -420,21 +425,29 @@ def test_serve_refuses_a_bad_store_or_a_socket_in_use(store, daemon: Daemon, tmp
 
 def test_firecracker_api_load_from_the_daemon(store, daemon: Daemon, tmp_path: Path) -> None:
     """With `firecracker_api`, the daemon has Firecracker load the snapshot once the socket
-    listens: a VM Firecracker connects is served every byte; a load Firecracker refuses ends
-    that restore with its fault_message and kills its VM, and the daemon serves on."""
+    listens and answers the POST once Firecracker has answered: 201 once loaded (the VM it
+    connected is served every byte), 502 with Firecracker's fault_message if refused (that
+    restore ends with it, its VM is killed), and the daemon serves on."""
     _, builds = store
     vmstate = tmp_path / "vm.state"
     vmstate.write_bytes(b"state")
-    ids = {}
+    answers = {}
     fakes = {}
-    for behaviour in ("load", "refuse-late"):
-        fakes[behaviour] = FakeFirecracker(tmp_path / f"{behaviour}.api", behaviour,
-                                           builds["raw"].expected, tmp_path / f"{behaviour}.json")
-        ids[behaviour] = daemon.restore("raw", behaviour, vmstate=str(vmstate),
-                                        firecracker_api=str(tmp_path / f"{behaviour}.api"))["id"]
     try:
-        loaded = daemon.wait_ended(ids["load"])
-        refused = daemon.wait_ended(ids["refuse-late"])
+        for behaviour in ("load", "refuse-late"):
+            fakes[behaviour] = FakeFirecracker(
+                tmp_path / f"{behaviour}.api", behaviour, builds["raw"].expected,
+                tmp_path / f"{behaviour}.json")
+            answers[behaviour] = daemon.call("POST", "/restores", {
+                "vm": "raw", "socket": str(tmp_path / f"{behaviour}.sock"),
+                "vmstate": str(vmstate), "firecracker_api": str(tmp_path / f"{behaviour}.api")})
+        status, answer = answers["load"]
+        assert status == 201, answer
+        loaded = daemon.wait_ended(answer["id"])
+        status, answer = answers["refuse-late"]
+        error = f"Firecracker refused the snapshot load: {FAULT}"
+        assert (status, answer["error"]) == (502, error)
+        refused = daemon.wait_ended(answer["id"])
     finally:
         for fake in fakes.values():
             fake.close()
@@ -443,7 +456,35 @@ def test_firecracker_api_load_from_the_daemon(store, daemon: Daemon, tmp_path: P
     assert fakes["load"].body["mem_backend"]["backend_path"] == str(tmp_path / "load.sock")
     assert loaded["exit_reason"] == "vm exited"
     assert firecracker.read_report(tmp_path / "load.json")["mismatches"] == 0
-    assert refused["exit_reason"] == f"error: Firecracker refused the snapshot load: {FAULT}"
+    assert refused["exit_reason"] == f"error: {error}"
     assert fakes["refuse-late"].vm is not None
     assert fakes["refuse-late"].vm.wait(WAIT) == KILLED
     assert daemon.call("GET", "/healthz")[0] == 200
+
+
+@pytest.mark.parametrize("behaviour", ["load", "refuse-early", "refuse-late"])
+def test_restore_via_daemon_waits_for_the_load(store, daemon: Daemon, tmp_path: Path,
+                                               behaviour: str) -> None:
+    """`restore --daemon --firecracker-api` exits once Firecracker has answered the load: 0
+    with the restore's id once loaded, 1 with Firecracker's fault_message if refused."""
+    _, builds = store
+    (tmp_path / "vm.state").write_bytes(b"state")
+    fake = FakeFirecracker(tmp_path / "fc.api", behaviour, builds["raw"].expected,
+                           tmp_path / "vm.json")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "fcsnap", "restore", "--daemon", str(daemon.api), "--vm",
+             "raw", "--socket", str(tmp_path / "u.sock"), "--firecracker-api",
+             str(tmp_path / "fc.api"), "--vmstate", str(tmp_path / "vm.state")],
+            capture_output=True, text=True, timeout=WAIT)
+    finally:
+        fake.close()
+    assert fake.problems == []
+    if behaviour == "load":
+        assert done.returncode == 0, done.stderr
+        assert daemon.wait_ended(done.stdout.strip())["exit_reason"] == "vm exited"
+    else:
+        assert (done.returncode, done.stdout) == (1, "")
+        assert done.stderr.splitlines() == [
+            f"fcsnap: error: Firecracker refused the snapshot load: {FAULT}"]
+        assert not (tmp_path / "u.sock").exists()

@@ -9,6 +9,7 @@ hang. Every wait has a deadline.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -23,7 +24,8 @@ from fcsnap.store import ops
 from fcsnap.store.builder import BuildOptions
 from fcsnap.store.layout import SNAPFILE
 from fcsnap.testing import firecracker
-from fcsnap.testing.firecracker_api import FAULT, FakeFirecracker, load_problems
+from fcsnap.testing.firecracker_api import FAULT, FakeFirecracker, RawAnswer, answer
+from fcsnap.testing.firecracker_schema import NEWEST, OLDEST, PREFIX, load_error
 from fcsnap.testing.memimage import synthetic_memory, write_full
 from fcsnap.uffd.firecracker_api import load_body
 
@@ -61,14 +63,23 @@ def restore(cwd: Path, build_dir: Path, *args: str) -> subprocess.CompletedProce
         pytest.fail(f"restore did not finish in {WAIT}s: {argv}")
 
 
-@pytest.mark.parametrize("explicit", [False, True], ids=["snapfile", "vmstate"])
+@pytest.mark.parametrize(
+    ("version", "explicit", "dirty_key"),
+    [("1.12.1", False, "enable_diff_snapshots"), ("1.12.1", True, "enable_diff_snapshots"),
+     ("1.1.0", True, "enable_diff_snapshots"), ("1.13.0", True, "track_dirty_pages"),
+     ("1.16.1", False, "track_dirty_pages")],
+    ids=["1.12-snapfile", "1.12-vmstate", "1.1", "1.13", "1.16"],
+)
 def test_load_resumes_vm_served_by_restore(
-    build: tuple[Path, Path], tmp_path: Path, fakes: list[FakeFirecracker], explicit: bool
+    build: tuple[Path, Path], tmp_path: Path, fakes: list[FakeFirecracker], version: str,
+    explicit: bool, dirty_key: str,
 ) -> None:
-    """The request matches the API definition, paths are sent absolute, and the VM it makes
-    Firecracker connect is served every byte while the request waits for its answer."""
+    """Restore asks Firecracker its version and sends a body that release accepts (dirty page
+    tracking under the name it knows), paths absolute; the VM it makes Firecracker connect is
+    served every byte while the request waits for its answer."""
     build_dir, memfile = build
-    fake = FakeFirecracker(tmp_path / "api.sock", "load", memfile, tmp_path / "vm.json")
+    fake = FakeFirecracker(tmp_path / "api.sock", "load", memfile, tmp_path / "vm.json",
+                           version=version)
     fakes.append(fake)
     (tmp_path / "other.state").write_bytes(b"other")
     extra = ["--vmstate", "other.state", "--track-dirty-pages"] if explicit else []
@@ -77,11 +88,11 @@ def test_load_resumes_vm_served_by_restore(
     fake.close()
     assert result.returncode == 0, result.stderr
     assert "fcsnap: Firecracker loaded the snapshot (HTTP 204)" in result.stderr
-    assert fake.problems == []
+    assert fake.problems == [] and fake.versions_asked == 1
     assert fake.body == {
         "snapshot_path": str(tmp_path / "other.state" if explicit else build_dir / SNAPFILE),
         "mem_backend": {"backend_type": "Uffd", "backend_path": str(tmp_path / "uffd.sock")},
-        "track_dirty_pages": explicit,
+        dirty_key: explicit,
         "resume_vm": True,
     }
     assert fake.vm is not None and fake.vm.wait(WAIT) == 0
@@ -195,10 +206,94 @@ def test_build_without_snapfile_needs_vmstate(tmp_path: Path) -> None:
     assert "has no snapfile" in result.stderr
 
 
-def test_load_body_is_valid_snapshot_load_params(tmp_path: Path) -> None:
-    body = load_body(Path("vm.state"), Path("uffd.sock"), track_dirty_pages=False)
-    assert load_problems(body) == []
-    assert Path(body["snapshot_path"]).is_absolute()
+VERSIONS = [(1, minor) for minor in range(OLDEST[1], NEWEST[1] + 1)]
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=[f"{v[0]}.{v[1]}" for v in VERSIONS])
+def test_load_body_is_what_each_release_accepts(version: tuple[int, int]) -> None:
+    """For every release claimed, both ways of --track-dirty-pages give a body that release
+    takes; the other name for the flag is one that release refuses, or deprecates."""
+    for track in (False, True):
+        body = load_body(Path("vm.state"), Path("uffd.sock"), track, version)
+        assert load_error(json.dumps(body).encode(), version) is None
+        assert Path(body["snapshot_path"]).is_absolute()
+    assert ("track_dirty_pages" in body) == (version >= (1, 13))
+    assert ("enable_diff_snapshots" in body) == (version < (1, 13))
+    renamed = {**body, "track_dirty_pages": True}
+    refused = load_error(json.dumps(renamed).encode(), version)
+    assert (refused is None) == (version >= (1, 13))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "since"),
+    [("network_overrides", [], (1, 12)), ("track_dirty_pages", True, (1, 13)),
+     ("clock_realtime", True, (1, 16)), ("vsock_override", {"uds_path": "/v"}, (1, 16))],
+)
+def test_fake_knows_each_release_fields(field: str, value: object, since: tuple[int, int]
+                                        ) -> None:
+    """A field is taken from the release that brought it, refused by those before it."""
+    body = {"snapshot_path": "/v", "mem_backend": {"backend_type": "Uffd", "backend_path": "/s"},
+            field: value}
+    for version in VERSIONS:
+        refused = load_error(json.dumps(body).encode(), version)
+        assert (refused is None) == (version >= since), (version, refused)
+        assert refused is None or f"unknown field `{field}`" in refused
+
+
+def test_load_body_for_releases_newer_than_known() -> None:
+    """A release after the newest known gets the newest known body (the deprecated name
+    is the one that goes away)."""
+    for version in [(1, 17), (2, 0)]:
+        body = load_body(Path("vm.state"), Path("uffd.sock"), True, version)
+        assert body["track_dirty_pages"] is True and "enable_diff_snapshots" not in body
+
+
+def test_firecracker_1_12_refuses_track_dirty_pages_as_it_says() -> None:
+    """The fake's words for an unknown field are Firecracker 1.12.1's (seen from the real
+    binary), position aside."""
+    body = {"snapshot_path": "/v", "mem_backend": {"backend_type": "Uffd", "backend_path": "/s"},
+            "track_dirty_pages": False, "resume_vm": True}
+    assert load_error(json.dumps(body).encode(), (1, 12)) == (
+        f"{PREFIX}unknown field `track_dirty_pages`, expected one of `snapshot_path`, "
+        "`mem_file_path`, `mem_backend`, `enable_diff_snapshots`, `resume_vm`, "
+        "`network_overrides`.")
+
+
+def version_answer(text: str, status: int = 200) -> bytes:
+    """Firecracker's answer to GET /version (or an error of its kind)."""
+    document = ({"firecracker_version": text} if status == 200 else {"fault_message": text})
+    return b"".join(answer(status, document))
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (version_answer("1.0.0"),
+         "Firecracker 1.0.0 cannot load a snapshot from a page server (the Uffd memory "
+         "backend needs Firecracker 1.1 or later)"),
+        (version_answer("nonsense"),
+         'Firecracker\'s API answered GET /version without a version: '
+         '{"firecracker_version":"nonsense"}'),
+        (b"HTTP/1.1 200 \r\nContent-Length: 2\r\n\r\n[]",
+         "Firecracker's API answered GET /version without a version: []"),
+        (version_answer("no such action", 400),
+         "Firecracker did not give its version: no such action"),
+    ],
+    ids=["too-old", "not-a-version", "not-an-object", "refused"],
+)
+def test_version_firecracker_cannot_load_from_fails_before_listening(
+    build: tuple[Path, Path], tmp_path: Path, raw: bytes, error: str
+) -> None:
+    """A Firecracker too old for the Uffd backend, or one that gives no version: one line,
+    exit 1, and nothing ever listened (no load was sent)."""
+    build_dir, _ = build
+    fake = RawAnswer(tmp_path / "api.sock", raw, piece=4096)
+    result = restore(tmp_path, build_dir, "--firecracker-api", "api.sock", "--quiet")
+    fake.close()
+    assert fake.request is not None and fake.request.line == "GET /version HTTP/1.1"
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"fcsnap: error: {error}"]
+    assert not (tmp_path / "uffd.sock").exists()
 
 
 @pytest.mark.parametrize(
@@ -214,9 +309,16 @@ def test_load_body_is_valid_snapshot_load_params(tmp_path: Path) -> None:
         {"snapshot_path": "/v"},
         {"snapshot_path": "/v", "mem_file_path": "/m",
          "mem_backend": {"backend_type": "File", "backend_path": "/m"}},
+        {"snapshot_path": "/v", "mem_backend": {"backend_type": "Uffd", "backend_path": "/s",
+                                                "x": 1}},
+        {"snapshot_path": "/v", "mem_backend": {"backend_type": "Uffd", "backend_path": "/s"},
+         "resume_vm": None},
+        {"snapshot_path": "/v", "mem_backend": {"backend_type": "Uffd", "backend_path": "/s"},
+         "network_overrides": [{"iface_id": "eth0"}]},
     ],
-    ids=["no-snapshot", "enum", "no-path", "type", "unknown", "no-memory", "two-memories"],
+    ids=["no-snapshot", "enum", "no-path", "type", "unknown", "no-memory", "two-memories",
+         "backend-unknown", "null-bool", "override-incomplete"],
 )
 def test_validator_rejects_what_firecracker_rejects(body: dict[str, Any]) -> None:
     """The fake's validator is only worth its passes if it catches these."""
-    assert load_problems(body) != []
+    assert load_error(json.dumps(body).encode(), NEWEST) is not None

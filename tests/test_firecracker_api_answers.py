@@ -10,7 +10,6 @@ suite runs on. Every wait has a deadline.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -18,10 +17,12 @@ from pathlib import Path
 import pytest
 
 from fcsnap.errors import FcsnapError
-from fcsnap.testing.firecracker_api import FAULT, RawAnswer, answer, load_problems
+from fcsnap.testing.firecracker_api import FAULT, RawAnswer, answer
+from fcsnap.testing.firecracker_schema import load_error
 from fcsnap.uffd.firecracker_api import MAX_BODY, Response, SnapshotLoad, call, load_body
 
 WAIT = 30.0  # seconds any one exchange may take before the test fails
+VERSION = (1, 12)  # the Firecracker release the bodies are written for
 NO_CONTENT = answer(204)[0]
 REFUSAL = b"".join(answer(400, {"fault_message": FAULT}))
 
@@ -31,12 +32,12 @@ def exchange(tmp_path: Path, raw: bytes, piece: int = 1, close: bool = False) ->
     closing the connection if `close`); the request it got must be one Firecracker accepts."""
     fake = RawAnswer(tmp_path / "api.sock", raw, piece=piece, close=close)
     try:
-        body = load_body(Path("vm.state"), Path("uffd.sock"), track_dirty_pages=False)
+        body = load_body(Path("vm.state"), Path("uffd.sock"), False, VERSION)
         return call(tmp_path / "api.sock", "PUT", "/snapshot/load", body, timeout=WAIT)
     finally:
         fake.close()
         assert fake.request is not None and fake.request.problems == []
-        assert load_problems(json.loads(fake.request.body)) == []
+        assert load_error(fake.request.body, VERSION) is None
 
 
 @pytest.mark.parametrize(
@@ -122,7 +123,7 @@ def test_timeout_bounds_the_whole_answer(tmp_path: Path) -> None:
     failures: list[FcsnapError] = []
     done = threading.Event()
     load = SnapshotLoad(tmp_path / "api.sock",
-                        load_body(Path("vm.state"), Path("uffd.sock"), False), timeout=1.0)
+                        load_body(Path("vm.state"), Path("uffd.sock"), False, VERSION), timeout=1.0)
     started = time.monotonic()
     load.start(lambda e: (failures.append(e), done.set()), lambda r: done.set())
     assert done.wait(WAIT)
@@ -139,8 +140,8 @@ def test_finish_cuts_an_unanswered_load_short(tmp_path: Path) -> None:
     """Serving ended and Firecracker never answered: finish() waits its grace, not the
     timeout, and says the load had no answer."""
     fake = RawAnswer(tmp_path / "api.sock", b"")
-    load = SnapshotLoad(tmp_path / "api.sock",
-                        load_body(Path("vm.state"), Path("uffd.sock"), False), timeout=WAIT)
+    body = load_body(Path("vm.state"), Path("uffd.sock"), False, VERSION)
+    load = SnapshotLoad(tmp_path / "api.sock", body, timeout=WAIT)
     outcomes: list[object] = []
     load.start(outcomes.append, outcomes.append)
     assert fake.requested.wait(WAIT)

@@ -2,8 +2,9 @@
 message, never another exception, and work in proportion to the input, not to what it claims.
 
 (The header, seek table, handshake regions and working sets have their fuzz tests next to the
-rest of their tests, the handshake as received from a socket in test_handshake.py;
-bench/fuzz/run.py runs all seven for longer.)
+rest of their tests, E2B's V4/V5 headers in test_e2b_headers.py (the whole file, and the body
+under the LZ4 layer), the handshake as received from a socket in test_handshake.py;
+bench/fuzz/run.py runs all nine for longer.)
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from s3_helpers import Bucket
 from test_lifecycle import Store, fcsnap_json, make_store, next_image
 from test_s3_store import finish, run, start_stopped
 
+from fcsnap.store.leases import EXPIRY_ENV, MARGIN
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full
 
 MIB = 1 << 20
@@ -144,22 +145,29 @@ def test_dry_run_rm_and_gc_on_s3(bucket: Bucket, copied: Store, tmp_path: Path) 
 
 
 def test_killed_gc_on_s3_leaves_a_store_that_verifies(
-    bucket: Bucket, copied: Store, tmp_path: Path
+    bucket: Bucket, copied: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """gc killed right after deleting a build's build.json: that build is invisible, every
-    name verifies and unpacks; the next gc removes its objects as leftovers."""
+    name verifies and unpacks; the next gc removes its objects as leftovers, and the killed
+    gc's lease once it expired (1s here)."""
+    monkeypatch.setenv(EXPIRY_ENV, "1s")
     run(bucket, "rm", "api", "--store", bucket.url())
     del copied.images["api"]
     gc = start_stopped(bucket, "gc", "--store", bucket.url(), "--grace", "0", point="gc-delete")
     gc.kill()
     gc.communicate(timeout=60)
-    half = {k.split("/")[0] for k in bucket.listing()} - _builds(bucket) - {"vms"}
+    killed = time.monotonic()
+    (lease,) = [k for k in bucket.listing() if k.startswith("leases/")]
+    half = {k.split("/")[0] for k in bucket.listing()} - _builds(bucket) - {"vms", "leases"}
     assert len(half) == 1
     listed = json.loads(run(bucket, "ls", "--builds", "--store", bucket.url(), "--json").stdout)
     assert half.isdisjoint(b["build_id"] for b in listed["builds"])
     _names_verify_and_unpack(bucket, copied.images, tmp_path)
+    time.sleep(max(0.0, killed + 1 + MARGIN + 0.5 - time.monotonic()))
     done = _gc(bucket, "--grace", "0")
     assert done["leftovers"] == [f"{bucket.url()}/{b}/" for b in half]
+    assert [(s["lease"], s["kind"]) for s in done["stale_leases"]] == [
+        (f"{bucket.url()}/{lease}", "gc")]
     assert _builds(bucket) == {copied.id("G0"), copied.id("G2")}
     assert {k.split("/")[0] for k in bucket.listing()} == _builds(bucket) | {"vms"}
     _names_verify_and_unpack(bucket, copied.images, tmp_path)

@@ -1,7 +1,9 @@
 """A longer fuzz run over every parser of untrusted bytes: for each input a correct result or an
 FcsnapError with a message, never another exception, never memory in proportion to a claim.
 
-Targets: header (memfile.header), hashes (memfile.hashes), seektable (zstd seekable seek table),
+Targets: header (memfile.header, every version), e2bbody (E2B's V4/V5 header body, LZ4-framed
+by the target so that mutations reach the builds section, frame tables and varint columns),
+hashes (memfile.hashes), seektable (zstd seekable seek table),
 seekable (a whole seekable file: table and every frame decompressed), manifest (build.json),
 regions (the JSON region list of Firecracker's UFFD handshake), handshake (that handshake as
 received from a socket: payload in chunks, no fd, the uffd, other or too many fds, the sender
@@ -39,7 +41,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = (
-    "header", "hashes", "seektable", "seekable", "manifest", "regions", "handshake", "workingset",
+    "header", "e2bbody", "hashes", "seektable", "seekable", "manifest", "regions", "handshake",
+    "workingset",
 )
 # The address space a worker may use beyond what it has mapped once its target is loaded: an
 # allocation sized by a claim in the input (a 1 GiB frame promised by 4 KiB of file) fails with
@@ -64,10 +67,13 @@ def load(target: str, scratch: Path) -> tuple[Callable[[bytes], None], list[byte
     """The check for one target and valid seed inputs. Imported here, inside the worker, so
     that atheris can instrument the fcsnap modules as they load. `scratch` is a directory the
     driver removes after the worker (libFuzzer ends the process without unwinding)."""
+    import lz4.frame
     import zstandard
 
     from fcsnap.errors import FcsnapError
     from fcsnap.header import BLOCK_SIZES, encode, parse_header, to_records
+    from fcsnap.header.e2b import PREFIX
+    from fcsnap.header.format import METADATA, VERSION_MASK, Metadata
     from fcsnap.store.hashes import dump_hashes, parse_hashes
     from fcsnap.store.manifest import COMPRESSIONS, parse_manifest
     from fcsnap.store.seekable import (
@@ -93,9 +99,25 @@ def load(target: str, scratch: Path) -> tuple[Callable[[bytes], None], list[byte
         except FcsnapError as e:
             return refused(e)
         assert sum(m.length for m in parsed.mappings) == parsed.metadata.size
-        assert parse_header(encode(parsed.metadata, to_records(parsed.mappings))) == parsed
+        meta = parsed.metadata
+        if meta.version & VERSION_MASK in (4, 5):  # fcsnap writes their mappings as version 3
+            meta = Metadata(3, *(getattr(meta, f) for f in Metadata.__slots__[1:]))
+            for info in parsed.builds_section.builds.values():
+                for a, b in zip(info.frames, info.frames[1:], strict=False):
+                    assert a.end_u <= b.start_u and a.end_c <= b.start_c
+        again = parse_header(encode(meta, to_records(parsed.mappings)))
+        assert again.mappings == parsed.mappings
         for m in parsed.mappings[:64]:
             assert parsed.lookup(m.offset).remaining == m.length
+
+    def e2bbody(data: bytes) -> None:
+        meta, body = data[: METADATA.size], data[METADATA.size :]
+        frame = lz4.frame.compress(body, block_checksum=True, content_checksum=True)
+        header(meta + PREFIX.pack(0, len(body)) + frame)
+
+    def body_seed(path: Path) -> bytes:
+        data = path.read_bytes()
+        return data[: METADATA.size] + lz4.frame.decompress(data[METADATA.size + PREFIX.size :])
 
     def hashes(data: bytes) -> None:
         try:
@@ -269,8 +291,12 @@ def load(target: str, scratch: Path) -> tuple[Callable[[bytes], None], list[byte
                                                                         strict=True))
     files.append(b"".join(frames) + struct.pack("<II", 0x184D2A5E, len(entries) + 9) + entries
                  + struct.pack("<IBI", 2, 0, 0x8F92EAB1))
+    e2b_headers = sorted((ROOT / "fixtures/e2b").rglob("*.header"))
     seeds = {
-        "header": [p.read_bytes() for p in sorted((ROOT / "fixtures/headers").glob("*.header"))],
+        "header": [p.read_bytes() for p in sorted((ROOT / "fixtures/headers").glob("*.header"))]
+        + [p.read_bytes() for p in e2b_headers],
+        "e2bbody": [body_seed(p) for p in e2b_headers
+                    if METADATA.unpack_from(p.read_bytes())[0] in (4, 5)],
         "hashes": [dump_hashes(4096, bytes(range(48))), dump_hashes(2 << 20, b""),
                    dump_hashes(4096, bytes(16))],
         "seektable": [bytes(4) + f for f in files]
@@ -292,7 +318,7 @@ def load(target: str, scratch: Path) -> tuple[Callable[[bytes], None], list[byte
         "workingset": [dump_working_set(1 << 20, [0x5000, 0, 0xFF000]),
                        dump_working_set(8192, [])],
     }[target]
-    check = {"header": header, "hashes": hashes, "seektable": seektable,
+    check = {"header": header, "e2bbody": e2bbody, "hashes": hashes, "seektable": seektable,
              "seekable": seekable_file, "manifest": manifest, "regions": regions,
              "handshake": handshake, "workingset": workingset}[target]
     return check, seeds

@@ -58,7 +58,7 @@ def pack(
             frame_size=frame_size, vmstate=vmstate, working_set=working_set, progress=progress,
         )
     report_build(build, json_out, quiet, "packed")
-    note_unnamed(build, name, quiet)
+    note_unnamed(build, name, quiet or json_out)
     return 0
 
 
@@ -81,6 +81,9 @@ def diff(
         "--holes-are-zeros", help="MEMFILE's holes are zeros (a sparse copy of a Full "
         "snapshot). Without either option, holes over pages the base holds as data are "
         "refused.")] = False,
+    written: Annotated[Path | None, typer.Option(
+        "--written", metavar="FILE", help="MEMFILE is a Full snapshot of a VM restored from "
+        "BASE and this its written set (restore --written): read only those pages.")] = None,
     block_size: Annotated[str | None, typer.Option(
         "--block-size", metavar="4K|2M", callback=checked("parse_block_size"),
         help="Must match the base build's (the default).", rich_help_panel=BUILD)] = None,
@@ -98,10 +101,10 @@ def diff(
         build = Store(store).diff(
             memfile, base=base, name=name, compress=compress, block_size=block_size,
             frame_size=frame_size, sparse=sparse_diff, holes_are_zeros=holes_are_zeros,
-            vmstate=vmstate, working_set=working_set, progress=progress,
+            vmstate=vmstate, working_set=working_set, written=written, progress=progress,
         )
     report_build(build, json_out, quiet, "diffed")
-    note_unnamed(build, name, quiet)
+    note_unnamed(build, name, quiet or json_out)
     return 0
 
 
@@ -155,6 +158,8 @@ def verify(build: BuildArg, store: StoreOfBuild = None, quiet: Quiet = False,
         result = api.verify(build, store=store, progress=progress)
     if json_out:
         print_json(result.to_json())
+    elif not quiet and not isinstance(result, api.Verification):
+        print(result.summary())  # an E2B/Wrenn build: what its data allowed to check
     elif not quiet:
         print(
             f"ok: build {result.build_id} (generation {result.generation}): "

@@ -201,7 +201,8 @@ def print_json(data: dict[str, Any]) -> None:
 
 
 def note_unnamed(build: Build, name: str | None, quiet: bool) -> None:
-    """pack/diff without --name: say on stderr that gc will remove the build."""
+    """pack/diff without --name: say on stderr that gc will remove the build (not with
+    --quiet or --json: a script asked for silence or for the object alone)."""
     if name is None and not quiet:
         print(f"fcsnap: build {build.build_id} has no name: 'fcsnap gc' removes it once it is "
               "older than the grace period (--grace, 1h); give --name NAME to keep it",

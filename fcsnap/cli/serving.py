@@ -90,6 +90,14 @@ def restore(
     eager: Annotated[bool, typer.Option(
         "--eager", help="Install every page before serving any fault.",
         rich_help_panel=FAULTS)] = False,
+    track_writes: Annotated[bool, typer.Option(
+        "--track-writes", rich_help_panel=FAULTS,
+        help="Track the pages the guest writes: register its memory for write-protect too "
+             "(memory Firecracker registered MISSING|WP is tracked without it).")] = False,
+    written: Annotated[Path | None, typer.Option(
+        "--written", metavar="FILE", rich_help_panel=OUTPUT,
+        help="Write the pages the guest wrote (the written set, for diff --written) when the "
+             "restore ends; implies --track-writes.")] = None,
     firecracker_api: Annotated[Path | None, typer.Option(
         "--firecracker-api", metavar="SOCK", rich_help_panel=FC_API,
         help="Firecracker's API socket: once listening, have it load the snapshot from us "
@@ -110,8 +118,9 @@ def restore(
     daemon: Annotated[Path | None, typer.Option(
         "--daemon", metavar="API", rich_help_panel=DAEMON,
         help="Ask the 'fcsnap serve' daemon at this API socket to serve the VM (BUILD is in "
-             "the daemon's store); print the restore's id and exit 0 once the socket "
-             "listens.")] = None,
+             "the daemon's store); print the restore's id and exit 0 once the socket listens "
+             "(with --firecracker-api, once Firecracker has loaded the snapshot; exit 1 with "
+             "its message if it refused).")] = None,
     quiet: Quiet = False, json_out: Json = False,
 ) -> int:
     vm = _one_build(build, vm)
@@ -139,7 +148,8 @@ def restore(
         track_dirty_pages=track_dirty_pages, api_timeout=api_timeout, on_listening=listening,
         on_loaded=loaded, verify=verify, stats_path=stats, handshake_timeout=handshake_timeout,
         cache_bytes=max(0, cache_mb) << 20, fault_around=fault_around, record_ws=record_ws,
-        prefetch_ws=prefetch_ws, populate=populate, eager=eager, access=access,
+        prefetch_ws=prefetch_ws, populate=populate, eager=eager, track_writes=track_writes,
+        written=written, access=access,
         cache_dir=cache_dir, cache_size=cache_size, fetch_timeout=fetch_timeout,
         lazy_fetch=lazy_fetch,
     )
@@ -189,7 +199,8 @@ def _restore_via_daemon(o: dict[str, Any], access: Any) -> int:
     )
     keys = ("socket", "stats", "verify", "handshake_timeout", "fault_around", "record_ws",
             "prefetch_ws", "populate", "eager", "firecracker_api", "vmstate",
-            "track_dirty_pages", "api_timeout", "socket_owner", "socket_mode")
+            "track_dirty_pages", "api_timeout", "track_writes", "written", "socket_owner",
+            "socket_mode")
     answer = restore_via_daemon(o["daemon"], o["vm"], {
         **{key: o[key] for key in keys}, "allow_uid": o["allow_uid"] or [],
     })

@@ -27,6 +27,49 @@ def _pinned_text(report: dict[str, Any]) -> str:
     return "yes (every build read matches its pin)"
 
 
+def _render_builds_section(section: dict, lookups: list[dict] | None) -> list[str]:
+    """E2B's V4/V5 builds section: the flags, per build its size, checksum and frame table,
+    the frames themselves (with --mappings), and the frame each lookup falls in."""
+    from fcsnap.render import table
+    from fcsnap.units import format_bytes
+
+    title = f"E2B builds section (flags {section['flags']:#04x})" + (
+        " (incomplete, pending upload: a peer's header, the build's data not yet stored)"
+        if section["incomplete_pending_upload"] else "")
+    rows = [
+        (b["build_id"], format_bytes(b["file_size"]), b["sha256"] or "unknown (zeros)",
+         b["compression"], str(b["frames"]), format_bytes(b["frames_uncompressed_bytes"]),
+         format_bytes(b["frames_compressed_bytes"]))
+        for b in section["builds"]
+    ]
+    columns = ("build", "file size", "sha256", "compression", "frames", "uncompressed",
+               "compressed")
+    parts = [table(columns, rows, title=title,
+                   left=("build", "sha256"))]
+    frame_rows = [
+        (b["build_id"], str(i), f"{f['uncompressed_offset']:#x}", f"{f['uncompressed_length']:#x}",
+         f"{f['compressed_offset']:#x}", f"{f['compressed_length']:#x}")
+        for b in section["builds"] for i, f in enumerate(b.get("frame_table", ()))
+    ]
+    if frame_rows:
+        columns = ("build", "frame", "uncompressed offset", "length", "compressed offset",
+                   "length")
+        parts.append(table(columns, frame_rows, title="Frames", left=("build",)))
+    if lookups:
+        rows = [
+            (f"{r['offset']:#x}", _build_cell(r["build_id"]),
+             *((f"{f['uncompressed_offset']:#x}", f"{f['uncompressed_length']:#x}",
+                f"{f['compressed_offset']:#x}", f"{f['compressed_length']:#x}")
+               if (f := r["frame"]) else ("-", "-", "-", "-")))
+            for r in lookups
+        ]
+        columns = ("offset", "build", "frame uncompressed offset", "length",
+                   "compressed offset", "length")
+        parts.append(table(columns, rows, title="Frames holding the looked-up offsets",
+                           left=("build",)))
+    return parts
+
+
 def render_inspect(inspection: Inspection) -> str:
     """The plain-text tables of `inspect`: the header, the builds it reads (and its zeros),
     then the mappings and lookups asked for. The same words as the JSON report."""
@@ -63,6 +106,8 @@ def render_inspect(inspection: Inspection) -> str:
     ))
     columns = ("build", "generation", "mappings", "blocks", "bytes", "share")
     parts = [header, table(columns, rows, title="Builds read by this generation", left=("build",))]
+    if "e2b" in report:
+        parts += _render_builds_section(report["e2b"], report.get("lookups"))
     if "mappings" in report:
         columns = ("offset", "length", "build", "build_storage_offset")
         parts.append(table(columns, (
@@ -193,6 +238,12 @@ def render_gc(report: dict[str, Any]) -> str:
         lines.append(f"kept unreferenced build {row['build_id']}: {row['reason']}")
     for name in report["leftovers"]:
         lines.append(f"{'would remove' if dry else 'removed'} leftover {name}")
+    for lease in report.get("stale_leases", ()):
+        lines.append(
+            f"ignored stale lease {lease['lease']} ({lease['holder']}, not refreshed for "
+            f"{lease['age_s']:g}s, expires after {lease['expires_after_s']:g}s)"
+            f"{'' if dry else '; removed'}"
+        )
     freed = report["bytes_to_free" if dry else "bytes_freed"]
     after = report["after"]
     amp = "-" if after["amplification"] is None else f"{after['amplification']:.2f}x"

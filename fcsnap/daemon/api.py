@@ -2,10 +2,16 @@
 
     POST   /restores        {"vm": BUILD, "socket": PATH, ...restore's options}
                             -> 201 {"id", "socket", "build_id"} once the socket listens
+                               (with "firecracker_api": once Firecracker loaded the
+                               snapshot; 502 {"error", "id"} if it did not)
     GET    /restores        -> 200 [{"id", "vm", "build_id", "state", "vm_pid", counters}]
     GET    /restores/ID     -> 200 the live --stats document
     DELETE /restores/ID     -> 200 the final --stats document (VM killed unless every page
                                is installed, as SIGTERM does for `restore`)
+    GET    /restores/ID/written[?new_interval=1]
+                            -> 200 the written set (application/octet-stream, the working-set
+                               file format); new_interval=1 starts the next interval with
+                               the take: the pages in it are write-protected again
     GET    /metrics         -> 200 Prometheus text format
     GET    /healthz         -> 200 {"status": "ok", ...}
 
@@ -26,6 +32,7 @@ import socket
 import socketserver
 import threading
 import traceback
+import urllib.parse
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
@@ -143,6 +150,9 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/restores":
             if method == "POST":
                 restore = restores.start(self._body())
+                if restore.load is not None and (error := restores.wait_loaded(restore)):
+                    self._json(502, {"error": str(error), "id": restore.id})
+                    return
                 self._json(201, {"id": restore.id, "socket": restore.summary()["socket"],
                                  "build_id": str(restore.build.build_id)},
                            {"Location": f"/restores/{restore.id}"})
@@ -157,6 +167,14 @@ class _Handler(BaseHTTPRequestHandler):
             if method == "DELETE" and not restores.end(restore):
                 raise RequestError(f"restore {restore.id} did not end in time", 504)
             self._json(200, restore.document())
+        elif len(parts) == 3 and parts[0] == "restores" and parts[2] == "written":
+            self._allow(method, "GET")
+            restore = restores.get(parts[1])
+            if restore is None:
+                raise RequestError(f"no restore {parts[1]!r}", 404)
+            data, count = restore.written(self._flag("new_interval"))
+            self._send(200, data, "application/octet-stream",
+                       {"X-Fcsnap-Written-Pages": str(count)})
         elif path == "/metrics":
             self._allow(method, "GET")
             self._send(200, self.server.metrics.render(), CONTENT_TYPE)
@@ -165,6 +183,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, {"status": "ok", "restores_active": len(restores.live())})
         else:
             raise RequestError(f"no such resource {path!r}", 404)
+
+    def _flag(self, name: str) -> bool:
+        """A query parameter that is a switch: 1/true, 0/false or absent."""
+        query = urllib.parse.parse_qs(self.path.partition("?")[2], keep_blank_values=True)
+        values = query.get(name, ["0"])
+        if len(values) != 1 or values[0].lower() not in ("0", "1", "true", "false"):
+            raise RequestError(f"{name} must be 1 or 0 (true or false)")
+        return values[0].lower() in ("1", "true")
 
     def _allow(self, method: str, allowed: str) -> None:
         if method not in allowed.split(", "):

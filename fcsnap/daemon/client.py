@@ -1,7 +1,8 @@
 """`fcsnap restore --daemon PATH`: ask a running daemon to serve the VM instead of serving it.
 
 The options become a `POST /restores` body (paths made absolute: the daemon's working
-directory is not ours); the daemon answers once the VM socket listens, or with one line.
+directory is not ours); the daemon answers once the VM socket listens (with
+`firecracker_api`, once Firecracker has answered the snapshot load), or with one line.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from fcsnap.errors import FcsnapError
+from fcsnap.restore_options import DEFAULT_API_TIMEOUT
 from fcsnap.unix_http import AnswerError, UnixHTTPConnection, exchange
 
-PATH_KEYS = ("socket", "stats", "record_ws", "prefetch_ws", "firecracker_api", "vmstate")
+PATH_KEYS = ("socket", "stats", "record_ws", "prefetch_ws", "firecracker_api", "vmstate",
+             "written")
 ANSWER_TIMEOUT = 30.0  # seconds the daemon has to answer a POST (it answers once listening)
 HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 MAX_ANSWER = 1 << 20
@@ -57,14 +60,21 @@ def call_daemon(api: Path, method: str, path: str, body: object | None, timeout:
 
 
 def ask_daemon(api: Path, body: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """POST /restores; the daemon's answer ({"id", "socket", "build_id"}) or its error."""
+    """POST /restores; the daemon's answer ({"id", "socket", "build_id"}) or its error
+    (Firecracker's refusal of the snapshot load, 502, as Firecracker said it)."""
     status, answer = call_daemon(api, "POST", "/restores", body, timeout)
     if status != 201:
         message = answer.get("error") if isinstance(answer, dict) else None
+        if status == 502 and message:
+            raise FcsnapError(message)
         raise FcsnapError(f"the daemon refused the restore: {message or f'HTTP {status}'}")
     return answer
 
 
 def restore_via_daemon(api: Path, vm: str, options: dict[str, Any]) -> dict[str, Any]:
-    """`fcsnap restore --daemon`: restore's options sent as one request."""
-    return ask_daemon(api, restore_body(vm, options), ANSWER_TIMEOUT)
+    """`fcsnap restore --daemon`: restore's options sent as one request (given the time a
+    snapshot load may take when the daemon is to ask Firecracker for one)."""
+    timeout = ANSWER_TIMEOUT
+    if options.get("firecracker_api") is not None:
+        timeout += options.get("api_timeout") or DEFAULT_API_TIMEOUT
+    return ask_daemon(api, restore_body(vm, options), timeout)

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 from fcsnap.store.chunk_cache import ChunkCache
+from fcsnap.store.leases import lease_expiry
 from fcsnap.store.remote import RemoteStore
 from fcsnap.store.stores import mirror_for_serving, read_through
 
@@ -20,6 +21,7 @@ class RemoteBuilds:
         self.store = store
         self.cache = cache
         self.fetch_timeout = fetch_timeout
+        lease_expiry()  # a bad FCSNAP_S3_LEASE_EXPIRY stops the daemon, not each request
         self._lock = threading.Lock()  # one mirror: one request at a time writes it
 
     def resolve(self, vm: str) -> Path:

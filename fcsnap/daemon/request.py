@@ -32,10 +32,10 @@ from fcsnap.uffd.session import ServeOptions
 if TYPE_CHECKING:
     from fcsnap.daemon.remote import RemoteBuilds
 
-BOOLEANS = ("verify", "populate", "eager", "track_dirty_pages")
+BOOLEANS = ("verify", "populate", "eager", "track_dirty_pages", "track_writes")
 NUMBERS = {"handshake_timeout": DEFAULT_HANDSHAKE_TIMEOUT, "api_timeout": DEFAULT_API_TIMEOUT}
-PATHS = ("stats", "record_ws", "prefetch_ws", "firecracker_api", "vmstate")
-OUTPUTS = ("stats", "record_ws")  # files the daemon writes: under its --output-dir only
+PATHS = ("stats", "record_ws", "prefetch_ws", "firecracker_api", "vmstate", "written")
+OUTPUTS = ("stats", "record_ws", "written")  # files the daemon writes: under its --output-dir only
 TEXTS = ("fault_around", "socket_owner", "socket_mode")
 KNOWN = {"vm", "socket", "allow_uid", *BOOLEANS, *NUMBERS, *PATHS, *TEXTS}
 
@@ -100,6 +100,8 @@ def parse_restore(body: object, store: Path | RemoteBuilds, cache_bytes: int,
         prefetch_ws=paths["prefetch_ws"],
         populate=bool(body.get("populate")),
         eager=bool(body.get("eager")),
+        track_writes=bool(body.get("track_writes")),
+        written=paths["written"],
         access=checked.access,
         output_root=output_dir,
     )

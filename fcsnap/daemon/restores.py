@@ -31,12 +31,14 @@ from fcsnap.uffd.session import Session
 from fcsnap.uffd.shared import BuildRegistry, SharedBuild
 from fcsnap.uffd.watchdog import Watchdog
 from fcsnap.units import format_bytes
+from fcsnap.workingset import dump_working_set
 
 if TYPE_CHECKING:
     from fcsnap.daemon.remote import RemoteBuilds
 
 KEEP_ENDED = 256  # ended restores still listed (their final stats), newest kept
 END_WAIT = 10.0  # seconds a DELETE or a daemon stop waits for a session to end
+LOAD_GRACE = 5.0  # seconds past its --api-timeout a snapshot load may take to settle
 
 COUNTERS = ("faults", "pages_served", "bytes_served", "zero_pages", "compiled_faults",
             "remove_events", "retries")
@@ -78,6 +80,20 @@ class Restore:
             assert self.final is not None
             return self.final[1]
         return {"id": self.id, "vm": self.vm, "state": session.state, **session.document()}
+
+    def written(self, new_interval: bool) -> tuple[bytes, int]:
+        """(the written set as a working-set file, its written pages), taken on the session's
+        reactor thread; with `new_interval` the set starts empty again, atomically with the
+        take (Session.take_written). RequestError 409 once ended or where writes are not
+        tracked."""
+        session = self.session
+        if session is None:
+            raise RequestError(f"restore {self.id} has ended", 409)
+        try:
+            offsets, count = session.call(lambda: session.take_written(new_interval), END_WAIT)
+        except FcsnapError as e:
+            raise RequestError(f"restore {self.id}: {e}", 409) from None
+        return dump_working_set(session.header.metadata.size, offsets.tolist()), count
 
     def retire(self) -> None:
         """Keep the final documents, drop the session (its page flags, buffers, fds' owners):
@@ -159,6 +175,16 @@ class Restores:
         reactor = min(self.reactors, key=lambda r: r.load)
         reactor.add(session, lambda _session, error: self._ended_session(restore, error))
         return restore
+
+    def wait_loaded(self, restore: Restore) -> FcsnapError | None:
+        """With `firecracker_api`: wait for Firecracker's answer to the snapshot load; its
+        refusal (the restore has then ended with it), or None once the VM is loaded."""
+        load = restore.load
+        assert load is not None
+        if not load.settled(load.timeout + LOAD_GRACE):
+            return FcsnapError(f"Firecracker did not answer PUT /snapshot/load within "
+                               f"{load.timeout:g}s")
+        return load.error
 
     def get(self, restore_id: str) -> Restore | None:
         with self._lock:

@@ -1,7 +1,8 @@
-"""The memfile.header byte format, compatible with E2B's and Wrenn's V3 header (docs/FORMAT.md §3).
+"""The memfile.header byte format, compatible with E2B's and Wrenn's headers (docs/FORMAT.md §3).
 
 Little-endian, no padding, no record count: 64 bytes of metadata, then 40-byte mapping records to
-the end of the file.
+the end of the file (versions 1-3, and what fcsnap writes). E2B's versions 4 and 5 put a builds
+section and the mappings in an LZ4 frame instead; e2b.py reads that body into the same records.
 
 One path for each job: `decode` reads bytes (checked by `check`) into metadata and the records'
 bytes, which the store views as a numpy array (store/lineage.py); `parse_header` makes them a
@@ -22,13 +23,18 @@ from pathlib import Path
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
+from fcsnap.header.e2b import BodyError, BuildsSection, decode_body
 from fcsnap.units import BLOCK_SIZES, PAGE
 
 NIL = uuid.UUID(int=0)
 ZEROS = -1
 """Where builds are numbered (numpy owner arrays), the number standing for NIL: zeros."""
-READ_VERSIONS = (1, 2, 3)
+READ_VERSIONS = (1, 2, 3, 4, 5)
+RECORD_VERSIONS = (1, 2, 3)
+"""The versions whose mappings are §3.1's records to the end of the file: what encode writes."""
 WRITE_VERSION = 3
+VERSION_MASK = 0xFFFF
+"""E2B reads the format version from the low 16 bits of the version field; so does fcsnap."""
 MAX_SIZE = 1 << 62
 """Memory sizes stop below this, so that offset + length never wraps in 64 bits."""
 
@@ -83,6 +89,8 @@ class Lookup:
 class Header:
     metadata: Metadata
     mappings: tuple[Mapping, ...]
+    builds_section: BuildsSection | None = None
+    """E2B's V4/V5 builds section and flags; None for versions 1-3."""
     _starts: list[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -126,26 +134,45 @@ def to_records(mappings: Iterable[Mapping]) -> bytes:
 
 def decode(data: bytes, source: str = "header") -> tuple[Metadata, bytes]:
     """Header bytes as metadata and the mapping records' bytes, checked by `check`."""
+    meta, records, _ = decode_full(data, source)
+    return meta, records
+
+
+def decode_full(
+    data: bytes, source: str = "header"
+) -> tuple[Metadata, bytes, BuildsSection | None]:
+    """`decode`, plus E2B's builds section of a V4/V5 header (None for versions 1-3)."""
     if len(data) < METADATA.size:
         raise HeaderError(
             f"{source}: too short: {len(data)} bytes, the metadata alone is {METADATA.size}"
-        )
-    rest = len(data) - METADATA.size
-    if rest % MAPPING.size:
-        raise HeaderError(
-            f"{source}: {rest} bytes after the metadata is not a whole number of "
-            f"{MAPPING.size}-byte mapping records"
         )
     version, block_size, size, generation, build_raw, base_raw = METADATA.unpack_from(data)
     meta = Metadata(
         version, block_size, size, generation, uuid.UUID(bytes=build_raw), uuid.UUID(bytes=base_raw)
     )
-    records = bytes(memoryview(data)[METADATA.size :])
+    section = None
+    rest = len(data) - METADATA.size
+    if version & VERSION_MASK in (4, 5):
+        if block_size not in BLOCK_SIZES:  # before the body: E2B's V5 reader divides by it
+            check(meta, b"", source)
+        try:
+            records, section = decode_body(
+                version & VERSION_MASK, bytes(memoryview(data)[METADATA.size :]), size
+            )
+        except BodyError as e:
+            raise HeaderError(f"{source}: version {version & VERSION_MASK} body: {e}") from None
+    elif rest % MAPPING.size:
+        raise HeaderError(
+            f"{source}: {rest} bytes after the metadata is not a whole number of "
+            f"{MAPPING.size}-byte mapping records"
+        )
+    else:
+        records = bytes(memoryview(data)[METADATA.size :])
     if not records and size > 0:
         # E2B and Wrenn read a header without records as one run of its own build.
         records = MAPPING.pack(0, size, build_raw, 0)
     check(meta, records, source)
-    return meta, records
+    return meta, records, section
 
 
 def _first(flags: Iterable[object]) -> int:
@@ -159,12 +186,8 @@ def check(meta: Metadata, records: bytes, source: str = "header") -> None:
     rule. Each rule is one pass of C-level list operations, not Python work per mapping (a
     header late in a lineage has tens of thousands), and without numpy, which `inspect` and
     restore's start-up do not load."""
-    if meta.version not in READ_VERSIONS:
-        hint = (
-            " (E2B's compressed/columnar header, not supported yet)"
-            if meta.version in (4, 5) else ""
-        )
-        raise HeaderError(f"{source}: unsupported header version {meta.version}{hint}")
+    if meta.version & VERSION_MASK not in READ_VERSIONS:
+        raise HeaderError(f"{source}: unsupported header version {meta.version}")
     if meta.block_size not in BLOCK_SIZES:
         raise HeaderError(f"{source}: block size {meta.block_size} is neither 4 KiB nor 2 MiB")
     if meta.size == 0 or meta.size % PAGE:
@@ -216,6 +239,8 @@ def encode(meta: Metadata, records: bytes) -> bytes:
     """The header bytes of `meta` and `records` (40-byte mapping records), checked like any
     header read back: the one writer of headers."""
     check(meta, records, "new header")
+    if meta.version & VERSION_MASK not in RECORD_VERSIONS:
+        raise HeaderError(f"new header: version {meta.version} is not written as 40-byte records")
     return (
         METADATA.pack(
             meta.version, meta.block_size, meta.size, meta.generation, meta.build_id.bytes,
@@ -227,7 +252,7 @@ def encode(meta: Metadata, records: bytes) -> bytes:
 
 def parse_header(data: bytes, source: str = "header") -> Header:
     """Parse and check header bytes into a Header; every problem raises HeaderError naming it."""
-    meta, records = decode(data, source)
+    meta, records, section = decode_full(data, source)
     ids = {NIL.bytes: NIL}  # a lineage has few builds: one UUID object each
 
     def build_id(raw: bytes) -> uuid.UUID:
@@ -240,7 +265,7 @@ def parse_header(data: bytes, source: str = "header") -> Header:
         Mapping(offset, length, build_id(raw), 0 if raw == NIL.bytes else storage)
         for offset, length, raw, storage in MAPPING.iter_unpack(records)
     )
-    return Header(meta, mappings)
+    return Header(meta, mappings, section)
 
 
 def load_header(path: str | os.PathLike[str]) -> Header:

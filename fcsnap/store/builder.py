@@ -13,12 +13,11 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from itertools import compress
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
@@ -47,6 +46,9 @@ from fcsnap.store.seekable import BATCH_BYTES, SeekableWriter
 from fcsnap.store.stores import current_head
 from fcsnap.threads import block_signals
 from fcsnap.units import PAGE
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 
 class Head(Enum):
@@ -86,18 +88,43 @@ GATHER_BELOW = 256 << 10
 GATHER_BYTES = 4 << 20
 WRITEBACK_BYTES = 4 << 20
 IN_FLIGHT = 2  # batches handed to the sink's worker and not yet written
+# Bytes gathered before a batch goes to the worker: the scan reads small chunks, and a worker
+# compressing a batch of frames must have the next batch queued by then, not a few pages.
+HANDOFF_BYTES = 8 << 20
 # zstd input compressed at once when the diff streams to object storage: small, so the first
 # parts go up while the scan has barely started and little is left to compress at its end
 # (the upload, not the disk, is then what the build waits for).
 STREAM_BATCH_BYTES = 2 << 20
 
 
+IOV_MAX = os.sysconf("SC_IOV_MAX")
+
+
+def write_all(fd: int, pieces: list[memoryview]) -> int:
+    """Write `pieces` in order with writev (at most IOV_MAX at a time); a short write (the
+    disk filling up) is retried, and the retry says why it cannot go on. Returns the bytes."""
+    total = 0
+    for first in range(0, len(pieces), IOV_MAX):
+        todo = pieces[first : first + IOV_MAX]
+        while todo:
+            done = os.writev(fd, todo)
+            total += done
+            while todo and done >= len(todo[0]):
+                done -= len(todo[0])
+                todo = todo[1:]
+            if done:
+                todo[0] = todo[0][done:]
+    return total
+
+
 class DiffSink:
     """The diff file being written: raw, or zstd seekable frames compressed on both cores.
 
-    Writing (and compressing) happens on a worker thread a batch or two behind the scan, so the
-    two overlap. Writeback is started as data arrives, so the disk works during the scan and
-    the fsync at publication has little left to wait for.
+    Compressing, and writing to object storage, happen on a worker thread a batch or two
+    behind the scan, so the two overlap. A raw local file is written at once, straight from
+    the scan's buffer: the write is one copy into the page cache, no dearer than the copy a
+    hand-over to a worker would take. Writeback is started as data arrives, so the disk works
+    during the scan and the fsync at publication has little left to wait for.
     """
 
     def __init__(self, out: BinaryIO, what: str, options: BuildOptions, local: bool) -> None:
@@ -117,9 +144,12 @@ class DiffSink:
         self.stored = 0
         self.written = 0  # bytes handed to `out`
         self.synced = 0  # bytes of the file whose writeback has been started
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="fcsnap-sink",
-                                         initializer=block_signals)
+        self.direct = local and self.zstd is None  # written by the caller's thread (write)
+        self.worker = None if self.direct else threads(1, "fcsnap-sink")
         self.in_flight: list[Future[None]] = []
+        self.handoff = HANDOFF_BYTES if local else STREAM_BATCH_BYTES
+        self.gathered: list[bytes] = []  # copies not yet handed to the worker
+        self.gathered_bytes = 0
         self.committing: Future[None] | None = None  # an object writer's commit, under way
         self.closed = False
 
@@ -131,20 +161,42 @@ class DiffSink:
         return cls(out, f"{name} of the new build in store {stage.parent}", options, local=True)
 
     def write(self, pieces: list[memoryview]) -> None:
-        """Append `pieces` in order (copied: the caller may reuse their memory at once)."""
+        """Append `pieces` in order (written or copied: the caller may reuse their memory at
+        once)."""
+        if self.direct:
+            with writing(self.what):
+                self.stored += write_all(self.file.fileno(), pieces)
+                self.written = self.stored
+                self._writeback()
+            return
         data = b"".join(pieces)
         self.stored += len(data)
-        self._wait(IN_FLIGHT - 1)
-        self.in_flight.append(self.worker.submit(self._write, data))
+        self.gathered.append(data)
+        self.gathered_bytes += len(data)
+        if self.gathered_bytes >= self.handoff:
+            self._hand_off()
 
-    def _write(self, data: bytes) -> None:
-        if self.zstd is not None:
-            self.zstd.write(data)
-        else:
-            view = memoryview(data)
-            while view:
-                view = view[self.file.write(view) :]
-        self.written += len(data) if self.zstd is None else 0
+    def _hand_off(self) -> None:
+        """Queue the gathered bytes for the worker, once at most IN_FLIGHT - 1 batches wait."""
+        if not self.gathered:
+            return
+        batch, self.gathered, self.gathered_bytes = self.gathered, [], 0
+        self._wait(IN_FLIGHT - 1)
+        assert self.worker is not None  # only a direct sink has none, and it gathers nothing
+        self.in_flight.append(self.worker.submit(self._write, batch))
+
+    def _write(self, batch: list[bytes]) -> None:
+        for data in batch:
+            if self.zstd is not None:
+                self.zstd.write(data)
+            else:
+                view = memoryview(data)
+                while view:
+                    view = view[self.file.write(view) :]
+            self.written += len(data) if self.zstd is None else 0
+        self._writeback()
+
+    def _writeback(self) -> None:
         end = self.size_written()
         if self.local and end - self.synced >= WRITEBACK_BYTES:
             # On Linux, DONTNEED starts writeback of the range's dirty pages and returns; pages
@@ -167,6 +219,7 @@ class DiffSink:
         """Finish the file; returns its size. A local file is closed here; an object writer's
         commit (its last parts, then completing the upload) is started on the worker, so the
         build's small files go up meanwhile: `committed` waits for it."""
+        self._hand_off()
         self._wait()
         if self.zstd is not None:
             with writing(self.what):
@@ -174,10 +227,12 @@ class DiffSink:
         written = self.size_written()
         self.closed = True
         if self.local:
-            self.worker.shutdown()
+            if self.worker is not None:
+                self.worker.shutdown()
             with writing(self.what):
                 self.file.close()
         else:
+            assert self.worker is not None
             self.committing = self.worker.submit(self.file.close)
             self.worker.shutdown(wait=False)
         return written
@@ -196,7 +251,8 @@ class DiffSink:
         self.closed = True
         if self.zstd is not None:
             self.zstd.abandon()  # the batch being compressed is its last
-        self.worker.shutdown(cancel_futures=True)
+        if self.worker is not None:
+            self.worker.shutdown(cancel_futures=True)
         if self.local:
             self.file.close()
         else:
@@ -280,7 +336,7 @@ class GenerationBuilder:
         bs = self.bs
         parent = self.parent
         words = np.frombuffer(data, np.uint64).reshape(len(blocks), bs // 8)
-        nonzero = np.bitwise_or.reduce(words, axis=1) != 0
+        nonzero = words.max(axis=1) != 0  # max: numpy's fastest reduction over a row
         zero = ~nonzero
         if self.taken is not None:  # classified already by add_first
             fresh_blocks = ~self.taken[blocks]
@@ -347,7 +403,8 @@ class GenerationBuilder:
             )
         with writing(f"{HASHES} of the new build in store {store}"):
             (self.stage / HASHES).write_bytes(dump_hashes(self.bs, b"".join(self.digests)))
-        used = np.unique(layout.owner[layout.owner >= 0]).tolist()
+        # np.flatnonzero(np.bincount()), not np.unique: numpy's unique imports numpy.ma.
+        used = np.flatnonzero(np.bincount(layout.owner[layout.owner >= 0])).tolist()
         self.ancestors_read = [self.build_ids[i] for i in used if i != self.me]
         stored = len(self.digests)
         zero_blocks = int(layout.count[layout.owner == ZEROS].sum())
@@ -369,6 +426,15 @@ class GenerationBuilder:
         count = np.concatenate((spans[:, 0], [self.blocks])) - start
         start, count = start[count > 0], count[count > 0]
         return Runs(start, count, np.full(len(start), ZEROS, np.int32), np.zeros_like(start))
+
+
+def threads(count: int, name: str) -> ThreadPoolExecutor:
+    """A thread pool whose threads leave signals to the main thread; concurrent.futures (and
+    the logging it imports) is loaded only by the builds that hand work to threads, not by a
+    raw local one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(count, thread_name_prefix=name, initializer=block_signals)
 
 
 def diff_name(options: BuildOptions) -> str:
@@ -480,8 +546,7 @@ def build_remote(store: RemoteStore, work: Assembly, expected: uuid.UUID | None)
         manifest = work.assemble(stage, sink, store.url)
         small = [name for name in (HEADER, HASHES, SNAPFILE) if (stage / name).exists()]
         written += [build_key(work.build_id, name) for name in small]
-        with ThreadPoolExecutor(len(small), thread_name_prefix="fcsnap-upload",
-                                initializer=block_signals) as pool:
+        with threads(len(small), "fcsnap-upload") as pool:
             uploads = [
                 pool.submit(store.objects.upload, build_key(work.build_id, name), stage / name)
                 for name in small

@@ -6,7 +6,7 @@ import fcntl
 import os
 import stat
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,8 @@ import numpy as np
 
 from fcsnap import outputs
 from fcsnap.errors import FcsnapError, UsageError
-from fcsnap.header import load_header
+from fcsnap.files import read_regular
+from fcsnap.header import Mapping, load_header
 from fcsnap.store.builder import BuildOptions, Head, build_generation
 from fcsnap.store.hashes import DIGEST_SIZE, digest, read_hashes
 from fcsnap.store.layout import HASHES, build_path, store_of
@@ -26,7 +27,7 @@ from fcsnap.store.pins import open_lineage
 from fcsnap.store.scan import CHUNK, MemoryFile, block_aligned
 from fcsnap.store.source import DiffFile, GenerationReader
 from fcsnap.store.stores import Store, local_path
-from fcsnap.workingset import read_working_set
+from fcsnap.workingset import parse_working_set, read_working_set
 
 Progress = Callable[[int], None]
 """Called with the number of bytes just processed."""
@@ -72,18 +73,23 @@ def diff(
     options: BuildOptions,
     sparse_diff: bool = False,
     progress: Progress = _noop,
+    written: Path | None = None,
     *,
     holes_are_zeros: bool = False,
 ) -> tuple[Manifest, Path | str]:
     """Generation N+1 over base_dir (in a remote store: in its mirror). With sparse_diff (a
     Firecracker Diff snapshot), holes mean "unchanged"; with holes_are_zeros the file is Full
     and holes are zeros; with neither, holes over the base's data are refused (see
-    _refuse_holes_over_data)."""
+    _refuse_holes_over_data). With `written` (restore --written: the pages the guest wrote
+    since base_dir was served), only those pages of the Full file are read; the rest is
+    unchanged."""
     if sparse_diff and holes_are_zeros:
         raise UsageError("--sparse-diff and --holes-are-zeros contradict each other: give one")
     if store_of(base_dir).resolve() != local_path(store).resolve():
         raise FcsnapError(f"base build {base_dir} is not in store {store}")
     with open_lineage(base_dir):  # the base's lineage stays what it is until we are done
+        if written is not None:
+            return _diff_written(memfile, base_dir, store, options, written, progress)
         return _diff(memfile, base_dir, store, options, sparse_diff, holes_are_zeros, progress)
 
 
@@ -104,6 +110,31 @@ def _refuse_holes_over_data(source: MemoryFile, parent: Parent) -> None:
         )
 
 
+def _diff_written(
+    memfile: Path, base_dir: Path, store: Store, options: BuildOptions, written: Path,
+    progress: Progress,
+) -> tuple[Manifest, Path | str]:
+    parent = Parent(base_dir)
+    options = replace(options, block_size=parent.block_size, source=memfile.name)
+    with MemoryFile(memfile, parent.block_size) as source:
+        _check_size(memfile, source, parent)
+        recorded, offsets = parse_working_set(read_regular(written, "written set"),
+                                              str(written))
+        if recorded != parent.size:
+            raise FcsnapError(f"{written}: a written set of {recorded} bytes of guest memory, "
+                              f"but base build {parent.manifest.build_id} is {parent.size}")
+        return build_generation(store, _tracked(source.blocks(offsets), progress), source.size,
+                                options, parent, holes_are_zero=False)
+
+
+def _check_size(memfile: Path, source: MemoryFile, parent: Parent) -> None:
+    if source.size != parent.size:
+        raise FcsnapError(
+            f"{memfile}: {source.size} bytes, but base build {parent.manifest.build_id} "
+            f"is {parent.size} bytes of guest memory"
+        )
+
+
 def _diff(
     memfile: Path, base_dir: Path, store: Store, options: BuildOptions, sparse_diff: bool,
     holes_are_zeros: bool, progress: Progress,
@@ -111,11 +142,7 @@ def _diff(
     parent = Parent(base_dir)
     options = replace(options, block_size=parent.block_size, source=memfile.name)
     with MemoryFile(memfile, parent.block_size) as source:
-        if source.size != parent.size:
-            raise FcsnapError(
-                f"{memfile}: {source.size} bytes, but base build {parent.manifest.build_id} "
-                f"is {parent.size} bytes of guest memory"
-            )
+        _check_size(memfile, source, parent)
         if not sparse_diff and not holes_are_zeros:
             _refuse_holes_over_data(source, parent)
         reader: list[GenerationReader] = []
@@ -231,21 +258,34 @@ def unpack(build_dir: Path, output: Path, force: bool = False, progress: Progres
     returns bytes of data written. The file is written under a temporary name, locked while
     being written, and renamed over `output` only once complete (fcsnap/outputs.py)."""
     check_output(output, force)
+    with open_lineage(build_dir), GenerationReader(build_dir) as reader:
+        return write_memory(output, force, reader.size, reader.header.mappings, reader.stored,
+                            progress)
+
+
+def write_memory(
+    output: Path, force: bool, size: int, mappings: Iterable[Mapping],
+    stored: Callable[[uuid.UUID, int, int], bytes], progress: Progress = _noop,
+) -> int:
+    """Write guest memory of `size` bytes at `output`, sparse where zero, each mapping's bytes
+    from `stored(build, storage_offset, length)`; returns bytes of data written. The file is
+    written under a temporary name, locked while being written, and renamed over `output`
+    only once complete."""
+    check_output(output, force)
     remove_stale_partials(output.parent)
     written = 0
-    with open_lineage(build_dir), GenerationReader(build_dir) as reader, outputs.output(
+    with outputs.output(
         output, "", in_place=False, temp_name=_partial_name, create=locked_partial,
         recheck=lambda: check_output(output, force),  # it may have changed while we wrote
     ) as fd:
         stop_point("unpacking")
-        os.ftruncate(fd, reader.size)
-        for m in reader.header.mappings:
+        os.ftruncate(fd, size)
+        for m in mappings:
             if m.is_zero:
                 continue
             for pos in range(0, m.length, CHUNK):
                 n = min(CHUNK, m.length - pos)
-                data = reader.stored(m.build_id, m.storage_offset + pos, n)
-                _pwrite_all(fd, data, m.offset + pos)
+                _pwrite_all(fd, stored(m.build_id, m.storage_offset + pos, n), m.offset + pos)
                 written += n
                 progress(n)
     return written

@@ -1,14 +1,16 @@
-"""gc of a store in object storage: protected by --grace alone (docs/FORMAT.md §8.5).
+"""gc of a store in object storage: protected by leases and --grace (docs/FORMAT.md §8.5-6).
 
 Object storage has no locks, so gc cannot see which builds another host is using, as the local
-gc does with flock. What it can rely on is time: a build is committed (build.json) only after
-all its objects, and named right after; whatever a running command writes is therefore
-younger than that command. So gc deletes only what no name's head reads *and* is older than
---grace (default 1h): committed builds by their build.json's time, and objects of builds never
-committed (a killed upload) by their newest object. Before deleting, it lists the store again
-and keeps whatever a head, or a build committed meanwhile, reads. What this cannot protect:
-a command running longer than --grace over a build no name reads (a `diff --base <old id>`,
-or a restore still downloading an unnamed build); keep --grace above your longest command.
+gc does with flock. Restores and the daemon write leases (fcsnap/store/leases.py) on the builds
+they serve, and gc keeps whatever a live lease names. For the other commands, it relies on
+time: a build is committed (build.json) only after all its objects, and named right after;
+whatever a running command writes is therefore younger than that command. So gc deletes only
+what no name's head reads, no live lease names, *and* is older than --grace (default 1h):
+committed builds by their build.json's time, and objects of builds never committed (a killed
+upload) by their newest object. Before deleting, it lists the store again and keeps whatever a
+head, or a build committed meanwhile, reads. What this cannot protect: a command other than a
+restore running longer than --grace over a build no name reads (a `diff --base <old id>`);
+keep --grace above your longest such command.
 --repack-below squashes as the local gc does (lifecycle.repack), moving names by
 compare-and-swap on the pointer's ETag; the builds it leaves unread then go as any other.
 """
@@ -22,6 +24,7 @@ from typing import Any
 
 from fcsnap.errors import FcsnapError
 from fcsnap.store.layout import MANIFEST, parse_build_id
+from fcsnap.store.leases import LeaseEntry, read_leases, take
 from fcsnap.store.lifecycle import repack
 from fcsnap.store.listing import summary
 from fcsnap.store.locks import stop_point
@@ -54,12 +57,22 @@ def collect_remote(
     stop_point("gc-recheck")
     _recheck(store, view, delete, kept)
     uncommitted = _uncommitted(store, now, grace)
-    if not dry_run:
-        for build_id in sorted(delete):
-            _delete_build(store, build_id)
-        for prefix in uncommitted:
-            for info in store.objects.list(prefix):
-                store.objects.delete(info.key)
+    # written before the leases are read: a restore leasing a build after this sees it
+    marker = take(store, delete, kind="gc") if delete and not dry_run else None
+    try:
+        stale = _keep_leased(store, view, kept, delete)
+        stop_point("gc-leases")  # tests start a restore of a doomed build here
+        if not dry_run:
+            for build_id in sorted(delete):
+                _delete_build(store, build_id)
+            for prefix in uncommitted:
+                for info in store.objects.list(prefix):
+                    store.objects.delete(info.key)
+            for entry in stale:
+                store.objects.delete(entry.key)
+    finally:
+        if marker is not None:
+            marker.release()
     freed = sum(delete.values())
     after = summary(scan_store(_fresh(store))) if not dry_run else _predicted(before, delete)
     return {
@@ -71,6 +84,7 @@ def collect_remote(
         "bytes_freed" if not dry_run else "bytes_to_free": freed,
         "kept": [{"build_id": str(b), "reason": r} for b, r in sorted(kept.items())],
         "leftovers": [f"{store.url}/{p}" for p in uncommitted],
+        "stale_leases": [entry.as_dict(store.url) for entry in stale],
         "repacked": repacked,
         "before": summary(before),
         "after": after,
@@ -87,6 +101,28 @@ def _keep_what_kept_builds_read(
             if target != build_id:
                 delete.pop(target)
                 kept[target] = f"read by {build_id}"
+
+
+def _keep_leased(
+    store: RemoteStore, view: StoreView, kept: dict[uuid.UUID, str],
+    delete: dict[uuid.UUID, int],
+) -> list[LeaseEntry]:
+    """Keep every build a live lease names (and what those builds read); a lease that cannot
+    be read keeps every build. Returns the stale leases, which protect nothing."""
+    live, stale = read_leases(store, time.time())
+    for entry in live:
+        if entry.kind == "gc":  # another gc's list of what it deletes
+            continue
+        held = set(delete) if entry.builds is None else entry.builds
+        for build_id in held:
+            build = view.builds.get(build_id)
+            reads: set[uuid.UUID] = set() if build is None else (
+                set(delete) if build.reads is None else build.reads  # unreadable: all
+            )
+            for target in ({build_id} | reads) & set(delete):
+                delete.pop(target)
+                kept[target] = f"leased by {entry.holder} ({store.url}/{entry.key})"
+    return stale
 
 
 def _recheck(

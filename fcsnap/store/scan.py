@@ -20,6 +20,10 @@ from fcsnap.header import PAGE
 from fcsnap.units import format_block_size
 
 CHUNK = 32 << 20
+# Bytes a pack or diff reads at a time: small enough that the scan that follows each read (zero
+# check, hashes, the write of what is stored) finds the bytes still in the CPU's cache, large
+# enough that the per-chunk work of the scan is paid rarely.
+SCAN_CHUNK = 1 << 20
 PREFETCH_BYTES = 64 << 20
 FIRST_BATCH = 4 << 20  # bytes of working-set blocks handed to the builder at a time
 
@@ -110,7 +114,7 @@ class MemoryFile:
     def chunks(
         self,
         fill_holes: Callable[[int, int], bytes] | None = None,
-        chunk_bytes: int = CHUNK,
+        chunk_bytes: int = SCAN_CHUNK,
     ) -> Iterator[tuple[int, memoryview]]:
         """Yield (offset, bytes) for every block that holds data, in ascending order.
 
@@ -121,10 +125,9 @@ class MemoryFile:
         bs = self.block_size
         aligned = block_aligned(self.ranges, bs)
         chunk_bytes = max(bs, chunk_bytes - chunk_bytes % bs)
-        # No bigger than the largest range: allocating (zeroing) 32 MiB costs more than reading
-        # all the pages of a typical 1%-dirty Diff snapshot.
+        # No bigger than the largest range: a sparse Diff file's ranges are often one page.
         chunk_bytes = min(chunk_bytes, max((hi - lo for lo, hi, _ in aligned), default=0))
-        view = memoryview(bytearray(chunk_bytes))
+        view = memoryview(np.empty(chunk_bytes, np.uint8))  # every byte is read into first
         asked = 0  # data before this offset has been asked for (see _read)
         for lo, hi, covered in aligned:
             partial = covered < hi - lo
@@ -177,6 +180,35 @@ class MemoryFile:
                 for j in np.flatnonzero(~whole[lo : lo + per_batch]).tolist():
                     self._fill(view[j * bs : (j + 1) * bs], int(batch[j]) * bs, fill_holes)
             yield batch, view[: len(batch) * bs]
+
+    def blocks(self, offsets: np.ndarray) -> Iterator[tuple[int, memoryview]]:
+        """(offset, bytes) of the blocks holding the pages at `offsets` (a written set), in
+        ascending order, runs of neighbours in one read of at most CHUNK bytes: a diff of
+        them reads what the guest wrote, not the whole file. A Full memory file's holes read
+        as the zeros they stand for. Each batch's reads are announced (WILLNEED) first, so a
+        cold file serves the scattered blocks in parallel. The memoryview is reused."""
+        bs = self.block_size
+        blocks = np.sort(np.asarray(offsets, np.int64) // bs)
+        blocks = blocks[np.append(True, blocks[1:] != blocks[:-1])]  # distinct, no np.unique
+        pieces = [(start + lo, min(CHUNK // bs, count - lo))
+                  for start, count in consecutive_runs(blocks)
+                  for lo in range(0, count, max(1, CHUNK // bs))]
+        if not pieces:
+            return
+        view = memoryview(bytearray(max(n for _, n in pieces) * bs))
+        ahead = 0  # pieces announced
+        for k, (start, count) in enumerate(pieces):
+            if k == ahead:
+                budget = PREFETCH_BYTES
+                while ahead < len(pieces) and budget > 0:
+                    s, n = pieces[ahead]
+                    os.posix_fadvise(self.fd, s * bs, n * bs, os.POSIX_FADV_WILLNEED)
+                    budget -= n * bs
+                    ahead += 1
+            part = view[: count * bs]
+            if os.preadv(self.fd, [part], start * bs) != len(part):
+                raise FcsnapError(f"{self.path}: short read at {start * bs:#x} (file changed?)")
+            yield start * bs, part
 
     def _read(
         self, part: memoryview, start: int, aligned: list[tuple[int, int, int]], asked: int

@@ -158,6 +158,9 @@ def serve_source(
 
     if not isinstance(store, RemoteStore):
         return resolve(arg, store), None
+    from fcsnap.store.leases import lease_expiry
+
+    lease_expiry()  # a bad FCSNAP_S3_LEASE_EXPIRY is refused before any work
     head = mirror_for_serving(store, arg)
     cache = ChunkCache(cache_dir or default_cache_dir(), cache_size, fetch_rest=not lazy_fetch)
     read_through(store, head, cache, fetch_timeout, serving=True)
@@ -181,7 +184,8 @@ def read_through(
     diff --sparse-diff) read diffs through `cache`, fetching only the chunks (raw) or groups
     of frames holding whole blocks (zstd) they read.
     `serving`: for a fault server, which copies pages straight from the chunks' mappings
-    (CachedDiff.chunk_maps) and never waits on the network (FetchPending)."""
+    (CachedDiff.chunk_maps) and never waits on the network (FetchPending); the builds it
+    serves are leased in the store while served (fcsnap/store/holds.py)."""
     from fcsnap.store.cached_zstd import CachedZstd
     from fcsnap.store.chunk_cache import CachedDiff, with_deadline
     from fcsnap.store.layout import DIFF_ZSTD
@@ -213,3 +217,7 @@ def read_through(
         return raw  # type: ignore[return-value]  (DiffFile's reading interface)
 
     open_diffs_with(store.mirror, opener)
+    if serving:
+        from fcsnap.store.holds import lease_through
+
+        lease_through(store)

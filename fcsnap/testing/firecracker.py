@@ -23,6 +23,14 @@ ballooned page accept the file's bytes only until the first inflation has finish
 always. The first mismatch of each thread is written to the report at once, so that a VM its
 page server killed afterwards still shows it.
 
+`--wp` registers guest memory MISSING|WP, as E2B's Firecracker builds do, to learn what the
+guest writes. `--write START:LEN[,...]` then plays a guest that writes: after the passes (and
+the balloon), threads write those pages (each with `written_page(offset)`) and read them back;
+`--dump FILE` then reads all of guest memory into FILE, as a Full snapshot does, and
+`--pagemap` reports which present pages are write-protected (/proc/self/pagemap bit 57).
+`--second-write RANGES --gate FILE` writes again once FILE exists (the report says
+"first_write_done" meanwhile): two intervals of a VM's writes.
+
 Guest memory is only ever read through ctypes.memmove, which releases the GIL: a Python thread
 blocked in a uffd fault would otherwise hold it and stop every other thread (and the watchdog).
 Exit status: 0 all pages matched, 3 some byte mismatched, 4 the deadline passed (the server
@@ -41,6 +49,7 @@ import random
 import resource
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -68,6 +77,13 @@ EXIT_DEADLINE = 4
 FIRST_MISMATCHES = 16
 BALLOON_RECHECKS = 8
 LATENCY_STALLS_NS = (1_000_000, 10_000_000)  # touches slower than 1 ms and 10 ms are counted
+PAGEMAP_PRESENT = 1 << 63
+PAGEMAP_UFFD_WP = 1 << 57
+
+
+def written_page(offset: int, size: int = PAGE) -> bytes:
+    """What `--write` writes into the page at memory-file `offset`."""
+    return struct.pack("<QQ", offset, 0xF00DFACE) * (size // 16)
 
 
 Plan = list[list[int]]  # memory-file offsets each touching thread reads, in order
@@ -134,19 +150,24 @@ class GuestMemory:
 
 class Guest(GuestMemory):
     """Guest memory on Firecracker's Uffd backend: anonymous mappings, all registered MISSING
-    on one uffd with EVENT_REMOVE."""
+    (with `wp`, MISSING|WP) on one uffd with EVENT_REMOVE."""
 
-    def __init__(self, size: int, page_size: int, n_regions: int) -> None:
+    def __init__(self, size: int, page_size: int, n_regions: int, wp: bool = False,
+                 features: int = 0) -> None:
         self._flags = abi.MAP_PRIVATE | abi.MAP_ANONYMOUS | abi.MAP_NORESERVE
         if page_size != PAGE:
             self._flags |= abi.MAP_HUGETLB | abi.MAP_HUGE_2MB
+        self._mode = abi.MISSING | (abi.UFFDIO_REGISTER_MODE_WP if wp else 0)
         self.uffd = abi.userfaultfd(os.O_CLOEXEC | os.O_NONBLOCK)
-        abi.api_handshake(self.uffd, abi.UFFD_FEATURE_EVENT_REMOVE)
+        features |= abi.UFFD_FEATURE_EVENT_REMOVE
+        if wp and page_size != PAGE:
+            features |= abi.UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+        abi.api_handshake(self.uffd, features)
         super().__init__(size, page_size, n_regions)
 
     def _map(self, offset: int, length: int) -> int:
         host = abi.mmap_anonymous(length, self._flags)
-        abi.register(self.uffd, host, length, abi.MISSING)
+        abi.register(self.uffd, host, length, self._mode)
         return host
 
 
@@ -358,7 +379,8 @@ class StandIn:
         if a.file_backend is not None:
             guest = FileGuest(a.file_backend, a.size, a.regions)
         else:
-            guest = Guest(a.size, a.page_size, a.regions)
+            guest = Guest(a.size, a.page_size, a.regions, a.wp,
+                          abi.UFFD_FEATURE_WP_ASYNC if a.wp_async else 0)
         self.report["backend"] = "file" if a.file_backend is not None else "uffd"
         self.report["regions"] = guest.region_objects(a.payload)
         passes = self._passes(guest)  # planned before the handshake: touching starts right after
@@ -438,6 +460,56 @@ class StandIn:
                                  "major_faults": done.ru_majflt - usage.ru_majflt}
         if a.balloon and race is None:
             self._balloon(guest, expected)
+        if a.write:
+            self.report["written"] = self._write(guest, a.write)
+        if a.second_write:
+            self.report["first_write_done"] = True
+            self.write_report()
+            while not os.path.exists(a.gate):  # the watchdog's deadline bounds this
+                time.sleep(0.01)
+            self.report["written_second"] = self._write(guest, a.second_write)
+        if a.dump:
+            self._dump(guest)
+        if a.pagemap:
+            self.report["pagemap"] = pagemap_report(guest)
+
+    def _write(self, guest: GuestMemory, ranges: list[tuple[int, int]]) -> list[int]:
+        """Write the pages of `ranges` from all the threads at once (each `written_page`),
+        then read them back; returns their offsets."""
+        page = guest.page_size
+        offsets = sorted({o for start, n in ranges for o in range(start, start + n, page)})
+        tally = Tally(on_first_mismatch=self.write_report)
+        self.tallies.append(tally)
+
+        def write(share: list[int]) -> None:
+            for off in share:
+                data = written_page(off, page)
+                ctypes.memmove(guest.host(off), data, page)  # may fault: GIL released
+
+        workers = [threading.Thread(target=self._guarded, args=(write, share))
+                   for share in self._split(offsets)]
+        began = time.monotonic()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        self.report["write_s"] = round(time.monotonic() - began, 6)  # the last write pass
+        if self.errors:
+            raise self.errors[0]
+        buf = bytearray(page)
+        for off in offsets:
+            ctypes.memmove(abi.buffer_address(buf), guest.host(off), page)
+            tally.record(off, buf == written_page(off, page))
+        return offsets
+
+    def _dump(self, guest: GuestMemory) -> None:
+        """All of guest memory into --dump, in memory-file order (as a Full snapshot)."""
+        buf = bytearray(guest.page_size)
+        address = abi.buffer_address(buf)
+        with open(self.args.dump, "wb") as f:
+            for offset in range(0, guest.size, guest.page_size):
+                ctypes.memmove(address, guest.host(offset), guest.page_size)
+                f.write(buf)
 
     def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
         """Run a worker, keeping its exception for the main thread to raise."""
@@ -534,6 +606,21 @@ class StandIn:
         self.report["balloon_ok"] = tally.mismatches == 0
 
 
+def pagemap_report(guest: GuestMemory) -> dict[str, Any]:
+    """The present 4 KiB pages of guest memory (memory-file offsets), write-protected or
+    writable, from /proc/self/pagemap."""
+    protected, writable = [], []
+    with open("/proc/self/pagemap", "rb") as f:
+        for r in guest.regions:
+            f.seek(r.host // PAGE * 8)
+            entries = struct.unpack(f"<{r.size // PAGE}Q", f.read(r.size // PAGE * 8))
+            for i, entry in enumerate(entries):
+                if entry & PAGEMAP_PRESENT:
+                    (protected if entry & PAGEMAP_UFFD_WP else writable).append(
+                        r.offset + i * PAGE)
+    return {"protected": protected, "writable": writable}
+
+
 def _summary(latencies_ns: list[int]) -> dict[str, float | int]:
     """Percentiles (microseconds) and stall counts of per-touch latencies."""
     ns = sorted(latencies_ns)
@@ -623,6 +710,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--balloon-cycles", type=int, default=0, metavar="N",
                    help="run the touch pass N times, each racing a balloon thread that gives "
                    "the --balloon pages back one at a time, then reads them (zeros)")
+    p.add_argument("--wp", action="store_true",
+                   help="register guest memory MISSING|WP (as E2B's Firecracker does)")
+    p.add_argument("--wp-async", action="store_true",
+                   help="ask for UFFD_FEATURE_WP_ASYNC (the kernel resolves WP faults itself)")
+    p.add_argument("--write", type=_balloon_ranges, metavar="START:LEN[,...]",
+                   help="after the passes (and --balloon), write these memory-file ranges from "
+                   "the threads, then read them back")
+    p.add_argument("--second-write", type=_balloon_ranges, metavar="START:LEN[,...]",
+                   help="after --write, once --gate exists, write these ranges too")
+    p.add_argument("--gate", metavar="FILE", help="the file --second-write waits for")
+    p.add_argument("--dump", metavar="FILE",
+                   help="at the end, read all of guest memory into FILE (a Full snapshot)")
+    p.add_argument("--pagemap", action="store_true",
+                   help="report the present pages, write-protected or not (pagemap bit 57)")
     p.add_argument("--start-delay", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long after the handshake before touching memory")
     p.add_argument("--start-at", type=float, metavar="MONOTONIC",
@@ -682,9 +783,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.threads < 0 or (args.threads == 0 and not args.kvm):
         p.error("--threads must be at least 1 (or 0 with --kvm)")
     page = args.page_size
-    for start, length in args.balloon or ():
+    if (args.second_write is None) != (args.gate is None) or (
+            args.second_write and not args.write):
+        p.error("--second-write needs --write and --gate (and --gate --second-write)")
+    for start, length in [*(args.balloon or ()), *(args.write or ()),
+                          *(args.second_write or ())]:
         if start % page or length % page or length == 0 or start + length > args.size:
-            p.error(f"balloon range {start}:{length} is not whole pages inside guest memory")
+            p.error(f"range {start}:{length} is not whole pages inside guest memory")
     return args
 
 
@@ -720,7 +825,7 @@ def command(socket_path: str | os.PathLike[str] | None, **options: Any) -> list[
             continue
         elif value is True:
             argv.append(flag)
-        elif name == "balloon" and not isinstance(value, str):
+        elif name in ("balloon", "write", "second_write") and not isinstance(value, str):
             argv += [flag, ",".join(f"{s}:{n}" for s, n in value)]
         else:
             argv += [flag, os.fspath(value) if isinstance(value, os.PathLike) else str(value)]

@@ -1,13 +1,15 @@
 """A fake of Firecracker's API socket, for tests of `restore --firecracker-api` (and anything
 else that asks Firecracker to load a snapshot from fcsnap).
 
-`FakeFirecracker` serves one `PUT /snapshot/load` in a thread: it checks the request as
-Firecracker's HTTP server (micro_http) parses headers and as its API definition (swagger
-SnapshotLoadParams and MemoryBackend) types the body, then behaves as Firecracker does - it
-connects a VM (the stand-in, its own process) to the page server and answers only once the
-server has accepted that VM. Answers have Firecracker's bytes: `HTTP/1.1 204 ` with no reason
-phrase, `Server: Firecracker API`, `Connection: keep-alive`, no Content-Length on a 204, errors
-as `{"fault_message": ...}` with Content-Type and Content-Length; the connection stays open.
+`FakeFirecracker` imitates one Firecracker release (1.1 to 1.16) in a thread: it answers
+`GET /version`, then serves one `PUT /snapshot/load`, checking the request as Firecracker's
+HTTP server (micro_http) parses headers and as that release deserializes the body
+(fcsnap.testing.firecracker_schema: a field the release does not know is refused with a 400, as
+Firecracker refuses it), then behaves as Firecracker does - it connects a VM (the stand-in, its
+own process) to the page server and answers only once the server has accepted that VM. Answers
+have Firecracker's bytes: `HTTP/1.1 204 ` with no reason phrase, `Server: Firecracker API`,
+`Connection: keep-alive`, no Content-Length on a 204, JSON bodies (errors as
+`{"fault_message": ...}`) with Content-Type and Content-Length; connections stay open.
 
 `RawAnswer` answers one request with any bytes, in pieces, for a client's malformed-answer
 paths. Every wait has a deadline.
@@ -26,59 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from fcsnap.testing import firecracker
+from fcsnap.testing.firecracker_schema import load_error, parse_version
 from fcsnap.uffd import unixdiag
 
 WAIT = 30.0  # seconds any one step may take before the fake gives up
 FAULT = "Load snapshot error: Cannot restore microvm state: the vmstate file is for another CPU"
 BEHAVIOURS = ("load", "refuse-early", "refuse-late", "silent", "hang")
+VERSION = "1.12.1"  # the release imitated unless a test says otherwise
 
-# Firecracker's swagger (src/firecracker/swagger/firecracker.yaml): property -> (type, required).
-SNAPSHOT_LOAD_PARAMS: dict[str, tuple[type, bool]] = {
-    "snapshot_path": (str, True),
-    "enable_diff_snapshots": (bool, False),
-    "track_dirty_pages": (bool, False),
-    "mem_file_path": (str, False),
-    "mem_backend": (dict, False),
-    "resume_vm": (bool, False),
-    "network_overrides": (list, False),
-    "vsock_override": (dict, False),
-    "clock_realtime": (bool, False),
-}
-MEMORY_BACKEND: dict[str, tuple[type, bool]] = {
-    "backend_type": (str, True),
-    "backend_path": (str, True),
-}
-BACKEND_TYPES = ("File", "Uffd")
 MEDIA_TYPES = ("application/json", "text/plain")  # the only ones micro_http knows
-
-
-def schema_problems(obj: Any, schema: dict[str, tuple[type, bool]], name: str) -> list[str]:
-    """What makes `obj` not an instance of the object schema `name` (no unknown fields)."""
-    if not isinstance(obj, dict):
-        return [f"{name} is not an object"]
-    problems = [f"{name}: unknown field {key!r}" for key in obj if key not in schema]
-    for key, (kind, required) in schema.items():
-        if key not in obj:
-            if required:
-                problems.append(f"{name}: missing required field {key!r}")
-        elif not isinstance(obj[key], kind):
-            problems.append(f"{name}.{key}: not a {kind.__name__}")
-    return problems
-
-
-def load_problems(body: Any) -> list[str]:
-    """Why Firecracker would reject `body` as SnapshotLoadParams (empty: it is valid)."""
-    problems = schema_problems(body, SNAPSHOT_LOAD_PARAMS, "SnapshotLoadParams")
-    if not isinstance(body, dict):
-        return problems
-    if ("mem_backend" in body) == ("mem_file_path" in body):
-        problems.append("exactly one of mem_backend and mem_file_path must be present")
-    backend = body.get("mem_backend")
-    if isinstance(backend, dict):
-        problems += schema_problems(backend, MEMORY_BACKEND, "MemoryBackend")
-        if backend.get("backend_type") not in BACKEND_TYPES:
-            problems.append(f"MemoryBackend.backend_type: not one of {BACKEND_TYPES}")
-    return problems
 
 
 @dataclass
@@ -89,14 +47,17 @@ class Request:
     problems: list[str] = field(default_factory=list)  # what micro_http would reject
 
 
-def read_request(conn: socket.socket) -> Request:
-    """One HTTP/1.1 request, with what Firecracker's HTTP server would refuse in its header
-    lines: one without a colon, a Content-Length that is not a u32, an Accept-Encoding that
-    refuses identity. The body is read by Content-Length, as micro_http reads it."""
+def read_request(conn: socket.socket) -> Request | None:
+    """One HTTP/1.1 request (None: the client closed the connection before another), with
+    what Firecracker's HTTP server would refuse in its header lines: one without a colon, a
+    Content-Length that is not a u32, an Accept-Encoding that refuses identity. The body is
+    read by Content-Length, as micro_http reads it."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = conn.recv(65536)
         if not chunk:
+            if not data:
+                return None
             raise ConnectionError("the client closed the connection mid-request")
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
@@ -126,12 +87,13 @@ def read_request(conn: socket.socket) -> Request:
     return Request(line, headers, body, problems)
 
 
-def answer(status: int, error: dict[str, str] | None = None) -> tuple[bytes, bytes]:
-    """(head, body) as Firecracker writes an answer."""
+def answer(status: int, document: dict[str, str] | None = None) -> tuple[bytes, bytes]:
+    """(head, body) as Firecracker writes an answer, with a JSON body unless `document` is
+    None (its errors are `{"fault_message": ...}`)."""
     head = f"HTTP/1.1 {status} \r\nServer: Firecracker API\r\nConnection: keep-alive\r\n"
-    if error is None:
+    if document is None:
         return (head + "\r\n").encode(), b""
-    body = json.dumps(error).encode()
+    body = json.dumps(document, separators=(",", ":")).encode()
     head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     return head.encode(), body
 
@@ -147,8 +109,9 @@ def listening(path: str) -> bool:
     return bool(unixdiag.listening(st.st_dev, st.st_ino))
 
 
-def listen_once(path: Path) -> socket.socket:
-    """A Unix socket listening on `path` for one connection, accepted within WAIT."""
+def api_listener(path: Path) -> socket.socket:
+    """A Unix socket listening on `path` for a connection at a time, each accepted within
+    WAIT."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen(1)
@@ -157,38 +120,53 @@ def listen_once(path: Path) -> socket.socket:
 
 
 class FakeFirecracker:
-    """Firecracker's API socket for one `PUT /snapshot/load`. `behaviour`: "load" connects a
-    VM and answers 204; "refuse-late" connects a VM (that then stays alive) and answers 400;
-    "refuse-early" answers 400 without connecting one; "silent" connects a VM and never
-    answers; "hang" neither connects a VM nor answers. Invalid requests get a 400. The VM
-    checks its bytes against `expected` and writes `report`; it stays `hold` seconds after its
-    work, as a running VM would."""
+    """The API socket of Firecracker `version`, for `GET /version`s and one
+    `PUT /snapshot/load`. `behaviour`: "load" connects a VM and answers 204; "refuse-late"
+    connects a VM (that then stays alive) and answers 400; "refuse-early" answers 400 without
+    connecting one; "silent" connects a VM and never answers; "hang" neither connects a VM nor
+    answers. A request that release refuses gets its 400. The VM checks its bytes against
+    `expected` and writes `report`; it stays `hold` seconds after its work, as a running VM
+    would."""
 
     def __init__(self, path: Path, behaviour: str, expected: Path, report: Path,
-                 hold: float = 1.0) -> None:
+                 hold: float = 1.0, version: str = VERSION) -> None:
         assert behaviour in BEHAVIOURS, behaviour
+        self.version_text = version
+        self.version = parse_version(version)
         self.behaviour = behaviour
         self.expected = expected
         self.report = report
         self.hold = hold
         self.request: Request | None = None
+        self.versions_asked = 0
         self.body: Any = None
         self.problems: list[str] = []
         self.vm: subprocess.Popen[bytes] | None = None
         self.conn: socket.socket | None = None
         self.error: BaseException | None = None
-        self.listener = listen_once(path)
+        self.listener = api_listener(path)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def _run(self) -> None:
-        try:
+    def _next_load(self) -> Request:
+        """Answer `GET /version`s, on as many connections as come, until a load request."""
+        while True:
+            if self.conn is not None:
+                self.conn.close()
             self.conn, _ = self.listener.accept()
             self.conn.settimeout(WAIT)
-            self.request = read_request(self.conn)
+            while (request := read_request(self.conn)) is not None:
+                if request.line != "GET /version HTTP/1.1":
+                    return request
+                self.versions_asked += 1
+                self._answer(200, {"firecracker_version": self.version_text})
+
+    def _run(self) -> None:
+        try:
+            self.request = self._next_load()
             self.problems = self._request_problems(self.request)
             if self.problems:
-                self._answer(400, {"fault_message": "; ".join(self.problems)})
+                self._answer(400, {"fault_message": self.problems[0]})
                 return
             if self.behaviour in ("refuse-early", "hang"):
                 if self.behaviour == "refuse-early":
@@ -213,11 +191,11 @@ class FakeFirecracker:
             problems.append(f"request line {request.line!r}")
         if request.headers.get("content-type") != "application/json":
             problems.append(f"Content-Type {request.headers.get('content-type')!r}")
-        try:
-            self.body = json.loads(request.body)
-        except ValueError:
-            return [*problems, "the body is not JSON"]
-        return problems + load_problems(self.body)
+        refused = load_error(request.body, self.version)
+        if refused is not None:
+            return [*problems, refused]
+        self.body = json.loads(request.body)
+        return problems
 
     def _wait_accepted(self, vm: subprocess.Popen[bytes], backend_path: str) -> None:
         """Firecracker answers the load only after the page server took its handshake."""
@@ -227,11 +205,11 @@ class FakeFirecracker:
             assert time.monotonic() < deadline, "the page server never accepted the VM"
             time.sleep(0.01)
 
-    def _answer(self, status: int, error: dict[str, str] | None = None) -> None:
+    def _answer(self, status: int, document: dict[str, str] | None = None) -> None:
         """Firecracker's answer, head and body in separate writes (a client must not expect
         them in one read); the connection stays open."""
         assert self.conn is not None
-        head, body = answer(status, error)
+        head, body = answer(status, document)
         self.conn.sendall(head)
         if body:
             self.conn.sendall(body)
@@ -261,7 +239,7 @@ class RawAnswer:
         self.request: Request | None = None
         self.requested = threading.Event()  # set once the whole request has arrived
         self.error: BaseException | None = None
-        self.listener = listen_once(path)
+        self.listener = api_listener(path)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 

@@ -186,6 +186,7 @@ _REGISTER_T = ffi.typeof("struct uffdio_register *")
 _RANGE_T = ffi.typeof("struct uffdio_range *")
 _COPY_T = ffi.typeof("struct uffdio_copy *")
 _ZEROPAGE_T = ffi.typeof("struct uffdio_zeropage *")
+_WRITEPROTECT_T = ffi.typeof("struct uffdio_writeprotect *")
 _ioctl = lib.ioctl
 
 
@@ -296,6 +297,28 @@ def zeropage(fd: int, dst: int, length: int, mode: int = 0) -> int:
     if _ioctl(fd, UFFDIO_ZEROPAGE, z) == 0:
         return int(z.zeropage)
     raise _fail("UFFDIO_ZEROPAGE", max(int(z.zeropage), 0))
+
+
+def writeprotect(fd: int, addr: int, length: int, mode: int) -> None:
+    """UFFDIO_WRITEPROTECT a range: protect (mode UFFDIO_WRITEPROTECT_MODE_WP) or lift the
+    protection and wake the waiting threads (mode 0; with MODE_DONTWAKE alone, no wake).
+    ENOENT: the range is not registered for write-protect."""
+    if _ioctl(fd, UFFDIO_WRITEPROTECT, ffi.new(_WRITEPROTECT_T, ((addr, length), mode))) < 0:
+        raise _fail("UFFDIO_WRITEPROTECT")
+
+
+def uffd_features(fd: int) -> int | None:
+    """The UFFD_FEATURE_* the uffd's creator enabled (its UFFDIO_API), read from this
+    process's /proc fdinfo of it: the creator alone can ask, and only once. None where /proc
+    cannot tell (not mounted)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("API:"):
+                    return int(line.split(":")[2], 16) & ((1 << 31) - 1)  # bit 31: internal
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def wake(fd: int, addr: int, length: int) -> None:

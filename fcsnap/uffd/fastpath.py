@@ -13,7 +13,9 @@ each raw diff's MappedDiff state), so it and the Python installer can take turns
 fault. It serves 4 KiB pages of raw builds, mapped whole (local) or chunk by chunk (read
 through the host chunk cache: a fault on a chunk not mapped yet comes back to Python, which
 fetches and maps it); the rest comes back to Python untouched:
-REMOVE and other events, removed pages, huge pages, an EAGAIN to retry. Under --record-ws it
+REMOVE and other events, removed pages, huge pages, an EAGAIN to retry. A fault handed back
+keeps its WRITE and WP flags in its address's low bits (writes.fault_token). In regions
+registered for write-protect it installs as the installer does (writes.py). Under --record-ws it
 records the pages faulted, in order, in a buffer Python empties after every call. A server
 under --verify, or with a zstd build in its lineage, serves everything in Python.
 
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 from fcsnap.errors import FcsnapError
 from fcsnap.options import ADAPTIVE
-from fcsnap.uffd import abi, latency
+from fcsnap.uffd import abi, latency, writes
 from fcsnap.uffd.faultaround import ADAPTIVE_MAX, STREAMS
 from fcsnap.uffd.installer import Installer, InstallStats
 from fcsnap.uffd.mapped import READ_BELOW
@@ -42,6 +44,8 @@ except ImportError:  # not compiled: no C compiler when fcsnap was installed
 
 assert lib is None or lib.FP_STREAMS == STREAMS, "csrc/fastpath.h and faultaround.py disagree"
 assert lib is None or lib.FP_LATENCY_BUCKETS == latency.BUCKETS, "fastpath.h and latency.py"
+assert lib is None or (lib.FP_WRITTEN, lib.FP_REMOVED) == (writes.WRITTEN, writes.REMOVED)
+assert lib is None or lib.FP_FLAGS == writes.FAULT_FLAGS, "fastpath.h and writes.py"
 PURE_PYTHON_ENV = "FCSNAP_PURE_PYTHON"
 CAPACITY = 256  # messages read at once
 RECORD_CAPACITY = 1 << 16  # faulted pages recorded between two returns to Python (--record-ws)
@@ -93,6 +97,9 @@ class FastPath:
             c_region.removed = pointer("uint8_t[]", state.removed)
             c_region.wanted = pointer("uint8_t[]", state.wanted)
             c_region.streams = pointer("int64_t[]", state.streams)
+            c_region.wp = state.wp
+            if installer.tracking.recorded:
+                c_region.written = pointer("uint8_t[]", state.written)
         starts, storage, owner = pages.mapping_arrays()
         c_diffs = ffi.new("struct fp_diff[]", max(1, len(pages.builds)))
         for c_diff, build in zip(c_diffs, pages.builds, strict=False):
@@ -135,6 +142,8 @@ class FastPath:
         ctx.capacity = CAPACITY
         ctx.retry, ctx.defer = self.retry, self.defer
         ctx.latency = pointer("int64_t[]", installer.stats.latency)  # counted in place
+        ctx.zeros = installer.zeros_addr
+        ctx.zeros_len = len(installer.zeros) // PAGE * PAGE
         self.ctx = ctx
         self.handed_back = 0  # faults read in C and served by Python
         self._keep = (keep, c_regions, c_diffs)
@@ -209,6 +218,7 @@ class FastPath:
         stats.zero_pages += counts[lib.FP_ZERO_PAGES]
         stats.installs += counts[lib.FP_INSTALLS]
         stats.already_present += counts[lib.FP_ALREADY]
+        stats.wp_faults += counts[lib.FP_WP_FAULTS]
         for i, build in enumerate(self.installer.pages.builds):
             if self.per_owner[i]:
                 stats.per_build_pages[build] += self.per_owner[i]

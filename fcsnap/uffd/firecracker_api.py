@@ -1,7 +1,11 @@
-"""Just enough of Firecracker's API for a restore: `PUT /snapshot/load` over HTTP/1.1 on its
-Unix socket (docs/FORMAT.md §9.1; the schema is SnapshotLoadParams in Firecracker's swagger).
-The HTTP is fcsnap.unix_http's (the standard library's http.client); this module says what to
-send and puts every failure in Firecracker's terms, on one line.
+"""Just enough of Firecracker's API for a restore: `GET /version`, then `PUT /snapshot/load`
+over HTTP/1.1 on its Unix socket (docs/FORMAT.md §9.1; the schema is SnapshotLoadParams in
+Firecracker's swagger). The HTTP is fcsnap.unix_http's (the standard library's http.client);
+this module says what to send and puts every failure in Firecracker's terms, on one line.
+
+Firecracker refuses a body with a field its version does not know, and the field that turns on
+dirty page tracking was renamed in 1.13, so the body is written for the version the VMM says
+it is (`load_body`).
 
 Firecracker answers the load only after it has connected to the page server and sent its
 handshake, so the request runs in a background thread (`SnapshotLoad`) while the server
@@ -14,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import threading
 from collections.abc import Callable
@@ -28,6 +33,11 @@ from fcsnap.unix_http import AnswerError, OnConnect, UnixHTTPConnection, exchang
 MAX_BODY = 1 << 20  # Firecracker's answers are a short JSON object, or nothing
 ANSWER_GRACE = 1.0  # seconds to wait, once serving ended, for an answer already on its way
 HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+OLDEST = (1, 1)  # the first Firecracker with the Uffd memory backend
+TRACK_DIRTY_PAGES = (1, 13)  # `track_dirty_pages` replaces `enable_diff_snapshots` (deprecated)
+VERSION = re.compile(r"v?(\d+)\.(\d+)(?:\.\d+)?(?:[-+][0-9A-Za-z.+-]*)?")
+
+Version = tuple[int, int]  # (major, minor): what decides the load body
 
 
 @dataclass(frozen=True)
@@ -49,11 +59,12 @@ class Response:
 
 
 def call(
-    api_socket: Path, method: str, path: str, body: dict[str, Any], timeout: float,
+    api_socket: Path, method: str, path: str, body: dict[str, Any] | None, timeout: float,
     on_connect: OnConnect | None = None,
 ) -> Response:
-    """One request with a JSON body on a fresh connection to Firecracker's API socket; every
-    socket operation has `timeout` seconds. `on_connect` gets the socket (see SnapshotLoad)."""
+    """One request (with a JSON body unless `body` is None) on a fresh connection to
+    Firecracker's API socket; every socket operation has `timeout` seconds. `on_connect` gets
+    the socket (see SnapshotLoad)."""
     connection = UnixHTTPConnection(api_socket, timeout, on_connect)
     try:
         try:
@@ -64,8 +75,8 @@ def call(
                 "(is Firecracker running with this --api-sock?)"
             ) from None
         try:
-            answer, data = exchange(connection, method, path, json.dumps(body).encode(),
-                                    HEADERS, MAX_BODY)
+            data = b"" if body is None else json.dumps(body).encode()
+            answer, data = exchange(connection, method, path, data, HEADERS, MAX_BODY)
         except TimeoutError:
             raise FcsnapError(
                 f"Firecracker did not answer {method} {path} within {timeout:g}s"
@@ -85,13 +96,44 @@ def call(
         connection.close()
 
 
-def load_body(snapshot_path: Path, uffd_socket: Path, track_dirty_pages: bool) -> dict[str, Any]:
-    """SnapshotLoadParams for a UFFD restore that resumes the VM. Paths are made absolute:
+def parse_version(text: object) -> Version | None:
+    """(major, minor) of a `firecracker_version` such as "1.12.1" or "1.13.0-dev"."""
+    match = VERSION.fullmatch(text) if isinstance(text, str) else None
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def firecracker_version(api_socket: Path, timeout: float) -> Version:
+    """The version of the Firecracker at `api_socket` (`GET /version`); FcsnapError when it
+    cannot be asked, gives no version, or is too old to load from a page server."""
+    response = call(api_socket, "GET", "/version", None, timeout)
+    if response.status != 200:
+        raise FcsnapError(f"Firecracker did not give its version: {response.fault_message()}")
+    try:
+        text = json.loads(response.body).get("firecracker_version")
+    except (ValueError, AttributeError):
+        text = None
+    version = parse_version(text)
+    if version is None:
+        shown = " ".join(response.body.decode(errors="replace").split())[:200]
+        raise FcsnapError(f"Firecracker's API answered GET /version without a version: {shown}")
+    if version < OLDEST:
+        raise FcsnapError(
+            f"Firecracker {text} cannot load a snapshot from a page server (the Uffd memory "
+            f"backend needs Firecracker {OLDEST[0]}.{OLDEST[1]} or later)")
+    return version
+
+
+def load_body(snapshot_path: Path, uffd_socket: Path, track_dirty_pages: bool,
+              version: Version) -> dict[str, Any]:
+    """SnapshotLoadParams for a UFFD restore that resumes the VM, in the fields Firecracker
+    `version` accepts (dirty page tracking: `enable_diff_snapshots` before 1.13,
+    `track_dirty_pages` from 1.13, where the old name is deprecated). Paths are made absolute:
     Firecracker resolves relative ones against its own working directory, not ours."""
+    dirty = "track_dirty_pages" if version >= TRACK_DIRTY_PAGES else "enable_diff_snapshots"
     return {
         "snapshot_path": os.path.abspath(snapshot_path),
         "mem_backend": {"backend_type": "Uffd", "backend_path": os.path.abspath(uffd_socket)},
-        "track_dirty_pages": track_dirty_pages,
+        dirty: track_dirty_pages,
         "resume_vm": True,
     }
 
@@ -121,6 +163,7 @@ class SnapshotLoad:
         self._cut_reason: str | None = None
         self._thread: threading.Thread | None = None
         self._deadline: threading.Timer | None = None
+        self._settled = threading.Event()  # set once the callback of the outcome has run
 
     def start(
         self, on_failure: Callable[[FcsnapError], None], on_success: Callable[[Response], None]
@@ -154,10 +197,18 @@ class SnapshotLoad:
         finally:
             assert self._deadline is not None
             self._deadline.cancel()
-        if self.error is not None:
-            on_failure(self.error)
-        else:
-            on_success(response)
+        try:
+            if self.error is not None:
+                on_failure(self.error)
+            else:
+                on_success(response)
+        finally:
+            self._settled.set()
+
+    def settled(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the outcome (its callback has run once this is
+        True; `error` is then the refusal, or None if Firecracker loaded the snapshot)."""
+        return self._settled.wait(timeout)
 
     def _connected(self, sock: socket.socket) -> None:
         with self._lock:

@@ -4,6 +4,10 @@ Every fault round trip is expensive on these machines (tens of microseconds acro
 the wins come from fewer, larger installs. The installer knows which pages are present (it put
 them there) and which a balloon REMOVE emptied, so it never installs a page twice and never
 fault-arounds over a removed range (those pages serve zeros, one at a time, when touched).
+
+In a region registered for write-protect (writes.py) every install goes in protected but the
+page a write fault asked for, and a write-protect fault lifts the protection of its page; both
+note the page written.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 
 from fcsnap.errors import FcsnapError, FetchPending
 from fcsnap.options import ADAPTIVE
-from fcsnap.uffd import abi, latency
+from fcsnap.uffd import abi, latency, writes
 from fcsnap.uffd.faultaround import (
     ADAPTIVE_MAX,
     adaptive_window,
@@ -32,7 +36,7 @@ from fcsnap.uffd.faultaround import (
 )
 from fcsnap.uffd.pages import PageSource
 from fcsnap.uffd.regions import Region, RegionMap
-from fcsnap.units import PAGE
+from fcsnap.units import HUGE_PAGE, PAGE
 
 
 class Outcome(enum.Enum):
@@ -64,6 +68,7 @@ class InstallStats:
     retries: int = 0
     already_present: int = 0
     installs: int = 0  # UFFDIO_COPY/ZEROPAGE calls that installed something
+    wp_faults: int = 0  # write-protect faults resolved (the guest wrote a page it had read)
     compiled_faults: int = 0  # faults the compiled path served (fastpath.py)
     prefetched_pages: int = 0
     populated_pages: int = 0
@@ -75,29 +80,34 @@ class InstallStats:
 
 
 class RegionState:
-    """Per-page flags of one region: present (installed by us), removed (balloon) and wanted
-    (in the working set being prefetched); and its adaptive fault-around streams."""
+    """Per-page flags of one region: present (installed by us), removed (balloon), wanted
+    (in the working set being prefetched) and written (writes.WRITTEN, writes.REMOVED); its
+    adaptive fault-around streams; whether it is registered for write-protect (`wp`)."""
 
-    def __init__(self, region: Region) -> None:
+    def __init__(self, region: Region, wp: bool = False) -> None:
         self.region = region
         self.pages = region.size // region.page_size
         self.present = np.zeros(self.pages, bool)
         self.removed = np.zeros(self.pages, bool)
         self.wanted = np.zeros(self.pages, bool)
+        self.written = np.zeros(self.pages, np.uint8)
         self.streams = new_streams()  # the adaptive fault-around's recent streams
+        self.wp = wp
 
 
 class Installer:
     def __init__(
         self, uffd: int, regions: RegionMap, pages: PageSource, stats: InstallStats,
-        fault_around: int = 0,
+        fault_around: int = 0, tracking: writes.Tracking | None = None,
     ) -> None:
         self.uffd = uffd
         self.regions = regions
         self.pages = pages
         self.stats = stats
         self.fault_around = fault_around
-        self.states = {r.base: RegionState(r) for r in regions.regions}
+        self.tracking = tracking or writes.Tracking(frozenset(), False, False)
+        protected = self.tracking.protected
+        self.states = {r.base: RegionState(r, r.base in protected) for r in regions.regions}
         largest = max([fault_around, 2 << 20, *(r.page_size for r in regions.regions)])
         # hugetlb ranges cannot take UFFDIO_ZEROPAGE. A private anonymous mapping, not a
         # bytearray: read (by the kernel's copy) it maps the shared zero page and costs no
@@ -119,6 +129,7 @@ class Installer:
                 last = -(-(hi - r.base) // r.page_size)
                 state.present[first:last] = False
                 state.removed[first:last] = True
+                state.written[first:last] = writes.REMOVED  # reads zeros, was not written
 
     def fault(self, address: int, since: int | None = None) -> Outcome:
         """Serve one fault, timed into the latency histogram once it is done (a retry is
@@ -131,19 +142,27 @@ class Installer:
             latency.observe(self.stats.latency, time.monotonic_ns() - began)
         return outcome
 
-    def _serve_fault(self, address: int, asked_again: bool) -> Outcome:
+    def _serve_fault(self, token: int, asked_again: bool) -> Outcome:
+        flags = token & writes.FAULT_FLAGS
+        address = token - flags
         region = self.regions.find(address)
         if region is None:
             raise FcsnapError(f"fault at {address:#x} is outside every region the VM sent")
         state = self.states[region.base]
         page = (address - region.base) // region.page_size
+        if flags & abi.UFFD_PAGEFAULT_FLAG_WP and state.wp:
+            return self._unprotect(state, page)
+        writable = bool(flags & abi.UFFD_PAGEFAULT_FLAG_WRITE) and state.wp
         if state.removed[page]:
-            return self._install(state, page, page + 1)
+            return self._written(state, page, self._install(state, page, page + 1,
+                                                            writable=writable), writable)
         if state.present[page]:
             return self._refault(state, page)
         # (asked again: choosing once more would take another adaptive stream each time)
         w_lo, w_hi = (page, page + 1) if asked_again else self.window(state, page)
         lo, hi = self._source_bounds(state, page, w_lo, w_hi)
+        if writable:  # its own page writable; the rest of the window protected, as sides
+            lo, hi = page, page + 1
         if hi - lo > 1:  # the free pages around the faulting one
             blocked = (state.present[lo:hi] | state.removed[lo:hi]).tobytes()
             left = blocked.rfind(b"\1", 0, page - lo)
@@ -160,7 +179,8 @@ class Installer:
             for side_lo, side_hi in ((w_lo, lo), (hi, w_hi)):
                 with contextlib.suppress(FetchPending):
                     self.install_span(region, side_lo, side_hi)
-        result = self._install(state, lo, hi, needed=page)
+        result = self._written(state, page, self._install(state, lo, hi, needed=page,
+                                                          writable=writable), writable)
         if result is not DONE:
             return result
         if self.recorded is not None:  # the page the guest faulted, not the window
@@ -225,8 +245,9 @@ class Installer:
                 self.stats.per_build_pages[build] += pages
 
     def fully_resident(self) -> bool:
-        """Every page is in place: the VM no longer needs this server (until a balloon)."""
-        return all(s.present.all() for s in self.states.values())
+        """Every page is in place: the VM no longer needs this server (until a balloon).
+        Never where memory is write-protected: a write to a protected page waits for us."""
+        return all(s.present.all() and not s.wp for s in self.states.values())
 
     def install_error(self, dst: int, build: uuid.UUID | None, err: int) -> FcsnapError:
         """The one-line error for an install the kernel refused for a reason that is not
@@ -251,6 +272,51 @@ class Installer:
         last = (m.end - r.offset) // size
         return max(lo, first), min(hi, last)
 
+    def _written(self, state: RegionState, page: int, outcome: Outcome, writable: bool
+                 ) -> Outcome:
+        """Note `page` written once a write fault's install of it is done."""
+        if writable and outcome is DONE:
+            state.written[page] |= writes.WRITTEN
+        return outcome
+
+    def _unprotect(self, state: RegionState, page: int) -> Outcome:
+        """A write-protect fault: the guest writes a page it had only read. Lift the
+        protection (waking it) and note the page written."""
+        r = state.region
+        address = r.base + page * r.page_size
+        try:
+            abi.writeprotect(self.uffd, address, r.page_size, 0)
+        except abi.UffdError as e:
+            if e.errno in _OUTCOME_OF_ERRNO:
+                return _OUTCOME_OF_ERRNO[e.errno]
+            raise FcsnapError(f"lifting the write-protection of guest memory at {address:#x} "
+                              f"failed: {os.strerror(e.errno)}") from e
+        self.stats.wp_faults += 1
+        state.written[page] |= writes.WRITTEN
+        return DONE
+
+    def zeros_wp(self, dst: int, length: int, mode: int) -> int:
+        """Install `length` bytes of zeros write-protected (UFFDIO_ZEROPAGE has no WP mode,
+        and protecting after it would let a write slip in between): copies from the zero
+        buffer, a buffer at a time. Returns the bytes installed; UffdError as `abi.copy`,
+        its `copied` counting from `dst`."""
+        chunk = len(self.zeros) // HUGE_PAGE * HUGE_PAGE  # whole pages of either size
+        whole = length <= chunk
+        done = 0
+        mode |= abi.UFFDIO_COPY_MODE_WP
+        try:
+            while done < length:
+                take = min(chunk, length - done)
+                abi.copy(self.uffd, dst + done, self.zeros_addr, take,
+                         mode if whole else mode | abi.UFFDIO_COPY_MODE_DONTWAKE)
+                done += take
+        except abi.UffdError as e:
+            e.copied += done
+            raise
+        if not whole and not mode & abi.UFFDIO_COPY_MODE_DONTWAKE:
+            abi.wake(self.uffd, dst, length)
+        return done
+
     def _refault(self, state: RegionState, page: int) -> Outcome:
         """A fault on a page we installed (a second vCPU, or one that faulted while a batch
         went in without waking): it is there, so waking the waiter is all it needs."""
@@ -261,25 +327,30 @@ class Installer:
 
     def _install(
         self, state: RegionState, lo: int, hi: int, needed: int | None = None,
-        wake: bool = True,
+        wake: bool = True, writable: bool = False,
     ) -> Outcome:
-        """One UFFDIO_COPY/ZEROPAGE for pages [lo, hi) of one source run."""
+        """One UFFDIO_COPY/ZEROPAGE for pages [lo, hi) of one source run; write-protected in
+        a region registered for it unless `writable` (the page a write fault asked for)."""
         r = state.region
         size = r.page_size
         dst = r.base + lo * size
         length = (hi - lo) * size
         mode = 0 if wake else abi.UFFDIO_COPY_MODE_DONTWAKE
+        protect = state.wp and not writable
         if state.removed[lo]:
             source_addr, build = None, None
         else:
             source = self.pages.locate(r.offset + lo * size, length)
             source_addr, build = source.address, source.build_id
         try:
-            if source_addr is None and size == PAGE:
+            if source_addr is None and protect:
+                self.zeros_wp(dst, length, mode)
+            elif source_addr is None and size == PAGE:
                 abi.zeropage(self.uffd, dst, length, mode)
             else:
                 src = self.zeros_addr if source_addr is None else source_addr
-                abi.copy(self.uffd, dst, src, length, mode)
+                abi.copy(self.uffd, dst, src, length,
+                         mode | abi.UFFDIO_COPY_MODE_WP if protect else mode)
             done = length
             outcome = DONE
         except abi.UffdError as e:
@@ -289,7 +360,7 @@ class Installer:
                 state.present[lo + done // size] = True
                 outcome = DONE
                 if needed is not None and not state.present[needed]:
-                    outcome = self._install(state, needed, needed + 1)
+                    outcome = self._install(state, needed, needed + 1, writable=writable)
             elif e.errno in _OUTCOME_OF_ERRNO:
                 outcome = _OUTCOME_OF_ERRNO[e.errno]
             else:

@@ -128,7 +128,7 @@ class Prefetch:
             done = 0
             if direct[r]:
                 stop = r + int(np.argmin(np.append(direct[r:], False)))
-                copied, done = copy_runs(self.installer.uffd, dst[r:stop], src[r:stop],
+                copied, done = copy_runs(self.installer, region, dst[r:stop], src[r:stop],
                                          lengths[r:stop])
                 whole.append(np.arange(r, r + copied))
                 r += copied
@@ -176,25 +176,32 @@ class Prefetch:
             stats.per_build_pages[self.installer.pages.builds[o]] += n
 
 
-def copy_runs(uffd: int, dst: np.ndarray, src: np.ndarray, lengths: np.ndarray) -> tuple[int, int]:
-    """Install runs in order with DONTWAKE: run k is lengths[k] bytes at dst[k], copied from
-    src[k], or zeros where src[k] is 0. (Runs done whole, bytes of the next one installed
-    before it failed.) The loop is in C when compiled (fp_copy_runs): at thousands of runs
-    per working set, a Python call per run costs as much as the copies."""
+def copy_runs(installer: Installer, region: Region, dst: np.ndarray, src: np.ndarray,
+              lengths: np.ndarray) -> tuple[int, int]:
+    """Install runs of `region` in order with DONTWAKE (write-protected where it is registered
+    for it): run k is lengths[k] bytes at dst[k], copied from src[k], or zeros where src[k] is
+    0. (Runs done whole, bytes of the next one installed before it failed.) The loop is in C
+    when compiled (fp_copy_runs): at thousands of runs per working set, a Python call per run
+    costs as much as the copies."""
+    uffd, wp = installer.uffd, installer.states[region.base].wp
     if fastpath.compiled():
         ffi, lib = fastpath.ffi, fastpath.lib
         err, part = ffi.new("int *"), ffi.new("int64_t *")
         done = lib.fp_copy_runs(
             uffd, ffi.from_buffer("uint64_t[]", dst), ffi.from_buffer("uint64_t[]", src),
-            ffi.from_buffer("uint64_t[]", lengths), len(dst), err, part)
+            ffi.from_buffer("uint64_t[]", lengths), len(dst), wp, installer.zeros_addr,
+            len(installer.zeros) // PAGE * PAGE, err, part)
         return int(done), int(part[0])
+    mode = abi.UFFDIO_COPY_MODE_DONTWAKE
     for k, (d, s, length) in enumerate(zip(dst.tolist(), src.tolist(), lengths.tolist(),
                                            strict=True)):
         try:
-            if s == 0:
+            if s == 0 and wp:
+                installer.zeros_wp(d, length, mode)
+            elif s == 0:
                 abi.zeropage(uffd, d, length, abi.UFFDIO_ZEROPAGE_MODE_DONTWAKE)
             else:
-                abi.copy(uffd, d, s, length, abi.UFFDIO_COPY_MODE_DONTWAKE)
+                abi.copy(uffd, d, s, length, mode | abi.UFFDIO_COPY_MODE_WP if wp else mode)
         except abi.UffdError as e:
             return k, e.copied
     return len(dst), 0

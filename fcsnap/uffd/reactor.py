@@ -22,6 +22,7 @@ on threads of their own.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import math
 import os
@@ -30,7 +31,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
+from fcsnap.errors import FcsnapError
 from fcsnap.uffd import fastpath
 from fcsnap.uffd.session import Session
 
@@ -64,6 +67,7 @@ class Reactor:
         self._paths: dict[Session, fastpath.FastPath] = {}  # compiled sessions' uffd paths
         self._background: deque[Session] = deque()
         self._incoming: list[tuple[Session, OnEnd]] = []
+        self._calls: list[tuple[Session, Callable[[], Any], concurrent.futures.Future]] = []
         self._lock = threading.Lock()
         self._closing = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -83,6 +87,15 @@ class Reactor:
         with self._lock:
             self._incoming.append((session, on_end))
         self._wake()
+
+    def call(self, session: Session, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run `fn` on this reactor's thread between two turns (from any thread), while
+        `session` is served: its result or exception goes to the future returned."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._calls.append((session, fn, future))
+        self._wake()
+        return future
 
     def shutdown(self) -> None:
         """Make `run` return (from any thread) once every session has ended."""
@@ -153,6 +166,7 @@ class Reactor:
 
     def _turn(self) -> None:
         self._adopt()
+        self._run_calls()
         timeout = 0.0 if self._background else self._until_next_timer()
         for fd in self._wait(timeout):
             entry = self._handlers.get(fd)
@@ -209,6 +223,22 @@ class Reactor:
             session.abort(e)
         if session.done:
             self._end(session)
+
+    def _run_calls(self) -> None:
+        with self._lock:
+            calls, self._calls = self._calls, []
+        for session, fn, future in calls:
+            if not future.set_running_or_notify_cancel():
+                continue
+            if session.done or session not in self._on_end:
+                future.set_exception(FcsnapError("the restore has ended"))
+                continue
+            try:
+                future.set_result(fn())
+            except Exception as e:
+                future.set_exception(e)
+            if session.done:
+                self._end(session)
 
     def _adopt(self) -> None:
         with self._lock:

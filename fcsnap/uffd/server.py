@@ -38,7 +38,8 @@ class FaultServer:
         return self.session.stats
 
     @property
-    def exit_reason(self) -> str:
+    def exit_reason(self) -> str | None:
+        """Why serving ended; None until it has."""
         return self.session.exit_reason
 
     def run(self) -> int:

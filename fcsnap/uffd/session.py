@@ -24,6 +24,7 @@ VM's own exit - an error of any kind, a stop - kills the VM first.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -36,10 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from fcsnap.errors import FcsnapError, FetchPending
 from fcsnap.options import ADAPTIVE
 from fcsnap.outputs import check_output, write_output
-from fcsnap.uffd import abi, latency
+from fcsnap.uffd import abi, latency, writes
 from fcsnap.uffd.fastpath import Batch, FastPath
 from fcsnap.uffd.handshake import (
     HandshakeReader,
@@ -73,6 +76,8 @@ class ServeOptions:
     on_listening: Callable[[], None] | None = None  # e.g. ask Firecracker to load the snapshot
     fault_around: int = ADAPTIVE  # bytes installed around a fault (faultaround.py)
     record_ws: Path | None = None  # write the pages the guest faulted, in order
+    track_writes: bool = False  # register MISSING-only memory for write-protect too
+    written: Path | None = None  # write the pages the guest wrote (the written set) at the end
     prefetch_ws: Path | None = None  # install these pages right after the handshake
     populate: bool = False  # then install every other page in the background
     eager: bool = False  # install every page before serving any fault
@@ -96,6 +101,7 @@ def stats_json(stats: InstallStats, extra: dict[str, Any]) -> dict[str, Any]:
         "remove_events": stats.remove_events,
         "retries": stats.retries,
         "already_present": stats.already_present,
+        "wp_faults": stats.wp_faults,
         "per_build_pages": {str(k): v for k, v in stats.per_build_pages.items()},
         "duration_s": round(time.monotonic() - stats.started, 6),
         "first_fault_s": stats.first_fault_s,
@@ -129,7 +135,7 @@ class Session:
         self.stats = InstallStats()
         self.peer: Peer | None = None
         self.installer: Installer | None = None
-        self.exit_reason = "not started"
+        self.exit_reason: str | None = None  # why it ended: None until it has
         self.state = "new"  # new, listening, serving, ended
         self.done = False  # set by a handler: the reactor then calls `finish`
         self._error: BaseException | None = None  # what ended it, if not the VM or a stop
@@ -172,7 +178,8 @@ class Session:
         before anything listens, with everything this session opened closed again."""
         try:
             for what, path in (("--stats", self.options.stats_path),
-                               ("--record-ws", self.options.record_ws)):
+                               ("--record-ws", self.options.record_ws),
+                               ("--written", self.options.written)):
                 if path is not None:  # found now, not after serving
                     check_output(path, what, self.options.output_root)
             self._start_watchdog()
@@ -224,6 +231,7 @@ class Session:
             self.state = "ended"
             try:
                 self._write_working_set()
+                self._write_written()
                 self._write_stats()
             except FcsnapError as e:
                 error = error or e
@@ -262,7 +270,12 @@ class Session:
     def document(self) -> dict[str, Any]:
         """The --stats document, live (read from another thread while serving: the counters
         are a moment's, not one consistent snapshot)."""
+        installer = self.installer
+        tracking = installer.tracking if installer is not None else None
         extra = {
+            "write_tracking": tracking.mode if tracking is not None else None,
+            "written_pages": (self.written_count() if tracking is not None
+                              and tracking.recorded else None),
             "exit_reason": self.exit_reason,
             "peer_pid": self.peer.pid if self.peer else None,
             "regions": len(self.peer.regions) if self.peer else 0,
@@ -273,6 +286,58 @@ class Session:
         if self.options.more_stats is not None:
             extra.update(self.options.more_stats())
         return stats_json(self.stats, extra)
+
+    # -- the written set ---------------------------------------------------------------------
+
+    def written_count(self) -> int:
+        """4 KiB pages the guest wrote since the restore or the last new interval (a moment's
+        count, from any thread)."""
+        installer = self.installer
+        return 0 if installer is None else writes.written_count(installer.states.values())
+
+    def written_set(self) -> np.ndarray:
+        """The written set (writes.py): ascending guest-memory offsets of 4 KiB pages."""
+        installer = self.installer
+        if installer is None:
+            return np.zeros(0, np.int64)
+        return writes.written_set(installer.states.values())
+
+    def take_written(self, new_interval: bool) -> tuple[np.ndarray, int]:
+        """(the written set, its written pages); with `new_interval`, the set starts empty
+        again and the pages in it are write-protected again, so that the next interval gets
+        only its own writes. On the reactor's thread (`call`): the compiled loop, which
+        notes writes, runs there too, so nothing is noted between the take and the
+        re-protect. FcsnapError where writes are not tracked."""
+        installer = self.installer
+        if installer is None or not installer.tracking.recorded:
+            raise FcsnapError("this restore does not track writes (no VM yet, or its memory "
+                              "is not registered for write-protect: restore --track-writes)")
+        written, count = self.written_set(), self.written_count()
+        if new_interval and self.peer is not None:
+            def read_events() -> int:  # REMOVEs applied; the faults served below
+                events = self._events.read(installer.uffd)
+                self._apply(events, self._backlog)
+                return len(events)
+
+            for state in installer.states.values():
+                writes.protect_again(installer.uffd, state, read_events)
+            if self._backlog and self._phase != "eager":
+                self._serve_pending(None)
+        return written, count
+
+    def call(self, fn: Callable[[], Any], timeout: float) -> Any:
+        """Run `fn` on the reactor's thread (from another thread) and return what it returns,
+        or raise what it raises; FcsnapError if it has not run within `timeout` seconds."""
+        reactor = self._reactor
+        if reactor is None or self.done:
+            raise FcsnapError("the restore is not being served")
+        future = reactor.call(self, fn)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise FcsnapError(f"the restore's server did not answer within {timeout:g}s"
+                              ) from None
 
     # -- handlers (the reactor's thread) ---------------------------------------------------
 
@@ -413,12 +478,25 @@ class Session:
     def _start_serving(self) -> None:
         peer, reactor = self.peer, self._reactor
         assert peer is not None and reactor is not None
+        early: list[abi.Event] = []  # read before the installer is there to apply them
+
+        def read_events() -> int:
+            events = self._events.read(peer.uffd)
+            early.extend(events)
+            return len(events)
+
+        track = self.options.track_writes or self.options.written is not None
+        tracking = writes.set_up(peer.uffd, peer.regions, track, read_events)
         self.state = "serving"
         installer = self.installer = Installer(
             peer.uffd, RegionMap(peer.regions), self.pages, self.stats, self.options.fault_around,
+            tracking,
         )
         if self.options.record_ws is not None:
             installer.recorded = []
+        if early:  # applied now, their faults served first
+            self._apply(early, self._backlog)
+            self._retry_at = time.monotonic()
         self._served_from = time.monotonic()
         if self.prefetch is not None:
             self._prefetcher = Prefetch(installer, self.prefetch, self.options.batch_bytes)
@@ -553,7 +631,7 @@ class Session:
                 self.stats.faults += 1
                 if self.stats.first_fault_s is None:
                     self.stats.first_fault_s = time.monotonic() - self.stats.started
-                faults.append(event.address)
+                faults.append(writes.fault_token(event.address, event.flags))
             elif type(event) is abi.Remove:
                 installer.remove(event.start, event.end)
 
@@ -640,6 +718,13 @@ class Session:
             return
         document = json.dumps(self.document(), indent=2) + "\n"
         write_output(path, document.encode(), "--stats", self.options.output_root)
+
+    def _write_written(self) -> None:
+        path = self.options.written
+        if path is None or self.installer is None or not self.installer.tracking.recorded:
+            return
+        write_working_set(path, self.header.metadata.size, self.written_set().tolist(),
+                          "--written", self.options.output_root)
 
     def _write_working_set(self) -> None:
         path = self.options.record_ws

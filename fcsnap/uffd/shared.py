@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fcsnap.header import Header, load_header
+from fcsnap.store.holds import hold_builds
 from fcsnap.store.layout import HEADER
-from fcsnap.store.pins import open_lineage
 from fcsnap.store.seekable import FrameCache
 from fcsnap.store.source import DiffFile, open_diffs
 from fcsnap.uffd.pages import PageSource, hash_tables, mapping_arrays
@@ -72,7 +72,8 @@ class SharedBuild:
                  parsed: Parsed | None = None) -> None:
         self.build_dir = build_dir
         self.cache_bytes = cache_bytes
-        self.lineage = open_lineage(build_dir)  # pins checked; LOCK_SH held while served
+        # pins checked; LOCK_SH held (and in object storage a lease) while served
+        self.hold = hold_builds(build_dir)
         try:
             identity = header_identity(build_dir)
             self.header_parsed = parsed is None or identity is None or parsed.identity != identity
@@ -85,7 +86,7 @@ class SharedBuild:
                 self.header, build_dir.parent, cache_bytes, frame_cache
             )
         except BaseException:
-            self.lineage.release()
+            self.hold.release()
             raise
         self.build_id = self.header.metadata.build_id
         self.users = 0  # sessions holding it (BuildRegistry counts them)
@@ -151,7 +152,7 @@ class SharedBuild:
     def close(self) -> None:
         for diff in self.diffs.values():
             diff.close()
-        self.lineage.release()
+        self.hold.release()
 
 
 class BuildRegistry:
