@@ -180,8 +180,10 @@ def test_a_typo_gets_a_suggestion(store: Path, argv: str, suggested: str) -> Non
 
 
 def test_shell_completion_completes_commands_and_options(tmp_path: Path) -> None:
-    script = fcsnap("--show-completion", "bash", cwd=tmp_path)
-    assert script.returncode == 0 and "_FCSNAP_COMPLETE" in script.stdout, script.stderr
+    # The shell is detected from the parent process: bash here (`; true`: bash must not exec).
+    script = subprocess.run(["bash", "-c", f"{sys.executable} -m fcsnap --show-completion; true"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=WAIT)
+    assert "complete -o default -F _fcsnap_completion fcsnap" in script.stdout, script.stderr
     env = {"_FCSNAP_COMPLETE": "complete_bash", "COMP_CWORD": "1"}
     words = helpers.fcsnap(cwd=tmp_path, env=os.environ | env | {"COMP_WORDS": "fcsnap re"},
                            timeout=WAIT)
