@@ -295,6 +295,45 @@ class Store:
             name_expected=self._head(name, build, build_dir),
         ))
 
+    def import_e2b(
+        self, src: PathLike, *, name: str | None = None, compress: str | None = None,
+        progress: Progress | None = None,
+    ) -> list[Build]:
+        """Import the E2B/Wrenn lineage whose newest build is the directory `src` (in a local
+        directory laid out as their buckets): one build per generation with E2B's build ids,
+        oldest first; `name` points vms/NAME at `src`'s. Builds imported before are reused."""
+        from fcsnap.errors import FcsnapError
+        from fcsnap.store.e2b_import import import_e2b, own_bytes
+
+        options = _build_options(block_size=4096, compress=compress,
+                                 frame_size=DEFAULT_FRAME_SIZE, name=name, vmstate=None,
+                                 working_set=None)
+        if not isinstance(self.target, Path):
+            raise FcsnapError(f"import writes to a local store directory, not {self.path}")
+        options = replace(options, name_expected=self._head(name), verb="import")
+        src = Path(src)
+        advance = _tracker(progress, own_bytes(src))
+        return [_built(result) for result in import_e2b(src, self.target, options, advance)]
+
+    def export_e2b(
+        self, build: BuildRef, output: PathLike, *, compress: str | None = None,
+        progress: Progress | None = None,
+    ) -> list[Path]:
+        """Write `build`'s lineage into the directory `output` as an E2B store (version-4
+        headers, `memfile` or `memfile.zstd` frames); returns the build directories written."""
+        from fcsnap.store.e2b_export import export_e2b, lineage_dirs
+        from fcsnap.store.hashes import read_hashes
+        from fcsnap.store.layout import HASHES
+
+        compression, level = parse_compression(compress)
+        build_dir = _dir(build, self.target, data=True)
+        total = 0
+        for b in lineage_dirs(build_dir):
+            bs, table = read_hashes(b / HASHES)
+            total += bs * len(table)
+        advance = _tracker(progress, total)
+        return export_e2b(build_dir, Path(output), compression, level, advance)
+
     def _head(
         self, name: str | None, build_arg: BuildRef | None = None, build_dir: Path | None = None
     ) -> uuid.UUID | None:

@@ -201,3 +201,55 @@ def inspect(
         print(f"{PROG}: error: {errors[0]}", file=sys.stderr)
         return 1
     return 0
+
+
+@command(app, "import", [
+    "fcsnap import /srv/e2b/BUILD_ID --store /srv/snaps --name web --compress zstd",
+], help="Import an E2B/Wrenn lineage: one build per generation, with E2B's build ids.")
+def import_e2b(
+    src: Annotated[Path, typer.Argument(
+        metavar="SRC", show_default=False,
+        help="The newest E2B/Wrenn build directory (<build_id>/memfile.header and its memfile, "
+             "memfile.zstd or memfile.lz4), its ancestors beside it.")],
+    store: StoreOpt, name: NameOpt = None,
+    compress: Annotated[str, typer.Option(
+        "--compress", metavar="none|zstd|zstd:LEVEL", callback=checked("parse_compression"),
+        help="Compression of the diffs.", rich_help_panel=BUILD)] = "none",
+    quiet: Quiet = False, json_out: Json = False,
+) -> int:
+    from fcsnap.api import Store
+    from fcsnap.progress import progress_bar
+
+    with progress_bar("import", quiet or json_out) as progress:
+        builds = Store(store).import_e2b(src, name=name, compress=compress, progress=progress)
+    if json_out:
+        print_json({"builds": [build.to_json() for build in builds]})
+    elif not quiet:
+        for build in builds:
+            print(f"imported build {build.build_id} (generation {build.generation}) at "
+                  f"{build.path}")
+    return 0
+
+
+@command(app, "export", [
+    "fcsnap export web --store /srv/snaps -o /srv/e2b --compress zstd",
+], help="Write BUILD's lineage as an E2B store (version-4 headers) in OUTDIR.")
+def export_e2b(
+    build: BuildArg, store: StoreOpt,
+    output: Annotated[Path, typer.Option(
+        "-o", "--output", metavar="OUTDIR", show_default=False,
+        help="Directory of the E2B store: <build_id>/memfile.header and its data.")],
+    compress: Annotated[str, typer.Option(
+        "--compress", metavar="none|zstd|zstd:LEVEL", callback=checked("parse_compression"),
+        help="memfile (none) or memfile.zstd in 2 MiB frames.", rich_help_panel=BUILD)] = "none",
+    quiet: Quiet = False,
+) -> int:
+    from fcsnap.api import Store
+    from fcsnap.progress import progress_bar
+
+    with progress_bar("export", quiet) as progress:
+        written = Store(store).export_e2b(build, output, compress=compress, progress=progress)
+    if not quiet:
+        for path in written:
+            print(f"wrote E2B build {path}")
+    return 0

@@ -17,8 +17,9 @@ from typer.main import get_command_from_info, get_group_from_info
 
 # command -> the module of fcsnap.cli that defines it, in the order the help lists them
 WHERE = {
-    "pack": "builds", "diff": "builds", "squash": "builds", "unpack": "builds",
-    "verify": "builds", "inspect": "builds", "restore": "serving", "serve": "serving",
+    "inspect": "builds", "pack": "builds", "diff": "builds", "import": "builds",
+    "export": "builds", "squash": "builds", "unpack": "builds", "verify": "builds",
+    "restore": "serving", "serve": "serving",
     "ps": "daemon", "stop": "daemon", "ls": "names", "rm": "names", "gc": "names",
     "push": "names", "pull": "names", "demo": "tools", "ws": "tools",
 }

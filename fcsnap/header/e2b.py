@@ -319,3 +319,22 @@ def decode_body(version: int, body: bytes, size: int) -> tuple[bytes, BuildsSect
     builds = _builds(r)
     records = _record_mappings(r) if version == 4 else _column_mappings(r, size)
     return records, BuildsSection(flags, builds)
+
+
+KINDS = {name: kind for kind, name in COMPRESSIONS.items()}
+
+
+def encode_v4_body(builds: list[BuildInfo], records: bytes, flags: int = 0) -> bytes:
+    """The V4 bytes after the metadata (the inverse of `decode_body` for version 4): the flags,
+    the body's size and one LZ4 frame of the builds section and the 40-byte records."""
+    import lz4.frame
+
+    parts = [COUNT.pack(len(builds))]
+    for b in builds:
+        parts.append(BUILD_INFO.pack(b.build_id.bytes, b.size, b.checksum))
+        kind = KINDS[b.compression] if b.frames else 0
+        parts.append(FRAME_TABLE.pack(kind, len(b.frames)))
+        parts += [FRAME.pack(f.start_u, f.start_c, f.size_u, f.size_c) for f in b.frames]
+    parts += [COUNT.pack(len(records) // RECORD_SIZE), records]
+    body = b"".join(parts)
+    return PREFIX.pack(flags, len(body)) + lz4.frame.compress(body, content_checksum=True)

@@ -449,10 +449,12 @@ def build_generation(
     parent: Parent | None = None,
     holes_are_zero: bool = True,
     first: Iterable[tuple[np.ndarray, memoryview]] = (),
+    build_id: uuid.UUID | None = None,
 ) -> tuple[Manifest, Path | str]:
     """Run the pipeline and publish the build; returns its manifest and directory (its URL in
     a remote store). `first` (MemoryFile.working_set) is taken before `chunks`: its stored
-    blocks lead the diff."""
+    blocks lead the diff. `build_id`: the new build's id (import keeps E2B's); a fresh UUID
+    by default."""
     expected = options.name_expected
     if options.name is not None:
         check_vm_name(options.name)
@@ -461,7 +463,7 @@ def build_generation(
     if options.vmstate is not None and not options.vmstate.is_file():
         problem = "is not a regular file" if options.vmstate.exists() else "not found"
         raise FcsnapError(f"vmstate file {options.vmstate} {problem}")
-    build_id = uuid.uuid4()
+    build_id = build_id or uuid.uuid4()
     work = Assembly(build_id, chunks, size, options, parent, holes_are_zero, first)
     if isinstance(store, RemoteStore):
         return build_remote(store, work, expected), f"{store.url}/{build_id}"
