@@ -9,11 +9,13 @@ completion and "did you mean" still see every command (the help lists them, buil
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 from typer.main import get_command_from_info, get_group_from_info
+from typer.models import CommandInfo
 
 # command -> the module of fcsnap.cli that defines it, in the order the help lists them
 WHERE = {
@@ -23,6 +25,22 @@ WHERE = {
     "ps": "daemon", "stop": "daemon", "ls": "names", "rm": "names", "gc": "names",
     "push": "names", "pull": "names", "demo": "tools", "ws": "tools",
 }
+
+
+def _info(name: str) -> Any:
+    """The typer CommandInfo (or TyperInfo of a group) `name`'s module registered."""
+    app = importlib.import_module(f"fcsnap.cli.{WHERE[name]}").app
+    return next(i for i in [*app.registered_commands, *app.registered_groups] if i.name == name)
+
+
+def summary(name: str) -> Any:
+    """A command with `name`'s help and no options: what the root's help lists, without
+    building every command's options."""
+    info = _info(name)
+    if not isinstance(info, CommandInfo):  # a group (ws): small, built whole
+        return build(name)
+    text = info.help or inspect.getdoc(info.callback) or ""
+    return TyperCommand(name, help=inspect.cleandoc(text), rich_markup_mode="rich")
 
 
 def build(name: str) -> Any:
@@ -67,8 +85,21 @@ class Commands(MutableMapping[str, Any]):
 
 
 class LazyGroup(TyperGroup):
-    """fcsnap's root: its commands a Commands mapping."""
+    """fcsnap's root: its commands a Commands mapping; its help lists summaries."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.commands = Commands()  # type: ignore[assignment]
+        self.listing = False
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if self.listing and cmd_name in WHERE:
+            return summary(cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        self.listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self.listing = False
