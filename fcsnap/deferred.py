@@ -4,10 +4,11 @@
 it has Firecracker load the snapshot. Serving needs numpy, but only once a VM has connected,
 and importing it costs about a third of the time to listen. So the command line puts a
 stand-in for numpy in sys.modules before it imports the server (whose modules then bind `np`
-to the stand-in), and loads the real module in a thread once the socket listens, while the
-main thread waits for Firecracker. Whichever thread touches the stand-in first loads it; the
-others wait for that load. After it, the stand-in holds the real module's attributes, so
-using `np.x` costs what it costs on the real module.
+to the stand-in), and loads the real module in a thread from then on, while the main thread
+opens the store and listens: a VM that connects as soon as the socket listens then finds it
+loaded at its first fault, which Firecracker's load call waits for. Whichever thread touches
+the stand-in first loads it; the others wait for that load. After it, the stand-in holds the
+real module's attributes, so using `np.x` costs what it costs on the real module.
 """
 
 from __future__ import annotations

@@ -73,11 +73,13 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Bui
 class Daemon:
     """A `fcsnap serve` process and a client for its API."""
 
-    def __init__(self, store: Path, tmp: Path, *args: str) -> None:
+    def __init__(self, store: Path, tmp: Path, *args: str, prefix: tuple[str, ...] = ()
+                 ) -> None:
+        """`prefix`: a command the daemon runs under (e.g. setpriv)."""
         self.api = tmp / "api.sock"
         self.tmp = tmp
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fcsnap", "serve", "--store", str(store), "--api",
+            [*prefix, sys.executable, "-m", "fcsnap", "serve", "--store", str(store), "--api",
              str(self.api), *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE)
         self.vms: list[subprocess.Popen[bytes]] = []

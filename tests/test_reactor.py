@@ -23,6 +23,7 @@ from test_daemon import SIZE, Build, Daemon, store  # noqa: F401  (the store fix
 from test_restore_faults import KILLED, WAIT
 
 from fcsnap.daemon.restores import Restores
+from fcsnap.header import ZEROS
 from fcsnap.testing import firecracker
 from fcsnap.uffd import fastpath
 from fcsnap.uffd.reactor import Reactor
@@ -265,3 +266,64 @@ def test_serve_refuses_no_reactors(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "--reactors" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "api.sock").exists()
+
+
+def test_a_listening_session_has_its_mapping_arrays_made_before_a_vm_connects(
+        store, tmp_path: Path) -> None:  # noqa: F811
+    """Once a session listens, its build's mapping arrays are made on a thread, with no VM
+    connected: a VM that connects at once does not make its first fault (and so Firecracker's
+    load call) wait for them. They are what each mapping says."""
+    root, builds = store
+    build = SharedBuild(root / builds["raw"].build_id, 8 << 20)
+    reactor = Reactor()
+    thread = threading.Thread(target=reactor.run, daemon=True)
+    session = Session(build, ServeOptions(socket=tmp_path / "vm.sock"))
+    try:
+        assert build.parsed().arrays is None
+        session.listen()
+        reactor.add(session, Ended().callback("vm"))
+        thread.start()
+        wait_for(lambda: build.parsed().arrays is not None, "the mapping arrays", WAIT)
+        assert session.state == "listening"
+        starts, storage, owner = build.parsed().arrays
+        mappings = build.header.mappings
+        number = {b: i for i, b in enumerate(build.diffs)}
+        assert starts.tolist() == [m.offset for m in mappings]
+        assert storage.tolist() == [m.storage_offset for m in mappings]
+        assert owner.tolist() == [ZEROS if m.is_zero else number[m.build_id] for m in mappings]
+        assert ZEROS in owner.tolist() and 0 in owner.tolist()  # zero and stored mappings
+    finally:
+        session.stop()
+        reactor.shutdown()
+        thread.join(WAIT)
+        if not thread.is_alive():
+            reactor.close()
+        build.close()
+
+
+def test_a_call_made_before_the_reactor_adopts_a_session_waits_for_it(
+        store, tmp_path: Path) -> None:  # noqa: F811
+    """The daemon answers `POST /restores` once the session is handed to a reactor, which
+    adopts it on its own thread a moment later: a request about that restore in between (its
+    written set, a checkpoint) is run once the reactor has adopted it, not refused."""
+    root, builds = store
+    build = SharedBuild(root / builds["raw"].build_id, 8 << 20)
+    reactor = Reactor()
+    thread = threading.Thread(target=reactor.run, daemon=True)
+    session = Session(build, ServeOptions(socket=tmp_path / "vm.sock"))
+    answers: list = []
+    try:
+        session.listen()
+        reactor.add(session, Ended().callback("vm"))  # not adopted: the reactor is not running
+        asking = threading.Thread(target=lambda: answers.append(session.call(lambda: 42, WAIT)))
+        asking.start()
+        thread.start()
+        asking.join(WAIT)
+        assert answers == [42]
+    finally:
+        session.stop()
+        reactor.shutdown()
+        thread.join(WAIT)
+        if not thread.is_alive():
+            reactor.close()
+        build.close()

@@ -1,4 +1,5 @@
-"""Commands that talk to a running `fcsnap serve`: ps (its restores) and stop (end one)."""
+"""Commands that talk to a running `fcsnap serve`: ps (its restores), stop (end one) and
+checkpoint (store what a VM wrote as a new generation)."""
 
 from __future__ import annotations
 
@@ -63,4 +64,27 @@ def stop(
         print_json(document)
     else:
         print(f"stopped {restore_id}: {document.get('exit_reason') or document.get('state')}")
+    return 0
+
+
+@command(app, "checkpoint", [
+    "fcsnap checkpoint 5f0c... --daemon /run/fcsnap.sock --name web-after-boot",
+], help="The next generation of a VM a daemon serves with track_writes, from the pages it "
+        "wrote.\n\nThe VM must be paused (the daemon pauses and resumes it itself when the "
+        "restore has firecracker_api); the pages written since the last checkpoint are read "
+        "from its memory and stored as a diff over that checkpoint (at first: the build "
+        "served), published as NAME.")
+def checkpoint(
+    restore_id: Annotated[str, typer.Argument(
+        metavar="ID", help="The restore's id (as restore --daemon printed it).",
+        show_default=False)],
+    daemon: DaemonOpt,
+    name: Annotated[str, typer.Option(
+        "--name", metavar="NAME", help="The name to publish the checkpoint under.",
+        show_default=False)],
+) -> int:
+    from fcsnap.daemon.client import checkpoint_via_daemon
+
+    answer = checkpoint_via_daemon(daemon, restore_id, name)
+    print(answer["build_id"])
     return 0

@@ -130,10 +130,12 @@ def restore(
         return _restore_via_daemon(options, access)
     from fcsnap import api, deferred
 
-    numpy = deferred.defer("numpy")  # serving needs it once a VM connects, not to listen
+    # Serving needs numpy once a VM connects, not to listen: it loads on a thread from now
+    # on, while the store is opened and the socket made, and is in by the time a VM that
+    # connects right away faults.
+    deferred.load_in_background(deferred.defer("numpy"))
 
     def listening(build_dir: Path) -> None:
-        deferred.load_in_background(numpy)  # while Firecracker loads and connects
         # Announced only now: a socket that cannot be created is then the one line on stderr.
         if not quiet:
             print(f"fcsnap: serving {build_dir.name} on {socket}", file=sys.stderr, flush=True)

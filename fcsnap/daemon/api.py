@@ -12,6 +12,10 @@
                             -> 200 the written set (application/octet-stream, the working-set
                                file format); new_interval=1 starts the next interval with
                                the take: the pages in it are write-protected again
+    POST   /restores/ID/checkpoint {"name": NAME}
+                            -> 201 {"build_id", "name", "written_pages", ...}: the next
+                               generation from the pages written since the last checkpoint
+                               (read from the paused VM), published as NAME; a new interval
     GET    /metrics         -> 200 Prometheus text format
     GET    /healthz         -> 200 {"status": "ok", ...}
 
@@ -34,8 +38,10 @@ import threading
 import traceback
 import urllib.parse
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import Any
 
+from fcsnap.daemon.checkpoint import checkpoint, parse_checkpoint
 from fcsnap.daemon.metrics import CONTENT_TYPE, DaemonMetrics
 from fcsnap.daemon.request import RequestError
 from fcsnap.daemon.restores import Restores, log
@@ -175,6 +181,15 @@ class _Handler(BaseHTTPRequestHandler):
             data, count = restore.written(self._flag("new_interval"))
             self._send(200, data, "application/octet-stream",
                        {"X-Fcsnap-Written-Pages": str(count)})
+        elif len(parts) == 3 and parts[0] == "restores" and parts[2] == "checkpoint":
+            self._allow(method, "POST")
+            restore = restores.get(parts[1])
+            if restore is None:
+                raise RequestError(f"no restore {parts[1]!r}", 404)
+            if not isinstance(restores.store, Path):
+                raise RequestError("checkpoint needs a local store (the daemon serves object "
+                                   "storage)", 409)
+            self._json(201, checkpoint(restore, restores.store, parse_checkpoint(self._body())))
         elif path == "/metrics":
             self._allow(method, "GET")
             self._send(200, self.server.metrics.render(), CONTENT_TYPE)

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from fcsnap.errors import FcsnapError
 from fcsnap.restore_options import DEFAULT_API_TIMEOUT
@@ -21,6 +22,7 @@ PATH_KEYS = ("socket", "stats", "record_ws", "prefetch_ws", "firecracker_api", "
 ANSWER_TIMEOUT = 30.0  # seconds the daemon has to answer a POST (it answers once listening)
 HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 MAX_ANSWER = 1 << 20
+CHECKPOINT_TIMEOUT = 300.0  # seconds more a checkpoint may take (it writes a generation)
 
 
 def restore_body(vm: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -78,3 +80,14 @@ def restore_via_daemon(api: Path, vm: str, options: dict[str, Any]) -> dict[str,
     if options.get("firecracker_api") is not None:
         timeout += options.get("api_timeout") or DEFAULT_API_TIMEOUT
     return ask_daemon(api, restore_body(vm, options), timeout)
+
+
+def checkpoint_via_daemon(api: Path, restore_id: str, name: str) -> dict[str, Any]:
+    """POST /restores/ID/checkpoint; the daemon's answer, or its refusal as one line."""
+    url = f"/restores/{quote(restore_id, safe='')}/checkpoint"
+    status, answer = call_daemon(api, "POST", url, {"name": name},
+                                 ANSWER_TIMEOUT + CHECKPOINT_TIMEOUT)
+    if status != 201:
+        message = answer.get("error") if isinstance(answer, dict) else None
+        raise FcsnapError(f"the daemon refused the checkpoint: {message or f'HTTP {status}'}")
+    return answer

@@ -55,6 +55,9 @@ class Restore:
     started: float = field(default_factory=time.time)
     ended_reason: str | None = None  # the reason class once ended (metrics' label)
     final: tuple[dict[str, Any], dict[str, Any]] | None = None  # (summary, document)
+    checkpoint_base: Path | None = None  # the last checkpoint's build: the next one's base
+    interval_restarted: bool = False  # by GET written?new_interval=1: checkpoints would miss it
+    checkpointing: threading.Lock = field(default_factory=threading.Lock)  # one at a time
 
     def summary(self) -> dict[str, Any]:
         session = self.session
@@ -89,10 +92,14 @@ class Restore:
         session = self.session
         if session is None:
             raise RequestError(f"restore {self.id} has ended", 409)
+        if new_interval and self.checkpoint_base is not None:
+            raise RequestError(f"restore {self.id} is checkpointed: a new interval taken here "
+                               "would leave its pages out of the next checkpoint", 409)
         try:
             offsets, count = session.call(lambda: session.take_written(new_interval), END_WAIT)
         except FcsnapError as e:
             raise RequestError(f"restore {self.id}: {e}", 409) from None
+        self.interval_restarted |= new_interval
         return dump_working_set(session.header.metadata.size, offsets.tolist()), count
 
     def retire(self) -> None:

@@ -29,7 +29,8 @@ the balloon), threads write those pages (each with `written_page(offset)`) and r
 `--dump FILE` then reads all of guest memory into FILE, as a Full snapshot does, and
 `--pagemap` reports which present pages are write-protected (/proc/self/pagemap bit 57).
 `--second-write RANGES --gate FILE` writes again once FILE exists (the report says
-"first_write_done" meanwhile): two intervals of a VM's writes.
+"first_write_done" meanwhile): two intervals of a VM's writes. `--last-gate FILE` then says
+"second_write_done" and waits for FILE (a VM checkpointed after each interval).
 
 Guest memory is only ever read through ctypes.memmove, which releases the GIL: a Python thread
 blocked in a uffd fault would otherwise hold it and stop every other thread (and the watchdog).
@@ -79,6 +80,9 @@ BALLOON_RECHECKS = 8
 LATENCY_STALLS_NS = (1_000_000, 10_000_000)  # touches slower than 1 ms and 10 ms are counted
 PAGEMAP_PRESENT = 1 << 63
 PAGEMAP_UFFD_WP = 1 << 57
+
+
+PR_SET_DUMPABLE = 4
 
 
 def written_page(offset: int, size: int = PAGE) -> bytes:
@@ -468,6 +472,11 @@ class StandIn:
             while not os.path.exists(a.gate):  # the watchdog's deadline bounds this
                 time.sleep(0.01)
             self.report["written_second"] = self._write(guest, a.second_write)
+        if a.last_gate:
+            self.report["second_write_done"] = True
+            self.write_report()
+            while not os.path.exists(a.last_gate):  # the watchdog's deadline bounds this
+                time.sleep(0.01)
         if a.dump:
             self._dump(guest)
         if a.pagemap:
@@ -712,6 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the --balloon pages back one at a time, then reads them (zeros)")
     p.add_argument("--wp", action="store_true",
                    help="register guest memory MISSING|WP (as E2B's Firecracker does)")
+    p.add_argument("--not-dumpable", action="store_true",
+                   help="prctl(PR_SET_DUMPABLE, 0): only CAP_SYS_PTRACE may read this memory")
     p.add_argument("--wp-async", action="store_true",
                    help="ask for UFFD_FEATURE_WP_ASYNC (the kernel resolves WP faults itself)")
     p.add_argument("--write", type=_balloon_ranges, metavar="START:LEN[,...]",
@@ -720,6 +731,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--second-write", type=_balloon_ranges, metavar="START:LEN[,...]",
                    help="after --write, once --gate exists, write these ranges too")
     p.add_argument("--gate", metavar="FILE", help="the file --second-write waits for")
+    p.add_argument("--last-gate", metavar="FILE",
+                   help="after --second-write, say so in the report and wait for FILE")
     p.add_argument("--dump", metavar="FILE",
                    help="at the end, read all of guest memory into FILE (a Full snapshot)")
     p.add_argument("--pagemap", action="store_true",
@@ -796,6 +809,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the stand-in; meant to be its own process (the watchdog ends the process)."""
     args = parse_args(argv)
+    if args.not_dumpable:  # as a hardened VMM: only CAP_SYS_PTRACE may read its memory
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0)")
     try:
         return StandIn(args).run()
     except FcsnapError as e:

@@ -8,7 +8,7 @@ slot after the buckets holds the sum of every latency, in nanoseconds.
 
 Keep BUCKETS and bucket() in step with FP_LATENCY_BUCKETS and note_latency in
 csrc/fastpath.c (fastpath.py asserts the count). A plain array, not numpy: a session is made
-before its socket listens, and restore loads numpy only after that (fcsnap/deferred.py).
+before its socket listens, and restore loads numpy on a thread meanwhile (fcsnap/deferred.py).
 """
 
 from __future__ import annotations

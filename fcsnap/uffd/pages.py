@@ -16,11 +16,12 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter
 
 import numpy as np
 
 from fcsnap.errors import FcsnapError
-from fcsnap.header import ZEROS, Header
+from fcsnap.header import NIL, ZEROS, Header
 from fcsnap.store.hashes import digest, read_hashes
 from fcsnap.store.layout import HASHES
 from fcsnap.store.source import DiffFile
@@ -201,12 +202,17 @@ def mapping_arrays(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The mappings' offsets, storage offsets and owners (index into `builds`, or ZEROS). The
     compiled loop only reads them, so sessions of one build share one set."""
-    number = {b: i for i, b in enumerate(builds)}
     mappings = header.mappings
+    n = len(mappings)
+    # Iterated in C (a header late in a lineage has a hundred thousand mappings, and a VM's
+    # first fault may wait for these): each distinct build id object is looked up once.
+    ids = list(map(attrgetter("build_id"), mappings))
+    number = {b: i for i, b in enumerate(builds)}
+    owner_of = {id(b): ZEROS if b == NIL else number[b] for b in {id(b): b for b in ids}.values()}
     return (
-        np.array([m.offset for m in mappings], np.int64),
-        np.array([m.storage_offset for m in mappings], np.int64),
-        np.array([ZEROS if m.is_zero else number[m.build_id] for m in mappings], np.int64),
+        np.fromiter(map(attrgetter("offset"), mappings), np.int64, n),
+        np.fromiter(map(attrgetter("storage_offset"), mappings), np.int64, n),
+        np.fromiter(map(owner_of.__getitem__, map(id, ids)), np.int64, n),
     )
 
 

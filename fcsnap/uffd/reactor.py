@@ -84,6 +84,7 @@ class Reactor:
     def add(self, session: Session, on_end: OnEnd) -> None:
         """Serve `session` (listening already); `on_end(session, error)` runs on this
         reactor's thread once it has finished (error None: the VM exited or a stop)."""
+        session.handed_to(self)  # calls made before the session is adopted queue behind it
         with self._lock:
             self._incoming.append((session, on_end))
         self._wake()

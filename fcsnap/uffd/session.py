@@ -192,6 +192,11 @@ class Session:
         self._socket_inode = os.stat(self.options.socket).st_ino
         self.state = "listening"
 
+    def handed_to(self, reactor: Reactor) -> None:
+        """Note the reactor about to serve this session (on the thread handing it over), so
+        that `call` made before the reactor adopts it waits for it rather than failing."""
+        self._reactor = reactor
+
     def attach(self, reactor: Reactor) -> None:
         """Start being served by `reactor` (on its thread): wait for the VM or a stop."""
         listener = self._listener
@@ -199,6 +204,7 @@ class Session:
         self._reactor = reactor
         reactor.watch(self._stop_r, self, self.on_stop)
         reactor.watch(listener.fileno(), self, self.on_listener)
+        self.build.make_arrays_soon()  # while the VM starts and connects
         if self.options.on_listening is not None:
             self.options.on_listening()
 
@@ -324,6 +330,13 @@ class Session:
             if self._backlog and self._phase != "eager":
                 self._serve_pending(None)
         return written, count
+
+    def give_back_written(self, offsets: np.ndarray) -> None:
+        """Note `offsets` (taken by take_written) as written again, on the reactor's thread:
+        a checkpoint that failed after the take loses no write."""
+        installer = self.installer
+        if installer is not None:
+            writes.mark_written(installer.states.values(), offsets)
 
     def call(self, fn: Callable[[], Any], timeout: float) -> Any:
         """Run `fn` on the reactor's thread (from another thread) and return what it returns,

@@ -21,6 +21,7 @@ only locks the lineage, checks the pins and opens the diffs. The header file's i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import uuid
@@ -37,11 +38,12 @@ from fcsnap.store.holds import hold_builds
 from fcsnap.store.layout import HEADER
 from fcsnap.store.seekable import FrameCache
 from fcsnap.store.source import DiffFile, open_diffs
+from fcsnap.threads import start_signal_free
 from fcsnap.uffd.pages import PageSource, hash_tables, mapping_arrays
 
 PARSED_KEPT = 16  # closed builds whose parsed header and mapping arrays are kept
 
-if TYPE_CHECKING:  # not at run time: np is a stand-in until restore listens (deferred.py)
+if TYPE_CHECKING:  # not at run time: np may be restore's stand-in (deferred.py)
     Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
@@ -93,6 +95,7 @@ class SharedBuild:
         self._lock = threading.Lock()
         self._hashes: dict[uuid.UUID, np.ndarray] | None = None
         self._arrays: Arrays | None = parsed.arrays
+        self._arrays_thread: threading.Thread | None = None  # make_arrays_soon's
         self._fetching_rest = False
 
     def hashes(self) -> dict[uuid.UUID, np.ndarray]:
@@ -108,6 +111,22 @@ class SharedBuild:
             if self._arrays is None:
                 self._arrays = mapping_arrays(self.header, list(self.diffs))
             return self._arrays
+
+    def make_arrays_soon(self) -> None:
+        """Have the mapping arrays made on a thread now, unless they are made or being made:
+        a VM connects right after its socket listens, and its first fault would otherwise
+        wait for them (and for numpy, deferred.py) - a tenth of a second per 100,000
+        mappings."""
+        with self._lock:
+            if self._arrays is not None or self._arrays_thread is not None:
+                return
+            self._arrays_thread = threading.Thread(target=self._make_arrays,
+                                                   name="fcsnap-arrays", daemon=True)
+        start_signal_free(self._arrays_thread)
+
+    def _make_arrays(self) -> None:
+        with contextlib.suppress(Exception):  # the session's own call raises it where it counts
+            self.mapping_arrays()
 
     def fetch_rest(self) -> None:
         """Builds in object storage: have every chunk of their raw diffs that this build's

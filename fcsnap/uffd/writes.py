@@ -176,3 +176,13 @@ def protect_again(uffd: int, state: RegionState, read_events: Callable[[], int])
                                       f"failed: {os.strerror(e.errno)}") from e
             if not read_events():
                 time.sleep(0.0005)  # read already: the VMM is finishing the change
+
+
+def mark_written(states: Iterable[RegionState], offsets: np.ndarray) -> None:
+    """Note the pages at guest-memory `offsets` as written again: a checkpoint that took them
+    (and protected them again) and then failed gives them back to the next interval."""
+    offsets = np.asarray(offsets, np.int64)
+    for st in states:
+        r = st.region
+        inside = offsets[(offsets >= r.offset) & (offsets < r.offset + r.size)]
+        st.written[(inside - r.offset) // r.page_size] |= WRITTEN

@@ -1,0 +1,137 @@
+"""`POST /restores/ID/checkpoint`: the next generation from the pages the guest wrote, read
+from the live VM (process_vm_readv), each checkpoint a diff over the one before holding only
+that interval's writes, byte-exact against the guest's memory at that moment."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from helpers import WAIT, fcsnap, one_build_store, unpacked
+from test_daemon import Daemon
+from test_write_tracking import written
+
+from fcsnap.store.layout import build_path
+from fcsnap.store.manifest import read_manifest
+from fcsnap.testing import firecracker
+from fcsnap.units import PAGE
+
+# The daemon without CAP_SYS_PTRACE (dropped from its bounding set: root keeps the rest).
+NO_PTRACE = ("setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace")
+MiB = 1 << 20
+SIZE = 8 * MiB
+# Two regions of 4 MiB: the first interval writes across their border too.
+FIRST = [(0, 8 * PAGE), (SIZE // 2 - 2 * PAGE, 4 * PAGE), (6 * MiB, PAGE)]
+SECOND = [(4 * PAGE, 8 * PAGE), (3 * MiB, 2 * PAGE)]
+
+
+def pages(ranges: list[tuple[int, int]]) -> list[int]:
+    return sorted({o for start, n in ranges for o in range(start, start + n, PAGE)})
+
+
+def wait_report(vm, report: Path, key: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not report.exists() or not firecracker.read_report(report).get(key):
+        assert vm.poll() is None and time.monotonic() < deadline, f"the VM never said {key}"
+        time.sleep(0.02)
+
+
+def test_checkpoints_hold_each_interval_and_unpack_byte_exact(tmp_path: Path) -> None:
+    store = one_build_store(tmp_path, SIZE, seed=5)
+    memory = bytearray((tmp_path / "vm.mem").read_bytes())
+    daemon = Daemon(store, tmp_path)
+    try:
+        status, answer = daemon.call("POST", "/restores", {
+            "vm": "vm", "socket": str(tmp_path / "vm.sock"), "track_writes": True})
+        assert status == 201, answer
+        report, gate, hold = tmp_path / "vm.json", tmp_path / "gate", tmp_path / "hold"
+        vm = firecracker.spawn(tmp_path / "vm.sock", expected=tmp_path / "vm.mem",
+                               report=report, threads=2, regions=2, write=FIRST,
+                               second_write=SECOND, gate=gate, last_gate=hold, deadline=WAIT)
+        url = f"/restores/{answer['id']}/checkpoint"
+        builds = []
+        for ranges, key, go_on in ((FIRST, "first_write_done", gate),
+                                   (SECOND, "second_write_done", hold)):
+            wait_report(vm, report, key)
+            if not builds:
+                status, done = daemon.call("POST", url, {"name": "vm-cp"})
+                assert status == 201, done
+            else:  # the command line's form
+                out = fcsnap("checkpoint", answer["id"], "--daemon", daemon.api,
+                             "--name", "vm-cp")
+                assert out.returncode == 0, out.stderr
+                done = {"build_id": out.stdout.strip(),
+                        "written_pages": len(pages(ranges))}
+            assert done["written_pages"] == len(pages(ranges))  # this interval's writes only
+            for offset in pages(ranges):
+                memory[offset:offset + PAGE] = firecracker.written_page(offset)
+            build = build_path(store, done["build_id"])
+            assert unpacked(build, tmp_path) == memory
+            assert read_manifest(build).stats.bytes_stored <= len(pages(ranges)) * PAGE
+            builds.append(build)
+            go_on.touch()
+        assert read_manifest(builds[1]).parent_build_id == read_manifest(builds[0]).build_id
+        status, error = daemon.call("GET", f"/restores/{answer['id']}/written?new_interval=1")
+        assert status == 409 and "out of the next checkpoint" in error["error"]
+        assert vm.wait(WAIT) == 0
+    finally:
+        daemon.close()
+
+
+def test_checkpoint_refusals(tmp_path: Path) -> None:
+    """A restore not tracking writes, a bad body, an unknown restore: one line each."""
+    store = one_build_store(tmp_path, SIZE, seed=6)
+    daemon = Daemon(store, tmp_path)
+    try:
+        status, answer = daemon.call("POST", "/restores", {
+            "vm": "vm", "socket": str(tmp_path / "vm.sock")})
+        assert status == 201
+        url = f"/restores/{answer['id']}/checkpoint"
+        status, error = daemon.call("POST", url, {"name": "x"})
+        assert status == 409 and "no VM being served" in error["error"]
+        status, error = daemon.call("POST", url, {"nom": "x"})
+        assert status == 400 and "the body must be" in error["error"]
+        status, error = daemon.call("POST", url, {"name": "../x"})
+        assert status == 400
+        out = fcsnap("checkpoint", "nope", "--daemon", daemon.api, "--name", "x")
+        assert out.returncode == 1 and out.stderr.splitlines() == [
+            "fcsnap: error: the daemon refused the checkpoint: no restore 'nope'"]
+    finally:
+        daemon.close()
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None,
+                    reason="setpriv (util-linux) drops the daemon's CAP_SYS_PTRACE")
+def test_a_refused_read_is_one_line_and_loses_no_write(tmp_path: Path) -> None:
+    """A VM the daemon may not read (not dumpable, the daemon without CAP_SYS_PTRACE): one
+    line naming the refusal, nothing published, and the written set still holds every page."""
+    store = one_build_store(tmp_path, SIZE, seed=7)
+    daemon = Daemon(store, tmp_path, prefix=NO_PTRACE)
+    try:
+        status, answer = daemon.call("POST", "/restores", {
+            "vm": "vm", "socket": str(tmp_path / "vm.sock"), "track_writes": True})
+        assert status == 201, answer
+        report, gate = tmp_path / "vm.json", tmp_path / "gate"
+        vm = firecracker.spawn(tmp_path / "vm.sock", expected=tmp_path / "vm.mem",
+                               report=report, threads=2, write=FIRST, second_write=SECOND,
+                               gate=gate, not_dumpable=True, deadline=WAIT)
+        wait_report(vm, report, "first_write_done")
+        status, error = daemon.call("POST", f"/restores/{answer['id']}/checkpoint",
+                                    {"name": "vm-cp"})
+        assert status == 400, error
+        assert error["error"].startswith("the kernel refused to read the VM's memory "
+                                         "(process_vm_readv on pid"), error
+        assert "Operation not permitted" in error["error"]
+        assert not (store / "vms" / "vm-cp").exists()
+        url = f"/restores/{answer['id']}/written"
+        assert written(daemon.api, url) == pages(FIRST)
+        assert written(daemon.api, url + "?new_interval=1") == pages(FIRST)
+        status, error = daemon.call("POST", f"/restores/{answer['id']}/checkpoint",
+                                    {"name": "vm-cp"})
+        assert status == 409 and "would miss those pages" in error["error"]
+        gate.touch()
+        assert vm.wait(WAIT) == 0
+    finally:
+        daemon.close()
