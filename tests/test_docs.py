@@ -135,12 +135,11 @@ def test_the_readme_links_the_documents() -> None:
 def test_the_readme_names_every_restore_option() -> None:
     """Every option of `fcsnap restore` is in the README, and the options that have
     Firecracker load the snapshot are rows of its restore options table."""
-    from fcsnap.cli import build_parser
+    from fcsnap.cli import command_tree
 
-    commands = next(a for a in build_parser()._actions if a.dest == "command")
-    restore = commands.choices["restore"]  # type: ignore[attr-defined]
+    restore = command_tree().commands["restore"]
     readme = (ROOT / "README.md").read_text()
-    options = [o for a in restore._actions for o in a.option_strings if o.startswith("--")]
+    options = [o for p in restore.params for o in p.opts if o.startswith("--")]
     missing = [o for o in options if not re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", readme)]
     assert not missing, f"restore options the README does not name: {missing}"
     for option in ("--firecracker-api", "--vmstate", "--track-dirty-pages", "--api-timeout"):
