@@ -138,3 +138,21 @@ def test_every_store_module_is_in_a_layer():
         if name.startswith("fcsnap.store.") and layer(name) == len(LAYERS)
     ]
     assert loose == []
+
+
+def test_every_import_of_the_package_names_a_module_that_exists():
+    """An import inside a function runs only when that command does: a path left behind by a
+    move fails here rather than in front of a user."""
+    modules = module_names()
+    missing = []
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module and \
+                    node.module.startswith("fcsnap"):
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.startswith("fcsnap")]
+            else:
+                continue
+            missing += [f"{name}: {m}" for m in names if m not in modules]
+    assert missing == []

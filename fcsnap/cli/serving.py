@@ -245,7 +245,7 @@ def serve(
     allow_uid: AllowUid = None,
 ) -> int:
     from fcsnap.daemon.main import run_daemon
-    from fcsnap.store.s3 import is_s3_url
+    from fcsnap.store.backends.s3 import is_s3_url
 
     access = socket_access(socket_owner, socket_mode, allow_uid)
     source: Any = Path(store)
