@@ -48,7 +48,7 @@ import numpy as np
 import zstandard
 
 from fcsnap.errors import FcsnapError
-from fcsnap.store.hashes import DIGEST_SIZE, digest
+from fcsnap.store.format.hashes import DIGEST_SIZE, digest
 from fcsnap.units import format_bytes, parse_size
 
 FORMAT = 1  # bump when the workload or the image layout changes: it is part of the cache key

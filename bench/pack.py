@@ -46,8 +46,8 @@ import numpy as np
 import zstandard
 from machine import drop_caches, filesystem, machine
 
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing.memimage import (
     PAGE,
     evolve,

@@ -49,11 +49,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fcsnap.store import ops  # noqa: E402
-from fcsnap.store.builder import BuildOptions  # noqa: E402
-from fcsnap.store.chunk_cache import CHUNK, IN_FLIGHT  # noqa: E402
-from fcsnap.store.remote import RemoteStore  # noqa: E402
-from fcsnap.store.s3 import S3Objects, parse_s3_url  # noqa: E402
+from fcsnap.store.backends.chunk_cache import CHUNK, IN_FLIGHT  # noqa: E402
+from fcsnap.store.backends.remote import RemoteStore  # noqa: E402
+from fcsnap.store.backends.s3 import S3Objects, parse_s3_url  # noqa: E402
+from fcsnap.store.operations import ops  # noqa: E402
+from fcsnap.store.operations.builder import BuildOptions  # noqa: E402
 from fcsnap.testing import firecracker  # noqa: E402
 from fcsnap.testing.memimage import synthetic_memory, write_full  # noqa: E402
 from fcsnap.testing.s3server import seaweedfs  # noqa: E402

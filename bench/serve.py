@@ -57,8 +57,8 @@ from typing import Any
 from machine import machine
 
 from fcsnap.daemon.client import call_daemon
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing import firecracker
 from fcsnap.testing.memimage import synthetic_memory, write_full
 from fcsnap.units import parse_size

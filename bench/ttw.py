@@ -30,8 +30,8 @@ import numpy as np
 
 from fcsnap.header import load_header
 from fcsnap.options import ADAPTIVE
-from fcsnap.store.layout import DIFF_RAW
-from fcsnap.store.source import open_diffs
+from fcsnap.store.format.layout import DIFF_RAW
+from fcsnap.store.format.source import open_diffs
 from fcsnap.uffd import abi, fastpath
 from fcsnap.uffd.installer import Installer, InstallStats
 from fcsnap.uffd.pages import PageSource

@@ -49,10 +49,10 @@ from typing import Any
 
 import numpy as np
 
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
-from fcsnap.store.layout import resolve_build
-from fcsnap.store.scan import consecutive_runs
+from fcsnap.store.format.layout import resolve_build
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
+from fcsnap.store.operations.scan import consecutive_runs
 from fcsnap.testing import firecracker
 from fcsnap.testing.memimage import synthetic_memory, write_full
 from fcsnap.uffd import abi

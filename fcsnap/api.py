@@ -26,10 +26,10 @@ from fcsnap.options import (
 
 if TYPE_CHECKING:
     from fcsnap.header import Header
-    from fcsnap.store.builder import BuildOptions
-    from fcsnap.store.e2b import E2BVerification
-    from fcsnap.store.manifest import Manifest, Stats
-    from fcsnap.store.stores import Store as StoreTarget
+    from fcsnap.store.backends.stores import Store as StoreTarget
+    from fcsnap.store.format.manifest import Manifest, Stats
+    from fcsnap.store.operations.builder import BuildOptions
+    from fcsnap.store.operations.e2b import E2BVerification
     from fcsnap.uffd.firecracker_api import Response
     from fcsnap.uffd.installer import InstallStats
 
@@ -117,10 +117,10 @@ class Served:
 
 def _open(store: PathLike | StoreTarget | None) -> StoreTarget | None:
     """A store as commands take it: a directory (Path), or a store in object storage for an
-    `s3://BUCKET/PREFIX` text (fcsnap/store/stores.py)."""
+    `s3://BUCKET/PREFIX` text (fcsnap/store/backends/stores.py)."""
     if store is None or not isinstance(store, str | os.PathLike):
         return store
-    from fcsnap.store.stores import open_store
+    from fcsnap.store.backends.stores import open_store
 
     return open_store(str(store))
 
@@ -131,14 +131,14 @@ def _dir(
 ) -> Path:
     """BUILD as a local build directory (in an S3 store: in its local mirror; `data`: with
     its lineage's diffs downloaded; `lazy`: read through a private chunk cache)."""
-    from fcsnap.store.stores import resolve
+    from fcsnap.store.backends.stores import resolve
 
     return resolve(str(build), _open(store), data=data, lazy=lazy)
 
 
 def _e2b_dir(build: BuildRef, store: PathLike | StoreTarget | None) -> Path | None:
     """BUILD as a local E2B/Wrenn build directory (no build.json beside its header), or None."""
-    from fcsnap.store.e2b import e2b_build_dir
+    from fcsnap.store.operations.e2b import e2b_build_dir
 
     if store is not None and not isinstance(store, str | os.PathLike):
         return None  # a store object: fcsnap's own
@@ -163,8 +163,8 @@ def _build_options(
     *, block_size: int | str, compress: str | None, frame_size: int | str, name: str | None,
     vmstate: PathLike | None, working_set: PathLike | None,
 ) -> BuildOptions:
-    from fcsnap.store.builder import BuildOptions
-    from fcsnap.store.names import check_vm_name
+    from fcsnap.store.format.names import check_vm_name
+    from fcsnap.store.operations.builder import BuildOptions
 
     if name is not None:
         check_vm_name(name)  # before anything else: a bad name costs nothing
@@ -205,7 +205,7 @@ class Store:
 
     def build(self, build: BuildRef) -> Build:
         """The build a directory, id or VM name stands for."""
-        from fcsnap.store.manifest import read_manifest
+        from fcsnap.store.format.manifest import read_manifest
 
         path = _dir(build, self.target)
         return Build.from_manifest(read_manifest(path), path)
@@ -218,7 +218,7 @@ class Store:
     ) -> Build:
         """Pack a Firecracker memory file as generation 0 of a new lineage. `compress` is
         None/'none', 'zstd' or 'zstd:LEVEL'; `name` points vms/NAME at the new build."""
-        from fcsnap.store import ops
+        from fcsnap.store.operations import ops
 
         options = _build_options(
             block_size=block_size, compress=compress, frame_size=frame_size, name=name,
@@ -244,8 +244,8 @@ class Store:
         `written` (restore --written of a VM served `base`), `memfile` is a Full snapshot of
         which only the pages in that written set are read."""
         from fcsnap.errors import FcsnapError, UsageError
-        from fcsnap.store import ops
-        from fcsnap.store.manifest import read_manifest
+        from fcsnap.store.format.manifest import read_manifest
+        from fcsnap.store.operations import ops
         from fcsnap.units import format_block_size
 
         if written is not None and (sparse or working_set is not None):
@@ -283,8 +283,8 @@ class Store:
         """A new generation 0 with the same content as `build` and no ancestors (same block
         size and compression)."""
         from fcsnap.header import load_header
-        from fcsnap.store import ops
-        from fcsnap.store.names import check_vm_name
+        from fcsnap.store.format.names import check_vm_name
+        from fcsnap.store.operations import ops
 
         if name is not None:
             check_vm_name(name)  # before anything else: a bad name costs nothing
@@ -303,7 +303,7 @@ class Store:
         directory laid out as their buckets): one build per generation with E2B's build ids,
         oldest first; `name` points vms/NAME at `src`'s. Builds imported before are reused."""
         from fcsnap.errors import FcsnapError
-        from fcsnap.store.e2b_import import import_e2b, own_bytes
+        from fcsnap.store.operations.e2b_import import import_e2b, own_bytes
 
         options = _build_options(block_size=4096, compress=compress,
                                  frame_size=DEFAULT_FRAME_SIZE, name=name, vmstate=None,
@@ -321,9 +321,9 @@ class Store:
     ) -> list[Path]:
         """Write `build`'s lineage into the directory `output` as an E2B store (version-4
         headers, `memfile` or `memfile.zstd` frames); returns the build directories written."""
-        from fcsnap.store.e2b_export import export_e2b, lineage_dirs
-        from fcsnap.store.hashes import read_hashes
-        from fcsnap.store.layout import HASHES
+        from fcsnap.store.format.hashes import read_hashes
+        from fcsnap.store.format.layout import HASHES
+        from fcsnap.store.operations.e2b_export import export_e2b, lineage_dirs
 
         compression, level = parse_compression(compress)
         build_dir = _dir(build, self.target, data=True)
@@ -341,7 +341,7 @@ class Store:
         the name at the end is a compare-and-swap against it. When the command's BUILD
         argument is that same name, it is the build the argument resolved to, not a second
         look (the name may have moved in between)."""
-        from fcsnap.store.stores import current_head
+        from fcsnap.store.backends.stores import current_head
 
         if name is None:
             return None
@@ -375,11 +375,11 @@ def unpack(
 ) -> Path:
     """Rebuild the full memory file of `build` at `output` (sparse where zero)."""
     from fcsnap.header import load_header
-    from fcsnap.store import ops
+    from fcsnap.store.operations import ops
 
     foreign = _e2b_dir(build, store)
     if foreign is not None:
-        from fcsnap.store.e2b import unpack_e2b
+        from fcsnap.store.operations.e2b import unpack_e2b
 
         advance = _tracker(progress, _data_bytes(load_header(foreign)))
         unpack_e2b(foreign, Path(output), force, advance)
@@ -397,13 +397,13 @@ def verify(
     """Check `build` and every build it reads: files, sizes, and every block's hash. An E2B or
     Wrenn build is checked with what it carries (E2BVerification says what that was)."""
     from fcsnap.header import load_header
-    from fcsnap.store import ops
-    from fcsnap.store.layout import build_path, store_of
-    from fcsnap.store.manifest import read_manifest
+    from fcsnap.store.format.layout import build_path, store_of
+    from fcsnap.store.format.manifest import read_manifest
+    from fcsnap.store.operations import ops
 
     foreign = _e2b_dir(build, store)
     if foreign is not None:
-        from fcsnap.store.e2b import verify_e2b
+        from fcsnap.store.operations.e2b import verify_e2b
 
         return verify_e2b(foreign, _tracker(progress, _data_bytes(load_header(foreign))))
     build_dir = _dir(build, store, data=True)
@@ -424,7 +424,7 @@ def inspect(
     memfile.header): which builds serve which share of memory; `at` looks offsets up."""
     from fcsnap.header import load_header
     from fcsnap.inspection import inspect_report
-    from fcsnap.store.layout import HEADER
+    from fcsnap.store.format.layout import HEADER
 
     offsets = [parse_offset(value) for value in at]
     path = Path(target) if not isinstance(target, uuid.UUID) else None
@@ -466,7 +466,7 @@ def restore(
     allowed `fetch_timeout` seconds with its retries; the rest of what it reads of raw diffs is
     fetched in the background unless `lazy_fetch`."""
     from fcsnap.restore_options import check_restore
-    from fcsnap.store.stores import open_store, serve_source
+    from fcsnap.store.backends.stores import open_store, serve_source
     from fcsnap.uffd.server import FaultServer, ServeOptions
 
     checked = check_restore(  # fault_around: a size ("256K", 0) or "adaptive", as typed

@@ -15,9 +15,9 @@ from typing import Any
 from fcsnap.errors import FcsnapError
 from fcsnap.header import NIL, Header, Lookup
 from fcsnap.header.e2b import BuildsSection, Frame
-from fcsnap.store.layout import MANIFEST
-from fcsnap.store.manifest import read_manifest
-from fcsnap.store.pins import pin_problems
+from fcsnap.store.format.layout import MANIFEST
+from fcsnap.store.format.manifest import read_manifest
+from fcsnap.store.format.pins import pin_problems
 
 
 def _generation_of(build_id: uuid.UUID, header: Header, store: Path | None) -> int | None:

@@ -48,7 +48,7 @@ class RestoreOptions:
         FcsnapError when Firecracker cannot be asked or is too old."""
         if self.firecracker_api is None:
             return None
-        from fcsnap.store.layout import SNAPFILE
+        from fcsnap.store.format.layout import SNAPFILE
         from fcsnap.uffd.firecracker_api import SnapshotLoad, firecracker_version, load_body
 
         if self.vmstate is None and not (build_dir / SNAPFILE).is_file():

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from fcsnap.store import ops
-from fcsnap.store.layout import diff_path
-from fcsnap.store.manifest import Manifest, read_manifest
+from fcsnap.store.format.layout import diff_path
+from fcsnap.store.format.manifest import Manifest, read_manifest
+from fcsnap.store.operations import ops
 from fcsnap.testing import firecracker
 from fcsnap.units import PAGE
 
@@ -137,7 +137,7 @@ class Processes:
 
 def one_build_store(root: Path, size: int, seed: int) -> Path:
     """root/store holding one raw build of synthetic memory, named "vm" (no snapfile)."""
-    from fcsnap.store.builder import BuildOptions
+    from fcsnap.store.operations.builder import BuildOptions
     from fcsnap.testing.memimage import synthetic_memory, write_full
 
     write_full(root / "vm.mem", synthetic_memory(size, seed=seed))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from helpers import fcsnap
 
-from fcsnap.store.locks import STOP_ENV
+from fcsnap.store.format.locks import STOP_ENV
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full
 
 MIB = 1 << 20

@@ -148,7 +148,7 @@ def test_cli_json_is_the_api_result(tmp_path: Path, memfiles: tuple[Path, Path])
     )
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
-    assert printed == fcsnap.Store(store).build(printed["build_id"]).to_json()
+    assert printed == {"schema": 1, **fcsnap.Store(store).build(printed["build_id"]).to_json()}
 
 
 def test_restore_is_a_library_call(tmp_path: Path, memfiles: tuple[Path, Path]) -> None:

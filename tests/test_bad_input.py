@@ -31,11 +31,11 @@ from typing import Any
 
 import pytest
 
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
-from fcsnap.store.hashes import dump_hashes, read_hashes
-from fcsnap.store.layout import VMS
-from fcsnap.store.seekable import SeekableReader, SeekableWriter
+from fcsnap.store.format.hashes import dump_hashes, read_hashes
+from fcsnap.store.format.layout import VMS
+from fcsnap.store.format.seekable import SeekableReader, SeekableWriter
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full
 from fcsnap.workingset import dump_working_set
 

@@ -13,8 +13,8 @@ from helpers import WAIT, fcsnap, one_build_store, unpacked
 from test_daemon import Daemon
 from test_write_tracking import written
 
-from fcsnap.store.layout import build_path
-from fcsnap.store.manifest import read_manifest
+from fcsnap.store.format.layout import build_path
+from fcsnap.store.format.manifest import read_manifest
 from fcsnap.testing import firecracker
 from fcsnap.units import PAGE
 

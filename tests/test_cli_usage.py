@@ -10,13 +10,14 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import helpers
 import pytest
 
-from fcsnap.cli import build_parser
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
+from fcsnap.cli import command_tree
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full
 
 SIZE = 1 << 20
@@ -50,34 +51,35 @@ DIFF = "diff m1 --base vm --store store"
 INSPECT = "inspect vm --store store"
 RESTORE = "restore --vm vm --store store --socket uffd.sock"
 USAGE = [
-    ("no-command", "", "the following arguments are required: COMMAND"),
-    ("unknown-command", "frobnicate", "invalid choice: 'frobnicate'"),
-    ("unknown-option", PACK + " --level 3", "unrecognized arguments: --level"),
-    ("abbreviated-option", PACK + " --comp zstd", "unrecognized arguments: --comp"),
-    ("pack/no-store", "pack m0", "the following arguments are required: --store"),
+        ("unknown-command", "frobnicate", "No such command 'frobnicate'"),
+    ("unknown-option", PACK + " --level 3", "No such option: --level"),
+    ("abbreviated-option", PACK + " --comp zstd",
+     "No such option: --comp (Possible options: --compress)"),
+    ("pack/no-store", "pack m0", "Missing option '--store'"),
     ("pack/compress-gzip", PACK + " --compress gzip", "invalid compression 'gzip'"),
     ("pack/zstd-level-99", PACK + " --compress zstd:99", "invalid zstd level in 'zstd:99'"),
     ("pack/block-size-3K", PACK + " --block-size 3K", "invalid block size '3K': use 4K or 2M"),
     ("pack/frame-size-0", PACK + " --frame-size 0", "invalid frame size '0'"),
     ("pack/frame-size-5K", PACK + " --frame-size 5K", "invalid frame size '5K'"),
     ("pack/frame-size-words", PACK + " --frame-size big", "invalid frame size 'big'"),
-    ("diff/no-base", "diff m1 --store store", "required: --base"),
+    ("diff/no-base", "diff m1 --store store", "Missing option '--base'"),
     ("diff/compress-lz4", DIFF + " --compress lz4", "invalid compression 'lz4'"),
     ("diff/block-size-1M", DIFF + " --block-size 1M", "invalid block size '1M'"),
-    ("inspect/no-target", "inspect", "required: BUILD|HEADER"),
-    ("inspect/at-hello", INSPECT + " --at hello", "argument --at: invalid offset 'hello'"),
+    ("inspect/no-target", "inspect", "Missing argument 'BUILD|HEADER'"),
+    ("inspect/at-hello", INSPECT + " --at hello",
+     "Invalid value for '--at': invalid offset 'hello'"),
     ("inspect/at-0xZZ", INSPECT + " --at 0xZZ", "invalid offset '0xZZ'"),
     ("inspect/at-negative", INSPECT + " --at=-4096", "invalid offset '-4096': must not be"),
-    ("unpack/no-output", "unpack vm --store store", "required: -o/--output"),
-    ("restore/no-socket", "restore --vm vm --store store", "required: --socket"),
+    ("unpack/no-output", "unpack vm --store store", "Missing option '-o' / '--output'"),
+    ("restore/no-socket", "restore --vm vm --store store", "Missing option '--socket'"),
     ("restore/fault-around-x", RESTORE + " --fault-around x",
      "invalid fault-around size (or 'adaptive') 'x'"),
-    ("restore/timeout-words", RESTORE + " --handshake-timeout soon", "invalid float value"),
-    ("restore/cache-mb-words", RESTORE + " --cache-mb lots", "invalid int value: 'lots'"),
+    ("restore/timeout-words", RESTORE + " --handshake-timeout soon", "'soon' is not a valid float"),
+    ("restore/cache-mb-words", RESTORE + " --cache-mb lots", "'lots' is not a valid integer"),
     ("restore/vmstate-alone", RESTORE + " --vmstate m0", "need --firecracker-api"),
     ("restore/api-timeout-0", RESTORE + " --firecracker-api api.sock --api-timeout 0",
      "must be more than 0 seconds"),
-    ("demo/threads-words", "demo --threads many", "invalid int value: 'many'"),
+    ("demo/threads-words", "demo --threads many", "'many' is not a valid integer"),
 ]
 
 
@@ -116,27 +118,79 @@ def test_runtime_failure_is_one_line_and_exit_1(store: Path, argv: str, expect: 
     assert expect in lines[0]
 
 
-def commands() -> list[str]:
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    return list(sub.choices)
+def commands() -> dict[str, Any]:
+    """Every command line's command by how it is typed ("" the root, "ws merge")."""
+    tree = command_tree()
+    found: dict[str, Any] = {"": tree}
+    for name, command in tree.commands.items():
+        found[name] = command
+        for sub, inner in getattr(command, "commands", {}).items():
+            found[f"{name} {sub}"] = inner
+    return found
 
 
-@pytest.mark.parametrize("command", ["", *commands()])
+PANELS = ("Store", "Output", "S3 stores", "Fault handling", "Firecracker API", "Socket access")
+
+
+@pytest.mark.parametrize("command", list(commands()))
 def test_help_shows_flags_as_flags(tmp_path: Path, command: str) -> None:
-    """Every switch's help line is the switch and its text: no metavar (`--json <bool>`)."""
+    """Every switch's help row is the switch and its text: no metavar (`--json <bool>`); the
+    usage line names arguments plainly (no `{BUILD}`)."""
     result = fcsnap(*command.split(), "-h", cwd=tmp_path, columns=200)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"usage: fcsnap {command}".rstrip())
-    assert "<bool>" not in result.stdout and "BOOLEAN" not in result.stdout
-    parser = build_parser()
-    if command:
-        parser = next(a for a in parser._actions if a.dest == "command").choices[command]
-    switches = [a for a in parser._actions if a.nargs == 0 and a.option_strings]
-    assert switches, "every command has switches (--help, --debug)"
-    for action in switches:
-        spelled = ", ".join(action.option_strings)
-        assert re.search(rf"^  {re.escape(spelled)}  +\S", result.stdout, re.M), spelled
+    out = result.stdout
+    assert f"Usage: fcsnap {command}".replace("  ", " ") in out
+    assert "<bool>" not in out and "BOOLEAN" not in out and "{" not in out
+    switches = [p for p in commands()[command].params if getattr(p, "is_flag", False)
+                and not p.hidden]
+    assert re.search(r"--help\s+-h\s+Show this message", out)
+    for param in switches:
+        long = next(o for o in param.opts if o.startswith("--"))
+        short = "".join(rf"\s+{re.escape(o)}" for o in param.opts if not o.startswith("--"))
+        first = (param.help or "").split()[0]
+        assert re.search(rf"{re.escape(long)}{short}\s+{re.escape(first)}", out), long
+    if command == "restore":
+        assert all(f"─ {panel} ─" in out for panel in PANELS), out
+
+
+@pytest.mark.parametrize("command", [c for c, cmd in commands().items()
+                                     if c and not hasattr(cmd, "commands")])
+def test_every_command_shows_examples(tmp_path: Path, command: str) -> None:
+    out = fcsnap(*command.split(), "--help", cwd=tmp_path, columns=200).stdout
+    examples = out.split("Examples:", 1)[1]
+    assert f"fcsnap {command} " in examples or examples.strip() == f"fcsnap {command}"
+
+
+def test_no_command_shows_the_help(tmp_path: Path) -> None:
+    """Run bare: the help (commands and all), with exit status 2 as for any usage error."""
+    result = fcsnap(cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr == ""
+    assert "Usage: fcsnap [OPTIONS] COMMAND" in result.stdout and "─ Commands ─" in result.stdout
+    assert all(f" {name} " in result.stdout for name in command_tree().commands)
+
+
+@pytest.mark.parametrize(("argv", "suggested"), [
+    ("pakc", "Did you mean 'pack'"),
+    ("inspect vm --stor store", "--store)"),
+    ("pack m0 --store store --compres zstd", "--compress"),
+])
+def test_a_typo_gets_a_suggestion(store: Path, argv: str, suggested: str) -> None:
+    result = fcsnap(*argv.split(), cwd=store.parent)
+    assert result.returncode == 2 and suggested in result.stderr, result.stderr
+
+
+def test_shell_completion_completes_commands_and_options(tmp_path: Path) -> None:
+    # The shell is detected from the parent process: bash here (`; true`: bash must not exec).
+    script = subprocess.run(["bash", "-c", f"{sys.executable} -m fcsnap --show-completion; true"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=WAIT)
+    assert "complete -o default -F _fcsnap_completion fcsnap" in script.stdout, script.stderr
+    env = {"_FCSNAP_COMPLETE": "complete_bash", "COMP_CWORD": "1"}
+    words = helpers.fcsnap(cwd=tmp_path, env=os.environ | env | {"COMP_WORDS": "fcsnap re"},
+                           timeout=WAIT)
+    assert words.stdout.split() == ["restore"], words.stderr
+    options = helpers.fcsnap(cwd=tmp_path, timeout=WAIT, env=os.environ | env | {
+        "COMP_WORDS": "fcsnap restore --fault", "COMP_CWORD": "2"})
+    assert options.stdout.split() == ["--fault-around"], options.stderr
 
 
 def test_debug_after_the_command_shows_the_traceback(store: Path) -> None:

@@ -26,8 +26,8 @@ from store_procs import (
     visible_builds,
 )
 
-from fcsnap.store.locks import lock_dir
-from fcsnap.store.names import read_vm_pointer
+from fcsnap.store.format.locks import lock_dir
+from fcsnap.store.format.names import read_vm_pointer
 
 
 def new_build(store: Path, before: list[str]) -> str:

@@ -26,9 +26,9 @@ from test_watchdog import wait_dead
 
 from fcsnap.daemon.client import call_daemon
 from fcsnap.header import load_header
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
-from fcsnap.store.layout import diff_path
+from fcsnap.store.format.layout import diff_path
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing import firecracker
 from fcsnap.testing.firecracker_api import FAULT, FakeFirecracker
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full

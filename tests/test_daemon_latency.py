@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_daemon import Build, Daemon
 from test_restore_faults import WAIT
 
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing.memimage import synthetic_memory, write_full
 from fcsnap.uffd import fastpath, latency
 

@@ -54,7 +54,7 @@ def test_preload_of_an_unknown_build_is_one_line_and_listens_on_nothing(raw_buil
     store, _ = raw_build
     api = tmp_path / "api.sock"
     done = subprocess.run([sys.executable, "-m", "fcsnap", "serve", "--store", str(store),
-                           "--api", str(api), "--preload", "web", "nosuch"],
+                           "--api", str(api), "--preload", "web", "--preload", "nosuch"],
                           capture_output=True, text=True, timeout=WAIT)
     assert done.returncode == 1
     lines = done.stderr.splitlines()

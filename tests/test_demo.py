@@ -75,8 +75,8 @@ def test_demo_restore_ends_when_its_stand_in_fails_before_connecting(tmp_path):
         from pathlib import Path
         from fcsnap.demo import _restore
         from fcsnap.errors import FcsnapError
-        from fcsnap.store import ops
-        from fcsnap.store.builder import BuildOptions
+        from fcsnap.store.operations import ops
+        from fcsnap.store.operations.builder import BuildOptions
         from fcsnap.testing.memimage import synthetic_memory, write_full
         work = Path(sys.argv[1])
         write_full(work / "m0", synthetic_memory(4 << 20, seed=1))

@@ -6,7 +6,6 @@ specification (outside the repository) any more."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import os
@@ -15,10 +14,11 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from fcsnap.store.manifest import Manifest, Stats
+from fcsnap.store.format.manifest import Manifest, Stats
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full, write_sparse_diff
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,17 +77,15 @@ def docs_environment(work: Path) -> dict[str, str]:
 def cli_commands() -> list[tuple[str, ...]]:
     """Every command of the command line, as the words that name it: () for `fcsnap` itself,
     ("pack",), ("ws", "merge"), ..."""
-    from fcsnap.cli import build_parser
+    from fcsnap.cli import command_tree
 
-    def walk(parser: argparse.ArgumentParser, prefix: tuple[str, ...]) -> list[tuple[str, ...]]:
+    def walk(command: Any, prefix: tuple[str, ...]) -> list[tuple[str, ...]]:
         found = []
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for name, sub in action.choices.items():
-                    found += walk(sub, (*prefix, name)) or [(*prefix, name)]
+        for name, sub in getattr(command, "commands", {}).items():
+            found += walk(sub, (*prefix, name)) or [(*prefix, name)]
         return found
 
-    return [(), *walk(build_parser(), ())]
+    return [(), *walk(command_tree(), ())]
 
 
 def help_options(command: list[str]) -> list[str]:
@@ -304,11 +302,11 @@ def test_nothing_cites_the_retired_spec() -> None:
 EXPECTED_GRAMMARS = {
     "fcsnap.header.format.METADATA",
     "fcsnap.header.format.MAPPING",
-    "fcsnap.store.hashes.HEAD",
+    "fcsnap.store.format.hashes.HEAD",
     "fcsnap.workingset.HEAD",
-    "fcsnap.store.seekable.SKIPPABLE_HEAD",
-    "fcsnap.store.seekable.ENTRY_CHECKSUM",
-    "fcsnap.store.seekable.FOOTER",
+    "fcsnap.store.format.seekable.SKIPPABLE_HEAD",
+    "fcsnap.store.format.seekable.ENTRY_CHECKSUM",
+    "fcsnap.store.format.seekable.FOOTER",
 }
 
 

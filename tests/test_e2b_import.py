@@ -16,12 +16,12 @@ from helpers import Lineage, check_served, fcsnap, restore, unpacked
 from test_e2b_store import EXPECTED, FIXTURES, copy_store
 
 from fcsnap.header import load_header
-from fcsnap.store import e2b
-from fcsnap.store.builder import BuildOptions
-from fcsnap.store.e2b_import import import_e2b
-from fcsnap.store.layout import HASHES, HEADER
-from fcsnap.store.manifest import read_manifest
-from fcsnap.store.ops import verify
+from fcsnap.store.format.layout import HASHES, HEADER
+from fcsnap.store.format.manifest import read_manifest
+from fcsnap.store.operations import e2b
+from fcsnap.store.operations.builder import BuildOptions
+from fcsnap.store.operations.e2b_import import import_e2b
+from fcsnap.store.operations.ops import verify
 
 SCENARIOS = sorted(EXPECTED)
 
@@ -47,7 +47,7 @@ def test_import_keeps_ids_and_every_generation_unpacks_to_e2bs_memory(scenario, 
     result = fcsnap("import", head_dir(scenario), "--store", store, "--name", "vm",
                     "--compress", compress, "--json")
     assert result.returncode == 0, result.stderr
-    builds = json.loads(result.stdout)
+    builds = json.loads(result.stdout)["builds"]
     gens = generations(scenario)
     assert [b["build_id"] for b in builds] == [g["build_id"] for g in gens]
     parent = None
@@ -261,7 +261,7 @@ def test_a_build_without_its_header_is_read_through_the_next_generation(tmp_path
     store = tmp_path / "store"
     result = fcsnap("import", src / gens[2]["build_id"], "--store", store, "--json")
     assert result.returncode == 0, result.stderr
-    assert [b["build_id"] for b in json.loads(result.stdout)] == \
+    assert [b["build_id"] for b in json.loads(result.stdout)["builds"]] == \
         [gens[0]["build_id"], gens[2]["build_id"]]
     for expected in (gens[0], gens[2]):
         memory = unpacked(store / expected["build_id"], tmp_path)

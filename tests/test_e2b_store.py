@@ -192,7 +192,7 @@ def test_fuzz_damaged_objects_give_the_right_memory_or_one_error(scenario, data)
     import tempfile
 
     from fcsnap.errors import FcsnapError
-    from fcsnap.store.e2b import unpack_e2b
+    from fcsnap.store.operations.e2b import unpack_e2b
 
     expected = EXPECTED[scenario][2]
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from helpers import restore_argv
 
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
-from fcsnap.store.layout import SNAPFILE
+from fcsnap.store.format.layout import SNAPFILE
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing import firecracker
 from fcsnap.testing.firecracker_api import FAULT, FakeFirecracker, RawAnswer, answer
 from fcsnap.testing.firecracker_schema import NEWEST, OLDEST, PREFIX, load_error

@@ -33,7 +33,7 @@ from test_lifecycle import (
     visible_builds,
 )
 
-from fcsnap.store.layout import VMS
+from fcsnap.store.format.layout import VMS
 from fcsnap.testing.memimage import write_full
 
 

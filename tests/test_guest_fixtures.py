@@ -18,7 +18,7 @@ import pytest
 from helpers import Lineage
 
 from fcsnap.header import parse_header
-from fcsnap.store import ops
+from fcsnap.store.operations import ops
 from fcsnap.testing import guest
 
 ROOT = Path(__file__).resolve().parent.parent

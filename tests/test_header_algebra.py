@@ -21,7 +21,7 @@ from fcsnap.header import (
     parse_header,
     to_records,
 )
-from fcsnap.store.lineage import Runs
+from fcsnap.store.format.lineage import Runs
 from fcsnap.testing.header_oracle import merge, normalize, packed_runs, runs_for_blocks
 
 

@@ -43,7 +43,7 @@ def test_inspect_json_matches_golden(name):
     at = [arg for offset in make_headers.LOOKUPS for arg in ("--at", hex(offset))]
     result = fcsnap("inspect", str(FIXTURES / f"{name}.header"), "--mappings", *at, "--json")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == expected
+    assert json.loads(result.stdout) == {"schema": 1, **expected}  # the CLI's version key
 
 
 def test_golden_metadata_layout_byte_for_byte():

@@ -21,10 +21,10 @@ from fcsnap.header import (
     parse_header,
 )
 from fcsnap.header.format import MAPPING, METADATA
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
-from fcsnap.store.layout import HEADER
-from fcsnap.store.source import GenerationReader
+from fcsnap.store.format.layout import HEADER
+from fcsnap.store.format.source import GenerationReader
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing.memimage import synthetic_memory, write_full
 
 BUILD = uuid.UUID("12345678-1234-4234-8234-123456789abc")

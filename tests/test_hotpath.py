@@ -31,10 +31,10 @@ from hypothesis import strategies as st
 from test_restore import PAGE
 
 from fcsnap.header import load_header
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
-from fcsnap.store.layout import DIFF_RAW
-from fcsnap.store.source import open_diffs
+from fcsnap.store.format.layout import DIFF_RAW
+from fcsnap.store.format.source import open_diffs
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing.memimage import synthetic_memory, write_full
 from fcsnap.uffd import abi, fastpath
 from fcsnap.uffd.installer import DONE, RETRY, Installer, InstallStats, Outcome

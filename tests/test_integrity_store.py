@@ -16,7 +16,7 @@ import pytest
 from store_procs import fcsnap, hidden_entries, make_lineage, start_stopped, visible_builds
 
 from fcsnap.header import load_header
-from fcsnap.store.layout import DIFF_RAW, HASHES, MANIFEST
+from fcsnap.store.format.layout import DIFF_RAW, HASHES, MANIFEST
 from fcsnap.units import PAGE
 
 

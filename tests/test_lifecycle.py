@@ -21,9 +21,9 @@ import pytest
 from helpers import fcsnap
 
 from fcsnap.errors import FcsnapError
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
-from fcsnap.store.layout import DIFF_RAW, VMS
+from fcsnap.store.format.layout import DIFF_RAW, VMS
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing.memimage import synthetic_memory, write_full
 from fcsnap.units import PAGE, format_bytes, parse_duration
 
@@ -462,8 +462,8 @@ def test_gc_grace_without_a_unit_is_a_usage_error(store: Store) -> None:
     result = fcsnap("gc", "--store", store.path, "--grace", "1")
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        "fcsnap: error: argument --grace: invalid --grace '1': give a unit, s, m, h, d or w "
-        "(e.g. 1s, 1h) (see 'fcsnap gc --help')"]
+        "fcsnap: error: Invalid value for '--grace': invalid --grace '1': give a unit, s, m, h, "
+        "d or w (e.g. 1s, 1h) (see 'fcsnap gc --help')"]
     assert sorted(p.name for p in store.path.iterdir()) == before
 
 

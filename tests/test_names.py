@@ -21,8 +21,8 @@ from store_procs import (
     visible_builds,
 )
 
-from fcsnap.store.locks import lock_dir
-from fcsnap.store.names import read_vm_pointer
+from fcsnap.store.format.locks import lock_dir
+from fcsnap.store.format.names import read_vm_pointer
 
 BAD_NAMES = {
     "256 bytes": "n" * 256,

@@ -225,7 +225,7 @@ def test_daemon_writes_outputs_only_under_its_output_dir(tmp_path: Path) -> None
 def test_unpack_output_is_private_and_replaces_a_link_not_its_target(tmp_path: Path) -> None:
     """`unpack -o LINK --force`: the link is replaced by the memory file (0600: guest memory),
     the file it pointed at is untouched."""
-    from fcsnap.store import ops
+    from fcsnap.store.operations import ops
 
     store = one_build_store(tmp_path, SIZE, seed=7)
     victim = _victim(tmp_path)

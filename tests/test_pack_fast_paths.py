@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from helpers import unpacked
 
-from fcsnap.store import builder, ops
-from fcsnap.store.builder import BuildOptions
-from fcsnap.store.layout import DIFF_ZSTD
+from fcsnap.store.format.layout import DIFF_ZSTD
+from fcsnap.store.operations import builder, ops
+from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing.memimage import synthetic_memory, write_full
 
 MIB = 1 << 20

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import BLOCK_SIZES
-from fcsnap.store.hashes import (
+from fcsnap.store.format.hashes import (
     DIGEST_SIZE,
     HEAD,
     MAGIC,
@@ -32,7 +32,7 @@ from fcsnap.store.hashes import (
     dump_hashes,
     parse_hashes,
 )
-from fcsnap.store.manifest import COMPRESSIONS, Manifest, Stats, parse_manifest
+from fcsnap.store.format.manifest import COMPRESSIONS, Manifest, Stats, parse_manifest
 from fcsnap.workingset import HEAD as WS_HEAD
 from fcsnap.workingset import MAGIC as WS_MAGIC
 from fcsnap.workingset import dump_working_set, parse_working_set

@@ -13,8 +13,8 @@ import test_hotpath
 from helpers import PAGE, Lineage, restore
 from test_hotpath import GUEST, Served, needs_compiled
 
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing.memimage import synthetic_memory, write_full
 from fcsnap.uffd import abi, fastpath
 from fcsnap.uffd.prefetch import Prefetch

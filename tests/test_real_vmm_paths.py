@@ -26,7 +26,7 @@ from helpers import fcsnap
 
 from fcsnap.daemon.client import call_daemon
 from fcsnap.header import load_header
-from fcsnap.store.layout import DIFF_RAW
+from fcsnap.store.format.layout import DIFF_RAW
 from fcsnap.testing.fcguest import FILL_BASE, PAGE, GuestConfig
 from fcsnap.testing.realvmm import (
     WAIT,

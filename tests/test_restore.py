@@ -38,9 +38,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fcsnap.header import load_header
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
-from fcsnap.store.layout import DIFF_RAW, HASHES
+from fcsnap.store.format.layout import DIFF_RAW, HASHES
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing import firecracker
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full, write_sparse_diff
 from fcsnap.uffd.installer import Installer, InstallStats

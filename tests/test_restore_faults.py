@@ -33,9 +33,9 @@ from helpers import WAIT, Lineage, Processes, restore_argv
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import load_header
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
-from fcsnap.store.seekable import SeekableReader
+from fcsnap.store.format.seekable import SeekableReader
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing import firecracker
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full
 from fcsnap.uffd.server import FaultServer, ServeOptions

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from helpers import WAIT, Lineage, wait_for
 
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
-from fcsnap.store.source import DiffFile
+from fcsnap.store.format.source import DiffFile
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing.memimage import synthetic_memory, write_full
 from fcsnap.uffd.mapped import CHUNK_SHIFT, MappedDiff
 

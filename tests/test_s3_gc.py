@@ -15,7 +15,7 @@ from s3_helpers import Bucket
 from test_lifecycle import Store, fcsnap_json, make_store, next_image
 from test_s3_store import finish, run, start_stopped
 
-from fcsnap.store.leases import EXPIRY_ENV, MARGIN
+from fcsnap.store.backends.leases import EXPIRY_ENV, MARGIN
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full
 
 MIB = 1 << 20

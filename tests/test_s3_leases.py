@@ -17,7 +17,7 @@ from s3_helpers import Bucket, memfile, restore_from
 from test_daemon import Build, Daemon
 from test_s3_store import finish, one_line_error, start_stopped
 
-from fcsnap.store.leases import EXPIRY_ENV, MARGIN
+from fcsnap.store.backends.leases import EXPIRY_ENV, MARGIN
 
 EXPIRY = "2s"  # the tests' lease expiry: refreshed every 0.2 s
 KILLED_EXPIRY = 15.0  # the killed holder's: rm and gc run well within it, even on a loaded host

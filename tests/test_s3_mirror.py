@@ -17,9 +17,9 @@ from test_daemon import Build, Daemon
 from test_s3_daemon import served
 from test_s3_serve import fcsnap
 
-from fcsnap.store.layout import HASHES
-from fcsnap.store.remote import RemoteStore
-from fcsnap.store.stores import open_store
+from fcsnap.store.backends.remote import RemoteStore
+from fcsnap.store.backends.stores import open_store
+from fcsnap.store.format.layout import HASHES
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full
 
 

@@ -1,4 +1,4 @@
-"""The object interface (fcsnap/store/objects.py) behaves the same on both implementations:
+"""The object interface (fcsnap/store/backends/objects.py) behaves the same on both implementations:
 a store directory and a bucket on a real S3 server."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 from s3_helpers import Bucket
 
 from fcsnap.errors import FcsnapError
-from fcsnap.store.objects import Conflict, LocalObjects, ObjectStore
-from fcsnap.store.s3 import S3Objects, parse_s3_url
+from fcsnap.store.backends.objects import Conflict, LocalObjects, ObjectStore
+from fcsnap.store.backends.s3 import S3Objects, parse_s3_url
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -15,7 +15,7 @@ from s3_helpers import Bucket, memfile
 from store_procs import TIMEOUT, fcsnap
 from test_s3_store import start_stopped
 
-from fcsnap.store.s3 import PART_SIZE
+from fcsnap.store.backends.s3 import PART_SIZE
 
 BUILD_FILES = ("memfile.diff", "memfile.diff.zst", "memfile.header", "memfile.hashes")
 VOLATILE = ("build_id", "base_build_id", "created_at")  # differ between any two packs
@@ -96,7 +96,7 @@ def test_a_zstd_pack_killed_mid_upload_or_before_its_commit_shows_nothing(
 def test_payload_signing_follows_the_transport(
     monkeypatch: pytest.MonkeyPatch, endpoint: str | None, variable: str | None, unsigned: bool
 ) -> None:
-    from fcsnap.store.s3 import _config, parse_s3_url
+    from fcsnap.store.backends.s3 import _config, parse_s3_url
 
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_UNSIGNED_PAYLOAD"):
         monkeypatch.delenv(name, raising=False)

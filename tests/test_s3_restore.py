@@ -18,8 +18,8 @@ from s3_helpers import Bucket, new_bucket, restore_from
 from test_chunk_cache import DAMAGE, damage
 from test_restore import HUGE, KILLED, SIZE, make_lineage
 
-from fcsnap.store.cached_zstd import TAIL_GUESS
-from fcsnap.store.chunk_cache import CHUNK
+from fcsnap.store.backends.cached_zstd import TAIL_GUESS
+from fcsnap.store.backends.chunk_cache import CHUNK
 from fcsnap.testing import firecracker
 from fcsnap.testing.s3server import seaweedfs
 from fcsnap.workingset import write_working_set

@@ -17,9 +17,9 @@ from helpers import Procs, assert_served
 from s3_helpers import Bucket, memfile, restore_from
 from test_restore import KILLED
 
-from fcsnap.store.cached_zstd import TAIL_GUESS
-from fcsnap.store.chunk_cache import CHUNK
-from fcsnap.store.seekable import SeekableWriter, decompress_frame, parse_seek_table
+from fcsnap.store.backends.cached_zstd import TAIL_GUESS
+from fcsnap.store.backends.chunk_cache import CHUNK
+from fcsnap.store.format.seekable import SeekableWriter, decompress_frame, parse_seek_table
 
 MIB = 1 << 20
 BIG_BLOCKS = ("--compress", "zstd", "--block-size", "2M", "--frame-size", "256K")

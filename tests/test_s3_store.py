@@ -14,7 +14,7 @@ from pathlib import Path
 from s3_helpers import Bucket, memfile
 from store_procs import TIMEOUT, fcsnap, wait_stopped
 
-from fcsnap.store.locks import STOP_ENV
+from fcsnap.store.format.locks import STOP_ENV
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full, write_sparse_diff
 from fcsnap.testing.s3server import free_ports
 

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fcsnap.errors import FcsnapError
-from fcsnap.store.seekable import (
+from fcsnap.store.format.seekable import (
     MAX_EXPANSION,
     MAX_FRAME_SIZE,
     MAX_FRAMES,

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
-from fcsnap.store.layout import VMS
-from fcsnap.store.manifest import read_manifest
+from fcsnap.store.format.layout import VMS
+from fcsnap.store.format.manifest import read_manifest
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing.memimage import synthetic_memory, write_full
 
 MIB = 1 << 20

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from helpers import one_build_store
 
-HEAVY = ("numpy", "zstandard", "xxhash", "cffi", "rich", "typer", "click", "pydantic")
+HEAVY = {"numpy", "zstandard", "xxhash", "cffi", "pydantic", "click"}
+FRAMEWORK = {"typer", "rich"}  # the command line's, not the library's
+RICH_UNUSED = {"markdown_it", "pygments", "attr"}  # what typer's help module would import
 
 PROBE = """
 import json, sys
@@ -43,26 +45,32 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize(
-    "code",
+    ("code", "heavy"),
     [
-        "import fcsnap",
-        "import fcsnap; fcsnap.Store, fcsnap.FcsnapError",
-        RUN_CLI.format(argv=["--help"]),
-        RUN_CLI.format(argv=["pack", "--help"]),
-        RUN_CLI.format(argv=["pack", "mem", "--store", "store", "--compress", "gzip"]),
-        RUN_CLI.format(argv=["inspect", "vm", "--store", "store", "--at", "0x1000"]),
-        RUN_CLI.format(argv=["inspect", "vm", "--store", "store", "--json"]),
+        ("import fcsnap", HEAVY | FRAMEWORK),
+        ("import fcsnap; fcsnap.Store, fcsnap.FcsnapError", HEAVY | FRAMEWORK),
+        (RUN_CLI.format(argv=["--help"]), HEAVY | RICH_UNUSED),
+        (RUN_CLI.format(argv=["pack", "--help"]), HEAVY | RICH_UNUSED),
+        (RUN_CLI.format(argv=["pack", "mem", "--store", "store", "--compress", "gzip"]),
+         HEAVY | {"rich"}),
+        (RUN_CLI.format(argv=["inspect", "vm", "--store", "store", "--at", "0x1000"]),
+         HEAVY | {"rich"}),
+        (RUN_CLI.format(argv=["inspect", "vm", "--store", "store", "--json"]), HEAVY | {"rich"}),
     ],
     ids=["import", "api-names", "help", "pack-help", "usage-error", "inspect", "inspect-json"],
 )
-def test_no_heavy_module_is_imported(store: Path, code: str) -> None:
-    assert imported(code, store.parent).isdisjoint(HEAVY)
+def test_no_heavy_module_is_imported(store: Path, code: str, heavy: set[str]) -> None:
+    """The library imports no framework; the command line imports typer (its help rich, but
+    not the parts of rich it never uses); no command imports what it does not need."""
+    assert imported(code, store.parent).isdisjoint(heavy)
 
 
 def test_the_probe_sees_heavy_imports(store: Path) -> None:
     """The check above can fail: a command that does need numpy shows it."""
     loaded = imported(RUN_CLI.format(argv=["verify", "vm", "--store", "store"]), store.parent)
     assert {"numpy", "xxhash"} <= loaded
+    helped = imported("import rich.markdown, typer.rich_utils", store.parent)
+    assert helped >= RICH_UNUSED  # typer's help module would import these without lean_help
 
 
 def test_restore_loads_numpy_while_it_starts(store: Path) -> None:

@@ -19,10 +19,10 @@ from store_procs import start_stopped
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import load_header
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
-from fcsnap.store.layout import DIFF_RAW, DIFF_ZSTD, HASHES, VMS, resolve_build
-from fcsnap.store.manifest import read_manifest
+from fcsnap.store.format.layout import DIFF_RAW, DIFF_ZSTD, HASHES, VMS, resolve_build
+from fcsnap.store.format.manifest import read_manifest
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full, write_sparse_diff
 
 MIB = 1 << 20
@@ -393,7 +393,7 @@ def test_failing_writer_leaves_no_build(tmp_path, monkeypatch):
     store = tmp_path / "store"
     mem = synthetic_memory(8 * MIB, seed=15, zero_share=0.1)
     write_full(tmp_path / "m", mem)
-    from fcsnap.store import builder
+    from fcsnap.store.operations import builder
 
     def failing(self, data):
         raise OSError(5, "Input/output error")

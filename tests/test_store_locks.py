@@ -1,4 +1,4 @@
-"""The store's flock locks (fcsnap/store/locks.py) against real processes holding them."""
+"""The store's flock locks (fcsnap/store/format/locks.py) against real processes holding them."""
 
 from __future__ import annotations
 
@@ -15,9 +15,7 @@ from pathlib import Path
 import pytest
 
 from fcsnap.errors import FcsnapError
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
-from fcsnap.store.locks import (
+from fcsnap.store.format.locks import (
     NameMoved,
     lock_dir,
     lock_lineage,
@@ -25,7 +23,9 @@ from fcsnap.store.locks import (
     publish_name,
     try_remove_staging,
 )
-from fcsnap.store.names import read_vm_pointer
+from fcsnap.store.format.names import read_vm_pointer
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full
 
 MIB = 1 << 20

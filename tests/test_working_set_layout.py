@@ -19,9 +19,9 @@ from helpers import Lineage, fcsnap, race_the_balloon, restore, unpacked
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import NIL, load_header
-from fcsnap.store import ops
-from fcsnap.store.builder import BuildOptions
-from fcsnap.store.manifest import read_manifest
+from fcsnap.store.format.manifest import read_manifest
+from fcsnap.store.operations import ops
+from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing.memimage import synthetic_memory, write_full, write_sparse_diff
 from fcsnap.units import PAGE
 from fcsnap.workingset import read_working_set, write_working_set

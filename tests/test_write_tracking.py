@@ -23,7 +23,7 @@ from test_restore import guest_memory
 from test_restore_faults import KILLED
 
 from fcsnap.daemon.client import call_daemon
-from fcsnap.store.manifest import read_manifest
+from fcsnap.store.format.manifest import read_manifest
 from fcsnap.testing import firecracker
 from fcsnap.units import PAGE
 from fcsnap.workingset import parse_working_set, read_working_set, write_working_set

@@ -74,9 +74,9 @@ def load(target: str, scratch: Path) -> tuple[Callable[[bytes], None], list[byte
     from fcsnap.header import BLOCK_SIZES, encode, parse_header, to_records
     from fcsnap.header.e2b import PREFIX
     from fcsnap.header.format import METADATA, VERSION_MASK, Metadata
-    from fcsnap.store.hashes import dump_hashes, parse_hashes
-    from fcsnap.store.manifest import COMPRESSIONS, parse_manifest
-    from fcsnap.store.seekable import (
+    from fcsnap.store.format.hashes import dump_hashes, parse_hashes
+    from fcsnap.store.format.manifest import COMPRESSIONS, parse_manifest
+    from fcsnap.store.format.seekable import (
         FOOTER,
         MAX_EXPANSION,
         MAX_FRAME_SIZE,

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 from fcsnap.daemon.request import RequestError
 from fcsnap.errors import FcsnapError
-from fcsnap.store.builder import BuildOptions, build_generation
-from fcsnap.store.lineage import Parent
-from fcsnap.store.names import check_vm_name
-from fcsnap.store.pins import open_lineage
-from fcsnap.store.scan import CHUNK
-from fcsnap.store.source import GenerationReader
+from fcsnap.store.format.lineage import Parent
+from fcsnap.store.format.names import check_vm_name
+from fcsnap.store.format.pins import open_lineage
+from fcsnap.store.format.source import GenerationReader
+from fcsnap.store.operations.builder import BuildOptions, build_generation
+from fcsnap.store.operations.scan import CHUNK
 from fcsnap.uffd import firecracker_api
 from fcsnap.uffd.guestread import GuestMemory, guest_blocks
 from fcsnap.units import PAGE

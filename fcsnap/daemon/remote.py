@@ -1,16 +1,16 @@
 """The daemon's store in object storage: each request's build resolved in the bucket, its
 headers and sidecars mirrored, its diffs served through the one host chunk cache the daemon
-shares with every other restore on the host (fcsnap/store/chunk_cache.py)."""
+shares with every other restore on the host (fcsnap/store/backends/chunk_cache.py)."""
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
 
-from fcsnap.store.chunk_cache import ChunkCache
-from fcsnap.store.leases import lease_expiry
-from fcsnap.store.remote import RemoteStore
-from fcsnap.store.stores import mirror_for_serving, read_through
+from fcsnap.store.backends.chunk_cache import ChunkCache
+from fcsnap.store.backends.leases import lease_expiry
+from fcsnap.store.backends.remote import RemoteStore
+from fcsnap.store.backends.stores import mirror_for_serving, read_through
 
 
 class RemoteBuilds:

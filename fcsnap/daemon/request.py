@@ -24,7 +24,7 @@ from fcsnap.restore_options import (
     check_restore,
     socket_access,
 )
-from fcsnap.store.layout import resolve_build
+from fcsnap.store.format.layout import resolve_build
 from fcsnap.uffd.firecracker_api import SnapshotLoad
 from fcsnap.uffd.listener import SocketAccess
 from fcsnap.uffd.session import ServeOptions

@@ -5,7 +5,7 @@ the end of the file (versions 1-3, and what fcsnap writes). E2B's versions 4 and
 section and the mappings in an LZ4 frame instead; e2b.py reads that body into the same records.
 
 One path for each job: `decode` reads bytes (checked by `check`) into metadata and the records'
-bytes, which the store views as a numpy array (store/lineage.py); `parse_header` makes them a
+bytes, which the store views as a numpy array (store/format/lineage.py); `parse_header` makes them a
 `Header` of Mapping objects for lookups; `encode` is the only writer, and checks what it writes.
 """
 

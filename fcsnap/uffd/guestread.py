@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from fcsnap.errors import FcsnapError
-from fcsnap.store.scan import consecutive_runs
+from fcsnap.store.operations.scan import consecutive_runs
 from fcsnap.uffd.regions import Region
 from fcsnap.units import PAGE
 

@@ -28,7 +28,7 @@ import os
 from array import array
 
 from fcsnap.errors import FcsnapError
-from fcsnap.store.source import DiffFile
+from fcsnap.store.format.source import DiffFile
 from fcsnap.uffd import abi
 
 CHUNK_SHIFT = 21  # 2 MiB: the largest folio the kernel maps for a file page

@@ -22,9 +22,9 @@ import numpy as np
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import NIL, ZEROS, Header
-from fcsnap.store.hashes import digest, read_hashes
-from fcsnap.store.layout import HASHES
-from fcsnap.store.source import DiffFile
+from fcsnap.store.format.hashes import digest, read_hashes
+from fcsnap.store.format.layout import HASHES
+from fcsnap.store.format.source import DiffFile
 from fcsnap.uffd import abi
 from fcsnap.uffd.mapped import MappedDiff
 from fcsnap.units import PAGE

@@ -31,15 +31,30 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from fcsnap.errors import FcsnapError
 from fcsnap.uffd import fastpath
-from fcsnap.uffd.session import Session
 
 BUDGET_MS = 10  # the longest the compiled wait serves before Python sees the stats again
 READY_MAX = 256  # fds the compiled wait hands back at once
 FD_TABLE = 1024  # the compiled wait's fd -> session table grows from this
+
+
+class Session(Protocol):
+    """What the reactor needs of a session (session.py's Session): sessions know the
+    reactor, the reactor knows them only through this."""
+
+    done: bool
+
+    def attach(self, reactor: Reactor) -> None: ...
+    def abort(self, error: BaseException) -> None: ...
+    def finish(self) -> BaseException | None: ...
+    def collect(self) -> None: ...
+    def next_timer(self) -> float | None: ...
+    def on_timer(self, now: float) -> None: ...
+    def background(self) -> bool: ...
+
 
 OnEnd = Callable[[Session, BaseException | None], None]
 Handler = Callable[[], None]

@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fcsnap.header import Header, load_header
-from fcsnap.store.holds import hold_builds
-from fcsnap.store.layout import HEADER
-from fcsnap.store.seekable import FrameCache
-from fcsnap.store.source import DiffFile, open_diffs
+from fcsnap.store.backends.holds import hold_builds
+from fcsnap.store.format.layout import HEADER
+from fcsnap.store.format.seekable import FrameCache
+from fcsnap.store.format.source import DiffFile, open_diffs
 from fcsnap.threads import start_signal_free
 from fcsnap.uffd.pages import PageSource, hash_tables, mapping_arrays
 

@@ -26,23 +26,28 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from fcsnap.errors import FcsnapError
-from fcsnap.store.scan import consecutive_runs
+from fcsnap.store.operations.scan import consecutive_runs
 from fcsnap.uffd import abi
 from fcsnap.uffd.regions import Region
 from fcsnap.units import PAGE
-
-if TYPE_CHECKING:
-    from fcsnap.uffd.installer import RegionState
 
 WRITTEN = 1  # the guest wrote the page (csrc/fastpath.h FP_WRITTEN)
 REMOVED = 2  # a balloon gave it back: it reads zeros (FP_REMOVED)
 FAULT_FLAGS = abi.UFFD_PAGEFAULT_FLAG_WRITE | abi.UFFD_PAGEFAULT_FLAG_WP
 BUSY_WAIT = 1.0  # seconds the kernel may answer EAGAIN (a balloon's REMOVE in flight)
+
+
+class RegionState(Protocol):
+    """What write tracking reads of a region's state (installer.RegionState, which imports
+    this module)."""
+
+    region: Region
+    written: np.ndarray  # per page: WRITTEN, REMOVED
 
 
 def fault_token(address: int, flags: int) -> int:

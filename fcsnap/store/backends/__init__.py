@@ -1,0 +1,1 @@
+"""Where builds live: a local directory, or object storage through a local mirror."""

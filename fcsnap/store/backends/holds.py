@@ -1,0 +1,57 @@
+"""What a fault server holds on the builds it serves, whatever the store keeps them in.
+
+`hold_builds` is the one call restore and the daemon make: it locks the build's lineage and
+checks its pins (pins.open_lineage: flock on the build directories, which is what a local
+store's gc honours) and, for a build in the mirror of a store in object storage, also takes a
+lease in that store (leases.py), which is what its gc honours. Both are let go by `release`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fcsnap.store.format.locks import LineageLock
+from fcsnap.store.format.pins import open_lineage
+
+if TYPE_CHECKING:  # a local restore imports no S3 code as it starts
+    from fcsnap.store.backends.leases import RemoteLease
+    from fcsnap.store.backends.remote import RemoteStore
+
+_remote: dict[Path, RemoteStore] = {}  # mirror directory -> the store it mirrors
+
+
+def lease_through(store: RemoteStore) -> None:
+    """Have `hold_builds` of builds in this store's mirror lease them in the store."""
+    _remote[store.mirror.resolve()] = store
+
+
+class Hold:
+    """A served build's lineage, locked and (in object storage) leased; released once."""
+
+    def __init__(self, lineage: LineageLock, lease: RemoteLease | None) -> None:
+        self.lineage = lineage
+        self.lease = lease
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+        self.lineage.release()
+
+
+def hold_builds(build_dir: Path) -> Hold:
+    """Hold `build_dir` and every build it reads for as long as it is served."""
+    lineage = open_lineage(build_dir)
+    store = _remote.get(build_dir.parent.resolve())
+    if store is None:
+        return Hold(lineage, None)
+    from fcsnap.store.backends.leases import take
+
+    try:
+        lease = take(store, [uuid.UUID(d.name) for d in lineage.build_dirs])
+    except BaseException:
+        lineage.release()
+        raise
+    return Hold(lineage, lease)

@@ -1,0 +1,186 @@
+"""`--store` as a store: a directory, or `s3://BUCKET/PREFIX` (fcsnap/store/backends/s3.py).
+
+The CLI turns its --store text into a store here and nowhere else; commands get a `Path` (a
+local store, its own protocol of renames and flock locks) or a `RemoteStore`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fcsnap.store.backends.remote import RemoteStore
+from fcsnap.store.backends.s3 import is_s3_url
+from fcsnap.store.format.layout import DIFF_RAW, SNAPFILE, resolve_build
+from fcsnap.store.format.names import read_vm_pointer
+
+if TYPE_CHECKING:
+    from fcsnap.store.backends.chunk_cache import ChunkCache, FetchStats
+    from fcsnap.store.backends.usage import StoreView
+
+Store = Path | RemoteStore
+
+
+def scratch_dir(what: str) -> Path:
+    """A private temporary directory removed when the process exits."""
+    path = Path(tempfile.mkdtemp(prefix=f"fcsnap-{what}-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def open_store(text: str, timeout: float | None = None) -> Store:
+    """`timeout`: for a store in S3, the most seconds a request may take with its retries."""
+    if is_s3_url(text):
+        from fcsnap.store.backends.s3 import S3Objects, parse_s3_url
+
+        return RemoteStore(S3Objects(parse_s3_url(text), timeout), scratch_dir("mirror"))
+    return Path(text)
+
+
+def open_optional(text: str | None) -> Store | None:
+    return None if text is None else open_store(text)
+
+
+LAZY_FETCH_TIMEOUT = 60.0  # seconds a chunk fetch of unpack, squash or diff may take
+
+
+def resolve(arg: str, store: Store | None, data: bool = False, lazy: bool = False) -> Path:
+    """A BUILD argument as a local build directory: in a local store, or in the mirror of a
+    remote one. With `data`, the diffs of its lineage are downloaded too (verify reads them
+    as files); with `lazy`, its readers fetch the chunks they read, into a cache private to
+    this process (fcsnap/store/backends/chunk_cache.py)."""
+    if not isinstance(store, RemoteStore):
+        return resolve_build(arg, store)
+    head = store.mirror_lineage(store.resolve(arg), data)
+    if lazy:
+        from fcsnap.store.backends.chunk_cache import ChunkCache
+
+        cache = ChunkCache(scratch_dir("chunks"), limit_bytes=1 << 62)
+        read_through(store, head, cache, LAZY_FETCH_TIMEOUT)
+    return head
+
+
+def current_head(store: Store, name: str) -> uuid.UUID | None:
+    """The build a name points at now (None: no such name)."""
+    if isinstance(store, RemoteStore):
+        return store.read_pointer(name)[0]
+    return read_vm_pointer(store, name)
+
+
+def local_path(store: Store) -> Path:
+    """Where the store's builds are found on this host (a remote store's mirror)."""
+    return store.mirror if isinstance(store, RemoteStore) else store
+
+
+def squash_source(store: Store, build_dir: Path) -> Path:
+    """A build to squash (gc --repack-below): in place in a local store; in a remote one, its
+    mirror, whose diffs are read through a chunk cache (only what the squash reads)."""
+    if not isinstance(store, RemoteStore):
+        return build_dir
+    return resolve(build_dir.name, store, lazy=True)
+
+
+def build_bytes(store: Store, build_id: uuid.UUID) -> int:
+    """Bytes a build holds in the store: its files, or its objects."""
+    if isinstance(store, RemoteStore):
+        return sum(info.size for info in store.build_objects(build_id).values())
+    from fcsnap.store.backends.usage import directory_bytes
+    from fcsnap.store.format.layout import build_path
+
+    return directory_bytes(build_path(store, build_id))
+
+
+def scan_store(store: Store) -> StoreView:
+    """What `ls` shows: a local store as it is, a remote one through its mirror (headers and
+    manifests of every committed build; diff sizes from the listing)."""
+    from fcsnap.store.backends.usage import scan
+
+    if not isinstance(store, RemoteStore):
+        return scan(store)
+    for build_id in store.committed():
+        store.mirror_build(build_id)
+    store.mirror_names()
+    view = scan(store.mirror)
+    view.store = store.url  # type: ignore[assignment]  (named in messages only)
+    return view
+
+
+def serve_source(
+    arg: str, store: Store | None, cache_dir: Path | None, cache_size: int,
+    fetch_timeout: float, lazy_fetch: bool = False,
+) -> tuple[Path, FetchStats | None]:
+    """restore's BUILD: a local build, or a build in object storage whose diffs are read on
+    demand through the host chunk cache (raw in 4 MiB chunks, zstd in groups of frames
+    holding whole blocks: frame by frame with 4 KiB blocks). Returns the build directory and
+    the fetch statistics to report."""
+    from fcsnap.store.backends.chunk_cache import ChunkCache, default_cache_dir
+
+    if not isinstance(store, RemoteStore):
+        return resolve(arg, store), None
+    from fcsnap.store.backends.leases import lease_expiry
+
+    lease_expiry()  # a bad FCSNAP_S3_LEASE_EXPIRY is refused before any work
+    head = mirror_for_serving(store, arg)
+    cache = ChunkCache(cache_dir or default_cache_dir(), cache_size, fetch_rest=not lazy_fetch)
+    read_through(store, head, cache, fetch_timeout, serving=True)
+    return head, cache.stats
+
+
+def mirror_for_serving(store: RemoteStore, arg: str) -> Path:
+    """A build to serve, in the mirror: its lineage's headers and sidecars (not its diffs),
+    and its snapfile, which Firecracker loads (the real bytes, not a placeholder)."""
+    head = store.mirror_lineage(store.resolve(arg))
+    if (head / SNAPFILE).exists():
+        store.download(f"{head.name}/{SNAPFILE}", head / SNAPFILE)
+    return head
+
+
+def read_through(
+    store: RemoteStore, head: Path, cache: ChunkCache, fetch_timeout: float,
+    serving: bool = False,
+) -> None:
+    """Have every reader of the mirror's diffs (restore, and GenerationReader: unpack, squash,
+    diff --sparse-diff) read diffs through `cache`, fetching only the chunks (raw) or groups
+    of frames holding whole blocks (zstd) they read.
+    `serving`: for a fault server, which copies pages straight from the chunks' mappings
+    (CachedDiff.chunk_maps) and never waits on the network (FetchPending); the builds it
+    serves are leased in the store while served (fcsnap/store/backends/holds.py)."""
+    from fcsnap.store.backends.cached_zstd import CachedZstd
+    from fcsnap.store.backends.chunk_cache import CachedDiff, with_deadline
+    from fcsnap.store.format.layout import DIFF_ZSTD
+    from fcsnap.store.format.seekable import FrameCache
+    from fcsnap.store.format.source import DiffFile, open_diffs_with
+
+    def opener(build_dir: Path, cache_bytes: int, frames: FrameCache | None) -> DiffFile:
+        objects = store.build_objects(uuid.UUID(build_dir.name))
+        name = DIFF_ZSTD if DIFF_ZSTD in objects else DIFF_RAW
+        key = f"{build_dir.name}/{name}"
+        info = objects.get(name)
+
+        def read_range(start: int, length: int) -> bytes:
+            fetch = with_deadline(
+                lambda: store.objects.get_range(key, start, length), fetch_timeout,
+                f"{store.url}/{key}",
+            )
+            return fetch()
+
+        if name == DIFF_ZSTD:
+            assert info is not None
+            diff = CachedZstd.open(build_dir, cache, info.size, read_range, frames, cache_bytes)
+            diff.nonblocking = serving
+            return diff  # type: ignore[return-value]  (DiffFile's reading interface)
+        raw = CachedDiff(build_dir, cache, info.size if info else None, read_range)
+        raw.serving = serving
+        if build_dir.name == head.name:
+            raw.fetch_start()
+        return raw  # type: ignore[return-value]  (DiffFile's reading interface)
+
+    open_diffs_with(store.mirror, opener)
+    if serving:
+        from fcsnap.store.backends.holds import lease_through
+
+        lease_through(store)

@@ -1,0 +1,1 @@
+"""What the commands do with a store: build, read back, list, collect, transfer."""
