@@ -368,6 +368,14 @@ class Store:
     def restore(self, build: BuildRef, socket: PathLike, **options: Any) -> Served:
         return restore(build, socket, store=self.target, **options)
 
+    def tag(self, build: BuildRef, name: str) -> Build:
+        """Point `name` at an existing build, as `diff(name=...)` points it at a new one: a
+        compare-and-swap (NameMoved when another writer moves the name meanwhile)."""
+        from fcsnap.store.operations.tagging import tag
+
+        build_id, _ = tag(self.target, str(build), name)
+        return self.build(str(build_id))
+
 
 def unpack(
     build: BuildRef, output: PathLike, *, store: PathLike | StoreTarget | None = None,

@@ -93,7 +93,7 @@ def test_inspect_and_ls_check_the_pins_they_report(impostor):
     assert pin in rows[g0]["pin_error"] and "pin_error" not in rows[g1]
     assert report["pinned"] is True and len(report["pin_errors"]) == 1
     r = fcsnap("ls", "web", "--store", store)
-    g0_row = next(line for line in r.stdout.splitlines() if g0 in line)  # the table's
+    g0_row = next(line for line in r.stdout.splitlines() if f" {g0[:8]} " in line)  # the table's
     assert "FAILS ITS PIN" in g0_row, r.stdout
     assert "pins: FAILED" in r.stdout and pin in r.stdout
 

@@ -198,7 +198,7 @@ def test_ls_name_shows_the_lineage_generation_by_generation(store: Store) -> Non
     assert [g["read_by_head"] for g in gens] == [True, False, True]
     assert gens[1]["head_reads_bytes"] == 0
     text = fcsnap("ls", "web", "--store", store.path)
-    assert text.returncode == 0 and store.id("G1") in text.stdout
+    assert text.returncode == 0 and f"{store.id('G1')[:8]} " in text.stdout
     missing = fcsnap("ls", "nope", "--store", store.path)
     assert missing.returncode == 1
     assert missing.stderr.strip() == f"fcsnap: error: no VM named 'nope' in store {store.path}"
@@ -208,7 +208,7 @@ def test_ls_text_output_lists_every_build(store: Store) -> None:
     result = fcsnap("ls", "--store", store.path, "--builds")
     assert result.returncode == 0, result.stderr
     for build in store.builds.values():
-        assert build.name in result.stdout
+        assert f"{build.name[:8]} " in result.stdout
     assert "unreferenced" in result.stdout and "space amplification" in result.stdout
 
 
@@ -233,7 +233,7 @@ def test_ls_reports_an_ancestors_corrupt_build_json_never_a_figure(store: Store)
     lineage = fcsnap_json("ls", "web", "--store", store.path)["generations"]
     assert "not valid JSON" in lineage[-1]["error"] and lineage[-1]["head_reads_fraction"] is None
     text = fcsnap("ls", "web", "--store", store.path)
-    g0_row = next(line for line in text.stdout.splitlines() if store.id("G0") in line)
+    g0_row = next(line for line in text.stdout.splitlines() if f" {store.id('G0')[:8]} " in line)
     assert "DAMAGED" in g0_row and "%" not in g0_row, g0_row
 
 
@@ -251,7 +251,7 @@ def test_ls_builds_labels_a_head_that_stores_nothing_as_its_names(store: Store,
     assert row["stored_bytes"] == 0 and row["read_by"] == [] and row["head_of"] == ["same"]
     assert not row["unreferenced"]
     text = fcsnap("ls", "--store", store.path, "--builds").stdout
-    line = next(line for line in text.splitlines() if line.startswith(same))
+    line = next(line for line in text.splitlines() if line.startswith(same[:8]))
     assert line.endswith("same (head)"), line
     labelled = sum(line.endswith("unreferenced") for line in text.splitlines())
     assert labelled == report["summary"]["unreferenced_builds"] == 1  # G1

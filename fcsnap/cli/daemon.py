@@ -39,11 +39,12 @@ def ps(daemon: DaemonOpt, json_out: Json = False) -> int:
         print_json({"restores": rows})
         return 0
     from fcsnap.render import table
+    from fcsnap.store.format.prefixes import short_id
     from fcsnap.units import format_bytes
 
     columns = ("id", "vm", "build", "state", "vm pid", "faults", "pages", "served")
     print(table(columns, [(
-        r["id"], r["vm"], r["build_id"], r["state"], str(r.get("vm_pid") or "-"),
+        r["id"], r["vm"], short_id(r["build_id"] or "-"), r["state"], str(r.get("vm_pid") or "-"),
         str(r["faults"]), str(r["pages_served"]), format_bytes(r["bytes_served"]),
     ) for r in rows], title="Restores", left=("id", "vm", "build", "state")))
     return 0

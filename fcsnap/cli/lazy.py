@@ -22,7 +22,8 @@ WHERE = {
     "inspect": "builds", "pack": "builds", "diff": "builds", "import": "builds",
     "export": "builds", "squash": "builds", "unpack": "builds", "verify": "builds",
     "restore": "serving", "serve": "serving",
-    "ps": "daemon", "stop": "daemon", "checkpoint": "daemon", "ls": "names", "rm": "names",
+    "ps": "daemon", "stop": "daemon", "checkpoint": "daemon", "ls": "names", "tag": "names",
+    "rm": "names",
     "gc": "names",
     "push": "names", "pull": "names", "demo": "tools", "ws": "tools",
 }

@@ -1,4 +1,4 @@
-"""Commands on a store's names and lifecycle: ls, rm, gc, push, pull."""
+"""Commands on a store's names and lifecycle: ls, tag, rm, gc, push, pull."""
 
 from __future__ import annotations
 
@@ -54,6 +54,33 @@ def ls(
         rows = report["builds"] if builds else report["names"]
         print(render_builds(rows) if builds else render_names(rows))
         print(render_summary(report["summary"]))
+    return 0
+
+
+@command(app, "tag", [
+    "fcsnap tag 3f2a9c1e web --store /srv/snaps",
+    "fcsnap tag web web-known-good --store /srv/snaps",
+], help="Point NAME at an existing build (creating NAME, or moving it).\n\nA compare-and-swap "
+        "as `diff --name`: if another command moves NAME meanwhile, nothing changes and tag "
+        "fails.")
+def tag(
+    build: Annotated[str, typer.Argument(
+        metavar="BUILD", help="Build id (or a prefix of 4+ hex digits), VM name or build "
+        "directory.", show_default=False)],
+    name: Annotated[str, typer.Argument(
+        metavar="NAME", help="The name to point at BUILD.", show_default=False)],
+    store: StoreOpt, quiet: Quiet = False, json_out: Json = False,
+) -> int:
+    from fcsnap.store.backends.stores import open_store
+    from fcsnap.store.operations.tagging import tag as tag_build
+
+    build_id, before = tag_build(open_store(store), build, name)
+    if json_out:
+        print_json({"name": name, "build_id": str(build_id),
+                    "previous": None if before is None else str(before)})
+    elif not quiet:
+        was = "new name" if before is None else f"was {before}"
+        print(f"{name} -> {build_id} ({was})")
     return 0
 
 

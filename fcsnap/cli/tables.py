@@ -10,10 +10,13 @@ if TYPE_CHECKING:
 
 
 def _build_cell(build_id: str) -> str:
-    """Zero mappings carry the nil build id in the header (and in --json); tables say so."""
+    """A build id as tables show it: short, as git and docker do (--json keeps it whole; a
+    prefix of 4 or more digits names the build). Zero mappings carry the nil build id in the
+    header (and in --json); tables say so."""
     from fcsnap.header import NIL
+    from fcsnap.store.format.prefixes import short_id
 
-    return "(zeros)" if build_id == str(NIL) else build_id
+    return "(zeros)" if build_id == str(NIL) else short_id(build_id)
 
 
 def _pinned_text(report: dict[str, Any]) -> str:
@@ -94,7 +97,7 @@ def render_inspect(inspection: Inspection) -> str:
         *([("pinned", _pinned_text(report))] if "pinned" in report else []),
     ], title=f"Header {inspection.path}")
     rows = [
-        (row["build_id"], "?" if row["generation"] is None else str(row["generation"]),
+        (_build_cell(row["build_id"]), "?" if row["generation"] is None else str(row["generation"]),
          str(row["mappings"]), str(row["blocks"]), format_bytes(row["bytes"]),
          f"{row['share']:.1%}")
         for row in report["builds"]
@@ -139,7 +142,8 @@ def render_names(rows: list[dict[str, Any]]) -> str:
 
     columns = ("name", "head", "gen", "created", "memory", "lineage", "shared", "head reads")
     text = table(columns, [(
-        r["name"], r["head"] or "?", _generation(r["generation"]), r["created_at"] or "?",
+        r["name"], _build_cell(r["head"]) if r["head"] else "?", _generation(r["generation"]),
+        r["created_at"] or "?",
         "?" if r["memory_bytes"] is None else format_bytes(r["memory_bytes"]),
         format_bytes(r["lineage_bytes"]), format_bytes(r["shared_bytes"]),
         _fraction(r["live_fraction"]),
@@ -162,7 +166,8 @@ def render_builds(rows: list[dict[str, Any]]) -> str:
 
     columns = ("build", "gen", "parent", "on disk", "live", "read by")
     text = table(columns, [(
-        r["build_id"], _generation(r["generation"]), r["parent"] or "-",
+        _build_cell(r["build_id"]), _generation(r["generation"]),
+        _build_cell(r["parent"]) if r["parent"] else "-",
         format_bytes(r["disk_bytes"]), _fraction(r["live_fraction"]), _readers(r),
     ) for r in rows], title="Builds", left=("build", "parent", "read by"))
     errors = [f"{r['build_id']}: {r['error']}" for r in rows if "error" in r]
@@ -192,8 +197,8 @@ def render_lineage(report: dict[str, Any]) -> str:
         return f"{format_bytes(r['head_reads_bytes'])} ({_fraction(r['head_reads_fraction'])})"
 
     rows = [
-        ("?", r["build_id"], "missing", "", "") if r["missing"] else (
-            _generation(r["generation"]), r["build_id"], r["created_at"] or "?",
+        ("?", _build_cell(r["build_id"]), "missing", "", "") if r["missing"] else (
+            _generation(r["generation"]), _build_cell(r["build_id"]), r["created_at"] or "?",
             format_bytes(r["disk_bytes"]), reads(r),
         )
         for r in report["generations"]

@@ -45,6 +45,7 @@ from fcsnap.store.format.layout import (
 )
 from fcsnap.store.format.locks import NameMoved, builds_read, stop_point
 from fcsnap.store.format.names import POINTER_MAX, VMS, check_vm_name
+from fcsnap.store.format.prefixes import is_prefix, match_prefix
 
 META_FILES = (HEADER, MANIFEST, HASHES)
 DOWNLOAD_STEP = 16 << 20  # bytes per range GET of a whole-object download
@@ -159,7 +160,8 @@ class RemoteStore:
         return self.objects.head(build_key(build_id, MANIFEST)) is not None
 
     def resolve(self, arg: str) -> uuid.UUID:
-        """A BUILD argument (a build id or a VM name) as a committed build's id."""
+        """A BUILD argument (a build id, a VM name, or a build id prefix) as a committed
+        build's id."""
         build_id = parse_build_id(arg)
         if build_id is not None:
             if not self.has_build(build_id):
@@ -171,7 +173,10 @@ class RemoteStore:
             raise FcsnapError(f"no build or VM named {arg!r} in store {self.url}") from None
         build_id, _ = self.read_pointer(arg)
         if build_id is None:
-            raise FcsnapError(f"no build or VM named {arg!r} in store {self.url}")
+            build_id = match_prefix(arg, self.committed(), self.url) if is_prefix(arg) else None
+            if build_id is None:
+                raise FcsnapError(f"no build or VM named {arg!r} in store {self.url}")
+            return build_id
         if not self.has_build(build_id):
             raise FcsnapError(f"VM {arg!r} points at build {build_id}, which is not in {self.url}")
         return build_id

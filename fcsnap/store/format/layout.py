@@ -18,6 +18,7 @@ from fcsnap.files import fsync_path, writing
 from fcsnap.store.format.locks import DirLock, locked_new_dir, stop_point, try_remove_staging
 from fcsnap.store.format.names import VMS as VMS
 from fcsnap.store.format.names import check_vm_name, read_vm_pointer
+from fcsnap.store.format.prefixes import is_prefix, match_prefix
 
 HEADER = "memfile.header"
 DIFF_RAW = "memfile.diff"
@@ -59,7 +60,8 @@ def resolve_build(arg: str, store: Path | None) -> Path:
 
 
 def _in_store(arg: str, store: Path) -> Path:
-    """A build id or VM name of `store`, as its build directory."""
+    """A build id, VM name or build id prefix of `store`, as its build directory. A name
+    that also reads as a prefix is the name, as docker takes a container name first."""
     if parse_build_id(arg) is not None:
         candidate = store / str(uuid.UUID(arg))
         if (candidate / HEADER).exists():
@@ -71,11 +73,26 @@ def _in_store(arg: str, store: Path) -> Path:
         raise FcsnapError(f"no build or VM named {arg!r} in store {store}") from None
     build_id = read_vm_pointer(store, arg)
     if build_id is None:
-        raise FcsnapError(f"no build or VM named {arg!r} in store {store}")
+        build_id = match_prefix(arg, _store_ids(store), str(store)) if is_prefix(arg) else None
+        if build_id is None:
+            raise FcsnapError(f"no build or VM named {arg!r} in store {store}")
+        return store / str(build_id)
     candidate = store / str(build_id)
     if not (candidate / HEADER).exists():
         raise FcsnapError(f"VM {arg!r} points at build {build_id}, which is not in {store}")
     return candidate
+
+
+def _store_ids(store: Path) -> list[uuid.UUID]:
+    """The ids of the published builds of `store` (directories named by an id, with a header)."""
+    out = []
+    with os.scandir(store) as entries:
+        for entry in entries:
+            build_id = parse_build_id(entry.name)
+            if (build_id is not None and str(build_id) == entry.name
+                    and os.path.exists(os.path.join(entry.path, HEADER))):
+                out.append(build_id)
+    return out
 
 
 def build_path(store: Path, build_id: uuid.UUID) -> Path:

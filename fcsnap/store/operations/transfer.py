@@ -27,6 +27,7 @@ from fcsnap.store.format.hashes import sidecar_pin
 from fcsnap.store.format.layout import HASHES, MANIFEST, build_path, parse_build_id, staged_build
 from fcsnap.store.format.locks import publish_name
 from fcsnap.store.format.manifest import read_manifest
+from fcsnap.store.format.names import check_vm_name
 from fcsnap.store.format.pins import open_lineage
 from fcsnap.store.operations.ops import verify_build_data
 
@@ -38,10 +39,22 @@ class Copied:
     bytes: int
 
 
+def _name_of(arg: str, source: Store) -> str | None:
+    """`arg` when it is a VM name of `source` (published at the destination too); None for
+    a build id, a build id prefix or a path."""
+    if parse_build_id(arg) is not None:
+        return None
+    try:
+        check_vm_name(arg)
+    except FcsnapError:
+        return None
+    return arg if current_head(source, arg) is not None else None
+
+
 def copy_lineage(arg: str, source: Store, dest: Store, verb: str) -> dict[str, Any]:
     """Copy BUILD (a build id or VM name of `source`) and every build it reads to `dest`;
     a name is published there too. Returns a JSON-ready report."""
-    name = None if parse_build_id(arg) is not None else arg
+    name = _name_of(arg, source)
     expected = current_head(dest, name) if name is not None else None
     head_dir = resolve(arg, source)  # local, or mirrored: header, manifest, sidecar
     head_id = uuid.UUID(head_dir.name)
