@@ -236,7 +236,7 @@ def serve(
              "daemon may use).")] = None,
     output_dir: Annotated[Path | None, typer.Option(
         "--output-dir", metavar="DIR", rich_help_panel=OUTPUT,
-        help="Requests may have stats and record_ws files written under DIR (none "
+        help="Requests may have stats, record_ws and written files written under DIR (none "
              "elsewhere; without this option, none at all).")] = None,
     max_api_connections: Annotated[int, typer.Option(
         "--max-api-connections", metavar="N", callback=at_least_one,

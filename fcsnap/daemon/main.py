@@ -34,7 +34,7 @@ def run_daemon(store: Path | RemoteBuilds, api_path: Path, access: SocketAccess,
     """Serve the API until SIGTERM/SIGINT; 0 once every restore has ended. The `preload`
     builds are open before the API listens (an unknown one: FcsnapError, nothing listens).
     `reactors`: threads serving the VMs (None: one per CPU this process may use).
-    `output_dir`: the directory under which requests may name stats and record_ws files
+    `output_dir`: the directory under which requests may name stats, record_ws and written files
     (None: they may name none). `max_connections`: API connections served at once (more
     are answered 503)."""
     if isinstance(store, Path) and not store.is_dir():
