@@ -249,7 +249,7 @@ def median_ms(values: list[float]) -> float:
 
 
 def targets(t: dict[str, Timings]) -> list[tuple[str, float, str, bool]]:
-    """(what, ratio, target, met) of the issue's targets, from the medians."""
+    """(what, ratio, target, met) of the targets, from the medians."""
     file_warm = statistics.median(t["file-warm"].progress)
     rows = []
     if "daemon-ws" in t:

@@ -190,7 +190,7 @@ def time_to_ws(setup: Any, repeat: int, serve: Any, serve_c: Any, handler: Path,
 
 
 def targets(rows: list[dict[str, Any]], floor: dict[str, float]) -> list[dict[str, Any]]:
-    """The issue's targets, from the medians."""
+    """The targets, from the medians."""
     t = {(r["case"], r["side"]): r["time_s"] for r in rows}
     c = t.get(("scattered", "C, one page per fault"))
     default_ws = t.get(("scattered", "fcsnap default"))

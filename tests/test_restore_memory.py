@@ -24,7 +24,7 @@ MiB = 1 << 20
 SIZE = 320 * MiB  # about 225 MiB of data: several times what the server may keep mapped
 CACHE_MB = 16  # restore --cache-mb: what the server may keep mapped of a raw diff
 RSS_FILE_BOUND = 48  # MiB: shared libraries (~20) plus CACHE_MB, with slack
-HWM_BOUND = 100  # MiB: the target for a raw build (no frame cache)
+HWM_BOUND = 100  # MiB: the bound for a raw build (no frame cache)
 
 
 @pytest.fixture(scope="module")
