@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -268,62 +270,66 @@ def test_serve_refuses_no_reactors(tmp_path: Path) -> None:
     assert not (tmp_path / "api.sock").exists()
 
 
+@dataclass
+class Listening:
+    """One session of the raw build, listening, handed to a reactor whose thread is not yet
+    started (`thread.start()` starts serving)."""
+
+    build: SharedBuild
+    session: Session
+    reactor: Reactor
+    thread: threading.Thread
+
+
+@pytest.fixture
+def listening(store, tmp_path: Path) -> Iterator[Listening]:  # noqa: F811
+    root, builds = store
+    build = SharedBuild(root / builds["raw"].build_id, 8 << 20)
+    reactor = Reactor()
+    parts = Listening(build, Session(build, ServeOptions(socket=tmp_path / "vm.sock")), reactor,
+                      threading.Thread(target=reactor.run, daemon=True))
+    try:
+        assert build.parsed().arrays is None  # nothing made before it listens
+        parts.session.listen()
+        reactor.add(parts.session, Ended().callback("vm"))
+        yield parts
+    finally:
+        parts.session.stop()
+        reactor.shutdown()
+        if parts.thread.ident is not None:  # started
+            parts.thread.join(WAIT)
+        if not parts.thread.is_alive():
+            reactor.close()
+        build.close()
+
+
 def test_a_listening_session_has_its_mapping_arrays_made_before_a_vm_connects(
-        store, tmp_path: Path) -> None:  # noqa: F811
+        listening: Listening) -> None:
     """Once a session listens, its build's mapping arrays are made on a thread, with no VM
     connected: a VM that connects at once does not make its first fault (and so Firecracker's
     load call) wait for them. They are what each mapping says."""
-    root, builds = store
-    build = SharedBuild(root / builds["raw"].build_id, 8 << 20)
-    reactor = Reactor()
-    thread = threading.Thread(target=reactor.run, daemon=True)
-    session = Session(build, ServeOptions(socket=tmp_path / "vm.sock"))
-    try:
-        assert build.parsed().arrays is None
-        session.listen()
-        reactor.add(session, Ended().callback("vm"))
-        thread.start()
-        wait_for(lambda: build.parsed().arrays is not None, "the mapping arrays", WAIT)
-        assert session.state == "listening"
-        starts, storage, owner = build.parsed().arrays
-        mappings = build.header.mappings
-        number = {b: i for i, b in enumerate(build.diffs)}
-        assert starts.tolist() == [m.offset for m in mappings]
-        assert storage.tolist() == [m.storage_offset for m in mappings]
-        assert owner.tolist() == [ZEROS if m.is_zero else number[m.build_id] for m in mappings]
-        assert ZEROS in owner.tolist() and 0 in owner.tolist()  # zero and stored mappings
-    finally:
-        session.stop()
-        reactor.shutdown()
-        thread.join(WAIT)
-        if not thread.is_alive():
-            reactor.close()
-        build.close()
+    build = listening.build
+    listening.thread.start()
+    wait_for(lambda: build.parsed().arrays is not None, "the mapping arrays", WAIT)
+    assert listening.session.state == "listening"
+    starts, storage, owner = build.parsed().arrays
+    mappings = build.header.mappings
+    number = {b: i for i, b in enumerate(build.diffs)}
+    assert starts.tolist() == [m.offset for m in mappings]
+    assert storage.tolist() == [m.storage_offset for m in mappings]
+    assert owner.tolist() == [ZEROS if m.is_zero else number[m.build_id] for m in mappings]
+    assert ZEROS in owner.tolist() and 0 in owner.tolist()  # zero and stored mappings
 
 
 def test_a_call_made_before_the_reactor_adopts_a_session_waits_for_it(
-        store, tmp_path: Path) -> None:  # noqa: F811
+        listening: Listening) -> None:
     """The daemon answers `POST /restores` once the session is handed to a reactor, which
     adopts it on its own thread a moment later: a request about that restore in between (its
     written set, a checkpoint) is run once the reactor has adopted it, not refused."""
-    root, builds = store
-    build = SharedBuild(root / builds["raw"].build_id, 8 << 20)
-    reactor = Reactor()
-    thread = threading.Thread(target=reactor.run, daemon=True)
-    session = Session(build, ServeOptions(socket=tmp_path / "vm.sock"))
     answers: list = []
-    try:
-        session.listen()
-        reactor.add(session, Ended().callback("vm"))  # not adopted: the reactor is not running
-        asking = threading.Thread(target=lambda: answers.append(session.call(lambda: 42, WAIT)))
-        asking.start()
-        thread.start()
-        asking.join(WAIT)
-        assert answers == [42]
-    finally:
-        session.stop()
-        reactor.shutdown()
-        thread.join(WAIT)
-        if not thread.is_alive():
-            reactor.close()
-        build.close()
+    session = listening.session  # handed over, not adopted: the reactor is not running
+    asking = threading.Thread(target=lambda: answers.append(session.call(lambda: 42, WAIT)))
+    asking.start()
+    listening.thread.start()
+    asking.join(WAIT)
+    assert answers == [42]
