@@ -308,7 +308,14 @@ static int install(struct fp_ctx *c, struct fp_region *r, uint64_t lo, uint64_t 
     return outcome;
 }
 
-/* Installer.install_span without waking: the free pages of [lo, hi), a source run at a time */
+/* Installer._zeros: whether `page` reads zeros from the build (no mapping owns its bytes) */
+static int zero_run(struct fp_ctx *c, struct fp_region *r, uint64_t page)
+{
+    return c->owner[find_mapping(c, r->offset + page * PAGE)] < 0;
+}
+
+/* Installer.install_span without waking: the free pages of [lo, hi), a source run at a time;
+ * zero runs left out in a write-protected region (installer.py says why) */
 static int install_span(struct fp_ctx *c, struct fp_region *r, uint64_t lo, uint64_t hi)
 {
     uint64_t pos = lo;
@@ -322,6 +329,10 @@ static int install_span(struct fp_ctx *c, struct fp_region *r, uint64_t lo, uint
             end++;
         uint64_t seg_lo = pos, seg_hi = end;
         source_bounds(c, r, pos, &seg_lo, &seg_hi);
+        if (r->wp && zero_run(c, r, pos)) {
+            pos = seg_hi;
+            continue;
+        }
         if (!cached_bounds(c, r, pos, &seg_lo, &seg_hi)) {
             pos = seg_hi;  /* its chunk is not mapped yet: left to a later fault */
             continue;
@@ -416,7 +427,7 @@ int fp_fault(struct fp_ctx *c, uint64_t token)
     source_bounds(c, r, page, &lo, &hi);
     if (!cached_bounds(c, r, page, &lo, &hi))
         return FP_DEFER;  /* Python fetches and maps the chunk */
-    if (writable) {  /* the rest of the window goes in write-protected, as the sides */
+    if (writable || (r->wp && zero_run(c, r, page))) {  /* as Installer._serve_fault */
         lo = page;
         hi = page + 1;
     }

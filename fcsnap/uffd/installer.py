@@ -161,7 +161,8 @@ class Installer:
         # (asked again: choosing once more would take another adaptive stream each time)
         w_lo, w_hi = (page, page + 1) if asked_again else self.window(state, page)
         lo, hi = self._source_bounds(state, page, w_lo, w_hi)
-        if writable:  # its own page writable; the rest of the window protected, as sides
+        if writable or (state.wp and self._zeros(state, page)):
+            # its own page writable, the rest of the window protected as sides; zeros alone
             lo, hi = page, page + 1
         if hi - lo > 1:  # the free pages around the faulting one
             blocked = (state.present[lo:hi] | state.removed[lo:hi]).tobytes()
@@ -178,7 +179,7 @@ class Installer:
             # Bytes still being fetched (object storage) hold up only the faulting page.
             for side_lo, side_hi in ((w_lo, lo), (hi, w_hi)):
                 with contextlib.suppress(FetchPending):
-                    self.install_span(region, side_lo, side_hi)
+                    self.install_span(region, side_lo, side_hi, zeros=not state.wp)
         result = self._written(state, page, self._install(state, lo, hi, needed=page,
                                                           writable=writable), writable)
         if result is not DONE:
@@ -207,10 +208,18 @@ class Installer:
 
     # -- batches ---------------------------------------------------------------------------
 
-    def install_span(self, region: Region, lo: int, hi: int) -> SpanResult:
+    def install_span(self, region: Region, lo: int, hi: int, zeros: bool = True
+                     ) -> SpanResult:
         """Install the missing, not removed pages of [lo, hi) with DONTWAKE (the caller wakes
-        once per batch, or the fault's own install does). An EAGAIN stops early, since events
-        must be read before anything installs."""
+        once per batch, or the fault's own install does), its zero runs only with `zeros`.
+        An EAGAIN stops early, since events must be read before anything installs.
+
+        A fault-around window in write-protected memory leaves zero runs out: zeros go in
+        protected only as a copy (a page allocated and filled for each, where UFFDIO_ZEROPAGE
+        maps the shared zero page), tens of times the cost of UFFDIO_ZEROPAGE over a window,
+        and a zero page is mostly written when the guest first uses it, which then is one
+        write fault on a missing page rather than a copy now and a write-protect fault
+        later."""
         state = self.states[region.base]
         # One look at the flags, then byte searches: a small window costs about what one
         # page does, not a round of array work per run. Pages past each install are not
@@ -222,6 +231,9 @@ class Installer:
             end = blocked.find(b"\1", at)
             end = len(blocked) if end < 0 else end
             seg_lo, seg_hi = self._source_bounds(state, lo + at, lo + at, lo + end)
+            if not zeros and self._zeros(state, seg_lo):
+                at = seg_hi - lo
+                continue
             result = self._install(state, seg_lo, seg_hi, wake=False)
             installed += int(np.count_nonzero(state.present[seg_lo:seg_hi]))
             if result is not DONE:
@@ -271,6 +283,13 @@ class Installer:
         first = -(-(m.offset - r.offset) // size)
         last = (m.end - r.offset) // size
         return max(lo, first), min(hi, last)
+
+    def _zeros(self, state: RegionState, page: int) -> bool:
+        """Whether `page` reads zeros from the build (its bytes in a zero mapping)."""
+        r = state.region
+        offset = r.offset + page * r.page_size
+        m = self.pages.mappings[self.pages.header.mapping_index(offset)]
+        return m.is_zero and m.end >= offset + r.page_size
 
     def _written(self, state: RegionState, page: int, outcome: Outcome, writable: bool
                  ) -> Outcome:
