@@ -1,42 +1,45 @@
-"""Write tracking's cost: per fault with tracking against without, and per first write.
+"""Write tracking's cost: per fault with tracking against without, by kind of fault.
 
-One synthetic guest (fcsnap.testing.memimage, 60% zero pages) is packed raw and served to the
-Firecracker stand-in, server and stand-in pinned to CPU 0 (`taskset -c 0`), one page per fault
-(`--fault-around 0`: the server's cost per fault in full), one thread touching every page in
-order and then writing every page (`--write`). Three sides, each on the compiled fault path
-and on the pure-Python one, --repeat times in rotation, the order of the sides reversed every
-other round (the median counts):
+Two synthetic guests, one all data pages and one all zero pages, are packed raw and served to
+the Firecracker stand-in, one page per fault (`--fault-around 0`: the server's cost per fault
+in full), one thread touching every page in order and then writing every page (`--write`),
+server and stand-in pinned to CPU 0 (`taskset -c 0`) and not pinned. Three sides, on the
+compiled fault path (and with `--paths compiled,python` the pure-Python one too), --repeat
+times in rotation, the order of the sides reversed every other round (medians count):
 
     untracked     memory registered MISSING (Firecracker), no tracking
     vmm-wp        memory registered MISSING|WP by the VMM (E2B's Firecracker)
     track-writes  registered MISSING, `restore --track-writes` adds WP after the handshake
 
-Each side runs twice per round: reading every page (microseconds per read fault as the
-guest sees it, the touch pass's time over the faults, and as the server spends it, the mean
-of its own fault-latency histogram, from reading a fault to waking the guest), and reading
-then writing every page (microseconds per first write of a page the guest had read, the
-write pass's time over its pages: a write-protect fault each when tracking, none without).
+Each side runs twice per round: reading every page (a read fault each: microseconds per fault
+as the guest sees it, the touch pass's time over the faults, and as the server spends it, the
+mean of its own fault-latency histogram, from reading a fault to waking the guest), and reading
+then writing every page (microseconds per first write of a page the guest had read, the write
+pass's time over its pages, which includes the stand-in's Python per page: a write-protect
+fault each when tracking, none without; and the server's time per write-protect fault, its
+histogram's total in this run less the read run's, over the write-protect faults).
 
-Then the next generation from a written set: 5% of the pages (scattered, random) changed
-in a Full memory file, `diff --written` of it against `diff` of the whole file and against the
-copy floor (the written pages read with one pread per run and written to a file, fsynced),
-page cache warm, medians of --repeat runs.
+Then the next generation from a written set: 5% of the pages (scattered, random) of a guest
+with 60% zero pages changed in a Full memory file, `diff --written` of it against `diff` of
+the whole file and against the copy floor (the written pages read with one pread per run and
+written to a file, fsynced), page cache warm, medians of --repeat runs.
 
-Last, the kernel's part of an install, timed in this process on its own uffd (one ioctl
-sequence per 4 KiB page, 4096 pages, best of 5, no fault): a data page with UFFDIO_COPY, with
-and without UFFDIO_COPY_MODE_WP; and the ways to install a zero page write-protected:
-UFFDIO_ZEROPAGE alone (not protected: the reference), UFFDIO_COPY of a zero buffer with
-UFFDIO_COPY_MODE_WP (what fcsnap does), and UFFDIO_ZEROPAGE then UFFDIO_WRITEPROTECT (racy: a
-write between the two is missed).
+Last, the kernel's part of each install, timed in C (bench/c/wp_installs.c, compiled with cc
+at bench time) on a range of its own registered MISSING|WP, no fault, best of 5: a data page
+with UFFDIO_COPY with and without UFFDIO_COPY_MODE_WP; the ways to install a zero page
+write-protected: UFFDIO_ZEROPAGE alone (not protected: the reference), UFFDIO_COPY of zeros
+with UFFDIO_COPY_MODE_WP (what fcsnap does), UFFDIO_ZEROPAGE then UFFDIO_WRITEPROTECT (racy:
+a write from another thread between the two is missed); and UFFDIO_WRITEPROTECT lifting the
+protection of a page (what resolving a write-protect fault costs the kernel). One page per
+ioctl, and 16 (a fault-around window).
 
-    python bench/write_tracking.py [--size 256M] [--repeat 3] [--workdir DIR]
+    python3 bench/write_tracking.py [--size 64M] [--repeat 5] [--paths compiled] [--workdir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import random
 import statistics
@@ -49,34 +52,39 @@ from typing import Any
 
 import numpy as np
 
-from fcsnap.store.format.layout import resolve_build
-from fcsnap.store.operations import ops
-from fcsnap.store.operations.builder import BuildOptions
-from fcsnap.store.operations.scan import consecutive_runs
-from fcsnap.testing import firecracker
-from fcsnap.testing.memimage import synthetic_memory, write_full
-from fcsnap.uffd import abi
-from fcsnap.units import PAGE, parse_size
-from fcsnap.workingset import write_working_set
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine  # noqa: E402
+
+from fcsnap.store.format.layout import resolve_build  # noqa: E402
+from fcsnap.store.operations import ops  # noqa: E402
+from fcsnap.store.operations.builder import BuildOptions  # noqa: E402
+from fcsnap.store.operations.scan import consecutive_runs  # noqa: E402
+from fcsnap.testing import firecracker  # noqa: E402
+from fcsnap.testing.memimage import synthetic_memory, write_full  # noqa: E402
+from fcsnap.units import PAGE, parse_size  # noqa: E402
+from fcsnap.workingset import write_working_set  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIDES = {"untracked": ((), {}), "vmm-wp": ((), {"wp": True}),
          "track-writes": (("--track-writes",), {})}
 DEADLINE_S = 300.0
+GUESTS = ("data", "zeros")
+INSTALLS_SOURCE = Path(__file__).resolve().parent / "c" / "wp_installs.c"
 
 
-def serve_once(work: Path, size: int, side: str, pure_python: bool, write: bool
-               ) -> dict[str, float]:
-    """One pinned restore of the whole guest, read (then written, with `write`); its
+def serve_once(work: Path, size: int, build: str, side: str, path: str, pinned: bool,
+               write: bool) -> dict[str, float]:
+    """One restore of the whole guest `build`, read (then written, with `write`); its
     per-fault figures."""
     server_args, standin = SIDES[side]
     sock, stats, report = work / "uffd.sock", work / "stats.json", work / "vm.json"
-    for path in (stats, report):
-        path.unlink(missing_ok=True)
-    env = dict(os.environ, FCSNAP_PURE_PYTHON="1" if pure_python else "0")
-    pin = ["taskset", "-c", "0"]
+    for path_ in (stats, report):
+        path_.unlink(missing_ok=True)
+    env = dict(os.environ, FCSNAP_PURE_PYTHON="1" if path == "python" else "0")
+    pin = ["taskset", "-c", "0"] if pinned else []
     server = subprocess.Popen(
-        [*pin, sys.executable, "-m", "fcsnap", "restore", "--vm", "vm", "--store",
+        [*pin, sys.executable, "-m", "fcsnap", "restore", "--vm", build, "--store",
          str(work / "store"), "--socket", str(sock), "--stats", str(stats), "--quiet",
          "--fault-around", "0", *server_args], env=env, stdin=subprocess.DEVNULL)
     try:
@@ -97,10 +105,24 @@ def serve_once(work: Path, size: int, side: str, pure_python: bool, write: bool
     if status or server_status:
         raise RuntimeError(f"{side}: stand-in exit {status}, server exit {server_status}")
     r, s = firecracker.read_report(report), json.loads(stats.read_text())
+    served_us = s["fault_latency"]["mean_us"] * s["fault_latency"]["count"]
     if write:
-        return {"write_us": r["write_s"] / (size // PAGE) * 1e6, "wp_faults": s["wp_faults"]}
+        return {"write_us": r["write_s"] / (size // PAGE) * 1e6, "wp_faults": s["wp_faults"],
+                "served_total_us": served_us}
     return {"read_us": r["touch_s"] / s["faults"] * 1e6,
-            "serve_us": s["fault_latency"]["mean_us"], "faults": s["faults"]}
+            "serve_us": s["fault_latency"]["mean_us"], "faults": s["faults"],
+            "served_total_us": served_us}
+
+
+def one_side(work: Path, size: int, build: str, side: str, path: str, pinned: bool
+             ) -> dict[str, float]:
+    """A read run and a read-then-write run of one side; the server's µs per write-protect
+    fault is what the second served beyond the first, per write-protect fault."""
+    read = serve_once(work, size, build, side, path, pinned, write=False)
+    written = serve_once(work, size, build, side, path, pinned, write=True)
+    extra = written.pop("served_total_us") - read.pop("served_total_us")
+    wp = written["wp_faults"]
+    return {**read, **written, "serve_wp_us": extra / wp if wp else float("nan")}
 
 
 def diff_costs(work: Path, size: int, repeat: int, share: float = 0.05) -> dict[str, float]:
@@ -141,105 +163,99 @@ def copy_floor(memfile: Path, pages: np.ndarray, out: Path) -> None:
         os.close(fd)
 
 
-def installs(pages: int = 4096, rounds: int = 5) -> dict[str, float]:
-    """ns per page of each install (the module docstring), best of `rounds`, on a
-    MISSING|WP range of this process."""
-    zeros = mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    zeros_addr = abi.buffer_address(zeros)
-    data = mmap.mmap(-1, PAGE)
-    data.write(os.urandom(PAGE))
-    data_addr = abi.buffer_address(data)
-    ways = {
-        "data: copy": lambda fd, at: abi.copy(fd, at, data_addr, PAGE),
-        "data: copy, MODE_WP": lambda fd, at: abi.copy(fd, at, data_addr, PAGE,
-                                                       abi.UFFDIO_COPY_MODE_WP),
-        "zeros: zeropage (not protected)": lambda fd, at: abi.zeropage(fd, at, PAGE),
-        "zeros: copy of zeros, MODE_WP": lambda fd, at: abi.copy(fd, at, zeros_addr, PAGE,
-                                                                 abi.UFFDIO_COPY_MODE_WP),
-        "zeros: zeropage then writeprotect": lambda fd, at: (
-            abi.zeropage(fd, at, PAGE),
-            abi.writeprotect(fd, at, PAGE, abi.UFFDIO_WRITEPROTECT_MODE_WP)),
-    }
-    best: dict[str, float] = {}
-    for name, install in ways.items():
-        for _ in range(rounds):
-            fd = abi.userfaultfd()
-            abi.api_handshake(fd, 0)
-            base = abi.mmap_anonymous(pages * PAGE)
-            abi.register(fd, base, pages * PAGE,
-                         abi.UFFDIO_REGISTER_MODE_MISSING | abi.UFFDIO_REGISTER_MODE_WP)
-            began = time.perf_counter_ns()
-            for k in range(pages):
-                install(fd, base + k * PAGE)
-            ns = (time.perf_counter_ns() - began) / pages
-            abi.munmap(base, pages * PAGE)
-            os.close(fd)
-            best[name] = min(best.get(name, ns), ns)
-    return best
+def installs(work: Path, run: int, pages: int = 4096, rounds: int = 5) -> dict[str, float]:
+    """ns per page of each install (the module docstring), `run` pages per ioctl, best of
+    `rounds`, timed by bench/c/wp_installs.c."""
+    binary = work / "wp_installs"
+    if not binary.exists():
+        subprocess.run(["cc", "-O2", "-o", str(binary), str(INSTALLS_SOURCE)], check=True)
+    done = subprocess.run([str(binary), str(pages), str(run), str(rounds)], check=True,
+                          capture_output=True, text=True, timeout=DEADLINE_S)
+    return json.loads(done.stdout)
 
 
-def markdown(size: int, repeat: int, rows: dict[str, dict[str, float]],
-             diffs: dict[str, float], zeros: dict[str, float], load: float) -> str:
+def ratio(row: dict[str, float], base: dict[str, float], key: str) -> str:
+    return f"{row[key]:.2f} | {row[key] / base[key]:.2f}x"
+
+
+def markdown(r: dict[str, Any]) -> str:
+    size, repeat = r["size"], r["repeat"]
+    before, after = r["load_average"]["before"][0], r["load_average"]["after"][0]
     lines = [
         "# Write tracking: cost per fault",
         "",
-        f"`python3 bench/write_tracking.py --size {size >> 20}M --repeat {repeat}`: a "
-        f"{size >> 20} MiB synthetic guest (60% zero pages), raw, pinned to one CPU, one page "
-        "per fault, one thread reading every page in order and then writing every page; "
-        f"medians of {repeat} runs in rotation (sides reversed every other round). Ratios are "
-        f"against `untracked` on the same path. Load average at the end: {load:.1f} on "
-        f"{os.cpu_count()} CPUs (other work on the machine): single runs spread widely.",
+        f"`python3 bench/write_tracking.py --size {size >> 20}M --repeat {repeat} --paths "
+        f"{','.join(r['paths'])}`: {size >> 20} MiB synthetic guests (all data pages, all zero "
+        "pages), raw, one page per fault, one thread reading every page in order and then "
+        f"writing every page; pinned to one CPU and not; medians of {repeat} runs in rotation "
+        "(sides reversed every other round). Ratios are against `untracked` on the same "
+        f"guest, path and pinning. Load average {before:.1f} before and {after:.1f} after, on "
+        f"{os.cpu_count()} CPUs.",
         "",
-        "| side | path | µs per read fault, guest | ratio | µs per fault, server | ratio "
-        "| µs per first write | WP faults |",
-        "|---|---|---|---|---|---|---|---|",
+        "| guest | pinned | side | path | µs per read fault, guest | ratio | µs per read "
+        "fault, server | ratio | µs per first write, guest | µs per WP fault, server |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for key, row in rows.items():
-        side, path = key.split("/")
-        base = rows[f"untracked/{path}"]
-        lines.append(f"| {side} | {path} | {row['read_us']:.2f} | "
-                     f"{row['read_us'] / base['read_us']:.2f}x | {row['serve_us']:.2f} | "
-                     f"{row['serve_us'] / base['serve_us']:.2f}x | {row['write_us']:.2f} | "
-                     f"{row['wp_faults']:.0f} |")
-    floor = diffs["copy floor"]
+    for key, row in r["rows"].items():
+        guest, pin, side, path = key.split("/")
+        base = r["rows"][f"{guest}/{pin}/untracked/{path}"]
+        wp = "-" if side == "untracked" else f"{row['serve_wp_us']:.2f}"
+        lines.append(f"| {guest} | {pin} | {side} | {path} | {ratio(row, base, 'read_us')} | "
+                     f"{ratio(row, base, 'serve_us')} | {row['write_us']:.2f} | {wp} |")
+    floor = r["diff_s"]["copy floor"]
     lines += ["", f"The next generation, 5% of {size >> 20} MiB written (seconds, page cache "
               f"warm, median of {repeat}):", "", "| how | s | against the copy floor |",
               "|---|---|---|"]
-    lines += [f"| {name} | {s:.3f} | {s / floor:.1f}x |" for name, s in diffs.items()]
-    lines += ["", "The kernel's part of an install on a MISSING|WP range (ns per 4 KiB page, "
-              "best of 5, no fault):", "", "| install | ns per page |", "|---|---|"]
-    lines += [f"| {name} | {ns:.0f} |" for name, ns in zeros.items()]
+    lines += [f"| {name} | {s:.3f} | {s / floor:.1f}x |" for name, s in r["diff_s"].items()]
+    lines += ["", "The kernel's part of an install on a MISSING|WP range, timed in C (ns per "
+              "4 KiB page, best of 5, no fault):", "",
+              "| install | 1 page per ioctl | 16 pages per ioctl |", "|---|---|---|"]
+    one, window = r["installs_ns"]["1"], r["installs_ns"]["16"]
+    lines += [f"| {name} | {ns:.0f} | {window[name]:.0f} |" for name, ns in one.items()]
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--size", default="256M")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--size", default="64M")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--paths", default="compiled",
+                        help="fault paths, comma-separated: compiled, python")
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
     size = parse_size(args.size)
+    paths = args.paths.split(",")
+    if not set(paths) <= {"compiled", "python"}:
+        parser.error(f"--paths {args.paths}: compiled, python")
+    load_before = os.getloadavg()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fcsnap-wt-"))
     work.mkdir(parents=True, exist_ok=True)
-    write_full(work / "vm.mem", synthetic_memory(size, seed=1))
-    ops.pack(work / "vm.mem", work / "store", BuildOptions(name="vm"))
+    pages = size // PAGE
+    data = synthetic_memory(size, seed=1, zero_share=0.0)
+    data[:, :8] = np.arange(1, pages + 1, dtype=np.uint64).view(np.uint8).reshape(pages, 8)
+    for name, memory in (("data", data), ("zeros", np.zeros((pages, PAGE), np.uint8)),
+                         ("vm", synthetic_memory(size, seed=1))):
+        write_full(work / f"{name}.mem", memory)
+        ops.pack(work / f"{name}.mem", work / "store", BuildOptions(name=name))
     runs: dict[str, list[dict[str, float]]] = {}
     for i in range(args.repeat):
-        for path in ("compiled", "python"):
-            for side in list(SIDES)[:: -1 if i % 2 else 1]:  # no side always runs first
-                print(f"{i + 1}/{args.repeat}: {side} ({path})", file=sys.stderr)
-                read = serve_once(work, size, side, path == "python", write=False)
-                runs.setdefault(f"{side}/{path}", []).append(
-                    {**read, **serve_once(work, size, side, path == "python", write=True)})
-    rows: dict[str, Any] = {key: {m: statistics.median(r[m] for r in rs) for m in rs[0]}
-                            for key, rs in runs.items()}
-    diffs = diff_costs(work, size, args.repeat)
-    zeros = installs()
+        for pin in ("pinned", "unpinned"):
+            for guest in GUESTS:
+                for path in paths:
+                    for side in list(SIDES)[:: -1 if i % 2 else 1]:  # no side always first
+                        print(f"{i + 1}/{args.repeat}: {guest} {pin} {side} ({path})",
+                              file=sys.stderr)
+                        runs.setdefault(f"{guest}/{pin}/{side}/{path}", []).append(
+                            one_side(work, size, guest, side, path, pin == "pinned"))
+    rows = {key: {m: statistics.median(r[m] for r in rs) for m in rs[0]}
+            for key, rs in runs.items()}
+    result = {"size": size, "repeat": args.repeat, "paths": paths, "machine": machine(),
+              "rows": rows, "runs": runs, "diff_s": diff_costs(work, size, args.repeat),
+              "installs_ns": {str(n): installs(work, n) for n in (1, 16)},
+              "load_average": {"before": load_before, "after": os.getloadavg()}}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "write-tracking.json").write_text(json.dumps(
-        {"size": size, "repeat": args.repeat, "load_average": os.getloadavg(), "rows": rows,
-         "diff_s": diffs, "installs_ns": zeros}, indent=2) + "\n")
-    text = markdown(size, args.repeat, rows, diffs, zeros, os.getloadavg()[0])
+    (RESULTS / "write-tracking.json").write_text(json.dumps(result, indent=1) + "\n")
+    text = markdown(result)
     (RESULTS / "write-tracking.md").write_text(text)
     print(text)
     return 0
