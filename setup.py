@@ -30,6 +30,6 @@ class OptionalBuildExt(build_ext):
 
 
 setup(
-    cffi_modules=["csrc/build_fastpath.py:ffibuilder"],
+    cffi_modules=["csrc/build_fastpath.py:ffibuilder", "csrc/build_blockscan.py:ffibuilder"],
     cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -9,9 +9,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from fcsnap import outputs
 from fcsnap.errors import FcsnapError, UsageError
@@ -20,14 +18,17 @@ from fcsnap.header import Mapping, load_header
 from fcsnap.store.backends.stores import Store, local_path
 from fcsnap.store.format.hashes import DIGEST_SIZE, digest, read_hashes
 from fcsnap.store.format.layout import HASHES, build_path, store_of
-from fcsnap.store.format.lineage import Parent
 from fcsnap.store.format.locks import stop_point, try_remove_staging
 from fcsnap.store.format.manifest import Manifest, read_manifest
 from fcsnap.store.format.pins import open_lineage
 from fcsnap.store.format.source import DiffFile, GenerationReader
 from fcsnap.store.operations.builder import BuildOptions, Head, build_generation
 from fcsnap.store.operations.scan import CHUNK, MemoryFile, block_aligned
-from fcsnap.workingset import parse_working_set, read_working_set
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from fcsnap.store.format.lineage import Parent
 
 Progress = Callable[[int], None]
 """Called with the number of bytes just processed."""
@@ -59,10 +60,12 @@ def pack(
 
 def _working_set(
     source: MemoryFile, options: BuildOptions, fill_holes: Callable[[int, int], bytes] | None = None
-) -> Iterator[tuple[np.ndarray, memoryview]] | tuple[()]:
+) -> Iterator[tuple[np.ndarray, memoryview]] | None:
     """The blocks of --working-set, to be stored first; read (and its size checked) now."""
     if options.working_set is None:
-        return ()
+        return None
+    from fcsnap.workingset import read_working_set
+
     return source.working_set(read_working_set(options.working_set, source.size), fill_holes)
 
 
@@ -114,6 +117,9 @@ def _diff_written(
     memfile: Path, base_dir: Path, store: Store, options: BuildOptions, written: Path,
     progress: Progress,
 ) -> tuple[Manifest, Path | str]:
+    from fcsnap.store.format.lineage import Parent
+    from fcsnap.workingset import parse_working_set
+
     parent = Parent(base_dir)
     options = replace(options, block_size=parent.block_size, source=memfile.name)
     with MemoryFile(memfile, parent.block_size) as source:
@@ -139,6 +145,8 @@ def _diff(
     memfile: Path, base_dir: Path, store: Store, options: BuildOptions, sparse_diff: bool,
     holes_are_zeros: bool, progress: Progress,
 ) -> tuple[Manifest, Path | str]:
+    from fcsnap.store.format.lineage import Parent
+
     parent = Parent(base_dir)
     options = replace(options, block_size=parent.block_size, source=memfile.name)
     with MemoryFile(memfile, parent.block_size) as source:
@@ -322,6 +330,8 @@ def verify(build_dir: Path, progress: Progress = _noop) -> dict[str, Any]:
 
 def verify_build_data(build_dir: Path, block_size: int, mapped_end: int, progress: Progress) -> int:
     """One build's files against each other and every stored block against its hash."""
+    import numpy as np
+
     name = build_dir.name
     if not build_dir.is_dir():
         raise FcsnapError(f"build {name} is missing from the store")

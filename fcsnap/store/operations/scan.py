@@ -11,13 +11,15 @@ import errno
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import open_regular
 from fcsnap.header import PAGE
 from fcsnap.units import format_block_size
+
+if TYPE_CHECKING:
+    import numpy as np
 
 CHUNK = 32 << 20
 # Bytes a pack or diff reads at a time: small enough that the scan that follows each read (zero
@@ -66,6 +68,8 @@ def block_aligned(
 def consecutive_runs(values: np.ndarray) -> list[tuple[int, int]]:
     """(first, count) of each run of consecutive integers in `values`, in their order (which
     need not be ascending: a run is a value followed by its successor)."""
+    import numpy as np  # here and below, not by the module: a pack does not load numpy
+
     if not len(values):
         return []
     cut = np.flatnonzero(np.diff(values) != 1) + 1
@@ -102,6 +106,8 @@ class MemoryFile:
     def hole_blocks(self) -> tuple[np.ndarray, np.ndarray]:
         """(first block, count) of each run of blocks holding any hole byte: what a Full
         snapshot has as zeros and a Diff snapshot as unchanged."""
+        import numpy as np
+
         bs = self.block_size
         covered = np.array(self.ranges, np.int64).reshape(-1, 2)
         lo, hi = -(-covered[:, 0] // bs), covered[:, 1] // bs  # blocks wholly in data
@@ -127,7 +133,7 @@ class MemoryFile:
         chunk_bytes = max(bs, chunk_bytes - chunk_bytes % bs)
         # No bigger than the largest range: a sparse Diff file's ranges are often one page.
         chunk_bytes = min(chunk_bytes, max((hi - lo for lo, hi, _ in aligned), default=0))
-        view = memoryview(np.empty(chunk_bytes, np.uint8))  # every byte is read into first
+        view = memoryview(bytearray(chunk_bytes))
         asked = 0  # data before this offset has been asked for (see _read)
         for lo, hi, covered in aligned:
             partial = covered < hi - lo
@@ -150,6 +156,8 @@ class MemoryFile:
         does. Each batch's reads are announced (WILLNEED) first, so a cold file serves these
         scattered blocks in parallel. The yielded memoryview is reused, as in `chunks`.
         """
+        import numpy as np
+
         if not self.ranges:
             return
         bs = self.block_size
@@ -187,6 +195,8 @@ class MemoryFile:
         them reads what the guest wrote, not the whole file. A Full memory file's holes read
         as the zeros they stand for. Each batch's reads are announced (WILLNEED) first, so a
         cold file serves the scattered blocks in parallel. The memoryview is reused."""
+        import numpy as np
+
         bs = self.block_size
         blocks = np.sort(np.asarray(offsets, np.int64) // bs)
         blocks = blocks[np.append(True, blocks[1:] != blocks[:-1])]  # distinct, no np.unique
