@@ -7,11 +7,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
 from helpers import unpacked
 
+from fcsnap import files
 from fcsnap.options import PURE_PYTHON_ENV
 from fcsnap.store.format.layout import DIFF_RAW, DIFF_ZSTD, HASHES, HEADER
 from fcsnap.store.operations import blockscan, builder, ops
@@ -199,3 +201,52 @@ def test_a_pack_does_not_import_numpy(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert r.stderr.splitlines() == ["False"]
+
+
+def test_a_sparse_file_of_single_pages_is_written_in_few_calls(tmp_path, monkeypatch):
+    """A file whose data is 600 single pages between holes: the raw diff gathers their blocks
+    and writes megabytes a call, not a page; every byte comes back."""
+    calls = []
+    real = os.writev
+    monkeypatch.setattr(builder.os, "writev", lambda fd, bufs: calls.append(1) or real(fd, bufs))
+    rng = np.random.default_rng(25)
+    pages = rng.integers(1, 256, (600, PAGE), np.uint8)
+    mem = np.zeros((1200, PAGE), np.uint8)
+    mem[::2] = pages
+    path = tmp_path / "mem"
+    with open(path, "wb") as f:
+        for i in range(0, 1200, 2):
+            f.seek(i * PAGE)
+            f.write(mem[i].tobytes())
+        f.truncate(1200 * PAGE)
+    monkeypatch.setattr(builder, "WRITEBACK_BYTES", 1 * MIB)  # several gathered writes
+    manifest, build = ops.pack(path, tmp_path / "store", BuildOptions())
+    assert manifest.stats.blocks_stored == 600
+    assert 2 <= len(calls) <= 4
+    assert unpacked(build, tmp_path) == mem.tobytes()
+
+
+def test_fsync_paths_syncs_every_path_at_once_and_raises_the_first_error(tmp_path, monkeypatch):
+    """Every path is fsynced, all at the same time (each waits at a barrier for the others:
+    one after another would never get past it), and a failure is raised after the rest."""
+    paths = [tmp_path / name for name in ("a", "b", "c")]
+    for p in paths:
+        p.write_bytes(b"x")
+    paths.append(tmp_path)
+    barrier = [threading.Barrier(len(paths), timeout=30)]  # the fsyncs meet there
+    synced = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        barrier[0].wait()
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    files.fsync_paths(paths)
+    assert sorted(synced) == sorted(str(p) for p in paths)
+    barrier[0] = threading.Barrier(len(paths) - 1, timeout=30)  # one path cannot be opened
+    synced.clear()
+    with pytest.raises(FileNotFoundError):
+        files.fsync_paths([tmp_path / "gone", *paths[1:]])
+    assert sorted(synced) == sorted(str(p) for p in paths[1:])

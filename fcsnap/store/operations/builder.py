@@ -82,6 +82,7 @@ class BuildOptions:
 
 
 WRITEBACK_BYTES = 4 << 20
+SMALL_WRITE = 256 << 10  # a direct sink gathers writes smaller than this
 IN_FLIGHT = 2  # batches handed to the sink's worker and not yet written
 # Bytes gathered before a batch goes to the worker: the scan reads small chunks, and a worker
 # compressing a batch of frames must have the next batch queued by then, not a few pages.
@@ -142,8 +143,10 @@ class DiffSink:
         self.direct = local and self.zstd is None  # written by the caller's thread (write)
         self.worker = None if self.direct else threads(1, "fcsnap-sink")
         self.in_flight: list[Future[None]] = []
-        self.handoff = HANDOFF_BYTES if local else STREAM_BATCH_BYTES
-        self.gathered: list[bytes] = []  # copies not yet handed to the worker
+        self.handoff = (WRITEBACK_BYTES if self.direct else HANDOFF_BYTES) if local else (
+            STREAM_BATCH_BYTES
+        )
+        self.gathered: list[bytes] = []  # copies not yet written or handed to the worker
         self.gathered_bytes = 0
         self.committing: Future[None] | None = None  # an object writer's commit, under way
         self.closed = False
@@ -157,11 +160,14 @@ class DiffSink:
 
     def write(self, pieces: list[memoryview]) -> None:
         """Append `pieces` in order (written or copied: the caller may reuse their memory at
-        once)."""
-        if self.direct:
+        once). A direct sink writes large writes at once and gathers small ones (the blocks
+        of a sparse file's short data ranges), so that each write call carries megabytes."""
+        if self.direct and sum(map(len, pieces)) >= SMALL_WRITE:
+            self._hand_off()
             with writing(self.what):
-                self.stored += write_all(self.file.fileno(), pieces)
-                self.written = self.stored
+                done = write_all(self.file.fileno(), pieces)
+                self.stored += done
+                self.written += done
                 self._writeback()
             return
         data = b"".join(pieces)
@@ -172,12 +178,18 @@ class DiffSink:
             self._hand_off()
 
     def _hand_off(self) -> None:
-        """Queue the gathered bytes for the worker, once at most IN_FLIGHT - 1 batches wait."""
+        """Write the gathered bytes (direct), or queue them for the worker once at most
+        IN_FLIGHT - 1 batches wait."""
         if not self.gathered:
             return
         batch, self.gathered, self.gathered_bytes = self.gathered, [], 0
+        if self.direct:
+            with writing(self.what):
+                self.written += write_all(self.file.fileno(), [memoryview(d) for d in batch])
+                self._writeback()
+            return
         self._wait(IN_FLIGHT - 1)
-        assert self.worker is not None  # only a direct sink has none, and it gathers nothing
+        assert self.worker is not None  # only a direct sink has none
         self.in_flight.append(self.worker.submit(self._write, batch))
 
     def _write(self, batch: list[bytes]) -> None:
