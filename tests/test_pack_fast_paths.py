@@ -16,11 +16,12 @@ from helpers import unpacked
 from fcsnap import files
 from fcsnap.options import PURE_PYTHON_ENV
 from fcsnap.store.format.layout import DIFF_RAW, DIFF_ZSTD, HASHES, HEADER
-from fcsnap.store.operations import blockscan, builder, ops
+from fcsnap.store.operations import blockscan, builder, ops, scan
 from fcsnap.store.operations.builder import BuildOptions, build_generation
 from fcsnap.store.operations.scan import MemoryFile
 from fcsnap.testing.memimage import synthetic_memory, write_full
 from fcsnap.units import PAGE
+from fcsnap.workingset import write_working_set
 
 MIB = 1 << 20
 
@@ -250,3 +251,38 @@ def test_fsync_paths_syncs_every_path_at_once_and_raises_the_first_error(tmp_pat
     with pytest.raises(FileNotFoundError):
         files.fsync_paths([tmp_path / "gone", *paths[1:]])
     assert sorted(synced) == sorted(str(p) for p in paths[1:])
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "cold"])
+def test_diff_written_reads_the_written_blocks_in_batches(tmp_path, monkeypatch, cached):
+    """diff --written reads the written blocks a batch at a time (runs across batch edges,
+    pages in a hole of the Full file); a read the page cache cannot serve announces the rest
+    of its batch at once. The new generation unpacks byte-exact."""
+    mem = synthetic_memory(8 * MIB, seed=26)
+    path = tmp_path / "mem"
+    write_full(path, mem)
+    _, base = ops.pack(path, tmp_path / "store", BuildOptions())
+    pages = mem.reshape(-1, PAGE)
+    written = [3, 4, 5, 6, 7, 8, 100, 101, 1000, 1500, 1501, 2047]
+    pages[written] = np.random.default_rng(26).integers(0, 256, (len(written), PAGE), np.uint8)
+    pages[1500:1502] = 0  # written zeros: a hole in the next Full file
+    with open(path, "wb") as f:
+        f.write(pages[:1500].tobytes())
+        f.seek(1502 * PAGE)
+        f.write(pages[1502:].tobytes())
+    write_working_set(tmp_path / "written", mem.nbytes, [p * PAGE for p in written])
+    monkeypatch.setattr(scan, "CHUNK", 4 * PAGE)  # batches of 4 blocks
+    real_preadv, announced = os.preadv, []
+
+    def preadv(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+        if flags and not cached:
+            raise BlockingIOError
+        return real_preadv(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(scan.os, "preadv", preadv)
+    monkeypatch.setattr(scan.os, "posix_fadvise", lambda fd, at, n, advice: announced.append(at))
+    _, build = ops.diff(path, base, tmp_path / "store", BuildOptions(),
+                        written=tmp_path / "written")
+    assert unpacked(build, tmp_path) == mem.tobytes()
+    # cold: each batch announces its runs from its first read on, once
+    assert announced == ([] if cached else [p * PAGE for p in (3, 7, 100, 1000, 1500, 2047)])

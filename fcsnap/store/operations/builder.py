@@ -291,8 +291,8 @@ def build_generation(
 ) -> tuple[Manifest, Path | str]:
     """Run the pipeline and publish the build; returns its manifest and directory (its URL in
     a remote store). `first` (MemoryFile.working_set) is taken before `chunks`: its stored
-    blocks lead the diff. `build_id`: the new build's id (import keeps E2B's); a fresh UUID
-    by default."""
+    blocks lead the diff (MemoryFile.blocks: a written set's blocks, all that is read).
+    `build_id`: the new build's id (import keeps E2B's); a fresh UUID by default."""
     expected = options.name_expected
     if options.name is not None:
         check_vm_name(options.name)

@@ -46,6 +46,14 @@ def _tracked(
         progress(len(chunk))
 
 
+def _tracked_batches(
+    batches: Iterator[tuple[np.ndarray, memoryview]], progress: Progress
+) -> Iterator[tuple[np.ndarray, memoryview]]:
+    for blocks, data in batches:
+        yield blocks, data
+        progress(len(data))
+
+
 def pack(
     memfile: Path, store: Store, options: BuildOptions, progress: Progress = _noop
 ) -> tuple[Manifest, Path | str]:
@@ -129,8 +137,8 @@ def _diff_written(
         if recorded != parent.size:
             raise FcsnapError(f"{written}: a written set of {recorded} bytes of guest memory, "
                               f"but base build {parent.manifest.build_id} is {parent.size}")
-        return build_generation(store, _tracked(source.blocks(offsets), progress), source.size,
-                                options, parent, holes_are_zero=False)
+        return build_generation(store, (), source.size, options, parent, holes_are_zero=False,
+                                first=_tracked_batches(source.blocks(offsets), progress))
 
 
 def _check_size(memfile: Path, source: MemoryFile, parent: Parent) -> None:

@@ -189,36 +189,53 @@ class MemoryFile:
                     self._fill(view[j * bs : (j + 1) * bs], int(batch[j]) * bs, fill_holes)
             yield batch, view[: len(batch) * bs]
 
-    def blocks(self, offsets: np.ndarray) -> Iterator[tuple[int, memoryview]]:
-        """(offset, bytes) of the blocks holding the pages at `offsets` (a written set), in
-        ascending order, runs of neighbours in one read of at most CHUNK bytes: a diff of
-        them reads what the guest wrote, not the whole file. A Full memory file's holes read
-        as the zeros they stand for. Each batch's reads are announced (WILLNEED) first, so a
-        cold file serves the scattered blocks in parallel. The memoryview is reused."""
+    def blocks(self, offsets: np.ndarray) -> Iterator[tuple[np.ndarray, memoryview]]:
+        """The blocks holding the pages at `offsets` (a written set), ascending, in batches of
+        (block numbers, their bytes) of at most CHUNK bytes, runs of neighbours in one read: a
+        diff of them reads what the guest wrote, not the whole file. A Full memory file's
+        holes read as the zeros they stand for. Reads are tried on the page cache alone
+        first; at the first it cannot serve, the rest of the batch is announced (WILLNEED),
+        so a cold file serves the scattered blocks in parallel. The memoryview is reused."""
         import numpy as np
 
         bs = self.block_size
         blocks = np.sort(np.asarray(offsets, np.int64) // bs)
-        blocks = blocks[np.append(True, blocks[1:] != blocks[:-1])]  # distinct, no np.unique
-        pieces = [(start + lo, min(CHUNK // bs, count - lo))
-                  for start, count in consecutive_runs(blocks)
-                  for lo in range(0, count, max(1, CHUNK // bs))]
-        if not pieces:
+        if not len(blocks):
             return
-        view = memoryview(bytearray(max(n for _, n in pieces) * bs))
-        ahead = 0  # pieces announced
-        for k, (start, count) in enumerate(pieces):
-            if k == ahead:
-                budget = PREFETCH_BYTES
-                while ahead < len(pieces) and budget > 0:
-                    s, n = pieces[ahead]
-                    os.posix_fadvise(self.fd, s * bs, n * bs, os.POSIX_FADV_WILLNEED)
-                    budget -= n * bs
-                    ahead += 1
-            part = view[: count * bs]
-            if os.preadv(self.fd, [part], start * bs) != len(part):
-                raise FcsnapError(f"{self.path}: short read at {start * bs:#x} (file changed?)")
-            yield start * bs, part
+        blocks = blocks[np.append(True, blocks[1:] != blocks[:-1])]  # distinct, no np.unique
+        per_batch = max(1, CHUNK // bs)
+        view = memoryview(bytearray(min(len(blocks), per_batch) * bs))
+        for lo in range(0, len(blocks), per_batch):
+            batch = blocks[lo : lo + per_batch]
+            runs = consecutive_runs(batch)
+            pos = 0
+            announced = False
+            for k, (start, count) in enumerate(runs):
+                part = view[pos * bs : (pos + count) * bs]
+                got = self._cached(part, start * bs)
+                if got < len(part):
+                    if not announced:
+                        for s, n in runs[k:]:
+                            os.posix_fadvise(self.fd, s * bs, n * bs, os.POSIX_FADV_WILLNEED)
+                        announced = True
+                    got += os.preadv(self.fd, [part[got:]], start * bs + got)
+                if got != len(part):
+                    raise FcsnapError(f"{self.path}: short read at {start * bs:#x} (file changed?)")
+                pos += count
+            yield batch, view[: len(batch) * bs]
+
+    def _cached(self, part: memoryview, start: int) -> int:
+        """Bytes of `part` read from `start` without waiting for the disk: what the page
+        cache holds (all of it where the filesystem cannot tell: plain reads from then on)."""
+        try:
+            return os.preadv(self.fd, [part], start, self.nowait)
+        except BlockingIOError:
+            return 0
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            self.nowait = 0
+            return 0
 
     def _read(
         self, part: memoryview, start: int, aligned: list[tuple[int, int, int]], asked: int
@@ -230,14 +247,7 @@ class MemoryFile:
         the scattered pages of a Diff snapshot come in parallel rather than one disk round trip
         each; at most PREFETCH_BYTES are asked for ahead of the reads.
         """
-        try:
-            got = os.preadv(self.fd, [part], start, self.nowait)
-        except BlockingIOError:
-            got = 0
-        except OSError as e:
-            if e.errno != errno.EOPNOTSUPP:
-                raise
-            self.nowait = got = 0  # the filesystem cannot tell: plain reads from now on
+        got = self._cached(part, start)
         if got < len(part):
             pos = start + got
             if asked < pos + PREFETCH_BYTES // 2:
