@@ -11,7 +11,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fcsnap import outputs
 from fcsnap.errors import FcsnapError, UsageError
 from fcsnap.files import read_regular
 from fcsnap.header import Mapping, load_header
@@ -21,7 +20,6 @@ from fcsnap.store.format.layout import HASHES, build_path, store_of
 from fcsnap.store.format.locks import stop_point, try_remove_staging
 from fcsnap.store.format.manifest import Manifest, read_manifest
 from fcsnap.store.format.pins import open_lineage
-from fcsnap.store.format.source import DiffFile, GenerationReader
 from fcsnap.store.operations.builder import BuildOptions, Head, build_generation
 from fcsnap.store.operations.scan import CHUNK, MemoryFile, block_aligned
 
@@ -29,6 +27,10 @@ if TYPE_CHECKING:
     import numpy as np
 
     from fcsnap.store.format.lineage import Parent
+    from fcsnap.store.format.source import GenerationReader
+
+# Imported where used, not here: numpy, the lineage, the stored generation's reader and the
+# output machinery, none of which a pack needs (its start-up is a good part of its time).
 
 Progress = Callable[[int], None]
 """Called with the number of bytes just processed."""
@@ -154,6 +156,7 @@ def _diff(
     holes_are_zeros: bool, progress: Progress,
 ) -> tuple[Manifest, Path | str]:
     from fcsnap.store.format.lineage import Parent
+    from fcsnap.store.format.source import GenerationReader
 
     parent = Parent(base_dir)
     options = replace(options, block_size=parent.block_size, source=memfile.name)
@@ -198,6 +201,8 @@ def squash(
     build_dir is (block size, compression, level, frame size); `name` points vms/NAME at it
     if it still points at `name_expected` (BuildOptions.name_expected). `verb` names the
     command in messages."""
+    from fcsnap.store.format.source import GenerationReader
+
     options = replace(
         BuildOptions.of_build(read_manifest(build_dir)), name=name, name_expected=name_expected,
         verb=verb, source=f"squash of {build_dir.name}",
@@ -215,6 +220,8 @@ PARTIAL_SUFFIX = ".partial"
 def check_output(output: Path, force: bool) -> None:
     """Only a regular file (with --force) or nothing is replaced by unpack's output; a symlink
     is replaced as a link (never followed), with --force."""
+    from fcsnap import outputs
+
     try:
         mode = os.lstat(output).st_mode
     except FileNotFoundError:
@@ -273,6 +280,8 @@ def unpack(build_dir: Path, output: Path, force: bool = False, progress: Progres
     """Rebuild the full memory file, sparse where zero, every block checked against its hash;
     returns bytes of data written. The file is written under a temporary name, locked while
     being written, and renamed over `output` only once complete (fcsnap/outputs.py)."""
+    from fcsnap.store.format.source import GenerationReader
+
     check_output(output, force)
     with open_lineage(build_dir), GenerationReader(build_dir) as reader:
         return write_memory(output, force, reader.size, reader.header.mappings, reader.stored,
@@ -287,6 +296,8 @@ def write_memory(
     from `stored(build, storage_offset, length)`; returns bytes of data written. The file is
     written under a temporary name, locked while being written, and renamed over `output`
     only once complete."""
+    from fcsnap import outputs
+
     check_output(output, force)
     remove_stale_partials(output.parent)
     written = 0
@@ -339,6 +350,8 @@ def verify(build_dir: Path, progress: Progress = _noop) -> dict[str, Any]:
 def verify_build_data(build_dir: Path, block_size: int, mapped_end: int, progress: Progress) -> int:
     """One build's files against each other and every stored block against its hash."""
     import numpy as np
+
+    from fcsnap.store.format.source import DiffFile
 
     name = build_dir.name
     if not build_dir.is_dir():
