@@ -35,7 +35,6 @@ from fcsnap.store.format.layout import (
 from fcsnap.store.format.locks import publish_name, stop_point
 from fcsnap.store.format.manifest import Manifest, write_manifest
 from fcsnap.store.format.names import check_vm_name
-from fcsnap.store.format.seekable import BATCH_BYTES, SeekableWriter
 from fcsnap.store.operations.fresh import FreshBuilder
 from fcsnap.threads import block_signals
 from fcsnap.units import PAGE
@@ -47,6 +46,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from fcsnap.store.format.lineage import Parent
+    from fcsnap.store.format.seekable import SeekableWriter
     from fcsnap.store.operations.generation import GenerationBuilder
 
 
@@ -129,14 +129,14 @@ class DiffSink:
         self.what = what
         self.file = out
         self.local = local
-        self.zstd = (
-            SeekableWriter(
+        self.zstd: SeekableWriter | None = None
+        if options.compression == "zstd":  # zstandard is loaded by the builds that compress
+            from fcsnap.store.format.seekable import BATCH_BYTES, SeekableWriter
+
+            self.zstd = SeekableWriter(
                 self.file, options.frame_size, options.level,
                 batch_bytes=BATCH_BYTES if local else STREAM_BATCH_BYTES,
             )
-            if options.compression == "zstd"
-            else None
-        )
         self.stored = 0
         self.written = 0  # bytes handed to `out`
         self.synced = 0  # bytes of the file whose writeback has been started
