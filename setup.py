@@ -1,7 +1,8 @@
-"""Builds the optional compiled fault path; everything else is in pyproject.toml.
+"""Builds the optional compiled modules (the fault path, pack's zero check); everything else
+is in pyproject.toml.
 
-Without a working C compiler the build of that one module is skipped with a warning and the
-install goes on: the fault server then uses its pure-Python path (same results, slower).
+Without a working C compiler their build is skipped with a warning and the install goes on:
+the fault server and pack then use their pure-Python paths (same results, slower).
 """
 
 from setuptools import setup
@@ -20,16 +21,16 @@ class OptionalBuildExt(build_ext):
         try:
             super().run()
         except (PlatformError, CCompilerError, CompileError, ExecError, OSError) as e:
-            self.warn(f"fcsnap: compiled fault path not built ({e}); using pure Python")
+            self.warn(f"fcsnap: compiled modules not built ({e}); using pure Python")
 
     def build_extension(self, ext) -> None:  # type: ignore[no-untyped-def]
         try:
             super().build_extension(ext)
         except (CCompilerError, CompileError, ExecError, OSError) as e:
-            self.warn(f"fcsnap: compiled fault path not built ({e}); using pure Python")
+            self.warn(f"fcsnap: compiled modules not built ({e}); using pure Python")
 
 
 setup(
-    cffi_modules=["csrc/build_fastpath.py:ffibuilder"],
+    cffi_modules=["csrc/build_fastpath.py:ffibuilder", "csrc/build_blockscan.py:ffibuilder"],
     cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from fcsnap.errors import FcsnapError
+from fcsnap.threads import start_signal_free
 
 
 def open_regular(path: Path, what: str) -> int:
@@ -50,6 +52,29 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_paths(paths: list[Path]) -> None:
+    """fsync several files and directories at once, each but the first on a thread of its
+    own: a journaling filesystem makes them durable in one commit, where one after another
+    each waits for a commit of its own. Returns once every one is durable; raises the first
+    error once all are done."""
+    errors: list[OSError] = []
+
+    def one(path: Path) -> None:
+        try:
+            fsync_path(path)
+        except OSError as e:
+            errors.append(e)
+
+    helpers = [start_signal_free(threading.Thread(target=one, args=(p,), name="fcsnap-fsync"))
+               for p in paths[1:]]
+    if paths:
+        one(paths[0])
+    for thread in helpers:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 @contextmanager

@@ -13,6 +13,7 @@ DEFAULT_LEVEL = 3  # zstd's own default level
 DEFAULT_FRAME_SIZE = 256 << 10  # uncompressed bytes per zstd frame: what serving a page decodes
 MAX_FRAME = 1 << 30
 ADAPTIVE = -1  # restore's fault_around: choose the window per region (the default)
+PURE_PYTHON_ENV = "FCSNAP_PURE_PYTHON"  # "1": no compiled module is used (fault path, pack's scan)
 
 
 def parse_compression(text: str | None) -> tuple[str, int]:

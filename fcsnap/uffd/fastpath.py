@@ -30,7 +30,7 @@ import os
 from dataclasses import dataclass
 
 from fcsnap.errors import FcsnapError
-from fcsnap.options import ADAPTIVE
+from fcsnap.options import ADAPTIVE, PURE_PYTHON_ENV
 from fcsnap.uffd import abi, latency, writes
 from fcsnap.uffd.faultaround import ADAPTIVE_MAX, STREAMS
 from fcsnap.uffd.installer import Installer, InstallStats
@@ -46,7 +46,6 @@ assert lib is None or lib.FP_STREAMS == STREAMS, "csrc/fastpath.h and faultaroun
 assert lib is None or lib.FP_LATENCY_BUCKETS == latency.BUCKETS, "fastpath.h and latency.py"
 assert lib is None or (lib.FP_WRITTEN, lib.FP_REMOVED) == (writes.WRITTEN, writes.REMOVED)
 assert lib is None or lib.FP_FLAGS == writes.FAULT_FLAGS, "fastpath.h and writes.py"
-PURE_PYTHON_ENV = "FCSNAP_PURE_PYTHON"
 CAPACITY = 256  # messages read at once
 RECORD_CAPACITY = 1 << 16  # faulted pages recorded between two returns to Python (--record-ws)
 

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import xxhash
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
 from fcsnap.store.format.manifest import sidecar_pin as sidecar_pin  # the pin of a sidecar's bytes
 from fcsnap.units import BLOCK_SIZES
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MAGIC = b"FCSH"
 VERSION = 1
@@ -36,7 +39,10 @@ def dump_hashes(block_size: int, digests: bytes) -> bytes:
 
 
 def parse_hashes(data: bytes, source: str = "memfile.hashes") -> tuple[int, np.ndarray]:
-    """(block size, digests as an (n, 16) uint8 array); FcsnapError on any inconsistency."""
+    """(block size, digests as an (n, 16) uint8 array); FcsnapError on any inconsistency.
+    (numpy is imported here, not by the module: a pack writes sidecars and never reads one.)"""
+    import numpy as np
+
     if len(data) < HEAD.size:
         raise FcsnapError(f"{source}: too short for a hash sidecar ({len(data)} bytes)")
     magic, version, algorithm, block_size, count = HEAD.unpack_from(data)

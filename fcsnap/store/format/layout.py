@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fcsnap.errors import FcsnapError
-from fcsnap.files import fsync_path, writing
+from fcsnap.files import fsync_path, fsync_paths, writing
 from fcsnap.store.format.locks import DirLock, locked_new_dir, stop_point, try_remove_staging
 from fcsnap.store.format.names import VMS as VMS
 from fcsnap.store.format.names import check_vm_name, read_vm_pointer
@@ -137,9 +137,7 @@ def staged_build(store: Path, build_id: uuid.UUID) -> Iterator[DirLock]:
     try:
         yield lock
         with writing(f"the new build to store {store}"):  # a full disk may show only now
-            for child in staging.iterdir():
-                fsync_path(child)
-            fsync_path(staging)
+            fsync_paths([*staging.iterdir(), staging])
             os.rename(staging, final)
             lock.path = final
             fsync_path(store)

@@ -7,14 +7,16 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import Header, load_header
 from fcsnap.store.format.hashes import DIGEST_SIZE, digest, read_hashes
 from fcsnap.store.format.layout import DIFF_ZSTD, HASHES, build_path, diff_path, store_of
 from fcsnap.store.format.seekable import FrameCache, SeekableReader
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class DiffFile:
@@ -174,6 +176,8 @@ class GenerationReader:
             )
         got = b"".join(digest(data[i * bs : (i + 1) * bs]) for i in range(count))
         if got != table[first : first + count].tobytes():
+            import numpy as np
+
             got_rows = np.frombuffer(got, np.uint8).reshape(count, DIGEST_SIZE)
             bad = first + int(np.argmax((got_rows != table[first : first + count]).any(axis=1)))
             raise FcsnapError(

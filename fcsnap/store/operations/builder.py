@@ -15,19 +15,14 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
-from itertools import compress
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-import numpy as np
-
 from fcsnap.errors import FcsnapError
 from fcsnap.files import writing
-from fcsnap.header import WRITE_VERSION, ZEROS, Metadata, encode
 from fcsnap.options import DEFAULT_FRAME_SIZE, DEFAULT_LEVEL
 from fcsnap.store.backends.remote import RemoteStore, build_key
 from fcsnap.store.backends.stores import current_head
-from fcsnap.store.format.hashes import DIGEST_SIZE, digest, dump_hashes
 from fcsnap.store.format.layout import (
     DIFF_RAW,
     DIFF_ZSTD,
@@ -37,18 +32,22 @@ from fcsnap.store.format.layout import (
     SNAPFILE,
     staged_build,
 )
-from fcsnap.store.format.lineage import Parent, Runs
 from fcsnap.store.format.locks import publish_name, stop_point
-from fcsnap.store.format.manifest import Manifest, Stats, write_manifest
+from fcsnap.store.format.manifest import Manifest, write_manifest
 from fcsnap.store.format.names import check_vm_name
-from fcsnap.store.format.seekable import BATCH_BYTES, SeekableWriter
-from fcsnap.store.operations.scan import consecutive_runs
+from fcsnap.store.operations.fresh import FreshBuilder
 from fcsnap.threads import block_signals
 from fcsnap.units import PAGE
 from fcsnap.version import __version__
 
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
+
+    import numpy as np
+
+    from fcsnap.store.format.lineage import Parent
+    from fcsnap.store.format.seekable import SeekableWriter
+    from fcsnap.store.operations.generation import GenerationBuilder
 
 
 class Head(Enum):
@@ -82,11 +81,8 @@ class BuildOptions:
         )
 
 
-# Chunks smaller than this (the data ranges of a sparse Diff file, often one page each) are
-# gathered into batches, so numpy's fixed cost per call is paid per batch, not per range.
-GATHER_BELOW = 256 << 10
-GATHER_BYTES = 4 << 20
 WRITEBACK_BYTES = 4 << 20
+SMALL_WRITE = 256 << 10  # a direct sink gathers writes smaller than this
 IN_FLIGHT = 2  # batches handed to the sink's worker and not yet written
 # Bytes gathered before a batch goes to the worker: the scan reads small chunks, and a worker
 # compressing a batch of frames must have the next batch queued by then, not a few pages.
@@ -133,22 +129,24 @@ class DiffSink:
         self.what = what
         self.file = out
         self.local = local
-        self.zstd = (
-            SeekableWriter(
+        self.zstd: SeekableWriter | None = None
+        if options.compression == "zstd":  # zstandard is loaded by the builds that compress
+            from fcsnap.store.format.seekable import BATCH_BYTES, SeekableWriter
+
+            self.zstd = SeekableWriter(
                 self.file, options.frame_size, options.level,
                 batch_bytes=BATCH_BYTES if local else STREAM_BATCH_BYTES,
             )
-            if options.compression == "zstd"
-            else None
-        )
         self.stored = 0
         self.written = 0  # bytes handed to `out`
         self.synced = 0  # bytes of the file whose writeback has been started
         self.direct = local and self.zstd is None  # written by the caller's thread (write)
         self.worker = None if self.direct else threads(1, "fcsnap-sink")
         self.in_flight: list[Future[None]] = []
-        self.handoff = HANDOFF_BYTES if local else STREAM_BATCH_BYTES
-        self.gathered: list[bytes] = []  # copies not yet handed to the worker
+        self.handoff = (WRITEBACK_BYTES if self.direct else HANDOFF_BYTES) if local else (
+            STREAM_BATCH_BYTES
+        )
+        self.gathered: list[bytes] = []  # copies not yet written or handed to the worker
         self.gathered_bytes = 0
         self.committing: Future[None] | None = None  # an object writer's commit, under way
         self.closed = False
@@ -162,11 +160,14 @@ class DiffSink:
 
     def write(self, pieces: list[memoryview]) -> None:
         """Append `pieces` in order (written or copied: the caller may reuse their memory at
-        once)."""
-        if self.direct:
+        once). A direct sink writes large writes at once and gathers small ones (the blocks
+        of a sparse file's short data ranges), so that each write call carries megabytes."""
+        if self.direct and sum(map(len, pieces)) >= SMALL_WRITE:
+            self._hand_off()
             with writing(self.what):
-                self.stored += write_all(self.file.fileno(), pieces)
-                self.written = self.stored
+                done = write_all(self.file.fileno(), pieces)
+                self.stored += done
+                self.written += done
                 self._writeback()
             return
         data = b"".join(pieces)
@@ -177,12 +178,18 @@ class DiffSink:
             self._hand_off()
 
     def _hand_off(self) -> None:
-        """Queue the gathered bytes for the worker, once at most IN_FLIGHT - 1 batches wait."""
+        """Write the gathered bytes (direct), or queue them for the worker once at most
+        IN_FLIGHT - 1 batches wait."""
         if not self.gathered:
             return
         batch, self.gathered, self.gathered_bytes = self.gathered, [], 0
+        if self.direct:
+            with writing(self.what):
+                self.written += write_all(self.file.fileno(), [memoryview(d) for d in batch])
+                self._writeback()
+            return
         self._wait(IN_FLIGHT - 1)
-        assert self.worker is not None  # only a direct sink has none, and it gathers nothing
+        assert self.worker is not None  # only a direct sink has none
         self.in_flight.append(self.worker.submit(self._write, batch))
 
     def _write(self, batch: list[bytes]) -> None:
@@ -259,175 +266,6 @@ class DiffSink:
             self.file.abort()
 
 
-class GenerationBuilder:
-    """Accumulates one generation's blocks; `finish` writes header, hashes and manifest.
-
-    Only blocks that differ from the parent are recorded (block, owner, slot arrays); at the end
-    their runs are laid over the parent's, so the cost follows the changes and the parent's
-    mapping count, not the size of guest memory.
-    """
-
-    def __init__(
-        self, stage: Path, build_id: uuid.UUID, size: int, parent: Parent | None,
-        options: BuildOptions, sink: DiffSink, store_label: str,
-    ) -> None:
-        self.stage = stage
-        self.store_label = store_label
-        self.build_id = build_id
-        self.size = size
-        self.parent = parent
-        self.bs = options.block_size
-        self.blocks = size // self.bs
-        self.sink = sink
-        self.build_ids = [*parent.build_ids, build_id] if parent else [build_id]
-        self.me = len(self.build_ids) - 1
-        empty = np.zeros(0, np.int64)
-        self.changes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [(empty, empty, empty)]
-        self.spans: list[tuple[int, int]] = []  # (offset, length) of every chunk added
-        self.own: dict[bytes, int] = {}  # digest -> slot in this build's diff
-        self.digests: list[bytes] = []  # of stored blocks, in storage order
-        self.deduplicated = 0
-        # np.empty, not bytearray: only the pages that small chunks use get touched.
-        self.gather = memoryview(np.empty(GATHER_BYTES, np.uint8))
-        self.filled = 0
-        self.gather_from = 0  # spans[gather_from:] are in `gather`
-        self.taken: np.ndarray | None = None  # blocks `add_first` classified, if it was used
-        self.ancestors_read: list[uuid.UUID] = []  # other builds the header reads (by finish)
-
-    def add_first(self, blocks: np.ndarray, data: memoryview) -> None:
-        """Take `blocks` (any order, held in that order by `data`) before the memory-order
-        pass: those this build stores get the next storage slots in this order, so a working
-        set added here first is laid out contiguously in fault order. `add` then passes over
-        them (they still count for the chunks it covers, so holes keep their meaning)."""
-        if self.taken is None:
-            self.taken = np.zeros(self.blocks, bool)
-        self._scan(blocks, data)
-        self.taken[blocks] = True
-
-    def add(self, offset: int, chunk: bytes | memoryview) -> None:
-        """Take whole blocks starting at `offset` (block aligned), in ascending order."""
-        n = len(chunk)
-        if n >= GATHER_BELOW:
-            self._flush()
-            self.spans.append((offset, n))
-            self.gather_from = len(self.spans)
-            first = offset // self.bs
-            self._scan(np.arange(first, first + n // self.bs), memoryview(chunk))
-            return
-        if self.filled + n > GATHER_BYTES:
-            self._flush()
-        self.gather[self.filled : self.filled + n] = chunk
-        self.filled += n
-        self.spans.append((offset, n))
-
-    def _flush(self) -> None:
-        """Scan the gathered chunks (spans[gather_from:]) as one batch."""
-        if self.filled:
-            spans = np.array(self.spans[self.gather_from :], np.int64) // self.bs
-            first, count = spans[:, 0], spans[:, 1]
-            blocks = np.repeat(first - (np.cumsum(count) - count), count) + np.arange(count.sum())
-            self._scan(blocks, self.gather[: self.filled])
-            self.filled = 0
-        self.gather_from = len(self.spans)
-
-    def _scan(self, blocks: np.ndarray, data: memoryview) -> None:
-        """Classify the blocks `blocks`, held in order by `data`: unchanged, zero, found in the
-        lineage or earlier in this build (deduplicated), or new (stored)."""
-        bs = self.bs
-        parent = self.parent
-        words = np.frombuffer(data, np.uint64).reshape(len(blocks), bs // 8)
-        nonzero = words.max(axis=1) != 0  # max: numpy's fastest reduction over a row
-        zero = ~nonzero
-        if self.taken is not None:  # classified already by add_first
-            fresh_blocks = ~self.taken[blocks]
-            nonzero &= fresh_blocks
-            zero &= fresh_blocks
-        if parent is not None:  # zeros change something only where the parent has data
-            zeros = blocks[zero]
-            self._record(zeros[parent.owners(zeros) != ZEROS], ZEROS, 0)
-        pos = np.flatnonzero(nonzero)
-        keys = [digest(data[j * bs : (j + 1) * bs]) for j in pos.tolist()]
-        if parent is not None and keys:
-            new = np.frombuffer(b"".join(keys), np.uint8).reshape(-1, DIGEST_SIZE)
-            changed = (new != parent.digests(blocks[pos])).any(axis=1)
-            owner, slot = parent.index.find(new[changed])
-            found = owner != ZEROS
-            self._record(blocks[pos[changed][found]], owner[found], slot[found])
-            self.deduplicated += int(found.sum())
-            fresh = changed.copy()
-            fresh[changed] = ~found
-            pos = pos[fresh]
-            keys = list(compress(keys, fresh.tolist()))
-        if not keys:
-            return
-        # setdefault hands a digest not seen before the next free slot, a known one its slot.
-        before = len(self.own)
-        slots = np.array([self.own.setdefault(k, len(self.own)) for k in keys], np.int64)
-        self._record(blocks[pos], self.me, slots)
-        # Slots are handed out in increasing order, so a slot's first use is where it exceeds
-        # every slot before it (and `before - 1`, the last slot of earlier batches).
-        first_use = np.flatnonzero(slots > np.maximum.accumulate(np.append(before - 1, slots))[:-1])
-        self.deduplicated += len(keys) - len(first_use)
-        if len(first_use):
-            self.digests.extend(keys[i] for i in first_use.tolist())
-            runs = consecutive_runs(pos[first_use])
-            self.sink.write([data[a * bs : (a + n) * bs] for a, n in runs])
-
-    def _record(self, blocks: np.ndarray, owner: int | np.ndarray, slot: int | np.ndarray) -> None:
-        """Blocks `blocks` now hold block `slot` of build number `owner`."""
-        n = len(blocks)
-        if n:
-            self.changes.append((blocks, np.broadcast_to(owner, n), np.broadcast_to(slot, n)))
-
-    def finish(self, holes_are_zero: bool) -> tuple[Metadata, Stats]:
-        """Blocks never added are zeros (Full snapshot) or unchanged (Diff snapshot)."""
-        self._flush()
-        written = self.sink.close()
-        parent = self.parent
-        layout = parent.runs if parent else Runs.zeros(self.blocks)
-        if holes_are_zero and parent:
-            layout = self._holes().over(layout, self.blocks)
-        blocks, owner, slot = (np.concatenate(c) for c in zip(*self.changes, strict=True))
-        order = np.argsort(blocks)
-        layout = Runs.of_blocks(blocks[order], owner[order], slot[order]).over(layout, self.blocks)
-        meta = Metadata(
-            WRITE_VERSION, self.bs, self.size,
-            parent.metadata.generation + 1 if parent else 0,
-            self.build_id,
-            parent.metadata.base_build_id if parent else self.build_id,
-        )
-        store = self.store_label
-        with writing(f"{HEADER} of the new build in store {store}"):
-            (self.stage / HEADER).write_bytes(
-                encode(meta, layout.records(self.build_ids, self.bs).tobytes())
-            )
-        with writing(f"{HASHES} of the new build in store {store}"):
-            (self.stage / HASHES).write_bytes(dump_hashes(self.bs, b"".join(self.digests)))
-        # np.flatnonzero(np.bincount()), not np.unique: numpy's unique imports numpy.ma.
-        used = np.flatnonzero(np.bincount(layout.owner[layout.owner >= 0])).tolist()
-        self.ancestors_read = [self.build_ids[i] for i in used if i != self.me]
-        stored = len(self.digests)
-        zero_blocks = int(layout.count[layout.owner == ZEROS].sum())
-        stats = Stats(
-            blocks_total=self.blocks,
-            blocks_stored=stored,
-            blocks_zero=zero_blocks,
-            blocks_deduplicated=self.deduplicated,
-            blocks_inherited=self.blocks - stored - self.deduplicated - zero_blocks,
-            bytes_stored=self.sink.stored,
-            bytes_written=written,
-        )
-        return meta, stats
-
-    def _holes(self) -> Runs:
-        """Zero runs over the gaps between the chunks added."""
-        spans = np.array(self.spans, np.int64).reshape(-1, 2) // self.bs
-        start = np.concatenate(([0], spans[:, 0] + spans[:, 1]))
-        count = np.concatenate((spans[:, 0], [self.blocks])) - start
-        start, count = start[count > 0], count[count > 0]
-        return Runs(start, count, np.full(len(start), ZEROS, np.int32), np.zeros_like(start))
-
-
 def threads(count: int, name: str) -> ThreadPoolExecutor:
     """A thread pool whose threads leave signals to the main thread; concurrent.futures (and
     the logging it imports) is loaded only by the builds that hand work to threads, not by a
@@ -448,13 +286,13 @@ def build_generation(
     options: BuildOptions,
     parent: Parent | None = None,
     holes_are_zero: bool = True,
-    first: Iterable[tuple[np.ndarray, memoryview]] = (),
+    first: Iterable[tuple[np.ndarray, memoryview]] | None = None,
     build_id: uuid.UUID | None = None,
 ) -> tuple[Manifest, Path | str]:
     """Run the pipeline and publish the build; returns its manifest and directory (its URL in
     a remote store). `first` (MemoryFile.working_set) is taken before `chunks`: its stored
-    blocks lead the diff. `build_id`: the new build's id (import keeps E2B's); a fresh UUID
-    by default."""
+    blocks lead the diff (MemoryFile.blocks: a written set's blocks, all that is read).
+    `build_id`: the new build's id (import keeps E2B's); a fresh UUID by default."""
     expected = options.name_expected
     if options.name is not None:
         check_vm_name(options.name)
@@ -492,15 +330,22 @@ class Assembly:
     options: BuildOptions
     parent: Parent | None
     holes_are_zero: bool
-    first: Iterable[tuple[np.ndarray, memoryview]]
+    first: Iterable[tuple[np.ndarray, memoryview]] | None
 
     def assemble(self, stage: Path, sink: DiffSink, store: str) -> Manifest:
         options, parent = self.options, self.parent
-        builder = GenerationBuilder(
-            stage, self.build_id, self.size, parent, options, sink, store
-        )
+        builder: FreshBuilder | GenerationBuilder
+        if parent is None and self.first is None:
+            builder = FreshBuilder(stage, self.build_id, self.size, options.block_size, sink,
+                                   store)
+        else:
+            from fcsnap.store.operations.generation import GenerationBuilder
+
+            builder = GenerationBuilder(
+                stage, self.build_id, self.size, parent, options.block_size, sink, store
+            )
         try:
-            for blocks, data in self.first:
+            for blocks, data in self.first or ():
                 builder.add_first(blocks, data)
             for offset, chunk in self.chunks:
                 builder.add(offset, chunk)

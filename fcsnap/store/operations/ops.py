@@ -9,25 +9,28 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from fcsnap import outputs
 from fcsnap.errors import FcsnapError, UsageError
 from fcsnap.files import read_regular
 from fcsnap.header import Mapping, load_header
 from fcsnap.store.backends.stores import Store, local_path
 from fcsnap.store.format.hashes import DIGEST_SIZE, digest, read_hashes
 from fcsnap.store.format.layout import HASHES, build_path, store_of
-from fcsnap.store.format.lineage import Parent
 from fcsnap.store.format.locks import stop_point, try_remove_staging
 from fcsnap.store.format.manifest import Manifest, read_manifest
 from fcsnap.store.format.pins import open_lineage
-from fcsnap.store.format.source import DiffFile, GenerationReader
 from fcsnap.store.operations.builder import BuildOptions, Head, build_generation
 from fcsnap.store.operations.scan import CHUNK, MemoryFile, block_aligned
-from fcsnap.workingset import parse_working_set, read_working_set
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from fcsnap.store.format.lineage import Parent
+    from fcsnap.store.format.source import GenerationReader
+
+# Imported where used, not here: numpy, the lineage, the stored generation's reader and the
+# output machinery, none of which a pack needs (its start-up is a good part of its time).
 
 Progress = Callable[[int], None]
 """Called with the number of bytes just processed."""
@@ -45,6 +48,14 @@ def _tracked(
         progress(len(chunk))
 
 
+def _tracked_batches(
+    batches: Iterator[tuple[np.ndarray, memoryview]], progress: Progress
+) -> Iterator[tuple[np.ndarray, memoryview]]:
+    for blocks, data in batches:
+        yield blocks, data
+        progress(len(data))
+
+
 def pack(
     memfile: Path, store: Store, options: BuildOptions, progress: Progress = _noop
 ) -> tuple[Manifest, Path | str]:
@@ -59,10 +70,12 @@ def pack(
 
 def _working_set(
     source: MemoryFile, options: BuildOptions, fill_holes: Callable[[int, int], bytes] | None = None
-) -> Iterator[tuple[np.ndarray, memoryview]] | tuple[()]:
+) -> Iterator[tuple[np.ndarray, memoryview]] | None:
     """The blocks of --working-set, to be stored first; read (and its size checked) now."""
     if options.working_set is None:
-        return ()
+        return None
+    from fcsnap.workingset import read_working_set
+
     return source.working_set(read_working_set(options.working_set, source.size), fill_holes)
 
 
@@ -114,6 +127,9 @@ def _diff_written(
     memfile: Path, base_dir: Path, store: Store, options: BuildOptions, written: Path,
     progress: Progress,
 ) -> tuple[Manifest, Path | str]:
+    from fcsnap.store.format.lineage import Parent
+    from fcsnap.workingset import parse_working_set
+
     parent = Parent(base_dir)
     options = replace(options, block_size=parent.block_size, source=memfile.name)
     with MemoryFile(memfile, parent.block_size) as source:
@@ -123,8 +139,8 @@ def _diff_written(
         if recorded != parent.size:
             raise FcsnapError(f"{written}: a written set of {recorded} bytes of guest memory, "
                               f"but base build {parent.manifest.build_id} is {parent.size}")
-        return build_generation(store, _tracked(source.blocks(offsets), progress), source.size,
-                                options, parent, holes_are_zero=False)
+        return build_generation(store, (), source.size, options, parent, holes_are_zero=False,
+                                first=_tracked_batches(source.blocks(offsets), progress))
 
 
 def _check_size(memfile: Path, source: MemoryFile, parent: Parent) -> None:
@@ -139,6 +155,9 @@ def _diff(
     memfile: Path, base_dir: Path, store: Store, options: BuildOptions, sparse_diff: bool,
     holes_are_zeros: bool, progress: Progress,
 ) -> tuple[Manifest, Path | str]:
+    from fcsnap.store.format.lineage import Parent
+    from fcsnap.store.format.source import GenerationReader
+
     parent = Parent(base_dir)
     options = replace(options, block_size=parent.block_size, source=memfile.name)
     with MemoryFile(memfile, parent.block_size) as source:
@@ -182,6 +201,8 @@ def squash(
     build_dir is (block size, compression, level, frame size); `name` points vms/NAME at it
     if it still points at `name_expected` (BuildOptions.name_expected). `verb` names the
     command in messages."""
+    from fcsnap.store.format.source import GenerationReader
+
     options = replace(
         BuildOptions.of_build(read_manifest(build_dir)), name=name, name_expected=name_expected,
         verb=verb, source=f"squash of {build_dir.name}",
@@ -199,6 +220,8 @@ PARTIAL_SUFFIX = ".partial"
 def check_output(output: Path, force: bool) -> None:
     """Only a regular file (with --force) or nothing is replaced by unpack's output; a symlink
     is replaced as a link (never followed), with --force."""
+    from fcsnap import outputs
+
     try:
         mode = os.lstat(output).st_mode
     except FileNotFoundError:
@@ -257,6 +280,8 @@ def unpack(build_dir: Path, output: Path, force: bool = False, progress: Progres
     """Rebuild the full memory file, sparse where zero, every block checked against its hash;
     returns bytes of data written. The file is written under a temporary name, locked while
     being written, and renamed over `output` only once complete (fcsnap/outputs.py)."""
+    from fcsnap.store.format.source import GenerationReader
+
     check_output(output, force)
     with open_lineage(build_dir), GenerationReader(build_dir) as reader:
         return write_memory(output, force, reader.size, reader.header.mappings, reader.stored,
@@ -271,6 +296,8 @@ def write_memory(
     from `stored(build, storage_offset, length)`; returns bytes of data written. The file is
     written under a temporary name, locked while being written, and renamed over `output`
     only once complete."""
+    from fcsnap import outputs
+
     check_output(output, force)
     remove_stale_partials(output.parent)
     written = 0
@@ -322,6 +349,10 @@ def verify(build_dir: Path, progress: Progress = _noop) -> dict[str, Any]:
 
 def verify_build_data(build_dir: Path, block_size: int, mapped_end: int, progress: Progress) -> int:
     """One build's files against each other and every stored block against its hash."""
+    import numpy as np
+
+    from fcsnap.store.format.source import DiffFile
+
     name = build_dir.name
     if not build_dir.is_dir():
         raise FcsnapError(f"build {name} is missing from the store")

@@ -11,13 +11,15 @@ import errno
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import open_regular
 from fcsnap.header import PAGE
 from fcsnap.units import format_block_size
+
+if TYPE_CHECKING:
+    import numpy as np
 
 CHUNK = 32 << 20
 # Bytes a pack or diff reads at a time: small enough that the scan that follows each read (zero
@@ -66,6 +68,8 @@ def block_aligned(
 def consecutive_runs(values: np.ndarray) -> list[tuple[int, int]]:
     """(first, count) of each run of consecutive integers in `values`, in their order (which
     need not be ascending: a run is a value followed by its successor)."""
+    import numpy as np  # here and below, not by the module: a pack does not load numpy
+
     if not len(values):
         return []
     cut = np.flatnonzero(np.diff(values) != 1) + 1
@@ -102,6 +106,8 @@ class MemoryFile:
     def hole_blocks(self) -> tuple[np.ndarray, np.ndarray]:
         """(first block, count) of each run of blocks holding any hole byte: what a Full
         snapshot has as zeros and a Diff snapshot as unchanged."""
+        import numpy as np
+
         bs = self.block_size
         covered = np.array(self.ranges, np.int64).reshape(-1, 2)
         lo, hi = -(-covered[:, 0] // bs), covered[:, 1] // bs  # blocks wholly in data
@@ -127,7 +133,7 @@ class MemoryFile:
         chunk_bytes = max(bs, chunk_bytes - chunk_bytes % bs)
         # No bigger than the largest range: a sparse Diff file's ranges are often one page.
         chunk_bytes = min(chunk_bytes, max((hi - lo for lo, hi, _ in aligned), default=0))
-        view = memoryview(np.empty(chunk_bytes, np.uint8))  # every byte is read into first
+        view = memoryview(bytearray(chunk_bytes))
         asked = 0  # data before this offset has been asked for (see _read)
         for lo, hi, covered in aligned:
             partial = covered < hi - lo
@@ -150,6 +156,8 @@ class MemoryFile:
         does. Each batch's reads are announced (WILLNEED) first, so a cold file serves these
         scattered blocks in parallel. The yielded memoryview is reused, as in `chunks`.
         """
+        import numpy as np
+
         if not self.ranges:
             return
         bs = self.block_size
@@ -181,34 +189,53 @@ class MemoryFile:
                     self._fill(view[j * bs : (j + 1) * bs], int(batch[j]) * bs, fill_holes)
             yield batch, view[: len(batch) * bs]
 
-    def blocks(self, offsets: np.ndarray) -> Iterator[tuple[int, memoryview]]:
-        """(offset, bytes) of the blocks holding the pages at `offsets` (a written set), in
-        ascending order, runs of neighbours in one read of at most CHUNK bytes: a diff of
-        them reads what the guest wrote, not the whole file. A Full memory file's holes read
-        as the zeros they stand for. Each batch's reads are announced (WILLNEED) first, so a
-        cold file serves the scattered blocks in parallel. The memoryview is reused."""
+    def blocks(self, offsets: np.ndarray) -> Iterator[tuple[np.ndarray, memoryview]]:
+        """The blocks holding the pages at `offsets` (a written set), ascending, in batches of
+        (block numbers, their bytes) of at most CHUNK bytes, runs of neighbours in one read: a
+        diff of them reads what the guest wrote, not the whole file. A Full memory file's
+        holes read as the zeros they stand for. Reads are tried on the page cache alone
+        first; at the first it cannot serve, the rest of the batch is announced (WILLNEED),
+        so a cold file serves the scattered blocks in parallel. The memoryview is reused."""
+        import numpy as np
+
         bs = self.block_size
         blocks = np.sort(np.asarray(offsets, np.int64) // bs)
-        blocks = blocks[np.append(True, blocks[1:] != blocks[:-1])]  # distinct, no np.unique
-        pieces = [(start + lo, min(CHUNK // bs, count - lo))
-                  for start, count in consecutive_runs(blocks)
-                  for lo in range(0, count, max(1, CHUNK // bs))]
-        if not pieces:
+        if not len(blocks):
             return
-        view = memoryview(bytearray(max(n for _, n in pieces) * bs))
-        ahead = 0  # pieces announced
-        for k, (start, count) in enumerate(pieces):
-            if k == ahead:
-                budget = PREFETCH_BYTES
-                while ahead < len(pieces) and budget > 0:
-                    s, n = pieces[ahead]
-                    os.posix_fadvise(self.fd, s * bs, n * bs, os.POSIX_FADV_WILLNEED)
-                    budget -= n * bs
-                    ahead += 1
-            part = view[: count * bs]
-            if os.preadv(self.fd, [part], start * bs) != len(part):
-                raise FcsnapError(f"{self.path}: short read at {start * bs:#x} (file changed?)")
-            yield start * bs, part
+        blocks = blocks[np.append(True, blocks[1:] != blocks[:-1])]  # distinct, no np.unique
+        per_batch = max(1, CHUNK // bs)
+        view = memoryview(bytearray(min(len(blocks), per_batch) * bs))
+        for lo in range(0, len(blocks), per_batch):
+            batch = blocks[lo : lo + per_batch]
+            runs = consecutive_runs(batch)
+            pos = 0
+            announced = False
+            for k, (start, count) in enumerate(runs):
+                part = view[pos * bs : (pos + count) * bs]
+                got = self._cached(part, start * bs)
+                if got < len(part):
+                    if not announced:
+                        for s, n in runs[k:]:
+                            os.posix_fadvise(self.fd, s * bs, n * bs, os.POSIX_FADV_WILLNEED)
+                        announced = True
+                    got += os.preadv(self.fd, [part[got:]], start * bs + got)
+                if got != len(part):
+                    raise FcsnapError(f"{self.path}: short read at {start * bs:#x} (file changed?)")
+                pos += count
+            yield batch, view[: len(batch) * bs]
+
+    def _cached(self, part: memoryview, start: int) -> int:
+        """Bytes of `part` read from `start` without waiting for the disk: what the page
+        cache holds (all of it where the filesystem cannot tell: plain reads from then on)."""
+        try:
+            return os.preadv(self.fd, [part], start, self.nowait)
+        except BlockingIOError:
+            return 0
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            self.nowait = 0
+            return 0
 
     def _read(
         self, part: memoryview, start: int, aligned: list[tuple[int, int, int]], asked: int
@@ -220,14 +247,7 @@ class MemoryFile:
         the scattered pages of a Diff snapshot come in parallel rather than one disk round trip
         each; at most PREFETCH_BYTES are asked for ahead of the reads.
         """
-        try:
-            got = os.preadv(self.fd, [part], start, self.nowait)
-        except BlockingIOError:
-            got = 0
-        except OSError as e:
-            if e.errno != errno.EOPNOTSUPP:
-                raise
-            self.nowait = got = 0  # the filesystem cannot tell: plain reads from now on
+        got = self._cached(part, start)
         if got < len(part):
             pos = start + got
             if asked < pos + PREFETCH_BYTES // 2:
