@@ -385,8 +385,11 @@ int fp_fault(struct fp_ctx *c, uint64_t token)
     if (r == NULL || r->page_size != PAGE)
         return FP_DEFER;
     uint64_t page = (address - r->base) / PAGE;
-    if ((flags & FP_FLAG_WP) && r->wp)
+    if ((flags & FP_FLAG_WP) && r->wp) {
+        if (r->pending != NULL && r->pending[page])
+            return FP_DEFER;  /* its pre-image is kept (in Python) before it is unprotected */
         return unprotect(c, r, page);
+    }
     int writable = (flags & FP_FLAG_WRITE) && r->wp;  /* its own page goes in writable */
     if (r->removed[page])
         return FP_DEFER;

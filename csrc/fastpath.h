@@ -28,6 +28,9 @@ struct fp_region {
     int64_t wp;           /* registered for write-protect: installs the guest did not write
                              go in with UFFDIO_COPY_MODE_WP */
     uint8_t *written;     /* FP_WRITTEN per page the guest wrote; NULL: writes not recorded */
+    uint8_t *pending;     /* 1 per page a background checkpoint has yet to copy: its WP
+                             fault goes to Python, which keeps the page's pre-image first
+                             (preimage.py); NULL: no such checkpoint possible */
 };
 
 struct fp_diff {

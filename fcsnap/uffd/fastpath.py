@@ -98,6 +98,7 @@ class FastPath:
             c_region.wanted = pointer("uint8_t[]", state.wanted)
             c_region.streams = pointer("int64_t[]", state.streams)
             c_region.wp = state.wp
+            c_region.pending = pointer("uint8_t[]", state.pending)
             if installer.tracking.recorded:
                 c_region.written = pointer("uint8_t[]", state.written)
         starts, storage, owner = pages.mapping_arrays()
