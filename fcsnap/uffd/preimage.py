@@ -32,6 +32,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from fcsnap.errors import FcsnapError
+from fcsnap.uffd import abi
 from fcsnap.uffd.guestread import GuestMemory
 from fcsnap.uffd.regions import Region
 from fcsnap.units import PAGE
@@ -48,6 +49,7 @@ class Preimages:
         self._shadow = mmap.mmap(-1, max(size, PAGE),
                                  flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
         self._view = memoryview(self._shadow)
+        self._address = abi.buffer_address(self._shadow)
         self.kept = 0  # pages (4 KiB) whose pre-image was kept
         self.failure: str | None = None  # why the copy can no longer be right
         self._lock = threading.Lock()
@@ -55,14 +57,14 @@ class Preimages:
     def keep(self, region: Region, page: int) -> None:
         """Keep the content of `region`'s page `page` (still write-protected: it is as at the
         pause). A read the kernel refuses fails the checkpoint, never the VM."""
-        offset = region.offset + page * region.page_size
-        pages = np.arange(offset, offset + region.page_size, PAGE, dtype=np.int64)
+        size = region.page_size
         try:
-            self.memory.read_pages(pages, self._view, 0)
+            self.memory.read_span(region.base + page * size, size,
+                                  self._address + region.offset + page * size)
         except FcsnapError as e:
             self.fail(str(e))
             return
-        self.kept += len(pages)
+        self.kept += size // PAGE
 
     def fail(self, why: str) -> None:
         """Note that the copy cannot be right (the first reason is kept)."""
