@@ -23,7 +23,7 @@ with KVM dirty logging (enable_diff_snapshots).
 
     python3 bench/checkpoint.py [--mib 256] [--repeat 3] [--write 512] [--no-rounds]
 
-Results: bench/results/checkpoint-<mib>M.{md,json}.
+Results: bench/results/checkpoint-<mib>M.{md,json} (with --no-rounds: -pauses.{md,json}).
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def main() -> int:
     result = {"mib": a.mib, "repeat": a.repeat, "write_pages_per_round": a.write,
               "machine": machine(), "runs": runs, "round_s": rounds}
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"checkpoint-{a.mib}M"
+    stem = RESULTS / f"checkpoint-{a.mib}M{'-pauses' if a.no_rounds else ''}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
