@@ -169,6 +169,8 @@ def test_background_checkpoint_holds_memory_at_the_pause(tmp_path: Path) -> None
         assert started["state"] == "copying" and started["written_pages"] == len(
             pages(BG_FIRST))
         gate.touch()
+        status, error = daemon.call("POST", f"/restores/{restore}/checkpoint", {"name": "x"})
+        assert status == 409 and "being checkpointed already" in error["error"]
         wait_report(vm, report, "second_write_done")
         status, document = daemon.call("GET", f"/restores/{restore}")
         assert document["last_checkpoint"]["state"] == "copying"  # written during the copy
@@ -217,6 +219,12 @@ def test_a_failed_background_copy_publishes_nothing_and_the_vm_goes_on(tmp_path:
         gate.touch()
         wait_report(vm, report, "second_write_done")  # its writes over the pages taken
         url = f"/restores/{restore}/written"
+        assert written(daemon.api, url) == pages(BG_FIRST + BG_SECOND)
+        out = fcsnap("checkpoint", restore, "--daemon", daemon.api, "--name", "vm-bg",
+                     "--background")
+        assert out.returncode == 1 and out.stderr.startswith(
+            "fcsnap: error: the checkpoint 'vm-bg' failed: the kernel refused to read the "
+            "VM's memory") and len(out.stderr.splitlines()) == 1, out.stderr
         assert written(daemon.api, url) == pages(BG_FIRST + BG_SECOND)
         hold.touch()
         assert vm.wait(WAIT) == 0

@@ -57,7 +57,7 @@ def test_checkpoint_of_a_running_vm_restores_and_goes_on(tmp_path: Path) -> None
 
 def test_daemon_pauses_and_resumes_through_firecracker_api(tmp_path: Path) -> None:
     """A restore given firecracker_api: the checkpoint pauses the VM itself (PATCH /vm) and
-    resumes it after; the guest goes on."""
+    resumes it after (in the background: before the copy); the guest goes on."""
     template = take_snapshot(tmp_path / "template", CONFIG, mem_mib=64)
     store = tmp_path / "store"
     done = fcsnap("pack", template.mem, "--vmstate", template.vmstate, "--store", store,
@@ -71,6 +71,12 @@ def test_daemon_pauses_and_resumes_through_firecracker_api(tmp_path: Path) -> No
         assert answer["written_pages"] > 0 and answer["paused_seconds"] > 0
         seen = len(vm.rounds())
         vm.wait_rounds(seen + 2)  # resumed: it goes on
+        answer = checkpoint_via_daemon(daemon.api, restore, "vm-bg", True)
+        assert answer["state"] == "copying" and answer["paused_seconds"] > 0
+        seen = len(vm.rounds())
+        assert wait_checkpoint(daemon.api, restore)["state"] == "done"
+        after = vm.wait_rounds(seen + 2)[seen:]  # resumed before the copy: it goes on
+        assert all(r.ok for r in after), [r.line for r in after if not r.ok]
 
 
 BUSY = GuestConfig(fill=2048, ws=1024, sweep=512, write=256, seed=12)
