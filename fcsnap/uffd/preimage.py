@@ -5,7 +5,8 @@ pages again, marks the ones present `pending` (RegionState.pending) and lets the
 once; the pages are then copied from the running guest (guestread.py), off the serving thread.
 A write to a pending page meets its protection and waits on a write-protect fault; the server
 keeps the page's content (its pre-image: nobody has written it since the pause) in a private
-anonymous mapping before lifting the protection (Installer._keep_preimage). No memfd, no
+anonymous mapping before lifting the protection (the compiled loop's keep_preimage in
+csrc/fastpath.c; Installer._keep_preimage in Python, e.g. for huge pages). No memfd, no
 second copy of memory: the mapping is reserved at the size of guest memory and only the pages
 kept in it take memory.
 
@@ -38,6 +39,7 @@ from fcsnap.uffd.regions import Region
 from fcsnap.units import PAGE
 
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's value, as Python 3.11 lacks it
+KEPT, KEEP_ERRNO = 0, 1  # Preimages.counts (csrc/fastpath.h FP_KEPT, FP_KEEP_ERRNO)
 
 
 class Preimages:
@@ -49,8 +51,10 @@ class Preimages:
         self._shadow = mmap.mmap(-1, max(size, PAGE),
                                  flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
         self._view = memoryview(self._shadow)
-        self._address = abi.buffer_address(self._shadow)
-        self.kept = 0  # pages (4 KiB) whose pre-image was kept
+        self.address = abi.buffer_address(self._shadow)
+        # [pages kept, the first errno of a read refused], counted in place by the compiled
+        # loop (csrc/fastpath.c keep_preimage) and by `keep`
+        self.counts = np.zeros(2, np.int64)
         self.failure: str | None = None  # why the copy can no longer be right
         self._lock = threading.Lock()
 
@@ -60,11 +64,16 @@ class Preimages:
         size = region.page_size
         try:
             self.memory.read_span(region.base + page * size, size,
-                                  self._address + region.offset + page * size)
+                                  self.address + region.offset + page * size)
         except FcsnapError as e:
             self.fail(str(e))
             return
-        self.kept += size // PAGE
+        self.counts[KEPT] += size // PAGE
+
+    @property
+    def kept(self) -> int:
+        """4 KiB pages whose pre-image was kept."""
+        return int(self.counts[KEPT])
 
     def fail(self, why: str) -> None:
         """Note that the copy cannot be right (the first reason is kept)."""
@@ -73,6 +82,8 @@ class Preimages:
 
     def check(self) -> None:
         """FcsnapError (one line) if the copy can no longer be right."""
+        if err := int(self.counts[KEEP_ERRNO]):  # a pre-image the compiled loop could not read
+            self.fail(self.memory.refusal(err))
         if self.failure is not None:
             raise FcsnapError(f"the checkpoint's background copy failed: {self.failure}")
 

@@ -345,6 +345,8 @@ class Session:
         parts = [writes.mark_pending(state) for state in installer.states.values()]
         live = np.sort(np.concatenate([np.zeros(0, np.int64), *parts]))
         installer.preimages = preimages
+        if self._fast is not None and self.peer is not None:
+            self._fast.keep_preimages(preimages, self.peer.pid)
         try:
             return (*self.take_written(True), live)
         except BaseException:
@@ -358,6 +360,8 @@ class Session:
             for state in installer.states.values():
                 state.pending[:] = 0
             installer.preimages = None
+            if self._fast is not None:
+                self._fast.keep_preimages(None)
 
     def give_back_written(self, offsets: np.ndarray) -> None:
         """Note `offsets` (taken by take_written) as written again, on the reactor's thread:
