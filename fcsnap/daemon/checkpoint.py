@@ -41,6 +41,7 @@ from fcsnap.units import PAGE
 
 if TYPE_CHECKING:
     from fcsnap.daemon.restores import Restore
+    from fcsnap.uffd.session import Session
 
 CALL_WAIT = 10.0  # seconds the reactor has to take the written set
 API_TIMEOUT = 10.0  # seconds Firecracker has to answer a pause or a resume
@@ -113,7 +114,7 @@ def _checkpoint(restore: Restore, store: Path, request: CheckpointRequest) -> di
             memory = GuestMemory(session.peer.pid, pidfd, session.peer.regions)
             manifest, build_dir = _build(restore, store, request, offsets, memory)
         except BaseException:
-            _give_back(restore, offsets)
+            _give_back(session, offsets)
             raise
         finally:
             os.close(pidfd)
@@ -166,10 +167,18 @@ def _background(restore: Restore, store: Path, request: CheckpointRequest) -> di
             status = {"name": request.name, "state": "copying", "written_pages": count,
                       "pages_read": len(live)}
             restore.last_checkpoint = status
+            assert session.installer is not None
             pending = [(st.region, st.pending) for st in session.installer.states.values()]
             paused = PausedMemory(preimages, pending, live, request.copy_rate)
-            threading.Thread(target=_copy, name=f"checkpoint-{restore.id}", daemon=True,
-                             args=(restore, store, request, offsets, paused, status)).start()
+            copy = threading.Thread(target=_copy, name=f"checkpoint-{restore.id}", daemon=True,
+                                    args=(restore, session, store, request, offsets, paused,
+                                          status))
+            try:
+                copy.start()
+            except BaseException as e:  # no thread: the copy ends before it began
+                _end_copy(restore, session, offsets, paused, status,
+                          {"state": "failed", "error": str(e)}, started)
+                raise
             copying = True
         finally:
             if api is not None:
@@ -196,39 +205,45 @@ def _take_for_copy(restore: Restore, preimages: Preimages) -> tuple[Any, int, An
         raise RequestError(f"restore {restore.id}: {e}", 409) from None
 
 
-def _copy(restore: Restore, store: Path, request: CheckpointRequest, offsets: Any,
-          memory: PausedMemory, status: dict[str, Any]) -> None:
-    """The background copy: build the generation from the pages as they were at the pause;
-    then nothing is pending any more, and its outcome goes into `restore.last_checkpoint`."""
-    session = restore.session
-    assert session is not None
+def _copy(restore: Restore, session: Session, store: Path, request: CheckpointRequest,
+          offsets: Any, memory: PausedMemory, status: dict[str, Any]) -> None:
+    """The background copy: build the generation from the pages as they were at the pause,
+    then `_end_copy`."""
     started = time.monotonic()
-    outcome: dict[str, Any]
+    outcome: dict[str, Any] = {"state": "failed", "error": "internal error"}
     try:
         manifest, build_dir = _build(restore, store, request, offsets, memory)
         restore.checkpoint_base = Path(build_dir)
         outcome = {"state": "done", "build_id": str(manifest.build_id),
                    "bytes_stored": manifest.stats.bytes_stored}
     except Exception as e:  # whatever it was, the pages go back and the VM runs on
-        _give_back(restore, offsets)
         if not isinstance(e, FcsnapError):
             traceback.print_exc()
         outcome = {"state": "failed", "error": redact(str(e))}
     finally:
+        _end_copy(restore, session, offsets, memory, status, outcome, started)
+
+
+def _end_copy(restore: Restore, session: Session, offsets: Any, memory: PausedMemory,
+              status: dict[str, Any], outcome: dict[str, Any], started: float) -> None:
+    """Whatever became of the copy: a failed one gives its pages back; nothing is pending
+    any more; its outcome goes into `restore.last_checkpoint`; the next checkpoint may
+    start."""
+    try:
+        if outcome["state"] != "done":
+            _give_back(session, offsets)
         with contextlib.suppress(FcsnapError):  # ended meanwhile: nothing is pending
             session.call(session.end_copy, CALL_WAIT)
         os.close(memory.preimages.memory.pidfd)
-    restore.last_checkpoint = {**status, **outcome, "preimages": memory.preimages.kept,
-                               "copy_seconds": round(time.monotonic() - started, 6)}
-    restore.checkpointing.release()
+        restore.last_checkpoint = {**status, **outcome, "preimages": memory.preimages.kept,
+                                   "copy_seconds": round(time.monotonic() - started, 6)}
+    finally:
+        restore.checkpointing.release()
 
 
-def _give_back(restore: Restore, offsets: Any) -> None:
+def _give_back(session: Session, offsets: Any) -> None:
     """A checkpoint that failed after its take: the pages go back into the written set."""
-    session = restore.session
-    if session is None:  # ended meanwhile: nothing to give back to
-        return
-    with contextlib.suppress(FcsnapError):  # ending: nothing to give back to
+    with contextlib.suppress(FcsnapError):  # ended meanwhile: nothing to give back to
         session.call(lambda: session.give_back_written(offsets), CALL_WAIT)
 
 

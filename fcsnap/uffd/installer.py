@@ -292,8 +292,8 @@ class Installer:
 
     def _keep_preimage(self, state: RegionState, page: int) -> None:
         """A write is about to reach a page the background checkpoint has yet to copy: keep
-        its content first (the writer waits on this fault), then say so (pending cleared
-        after the copy, the copier's order: preimage.py)."""
+        its content (the writer waits on this fault), then clear pending, in that order
+        (preimage.py says why)."""
         if self.preimages is not None:
             self.preimages.keep(state.region, page)
         state.pending[page] = 0

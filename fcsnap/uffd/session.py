@@ -315,10 +315,7 @@ class Session:
         only its own writes. On the reactor's thread (`call`): the compiled loop, which
         notes writes, runs there too, so nothing is noted between the take and the
         re-protect. FcsnapError where writes are not tracked."""
-        installer = self.installer
-        if installer is None or not installer.tracking.recorded:
-            raise FcsnapError("this restore does not track writes (no VM yet, or its memory "
-                              "is not registered for write-protect: restore --track-writes)")
+        installer = self._tracking()
         written, count = self.written_set(), self.written_count()
         if new_interval and self.peer is not None:
             def read_events() -> int:  # REMOVEs applied; the faults served below
@@ -337,11 +334,9 @@ class Session:
         present in the written set marked pending, `preimages` attached to keep what the
         guest writes over before the copy has them, then `take_written(True)`. Returns its
         answer and the pending pages' offsets. FcsnapError while another copy runs."""
-        installer = self.installer
-        if installer is not None and installer.preimages is not None:
+        installer = self._tracking()
+        if installer.preimages is not None:
             raise FcsnapError("a checkpoint's background copy is under way")
-        if installer is None or not installer.tracking.recorded:
-            return (*self.take_written(True), np.zeros(0, np.int64))  # its refusal
         parts = [writes.mark_pending(state) for state in installer.states.values()]
         live = np.sort(np.concatenate([np.zeros(0, np.int64), *parts]))
         installer.preimages = preimages
@@ -362,6 +357,14 @@ class Session:
             installer.preimages = None
             if self._fast is not None:
                 self._fast.keep_preimages(None)
+
+    def _tracking(self) -> Installer:
+        """The installer, where it tracks writes; FcsnapError (one line) if not."""
+        installer = self.installer
+        if installer is None or not installer.tracking.recorded:
+            raise FcsnapError("this restore does not track writes (no VM yet, or its memory "
+                              "is not registered for write-protect: restore --track-writes)")
+        return installer
 
     def give_back_written(self, offsets: np.ndarray) -> None:
         """Note `offsets` (taken by take_written) as written again, on the reactor's thread:
