@@ -140,7 +140,7 @@ def test_a_refused_read_is_one_line_and_loses_no_write(tmp_path: Path) -> None:
         daemon.close()
 
 
-# The background copy reads the run at 0 at once and the one at 6 MiB 2 s later (COPY_RATE):
+# The background copy reads the run at 0 after 2 s and the one at 6 MiB after 3 s (COPY_RATE):
 # meanwhile the guest writes over the second run (and over pages the copy does not hold).
 BG_FIRST = [(0, 8 * PAGE), (6 * MiB, 4 * PAGE)]
 BG_SECOND = [(6 * MiB, 4 * PAGE), (1 * MiB, 2 * PAGE)]
@@ -197,8 +197,9 @@ def test_background_checkpoint_holds_memory_at_the_pause(tmp_path: Path) -> None
                     reason="setpriv (util-linux) drops the daemon's CAP_SYS_PTRACE")
 def test_a_failed_background_copy_publishes_nothing_and_the_vm_goes_on(tmp_path: Path
                                                                       ) -> None:
-    """The copy the kernel refuses (after the VM resumed): the checkpoint fails with one
-    line, nothing is published, the VM writes on unfrozen, and no write is lost."""
+    """The copy the kernel refuses (after the VM resumed), pre-images too: the checkpoint
+    fails with one line, nothing is published, the VM writes over pending pages unfrozen,
+    and no write is lost."""
     store = one_build_store(tmp_path, SIZE, seed=9)
     daemon = Daemon(store, tmp_path, prefix=NO_PTRACE)
     try:
@@ -212,12 +213,14 @@ def test_a_failed_background_copy_publishes_nothing_and_the_vm_goes_on(tmp_path:
                                second_write=BG_SECOND, gate=gate, last_gate=hold,
                                not_dumpable=True, deadline=WAIT)
         wait_report(vm, report, "first_write_done")
-        checkpoint_via_daemon(daemon.api, restore, "vm-bg", True)
+        checkpoint_via_daemon(daemon.api, restore, "vm-bg", True, COPY_RATE)
+        gate.touch()
+        wait_report(vm, report, "second_write_done")  # over pages whose pre-image is refused
+        status, document = daemon.call("GET", f"/restores/{restore}")
+        assert document["last_checkpoint"]["state"] == "copying"
         with pytest.raises(FcsnapError, match="the kernel refused to read the VM's memory"):
             wait_checkpoint(daemon.api, restore, WAIT)
         assert not (store / "vms" / "vm-bg").exists()
-        gate.touch()
-        wait_report(vm, report, "second_write_done")  # its writes over the pages taken
         url = f"/restores/{restore}/written"
         assert written(daemon.api, url) == pages(BG_FIRST + BG_SECOND)
         out = fcsnap("checkpoint", restore, "--daemon", daemon.api, "--name", "vm-bg",

@@ -138,8 +138,8 @@ class PausedMemory:
 
     def _pace(self, length: int) -> None:
         """Wait until reading `length` more bytes keeps within the rate."""
+        self._read += length
         if self.rate > 0:
             due = self._started + self._read / self.rate
             if (wait := due - time.monotonic()) > 0:
                 time.sleep(wait)
-        self._read += length
