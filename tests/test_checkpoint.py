@@ -18,10 +18,12 @@ from fcsnap.errors import FcsnapError
 from fcsnap.store.format.layout import build_path
 from fcsnap.store.format.manifest import read_manifest
 from fcsnap.testing import firecracker
+from fcsnap.uffd.fastpath import PURE_PYTHON_ENV
 from fcsnap.units import PAGE
 
 # The daemon without CAP_SYS_PTRACE (dropped from its bounding set: root keeps the rest).
 NO_PTRACE = ("setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace")
+PYTHON_PATH = ("env", f"{PURE_PYTHON_ENV}=1")  # the daemon serves every fault in Python
 MiB = 1 << 20
 SIZE = 8 * MiB
 # Two regions of 4 MiB: the first interval writes across their border too.
@@ -147,13 +149,15 @@ BG_SECOND = [(6 * MiB, 4 * PAGE), (1 * MiB, 2 * PAGE)]
 COPY_RATE = 16 << 10
 
 
-def test_background_checkpoint_holds_memory_at_the_pause(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", ["compiled", "python"])
+def test_background_checkpoint_holds_memory_at_the_pause(tmp_path: Path, path: str) -> None:
     """The VM resumes before its pages are copied and writes over some of them: the
-    checkpoint still unpacks to memory at the pause (their pre-images kept), the pages written
-    during the copy are the next interval's, and the next checkpoint holds them."""
+    checkpoint still unpacks to memory at the pause (their pre-images kept, by the compiled
+    loop or in Python), the pages written during the copy are the next interval's, and the
+    next checkpoint holds them."""
     store = one_build_store(tmp_path, SIZE, seed=8)
     memory = bytearray((tmp_path / "vm.mem").read_bytes())
-    daemon = Daemon(store, tmp_path)
+    daemon = Daemon(store, tmp_path, prefix=PYTHON_PATH if path == "python" else ())
     try:
         status, answer = daemon.call("POST", "/restores", {
             "vm": "vm", "socket": str(tmp_path / "vm.sock"), "track_writes": True})
