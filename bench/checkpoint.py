@@ -13,14 +13,17 @@ answer to `Resumed`:
                          Paused, a Diff snapshot into a throwaway file (for the vmstate: only
                          the pages KVM logged dirty are written), `POST /restores/ID/checkpoint`
                          (the written pages read from the VM and stored), Resumed
+    background           the same with `"background": true`: the checkpoint answers once the
+                         written set is taken and protected again; Resumed; the copy's own
+                         time (`copy_seconds`) and the pre-images it kept, after the pause
 
 and the guest's own cost of each way of tracking writes: the median time between its progress
 lines (steady rounds, after the first) restored plainly, with write-protect (track_writes) and
 with KVM dirty logging (enable_diff_snapshots).
 
-    python3 bench/checkpoint.py [--mib 256] [--repeat 3] [--write 512]
+    python3 bench/checkpoint.py [--mib 256] [--repeat 3] [--write 512] [--no-rounds]
 
-Results: bench/results/checkpoint-<mib>M.{md,json}.
+Results: bench/results/checkpoint-<mib>M.{md,json} (with --no-rounds: -pauses.{md,json}).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from machine import machine  # noqa: E402
 
-from fcsnap.daemon.client import checkpoint_via_daemon  # noqa: E402
+from fcsnap.daemon.client import checkpoint_via_daemon, wait_checkpoint  # noqa: E402
 from fcsnap.testing.fcguest import GuestConfig  # noqa: E402
 from fcsnap.testing.realvmm import Daemon, Firecracker, Snapshot, take_snapshot  # noqa: E402
 from fcsnap.units import PAGE  # noqa: E402
@@ -66,7 +69,7 @@ def timed(fn: Any) -> float:
 def one_run(template: Snapshot, store: Path, run: Path, mode: str) -> dict[str, float]:
     """Restore, two rounds, then the pause of `mode`; its parts in seconds."""
     run.mkdir(parents=True)
-    tracking = mode == "checkpoint"
+    tracking = mode != "full snapshot"
     with Daemon(store, run) as daemon, Firecracker(run, mode.replace(" ", "-")) as vm:
         restore = daemon.restore("vm", run / "uffd.sock",
                                  *(["--track-writes"] if tracking else []))
@@ -81,11 +84,15 @@ def one_run(template: Snapshot, store: Path, run: Path, mode: str) -> dict[str, 
                                                       TIMEOUT))
         if tracking:
             answer: dict[str, Any] = {}
+            background = mode == "background"
             parts["checkpoint"] = timed(lambda: answer.update(
-                checkpoint_via_daemon(daemon.api, restore, "vm-next")))
+                checkpoint_via_daemon(daemon.api, restore, "vm-next", background)))
             parts["pages"] = answer["written_pages"]
         parts["resume"] = timed(vm.resume)
         parts["guest_paused"] = time.monotonic() - started
+        if mode == "background":
+            done = wait_checkpoint(daemon.api, restore, TIMEOUT)
+            parts["copy"], parts["preimages"] = done["copy_seconds"], done["preimages"]
         if not tracking:  # the generation, after the guest is running again
             parts["diff_after"] = timed(lambda: fcsnap(
                 "diff", run / "s.mem", "--base", "vm", "--store", store, "--name", "vm-next"))
@@ -112,6 +119,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--write", type=int, default=512, help="pages the guest rewrites a round")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
+    p.add_argument("--no-rounds", action="store_true",
+                   help="time the pauses only, not the guest's cost of each tracking")
     a = p.parse_args()
     pages = (a.mib << 20) // PAGE
     config = GuestConfig(fill=pages // 5, ws=pages // 10, sweep=0, write=a.write, seed=3)
@@ -121,8 +130,10 @@ def main() -> int:
         store = work / "store"
         fcsnap("pack", template.mem, "--vmstate", template.vmstate, "--store", store,
                "--name", "vm")
-        runs: dict[str, list[dict[str, float]]] = {"full snapshot": [], "checkpoint": []}
-        rounds: dict[str, list[float]] = {"plain": [], "write-protect": [], "dirty-logging": []}
+        runs: dict[str, list[dict[str, float]]] = {"full snapshot": [], "checkpoint": [],
+                                                   "background": []}
+        rounds: dict[str, list[float]] = {} if a.no_rounds else {
+            "plain": [], "write-protect": [], "dirty-logging": []}
         for i in range(a.repeat):  # in rotation, side by side
             for mode in runs:
                 runs[mode].append(one_run(template, store, work / f"{mode}-{i}", mode))
@@ -131,7 +142,7 @@ def main() -> int:
     result = {"mib": a.mib, "repeat": a.repeat, "write_pages_per_round": a.write,
               "machine": machine(), "runs": runs, "round_s": rounds}
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"checkpoint-{a.mib}M"
+    stem = RESULTS / f"checkpoint-{a.mib}M{'-pauses' if a.no_rounds else ''}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
@@ -145,15 +156,19 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [f"# Checkpoint of a running {r['mib']} MiB VM (Firecracker 1.12.1)", "",
              f"Medians of {r['repeat']} runs; the guest rewrites {r['write_pages_per_round']} "
              "pages a round.", "",
-             "| path | guest paused ms | snapshot ms | checkpoint ms | diff after ms |",
-             "|---|---:|---:|---:|---:|"]
+             "| path | guest paused ms | snapshot ms | checkpoint ms | diff after ms "
+             "| copy after ms | pre-images |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for mode, runs in r["runs"].items():
         cell = {k: ms([x[k] for x in runs]) if k in runs[0] else "-"
-                for k in ("guest_paused", "snapshot", "checkpoint", "diff_after")}
+                for k in ("guest_paused", "snapshot", "checkpoint", "diff_after", "copy")}
+        kept = (f"{statistics.median(x['preimages'] for x in runs):.0f}"
+                if "preimages" in runs[0] else "-")
         lines.append(f"| {mode} | {cell['guest_paused']} | {cell['snapshot']} | "
-                     f"{cell['checkpoint']} | {cell['diff_after']} |")
-    lines += ["", "| guest restored with | round ms (median) |", "|---|---:|"]
-    lines += [f"| {how} | {ms(v)} |" for how, v in r["round_s"].items()]
+                     f"{cell['checkpoint']} | {cell['diff_after']} | {cell['copy']} | {kept} |")
+    if r["round_s"]:
+        lines += ["", "| guest restored with | round ms (median) |", "|---|---:|"]
+        lines += [f"| {how} | {ms(v)} |" for how, v in r["round_s"].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -14,6 +14,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/timerfd.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 #include <linux/userfaultfd.h>
@@ -389,6 +390,23 @@ static int unprotect(struct fp_ctx *c, struct fp_region *r, uint64_t page)
     return FP_DONE;
 }
 
+/* A write-protect fault on a page a background checkpoint has yet to copy: keep its content
+ * (as at the pause: it is still protected, its writer waits on this fault), then clear
+ * pending, in that order (preimage.py). A read refused is noted for the checkpoint to fail;
+ * the page is unprotected all the same, so the VM never waits on a checkpoint. */
+static void keep_preimage(struct fp_ctx *c, struct fp_region *r, uint64_t page)
+{
+    struct iovec local = {.iov_base = (void *)(c->preimages + r->offset + page * PAGE),
+                          .iov_len = PAGE};
+    struct iovec remote = {.iov_base = (void *)(r->base + page * PAGE), .iov_len = PAGE};
+    ssize_t got = process_vm_readv((pid_t)c->vm_pid, &local, 1, &remote, 1, 0);
+    if (got == (ssize_t)PAGE)
+        c->preimage_counts[FP_KEPT] += 1;
+    else if (c->preimage_counts[FP_KEEP_ERRNO] == 0)
+        c->preimage_counts[FP_KEEP_ERRNO] = got < 0 ? errno : EIO;
+    __atomic_store_n(&r->pending[page], 0, __ATOMIC_RELEASE);
+}
+
 int fp_fault(struct fp_ctx *c, uint64_t token)
 {
     uint64_t flags = token & FP_FLAGS, address = token & ~(PAGE - 1);
@@ -396,8 +414,14 @@ int fp_fault(struct fp_ctx *c, uint64_t token)
     if (r == NULL || r->page_size != PAGE)
         return FP_DEFER;
     uint64_t page = (address - r->base) / PAGE;
-    if ((flags & FP_FLAG_WP) && r->wp)
+    if ((flags & FP_FLAG_WP) && r->wp) {
+        if (r->pending != NULL && r->pending[page]) {
+            if (c->preimages == 0)
+                return FP_DEFER;  /* Python's: it knows the copy */
+            keep_preimage(c, r, page);
+        }
         return unprotect(c, r, page);
+    }
     int writable = (flags & FP_FLAG_WRITE) && r->wp;  /* its own page goes in writable */
     if (r->removed[page])
         return FP_DEFER;

@@ -28,6 +28,9 @@ struct fp_region {
     int64_t wp;           /* registered for write-protect: installs the guest did not write
                              go in with UFFDIO_COPY_MODE_WP */
     uint8_t *written;     /* FP_WRITTEN per page the guest wrote; NULL: writes not recorded */
+    uint8_t *pending;     /* 1 per page a background checkpoint has yet to copy: its WP
+                             fault goes to Python, which keeps the page's pre-image first
+                             (preimage.py); NULL: no such checkpoint possible */
 };
 
 struct fp_diff {
@@ -85,7 +88,14 @@ struct fp_ctx {
                               in ns: the session's histogram (latency.py), shared with Python */
     int status;            /* fp_wait: the outcome of this uffd's last pump */
     int pumped;            /* fp_wait: pumped since Python last looked (its stats changed) */
+    /* A background checkpoint's copy (preimage.py): where pre-images go, by memory-file
+     * offset (0: none, pending pages' WP faults go to Python), the VM's pid to read them
+     * from, and FP_KEPT pages kept / FP_KEEP_ERRNO the first read refused (Python's array) */
+    uint64_t preimages;
+    int64_t vm_pid;
+    int64_t *preimage_counts;
 };
+enum { FP_KEPT = 0, FP_KEEP_ERRNO = 1 };
 
 /* serve one fault: its page-aligned address with its FP_FLAG_* in the low bits */
 int fp_fault(struct fp_ctx *c, uint64_t address);

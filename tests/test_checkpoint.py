@@ -13,13 +13,17 @@ from helpers import WAIT, fcsnap, one_build_store, unpacked
 from test_daemon import Daemon
 from test_write_tracking import written
 
+from fcsnap.daemon.client import checkpoint_via_daemon, wait_checkpoint
+from fcsnap.errors import FcsnapError
 from fcsnap.store.format.layout import build_path
 from fcsnap.store.format.manifest import read_manifest
 from fcsnap.testing import firecracker
+from fcsnap.uffd.fastpath import PURE_PYTHON_ENV
 from fcsnap.units import PAGE
 
 # The daemon without CAP_SYS_PTRACE (dropped from its bounding set: root keeps the rest).
 NO_PTRACE = ("setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace")
+PYTHON_PATH = ("env", f"{PURE_PYTHON_ENV}=1")  # the daemon serves every fault in Python
 MiB = 1 << 20
 SIZE = 8 * MiB
 # Two regions of 4 MiB: the first interval writes across their border too.
@@ -66,7 +70,8 @@ def test_checkpoints_hold_each_interval_and_unpack_byte_exact(tmp_path: Path) ->
                         "written_pages": len(pages(ranges))}
             assert done["written_pages"] == len(pages(ranges))  # this interval's writes only
             for offset in pages(ranges):
-                memory[offset:offset + PAGE] = firecracker.written_page(offset)
+                memory[offset:offset + PAGE] = firecracker.written_page(
+                    offset, second=ranges is SECOND)
             build = build_path(store, done["build_id"])
             assert unpacked(build, tmp_path) == memory
             assert read_manifest(build).stats.bytes_stored <= len(pages(ranges)) * PAGE
@@ -133,5 +138,120 @@ def test_a_refused_read_is_one_line_and_loses_no_write(tmp_path: Path) -> None:
         assert status == 409 and "would miss those pages" in error["error"]
         gate.touch()
         assert vm.wait(WAIT) == 0
+    finally:
+        daemon.close()
+
+
+# The background copy reads the run at 0 after 2 s and the one at 6 MiB after 3 s (COPY_RATE):
+# meanwhile the guest writes over the second run (and over pages the copy does not hold).
+BG_FIRST = [(0, 8 * PAGE), (6 * MiB, 4 * PAGE)]
+BG_SECOND = [(6 * MiB, 4 * PAGE), (1 * MiB, 2 * PAGE)]
+COPY_RATE = 16 << 10
+
+
+@pytest.mark.parametrize("path", ["compiled", "python"])
+def test_background_checkpoint_holds_memory_at_the_pause(tmp_path: Path, path: str) -> None:
+    """The VM resumes before its pages are copied and writes over some of them: the
+    checkpoint still unpacks to memory at the pause (their pre-images kept, by the compiled
+    loop or in Python), the pages written during the copy are the next interval's, and the
+    next checkpoint holds them."""
+    store = one_build_store(tmp_path, SIZE, seed=8)
+    memory = bytearray((tmp_path / "vm.mem").read_bytes())
+    daemon = Daemon(store, tmp_path, prefix=PYTHON_PATH if path == "python" else ())
+    try:
+        status, answer = daemon.call("POST", "/restores", {
+            "vm": "vm", "socket": str(tmp_path / "vm.sock"), "track_writes": True})
+        assert status == 201, answer
+        restore = answer["id"]
+        report, gate, hold = tmp_path / "vm.json", tmp_path / "gate", tmp_path / "hold"
+        vm = firecracker.spawn(tmp_path / "vm.sock", expected=tmp_path / "vm.mem",
+                               report=report, threads=2, write=BG_FIRST,
+                               second_write=BG_SECOND, gate=gate, last_gate=hold,
+                               deadline=WAIT)
+        wait_report(vm, report, "first_write_done")
+        started = checkpoint_via_daemon(daemon.api, restore, "vm-bg", True, COPY_RATE)
+        assert started["state"] == "copying" and started["written_pages"] == len(
+            pages(BG_FIRST))
+        gate.touch()
+        status, error = daemon.call("POST", f"/restores/{restore}/checkpoint", {"name": "x"})
+        assert status == 409 and "being checkpointed already" in error["error"]
+        wait_report(vm, report, "second_write_done")
+        status, document = daemon.call("GET", f"/restores/{restore}")
+        assert document["last_checkpoint"]["state"] == "copying"  # written during the copy
+        done = wait_checkpoint(daemon.api, restore, WAIT)
+        for offset in pages(BG_FIRST):
+            memory[offset:offset + PAGE] = firecracker.written_page(offset)
+        assert unpacked(build_path(store, done["build_id"]), tmp_path) == memory
+        assert done["preimages"] == 4, done  # the run at 6 MiB, written before it was read
+        url = f"/restores/{restore}/written"
+        assert written(daemon.api, url) == pages(BG_SECOND)
+        out = fcsnap("checkpoint", restore, "--daemon", daemon.api, "--name", "vm-bg",
+                     "--background")
+        assert out.returncode == 0, out.stderr
+        for offset in pages(BG_SECOND):
+            memory[offset:offset + PAGE] = firecracker.written_page(offset, second=True)
+        assert unpacked(build_path(store, out.stdout.strip()), tmp_path) == memory
+        hold.touch()
+        assert vm.wait(WAIT) == 0
+    finally:
+        daemon.close()
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None,
+                    reason="setpriv (util-linux) drops the daemon's CAP_SYS_PTRACE")
+def test_a_failed_background_copy_publishes_nothing_and_the_vm_goes_on(tmp_path: Path
+                                                                      ) -> None:
+    """The copy the kernel refuses (after the VM resumed), pre-images too: the checkpoint
+    fails with one line, nothing is published, the VM writes over pending pages unfrozen,
+    and no write is lost."""
+    store = one_build_store(tmp_path, SIZE, seed=9)
+    daemon = Daemon(store, tmp_path, prefix=NO_PTRACE)
+    try:
+        status, answer = daemon.call("POST", "/restores", {
+            "vm": "vm", "socket": str(tmp_path / "vm.sock"), "track_writes": True})
+        assert status == 201, answer
+        restore = answer["id"]
+        report, gate, hold = tmp_path / "vm.json", tmp_path / "gate", tmp_path / "hold"
+        vm = firecracker.spawn(tmp_path / "vm.sock", expected=tmp_path / "vm.mem",
+                               report=report, threads=2, write=BG_FIRST,
+                               second_write=BG_SECOND, gate=gate, last_gate=hold,
+                               not_dumpable=True, deadline=WAIT)
+        wait_report(vm, report, "first_write_done")
+        checkpoint_via_daemon(daemon.api, restore, "vm-bg", True, COPY_RATE)
+        gate.touch()
+        wait_report(vm, report, "second_write_done")  # over pages whose pre-image is refused
+        status, document = daemon.call("GET", f"/restores/{restore}")
+        assert document["last_checkpoint"]["state"] == "copying"
+        with pytest.raises(FcsnapError, match="the kernel refused to read the VM's memory"):
+            wait_checkpoint(daemon.api, restore, WAIT)
+        assert not (store / "vms" / "vm-bg").exists()
+        url = f"/restores/{restore}/written"
+        assert written(daemon.api, url) == pages(BG_FIRST + BG_SECOND)
+        out = fcsnap("checkpoint", restore, "--daemon", daemon.api, "--name", "vm-bg",
+                     "--background")
+        assert out.returncode == 1 and out.stderr.startswith(
+            "fcsnap: error: the checkpoint 'vm-bg' failed: the kernel refused to read the "
+            "VM's memory") and len(out.stderr.splitlines()) == 1, out.stderr
+        assert written(daemon.api, url) == pages(BG_FIRST + BG_SECOND)
+        hold.touch()
+        assert vm.wait(WAIT) == 0
+    finally:
+        daemon.close()
+
+
+def test_background_request_refusals(tmp_path: Path) -> None:
+    store = one_build_store(tmp_path, SIZE, seed=10)
+    daemon = Daemon(store, tmp_path)
+    try:
+        status, answer = daemon.call("POST", "/restores", {
+            "vm": "vm", "socket": str(tmp_path / "vm.sock")})
+        assert status == 201
+        url = f"/restores/{answer['id']}/checkpoint"
+        for body, says in (({"name": "x", "background": 1}, '"background" must be'),
+                           ({"name": "x", "background": True, "copy_rate": -1},
+                            '"copy_rate" must be'),
+                           ({"name": "x", "copy_rate": 5}, 'it needs "background"')):
+            status, error = daemon.call("POST", url, body)
+            assert status == 400 and says in error["error"], error
     finally:
         daemon.close()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import fcsnap
 
-from fcsnap.daemon.client import checkpoint_via_daemon
+from fcsnap.daemon.client import checkpoint_via_daemon, wait_checkpoint
 from fcsnap.testing.fcguest import GuestConfig
 from fcsnap.testing.realvmm import Daemon, Firecracker, take_snapshot
 
@@ -57,7 +57,7 @@ def test_checkpoint_of_a_running_vm_restores_and_goes_on(tmp_path: Path) -> None
 
 def test_daemon_pauses_and_resumes_through_firecracker_api(tmp_path: Path) -> None:
     """A restore given firecracker_api: the checkpoint pauses the VM itself (PATCH /vm) and
-    resumes it after; the guest goes on."""
+    resumes it after (in the background: before the copy); the guest goes on."""
     template = take_snapshot(tmp_path / "template", CONFIG, mem_mib=64)
     store = tmp_path / "store"
     done = fcsnap("pack", template.mem, "--vmstate", template.vmstate, "--store", store,
@@ -71,3 +71,47 @@ def test_daemon_pauses_and_resumes_through_firecracker_api(tmp_path: Path) -> No
         assert answer["written_pages"] > 0 and answer["paused_seconds"] > 0
         seen = len(vm.rounds())
         vm.wait_rounds(seen + 2)  # resumed: it goes on
+        answer = checkpoint_via_daemon(daemon.api, restore, "vm-bg", True)
+        assert answer["state"] == "copying" and answer["paused_seconds"] > 0
+        seen = len(vm.rounds())
+        assert wait_checkpoint(daemon.api, restore)["state"] == "done"
+        after = vm.wait_rounds(seen + 2)[seen:]  # resumed before the copy: it goes on
+        assert all(r.ok for r in after), [r.line for r in after if not r.ok]
+
+
+BUSY = GuestConfig(fill=2048, ws=1024, sweep=512, write=256, seed=12)
+COPY_RATE = 1 << 20  # bytes a second: the copy spans rounds of the guest's writes
+
+
+def test_background_checkpoint_is_memory_at_the_pause(tmp_path: Path) -> None:
+    """The guest resumes before its pages are copied and rewrites many of them during the
+    copy (paced by copy_rate), checking its memory each round; the checkpoint, loaded into a
+    new Firecracker with the vmstate of the pause, goes on from the pause."""
+    template = take_snapshot(tmp_path / "template", BUSY, mem_mib=64)
+    store = tmp_path / "store"
+    done = fcsnap("pack", template.mem, "--vmstate", template.vmstate, "--store", store,
+                  "--name", "vm", "--quiet")
+    assert done.returncode == 0, done.stderr
+    vmstate, throwaway = tmp_path / "cp.state", tmp_path / "cp.mem"
+    with Daemon(store, tmp_path) as daemon, Firecracker(tmp_path, "clone") as vm:
+        restore = daemon.restore("vm", tmp_path / "uffd.sock", "--track-writes")
+        vm.load(template.vmstate, uffd=tmp_path / "uffd.sock", enable_diff_snapshots=True)
+        vm.expect_progress(template.last_round, ROUNDS)
+        last = vm.pause()
+        vm.snapshot(vmstate, throwaway, "Diff")
+        answer = checkpoint_via_daemon(daemon.api, restore, "vm-cp", True, COPY_RATE)
+        vm.resume()
+        seen = len(vm.rounds())
+        copied = wait_checkpoint(daemon.api, restore)
+        after = vm.wait_rounds(max(len(vm.rounds()), seen + 1) + 1)[seen:]
+    assert answer["state"] == "copying" and answer["written_pages"] > 0
+    assert copied["preimages"] > 0, copied  # the guest wrote pages before they were copied
+    assert all(r.ok for r in after), [r.line for r in after if not r.ok]
+    print(f"background checkpoint: {answer['written_pages']} pages, copy "
+          f"{copied['copy_seconds'] * 1e3:.0f} ms, {copied['preimages']} pre-images kept")
+    again = tmp_path / "again"
+    again.mkdir()
+    with Daemon(store, again) as daemon, Firecracker(again, "checkpointed") as vm:
+        daemon.restore("vm-cp", again / "uffd.sock")
+        vm.load(vmstate, uffd=again / "uffd.sock")
+        vm.expect_progress(last, ROUNDS)

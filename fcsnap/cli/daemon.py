@@ -83,9 +83,19 @@ def checkpoint(
     name: Annotated[str, typer.Option(
         "--name", metavar="NAME", help="The name to publish the checkpoint under.",
         show_default=False)],
+    background: Annotated[bool, typer.Option(
+        "--background", help="Pause the VM only to take the written set: its pages are "
+        "copied after the resume, as they were at the pause (waits for the copy).")] = False,
+    copy_rate: Annotated[int, typer.Option(
+        "--copy-rate", metavar="BYTES", min=0, help="With --background: read at most BYTES a "
+        "second of guest memory (0: no limit).")] = 0,
 ) -> int:
-    from fcsnap.daemon.client import checkpoint_via_daemon
+    from fcsnap.daemon.client import checkpoint_via_daemon, wait_checkpoint
 
-    answer = checkpoint_via_daemon(daemon, restore_id, name)
+    if copy_rate and not background:
+        raise typer.BadParameter("paces the --background copy", param_hint="--copy-rate")
+    answer = checkpoint_via_daemon(daemon, restore_id, name, background, copy_rate)
+    if background:
+        answer = wait_checkpoint(daemon, restore_id)
     print(answer["build_id"])
     return 0

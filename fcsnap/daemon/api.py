@@ -12,10 +12,12 @@
                             -> 200 the written set (application/octet-stream, the working-set
                                file format); new_interval=1 starts the next interval with
                                the take: the pages in it are write-protected again
-    POST   /restores/ID/checkpoint {"name": NAME}
+    POST   /restores/ID/checkpoint {"name": NAME[, "background": true, "copy_rate": N]}
                             -> 201 {"build_id", "name", "written_pages", ...}: the next
                                generation from the pages written since the last checkpoint
-                               (read from the paused VM), published as NAME; a new interval
+                               (read from the paused VM), published as NAME; a new interval.
+                               Background: 202 {"name", "state": "copying", ...} at the
+                               resume; the copy's end in GET /restores/ID's last_checkpoint
     GET    /metrics         -> 200 Prometheus text format
     GET    /healthz         -> 200 {"status": "ok", ...}
 
@@ -189,7 +191,7 @@ class _Handler(BaseHTTPRequestHandler):
             if not isinstance(restores.store, Path):
                 raise RequestError("checkpoint needs a local store (the daemon serves object "
                                    "storage)", 409)
-            self._json(201, checkpoint(restore, restores.store, parse_checkpoint(self._body())))
+            self._json(*checkpoint(restore, restores.store, parse_checkpoint(self._body())))
         elif path == "/metrics":
             self._allow(method, "GET")
             self._send(200, self.server.metrics.render(), CONTENT_TYPE)

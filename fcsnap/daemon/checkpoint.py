@@ -7,19 +7,27 @@ are then read straight from the guest (guestread.py) and stored as a diff over t
 last checkpoint (at first: the build served), through the one builder (build_generation): the
 cost follows the pages written, not the size of memory. Should anything fail after the take,
 the pages go back into the written set, so the next checkpoint still has them.
+
+In the background ("background": true) the VM is paused only for the take: the pages in the
+set are write-protected again and marked pending, the VM resumes, and a thread copies them as
+they were at the pause (preimage.py: a write to a page not yet copied first keeps its
+pre-image). The answer comes at the resume; the copy's state is the restore's
+`last_checkpoint` (GET /restores/ID). Pages written during the copy are the next interval's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
+import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcsnap.daemon.request import RequestError
-from fcsnap.errors import FcsnapError
+from fcsnap.errors import FcsnapError, redact
 from fcsnap.store.format.lineage import Parent
 from fcsnap.store.format.names import check_vm_name
 from fcsnap.store.format.pins import open_lineage
@@ -28,24 +36,30 @@ from fcsnap.store.operations.builder import BuildOptions, build_generation
 from fcsnap.store.operations.scan import CHUNK
 from fcsnap.uffd import firecracker_api
 from fcsnap.uffd.guestread import GuestMemory, guest_blocks
+from fcsnap.uffd.preimage import PausedMemory, Preimages
 from fcsnap.units import PAGE
 
 if TYPE_CHECKING:
     from fcsnap.daemon.restores import Restore
+    from fcsnap.uffd.session import Session
 
 CALL_WAIT = 10.0  # seconds the reactor has to take the written set
 API_TIMEOUT = 10.0  # seconds Firecracker has to answer a pause or a resume
+LOCK_WAIT = 1.0  # seconds a checkpoint waits for the one before it to let go
 
 
 @dataclass(frozen=True)
 class CheckpointRequest:
     name: str
+    background: bool = False
+    copy_rate: int = 0  # bytes a second the background copy reads at most (0: no limit)
 
 
 def parse_checkpoint(body: object) -> CheckpointRequest:
-    """{"name": NAME}: the name the new generation is published under."""
-    if not isinstance(body, dict) or set(body) - {"name"}:
-        raise RequestError('the body must be {"name": NAME}')
+    """{"name": NAME, "background": BOOL, "copy_rate": BYTES_PER_S}: the name the new
+    generation is published under, and whether its pages are copied after the resume."""
+    if not isinstance(body, dict) or set(body) - {"name", "background", "copy_rate"}:
+        raise RequestError('the body must be {"name": NAME} (and "background", "copy_rate")')
     name = body.get("name")
     if not isinstance(name, str):
         raise RequestError('"name" is required: the name to publish the checkpoint under')
@@ -53,11 +67,22 @@ def parse_checkpoint(body: object) -> CheckpointRequest:
         check_vm_name(name)
     except FcsnapError as e:
         raise RequestError(str(e)) from None
-    return CheckpointRequest(name)
+    background = body.get("background", False)
+    if not isinstance(background, bool):
+        raise RequestError('"background" must be true or false')
+    rate = body.get("copy_rate", 0)
+    if type(rate) is not int or rate < 0:
+        raise RequestError('"copy_rate" must be a whole number of bytes a second (0: no limit)')
+    if rate and not background:
+        raise RequestError('"copy_rate" paces the background copy: it needs "background"')
+    return CheckpointRequest(name, background, rate)
 
 
-def checkpoint(restore: Restore, store: Path, request: CheckpointRequest) -> dict[str, Any]:
-    """Write the next generation of `restore`'s VM into `store`; its summary."""
+def checkpoint(restore: Restore, store: Path, request: CheckpointRequest
+               ) -> tuple[int, dict[str, Any]]:
+    """Write the next generation of `restore`'s VM into `store`: (201, its summary); in the
+    background, (202, the pause's summary) once the VM is resumed, the copy going on (its
+    state in `restore.last_checkpoint`)."""
     session = restore.session
     if session is None or session.peer is None or session.installer is None:
         raise RequestError(f"restore {restore.id} has no VM being served", 409)
@@ -65,17 +90,19 @@ def checkpoint(restore: Restore, store: Path, request: CheckpointRequest) -> dic
         raise RequestError(f"restore {restore.id}: its written set was restarted by GET "
                            "written?new_interval=1, so a checkpoint would miss those pages",
                            409)
-    if not restore.checkpointing.acquire(blocking=False):
+    if not restore.checkpointing.acquire(timeout=LOCK_WAIT):
         raise RequestError(f"restore {restore.id} is being checkpointed already", 409)
+    if request.background:
+        return 202, _background(restore, store, request)  # the copy releases the lock
     try:
-        return _checkpoint(restore, store, request)
+        return 201, _checkpoint(restore, store, request)
     finally:
         restore.checkpointing.release()
 
 
 def _checkpoint(restore: Restore, store: Path, request: CheckpointRequest) -> dict[str, Any]:
     session = restore.session
-    assert session is not None
+    assert session is not None and session.peer is not None
     api = restore.load.api_socket if restore.load is not None else None
     started = time.monotonic()
     if api is not None:
@@ -84,10 +111,10 @@ def _checkpoint(restore: Restore, store: Path, request: CheckpointRequest) -> di
         paused = time.monotonic()
         offsets, count, pidfd = _take(restore)
         try:
-            manifest, build_dir = _build(restore, store, request, offsets, pidfd)
+            memory = GuestMemory(session.peer.pid, pidfd, session.peer.regions)
+            manifest, build_dir = _build(restore, store, request, offsets, memory)
         except BaseException:
-            with contextlib.suppress(FcsnapError):  # ended meanwhile: nothing to give back to
-                session.call(lambda: session.give_back_written(offsets), CALL_WAIT)
+            _give_back(session, offsets)
             raise
         finally:
             os.close(pidfd)
@@ -120,12 +147,108 @@ def _take(restore: Restore) -> tuple[Any, int, int]:
         raise RequestError(f"restore {restore.id}: {e}", 409) from None
 
 
-def _build(restore: Restore, store: Path, request: CheckpointRequest, offsets: Any,
-           pidfd: int) -> tuple[Any, Path | str]:
+def _background(restore: Restore, store: Path, request: CheckpointRequest) -> dict[str, Any]:
+    """Pause (through the Firecracker API, if the restore has it), take the written set with
+    its pages pending (Session.take_for_copy), resume, and copy them on a thread of its own
+    (preimage.py). Holds restore.checkpointing; the copy releases it, or this on an error."""
     session = restore.session
     assert session is not None and session.peer is not None
     peer = session.peer
-    memory = GuestMemory(peer.pid, pidfd, peer.regions)
+    api = restore.load.api_socket if restore.load is not None else None
+    memory = GuestMemory(peer.pid, -1, peer.regions)
+    preimages = Preimages(memory, session.header.metadata.size)
+    started = time.monotonic()
+    copying = False
+    try:
+        if api is not None:
+            _vm_state(api, "Paused")
+        try:
+            offsets, count, live, memory.pidfd = _take_for_copy(restore, preimages)
+            status = {"name": request.name, "state": "copying", "written_pages": count,
+                      "pages_read": len(live)}
+            restore.last_checkpoint = status
+            assert session.installer is not None
+            pending = [(st.region, st.pending) for st in session.installer.states.values()]
+            paused = PausedMemory(preimages, pending, live, request.copy_rate)
+            copy = threading.Thread(target=_copy, name=f"checkpoint-{restore.id}", daemon=True,
+                                    args=(restore, session, store, request, offsets, paused,
+                                          status))
+            try:
+                copy.start()
+            except BaseException as e:  # no thread: the copy ends before it began
+                _end_copy(restore, session, offsets, paused, status,
+                          {"state": "failed", "error": str(e)}, started)
+                raise
+            copying = True
+        finally:
+            if api is not None:
+                _vm_state(api, "Resumed")
+    finally:
+        if not copying:
+            restore.checkpointing.release()
+    return {**status, "paused_seconds": round(time.monotonic() - started, 6) if api else None}
+
+
+def _take_for_copy(restore: Restore, preimages: Preimages) -> tuple[Any, int, Any, int]:
+    """Session.take_for_copy's answer and a pidfd of the VM of our own (as `_take`)."""
+    session = restore.session
+    assert session is not None
+
+    def take() -> tuple[Any, int, Any, int]:
+        assert session.peer is not None
+        offsets, count, live = session.take_for_copy(preimages)
+        return offsets, count, live, os.dup(session.peer.pidfd)
+
+    try:
+        return session.call(take, CALL_WAIT)
+    except FcsnapError as e:
+        raise RequestError(f"restore {restore.id}: {e}", 409) from None
+
+
+def _copy(restore: Restore, session: Session, store: Path, request: CheckpointRequest,
+          offsets: Any, memory: PausedMemory, status: dict[str, Any]) -> None:
+    """The background copy: build the generation from the pages as they were at the pause,
+    then `_end_copy`."""
+    started = time.monotonic()
+    outcome: dict[str, Any] = {"state": "failed", "error": "internal error"}
+    try:
+        manifest, build_dir = _build(restore, store, request, offsets, memory)
+        restore.checkpoint_base = Path(build_dir)
+        outcome = {"state": "done", "build_id": str(manifest.build_id),
+                   "bytes_stored": manifest.stats.bytes_stored}
+    except Exception as e:  # whatever it was, the pages go back and the VM runs on
+        if not isinstance(e, FcsnapError):
+            traceback.print_exc()
+        outcome = {"state": "failed", "error": redact(str(e))}
+    finally:
+        _end_copy(restore, session, offsets, memory, status, outcome, started)
+
+
+def _end_copy(restore: Restore, session: Session, offsets: Any, memory: PausedMemory,
+              status: dict[str, Any], outcome: dict[str, Any], started: float) -> None:
+    """Whatever became of the copy: a failed one gives its pages back; nothing is pending
+    any more; its outcome goes into `restore.last_checkpoint`; the next checkpoint may
+    start."""
+    try:
+        if outcome["state"] != "done":
+            _give_back(session, offsets)
+        with contextlib.suppress(FcsnapError):  # ended meanwhile: nothing is pending
+            session.call(session.end_copy, CALL_WAIT)
+        os.close(memory.preimages.memory.pidfd)
+        restore.last_checkpoint = {**status, **outcome, "preimages": memory.preimages.kept,
+                                   "copy_seconds": round(time.monotonic() - started, 6)}
+    finally:
+        restore.checkpointing.release()
+
+
+def _give_back(session: Session, offsets: Any) -> None:
+    """A checkpoint that failed after its take: the pages go back into the written set."""
+    with contextlib.suppress(FcsnapError):  # ended meanwhile: nothing to give back to
+        session.call(lambda: session.give_back_written(offsets), CALL_WAIT)
+
+
+def _build(restore: Restore, store: Path, request: CheckpointRequest, offsets: Any,
+           memory: GuestMemory | PausedMemory) -> tuple[Any, Path | str]:
     base_dir = restore.checkpoint_base or restore.build.build_dir
     with open_lineage(base_dir):
         parent = Parent(base_dir)
@@ -143,7 +266,7 @@ def _build(restore: Restore, store: Path, request: CheckpointRequest, offsets: A
     return result
 
 
-def _alive_at_end(chunks: Any, memory: GuestMemory) -> Any:
+def _alive_at_end(chunks: Any, memory: GuestMemory | PausedMemory) -> Any:
     """The chunks, then a check that the VM outlived the reads (before anything is
     published: a recycled pid must not have been read)."""
     yield from chunks

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -23,6 +24,7 @@ ANSWER_TIMEOUT = 30.0  # seconds the daemon has to answer a POST (it answers onc
 HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 MAX_ANSWER = 1 << 20
 CHECKPOINT_TIMEOUT = 300.0  # seconds more a checkpoint may take (it writes a generation)
+WAIT_POLL = 0.02  # seconds between two looks at a background checkpoint's copy
 
 
 def restore_body(vm: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -82,12 +84,37 @@ def restore_via_daemon(api: Path, vm: str, options: dict[str, Any]) -> dict[str,
     return ask_daemon(api, restore_body(vm, options), timeout)
 
 
-def checkpoint_via_daemon(api: Path, restore_id: str, name: str) -> dict[str, Any]:
-    """POST /restores/ID/checkpoint; the daemon's answer, or its refusal as one line."""
+def checkpoint_via_daemon(api: Path, restore_id: str, name: str, background: bool = False,
+                          copy_rate: int = 0) -> dict[str, Any]:
+    """POST /restores/ID/checkpoint; the daemon's answer (in the background: at the resume,
+    the copy going on: `wait_checkpoint`), or its refusal as one line."""
     url = f"/restores/{quote(restore_id, safe='')}/checkpoint"
-    status, answer = call_daemon(api, "POST", url, {"name": name},
-                                 ANSWER_TIMEOUT + CHECKPOINT_TIMEOUT)
-    if status != 201:
+    body: dict[str, Any] = {"name": name}
+    if background:
+        body.update(background=True, copy_rate=copy_rate)
+    status, answer = call_daemon(api, "POST", url, body, ANSWER_TIMEOUT + CHECKPOINT_TIMEOUT)
+    if status != (202 if background else 201):
         message = answer.get("error") if isinstance(answer, dict) else None
         raise FcsnapError(f"the daemon refused the checkpoint: {message or f'HTTP {status}'}")
     return answer
+
+
+def wait_checkpoint(api: Path, restore_id: str, timeout: float = CHECKPOINT_TIMEOUT
+                    ) -> dict[str, Any]:
+    """Wait for a background checkpoint's copy to end: its `last_checkpoint` state ("done",
+    with its "build_id"); FcsnapError (one line) if it failed or took over `timeout`."""
+    url = f"/restores/{quote(restore_id, safe='')}"
+    deadline = time.monotonic() + timeout
+    while True:
+        status, document = call_daemon(api, "GET", url, None, ANSWER_TIMEOUT)
+        if status != 200:
+            message = document.get("error") if isinstance(document, dict) else None
+            raise FcsnapError(f"the daemon: {message or f'HTTP {status}'}")
+        last = document.get("last_checkpoint") or {}
+        if last.get("state") == "done":
+            return last
+        if last.get("state") == "failed":
+            raise FcsnapError(f"the checkpoint {last.get('name')!r} failed: {last.get('error')}")
+        if time.monotonic() > deadline:
+            raise FcsnapError(f"the checkpoint's copy did not end within {timeout:g}s")
+        time.sleep(WAIT_POLL)

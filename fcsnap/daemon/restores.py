@@ -58,6 +58,7 @@ class Restore:
     checkpoint_base: Path | None = None  # the last checkpoint's build: the next one's base
     interval_restarted: bool = False  # by GET written?new_interval=1: checkpoints would miss it
     checkpointing: threading.Lock = field(default_factory=threading.Lock)  # one at a time
+    last_checkpoint: dict[str, Any] | None = None  # a background one's state (checkpoint.py)
 
     def summary(self) -> dict[str, Any]:
         session = self.session
@@ -79,10 +80,11 @@ class Restore:
 
     def document(self) -> dict[str, Any]:
         session = self.session
-        if session is None:
+        if session is None:  # a background checkpoint may end after its VM
             assert self.final is not None
-            return self.final[1]
-        return {"id": self.id, "vm": self.vm, "state": session.state, **session.document()}
+            return {**self.final[1], "last_checkpoint": self.last_checkpoint}
+        return {"id": self.id, "vm": self.vm, "state": session.state, **session.document(),
+                "last_checkpoint": self.last_checkpoint}
 
     def written(self, new_interval: bool) -> tuple[bytes, int]:
         """(the written set as a working-set file, its written pages), taken on the session's

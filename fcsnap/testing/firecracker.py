@@ -29,7 +29,8 @@ the balloon), threads write those pages (each with `written_page(offset)`) and r
 `--dump FILE` then reads all of guest memory into FILE, as a Full snapshot does, and
 `--pagemap` reports which present pages are write-protected (/proc/self/pagemap bit 57).
 `--second-write RANGES --gate FILE` writes again once FILE exists (the report says
-"first_write_done" meanwhile): two intervals of a VM's writes. `--last-gate FILE` then says
+"first_write_done" meanwhile), each page `written_page(offset, second=True)`: two intervals
+of a VM's writes. `--last-gate FILE` then says
 "second_write_done" and waits for FILE (a VM checkpointed after each interval).
 
 Guest memory is only ever read through ctypes.memmove, which releases the GIL: a Python thread
@@ -85,9 +86,10 @@ PAGEMAP_UFFD_WP = 1 << 57
 PR_SET_DUMPABLE = 4
 
 
-def written_page(offset: int, size: int = PAGE) -> bytes:
-    """What `--write` writes into the page at memory-file `offset`."""
-    return struct.pack("<QQ", offset, 0xF00DFACE) * (size // 16)
+def written_page(offset: int, size: int = PAGE, second: bool = False) -> bytes:
+    """What `--write` (`--second-write`: `second`) writes into the page at memory-file
+    `offset`: a page written twice differs after each."""
+    return struct.pack("<QQ", offset, 0xF00DFACE + second) * (size // 16)
 
 
 Plan = list[list[int]]  # memory-file offsets each touching thread reads, in order
@@ -471,7 +473,7 @@ class StandIn:
             self.write_report()
             while not os.path.exists(a.gate):  # the watchdog's deadline bounds this
                 time.sleep(0.01)
-            self.report["written_second"] = self._write(guest, a.second_write)
+            self.report["written_second"] = self._write(guest, a.second_write, second=True)
         if a.last_gate:
             self.report["second_write_done"] = True
             self.write_report()
@@ -482,7 +484,8 @@ class StandIn:
         if a.pagemap:
             self.report["pagemap"] = pagemap_report(guest)
 
-    def _write(self, guest: GuestMemory, ranges: list[tuple[int, int]]) -> list[int]:
+    def _write(self, guest: GuestMemory, ranges: list[tuple[int, int]], second: bool = False
+               ) -> list[int]:
         """Write the pages of `ranges` from all the threads at once (each `written_page`),
         then read them back; returns their offsets."""
         page = guest.page_size
@@ -492,7 +495,7 @@ class StandIn:
 
         def write(share: list[int]) -> None:
             for off in share:
-                data = written_page(off, page)
+                data = written_page(off, page, second)
                 ctypes.memmove(guest.host(off), data, page)  # may fault: GIL released
 
         workers = [threading.Thread(target=self._guarded, args=(write, share))
@@ -508,7 +511,7 @@ class StandIn:
         buf = bytearray(page)
         for off in offsets:
             ctypes.memmove(abi.buffer_address(buf), guest.host(off), page)
-            tally.record(off, buf == written_page(off, page))
+            tally.record(off, buf == written_page(off, page, second))
         return offsets
 
     def _dump(self, guest: GuestMemory) -> None:

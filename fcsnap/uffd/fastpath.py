@@ -15,7 +15,9 @@ through the host chunk cache: a fault on a chunk not mapped yet comes back to Py
 fetches and maps it); the rest comes back to Python untouched:
 REMOVE and other events, removed pages, huge pages, an EAGAIN to retry. A fault handed back
 keeps its WRITE and WP flags in its address's low bits (writes.fault_token). In regions
-registered for write-protect it installs as the installer does (writes.py). Under --record-ws it
+registered for write-protect it installs as the installer does (writes.py), and keeps the
+pre-image of a page a background checkpoint has yet to copy before unprotecting it
+(preimage.py). Under --record-ws it
 records the pages faulted, in order, in a buffer Python empties after every call. A server
 under --verify, or with a zstd build in its lineage, serves everything in Python.
 
@@ -31,10 +33,11 @@ from dataclasses import dataclass
 
 from fcsnap.errors import FcsnapError
 from fcsnap.options import ADAPTIVE, PURE_PYTHON_ENV
-from fcsnap.uffd import abi, latency, writes
+from fcsnap.uffd import abi, latency, preimage, writes
 from fcsnap.uffd.faultaround import ADAPTIVE_MAX, STREAMS
 from fcsnap.uffd.installer import Installer, InstallStats
 from fcsnap.uffd.mapped import READ_BELOW
+from fcsnap.uffd.preimage import Preimages
 from fcsnap.units import PAGE
 
 try:
@@ -46,6 +49,7 @@ assert lib is None or lib.FP_STREAMS == STREAMS, "csrc/fastpath.h and faultaroun
 assert lib is None or lib.FP_LATENCY_BUCKETS == latency.BUCKETS, "fastpath.h and latency.py"
 assert lib is None or (lib.FP_WRITTEN, lib.FP_REMOVED) == (writes.WRITTEN, writes.REMOVED)
 assert lib is None or lib.FP_FLAGS == writes.FAULT_FLAGS, "fastpath.h and writes.py"
+assert lib is None or (lib.FP_KEPT, lib.FP_KEEP_ERRNO) == (preimage.KEPT, preimage.KEEP_ERRNO)
 CAPACITY = 256  # messages read at once
 RECORD_CAPACITY = 1 << 16  # faulted pages recorded between two returns to Python (--record-ws)
 
@@ -97,6 +101,7 @@ class FastPath:
             c_region.wanted = pointer("uint8_t[]", state.wanted)
             c_region.streams = pointer("int64_t[]", state.streams)
             c_region.wp = state.wp
+            c_region.pending = pointer("uint8_t[]", state.pending)
             if installer.tracking.recorded:
                 c_region.written = pointer("uint8_t[]", state.written)
         starts, storage, owner = pages.mapping_arrays()
@@ -145,6 +150,7 @@ class FastPath:
         ctx.zeros_len = len(installer.zeros) // PAGE * PAGE
         self.ctx = ctx
         self.handed_back = 0  # faults read in C and served by Python
+        self._preimage_counts: object = None
         self._keep = (keep, c_regions, c_diffs)
 
     @classmethod
@@ -157,6 +163,19 @@ class FastPath:
         if any(b not in pages.mapped and b not in pages.cached for b in pages.builds):
             return None  # a zstd (or empty) diff: its frames are decompressed in Python
         return cls(installer)
+
+    def keep_preimages(self, preimages: Preimages | None, pid: int = 0) -> None:
+        """Keep pre-images in the C loop too while a background checkpoint copies (into
+        `preimages`, read from the VM `pid`); None: it ended. On the reactor's thread, between
+        two calls into the loop."""
+        ctx = self.ctx
+        if preimages is None:
+            ctx.preimages, ctx.vm_pid, ctx.preimage_counts = 0, 0, ffi.NULL
+            self._preimage_counts = None
+            return
+        counts = ffi.from_buffer("int64_t[]", preimages.counts, require_writable=True)
+        self._preimage_counts = counts  # kept alive while the loop writes through it
+        ctx.preimages, ctx.vm_pid, ctx.preimage_counts = preimages.address, pid, counts
 
     def pump(self) -> Batch:
         """Read and serve what is pending on the uffd now; the stats are current afterwards."""

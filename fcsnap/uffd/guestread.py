@@ -69,6 +69,16 @@ class GuestMemory:
         for k in range(0, len(remote), IOV_MAX):
             self._readv(base, remote[k:k + IOV_MAX])
 
+    def read_span(self, address: int, length: int, local: int) -> None:
+        """Read `length` bytes at the VM's `address` to this process's address `local`: one
+        call, none of read_pages' array work (a write waits on it: preimage.py)."""
+        local_iov, remote_iov = _Iovec(local, length), _Iovec(address, length)
+        got = _readv(self.pid, ctypes.byref(local_iov), 1, ctypes.byref(remote_iov), 1, 0)
+        if got != length:
+            raise FcsnapError(self.refusal(ctypes.get_errno()) if got < 0 else
+                              f"reading the VM's memory (pid {self.pid}) stopped after {got} "
+                              f"of {length} bytes (did it exit or unmap its memory?)")
+
     def check_alive(self) -> None:
         """FcsnapError if the VM has exited (its pid may since name another process)."""
         if select.select([self.pidfd], [], [], 0)[0]:
@@ -87,12 +97,13 @@ class GuestMemory:
         want = sum(length for _, length, _ in remote)
         got = _readv(self.pid, local_iov, n, remote_iov, n, 0)
         if got < 0:
-            raise FcsnapError(self._refusal(ctypes.get_errno()))
+            raise FcsnapError(self.refusal(ctypes.get_errno()))
         if got != want:
             raise FcsnapError(f"reading the VM's memory (pid {self.pid}) stopped after {got} "
                               f"of {want} bytes (did it exit or unmap its memory?)")
 
-    def _refusal(self, err: int) -> str:
+    def refusal(self, err: int) -> str:
+        """The one line for process_vm_readv's errno `err`."""
         what = f"the kernel refused to read the VM's memory (process_vm_readv on pid {self.pid}: "
         if err in (errno.EPERM, errno.EACCES):
             return (what + f"{os.strerror(err)}): the daemon needs ptrace access to the VM "

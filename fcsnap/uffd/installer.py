@@ -7,7 +7,8 @@ fault-arounds over a removed range (those pages serve zeros, one at a time, when
 
 In a region registered for write-protect (writes.py) every install goes in protected but the
 page a write fault asked for, and a write-protect fault lifts the protection of its page; both
-note the page written.
+note the page written. While a background checkpoint copies (preimage.py), a write-protect
+fault on a page it has yet to copy keeps the page's pre-image before lifting the protection.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from fcsnap.uffd.faultaround import (
     new_streams,
 )
 from fcsnap.uffd.pages import PageSource
+from fcsnap.uffd.preimage import Preimages
 from fcsnap.uffd.regions import Region, RegionMap
 from fcsnap.units import HUGE_PAGE, PAGE
 
@@ -81,8 +83,9 @@ class InstallStats:
 
 class RegionState:
     """Per-page flags of one region: present (installed by us), removed (balloon), wanted
-    (in the working set being prefetched) and written (writes.WRITTEN, writes.REMOVED); its
-    adaptive fault-around streams; whether it is registered for write-protect (`wp`)."""
+    (in the working set being prefetched), written (writes.WRITTEN, writes.REMOVED) and
+    pending (a background checkpoint has yet to copy it); its adaptive fault-around streams;
+    whether it is registered for write-protect (`wp`)."""
 
     def __init__(self, region: Region, wp: bool = False) -> None:
         self.region = region
@@ -91,6 +94,7 @@ class RegionState:
         self.removed = np.zeros(self.pages, bool)
         self.wanted = np.zeros(self.pages, bool)
         self.written = np.zeros(self.pages, np.uint8)
+        self.pending = np.zeros(self.pages, np.uint8)
         self.streams = new_streams()  # the adaptive fault-around's recent streams
         self.wp = wp
 
@@ -115,6 +119,7 @@ class Installer:
         self.zeros = mmap.mmap(-1, largest, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.zeros_addr = abi.buffer_address(self.zeros)
         self.recorded: list[int] | None = None  # guest offsets faulted, in order
+        self.preimages: Preimages | None = None  # a background checkpoint's, while it copies
 
     # -- events ----------------------------------------------------------------------------
 
@@ -130,6 +135,10 @@ class Installer:
                 state.present[first:last] = False
                 state.removed[first:last] = True
                 state.written[first:last] = writes.REMOVED  # reads zeros, was not written
+                if self.preimages is not None and state.pending[first:last].any():
+                    state.pending[first:last] = 0  # their content at the pause is gone
+                    self.preimages.fail("a balloon took back guest memory before the "
+                                        "checkpoint had copied it")
 
     def fault(self, address: int, since: int | None = None) -> Outcome:
         """Serve one fault, timed into the latency histogram once it is done (a retry is
@@ -151,6 +160,8 @@ class Installer:
         state = self.states[region.base]
         page = (address - region.base) // region.page_size
         if flags & abi.UFFD_PAGEFAULT_FLAG_WP and state.wp:
+            if state.pending[page]:
+                self._keep_preimage(state, page)
             return self._unprotect(state, page)
         writable = bool(flags & abi.UFFD_PAGEFAULT_FLAG_WRITE) and state.wp
         if state.removed[page]:
@@ -297,6 +308,14 @@ class Installer:
         if writable and outcome is DONE:
             state.written[page] |= writes.WRITTEN
         return outcome
+
+    def _keep_preimage(self, state: RegionState, page: int) -> None:
+        """A write is about to reach a page the background checkpoint has yet to copy: keep
+        its content (the writer waits on this fault), then clear pending, in that order
+        (preimage.py says why)."""
+        if self.preimages is not None:
+            self.preimages.keep(state.region, page)
+        state.pending[page] = 0
 
     def _unprotect(self, state: RegionState, page: int) -> Outcome:
         """A write-protect fault: the guest writes a page it had only read. Lift the

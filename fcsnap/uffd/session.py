@@ -54,6 +54,7 @@ from fcsnap.uffd.handshake import (
 from fcsnap.uffd.installer import GONE, RETRY, Installer, InstallStats
 from fcsnap.uffd.listener import SocketAccess, listen
 from fcsnap.uffd.prefetch import Prefetch
+from fcsnap.uffd.preimage import Preimages
 from fcsnap.uffd.regions import Region, RegionMap
 from fcsnap.uffd.shared import SharedBuild
 from fcsnap.uffd.watchdog import Watchdog, WatchdogError
@@ -314,10 +315,7 @@ class Session:
         only its own writes. On the reactor's thread (`call`): the compiled loop, which
         notes writes, runs there too, so nothing is noted between the take and the
         re-protect. FcsnapError where writes are not tracked."""
-        installer = self.installer
-        if installer is None or not installer.tracking.recorded:
-            raise FcsnapError("this restore does not track writes (no VM yet, or its memory "
-                              "is not registered for write-protect: restore --track-writes)")
+        installer = self._tracking()
         written, count = self.written_set(), self.written_count()
         if new_interval and self.peer is not None:
             def read_events() -> int:  # REMOVEs applied; the faults served below
@@ -330,6 +328,43 @@ class Session:
             if self._backlog and self._phase != "eager":
                 self._serve_pending(None)
         return written, count
+
+    def take_for_copy(self, preimages: Preimages) -> tuple[np.ndarray, int, np.ndarray]:
+        """A background checkpoint's take (on the reactor's thread, the VM paused): the pages
+        present in the written set marked pending, `preimages` attached to keep what the
+        guest writes over before the copy has them, then `take_written(True)`. Returns its
+        answer and the pending pages' offsets. FcsnapError while another copy runs."""
+        installer = self._tracking()
+        if installer.preimages is not None:
+            raise FcsnapError("a checkpoint's background copy is under way")
+        parts = [writes.mark_pending(state) for state in installer.states.values()]
+        live = np.sort(np.concatenate([np.zeros(0, np.int64), *parts]))
+        installer.preimages = preimages
+        if self._fast is not None and self.peer is not None:
+            self._fast.keep_preimages(preimages, self.peer.pid)
+        try:
+            return (*self.take_written(True), live)
+        except BaseException:
+            self.end_copy()
+            raise
+
+    def end_copy(self) -> None:
+        """The background copy ended (on the reactor's thread): nothing is pending any more."""
+        installer = self.installer
+        if installer is not None:
+            for state in installer.states.values():
+                state.pending[:] = 0
+            installer.preimages = None
+            if self._fast is not None:
+                self._fast.keep_preimages(None)
+
+    def _tracking(self) -> Installer:
+        """The installer, where it tracks writes; FcsnapError (one line) if not."""
+        installer = self.installer
+        if installer is None or not installer.tracking.recorded:
+            raise FcsnapError("this restore does not track writes (no VM yet, or its memory "
+                              "is not registered for write-protect: restore --track-writes)")
+        return installer
 
     def give_back_written(self, offsets: np.ndarray) -> None:
         """Note `offsets` (taken by take_written) as written again, on the reactor's thread:

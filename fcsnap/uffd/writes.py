@@ -48,6 +48,8 @@ class RegionState(Protocol):
 
     region: Region
     written: np.ndarray  # per page: WRITTEN, REMOVED
+    present: np.ndarray  # per page: installed
+    pending: np.ndarray  # per page: a background checkpoint has yet to copy it
 
 
 def fault_token(address: int, flags: int) -> int:
@@ -157,6 +159,15 @@ def written_set(states: Iterable[RegionState]) -> np.ndarray:
     REMOVED), over every region."""
     parts = [offsets(st.region, np.flatnonzero(st.written)) for st in states]
     return np.sort(np.concatenate([np.zeros(0, np.int64), *parts]))
+
+
+def mark_pending(state: RegionState) -> np.ndarray:
+    """Before a background checkpoint's take: mark the pages of `state`'s written set that
+    are present pending (preimage.py); their guest-memory offsets."""
+    pages = np.flatnonzero(state.written)
+    pages = pages[state.present[pages]]
+    state.pending[pages] = 1
+    return offsets(state.region, pages)
 
 
 def protect_again(uffd: int, state: RegionState, read_events: Callable[[], int]) -> None:
