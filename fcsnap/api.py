@@ -487,6 +487,10 @@ def restore(
                    handshake_timeout=checked.handshake_timeout)
     if isinstance(store, str | os.PathLike):
         store = open_store(str(store), fetch_timeout)
+    if store is None or isinstance(store, Path):  # an E2B/Wrenn build is served as it is
+        from fcsnap.store.operations.e2b_serve import e2b_to_serve
+
+        e2b_to_serve(str(build), store, bool(options.get("verify")))
     size = parse_cache_size(cache_size)
     build_dir, fetched = serve_source(
         str(build), store, None if cache_dir is None else Path(cache_dir), size, fetch_timeout,

@@ -110,14 +110,7 @@ class BuildData:
         where = f"{self.path}: frame {i} (compressed bytes {f.start_c}..{f.end_c})"
         if f.size_u > MAX_FRAME:
             raise FcsnapError(f"{where}: {f.size_u} bytes uncompressed is beyond {MAX_FRAME}")
-        raw = self._pread(f.start_c, f.size_c)
-        if self.compression == "zstd":
-            out = _zstd_frame(raw, f.size_u, where)
-        else:
-            try:
-                out = decompress(raw, f.size_u)
-            except BodyError as e:
-                raise FcsnapError(f"{where}: {e}") from None
+        out = decode_frame(self.compression, self._pread(f.start_c, f.size_c), f.size_u, where)
         if len(self._cache) >= 4:
             self._cache.pop(next(iter(self._cache)))
         self._cache[i] = out
@@ -138,6 +131,17 @@ class BuildData:
             parts.append(data[pos - f.start_u : pos - f.start_u + take])
             pos += take
         return b"".join(parts)
+
+
+def decode_frame(compression: str, raw: bytes, size: int, where: str) -> bytes:
+    """One frame of a compressed object, checked: exactly `size` bytes, its codec's checksums
+    (zstd's content checksum, LZ4's block and content checksums) verified as it decodes."""
+    if compression == "zstd":
+        return _zstd_frame(raw, size, where)
+    try:
+        return decompress(raw, size)
+    except BodyError as e:
+        raise FcsnapError(f"{where}: {e}") from None
 
 
 def _zstd_frame(raw: bytes, size: int, where: str) -> bytes:
@@ -223,18 +227,27 @@ def open_e2b(build_dir: Path) -> E2BLineage:
     if build_dir.name != str(header.metadata.build_id):
         raise FcsnapError(f"{build_dir}: directory name is not its build id "
                           f"{header.metadata.build_id}")
-    store = build_dir.parent
-    lineage = E2BLineage(build_dir, header, {})
+    return E2BLineage(build_dir, header, open_builds(build_dir.parent, header))
+
+
+def open_builds(store: Path, header: Header) -> dict[uuid.UUID, BuildData]:
+    """The data object of every build `header` reads, opened and checked for size and frame
+    coverage (FcsnapError naming the first that falls short; none left open then)."""
+    builds: dict[uuid.UUID, BuildData] = {}
     try:
         for build_id, end in header.storage_ends().items():
+            if not (store / str(build_id)).is_dir():
+                raise FcsnapError(f"build {build_id} read by {header.metadata.build_id} is not "
+                                  f"in {store}")
             data = _build_data(store, header, build_id)
-            lineage.builds[build_id] = data
             data.open()
+            builds[build_id] = data
             _check_coverage(header, data, end)
     except BaseException:
-        lineage.close()
+        for data in builds.values():
+            data.close()
         raise
-    return lineage
+    return builds
 
 
 def _check_coverage(header: Header, data: BuildData, end: int) -> None:

@@ -1,0 +1,147 @@
+"""E2B/Wrenn builds served as they are by restore and the daemon (docs/restore.md).
+
+A fault server reads a build's diffs through open_diffs; for a store registered here the
+diffs of a head are its E2B data objects: an uncompressed `memfile` mapped as a raw diff is
+(pages copied straight from the page cache), a `memfile.zstd` / `memfile.lz4` read frame by
+frame as the head's frame tables say, each frame decoded and checked (its codec's checksums,
+its length) when first read and kept decompressed in the server's frame cache. Nothing is
+locked, pinned or leased: fcsnap never removes or writes builds of such a store.
+
+There are no per-block hashes, so restore --verify cannot apply; the builds section's SHA-256
+covers a whole object and is checked by `verify`, not while serving.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+import uuid
+from pathlib import Path
+
+from fcsnap.errors import FcsnapError, UsageError
+from fcsnap.header import Header
+from fcsnap.store.backends.holds import hold_nothing_in
+from fcsnap.store.format.layout import MANIFEST
+from fcsnap.store.format.seekable import FrameCache
+from fcsnap.store.format.source import DiffFile, open_lineages_with
+from fcsnap.store.operations.e2b import BuildData, decode_frame, e2b_build_dir, open_builds
+
+NO_VERIFY = ("--verify checks each page against its block hash, and an E2B/Wrenn build has "
+             "none (verify checks what it carries)")
+
+
+class RawObject(DiffFile):
+    """An uncompressed `memfile`: served as fcsnap's raw diffs are (mmapped, its size checked
+    before copies out of the mapping)."""
+
+    def __init__(self, data: BuildData) -> None:  # noqa: D107 (takes over data's fd)
+        self.path = data.path
+        self.build_dir = data.path.parent
+        self.compressed = False
+        self.zstd = None
+        self.map: mmap.mmap | None = None
+        self.fd, data._fd = data._fd, -1
+        self.size = os.fstat(self.fd).st_size
+        try:
+            if self.size:
+                self.map = mmap.mmap(self.fd, self.size, prot=mmap.PROT_READ)
+        except OSError as e:
+            self.close()
+            raise FcsnapError(f"cannot map {self.path}: {e.strerror or e}") from e
+
+
+class FramedObject:
+    """A compressed data object read frame by frame: what DiffFile is to a local zstd diff
+    (`read`, `size`). A frame is decoded and checked once, then served from the frame cache
+    (the daemon's one budget, or this object's own)."""
+
+    def __init__(self, data: BuildData, frame_cache: FrameCache | None, cache_bytes: int) -> None:
+        self.data = data
+        self.path = data.path
+        self.build_dir = data.path.parent
+        self.compressed = True
+        self.map = None
+        self.zstd = None
+        self.fd = -1
+        self.size = data.size
+        self.starts = [f.start_u for f in data.frames]
+        self.frames = frame_cache if frame_cache is not None else FrameCache(cache_bytes)
+        self._id = id(self)
+
+    def frame(self, index: int) -> bytes:
+        found = self.frames.get((self._id, index))
+        if found is not None:
+            return found
+        f = self.data.frames[index]
+        where = f"{self.path}: frame {index} (compressed bytes {f.start_c}..{f.end_c})"
+        out = decode_frame(self.data.compression, self.data._pread(f.start_c, f.size_c),
+                           f.size_u, where)
+        self.frames.put((self._id, index), out)
+        return out
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise FcsnapError(f"{self.path}: read [{offset:#x}, {offset + length:#x}) beyond "
+                              f"its {self.size:#x} bytes")
+        parts = []
+        pos, end = offset, offset + length
+        while pos < end:
+            index = bisect.bisect_right(self.starts, pos) - 1
+            f = self.data.frames[index] if index >= 0 else None
+            if f is None or pos >= f.end_u:
+                raise FcsnapError(f"build {self.data.build_id}: no frame in its table holds "
+                                  f"uncompressed offset {pos:#x}")
+            take = min(end, f.end_u) - pos
+            data = self.frame(index)
+            parts.append(data[pos - f.start_u : pos - f.start_u + take])
+            pos += take
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def check_size(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.frames.drop(self._id)
+        self.data.close()
+
+
+def open_e2b_diffs(header: Header, store: Path, cache_bytes: int,
+                   frame_cache: FrameCache | None) -> dict[uuid.UUID, DiffFile] | None:
+    """The diffs of an E2B/Wrenn head (None for an fcsnap build: open_diffs opens it)."""
+    if (store / str(header.metadata.build_id) / MANIFEST).exists():
+        return None
+    builds = open_builds(store, header)
+    diffs: dict[uuid.UUID, DiffFile] = {}
+    try:
+        for build_id, data in builds.items():
+            if data.compression == "none":
+                diffs[build_id] = RawObject(data)
+            else:
+                diffs[build_id] = FramedObject(  # type: ignore[assignment]  (DiffFile's reads)
+                    data, frame_cache, cache_bytes)
+    except BaseException:
+        for data in builds.values():
+            data.close()
+        for diff in diffs.values():
+            diff.close()
+        raise
+    return diffs
+
+
+def serve_e2b_store(store: Path) -> None:
+    """Have fault servers of this process open the E2B/Wrenn builds of `store` as they are."""
+    open_lineages_with(store, open_e2b_diffs)
+    hold_nothing_in(store)
+
+
+def e2b_to_serve(build: str, store: str | Path | None, verify: bool) -> Path | None:
+    """BUILD as an E2B/Wrenn build directory ready to serve (its store registered), or None
+    for an fcsnap build. UsageError for --verify, which cannot apply."""
+    build_dir = e2b_build_dir(build, store)
+    if build_dir is None:
+        return None
+    if verify:
+        raise UsageError(NO_VERIFY)
+    serve_e2b_store(build_dir.parent)
+    return build_dir

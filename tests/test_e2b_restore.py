@@ -1,0 +1,117 @@
+"""E2B/Wrenn builds served as they are (fixtures/e2b/, written by E2B's own code): `restore`
+serves every generation's memory byte for byte to the stand-in VM, uncompressed or frame by
+frame, refuses --verify in one line, and damaged data fails the restore cleanly."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import Procs, assert_served
+from test_e2b_store import BUILDS, EXPECTED, FIXTURES, build_dir
+
+from fcsnap.header import load_header
+from fcsnap.store.operations.e2b import unpack_e2b
+
+
+@pytest.fixture
+def procs(tmp_path: Path):
+    p = Procs(tmp_path)
+    yield p
+    p.close()
+
+
+def memory_of(build: Path, tmp_path: Path, expected: dict) -> Path:
+    """The generation's memory, as E2B's own code says it is (its SHA-256 in expected.json)."""
+    out = tmp_path / f"{build.name}.mem"
+    unpack_e2b(build, out)
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == expected["memory_sha256"]
+    return out
+
+
+def serve(procs: Procs, build: Path, store: Path | None, memory: Path, *args: str,
+          **vm: object):
+    server = procs.server(build if store is None else build.name, store, *args)
+    return procs.outcome(server, procs.vm(expected=memory, **vm))
+
+
+@pytest.mark.parametrize("expected", BUILDS, ids=[h["file"] for h in BUILDS])
+def test_restore_serves_each_generation_e2b_wrote(expected, procs, tmp_path):
+    build = build_dir(expected)
+    memory = memory_of(build, tmp_path, expected)
+    out = serve(procs, build, None, memory, threads=2, order="random", seed=1)
+    page = 4096
+    stats = assert_served(out.vm_status, out.status, out.stderr, out.report, out.stats,
+                          pages=memory.stat().st_size // page)
+    data_builds = {m[2] for m in expected["mappings"]} - {str(bytes(16).hex())}
+    assert set(stats["per_build_pages"]) <= {*data_builds,
+                                             "00000000-0000-0000-0000-000000000000"}
+
+
+def test_restore_by_id_in_the_store(procs, tmp_path):
+    expected = EXPECTED["v5-lz4-4k"][2]
+    build = build_dir(expected)
+    memory = memory_of(build, tmp_path, expected)
+    out = serve(procs, build, build.parent, memory)
+    assert_served(out.vm_status, out.status, out.stderr, out.report, out.stats)
+
+
+def test_verify_is_refused_in_one_line(procs, tmp_path):
+    build = build_dir(EXPECTED["v4-zstd-4k"][2])
+    server = procs.server(build, None, "--verify")
+    out = procs.outcome(server, None)
+    assert out.status == 2
+    assert "--verify" in out.error and "E2B/Wrenn" in out.error
+
+
+def _damaged(tmp_path: Path, scenario: str, generation: int) -> tuple[Path, Path]:
+    """A writable copy of a scenario and its build of `generation` (1-based)."""
+    store = tmp_path / scenario
+    shutil.copytree(FIXTURES / scenario, store)
+    build = store / Path(EXPECTED[scenario][generation - 1]["file"]).parent.name
+    return store, build
+
+
+def _first_frame(build: Path) -> tuple[Path, int, int]:
+    """The compressed object of `build` and its first frame's compressed range."""
+    header = load_header(build / "memfile.header")
+    entry = header.builds_section.builds[header.metadata.build_id]
+    frame = entry.frames[0]
+    return build / f"memfile.{entry.compression}", frame.start_c, frame.size_c
+
+
+def test_a_damaged_frame_fails_the_restore_and_kills_the_vm(procs, tmp_path):
+    """A flipped byte inside a zstd frame: its checksum fails, no page of it is installed."""
+    expected = EXPECTED["v4-zstd-4k"][0]
+    memory = memory_of(build_dir(expected), tmp_path, expected)
+    _, build = _damaged(tmp_path, "v4-zstd-4k", 1)
+    obj, start, size = _first_frame(build)
+    data = bytearray(obj.read_bytes())
+    data[start + size // 2] ^= 0xFF
+    obj.write_bytes(bytes(data))
+    out = serve(procs, build, None, memory)
+    assert out.status == 1 and out.vm_status != 0
+    assert "frame 0" in out.error
+    assert out.report is None or out.report["mismatches"] == 0
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "absent build"])
+def test_missing_or_short_objects_are_refused_before_serving(damage, procs, tmp_path):
+    """A truncated object, a missing one, or a header naming a build not in the store: one
+    line, before the socket listens (no VM ever runs on a wrong page)."""
+    store, build = _damaged(tmp_path, "v4-zstd-4k", 3)
+    template = store / Path(EXPECTED["v4-zstd-4k"][0]["file"]).parent.name
+    obj = template / "memfile.zstd"
+    if damage == "truncated":
+        obj.write_bytes(obj.read_bytes()[:-100])
+    elif damage == "missing":
+        obj.unlink()
+    else:
+        shutil.rmtree(template)
+    out = procs.outcome(procs.server(build, None), None)
+    assert out.status == 1
+    assert {"truncated": "frame table ends", "missing": "memfile.zstd",
+            "absent build": "is not in"}[damage] in out.error
+    assert not procs.socket.exists()
