@@ -115,3 +115,36 @@ def test_missing_or_short_objects_are_refused_before_serving(damage, procs, tmp_
     assert {"truncated": "frame table ends", "missing": "memfile.zstd",
             "absent build": "is not in"}[damage] in out.error
     assert not procs.socket.exists()
+
+
+def test_daemon_serves_e2b_builds_side_by_side(tmp_path):
+    """`fcsnap serve` over a directory laid out as E2B's bucket: four VMs at once from
+    LZ4-framed, zstd-framed and uncompressed builds sharing ancestors, every byte checked;
+    verify is refused with 400 and listens on nothing."""
+    from test_daemon import Build, Daemon
+
+    store = tmp_path / "bucket"
+    for scenario in ("v5-lz4-4k", "v4-on-v3-4k"):
+        shutil.copytree(FIXTURES / scenario, store, dirs_exist_ok=True)
+    picks = [EXPECTED["v5-lz4-4k"][2], EXPECTED["v5-lz4-4k"][1],
+             EXPECTED["v4-on-v3-4k"][1], EXPECTED["v4-on-v3-4k"][0]]
+    daemon = Daemon(store, tmp_path)
+    try:
+        status, answer = daemon.call("POST", "/restores", {
+            "vm": str(picks[0]["build_id"]), "socket": str(tmp_path / "v.sock"), "verify": True})
+        assert status == 400 and "--verify" in answer["error"], answer
+        assert not (tmp_path / "v.sock").exists()
+        vms = []
+        for n, expected in enumerate(picks):
+            memory = memory_of(build_dir(expected), tmp_path, expected)
+            daemon.restore(expected["build_id"], f"vm{n}")
+            build = Build(f"vm{n}", expected["build_id"], memory)
+            vms.append(daemon.vm(f"vm{n}", build, threads=2, order="random", seed=n))
+        for n, vm in enumerate(vms):
+            vm.communicate(timeout=60)
+            report = daemon.report(f"vm{n}")
+            assert vm.returncode == 0 and report is not None, report
+            assert report["mismatches"] == 0 and report["pages_touched"] > 0
+        assert daemon.stop()[0] == 0
+    finally:
+        daemon.close()

@@ -84,6 +84,10 @@ def parse_restore(body: object, store: Path | RemoteBuilds, cache_bytes: int,
             api_timeout=numbers["api_timeout"], access=_access(body),
         )
         build_dir = request_build(vm, store)
+        if isinstance(store, Path):  # an E2B/Wrenn build: served as it is, no --verify
+            from fcsnap.store.operations.e2b_serve import e2b_to_serve
+
+            e2b_to_serve(str(build_dir), None, bool(body.get("verify")))
         load = checked.snapshot_load(build_dir, socket_path)
     except RequestError:
         raise
