@@ -148,3 +148,65 @@ def test_daemon_serves_e2b_builds_side_by_side(tmp_path):
         assert daemon.stop()[0] == 0
     finally:
         daemon.close()
+
+
+def upload(bucket, scenario: str, prefix: str = "snaps") -> None:
+    """A fixture scenario as E2B lays out its bucket: `<prefix>/<build_id>/<object>`."""
+    import obstore
+
+    client = bucket.client()
+    for path in sorted((FIXTURES / scenario).rglob("*")):
+        if path.is_file() and path.parent != FIXTURES / scenario:
+            key = f"{prefix}/{path.relative_to(FIXTURES / scenario)}"
+            obstore.put(client, key, path.read_bytes())
+
+
+S3_CASES = [("v4-zstd-4k", 3), ("v5-lz4-4k", 2), ("v4-on-v3-4k", 2), ("v5-zstd-2m", 2)]
+
+
+@pytest.mark.parametrize(("scenario", "generation"), S3_CASES,
+                         ids=[f"{s}-gen{g}" for s, g in S3_CASES])
+def test_restore_from_an_e2b_bucket(scenario, generation, bucket, procs, tmp_path):
+    """Frames (and an uncompressed object's pieces) fetched through the host chunk cache:
+    cold, then warm with no fetch; every byte checked; nothing written into the bucket."""
+    from s3_helpers import restore_from
+
+    upload(bucket, scenario)
+    before = bucket.listing()
+    expected = EXPECTED[scenario][generation - 1]
+    memory = memory_of(build_dir(expected), tmp_path, expected)
+    cache = tmp_path / "cache"
+    for run in ("cold", "warm"):
+        server = procs.track(restore_from(bucket, expected["build_id"], procs.socket, cache,
+                                          stats=procs.stats))
+        out = procs.outcome(server, procs.vm(expected=memory, threads=2, order="random"))
+        stats = assert_served(out.vm_status, out.status, out.stderr, out.report, out.stats,
+                              pages=memory.stat().st_size // 4096)
+        if run == "warm":
+            assert stats["fetch_requests"] == 0 and stats["cache_hits"] > 0, stats
+        else:
+            assert stats["fetch_requests"] == stats["cache_misses"] > 0, stats
+    assert bucket.listing() == before
+
+
+def test_an_e2b_bucket_refuses_verify_and_a_damaged_frame(bucket, procs, tmp_path):
+    import obstore
+
+    upload(bucket, "v4-zstd-4k")
+    expected = EXPECTED["v4-zstd-4k"][0]
+    from s3_helpers import restore_from
+
+    server = procs.track(restore_from(bucket, expected["build_id"], procs.socket,
+                                      tmp_path / "cache", "--verify", stats=procs.stats))
+    out = procs.outcome(server, None)
+    assert out.status == 2 and "--verify" in out.error
+    obj, start, size = _first_frame(build_dir(expected))
+    data = bytearray(obj.read_bytes())
+    data[start + size // 2] ^= 0xFF
+    obstore.put(bucket.client(), f"snaps/{expected['build_id']}/memfile.zstd", bytes(data))
+    memory = memory_of(build_dir(expected), tmp_path, expected)
+    server = procs.track(restore_from(bucket, expected["build_id"], procs.socket,
+                                      tmp_path / "cache2", stats=procs.stats))
+    out = procs.outcome(server, procs.vm(expected=memory))
+    assert out.status == 1 and out.vm_status != 0 and "frame 0" in out.error
+    assert out.report is None or out.report["mismatches"] == 0

@@ -171,7 +171,12 @@ def _own_entry(store: Path, build_id: uuid.UUID) -> BuildInfo | None:
     return section.builds.get(build_id) if section else None
 
 
-def _build_data(store: Path, header: Header, build_id: uuid.UUID) -> BuildData:
+def _local_size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
+
+
+def build_data(store: Path, header: Header, build_id: uuid.UUID,
+               object_size: Callable[[Path], int] = _local_size) -> BuildData:
     """How a lineage reads `build_id`. The head's builds entry says the compression (E2B's
     rule); where it has none, the build's own header does (E2B resolves it the same way); with
     neither, the object is uncompressed. The build's own header holds its whole frame table
@@ -191,7 +196,7 @@ def _build_data(store: Path, header: Header, build_id: uuid.UUID) -> BuildData:
     if entry and entry.size:
         size = entry.size
     elif compression == "none":  # a V3 build: the object's own size
-        size = path.stat().st_size if path.is_file() else 0
+        size = object_size(path)
     else:
         size = frames[-1].end_u if frames else 0
     contiguous = all(a.end_u == b.start_u for a, b in zip(frames, frames[1:], strict=False))
@@ -239,10 +244,10 @@ def open_builds(store: Path, header: Header) -> dict[uuid.UUID, BuildData]:
             if not (store / str(build_id)).is_dir():
                 raise FcsnapError(f"build {build_id} read by {header.metadata.build_id} is not "
                                   f"in {store}")
-            data = _build_data(store, header, build_id)
+            data = build_data(store, header, build_id)
             data.open()
             builds[build_id] = data
-            _check_coverage(header, data, end)
+            check_coverage(header, data, end)
     except BaseException:
         for data in builds.values():
             data.close()
@@ -250,7 +255,7 @@ def open_builds(store: Path, header: Header) -> dict[uuid.UUID, BuildData]:
     return builds
 
 
-def _check_coverage(header: Header, data: BuildData, end: int) -> None:
+def check_coverage(header: Header, data: BuildData, end: int) -> None:
     """The object holds every byte the mappings read: an uncompressed one is long enough; a
     compressed one has a frame for every mapped byte, inside the object."""
     if data.size < end:

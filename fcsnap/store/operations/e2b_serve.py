@@ -19,14 +19,18 @@ import os
 import uuid
 from pathlib import Path
 
-from fcsnap.errors import FcsnapError, UsageError
+from fcsnap.errors import FcsnapError, FetchPending, UsageError
 from fcsnap.header import Header
+from fcsnap.header.e2b import Frame
+from fcsnap.store.backends.chunk_cache import Buffer, ChunkCache, ReaderFetches
 from fcsnap.store.backends.holds import hold_nothing_in
 from fcsnap.store.format.layout import MANIFEST
 from fcsnap.store.format.seekable import FrameCache
 from fcsnap.store.format.source import DiffFile, open_lineages_with
 from fcsnap.store.operations.e2b import BuildData, decode_frame, e2b_build_dir, open_builds
 
+RAW_PIECE = 4 << 20
+"""An uncompressed object in S3 is fetched and cached in pieces of this size."""
 NO_VERIFY = ("--verify checks each page against its block hash, and an E2B/Wrenn build has "
              "none (verify checks what it carries)")
 
@@ -54,9 +58,13 @@ class RawObject(DiffFile):
 class FramedObject:
     """A compressed data object read frame by frame: what DiffFile is to a local zstd diff
     (`read`, `size`). A frame is decoded and checked once, then served from the frame cache
-    (the daemon's one budget, or this object's own)."""
+    (the daemon's one budget, or this object's own). With a host chunk cache (`host`, a
+    store in S3) frames are fetched through it, kept there compressed and checked again on
+    every load; `nonblocking` (a fault server's reads) raises FetchPending instead of
+    waiting for a fetch, as fcsnap's own builds in S3 do."""
 
-    def __init__(self, data: BuildData, frame_cache: FrameCache | None, cache_bytes: int) -> None:
+    def __init__(self, data: BuildData, frame_cache: FrameCache | None, cache_bytes: int,
+                 host: ChunkCache | None = None) -> None:
         self.data = data
         self.path = data.path
         self.build_dir = data.path.parent
@@ -65,20 +73,51 @@ class FramedObject:
         self.zstd = None
         self.fd = -1
         self.size = data.size
-        self.starts = [f.start_u for f in data.frames]
+        self.table = data.frames or raw_frames(data.size)
+        self.starts = [f.start_u for f in self.table]
         self.frames = frame_cache if frame_cache is not None else FrameCache(cache_bytes)
+        self.host = host
+        self.key = f"e2b-{data.build_id}-{data.compression}-{data.object_size}"
+        self.nonblocking = False
+        self._for_reader = None if host is None else ReaderFetches(host)
         self._id = id(self)
+
+    def _decoded(self, index: int, raw: Buffer) -> bytes:
+        f = self.table[index]
+        where = f"{self.path}: frame {index} (compressed bytes {f.start_c}..{f.end_c})"
+        if self.data.compression == "none":
+            if len(raw) != f.size_u:
+                raise FcsnapError(f"{where}: {len(raw)} bytes, not {f.size_u}")
+            return bytes(raw)
+        return decode_frame(self.data.compression, bytes(raw), f.size_u, where)
+
+    def _load(self, index: int) -> bytes:
+        """Frame `index` decoded and checked (fetched through the host cache, if any)."""
+        f = self.table[index]
+        if self.host is None:
+            out = self._decoded(index, self.data._pread(f.start_c, f.size_c))
+        else:
+            decoded: list[bytes] = []
+            self.host.get(self.key, index, lambda: self.data._pread(f.start_c, f.size_c),
+                          lambda raw: decoded.append(self._decoded(index, raw)), f.size_c)
+            out = decoded[-1]
+        self.frames.put((self._id, index), out)
+        return out
 
     def frame(self, index: int) -> bytes:
         found = self.frames.get((self._id, index))
         if found is not None:
             return found
-        f = self.data.frames[index]
-        where = f"{self.path}: frame {index} (compressed bytes {f.start_c}..{f.end_c})"
-        out = decode_frame(self.data.compression, self.data._pread(f.start_c, f.size_c),
-                           f.size_u, where)
-        self.frames.put((self._id, index), out)
-        return out
+        if self.nonblocking and self.host is not None and self._for_reader is not None:
+            f = self.table[index]
+            decoded: list[bytes] = []
+            if self.host.lookup(self.key, index, f.size_c,
+                                lambda raw: decoded.append(self._decoded(index, raw))) is None:
+                self._for_reader.ask(index, lambda: self._load(index))
+                raise FetchPending(f"frame {index} of {self.path}")
+            self.frames.put((self._id, index), decoded[-1])
+            return decoded[-1]
+        return self._load(index)
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -88,7 +127,7 @@ class FramedObject:
         pos, end = offset, offset + length
         while pos < end:
             index = bisect.bisect_right(self.starts, pos) - 1
-            f = self.data.frames[index] if index >= 0 else None
+            f = self.table[index] if index >= 0 else None
             if f is None or pos >= f.end_u:
                 raise FcsnapError(f"build {self.data.build_id}: no frame in its table holds "
                                   f"uncompressed offset {pos:#x}")
@@ -104,6 +143,12 @@ class FramedObject:
     def close(self) -> None:
         self.frames.drop(self._id)
         self.data.close()
+
+
+def raw_frames(size: int) -> tuple[Frame, ...]:
+    """An uncompressed object cut into RAW_PIECE pieces: what is fetched and cached whole."""
+    return tuple(Frame(start, start, min(RAW_PIECE, size - start), min(RAW_PIECE, size - start))
+                 for start in range(0, size, RAW_PIECE))
 
 
 def open_e2b_diffs(header: Header, store: Path, cache_bytes: int,
