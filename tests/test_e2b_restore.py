@@ -210,3 +210,33 @@ def test_an_e2b_bucket_refuses_verify_and_a_damaged_frame(bucket, procs, tmp_pat
     out = procs.outcome(server, procs.vm(expected=memory))
     assert out.status == 1 and out.vm_status != 0 and "frame 0" in out.error
     assert out.report is None or out.report["mismatches"] == 0
+
+
+def test_daemon_serves_an_e2b_bucket(bucket, tmp_path, monkeypatch):
+    """`fcsnap serve --store s3://...` over E2B's bucket layout: two VMs from an LZ4 lineage
+    through the one host cache, every byte checked; verify refused with 400."""
+    from test_daemon import Build, Daemon
+
+    upload(bucket, "v5-lz4-4k")
+    for key, value in bucket.server.env().items():
+        monkeypatch.setenv(key, value)
+    daemon = Daemon(bucket.url(), tmp_path, "--cache-dir",  # type: ignore[arg-type]
+                    str(tmp_path / "cache"), "--fetch-timeout", "10")
+    try:
+        head = EXPECTED["v5-lz4-4k"][2]
+        status, answer = daemon.call("POST", "/restores", {
+            "vm": head["build_id"], "socket": str(tmp_path / "v.sock"), "verify": True})
+        assert status == 400 and "--verify" in answer["error"], answer
+        vms = []
+        for n, expected in enumerate([head, EXPECTED["v5-lz4-4k"][1]]):
+            memory = memory_of(build_dir(expected), tmp_path, expected)
+            daemon.restore(expected["build_id"], f"vm{n}")
+            vms.append(daemon.vm(f"vm{n}", Build(f"vm{n}", expected["build_id"], memory),
+                                 order="random", seed=n))
+        for n, vm in enumerate(vms):
+            vm.communicate(timeout=60)
+            report = daemon.report(f"vm{n}")
+            assert vm.returncode == 0 and report is not None and report["mismatches"] == 0
+        assert daemon.stop()[0] == 0
+    finally:
+        daemon.close()
