@@ -97,14 +97,17 @@ def test_a_damaged_frame_fails_the_restore_and_kills_the_vm(procs, tmp_path):
     assert out.report is None or out.report["mismatches"] == 0
 
 
-@pytest.mark.parametrize("damage", ["truncated", "missing", "absent build"])
+@pytest.mark.parametrize("damage", ["truncated", "missing", "absent build", "incomplete"])
 def test_missing_or_short_objects_are_refused_before_serving(damage, procs, tmp_path):
-    """A truncated object, a missing one, or a header naming a build not in the store: one
-    line, before the socket listens (no VM ever runs on a wrong page)."""
+    """A truncated object, a missing one, a header naming a build not in the store, or one
+    marked incomplete (upload pending): one line, before the socket listens (no VM ever runs
+    on a wrong page)."""
     store, build = _damaged(tmp_path, "v4-zstd-4k", 3)
     template = store / Path(EXPECTED["v4-zstd-4k"][0]["file"]).parent.name
     obj = template / "memfile.zstd"
-    if damage == "truncated":
+    if damage == "incomplete":  # the header a peer sends while the upload is under way
+        shutil.copy(store / f"peer-{build.name}.header", build / "memfile.header")
+    elif damage == "truncated":
         obj.write_bytes(obj.read_bytes()[:-100])
     elif damage == "missing":
         obj.unlink()
@@ -113,7 +116,7 @@ def test_missing_or_short_objects_are_refused_before_serving(damage, procs, tmp_
     out = procs.outcome(procs.server(build, None), None)
     assert out.status == 1
     assert {"truncated": "frame table ends", "missing": "memfile.zstd",
-            "absent build": "is not in"}[damage] in out.error
+            "absent build": "is not in", "incomplete": "marked incomplete"}[damage] in out.error
     assert not procs.socket.exists()
 
 

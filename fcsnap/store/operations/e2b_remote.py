@@ -23,7 +23,7 @@ from fcsnap.store.format.layout import HEADER, MANIFEST, SNAPFILE, parse_build_i
 from fcsnap.store.format.seekable import FrameCache
 from fcsnap.store.format.source import DiffFile, open_lineages_with
 from fcsnap.store.operations.e2b import BuildData, build_data, check_coverage
-from fcsnap.store.operations.e2b_serve import NO_VERIFY, FramedObject
+from fcsnap.store.operations.e2b_serve import NO_VERIFY, FramedObject, check_complete
 
 
 @dataclass
@@ -110,6 +110,7 @@ class RemoteLineages:
         and frame coverage against the listing before a byte is fetched."""
         if (mirror / str(header.metadata.build_id) / MANIFEST).exists():
             return None
+        check_complete(header)
         diffs: dict[uuid.UUID, DiffFile] = {}
         for build_id, end in header.storage_ends().items():
             if not (mirror / str(build_id)).is_dir():

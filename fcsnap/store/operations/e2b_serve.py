@@ -156,6 +156,7 @@ def open_e2b_diffs(header: Header, store: Path, cache_bytes: int,
     """The diffs of an E2B/Wrenn head (None for an fcsnap build: open_diffs opens it)."""
     if (store / str(header.metadata.build_id) / MANIFEST).exists():
         return None
+    check_complete(header)
     builds = open_builds(store, header)
     diffs: dict[uuid.UUID, DiffFile] = {}
     try:
@@ -172,6 +173,14 @@ def open_e2b_diffs(header: Header, store: Path, cache_bytes: int,
             diff.close()
         raise
     return diffs
+
+
+def check_complete(header: Header) -> None:
+    """Refuse a header marked incomplete: E2B sends one between peers while the build's data
+    is still being uploaded, so its objects may not be whole yet."""
+    if header.builds_section is not None and header.builds_section.incomplete:
+        raise FcsnapError(f"build {header.metadata.build_id}: its header is marked incomplete "
+                          "(upload pending); serve it once the upload has finished")
 
 
 def serve_e2b_store(store: Path) -> None:
