@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import os
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -144,20 +145,27 @@ def decode_frame(compression: str, raw: bytes, size: int, where: str) -> bytes:
         raise FcsnapError(f"{where}: {e}") from None
 
 
+_local = threading.local()  # one zstd decompression context per thread, reused
+
+
 def _zstd_frame(raw: bytes, size: int, where: str) -> bytes:
-    """One zstd frame of exactly `size` bytes; its content checksum is checked by zstd."""
+    """One zstd frame of exactly `size` bytes, nothing after it; its content checksum is
+    checked by zstd as it decodes. The frame's declared content size (E2B's frames carry it)
+    must be the table's: it is what the one-shot decode allocates."""
     import zstandard
 
+    dctx = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor()
     try:
-        params = zstandard.get_frame_parameters(raw)
-        if params.content_size != size:  # E2B's frames carry it; it bounds what is decoded
-            raise FcsnapError(f"{where}: zstd frame says {params.content_size} bytes, the frame "
-                              f"table {size}")
-        reader = zstandard.ZstdDecompressor().decompressobj()
-        out = reader.decompress(raw)
+        declared = zstandard.frame_content_size(raw)
+        if declared != size:
+            raise FcsnapError(f"{where}: zstd frame says {declared} bytes, the frame table "
+                              f"{size}")
+        out = dctx.decompress(raw, max_output_size=size, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise FcsnapError(f"{where}: damaged zstd frame ({e})") from None
-    if not reader.eof or reader.unused_data or len(out) != size:
+    if len(out) != size:
         raise FcsnapError(f"{where}: not one zstd frame of {size} bytes")
     return out
 
