@@ -503,8 +503,8 @@ def restore(
                    handshake_timeout=checked.handshake_timeout)
     if isinstance(store, str | os.PathLike):
         store = open_store(str(store), fetch_timeout)
-    if store is None or isinstance(store, Path):  # an E2B/Wrenn build is served as it is
-        from fcsnap.store.operations.e2b_serve import e2b_to_serve
+    if (store is None or isinstance(store, Path)) and _e2b_dir(build, store) is not None:
+        from fcsnap.store.operations.e2b_serve import e2b_to_serve  # served as it is
 
         e2b_to_serve(str(build), store, bool(options.get("verify")))
     size = parse_cache_size(cache_size)

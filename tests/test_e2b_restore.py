@@ -243,3 +243,71 @@ def test_daemon_serves_an_e2b_bucket(bucket, tmp_path, monkeypatch):
         assert daemon.stop()[0] == 0
     finally:
         daemon.close()
+
+
+def test_the_frames_a_bucket_build_reads_are_fetched_behind_the_guest(bucket, procs, tmp_path):
+    """A guest that reads one page: the rest of what its memory maps (every frame of every
+    build the head reads, and no other frame) lands in the host cache in the background."""
+    from s3_helpers import restore_from
+
+    from fcsnap.store.operations.e2b import _all_mapped_frames, open_e2b
+
+    upload(bucket, "v4-zstd-4k")
+    expected = EXPECTED["v4-zstd-4k"][2]
+    with open_e2b(build_dir(expected)) as lineage:
+        want = {f"e2b-{b}-{d.compression}-{d.object_size}":
+                [f"{i:08d}" for i in _all_mapped_frames(lineage, d)]
+                for b, d in lineage.builds.items()}
+    cache = tmp_path / "cache"
+
+    def cached() -> dict[str, list[str]]:
+        return {key: sorted(p.name for p in (cache / key).glob("0*")) for key in want}
+
+    server = procs.track(restore_from(bucket, expected["build_id"], procs.socket, cache,
+                                      stats=procs.stats))
+    memory = memory_of(build_dir(expected), tmp_path, expected)
+    vm = procs.vm(expected=memory, touch=1 / 256, hold=30)
+    from helpers import wait_for
+
+    wait_for(lambda: cached() == want, f"the cache to hold {want}")
+    vm.kill()
+    server.wait(timeout=30)
+
+
+def test_a_working_set_in_a_bucket_is_fetched_first(bucket, procs, tmp_path):
+    """--prefetch-ws --lazy-fetch from an E2B bucket: the frames holding the working set are
+    fetched as the socket listens, and no other; the VM then gets every byte right."""
+    import time
+
+    from helpers import wait_for
+    from s3_helpers import restore_from
+
+    from fcsnap.store.operations.e2b import open_e2b
+    from fcsnap.workingset import write_working_set
+
+    upload(bucket, "v4-zstd-4k")
+    expected = EXPECTED["v4-zstd-4k"][0]
+    with open_e2b(build_dir(expected)) as lineage:
+        (build_id, data), = lineage.builds.items()
+        key = f"e2b-{build_id}-{data.compression}-{data.object_size}"
+        mapped = [m for m in lineage.header.mappings if m.build_id == build_id]
+        target = data.frame_index(mapped[-1].storage_offset)  # the last mapped run's frame
+        ws = [m.offset + at for m in mapped for at in range(0, m.length, 4096)
+              if data.frame_index(m.storage_offset + at) == target]
+    path = tmp_path / "ws"
+    write_working_set(path, expected["size"], ws)
+    cache = tmp_path / "cache"
+
+    def cached() -> set[int]:
+        return {int(p.name) for p in (cache / key).glob("0*")}
+
+    server = procs.track(restore_from(bucket, expected["build_id"], procs.socket, cache,
+                                      "--prefetch-ws", str(path), "--lazy-fetch",
+                                      stats=procs.stats))
+    wait_for(lambda: target in cached(), "the working set's frame")
+    time.sleep(0.5)
+    assert cached() == {target}
+    memory = memory_of(build_dir(expected), tmp_path, expected)
+    out = procs.outcome(server, procs.vm(expected=memory))
+    assert_served(out.vm_status, out.status, out.stderr, out.report, out.stats)
+    assert out.stats["prefetched_pages"] == len(ws)

@@ -25,6 +25,7 @@ from fcsnap.restore_options import (
     socket_access,
 )
 from fcsnap.store.format.layout import resolve_build
+from fcsnap.store.operations.e2b import e2b_build_dir
 from fcsnap.uffd.firecracker_api import SnapshotLoad
 from fcsnap.uffd.listener import SocketAccess
 from fcsnap.uffd.session import ServeOptions
@@ -84,8 +85,8 @@ def parse_restore(body: object, store: Path | RemoteBuilds, cache_bytes: int,
             api_timeout=numbers["api_timeout"], access=_access(body),
         )
         build_dir = request_build(vm, store, bool(body.get("verify")))
-        if isinstance(store, Path):  # an E2B/Wrenn build: served as it is, no --verify
-            from fcsnap.store.operations.e2b_serve import e2b_to_serve
+        if isinstance(store, Path) and e2b_build_dir(build_dir, None) is not None:
+            from fcsnap.store.operations.e2b_serve import e2b_to_serve  # served as it is
 
             e2b_to_serve(str(build_dir), None, bool(body.get("verify")))
         load = checked.snapshot_load(build_dir, socket_path)

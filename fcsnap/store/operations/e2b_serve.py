@@ -14,10 +14,12 @@ covers a whole object and is checked by `verify`, not while serving.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import mmap
 import os
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fcsnap.errors import FcsnapError, FetchPending, UsageError
 from fcsnap.header import Header
@@ -31,6 +33,9 @@ from fcsnap.store.operations.e2b import BuildData, decode_frame, e2b_build_dir, 
 
 RAW_PIECE = 4 << 20
 """An uncompressed object in S3 is fetched and cached in pieces of this size."""
+if TYPE_CHECKING:
+    import numpy as np
+
 NO_VERIFY = ("--verify checks each page against its block hash, and an E2B/Wrenn build has "
              "none (verify checks what it carries)")
 
@@ -76,10 +81,11 @@ class FramedObject:
         self.table = data.frames or raw_frames(data.size)
         self.starts = [f.start_u for f in self.table]
         self.frames = frame_cache if frame_cache is not None else FrameCache(cache_bytes)
-        self.host = host
+        self.cache = host
         self.key = f"e2b-{data.build_id}-{data.compression}-{data.object_size}"
         self.nonblocking = False
         self._for_reader = None if host is None else ReaderFetches(host)
+        self._asked: set[int] = set()  # frames whose fetch ahead was asked for
         self._id = id(self)
 
     def _decoded(self, index: int, raw: Buffer) -> bytes:
@@ -94,11 +100,11 @@ class FramedObject:
     def _load(self, index: int) -> bytes:
         """Frame `index` decoded and checked (fetched through the host cache, if any)."""
         f = self.table[index]
-        if self.host is None:
+        if self.cache is None:
             out = self._decoded(index, self.data._pread(f.start_c, f.size_c))
         else:
             decoded: list[bytes] = []
-            self.host.get(self.key, index, lambda: self.data._pread(f.start_c, f.size_c),
+            self.cache.get(self.key, index, lambda: self.data._pread(f.start_c, f.size_c),
                           lambda raw: decoded.append(self._decoded(index, raw)), f.size_c)
             out = decoded[-1]
         self.frames.put((self._id, index), out)
@@ -108,10 +114,10 @@ class FramedObject:
         found = self.frames.get((self._id, index))
         if found is not None:
             return found
-        if self.nonblocking and self.host is not None and self._for_reader is not None:
+        if self.nonblocking and self.cache is not None and self._for_reader is not None:
             f = self.table[index]
             decoded: list[bytes] = []
-            if self.host.lookup(self.key, index, f.size_c,
+            if self.cache.lookup(self.key, index, f.size_c,
                                 lambda raw: decoded.append(self._decoded(index, raw))) is None:
                 self._for_reader.ask(index, lambda: self._load(index))
                 raise FetchPending(f"frame {index} of {self.path}")
@@ -136,6 +142,51 @@ class FramedObject:
             parts.append(data[pos - f.start_u : pos - f.start_u + take])
             pos += take
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def fetch_extent(self, storage: np.ndarray) -> None:
+        """Start fetching, in this order, the frames holding the pages at `storage` (a working
+        set about to be prefetched) into the host cache."""
+        import numpy as np
+        indexes = np.searchsorted(np.array(self.starts, np.int64), storage, "right") - 1
+        _, first = np.unique(indexes, return_index=True)
+        for index in indexes[np.sort(first)].tolist():
+            self._ahead(index, background=False)
+
+    def fetch_rest(self, starts: np.ndarray, ends: np.ndarray) -> None:
+        """Queue every frame holding bytes [starts[i], ends[i]) (what the served memory maps
+        to) for fetching in the background, behind every other fetch, as fcsnap's raw diffs
+        are (CachedDiff.fetch_rest): not with --lazy-fetch, nor more than half the cache."""
+        import numpy as np
+
+        if self.cache is None or not (self.nonblocking and self.cache.fetch_rest):
+            return
+        bounds = np.array(self.starts, np.int64)
+        first = np.searchsorted(bounds, starts, "right") - 1
+        last = np.searchsorted(bounds, ends - 1, "right") - 1
+        needed = sorted({i for a, b in zip(first.tolist(), last.tolist(), strict=True)
+                         for i in range(max(a, 0), b + 1)})
+        if sum(self.table[i].size_c for i in needed) > self.cache.limit_bytes // 2:
+            return
+        for index in needed:
+            self._ahead(index, background=True)
+
+    def _ahead(self, index: int, background: bool) -> None:
+        """Have frame `index` fetched, checked and put in the host cache on a fetch thread
+        (not decoded into the frame cache: the guest may never read it); once."""
+        cache = self.cache
+        if cache is None or index in self._asked:
+            return
+        self._asked.add(index)
+        f = self.table[index]
+
+        def fetch() -> None:
+            if cache.holds(self.key, index):
+                return
+            with contextlib.suppress(FcsnapError):  # its reader fetches again and says why
+                cache.get(self.key, index, lambda: self.data._pread(f.start_c, f.size_c),
+                          lambda raw: self._decoded(index, raw), f.size_c)
+
+        cache.prefetch(fetch, background)
 
     def check_size(self) -> None:
         pass
