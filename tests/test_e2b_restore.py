@@ -193,6 +193,8 @@ def test_restore_from_an_e2b_bucket(scenario, generation, bucket, procs, tmp_pat
 
 
 def test_an_e2b_bucket_refuses_verify_and_a_damaged_frame(bucket, procs, tmp_path):
+    """--verify: one line, exit 2. A frame damaged in the bucket: never installed, the VM
+    killed. An object gone from the bucket: one line before the socket listens."""
     import obstore
 
     upload(bucket, "v4-zstd-4k")
@@ -213,6 +215,13 @@ def test_an_e2b_bucket_refuses_verify_and_a_damaged_frame(bucket, procs, tmp_pat
     out = procs.outcome(server, procs.vm(expected=memory))
     assert out.status == 1 and out.vm_status != 0 and "frame 0" in out.error
     assert out.report is None or out.report["mismatches"] == 0
+    obstore.delete(bucket.client(), f"snaps/{expected['build_id']}/memfile.zstd")
+    head = EXPECTED["v4-zstd-4k"][2]["build_id"]  # reads the template's object, now gone
+    server = procs.track(restore_from(bucket, head, procs.socket, tmp_path / "cache3",
+                                      stats=procs.stats))
+    out = procs.outcome(server, None)
+    assert out.status == 1 and "memfile.zstd: data object missing" in out.error
+    assert not procs.socket.exists()
 
 
 def test_daemon_serves_an_e2b_bucket(bucket, tmp_path, monkeypatch):
