@@ -31,20 +31,20 @@ from fcsnap.store.format.seekable import FrameCache
 from fcsnap.store.format.source import DiffFile, open_lineages_with
 from fcsnap.store.operations.e2b import BuildData, decode_frame, e2b_build_dir, open_builds
 
-RAW_PIECE = 4 << 20
-"""An uncompressed object in S3 is fetched and cached in pieces of this size."""
 if TYPE_CHECKING:
     import numpy as np
 
+RAW_PIECE = 4 << 20
+"""An uncompressed object in S3 is fetched and cached in pieces of this size."""
 NO_VERIFY = ("--verify checks each page against its block hash, and an E2B/Wrenn build has "
              "none (verify checks what it carries)")
 
 
 class RawObject(DiffFile):
     """An uncompressed `memfile`: served as fcsnap's raw diffs are (mmapped, its size checked
-    before copies out of the mapping)."""
+    before copies out of the mapping). It takes over the fd `data` opened."""
 
-    def __init__(self, data: BuildData) -> None:  # noqa: D107 (takes over data's fd)
+    def __init__(self, data: BuildData) -> None:
         self.path = data.path
         self.build_dir = data.path.parent
         self.compressed = False
@@ -78,7 +78,7 @@ class FramedObject:
         self.zstd = None
         self.fd = -1
         self.size = data.size
-        self.table = data.frames or raw_frames(data.size)
+        self.table = raw_frames(data.size) if data.compression == "none" else data.frames
         self.starts = [f.start_u for f in self.table]
         self.frames = frame_cache if frame_cache is not None else FrameCache(cache_bytes)
         self.cache = host
