@@ -145,6 +145,22 @@ def _e2b_dir(build: BuildRef, store: PathLike | StoreTarget | None) -> Path | No
     return e2b_build_dir(str(build), store)
 
 
+def _e2b_in_bucket(
+    build: str, store: StoreTarget, cache_dir: PathLike | None, cache_size: int,
+    fetch_timeout: float, lazy_fetch: bool, verify: bool,
+) -> tuple[Path, Any] | None:
+    """An E2B/Wrenn build in an S3 store, ready to serve through the host chunk cache (its
+    build directory in the mirror, the fetch statistics), or None for an fcsnap build."""
+    from fcsnap.store.backends.chunk_cache import ChunkCache, default_cache_dir
+    from fcsnap.store.operations.e2b_remote import e2b_in_bucket, serve_e2b_in_bucket
+
+    if e2b_in_bucket(store, build) is None:  # type: ignore[arg-type]  (a RemoteStore)
+        return None
+    cache = ChunkCache(Path(cache_dir) if cache_dir else default_cache_dir(), cache_size,
+                       fetch_rest=not lazy_fetch)
+    return serve_e2b_in_bucket(build, store, cache, fetch_timeout, verify)  # type: ignore[arg-type]
+
+
 def _tracker(progress: Progress | None, total: int) -> Callable[[int], None]:
     """The ops' `advance(bytes)` callback, calling `progress` with the total: once with 0
     bytes right away, so that a progress bar knows its length before the work starts."""
@@ -487,8 +503,15 @@ def restore(
                    handshake_timeout=checked.handshake_timeout)
     if isinstance(store, str | os.PathLike):
         store = open_store(str(store), fetch_timeout)
+    if (store is None or isinstance(store, Path)) and _e2b_dir(build, store) is not None:
+        from fcsnap.store.operations.e2b_serve import e2b_to_serve  # served as it is
+
+        e2b_to_serve(str(build), store, bool(options.get("verify")))
     size = parse_cache_size(cache_size)
-    build_dir, fetched = serve_source(
+    foreign = None if store is None or isinstance(store, Path) else _e2b_in_bucket(
+        str(build), store, cache_dir, size, fetch_timeout, lazy_fetch,
+        bool(options.get("verify")))
+    build_dir, fetched = foreign or serve_source(
         str(build), store, None if cache_dir is None else Path(cache_dir), size, fetch_timeout,
         lazy_fetch,
     )

@@ -52,7 +52,8 @@ killing the VM if it connected."""
 ], help=RESTORE_TEXT)
 def restore(
     build: Annotated[str | None, typer.Argument(
-        metavar="BUILD", help="Build to serve: directory, id or VM name.",
+        metavar="BUILD", help="Build to serve: directory, id or VM name (an E2B/Wrenn build "
+        "directory or id is served as it is).",
         show_default=False)] = None,
     *,
     vm: Annotated[str | None, typer.Option(
@@ -65,7 +66,8 @@ def restore(
         "--stats", metavar="FILE", help="Write serving statistics (JSON).",
         rich_help_panel=OUTPUT)] = None,
     verify: Annotated[bool, typer.Option(
-        "--verify", help="Check every block against its hash before installing it.",
+        "--verify", help="Check every block against its hash before installing it (not for "
+        "E2B/Wrenn builds: they have no block hashes).",
         rich_help_panel=FAULTS)] = False,
     handshake_timeout: Annotated[float, typer.Option(
         "--handshake-timeout", metavar="SECONDS", rich_help_panel=FAULTS,

@@ -24,9 +24,15 @@ class RemoteBuilds:
         lease_expiry()  # a bad FCSNAP_S3_LEASE_EXPIRY stops the daemon, not each request
         self._lock = threading.Lock()  # one mirror: one request at a time writes it
 
-    def resolve(self, vm: str) -> Path:
-        """The build (a name read now: it may have moved since the last request)."""
+    def resolve(self, vm: str, verify: bool = False) -> Path:
+        """The build (a name read now: it may have moved since the last request). An E2B/Wrenn
+        build in the bucket is served as it is (UsageError for `verify`, which cannot apply)."""
+        from fcsnap.store.operations.e2b_remote import serve_e2b_in_bucket
+
         with self._lock:
+            foreign = serve_e2b_in_bucket(vm, self.store, self.cache, self.fetch_timeout, verify)
+            if foreign is not None:
+                return foreign[0]
             head = mirror_for_serving(self.store, vm)
             read_through(self.store, head, self.cache, self.fetch_timeout, serving=True)
         return head

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fcsnap.errors import FcsnapError
+from fcsnap.errors import FcsnapError, UsageError
 from fcsnap.outputs import inside
 from fcsnap.restore_options import (
     DEFAULT_API_TIMEOUT,
@@ -25,6 +25,7 @@ from fcsnap.restore_options import (
     socket_access,
 )
 from fcsnap.store.format.layout import resolve_build
+from fcsnap.store.operations.e2b import e2b_build_dir
 from fcsnap.uffd.firecracker_api import SnapshotLoad
 from fcsnap.uffd.listener import SocketAccess
 from fcsnap.uffd.session import ServeOptions
@@ -83,7 +84,11 @@ def parse_restore(body: object, store: Path | RemoteBuilds, cache_bytes: int,
             track_dirty_pages=bool(body.get("track_dirty_pages")),
             api_timeout=numbers["api_timeout"], access=_access(body),
         )
-        build_dir = request_build(vm, store)
+        build_dir = request_build(vm, store, bool(body.get("verify")))
+        if isinstance(store, Path) and e2b_build_dir(build_dir, None) is not None:
+            from fcsnap.store.operations.e2b_serve import e2b_to_serve  # served as it is
+
+            e2b_to_serve(str(build_dir), None, bool(body.get("verify")))
         load = checked.snapshot_load(build_dir, socket_path)
     except RequestError:
         raise
@@ -108,11 +113,14 @@ def parse_restore(body: object, store: Path | RemoteBuilds, cache_bytes: int,
     return RestoreRequest(vm, build_dir, options, load)
 
 
-def request_build(vm: str, store: Path | RemoteBuilds) -> Path:
+def request_build(vm: str, store: Path | RemoteBuilds, verify: bool = False) -> Path:
     """The build directory `vm` (a directory, id or name) stands for in the daemon's store (a
-    local one, or a mirror of a build in object storage); RequestError 404 when there is none."""
+    local one, or a mirror of a build in object storage); RequestError 404 when there is none
+    (400 for `verify` of an E2B/Wrenn build in object storage)."""
     try:
-        return resolve_build(vm, store) if isinstance(store, Path) else store.resolve(vm)
+        return resolve_build(vm, store) if isinstance(store, Path) else store.resolve(vm, verify)
+    except UsageError as e:
+        raise RequestError(str(e)) from None
     except FcsnapError as e:
         raise RequestError(str(e), 404) from None
 

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fcsnap.store.format.layout import MANIFEST
 from fcsnap.store.format.locks import LineageLock
 from fcsnap.store.format.pins import open_lineage
 
@@ -20,6 +21,14 @@ if TYPE_CHECKING:  # a local restore imports no S3 code as it starts
     from fcsnap.store.backends.remote import RemoteStore
 
 _remote: dict[Path, RemoteStore] = {}  # mirror directory -> the store it mirrors
+_foreign: set[Path] = set()  # E2B/Wrenn stores: nothing to lock, pin or lease
+
+
+def hold_nothing_in(store: Path) -> None:
+    """Have `hold_builds` take nothing on the E2B/Wrenn builds of `store` (those without
+    build.json): fcsnap's gc never removes their builds, they carry no pins to check, and a
+    bucket fcsnap only reads gets no lease objects written into it."""
+    _foreign.add(store.resolve())
 
 
 def lease_through(store: RemoteStore) -> None:
@@ -30,7 +39,7 @@ def lease_through(store: RemoteStore) -> None:
 class Hold:
     """A served build's lineage, locked and (in object storage) leased; released once."""
 
-    def __init__(self, lineage: LineageLock, lease: RemoteLease | None) -> None:
+    def __init__(self, lineage: LineageLock | None, lease: RemoteLease | None) -> None:
         self.lineage = lineage
         self.lease = lease
 
@@ -38,11 +47,15 @@ class Hold:
         if self.lease is not None:
             self.lease.release()
             self.lease = None
-        self.lineage.release()
+        if self.lineage is not None:
+            self.lineage.release()
+            self.lineage = None
 
 
 def hold_builds(build_dir: Path) -> Hold:
     """Hold `build_dir` and every build it reads for as long as it is served."""
+    if build_dir.parent.resolve() in _foreign and not (build_dir / MANIFEST).exists():
+        return Hold(None, None)
     lineage = open_lineage(build_dir)
     store = _remote.get(build_dir.parent.resolve())
     if store is None:

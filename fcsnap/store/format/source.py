@@ -93,6 +93,12 @@ class DiffFile:
 # (build directory, frame cache budget, a shared frame cache or None) -> the diff
 DiffOpener = Callable[[Path, int, "FrameCache | None"], "DiffFile"]
 _openers: dict[Path, DiffOpener] = {}
+# (head header, store, frame cache budget, shared frame cache) -> every diff it reads, or
+# None where the head is not the opener's to open
+LineageOpener = Callable[
+    [Header, Path, int, "FrameCache | None"], "dict[uuid.UUID, DiffFile] | None"
+]
+_lineage_openers: dict[Path, LineageOpener] = {}
 
 
 def open_diffs_with(store: Path, opener: DiffOpener) -> None:
@@ -100,6 +106,13 @@ def open_diffs_with(store: Path, opener: DiffOpener) -> None:
     storage) with `opener`: their diffs are read through the host chunk cache
     (fcsnap/store/backends/chunk_cache.py), not from files."""
     _openers[store.resolve()] = opener
+
+
+def open_lineages_with(store: Path, opener: LineageOpener) -> None:
+    """Have open_diffs open every lineage of `store` with `opener`, which opens all the diffs
+    a head reads at once (E2B/Wrenn stores: a build's data object is found through the head's
+    builds section, not through its own directory alone)."""
+    _lineage_openers[store.resolve()] = opener
 
 
 def open_diffs(
@@ -110,6 +123,10 @@ def open_diffs(
     zstd frames are checked against their checksums as they are read (restore, unpack, squash
     and diff trust what these return). `frame_cache`: one cache shared with other readers
     (a daemon's), instead of one of `cache_bytes` per zstd diff."""
+    lineage = _lineage_openers.get(store.resolve())
+    found = None if lineage is None else lineage(header, store, cache_bytes, frame_cache)
+    if found is not None:
+        return found
     diffs: dict[uuid.UUID, DiffFile] = {}
     opener = _openers.get(store.resolve())
     try:

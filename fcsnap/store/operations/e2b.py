@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import os
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,14 +111,7 @@ class BuildData:
         where = f"{self.path}: frame {i} (compressed bytes {f.start_c}..{f.end_c})"
         if f.size_u > MAX_FRAME:
             raise FcsnapError(f"{where}: {f.size_u} bytes uncompressed is beyond {MAX_FRAME}")
-        raw = self._pread(f.start_c, f.size_c)
-        if self.compression == "zstd":
-            out = _zstd_frame(raw, f.size_u, where)
-        else:
-            try:
-                out = decompress(raw, f.size_u)
-            except BodyError as e:
-                raise FcsnapError(f"{where}: {e}") from None
+        out = decode_frame(self.compression, self._pread(f.start_c, f.size_c), f.size_u, where)
         if len(self._cache) >= 4:
             self._cache.pop(next(iter(self._cache)))
         self._cache[i] = out
@@ -140,20 +134,38 @@ class BuildData:
         return b"".join(parts)
 
 
+def decode_frame(compression: str, raw: bytes, size: int, where: str) -> bytes:
+    """One frame of a compressed object, checked: exactly `size` bytes, its codec's checksums
+    (zstd's content checksum, LZ4's block and content checksums) verified as it decodes."""
+    if compression == "zstd":
+        return _zstd_frame(raw, size, where)
+    try:
+        return decompress(raw, size)
+    except BodyError as e:
+        raise FcsnapError(f"{where}: {e}") from None
+
+
+_local = threading.local()  # one zstd decompression context per thread, reused
+
+
 def _zstd_frame(raw: bytes, size: int, where: str) -> bytes:
-    """One zstd frame of exactly `size` bytes; its content checksum is checked by zstd."""
+    """One zstd frame of exactly `size` bytes, nothing after it; its content checksum is
+    checked by zstd as it decodes. The frame's declared content size (E2B's frames carry it)
+    must be the table's: it is what the one-shot decode allocates."""
     import zstandard
 
+    dctx = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor()
     try:
-        params = zstandard.get_frame_parameters(raw)
-        if params.content_size != size:  # E2B's frames carry it; it bounds what is decoded
-            raise FcsnapError(f"{where}: zstd frame says {params.content_size} bytes, the frame "
-                              f"table {size}")
-        reader = zstandard.ZstdDecompressor().decompressobj()
-        out = reader.decompress(raw)
+        declared = zstandard.frame_content_size(raw)
+        if declared != size:
+            raise FcsnapError(f"{where}: zstd frame says {declared} bytes, the frame table "
+                              f"{size}")
+        out = dctx.decompress(raw, max_output_size=size, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise FcsnapError(f"{where}: damaged zstd frame ({e})") from None
-    if not reader.eof or reader.unused_data or len(out) != size:
+    if len(out) != size:
         raise FcsnapError(f"{where}: not one zstd frame of {size} bytes")
     return out
 
@@ -167,7 +179,12 @@ def _own_entry(store: Path, build_id: uuid.UUID) -> BuildInfo | None:
     return section.builds.get(build_id) if section else None
 
 
-def _build_data(store: Path, header: Header, build_id: uuid.UUID) -> BuildData:
+def _local_size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
+
+
+def build_data(store: Path, header: Header, build_id: uuid.UUID,
+               object_size: Callable[[Path], int] = _local_size) -> BuildData:
     """How a lineage reads `build_id`. The head's builds entry says the compression (E2B's
     rule); where it has none, the build's own header does (E2B resolves it the same way); with
     neither, the object is uncompressed. The build's own header holds its whole frame table
@@ -187,7 +204,7 @@ def _build_data(store: Path, header: Header, build_id: uuid.UUID) -> BuildData:
     if entry and entry.size:
         size = entry.size
     elif compression == "none":  # a V3 build: the object's own size
-        size = path.stat().st_size if path.is_file() else 0
+        size = object_size(path)
     else:
         size = frames[-1].end_u if frames else 0
     contiguous = all(a.end_u == b.start_u for a, b in zip(frames, frames[1:], strict=False))
@@ -223,21 +240,30 @@ def open_e2b(build_dir: Path) -> E2BLineage:
     if build_dir.name != str(header.metadata.build_id):
         raise FcsnapError(f"{build_dir}: directory name is not its build id "
                           f"{header.metadata.build_id}")
-    store = build_dir.parent
-    lineage = E2BLineage(build_dir, header, {})
+    return E2BLineage(build_dir, header, open_builds(build_dir.parent, header))
+
+
+def open_builds(store: Path, header: Header) -> dict[uuid.UUID, BuildData]:
+    """The data object of every build `header` reads, opened and checked for size and frame
+    coverage (FcsnapError naming the first that falls short; none left open then)."""
+    builds: dict[uuid.UUID, BuildData] = {}
     try:
         for build_id, end in header.storage_ends().items():
-            data = _build_data(store, header, build_id)
-            lineage.builds[build_id] = data
+            if not (store / str(build_id)).is_dir():
+                raise FcsnapError(f"build {build_id} read by {header.metadata.build_id} is not "
+                                  f"in {store}")
+            data = build_data(store, header, build_id)
             data.open()
-            _check_coverage(header, data, end)
+            builds[build_id] = data
+            check_coverage(header, data, end)
     except BaseException:
-        lineage.close()
+        for data in builds.values():
+            data.close()
         raise
-    return lineage
+    return builds
 
 
-def _check_coverage(header: Header, data: BuildData, end: int) -> None:
+def check_coverage(header: Header, data: BuildData, end: int) -> None:
     """The object holds every byte the mappings read: an uncompressed one is long enough; a
     compressed one has a frame for every mapped byte, inside the object."""
     if data.size < end:

@@ -1,0 +1,150 @@
+"""E2B/Wrenn builds in S3, served as they are: `s3://BUCKET/PREFIX/<build_id>/memfile.header`
+beside `memfile`, `memfile.zstd` or `memfile.lz4`, as E2B lays out its bucket (docs/s3.md).
+
+The headers of the lineage are brought into the store's local mirror; the data objects stay in
+the bucket and are read frame by frame (an uncompressed object in 4 MiB pieces) through the
+host chunk cache, each frame checked as it is fetched and again when another process's copy
+is loaded. Nothing is written into the bucket: no leases (fcsnap's gc never removes E2B
+builds, and E2B's own cleanup does not read fcsnap's leases).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fcsnap.errors import FcsnapError
+from fcsnap.header import Header, load_header
+from fcsnap.store.backends.chunk_cache import ChunkCache, FetchStats, with_deadline
+from fcsnap.store.backends.holds import hold_nothing_in
+from fcsnap.store.backends.remote import RemoteStore
+from fcsnap.store.format.layout import HEADER, MANIFEST, SNAPFILE, parse_build_id
+from fcsnap.store.format.seekable import FrameCache
+from fcsnap.store.format.source import DiffFile, open_lineages_with
+from fcsnap.store.operations.e2b import BuildData, build_data, check_coverage
+from fcsnap.store.operations.e2b_serve import NO_VERIFY, FramedObject, check_complete
+
+
+@dataclass
+class RemoteData(BuildData):
+    """A build's data object in the bucket: its size from the listing, its bytes by range GET
+    (with the fetch deadline and retries)."""
+
+    store: RemoteStore | None = field(default=None, repr=False)
+    listed: int = -1  # the object's size in the listing; -1: not there
+    timeout: float = 30.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.build_id}/{self.path.name}"
+
+    def open(self) -> None:
+        if self.listed < 0:
+            raise FcsnapError(f"{self.store.url if self.store else ''}/{self.key}: data object "
+                              "missing")
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def object_size(self) -> int:
+        return self.listed
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        assert self.store is not None
+        store = self.store
+        if offset + length > self.listed:
+            raise FcsnapError(f"{store.url}/{self.key}: ends at {self.listed}, before byte "
+                              f"{offset + length} the header maps")
+        return with_deadline(lambda: store.objects.get_range(self.key, offset, length),
+                             self.timeout, f"{store.url}/{self.key}")()
+
+
+def e2b_in_bucket(store: RemoteStore, arg: str) -> uuid.UUID | None:
+    """BUILD as the id of an E2B/Wrenn build in the bucket (a header, no build.json), or
+    None."""
+    build_id = parse_build_id(arg)
+    if build_id is None:
+        return None
+    objects = store.build_objects(build_id)
+    return build_id if HEADER in objects and MANIFEST not in objects else None
+
+
+class RemoteLineages:
+    """Opens the E2B/Wrenn lineages of one bucket's mirror with their objects read through
+    one host chunk cache."""
+
+    def __init__(self, store: RemoteStore, cache: ChunkCache, timeout: float,
+                 serving: bool) -> None:
+        self.store = store
+        self.cache = cache
+        self.timeout = timeout
+        self.serving = serving
+        self.listed: dict[uuid.UUID, dict[str, int]] = {}
+
+    def mirror(self, build_id: uuid.UUID) -> Path:
+        """The head's directory in the mirror: its header, its snapfile if the bucket has one,
+        and the headers of the builds it reads (their builds entries hold whole frame
+        tables); each build's objects listed."""
+        head = self._mirror_one(build_id, snapfile=True)
+        header = load_header(head / HEADER)
+        for other in header.storage_ends():
+            if other != build_id:
+                self._mirror_one(other, snapfile=False)
+        return head
+
+    def _mirror_one(self, build_id: uuid.UUID, snapfile: bool) -> Path:
+        objects = self.store.build_objects(build_id)
+        self.listed[build_id] = {name: info.size for name, info in objects.items()}
+        target = self.store.mirror / str(build_id)
+        target.mkdir(mode=0o700, exist_ok=True)
+        for name in (HEADER, SNAPFILE) if snapfile else (HEADER,):
+            if name in objects:
+                self.store.download(objects[name].key, target / name)
+        return target
+
+    def open(self, header: Header, mirror: Path, cache_bytes: int,
+             frame_cache: FrameCache | None) -> dict[uuid.UUID, DiffFile] | None:
+        """open_diffs's opener for the mirror: every build the head reads, checked for sizes
+        and frame coverage against the listing before a byte is fetched."""
+        if (mirror / str(header.metadata.build_id) / MANIFEST).exists():
+            return None
+        check_complete(header)
+        diffs: dict[uuid.UUID, DiffFile] = {}
+        for build_id, end in header.storage_ends().items():
+            if not (mirror / str(build_id)).is_dir():
+                raise FcsnapError(f"build {build_id} read by {header.metadata.build_id} is "
+                                  f"not in {self.store.url}")
+            listed = self.listed.get(build_id, {})
+            plain = build_data(mirror, header, build_id,
+                               lambda p, listed=listed: listed.get(p.name, 0))
+            data = RemoteData(**{k: getattr(plain, k) for k in (
+                "build_id", "path", "compression", "size", "frames", "checksum", "full_table")},
+                store=self.store, listed=listed.get(plain.path.name, -1), timeout=self.timeout)
+            data.open()
+            check_coverage(header, data, end)
+            diff = FramedObject(data, frame_cache, cache_bytes, self.cache)
+            diff.nonblocking = self.serving
+            diffs[build_id] = diff  # type: ignore[assignment]  (DiffFile's reading interface)
+        return diffs
+
+
+def serve_e2b_in_bucket(
+    arg: str, store: RemoteStore, cache: ChunkCache, timeout: float, verify: bool,
+    serving: bool = True,
+) -> tuple[Path, FetchStats] | None:
+    """restore's BUILD when it is an E2B/Wrenn build in the bucket: its directory in the
+    mirror (its readers registered) and the fetch statistics; None for an fcsnap build."""
+    from fcsnap.errors import UsageError
+
+    build_id = e2b_in_bucket(store, arg)
+    if build_id is None:
+        return None
+    if verify:
+        raise UsageError(NO_VERIFY)
+    lineages = RemoteLineages(store, cache, timeout, serving)
+    head = lineages.mirror(build_id)
+    open_lineages_with(store.mirror, lineages.open)
+    hold_nothing_in(store.mirror)
+    return head, cache.stats

@@ -1,0 +1,322 @@
+"""E2B/Wrenn builds served as they are (fixtures/e2b/, written by E2B's own code): `restore`
+serves every generation's memory byte for byte to the stand-in VM, uncompressed or frame by
+frame, refuses --verify in one line, and damaged data fails the restore cleanly."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import Procs, assert_served
+from test_e2b_store import BUILDS, EXPECTED, FIXTURES, build_dir
+
+from fcsnap.header import load_header
+from fcsnap.store.operations.e2b import unpack_e2b
+
+
+@pytest.fixture
+def procs(tmp_path: Path):
+    p = Procs(tmp_path)
+    yield p
+    p.close()
+
+
+def memory_of(build: Path, tmp_path: Path, expected: dict) -> Path:
+    """The generation's memory, as E2B's own code says it is (its SHA-256 in expected.json)."""
+    out = tmp_path / f"{build.name}.mem"
+    unpack_e2b(build, out)
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == expected["memory_sha256"]
+    return out
+
+
+def serve(procs: Procs, build: Path, store: Path | None, memory: Path, *args: str,
+          **vm: object):
+    server = procs.server(build if store is None else build.name, store, *args)
+    return procs.outcome(server, procs.vm(expected=memory, **vm))
+
+
+@pytest.mark.parametrize("expected", BUILDS, ids=[h["file"] for h in BUILDS])
+def test_restore_serves_each_generation_e2b_wrote(expected, procs, tmp_path):
+    build = build_dir(expected)
+    memory = memory_of(build, tmp_path, expected)
+    out = serve(procs, build, None, memory, threads=2, order="random", seed=1)
+    page = 4096
+    stats = assert_served(out.vm_status, out.status, out.stderr, out.report, out.stats,
+                          pages=memory.stat().st_size // page)
+    data_builds = {m[2] for m in expected["mappings"]} - {str(bytes(16).hex())}
+    assert set(stats["per_build_pages"]) <= {*data_builds,
+                                             "00000000-0000-0000-0000-000000000000"}
+
+
+def test_restore_by_id_in_the_store(procs, tmp_path):
+    expected = EXPECTED["v5-lz4-4k"][2]
+    build = build_dir(expected)
+    memory = memory_of(build, tmp_path, expected)
+    out = serve(procs, build, build.parent, memory)
+    assert_served(out.vm_status, out.status, out.stderr, out.report, out.stats)
+
+
+def test_verify_is_refused_in_one_line(procs, tmp_path):
+    build = build_dir(EXPECTED["v4-zstd-4k"][2])
+    server = procs.server(build, None, "--verify")
+    out = procs.outcome(server, None)
+    assert out.status == 2
+    assert "--verify" in out.error and "E2B/Wrenn" in out.error
+
+
+def _damaged(tmp_path: Path, scenario: str, generation: int) -> tuple[Path, Path]:
+    """A writable copy of a scenario and its build of `generation` (1-based)."""
+    store = tmp_path / scenario
+    shutil.copytree(FIXTURES / scenario, store)
+    build = store / Path(EXPECTED[scenario][generation - 1]["file"]).parent.name
+    return store, build
+
+
+def _first_frame(build: Path) -> tuple[Path, int, int]:
+    """The compressed object of `build` and its first frame's compressed range."""
+    header = load_header(build / "memfile.header")
+    entry = header.builds_section.builds[header.metadata.build_id]
+    frame = entry.frames[0]
+    return build / f"memfile.{entry.compression}", frame.start_c, frame.size_c
+
+
+def test_a_damaged_frame_fails_the_restore_and_kills_the_vm(procs, tmp_path):
+    """A flipped byte inside a zstd frame: its checksum fails, no page of it is installed."""
+    expected = EXPECTED["v4-zstd-4k"][0]
+    memory = memory_of(build_dir(expected), tmp_path, expected)
+    _, build = _damaged(tmp_path, "v4-zstd-4k", 1)
+    obj, start, size = _first_frame(build)
+    data = bytearray(obj.read_bytes())
+    data[start + size // 2] ^= 0xFF
+    obj.write_bytes(bytes(data))
+    out = serve(procs, build, None, memory)
+    assert out.status == 1 and out.vm_status != 0
+    assert "frame 0" in out.error
+    assert out.report is None or out.report["mismatches"] == 0
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "absent build", "incomplete"])
+def test_missing_or_short_objects_are_refused_before_serving(damage, procs, tmp_path):
+    """A truncated object, a missing one, a header naming a build not in the store, or one
+    marked incomplete (upload pending): one line, before the socket listens (no VM ever runs
+    on a wrong page)."""
+    store, build = _damaged(tmp_path, "v4-zstd-4k", 3)
+    template = store / Path(EXPECTED["v4-zstd-4k"][0]["file"]).parent.name
+    obj = template / "memfile.zstd"
+    if damage == "incomplete":  # the header a peer sends while the upload is under way
+        shutil.copy(store / f"peer-{build.name}.header", build / "memfile.header")
+    elif damage == "truncated":
+        obj.write_bytes(obj.read_bytes()[:-100])
+    elif damage == "missing":
+        obj.unlink()
+    else:
+        shutil.rmtree(template)
+    out = procs.outcome(procs.server(build, None), None)
+    assert out.status == 1
+    assert {"truncated": "frame table ends", "missing": "memfile.zstd",
+            "absent build": "is not in", "incomplete": "marked incomplete"}[damage] in out.error
+    assert not procs.socket.exists()
+
+
+def test_daemon_serves_e2b_builds_side_by_side(tmp_path):
+    """`fcsnap serve` over a directory laid out as E2B's bucket: four VMs at once from
+    LZ4-framed, zstd-framed and uncompressed builds sharing ancestors, every byte checked;
+    verify is refused with 400 and listens on nothing."""
+    from test_daemon import Build, Daemon
+
+    store = tmp_path / "bucket"
+    for scenario in ("v5-lz4-4k", "v4-on-v3-4k"):
+        shutil.copytree(FIXTURES / scenario, store, dirs_exist_ok=True)
+    picks = [EXPECTED["v5-lz4-4k"][2], EXPECTED["v5-lz4-4k"][1],
+             EXPECTED["v4-on-v3-4k"][1], EXPECTED["v4-on-v3-4k"][0]]
+    daemon = Daemon(store, tmp_path)
+    try:
+        status, answer = daemon.call("POST", "/restores", {
+            "vm": str(picks[0]["build_id"]), "socket": str(tmp_path / "v.sock"), "verify": True})
+        assert status == 400 and "--verify" in answer["error"], answer
+        assert not (tmp_path / "v.sock").exists()
+        vms = []
+        for n, expected in enumerate(picks):
+            memory = memory_of(build_dir(expected), tmp_path, expected)
+            daemon.restore(expected["build_id"], f"vm{n}")
+            build = Build(f"vm{n}", expected["build_id"], memory)
+            vms.append(daemon.vm(f"vm{n}", build, threads=2, order="random", seed=n))
+        for n, vm in enumerate(vms):
+            vm.communicate(timeout=60)
+            report = daemon.report(f"vm{n}")
+            assert vm.returncode == 0 and report is not None, report
+            assert report["mismatches"] == 0 and report["pages_touched"] > 0
+        assert daemon.stop()[0] == 0
+    finally:
+        daemon.close()
+
+
+def upload(bucket, scenario: str, prefix: str = "snaps") -> None:
+    """A fixture scenario as E2B lays out its bucket: `<prefix>/<build_id>/<object>`."""
+    import obstore
+
+    client = bucket.client()
+    for path in sorted((FIXTURES / scenario).rglob("*")):
+        if path.is_file() and path.parent != FIXTURES / scenario:
+            key = f"{prefix}/{path.relative_to(FIXTURES / scenario)}"
+            obstore.put(client, key, path.read_bytes())
+
+
+S3_CASES = [("v4-zstd-4k", 3), ("v5-lz4-4k", 2), ("v4-on-v3-4k", 2), ("v5-zstd-2m", 2)]
+
+
+@pytest.mark.parametrize(("scenario", "generation"), S3_CASES,
+                         ids=[f"{s}-gen{g}" for s, g in S3_CASES])
+def test_restore_from_an_e2b_bucket(scenario, generation, bucket, procs, tmp_path):
+    """Frames (and an uncompressed object's pieces) fetched through the host chunk cache:
+    cold, then warm with no fetch; every byte checked; nothing written into the bucket."""
+    from s3_helpers import restore_from
+
+    upload(bucket, scenario)
+    before = bucket.listing()
+    expected = EXPECTED[scenario][generation - 1]
+    memory = memory_of(build_dir(expected), tmp_path, expected)
+    cache = tmp_path / "cache"
+    for run in ("cold", "warm"):
+        server = procs.track(restore_from(bucket, expected["build_id"], procs.socket, cache,
+                                          stats=procs.stats))
+        out = procs.outcome(server, procs.vm(expected=memory, threads=2, order="random"))
+        stats = assert_served(out.vm_status, out.status, out.stderr, out.report, out.stats,
+                              pages=memory.stat().st_size // 4096)
+        if run == "warm":
+            assert stats["fetch_requests"] == 0 and stats["cache_hits"] > 0, stats
+        else:
+            assert stats["fetch_requests"] == stats["cache_misses"] > 0, stats
+    assert bucket.listing() == before
+
+
+def test_an_e2b_bucket_refuses_verify_and_a_damaged_frame(bucket, procs, tmp_path):
+    """--verify: one line, exit 2. A frame damaged in the bucket: never installed, the VM
+    killed. An object gone from the bucket: one line before the socket listens."""
+    import obstore
+
+    upload(bucket, "v4-zstd-4k")
+    expected = EXPECTED["v4-zstd-4k"][0]
+    from s3_helpers import restore_from
+
+    server = procs.track(restore_from(bucket, expected["build_id"], procs.socket,
+                                      tmp_path / "cache", "--verify", stats=procs.stats))
+    out = procs.outcome(server, None)
+    assert out.status == 2 and "--verify" in out.error
+    obj, start, size = _first_frame(build_dir(expected))
+    data = bytearray(obj.read_bytes())
+    data[start + size // 2] ^= 0xFF
+    obstore.put(bucket.client(), f"snaps/{expected['build_id']}/memfile.zstd", bytes(data))
+    memory = memory_of(build_dir(expected), tmp_path, expected)
+    server = procs.track(restore_from(bucket, expected["build_id"], procs.socket,
+                                      tmp_path / "cache2", stats=procs.stats))
+    out = procs.outcome(server, procs.vm(expected=memory))
+    assert out.status == 1 and out.vm_status != 0 and "frame 0" in out.error
+    assert out.report is None or out.report["mismatches"] == 0
+    obstore.delete(bucket.client(), f"snaps/{expected['build_id']}/memfile.zstd")
+    head = EXPECTED["v4-zstd-4k"][2]["build_id"]  # reads the template's object, now gone
+    server = procs.track(restore_from(bucket, head, procs.socket, tmp_path / "cache3",
+                                      stats=procs.stats))
+    out = procs.outcome(server, None)
+    assert out.status == 1 and "memfile.zstd: data object missing" in out.error
+    assert not procs.socket.exists()
+
+
+def test_daemon_serves_an_e2b_bucket(bucket, tmp_path, monkeypatch):
+    """`fcsnap serve --store s3://...` over E2B's bucket layout: two VMs from an LZ4 lineage
+    through the one host cache, every byte checked; verify refused with 400."""
+    from test_daemon import Build, Daemon
+
+    upload(bucket, "v5-lz4-4k")
+    for key, value in bucket.server.env().items():
+        monkeypatch.setenv(key, value)
+    daemon = Daemon(bucket.url(), tmp_path, "--cache-dir",  # type: ignore[arg-type]
+                    str(tmp_path / "cache"), "--fetch-timeout", "10")
+    try:
+        head = EXPECTED["v5-lz4-4k"][2]
+        status, answer = daemon.call("POST", "/restores", {
+            "vm": head["build_id"], "socket": str(tmp_path / "v.sock"), "verify": True})
+        assert status == 400 and "--verify" in answer["error"], answer
+        vms = []
+        for n, expected in enumerate([head, EXPECTED["v5-lz4-4k"][1]]):
+            memory = memory_of(build_dir(expected), tmp_path, expected)
+            daemon.restore(expected["build_id"], f"vm{n}")
+            vms.append(daemon.vm(f"vm{n}", Build(f"vm{n}", expected["build_id"], memory),
+                                 order="random", seed=n))
+        for n, vm in enumerate(vms):
+            vm.communicate(timeout=60)
+            report = daemon.report(f"vm{n}")
+            assert vm.returncode == 0 and report is not None and report["mismatches"] == 0
+        assert daemon.stop()[0] == 0
+    finally:
+        daemon.close()
+
+
+def test_the_frames_a_bucket_build_reads_are_fetched_behind_the_guest(bucket, procs, tmp_path):
+    """A guest that reads one page: the rest of what its memory maps (every frame of every
+    build the head reads, and no other frame) lands in the host cache in the background."""
+    from s3_helpers import restore_from
+
+    from fcsnap.store.operations.e2b import _all_mapped_frames, open_e2b
+
+    upload(bucket, "v4-zstd-4k")
+    expected = EXPECTED["v4-zstd-4k"][2]
+    with open_e2b(build_dir(expected)) as lineage:
+        want = {f"e2b-{b}-{d.compression}-{d.object_size}":
+                [f"{i:08d}" for i in _all_mapped_frames(lineage, d)]
+                for b, d in lineage.builds.items()}
+    cache = tmp_path / "cache"
+
+    def cached() -> dict[str, list[str]]:
+        return {key: sorted(p.name for p in (cache / key).glob("0*")) for key in want}
+
+    server = procs.track(restore_from(bucket, expected["build_id"], procs.socket, cache,
+                                      stats=procs.stats))
+    memory = memory_of(build_dir(expected), tmp_path, expected)
+    vm = procs.vm(expected=memory, touch=1 / 256, hold=30)
+    from helpers import wait_for
+
+    wait_for(lambda: cached() == want, f"the cache to hold {want}")
+    vm.kill()
+    server.wait(timeout=30)
+
+
+def test_a_working_set_in_a_bucket_is_fetched_first(bucket, procs, tmp_path):
+    """--prefetch-ws --lazy-fetch from an E2B bucket: the frames holding the working set are
+    fetched as the socket listens, and no other; the VM then gets every byte right."""
+    import time
+
+    from helpers import wait_for
+    from s3_helpers import restore_from
+
+    from fcsnap.store.operations.e2b import open_e2b
+    from fcsnap.workingset import write_working_set
+
+    upload(bucket, "v4-zstd-4k")
+    expected = EXPECTED["v4-zstd-4k"][0]
+    with open_e2b(build_dir(expected)) as lineage:
+        (build_id, data), = lineage.builds.items()
+        key = f"e2b-{build_id}-{data.compression}-{data.object_size}"
+        mapped = [m for m in lineage.header.mappings if m.build_id == build_id]
+        target = data.frame_index(mapped[-1].storage_offset)  # the last mapped run's frame
+        ws = [m.offset + at for m in mapped for at in range(0, m.length, 4096)
+              if data.frame_index(m.storage_offset + at) == target]
+    path = tmp_path / "ws"
+    write_working_set(path, expected["size"], ws)
+    cache = tmp_path / "cache"
+
+    def cached() -> set[int]:
+        return {int(p.name) for p in (cache / key).glob("0*")}
+
+    server = procs.track(restore_from(bucket, expected["build_id"], procs.socket, cache,
+                                      "--prefetch-ws", str(path), "--lazy-fetch",
+                                      stats=procs.stats))
+    wait_for(lambda: target in cached(), "the working set's frame")
+    time.sleep(0.5)
+    assert cached() == {target}
+    memory = memory_of(build_dir(expected), tmp_path, expected)
+    out = procs.outcome(server, procs.vm(expected=memory))
+    assert_served(out.vm_status, out.status, out.stderr, out.report, out.stats)
+    assert out.stats["prefetched_pages"] == len(ws)
