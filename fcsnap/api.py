@@ -317,22 +317,25 @@ class Store:
 
     def export_e2b(
         self, build: BuildRef, output: PathLike, *, compress: str | None = None,
-        progress: Progress | None = None,
+        frame_size: int | str = "2M", progress: Progress | None = None,
     ) -> list[Path]:
         """Write `build`'s lineage into the directory `output` as an E2B store (version-4
-        headers, `memfile` or `memfile.zstd` frames); returns the build directories written."""
+        headers, `memfile` or `memfile.zstd` / `memfile.lz4` frames of `frame_size`
+        uncompressed bytes); returns the build directories written."""
+        from fcsnap.options import parse_e2b_compression, parse_e2b_frame_size
         from fcsnap.store.format.hashes import read_hashes
         from fcsnap.store.format.layout import HASHES
-        from fcsnap.store.operations.e2b_export import export_e2b, lineage_dirs
+        from fcsnap.store.operations.e2b_export import Codec, export_e2b, lineage_dirs
 
-        compression, level = parse_compression(compress)
+        compression, level = parse_e2b_compression(compress)
+        codec = Codec(compression, level, parse_e2b_frame_size(frame_size))
         build_dir = _dir(build, self.target, data=True)
         total = 0
         for b in lineage_dirs(build_dir):
             bs, table = read_hashes(b / HASHES)
             total += bs * len(table)
         advance = _tracker(progress, total)
-        return export_e2b(build_dir, Path(output), compression, level, advance)
+        return export_e2b(build_dir, Path(output), codec, advance)
 
     def _head(
         self, name: str | None, build_arg: BuildRef | None = None, build_dir: Path | None = None
