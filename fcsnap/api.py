@@ -303,6 +303,7 @@ class Store:
         directory laid out as their buckets): one build per generation with E2B's build ids,
         oldest first; `name` points vms/NAME at `src`'s. Builds imported before are reused."""
         from fcsnap.errors import FcsnapError
+        from fcsnap.store.operations.e2b import headers_read_once
         from fcsnap.store.operations.e2b_import import import_e2b, own_bytes
 
         options = _build_options(block_size=4096, compress=compress,
@@ -312,8 +313,9 @@ class Store:
             raise FcsnapError(f"import writes to a local store directory, not {self.path}")
         options = replace(options, name_expected=self._head(name), verb="import")
         src = Path(src)
-        advance = _tracker(progress, own_bytes(src))
-        return [_built(result) for result in import_e2b(src, self.target, options, advance)]
+        with headers_read_once():
+            advance = _tracker(progress, own_bytes(src))
+            return [_built(result) for result in import_e2b(src, self.target, options, advance)]
 
     def export_e2b(
         self, build: BuildRef, output: PathLike, *, compress: str | None = None,
