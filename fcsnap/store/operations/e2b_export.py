@@ -24,13 +24,11 @@ from typing import BinaryIO
 import numpy as np
 
 from fcsnap.errors import FcsnapError
-from fcsnap.files import fsync_path, writing
-from fcsnap.header import load_header
-from fcsnap.header.e2b import BuildInfo, Frame, encode_v4_body
-from fcsnap.header.format import METADATA, parse_header
+from fcsnap.files import fsync_path, read_regular, writing
+from fcsnap.header.e2b import RECORD_SIZE, BuildInfo, Frame, encode_v4_body
+from fcsnap.header.format import METADATA, NIL, decode, decode_full
 from fcsnap.store.format.hashes import digest, read_hashes
 from fcsnap.store.format.layout import HASHES, HEADER, build_path, store_of
-from fcsnap.store.format.lineage import header_records
 from fcsnap.store.format.manifest import read_manifest
 from fcsnap.store.format.pins import open_lineage
 from fcsnap.store.format.source import DiffFile
@@ -180,16 +178,20 @@ def _own_diff(build_dir: Path, out: Path, codec: Codec, progress: Progress) -> B
 
 
 def _v4_header(build_dir: Path, entries: dict[uuid.UUID, BuildInfo]) -> bytes:
-    """A build's header as version 4: its metadata and mappings, and the entries of every
-    build it reads (its own first); read back by fcsnap's E2B reader before it is kept."""
-    meta, records = header_records(build_dir / HEADER)
+    """A build's header as version 4: its metadata and mapping records, and the entries of
+    every build it reads (its own first); read back by fcsnap's E2B reader, which must give
+    the same records, before it is kept."""
+    meta, records = decode(read_regular(build_dir / HEADER, "header"), str(build_dir / HEADER))
     me = meta.build_id
-    read = [b for b in load_header(build_dir / HEADER).build_ids() if b != me]
+    ids = np.frombuffer(records, np.uint8).reshape(-1, RECORD_SIZE)[:, 16:32]
+    _, first = np.unique(ids.copy().view("V16").ravel(), return_index=True)
+    read = [b for b in (uuid.UUID(bytes=ids[i].tobytes()) for i in sorted(first.tolist()))
+            if b not in (me, NIL)]
     section = [entries[me], *(entries[b] for b in read)]
     data = METADATA.pack(4, meta.block_size, meta.size, meta.generation, me.bytes,
-                         meta.base_build_id.bytes) + encode_v4_body(section, records.tobytes())
-    back = parse_header(data, f"exported header of {me}")
-    if back.mappings != load_header(build_dir / HEADER).mappings:
+                         meta.base_build_id.bytes) + encode_v4_body(section, records)
+    _, back, _ = decode_full(data, f"exported header of {me}")
+    if back != records:
         raise FcsnapError(f"build {me}: its version-4 header does not read back the same")
     return data
 
