@@ -6,6 +6,7 @@ real-guest corpus (`--corpus DIR`, the output of bench/corpus.py) or from synthe
 command once a round, so the machine's load hits all alike), each timed as a whole process
 from exec to exit with every file it writes fsynced:
 
+- `python3 -c pass`: the interpreter's start, under every fcsnap row;
 - `cp -r` of the fcsnap store's build directories, then an fsync of every file copied: the
   floor under an export, which reads those bytes and writes as many;
 - `fcsnap export` of the lineage: uncompressed, zstd frames, LZ4 frames (2 MiB frames);
@@ -123,7 +124,12 @@ def cases(work: Path, store: Path, sources: dict[str, Path], trees: dict[str, di
                                                     for a in argv], "-q"], env)
         return go
 
-    todo: list[Case] = [(Row("cp -r of the fcsnap builds + fsync", data), cp(builds))]
+    def interpreter(out: Path) -> None:
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        out.mkdir()
+
+    todo: list[Case] = [(Row("python3 -c pass (the interpreter alone)", 0), interpreter),
+                        (Row("cp -r of the fcsnap builds + fsync", data), cp(builds))]
     for tree, env in trees.items():
         for codec in ("none", "zstd", "lz4"):
             if codec == "lz4" and tree:
@@ -171,7 +177,8 @@ def markdown(info: dict[str, object], rows: list[Row]) -> str:
         wall = statistics.median(r.wall)
         lines.append(
             f"| {r.name} | {wall:.2f} s | {min(r.wall):.2f} / {max(r.wall):.2f} s | "
-            f"{statistics.median(r.cpu):.2f} s | {r.data_bytes / 1e6 / wall:.0f} | "
+            f"{statistics.median(r.cpu):.2f} s | "
+            f"{f'{r.data_bytes / 1e6 / wall:.0f}' if r.data_bytes else '-'} | "
             f"{r.output_bytes / MIB:.1f} MiB |")
     return "\n".join(lines) + "\n"
 
