@@ -61,9 +61,11 @@ class Row:
                 "median_cpu_s": statistics.median(self.cpu), "output_bytes": self.output_bytes}
 
 
-def run(argv: list[str], env: dict[str, str] | None = None) -> str:
-    return subprocess.run(argv, env=env, cwd=TREE, check=True, capture_output=True,
-                          text=True).stdout
+def run(argv: list[str], env: dict[str, str]) -> str:
+    """A process of the tree `env` names, run in that tree: `-m` puts the working directory
+    first on the module path."""
+    return subprocess.run(argv, env=env, cwd=env["PYTHONPATH"], check=True,
+                          capture_output=True, text=True).stdout
 
 
 def fsync_tree(path: Path) -> None:
