@@ -42,11 +42,12 @@ def parse_e2b_compression(text: str | None) -> tuple[str, int]:
                          "lz4") from None
 
 
-def parse_e2b_frame_size(value: int | str) -> int:
-    """export's uncompressed bytes per frame: whole pages, at most 64M (the largest frame
-    fcsnap's E2B reader decodes)."""
-    from fcsnap.store.operations.e2b import MAX_FRAME as E2B_MAX_FRAME
+E2B_MAX_FRAME = 64 << 20  # the largest E2B data frame fcsnap reads (docs/FORMAT.md §10.1)
 
+
+def parse_e2b_frame_size(value: int | str) -> int:
+    """export's uncompressed bytes per frame: whole pages, at most the largest frame
+    fcsnap's E2B reader decodes."""
     size = value if isinstance(value, int) else parse_size(value, "frame size")
     if size < PAGE or size % PAGE or size > E2B_MAX_FRAME:
         raise UsageError(f"invalid frame size {value!r}: a multiple of 4K up to 64M")
