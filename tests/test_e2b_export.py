@@ -6,13 +6,16 @@ built and run on fresh exports."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
+from helpers import fcsnap as fcsnap_cli
 from test_e2b_import import generations
 from test_e2b_store import FIXTURES as E2B_FIXTURES
 
@@ -20,6 +23,7 @@ from fcsnap.header import load_header
 from fcsnap.header.format import NIL
 from fcsnap.store.format.layout import HEADER
 from fcsnap.testing.fcbinary import cache_root
+from fcsnap.units import PAGE
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "fixtures"))
@@ -123,16 +127,40 @@ def test_e2bs_reader_run_now_gives_the_recorded_answers(scenario, exported, e2b_
     assert read_with_e2b(e2b_reader, exported[scenario]) == ANSWERS[scenario]
 
 
-@pytest.mark.parametrize("options", [["--compress", "zstd"], ["--compress", "lz4"],
-                                     ["--compress", "lz4", "--frame-size", "1M"]])
-def test_e2bs_reader_reads_an_export_of_2m_blocks(options, tmp_path, e2b_reader):
-    source = E2B_FIXTURES / "v5-zstd-2m"
+@pytest.mark.parametrize(("scenario", "options"), [
+    ("v5-zstd-2m", ["--compress", "zstd"]),
+    ("v5-zstd-2m", ["--compress", "lz4"]),
+    ("v5-zstd-2m", ["--compress", "lz4", "--frame-size", "1M"]),
+    ("v3-4k", ["--compress", "zstd", "--frame-size", "4K"]),  # ancestors' tables trimmed
+], ids=["2m-zstd", "2m-lz4", "2m-lz4-1m-frames", "4k-zstd-4k-frames"])
+def test_e2bs_reader_reads_other_exports(scenario, options, tmp_path, e2b_reader):
+    source = E2B_FIXTURES / scenario
     head = max((p for p in source.iterdir() if p.is_dir()), key=lambda p: p.name)
     out = export(tmp_path, "out", options, head)
-    memory = {g["build_id"]: g["memory_sha256"] for g in generations("v5-zstd-2m")}
+    memory = {g["build_id"]: g["memory_sha256"] for g in generations(scenario)}
     answers = read_with_e2b(e2b_reader, out)
     assert [a["build_id"] for a in answers] == list(memory)
     for answer in answers:
         assert answer["memory_sha256"] == memory[answer["build_id"]]
         assert answer["data"]["checksum_ok"] and answer["data"]["frame_table_problems"] == []
         assert answer["data"]["frames_read"] == len(answer["builds"][answer["build_id"]]["frames"])
+        assert answer["ancestor_sizes_agree"]
+
+
+def test_a_childs_header_keeps_only_the_ancestor_frames_it_reads(tmp_path):
+    """As E2B writes a child's header: an ancestor's frame table trimmed to the frames its
+    mappings read; the ancestor's own header keeps the whole table."""
+    out = export(tmp_path, "out", ["--compress", "zstd", "--frame-size", "4K"])
+    ids = lineage(out)
+    whole = load_header(out / ids[0] / HEADER).builds_section.builds
+    template = whole[uuid.UUID(ids[0])]
+    for child in ids[1:]:
+        header = load_header(out / child / HEADER)
+        kept = header.builds_section.builds[uuid.UUID(ids[0])]
+        read = {m.storage_offset + i for m in header.mappings if str(m.build_id) == ids[0]
+                for i in range(0, m.length, PAGE)}
+        assert {f.start_u for f in kept.frames} == read  # one 4K frame per block read
+        assert set(kept.frames) < set(template.frames)
+        result = fcsnap_cli("unpack", out / child, "-o", tmp_path / "memory", "--force")
+        assert result.returncode == 0, result.stderr
+        assert hashlib.sha256((tmp_path / "memory").read_bytes()).hexdigest() == MEMORY[child]

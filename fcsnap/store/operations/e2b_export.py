@@ -17,7 +17,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -177,6 +177,27 @@ def _own_diff(build_dir: Path, out: Path, codec: Codec, progress: Progress) -> B
     return BuildInfo(uuid.UUID(build_dir.name), size, sha.digest(), codec.compression, frames)
 
 
+def _trimmed(entry: BuildInfo, rows: np.ndarray) -> BuildInfo:
+    """An ancestor's entry with only the frames this header's mapping records read, as E2B
+    writes a child's header (the ancestor's own header keeps the whole table)."""
+    if not entry.frames:
+        return entry
+    mine = rows[(rows[:, 16:32] == np.frombuffer(entry.build_id.bytes, np.uint8)).all(axis=1)]
+    length = mine[:, 8:16].copy().view("<u8").ravel()
+    start = mine[:, 32:40].copy().view("<u8").ravel()
+    starts_u = np.array([f.start_u for f in entry.frames], np.uint64)
+    ends_u = np.array([f.end_u for f in entry.frames], np.uint64)
+    first = np.searchsorted(ends_u, start, side="right")  # the first frame ending after start
+    past = np.searchsorted(starts_u, start + length, side="left")  # frames from here start after
+    some = first < past
+    marks = np.zeros(len(entry.frames) + 1, np.int64)
+    np.add.at(marks, first[some], 1)
+    np.add.at(marks, past[some], -1)
+    keep = np.cumsum(marks)[:-1] > 0
+    return replace(entry, frames=tuple(f for f, k in zip(entry.frames, keep.tolist(),
+                                                         strict=True) if k))
+
+
 def _v4_header(build_dir: Path, entries: dict[uuid.UUID, BuildInfo]) -> bytes:
     """A build's header as version 4: its metadata and mapping records, and the entries of
     every build it reads (its own first); read back by fcsnap's E2B reader, which must give
@@ -187,7 +208,8 @@ def _v4_header(build_dir: Path, entries: dict[uuid.UUID, BuildInfo]) -> bytes:
     _, first = np.unique(ids.copy().view("V16").ravel(), return_index=True)
     read = [b for b in (uuid.UUID(bytes=ids[i].tobytes()) for i in sorted(first.tolist()))
             if b not in (me, NIL)]
-    section = [entries[me], *(entries[b] for b in read)]
+    rows = np.frombuffer(records, np.uint8).reshape(-1, RECORD_SIZE)
+    section = [entries[me], *(_trimmed(entries[b], rows) for b in read)]
     data = METADATA.pack(4, meta.block_size, meta.size, meta.generation, me.bytes,
                          meta.base_build_id.bytes) + encode_v4_body(section, records)
     _, back, _ = decode_full(data, f"exported header of {me}")
