@@ -319,6 +319,7 @@ class Store:
         directory laid out as their buckets): one build per generation with E2B's build ids,
         oldest first; `name` points vms/NAME at `src`'s. Builds imported before are reused."""
         from fcsnap.errors import FcsnapError
+        from fcsnap.store.operations.e2b import headers_read_once
         from fcsnap.store.operations.e2b_import import import_e2b, own_bytes
 
         options = _build_options(block_size=4096, compress=compress,
@@ -328,27 +329,31 @@ class Store:
             raise FcsnapError(f"import writes to a local store directory, not {self.path}")
         options = replace(options, name_expected=self._head(name), verb="import")
         src = Path(src)
-        advance = _tracker(progress, own_bytes(src))
-        return [_built(result) for result in import_e2b(src, self.target, options, advance)]
+        with headers_read_once():
+            advance = _tracker(progress, own_bytes(src))
+            return [_built(result) for result in import_e2b(src, self.target, options, advance)]
 
     def export_e2b(
         self, build: BuildRef, output: PathLike, *, compress: str | None = None,
-        progress: Progress | None = None,
+        frame_size: int | str = "2M", progress: Progress | None = None,
     ) -> list[Path]:
         """Write `build`'s lineage into the directory `output` as an E2B store (version-4
-        headers, `memfile` or `memfile.zstd` frames); returns the build directories written."""
+        headers, `memfile` or `memfile.zstd` / `memfile.lz4` frames of `frame_size`
+        uncompressed bytes); returns the build directories written."""
+        from fcsnap.options import parse_e2b_compression, parse_e2b_frame_size
         from fcsnap.store.format.hashes import read_hashes
         from fcsnap.store.format.layout import HASHES
-        from fcsnap.store.operations.e2b_export import export_e2b, lineage_dirs
+        from fcsnap.store.operations.e2b_export import Codec, export_e2b, lineage_dirs
 
-        compression, level = parse_compression(compress)
+        compression, level = parse_e2b_compression(compress)
+        codec = Codec(compression, level, parse_e2b_frame_size(frame_size))
         build_dir = _dir(build, self.target, data=True)
         total = 0
         for b in lineage_dirs(build_dir):
             bs, table = read_hashes(b / HASHES)
             total += bs * len(table)
         advance = _tracker(progress, total)
-        return export_e2b(build_dir, Path(output), compression, level, advance)
+        return export_e2b(build_dir, Path(output), codec, advance)
 
     def _head(
         self, name: str | None, build_arg: BuildRef | None = None, build_dir: Path | None = None

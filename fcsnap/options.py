@@ -32,6 +32,29 @@ def parse_compression(text: str | None) -> tuple[str, int]:
     raise UsageError(f"invalid compression {text!r}: use none, zstd or zstd:LEVEL")
 
 
+def parse_e2b_compression(text: str | None) -> tuple[str, int]:
+    """export's codecs: those of parse_compression, and 'lz4' (E2B's LZ4 frames)."""
+    if text == "lz4":
+        return "lz4", 0
+    try:
+        return parse_compression(text)
+    except UsageError:
+        raise UsageError(f"invalid compression {text!r}: use none, zstd, zstd:LEVEL or "
+                         "lz4") from None
+
+
+E2B_MAX_FRAME = 64 << 20  # the largest E2B data frame fcsnap reads (docs/FORMAT.md §10.1)
+
+
+def parse_e2b_frame_size(value: int | str) -> int:
+    """export's uncompressed bytes per frame: whole pages, at most the largest frame
+    fcsnap's E2B reader decodes."""
+    size = value if isinstance(value, int) else parse_size(value, "frame size")
+    if size < PAGE or size % PAGE or size > E2B_MAX_FRAME:
+        raise UsageError(f"invalid frame size {value!r}: a multiple of 4K up to 64M")
+    return size
+
+
 def parse_block_size(value: int | str) -> int:
     """4K (pages) or 2M (hugepage guests), as bytes."""
     size = value if isinstance(value, int) else parse_size(value, "block size")

@@ -183,7 +183,7 @@ def _imported(tmp_path: Path, scenario: str) -> Path:
     return store
 
 
-@pytest.mark.parametrize("compress", ["none", "zstd"])
+@pytest.mark.parametrize("compress", ["none", "zstd", "lz4"])
 @pytest.mark.parametrize("scenario", ["v4-zstd-4k", "v5-zstd-2m", "v3-4k"])
 def test_export_writes_v4_builds_e2bs_layout_reads_back(scenario, compress, tmp_path):
     store = _imported(tmp_path, scenario)
@@ -198,9 +198,10 @@ def test_export_writes_v4_builds_e2bs_layout_reads_back(scenario, compress, tmp_
         assert header.metadata.version == 4
         entry = header.builds_section.builds[header.metadata.build_id]
         assert entry.checksum_known and entry.compression == compress
-        assert (build / ("memfile.zstd" if compress == "zstd" else "memfile")).is_file()
+        assert (build / ("memfile" + {"none": "", "zstd": ".zstd", "lz4": ".lz4"}[compress])
+                ).is_file()
         assert all(f.size_u <= 2 << 20 for f in entry.frames) and bool(entry.frames) == (
-            compress == "zstd" and entry.size > 0)
+            compress != "none" and entry.size > 0)
         memory = tmp_path / "memory"
         result = fcsnap("unpack", build, "-o", memory, "--force")
         assert result.returncode == 0, result.stderr

@@ -78,7 +78,8 @@ def _one_line(message: str) -> str:
 _state = {"debug": os.environ.get("FCSNAP_DEBUG") == "1"}
 
 # Commands whose process ends at once when they succeed (see _end_now).
-END_NOW = frozenset({f"{PROG} pack", f"{PROG} diff", f"{PROG} squash"})
+END_NOW = frozenset({f"{PROG} pack", f"{PROG} diff", f"{PROG} squash", f"{PROG} import",
+                     f"{PROG} export"})
 
 
 def _end_now(status: int) -> NoReturn:

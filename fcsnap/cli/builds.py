@@ -240,15 +240,20 @@ def export_e2b(
         "-o", "--output", metavar="OUTDIR", show_default=False,
         help="Directory of the E2B store: <build_id>/memfile.header and its data.")],
     compress: Annotated[str, typer.Option(
-        "--compress", metavar="none|zstd|zstd:LEVEL", callback=checked("parse_compression"),
-        help="memfile (none) or memfile.zstd in 2 MiB frames.", rich_help_panel=BUILD)] = "none",
+        "--compress", metavar="none|zstd|zstd:LEVEL|lz4",
+        callback=checked("parse_e2b_compression"), rich_help_panel=BUILD,
+        help="memfile (none), or memfile.zstd or memfile.lz4 in frames.")] = "none",
+    frame_size: Annotated[str, typer.Option(
+        "--frame-size", metavar="SIZE", callback=checked("parse_e2b_frame_size"),
+        help="Uncompressed bytes per frame (E2B's default).", rich_help_panel=BUILD)] = "2M",
     quiet: Quiet = False,
 ) -> int:
     from fcsnap.api import Store
     from fcsnap.progress import progress_bar
 
     with progress_bar("export", quiet) as progress:
-        written = Store(store).export_e2b(build, output, compress=compress, progress=progress)
+        written = Store(store).export_e2b(build, output, compress=compress,
+                                          frame_size=frame_size, progress=progress)
     if not quiet:
         for path in written:
             print(f"wrote E2B build {path}")

@@ -12,6 +12,7 @@ bytes, which the store views as a numpy array (store/format/lineage.py); `parse_
 from __future__ import annotations
 
 import bisect
+import functools
 import operator
 import os
 import struct
@@ -113,11 +114,17 @@ class Header:
 
     def build_ids(self) -> list[uuid.UUID]:
         """Builds whose diff files this generation reads, in order of first appearance."""
-        return list(dict.fromkeys(m.build_id for m in self.mappings if not m.is_zero))
+        return list(self._ends)
 
     def storage_ends(self) -> dict[uuid.UUID, int]:
         """For each build this generation reads, how many bytes of its diff the mappings use:
         a diff shorter than that is damaged."""
+        return dict(self._ends)
+
+    @functools.cached_property
+    def _ends(self) -> dict[uuid.UUID, int]:
+        """storage_ends, in order of first appearance, worked out once: the mappings are
+        immutable, and a lineage asks of each header many times."""
         ends: dict[uuid.UUID, int] = {}
         for m in self.mappings:
             if not m.is_zero:

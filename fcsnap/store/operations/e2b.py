@@ -13,11 +13,13 @@ and length, and the SHA-256 the builds section records where it records one. `ve
 from __future__ import annotations
 
 import bisect
+import contextlib
+import contextvars
 import hashlib
 import os
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +28,12 @@ from fcsnap.errors import FcsnapError
 from fcsnap.files import open_regular
 from fcsnap.header import Header, load_header
 from fcsnap.header.e2b import BodyError, BuildInfo, Frame, decompress
+from fcsnap.options import E2B_MAX_FRAME
 from fcsnap.store.format.layout import DIFF_RAW, DIFF_ZSTD, HASHES, HEADER, MANIFEST
 
 SUFFIXES = {"none": "", "zstd": ".zstd", "lz4": ".lz4"}
 DATA = "memfile"
-MAX_FRAME = 64 << 20
+MAX_FRAME = E2B_MAX_FRAME
 """A frame table's frame larger than this is refused before it is read (E2B's are 2 MiB by
 default): decoding holds one frame in memory."""
 FCSNAP_FILES = (MANIFEST, HASHES, DIFF_RAW, DIFF_ZSTD)
@@ -39,6 +42,40 @@ Progress = Callable[[int], None]
 
 def _noop(_n: int) -> None:
     pass
+
+
+_HEADERS: contextvars.ContextVar[dict[str, tuple[tuple[int, ...], Header]] | None] = (
+    contextvars.ContextVar("e2b_headers", default=None))
+
+
+@contextlib.contextmanager
+def headers_read_once() -> Iterator[None]:
+    """Within the block each header file is parsed once (an import meets every header of a
+    lineage several times); one whose inode, size or mtime changed is parsed anew."""
+    if _HEADERS.get() is not None:
+        yield
+        return
+    token = _HEADERS.set({})
+    try:
+        yield
+    finally:
+        _HEADERS.reset(token)
+
+
+def read_header(path: Path) -> Header:
+    """load_header, through the cache of an enclosing headers_read_once."""
+    cache = _HEADERS.get()
+    if cache is None:
+        return load_header(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return load_header(path)  # which says what is wrong with it
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    hit = cache.get(str(path))
+    if hit is None or hit[0] != key:
+        hit = cache[str(path)] = (key, load_header(path))
+    return hit[1]
 
 
 def e2b_build_dir(
@@ -175,7 +212,7 @@ def _own_entry(store: Path, build_id: uuid.UUID) -> BuildInfo | None:
     path = store / str(build_id) / HEADER
     if not path.is_file():
         return None
-    section = load_header(path).builds_section
+    section = read_header(path).builds_section
     return section.builds.get(build_id) if section else None
 
 
@@ -236,7 +273,7 @@ class E2BLineage:
 
 def open_e2b(build_dir: Path) -> E2BLineage:
     """The lineage of an E2B/Wrenn build directory, its store being the directory above."""
-    header = load_header(build_dir / HEADER)
+    header = read_header(build_dir / HEADER)
     if build_dir.name != str(header.metadata.build_id):
         raise FcsnapError(f"{build_dir}: directory name is not its build id "
                           f"{header.metadata.build_id}")

@@ -2,9 +2,9 @@
 
 Each build of BUILD's lineage becomes `<build_id>/memfile.header` (version 4: the same
 metadata and mappings, and a builds section with each build's size, SHA-256 and frame table)
-beside its packed diff: `memfile`, or `memfile.zstd` as independent zstd frames with E2B's
-local backend's `.uncompressed-size` file. fcsnap's diff is already E2B's packed diff (its
-own blocks back to back), so the bytes and the mappings carry over unchanged.
+beside its packed diff: `memfile`, or `memfile.zstd` / `memfile.lz4` as independent frames
+with E2B's local backend's `.uncompressed-size` file. fcsnap's diff is already E2B's packed
+diff (its own blocks back to back), so the bytes and the mappings carry over unchanged.
 """
 
 from __future__ import annotations
@@ -12,27 +12,31 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 import uuid
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from fcsnap.errors import FcsnapError
-from fcsnap.files import fsync_path, writing
-from fcsnap.header import load_header
-from fcsnap.header.e2b import BuildInfo, Frame, encode_v4_body
-from fcsnap.header.format import METADATA, parse_header
-from fcsnap.store.format.hashes import DIGEST_SIZE, digest, read_hashes
+from fcsnap.files import fsync_path, read_regular, writing
+from fcsnap.header.e2b import RECORD_SIZE, BuildInfo, Frame, encode_v4_body
+from fcsnap.header.format import METADATA, NIL, decode, decode_full
+from fcsnap.store.format.hashes import digest, read_hashes
 from fcsnap.store.format.layout import HASHES, HEADER, build_path, store_of
-from fcsnap.store.format.lineage import header_records
 from fcsnap.store.format.manifest import read_manifest
 from fcsnap.store.format.pins import open_lineage
 from fcsnap.store.format.source import DiffFile
 
 FRAME_BYTES = 2 << 20
-"""Uncompressed bytes per zstd frame: E2B's default."""
+"""Uncompressed bytes per frame by default: E2B's default."""
 READ_BYTES = 8 << 20
+SUFFIX = {"none": "", "zstd": ".zstd", "lz4": ".lz4"}
 Progress = Callable[[int], None]
 
 
@@ -49,71 +53,172 @@ def lineage_dirs(build_dir: Path) -> list[Path]:
     return chain[::-1]
 
 
-def _own_diff(build_dir: Path, out: Path, compression: str, level: int,
-              progress: Progress) -> BuildInfo:
+@dataclass(frozen=True)
+class Codec:
+    """How export writes data objects: E2B's compression type, zstd's level, frame size."""
+
+    compression: str = "none"
+    level: int = 3
+    frame_size: int = FRAME_BYTES
+
+    def packer(self) -> Callable[[memoryview], bytes]:
+        """A function compressing one frame; one per thread (zstd's compressors are not
+        shared between threads). zstd frames carry their content size and checksum, LZ4
+        frames their size and block and content checksums."""
+        if self.compression == "zstd":
+            import zstandard
+
+            zc = zstandard.ZstdCompressor(level=self.level, write_checksum=True,
+                                          write_content_size=True)
+            return zc.compress
+        import lz4.frame
+
+        def lz4_frame(data: memoryview) -> bytes:
+            return lz4.frame.compress(data, block_size=lz4.frame.BLOCKSIZE_MAX4MB,
+                                      block_checksum=True, content_checksum=True,
+                                      store_size=True)
+
+        return lz4_frame
+
+
+class _Framer:
+    """Compresses frames on a pool of threads (zstd and LZ4 release the GIL; the frames are
+    independent), handing them back in order so they are written back to back."""
+
+    def __init__(self, codec: Codec, sink: BinaryIO) -> None:
+        self.local = threading.local()
+        self.codec = codec
+        self.sink = sink
+        self.workers = max(1, min(4, os.cpu_count() or 1))
+        self.pool = ThreadPoolExecutor(self.workers)
+        self.pending: deque[tuple[int, int, Future[bytes]]] = deque()
+        self.frames: list[Frame] = []
+        self.written = 0
+
+    def _compress(self, data: memoryview) -> bytes:
+        pack = getattr(self.local, "pack", None)
+        if pack is None:
+            pack = self.local.pack = self.codec.packer()
+        return pack(data)
+
+    def add(self, pos: int, data: memoryview) -> None:
+        self.pending.append((pos, len(data), self.pool.submit(self._compress, data)))
+        while len(self.pending) > 2 * self.workers:
+            self._write_one()
+
+    def _write_one(self) -> None:
+        pos, size, future = self.pending.popleft()
+        packed = future.result()
+        self.sink.write(packed)
+        self.frames.append(Frame(pos, self.written, size, len(packed)))
+        self.written += len(packed)
+
+    def finish(self) -> tuple[Frame, ...]:
+        while self.pending:
+            self._write_one()
+        return tuple(self.frames)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _check_blocks(build_dir: Path, data: bytes, table: np.ndarray, first: int, bs: int,
+                  pos: int) -> None:
+    """Every block of `data` (blocks `first`... of the diff) against the hash sidecar."""
+    view = memoryview(data)
+    got = b"".join([digest(view[i : i + bs]) for i in range(0, len(data), bs)])
+    want = table[first : first + len(data) // bs]
+    if got != want.tobytes():
+        raise FcsnapError(f"build {build_dir.name}: a block at or after storage offset "
+                          f"{pos:#x} does not match its hash")
+
+
+def _own_diff(build_dir: Path, out: Path, codec: Codec, progress: Progress) -> BuildInfo:
     """Write a build's diff as E2B's data object, every block checked against its hash
-    sidecar as it is read; returns its builds entry."""
+    sidecar as it is read once; returns its builds entry. The SHA-256 and the block hashes
+    run here while the frames read before are compressed on other threads."""
     bs, table = read_hashes(build_dir / HASHES)
     size = len(table) * bs
     sha = hashlib.sha256()
-    frames: list[Frame] = []
     if not size:  # no frames: E2B names the object of an entry without a table `memfile`
-        compression = "none"
-    name = "memfile" + (".zstd" if compression == "zstd" else "")
-    step = FRAME_BYTES if compression == "zstd" else READ_BYTES
+        codec = Codec()
+    name = "memfile" + SUFFIX[codec.compression]
+    step = max(READ_BYTES // codec.frame_size, 1) * codec.frame_size
+    frames: tuple[Frame, ...] = ()
     diff = DiffFile(build_dir) if size else None
     try:
-        import zstandard
-
-        packer = zstandard.ZstdCompressor(level=level, write_checksum=True,
-                                          write_content_size=True)
-        with writing(f"{out / name}"), open(out / name, "wb") as f:
-            written = 0
-            for pos in range(0, size, step):
-                assert diff is not None
-                data = diff.read(pos, min(step, size - pos))
-                got = np.frombuffer(b"".join(digest(data[i : i + bs])
-                                             for i in range(0, len(data), bs)), np.uint8)
-                first = pos // bs
-                if not np.array_equal(got.reshape(-1, DIGEST_SIZE),
-                                      table[first : first + len(data) // bs]):
-                    raise FcsnapError(f"build {build_dir.name}: a block at or after storage "
-                                      f"offset {pos:#x} does not match its hash")
-                sha.update(data)
-                if compression == "zstd":
-                    data_c = packer.compress(data)
-                    frames.append(Frame(pos, written, len(data), len(data_c)))
-                    data = data_c
-                f.write(data)
-                written += len(data)
-                progress(min(step, size - pos))
-            f.flush()
+        with writing(f"{out / name}"), open(out / name, "wb", buffering=0) as f:
+            framer = _Framer(codec, f) if codec.compression != "none" else None
+            try:
+                for pos in range(0, size, step):
+                    assert diff is not None
+                    data = diff.read(pos, min(step, size - pos))
+                    if framer is not None:
+                        view = memoryview(data)
+                        for at in range(0, len(data), codec.frame_size):
+                            framer.add(pos + at, view[at : at + codec.frame_size])
+                    _check_blocks(build_dir, data, table, pos // bs, bs, pos)
+                    sha.update(data)
+                    if framer is None:
+                        f.write(data)
+                    progress(len(data))
+                if framer is not None:
+                    frames = framer.finish()
+            finally:
+                if framer is not None:
+                    framer.close()
             os.fsync(f.fileno())
-        if compression == "zstd":
+        if codec.compression != "none":
             with writing(f"{out / name}.uncompressed-size"):
                 (out / f"{name}.uncompressed-size").write_text(str(size))
     finally:
         if diff is not None:
             diff.close()
-    return BuildInfo(uuid.UUID(build_dir.name), size, sha.digest(), compression, tuple(frames))
+    return BuildInfo(uuid.UUID(build_dir.name), size, sha.digest(), codec.compression, frames)
+
+
+def _trimmed(entry: BuildInfo, rows: np.ndarray) -> BuildInfo:
+    """An ancestor's entry with only the frames this header's mapping records read, as E2B
+    writes a child's header (the ancestor's own header keeps the whole table)."""
+    if not entry.frames:
+        return entry
+    mine = rows[(rows[:, 16:32] == np.frombuffer(entry.build_id.bytes, np.uint8)).all(axis=1)]
+    length = mine[:, 8:16].copy().view("<u8").ravel()
+    start = mine[:, 32:40].copy().view("<u8").ravel()
+    starts_u = np.array([f.start_u for f in entry.frames], np.uint64)
+    ends_u = np.array([f.end_u for f in entry.frames], np.uint64)
+    first = np.searchsorted(ends_u, start, side="right")  # the first frame ending after start
+    past = np.searchsorted(starts_u, start + length, side="left")  # frames from here start after
+    some = first < past
+    marks = np.zeros(len(entry.frames) + 1, np.int64)
+    np.add.at(marks, first[some], 1)
+    np.add.at(marks, past[some], -1)
+    keep = np.cumsum(marks)[:-1] > 0
+    return replace(entry, frames=tuple(f for f, k in zip(entry.frames, keep.tolist(),
+                                                         strict=True) if k))
 
 
 def _v4_header(build_dir: Path, entries: dict[uuid.UUID, BuildInfo]) -> bytes:
-    """A build's header as version 4: its metadata and mappings, and the entries of every
-    build it reads (its own first); read back by fcsnap's E2B reader before it is kept."""
-    meta, records = header_records(build_dir / HEADER)
+    """A build's header as version 4: its metadata and mapping records, and the entries of
+    every build it reads (its own first); read back by fcsnap's E2B reader, which must give
+    the same records, before it is kept."""
+    meta, records = decode(read_regular(build_dir / HEADER, "header"), str(build_dir / HEADER))
     me = meta.build_id
-    read = [b for b in load_header(build_dir / HEADER).build_ids() if b != me]
-    section = [entries[me], *(entries[b] for b in read)]
+    ids = np.frombuffer(records, np.uint8).reshape(-1, RECORD_SIZE)[:, 16:32]
+    _, first = np.unique(ids.copy().view("V16").ravel(), return_index=True)
+    read = [b for b in (uuid.UUID(bytes=ids[i].tobytes()) for i in sorted(first.tolist()))
+            if b not in (me, NIL)]
+    rows = np.frombuffer(records, np.uint8).reshape(-1, RECORD_SIZE)
+    section = [entries[me], *(_trimmed(entries[b], rows) for b in read)]
     data = METADATA.pack(4, meta.block_size, meta.size, meta.generation, me.bytes,
-                         meta.base_build_id.bytes) + encode_v4_body(section, records.tobytes())
-    back = parse_header(data, f"exported header of {me}")
-    if back.mappings != load_header(build_dir / HEADER).mappings:
+                         meta.base_build_id.bytes) + encode_v4_body(section, records)
+    _, back, _ = decode_full(data, f"exported header of {me}")
+    if back != records:
         raise FcsnapError(f"build {me}: its version-4 header does not read back the same")
     return data
 
 
-def export_e2b(build_dir: Path, out: Path, compression: str = "none", level: int = 3,
+def export_e2b(build_dir: Path, out: Path, codec: Codec = Codec(),
                progress: Progress = _noop) -> list[Path]:
     """Write BUILD's lineage into the directory `out` as an E2B store; returns the build
     directories written, oldest first. Everything is assembled in a hidden directory in `out`
@@ -132,8 +237,7 @@ def export_e2b(build_dir: Path, out: Path, compression: str = "none", level: int
             entries: dict[uuid.UUID, BuildInfo] = {}
             for b in chain:
                 (stage / b.name).mkdir()
-                entries[uuid.UUID(b.name)] = _own_diff(b, stage / b.name, compression, level,
-                                                       progress)
+                entries[uuid.UUID(b.name)] = _own_diff(b, stage / b.name, codec, progress)
                 with writing(f"{stage / b.name / HEADER}"):
                     (stage / b.name / HEADER).write_bytes(_v4_header(b, entries))
                 fsync_path(stage / b.name)

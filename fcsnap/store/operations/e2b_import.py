@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fcsnap.errors import FcsnapError
-from fcsnap.header import Header, load_header
+from fcsnap.header import Header
 from fcsnap.store.backends.stores import current_head
 from fcsnap.store.format.layout import HEADER, MANIFEST, build_path
 from fcsnap.store.format.lineage import Parent
@@ -28,7 +28,13 @@ from fcsnap.store.format.manifest import Manifest, read_manifest
 from fcsnap.store.format.names import check_vm_name
 from fcsnap.store.format.pins import open_lineage
 from fcsnap.store.operations.builder import BuildOptions, build_generation
-from fcsnap.store.operations.e2b import E2BLineage, e2b_build_dir, open_e2b
+from fcsnap.store.operations.e2b import (
+    E2BLineage,
+    e2b_build_dir,
+    headers_read_once,
+    open_e2b,
+    read_header,
+)
 from fcsnap.store.operations.scan import CHUNK, consecutive_runs
 
 SOURCE = "import of E2B build "
@@ -45,7 +51,7 @@ def lineage_headers(src: Path) -> list[Header]:
     """The headers of SRC's lineage, oldest first: SRC's and, through the builds each one
     reads, every ancestor's found beside it. Generations must be distinct, and every header
     must describe the same memory size and block size as SRC's."""
-    head = load_header(src / HEADER)
+    head = read_header(src / HEADER)
     store = src.parent
     found = {head.metadata.build_id: head}
     todo = [head]
@@ -54,7 +60,7 @@ def lineage_headers(src: Path) -> list[Header]:
             path = store / str(build_id) / HEADER
             if build_id in found or not path.is_file():
                 continue
-            header = found[build_id] = load_header(path)
+            header = found[build_id] = read_header(path)
             todo.append(header)
     for build_id, header in found.items():
         if header.builds_section and header.builds_section.incomplete:
@@ -104,13 +110,18 @@ def _block_map(header: Header, ids: dict[uuid.UUID, int]) -> tuple[np.ndarray, n
     slot = np.zeros(meta.size // bs, np.int64)
     for m in header.mappings:
         if (m.offset | m.length | (0 if m.is_zero else m.storage_offset)) % bs:
-            raise FcsnapError(f"build {meta.build_id}: mapping at {m.offset:#x} is not aligned "
-                              f"to its {bs}-byte blocks")
-        if m.is_zero:
-            continue
-        a, n = m.offset // bs, m.length // bs
-        owner[a : a + n] = ids.setdefault(m.build_id, len(ids))
-        slot[a : a + n] = np.arange(m.storage_offset // bs, m.storage_offset // bs + n)
+            raise FcsnapError(f"build {meta.build_id}: mapping at {m.offset:#x} is not "
+                              f"aligned to its {bs}-byte blocks")
+    data = [m for m in header.mappings if not m.is_zero]
+    if not data:
+        return owner, slot
+    build = np.array([ids.setdefault(m.build_id, len(ids)) for m in data], np.int32)
+    counts = np.array([m.length for m in data], np.int64) // bs
+    within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    blocks = np.repeat(np.array([m.offset for m in data], np.int64) // bs, counts) + within
+    owner[blocks] = np.repeat(build, counts)
+    stored = np.array([m.storage_offset for m in data], np.int64) // bs
+    slot[blocks] = np.repeat(stored, counts) + within
     return owner, slot
 
 
@@ -159,6 +170,13 @@ def import_e2b(
     """Import SRC's lineage into the local store `store`, oldest first; `options.name` is
     pointed at SRC's build. Returns the builds of the lineage (imported now or before). On
     failure the builds this call wrote are removed again: nothing of the import is left."""
+    with headers_read_once():
+        return _import_lineage(src, store, options, progress)
+
+
+def _import_lineage(
+    src: Path, store: Path, options: BuildOptions, progress: Progress
+) -> list[tuple[Manifest, Path]]:
     build_dir = e2b_build_dir(src, None)
     if build_dir is None:
         raise FcsnapError(f"{src} is not an E2B/Wrenn build directory (<build_id>/{HEADER} "
