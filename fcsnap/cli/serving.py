@@ -128,12 +128,7 @@ def restore(
     access = socket_access(socket_owner, socket_mode, allow_uid)
     if daemon is not None:
         return _restore_via_daemon(options, access)
-    from fcsnap import api, deferred
-
-    # Serving needs numpy once a VM connects, not to listen: it loads on a thread from now
-    # on, while the store is opened and the socket made, and is in by the time a VM that
-    # connects right away faults.
-    deferred.load_in_background(deferred.defer("numpy"))
+    from fcsnap import api
 
     def listening(build_dir: Path) -> None:
         # Announced only now: a socket that cannot be created is then the one line on stderr.
