@@ -2,8 +2,9 @@
 (exec to a listening socket), for this tree and a baseline tree, interleaved in one run.
 
 Each command runs as a fresh `python -m fcsnap` process with PYTHONPATH pointing at one tree,
-so both trees pay the same interpreter start-up; runs of the two trees alternate, so the
-machine's load hits both alike. restore is timed from just before the exec until its socket
+so both trees pay the same interpreter start-up, with bytecode cached as an installed package
+has it (a first, untimed run of each command writes it); runs of the two trees alternate, so
+the machine's load hits both alike. restore is timed from just before the exec until its socket
 exists (it binds and listens in one step; polled every 0.2 ms), then stopped with SIGTERM. A
 second table times the floor of each way to build the command line: one command with a flag,
 rendering its --help, in typer, click and argparse. With a baseline, the ratio column is this
@@ -20,6 +21,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -34,6 +36,7 @@ from machine import machine
 HERE = Path(__file__).resolve().parent
 TREE = HERE.parent
 RESULTS = HERE / "results"
+PYCACHE = tempfile.mkdtemp(prefix="fcsnap-startup-pycache-")
 LISTEN_DEADLINE = 10.0  # seconds a restore may take to listen before the run fails
 TARGET_MS = 250.0
 
@@ -74,7 +77,11 @@ parser.parse_args()
 
 
 def env_for(tree: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(tree), "COLUMNS": "100"}
+    """Bytecode cached in a directory of this run's (as in an installed package, whose
+    bytecode pip compiles), whatever PYTHONDONTWRITEBYTECODE says: compiling fcsnap's sources
+    at every start would be most of what is timed."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, "PYTHONPATH": str(tree), "COLUMNS": "100", "PYTHONPYCACHEPREFIX": PYCACHE}
 
 
 def run_once(argv: list[str], env: dict[str, str]) -> float:
@@ -168,6 +175,9 @@ def measure(
         "fcsnap restore: exec to listening": lambda tree: listen_once(tree, store, work),
     }
     samples = {(c, t): [] for c in commands for t in trees}
+    for timed in commands.values():  # a first run of each writes its bytecode
+        for tree in trees.values():
+            timed(tree)
     for _ in range(runs):
         for command, timed in commands.items():
             for name, tree in trees.items():
@@ -226,9 +236,12 @@ def main() -> None:
         if not (args.baseline / "fcsnap").is_dir():
             raise SystemExit(f"{args.baseline} holds no fcsnap package")
         trees["baseline"] = args.baseline.resolve()
-    with tempfile.TemporaryDirectory(prefix="fcsnap-startup-") as tmp:
-        result = measure(trees, args.runs, Path(tmp))
-    floors = frameworks(args.runs)
+    try:
+        with tempfile.TemporaryDirectory(prefix="fcsnap-startup-") as tmp:
+            result = measure(trees, args.runs, Path(tmp))
+        floors = frameworks(args.runs)
+    finally:
+        shutil.rmtree(PYCACHE, ignore_errors=True)
     meta = {
         "machine": machine(), "runs": args.runs, "trees": {k: str(v) for k, v in trees.items()},
         "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),

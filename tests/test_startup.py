@@ -111,3 +111,24 @@ except SystemExit as e:
 
     assert loaded(report["at_listen"]) == set()
     assert {"numpy", "cffi", "fcsnap.uffd.session"} <= loaded(report["after"])
+
+
+def test_the_root_help_builds_no_command(store: Path) -> None:
+    """`fcsnap --help` lists the commands from their help texts: building one reads its
+    function's signature and makes every option (most of what the help would cost)."""
+    probe = """
+import typer.main
+built = []
+real = typer.main.get_command_from_info
+def spy(*args, **kwargs):
+    built.append((args[0] if args else kwargs["command_info"]).name)
+    return real(*args, **kwargs)
+typer.main.get_command_from_info = spy
+""" + RUN_CLI.format(argv=["--help"]) + RUN_CLI.format(argv=["restore", "--help"]) + """
+print("built:", built, file=sys.stderr)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys\n" + probe], cwd=store.parent, capture_output=True,
+        text=True, timeout=60,
+    )
+    assert "built: ['restore']" in result.stderr, result.stderr  # restore --help builds one
