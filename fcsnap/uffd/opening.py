@@ -1,10 +1,11 @@
 """`fcsnap restore` listens first, then opens its build.
 
-An orchestrator starts Firecracker once the restore's socket exists, and Firecracker's own
-start-up and snapshot load take longer than opening a build; the server's modules (numpy,
-cffi, the store) cost more than the rest of restore's start together. So restore creates its
-socket as soon as its options are checked, and imports and opens the build (pins and lock,
-header, diffs) while Firecracker starts. A VM that connects meanwhile waits in the socket's
+An orchestrator starts Firecracker once the restore's socket exists: what restore does before
+then delays the VM by as much, what it does after overlaps Firecracker's own start-up and
+snapshot load. The server's modules (numpy, cffi, the store) cost more than the rest of
+restore's start together, and opening a build (pins and lock, header, diffs) takes a moment
+more. So restore creates its socket as soon as its options are checked, then imports the
+server and opens the build. A VM that connects meanwhile waits in the socket's
 backlog; its handshake is taken once the build is known good. Until the server takes the
 socket over, `Opening` answers for it: SIGTERM/SIGINT end the restore as a stop (`Stopped`),
 and any way out turns away the VMs queued on the socket (killed: one that sent its uffd would
@@ -93,12 +94,11 @@ def turn_away(listener: socket.socket, admits: Callable[[int], bool]) -> None:
             conn, _ = listener.accept()
         except OSError:  # none left (or the socket broke: no one can queue on it)
             return
-        with conn:
+        with conn, contextlib.suppress(OSError):  # a peer gone already is no VM to kill
             pid, uid = peer_credentials(conn)
             if pid > 0 and admits(uid):
-                with contextlib.suppress(OSError):
-                    pidfd = os.pidfd_open(pid)
-                    try:
-                        kill_process(pidfd)
-                    finally:
-                        os.close(pidfd)
+                pidfd = os.pidfd_open(pid)
+                try:
+                    kill_process(pidfd)
+                finally:
+                    os.close(pidfd)
