@@ -2,8 +2,9 @@
 (exec to a listening socket), for this tree and a baseline tree, interleaved in one run.
 
 Each command runs as a fresh `python -m fcsnap` process with PYTHONPATH pointing at one tree,
-so both trees pay the same interpreter start-up; runs of the two trees alternate, so the
-machine's load hits both alike. restore is timed from just before the exec until its socket
+so both trees pay the same interpreter start-up, with bytecode cached as an installed package
+has it (a first, untimed run of each command writes it); runs of the two trees alternate, so
+the machine's load hits both alike. restore is timed from just before the exec until its socket
 exists (it binds and listens in one step; polled every 0.2 ms), then stopped with SIGTERM. A
 second table times the floor of each way to build the command line: one command with a flag,
 rendering its --help, in typer, click and argparse. With a baseline, the ratio column is this
@@ -20,6 +21,8 @@ import argparse
 import importlib.util
 import json
 import os
+import resource
+import shutil
 import signal
 import statistics
 import subprocess
@@ -34,6 +37,7 @@ from machine import machine
 HERE = Path(__file__).resolve().parent
 TREE = HERE.parent
 RESULTS = HERE / "results"
+PYCACHE = tempfile.mkdtemp(prefix="fcsnap-startup-pycache-")
 LISTEN_DEADLINE = 10.0  # seconds a restore may take to listen before the run fails
 TARGET_MS = 250.0
 
@@ -74,34 +78,45 @@ parser.parse_args()
 
 
 def env_for(tree: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(tree), "COLUMNS": "100"}
+    """Bytecode cached in a directory of this run's (as in an installed package, whose
+    bytecode pip compiles), whatever PYTHONDONTWRITEBYTECODE says: compiling fcsnap's sources
+    at every start would be most of what is timed."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, "PYTHONPATH": str(tree), "COLUMNS": "100", "PYTHONPYCACHEPREFIX": PYCACHE}
 
 
-def run_once(argv: list[str], env: dict[str, str]) -> float:
-    """Seconds from exec to exit; the command must succeed. Run in /, since `python -m`
+Sample = tuple[float, float | None]  # seconds: from exec to exit (or listening), CPU used
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_once(argv: list[str], env: dict[str, str], status: int = 0) -> Sample:
+    """Seconds from exec to exit, and the CPU seconds the process used (what a loaded
+    machine blurs least); the command must exit `status`. Run in /, since `python -m`
     imports from the working directory before PYTHONPATH."""
+    cpu = children_cpu()
     started = time.perf_counter()
     done = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           timeout=60, cwd="/")
     elapsed = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed: {done.stderr.decode().strip()}")
-    return elapsed
+    if done.returncode != status:
+        raise SystemExit(f"{' '.join(argv)} exited {done.returncode}, not {status}: "
+                         f"{done.stderr.decode().strip()}")
+    return elapsed, children_cpu() - cpu
 
 
-def usage_once(tree: Path) -> float:
-    """Seconds from exec to exit of a command line refused before any work (exit 2)."""
+def usage_once(tree: Path) -> Sample:
+    """A command line refused before any work (exit 2)."""
     argv = [sys.executable, "-m", "fcsnap", "pack", "mem", "--store", "S", "--compress", "gz"]
-    started = time.perf_counter()
-    done = subprocess.run(argv, env=env_for(tree), capture_output=True, timeout=60, cwd="/")
-    elapsed = time.perf_counter() - started
-    if done.returncode != 2:
-        raise SystemExit(f"{' '.join(argv)} did not exit 2: {done.stderr.decode().strip()}")
-    return elapsed
+    return run_once(argv, env_for(tree), status=2)
 
 
-def listen_once(tree: Path, store: Path, work: Path) -> float:
-    """Seconds from exec of `fcsnap restore` to its socket existing."""
+def listen_once(tree: Path, store: Path, work: Path) -> Sample:
+    """Seconds from exec of `fcsnap restore` to its socket existing (its CPU time is not
+    known then)."""
     sock = work / f"uffd-{time.monotonic_ns()}.sock"
     argv = [sys.executable, "-m", "fcsnap", "restore", "--vm", "vm", "--store", str(store),
             "--socket", str(sock), "--quiet"]
@@ -119,7 +134,7 @@ def listen_once(tree: Path, store: Path, work: Path) -> float:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
-    return elapsed
+    return elapsed, None
 
 
 def make_store(work: Path) -> Path:
@@ -146,19 +161,22 @@ def median_ms(samples: list[float]) -> float:
     return round(statistics.median(samples) * 1000, 1)
 
 
-def summary(samples: list[float]) -> dict[str, float]:
+def summary(samples: list[Sample]) -> dict[str, float | None]:
     """Median and best, in ms: on a machine others load, the best run is the one least
-    disturbed, the median what a caller sees."""
-    return {"median": median_ms(samples), "best": round(min(samples) * 1000, 1)}
+    disturbed, the median what a caller sees; and the median CPU time."""
+    walls = [wall for wall, _ in samples]
+    cpus = [cpu for _, cpu in samples if cpu is not None]
+    return {"median": median_ms(walls), "best": round(min(walls) * 1000, 1),
+            "cpu_median": median_ms(cpus) if cpus else None}
 
 
 def measure(
     trees: dict[str, Path], runs: int, work: Path
-) -> dict[str, dict[str, dict[str, float]]]:
+) -> dict[str, dict[str, dict[str, float | None]]]:
     """Median and best milliseconds per (command, tree); the trees' runs interleaved."""
     store = make_store(work)
     python = [sys.executable, "-m", "fcsnap"]
-    commands: dict[str, Callable[[Path], float]] = {
+    commands: dict[str, Callable[[Path], Sample]] = {
         "fcsnap --help": lambda tree: run_once([*python, "--help"], env_for(tree)),
         "fcsnap restore --help": lambda tree: run_once([*python, "restore", "--help"],
                                                        env_for(tree)),
@@ -167,7 +185,10 @@ def measure(
             [*python, "inspect", "vm", "--store", str(store)], env_for(tree)),
         "fcsnap restore: exec to listening": lambda tree: listen_once(tree, store, work),
     }
-    samples = {(c, t): [] for c in commands for t in trees}
+    samples: dict[tuple[str, str], list[Sample]] = {(c, t): [] for c in commands for t in trees}
+    for timed in commands.values():  # a first run of each writes its bytecode
+        for tree in trees.values():
+            timed(tree)
     for _ in range(runs):
         for command, timed in commands.items():
             for name, tree in trees.items():
@@ -187,14 +208,15 @@ def frameworks(runs: int) -> dict[str, float]:
         if importlib.util.find_spec(name) is None:
             continue
         argv = [sys.executable, "-c", script, "pack", "--help"]
-        out[name] = median_ms([run_once(argv, env_for(TREE)) for _ in range(runs)])
+        out[name] = median_ms([run_once(argv, env_for(TREE))[0] for _ in range(runs)])
     return out
 
 
-def markdown(result: dict[str, dict[str, dict[str, float]]], floors: dict[str, float],
+def markdown(result: dict[str, dict[str, dict[str, float | None]]], floors: dict[str, float],
              meta: dict) -> str:
     names = list(next(iter(result.values())))
-    heads = [f"{n} {kind} ms" for n in names for kind in ("median", "best")]
+    kinds = {"median": "median", "best": "best", "cpu_median": "CPU median"}
+    heads = [f"{n} {kinds[k]} ms" for n in names for k in kinds]
     lines = [
         f"Machine: {meta['machine']['cpu']} ({meta['machine']['cores']} cores), Python "
         f"{meta['machine']['python']}, load average {meta['load']}; {meta['runs']} runs each, "
@@ -207,7 +229,8 @@ def markdown(result: dict[str, dict[str, dict[str, float]]], floors: dict[str, f
         ours = per_tree[names[0]]["median"]
         target, met = ("-", "-") if command.startswith("python") else (
             f"<= {TARGET_MS:.0f} ms", "yes" if ours <= TARGET_MS else "no")
-        cells = " | ".join(f"{per_tree[n][k]:.1f}" for n in names for k in ("median", "best"))
+        cells = " | ".join("-" if per_tree[n][k] is None else f"{per_tree[n][k]:.1f}"
+                           for n in names for k in kinds)
         ratio = f"{ours / per_tree[names[-1]]['median']:.2f}" if len(names) > 1 else "-"
         lines.append(f"| {command} | {cells} | {ratio} | {target} | {met} |")
     lines += ["", "| Minimal CLI, `pack --help` | median ms |", "|---|---:|"]
@@ -226,9 +249,12 @@ def main() -> None:
         if not (args.baseline / "fcsnap").is_dir():
             raise SystemExit(f"{args.baseline} holds no fcsnap package")
         trees["baseline"] = args.baseline.resolve()
-    with tempfile.TemporaryDirectory(prefix="fcsnap-startup-") as tmp:
-        result = measure(trees, args.runs, Path(tmp))
-    floors = frameworks(args.runs)
+    try:
+        with tempfile.TemporaryDirectory(prefix="fcsnap-startup-") as tmp:
+            result = measure(trees, args.runs, Path(tmp))
+        floors = frameworks(args.runs)
+    finally:
+        shutil.rmtree(PYCACHE, ignore_errors=True)
     meta = {
         "machine": machine(), "runs": args.runs, "trees": {k: str(v) for k, v in trees.items()},
         "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),

@@ -474,6 +474,23 @@ def inspect(
     )
 
 
+def _stopped_while_opening(stats_path: PathLike | None) -> Served:
+    """restore's end when SIGTERM/SIGINT came before its build was open: no VM was served
+    (a queued one is killed, opening.py); --stats holds the counters and the exit reason."""
+    import json
+
+    from fcsnap.outputs import write_output
+    from fcsnap.uffd.installer import InstallStats
+    from fcsnap.uffd.session import stats_json
+
+    served = Served(0, "stopped before a VM was served", InstallStats())
+    if stats_path is not None:
+        document = stats_json(served.stats, {"exit_reason": served.exit_reason})
+        write_output(Path(stats_path), (json.dumps(document, indent=2) + "\n").encode(),
+                     "--stats")
+    return served
+
+
 def restore(
     build: BuildRef, socket: PathLike, *, store: PathLike | StoreTarget | None = None,
     firecracker_api: PathLike | None = None, vmstate: PathLike | None = None,
@@ -485,54 +502,67 @@ def restore(
 ) -> Served:
     """Serve `build`'s memory to one Firecracker VM connecting to `socket`, until the VM
     exits (status 0) or SIGTERM/SIGINT arrives (0). Blocks; installs its signal handlers,
-    so call it from the main thread. `on_listening(build_dir)` is called once the socket
-    listens (the moment to start the VM). `options` are ServeOptions fields (verify, stats_path,
+    so call it from the main thread. The socket listens before the build is opened (a VM may
+    connect meanwhile; it is killed if the build cannot be served); `on_listening(build_dir)`
+    is called once the build is open too. `options` are ServeOptions fields (verify, stats_path,
     fault_around, cache_bytes, prefetch_ws, populate, eager, track_writes, written, ...).
     With `firecracker_api`, Firecracker's API socket is asked to load the snapshot from us
-    once we listen; a load it refuses raises FcsnapError (the VM is killed if it connected).
-    A build in an S3 store is
-    served through the host chunk cache at `cache_dir` (at most `cache_size`), each fetch
-    allowed `fetch_timeout` seconds with its retries; the rest of what it reads of raw diffs is
-    fetched in the background unless `lazy_fetch`."""
-    from fcsnap.restore_options import check_restore
-    from fcsnap.store.backends.stores import open_store, serve_source
-    from fcsnap.uffd.server import FaultServer, ServeOptions
+    once the build is open; a load it refuses raises FcsnapError (the VM is killed if it
+    connected). A build in an S3 store is served through the host chunk cache at
+    `cache_dir` (at most `cache_size`), each fetch allowed `fetch_timeout` seconds with its
+    retries; the rest of what it reads of raw diffs is fetched in the background unless
+    `lazy_fetch`."""
+    from fcsnap.restore_options import DEFAULT_HANDSHAKE_TIMEOUT, check_restore
+    from fcsnap.uffd.opening import Opening, Stopped
+    from fcsnap.uffd.serve_options import ServeOptions
 
     checked = check_restore(  # fault_around: a size ("256K", 0) or "adaptive", as typed
         fault_around=options.get("fault_around", "adaptive"),
-        handshake_timeout=options.get("handshake_timeout", ServeOptions.handshake_timeout),
+        handshake_timeout=options.get("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT),
         firecracker_api=firecracker_api, vmstate=vmstate, track_dirty_pages=track_dirty_pages,
         api_timeout=api_timeout, access=options.get("access"),
     )
     options.update(fault_around=checked.fault_around, access=checked.access,
                    handshake_timeout=checked.handshake_timeout)
-    if isinstance(store, str | os.PathLike):
-        store = open_store(str(store), fetch_timeout)
-    if (store is None or isinstance(store, Path)) and _e2b_dir(build, store) is not None:
-        from fcsnap.store.operations.e2b_serve import e2b_to_serve  # served as it is
-
-        e2b_to_serve(str(build), store, bool(options.get("verify")))
     size = parse_cache_size(cache_size)
-    foreign = None if store is None or isinstance(store, Path) else _e2b_in_bucket(
-        str(build), store, cache_dir, size, fetch_timeout, lazy_fetch,
-        bool(options.get("verify")))
-    build_dir, fetched = foreign or serve_source(
-        str(build), store, None if cache_dir is None else Path(cache_dir), size, fetch_timeout,
-        lazy_fetch,
-    )
     socket = Path(socket)
-    load = checked.snapshot_load(build_dir, socket)
+    serving = ServeOptions(socket=socket, **options)
+    serving.check_outputs()
+    # Listening from here on, so that Firecracker starts while the build is opened: the
+    # server's modules and the build's pins, lock and header (opening.py).
+    with Opening(socket, checked.access) as opening:
+        try:
+            from fcsnap.store.backends.stores import open_store, serve_source
+            from fcsnap.uffd.server import FaultServer
 
-    def listening() -> None:
-        if on_listening is not None:
-            on_listening(build_dir)
-        if load is not None:  # in the background: Firecracker answers after our accept
-            load.start(server.fail, on_loaded or (lambda _response: None))
+            if isinstance(store, str | os.PathLike):
+                store = open_store(str(store), fetch_timeout)
+            verify = bool(options.get("verify"))
+            if (store is None or isinstance(store, Path)) and _e2b_dir(build, store) is not None:
+                from fcsnap.store.operations.e2b_serve import e2b_to_serve  # served as it is
 
-    more_stats = None if fetched is None else fetched.as_dict  # fetch counters in --stats
-    server = FaultServer(build_dir, ServeOptions(socket=socket, on_listening=listening,
-                                                 more_stats=more_stats, **options))
-    status = server.run()
+                e2b_to_serve(str(build), store, verify)
+            foreign = None if store is None or isinstance(store, Path) else _e2b_in_bucket(
+                str(build), store, cache_dir, size, fetch_timeout, lazy_fetch, verify)
+            build_dir, fetched = foreign or serve_source(
+                str(build), store, None if cache_dir is None else Path(cache_dir), size,
+                fetch_timeout, lazy_fetch,
+            )
+            load = checked.snapshot_load(build_dir, socket)
+
+            def listening() -> None:
+                if on_listening is not None:
+                    on_listening(build_dir)
+                if load is not None:  # in the background: Firecracker answers after our accept
+                    load.start(server.fail, on_loaded or (lambda _response: None))
+
+            serving.on_listening, serving.listener = listening, opening.listener
+            if fetched is not None:
+                serving.more_stats = fetched.as_dict  # the fetch counters in --stats
+            opening.server = server = FaultServer(build_dir, serving)
+        except Stopped:
+            return _stopped_while_opening(serving.stats_path)
+        status = server.run(handle_signals=False)
     if load is not None and (error := load.finish()) is not None:
         raise error
     assert server.exit_reason is not None  # run() returns once serving has ended

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import select
 import stat
 from collections.abc import Callable, Iterator
@@ -210,7 +209,7 @@ def _create_temp(
 ) -> tuple[int, str]:
     """A new file beside `path`, created exclusively under an unpredictable name."""
     def default_name() -> str:
-        return f".{path.name[:64]}.{secrets.token_hex(8)}{TEMP_SUFFIX}"
+        return f".{path.name[:64]}.{os.urandom(8).hex()}{TEMP_SUFFIX}"
 
     def default_create(fd: int, name: str) -> int:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

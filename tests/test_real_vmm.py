@@ -80,6 +80,22 @@ def test_restore_serves_a_packed_snapshot(template: Snapshot, store: Path, tmp_p
     served_stats(stats)
 
 
+def test_firecracker_loads_as_soon_as_the_socket_exists(template: Snapshot, store: Path,
+                                                        tmp_path: Path) -> None:
+    """An orchestrator has Firecracker load the snapshot once restore's socket exists, while
+    restore still imports the server and opens the build: Firecracker's connection waits in
+    the socket's backlog and the guest is served."""
+    stats = tmp_path / "stats.json"
+    with Firecracker(tmp_path, "clone") as vm, RestoreProcess(
+            tmp_path / "uffd.sock", "--vm", "zstd", "--store", store, "--stats", stats,
+            socket_only=True) as server:
+        vm.load(template.vmstate, uffd=server.socket)
+        vm.expect_progress(template.last_round, ROUNDS)
+        vm.kill()
+        assert server.finish() == 0, server.tail()
+    served_stats(stats)
+
+
 def test_restore_verify_checks_every_block_it_serves(template: Snapshot, store: Path,
                                                      tmp_path: Path) -> None:
     """`restore --verify` under the real VMM: every block hashed before it goes in, and the

@@ -8,7 +8,6 @@ import signal
 import threading
 from pathlib import Path
 
-from fcsnap import deferred
 from fcsnap.threads import start_signal_free
 from fcsnap.uffd.firecracker_api import SnapshotLoad
 
@@ -26,15 +25,6 @@ def test_a_signal_free_thread_blocks_signals_and_ours_stay_as_they_were() -> Non
     thread.join(WAIT)
     assert {signal.SIGTERM, signal.SIGINT} <= seen[0]
     assert blocked_now() == before
-
-
-def test_the_numpy_loader_is_signal_free(monkeypatch) -> None:
-    seen: list[set[signal.Signals]] = []
-    monkeypatch.setattr(deferred, "load", lambda _: seen.append(blocked_now()))
-    thread = deferred.load_in_background(deferred.Deferred("not-a-module"))
-    assert thread is not None
-    thread.join(WAIT)
-    assert {signal.SIGTERM, signal.SIGINT} <= seen[0]
 
 
 def test_the_snapshot_load_thread_is_signal_free(tmp_path: Path) -> None:

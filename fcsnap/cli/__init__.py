@@ -8,7 +8,7 @@ usage error (one line too, before anything is read or written), 130 interrupted 
 terminated (SIGTERM; `restore` and `serve` handle SIGTERM themselves once serving: they exit 0).
 
 Modules are imported by the command that needs them: `--help` costs the interpreter, typer and
-rich; `restore` loads numpy on a thread while it opens the store and listens.
+rich; `restore` listens before it imports the server and opens the build (uffd/opening.py).
 """
 
 from __future__ import annotations

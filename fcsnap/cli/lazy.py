@@ -39,8 +39,9 @@ def summary(name: str) -> Any:
     """A command with `name`'s help and no options: what the root's help lists, without
     building every command's options."""
     info = _info(name)
-    if not isinstance(info, CommandInfo):  # a group (ws): small, built whole
-        return build(name)
+    if not isinstance(info, CommandInfo):  # a group (ws)
+        text = info.help or info.typer_instance.info.help or ""
+        return TyperGroup(name=name, help=inspect.cleandoc(text), rich_markup_mode="rich")
     text = info.help or inspect.getdoc(info.callback) or ""
     return TyperCommand(name, help=inspect.cleandoc(text), rich_markup_mode="rich")
 
@@ -93,6 +94,10 @@ class LazyGroup(TyperGroup):
         super().__init__(*args, **kwargs)
         self.commands = Commands()  # type: ignore[assignment]
         self.listing = False
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        """The names alone (typer's own reads the mapping's items, building every command)."""
+        return list(WHERE)
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
         if self.listing and cmd_name in WHERE:

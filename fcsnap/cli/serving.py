@@ -1,6 +1,9 @@
-"""Commands that serve memory: restore (one VM, or through the daemon) and serve (the daemon)."""
+"""Commands that serve memory: restore (one VM, or through the daemon) and serve (the daemon).
 
-from __future__ import annotations
+Annotations are evaluated once, at import (no `from __future__ import annotations`): typer reads
+a command's signature four times while building it, and would evaluate restore's 35 annotated
+options from text each time, a good part of what building it costs.
+"""
 
 import os
 import sys
@@ -130,12 +133,7 @@ def restore(
     access = socket_access(socket_owner, socket_mode, allow_uid)
     if daemon is not None:
         return _restore_via_daemon(options, access)
-    from fcsnap import api, deferred
-
-    # Serving needs numpy once a VM connects, not to listen: it loads on a thread from now
-    # on, while the store is opened and the socket made, and is in by the time a VM that
-    # connects right away faults.
-    deferred.load_in_background(deferred.defer("numpy"))
+    from fcsnap import api
 
     def listening(build_dir: Path) -> None:
         # Announced only now: a socket that cannot be created is then the one line on stderr.

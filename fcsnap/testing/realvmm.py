@@ -471,17 +471,20 @@ def _stop(proc: subprocess.Popen[bytes] | None, output: _Lines | None) -> None:
 
 class RestoreProcess:
     """`fcsnap restore ARGS --socket SOCKET` as its own process (this interpreter, and so this
-    tree), not --quiet: `with` starts it and waits for its "serving" line (it listens), or for
-    its load's answer too with `--firecracker-api` (`loaded=True`). At exit it is stopped
+    tree), not --quiet: `with` starts it and waits for its "serving" line (its build is open),
+    or for its load's answer too with `--firecracker-api` (`loaded=True`), or only for its
+    socket to exist (`socket_only`: as an orchestrator starting Firecracker then, looked at
+    every millisecond). At exit it is stopped
     (SIGTERM, then SIGKILL) if still running; `finish()` instead waits for it to exit by
     itself (as it does once its VM has exited) and returns its status."""
 
     def __init__(self, socket: Path, *args: str | os.PathLike[str], loaded: bool = False,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, socket_only: bool = False) -> None:
         self.socket = socket
         self.argv = [sys.executable, "-m", "fcsnap", "restore", *map(str, args),
                      "--socket", str(socket)]
         self.wait_loaded = loaded
+        self.socket_only = socket_only
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr: _Lines | None = None
@@ -500,12 +503,21 @@ class RestoreProcess:
         self.stderr = _Lines(self.proc.stderr, "restore-stderr")
         want = "fcsnap: Firecracker loaded" if self.wait_loaded else "fcsnap: serving "
         stderr = self.stderr
-        if not stderr.wait(lambda: any(x.startswith(want) for x in stderr.lines), timeout,
-                           self.proc):
+        if self.socket_only:
+            deadline = time.monotonic() + timeout
+            while not self.socket.exists() and self.proc.poll() is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.001)
+            ready = self.socket.exists()
+        else:
+            ready = stderr.wait(lambda: any(x.startswith(want) for x in stderr.lines), timeout,
+                                self.proc)
+        if not ready:
             status = self.proc.poll()
             self.close()
             how = f"within {timeout:g}s" if status is None else f"(it exited {status})"
-            raise VmmError(f"fcsnap restore did not print {want!r} {how}: {self.tail()}")
+            what = "listen" if self.socket_only else f"print {want!r}"
+            raise VmmError(f"fcsnap restore did not {what} {how}: {self.tail()}")
         return self
 
     def tail(self) -> str:

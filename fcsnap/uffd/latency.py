@@ -7,8 +7,8 @@ faults served in at most 2**k microseconds (1 us .. ~1 s), the last one anything
 slot after the buckets holds the sum of every latency, in nanoseconds.
 
 Keep BUCKETS and bucket() in step with FP_LATENCY_BUCKETS and note_latency in
-csrc/fastpath.c (fastpath.py asserts the count). A plain array, not numpy: a session is made
-before its socket listens, and restore loads numpy on a thread meanwhile (fcsnap/deferred.py).
+csrc/fastpath.c (fastpath.py asserts the count). A plain array: C writes it through a pointer,
+and a reader only sums it.
 """
 
 from __future__ import annotations

@@ -47,8 +47,7 @@ class MappedDiff:
         self.base = abi.buffer_address(diff.map)
         self.limit = max(1, -(-budget_bytes >> CHUNK_SHIFT))
         self.fits = (diff.size - 1) >> CHUNK_SHIFT < self.limit  # every chunk at once
-        # Plain arrays, not numpy: a server is built before its socket listens, and restore
-        # loads numpy on a thread meanwhile (fcsnap/deferred.py). C updates them in place.
+        # Plain arrays, which C updates in place.
         self.chunks = array("B", bytes(((diff.size - 1) >> CHUNK_SHIFT) + 1))  # since the drop
         self.counters = array("q", [0, 0])  # [chunks in use, next slot in `ends`]
         self.ends = array("q", [-1] * RECENT_ENDS)  # where recent reads ended

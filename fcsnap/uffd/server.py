@@ -42,10 +42,12 @@ class FaultServer:
         """Why serving ended; None until it has."""
         return self.session.exit_reason
 
-    def run(self) -> int:
+    def run(self, handle_signals: bool = True) -> int:
         """Listen, serve one VM until it exits (0) or SIGTERM/SIGINT (0, VM killed unless
-        every page is in); any exception kills the VM and propagates."""
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        every page is in); any exception kills the VM and propagates. Without
+        `handle_signals`, the caller's handlers call `stop` (restore's, opening.py)."""
+        old = ({s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+               if handle_signals else {})
         ended: list[BaseException | None] = []
         try:
             self.session.listen()

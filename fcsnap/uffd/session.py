@@ -33,15 +33,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fcsnap.errors import FcsnapError, FetchPending
-from fcsnap.options import ADAPTIVE
-from fcsnap.outputs import check_output, write_output
+from fcsnap.outputs import write_output
 from fcsnap.uffd import abi, latency, writes
 from fcsnap.uffd.fastpath import Batch, FastPath
 from fcsnap.uffd.handshake import (
@@ -52,10 +49,12 @@ from fcsnap.uffd.handshake import (
     peer_pidfd,
 )
 from fcsnap.uffd.installer import GONE, RETRY, Installer, InstallStats
-from fcsnap.uffd.listener import SocketAccess, listen
+from fcsnap.uffd.listener import listen
+from fcsnap.uffd.opening import turn_away
 from fcsnap.uffd.prefetch import Prefetch
 from fcsnap.uffd.preimage import Preimages
 from fcsnap.uffd.regions import Region, RegionMap
+from fcsnap.uffd.serve_options import ServeOptions
 from fcsnap.uffd.shared import SharedBuild
 from fcsnap.uffd.watchdog import Watchdog, WatchdogError
 from fcsnap.workingset import read_working_set, write_working_set
@@ -65,28 +64,6 @@ if TYPE_CHECKING:
 
 RETRY_POLL = 0.002  # seconds between retries of deferred faults
 FETCH_POLL = 0.001  # seconds between asks for what is being fetched (a fetch takes ~10 ms)
-
-
-@dataclass
-class ServeOptions:
-    socket: Path
-    verify: bool = False
-    stats_path: Path | None = None
-    handshake_timeout: float = 10.0
-    cache_bytes: int = 64 << 20
-    on_listening: Callable[[], None] | None = None  # e.g. ask Firecracker to load the snapshot
-    fault_around: int = ADAPTIVE  # bytes installed around a fault (faultaround.py)
-    record_ws: Path | None = None  # write the pages the guest faulted, in order
-    track_writes: bool = False  # register MISSING-only memory for write-protect too
-    written: Path | None = None  # write the pages the guest wrote (the written set) at the end
-    prefetch_ws: Path | None = None  # install these pages right after the handshake
-    populate: bool = False  # then install every other page in the background
-    eager: bool = False  # install every page before serving any fault
-    batch_bytes: int = 1 << 20  # background work between two looks at the uffd
-    access: SocketAccess = field(default_factory=SocketAccess)  # mode, owner, admitted uids
-    watchdog: Watchdog | None = None  # a shared one (a daemon's); None: run() starts its own
-    output_root: Path | None = None  # stats_path and record_ws must be under it (a daemon's)
-    more_stats: Callable[[], dict[str, Any]] | None = None  # others' counters (S3 fetches)
 
 
 def stats_json(stats: InstallStats, extra: dict[str, Any]) -> dict[str, Any]:
@@ -175,16 +152,15 @@ class Session:
     # -- lifecycle -------------------------------------------------------------------------
 
     def listen(self) -> None:
-        """Check what can be checked, start (or join) the watchdog and listen; FcsnapError
-        before anything listens, with everything this session opened closed again."""
+        """Check what can be checked, start (or join) the watchdog and listen (or take the
+        options' listener); FcsnapError before anything listens, with everything this session
+        opened closed again (a listener it was given stays its giver's to close)."""
         try:
-            for what, path in (("--stats", self.options.stats_path),
-                               ("--record-ws", self.options.record_ws),
-                               ("--written", self.options.written)):
-                if path is not None:  # found now, not after serving
-                    check_output(path, what, self.options.output_root)
+            self.options.check_outputs()  # now, not after serving
             self._start_watchdog()
-            self._listener = listen(self.options.socket, self.options.access)
+            self._listener = self.options.listener
+            if self._listener is None:
+                self._listener = listen(self.options.socket, self.options.access)
             self._listener.setblocking(False)  # accept only what is there: see on_listener
         except BaseException:
             self._end_watch()
@@ -227,7 +203,10 @@ class Session:
                 if self.peer is not None:
                     self.peer.kill()
             if self._listener is not None:
-                self._listener.close()
+                try:
+                    turn_away(self._listener, self.options.access.admits)  # queued VMs
+                finally:
+                    self._listener.close()
             self._unlink_socket()
             self._close_handshake()
             if self._fast is not None:

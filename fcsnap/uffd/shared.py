@@ -29,7 +29,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -43,8 +42,7 @@ from fcsnap.uffd.pages import PageSource, hash_tables, mapping_arrays
 
 PARSED_KEPT = 16  # closed builds whose parsed header and mapping arrays are kept
 
-if TYPE_CHECKING:  # not at run time: np may be restore's stand-in (deferred.py)
-    Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -115,8 +113,7 @@ class SharedBuild:
     def make_arrays_soon(self) -> None:
         """Have the mapping arrays made on a thread now, unless they are made or being made:
         a VM connects right after its socket listens, and its first fault would otherwise
-        wait for them (and for numpy, deferred.py) - a tenth of a second per 100,000
-        mappings."""
+        wait for them - a tenth of a second per 100,000 mappings."""
         with self._lock:
             if self._arrays is not None or self._arrays_thread is not None:
                 return

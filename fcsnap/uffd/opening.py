@@ -1,0 +1,104 @@
+"""`fcsnap restore` listens first, then opens its build.
+
+An orchestrator starts Firecracker once the restore's socket exists: what restore does before
+then delays the VM by as much, what it does after overlaps Firecracker's own start-up and
+snapshot load. The server's modules (numpy, cffi, the store) cost more than the rest of
+restore's start together, and opening a build (pins and lock, header, diffs) takes a moment
+more. So restore creates its socket as soon as its options are checked, then imports the
+server and opens the build. A VM that connects meanwhile waits in the socket's
+backlog; its handshake is taken once the build is known good. Until the server takes the
+socket over, `Opening` answers for it: SIGTERM/SIGINT end the restore as a stop (`Stopped`),
+and any way out turns away the VMs queued on the socket (killed: one that sent its uffd would
+freeze at its first fault) and removes the socket file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+from fcsnap.uffd.listener import SocketAccess, listen
+
+STOPS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(BaseException):
+    """SIGTERM/SIGINT while the build was being opened (a BaseException, as
+    KeyboardInterrupt is: no `except Exception` on the way may take it for a failure)."""
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+class Opening:
+    """The restore's listening socket, from before its build is opened to the end."""
+
+    def __init__(self, path: Path, access: SocketAccess) -> None:
+        self.path = path
+        self.access = access
+        self.listener: socket.socket = listen(path, access)
+        self.inode = os.stat(path).st_ino
+        self.server: Stoppable | None = None  # set once the server can take a stop
+        self._old: dict[int, Any] = {}
+        self._stopped = False
+
+    def __enter__(self) -> Opening:
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._on_signal) for s in STOPS}
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        try:
+            self.close()
+        finally:
+            for signum, handler in self._old.items():
+                signal.signal(signum, handler)
+
+    def close(self) -> None:
+        """Turn away the VMs still queued, close the socket and remove its file (unless
+        another file has taken its place). Does nothing more once the server has done it."""
+        if self.listener.fileno() >= 0:
+            try:
+                turn_away(self.listener, self.access.admits)
+            finally:
+                self.listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            if os.lstat(self.path).st_ino == self.inode:
+                os.unlink(self.path)
+
+    def _on_signal(self, _signum: int, _frame: object) -> None:
+        if self.server is not None:
+            self.server.stop()
+        elif not self._stopped:  # once: a second signal must not cut the way out short
+            self._stopped = True
+            raise Stopped
+
+
+def turn_away(listener: socket.socket, admits: Callable[[int], bool]) -> None:
+    """Kill every admitted VM queued on `listener` and disconnect every peer: no one will
+    serve their pages."""
+    from fcsnap.uffd.handshake import kill_process, peer_credentials
+
+    listener.setblocking(False)
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:  # none left (or the socket broke: no one can queue on it)
+            return
+        with conn, contextlib.suppress(OSError):  # a peer gone already is no VM to kill
+            pid, uid = peer_credentials(conn)
+            if pid > 0 and admits(uid):
+                pidfd = os.pidfd_open(pid)
+                try:
+                    kill_process(pidfd)
+                finally:
+                    os.close(pidfd)

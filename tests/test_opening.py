@@ -1,0 +1,120 @@
+"""restore listens before it opens its build (fcsnap/uffd/opening.py): a VM that connects
+meanwhile is never left hanging. Each test holds the opening until the VM is queued on the
+socket, so the VM surely connected before the build was known good or bad."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import WAIT, Processes, one_build_store
+
+from fcsnap import api
+from fcsnap.errors import FcsnapError
+from fcsnap.store.backends import stores
+from fcsnap.testing import firecracker
+from fcsnap.uffd import opening
+
+KILLED = -signal.SIGKILL
+SIZE = 256 << 10
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return one_build_store(tmp_path_factory.mktemp("opening"), SIZE, seed=3)
+
+
+@pytest.fixture
+def procs() -> Any:
+    p = Processes()
+    yield p
+    p.close()
+
+
+def stand_in_vm(sock: Path) -> subprocess.Popen[bytes]:
+    return firecracker.spawn(sock, size=SIZE, deadline=WAIT, hold=WAIT)
+
+
+def plain_peer(sock: Path) -> subprocess.Popen[bytes]:
+    """A process that connects and exits 0 once it is disconnected."""
+    code = ("import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+            f"s.settimeout({WAIT}); sys.exit(s.recv(1) != b'')")
+    return subprocess.Popen([sys.executable, "-c", code, str(sock)])
+
+
+def hold_opening(monkeypatch: pytest.MonkeyPatch, sock: Path, procs: Processes,
+                 then: Callable[[], Any], peer: Callable[[Path], subprocess.Popen[bytes]]
+                 = stand_in_vm) -> list[subprocess.Popen[bytes]]:
+    """Make the build's opening start a peer (a stand-in VM), wait until it is queued on the
+    socket (the listener readable), then do `then` (fail, or signal) instead of opening."""
+    listeners: list[socket.socket] = []
+    vms: list[subprocess.Popen[bytes]] = []
+
+    def spying_listen(path: Path, access: Any) -> socket.socket:
+        listeners.append(opening_listen(path, access))
+        return listeners[-1]
+
+    def held(*_args: Any, **_kwargs: Any) -> Any:
+        vms.append(procs.track(peer(sock)))
+        readable, _, _ = select.select(listeners, [], [], WAIT)
+        assert readable, "the stand-in VM never connected"
+        return then()
+
+    opening_listen = opening.listen
+    monkeypatch.setattr(opening, "listen", spying_listen)
+    monkeypatch.setattr(stores, "serve_source", held)
+    return vms
+
+
+def test_a_build_that_cannot_be_opened_kills_the_vm_that_connected(
+        store: Path, tmp_path: Path, procs: Processes, monkeypatch: pytest.MonkeyPatch) -> None:
+    sock = tmp_path / "uffd.sock"
+
+    def fail() -> None:
+        raise FcsnapError("build vm is damaged")
+
+    vms = hold_opening(monkeypatch, sock, procs, fail)
+    with pytest.raises(FcsnapError, match="damaged"):
+        api.restore("vm", sock, store=store)
+    assert vms[0].wait(WAIT) == KILLED  # not left waiting for pages no one serves
+    assert not sock.exists()
+
+
+def test_sigterm_while_opening_is_a_stop(
+        store: Path, tmp_path: Path, procs: Processes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exit status 0 as for a stop once serving, with --stats written; the VM queued is
+    killed; the caller's signal handlers are back."""
+    sock, stats = tmp_path / "uffd.sock", tmp_path / "stats.json"
+    before = signal.getsignal(signal.SIGTERM)
+    vms = hold_opening(monkeypatch, sock, procs,
+                       lambda: os.kill(os.getpid(), signal.SIGTERM))
+    served = api.restore("vm", sock, store=store, stats_path=stats)
+    assert (served.status, served.exit_reason) == (0, "stopped before a VM was served")
+    assert vms[0].wait(WAIT) == KILLED
+    assert json.loads(stats.read_text())["pages_served"] == 0
+    assert not sock.exists()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_peer_not_admitted_is_disconnected_not_killed(
+        store: Path, tmp_path: Path, procs: Processes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only admitted uids are taken for the VM; anyone else queued is only disconnected."""
+    sock = tmp_path / "uffd.sock"
+
+    def fail() -> None:
+        raise FcsnapError("build vm is damaged")
+
+    peers = hold_opening(monkeypatch, sock, procs, fail, plain_peer)
+    monkeypatch.setattr(opening.SocketAccess, "admits", lambda _self, _uid: False)
+    with pytest.raises(FcsnapError, match="damaged"):
+        api.restore("vm", sock, store=store)
+    assert peers[0].wait(WAIT) == 0  # it saw the connection go
