@@ -257,10 +257,10 @@ class Reactor:
                 self._end(session)
 
     def _adopt(self) -> None:
-        with self._lock:
+        with self._lock:  # moved in one step, so that `load` never misses them in between
             incoming, self._incoming = self._incoming, []
-        for session, on_end in incoming:
-            self._on_end[session] = on_end
+            self._on_end.update(incoming)
+        for session, _on_end in incoming:
             self._fds[session] = set()
             self._call(session, lambda s=session: s.attach(self))
 
