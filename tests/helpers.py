@@ -82,6 +82,9 @@ def fcsnap(*args: object, env: dict[str, str] | None = None, cwd: Path | None = 
     )
 
 
+_HERE = threading.Lock()
+
+
 def fcsnap_here(*args: object, env: dict[str, str] | None = None, cwd: Path | None = None,
                 timeout: float = CLI_WAIT) -> subprocess.CompletedProcess[str]:
     """Run one `fcsnap` command in this process, as `fcsnap()` runs it in its own: the same
@@ -104,24 +107,25 @@ def fcsnap_here(*args: object, env: dict[str, str] | None = None, cwd: Path | No
             code = e.code
             status.append(0 if code is None else code if isinstance(code, int) else 1)
 
-    saved, saved_cwd = dict(os.environ), os.getcwd()
-    saved_state = dict(cli._state), dict(common.state)  # what one command line sets
-    try:
-        if env is not None:
+    with _HERE:  # one at a time: stdout, stderr, the environment and cwd are the process's
+        saved, saved_cwd = dict(os.environ), os.getcwd()
+        saved_state = dict(cli._state), dict(common.state)  # what one command line sets
+        try:
+            if env is not None:
+                os.environ.clear()
+                os.environ.update(env)
+            if cwd is not None:
+                os.chdir(cwd)
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                thread = threading.Thread(target=command, name=f"fcsnap {' '.join(argv[:1])}")
+                thread.start()
+                thread.join(timeout)
+        finally:
+            os.chdir(saved_cwd)
             os.environ.clear()
-            os.environ.update(env)
-        if cwd is not None:
-            os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            thread = threading.Thread(target=command, name=f"fcsnap {' '.join(argv[:1])}")
-            thread.start()
-            thread.join(timeout)
-    finally:
-        os.chdir(saved_cwd)
-        os.environ.clear()
-        os.environ.update(saved)
-        cli._state.update(saved_state[0])
-        common.state.update(saved_state[1])
+            os.environ.update(saved)
+            cli._state.update(saved_state[0])
+            common.state.update(saved_state[1])
     if thread.is_alive():
         pytest.fail(f"fcsnap {' '.join(argv)} did not end within {timeout:g}s")
     assert status, f"fcsnap {' '.join(argv)} ended without an exit status: {err.getvalue()}"
