@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -110,6 +111,8 @@ def fcsnap_here(*args: object, env: dict[str, str] | None = None, cwd: Path | No
     with _HERE:  # one at a time: stdout, stderr, the environment and cwd are the process's
         saved, saved_cwd = dict(os.environ), os.getcwd()
         saved_state = dict(cli._state), dict(common.state)  # what one command line sets
+        # what the command leaves for its process's exit to remove goes when it returns
+        saved_tempdir, tempfile.tempdir = tempfile.tempdir, tempfile.mkdtemp(prefix="fcsnap-here-")
         try:
             if env is not None:
                 os.environ.clear()
@@ -126,6 +129,8 @@ def fcsnap_here(*args: object, env: dict[str, str] | None = None, cwd: Path | No
             os.environ.update(saved)
             cli._state.update(saved_state[0])
             common.state.update(saved_state[1])
+            shutil.rmtree(tempfile.tempdir, ignore_errors=True)
+            tempfile.tempdir = saved_tempdir
     if thread.is_alive():
         pytest.fail(f"fcsnap {' '.join(argv)} did not end within {timeout:g}s")
     assert status, f"fcsnap {' '.join(argv)} ended without an exit status: {err.getvalue()}"
