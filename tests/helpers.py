@@ -3,10 +3,15 @@ the processes a test starts, and what a clean serving run must leave behind."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -76,6 +81,61 @@ def fcsnap(*args: object, env: dict[str, str] | None = None, cwd: Path | None = 
         [sys.executable, "-m", "fcsnap", *map(str, args)], capture_output=True, text=True,
         timeout=timeout, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
     )
+
+
+_HERE = threading.Lock()
+
+
+def fcsnap_here(*args: object, env: dict[str, str] | None = None, cwd: Path | None = None,
+                timeout: float = CLI_WAIT) -> subprocess.CompletedProcess[str]:
+    """Run one `fcsnap` command in this process, as `fcsnap()` runs it in its own: the same
+    entry point (fcsnap.cli.main), so the same exit status, stdout and stderr, without the
+    half second an interpreter and its imports cost. For a command a test runs to set up or
+    to look at a store; tests of the process itself (signals, pipes, exit codes) use `fcsnap()`.
+    The command runs on a thread, so that it has a deadline; `env` replaces the environment
+    and `cwd` the working directory while it runs."""
+    from fcsnap import cli
+    from fcsnap.cli import common
+
+    argv = list(map(str, args))
+    out, err = io.StringIO(), io.StringIO()
+    status: list[int] = []
+
+    def command() -> None:
+        try:
+            cli.main(argv)
+        except SystemExit as e:
+            code = e.code
+            status.append(0 if code is None else code if isinstance(code, int) else 1)
+
+    with _HERE:  # one at a time: stdout, stderr, the environment and cwd are the process's
+        saved, saved_cwd = dict(os.environ), os.getcwd()
+        saved_state = dict(cli._state), dict(common.state)  # what one command line sets
+        # what the command leaves for its process's exit to remove goes when it returns
+        saved_tempdir, tempfile.tempdir = tempfile.tempdir, tempfile.mkdtemp(prefix="fcsnap-here-")
+        try:
+            if env is not None:
+                os.environ.clear()
+                os.environ.update(env)
+            if cwd is not None:
+                os.chdir(cwd)
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                thread = threading.Thread(target=command, name=f"fcsnap {' '.join(argv[:1])}")
+                thread.start()
+                thread.join(timeout)
+        finally:
+            os.chdir(saved_cwd)
+            os.environ.clear()
+            os.environ.update(saved)
+            cli._state.update(saved_state[0])
+            common.state.update(saved_state[1])
+            shutil.rmtree(tempfile.tempdir, ignore_errors=True)
+            tempfile.tempdir = saved_tempdir
+    if thread.is_alive():
+        pytest.fail(f"fcsnap {' '.join(argv)} did not end within {timeout:g}s")
+    assert status, f"fcsnap {' '.join(argv)} ended without an exit status: {err.getvalue()}"
+    return subprocess.CompletedProcess(["fcsnap", *argv], status[0], out.getvalue(),
+                                       err.getvalue())
 
 
 def restore_argv(vm: str | Path, socket: Path, *args: str, store: Path | str | None = None,

@@ -12,7 +12,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import Lineage, check_served, fcsnap, restore, unpacked
+from helpers import Lineage, check_served, restore, unpacked
+from helpers import fcsnap_here as fcsnap  # in this process: the store is tested here
 from test_e2b_store import EXPECTED, FIXTURES, copy_store
 
 from fcsnap.header import load_header

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from store_procs import fcsnap, hidden_entries, make_lineage, start_stopped, visible_builds
+from helpers import fcsnap_here as fcsnap  # in this process: the store is tested here
+from store_procs import hidden_entries, make_lineage, start_stopped, visible_builds
 
 from fcsnap.header import load_header
 from fcsnap.store.format.layout import DIFF_RAW, HASHES, MANIFEST

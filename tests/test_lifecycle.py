@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import fcsnap
+from helpers import fcsnap_here as fcsnap  # in this process: the store is tested here
 
 from fcsnap.errors import FcsnapError
 from fcsnap.store.format.layout import DIFF_RAW, VMS

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import obstore
 import pytest
+from helpers import fcsnap_here as fcsnap  # in this process: the builds are tested here
 from s3_helpers import Bucket, memfile
-from store_procs import TIMEOUT, fcsnap
+from store_procs import TIMEOUT
 from test_s3_store import start_stopped
 
 from fcsnap.store.backends.s3 import PART_SIZE
@@ -31,8 +32,10 @@ def without_volatile(manifest: dict) -> dict:
     return {k: v for k, v in manifest.items() if k not in VOLATILE}
 
 
-@pytest.mark.parametrize("options", [("--compress", "zstd"), ("--compress", "none"),
-                                     ("--compress", "zstd:5", "--frame-size", "64K")])
+@pytest.mark.parametrize("options", [
+    ("--compress", "zstd"), ("--compress", "none"),
+    pytest.param(("--compress", "zstd:5", "--frame-size", "64K"), marks=pytest.mark.slow),
+])
 def test_an_s3_pack_stores_what_a_local_pack_stores(
     bucket: Bucket, tmp_path: Path, options: tuple[str, ...]
 ) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import obstore
 import pytest
-from helpers import PAGE, WAIT, Lineage, Procs, check_served, fcsnap, wait_for
+from helpers import PAGE, WAIT, Lineage, Procs, check_served, wait_for
+from helpers import fcsnap_here as fcsnap  # in this process: the builds a restore serves
 from s3_helpers import Bucket, new_bucket, restore_from
 from test_chunk_cache import DAMAGE, damage
 from test_restore import HUGE, KILLED, SIZE, make_lineage

@@ -26,7 +26,7 @@ BIG_BLOCKS = ("--compress", "zstd", "--block-size", "2M", "--frame-size", "256K"
 
 
 def fcsnap(bucket: Bucket, *args: str) -> str:
-    result = helpers.fcsnap(*args, env=bucket.env)
+    result = helpers.fcsnap_here(*args, env=bucket.env)
     assert result.returncode == 0, result.stderr
     return result.stdout
 

@@ -11,6 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
+from helpers import fcsnap_here
 from s3_helpers import Bucket, memfile
 from store_procs import TIMEOUT, fcsnap, wait_stopped
 
@@ -22,7 +23,8 @@ MIB = 1 << 20
 
 
 def run(bucket: Bucket, *args: object, ok: bool = True) -> subprocess.CompletedProcess:
-    result = fcsnap(*args, env=bucket.env)
+    """`fcsnap ARGS` on the bucket's server, run in this process."""
+    result = fcsnap_here(*args, env=bucket.env)
     if ok:
         assert result.returncode == 0, result.stderr
     return result

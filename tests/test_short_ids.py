@@ -10,7 +10,8 @@ import uuid
 from pathlib import Path
 
 import obstore
-from helpers import fcsnap, one_build_store
+from helpers import fcsnap_here as fcsnap  # in this process: the store is tested here
+from helpers import one_build_store
 from s3_helpers import Bucket
 from test_s3_store import one_line_error, run
 

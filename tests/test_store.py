@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import fcsnap, unpacked
+from helpers import fcsnap_here as fcsnap  # in this process: the store is tested here
+from helpers import unpacked
 from store_procs import start_stopped
 
 from fcsnap.errors import FcsnapError

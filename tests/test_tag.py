@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from helpers import fcsnap
+from helpers import fcsnap_here as fcsnap  # in this process: the store is tested here
 from s3_helpers import Bucket
 from store_procs import make_lineage, resume, start_stopped
 from test_s3_store import one_line_error, run

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import Lineage, fcsnap, race_the_balloon, restore, unpacked
+from helpers import Lineage, race_the_balloon, restore, unpacked
+from helpers import fcsnap_here as fcsnap  # in this process: the store is tested here
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import NIL, load_header

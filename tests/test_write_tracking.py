@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import test_hotpath
-from helpers import WAIT, Procs, fcsnap, one_build_store, wait_for
+from helpers import WAIT, Procs, one_build_store, wait_for
+from helpers import fcsnap_here as fcsnap  # in this process: diff and unpack of what was served
 from test_daemon import Daemon
 from test_restore import guest_memory
 from test_restore_faults import KILLED
@@ -103,10 +104,19 @@ def test_writes_are_seen_and_diff_written_is_byte_exact(store, procs, path, regi
     check_tracked(procs, store, stats, report)
 
 
-@pytest.mark.parametrize("how", [
-    ("--fault-around", "256K"), ("--fault-around", "adaptive"), ("--prefetch-ws", "WS"),
-    ("--populate",), ("--eager",),
-], ids=["fault-around", "adaptive", "prefetch", "populate", "eager"])
+INSTALLS = {"fault-around": ("--fault-around", "256K"), "adaptive": ("--fault-around", "adaptive"),
+            "prefetch": ("--prefetch-ws", "WS"), "populate": ("--populate",),
+            "eager": ("--eager",)}
+OUTSIDE = {"prefetch", "populate", "eager"}
+
+
+@pytest.mark.parametrize(("path", "how"), [
+    pytest.param(path, how, id=f"{path}-{name}",
+                 # by default, the Python path with its own fault-around windows; installs
+                 # made outside the fault loop (working set, populate, eager) on it: slow
+                 marks=[pytest.mark.slow] if path == "python" and name in OUTSIDE else [])
+    for path in ("compiled", "python") for name, how in INSTALLS.items()
+], indirect=["path"])
 def test_every_kind_of_install_goes_in_protected(store, procs, path, how) -> None:
     """Windows around a fault, the working set, populate and eager install pages the guest
     did not ask for (zero pages among them): all write-protected; the guest writes some it
