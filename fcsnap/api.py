@@ -186,11 +186,25 @@ def _built(result: tuple[Manifest, Path | str]) -> Build:
 
 
 class Store:
-    """A store directory: builds by id, `vms/NAME` pointers to the newest build of a VM."""
+    """A store directory: builds by id, `vms/NAME` pointers to the newest build of a VM.
+
+    `Store(path)` opens an existing store when first used: a directory (or S3 prefix) that is
+    not one raises FcsnapError saying to create it with `Store.init` (`fcsnap init`)."""
 
     def __init__(self, path: PathLike) -> None:
         self.path = path if isinstance(path, str) and "://" in path else Path(path)
         self._target: StoreTarget | None = None
+
+    @classmethod
+    def init(cls, path: PathLike) -> Store:
+        """Create the store at `path` (a new or empty directory, or an empty S3 prefix) and
+        open it. A store is opened as it is (an older fcsnap's gets its marker); a directory
+        holding anything else is refused (FcsnapError)."""
+        from fcsnap.store.backends.stores import open_store
+
+        store = cls(path)
+        store._target = open_store(str(store.path), create=True)
+        return store
 
     @property
     def target(self) -> StoreTarget:
@@ -375,6 +389,58 @@ class Store:
 
         build_id, _ = tag(self.target, str(build), name)
         return self.build(str(build_id))
+
+    def ls(self, name: str | None = None, *, builds: bool = False) -> dict[str, Any]:
+        """What `fcsnap ls --json` prints: the names and their heads (or with `builds`, every
+        build; with `name`, that name's lineage), the bytes they hold, and a summary."""
+        from fcsnap.store.backends.stores import scan_store
+        from fcsnap.store.operations import listing
+
+        view = scan_store(self.target)
+        if name is not None:
+            return listing.lineage_report(view, name)
+        return listing.builds_report(view) if builds else listing.names_report(view)
+
+    def rm(self, *names: str) -> list[dict[str, Any]]:
+        """Remove names (never builds): all of them, or none when one does not exist. Returns
+        `{"name", "head"}` for each, as `fcsnap rm --json` prints them."""
+        from fcsnap.store.operations.gc import remove_names
+
+        return remove_names(self.target, list(names))
+
+    def gc(
+        self, *, grace: float | str = "1h", dry_run: bool = False,
+        repack_below: float | None = None,
+    ) -> dict[str, Any]:
+        """Delete the builds no name's head reads once older than `grace` (seconds, or
+        '90s', '30m', '1h', '2d'), as `fcsnap gc --json` reports it. `repack_below`: first
+        squash every name whose head reads less than this fraction of its lineage's bytes."""
+        from fcsnap.errors import UsageError
+        from fcsnap.store.operations.gc import collect
+        from fcsnap.units import parse_duration
+
+        seconds = parse_duration(grace, "grace") if isinstance(grace, str) else float(grace)
+        if not 0 <= seconds < float("inf"):
+            raise UsageError(f"grace {grace!r}: a duration of 0 or more")
+        if repack_below is not None and not 0 < repack_below <= 1:
+            raise UsageError(f"repack_below {repack_below:g}: a fraction in (0, 1]")
+        return collect(self.target, seconds, dry_run, repack_below)
+
+    def push(self, build: BuildRef, to: PathLike | Store) -> dict[str, Any]:
+        """Copy `build` and every build it reads to the store `to` (a NAME is published there
+        too), as `fcsnap push --json` reports it."""
+        from fcsnap.store.operations.transfer import copy_lineage
+
+        dest = to if isinstance(to, Store) else Store(to)
+        return copy_lineage(str(build), self.target, dest.target, "push")
+
+    def pull(self, build: BuildRef, source: PathLike | Store) -> dict[str, Any]:
+        """Copy `build` and every build it reads from the store `source` into this one, as
+        `fcsnap pull --json` reports it."""
+        from fcsnap.store.operations.transfer import copy_lineage
+
+        origin = source if isinstance(source, Store) else Store(source)
+        return copy_lineage(str(build), origin.target, self.target, "pull")
 
 
 def unpack(

@@ -18,6 +18,7 @@ sidecar or build.json repaired in the bucket even when its size did not change.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import uuid
@@ -44,6 +45,13 @@ from fcsnap.store.format.layout import (
     parse_build_id,
 )
 from fcsnap.store.format.locks import NameMoved, builds_read, stop_point
+from fcsnap.store.format.marker import (
+    MARKER,
+    State,
+    check_marker,
+    looks_like_store,
+    marker_bytes,
+)
 from fcsnap.store.format.names import POINTER_MAX, VMS, check_vm_name
 from fcsnap.store.format.prefixes import is_prefix, match_prefix
 
@@ -68,9 +76,35 @@ class RemoteStore:
         self.mirror = scratch  # the local mirror of what this command reads
         private_dirs(scratch, "mirror directory")
         self.fetched_as: dict[Path, str] = {}  # each mirrored object's ETag when fetched
+        self.marked = False  # the marker was seen or written (state(), write_marker())
 
     def __str__(self) -> str:
         return self.url
+
+    # the marker (docs/FORMAT.md §2.3)
+
+    def state(self) -> State:
+        """Whether the prefix is a store: its marker, else what its objects look like (a
+        listing, needed only until an old store is marked)."""
+        found = self.objects.get(MARKER)
+        if found is not None:
+            check_marker(found[0], f"{self.url}/{MARKER}")
+            self.marked = True
+            return State.MARKED
+        keys = [info.key.partition("/") for info in self.objects.list()]
+        if not keys:
+            return State.EMPTY
+        builds = [head for head, _, rest in keys
+                  if rest == MANIFEST and parse_build_id(head) is not None]
+        return State.UNMARKED if looks_like_store({k[0] for k in keys}, builds) else State.FOREIGN
+
+    def write_marker(self) -> None:
+        """Create the marker unless it exists (If-None-Match: two inits do not race)."""
+        if self.marked:
+            return
+        with contextlib.suppress(Conflict):
+            self.objects.put(MARKER, marker_bytes(), None)
+        self.marked = True
 
     # names
 

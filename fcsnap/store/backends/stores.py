@@ -13,9 +13,11 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fcsnap.errors import FcsnapError
 from fcsnap.store.backends.remote import RemoteStore
 from fcsnap.store.backends.s3 import is_s3_url
 from fcsnap.store.format.layout import DIFF_RAW, SNAPFILE, resolve_build
+from fcsnap.store.format.marker import State, adopt_local, local_state, not_a_store
 from fcsnap.store.format.names import read_vm_pointer
 
 if TYPE_CHECKING:
@@ -32,13 +34,67 @@ def scratch_dir(what: str) -> Path:
     return path
 
 
-def open_store(text: str, timeout: float | None = None) -> Store:
-    """`timeout`: for a store in S3, the most seconds a request may take with its retries."""
+def open_store(text: str, timeout: float | None = None, *, create: bool = False) -> Store:
+    """The store `text` names, which must be one (FcsnapError naming it and `fcsnap init`
+    otherwise); `create`: make it one first (init_store). `timeout`: for a store in S3, the
+    most seconds a request may take with its retries."""
+    if create:
+        return make_store(text, timeout)[0]
+    store = _store_at(text, timeout)
+    state = state_of(store)
+    if state not in (State.MARKED, State.UNMARKED):
+        raise not_a_store(store, state)
+    return store
+
+
+def make_store(text: str, timeout: float | None = None) -> tuple[Store, State]:
+    """`fcsnap init`: the store `text` names, made one if need be (init_store), and what
+    was found there."""
+    store = _store_at(text, timeout)
+    return store, init_store(store)
+
+
+def _store_at(text: str, timeout: float | None) -> Store:
+    from fcsnap.options import check_store_text
+
+    check_store_text(text)
     if is_s3_url(text):
         from fcsnap.store.backends.s3 import S3Objects, parse_s3_url
 
         return RemoteStore(S3Objects(parse_s3_url(text), timeout), scratch_dir("mirror"))
     return Path(text)
+
+
+def state_of(store: Store) -> State:
+    return store.state() if isinstance(store, RemoteStore) else local_state(store)
+
+
+def init_store(store: Store) -> State:
+    """Make `store` a store: a missing or empty directory (or prefix) gets the marker, an old
+    store is adopted, a store is left as it is; anything else is refused. Returns the state
+    found."""
+    state = state_of(store)
+    if state is State.FOREIGN:
+        raise FcsnapError(f"cannot make {store} a store: it is not empty and not an fcsnap "
+                          "store")
+    if state is State.MISSING:
+        assert isinstance(store, Path)
+        try:
+            store.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise FcsnapError(f"cannot create store {store}: {e.strerror or e}") from e
+    if state is not State.MARKED:
+        adopt(store)
+    return state
+
+
+def adopt(store: Store) -> None:
+    """Write the marker of a store that has none: as it is made, and on the first build
+    written to a store made by an older fcsnap."""
+    if isinstance(store, RemoteStore):
+        store.write_marker()
+    else:
+        adopt_local(store)
 
 
 def open_optional(text: str | None) -> Store | None:
