@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fcsnap.options import (
     DEFAULT_FRAME_SIZE,
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from fcsnap.uffd.firecracker_api import Response
     from fcsnap.uffd.installer import InstallStats
 
+T = TypeVar("T")
 PathLike = str | os.PathLike[str]
 BuildRef = PathLike | uuid.UUID
 """A build: its directory, its build id, or a VM name (the newest build of that name)."""
@@ -189,10 +190,13 @@ class Store:
     """A store directory: builds by id, `vms/NAME` pointers to the newest build of a VM.
 
     `Store(path)` opens an existing store when first used: a directory (or S3 prefix) that is
-    not one raises FcsnapError saying to create it with `Store.init` (`fcsnap init`)."""
+    not one raises FcsnapError saying to create it with `Store.init` (`fcsnap init`). With
+    `create=True` (`pack --init`) a missing or empty one becomes a store with the first build
+    written to it."""
 
-    def __init__(self, path: PathLike) -> None:
+    def __init__(self, path: PathLike, *, create: bool = False) -> None:
         self.path = path if isinstance(path, str) and "://" in path else Path(path)
+        self.create = create
         self._target: StoreTarget | None = None
 
     @classmethod
@@ -200,17 +204,19 @@ class Store:
         """Create the store at `path` (a new or empty directory, or an empty S3 prefix) and
         open it. A store is opened as it is (an older fcsnap's gets its marker); a directory
         holding anything else is refused (FcsnapError)."""
-        from fcsnap.store.backends.stores import open_store
+        from fcsnap.store.backends.stores import make_store
 
         store = cls(path)
-        store._target = open_store(str(store.path), create=True)
+        store._target = make_store(str(store.path))[0]
         return store
 
     @property
     def target(self) -> StoreTarget:
         """What the store operations take: the directory, or the object store (opened once)."""
         if self._target is None:
-            self._target = _open(self.path)
+            from fcsnap.store.backends.stores import open_store
+
+            self._target = open_store(str(self.path), create=self.create)
         assert self._target is not None
         return self._target
 
@@ -241,7 +247,7 @@ class Store:
         options = replace(options, name_expected=self._head(name), verb="pack")
         memfile = Path(memfile)
         advance = _tracker(progress, _size_of(memfile))
-        return _built(ops.pack(memfile, self.target, options, advance))
+        return self._made(_built(ops.pack(memfile, self.target, options, advance)))
 
     def diff(
         self, memfile: PathLike, *, base: BuildRef, name: str | None = None,
@@ -286,10 +292,10 @@ class Store:
             written = Path(written)
             pages = max(0, _size_of(written) - HEAD.size) // 8
             advance = _tracker(progress, min(pages * base_block_size, _size_of(memfile)))
-        return _built(ops.diff(
+        return self._made(_built(ops.diff(
             memfile, base_dir, self.target, options, sparse, advance, written,
             holes_are_zeros=holes_are_zeros,
-        ))
+        )))
 
     def squash(
         self, build: BuildRef, *, name: str | None = None, progress: Progress | None = None
@@ -304,10 +310,10 @@ class Store:
             check_vm_name(name)  # before anything else: a bad name costs nothing
         build_dir = _dir(build, self.target, lazy=True)
         advance = _tracker(progress, _data_bytes(load_header(build_dir)))
-        return _built(ops.squash(
+        return self._made(_built(ops.squash(
             build_dir, self.target, name=name, progress=advance,
             name_expected=self._head(name, build, build_dir),
-        ))
+        )))
 
     def import_e2b(
         self, src: PathLike, *, name: str | None = None, compress: str | None = None,
@@ -327,7 +333,9 @@ class Store:
         options = replace(options, name_expected=self._head(name), verb="import")
         src = Path(src)
         advance = _tracker(progress, own_bytes(src))
-        return [_built(result) for result in import_e2b(src, self.target, options, advance)]
+        built = [_built(result) for result in import_e2b(src, self.target, options, advance)]
+        self._made(None)
+        return built
 
     def export_e2b(
         self, build: BuildRef, output: PathLike, *, compress: str | None = None,
@@ -347,6 +355,16 @@ class Store:
             total += bs * len(table)
         advance = _tracker(progress, total)
         return export_e2b(build_dir, Path(output), compression, level, advance)
+
+    def _made(self, result: T) -> T:
+        """After a write: a store opened with `create` gets its marker now that it holds
+        what the command wrote (a command that failed before left no store behind)."""
+        if self.create:
+            from fcsnap.store.backends.stores import mark
+
+            mark(self.target)
+            self.create = False
+        return result
 
     def _head(
         self, name: str | None, build_arg: BuildRef | None = None, build_dir: Path | None = None
@@ -432,7 +450,9 @@ class Store:
         from fcsnap.store.operations.transfer import copy_lineage
 
         dest = to if isinstance(to, Store) else Store(to)
-        return copy_lineage(str(build), self.target, dest.target, "push")
+        report = copy_lineage(str(build), self.target, dest.target, "push")
+        dest._made(None)
+        return report
 
     def pull(self, build: BuildRef, source: PathLike | Store) -> dict[str, Any]:
         """Copy `build` and every build it reads from the store `source` into this one, as
@@ -440,7 +460,9 @@ class Store:
         from fcsnap.store.operations.transfer import copy_lineage
 
         origin = source if isinstance(source, Store) else Store(source)
-        return copy_lineage(str(build), origin.target, self.target, "pull")
+        report = copy_lineage(str(build), origin.target, self.target, "pull")
+        self._made(None)
+        return report
 
 
 def unpack(

@@ -238,7 +238,7 @@ def test_export_of_a_build_that_stores_nothing(tmp_path):
     memory = tmp_path / "memory"
     memory.write_bytes(os.urandom(64 << 10) + bytes(64 << 10))
     store = tmp_path / "store"
-    assert fcsnap("pack", memory, "--store", store, "--name", "vm", "-q").returncode == 0
+    assert fcsnap("pack", "--init", memory, "--store", store, "--name", "vm", "-q").returncode == 0
     result = fcsnap("diff", memory, "--base", "vm", "--store", store, "--name", "vm", "-q")
     assert result.returncode == 0, result.stderr
     out = tmp_path / "e2b"

@@ -20,7 +20,7 @@ def _lineage(tmp: Path, bucket: Bucket, store: Path) -> tuple[list[str], list[by
     mem1, _ = evolve(mem0, seed=22)
     write_full(tmp / "m0", mem0)
     write_full(tmp / "m1", mem1)
-    g0 = json.loads(run(bucket, "pack", tmp / "m0", "--store", store, "--name", "web",
+    g0 = json.loads(run(bucket, "pack", "--init", tmp / "m0", "--store", store, "--name", "web",
                         "--json").stdout)["build_id"]
     g1 = json.loads(run(bucket, "diff", tmp / "m1", "--base", "web", "--store", store,
                         "--name", "web", "--compress", "zstd", "--json").stdout)["build_id"]
@@ -87,7 +87,7 @@ def test_a_different_build_under_the_same_id_is_refused(bucket: Bucket, tmp_path
     s3 = bucket.url()
     _push(bucket, "push", g0, local, s3)
     write_full(tmp_path / "x", synthetic_memory(8 * MIB, seed=99))
-    stranger = json.loads(run(bucket, "pack", tmp_path / "x", "--store", local,
+    stranger = json.loads(run(bucket, "pack", "--init", tmp_path / "x", "--store", local,
                               "--json").stdout)["build_id"]
     sidecar = (local / stranger / "memfile.hashes").read_bytes()
     obstore.put(bucket.client(), f"snaps/{g0}/memfile.hashes", sidecar)  # another build's

@@ -185,10 +185,10 @@ AllowUid = Annotated[list[str] | None, typer.Option(
 
 
 def open_store(text: str, init: bool = False) -> Any:
-    """The api.Store `--store` names; with `--init`, created first if it is not one."""
+    """The api.Store `--store` names; with `--init`, made a store by the build written."""
     from fcsnap.api import Store
 
-    return Store.init(text) if init else Store(text)
+    return Store(text, create=init)
 
 
 def socket_access(owner: str | None, mode: str | None, allow: list[str] | None) -> Any:

@@ -76,7 +76,6 @@ class RemoteStore:
         self.mirror = scratch  # the local mirror of what this command reads
         private_dirs(scratch, "mirror directory")
         self.fetched_as: dict[Path, str] = {}  # each mirrored object's ETag when fetched
-        self.marked = False  # the marker was seen or written (state(), write_marker())
 
     def __str__(self) -> str:
         return self.url
@@ -85,11 +84,10 @@ class RemoteStore:
 
     def state(self) -> State:
         """Whether the prefix is a store: its marker, else what its objects look like (a
-        listing, needed only until an old store is marked)."""
+        listing, needed only for a store made before markers)."""
         found = self.objects.get(MARKER)
         if found is not None:
             check_marker(found[0], f"{self.url}/{MARKER}")
-            self.marked = True
             return State.MARKED
         keys = [info.key.partition("/") for info in self.objects.list()]
         if not keys:
@@ -100,11 +98,8 @@ class RemoteStore:
 
     def write_marker(self) -> None:
         """Create the marker unless it exists (If-None-Match: two inits do not race)."""
-        if self.marked:
-            return
         with contextlib.suppress(Conflict):
             self.objects.put(MARKER, marker_bytes(), None)
-        self.marked = True
 
     # names
 

@@ -17,7 +17,7 @@ from fcsnap.errors import FcsnapError
 from fcsnap.store.backends.remote import RemoteStore
 from fcsnap.store.backends.s3 import is_s3_url
 from fcsnap.store.format.layout import DIFF_RAW, SNAPFILE, resolve_build
-from fcsnap.store.format.marker import State, adopt_local, local_state, not_a_store
+from fcsnap.store.format.marker import State, local_state, mark_local, not_a_store
 from fcsnap.store.format.names import read_vm_pointer
 
 if TYPE_CHECKING:
@@ -36,15 +36,22 @@ def scratch_dir(what: str) -> Path:
 
 def open_store(text: str, timeout: float | None = None, *, create: bool = False) -> Store:
     """The store `text` names, which must be one (FcsnapError naming it and `fcsnap init`
-    otherwise); `create`: make it one first (init_store). `timeout`: for a store in S3, the
-    most seconds a request may take with its retries."""
-    if create:
-        return make_store(text, timeout)[0]
+    otherwise). `create` (pack --init): a missing or empty directory or prefix is taken too;
+    the command marks it once its build is written (mark), so one that fails leaves no
+    store behind. `timeout`: for a store in S3, the most seconds a request may
+    take with its retries."""
     store = _store_at(text, timeout)
     state = state_of(store)
-    if state not in (State.MARKED, State.UNMARKED):
+    if state is State.FOREIGN and create:
+        raise not_empty(store)
+    if state not in (State.MARKED, State.UNMARKED) and not create:
         raise not_a_store(store, state)
     return store
+
+
+def not_empty(store: Store) -> FcsnapError:
+    return FcsnapError(f"cannot make {store} a store: it holds other files (a store is made "
+                       "in a new or empty directory)")
 
 
 def make_store(text: str, timeout: float | None = None) -> tuple[Store, State]:
@@ -75,8 +82,7 @@ def init_store(store: Store) -> State:
     found."""
     state = state_of(store)
     if state is State.FOREIGN:
-        raise FcsnapError(f"cannot make {store} a store: it is not empty and not an fcsnap "
-                          "store")
+        raise not_empty(store)
     if state is State.MISSING:
         assert isinstance(store, Path)
         try:
@@ -84,17 +90,16 @@ def init_store(store: Store) -> State:
         except OSError as e:
             raise FcsnapError(f"cannot create store {store}: {e.strerror or e}") from e
     if state is not State.MARKED:
-        adopt(store)
+        mark(store)
     return state
 
 
-def adopt(store: Store) -> None:
-    """Write the marker of a store that has none: as it is made, and on the first build
-    written to a store made by an older fcsnap."""
+def mark(store: Store) -> None:
+    """Write the marker of a store that has none (a new store's, or an older fcsnap's)."""
     if isinstance(store, RemoteStore):
         store.write_marker()
     else:
-        adopt_local(store)
+        mark_local(store)
 
 
 def open_optional(text: str | None) -> Store | None:

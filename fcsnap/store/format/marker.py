@@ -2,8 +2,8 @@
 
 A store exists because `fcsnap init` (or `pack --init`) made it: every other command refuses a
 directory that is not one, so a mistyped `--store` never starts a second store. A store made
-before the marker existed is recognised by its layout (`vms/`, or a build directory) and
-adopted: the marker is written with the next build written to it.
+before the marker existed is recognised by its layout (`vms/`, or a build directory) and used
+as it is; `fcsnap init` on it writes its marker.
 """
 
 from __future__ import annotations
@@ -121,15 +121,11 @@ def not_a_store(store: object, state: State) -> FcsnapError:
                        f"'fcsnap init {store}'")
 
 
-def write_local_marker(store: Path) -> None:
-    """Write the marker into the directory `store` by a temporary file renamed into place:
-    never through a symlink planted at its name, and a reader sees none or all of it."""
+def mark_local(store: Path) -> None:
+    """Write the marker into the directory `store` unless it has one: by a temporary file
+    renamed into place, never through a symlink planted at its name, and a reader sees none
+    or all of it."""
     from fcsnap.outputs import write_output
 
-    write_output(store / MARKER, marker_bytes(), "the store marker")
-
-
-def adopt_local(store: Path) -> None:
-    """Mark an old store as it is first written to (a marked one is left alone)."""
     if not os.path.lexists(store / MARKER):
-        write_local_marker(store)
+        write_output(store / MARKER, marker_bytes(), "the store marker")

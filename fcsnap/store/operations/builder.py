@@ -26,7 +26,7 @@ from fcsnap.files import writing
 from fcsnap.header import WRITE_VERSION, ZEROS, Metadata, encode
 from fcsnap.options import DEFAULT_FRAME_SIZE, DEFAULT_LEVEL
 from fcsnap.store.backends.remote import RemoteStore, build_key
-from fcsnap.store.backends.stores import adopt, current_head
+from fcsnap.store.backends.stores import current_head
 from fcsnap.store.format.hashes import DIGEST_SIZE, digest, dump_hashes
 from fcsnap.store.format.layout import (
     DIFF_RAW,
@@ -466,10 +466,8 @@ def build_generation(
     build_id = build_id or uuid.uuid4()
     work = Assembly(build_id, chunks, size, options, parent, holes_are_zero, first)
     if isinstance(store, RemoteStore):
-        adopt(store)
         return build_remote(store, work, expected), f"{store.url}/{build_id}"
     with staged_build(store, build_id) as lock:
-        adopt(store)
         stage = lock.path
         manifest = work.assemble(stage, DiffSink.local_file(stage, options), str(store))
     final = lock.path

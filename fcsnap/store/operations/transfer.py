@@ -22,7 +22,7 @@ from typing import Any
 from fcsnap.errors import FcsnapError
 from fcsnap.header import load_header
 from fcsnap.store.backends.remote import RemoteStore, build_key
-from fcsnap.store.backends.stores import Store, adopt, current_head, resolve
+from fcsnap.store.backends.stores import Store, current_head, resolve
 from fcsnap.store.format.hashes import sidecar_pin
 from fcsnap.store.format.layout import HASHES, MANIFEST, build_path, parse_build_id, staged_build
 from fcsnap.store.format.locks import publish_name
@@ -123,10 +123,8 @@ def _copy_build(
         _check_pin(present, pin, str(dest))
         return Copied(build_id, False, 0)
     if isinstance(dest, RemoteStore):
-        adopt(dest)
         return _copy_to_remote(build_id, source, dest, pin, mapped_end, block_size)
     with staged_build(dest, build_id) as lock:
-        adopt(dest)
         size = _fetch(build_id, source, lock.path)
         _check_arrived(lock.path, pin, mapped_end, block_size, str(source))
     lock.release()
