@@ -92,7 +92,7 @@ def copied(bucket: Bucket, tmp_path: Path) -> Store:
     A1), pushed into the bucket with the same build ids; G1 by its id."""
     local = make_store(tmp_path)
     for arg in ("base", "web", "api", local.id("G1")):
-        run(bucket, "push", arg, "--from", local.path, "--to", bucket.url())
+        run(bucket, "push", arg, "--from", local.path, "--to", bucket.url(), "--init")
     return local
 
 

@@ -28,7 +28,8 @@ def _lineage(tmp: Path, bucket: Bucket, store: Path) -> tuple[list[str], list[by
 
 
 def _push(bucket: Bucket, verb: str, arg: str, source: object, dest: object) -> dict:
-    return json.loads(run(bucket, verb, arg, "--from", source, "--to", dest, "--json").stdout)
+    return json.loads(run(bucket, verb, arg, "--from", source, "--to", dest, "--init",
+                          "--json").stdout)
 
 
 def test_push_and_pull_between_local_and_s3(bucket: Bucket, tmp_path: Path) -> None:
@@ -72,11 +73,11 @@ def test_a_corrupt_block_never_arrives(bucket: Bucket, tmp_path: Path) -> None:
     data[5000] ^= 0xFF
     diff.write_bytes(bytes(data))
     line = one_line_error(run(bucket, "push", "web", "--from", local, "--to", bucket.url(),
-                              ok=False))
+                              "--init", ok=False))
     assert f"build {g0}: block 1" in line and "does not match its hash" in line
     assert bucket.listing() == []  # nothing arrived: no build, no name
     line = one_line_error(run(bucket, "pull", "web", "--from", local, "--to", tmp_path / "b",
-                              ok=False))
+                              "--init", ok=False))
     assert "does not match its hash" in line
     assert not [p for p in (tmp_path / "b").iterdir() if not p.name.startswith(".")]
 

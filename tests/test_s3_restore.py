@@ -33,7 +33,7 @@ def raw_lineage(tmp_path_factory: pytest.TempPathFactory) -> Lineage:
 def push(bucket: Bucket, lineage: Lineage, prefix: str = "snaps") -> str:
     """The lineage's newest build pushed to the bucket; its id."""
     result = fcsnap("push", lineage.newest.name, "--from", lineage.store, "--to",
-                    bucket.url(prefix), "-q", env=bucket.env)
+                    bucket.url(prefix), "--init", "-q", env=bucket.env)
     assert result.returncode == 0, result.stderr
     return lineage.newest.name
 
