@@ -247,7 +247,8 @@ def test_export_of_a_build_that_stores_nothing(tmp_path):
     result = fcsnap("export", "vm", "--store", store, "-o", out, "--compress", "zstd", "-q")
     assert result.returncode == 0, result.stderr
     child = read_manifest(next(
-        p for p in store.iterdir() if p.is_dir() and p.name != "vms" and read_manifest(p).generation == 1))
+        p for p in store.iterdir() if p.is_dir() and p.name != "vms"
+        and read_manifest(p).generation == 1))
     empty = out / str(child.build_id)
     assert (empty / "memfile").stat().st_size == 0 and not (empty / "memfile.zstd").exists()
     assert load_header(empty / HEADER).builds_section.builds[child.build_id].compression == "none"
