@@ -8,8 +8,10 @@ import json
 import os
 from pathlib import Path
 
+import obstore
 import pytest
 from helpers import fcsnap
+from s3_helpers import Bucket
 from test_bad_input import tree
 
 import fcsnap as api
@@ -258,3 +260,30 @@ def test_store_api_ls_rm_gc_push_pull_print_what_the_cli_prints(
     assert s.ls()["names"][0]["name"] == "web"
     with pytest.raises(api.UsageError, match="grace"):
         s.gc(grace="1")
+
+
+def test_init_and_refusal_in_s3(bucket: Bucket, tmp_path: Path) -> None:
+    """Against a real S3 server: an empty prefix is no store, init marks it (once), pack
+    --init makes one, and a prefix holding other objects is refused."""
+    write_full(tmp_path / "m0", synthetic_memory(SIZE, seed=43))
+    store = bucket.url("typo")
+    for argv in (("ls", "--store", store), ("pack", tmp_path / "m0", "--store", store)):
+        line = one_line(fcsnap(*argv, env=bucket.env))
+        assert f"'fcsnap init {store}'" in line
+    assert bucket.listing("typo") == []
+    made = fcsnap("init", store, "--json", env=bucket.env)
+    assert json.loads(made.stdout)["result"] == "created", made.stderr
+    assert bucket.listing("typo") == [MARKER]
+    again = fcsnap("init", store, "--json", env=bucket.env)
+    assert json.loads(again.stdout)["result"] == "exists"
+    assert fcsnap("pack", tmp_path / "m0", "--store", store, "-q", env=bucket.env).returncode == 0
+
+    fresh = bucket.url("fresh")
+    packed = fcsnap("pack", "--init", tmp_path / "m0", "--store", fresh, "--name", "web", "-q",
+                    env=bucket.env)
+    assert packed.returncode == 0, packed.stderr
+    assert MARKER in bucket.listing("fresh") and "vms/web" in bucket.listing("fresh")
+
+    obstore.put(bucket.client(), "other/notes.txt", b"mine")
+    line = one_line(fcsnap("init", bucket.url("other"), env=bucket.env))
+    assert "holds other files" in line and bucket.listing("other") == ["notes.txt"]
