@@ -154,7 +154,7 @@ def test_disk_full_names_the_file(tmp_path):
     full.mkdir()
     script = (
         f"mount -t tmpfs -o size=1m none {full} || exit 99; "
-        f'"$@" pack {tmp_path / "m0"} --store {full}/s -q; '
+        f'"$@" pack --init {tmp_path / "m0"} --store {full}/s -q; '
         f'"$@" unpack web --store {tmp_path / "store"} -o {full}/out -q; true'
     )
     r = subprocess.run(
