@@ -270,10 +270,10 @@ def test_init_and_refusal_in_s3(bucket: Bucket, tmp_path: Path) -> None:
     for argv in (("ls", "--store", store), ("pack", tmp_path / "m0", "--store", store)):
         line = one_line(fcsnap(*argv, env=bucket.env))
         assert f"'fcsnap init {store}'" in line
-    assert bucket.listing("typo") == []
+    assert bucket.listing("typo", marker=True) == []
     made = fcsnap("init", store, "--json", env=bucket.env)
     assert json.loads(made.stdout)["result"] == "created", made.stderr
-    assert bucket.listing("typo") == [MARKER]
+    assert bucket.listing("typo", marker=True) == [MARKER]
     again = fcsnap("init", store, "--json", env=bucket.env)
     assert json.loads(again.stdout)["result"] == "exists"
     assert fcsnap("pack", tmp_path / "m0", "--store", store, "-q", env=bucket.env).returncode == 0
@@ -282,8 +282,8 @@ def test_init_and_refusal_in_s3(bucket: Bucket, tmp_path: Path) -> None:
     packed = fcsnap("pack", "--init", tmp_path / "m0", "--store", fresh, "--name", "web", "-q",
                     env=bucket.env)
     assert packed.returncode == 0, packed.stderr
-    assert MARKER in bucket.listing("fresh") and "vms/web" in bucket.listing("fresh")
+    assert MARKER in bucket.listing("fresh", marker=True) and "vms/web" in bucket.listing("fresh")
 
     obstore.put(bucket.client(), "other/notes.txt", b"mine")
     line = one_line(fcsnap("init", bucket.url("other"), env=bucket.env))
-    assert "holds other files" in line and bucket.listing("other") == ["notes.txt"]
+    assert "holds other files" in line and bucket.listing("other", marker=True) == ["notes.txt"]
