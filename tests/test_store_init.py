@@ -12,6 +12,7 @@ import obstore
 import pytest
 from helpers import fcsnap
 from s3_helpers import Bucket
+from store_procs import start_stopped
 from test_bad_input import tree
 
 import fcsnap as api
@@ -156,6 +157,21 @@ def test_pack_init_makes_the_store_with_its_build(made: Path, tmp_path: Path,
     assert (store / MARKER).is_file() and (store / "vms" / "web").is_file()
     again = fcsnap("pack", "--init", made / "m0", "--store", store, "-q")
     assert again.returncode == 0, again.stderr
+
+
+def test_a_first_pack_init_killed_leaves_a_store_to_go_on_with(made: Path,
+                                                               tmp_path: Path) -> None:
+    """Killed while its build is staged (before the marker): what it left is a store, which
+    the next command uses and cleans, not a directory to refuse."""
+    store = tmp_path / "new"
+    killed = start_stopped("pack", "--init", made / "m0", "--store", store, point="staged")
+    killed.kill()
+    killed.communicate(timeout=60)
+    assert [p.name[:9] for p in store.iterdir()] == [".staging-"]
+    assert fcsnap("ls", "--store", store).returncode == 0
+    again = fcsnap("pack", "--init", made / "m0", "--store", store, "--name", "web", "-q")
+    assert again.returncode == 0, again.stderr
+    assert (store / MARKER).is_file() and not list(store.glob(".staging-*"))
 
 
 def test_pack_init_refuses_a_directory_holding_other_files(made: Path, tmp_path: Path) -> None:

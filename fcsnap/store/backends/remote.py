@@ -92,8 +92,7 @@ class RemoteStore:
         keys = [info.key.partition("/") for info in self.objects.list()]
         if not keys:
             return State.EMPTY
-        builds = [head for head, _, rest in keys
-                  if rest == MANIFEST and parse_build_id(head) is not None]
+        builds = [head for head, _, rest in keys if rest and parse_build_id(head) is not None]
         return State.UNMARKED if looks_like_store({k[0] for k in keys}, builds) else State.FOREIGN
 
     def write_marker(self) -> None:

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 from fcsnap.errors import FcsnapError
-from fcsnap.store.format.layout import HEADER, MANIFEST
+from fcsnap.store.format.layout import HEADER, MANIFEST, STAGING_PREFIX
 from fcsnap.store.format.names import VMS
 
 MARKER = "fcsnap-store.json"
@@ -76,9 +76,11 @@ def _read_marker(path: Path) -> bytes | None:
 
 
 def looks_like_store(names: set[str], build_ids: list[str]) -> bool:
-    """An old store's layout: its names directory, or a build (an id with a header or a
-    build.json; E2B/Wrenn directories hold headers without build.json, and stay readable)."""
-    return VMS in names or bool(build_ids)
+    """A store's layout without its marker (an older fcsnap's store, or what a first `--init`
+    build killed before its marker left): its names directory, a build (local: an id with a
+    header or build.json, so E2B/Wrenn directories stay readable; in S3 any object under an
+    id), or a build being staged."""
+    return VMS in names or bool(build_ids) or any(n.startswith(STAGING_PREFIX) for n in names)
 
 
 def local_state(store: Path) -> State:
