@@ -562,6 +562,7 @@ def restore(
     allowed `fetch_timeout` seconds with its retries; the rest of what it reads of raw diffs is
     fetched in the background unless `lazy_fetch`."""
     from fcsnap.restore_options import check_restore
+    from fcsnap.store.backends.s3 import is_s3_url
     from fcsnap.store.backends.stores import open_store, serve_source
     from fcsnap.uffd.server import FaultServer, ServeOptions
 
@@ -574,6 +575,10 @@ def restore(
     options.update(fault_around=checked.fault_around, access=checked.access,
                    handshake_timeout=checked.handshake_timeout)
     if isinstance(store, str | os.PathLike):
+        if is_s3_url(str(store)):
+            from fcsnap.store.backends.leases import lease_expiry
+
+            lease_expiry()  # a bad FCSNAP_S3_LEASE_EXPIRY is refused before the store is read
         store = open_store(str(store), fetch_timeout)
     size = parse_cache_size(cache_size)
     build_dir, fetched = serve_source(

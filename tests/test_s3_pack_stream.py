@@ -84,7 +84,10 @@ def test_a_zstd_pack_killed_mid_upload_or_before_its_commit_shows_nothing(
             assert uploaded == sorted(f"{build_id}/{name}" for name in (
                 "memfile.diff.zst", "memfile.header", "memfile.hashes"))
         listed = fcsnap("ls", "--store", store, "--json", env=bucket.env)
-        assert listed.returncode == 0 and json.loads(listed.stdout)["names"] == []
+        if point == "uploading":  # nothing arrived, not even the store's marker
+            assert listed.returncode == 1 and "fcsnap init" in listed.stderr
+        else:
+            assert listed.returncode == 0 and json.loads(listed.stdout)["names"] == []
 
 
 @pytest.mark.parametrize(("endpoint", "variable", "unsigned"), [
