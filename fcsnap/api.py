@@ -562,6 +562,7 @@ def restore(
     allowed `fetch_timeout` seconds with its retries; the rest of what it reads of raw diffs is
     fetched in the background unless `lazy_fetch`."""
     from fcsnap.restore_options import check_restore
+    from fcsnap.store.backends.remote import RemoteStore
     from fcsnap.store.backends.s3 import is_s3_url
     from fcsnap.store.backends.stores import open_store, serve_source
     from fcsnap.uffd.server import FaultServer, ServeOptions
@@ -596,7 +597,8 @@ def restore(
 
     more_stats = None if fetched is None else fetched.as_dict  # fetch counters in --stats
     server = FaultServer(build_dir, ServeOptions(socket=socket, on_listening=listening,
-                                                 more_stats=more_stats, **options))
+                                                 more_stats=more_stats, **options),
+                         store if isinstance(store, RemoteStore) else None)
     status = server.run()
     if load is not None and (error := load.finish()) is not None:
         raise error

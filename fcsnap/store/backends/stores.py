@@ -208,8 +208,8 @@ def read_through(
     diff --sparse-diff) read diffs through `cache`, fetching only the chunks (raw) or groups
     of frames holding whole blocks (zstd) they read.
     `serving`: for a fault server, which copies pages straight from the chunks' mappings
-    (CachedDiff.chunk_maps) and never waits on the network (FetchPending); the builds it
-    serves are leased in the store while served (fcsnap/store/backends/holds.py)."""
+    (CachedDiff.chunk_maps) and never waits on the network (FetchPending); it leases the
+    builds it serves in the store (hold_builds, fcsnap/store/backends/holds.py)."""
     from fcsnap.store.backends.cached_zstd import CachedZstd
     from fcsnap.store.backends.chunk_cache import CachedDiff, with_deadline
     from fcsnap.store.format.layout import DIFF_ZSTD
@@ -241,7 +241,3 @@ def read_through(
         return raw  # type: ignore[return-value]  (DiffFile's reading interface)
 
     open_diffs_with(store.mirror, opener)
-    if serving:
-        from fcsnap.store.backends.holds import lease_through
-
-        lease_through(store)
