@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fcsnap.options import (
     DEFAULT_FRAME_SIZE,
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from fcsnap.uffd.firecracker_api import Response
     from fcsnap.uffd.installer import InstallStats
 
+T = TypeVar("T")
 PathLike = str | os.PathLike[str]
 BuildRef = PathLike | uuid.UUID
 """A build: its directory, its build id, or a VM name (the newest build of that name)."""
@@ -202,17 +203,36 @@ def _built(result: tuple[Manifest, Path | str]) -> Build:
 
 
 class Store:
-    """A store directory: builds by id, `vms/NAME` pointers to the newest build of a VM."""
+    """A store directory: builds by id, `vms/NAME` pointers to the newest build of a VM.
 
-    def __init__(self, path: PathLike) -> None:
+    `Store(path)` opens an existing store when first used: a directory (or S3 prefix) that is
+    not one raises FcsnapError saying to create it with `Store.init` (`fcsnap init`). With
+    `create=True` (`pack --init`) a missing or empty one becomes a store with the first build
+    written to it."""
+
+    def __init__(self, path: PathLike, *, create: bool = False) -> None:
         self.path = path if isinstance(path, str) and "://" in path else Path(path)
+        self.create = create
         self._target: StoreTarget | None = None
+
+    @classmethod
+    def init(cls, path: PathLike) -> Store:
+        """Create the store at `path` (a new or empty directory, or an empty S3 prefix) and
+        open it. A store is opened as it is (an older fcsnap's gets its marker); a directory
+        holding anything else is refused (FcsnapError)."""
+        from fcsnap.store.backends.stores import make_store
+
+        store = cls(path)
+        store._target = make_store(str(store.path))[0]
+        return store
 
     @property
     def target(self) -> StoreTarget:
         """What the store operations take: the directory, or the object store (opened once)."""
         if self._target is None:
-            self._target = _open(self.path)
+            from fcsnap.store.backends.stores import open_store
+
+            self._target = open_store(str(self.path), create=self.create)
         assert self._target is not None
         return self._target
 
@@ -243,7 +263,7 @@ class Store:
         options = replace(options, name_expected=self._head(name), verb="pack")
         memfile = Path(memfile)
         advance = _tracker(progress, _size_of(memfile))
-        return _built(ops.pack(memfile, self.target, options, advance))
+        return self._made(_built(ops.pack(memfile, self.target, options, advance)))
 
     def diff(
         self, memfile: PathLike, *, base: BuildRef, name: str | None = None,
@@ -288,10 +308,10 @@ class Store:
             written = Path(written)
             pages = max(0, _size_of(written) - HEAD.size) // 8
             advance = _tracker(progress, min(pages * base_block_size, _size_of(memfile)))
-        return _built(ops.diff(
+        return self._made(_built(ops.diff(
             memfile, base_dir, self.target, options, sparse, advance, written,
             holes_are_zeros=holes_are_zeros,
-        ))
+        )))
 
     def squash(
         self, build: BuildRef, *, name: str | None = None, progress: Progress | None = None
@@ -306,10 +326,10 @@ class Store:
             check_vm_name(name)  # before anything else: a bad name costs nothing
         build_dir = _dir(build, self.target, lazy=True)
         advance = _tracker(progress, _data_bytes(load_header(build_dir)))
-        return _built(ops.squash(
+        return self._made(_built(ops.squash(
             build_dir, self.target, name=name, progress=advance,
             name_expected=self._head(name, build, build_dir),
-        ))
+        )))
 
     def import_e2b(
         self, src: PathLike, *, name: str | None = None, compress: str | None = None,
@@ -331,7 +351,9 @@ class Store:
         src = Path(src)
         with headers_read_once():
             advance = _tracker(progress, own_bytes(src))
-            return [_built(result) for result in import_e2b(src, self.target, options, advance)]
+            built = [_built(result) for result in import_e2b(src, self.target, options, advance)]
+        self._made(None)
+        return built
 
     def export_e2b(
         self, build: BuildRef, output: PathLike, *, compress: str | None = None,
@@ -354,6 +376,16 @@ class Store:
             total += bs * len(table)
         advance = _tracker(progress, total)
         return export_e2b(build_dir, Path(output), codec, advance)
+
+    def _made(self, result: T) -> T:
+        """After a write: a store opened with `create` gets its marker now that it holds
+        what the command wrote (a command that failed before left no store behind)."""
+        if self.create:
+            from fcsnap.store.backends.stores import mark
+
+            mark(self.target)
+            self.create = False
+        return result
 
     def _head(
         self, name: str | None, build_arg: BuildRef | None = None, build_dir: Path | None = None
@@ -396,6 +428,62 @@ class Store:
 
         build_id, _ = tag(self.target, str(build), name)
         return self.build(str(build_id))
+
+    def ls(self, name: str | None = None, *, builds: bool = False) -> dict[str, Any]:
+        """What `fcsnap ls --json` prints: the names and their heads (or with `builds`, every
+        build; with `name`, that name's lineage), the bytes they hold, and a summary."""
+        from fcsnap.store.backends.stores import scan_store
+        from fcsnap.store.operations import listing
+
+        view = scan_store(self.target)
+        if name is not None:
+            return listing.lineage_report(view, name)
+        return listing.builds_report(view) if builds else listing.names_report(view)
+
+    def rm(self, *names: str) -> list[dict[str, Any]]:
+        """Remove names (never builds): all of them, or none when one does not exist. Returns
+        `{"name", "head"}` for each, as `fcsnap rm --json` prints them."""
+        from fcsnap.store.operations.gc import remove_names
+
+        return remove_names(self.target, list(names))
+
+    def gc(
+        self, *, grace: float | str = "1h", dry_run: bool = False,
+        repack_below: float | None = None,
+    ) -> dict[str, Any]:
+        """Delete the builds no name's head reads once older than `grace` (seconds, or
+        '90s', '30m', '1h', '2d'), as `fcsnap gc --json` reports it. `repack_below`: first
+        squash every name whose head reads less than this fraction of its lineage's bytes."""
+        from fcsnap.errors import UsageError
+        from fcsnap.store.operations.gc import collect
+        from fcsnap.units import parse_duration
+
+        seconds = parse_duration(grace, "grace") if isinstance(grace, str) else float(grace)
+        if not 0 <= seconds < float("inf"):
+            raise UsageError(f"grace {grace!r}: a duration of 0 or more")
+        if repack_below is not None and not 0 < repack_below <= 1:
+            raise UsageError(f"repack_below {repack_below:g}: a fraction in (0, 1]")
+        return collect(self.target, seconds, dry_run, repack_below)
+
+    def push(self, build: BuildRef, to: PathLike | Store) -> dict[str, Any]:
+        """Copy `build` and every build it reads to the store `to` (a NAME is published there
+        too), as `fcsnap push --json` reports it."""
+        from fcsnap.store.operations.transfer import copy_lineage
+
+        dest = to if isinstance(to, Store) else Store(to)
+        report = copy_lineage(str(build), self.target, dest.target, "push")
+        dest._made(None)
+        return report
+
+    def pull(self, build: BuildRef, source: PathLike | Store) -> dict[str, Any]:
+        """Copy `build` and every build it reads from the store `source` into this one, as
+        `fcsnap pull --json` reports it."""
+        from fcsnap.store.operations.transfer import copy_lineage
+
+        origin = source if isinstance(source, Store) else Store(source)
+        report = copy_lineage(str(build), origin.target, self.target, "pull")
+        self._made(None)
+        return report
 
 
 def unpack(
@@ -513,6 +601,7 @@ def restore(
     retries; the rest of what it reads of raw diffs is fetched in the background unless
     `lazy_fetch`."""
     from fcsnap.restore_options import DEFAULT_HANDSHAKE_TIMEOUT, check_restore
+    from fcsnap.store.backends.s3 import is_s3_url
     from fcsnap.uffd.opening import Opening, Stopped
     from fcsnap.uffd.serve_options import ServeOptions
 
@@ -524,6 +613,10 @@ def restore(
     )
     options.update(fault_around=checked.fault_around, access=checked.access,
                    handshake_timeout=checked.handshake_timeout)
+    if isinstance(store, str | os.PathLike) and is_s3_url(str(store)):
+        from fcsnap.store.backends.leases import lease_expiry
+
+        lease_expiry()  # a bad FCSNAP_S3_LEASE_EXPIRY is refused before the store is read
     size = parse_cache_size(cache_size)
     socket = Path(socket)
     serving = ServeOptions(socket=socket, **options)
@@ -532,6 +625,7 @@ def restore(
     # server's modules and the build's pins, lock and header (opening.py).
     with Opening(socket, checked.access) as opening:
         try:
+            from fcsnap.store.backends.remote import RemoteStore
             from fcsnap.store.backends.stores import open_store, serve_source
             from fcsnap.uffd.server import FaultServer
 
@@ -559,7 +653,8 @@ def restore(
             serving.on_listening, serving.listener = listening, opening.listener
             if fetched is not None:
                 serving.more_stats = fetched.as_dict  # the fetch counters in --stats
-            opening.server = server = FaultServer(build_dir, serving)
+            opening.server = server = FaultServer(
+                build_dir, serving, store if isinstance(store, RemoteStore) else None)
         except Stopped:
             return _stopped_while_opening(serving.stats_path)
         status = server.run(handle_signals=False)

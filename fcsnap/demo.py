@@ -146,7 +146,7 @@ def run_demo(threads: int = 4) -> None:
         raise FcsnapError(f"demo needs userfaultfd: {problem}")
     with tempfile.TemporaryDirectory(prefix="fcsnap-demo-") as tmp:
         work = Path(tmp)
-        store = Store(work / "store")
+        store = Store.init(work / "store")
         gen0, gen1, what = _memory_files(work)
         print(f"1. pack {what}: {format_bytes(gen0.stat().st_size)}")
         b0 = store.pack(gen0, name="demo")

@@ -16,6 +16,14 @@ ADAPTIVE = -1  # restore's fault_around: choose the window per region (the defau
 PURE_PYTHON_ENV = "FCSNAP_PURE_PYTHON"  # "1": no compiled module is used (fault path, pack's scan)
 
 
+def check_store_text(text: str) -> str:
+    """A --store as typed. `s3:/x`, `s3:x` and `S3://x` are refused with the URL meant: read as
+    a directory, each would make a store nobody asked for (a directory named so is `./s3:x`)."""
+    if text[:3].lower() == "s3:" and not text.startswith("s3://"):
+        raise UsageError(f"invalid store {text!r}: did you mean s3://{text[3:].lstrip('/')}?")
+    return text
+
+
 def parse_compression(text: str | None) -> tuple[str, int]:
     """None, 'none', 'zstd' or 'zstd:LEVEL' -> (compression, level)."""
     kind, _, level = (text or "none").partition(":")

@@ -43,15 +43,17 @@ class Bucket:
         """The environment of an fcsnap process using this server."""
         return {**os.environ, **self.server.env()}
 
-    def listing(self, prefix: str = "snaps") -> list[str]:
-        """Every object under the prefix, keys relative to it."""
+    def listing(self, prefix: str = "snaps", marker: bool = False) -> list[str]:
+        """Every object under the prefix, keys relative to it; the store marker only with
+        `marker` (tests compare builds, names and leases)."""
         import obstore
 
         client = self.server.client(self.name)
-        return sorted(
+        keys = sorted(
             o["path"][len(prefix) + 1:]
             for batch in obstore.list(client, prefix=f"{prefix}/") for o in batch
         )
+        return keys if marker else [k for k in keys if k != "fcsnap-store.json"]
 
     def client(self):  # noqa: ANN201
         return self.server.client(self.name)

@@ -103,7 +103,7 @@ def make_lineage(tmp_path: Path, store: Path, name: str = "web", seed: int = 1) 
             mem, _ = evolve(mem, seed=seed + gen)
         write_full(tmp_path / f"m{gen}", mem)
     for gen in range(2):
-        args = ("pack",) if gen == 0 else ("diff", "--base", name)
+        args = ("pack", "--init") if gen == 0 else ("diff", "--base", name)
         r = fcsnap(*args[:1], tmp_path / f"m{gen}", *args[1:], "--store", store, "--name", name,
                    "--json")
         assert r.returncode == 0, r.stderr

@@ -66,7 +66,7 @@ def test_results_are_typed_and_agree_with_the_store(
     tmp_path: Path, memfiles: tuple[Path, Path]
 ) -> None:
     mem, mem2 = memfiles
-    store = fcsnap.Store(tmp_path / "store")
+    store = fcsnap.Store.init(tmp_path / "store")
     gen0 = store.pack(mem, name="vm")
     gen1 = store.diff(mem2, base="vm", name="vm", compress="zstd:5")
     assert isinstance(gen1, fcsnap.Build)
@@ -99,7 +99,8 @@ def test_progress_reports_every_byte_against_its_total(
 ) -> None:
     mem, _ = memfiles
     calls: list[tuple[int, int]] = []
-    fcsnap.Store(tmp_path / "store").pack(mem, progress=lambda n, total: calls.append((n, total)))
+    fcsnap.Store.init(tmp_path / "store").pack(
+        mem, progress=lambda n, total: calls.append((n, total)))
     assert calls[0] == (0, SIZE)  # the total is known before any work
     assert {total for _, total in calls} == {SIZE}
     assert sum(n for n, _ in calls) == SIZE
@@ -128,7 +129,7 @@ def test_failures_are_fcsnap_errors(
     tmp_path: Path, memfiles: tuple[Path, Path], call, error: type, message: str
 ) -> None:
     mem, _ = memfiles
-    store = fcsnap.Store(tmp_path / "store")
+    store = fcsnap.Store.init(tmp_path / "store")
     build = store.pack(mem, name="vm")
     diff = build.path / "memfile.diff"
     data = bytearray(diff.read_bytes())
@@ -143,7 +144,8 @@ def test_cli_json_is_the_api_result(tmp_path: Path, memfiles: tuple[Path, Path])
     mem, _ = memfiles
     store = tmp_path / "store"
     result = subprocess.run(
-        [sys.executable, "-m", "fcsnap", "pack", str(mem), "--store", str(store), "--json"],
+        [sys.executable, "-m", "fcsnap", "pack", "--init", str(mem), "--store", str(store),
+         "--json"],
         capture_output=True, text=True, timeout=WAIT,
     )
     assert result.returncode == 0, result.stderr
@@ -154,7 +156,7 @@ def test_cli_json_is_the_api_result(tmp_path: Path, memfiles: tuple[Path, Path])
 def test_restore_is_a_library_call(tmp_path: Path, memfiles: tuple[Path, Path]) -> None:
     """on_listening gets the build being served: the moment to start the VM."""
     mem, _ = memfiles
-    store = fcsnap.Store(tmp_path / "store")
+    store = fcsnap.Store.init(tmp_path / "store")
     build = store.pack(mem, name="vm")
     sock, stats = tmp_path / "uffd.sock", tmp_path / "stats.json"
     started: list[Path] = []

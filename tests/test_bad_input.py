@@ -256,7 +256,7 @@ ROWS = [
     Row("pack/name-dotdot", PACK + " --name ..", r"invalid VM name '\.\.'"),
     Row("pack/vmstate-missing", PACK + " --vmstate {root}/nope", "vmstate file .* not found"),
     Row("pack/store-is-a-file", "pack {m0} --store {text}", "store .*text.txt is not a directory"),
-    Row("pack/new-store-bad-file", "pack {text} --store {root}/new", "is not a multiple of"),
+    Row("pack/new-store-bad-file", "pack --init {text} --store {root}/new", "is not a multiple of"),
     Row("pack/store-immutable", PACK, STORE_EPERM, (immutable("{store}"),)),
     Row("pack/vms-immutable", PACK + " --name vm", VMS_EPERM, (immutable("{store}/vms"),)),
     # -- diff: the new memory file, the base and everything the base reads ------------------
@@ -267,7 +267,7 @@ ROWS = [
     Row("diff/base-unknown", "diff {m1} --base nope --store {store}", "no build or VM named"),
     Row("diff/base-name-slash", "diff {m1} --base a/b --store {store}", "named 'a/b'"),
     Row("diff/base-id-absent", "diff {m1} --base {absent} --store {store}", "not found in store"),
-    Row("diff/base-outside-store", "diff {m1} --base {b0} --store {out}", "is not in store"),
+    Row("diff/base-outside-store", "diff {m1} --base {b0} --store {out}", "not an fcsnap store"),
     Row("diff/pointer-garbage", DIFF, "does not hold a build id",
         (write("{store}/vms/vm", b"garbage\n"),)),
     Row("diff/pointer-dangling", DIFF, "points at build .*, which is not in",
@@ -313,7 +313,7 @@ ROWS = [
     Row("inspect/at-beyond-memory", INSPECT + " --at 1M", "outside guest memory"),
     Row("inspect/id-absent", "inspect {absent} --store {store}", "not found in store"),
     Row("inspect/name-slash", "inspect a/b --store {store}", "no build or VM named 'a/b'"),
-    Row("inspect/store-missing", "inspect vm --store {root}/nope", "is not a directory"),
+    Row("inspect/store-missing", "inspect vm --store {root}/nope", "does not exist: create it"),
     # -- verify: every file of every build read ---------------------------------------------
     Row("verify/raw-byte-flipped", VERIFY, "does not match its hash", (flip(RAW0, 5000),)),
     Row("verify/raw-short", VERIFY, r"diff holds \d+ bytes, hashes cover", (cut(RAW0, -8192),)),

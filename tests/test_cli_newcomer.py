@@ -87,7 +87,7 @@ def test_fcsnap_store_is_the_default_store(store: Path, tmp_path: Path) -> None:
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["metadata"]["generation"] == 0
     write_full(tmp_path / "mem", synthetic_memory(64 << 10, seed=8))
-    packed = fcsnap("pack", "mem", "--name", "other", "-q", cwd=tmp_path,
+    packed = fcsnap("pack", "--init", "mem", "--name", "other", "-q", cwd=tmp_path,
                     env={"FCSNAP_STORE": "st"})
     assert packed.returncode == 0 and (tmp_path / "st" / "vms" / "other").exists()
     given = fcsnap("ls", "--store", "st", "--json", cwd=tmp_path, env=env)  # the option wins
@@ -123,12 +123,12 @@ def test_ps_and_stop_drive_the_daemon(store: Path, tmp_path: Path) -> None:
 
 def test_an_unnamed_build_is_said_to_be_collected(tmp_path: Path) -> None:
     write_full(tmp_path / "mem", synthetic_memory(64 << 10, seed=9))
-    packed = fcsnap("pack", "mem", "--store", "st", cwd=tmp_path)
+    packed = fcsnap("pack", "--init", "mem", "--store", "st", cwd=tmp_path)
     assert packed.returncode == 0 and "'fcsnap gc' removes it" in packed.stderr
     build = packed.stdout.split()[2]
     diffed = fcsnap("diff", "mem", "--base", build, "--store", "st", cwd=tmp_path)
     assert diffed.returncode == 0 and "'fcsnap gc' removes it" in diffed.stderr
-    named = fcsnap("pack", "mem", "--store", "st", "--name", "web", cwd=tmp_path)
+    named = fcsnap("pack", "--init", "mem", "--store", "st", "--name", "web", cwd=tmp_path)
     assert named.returncode == 0 and "gc" not in named.stderr
 
 
@@ -142,7 +142,7 @@ def test_more_commands_take_json(store: Path, tmp_path: Path) -> None:
     assert json.loads(merged.stdout) == {
         "schema": 1, "output": "m.ws", "pages": 2, "runs": 2, "min_runs": 2}
     write_full(tmp_path / "mem", synthetic_memory(64 << 10, seed=10))
-    fcsnap("pack", "mem", "--store", "st", "--name", "web", "-q", cwd=tmp_path)
+    fcsnap("pack", "--init", "mem", "--store", "st", "--name", "web", "-q", cwd=tmp_path)
     head = json.loads(fcsnap("ls", "--store", "st", "--json", cwd=tmp_path).stdout
                       )["names"][0]["head"]
     removed = fcsnap("rm", "web", "--store", "st", "--json", cwd=tmp_path)

@@ -214,7 +214,7 @@ def test_piped_inspect_is_whole_at_any_width(store: Path) -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "…" not in out
-    build_ids = [p.name for p in store.iterdir() if p.name != "vms"]
+    build_ids = [p.name for p in store.iterdir() if p.is_dir() and p.name != "vms"]
     assert all(build_id in out for build_id in build_ids)
     heading = "build     generation  mappings  blocks      bytes  share"
     assert heading in out.splitlines()
@@ -254,9 +254,9 @@ def test_inspect_names_parent_and_root(store: Path) -> None:
 def test_verify_counts_read_as_english(store: Path, tmp_path: Path) -> None:
     mem = tmp_path / "one"
     write_full(mem, synthetic_memory(64 << 10, seed=5))
-    packed = fcsnap("pack", str(mem), "--store", "st", cwd=tmp_path)
+    packed = fcsnap("pack", "--init", str(mem), "--store", "st", cwd=tmp_path)
     assert packed.returncode == 0, packed.stderr
-    build = next((tmp_path / "st").iterdir())
+    build = next(p for p in (tmp_path / "st").iterdir() if p.is_dir())
     result = fcsnap("verify", str(build), cwd=tmp_path)
     assert re.fullmatch(r"ok: build \S+ \(generation 0\): 1 build and \d+ blocks checked\n",
                         result.stdout), result.stdout
@@ -268,7 +268,8 @@ def test_quiet_is_quiet_and_json_still_answers(tmp_path: Path) -> None:
     mem = tmp_path / "one"
     write_full(mem, synthetic_memory(64 << 10, seed=6))
     runs = {
-        "pack": fcsnap("pack", str(mem), "--store", "st", "--name", "a", "-q", cwd=tmp_path),
+        "pack": fcsnap("pack", "--init", str(mem), "--store", "st", "--name", "a", "-q",
+                       cwd=tmp_path),
         "diff": fcsnap("diff", str(mem), "--base", "a", "--store", "st", "--name", "a",
                        "--quiet", cwd=tmp_path),
         "squash": fcsnap("squash", "a", "--store", "st", "-q", cwd=tmp_path),

@@ -72,7 +72,7 @@ def test_name_publication_is_a_compare_and_swap(tmp_path, first, second):
 def test_a_name_created_meanwhile_is_not_overwritten(tmp_path):
     store = tmp_path / "store"
     make_lineage(tmp_path, store, name="base")
-    loser = start_stopped("pack", tmp_path / "m0", "--store", store, "--name", "new",
+    loser = start_stopped("pack", "--init", tmp_path / "m0", "--store", store, "--name", "new",
                           point="publish")
     winner = fcsnap("squash", "base", "--store", store, "--name", "new", "--json")
     assert winner.returncode == 0, winner.stderr
@@ -114,12 +114,13 @@ def test_staging_of_a_pack_in_another_pid_namespace_survives_cleanup(tmp_path):
     pid = dead_host_pid()
     prefix = in_other_pid_namespace(pid)
     builds = visible_builds(store)
-    contained = start_stopped("pack", tmp_path / "m2", "--store", store, "--name", "boxed",
+    contained = start_stopped("pack", "--init", tmp_path / "m2", "--store", store, "--name",
+                              "boxed",
                               point="staged", prefix=prefix)
     (staging,) = hidden_entries(store)
     assert staging.startswith(f".staging-{pid}-")  # the pid of the other namespace
     assert not Path(f"/proc/{pid}").exists()  # looks dead from here
-    host = fcsnap("pack", tmp_path / "m1", "--store", store, "--name", "host")
+    host = fcsnap("pack", "--init", tmp_path / "m1", "--store", store, "--name", "host")
     assert host.returncode == 0, host.stderr  # it cleaned up stale staging on the way
     assert hidden_entries(store) == [staging]
     done = resume(contained, fcsnap_pid_under(contained))
@@ -132,11 +133,11 @@ def test_staging_of_a_pack_in_another_pid_namespace_survives_cleanup(tmp_path):
 def test_staging_of_a_killed_pack_is_removed(tmp_path):
     store = tmp_path / "store"
     make_lineage(tmp_path, store)
-    killed = start_stopped("pack", tmp_path / "m2", "--store", store, point="staged")
+    killed = start_stopped("pack", "--init", tmp_path / "m2", "--store", store, point="staged")
     assert len(hidden_entries(store)) == 1
     killed.kill()
     killed.wait(timeout=60)
-    r = fcsnap("pack", tmp_path / "m1", "--store", store)
+    r = fcsnap("pack", "--init", tmp_path / "m1", "--store", store)
     assert r.returncode == 0, r.stderr
     assert hidden_entries(store) == []
 

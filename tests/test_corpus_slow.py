@@ -50,7 +50,7 @@ def lineage(corpus: corpus_mod.Corpus, tmp_path_factory: pytest.TempPathFactory)
     the previous one."""
     store = tmp_path_factory.mktemp("store")
     images = corpus.images
-    builds = [fcsnap("pack", str(images[0]), "--store", str(store), "--compress", "zstd")]
+    builds = [fcsnap("pack", "--init", str(images[0]), "--store", str(store), "--compress", "zstd")]
     for image in images[1:]:
         builds.append(fcsnap("diff", str(image), "--base", builds[-1]["build_id"],
                              "--store", str(store), "--compress", "zstd",

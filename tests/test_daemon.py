@@ -408,7 +408,7 @@ def test_serve_refuses_a_bad_store_or_a_socket_in_use(store, daemon: Daemon, tmp
     exit 1, the running daemon untouched."""
     for args, says in [
         (["--store", str(tmp_path / "none"), "--api", str(tmp_path / "a.sock")],
-         "is not a directory"),
+         "does not exist"),
         (["--store", str(store[0]), "--api", str(daemon.api)],
          "is the socket of a running process"),
     ]:

@@ -37,7 +37,8 @@ def head_dir(scenario: str, root: Path = FIXTURES.parent) -> Path:
 
 
 def listed(store: Path) -> list[str]:
-    return sorted(p.name for p in store.iterdir() if p.name != "vms") if store.exists() else []
+    return sorted(p.name for p in store.iterdir() if p.is_dir() and p.name != "vms") \
+        if store.exists() else []
 
 
 @pytest.mark.parametrize("compress", ["none", "zstd"])
@@ -45,7 +46,7 @@ def listed(store: Path) -> list[str]:
 def test_import_keeps_ids_and_every_generation_unpacks_to_e2bs_memory(scenario, compress,
                                                                       tmp_path):
     store = tmp_path / "store"
-    result = fcsnap("import", head_dir(scenario), "--store", store, "--name", "vm",
+    result = fcsnap("import", "--init", head_dir(scenario), "--store", store, "--name", "vm",
                     "--compress", compress, "--json")
     assert result.returncode == 0, result.stderr
     builds = json.loads(result.stdout)["builds"]
@@ -92,7 +93,8 @@ def test_each_source_object_is_read_once(tmp_path, monkeypatch):
 @pytest.mark.parametrize("scenario", ["v4-zstd-4k", "v5-lz4-4k"])
 def test_restore_serves_the_imported_head(scenario, procs, tmp_path):
     store = tmp_path / "store"
-    result = fcsnap("import", head_dir(scenario), "--store", store, "--compress", "zstd", "-q")
+    result = fcsnap("import", "--init", head_dir(scenario), "--store", store, "--compress", "zstd",
+                    "-q")
     assert result.returncode == 0, result.stderr
     builds = [store / g["build_id"] for g in generations(scenario)]
     image = tmp_path / "expected"
@@ -106,9 +108,9 @@ def test_restore_serves_the_imported_head(scenario, procs, tmp_path):
 def test_reimport_reuses_the_builds_and_moves_the_name(tmp_path):
     store = tmp_path / "store"
     middle = (FIXTURES / generations("v3-4k")[1]["file"]).parent
-    assert fcsnap("import", middle, "--store", store, "--name", "vm").returncode == 0
+    assert fcsnap("import", "--init", middle, "--store", store, "--name", "vm").returncode == 0
     before = {p.name: p.stat().st_ino for p in store.iterdir()}
-    result = fcsnap("import", head_dir("v3-4k"), "--store", store, "--name", "vm")
+    result = fcsnap("import", "--init", head_dir("v3-4k"), "--store", store, "--name", "vm")
     assert result.returncode == 0, result.stderr
     after = {p.name: p.stat().st_ino for p in store.iterdir()}
     assert all(after[name] == ino for name, ino in before.items() if name != "vms")
@@ -116,7 +118,7 @@ def test_reimport_reuses_the_builds_and_moves_the_name(tmp_path):
 
 
 def _one_error_nothing_left(src: Path, store: Path, *extra: object) -> str:
-    result = fcsnap("import", src, "--store", store, *extra)
+    result = fcsnap("import", "--init", src, "--store", store, *extra)
     assert result.returncode == 1, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fcsnap: error: "), lines
@@ -156,12 +158,12 @@ def test_a_truncated_header_and_a_directory_that_is_no_build_are_refused(tmp_pat
 def test_an_fcsnap_build_by_the_same_id_is_not_overwritten(tmp_path):
     store = tmp_path / "store"
     first = (FIXTURES / generations("v3-4k")[0]["file"]).parent
-    assert fcsnap("import", first, "--store", store).returncode == 0
+    assert fcsnap("import", "--init", first, "--store", store).returncode == 0
     manifest = store / first.name / "build.json"
     text = manifest.read_text().replace("import of E2B build", "something else")
     manifest.chmod(0o644)
     manifest.write_text(text)
-    result = fcsnap("import", head_dir("v3-4k"), "--store", store)
+    result = fcsnap("import", "--init", head_dir("v3-4k"), "--store", store)
     assert result.returncode == 1 and "already exists" in result.stderr
     assert listed(store) == [first.name]
 
@@ -179,7 +181,7 @@ def test_a_header_marked_incomplete_is_refused(tmp_path):
 
 def _imported(tmp_path: Path, scenario: str) -> Path:
     store = tmp_path / "store"
-    result = fcsnap("import", head_dir(scenario), "--store", store, "--name", "vm", "-q")
+    result = fcsnap("import", "--init", head_dir(scenario), "--store", store, "--name", "vm", "-q")
     assert result.returncode == 0, result.stderr
     return store
 
@@ -210,7 +212,7 @@ def test_export_writes_v4_builds_e2bs_layout_reads_back(scenario, compress, tmp_
     report = json.loads(fcsnap("verify", out / gens[-1]["build_id"], "--json").stdout)
     assert report["sha256_unchecked"] == {} and len(report["sha256_checked"]) >= 1
     again = tmp_path / "again"  # and import takes it back, byte for byte
-    result = fcsnap("import", out / gens[-1]["build_id"], "--store", again, "-q")
+    result = fcsnap("import", "--init", out / gens[-1]["build_id"], "--store", again, "-q")
     assert result.returncode == 0, result.stderr
     assert hashlib.sha256(unpacked(again / gens[-1]["build_id"], tmp_path)).hexdigest() == \
         gens[-1]["memory_sha256"]
@@ -240,14 +242,15 @@ def test_export_of_a_build_that_stores_nothing(tmp_path):
     memory = tmp_path / "memory"
     memory.write_bytes(os.urandom(64 << 10) + bytes(64 << 10))
     store = tmp_path / "store"
-    assert fcsnap("pack", memory, "--store", store, "--name", "vm", "-q").returncode == 0
+    assert fcsnap("pack", "--init", memory, "--store", store, "--name", "vm", "-q").returncode == 0
     result = fcsnap("diff", memory, "--base", "vm", "--store", store, "--name", "vm", "-q")
     assert result.returncode == 0, result.stderr
     out = tmp_path / "e2b"
     result = fcsnap("export", "vm", "--store", store, "-o", out, "--compress", "zstd", "-q")
     assert result.returncode == 0, result.stderr
     child = read_manifest(next(
-        p for p in store.iterdir() if p.name != "vms" and read_manifest(p).generation == 1))
+        p for p in store.iterdir() if p.is_dir() and p.name != "vms"
+        and read_manifest(p).generation == 1))
     empty = out / str(child.build_id)
     assert (empty / "memfile").stat().st_size == 0 and not (empty / "memfile.zstd").exists()
     assert load_header(empty / HEADER).builds_section.builds[child.build_id].compression == "none"
@@ -261,7 +264,7 @@ def test_a_build_without_its_header_is_read_through_the_next_generation(tmp_path
     gens = generations("v3-4k")
     (src / gens[1]["build_id"] / HEADER).unlink()
     store = tmp_path / "store"
-    result = fcsnap("import", src / gens[2]["build_id"], "--store", store, "--json")
+    result = fcsnap("import", "--init", src / gens[2]["build_id"], "--store", store, "--json")
     assert result.returncode == 0, result.stderr
     assert [b["build_id"] for b in json.loads(result.stdout)["builds"]] == \
         [gens[0]["build_id"], gens[2]["build_id"]]

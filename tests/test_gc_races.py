@@ -107,7 +107,8 @@ def pointer(store: Store, name: str) -> str:
 def test_gc_keeps_a_pack_s_staging_and_its_unnamed_build(store: Store, tmp_path, stopped) -> None:
     for point in ("staged", "publish"):
         known = visible_builds(store.path)
-        pack = start("pack", tmp_path / "m2.mem", "--store", store.path, "--name", f"new-{point}",
+        pack = start("pack", "--init", tmp_path / "m2.mem", "--store", store.path, "--name",
+                     f"new-{point}",
                      "--quiet", "--json", stop_at=point)
         stopped.append(pack)
         wait_stopped(pack)

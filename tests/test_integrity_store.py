@@ -46,7 +46,7 @@ def impostor(tmp_path):
     other = pages(tmp_path / "m0").copy()
     other[page, :16] ^= 0x5A
     other.tofile(tmp_path / "other")
-    r = fcsnap("pack", tmp_path / "other", "--store", tmp_path / "elsewhere", "--json")
+    r = fcsnap("pack", "--init", tmp_path / "other", "--store", tmp_path / "elsewhere", "--json")
     assert r.returncode == 0, r.stderr
     twin = Path(json.loads(r.stdout)["path"])
     for name in (DIFF_RAW, HASHES):

@@ -113,7 +113,7 @@ def layer(name: str) -> int:
 
 def test_the_graph_sees_lazy_and_type_checking_imports():
     graph = import_graph()
-    assert "fcsnap.store.operations.gc" in graph["fcsnap.cli.names"]  # inside gc
+    assert "fcsnap.store.operations.tagging" in graph["fcsnap.cli.names"]  # inside tag
     assert "fcsnap.uffd.reactor" in graph["fcsnap.uffd.session"]  # under TYPE_CHECKING
     assert "fcsnap.api" in graph["fcsnap"]
 

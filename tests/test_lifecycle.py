@@ -438,7 +438,7 @@ def test_gc_bad_options(store: Store, args: tuple[str, ...], message: str) -> No
     usage = fcsnap("gc", "--store", store.path, "--repack-below", "1.5")
     assert usage.returncode == 2
     missing = fcsnap("gc", "--store", store.path / "nope")
-    assert missing.returncode == 1 and "is not a directory" in missing.stderr
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
 
 
 @pytest.mark.parametrize(

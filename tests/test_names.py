@@ -94,7 +94,7 @@ def test_a_name_of_255_bytes_works(lineage):
 def test_with_a_store_a_bare_word_is_never_a_directory_of_the_cwd(lineage, tmp_path):
     tmp, store, (_, g1) = lineage
     other = tmp_path / "other"
-    r = fcsnap("pack", tmp / "m0", "--store", other, "--json")
+    r = fcsnap("pack", "--init", tmp / "m0", "--store", other, "--json")
     shutil.copytree(json.loads(r.stdout)["path"], tmp_path / "web")  # a build named ./web
     for argv in (("verify", "web", "--json"), ("inspect", "web", "--json")):
         r = fcsnap(*argv, "--store", store, cwd=tmp_path)
@@ -105,7 +105,7 @@ def test_with_a_store_a_bare_word_is_never_a_directory_of_the_cwd(lineage, tmp_p
 
 def test_a_build_path_outside_the_given_store_is_refused(lineage, tmp_path):
     tmp, store, _ = lineage
-    r = fcsnap("pack", tmp / "m0", "--store", tmp_path / "other", "--json")
+    r = fcsnap("pack", "--init", tmp / "m0", "--store", tmp_path / "other", "--json")
     outside = json.loads(r.stdout)["path"]
     for argv in (("verify", outside), ("unpack", outside, "-o", tmp_path / "out"),
                  ("squash", outside), ("diff", tmp / "m2", "--base", outside)):
@@ -154,7 +154,7 @@ def test_disk_full_names_the_file(tmp_path):
     full.mkdir()
     script = (
         f"mount -t tmpfs -o size=1m none {full} || exit 99; "
-        f'"$@" pack {tmp_path / "m0"} --store {full}/s -q; '
+        f'"$@" pack --init {tmp_path / "m0"} --store {full}/s -q; '
         f'"$@" unpack web --store {tmp_path / "store"} -o {full}/out -q; true'
     )
     r = subprocess.run(

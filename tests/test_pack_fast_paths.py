@@ -111,7 +111,8 @@ def test_a_build_command_ends_with_its_output_exit_handlers_and_threads(tmp_path
     write_full(tmp_path / "mem", mem)
     marker = tmp_path / ("thread" if thread else "none")
     r = subprocess.run(
-        [sys.executable, "-c", ENTRY, str(marker), "pack", str(tmp_path / "mem"), "--store",
+        [sys.executable, "-c", ENTRY, str(marker), "pack", "--init", str(tmp_path / "mem"),
+         "--store",
          str(tmp_path / "store"), "--json"],
         capture_output=True, text=True, timeout=120,
     )

@@ -51,7 +51,8 @@ def store(template: Snapshot, tmp_path_factory: pytest.TempPathFactory) -> Path:
     with the vmstate as its snapfile."""
     store = tmp_path_factory.mktemp("store") / "store"
     for name, compress in (("raw", "none"), ("zstd", "zstd")):
-        done = fcsnap("pack", template.mem, "--vmstate", template.vmstate, "--store", store,
+        done = fcsnap("pack", "--init", template.mem, "--vmstate", template.vmstate, "--store",
+                      store,
                       "--name", name, "--compress", compress, "--quiet")
         assert done.returncode == 0, done.stderr
     return store
@@ -184,7 +185,7 @@ def test_diff_snapshots_three_generations(real_vmm: None, tmp_path: Path) -> Non
     snaps = take_snapshots(tmp_path / "template", config, ("Full", "Diff", "Diff"),
                            mem_mib=64)
     store = tmp_path / "store"
-    done = fcsnap("pack", snaps[0].mem, "--vmstate", snaps[0].vmstate, "--store", store,
+    done = fcsnap("pack", "--init", snaps[0].mem, "--vmstate", snaps[0].vmstate, "--store", store,
                   "--name", "vm", "--quiet")
     assert done.returncode == 0, done.stderr
     for snap in snaps[1:]:
@@ -219,7 +220,8 @@ def test_hugepage_guest(huge_template: Snapshot, hugepage_pool: list[bool], tmp_
     if top_up_hugepages(HUGE_MIB // 2 + 4):
         hugepage_pool.append(True)
     store = tmp_path / "store"
-    done = fcsnap("pack", huge_template.mem, "--vmstate", huge_template.vmstate, "--store",
+    done = fcsnap("pack", "--init", huge_template.mem, "--vmstate", huge_template.vmstate,
+                  "--store",
                   store, "--name", "vm", "--block-size", block_size, "--quiet")
     assert done.returncode == 0, done.stderr
     stats = tmp_path / "stats.json"

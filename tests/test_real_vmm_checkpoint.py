@@ -29,7 +29,7 @@ ROUNDS = 3
 def test_checkpoint_of_a_running_vm_restores_and_goes_on(tmp_path: Path) -> None:
     template = take_snapshot(tmp_path / "template", CONFIG, mem_mib=64)
     store = tmp_path / "store"
-    done = fcsnap("pack", template.mem, "--vmstate", template.vmstate, "--store", store,
+    done = fcsnap("pack", "--init", template.mem, "--vmstate", template.vmstate, "--store", store,
                   "--name", "vm", "--quiet")
     assert done.returncode == 0, done.stderr
     vmstate, throwaway = tmp_path / "cp.state", tmp_path / "cp.mem"
@@ -60,7 +60,7 @@ def test_daemon_pauses_and_resumes_through_firecracker_api(tmp_path: Path) -> No
     resumes it after (in the background: before the copy); the guest goes on."""
     template = take_snapshot(tmp_path / "template", CONFIG, mem_mib=64)
     store = tmp_path / "store"
-    done = fcsnap("pack", template.mem, "--vmstate", template.vmstate, "--store", store,
+    done = fcsnap("pack", "--init", template.mem, "--vmstate", template.vmstate, "--store", store,
                   "--name", "vm", "--quiet")
     assert done.returncode == 0, done.stderr
     with Daemon(store, tmp_path) as daemon, Firecracker(tmp_path, "clone") as vm:

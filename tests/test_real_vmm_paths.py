@@ -55,7 +55,7 @@ def template(real_vmm: None, tmp_path_factory: pytest.TempPathFactory) -> Snapsh
 def store(template: Snapshot, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The template packed raw as "vm", its vmstate as the snapfile."""
     store = tmp_path_factory.mktemp("store") / "store"
-    done = fcsnap("pack", template.mem, "--vmstate", template.vmstate, "--store", store,
+    done = fcsnap("pack", "--init", template.mem, "--vmstate", template.vmstate, "--store", store,
                   "--name", "vm", "--quiet")
     assert done.returncode == 0, done.stderr
     return store
@@ -234,7 +234,7 @@ def test_build_in_s3(template: Snapshot, bucket: Any, tmp_path: Path) -> None:
     """`pack` to an S3 store (SeaweedFS, or CI's endpoint), then `restore` from the bucket
     through the host chunk cache: the guest goes on."""
     done = subprocess.run(
-        [sys.executable, "-m", "fcsnap", "pack", str(template.mem), "--vmstate",
+        [sys.executable, "-m", "fcsnap", "pack", "--init", str(template.mem), "--vmstate",
          str(template.vmstate), "--store", bucket.url(), "--name", "vm", "--quiet"],
         capture_output=True, text=True, env=bucket.env, timeout=WAIT * 2)
     assert done.returncode == 0, done.stderr

@@ -24,7 +24,7 @@ def s3_daemon(bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     builds = {}
     for seed, (name, compression) in enumerate([("raw", "none"), ("zstd", "zstd")]):
         mem = memfile(tmp_path, f"{name}.mem", seed=70 + seed, mib=16)
-        fcsnap(bucket, "pack", str(mem), "--store", bucket.url(), "--name", name,
+        fcsnap(bucket, "pack", "--init", str(mem), "--store", bucket.url(), "--name", name,
                "--compress", compression, "-q")
         builds[name] = Build(name, "", mem)
     for key, value in bucket.server.env().items():  # the daemon's credentials and endpoint
@@ -97,7 +97,8 @@ def test_a_stalled_fetch_holds_up_no_other_vm(tmp_path: Path, monkeypatch: pytes
             [("raw", 64, "none"), ("zstd", 16, "zstd"), ("warm", 16, "none")]
         ):
             mem = memfile(tmp_path, f"{name}.mem", seed=80 + seed, mib=mib)
-            fcsnap(bucket, "pack", str(mem), "--store", bucket.url(), "--name", name, "-q",
+            fcsnap(bucket, "pack", "--init", str(mem), "--store", bucket.url(), "--name", name,
+                   "-q",
                    "--compress", compression)
             builds[name] = Build(name, "", mem)
         for key, value in server.env().items():

@@ -28,15 +28,18 @@ def test_gc_deletes_what_no_head_reads_once_older_than_grace(
     mem0 = synthetic_memory(8 * MIB, seed=31)
     write_full(tmp_path / "m0", mem0)
     write_full(tmp_path / "m1", evolve(mem0, seed=32, dirty_share=1.0)[0])  # rewrites it all
-    g0 = json.loads(run(bucket, "pack", tmp_path / "m0", "--store", store, "--name", "web",
+    g0 = json.loads(run(bucket, "pack", "--init", tmp_path / "m0", "--store", store, "--name",
+                        "web",
                         "--json").stdout)["build_id"]
     g1 = json.loads(run(bucket, "diff", tmp_path / "m1", "--base", "web", "--store", store,
                         "--name", "web", "--json").stdout)["build_id"]
-    keep = json.loads(run(bucket, "pack", tmp_path / "m0", "--store", store, "--name", "keep",
+    keep = json.loads(run(bucket, "pack", "--init", tmp_path / "m0", "--store", store, "--name",
+                          "keep",
                           "--json").stdout)["build_id"]
     run(bucket, "rm", "keep", "--store", store)
     # a killed pack's objects (no build.json)
-    killed = start_stopped(bucket, "pack", tmp_path / "m0", "--store", store, point="commit")
+    killed = start_stopped(bucket, "pack", "--init", tmp_path / "m0", "--store", store,
+                           point="commit")
     killed.kill()
     killed.communicate(timeout=60)
     leftover = {k.split("/")[0] for k in bucket.listing()} - {g0, g1, keep, "vms"}
@@ -62,7 +65,7 @@ def test_gc_keeps_what_a_name_moved_onto_during_gc(bucket: Bucket, tmp_path: Pat
     """A name published while gc runs (between its scan and its deletions) keeps its build."""
     store = bucket.url()
     write_full(tmp_path / "m0", synthetic_memory(4 * MIB, seed=33))
-    old = json.loads(run(bucket, "pack", tmp_path / "m0", "--store", store,
+    old = json.loads(run(bucket, "pack", "--init", tmp_path / "m0", "--store", store,
                          "--json").stdout)["build_id"]
     time.sleep(1.1)
     gc = start_stopped(bucket, "gc", "--store", store, "--grace", "1s", "--json",
@@ -89,7 +92,7 @@ def copied(bucket: Bucket, tmp_path: Path) -> Store:
     A1), pushed into the bucket with the same build ids; G1 by its id."""
     local = make_store(tmp_path)
     for arg in ("base", "web", "api", local.id("G1")):
-        run(bucket, "push", arg, "--from", local.path, "--to", bucket.url())
+        run(bucket, "push", arg, "--from", local.path, "--to", bucket.url(), "--init")
     return local
 
 
@@ -181,7 +184,8 @@ def test_gc_within_grace_beside_a_pack_and_a_diff(
     naming its committed build; gc with the default grace deletes nothing of theirs, and
     both finish to builds that verify and unpack exact."""
     path, image = next_image(copied, tmp_path)
-    pack = start_stopped(bucket, "pack", path, "--store", bucket.url(), "--name", "packed",
+    pack = start_stopped(bucket, "pack", "--init", path, "--store", bucket.url(), "--name",
+                         "packed",
                          "--quiet", point="commit")
     diff = start_stopped(bucket, "diff", path, "--base", copied.id("G1"), "--store",
                          bucket.url(), "--name", "diffed", "--quiet", point="publish")

@@ -31,7 +31,8 @@ def run(bucket: Bucket, *args: object) -> subprocess.CompletedProcess[str]:
 
 def pack(bucket: Bucket, mem: Path, name: str) -> str:
     """`mem` packed into the bucket's store as a new lineage under `name`; its build id."""
-    out = run(bucket, "pack", mem, "--store", bucket.url(), "--name", name, "--json").stdout
+    out = run(bucket, "pack", "--init", mem, "--store", bucket.url(), "--name", name,
+              "--json").stdout
     return json.loads(out)["build_id"]
 
 

@@ -31,7 +31,7 @@ def lineage(bucket: Bucket, tmp_path: Path) -> tuple[list[str], Path]:
     write_full(tmp_path / "gen0.mem", mem)
     new, _ = evolve(mem, seed=91, dirty_share=0.2)
     write_full(tmp_path / "gen1.mem", new)
-    for name, command in (("gen0", ("pack",)), ("gen1", ("diff", "--base", "vm"))):
+    for name, command in (("gen0", ("pack", "--init")), ("gen1", ("diff", "--base", "vm"))):
         out = fcsnap(bucket, command[0], str(tmp_path / f"{name}.mem"), *command[1:], "--store",
                      bucket.url(), "--name", "vm", "-q", "--json")
         ids.append(json.loads(out)["build_id"])
@@ -45,7 +45,7 @@ def flipped(data: bytes, at: int) -> bytes:
 def test_the_mirror_is_private(bucket: Bucket, tmp_path: Path,
                                monkeypatch: pytest.MonkeyPatch) -> None:
     mem = memfile(tmp_path, "vm.mem", seed=92)
-    fcsnap(bucket, "pack", str(mem), "--store", bucket.url(), "--name", "vm", "-q")
+    fcsnap(bucket, "pack", "--init", str(mem), "--store", bucket.url(), "--name", "vm", "-q")
     for key, value in bucket.server.env().items():
         monkeypatch.setenv(key, value)
     old = os.umask(0o022)

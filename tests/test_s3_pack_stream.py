@@ -23,7 +23,7 @@ VOLATILE = ("build_id", "base_build_id", "created_at")  # differ between any two
 
 
 def pack(bucket: Bucket, mem: Path, store: str, *options: str) -> str:
-    result = fcsnap("pack", mem, "--store", store, "--json", *options, env=bucket.env)
+    result = fcsnap("pack", "--init", mem, "--store", store, "--json", *options, env=bucket.env)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)["build_id"]
 
@@ -75,7 +75,7 @@ def test_a_zstd_pack_killed_mid_upload_or_before_its_commit_shows_nothing(
     mem = memfile(tmp_path, "mem", seed=12, mib=128)  # > 2 parts of zstd output
     store = bucket.url()
     for point in ("uploading", "commit"):
-        proc = start_stopped(bucket, "pack", mem, "--store", store, "--compress", "zstd",
+        proc = start_stopped(bucket, "pack", "--init", mem, "--store", store, "--compress", "zstd",
                              "--name", "web", point=point)
         uploaded = bucket.listing()
         proc.kill()
@@ -87,7 +87,10 @@ def test_a_zstd_pack_killed_mid_upload_or_before_its_commit_shows_nothing(
             assert uploaded == sorted(f"{build_id}/{name}" for name in (
                 "memfile.diff.zst", "memfile.header", "memfile.hashes"))
         listed = fcsnap("ls", "--store", store, "--json", env=bucket.env)
-        assert listed.returncode == 0 and json.loads(listed.stdout)["names"] == []
+        if point == "uploading":  # nothing arrived, not even the store's marker
+            assert listed.returncode == 1 and "fcsnap init" in listed.stderr
+        else:
+            assert listed.returncode == 0 and json.loads(listed.stdout)["names"] == []
 
 
 @pytest.mark.parametrize(("endpoint", "variable", "unsigned"), [

@@ -20,7 +20,7 @@ def _lineage(tmp: Path, bucket: Bucket, store: Path) -> tuple[list[str], list[by
     mem1, _ = evolve(mem0, seed=22)
     write_full(tmp / "m0", mem0)
     write_full(tmp / "m1", mem1)
-    g0 = json.loads(run(bucket, "pack", tmp / "m0", "--store", store, "--name", "web",
+    g0 = json.loads(run(bucket, "pack", "--init", tmp / "m0", "--store", store, "--name", "web",
                         "--json").stdout)["build_id"]
     g1 = json.loads(run(bucket, "diff", tmp / "m1", "--base", "web", "--store", store,
                         "--name", "web", "--compress", "zstd", "--json").stdout)["build_id"]
@@ -28,7 +28,8 @@ def _lineage(tmp: Path, bucket: Bucket, store: Path) -> tuple[list[str], list[by
 
 
 def _push(bucket: Bucket, verb: str, arg: str, source: object, dest: object) -> dict:
-    return json.loads(run(bucket, verb, arg, "--from", source, "--to", dest, "--json").stdout)
+    return json.loads(run(bucket, verb, arg, "--from", source, "--to", dest, "--init",
+                          "--json").stdout)
 
 
 def test_push_and_pull_between_local_and_s3(bucket: Bucket, tmp_path: Path) -> None:
@@ -72,11 +73,11 @@ def test_a_corrupt_block_never_arrives(bucket: Bucket, tmp_path: Path) -> None:
     data[5000] ^= 0xFF
     diff.write_bytes(bytes(data))
     line = one_line_error(run(bucket, "push", "web", "--from", local, "--to", bucket.url(),
-                              ok=False))
+                              "--init", ok=False))
     assert f"build {g0}: block 1" in line and "does not match its hash" in line
     assert bucket.listing() == []  # nothing arrived: no build, no name
     line = one_line_error(run(bucket, "pull", "web", "--from", local, "--to", tmp_path / "b",
-                              ok=False))
+                              "--init", ok=False))
     assert "does not match its hash" in line
     assert not [p for p in (tmp_path / "b").iterdir() if not p.name.startswith(".")]
 
@@ -87,7 +88,7 @@ def test_a_different_build_under_the_same_id_is_refused(bucket: Bucket, tmp_path
     s3 = bucket.url()
     _push(bucket, "push", g0, local, s3)
     write_full(tmp_path / "x", synthetic_memory(8 * MIB, seed=99))
-    stranger = json.loads(run(bucket, "pack", tmp_path / "x", "--store", local,
+    stranger = json.loads(run(bucket, "pack", "--init", tmp_path / "x", "--store", local,
                               "--json").stdout)["build_id"]
     sidecar = (local / stranger / "memfile.hashes").read_bytes()
     obstore.put(bucket.client(), f"snaps/{g0}/memfile.hashes", sidecar)  # another build's

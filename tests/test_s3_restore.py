@@ -34,7 +34,7 @@ def raw_lineage(tmp_path_factory: pytest.TempPathFactory) -> Lineage:
 def push(bucket: Bucket, lineage: Lineage, prefix: str = "snaps") -> str:
     """The lineage's newest build pushed to the bucket; its id."""
     result = fcsnap("push", lineage.newest.name, "--from", lineage.store, "--to",
-                    bucket.url(prefix), "-q", env=bucket.env)
+                    bucket.url(prefix), "--init", "-q", env=bucket.env)
     assert result.returncode == 0, result.stderr
     return lineage.newest.name
 
@@ -207,7 +207,8 @@ def test_the_chunks_a_lineage_reads_are_fetched_behind_the_guest(
     gen1 = gen0.copy()
     gen1[:2 * CHUNK] = rng.integers(0, 256, 2 * CHUNK, np.uint8)  # gen0's chunks 0-1: unread
     ids = []
-    for name, mem, command in (("gen0", gen0, ("pack",)), ("gen1", gen1, ("diff", "--base", "vm"))):
+    for name, mem, command in (("gen0", gen0, ("pack", "--init")),
+                               ("gen1", gen1, ("diff", "--base", "vm"))):
         (tmp_path / name).write_bytes(mem.tobytes())
         made = fcsnap(command[0], tmp_path / name, *command[1:], "--store", bucket.url(),
                       "--name", "vm", "--json", env=bucket.env)
@@ -236,7 +237,8 @@ def test_a_working_set_is_fetched_first_and_the_rest_after_it(
     chunks, size = 12, 12 * CHUNK
     mem = tmp_path / "vm.mem"
     mem.write_bytes(np.random.default_rng(45).integers(0, 256, size, np.uint8).tobytes())
-    made = fcsnap("pack", mem, "--store", bucket.url(), "--name", "vm", "--json", env=bucket.env)
+    made = fcsnap("pack", "--init", mem, "--store", bucket.url(), "--name", "vm", "--json",
+                  env=bucket.env)
     assert made.returncode == 0, made.stderr
     build = json.loads(made.stdout)["build_id"]
     ws = tmp_path / "ws"  # every 7th page of chunks 8 and 9 (random pages: stored in order)

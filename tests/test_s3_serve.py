@@ -39,7 +39,8 @@ def wide_mem(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def packed(bucket: Bucket, mem: Path, *args: str) -> str:
     """`mem` packed straight into the bucket as the VM `wide`."""
-    fcsnap(bucket, "pack", str(mem), "--store", bucket.url(), "--name", "wide", "-q", *args)
+    fcsnap(bucket, "pack", "--init", str(mem), "--store", bucket.url(), "--name", "wide", "-q",
+           *args)
     return "wide"
 
 
@@ -151,7 +152,7 @@ def test_zstd_frames_are_fetched_as_they_are_read(
 def test_a_corrupt_zstd_frame_is_never_installed(
     bucket: Bucket, wide_mem: Path, procs: Procs, tmp_path: Path
 ) -> None:
-    build = json.loads(fcsnap(bucket, "pack", str(wide_mem), "--store", bucket.url(),
+    build = json.loads(fcsnap(bucket, "pack", "--init", str(wide_mem), "--store", bucket.url(),
                               "--name", "wide", "--compress", "zstd", "--json"))["build_id"]
     key = f"snaps/{build}/memfile.diff.zst"
     data = bytearray(obstore.get(bucket.client(), key).bytes())

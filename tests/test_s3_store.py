@@ -48,7 +48,7 @@ def test_every_command_on_an_s3_store(bucket: Bucket, tmp_path: Path) -> None:
     (tmp_path / "vm.state").write_bytes(b"vmstate bytes")
 
     packed = json.loads(run(
-        bucket, "pack", tmp_path / "m0", "--store", store, "--name", "web", "--json",
+        bucket, "pack", "--init", tmp_path / "m0", "--store", store, "--name", "web", "--json",
         "--vmstate", tmp_path / "vm.state",
     ).stdout)
     g0 = packed["build_id"]
@@ -91,7 +91,7 @@ def test_every_command_on_an_s3_store(bucket: Bucket, tmp_path: Path) -> None:
     assert [n["name"] for n in listing["names"]] == ["flat", "web"]
     assert listing["summary"]["builds"] == 4
     on_bucket = sum(o["size"] for o in _objects(bucket) if not o["path"].endswith("/vms/web")
-                    and "/vms/" not in o["path"])
+                    and "/vms/" not in o["path"] and not o["path"].endswith("/fcsnap-store.json"))
     assert listing["summary"]["disk_bytes"] == on_bucket
     builds = json.loads(run(bucket, "ls", "--store", store, "--builds", "--json").stdout)
     unreferenced = [b["build_id"] for b in builds["builds"] if b["unreferenced"]]
@@ -132,7 +132,8 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
 def test_a_build_killed_before_its_build_json_is_invisible(bucket: Bucket, tmp_path: Path) -> None:
     store = bucket.url()
     mem = memfile(tmp_path, "m0", seed=3)
-    proc = start_stopped(bucket, "pack", mem, "--store", store, "--name", "web", point="commit")
+    proc = start_stopped(bucket, "pack", "--init", mem, "--store", store, "--name", "web",
+                         point="commit")
     uploaded = bucket.listing()
     build_id = uploaded[0].split("/")[0]
     assert {k.split("/")[1] for k in uploaded} == {"memfile.diff", "memfile.header",
@@ -146,7 +147,7 @@ def test_a_build_killed_before_its_build_json_is_invisible(bucket: Bucket, tmp_p
         line = one_line_error(run(bucket, "inspect", arg, "--store", store, ok=False))
         assert "not found" in line or "no build or VM named" in line
     # the next pack is unaffected
-    run(bucket, "pack", mem, "--store", store, "--name", "web")
+    run(bucket, "pack", "--init", mem, "--store", store, "--name", "web")
     run(bucket, "verify", "web", "--store", store)
 
 
@@ -154,12 +155,12 @@ def test_a_pack_killed_mid_upload_leaves_no_object(bucket: Bucket, tmp_path: Pat
     """Killed while its diff streams up (a multipart upload not completed): nothing visible."""
     store = bucket.url()
     mem = memfile(tmp_path, "m0", seed=4, mib=64)
-    proc = start_stopped(bucket, "pack", mem, "--store", store, "--name", "web",
+    proc = start_stopped(bucket, "pack", "--init", mem, "--store", store, "--name", "web",
                          point="uploading")
     proc.kill()
     proc.communicate(timeout=TIMEOUT)
-    assert bucket.listing() == []
-    assert json.loads(run(bucket, "ls", "--store", store, "--json").stdout)["names"] == []
+    assert bucket.listing(marker=True) == []  # not even a store was made
+    assert "fcsnap init" in one_line_error(run(bucket, "ls", "--store", store, ok=False))
 
 
 def test_sigterm_during_a_pack_removes_what_it_uploaded(bucket: Bucket, tmp_path: Path) -> None:
@@ -167,7 +168,8 @@ def test_sigterm_during_a_pack_removes_what_it_uploaded(bucket: Bucket, tmp_path
     them as a failing pack does, says so in one line and exits 143; the name is not made."""
     store = bucket.url()
     mem = memfile(tmp_path, "m0", seed=5)
-    proc = start_stopped(bucket, "pack", mem, "--store", store, "--name", "web", point="commit")
+    proc = start_stopped(bucket, "pack", "--init", mem, "--store", store, "--name", "web",
+                         point="commit")
     assert bucket.listing() != []
     proc.send_signal(signal.SIGTERM)  # pending until it runs again
     status, err = finish(proc)
@@ -178,7 +180,8 @@ def test_sigterm_during_a_pack_removes_what_it_uploaded(bucket: Bucket, tmp_path
 def test_a_failing_pack_removes_what_it_uploaded(bucket: Bucket, tmp_path: Path) -> None:
     store = bucket.url()
     (tmp_path / "bad").write_bytes(b"x" * 5000)  # not a multiple of 4 KiB
-    line = one_line_error(run(bucket, "pack", tmp_path / "bad", "--store", store, ok=False))
+    line = one_line_error(run(bucket, "pack", "--init", tmp_path / "bad", "--store", store,
+                              ok=False))
     assert "fcsnap: error:" in line
     assert bucket.listing() == []
 
@@ -192,7 +195,8 @@ def test_racing_diffs_one_moves_the_name(bucket: Bucket, tmp_path: Path) -> None
     write_full(tmp_path / "m0", mem0)
     write_full(tmp_path / "a", evolve(mem0, seed=6)[0])
     write_full(tmp_path / "b", evolve(mem0, seed=7)[0])
-    head = json.loads(run(bucket, "pack", tmp_path / "m0", "--store", store, "--name", "web",
+    head = json.loads(run(bucket, "pack", "--init", tmp_path / "m0", "--store", store, "--name",
+                          "web",
                           "--json").stdout)["build_id"]
     a = start_stopped(bucket, "diff", tmp_path / "a", "--base", "web", "--store", store,
                       "--name", "web", "--json", point="compare-and-swap")
@@ -216,17 +220,18 @@ def test_a_name_moved_while_a_diff_ran(bucket: Bucket, tmp_path: Path) -> None:
     mem0 = synthetic_memory(8 * MIB, seed=8)
     write_full(tmp_path / "m0", mem0)
     write_full(tmp_path / "a", evolve(mem0, seed=9)[0])
-    run(bucket, "pack", tmp_path / "m0", "--store", store, "--name", "web")
+    run(bucket, "pack", "--init", tmp_path / "m0", "--store", store, "--name", "web")
     a = start_stopped(bucket, "diff", tmp_path / "a", "--base", "web", "--store", store,
                       "--name", "web", point="publish")
-    other = json.loads(run(bucket, "pack", tmp_path / "m0", "--store", store, "--name", "web",
+    other = json.loads(run(bucket, "pack", "--init", tmp_path / "m0", "--store", store, "--name",
+                           "web",
                            "--json").stdout)["build_id"]
     status, err = finish(a)
     assert status == 1 and err.strip() == f"fcsnap: error: web moved to {other} while this diff ran"
     run(bucket, "rm", "web", "--store", store)
-    b = start_stopped(bucket, "pack", tmp_path / "m0", "--store", store, "--name", "web",
+    b = start_stopped(bucket, "pack", "--init", tmp_path / "m0", "--store", store, "--name", "web",
                       point="publish")
-    run(bucket, "pack", tmp_path / "m0", "--store", store, "--name", "web")
+    run(bucket, "pack", "--init", tmp_path / "m0", "--store", store, "--name", "web")
     status, err = finish(b)
     assert status == 1 and "web moved to" in err  # absent at the start: created meanwhile
 
@@ -243,7 +248,7 @@ def test_bad_urls_credentials_and_servers_are_one_line(bucket: Bucket, tmp_path:
     bare = {k: v for k, v in env.items() if not k.startswith("AWS_")}
     assert "no S3 credentials" in fails("ls", "--store", bucket.url(), env=bare)
     wrong = {**env, "AWS_SECRET_ACCESS_KEY": "wrong"}
-    assert "S3 refused" in fails("pack", mem, "--store", bucket.url(), env=wrong)
+    assert "S3 refused" in fails("pack", "--init", mem, "--store", bucket.url(), env=wrong)
     assert "does not exist" in fails("ls", "--store", f"s3://missing-{uuid.uuid4().hex[:12]}/x")
     port = free_ports(1)[0]
     dead = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
@@ -271,6 +276,6 @@ def test_an_s3_url_never_becomes_a_local_directory(bucket: Bucket, tmp_path: Pat
     for args in (("ls", "--store", missing), ("inspect", "web", "--store", missing),
                  ("gc", "--store", missing), ("rm", "web", "--store", missing)):
         assert "does not exist" in one_line_error(fcsnap_in_cwd(*args)), args
-    packed = fcsnap_in_cwd("pack", mem, "--store", missing)  # SeaweedFS makes the bucket
+    packed = fcsnap_in_cwd("pack", "--init", mem, "--store", missing)  # SeaweedFS makes the bucket
     assert packed.returncode == 0 or "does not exist" in one_line_error(packed)
     assert list(work.iterdir()) == []

@@ -75,7 +75,8 @@ def test_tables_show_short_ids_and_json_whole_ones(tmp_path: Path) -> None:
 def test_a_prefix_in_an_s3_store(bucket: Bucket, tmp_path: Path) -> None:
     store = bucket.url()
     write_full(tmp_path / "m0", synthetic_memory(1 << 20, seed=8))
-    full = json.loads(run(bucket, "pack", tmp_path / "m0", "--store", store, "--name", "web",
+    full = json.loads(run(bucket, "pack", "--init", tmp_path / "m0", "--store", store, "--name",
+                          "web",
                           "--json").stdout)["build_id"]
     shown = run(bucket, "inspect", full[:6], "--store", store, "--json")
     assert json.loads(shown.stdout)["metadata"]["build_id"] == full

@@ -150,7 +150,7 @@ def test_diff_refuses_holes_over_the_bases_data_unless_told(tmp_path, block_size
     mem0 = synthetic_memory(16 * MIB, seed=5, zero_share=0.1)
     write_full(tmp_path / "m0", mem0)
     bs = ["--block-size", "2M"] if block_size != 4096 else []
-    assert fcsnap("pack", tmp_path / "m0", "--store", store, "--name", "web", *bs,
+    assert fcsnap("pack", "--init", tmp_path / "m0", "--store", store, "--name", "web", *bs,
                   "--quiet").returncode == 0
     head = (store / VMS / "web").read_bytes()
     builds = visible_builds(store)
@@ -161,7 +161,7 @@ def test_diff_refuses_holes_over_the_bases_data_unless_told(tmp_path, block_size
     assert done.returncode == 2, done.stderr
     assert len(err) == 1 and "--sparse-diff" in err[0] and "--holes-are-zeros" in err[0], err
     assert "Traceback" not in done.stderr
-    assert sorted(p.name for p in store.iterdir() if p.name != VMS) == builds
+    assert sorted(p.name for p in store.iterdir() if p.is_dir() and p.name != VMS) == builds
     assert (store / VMS / "web").read_bytes() == head
     both = fcsnap("diff", tmp_path / "m1", "--base", "web", "--store", store, "--sparse-diff",
                   "--holes-are-zeros")
@@ -274,7 +274,7 @@ def test_cli_pack_diff_json_and_vm_pointer(tmp_path):
     write_full(tmp_path / "m0", mem)
     (tmp_path / "vmstate").write_bytes(b"vmstate-bytes")
     r = fcsnap(
-        "pack",
+        "pack", "--init",
         tmp_path / "m0",
         "--store",
         store,
@@ -308,7 +308,8 @@ def test_killed_pack_leaves_no_build_and_no_pointer_change(tmp_path):
     store = tmp_path / "store"
     mem = synthetic_memory(4 * MIB, seed=13)
     write_full(tmp_path / "small", mem)
-    assert fcsnap("pack", tmp_path / "small", "--store", store, "--name", "vm").returncode == 0
+    assert fcsnap("pack", "--init", tmp_path / "small", "--store", store, "--name",
+                  "vm").returncode == 0
     before = (visible_builds(store), (store / VMS / "vm").read_text())
     big = tmp_path / "big"
     big.write_bytes(os.urandom(64 * MIB))  # at zstd level 19 this takes many seconds
@@ -317,7 +318,7 @@ def test_killed_pack_leaves_no_build_and_no_pointer_change(tmp_path):
             sys.executable,
             "-m",
             "fcsnap",
-            "pack",
+            "pack", "--init",
             big,
             "--store",
             store,
@@ -334,7 +335,7 @@ def test_killed_pack_leaves_no_build_and_no_pointer_change(tmp_path):
     proc.wait(timeout=30)
     assert (visible_builds(store), (store / VMS / "vm").read_text()) == before
     # The next command clears what the killed one left behind.
-    assert fcsnap("pack", tmp_path / "small", "--store", store).returncode == 0
+    assert fcsnap("pack", "--init", tmp_path / "small", "--store", store).returncode == 0
     assert not any(p.name.startswith(".staging-") for p in store.iterdir())
 
 
@@ -347,12 +348,13 @@ def test_interrupted_pack_removes_its_own_staging(tmp_path, signum, status, line
     with one line, no traceback."""
     store = tmp_path / "store"
     write_full(tmp_path / "small", synthetic_memory(4 * MIB, seed=13))
-    assert fcsnap("pack", tmp_path / "small", "--store", store, "--name", "vm").returncode == 0
+    assert fcsnap("pack", "--init", tmp_path / "small", "--store", store, "--name",
+                  "vm").returncode == 0
     before = (visible_builds(store), (store / VMS / "vm").read_text())
     big = tmp_path / "big"
     big.write_bytes(os.urandom(64 * MIB))  # at zstd level 19 this takes many seconds
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fcsnap", "pack", big, "--store", store, "--name", "vm",
+        [sys.executable, "-m", "fcsnap", "pack", "--init", big, "--store", store, "--name", "vm",
          "--compress", "zstd:19"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
@@ -381,7 +383,7 @@ def test_full_disk_leaves_no_build(tmp_path):
         store = mnt / "store"
         mem = synthetic_memory(8 * MIB, seed=14, zero_share=0.2)
         write_full(tmp_path / "m", mem)
-        r = fcsnap("pack", tmp_path / "m", "--store", store)
+        r = fcsnap("pack", "--init", tmp_path / "m", "--store", store)
         assert r.returncode == 1
         assert "No space left" in r.stderr and "Traceback" not in r.stderr
         assert visible_builds(store) == []
@@ -417,7 +419,8 @@ def test_bad_memory_files_get_one_line_and_exit_1(tmp_path, case):
     store = tmp_path / "store"
     mem = synthetic_memory(1 * MIB, seed=16)
     write_full(tmp_path / "m0", mem)
-    assert fcsnap("pack", tmp_path / "m0", "--store", store, "--name", "vm").returncode == 0
+    assert fcsnap("pack", "--init", tmp_path / "m0", "--store", store, "--name",
+                  "vm").returncode == 0
     bad = tmp_path / "bad"
     if case == "unaligned size":
         bad.write_bytes(b"x" * 5000)
@@ -428,7 +431,7 @@ def test_bad_memory_files_get_one_line_and_exit_1(tmp_path, case):
     elif case == "empty":
         bad.write_bytes(b"")
     before = visible_builds(store)
-    command = ("diff", bad, "--base", "vm") if case == "size mismatch" else ("pack", bad)
+    command = ("diff", bad, "--base", "vm") if case == "size mismatch" else ("pack", "--init", bad)
     r = fcsnap(*command, "--store", store)
     assert r.returncode == 1, r.stdout
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
@@ -439,7 +442,7 @@ def test_sigterm_during_unpack_leaves_no_partial_output(tmp_path):
     """SIGTERM while `unpack` writes (stopped there, then terminated): one line, exit 143,
     no output and no temporary file left beside it."""
     write_full(tmp_path / "m", synthetic_memory(4 * MIB, seed=15))
-    assert fcsnap("pack", tmp_path / "m", "--store", tmp_path / "s", "--name", "vm"
+    assert fcsnap("pack", "--init", tmp_path / "m", "--store", tmp_path / "s", "--name", "vm"
                   ).returncode == 0
     out = tmp_path / "out"
     out.mkdir()

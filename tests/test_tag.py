@@ -81,7 +81,7 @@ def test_store_tag_in_the_python_api(tmp_path: Path) -> None:
 def test_tag_in_an_s3_store(bucket: Bucket, tmp_path: Path) -> None:
     s3 = bucket.url()
     write_full(tmp_path / "m0", synthetic_memory(1 << 20, seed=31))
-    g0 = json.loads(run(bucket, "pack", tmp_path / "m0", "--store", s3, "--name", "web",
+    g0 = json.loads(run(bucket, "pack", "--init", tmp_path / "m0", "--store", s3, "--name", "web",
                         "--json").stdout)["build_id"]
     run(bucket, "tag", g0[:6], "copy", "--store", s3)
     shown = run(bucket, "inspect", "copy", "--store", s3, "--json")

@@ -199,8 +199,9 @@ def test_cli_working_set_json_stats_and_size_mismatch(tmp_path) -> None:
     store = tmp_path / "store"
     offsets = page_offsets(ws_order(len(mem), seed=8), PAGE, seed=9)
     write_working_set(tmp_path / "ws", mem.size, offsets)
-    plain = fcsnap("pack", tmp_path / "mem", "--store", store, "--json")
-    first = fcsnap("pack", tmp_path / "mem", "--store", store, "--json", "--compress", "zstd",
+    plain = fcsnap("pack", "--init", tmp_path / "mem", "--store", store, "--json")
+    first = fcsnap("pack", "--init", tmp_path / "mem", "--store", store, "--json", "--compress",
+                   "zstd",
                    "--working-set", tmp_path / "ws")
     assert plain.returncode == first.returncode == 0, first.stderr
     a, b = json.loads(plain.stdout), json.loads(first.stdout)
@@ -213,7 +214,7 @@ def test_cli_working_set_json_stats_and_size_mismatch(tmp_path) -> None:
     assert json.loads(diffed.stdout)["stats"]["blocks_stored"] == 0  # nothing changed
     builds = sorted(p.name for p in store.iterdir())
     write_working_set(tmp_path / "other", 2 * mem.size, [0])
-    for command in (("pack", tmp_path / "mem"),
+    for command in (("pack", "--init", tmp_path / "mem"),
                     ("diff", tmp_path / "mem", "--base", a["build_id"])):
         bad = fcsnap(*command, "--store", store, "--working-set", tmp_path / "other")
         assert bad.returncode == 1

@@ -15,6 +15,7 @@ from fcsnap.cli.common import (
     BuildArg,
     Compress,
     FrameSize,
+    InitOpt,
     Json,
     NameOpt,
     Quiet,
@@ -25,6 +26,7 @@ from fcsnap.cli.common import (
     checked,
     command,
     note_unnamed,
+    open_store,
     print_json,
     report_build,
 )
@@ -37,11 +39,12 @@ MemfileArg = Annotated[Path, typer.Argument(
 
 @command(app, "pack", [
     "fcsnap pack mem.snap --store /srv/snaps --name web",
+    "fcsnap pack mem.snap --init --store /srv/new-store --name web",
     "fcsnap pack mem.snap --store s3://bucket/snaps --name web --compress zstd:9 "
     "--vmstate vm.snap",
 ])
 def pack(
-    memfile: MemfileArg, store: StoreOpt, name: NameOpt = None,
+    memfile: MemfileArg, store: StoreOpt, name: NameOpt = None, init: InitOpt = False,
     block_size: Annotated[str, typer.Option(
         "--block-size", metavar="4K|2M", callback=checked("parse_block_size"),
         help="4K, or 2M for hugepage guests.", rich_help_panel=BUILD)] = "4K",
@@ -49,11 +52,10 @@ def pack(
     working_set: WorkingSet = None, quiet: Quiet = False, json_out: Json = False,
 ) -> int:
     """Pack a memory file as generation 0 of a new lineage."""
-    from fcsnap.api import Store
     from fcsnap.progress import progress_bar
 
     with progress_bar("pack", quiet or json_out) as progress:
-        build = Store(store).pack(
+        build = open_store(store, init).pack(
             memfile, name=name, compress=compress, block_size=block_size,
             frame_size=frame_size, vmstate=vmstate, working_set=working_set, progress=progress,
         )
@@ -91,14 +93,13 @@ def diff(
     working_set: WorkingSet = None, quiet: Quiet = False, json_out: Json = False,
 ) -> int:
     """Store what changed since BASE (the parent) as the next generation."""
-    from fcsnap.api import Store
     from fcsnap.cli.common import usage_error
     from fcsnap.progress import progress_bar
 
     if sparse_diff and holes_are_zeros:
         usage_error("--sparse-diff and --holes-are-zeros exclude each other")
     with progress_bar("diff", quiet or json_out) as progress:
-        build = Store(store).diff(
+        build = open_store(store).diff(
             memfile, base=base, name=name, compress=compress, block_size=block_size,
             frame_size=frame_size, sparse=sparse_diff, holes_are_zeros=holes_are_zeros,
             vmstate=vmstate, working_set=working_set, written=written, progress=progress,
@@ -112,11 +113,10 @@ def diff(
 def squash(build: BuildArg, store: StoreOpt, name: NameOpt = None, quiet: Quiet = False,
            json_out: Json = False) -> int:
     """Flatten BUILD into a new generation 0 with the same content and no ancestors."""
-    from fcsnap.api import Store
     from fcsnap.progress import progress_bar
 
     with progress_bar("squash", quiet or json_out) as progress:
-        result = Store(store).squash(build, name=name, progress=progress)
+        result = open_store(store).squash(build, name=name, progress=progress)
     report_build(result, json_out, quiet, "squashed")
     return 0
 
@@ -211,17 +211,17 @@ def import_e2b(
         metavar="SRC", show_default=False,
         help="The newest E2B/Wrenn build directory (<build_id>/memfile.header and its memfile, "
              "memfile.zstd or memfile.lz4), its ancestors beside it.")],
-    store: StoreOpt, name: NameOpt = None,
+    store: StoreOpt, name: NameOpt = None, init: InitOpt = False,
     compress: Annotated[str, typer.Option(
         "--compress", metavar="none|zstd|zstd:LEVEL", callback=checked("parse_compression"),
         help="Compression of the diffs.", rich_help_panel=BUILD)] = "none",
     quiet: Quiet = False, json_out: Json = False,
 ) -> int:
-    from fcsnap.api import Store
     from fcsnap.progress import progress_bar
 
     with progress_bar("import", quiet or json_out) as progress:
-        builds = Store(store).import_e2b(src, name=name, compress=compress, progress=progress)
+        builds = open_store(store, init).import_e2b(src, name=name, compress=compress,
+                                                    progress=progress)
     if json_out:
         print_json({"builds": [build.to_json() for build in builds]})
     elif not quiet:
@@ -248,12 +248,11 @@ def export_e2b(
         help="Uncompressed bytes per frame (E2B's default).", rich_help_panel=BUILD)] = "2M",
     quiet: Quiet = False,
 ) -> int:
-    from fcsnap.api import Store
     from fcsnap.progress import progress_bar
 
     with progress_bar("export", quiet) as progress:
-        written = Store(store).export_e2b(build, output, compress=compress,
-                                          frame_size=frame_size, progress=progress)
+        written = open_store(store).export_e2b(build, output, compress=compress,
+                                               frame_size=frame_size, progress=progress)
     if not quiet:
         for path in written:
             print(f"wrote E2B build {path}")

@@ -128,11 +128,15 @@ STORE_HELP = "The store: a directory, or s3://BUCKET/PREFIX."
 STORE_ENV = "FCSNAP_STORE"  # the default --store, as restic takes RESTIC_REPOSITORY
 StoreOpt = Annotated[str, typer.Option(
     "--store", metavar="STORE", help=STORE_HELP, rich_help_panel=STORE, show_default=False,
-    envvar=STORE_ENV)]
+    envvar=STORE_ENV, callback=checked("check_store_text"))]
 StoreOfBuild = Annotated[str | None, typer.Option(
     "--store", metavar="STORE", rich_help_panel=STORE, envvar=STORE_ENV,
+    callback=checked("check_store_text"),
     help="Store holding BUILD: a directory, or s3://BUCKET/PREFIX (not needed for a build "
          "directory).")]
+InitOpt = Annotated[bool, typer.Option(
+    "--init", help="Create the store first if it is not one yet (as 'fcsnap init').",
+    rich_help_panel=STORE)]
 NameOpt = Annotated[str | None, typer.Option(
     "--name", metavar="NAME", help="Point vms/NAME at the new build.", rich_help_panel=STORE)]
 Quiet = Annotated[bool, typer.Option(
@@ -178,6 +182,13 @@ AllowUid = Annotated[list[str] | None, typer.Option(
     "--allow-uid", metavar="UID", rich_help_panel=SOCKET,
     help="Also admit connections from this uid (repeatable). Admitted always: this process's "
          "uid and the --socket-owner's.")]
+
+
+def open_store(text: str, init: bool = False) -> Any:
+    """The api.Store `--store` names; with `--init`, made a store by the build written."""
+    from fcsnap.api import Store
+
+    return Store(text, create=init)
 
 
 def socket_access(owner: str | None, mode: str | None, allow: list[str] | None) -> Any:

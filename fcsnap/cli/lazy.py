@@ -19,7 +19,7 @@ from typer.models import CommandInfo
 
 # command -> the module of fcsnap.cli that defines it, in the order the help lists them
 WHERE = {
-    "inspect": "builds", "pack": "builds", "diff": "builds", "import": "builds",
+    "init": "names", "inspect": "builds", "pack": "builds", "diff": "builds", "import": "builds",
     "export": "builds", "squash": "builds", "unpack": "builds", "verify": "builds",
     "restore": "serving", "serve": "serving",
     "ps": "daemon", "stop": "daemon", "checkpoint": "daemon", "ls": "names", "tag": "names",

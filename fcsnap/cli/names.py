@@ -1,4 +1,4 @@
-"""Commands on a store's names and lifecycle: ls, tag, rm, gc, push, pull."""
+"""Commands on a store, its names and lifecycle: init, ls, tag, rm, gc, push, pull."""
 
 from __future__ import annotations
 
@@ -11,13 +11,41 @@ from fcsnap.cli.common import (
     Json,
     Quiet,
     StoreOpt,
+    checked,
     command,
     duration,
     fraction,
+    open_store,
     print_json,
 )
 
 app = typer.Typer()
+
+
+@command(app, "init", [
+    "fcsnap init /srv/snaps",
+    "fcsnap init s3://bucket/snaps",
+], help="Create a store: a new or empty directory, or an empty s3://BUCKET/PREFIX.\n\n"
+        "Every other command refuses a --store that is not a store. On a store, init changes "
+        "nothing and succeeds (a store made by an older fcsnap gets its marker).")
+def init(
+    store: Annotated[str, typer.Argument(
+        metavar="STORE", help="A directory, or s3://BUCKET/PREFIX.", show_default=False,
+        callback=checked("check_store_text"))],
+    quiet: Quiet = False, json_out: Json = False,
+) -> int:
+    from fcsnap.store.backends.stores import make_store
+
+    _, found = make_store(store)
+    result = {"MISSING": "created", "EMPTY": "created", "UNMARKED": "adopted"}.get(
+        found.name, "exists")
+    if json_out:
+        print_json({"store": store, "result": result})
+    elif not quiet:
+        print({"created": f"created store {store}",
+               "adopted": f"marked store {store} (made by an older fcsnap)",
+               "exists": f"{store} is already a store"}[result])
+    return 0
 
 
 @command(app, "ls", [
@@ -36,16 +64,8 @@ def ls(
     json_out: Json = False,
 ) -> int:
     from fcsnap.cli.tables import render_builds, render_lineage, render_names, render_summary
-    from fcsnap.store.backends.stores import open_store, scan_store
-    from fcsnap.store.operations import listing
 
-    view = scan_store(open_store(store))
-    if name is not None:
-        report = listing.lineage_report(view, name)
-    elif builds:
-        report = listing.builds_report(view)
-    else:
-        report = listing.names_report(view)
+    report = open_store(store).ls(name, builds=builds)
     if json_out:
         print_json(report)
     elif name is not None:
@@ -71,10 +91,9 @@ def tag(
         metavar="NAME", help="The name to point at BUILD.", show_default=False)],
     store: StoreOpt, quiet: Quiet = False, json_out: Json = False,
 ) -> int:
-    from fcsnap.store.backends.stores import open_store
     from fcsnap.store.operations.tagging import tag as tag_build
 
-    build_id, before = tag_build(open_store(store), build, name)
+    build_id, before = tag_build(open_store(store).target, build, name)
     if json_out:
         print_json({"name": name, "build_id": str(build_id),
                     "previous": None if before is None else str(before)})
@@ -92,10 +111,7 @@ def rm(
         metavar="NAME...", help="Names to remove.", show_default=False)],
     store: StoreOpt, quiet: Quiet = False, json_out: Json = False,
 ) -> int:
-    from fcsnap.store.backends.stores import open_store
-    from fcsnap.store.operations.gc import remove_names
-
-    removed = remove_names(open_store(store), names)
+    removed = open_store(store).rm(*names)
     if json_out:
         print_json({"removed": removed})
         return 0
@@ -127,10 +143,8 @@ def gc(
     json_out: Json = False,
 ) -> int:
     from fcsnap.cli.tables import render_gc
-    from fcsnap.store.backends.stores import open_store
-    from fcsnap.store.operations.gc import collect
 
-    report = collect(open_store(store), grace, dry_run, repack_below)
+    report = open_store(store).gc(grace=grace, dry_run=dry_run, repack_below=repack_below)
     if json_out:
         print_json(report)
     else:
@@ -138,13 +152,13 @@ def gc(
     return 0
 
 
-def _copy(verb: str, build: str, source: str, dest: str, quiet: bool, json_out: bool) -> int:
+def _copy(verb: str, build: str, source: str, dest: str, init: bool, quiet: bool,
+          json_out: bool) -> int:
     """push and pull: the same copy of a lineage between two stores."""
-    from fcsnap.store.backends.stores import open_store
-    from fcsnap.store.operations.transfer import copy_lineage
     from fcsnap.units import format_bytes, plural
 
-    report = copy_lineage(build, open_store(source), open_store(dest), verb)
+    origin, target = open_store(source), open_store(dest, init)
+    report = origin.push(build, target) if verb == "push" else target.pull(build, origin)
     if json_out:
         print_json(report)
     elif not quiet:
@@ -161,23 +175,26 @@ CopyArg = Annotated[str, typer.Argument(
     metavar="NAME|BUILD", help="What to copy, with its lineage.", show_default=False)]
 FromOpt = Annotated[str, typer.Option(
     "--from", metavar="STORE", help="Store to copy from: a directory, or s3://BUCKET/PREFIX.",
-    rich_help_panel=STORE, show_default=False)]
+    rich_help_panel=STORE, show_default=False, callback=checked("check_store_text"))]
 ToOpt = Annotated[str, typer.Option(
     "--to", metavar="STORE", help="Store to copy to: a directory, or s3://BUCKET/PREFIX.",
-    rich_help_panel=STORE, show_default=False)]
+    rich_help_panel=STORE, show_default=False, callback=checked("check_store_text"))]
+ToInit = Annotated[bool, typer.Option(
+    "--init", help="Create the --to store first if it is not one yet (as 'fcsnap init').",
+    rich_help_panel=STORE)]
 
 
 @command(app, "push", ["fcsnap push web --from /srv/snaps --to s3://bucket/snaps"],
          help="Copy a build and every build it reads to another store (a NAME is published "
               "there too).\n\nBuilds already there are kept (checked against the head's pins); "
               "every build copied is checked, block by block, before it becomes visible.")
-def push(build: CopyArg, source: FromOpt, dest: ToOpt, quiet: Quiet = False,
-         json_out: Json = False) -> int:
-    return _copy("push", build, source, dest, quiet, json_out)
+def push(build: CopyArg, source: FromOpt, dest: ToOpt, init: ToInit = False,
+         quiet: Quiet = False, json_out: Json = False) -> int:
+    return _copy("push", build, source, dest, init, quiet, json_out)
 
 
 @command(app, "pull", ["fcsnap pull web --from s3://bucket/snaps --to /srv/snaps"],
          help="The same copy as push, for who thinks of it from the receiving side.")
-def pull(build: CopyArg, source: FromOpt, dest: ToOpt, quiet: Quiet = False,
-         json_out: Json = False) -> int:
-    return _copy("pull", build, source, dest, quiet, json_out)
+def pull(build: CopyArg, source: FromOpt, dest: ToOpt, init: ToInit = False,
+         quiet: Quiet = False, json_out: Json = False) -> int:
+    return _copy("pull", build, source, dest, init, quiet, json_out)

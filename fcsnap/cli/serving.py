@@ -246,18 +246,19 @@ def serve(
 ) -> int:
     from fcsnap.daemon.main import run_daemon
     from fcsnap.store.backends.s3 import is_s3_url
+    from fcsnap.store.backends.stores import open_store
 
     access = socket_access(socket_owner, socket_mode, allow_uid)
-    source: Any = Path(store)
-    if is_s3_url(store):
+    if is_s3_url(store):  # the cache directory is checked before the bucket is asked
         from fcsnap.daemon.remote import RemoteBuilds
         from fcsnap.options import parse_cache_size
         from fcsnap.store.backends.chunk_cache import ChunkCache, default_cache_dir
-        from fcsnap.store.backends.stores import open_store
 
         cache = ChunkCache(cache_dir or default_cache_dir(), parse_cache_size(cache_size),
                            fetch_rest=not lazy_fetch)
-        source = RemoteBuilds(open_store(store, fetch_timeout), cache, fetch_timeout)
+        source: Any = RemoteBuilds(open_store(store, fetch_timeout), cache, fetch_timeout)
+    else:
+        source = open_store(store)
     return run_daemon(source, api, access, max(0, cache_mb) << 20, preload or [], reactors,
                       _output_dir(output_dir), max_api_connections)
 

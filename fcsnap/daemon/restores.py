@@ -125,7 +125,7 @@ class Restores:
                  reactors: int | None = None, output_dir: Path | None = None) -> None:
         self.store = store
         self.output_dir = output_dir  # where requests may have stats and working sets written
-        self.builds = BuildRegistry(cache_bytes)
+        self.builds = BuildRegistry(cache_bytes, None if isinstance(store, Path) else store.store)
         self.watchdog = watchdog
         self._live: dict[str, Restore] = {}
         self._ended: OrderedDict[str, Restore] = OrderedDict()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fcsnap.errors import FcsnapError
 from fcsnap.uffd.installer import InstallStats
@@ -18,15 +18,20 @@ from fcsnap.uffd.reactor import Reactor
 from fcsnap.uffd.session import ServeOptions, Session, stats_json
 from fcsnap.uffd.shared import SharedBuild
 
+if TYPE_CHECKING:
+    from fcsnap.store.backends.remote import RemoteStore
+
 __all__ = ["FaultServer", "ServeOptions", "stats_json"]
 
 
 class FaultServer:
     """Serves one VM from one build; `run` returns the process exit status."""
 
-    def __init__(self, build_dir: Path, options: ServeOptions) -> None:
+    def __init__(self, build_dir: Path, options: ServeOptions,
+                 store: RemoteStore | None = None) -> None:
+        """`store`: the store in object storage whose mirror `build_dir` is in."""
         self.options = options
-        self.build = SharedBuild(build_dir, options.cache_bytes)
+        self.build = SharedBuild(build_dir, options.cache_bytes, store=store)
         try:
             self.session = Session(self.build, options)
         except BaseException:

@@ -29,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -41,6 +42,9 @@ from fcsnap.threads import start_signal_free
 from fcsnap.uffd.pages import PageSource, hash_tables, mapping_arrays
 
 PARSED_KEPT = 16  # closed builds whose parsed header and mapping arrays are kept
+
+if TYPE_CHECKING:
+    from fcsnap.store.backends.remote import RemoteStore
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -69,11 +73,11 @@ class SharedBuild:
     """One build's header, diffs, hashes and mapping arrays, opened once."""
 
     def __init__(self, build_dir: Path, cache_bytes: int, frame_cache: FrameCache | None = None,
-                 parsed: Parsed | None = None) -> None:
+                 parsed: Parsed | None = None, store: RemoteStore | None = None) -> None:
         self.build_dir = build_dir
         self.cache_bytes = cache_bytes
-        # pins checked; LOCK_SH held (and in object storage a lease) while served
-        self.hold = hold_builds(build_dir)
+        # pins checked; LOCK_SH held (and in `store`, object storage, a lease) while served
+        self.hold = hold_builds(build_dir, store)
         try:
             identity = header_identity(build_dir)
             self.header_parsed = parsed is None or identity is None or parsed.identity != identity
@@ -175,7 +179,8 @@ class BuildRegistry:
     """The builds a daemon serves, each opened once while a session uses it; one frame cache
     (one budget) for all."""
 
-    def __init__(self, cache_bytes: int) -> None:
+    def __init__(self, cache_bytes: int, store: RemoteStore | None = None) -> None:
+        self.store = store  # the store in object storage the builds are mirrored from
         self.frames = FrameCache(cache_bytes)
         self.cache_bytes = cache_bytes
         self._builds: dict[Path, SharedBuild] = {}
@@ -191,7 +196,8 @@ class BuildRegistry:
         with self._lock:
             build = self._builds.get(key)
             if build is None:
-                build = SharedBuild(key, self.cache_bytes, self.frames, self._parsed.get(key))
+                build = SharedBuild(key, self.cache_bytes, self.frames, self._parsed.get(key),
+                                    self.store)
                 self._builds[key] = build
                 self.opened += 1
                 self.header_parses += build.header_parsed

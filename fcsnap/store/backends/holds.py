@@ -2,8 +2,9 @@
 
 `hold_builds` is the one call restore and the daemon make: it locks the build's lineage and
 checks its pins (pins.open_lineage: flock on the build directories, which is what a local
-store's gc honours) and, for a build in the mirror of a store in object storage, also takes a
-lease in that store (leases.py), which is what its gc honours. Both are let go by `release`.
+store's gc honours) and, for a build in the mirror of a store in object storage (the store
+passed with it), also takes a lease in that store (leases.py), which is what its gc honours.
+Both are let go by `release`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ if TYPE_CHECKING:  # a local restore imports no S3 code as it starts
     from fcsnap.store.backends.leases import RemoteLease
     from fcsnap.store.backends.remote import RemoteStore
 
-_remote: dict[Path, RemoteStore] = {}  # mirror directory -> the store it mirrors
 _foreign: set[Path] = set()  # E2B/Wrenn stores: nothing to lock, pin or lease
 
 
@@ -29,11 +29,6 @@ def hold_nothing_in(store: Path) -> None:
     build.json): fcsnap's gc never removes their builds, they carry no pins to check, and a
     bucket fcsnap only reads gets no lease objects written into it."""
     _foreign.add(store.resolve())
-
-
-def lease_through(store: RemoteStore) -> None:
-    """Have `hold_builds` of builds in this store's mirror lease them in the store."""
-    _remote[store.mirror.resolve()] = store
 
 
 class Hold:
@@ -52,12 +47,12 @@ class Hold:
             self.lineage = None
 
 
-def hold_builds(build_dir: Path) -> Hold:
-    """Hold `build_dir` and every build it reads for as long as it is served."""
+def hold_builds(build_dir: Path, store: RemoteStore | None = None) -> Hold:
+    """Hold `build_dir` and every build it reads for as long as it is served; `store`: the
+    store in object storage whose mirror `build_dir` is in, where they are leased too."""
     if build_dir.parent.resolve() in _foreign and not (build_dir / MANIFEST).exists():
         return Hold(None, None)
     lineage = open_lineage(build_dir)
-    store = _remote.get(build_dir.parent.resolve())
     if store is None:
         return Hold(lineage, None)
     from fcsnap.store.backends.leases import take

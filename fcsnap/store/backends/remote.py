@@ -18,6 +18,7 @@ sidecar or build.json repaired in the bucket even when its size did not change.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import uuid
@@ -44,6 +45,13 @@ from fcsnap.store.format.layout import (
     parse_build_id,
 )
 from fcsnap.store.format.locks import NameMoved, builds_read, stop_point
+from fcsnap.store.format.marker import (
+    MARKER,
+    State,
+    check_marker,
+    looks_like_store,
+    marker_bytes,
+)
 from fcsnap.store.format.names import POINTER_MAX, VMS, check_vm_name
 from fcsnap.store.format.prefixes import is_prefix, match_prefix
 
@@ -71,6 +79,26 @@ class RemoteStore:
 
     def __str__(self) -> str:
         return self.url
+
+    # the marker (docs/FORMAT.md §2.3)
+
+    def state(self) -> State:
+        """Whether the prefix is a store: its marker, else what its objects look like (a
+        listing, needed only for a store made before markers)."""
+        found = self.objects.get(MARKER)
+        if found is not None:
+            check_marker(found[0], f"{self.url}/{MARKER}")
+            return State.MARKED
+        keys = [info.key.partition("/") for info in self.objects.list()]
+        if not keys:
+            return State.EMPTY
+        builds = [head for head, _, rest in keys if rest and parse_build_id(head) is not None]
+        return State.UNMARKED if looks_like_store({k[0] for k in keys}, builds) else State.FOREIGN
+
+    def write_marker(self) -> None:
+        """Create the marker unless it exists (If-None-Match: two inits do not race)."""
+        with contextlib.suppress(Conflict):
+            self.objects.put(MARKER, marker_bytes(), None)
 
     # names
 

@@ -13,9 +13,11 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fcsnap.errors import FcsnapError
 from fcsnap.store.backends.remote import RemoteStore
 from fcsnap.store.backends.s3 import is_s3_url
 from fcsnap.store.format.layout import DIFF_RAW, SNAPFILE, resolve_build
+from fcsnap.store.format.marker import State, local_state, mark_local, not_a_store
 from fcsnap.store.format.names import read_vm_pointer
 
 if TYPE_CHECKING:
@@ -32,13 +34,72 @@ def scratch_dir(what: str) -> Path:
     return path
 
 
-def open_store(text: str, timeout: float | None = None) -> Store:
-    """`timeout`: for a store in S3, the most seconds a request may take with its retries."""
+def open_store(text: str, timeout: float | None = None, *, create: bool = False) -> Store:
+    """The store `text` names, which must be one (FcsnapError naming it and `fcsnap init`
+    otherwise). `create` (pack --init): a missing or empty directory or prefix is taken too;
+    the command marks it once its build is written (mark), so one that fails leaves no
+    store behind. `timeout`: for a store in S3, the most seconds a request may
+    take with its retries."""
+    store = _store_at(text, timeout)
+    state = state_of(store)
+    if state is State.FOREIGN and create:
+        raise not_empty(store)
+    if state not in (State.MARKED, State.UNMARKED) and not create:
+        raise not_a_store(store, state)
+    return store
+
+
+def not_empty(store: Store) -> FcsnapError:
+    return FcsnapError(f"cannot make {store} a store: it holds other files (a store is made "
+                       "in a new or empty directory)")
+
+
+def make_store(text: str, timeout: float | None = None) -> tuple[Store, State]:
+    """`fcsnap init`: the store `text` names, made one if need be (init_store), and what
+    was found there."""
+    store = _store_at(text, timeout)
+    return store, init_store(store)
+
+
+def _store_at(text: str, timeout: float | None) -> Store:
+    from fcsnap.options import check_store_text
+
+    check_store_text(text)
     if is_s3_url(text):
         from fcsnap.store.backends.s3 import S3Objects, parse_s3_url
 
         return RemoteStore(S3Objects(parse_s3_url(text), timeout), scratch_dir("mirror"))
     return Path(text)
+
+
+def state_of(store: Store) -> State:
+    return store.state() if isinstance(store, RemoteStore) else local_state(store)
+
+
+def init_store(store: Store) -> State:
+    """Make `store` a store: a missing or empty directory (or prefix) gets the marker, an old
+    store is adopted, a store is left as it is; anything else is refused. Returns the state
+    found."""
+    state = state_of(store)
+    if state is State.FOREIGN:
+        raise not_empty(store)
+    if state is State.MISSING:
+        assert isinstance(store, Path)
+        try:
+            store.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise FcsnapError(f"cannot create store {store}: {e.strerror or e}") from e
+    if state is not State.MARKED:
+        mark(store)
+    return state
+
+
+def mark(store: Store) -> None:
+    """Write the marker of a store that has none (a new store's, or an older fcsnap's)."""
+    if isinstance(store, RemoteStore):
+        store.write_marker()
+    else:
+        mark_local(store)
 
 
 def open_optional(text: str | None) -> Store | None:
@@ -147,8 +208,8 @@ def read_through(
     diff --sparse-diff) read diffs through `cache`, fetching only the chunks (raw) or groups
     of frames holding whole blocks (zstd) they read.
     `serving`: for a fault server, which copies pages straight from the chunks' mappings
-    (CachedDiff.chunk_maps) and never waits on the network (FetchPending); the builds it
-    serves are leased in the store while served (fcsnap/store/backends/holds.py)."""
+    (CachedDiff.chunk_maps) and never waits on the network (FetchPending); it leases the
+    builds it serves in the store (hold_builds, fcsnap/store/backends/holds.py)."""
     from fcsnap.store.backends.cached_zstd import CachedZstd
     from fcsnap.store.backends.chunk_cache import CachedDiff, with_deadline
     from fcsnap.store.format.layout import DIFF_ZSTD
@@ -180,7 +241,3 @@ def read_through(
         return raw  # type: ignore[return-value]  (DiffFile's reading interface)
 
     open_diffs_with(store.mirror, opener)
-    if serving:
-        from fcsnap.store.backends.holds import lease_through
-
-        lease_through(store)

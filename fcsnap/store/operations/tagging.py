@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 
 from fcsnap.errors import FcsnapError
-from fcsnap.store.backends.holds import hold_builds, lease_through
+from fcsnap.store.backends.holds import hold_builds
 from fcsnap.store.backends.remote import RemoteStore
 from fcsnap.store.backends.stores import Store, current_head, resolve
 from fcsnap.store.format.layout import HEADER
@@ -25,9 +25,7 @@ def tag(store: Store, build: str, name: str) -> tuple[uuid.UUID, uuid.UUID | Non
     check_vm_name(name)  # before anything else: a bad name costs nothing
     before = current_head(store, name)
     build_dir = resolve(build, store)  # in S3: the lineage's metadata, mirrored
-    if isinstance(store, RemoteStore):
-        lease_through(store)
-    hold = hold_builds(build_dir)
+    hold = hold_builds(build_dir, store if isinstance(store, RemoteStore) else None)
     try:
         if not (build_dir / HEADER).exists():  # deleted by gc before the hold
             raise FcsnapError(f"build {build_dir.name} was deleted while this tag ran")
