@@ -128,7 +128,7 @@ def main() -> int:
         work = Path(tmp)
         template = take_snapshot(work / "template", config, mem_mib=a.mib, timeout=TIMEOUT * 3)
         store = work / "store"
-        fcsnap("pack", template.mem, "--vmstate", template.vmstate, "--store", store,
+        fcsnap("pack", "--init", template.mem, "--vmstate", template.vmstate, "--store", store,
                "--name", "vm")
         runs: dict[str, list[dict[str, float]]] = {"full snapshot": [], "checkpoint": [],
                                                    "background": []}

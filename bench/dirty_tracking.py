@@ -121,7 +121,7 @@ def main() -> int:
         work = Path(tmp)
         template = take_snapshot(work / "template", config, mem_mib=a.mib, timeout=TIMEOUT * 3)
         store = work / "store"
-        fcsnap("pack", template.mem, "--vmstate", template.vmstate, "--store", store,
+        fcsnap("pack", "--init", template.mem, "--vmstate", template.vmstate, "--store", store,
                "--name", "vm")
         for i in range(a.repeat):  # in rotation, side by side
             for how in HOWS[:: -1 if i % 2 else 1]:

@@ -87,7 +87,8 @@ def make_store(work: Path, corpus: Path | None, size: int, env: dict[str, str]) 
             images.append(work / f"gen{g}.mem")
             write_full(images[-1], mem)
             mem, _ = evolve(mem, seed=g + 1, dirty_share=0.01)
-    run([*fcsnap, "pack", str(images[0]), "--store", str(store), "--name", "vm", "-q"], env)
+    run([*fcsnap, "pack", "--init", str(images[0]), "--store", str(store), "--name", "vm", "-q"],
+        env)
     for image in images[1:]:
         run([*fcsnap, "diff", str(image), "--base", "vm", "--store", str(store), "--name", "vm",
              "--holes-are-zeros", "-q"], env)
@@ -143,9 +144,10 @@ def cases(work: Path, store: Path, sources: dict[str, Path], trees: dict[str, di
     todo.append((Row("cp -r of the E2B store + fsync", data),
                  cp([p for p in source.iterdir()])))
     for tree, env in trees.items():
+        init = [] if tree else ["--init"]  # a baseline may predate `init`: it made the store
         for codec, src in sources.items():
             todo.append((Row(f"fcsnap import of a {codec} E2B store{tree}", data),
-                         fcsnap(["import", src / head_of(src), "--store", "OUT"], env)))
+                         fcsnap(["import", *init, src / head_of(src), "--store", "OUT"], env)))
     return todo
 
 

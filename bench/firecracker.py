@@ -126,7 +126,8 @@ def prepare(mib: int, work: Path) -> Guest:
     print(f"{mib} MiB: booted and snapshotted in {time.monotonic() - started:.0f}s",
           file=sys.stderr)
     store = work / "store"
-    fcsnap("pack", template.mem, "--vmstate", template.vmstate, "--store", store, "--name", "vm")
+    fcsnap("pack", "--init", template.mem, "--vmstate", template.vmstate, "--store", store,
+           "--name", "vm")
     ws = work / "vm.ws"
     with Firecracker(work / "record", "rec") as vm, RestoreProcess(
             work / "record" / "uffd.sock", "--vm", "vm", "--store", store, "--record-ws", ws

@@ -76,7 +76,7 @@ def state(store: Path, step: str, newest: str, seconds: float | None = None) -> 
 
 
 def run(store: Path, paths: list[Path]) -> list[dict[str, Any]]:
-    fcsnap("pack", paths[0], "--store", store, "--name", "vm@0", "--quiet")
+    fcsnap("pack", "--init", paths[0], "--store", store, "--name", "vm@0", "--quiet")
     for g, path in enumerate(paths[1:], start=1):
         fcsnap("diff", path, "--base", f"vm@{g - 1}", "--store", store, "--name", f"vm@{g}",
                "--holes-are-zeros", "--quiet")  # corpus images: zero pages are holes

@@ -180,7 +180,9 @@ def fcsnap(*args: str) -> str:
 
 
 def pack(memfile: Path, store: Path, *options: str) -> Path:
-    out = json.loads(fcsnap("pack", str(memfile), "--store", str(store), "--json", *options))
+    init = ["--init"] if "--init" in flags_of("pack") else []  # older trees made stores
+    out = json.loads(fcsnap("pack", *init, str(memfile), "--store", str(store), "--json",
+                            *options))
     return Path(out["path"]).resolve()
 
 

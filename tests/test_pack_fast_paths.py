@@ -199,7 +199,7 @@ def test_a_raw_pack_loads_neither_numpy_nor_zstandard(tmp_path):
         "main()\n"
     )
     r = subprocess.run(
-        [sys.executable, "-c", probe, "pack", str(tmp_path / "mem"), "--store",
+        [sys.executable, "-c", probe, "pack", "--init", str(tmp_path / "mem"), "--store",
          str(tmp_path / "store"), "--json"],
         capture_output=True, text=True, timeout=120,
     )

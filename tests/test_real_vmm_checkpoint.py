@@ -89,7 +89,7 @@ def test_background_checkpoint_is_memory_at_the_pause(tmp_path: Path) -> None:
     new Firecracker with the vmstate of the pause, goes on from the pause."""
     template = take_snapshot(tmp_path / "template", BUSY, mem_mib=64)
     store = tmp_path / "store"
-    done = fcsnap("pack", template.mem, "--vmstate", template.vmstate, "--store", store,
+    done = fcsnap("pack", "--init", template.mem, "--vmstate", template.vmstate, "--store", store,
                   "--name", "vm", "--quiet")
     assert done.returncode == 0, done.stderr
     vmstate, throwaway = tmp_path / "cp.state", tmp_path / "cp.mem"

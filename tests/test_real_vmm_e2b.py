@@ -31,7 +31,7 @@ def lineage(real_vmm: None, tmp_path_factory: pytest.TempPathFactory
     tmp = tmp_path_factory.mktemp("e2bvmm")
     snaps = take_snapshots(tmp / "snaps", CONFIG, ("Full", "Diff"), mem_mib=64)
     store = tmp / "store"
-    done = fcsnap("pack", snaps[0].mem, "--store", store, "--name", "vm", "--quiet")
+    done = fcsnap("pack", "--init", snaps[0].mem, "--store", store, "--name", "vm", "--quiet")
     assert done.returncode == 0, done.stderr
     done = fcsnap("diff", snaps[1].mem, "--sparse-diff", "--base", "vm", "--store", store,
                   "--name", "vm", "--json")
