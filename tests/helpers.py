@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -136,6 +137,17 @@ def fcsnap_here(*args: object, env: dict[str, str] | None = None, cwd: Path | No
     assert status, f"fcsnap {' '.join(argv)} ended without an exit status: {err.getvalue()}"
     return subprocess.CompletedProcess(["fcsnap", *argv], status[0], out.getvalue(),
                                        err.getvalue())
+
+
+def wait_serving(server: subprocess.Popen[bytes]) -> None:
+    """Wait (with a deadline) until a restore run without --quiet announces that it serves:
+    its build open, pinned and held (its socket listens earlier, while the build opens). The
+    announcement is read off its stderr, so what it prints after is all its outcome sees."""
+    assert server.stderr is not None
+    if not select.select([server.stderr], [], [], WAIT)[0]:
+        raise AssertionError("the restore did not announce that it serves in time")
+    line = server.stderr.readline().decode()
+    assert line.startswith("fcsnap: serving "), line + server.communicate(timeout=WAIT)[1].decode()
 
 
 def restore_argv(vm: str | Path, socket: Path, *args: str, store: Path | str | None = None,

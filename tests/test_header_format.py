@@ -140,10 +140,10 @@ def test_cli_lookup_outside_memory_is_a_clear_error():
     assert result.returncode == 1 and "outside guest memory" in result.stderr
 
 
-def test_a_wrenn_build_directory_is_inspected_verified_unpacked_and_refused_elsewhere(tmp_path):
+def test_a_wrenn_build_directory_is_inspected_verified_unpacked_and_verify_refused(tmp_path):
     """docs/store.md's claim, exactly: inspect, verify and unpack read an E2B/Wrenn build
-    directory (memfile.header beside memfile); restore refuses it with one line (no
-    build.json), before writing anything."""
+    directory (memfile.header beside memfile); `restore --verify` refuses it with one line
+    (there are no block hashes to check pages against), before writing anything."""
     build = tmp_path / "11111111-2222-4333-8444-555555555555"
     build.mkdir()
     header = (FIXTURES / "wrenn-v1.header").read_bytes()
@@ -164,10 +164,10 @@ def test_a_wrenn_build_directory_is_inspected_verified_unpacked_and_refused_else
                 m.storage_offset : m.storage_offset + m.length]
     assert out.read_bytes() == bytes(want)
     out.unlink()
-    result = fcsnap("restore", "--vm", build, "--socket", tmp_path / "uffd.sock")
+    result = fcsnap("restore", "--vm", build, "--socket", tmp_path / "uffd.sock", "--verify")
     lines = result.stderr.splitlines()
-    assert result.returncode == 1 and len(lines) == 1, result.stderr
-    assert lines[0].startswith("fcsnap: error: ") and "build.json" in lines[0]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("fcsnap: error: ") and "block hash" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == [build.name]
 
 

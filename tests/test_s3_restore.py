@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import obstore
 import pytest
-from helpers import PAGE, WAIT, Lineage, Procs, check_served, wait_for
+from helpers import PAGE, WAIT, Lineage, Procs, check_served, wait_for, wait_serving
 from helpers import fcsnap_here as fcsnap  # in this process: the builds a restore serves
 from s3_helpers import Bucket, new_bucket, restore_from
 from test_chunk_cache import DAMAGE, damage
@@ -158,12 +158,10 @@ def test_a_dead_server_kills_the_vm_within_the_fetch_timeout(
         own = new_bucket(server)
         build = push(own, raw_lineage)
         # --lazy-fetch: nothing is fetched in the background before the server goes
-        restore = serve(procs, own, build, tmp_path / "cache", "--fetch-timeout", "1",
-                        "--lazy-fetch")
-        deadline = time.monotonic() + WAIT
-        while not procs.socket.exists():
-            assert time.monotonic() < deadline and restore.poll() is None
-            time.sleep(0.05)
+        restore = procs.track(restore_from(own, build, procs.socket, tmp_path / "cache",
+                                           "--fetch-timeout", "1", "--lazy-fetch",
+                                           stats=procs.stats, quiet=False))
+        wait_serving(restore)  # its build open: the first chunks fetched
     started = time.monotonic()  # the S3 server is gone; the VM faults now
     out = procs.outcome(restore, procs.vm(expected=raw_lineage.expected))
     assert time.monotonic() - started < 1 + 20
