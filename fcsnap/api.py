@@ -601,7 +601,6 @@ def restore(
     retries; the rest of what it reads of raw diffs is fetched in the background unless
     `lazy_fetch`."""
     from fcsnap.restore_options import DEFAULT_HANDSHAKE_TIMEOUT, check_restore
-    from fcsnap.store.backends.s3 import is_s3_url
     from fcsnap.uffd.opening import Opening, Stopped
     from fcsnap.uffd.serve_options import ServeOptions
 
@@ -613,7 +612,7 @@ def restore(
     )
     options.update(fault_around=checked.fault_around, access=checked.access,
                    handshake_timeout=checked.handshake_timeout)
-    if isinstance(store, str | os.PathLike) and is_s3_url(str(store)):
+    if isinstance(store, str | os.PathLike) and str(store).startswith("s3://"):
         from fcsnap.store.backends.leases import lease_expiry
 
         lease_expiry()  # a bad FCSNAP_S3_LEASE_EXPIRY is refused before the store is read
