@@ -36,7 +36,8 @@ def fcsnap(*args: object, cwd: Path, env: dict[str, str] | None = None
 def listen(argv: list[str], socket: Path, cwd: Path, env: dict[str, str] | None = None
            ) -> subprocess.CompletedProcess[str]:
     """Run `fcsnap restore ...` until it serves (its first line on stderr: it announces
-    itself, or fails), then SIGTERM it; its outcome."""
+    itself, or fails; quiet, it says nothing: until its socket listens), then SIGTERM it;
+    its outcome."""
     environment = {k: v for k, v in os.environ.items() if k != "FCSNAP_STORE"}
     proc = subprocess.Popen([sys.executable, "-m", "fcsnap", "restore", *argv], cwd=cwd,
                             env=environment | (env or {}), stdout=subprocess.PIPE,
@@ -44,7 +45,9 @@ def listen(argv: list[str], socket: Path, cwd: Path, env: dict[str, str] | None 
     try:
         wait_for(lambda: socket.exists() or proc.poll() is not None, "the restore socket")
         assert proc.stderr is not None
-        said = select.select([proc.stderr], [], [], WAIT)[0] and proc.stderr.readline()
+        quiet = "-q" in argv or "--quiet" in argv
+        said = not quiet and select.select([proc.stderr], [], [], WAIT)[0] and \
+            proc.stderr.readline()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=WAIT)
         err = (said or "") + err
