@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from fcsnap.store.format.manifest import Manifest, Stats
     from fcsnap.store.operations.builder import BuildOptions
     from fcsnap.store.operations.e2b import E2BVerification
+    from fcsnap.store.operations.e2b_remote import BucketHeaders
     from fcsnap.uffd.firecracker_api import Response
     from fcsnap.uffd.installer import InstallStats
 
@@ -144,6 +145,25 @@ def _e2b_dir(build: BuildRef, store: PathLike | StoreTarget | None) -> Path | No
     if store is not None and not isinstance(store, str | os.PathLike):
         return None  # a store object: fcsnap's own
     return e2b_build_dir(str(build), store)
+
+
+def _e2b_bucket(
+    build: BuildRef, store: PathLike | StoreTarget | None
+) -> tuple[BucketHeaders, uuid.UUID] | None:
+    """BUILD as an E2B/Wrenn build in an S3 store (a header, no build.json): the bucket's
+    headers, to be mirrored, and the build's id; None otherwise."""
+    from fcsnap.store.backends.remote import RemoteStore
+    from fcsnap.store.backends.s3 import is_s3_url
+    from fcsnap.store.backends.stores import LAZY_FETCH_TIMEOUT
+    from fcsnap.store.operations.e2b_remote import BucketHeaders, e2b_in_bucket
+
+    if store is None or isinstance(store, str | os.PathLike) and not is_s3_url(str(store)):
+        return None
+    target = _open(store)
+    if not isinstance(target, RemoteStore):
+        return None
+    build_id = e2b_in_bucket(target, str(build))
+    return None if build_id is None else (BucketHeaders(target, LAZY_FETCH_TIMEOUT), build_id)
 
 
 def _e2b_in_bucket(
@@ -501,6 +521,15 @@ def unpack(
         advance = _tracker(progress, _data_bytes(load_header(foreign)))
         unpack_e2b(foreign, Path(output), force, advance)
         return Path(output)
+    bucket = _e2b_bucket(build, store)
+    if bucket is not None:
+        from fcsnap.store.operations.e2b import unpack_lineage
+
+        ops.check_output(Path(output), force)  # before a byte is fetched
+        lineage = bucket[0].lineage(bucket[1])
+        advance = _tracker(progress, _data_bytes(lineage.header))
+        unpack_lineage(lineage, Path(output), force, advance)
+        return Path(output)
     build_dir = _dir(build, store, lazy=True)
     advance = _tracker(progress, _data_bytes(load_header(build_dir)))
     ops.unpack(build_dir, Path(output), force, advance)
@@ -523,6 +552,12 @@ def verify(
         from fcsnap.store.operations.e2b import verify_e2b
 
         return verify_e2b(foreign, _tracker(progress, _data_bytes(load_header(foreign))))
+    bucket = _e2b_bucket(build, store)
+    if bucket is not None:
+        from fcsnap.store.operations.e2b import verify_lineage
+
+        lineage = bucket[0].lineage(bucket[1])
+        return verify_lineage(lineage, _tracker(progress, _data_bytes(lineage.header)))
     build_dir = _dir(build, store, data=True)
     builds = [build_path(store_of(build_dir), b) for b in load_header(build_dir).build_ids()]
     total = sum(read_manifest(b).stats.bytes_stored for b in builds if b.is_dir())
@@ -549,6 +584,9 @@ def inspect(
         # A header file, whatever its name; in a store when it sits in a build directory.
         header_path = path
         around = path.parent.parent if path.name == HEADER else None
+    elif (bucket := _e2b_bucket(target, store)) is not None:
+        header_path = bucket[0].mirror(bucket[1]) / HEADER  # with the headers it reads
+        around = header_path.parent.parent
     else:
         header_path = _dir(target, store) / HEADER
         around = header_path.parent.parent

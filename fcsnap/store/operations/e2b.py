@@ -7,7 +7,7 @@ the headers' frame tables describe (E2B's local storage backend adds an
 build.json and no per-block hash, so what can be checked is what they carry: the header's
 rules, every object's presence and sizes, every frame's decoding (with its codec's checksums)
 and length, and the SHA-256 the builds section records where it records one. `verify`,
-`unpack` and `inspect` accept such a directory.
+`unpack` and `inspect` accept such a directory, and such a bucket (e2b_remote.py).
 """
 
 from __future__ import annotations
@@ -323,12 +323,22 @@ def check_coverage(header: Header, data: BuildData, end: int) -> None:
 
 def unpack_e2b(build_dir: Path, output: Path, force: bool = False,
                progress: Progress = _noop) -> int:
-    """The full memory of an E2B/Wrenn build at `output`, as `unpack` writes fcsnap's: every
-    frame read decoded and checked; there are no block hashes to check the bytes against."""
-    from fcsnap.store.operations.ops import check_output, write_memory
+    """The full memory of an E2B/Wrenn build directory at `output` (unpack_lineage); an
+    output that cannot be written is refused before the lineage is opened."""
+    from fcsnap.store.operations.ops import check_output
 
     check_output(output, force)
-    with open_e2b(build_dir) as lineage:
+    return unpack_lineage(open_e2b(build_dir), output, force, progress)
+
+
+def unpack_lineage(lineage: E2BLineage, output: Path, force: bool = False,
+                   progress: Progress = _noop) -> int:
+    """The full memory of an E2B/Wrenn lineage at `output`, as `unpack` writes fcsnap's: every
+    frame read decoded and checked; there are no block hashes to check the bytes against.
+    Closes the lineage."""
+    from fcsnap.store.operations.ops import write_memory
+
+    with lineage:
         return write_memory(
             output, force, lineage.header.metadata.size, lineage.header.mappings,
             lambda build_id, offset, n: lineage.builds[build_id].read(offset, n), progress,
@@ -368,10 +378,15 @@ class E2BVerification:
 
 
 def verify_e2b(build_dir: Path, progress: Progress = _noop) -> E2BVerification:
+    """verify_lineage of an E2B/Wrenn build directory."""
+    return verify_lineage(open_e2b(build_dir), progress)
+
+
+def verify_lineage(lineage: E2BLineage, progress: Progress = _noop) -> E2BVerification:
     """Check what an E2B/Wrenn build carries: the header, every object the lineage reads, its
     sizes, every frame decoded, and each build's SHA-256 where one is recorded and the whole
-    diff can be read (a full frame table, or an uncompressed object)."""
-    with open_e2b(build_dir) as lineage:
+    diff can be read (a full frame table, or an uncompressed object). Closes the lineage."""
+    with lineage:
         frames = 0
         checked: list[str] = []
         unchecked: dict[str, str] = {}

@@ -1,0 +1,46 @@
+"""E2B/Wrenn builds in an S3 bucket laid out as E2B lays out its own, read as they are:
+`inspect`, `verify` and `unpack` say and write what they say and write for the same builds in a
+local directory; damaged or missing objects give one line; the bucket is never written."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from helpers import fcsnap
+from test_e2b_restore import upload
+from test_e2b_store import EXPECTED, FIXTURES
+
+CASES = [("v4-zstd-4k", 2), ("v5-lz4-4k", 1), ("v4-on-v3-4k", 1), ("v4-none-4k", 1),
+         ("v3-4k", 0)]
+
+
+def _both(bucket, scenario: str, *argv: object) -> tuple[object, object]:
+    """One command run on a fixture's directory and on the same builds in the bucket."""
+    local = fcsnap(*argv, "--store", FIXTURES / scenario)
+    remote = fcsnap(*argv, "--store", bucket.url(), env=bucket.env)
+    return local, remote
+
+
+@pytest.mark.parametrize(("scenario", "index"), CASES, ids=[s for s, _ in CASES])
+def test_inspect_verify_unpack_in_a_bucket_as_in_a_directory(scenario, index, bucket, tmp_path):
+    upload(bucket, scenario)
+    before = bucket.listing(marker=True)
+    expected = EXPECTED[scenario][index]
+    build = expected["build_id"]
+    for argv in (("inspect", build, "--mappings"), ("inspect", build, "--json"),
+                 ("verify", build), ("verify", build, "--json")):
+        local, remote = _both(bucket, scenario, *argv)
+        assert local.returncode == 0, local.stderr
+        assert remote.returncode == 0, remote.stderr
+        if argv[:2] == ("inspect", build) and "--json" not in argv:  # its first line: the path
+            head, _, rest = remote.stdout.partition("\n")
+            assert head.endswith(f"/{build}/memfile.header")
+            assert rest == local.stdout.partition("\n")[2]
+        else:
+            assert remote.stdout == local.stdout
+    out = tmp_path / "memory"
+    result = fcsnap("unpack", build, "--store", bucket.url(), "-o", out, env=bucket.env)
+    assert result.returncode == 0, result.stderr
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == expected["memory_sha256"]
+    assert bucket.listing(marker=True) == before
