@@ -9,10 +9,10 @@ import hashlib
 import pytest
 from helpers import fcsnap
 from test_e2b_restore import upload
-from test_e2b_store import EXPECTED, FIXTURES
+from test_e2b_store import DAMAGE, EXPECTED, FIXTURES, copy_store
 
 CASES = [("v4-zstd-4k", 2), ("v5-lz4-4k", 1), ("v4-on-v3-4k", 1), ("v4-none-4k", 1),
-         ("v3-4k", 0)]
+         ("v3-4k", 2), ("v5-zstd-2m", 1)]
 
 
 def _both(bucket, scenario: str, *argv: object) -> tuple[object, object]:
@@ -43,4 +43,23 @@ def test_inspect_verify_unpack_in_a_bucket_as_in_a_directory(scenario, index, bu
     result = fcsnap("unpack", build, "--store", bucket.url(), "-o", out, env=bucket.env)
     assert result.returncode == 0, result.stderr
     assert hashlib.sha256(out.read_bytes()).hexdigest() == expected["memory_sha256"]
+    assert bucket.listing(marker=True) == before
+
+
+@pytest.mark.parametrize("name", sorted(DAMAGE))
+def test_damaged_objects_in_a_bucket_give_one_line_and_no_output(name, bucket, tmp_path):
+    """The damage tests/test_e2b_store.py makes to a directory, made to the bucket: verify and
+    unpack fail with one line naming it, as they do on the directory; no output file."""
+    scenario, damage, commands, words = DAMAGE[name]
+    build = damage(copy_store(tmp_path, scenario)).name
+    upload(bucket, scenario, root=tmp_path)
+    before = bucket.listing(marker=True)
+    out = tmp_path / "memory"
+    for command in commands:
+        argv = (command, build, *(("-o", out) if command == "unpack" else ()))
+        result = fcsnap(*argv, "--store", bucket.url(), env=bucket.env)
+        lines = result.stderr.splitlines()
+        assert result.returncode == 1 and len(lines) == 1, (command, result.stderr)
+        assert lines[0].startswith("fcsnap: error: ") and words in lines[0], (command, lines)
+        assert not out.exists()
     assert bucket.listing(marker=True) == before
