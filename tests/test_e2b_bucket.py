@@ -49,7 +49,8 @@ def test_inspect_verify_unpack_in_a_bucket_as_in_a_directory(scenario, index, bu
 @pytest.mark.parametrize("name", sorted(DAMAGE))
 def test_damaged_objects_in_a_bucket_give_one_line_and_no_output(name, bucket, tmp_path):
     """The damage tests/test_e2b_store.py makes to a directory, made to the bucket: verify and
-    unpack fail with one line naming it, as they do on the directory; no output file."""
+    unpack fail with one line naming it (an object by its s3:// address), as they do on the
+    directory; no output file."""
     scenario, damage, commands, words = DAMAGE[name]
     build = damage(copy_store(tmp_path, scenario)).name
     upload(bucket, scenario, root=tmp_path)
@@ -61,5 +62,6 @@ def test_damaged_objects_in_a_bucket_give_one_line_and_no_output(name, bucket, t
         lines = result.stderr.splitlines()
         assert result.returncode == 1 and len(lines) == 1, (command, result.stderr)
         assert lines[0].startswith("fcsnap: error: ") and words in lines[0], (command, lines)
+        assert "memfile" not in lines[0] or f"{bucket.url()}/{build[:4]}" in lines[0], lines
         assert not out.exists()
     assert bucket.listing(marker=True) == before

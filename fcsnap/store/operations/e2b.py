@@ -121,13 +121,18 @@ class BuildData:
             self._fd = -1
 
     @property
+    def where(self) -> str:
+        """The object as errors name it."""
+        return str(self.path)
+
+    @property
     def object_size(self) -> int:
         return os.fstat(self._fd).st_size
 
     def _pread(self, offset: int, length: int) -> bytes:
         data = os.pread(self._fd, length, offset)
         if len(data) != length:
-            raise FcsnapError(f"{self.path}: ends at {offset + len(data)}, before byte "
+            raise FcsnapError(f"{self.where}: ends at {offset + len(data)}, before byte "
                               f"{offset + length} the header maps")
         return data
 
@@ -145,7 +150,7 @@ class BuildData:
         if cached is not None:
             return cached
         f = self.frames[i]
-        where = f"{self.path}: frame {i} (compressed bytes {f.start_c}..{f.end_c})"
+        where = f"{self.where}: frame {i} (compressed bytes {f.start_c}..{f.end_c})"
         if f.size_u > MAX_FRAME:
             raise FcsnapError(f"{where}: {f.size_u} bytes uncompressed is beyond {MAX_FRAME}")
         out = decode_frame(self.compression, self._pread(f.start_c, f.size_c), f.size_u, where)
@@ -304,15 +309,15 @@ def check_coverage(header: Header, data: BuildData, end: int) -> None:
     """The object holds every byte the mappings read: an uncompressed one is long enough; a
     compressed one has a frame for every mapped byte, inside the object."""
     if data.size < end:
-        raise FcsnapError(f"{data.path}: {data.size} bytes uncompressed, the header maps "
+        raise FcsnapError(f"{data.where}: {data.size} bytes uncompressed, the header maps "
                           f"up to {end}")
     if data.compression == "none":
         if data.object_size < end:
-            raise FcsnapError(f"{data.path}: {data.object_size} bytes, the header maps up "
+            raise FcsnapError(f"{data.where}: {data.object_size} bytes, the header maps up "
                               f"to {end}")
         return
     if data.frames and data.frames[-1].end_c > data.object_size:
-        raise FcsnapError(f"{data.path}: {data.object_size} bytes, its frame table ends at "
+        raise FcsnapError(f"{data.where}: {data.object_size} bytes, its frame table ends at "
                           f"{data.frames[-1].end_c}")
     for m in header.mappings:
         if m.build_id == data.build_id:
@@ -409,7 +414,7 @@ def verify_lineage(lineage: E2BLineage, progress: Progress = _noop) -> E2BVerifi
                     progress(len(block))
             if digest is not None:
                 if digest.digest() != data.checksum:
-                    raise FcsnapError(f"{data.path}: SHA-256 {digest.hexdigest()} is not the "
+                    raise FcsnapError(f"{data.where}: SHA-256 {digest.hexdigest()} is not the "
                                       f"{data.checksum.hex()} its header records")
                 checked.append(str(build_id))
             elif not data.checksum:

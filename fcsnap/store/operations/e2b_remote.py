@@ -46,10 +46,13 @@ class RemoteData(BuildData):
     def key(self) -> str:
         return f"{self.build_id}/{self.path.name}"
 
+    @property
+    def where(self) -> str:
+        return f"{self.store.url if self.store else ''}/{self.key}"
+
     def open(self) -> None:
         if self.listed < 0:
-            raise FcsnapError(f"{self.store.url if self.store else ''}/{self.key}: data object "
-                              "missing")
+            raise FcsnapError(f"{self.where}: data object missing")
 
     def close(self) -> None:
         pass
@@ -85,8 +88,8 @@ class RemoteData(BuildData):
                 self._cache[index] = piece
             take = min(end - pos, len(piece) - start)
             if take <= 0:
-                raise FcsnapError(f"{self.store.url if self.store else ''}/{self.key}: ends at "
-                                  f"{self.listed}, before byte {end} the header maps")
+                raise FcsnapError(f"{self.where}: ends at {self.listed}, before byte {end} "
+                                  "the header maps")
             parts.append(piece[start : start + take])
             pos += take
         return b"".join(parts)
