@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from fcsnap.store.backends.stores import Store as StoreTarget
     from fcsnap.store.format.manifest import Manifest, Stats
     from fcsnap.store.operations.builder import BuildOptions
-    from fcsnap.store.operations.e2b import E2BVerification
+    from fcsnap.store.operations.e2b import E2BLineage, E2BVerification
     from fcsnap.store.operations.e2b_remote import BucketHeaders
     from fcsnap.uffd.firecracker_api import Response
     from fcsnap.uffd.installer import InstallStats
@@ -164,6 +164,20 @@ def _e2b_bucket(
         return None
     build_id = e2b_in_bucket(target, str(build))
     return None if build_id is None else (BucketHeaders(target, LAZY_FETCH_TIMEOUT), build_id)
+
+
+def _e2b_bucket_source(src: str) -> tuple[Path, Callable[[uuid.UUID], E2BLineage]]:
+    """import's `s3://BUCKET/PREFIX/BUILD_ID`: the head's directory in the mirror with every
+    header of its lineage, and the opener of a lineage by id in that bucket."""
+    from fcsnap.errors import FcsnapError
+
+    store, _, build = src.rstrip("/").rpartition("/")
+    bucket = _e2b_bucket(build, store)
+    if bucket is None:
+        raise FcsnapError(f"{src} is not an E2B/Wrenn build in a bucket "
+                          "(s3://BUCKET/PREFIX/<build_id>/memfile.header, no build.json)")
+    headers, build_id = bucket
+    return headers.mirror_lineage(build_id), headers.lineage
 
 
 def _e2b_in_bucket(
@@ -356,11 +370,12 @@ class Store:
         progress: Progress | None = None,
     ) -> list[Build]:
         """Import the E2B/Wrenn lineage whose newest build is the directory `src` (in a local
-        directory laid out as their buckets): one build per generation with E2B's build ids,
-        oldest first; `name` points vms/NAME at `src`'s. Builds imported before are reused."""
+        directory laid out as their buckets), or `s3://BUCKET/PREFIX/BUILD_ID` (in a bucket
+        laid out so): one build per generation with E2B's build ids, oldest first; `name`
+        points vms/NAME at `src`'s. Builds imported before are reused."""
         from fcsnap.errors import FcsnapError
         from fcsnap.store.operations.e2b import headers_read_once
-        from fcsnap.store.operations.e2b_import import import_e2b, own_bytes
+        from fcsnap.store.operations.e2b_import import Opener, import_e2b, own_bytes
 
         options = _build_options(block_size=4096, compress=compress,
                                  frame_size=DEFAULT_FRAME_SIZE, name=name, vmstate=None,
@@ -368,10 +383,14 @@ class Store:
         if not isinstance(self.target, Path):
             raise FcsnapError(f"import writes to a local store directory, not {self.path}")
         options = replace(options, name_expected=self._head(name), verb="import")
-        src = Path(src)
+        opener: Opener | None = None
         with headers_read_once():
+            if str(src).startswith("s3://"):
+                src, opener = _e2b_bucket_source(str(src))
+            src = Path(src)
             advance = _tracker(progress, own_bytes(src))
-            built = [_built(result) for result in import_e2b(src, self.target, options, advance)]
+            built = [_built(result)
+                     for result in import_e2b(src, self.target, options, advance, opener)]
         self._made(None)
         return built
 

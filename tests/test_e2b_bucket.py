@@ -5,11 +5,15 @@ local directory; damaged or missing objects give one line; the bucket is never w
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 
 import pytest
 from helpers import fcsnap
 from test_e2b_restore import upload
 from test_e2b_store import DAMAGE, EXPECTED, FIXTURES, copy_store
+
+from fcsnap.store.format.layout import HASHES
 
 CASES = [("v4-zstd-4k", 2), ("v5-lz4-4k", 1), ("v4-on-v3-4k", 1), ("v4-none-4k", 1),
          ("v3-4k", 2), ("v5-zstd-2m", 1)]
@@ -65,3 +69,56 @@ def test_damaged_objects_in_a_bucket_give_one_line_and_no_output(name, bucket, t
         assert "memfile" not in lines[0] or f"{bucket.url()}/{build[:4]}" in lines[0], lines
         assert not out.exists()
     assert bucket.listing(marker=True) == before
+
+
+@pytest.mark.parametrize("scenario", ["v4-zstd-4k", "v5-lz4-4k", "v3-4k"])
+def test_import_from_a_bucket_gives_the_builds_a_directory_gives(scenario, bucket, tmp_path):
+    """`import s3://.../BUILD_ID`: the same builds, hash sidecars and names as the import of the
+    same lineage from a directory; each generation unpacks to E2B's memory."""
+    upload(bucket, scenario)
+    before = bucket.listing(marker=True)
+    gens = [h for h in EXPECTED[scenario] if "peer-" not in h["file"]]
+    head = gens[-1]["build_id"]
+    stores = {}
+    for source in ("local", "bucket"):
+        store = stores[source] = tmp_path / source
+        src = FIXTURES / scenario / head if source == "local" else f"{bucket.url()}/{head}"
+        result = fcsnap("import", "--init", src, "--store", store, "--name", "vm", "--json",
+                        env=bucket.env)
+        assert result.returncode == 0, result.stderr
+        assert [b["build_id"] for b in json.loads(result.stdout)["builds"]] == \
+            [g["build_id"] for g in gens]
+    for expected in gens:
+        local, remote = (stores[s] / expected["build_id"] for s in ("local", "bucket"))
+        assert (remote / HASHES).read_bytes() == (local / HASHES).read_bytes()
+        out = tmp_path / f"{expected['build_id']}.mem"
+        result = fcsnap("unpack", remote, "-o", out)
+        assert result.returncode == 0, result.stderr
+        assert hashlib.sha256(out.read_bytes()).hexdigest() == expected["memory_sha256"]
+    assert (stores["bucket"] / "vms" / "vm").read_bytes() == \
+        (stores["local"] / "vms" / "vm").read_bytes()
+    assert bucket.listing(marker=True) == before
+
+
+def test_import_from_a_bucket_refuses_damage_and_what_is_no_build(bucket, tmp_path):
+    """A frame damaged in the template's object: one line, no build left in the store;
+    a path in the bucket that is no E2B build: one line."""
+    from test_e2b_store import _zstd_frame_damaged
+
+    upload(bucket, "v4-zstd-4k", root=_damaged_copy(tmp_path, _zstd_frame_damaged))
+    head = [h for h in EXPECTED["v4-zstd-4k"] if "peer-" not in h["file"]][-1]["build_id"]
+    store = tmp_path / "store"
+    assert fcsnap("init", store).returncode == 0
+    for src, words in ((f"{bucket.url()}/{head}", "frame"),
+                       (f"{bucket.url()}/nothing-here", "not an E2B/Wrenn build")):
+        result = fcsnap("import", src, "--store", store, env=bucket.env)
+        lines = result.stderr.splitlines()
+        assert result.returncode == 1 and len(lines) == 1, result.stderr
+        assert words in lines[0], lines
+        assert sorted(p.name for p in store.iterdir()) == ["fcsnap-store.json"]
+
+
+def _damaged_copy(tmp_path: Path, damage) -> Path:  # noqa: ANN001
+    """A copy of the v4-zstd-4k scenario under tmp_path/src, `damage` done to it."""
+    damage(copy_store(tmp_path / "src", "v4-zstd-4k"))
+    return tmp_path / "src"

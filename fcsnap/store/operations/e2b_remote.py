@@ -125,6 +125,24 @@ class BucketHeaders:
                 self._mirror_one(other, snapfile=False)
         return head
 
+    def mirror_lineage(self, build_id: uuid.UUID) -> Path:
+        """mirror, and the header of every build the lineage reaches through the builds each
+        header reads (as import walks a directory's)."""
+        head = self.mirror(build_id)
+        seen = {build_id}
+        todo = [build_id]
+        while todo:
+            path = self.store.mirror / str(todo.pop()) / HEADER
+            if not path.is_file():
+                continue
+            for other in load_header(path).build_ids():
+                if other not in seen:
+                    seen.add(other)
+                    if other not in self.listed:
+                        self._mirror_one(other, snapfile=False)
+                    todo.append(other)
+        return head
+
     def _mirror_one(self, build_id: uuid.UUID, snapfile: bool) -> Path:
         objects = self.store.build_objects(build_id)
         self.listed[build_id] = {name: info.size for name, info in objects.items()}
@@ -152,8 +170,10 @@ class BucketHeaders:
         return data
 
     def lineage(self, build_id: uuid.UUID) -> E2BLineage:
-        """The lineage whose head is `build_id`, read as open_e2b reads a directory's."""
-        head = self.mirror(build_id)
+        """The lineage whose head is `build_id`, read as open_e2b reads a directory's (its
+        headers mirrored now unless they were before)."""
+        head = (self.store.mirror / str(build_id) if build_id in self.listed
+                else self.mirror(build_id))
         header = load_header(head / HEADER)
         if header.metadata.build_id != build_id:
             raise FcsnapError(f"{self.store.url}/{build_id}/{HEADER}: its build id is "
