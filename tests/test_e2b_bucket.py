@@ -122,3 +122,30 @@ def _damaged_copy(tmp_path: Path, damage) -> Path:  # noqa: ANN001
     """A copy of the v4-zstd-4k scenario under tmp_path/src, `damage` done to it."""
     damage(copy_store(tmp_path / "src", "v4-zstd-4k"))
     return tmp_path / "src"
+
+
+def test_import_from_a_bucket_fetches_each_byte_once(bucket, tmp_path, monkeypatch):
+    """Every range GET an import makes is of bytes no other GET fetched, within the object."""
+    from fcsnap.api import Store
+    from fcsnap.store.operations import e2b_remote
+
+    reads: dict[str, list[tuple[int, int]]] = {}
+    real = e2b_remote.RemoteData._pread
+
+    def counting(self, offset: int, length: int) -> bytes:  # noqa: ANN001
+        reads.setdefault(self.key, []).append((offset, offset + length))
+        return real(self, offset, length)
+
+    monkeypatch.setattr(e2b_remote.RemoteData, "_pread", counting)
+    for key, value in bucket.server.env().items():
+        monkeypatch.setenv(key, value)
+    for scenario in ("v4-zstd-4k", "v3-4k"):
+        upload(bucket, scenario)
+        head = [h for h in EXPECTED[scenario] if "peer-" not in h["file"]][-1]["build_id"]
+        assert fcsnap("init", tmp_path / scenario).returncode == 0
+        Store(tmp_path / scenario).import_e2b(f"{bucket.url()}/{head}")
+    assert len(reads) >= 4
+    for key, ranges in reads.items():
+        ranges.sort()
+        for (_, end), (start, _) in zip(ranges, ranges[1:], strict=False):
+            assert start >= end, f"{key}: bytes fetched twice"
