@@ -4,10 +4,10 @@ beside `memfile`, `memfile.zstd` or `memfile.lz4`, as E2B lays out its bucket (d
 The headers of the lineage are brought into the store's local mirror; the data objects stay in
 the bucket and are read frame by frame (an uncompressed object in 4 MiB pieces) through the
 host chunk cache, each frame checked as it is fetched and again when another process's copy
-is loaded. `inspect`, `verify` and `unpack` read the same mirror, and the objects by range GET
-as e2b.py reads a directory's (BucketHeaders.lineage). Nothing is written into the bucket: no
-leases (fcsnap's gc never removes E2B builds, and E2B's own cleanup does not read fcsnap's
-leases).
+is loaded. `inspect`, `verify`, `unpack` and `import` read the same mirror, and the objects by
+range GET as e2b.py reads a directory's (BucketHeaders.lineage). Nothing is written into the
+bucket: no leases (fcsnap's gc never removes E2B builds, and E2B's own cleanup does not read
+fcsnap's leases).
 """
 
 from __future__ import annotations
