@@ -24,7 +24,13 @@ from fcsnap.store.backends.remote import RemoteStore
 from fcsnap.store.format.layout import HEADER, MANIFEST, SNAPFILE, parse_build_id
 from fcsnap.store.format.seekable import FrameCache
 from fcsnap.store.format.source import DiffFile, open_lineages_with
-from fcsnap.store.operations.e2b import BuildData, E2BLineage, build_data, check_coverage
+from fcsnap.store.operations.e2b import (
+    FCSNAP_FILES,
+    BuildData,
+    E2BLineage,
+    build_data,
+    check_coverage,
+)
 from fcsnap.store.operations.e2b_serve import (
     NO_VERIFY,
     RAW_PIECE,
@@ -96,13 +102,15 @@ class RemoteData(BuildData):
 
 
 def e2b_in_bucket(store: RemoteStore, arg: str) -> uuid.UUID | None:
-    """BUILD as the id of an E2B/Wrenn build in the bucket (a header, no build.json), or
-    None."""
+    """BUILD as the id of an E2B/Wrenn build in the bucket (a header and none of fcsnap's own
+    objects), or None: an fcsnap build whose writer died before its build.json is not one,
+    as e2b_build_dir says of a directory."""
     build_id = parse_build_id(arg)
     if build_id is None:
         return None
     objects = store.build_objects(build_id)
-    return build_id if HEADER in objects and MANIFEST not in objects else None
+    foreign = HEADER in objects and not any(name in objects for name in FCSNAP_FILES)
+    return build_id if foreign else None
 
 
 class BucketHeaders:
