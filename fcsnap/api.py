@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from fcsnap.store.backends.stores import Store as StoreTarget
     from fcsnap.store.format.manifest import Manifest, Stats
     from fcsnap.store.operations.builder import BuildOptions
-    from fcsnap.store.operations.e2b import E2BVerification
+    from fcsnap.store.operations.e2b import E2BLineage, E2BVerification
+    from fcsnap.store.operations.e2b_remote import BucketHeaders
     from fcsnap.uffd.firecracker_api import Response
     from fcsnap.uffd.installer import InstallStats
 
@@ -144,6 +145,39 @@ def _e2b_dir(build: BuildRef, store: PathLike | StoreTarget | None) -> Path | No
     if store is not None and not isinstance(store, str | os.PathLike):
         return None  # a store object: fcsnap's own
     return e2b_build_dir(str(build), store)
+
+
+def _e2b_bucket(
+    build: BuildRef, store: PathLike | StoreTarget | None
+) -> tuple[BucketHeaders, uuid.UUID] | None:
+    """BUILD as an E2B/Wrenn build in an S3 store (a header, no build.json): the bucket's
+    headers, to be mirrored, and the build's id; None otherwise."""
+    from fcsnap.store.backends.remote import RemoteStore
+    from fcsnap.store.backends.s3 import is_s3_url
+    from fcsnap.store.backends.stores import LAZY_FETCH_TIMEOUT
+    from fcsnap.store.operations.e2b_remote import BucketHeaders, e2b_in_bucket
+
+    if store is None or isinstance(store, str | os.PathLike) and not is_s3_url(str(store)):
+        return None
+    target = _open(store)
+    if not isinstance(target, RemoteStore):
+        return None
+    build_id = e2b_in_bucket(target, str(build))
+    return None if build_id is None else (BucketHeaders(target, LAZY_FETCH_TIMEOUT), build_id)
+
+
+def _e2b_bucket_source(src: str) -> tuple[Path, Callable[[uuid.UUID], E2BLineage]]:
+    """import's `s3://BUCKET/PREFIX/BUILD_ID`: the head's directory in the mirror with every
+    header of its lineage, and the opener of a lineage by id in that bucket."""
+    from fcsnap.errors import FcsnapError
+
+    store, _, build = src.rstrip("/").rpartition("/")
+    bucket = _e2b_bucket(build, store)
+    if bucket is None:
+        raise FcsnapError(f"{src} is not an E2B/Wrenn build in a bucket "
+                          "(s3://BUCKET/PREFIX/<build_id>/memfile.header, no build.json)")
+    headers, build_id = bucket
+    return headers.mirror_lineage(build_id), headers.lineage
 
 
 def _e2b_in_bucket(
@@ -336,11 +370,12 @@ class Store:
         progress: Progress | None = None,
     ) -> list[Build]:
         """Import the E2B/Wrenn lineage whose newest build is the directory `src` (in a local
-        directory laid out as their buckets): one build per generation with E2B's build ids,
-        oldest first; `name` points vms/NAME at `src`'s. Builds imported before are reused."""
+        directory laid out as their buckets), or `s3://BUCKET/PREFIX/BUILD_ID` (in a bucket
+        laid out so): one build per generation with E2B's build ids, oldest first; `name`
+        points vms/NAME at `src`'s. Builds imported before are reused."""
         from fcsnap.errors import FcsnapError
         from fcsnap.store.operations.e2b import headers_read_once
-        from fcsnap.store.operations.e2b_import import import_e2b, own_bytes
+        from fcsnap.store.operations.e2b_import import Opener, import_e2b, own_bytes
 
         options = _build_options(block_size=4096, compress=compress,
                                  frame_size=DEFAULT_FRAME_SIZE, name=name, vmstate=None,
@@ -348,10 +383,14 @@ class Store:
         if not isinstance(self.target, Path):
             raise FcsnapError(f"import writes to a local store directory, not {self.path}")
         options = replace(options, name_expected=self._head(name), verb="import")
-        src = Path(src)
+        opener: Opener | None = None
         with headers_read_once():
+            if str(src).startswith("s3://"):
+                src, opener = _e2b_bucket_source(str(src))
+            src = Path(src)
             advance = _tracker(progress, own_bytes(src))
-            built = [_built(result) for result in import_e2b(src, self.target, options, advance)]
+            built = [_built(result)
+                     for result in import_e2b(src, self.target, options, advance, opener)]
         self._made(None)
         return built
 
@@ -501,6 +540,15 @@ def unpack(
         advance = _tracker(progress, _data_bytes(load_header(foreign)))
         unpack_e2b(foreign, Path(output), force, advance)
         return Path(output)
+    bucket = _e2b_bucket(build, store)
+    if bucket is not None:
+        from fcsnap.store.operations.e2b import unpack_lineage
+
+        ops.check_output(Path(output), force)  # before a byte is fetched
+        lineage = bucket[0].lineage(bucket[1])
+        advance = _tracker(progress, _data_bytes(lineage.header))
+        unpack_lineage(lineage, Path(output), force, advance)
+        return Path(output)
     build_dir = _dir(build, store, lazy=True)
     advance = _tracker(progress, _data_bytes(load_header(build_dir)))
     ops.unpack(build_dir, Path(output), force, advance)
@@ -523,6 +571,12 @@ def verify(
         from fcsnap.store.operations.e2b import verify_e2b
 
         return verify_e2b(foreign, _tracker(progress, _data_bytes(load_header(foreign))))
+    bucket = _e2b_bucket(build, store)
+    if bucket is not None:
+        from fcsnap.store.operations.e2b import verify_lineage
+
+        lineage = bucket[0].lineage(bucket[1])
+        return verify_lineage(lineage, _tracker(progress, _data_bytes(lineage.header)))
     build_dir = _dir(build, store, data=True)
     builds = [build_path(store_of(build_dir), b) for b in load_header(build_dir).build_ids()]
     total = sum(read_manifest(b).stats.bytes_stored for b in builds if b.is_dir())
@@ -549,6 +603,9 @@ def inspect(
         # A header file, whatever its name; in a store when it sits in a build directory.
         header_path = path
         around = path.parent.parent if path.name == HEADER else None
+    elif (bucket := _e2b_bucket(target, store)) is not None:
+        header_path = bucket[0].mirror(bucket[1]) / HEADER  # with the headers it reads
+        around = header_path.parent.parent
     else:
         header_path = _dir(target, store) / HEADER
         around = header_path.parent.parent

@@ -153,14 +153,15 @@ def test_daemon_serves_e2b_builds_side_by_side(tmp_path):
         daemon.close()
 
 
-def upload(bucket, scenario: str, prefix: str = "snaps") -> None:
-    """A fixture scenario as E2B lays out its bucket: `<prefix>/<build_id>/<object>`."""
+def upload(bucket, scenario: str, prefix: str = "snaps", root: Path = FIXTURES) -> None:
+    """A fixture scenario (or a copy of one under `root`) as E2B lays out its bucket:
+    `<prefix>/<build_id>/<object>`."""
     import obstore
 
     client = bucket.client()
-    for path in sorted((FIXTURES / scenario).rglob("*")):
-        if path.is_file() and path.parent != FIXTURES / scenario:
-            key = f"{prefix}/{path.relative_to(FIXTURES / scenario)}"
+    for path in sorted((root / scenario).rglob("*")):
+        if path.is_file() and path.parent != root / scenario:
+            key = f"{prefix}/{path.relative_to(root / scenario)}"
             obstore.put(client, key, path.read_bytes())
 
 

@@ -205,12 +205,14 @@ def inspect(
 
 @command(app, "import", [
     "fcsnap import /srv/e2b/BUILD_ID --store /srv/snaps --name web --compress zstd",
+    "fcsnap import s3://bucket/e2b/BUILD_ID --store /srv/snaps --name web",
 ], help="Import an E2B/Wrenn lineage: one build per generation, with E2B's build ids.")
 def import_e2b(
-    src: Annotated[Path, typer.Argument(
+    src: Annotated[str, typer.Argument(
         metavar="SRC", show_default=False,
         help="The newest E2B/Wrenn build directory (<build_id>/memfile.header and its memfile, "
-             "memfile.zstd or memfile.lz4), its ancestors beside it.")],
+             "memfile.zstd or memfile.lz4), its ancestors beside it; or s3://BUCKET/PREFIX/"
+             "<build_id> in a bucket laid out so.")],
     store: StoreOpt, name: NameOpt = None, init: InitOpt = False,
     compress: Annotated[str, typer.Option(
         "--compress", metavar="none|zstd|zstd:LEVEL", callback=checked("parse_compression"),

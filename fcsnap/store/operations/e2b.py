@@ -7,7 +7,7 @@ the headers' frame tables describe (E2B's local storage backend adds an
 build.json and no per-block hash, so what can be checked is what they carry: the header's
 rules, every object's presence and sizes, every frame's decoding (with its codec's checksums)
 and length, and the SHA-256 the builds section records where it records one. `verify`,
-`unpack` and `inspect` accept such a directory.
+`unpack` and `inspect` accept such a directory, and such a bucket (e2b_remote.py).
 """
 
 from __future__ import annotations
@@ -121,13 +121,18 @@ class BuildData:
             self._fd = -1
 
     @property
+    def where(self) -> str:
+        """The object as errors name it."""
+        return str(self.path)
+
+    @property
     def object_size(self) -> int:
         return os.fstat(self._fd).st_size
 
     def _pread(self, offset: int, length: int) -> bytes:
         data = os.pread(self._fd, length, offset)
         if len(data) != length:
-            raise FcsnapError(f"{self.path}: ends at {offset + len(data)}, before byte "
+            raise FcsnapError(f"{self.where}: ends at {offset + len(data)}, before byte "
                               f"{offset + length} the header maps")
         return data
 
@@ -145,7 +150,7 @@ class BuildData:
         if cached is not None:
             return cached
         f = self.frames[i]
-        where = f"{self.path}: frame {i} (compressed bytes {f.start_c}..{f.end_c})"
+        where = f"{self.where}: frame {i} (compressed bytes {f.start_c}..{f.end_c})"
         if f.size_u > MAX_FRAME:
             raise FcsnapError(f"{where}: {f.size_u} bytes uncompressed is beyond {MAX_FRAME}")
         out = decode_frame(self.compression, self._pread(f.start_c, f.size_c), f.size_u, where)
@@ -304,15 +309,15 @@ def check_coverage(header: Header, data: BuildData, end: int) -> None:
     """The object holds every byte the mappings read: an uncompressed one is long enough; a
     compressed one has a frame for every mapped byte, inside the object."""
     if data.size < end:
-        raise FcsnapError(f"{data.path}: {data.size} bytes uncompressed, the header maps "
+        raise FcsnapError(f"{data.where}: {data.size} bytes uncompressed, the header maps "
                           f"up to {end}")
     if data.compression == "none":
         if data.object_size < end:
-            raise FcsnapError(f"{data.path}: {data.object_size} bytes, the header maps up "
+            raise FcsnapError(f"{data.where}: {data.object_size} bytes, the header maps up "
                               f"to {end}")
         return
     if data.frames and data.frames[-1].end_c > data.object_size:
-        raise FcsnapError(f"{data.path}: {data.object_size} bytes, its frame table ends at "
+        raise FcsnapError(f"{data.where}: {data.object_size} bytes, its frame table ends at "
                           f"{data.frames[-1].end_c}")
     for m in header.mappings:
         if m.build_id == data.build_id:
@@ -323,12 +328,22 @@ def check_coverage(header: Header, data: BuildData, end: int) -> None:
 
 def unpack_e2b(build_dir: Path, output: Path, force: bool = False,
                progress: Progress = _noop) -> int:
-    """The full memory of an E2B/Wrenn build at `output`, as `unpack` writes fcsnap's: every
-    frame read decoded and checked; there are no block hashes to check the bytes against."""
-    from fcsnap.store.operations.ops import check_output, write_memory
+    """The full memory of an E2B/Wrenn build directory at `output` (unpack_lineage); an
+    output that cannot be written is refused before the lineage is opened."""
+    from fcsnap.store.operations.ops import check_output
 
     check_output(output, force)
-    with open_e2b(build_dir) as lineage:
+    return unpack_lineage(open_e2b(build_dir), output, force, progress)
+
+
+def unpack_lineage(lineage: E2BLineage, output: Path, force: bool = False,
+                   progress: Progress = _noop) -> int:
+    """The full memory of an E2B/Wrenn lineage at `output`, as `unpack` writes fcsnap's: every
+    frame read decoded and checked; there are no block hashes to check the bytes against.
+    Closes the lineage."""
+    from fcsnap.store.operations.ops import write_memory
+
+    with lineage:
         return write_memory(
             output, force, lineage.header.metadata.size, lineage.header.mappings,
             lambda build_id, offset, n: lineage.builds[build_id].read(offset, n), progress,
@@ -368,10 +383,15 @@ class E2BVerification:
 
 
 def verify_e2b(build_dir: Path, progress: Progress = _noop) -> E2BVerification:
+    """verify_lineage of an E2B/Wrenn build directory."""
+    return verify_lineage(open_e2b(build_dir), progress)
+
+
+def verify_lineage(lineage: E2BLineage, progress: Progress = _noop) -> E2BVerification:
     """Check what an E2B/Wrenn build carries: the header, every object the lineage reads, its
     sizes, every frame decoded, and each build's SHA-256 where one is recorded and the whole
-    diff can be read (a full frame table, or an uncompressed object)."""
-    with open_e2b(build_dir) as lineage:
+    diff can be read (a full frame table, or an uncompressed object). Closes the lineage."""
+    with lineage:
         frames = 0
         checked: list[str] = []
         unchecked: dict[str, str] = {}
@@ -394,7 +414,7 @@ def verify_e2b(build_dir: Path, progress: Progress = _noop) -> E2BVerification:
                     progress(len(block))
             if digest is not None:
                 if digest.digest() != data.checksum:
-                    raise FcsnapError(f"{data.path}: SHA-256 {digest.hexdigest()} is not the "
+                    raise FcsnapError(f"{data.where}: SHA-256 {digest.hexdigest()} is not the "
                                       f"{data.checksum.hex()} its header records")
                 checked.append(str(build_id))
             elif not data.checksum:

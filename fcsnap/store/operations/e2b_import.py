@@ -1,6 +1,7 @@
 """`fcsnap import`: an E2B/Wrenn lineage turned into fcsnap builds (docs/FORMAT.md §10.2).
 
-SRC is an E2B/Wrenn build directory in a local directory laid out as their buckets. Its lineage
+SRC is an E2B/Wrenn build directory in a local directory laid out as their buckets (or, in
+one laid out so in S3, its head brought into the mirror with its lineage's headers). Its lineage
 is every build whose header SRC's header reaches through the builds its mappings read; each
 such build with a header becomes one fcsnap build with the same build id, stacked oldest
 first, through the same builder `diff` uses (hash sidecars, pins, build.json). A generation's
@@ -41,6 +42,7 @@ SOURCE = "import of E2B build "
 """build.json's `source` of an imported build, followed by its id: a later import of a child
 finds the ancestors imported already by it."""
 Progress = Callable[[int], None]
+Opener = Callable[[uuid.UUID], E2BLineage]
 
 
 def _noop(_n: int) -> None:
@@ -165,17 +167,21 @@ def _imported_already(store: Path, build_id: uuid.UUID) -> Path | None:
 
 
 def import_e2b(
-    src: Path, store: Path, options: BuildOptions, progress: Progress = _noop
+    src: Path, store: Path, options: BuildOptions, progress: Progress = _noop,
+    opener: Opener | None = None,
 ) -> list[tuple[Manifest, Path]]:
     """Import SRC's lineage into the local store `store`, oldest first; `options.name` is
     pointed at SRC's build. Returns the builds of the lineage (imported now or before). On
-    failure the builds this call wrote are removed again: nothing of the import is left."""
+    failure the builds this call wrote are removed again: nothing of the import is left.
+    `opener` opens a build's lineage by id (a bucket's: SRC is then its head in the mirror,
+    every header of the lineage beside it); by default, the directory beside SRC's."""
     with headers_read_once():
-        return _import_lineage(src, store, options, progress)
+        return _import_lineage(src, store, options, progress, opener)
 
 
 def _import_lineage(
-    src: Path, store: Path, options: BuildOptions, progress: Progress
+    src: Path, store: Path, options: BuildOptions, progress: Progress,
+    opener: Opener | None = None,
 ) -> list[tuple[Manifest, Path]]:
     build_dir = e2b_build_dir(src, None)
     if build_dir is None:
@@ -183,9 +189,14 @@ def _import_lineage(
                           "beside its memfile)")
     if options.name is not None:
         check_vm_name(options.name)
+
+    def beside(build_id: uuid.UUID) -> E2BLineage:
+        return open_e2b(build_dir.parent / str(build_id))
+
+    opener = opener or beside
     headers = lineage_headers(build_dir)
     for header in headers:  # every object present, long and framed enough, before a write
-        with open_e2b(build_dir.parent / str(header.metadata.build_id)):
+        with opener(header.metadata.build_id):
             pass
     ids: dict[uuid.UUID, int] = {}
     blocks = headers[0].metadata.size // headers[0].metadata.block_size
@@ -200,7 +211,7 @@ def _import_lineage(
             done = _imported_already(store, meta.build_id)
             head = header is headers[-1]
             if done is None:
-                done = _import_one(build_dir.parent, store, header, ids, now, before, parent_dir,
+                done = _import_one(opener, store, header, ids, now, before, parent_dir,
                                    options if head else replace(options, name=None), progress)
                 made.append(done)
             elif head and options.name is not None:
@@ -216,7 +227,7 @@ def _import_lineage(
 
 
 def _import_one(
-    src_store: Path, store: Path, header: Header, ids: dict[uuid.UUID, int],
+    opener: Opener, store: Path, header: Header, ids: dict[uuid.UUID, int],
     now: tuple[np.ndarray, np.ndarray], before: tuple[np.ndarray, np.ndarray],
     parent_dir: Path | None, options: BuildOptions, progress: Progress,
 ) -> Path:
@@ -224,7 +235,7 @@ def _import_one(
     meta = header.metadata
     options = replace(options, block_size=meta.block_size, source=f"{SOURCE}{meta.build_id}")
     order = sorted(ids, key=ids.__getitem__)
-    with open_e2b(src_store / str(meta.build_id)) as lineage:
+    with opener(meta.build_id) as lineage:
         chunks = _changed_chunks(lineage, order, now, before, progress)
         if parent_dir is None:
             _, path = build_generation(store, chunks, meta.size, options, build_id=meta.build_id)

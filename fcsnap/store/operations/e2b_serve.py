@@ -90,7 +90,7 @@ class FramedObject:
 
     def _decoded(self, index: int, raw: Buffer) -> bytes:
         f = self.table[index]
-        where = f"{self.path}: frame {index} (compressed bytes {f.start_c}..{f.end_c})"
+        where = f"{self.data.where}: frame {index} (compressed bytes {f.start_c}..{f.end_c})"
         if self.data.compression == "none":
             if len(raw) != f.size_u:
                 raise FcsnapError(f"{where}: {len(raw)} bytes, not {f.size_u}")
