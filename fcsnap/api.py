@@ -152,13 +152,13 @@ def _e2b_bucket(
 ) -> tuple[BucketHeaders, uuid.UUID] | None:
     """BUILD as an E2B/Wrenn build in an S3 store (a header, no build.json): the bucket's
     headers, to be mirrored, and the build's id; None otherwise."""
+    if store is None or isinstance(store, str | os.PathLike) and not str(store).startswith(
+            "s3://"):
+        return None  # a local store: nothing of S3 imported
     from fcsnap.store.backends.remote import RemoteStore
-    from fcsnap.store.backends.s3 import is_s3_url
     from fcsnap.store.backends.stores import LAZY_FETCH_TIMEOUT
     from fcsnap.store.operations.e2b_remote import BucketHeaders, e2b_in_bucket
 
-    if store is None or isinstance(store, str | os.PathLike) and not is_s3_url(str(store)):
-        return None
     target = _open(store)
     if not isinstance(target, RemoteStore):
         return None
