@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from checkpoint import TIMEOUT, fcsnap, timed  # noqa: E402  (the same helpers)
 from machine import machine  # noqa: E402
 
 from fcsnap.daemon.client import checkpoint_via_daemon  # noqa: E402
@@ -51,22 +51,8 @@ from fcsnap.testing.fcguest import GuestConfig  # noqa: E402
 from fcsnap.testing.realvmm import Daemon, Firecracker, Snapshot, take_snapshot  # noqa: E402
 from fcsnap.units import PAGE  # noqa: E402
 
-TIMEOUT = 120.0
 RESULTS = Path(__file__).resolve().parent / "results"
 HOWS = ("plain", "dirty-logging", "write-protect")
-
-
-def fcsnap(*args: object) -> None:
-    done = subprocess.run([sys.executable, "-m", "fcsnap", *map(str, args), "--quiet"],
-                          capture_output=True, text=True, timeout=TIMEOUT * 5)
-    if done.returncode != 0:
-        raise SystemExit(f"fcsnap {args[0]} failed: {done.stderr.strip()}")
-
-
-def timed(fn: Any) -> float:
-    started = time.monotonic()
-    fn()
-    return time.monotonic() - started
 
 
 def one_run(template: Snapshot, store: Path, run: Path, how: str, rounds: int
