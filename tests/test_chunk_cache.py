@@ -387,3 +387,17 @@ def test_serve_refuses_such_a_cache_directory_in_one_line(tmp_path: Path) -> Non
     assert result.returncode == 1, result
     assert result.stderr.count("\n") == 1 and "refusing cache directory" in result.stderr
     assert not (tmp_path / "api.sock").exists()
+
+
+def test_two_readers_of_one_damaged_chunk_discard_it_once(tmp_path: Path, capfd) -> None:
+    """Two readers (threads or processes) that both found a chunk damaged: the one that
+    removes it counts and says so; the other, finding it gone, neither counts nor warns."""
+    cache = ChunkCache(tmp_path / "cache")
+    path = cache.directory / "key" / "00000000"
+    path.parent.mkdir(mode=0o700)
+    path.write_bytes(b"")
+    found = os.lstat(path)
+    for _ in range(2):  # both found it empty before either removed it
+        cache._discard(path, found, "holds 0 bytes, not 4096")
+    assert not path.exists() and cache.stats.cache_discarded == 1
+    assert capfd.readouterr().err.count("chunk cache file") == 1

@@ -4,6 +4,7 @@ request beyond the cap is answered 503 at once. Every wait has a deadline."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -27,7 +28,8 @@ def ask(api: Path) -> tuple[int, dict]:
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(WAIT)
         s.connect(str(api))
-        s.sendall(GET)
+        with contextlib.suppress(BrokenPipeError):  # over its cap, the daemon may answer 503
+            s.sendall(GET)  # and close before the request arrives: the answer is still read
         data = b""
         while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
             chunk = s.recv(4096)

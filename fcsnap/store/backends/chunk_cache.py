@@ -237,11 +237,17 @@ class ChunkCache:
 
     def _discard(self, path: Path, found: os.stat_result | None, why: str) -> None:
         """Remove a cache file that cannot be used (unless another process replaced it
-        meanwhile): the caller fetches it again."""
-        with contextlib.suppress(OSError):
+        meanwhile): the caller fetches it again. Counted and said once: by whichever thread
+        or process removes it."""
+        try:
             now = os.lstat(path)
-            if found is None or (now.st_ino, now.st_dev) == (found.st_ino, found.st_dev):
-                os.unlink(path)
+            if found is not None and (now.st_ino, now.st_dev) != (found.st_ino, found.st_dev):
+                return  # replaced meanwhile: the caller finds the new file
+            os.unlink(path)
+        except FileNotFoundError:
+            return  # removed first by another reader of the same chunk, which said so
+        except OSError:
+            pass  # cannot be removed: still a miss, and the fetched copy is renamed over it
         self.count(cache_discarded=1)
         print(f"fcsnap: warning: chunk cache file {path} {why}: removed, fetched again",
               file=sys.stderr)
