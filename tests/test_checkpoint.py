@@ -86,7 +86,8 @@ def test_checkpoints_hold_each_interval_and_unpack_byte_exact(tmp_path: Path) ->
 
 
 def test_checkpoint_refusals(tmp_path: Path) -> None:
-    """A restore not tracking writes, a bad body, an unknown restore: one line each."""
+    """A restore not tracking writes, a bad body (background's keys too), an unknown restore:
+    one line each."""
     store = one_build_store(tmp_path, SIZE, seed=6)
     daemon = Daemon(store, tmp_path)
     try:
@@ -100,6 +101,12 @@ def test_checkpoint_refusals(tmp_path: Path) -> None:
         assert status == 400 and "the body must be" in error["error"]
         status, error = daemon.call("POST", url, {"name": "../x"})
         assert status == 400
+        for body, says in (({"name": "x", "background": 1}, '"background" must be'),
+                           ({"name": "x", "background": True, "copy_rate": -1},
+                            '"copy_rate" must be'),
+                           ({"name": "x", "copy_rate": 5}, 'it needs "background"')):
+            status, error = daemon.call("POST", url, body)
+            assert status == 400 and says in error["error"], error
         out = fcsnap("checkpoint", "nope", "--daemon", daemon.api, "--name", "x")
         assert out.returncode == 1 and out.stderr.splitlines() == [
             "fcsnap: error: the daemon refused the checkpoint: no restore 'nope'"]
@@ -235,23 +242,5 @@ def test_a_failed_background_copy_publishes_nothing_and_the_vm_goes_on(tmp_path:
         assert written(daemon.api, url) == pages(BG_FIRST + BG_SECOND)
         hold.touch()
         assert vm.wait(WAIT) == 0
-    finally:
-        daemon.close()
-
-
-def test_background_request_refusals(tmp_path: Path) -> None:
-    store = one_build_store(tmp_path, SIZE, seed=10)
-    daemon = Daemon(store, tmp_path)
-    try:
-        status, answer = daemon.call("POST", "/restores", {
-            "vm": "vm", "socket": str(tmp_path / "vm.sock")})
-        assert status == 201
-        url = f"/restores/{answer['id']}/checkpoint"
-        for body, says in (({"name": "x", "background": 1}, '"background" must be'),
-                           ({"name": "x", "background": True, "copy_rate": -1},
-                            '"copy_rate" must be'),
-                           ({"name": "x", "copy_rate": 5}, 'it needs "background"')):
-            status, error = daemon.call("POST", url, body)
-            assert status == 400 and says in error["error"], error
     finally:
         daemon.close()
