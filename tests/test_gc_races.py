@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import CLI_WAIT, WAIT, Procs, fcsnap
+from helpers import CLI_WAIT, WAIT, Procs, fcsnap, wait_serving
 from store_procs import stopping_at
 from test_daemon import Build as DaemonBuild
 from test_daemon import Daemon
@@ -175,12 +175,8 @@ def test_gc_keeps_what_restore_serves(store: Store, tmp_path: Path) -> None:
     expected.write_bytes(store.images["web"].tobytes())
     procs = Procs(tmp_path)
     try:
-        server = procs.server("web", store.path)
-        deadline = time.monotonic() + WAIT
-        while not procs.socket.exists():
-            assert server.poll() is None, server.communicate(timeout=WAIT)
-            assert time.monotonic() < deadline, "restore did not listen in time"
-            time.sleep(0.02)
+        server = procs.server("web", store.path, quiet=False)
+        wait_serving(server)  # pinned and held: its socket listens before that
         assert fcsnap("rm", "web", "base", "--store", store.path).returncode == 0
         report = gc_now(store)
         deleted = {r["build_id"] for r in report["deleted"]}

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import test_restore
-from helpers import WAIT, Lineage, check_served, restore, wait_for
+from helpers import WAIT, Lineage, check_served, restore, wait_serving
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_restore import PAGE
@@ -302,8 +302,9 @@ def test_threads_and_balloon_on_both_paths(lineages, procs, path) -> None:
 def test_truncated_diff_on_both_paths(lineages, procs, path, tmp_path) -> None:
     """A diff cut short under a running server: one error line, the VM killed, never zeros."""
     lineage = lineages[("none", PAGE)].writable_copy(tmp_path / "store")
-    server = procs.server(lineage.newest.name, lineage.store, "--fault-around", "0")
-    wait_for(procs.socket.exists, "the server to listen")  # cut after the server opened it
+    server = procs.server(lineage.newest.name, lineage.store, "--fault-around", "0",
+                          quiet=False)
+    wait_serving(server)  # cut after the server opened it
     vm = procs.vm(expected=lineage.expected, threads=1, start_delay=1.0)
     diff = lineage.newest / DIFF_RAW
     os.truncate(diff, diff.stat().st_size // 2)

@@ -33,6 +33,7 @@ from helpers import (
     race_the_balloon,
     restore,
     wait_for,
+    wait_serving,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -315,8 +316,8 @@ def test_sigterm_while_the_vm_holds(lineages, procs) -> None:
 
 def test_sigterm_before_any_vm(lineages, procs) -> None:
     lineage = lineages["none", PAGE]
-    server = procs.server(lineage.newest.name, lineage.store)
-    wait_for(procs.socket.exists, "the server to listen")
+    server = procs.server(lineage.newest.name, lineage.store, quiet=False)
+    wait_serving(server)
     server.send_signal(signal.SIGTERM)
     out = procs.outcome(server, None)
     assert out.status == 0, out.stderr
