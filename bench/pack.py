@@ -8,9 +8,13 @@ file. Every timed command ends with its output fsynced, because fcsnap publishes
 Every command is a whole process, timed from exec to exit, as a user runs it: fcsnap is
 `python -m fcsnap pack|diff ... --json` with PYTHONPATH at the tree measured, so interpreter
 start-up and imports count. Its bytecode is compiled first (into the tree's __pycache__), as
-a pip install leaves it. Runs are interleaved: each round runs every command once, so the
-machine's load hits all alike; medians (and best and worst) are reported. Each output is deleted
-and synced away before the next command. Cold: one run each after dropping the page cache
+a pip install leaves it. `--python PY` runs fcsnap (and the `python -c pass` floor) with another
+interpreter: a virtual environment holding only fcsnap's dependencies (`python -m venv V &&
+V/bin/pip install .`) starts as a user's install does, without whatever the bench's own
+interpreter loads at start (an editable install's finder, other packages' `.pth` files).
+Runs are interleaved: each round runs every command once, so the machine's load hits all
+alike; medians (and best and worst) are reported. Each output is deleted and synced away
+before the next command. Cold: one run each after dropping the page cache
 (needs root; off with --no-cold, as on a shared machine). With `--baseline DIR` (another
 version of the code, e.g. `git archive <commit> | tar -x -C DIR`) every fcsnap command also
 runs from DIR, in the same rounds.
@@ -22,7 +26,7 @@ lineage: the corpus's own figures per generation next to what pack and diff stor
 and compressed (through the Python API). Results go to bench/results/pack-corpus.{md,json}.
 
     python bench/pack.py [--size 1G] [--workdir DIR] [--repeat 7] [--no-cold] [--keep]
-                         [--baseline DIR]
+                         [--baseline DIR] [--python V/bin/python]
     python bench/pack.py --corpus ~/.cache/fcsnap/corpus/256M-4-<key>
 """
 
@@ -120,22 +124,23 @@ def remove(path: Path) -> None:
 
 
 
-def compile_bytecode(tree: Path) -> dict[str, str]:
+def compile_bytecode(tree: Path, python: str) -> dict[str, str]:
     """The environment of a `python -m fcsnap` from `tree`, its bytecode compiled first into
     the tree's __pycache__ directories, as a pip install leaves it (PYTHONDONTWRITEBYTECODE,
     where set, would otherwise make every run compile every module it imports)."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     env.pop("PYTHONPYCACHEPREFIX", None)  # bytecode is looked up only there when set
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "fcsnap")],
+    subprocess.run([python, "-m", "compileall", "-q", str(tree / "fcsnap")],
                    env=env, check=True, stdout=subprocess.DEVNULL)
     return env
 
 
-def fcsnap(argv: list[str], tree: Path, env: dict[str, str]) -> Callable[[], Path]:
+def fcsnap(argv: list[str], tree: Path, env: dict[str, str], python: str
+           ) -> Callable[[], Path]:
     """A whole `python -m fcsnap` process from `tree`; returns the new build's directory. It
     runs in `tree`: `-m` puts the working directory first on the module path."""
     def run() -> Path:
-        out = subprocess.run([sys.executable, "-m", "fcsnap", *argv, "--json"], env=env,
+        out = subprocess.run([python, "-m", "fcsnap", *argv, "--json"], env=env,
                              cwd=tree, check=True, capture_output=True, text=True).stdout
         return Path(json.loads(out)["path"])
 
@@ -223,7 +228,7 @@ def corpus_lineage(work: Path, corpus: Path) -> list[dict[str, object]]:
 
 
 def cases(work: Path, gen0: Path, gen1: Path, gen1_sparse: Path,
-          baseline: Path | None) -> list[Case]:
+          baseline: Path | None, python: str) -> list[Case]:
     """Every timed command, in table order: the tools next to what fcsnap does in their
     stead, then (with a baseline) the baseline tree's fcsnap commands."""
     size = gen0.stat().st_size
@@ -232,7 +237,7 @@ def cases(work: Path, gen0: Path, gen1: Path, gen1_sparse: Path,
     todo: list[Case] = []
     for suffix, tree in trees:
         label = "baseline" if suffix else "tree"
-        env = compile_bytecode(tree)
+        env = compile_bytecode(tree, python)
         store = work / f"store-{label}"
         _, base = ops.pack(gen0, store, BuildOptions())  # the parent of both diffs
         pack = ["pack", str(gen0), "--store", str(store)]
@@ -241,7 +246,7 @@ def cases(work: Path, gen0: Path, gen1: Path, gen1_sparse: Path,
             todo.append(Case(Row(CP, f"cp --sparse=always {gen0.name} OUT", size),
                              tool(["cp", "--sparse=always", str(gen0), str(cp_out)], cp_out)))
         todo.append(Case(Row(PACK + suffix, f"fcsnap pack {gen0.name}", size),
-                         fcsnap(pack, tree, env)))
+                         fcsnap(pack, tree, env, python)))
         if not suffix:
             todo.append(Case(
                 Row(ZSTD, f"zstd -3 -T2 -f {gen0.name} -o OUT", size),
@@ -249,19 +254,19 @@ def cases(work: Path, gen0: Path, gen1: Path, gen1_sparse: Path,
             ))
         todo += [
             Case(Row(PACK_ZSTD + suffix, f"fcsnap pack --compress zstd {gen0.name}", size),
-                 fcsnap([*pack, "--compress", "zstd"], tree, env)),
+                 fcsnap([*pack, "--compress", "zstd"], tree, env, python)),
             Case(Row(DIFF_FULL + suffix, f"fcsnap diff {gen1.name} (base gen0)", size),
-                 fcsnap([*diff, str(gen1)], tree, env)),
+                 fcsnap([*diff, str(gen1)], tree, env, python)),
             Case(Row(DIFF_SPARSE + suffix, f"fcsnap diff --sparse-diff {gen1_sparse.name}",
-                     size), fcsnap([*diff, "--sparse-diff", str(gen1_sparse)], tree, env)),
+                     size), fcsnap([*diff, "--sparse-diff", str(gen1_sparse)], tree, env, python)),
         ]
     return todo
 
 
-def interpreter() -> float:
+def interpreter(python: str) -> float:
     """One `python -c pass`: the floor under every fcsnap row."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    subprocess.run([python, "-c", "pass"], check=True)
     return time.perf_counter() - t0
 
 
@@ -330,7 +335,7 @@ def markdown(info: dict[str, object], rows: list[Row], checks: list[dict[str, ob
         "run after `sync; echo 3 > /proc/sys/vm/drop_caches`. Every time includes the fsync of "
         "the output. CPU = user + system seconds of the process (all its threads; not the "
         "fsync the bench adds after a tool). fcsnap is `python -m fcsnap ... --json` with its "
-        "bytecode compiled, "
+        f"bytecode compiled, run by {info['python']}, "
         "interpreter start-up and imports included"
         + (f" (the interpreter alone, `python -c pass`: {info['interpreter_s'] * 1000:.0f} ms "
            "median)" if info.get("interpreter_s") else "")
@@ -400,6 +405,9 @@ def main() -> int:
                         help="run on a bench/corpus.py lineage instead of synthetic memory")
     parser.add_argument("--baseline", type=Path, metavar="DIR",
                         help="also run every fcsnap command from this tree, in the same rounds")
+    parser.add_argument("--python", default=sys.executable, metavar="PY",
+                        help="the interpreter that runs fcsnap, e.g. a virtual environment's "
+                             "holding only fcsnap's dependencies (default: this one)")
     args = parser.parse_args()
     size = parse_size(args.size)
     if args.corpus is not None and not (args.corpus / "manifest.json").is_file():
@@ -424,14 +432,14 @@ def main() -> int:
                      "= the corpus's next generation as a Full file and as a sparse Diff file "
                      "of its changed pages (the >= 10 diff target is for 1% dirty pages; this "
                      "generation changed more)")
-        todo = cases(work, gen0, gen1, gen1_sparse, args.baseline)
+        todo = cases(work, gen0, gen1, gen1_sparse, args.baseline, args.python)
         load = [os.getloadavg()]
         for case in todo:
             measure(case)  # warm the caches (and the page cache with the inputs)
         floor = []
         for n in range(args.repeat):
             print(f"warm: round {n + 1} of {args.repeat}", file=sys.stderr)
-            floor.append(interpreter())
+            floor.append(interpreter(args.python))
             for case in todo:
                 case.row.warm_runs.append(measure(case))
         load.append(os.getloadavg())
@@ -451,6 +459,7 @@ def main() -> int:
             "filesystem": filesystem(work),
             "repeat": args.repeat,
             "interpreter_s": statistics.median(floor),
+            "python": args.python,
             "load": " to ".join(" ".join(f"{x:.1f}" for x in avg) for avg in load),
             "baseline": None if args.baseline is None else str(args.baseline),
         }
