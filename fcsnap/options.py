@@ -14,12 +14,13 @@ DEFAULT_FRAME_SIZE = 256 << 10  # uncompressed bytes per zstd frame: what servin
 MAX_FRAME = 1 << 30
 ADAPTIVE = -1  # restore's fault_around: choose the window per region (the default)
 PURE_PYTHON_ENV = "FCSNAP_PURE_PYTHON"  # "1": no compiled module is used (fault path, pack's scan)
+S3_SCHEME = "s3://"  # a --store starting so is a bucket (fcsnap/store/backends/s3.py)
 
 
 def check_store_text(text: str) -> str:
     """A --store as typed. `s3:/x`, `s3:x` and `S3://x` are refused with the URL meant: read as
     a directory, each would make a store nobody asked for (a directory named so is `./s3:x`)."""
-    if text[:3].lower() == "s3:" and not text.startswith("s3://"):
+    if text[:3].lower() == "s3:" and not text.startswith(S3_SCHEME):
         raise UsageError(f"invalid store {text!r}: did you mean s3://{text[3:].lstrip('/')}?")
     return text
 

@@ -29,14 +29,18 @@ except SystemExit:
 """
 
 
-def imported(code: str, cwd: Path) -> set[str]:
-    """Top-level packages in sys.modules after `code` runs in a fresh interpreter."""
+def modules_after(code: str, cwd: Path) -> set[str]:
+    """sys.modules after `code` runs in a fresh interpreter."""
     result = subprocess.run(
         [sys.executable, "-c", PROBE.format(code=code)], cwd=cwd, capture_output=True,
         text=True, timeout=60,
     )
-    modules = json.loads(result.stderr.splitlines()[-1])
-    return {name.split(".")[0] for name in modules}
+    return set(json.loads(result.stderr.splitlines()[-1]))
+
+
+def imported(code: str, cwd: Path) -> set[str]:
+    """Top-level packages in sys.modules after `code` runs in a fresh interpreter."""
+    return {name.split(".")[0] for name in modules_after(code, cwd)}
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +75,30 @@ def test_the_probe_sees_heavy_imports(store: Path) -> None:
     assert {"numpy", "xxhash"} <= loaded
     helped = imported("import rich.markdown, typer.rich_utils", store.parent)
     assert helped >= RICH_UNUSED  # typer's help module would import these without lean_help
+
+
+# What only a store in S3 or an E2B header needs (hashlib's OpenSSL included).
+REMOTE_ONLY = {"fcsnap.store.backends.remote", "fcsnap.store.backends.s3",
+               "fcsnap.store.backends.objects", "obstore", "fcsnap.header.e2b", "lz4"}
+
+
+def test_a_local_pack_loads_no_s3_module(store: Path) -> None:
+    """A raw pack into a local store (the command run most, where start-up is most of its
+    time) imports neither the S3 backend nor E2B's header code nor numpy; a pack into S3
+    does import the backend (so the check can fail)."""
+    (store.parent / "vm.mem").rename(store.parent / "mem")
+    try:
+        local = modules_after(RUN_CLI.format(argv=["pack", "mem", "--store", "store", "--quiet"]),
+                              store.parent)
+        remote = modules_after(  # nothing listens there: the command fails at once
+            "import os; os.environ['AWS_ENDPOINT_URL'] = 'http://127.0.0.1:9'\n"
+            + RUN_CLI.format(argv=["pack", "mem", "--store", "s3://bucket", "--quiet"]),
+            store.parent)
+    finally:
+        (store.parent / "mem").rename(store.parent / "vm.mem")
+    assert "fcsnap.store.operations.fresh" in local  # it packed
+    assert local.isdisjoint(REMOTE_ONLY | {"numpy"}), local & (REMOTE_ONLY | {"numpy"})
+    assert "fcsnap.store.backends.remote" in remote
 
 
 SERVER = ("fcsnap.uffd.session", "fcsnap.uffd.server", "fcsnap.store", "fcsnap.header")

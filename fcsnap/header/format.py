@@ -21,11 +21,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import compress, count, repeat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import read_regular
-from fcsnap.header.e2b import BodyError, BuildsSection, decode_body
 from fcsnap.units import BLOCK_SIZES, PAGE
+
+if TYPE_CHECKING:
+    from fcsnap.header.e2b import BuildsSection
 
 NIL = uuid.UUID(int=0)
 ZEROS = -1
@@ -160,6 +163,8 @@ def decode_full(
     section = None
     rest = len(data) - METADATA.size
     if version & VERSION_MASK in (4, 5):
+        from fcsnap.header.e2b import BodyError, decode_body  # E2B's headers only
+
         if block_size not in BLOCK_SIZES:  # before the body: E2B's V5 reader divides by it
             check(meta, b"", source)
         try:

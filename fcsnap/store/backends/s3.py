@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from fcsnap.errors import FcsnapError, redact
+from fcsnap.options import S3_SCHEME
 from fcsnap.store.backends.objects import Conflict, ObjectInfo
 from fcsnap.store.format.locks import stop_point
 
-SCHEME = "s3://"
+SCHEME = S3_SCHEME
 BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 CONNECT_TIMEOUT = "5s"
 REQUEST_TIMEOUT = "120s"

@@ -11,20 +11,26 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias, TypeGuard
 
 from fcsnap.errors import FcsnapError
-from fcsnap.store.backends.remote import RemoteStore
-from fcsnap.store.backends.s3 import is_s3_url
+from fcsnap.options import S3_SCHEME
 from fcsnap.store.format.layout import DIFF_RAW, SNAPFILE, resolve_build
 from fcsnap.store.format.marker import State, local_state, mark_local, not_a_store
 from fcsnap.store.format.names import read_vm_pointer
 
 if TYPE_CHECKING:
     from fcsnap.store.backends.chunk_cache import ChunkCache, FetchStats
+    from fcsnap.store.backends.remote import RemoteStore
     from fcsnap.store.backends.usage import StoreView
 
-Store = Path | RemoteStore
+# The S3 modules (and hashlib, which they load) are imported only for a store in S3: a command
+# on a local store does without them.
+Store: TypeAlias = "Path | RemoteStore"
+
+
+def is_remote(store: Store | None) -> TypeGuard[RemoteStore]:
+    return store is not None and not isinstance(store, Path)
 
 
 def scratch_dir(what: str) -> Path:
@@ -65,7 +71,8 @@ def _store_at(text: str, timeout: float | None) -> Store:
     from fcsnap.options import check_store_text
 
     check_store_text(text)
-    if is_s3_url(text):
+    if text.startswith(S3_SCHEME):
+        from fcsnap.store.backends.remote import RemoteStore
         from fcsnap.store.backends.s3 import S3Objects, parse_s3_url
 
         return RemoteStore(S3Objects(parse_s3_url(text), timeout), scratch_dir("mirror"))
@@ -73,7 +80,7 @@ def _store_at(text: str, timeout: float | None) -> Store:
 
 
 def state_of(store: Store) -> State:
-    return store.state() if isinstance(store, RemoteStore) else local_state(store)
+    return store.state() if is_remote(store) else local_state(store)
 
 
 def init_store(store: Store) -> State:
@@ -96,7 +103,7 @@ def init_store(store: Store) -> State:
 
 def mark(store: Store) -> None:
     """Write the marker of a store that has none (a new store's, or an older fcsnap's)."""
-    if isinstance(store, RemoteStore):
+    if is_remote(store):
         store.write_marker()
     else:
         mark_local(store)
@@ -114,7 +121,7 @@ def resolve(arg: str, store: Store | None, data: bool = False, lazy: bool = Fals
     remote one. With `data`, the diffs of its lineage are downloaded too (verify reads them
     as files); with `lazy`, its readers fetch the chunks they read, into a cache private to
     this process (fcsnap/store/backends/chunk_cache.py)."""
-    if not isinstance(store, RemoteStore):
+    if not is_remote(store):
         return resolve_build(arg, store)
     head = store.mirror_lineage(store.resolve(arg), data)
     if lazy:
@@ -127,27 +134,27 @@ def resolve(arg: str, store: Store | None, data: bool = False, lazy: bool = Fals
 
 def current_head(store: Store, name: str) -> uuid.UUID | None:
     """The build a name points at now (None: no such name)."""
-    if isinstance(store, RemoteStore):
+    if is_remote(store):
         return store.read_pointer(name)[0]
     return read_vm_pointer(store, name)
 
 
 def local_path(store: Store) -> Path:
     """Where the store's builds are found on this host (a remote store's mirror)."""
-    return store.mirror if isinstance(store, RemoteStore) else store
+    return store.mirror if is_remote(store) else store
 
 
 def squash_source(store: Store, build_dir: Path) -> Path:
     """A build to squash (gc --repack-below): in place in a local store; in a remote one, its
     mirror, whose diffs are read through a chunk cache (only what the squash reads)."""
-    if not isinstance(store, RemoteStore):
+    if not is_remote(store):
         return build_dir
     return resolve(build_dir.name, store, lazy=True)
 
 
 def build_bytes(store: Store, build_id: uuid.UUID) -> int:
     """Bytes a build holds in the store: its files, or its objects."""
-    if isinstance(store, RemoteStore):
+    if is_remote(store):
         return sum(info.size for info in store.build_objects(build_id).values())
     from fcsnap.store.backends.usage import directory_bytes
     from fcsnap.store.format.layout import build_path
@@ -160,7 +167,7 @@ def scan_store(store: Store) -> StoreView:
     manifests of every committed build; diff sizes from the listing)."""
     from fcsnap.store.backends.usage import scan
 
-    if not isinstance(store, RemoteStore):
+    if not is_remote(store):
         return scan(store)
     for build_id in store.committed():
         store.mirror_build(build_id)
@@ -180,7 +187,7 @@ def serve_source(
     the fetch statistics to report."""
     from fcsnap.store.backends.chunk_cache import ChunkCache, default_cache_dir
 
-    if not isinstance(store, RemoteStore):
+    if not is_remote(store):
         return resolve(arg, store), None
     from fcsnap.store.backends.leases import lease_expiry
 

@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from fcsnap.errors import FcsnapError
 from fcsnap.files import writing
 from fcsnap.options import DEFAULT_FRAME_SIZE, DEFAULT_LEVEL
-from fcsnap.store.backends.remote import RemoteStore, build_key
-from fcsnap.store.backends.stores import current_head
+from fcsnap.store.backends.stores import current_head, is_remote
 from fcsnap.store.format.layout import (
     DIFF_RAW,
     DIFF_ZSTD,
@@ -45,6 +44,7 @@ if TYPE_CHECKING:
 
     import numpy as np
 
+    from fcsnap.store.backends.remote import RemoteStore
     from fcsnap.store.format.lineage import Parent
     from fcsnap.store.format.seekable import SeekableWriter
     from fcsnap.store.operations.generation import GenerationBuilder
@@ -303,7 +303,7 @@ def build_generation(
         raise FcsnapError(f"vmstate file {options.vmstate} {problem}")
     build_id = build_id or uuid.uuid4()
     work = Assembly(build_id, chunks, size, options, parent, holes_are_zero, first)
-    if isinstance(store, RemoteStore):
+    if is_remote(store):
         return build_remote(store, work, expected), f"{store.url}/{build_id}"
     with staged_build(store, build_id) as lock:
         stage = lock.path
@@ -382,6 +382,8 @@ def build_remote(store: RemoteStore, work: Assembly, expected: uuid.UUID | None)
     and uploaded while the diff's upload completes, build.json last (the commit) once every
     other object exists; then the name by compare-and-swap. Whatever fails, the objects
     written are deleted, build.json first."""
+    from fcsnap.store.backends.remote import build_key
+
     options = work.options
     stage = Path(tempfile.mkdtemp(prefix="fcsnap-stage-"))
     diff_key = build_key(work.build_id, diff_name(options))
