@@ -321,3 +321,43 @@ def test_a_working_set_in_a_bucket_is_fetched_first(bucket, procs, tmp_path):
     out = procs.outcome(server, procs.vm(expected=memory))
     assert_served(out.vm_status, out.status, out.stderr, out.report, out.stats)
     assert out.stats["prefetched_pages"] == len(ws)
+
+
+def _one_big_frame_build(store: Path) -> Path:
+    """A build whose only frame holds more than the 64 MiB a frame may hold uncompressed (its
+    first pages data, the rest zeros: a few KiB compressed); the memory maps its first page."""
+    import hashlib
+    import os
+    import uuid
+
+    import zstandard
+
+    from fcsnap.header import NIL, to_records
+    from fcsnap.header.e2b import BuildInfo, Frame, encode_v4_body
+    from fcsnap.header.format import METADATA, Mapping
+    from fcsnap.store.operations.e2b import MAX_FRAME
+
+    build_id = uuid.UUID("e2b00009-0000-4000-8000-000000000001")
+    diff = os.urandom(16 * 4096) + bytes(MAX_FRAME)
+    packed = zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress(diff)
+    entry = BuildInfo(build_id, len(diff), hashlib.sha256(diff).digest(), "zstd",
+                      (Frame(0, 0, len(diff), len(packed)),))
+    records = to_records([Mapping(0, 16 * 4096, build_id, 0)])
+    build = store / str(build_id)
+    build.mkdir(parents=True)
+    (build / "memfile.zstd").write_bytes(packed)
+    (build / "memfile.header").write_bytes(
+        METADATA.pack(4, 4096, 16 * 4096, 1, build_id.bytes, NIL.bytes)
+        + encode_v4_body([entry], records))
+    return build
+
+
+def test_a_frame_beyond_the_size_cap_is_refused_before_serving(procs, tmp_path):
+    """A frame claiming more than 64 MiB uncompressed is refused before the socket listens,
+    as unpack refuses it: never decoded into the server's memory at a fault."""
+    build = _one_big_frame_build(tmp_path / "store")
+    server = procs.server(build, None, "--handshake-timeout", "5")
+    out = procs.outcome(server, None)
+    assert out.status == 1
+    assert "frame 0" in out.error and "uncompressed is beyond" in out.error, out.error
+    assert not procs.socket.exists()

@@ -151,8 +151,7 @@ class BuildData:
             return cached
         f = self.frames[i]
         where = f"{self.where}: frame {i} (compressed bytes {f.start_c}..{f.end_c})"
-        if f.size_u > MAX_FRAME:
-            raise FcsnapError(f"{where}: {f.size_u} bytes uncompressed is beyond {MAX_FRAME}")
+        check_frame_size(self, i)
         out = decode_frame(self.compression, self._pread(f.start_c, f.size_c), f.size_u, where)
         if len(self._cache) >= 4:
             self._cache.pop(next(iter(self._cache)))
@@ -323,7 +322,18 @@ def check_coverage(header: Header, data: BuildData, end: int) -> None:
         if m.build_id == data.build_id:
             pos = m.storage_offset
             while pos < m.storage_offset + m.length:
-                pos = data.frames[data.frame_index(pos)].end_u
+                i = data.frame_index(pos)
+                check_frame_size(data, i)
+                pos = data.frames[i].end_u
+
+
+def check_frame_size(data: BuildData, i: int) -> None:
+    """Refuse frame i of `data` if it is larger uncompressed than MAX_FRAME: decoding holds
+    a whole frame in memory (a fault server's too), so it is refused before it is read."""
+    f = data.frames[i]
+    if f.size_u > MAX_FRAME:
+        raise FcsnapError(f"{data.where}: frame {i} (compressed bytes {f.start_c}..{f.end_c}): "
+                          f"{f.size_u} bytes uncompressed is beyond {MAX_FRAME}")
 
 
 def unpack_e2b(build_dir: Path, output: Path, force: bool = False,
