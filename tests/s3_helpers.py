@@ -60,11 +60,11 @@ class Bucket:
 
 
 def restore_from(bucket: Bucket, vm: str, socket: Path, cache: Path, *args: str, stats: Path,
-                 env: dict[str, str] | None = None, quiet: bool = True
+                 env: dict[str, str] | None = None, quiet: bool = True, prefix: str = "snaps",
                  ) -> subprocess.Popen[bytes]:
-    """`fcsnap restore` of `vm` from the bucket's store, through the host chunk cache at
-    `cache`, its stats to `stats`; output piped. The caller tracks the process."""
-    argv = restore_argv(vm, socket, "--cache-dir", str(cache), *args, store=bucket.url(),
+    """`fcsnap restore` of `vm` from the bucket's store at `prefix`, through the host chunk
+    cache at `cache`, its stats to `stats`; output piped. The caller tracks the process."""
+    argv = restore_argv(vm, socket, "--cache-dir", str(cache), *args, store=bucket.url(prefix),
                         stats=stats, quiet=quiet)
     return subprocess.Popen(argv, env={**bucket.env, **(env or {})}, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -265,13 +265,12 @@ def test_the_frames_a_bucket_build_reads_are_fetched_behind_the_guest(bucket, pr
     upload(bucket, "v4-zstd-4k")
     expected = EXPECTED["v4-zstd-4k"][2]
     with open_e2b(build_dir(expected)) as lineage:
-        want = {f"e2b-{b}-{d.compression}-{d.object_size}":
-                [f"{i:08d}" for i in _all_mapped_frames(lineage, d)]
-                for b, d in lineage.builds.items()}
+        want = {d.cache_key: [f"{i:08d}" for i in _all_mapped_frames(lineage, d)]
+                for d in lineage.builds.values()}
     cache = tmp_path / "cache"
 
-    def cached() -> dict[str, list[str]]:
-        return {key: sorted(p.name for p in (cache / key).glob("0*")) for key in want}
+    def cached() -> dict[str, list[str]]:  # a bucket's keys add the store's to the object's
+        return {key: sorted(p.name for p in cache.glob(f"{key}-*/0*")) for key in want}
 
     server = procs.track(restore_from(bucket, expected["build_id"], procs.socket, cache,
                                       stats=procs.stats))
@@ -299,7 +298,7 @@ def test_a_working_set_in_a_bucket_is_fetched_first(bucket, procs, tmp_path):
     expected = EXPECTED["v4-zstd-4k"][0]
     with open_e2b(build_dir(expected)) as lineage:
         (build_id, data), = lineage.builds.items()
-        key = f"e2b-{build_id}-{data.compression}-{data.object_size}"
+        key = data.cache_key
         mapped = [m for m in lineage.header.mappings if m.build_id == build_id]
         target = data.frame_index(mapped[-1].storage_offset)  # the last mapped run's frame
         ws = [m.offset + at for m in mapped for at in range(0, m.length, 4096)
@@ -309,7 +308,7 @@ def test_a_working_set_in_a_bucket_is_fetched_first(bucket, procs, tmp_path):
     cache = tmp_path / "cache"
 
     def cached() -> set[int]:
-        return {int(p.name) for p in (cache / key).glob("0*")}
+        return {int(p.name) for p in cache.glob(f"{key}-*/0*")}
 
     server = procs.track(restore_from(bucket, expected["build_id"], procs.socket, cache,
                                       "--prefetch-ws", str(path), "--lazy-fetch",
@@ -361,3 +360,31 @@ def test_a_frame_beyond_the_size_cap_is_refused_before_serving(procs, tmp_path):
     assert out.status == 1
     assert "frame 0" in out.error and "uncompressed is beyond" in out.error, out.error
     assert not procs.socket.exists()
+
+
+def test_two_buckets_holding_one_build_id_never_share_a_cached_piece(bucket, procs, tmp_path):
+    """The same E2B build id with other bytes of the same size under another prefix (a staging
+    copy, say), restored through the same host cache: each VM gets its own store's bytes,
+    never a piece the other store's restore cached."""
+    from s3_helpers import restore_from
+
+    from fcsnap.store.operations.e2b import unpack_e2b
+
+    scenario = "v4-none-4k"
+    expected = EXPECTED[scenario][0]
+    upload(bucket, scenario)
+    store, build = _damaged(tmp_path, scenario, 1)
+    obj = build / "memfile"
+    obj.write_bytes(bytes(b ^ 0x5A for b in obj.read_bytes()))
+    upload(bucket, scenario, prefix="other", root=tmp_path)
+    memories = {"snaps": memory_of(build_dir(expected), tmp_path, expected),
+                "other": tmp_path / "other.mem"}
+    unpack_e2b(build, memories["other"])
+    assert memories["other"].read_bytes() != memories["snaps"].read_bytes()
+    cache = tmp_path / "cache"
+    for prefix, memory in memories.items():
+        server = procs.track(restore_from(bucket, expected["build_id"], procs.socket, cache,
+                                          stats=procs.stats, prefix=prefix))
+        out = procs.outcome(server, procs.vm(expected=memory, threads=2, order="random"))
+        stats = assert_served(out.vm_status, out.status, out.stderr, out.report, out.stats)
+        assert stats["fetch_requests"] > 0, (prefix, stats)

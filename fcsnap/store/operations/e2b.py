@@ -129,6 +129,11 @@ class BuildData:
     def object_size(self) -> int:
         return os.fstat(self._fd).st_size
 
+    @property
+    def cache_key(self) -> str:
+        """The name of this object's pieces in the host chunk cache."""
+        return f"e2b-{self.build_id}-{self.compression}-{self.object_size}"
+
     def _pread(self, offset: int, length: int) -> bytes:
         data = os.pread(self._fd, length, offset)
         if len(data) != length:

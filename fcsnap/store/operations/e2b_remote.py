@@ -12,6 +12,7 @@ fcsnap's leases).
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,15 @@ class RemoteData(BuildData):
     @property
     def object_size(self) -> int:
         return self.listed
+
+    @property
+    def cache_key(self) -> str:
+        """BuildData's, and the store's endpoint and URL: the host cache is shared by every
+        store, and another bucket may hold other bytes under the same build id and size
+        (nothing checks an uncompressed piece's bytes, and any valid frame decodes)."""
+        assert self.store is not None
+        where = f"{getattr(self.store.objects, 'endpoint', '')}\n{self.store.url}"
+        return f"{super().cache_key}-{hashlib.sha256(where.encode()).hexdigest()[:16]}"
 
     def _pread(self, offset: int, length: int) -> bytes:
         assert self.store is not None

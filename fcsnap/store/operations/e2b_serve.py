@@ -82,7 +82,7 @@ class FramedObject:
         self.starts = [f.start_u for f in self.table]
         self.frames = frame_cache if frame_cache is not None else FrameCache(cache_bytes)
         self.cache = host
-        self.key = f"e2b-{data.build_id}-{data.compression}-{data.object_size}"
+        self.key = data.cache_key
         self.nonblocking = False
         self._for_reader = None if host is None else ReaderFetches(host)
         self._asked: set[int] = set()  # frames whose fetch ahead was asked for
