@@ -388,3 +388,30 @@ def test_two_buckets_holding_one_build_id_never_share_a_cached_piece(bucket, pro
         out = procs.outcome(server, procs.vm(expected=memory, threads=2, order="random"))
         stats = assert_served(out.vm_status, out.status, out.stderr, out.report, out.stats)
         assert stats["fetch_requests"] > 0, (prefix, stats)
+
+
+def test_daemon_requests_for_two_bucket_builds_at_once_both_open(bucket, tmp_path, monkeypatch):
+    """Two POSTs at once (the daemon's request threads): each resolves its build in the bucket,
+    then opens it. The second resolve comes between the first one's resolve and its opening:
+    the first build still opens with its own objects as listed, not "missing"."""
+    from fcsnap.daemon.remote import RemoteBuilds
+    from fcsnap.store.backends.chunk_cache import ChunkCache
+    from fcsnap.store.backends.stores import open_store
+    from fcsnap.uffd.shared import BuildRegistry
+
+    upload(bucket, "v4-zstd-4k")
+    for key, value in bucket.server.env().items():
+        monkeypatch.setenv(key, value)
+    store = open_store(bucket.url(), 10)
+    builds = RemoteBuilds(store, ChunkCache(tmp_path / "cache"), 10)
+    registry = BuildRegistry(8 << 20, store)
+    picks = [EXPECTED["v4-zstd-4k"][2], EXPECTED["v4-zstd-4k"][1]]
+    resolved = [builds.resolve(expected["build_id"]) for expected in picks]
+    for path, expected in zip(resolved, picks, strict=True):
+        build = registry.acquire(path)
+        try:
+            assert str(build.build_id) == expected["build_id"]
+            assert set(map(str, build.diffs)) == {m[2] for m in expected["mappings"]} - {
+                "00000000-0000-0000-0000-000000000000"}
+        finally:
+            registry.release(build)

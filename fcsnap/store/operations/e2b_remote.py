@@ -226,6 +226,12 @@ class RemoteLineages(BucketHeaders):
         return diffs
 
 
+_serving: dict[Path, RemoteLineages] = {}
+"""The one opener of each mirror's E2B/Wrenn lineages: a daemon resolves one request's build
+while another's, resolved before, is still to be opened, and each must find its objects'
+listing there."""
+
+
 def serve_e2b_in_bucket(
     arg: str, store: RemoteStore, cache: ChunkCache, timeout: float, verify: bool,
     serving: bool = True,
@@ -239,8 +245,11 @@ def serve_e2b_in_bucket(
         return None
     if verify:
         raise UsageError(NO_VERIFY)
-    lineages = RemoteLineages(store, cache, timeout, serving)
+    lineages = _serving.get(store.mirror)
+    if lineages is None or lineages.store is not store or lineages.cache is not cache:
+        lineages = _serving[store.mirror] = RemoteLineages(store, cache, timeout, serving)
+        open_lineages_with(store.mirror, lineages.open)
     head = lineages.mirror(build_id)
-    open_lineages_with(store.mirror, lineages.open)
     hold_nothing_in(store.mirror)
     return head, cache.stats
+
