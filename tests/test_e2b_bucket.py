@@ -149,3 +149,15 @@ def test_import_from_a_bucket_fetches_each_byte_once(bucket, tmp_path, monkeypat
         ranges.sort()
         for (_, end), (start, _) in zip(ranges, ranges[1:], strict=False):
             assert start >= end, f"{key}: bytes fetched twice"
+
+
+def test_gc_never_removes_e2b_builds_in_a_bucket(bucket):
+    """gc with no grace of a prefix of E2B builds (no build.json: the shape of a killed
+    upload's leftovers too) deletes none of their objects."""
+    upload(bucket, "v4-zstd-4k")
+    before = bucket.listing(marker=True)
+    result = fcsnap("gc", "--store", bucket.url(), "--grace", "0", "--json", env=bucket.env)
+    assert result.returncode == 0, result.stderr
+    assert bucket.listing(marker=True) == before
+    head = EXPECTED["v4-zstd-4k"][2]["build_id"]
+    assert fcsnap("verify", head, "--store", bucket.url(), env=bucket.env).returncode == 0

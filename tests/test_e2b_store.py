@@ -204,3 +204,23 @@ def test_fuzz_damaged_objects_give_the_right_memory_or_one_error(scenario, data)
             assert not out.exists()
             return
         assert hashlib.sha256(out.read_bytes()).hexdigest() == expected["memory_sha256"]
+
+
+def test_gc_never_removes_e2b_builds(tmp_path):
+    """gc of a store holding E2B builds beside fcsnap's, and of a directory of E2B builds
+    alone, with no grace: the unreferenced fcsnap build goes, every E2B build stays whole."""
+    store = one_build_store(tmp_path, 64 * 4096, seed=5)
+    (fcsnap_build,) = (p for p in store.iterdir() if (p / "build.json").exists())
+    assert fcsnap("rm", "vm", "--store", store).returncode == 0
+    shutil.copytree(FIXTURES / "v4-zstd-4k", store, dirs_exist_ok=True)
+    alone = copy_store(tmp_path, "v5-lz4-4k")
+    for where, scenario in ((store, "v4-zstd-4k"), (alone, "v5-lz4-4k")):
+        before = sorted(str(p.relative_to(where)) for p in where.rglob("memfile*"))
+        result = fcsnap("gc", "--store", where, "--grace", "0", "--json")
+        assert result.returncode == 0, result.stderr
+        deleted = {d["build_id"] for d in json.loads(result.stdout)["deleted"]}
+        assert deleted == ({fcsnap_build.name} if where == store else set())
+        assert sorted(str(p.relative_to(where)) for p in where.rglob("memfile*")) == [
+            p for p in before if not p.startswith(fcsnap_build.name)]
+        head = [h for h in EXPECTED[scenario] if "peer-" not in h["file"]][-1]
+        assert fcsnap("verify", where / head["build_id"]).returncode == 0

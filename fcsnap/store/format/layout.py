@@ -10,7 +10,7 @@ import contextlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 
 from fcsnap.errors import FcsnapError
@@ -27,6 +27,14 @@ HASHES = "memfile.hashes"
 MANIFEST = "build.json"
 SNAPFILE = "snapfile"
 STAGING_PREFIX = ".staging-"
+FCSNAP_FILES = (MANIFEST, HASHES, DIFF_RAW, DIFF_ZSTD)
+"""What fcsnap writes into a build and E2B/Wrenn never do: one of them marks a build fcsnap's."""
+
+
+def foreign_build(names: Container[str]) -> bool:
+    """Whether a build's files (or objects) are an E2B/Wrenn build's: a header and none of
+    fcsnap's own. An fcsnap build that lost its build.json still has its sidecar or diff."""
+    return HEADER in names and not any(name in names for name in FCSNAP_FILES)
 
 
 def parse_build_id(text: str) -> uuid.UUID | None:

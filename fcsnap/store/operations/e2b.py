@@ -29,14 +29,13 @@ from fcsnap.files import open_regular
 from fcsnap.header import Header, load_header
 from fcsnap.header.e2b import BodyError, BuildInfo, Frame, decompress
 from fcsnap.options import E2B_MAX_FRAME
-from fcsnap.store.format.layout import DIFF_RAW, DIFF_ZSTD, HASHES, HEADER, MANIFEST
+from fcsnap.store.format.layout import FCSNAP_FILES, HEADER
 
 SUFFIXES = {"none": "", "zstd": ".zstd", "lz4": ".lz4"}
 DATA = "memfile"
 MAX_FRAME = E2B_MAX_FRAME
 """A frame table's frame larger than this is refused before it is read (E2B's are 2 MiB by
 default): decoding holds one frame in memory."""
-FCSNAP_FILES = (MANIFEST, HASHES, DIFF_RAW, DIFF_ZSTD)
 Progress = Callable[[int], None]
 
 

@@ -34,7 +34,7 @@ from fcsnap.store.backends.usage import (
     read_ranges,
     scan,
 )
-from fcsnap.store.format.layout import STAGING_PREFIX, build_path
+from fcsnap.store.format.layout import STAGING_PREFIX, build_path, foreign_build
 from fcsnap.store.format.locks import (
     POINTER_TMP_PREFIX,
     DirLock,
@@ -160,6 +160,9 @@ def lock_candidates(view: StoreView, grace: float, plan: GcPlan) -> dict[uuid.UU
     candidates = [b for b in view.builds.values() if b.build_id not in reachable]
     locks: dict[uuid.UUID, DirLock] = {}
     for build in candidates:
+        if _foreign(build.path):
+            plan.kept[build.build_id] = "an E2B/Wrenn build (gc never removes those)"
+            continue
         if build.age(now) < grace:
             plan.kept[build.build_id] = "younger than the grace period"
             continue
@@ -176,6 +179,14 @@ def lock_candidates(view: StoreView, grace: float, plan: GcPlan) -> dict[uuid.UU
     for kept in list(plan.kept):
         keep_what_it_reads(view, kept, locks, plan)
     return locks
+
+
+def _foreign(path: Path) -> bool:
+    """An E2B/Wrenn build (layout.foreign_build), which fcsnap only reads: never garbage."""
+    try:
+        return foreign_build(os.listdir(path))
+    except FileNotFoundError:
+        return False  # gone since the scan
 
 
 def keep_what_it_reads(

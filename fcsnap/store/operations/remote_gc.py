@@ -27,7 +27,7 @@ from fcsnap.store.backends.leases import LeaseEntry, read_leases, take
 from fcsnap.store.backends.remote import RemoteStore
 from fcsnap.store.backends.stores import scan_store
 from fcsnap.store.backends.usage import StoreView
-from fcsnap.store.format.layout import MANIFEST, parse_build_id
+from fcsnap.store.format.layout import MANIFEST, foreign_build, parse_build_id
 from fcsnap.store.format.locks import stop_point
 from fcsnap.store.operations.lifecycle import repack
 from fcsnap.store.operations.listing import summary
@@ -142,18 +142,19 @@ def _recheck(
 
 def _uncommitted(store: RemoteStore, now: float, grace: float) -> list[str]:
     """Prefixes `<build-id>/` holding objects but no build.json, whose newest object is older
-    than the grace period: what killed uploads left."""
+    than the grace period: what killed uploads left. An E2B/Wrenn build (a header and none of
+    fcsnap's objects, layout.foreign_build) is not one: fcsnap only reads those."""
     newest: dict[str, float] = {}
-    committed: set[str] = set()
+    names: dict[str, set[str]] = {}
     for info in store.objects.list():
         head, _, rest = info.key.partition("/")
         if parse_build_id(head) is None or not rest:
             continue
         newest[head] = max(newest.get(head, 0.0), info.mtime)
-        if rest == MANIFEST:
-            committed.add(head)
+        names.setdefault(head, set()).add(rest)
     return sorted(
-        f"{head}/" for head, t in newest.items() if head not in committed and now - t >= grace
+        f"{head}/" for head, t in newest.items()
+        if MANIFEST not in names[head] and not foreign_build(names[head]) and now - t >= grace
     )
 
 
