@@ -91,6 +91,21 @@ def test_a_store_from_an_older_fcsnap_is_read_and_init_marks_it(tmp_path: Path) 
     assert fcsnap("verify", "web", "--store", store).returncode == 0
 
 
+def test_an_older_store_emptied_by_gc_is_still_a_store(tmp_path: Path) -> None:
+    """gc of an unmarked store's last build leaves only its own `.gc.lock`: still a store,
+    to use and to mark, not a directory of other files."""
+    store = tmp_path / "old"
+    write_full(tmp_path / "m0", synthetic_memory(SIZE, seed=44))
+    ops.pack(tmp_path / "m0", store, BuildOptions())
+    assert fcsnap("gc", "--store", store, "--grace", "0s").returncode == 0
+    assert [p.name for p in store.iterdir()] == [".gc.lock"]
+    listed = fcsnap("ls", "--store", store)
+    assert listed.returncode == 0, listed.stderr
+    marked = fcsnap("init", store, "--json")
+    assert marked.returncode == 0, marked.stderr
+    assert json.loads(marked.stdout)["result"] == "adopted"
+
+
 def _commands(store: str, good: Path) -> dict[str, list[object]]:
     """Every command given `store` as the store it uses (a real store for the other side)."""
     other = good / "store"

@@ -27,6 +27,8 @@ HASHES = "memfile.hashes"
 MANIFEST = "build.json"
 SNAPFILE = "snapfile"
 STAGING_PREFIX = ".staging-"
+GC_LOCK = ".gc.lock"  # gc's lock (docs/FORMAT.md §8.4)
+TRASH_PREFIX = ".trash-"  # a build gc is deleting
 
 
 def parse_build_id(text: str) -> uuid.UUID | None:
