@@ -44,7 +44,7 @@ def check_marker(data: bytes, where: str) -> None:
     """Accept a marker's content, or say in one line why the store cannot be used."""
     try:
         doc = json.loads(data) if len(data) <= MARKER_MAX else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nested too deep: damaged
         doc = None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise FcsnapError(f"{where} is damaged: not an fcsnap store marker")
