@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 import obstore
@@ -16,6 +17,9 @@ from store_procs import start_stopped
 from test_bad_input import tree
 
 import fcsnap as api
+from fcsnap.store.backends.remote import RemoteStore
+from fcsnap.store.backends.s3 import S3Objects, parse_s3_url
+from fcsnap.store.format.marker import State
 from fcsnap.store.operations import ops
 from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing.memimage import synthetic_memory, write_full
@@ -320,3 +324,27 @@ def test_init_and_refusal_in_s3(bucket: Bucket, tmp_path: Path) -> None:
     obstore.put(bucket.client(), "other/notes.txt", b"mine")
     line = one_line(fcsnap("init", bucket.url("other"), env=bucket.env))
     assert "holds other files" in line and bucket.listing("other", marker=True) == ["notes.txt"]
+
+
+def test_an_unmarked_bucket_is_known_by_its_first_objects(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An E2B/Wrenn bucket (never marked: nothing is written into it) or an older fcsnap's
+    store in S3 is recognised by the first build object listed: a command does not list the
+    whole bucket before it starts (thousands of requests for a large one)."""
+    for i in range(200):
+        obstore.put(bucket.client(), f"e2b/{uuid.UUID(int=i + 1)}/memfile.header", b"h")
+    for key, value in bucket.server.env().items():
+        monkeypatch.setenv(key, value)
+    pages: list[int] = []
+    listing = obstore.list
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        for page in listing(*args, **kwargs):
+            pages.append(len(page))
+            yield page
+
+    monkeypatch.setattr(obstore, "list", counted)
+    store = RemoteStore(S3Objects(parse_s3_url(bucket.url("e2b"))), tmp_path / "mirror")
+    assert store.state() is State.UNMARKED
+    assert len(pages) == 1 and sum(pages) < 200, pages
