@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 import obstore
@@ -16,6 +17,9 @@ from store_procs import start_stopped
 from test_bad_input import tree
 
 import fcsnap as api
+from fcsnap.store.backends.remote import RemoteStore
+from fcsnap.store.backends.s3 import S3Objects, parse_s3_url
+from fcsnap.store.format.marker import State
 from fcsnap.store.operations import ops
 from fcsnap.store.operations.builder import BuildOptions
 from fcsnap.testing.memimage import synthetic_memory, write_full
@@ -89,6 +93,21 @@ def test_a_store_from_an_older_fcsnap_is_read_and_init_marks_it(tmp_path: Path) 
     assert json.loads(marked.stdout)["result"] == "adopted"
     assert (store / MARKER).is_file()
     assert fcsnap("verify", "web", "--store", store).returncode == 0
+
+
+def test_an_older_store_emptied_by_gc_is_still_a_store(tmp_path: Path) -> None:
+    """gc of an unmarked store's last build leaves only its own `.gc.lock`: still a store,
+    to use and to mark, not a directory of other files."""
+    store = tmp_path / "old"
+    write_full(tmp_path / "m0", synthetic_memory(SIZE, seed=44))
+    ops.pack(tmp_path / "m0", store, BuildOptions())
+    assert fcsnap("gc", "--store", store, "--grace", "0s").returncode == 0
+    assert [p.name for p in store.iterdir()] == [".gc.lock"]
+    listed = fcsnap("ls", "--store", store)
+    assert listed.returncode == 0, listed.stderr
+    marked = fcsnap("init", store, "--json")
+    assert marked.returncode == 0, marked.stderr
+    assert json.loads(marked.stdout)["result"] == "adopted"
 
 
 def _commands(store: str, good: Path) -> dict[str, list[object]]:
@@ -193,6 +212,8 @@ def test_push_init_makes_the_destination(made: Path, tmp_path: Path) -> None:
     (b'{"format": "fcsnap-store", "version": 2}\n', "has store format version 2"),
     (b"garbage", "is damaged"),
     (b'{"format": "fcsnap-store"}', "no format version"),
+    (b'{"format": "fcsnap-store", "version": 1, "x": ' + b"[" * 2000 + b"]" * 2000 + b"}",
+     "is damaged"),  # nested too deep for the JSON parser: damaged, not an internal error
 ])
 def test_a_damaged_or_newer_marker_is_refused(made: Path, tmp_path: Path, marker: bytes,
                                               says: str) -> None:
@@ -303,3 +324,27 @@ def test_init_and_refusal_in_s3(bucket: Bucket, tmp_path: Path) -> None:
     obstore.put(bucket.client(), "other/notes.txt", b"mine")
     line = one_line(fcsnap("init", bucket.url("other"), env=bucket.env))
     assert "holds other files" in line and bucket.listing("other", marker=True) == ["notes.txt"]
+
+
+def test_an_unmarked_bucket_is_known_by_its_first_objects(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An E2B/Wrenn bucket (never marked: nothing is written into it) or an older fcsnap's
+    store in S3 is recognised by the first build object listed: a command does not list the
+    whole bucket before it starts (thousands of requests for a large one)."""
+    for i in range(200):
+        obstore.put(bucket.client(), f"e2b/{uuid.UUID(int=i + 1)}/memfile.header", b"h")
+    for key, value in bucket.server.env().items():
+        monkeypatch.setenv(key, value)
+    pages: list[int] = []
+    listing = obstore.list
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        for page in listing(*args, **kwargs):
+            pages.append(len(page))
+            yield page
+
+    monkeypatch.setattr(obstore, "list", counted)
+    store = RemoteStore(S3Objects(parse_s3_url(bucket.url("e2b"))), tmp_path / "mirror")
+    assert store.state() is State.UNMARKED
+    assert len(pages) == 1 and sum(pages) < 200, pages

@@ -135,7 +135,8 @@ StoreOfBuild = Annotated[str | None, typer.Option(
     help="Store holding BUILD: a directory, or s3://BUCKET/PREFIX (not needed for a build "
          "directory).")]
 InitOpt = Annotated[bool, typer.Option(
-    "--init", help="Create the store first if it is not one yet (as 'fcsnap init').",
+    "--init", help="If the store is missing or empty, make it one (as 'fcsnap init') once "
+    "the build is written: a command that fails leaves no store.",
     rich_help_panel=STORE)]
 NameOpt = Annotated[str | None, typer.Option(
     "--name", metavar="NAME", help="Point vms/NAME at the new build.", rich_help_panel=STORE)]

@@ -180,7 +180,8 @@ ToOpt = Annotated[str, typer.Option(
     "--to", metavar="STORE", help="Store to copy to: a directory, or s3://BUCKET/PREFIX.",
     rich_help_panel=STORE, show_default=False, callback=checked("check_store_text"))]
 ToInit = Annotated[bool, typer.Option(
-    "--init", help="Create the --to store first if it is not one yet (as 'fcsnap init').",
+    "--init", help="If the --to store is missing or empty, make it one (as 'fcsnap init') "
+    "once the copy is written: a copy that fails leaves no store.",
     rich_help_panel=STORE)]
 
 

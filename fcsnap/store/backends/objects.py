@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -48,6 +49,9 @@ class ObjectStore(Protocol):
     def get_range(self, key: str, start: int, length: int) -> bytes: ...
     def head(self, key: str) -> ObjectInfo | None: ...
     def list(self, prefix: str = "") -> list[ObjectInfo]: ...
+    def scan(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """The listing as the server pages it: a caller that stops early asks for no
+        more pages."""
     def writer(self, key: str) -> ObjectWriter: ...
     def upload(self, key: str, path: Path) -> None:
         """Copy a local file into the object, streamed (multipart when large)."""
@@ -131,6 +135,9 @@ class LocalObjects:
                     st = path.stat()
                     found.append(ObjectInfo(key, st.st_size, st.st_mtime, ""))
         return sorted(found, key=lambda o: o.key)
+
+    def scan(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return iter(self.list(prefix))
 
     def writer(self, key: str) -> _LocalWriter:
         return _LocalWriter(self._path(key))

@@ -84,16 +84,20 @@ class RemoteStore:
 
     def state(self) -> State:
         """Whether the prefix is a store: its marker, else what its objects look like (a
-        listing, needed only for a store made before markers)."""
+        listing, needed only for a store made before markers and for E2B/Wrenn buckets, read
+        only up to the first object of a store's: build ids sort first)."""
         found = self.objects.get(MARKER)
         if found is not None:
             check_marker(found[0], f"{self.url}/{MARKER}")
             return State.MARKED
-        keys = [info.key.partition("/") for info in self.objects.list()]
-        if not keys:
-            return State.EMPTY
-        builds = [head for head, _, rest in keys if rest and parse_build_id(head) is not None]
-        return State.UNMARKED if looks_like_store({k[0] for k in keys}, builds) else State.FOREIGN
+        empty = True
+        for info in self.objects.scan():
+            empty = False
+            head, _, rest = info.key.partition("/")
+            build = rest != "" and parse_build_id(head) is not None
+            if looks_like_store({head}, [head] if build else []):
+                return State.UNMARKED
+        return State.EMPTY if empty else State.FOREIGN
 
     def write_marker(self) -> None:
         """Create the marker unless it exists (If-None-Match: two inits do not race)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,14 +235,15 @@ class S3Objects:
         return _info(meta)
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
+        return list(self.scan(prefix))
+
+    def scan(self, prefix: str = "") -> Iterator[ObjectInfo]:
         import obstore
 
         with self.errors("list", prefix or "/"):
-            return [
-                _info(meta)
-                for batch in obstore.list(self.client, prefix=prefix or None)
-                for meta in batch
-            ]
+            for batch in obstore.list(self.client, prefix=prefix or None):
+                for meta in batch:
+                    yield _info(meta)
 
     def writer(self, key: str) -> _S3Writer:
         return _S3Writer(self, key)

@@ -27,6 +27,8 @@ HASHES = "memfile.hashes"
 MANIFEST = "build.json"
 SNAPFILE = "snapfile"
 STAGING_PREFIX = ".staging-"
+GC_LOCK = ".gc.lock"  # gc's lock (docs/FORMAT.md §8.4)
+TRASH_PREFIX = ".trash-"  # a build gc is deleting
 FCSNAP_FILES = (MANIFEST, HASHES, DIFF_RAW, DIFF_ZSTD)
 """What fcsnap writes into a build and E2B/Wrenn never do: one of them marks a build fcsnap's."""
 

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 from fcsnap.errors import FcsnapError
-from fcsnap.store.format.layout import HEADER, MANIFEST, STAGING_PREFIX
+from fcsnap.store.format.layout import GC_LOCK, HEADER, MANIFEST, STAGING_PREFIX, TRASH_PREFIX
 from fcsnap.store.format.names import VMS
 
 MARKER = "fcsnap-store.json"
@@ -44,7 +44,7 @@ def check_marker(data: bytes, where: str) -> None:
     """Accept a marker's content, or say in one line why the store cannot be used."""
     try:
         doc = json.loads(data) if len(data) <= MARKER_MAX else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nested too deep: damaged
         doc = None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise FcsnapError(f"{where} is damaged: not an fcsnap store marker")
@@ -79,8 +79,10 @@ def looks_like_store(names: set[str], build_ids: list[str]) -> bool:
     """A store's layout without its marker (an older fcsnap's store, or what a first `--init`
     build killed before its marker left): its names directory, a build (local: an id with a
     header or build.json, so E2B/Wrenn directories stay readable; in S3 any object under an
-    id), or a build being staged."""
-    return VMS in names or bool(build_ids) or any(n.startswith(STAGING_PREFIX) for n in names)
+    id), a build being staged, or what gc leaves (its lock, a build it was deleting): gc of
+    such a store's last build must not turn it into a directory of other files."""
+    return (VMS in names or GC_LOCK in names or bool(build_ids)
+            or any(n.startswith((STAGING_PREFIX, TRASH_PREFIX)) for n in names))
 
 
 def local_state(store: Path) -> State:

@@ -34,7 +34,13 @@ from fcsnap.store.backends.usage import (
     read_ranges,
     scan,
 )
-from fcsnap.store.format.layout import STAGING_PREFIX, build_path, foreign_build
+from fcsnap.store.format.layout import (
+    GC_LOCK,
+    STAGING_PREFIX,
+    TRASH_PREFIX,
+    build_path,
+    foreign_build,
+)
 from fcsnap.store.format.locks import (
     POINTER_TMP_PREFIX,
     DirLock,
@@ -48,8 +54,6 @@ from fcsnap.store.format.names import VMS, check_vm_name
 from fcsnap.store.operations import ops
 from fcsnap.store.operations.listing import summary
 
-GC_LOCK = ".gc.lock"
-TRASH_PREFIX = ".trash-"
 DEFAULT_GRACE = 3600.0
 
 
