@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import fcsnap_here
 
 from fcsnap.store.format.manifest import Manifest, Stats
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full, write_sparse_diff
@@ -89,11 +90,10 @@ def cli_commands() -> list[tuple[str, ...]]:
 
 
 def help_options(command: list[str]) -> list[str]:
-    """The long options `fcsnap COMMAND --help` shows (--help itself left out)."""
-    shown = subprocess.run(
-        [sys.executable, "-m", "fcsnap", *command, "--help"], capture_output=True, text=True,
-        timeout=RUN_WAIT, env={**os.environ, "COLUMNS": "200", "PYTHONPATH": str(ROOT)},
-    )
+    """The long options `fcsnap COMMAND --help` shows (--help itself left out), asked in this
+    process: the help is the entry point's output, not the process's."""
+    shown = fcsnap_here(*command, "--help", env={**os.environ, "COLUMNS": "200"},
+                        timeout=RUN_WAIT)
     assert shown.returncode == 0, shown.stderr
     options = dict.fromkeys(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", shown.stdout))
     return [o for o in options if o != "--help"]

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import fcsnap
+from helpers import fcsnap_here as fcsnap  # in this process: the store is tested here
 from test_e2b_restore import upload
 from test_e2b_store import DAMAGE, EXPECTED, FIXTURES, copy_store
 

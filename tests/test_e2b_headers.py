@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lz4.frame
 import pytest
-from helpers import fcsnap
+from helpers import fcsnap_here as fcsnap  # in this process: the builds are tested here
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

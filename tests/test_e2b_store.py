@@ -11,7 +11,8 @@ import struct
 from pathlib import Path
 
 import pytest
-from helpers import fcsnap, one_build_store
+from helpers import fcsnap_here as fcsnap  # in this process: the builds are tested here
+from helpers import one_build_store
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_e2b_headers import body_of, wrap

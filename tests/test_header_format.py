@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import fcsnap
+from helpers import fcsnap_here as fcsnap  # in this process: the builds are tested here
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

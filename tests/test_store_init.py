@@ -11,7 +11,7 @@ from pathlib import Path
 
 import obstore
 import pytest
-from helpers import fcsnap
+from helpers import fcsnap_here as fcsnap  # in this process: the store is tested here
 from s3_helpers import Bucket
 from store_procs import start_stopped
 from test_bad_input import tree
