@@ -271,3 +271,34 @@ def test_a_build_without_its_header_is_read_through_the_next_generation(tmp_path
     for expected in (gens[0], gens[2]):
         memory = unpacked(store / expected["build_id"], tmp_path)
         assert hashlib.sha256(memory).hexdigest() == expected["memory_sha256"]
+
+
+def test_a_failed_import_keeps_the_builds_a_concurrent_import_took_up(tmp_path):
+    """Two imports at once of lineages sharing builds (a migration run in parallel): the
+    second reuses the template and the next generation the first has published, and names
+    its head; the first then fails on its last generation. It removes what it wrote except
+    those: the other import's name still verifies."""
+    from fcsnap.errors import FcsnapError
+    from fcsnap.store.format.names import read_vm_pointer
+
+    src = copy_store(tmp_path, "v4-zstd-4k")
+    ids = [g["build_id"] for g in generations("v4-zstd-4k")]
+    data = src / ids[2] / "memfile.zstd"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    store = tmp_path / "store"
+    assert fcsnap("init", store).returncode == 0
+    asked: list[str] = []
+
+    def opener(build_id):  # noqa: ANN001, ANN202
+        asked.append(str(build_id))
+        if asked.count(ids[2]) == 2:  # the first import is about to write its last build
+            import_e2b(src / ids[1], store, BuildOptions(name="other"))
+        return e2b.open_e2b(src / str(build_id))
+
+    with pytest.raises(FcsnapError, match="memfile.zstd"):
+        import_e2b(src / ids[2], store, BuildOptions(name="vm"), opener=opener)
+    assert listed(store) == sorted(ids[:2])
+    assert str(read_vm_pointer(store, "other")) == ids[1]
+    verify(store / ids[1])
