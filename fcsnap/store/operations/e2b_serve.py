@@ -64,8 +64,9 @@ class FramedObject:
     """A compressed data object read frame by frame: what DiffFile is to a local zstd diff
     (`read`, `size`). A frame is decoded and checked once, then served from the frame cache
     (the daemon's one budget, or this object's own). With a host chunk cache (`host`, a
-    store in S3) frames are fetched through it, kept there compressed and checked again on
-    every load; `nonblocking` (a fault server's reads) raises FetchPending instead of
+    store in S3) frames are fetched through it, kept there compressed (named by their offset
+    in the object: heads' trimmed tables number an ancestor's frames differently) and checked
+    again on every load; `nonblocking` (a fault server's reads) raises FetchPending instead of
     waiting for a fetch, as fcsnap's own builds in S3 do."""
 
     def __init__(self, data: BuildData, frame_cache: FrameCache | None, cache_bytes: int,
@@ -104,7 +105,7 @@ class FramedObject:
             out = self._decoded(index, self.data._pread(f.start_c, f.size_c))
         else:
             decoded: list[bytes] = []
-            self.cache.get(self.key, index, lambda: self.data._pread(f.start_c, f.size_c),
+            self.cache.get(self.key, f.start_c, lambda: self.data._pread(f.start_c, f.size_c),
                           lambda raw: decoded.append(self._decoded(index, raw)), f.size_c)
             out = decoded[-1]
         self.frames.put((self._id, index), out)
@@ -117,7 +118,7 @@ class FramedObject:
         if self.nonblocking and self.cache is not None and self._for_reader is not None:
             f = self.table[index]
             decoded: list[bytes] = []
-            if self.cache.lookup(self.key, index, f.size_c,
+            if self.cache.lookup(self.key, f.start_c, f.size_c,
                                 lambda raw: decoded.append(self._decoded(index, raw))) is None:
                 self._for_reader.ask(index, lambda: self._load(index))
                 raise FetchPending(f"frame {index} of {self.path}")
@@ -180,10 +181,10 @@ class FramedObject:
         f = self.table[index]
 
         def fetch() -> None:
-            if cache.holds(self.key, index):
+            if cache.holds(self.key, f.start_c):
                 return
             with contextlib.suppress(FcsnapError):  # its reader fetches again and says why
-                cache.get(self.key, index, lambda: self.data._pread(f.start_c, f.size_c),
+                cache.get(self.key, f.start_c, lambda: self.data._pread(f.start_c, f.size_c),
                           lambda raw: self._decoded(index, raw), f.size_c)
 
         cache.prefetch(fetch, background)
