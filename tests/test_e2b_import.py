@@ -302,3 +302,36 @@ def test_a_failed_import_keeps_the_builds_a_concurrent_import_took_up(tmp_path):
     assert listed(store) == sorted(ids[:2])
     assert str(read_vm_pointer(store, "other")) == ids[1]
     verify(store / ids[1])
+
+
+def test_export_after_gc_removed_ancestors(tmp_path):
+    """gc removes what no head reads: here the template (every page rewritten by the next
+    two generations), which the middle generation's header still reads. `export` of the
+    head walks its ancestors as far as the store holds them, writes the middle one's data
+    without a header (it cannot be read whole any more; the head's builds section describes
+    it, as E2B reads it), and the head's export unpacks to its memory."""
+    page = 4096
+    memories = [bytearray(os.urandom(256 * page))]
+    for rewrite in (range(0, 128), range(128, 256)):
+        memories.append(bytearray(memories[-1]))
+        memories[-1][rewrite.start * page : rewrite.stop * page] = os.urandom(128 * page)
+    store = tmp_path / "store"
+    for n, memory in enumerate(memories):
+        path = tmp_path / f"gen{n}.mem"
+        path.write_bytes(memory)
+        argv = ("pack", "--init", path) if n == 0 else ("diff", path, "--base", "vm")
+        assert fcsnap(*argv, "--store", store, "--name", "vm", "-q").returncode == 0
+    ids = {read_manifest(p).generation: p.name for p in store.iterdir()
+           if (p / "build.json").exists()}
+    result = fcsnap("gc", "--store", store, "--grace", "0", "--json")
+    assert [d["build_id"] for d in json.loads(result.stdout)["deleted"]] == [ids[0]]
+    out = tmp_path / "e2b"
+    result = fcsnap("export", "vm", "--store", store, "-o", out, "--compress", "zstd",
+                    "--frame-size", "64K", "-q")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted([ids[1], ids[2]])
+    assert not (out / ids[1] / HEADER).exists() and (out / ids[1] / "memfile.zstd").is_file()
+    again = tmp_path / "again"
+    result = fcsnap("unpack", out / ids[2], "-o", again)
+    assert result.returncode == 0, result.stderr
+    assert again.read_bytes() == memories[2]
