@@ -463,3 +463,15 @@ def test_two_heads_trimming_an_ancestors_table_differently_share_no_wrong_frame(
         served = procs.outcome(server, procs.vm(expected=memory, threads=2, order="random"))
         assert_served(served.vm_status, served.status, served.stderr, served.report,
                       served.stats)
+
+
+def test_a_build_directory_not_named_by_its_build_id_is_refused(procs, tmp_path):
+    """A copy of a head under another name (`cp -r ID ID-backup`) would be served from the
+    directory its header names, not from the copy: refused before listening, as unpack
+    refuses it."""
+    store, build = _damaged(tmp_path, "v4-zstd-4k", 3)
+    copy = store / f"{build.name}-backup"
+    shutil.copytree(build, copy)
+    out = procs.outcome(procs.server(copy, None), None)
+    assert out.status == 1 and "directory name is not its build id" in out.error
+    assert not procs.socket.exists()

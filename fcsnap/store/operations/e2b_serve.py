@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fcsnap.errors import FcsnapError, FetchPending, UsageError
+from fcsnap.files import open_regular
 from fcsnap.header import Header
 from fcsnap.header.e2b import Frame
+from fcsnap.header.format import METADATA
 from fcsnap.store.backends.chunk_cache import Buffer, ChunkCache, ReaderFetches
 from fcsnap.store.backends.holds import hold_nothing_in
-from fcsnap.store.format.layout import MANIFEST
+from fcsnap.store.format.layout import HEADER, MANIFEST
 from fcsnap.store.format.seekable import FrameCache
 from fcsnap.store.format.source import DiffFile, open_lineages_with
 from fcsnap.store.operations.e2b import BuildData, decode_frame, e2b_build_dir, open_builds
@@ -249,5 +251,21 @@ def e2b_to_serve(build: str, store: str | Path | None, verify: bool) -> Path | N
         return None
     if verify:
         raise UsageError(NO_VERIFY)
+    check_named(build_dir)
     serve_e2b_store(build_dir.parent)
     return build_dir
+
+
+def check_named(build_dir: Path) -> None:
+    """Refuse a build directory not named by its header's build id (a copy under another
+    name): the head's data object is found by that id, so another directory's would be
+    served. Only the metadata is read; the header is parsed and checked when opened."""
+    fd = open_regular(build_dir / HEADER, "header")
+    try:
+        meta = os.pread(fd, METADATA.size, 0)
+    finally:
+        os.close(fd)
+    if len(meta) == METADATA.size:  # shorter: the header's reading says what is wrong
+        build_id = uuid.UUID(bytes=METADATA.unpack(meta)[4])
+        if build_dir.name != str(build_id):
+            raise FcsnapError(f"{build_dir}: directory name is not its build id {build_id}")
