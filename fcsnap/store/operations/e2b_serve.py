@@ -267,5 +267,5 @@ def check_named(build_dir: Path) -> None:
         os.close(fd)
     if len(meta) == METADATA.size:  # shorter: the header's reading says what is wrong
         build_id = uuid.UUID(bytes=METADATA.unpack(meta)[4])
-        if build_dir.name != str(build_id):
+        if build_dir.resolve().name != str(build_id):  # a symlink to it is that directory
             raise FcsnapError(f"{build_dir}: directory name is not its build id {build_id}")
