@@ -271,3 +271,67 @@ def test_a_build_without_its_header_is_read_through_the_next_generation(tmp_path
     for expected in (gens[0], gens[2]):
         memory = unpacked(store / expected["build_id"], tmp_path)
         assert hashlib.sha256(memory).hexdigest() == expected["memory_sha256"]
+
+
+def test_a_failed_import_keeps_the_builds_a_concurrent_import_took_up(tmp_path):
+    """Two imports at once of lineages sharing builds (a migration run in parallel): the
+    second reuses the template and the next generation the first has published, and names
+    its head; the first then fails on its last generation. It removes what it wrote except
+    those: the other import's name still verifies."""
+    from fcsnap.errors import FcsnapError
+    from fcsnap.store.format.names import read_vm_pointer
+
+    src = copy_store(tmp_path, "v4-zstd-4k")
+    ids = [g["build_id"] for g in generations("v4-zstd-4k")]
+    data = src / ids[2] / "memfile.zstd"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    store = tmp_path / "store"
+    assert fcsnap("init", store).returncode == 0
+    asked: list[str] = []
+
+    def opener(build_id):  # noqa: ANN001, ANN202
+        asked.append(str(build_id))
+        if asked.count(ids[2]) == 2:  # the first import is about to write its last build
+            import_e2b(src / ids[1], store, BuildOptions(name="other"))
+        return e2b.open_e2b(src / str(build_id))
+
+    with pytest.raises(FcsnapError, match="memfile.zstd"):
+        import_e2b(src / ids[2], store, BuildOptions(name="vm"), opener=opener)
+    assert listed(store) == sorted(ids[:2])
+    assert str(read_vm_pointer(store, "other")) == ids[1]
+    verify(store / ids[1])
+
+
+def test_export_after_gc_removed_ancestors(tmp_path):
+    """gc removes what no head reads: here the template (every page rewritten by the next
+    two generations), which the middle generation's header still reads. `export` of the
+    head walks its ancestors as far as the store holds them, writes the middle one's data
+    without a header (it cannot be read whole any more; the head's builds section describes
+    it, as E2B reads it), and the head's export unpacks to its memory."""
+    page = 4096
+    memories = [bytearray(os.urandom(256 * page))]
+    for rewrite in (range(0, 128), range(128, 256)):
+        memories.append(bytearray(memories[-1]))
+        memories[-1][rewrite.start * page : rewrite.stop * page] = os.urandom(128 * page)
+    store = tmp_path / "store"
+    for n, memory in enumerate(memories):
+        path = tmp_path / f"gen{n}.mem"
+        path.write_bytes(memory)
+        argv = ("pack", "--init", path) if n == 0 else ("diff", path, "--base", "vm")
+        assert fcsnap(*argv, "--store", store, "--name", "vm", "-q").returncode == 0
+    ids = {read_manifest(p).generation: p.name for p in store.iterdir()
+           if (p / "build.json").exists()}
+    result = fcsnap("gc", "--store", store, "--grace", "0", "--json")
+    assert [d["build_id"] for d in json.loads(result.stdout)["deleted"]] == [ids[0]]
+    out = tmp_path / "e2b"
+    result = fcsnap("export", "vm", "--store", store, "-o", out, "--compress", "zstd",
+                    "--frame-size", "64K", "-q")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted([ids[1], ids[2]])
+    assert not (out / ids[1] / HEADER).exists() and (out / ids[1] / "memfile.zstd").is_file()
+    again = tmp_path / "again"
+    result = fcsnap("unpack", out / ids[2], "-o", again)
+    assert result.returncode == 0, result.stderr
+    assert again.read_bytes() == memories[2]

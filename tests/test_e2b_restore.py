@@ -5,6 +5,7 @@ frame, refuses --verify in one line, and damaged data fails the restore cleanly.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -273,7 +274,8 @@ def test_the_frames_a_bucket_build_reads_are_fetched_behind_the_guest(bucket, pr
     upload(bucket, "v4-zstd-4k")
     expected = EXPECTED["v4-zstd-4k"][2]
     with open_e2b(build_dir(expected)) as lineage:
-        want = {d.cache_key: [f"{i:08d}" for i in _all_mapped_frames(lineage, d)]
+        want = {d.cache_key: sorted(f"{d.frames[i].start_c:08d}"  # named by their offset
+                                    for i in _all_mapped_frames(lineage, d))
                 for d in lineage.builds.values()}
     cache = tmp_path / "cache"
 
@@ -311,6 +313,7 @@ def test_a_working_set_in_a_bucket_is_fetched_first(bucket, procs, tmp_path):
         target = data.frame_index(mapped[-1].storage_offset)  # the last mapped run's frame
         ws = [m.offset + at for m in mapped for at in range(0, m.length, 4096)
               if data.frame_index(m.storage_offset + at) == target]
+        target = data.frames[target].start_c  # what the cache names it by
     path = tmp_path / "ws"
     write_working_set(path, expected["size"], ws)
     cache = tmp_path / "cache"
@@ -423,3 +426,60 @@ def test_daemon_requests_for_two_bucket_builds_at_once_both_open(bucket, tmp_pat
                 "00000000-0000-0000-0000-000000000000"}
         finally:
             registry.release(build)
+
+
+def test_two_heads_trimming_an_ancestors_table_differently_share_no_wrong_frame(
+        bucket, procs, tmp_path):
+    """An ancestor whose own header is gone from the bucket is read through each head's
+    trimmed table, whose frame numbers differ between heads. Restored one after the other
+    through one host cache, with incompressible frames (all of one compressed size), each VM
+    still gets its own memory: a cached frame is the object's bytes at its offset, not at
+    another table's index."""
+    import os
+
+    import obstore
+    from helpers import fcsnap
+    from s3_helpers import restore_from
+
+    page, frame = 4096, 64 << 10
+    memories = [bytearray(os.urandom(1 << 20))]
+    for rewrite in (range(0, 16), range(16, 32)):  # the next generation rewrites one frame more
+        memories.append(bytearray(memories[-1]))
+        for p in rewrite:
+            memories[-1][p * page : (p + 1) * page] = os.urandom(page)
+    store, out = tmp_path / "store", tmp_path / "e2b"
+    paths = []
+    for n, memory in enumerate(memories):
+        paths.append(tmp_path / f"gen{n}.mem")
+        paths[-1].write_bytes(memory)
+        argv = ("pack", "--init", paths[-1]) if n == 0 else ("diff", paths[-1], "--base", "vm")
+        result = fcsnap(*argv, "--store", store, "--name", "vm", "--json")
+        assert result.returncode == 0, result.stderr
+    result = fcsnap("export", "vm", "--store", store, "-o", out, "--compress", "zstd",
+                    "--frame-size", str(frame))
+    assert result.returncode == 0, result.stderr
+    generations = json.loads(fcsnap("ls", "vm", "--store", store, "--json").stdout)["generations"]
+    ids = [g["build_id"] for g in sorted(generations, key=lambda g: g["generation"])]
+    (out / ids[0] / "memfile.header").unlink()
+    for path in sorted(out.rglob("*")):
+        if path.is_file():
+            obstore.put(bucket.client(), f"snaps/{path.relative_to(out)}", path.read_bytes())
+    cache = tmp_path / "cache"
+    for build_id, memory in zip(ids[1:], paths[1:], strict=True):
+        server = procs.track(restore_from(bucket, build_id, procs.socket, cache,
+                                          stats=procs.stats))
+        served = procs.outcome(server, procs.vm(expected=memory, threads=2, order="random"))
+        assert_served(served.vm_status, served.status, served.stderr, served.report,
+                      served.stats)
+
+
+def test_a_build_directory_not_named_by_its_build_id_is_refused(procs, tmp_path):
+    """A copy of a head under another name (`cp -r ID ID-backup`) would be served from the
+    directory its header names, not from the copy: refused before listening, as unpack
+    refuses it."""
+    store, build = _damaged(tmp_path, "v4-zstd-4k", 3)
+    copy = store / f"{build.name}-backup"
+    shutil.copytree(build, copy)
+    out = procs.outcome(procs.server(copy, None), None)
+    assert out.status == 1 and "directory name is not its build id" in out.error
+    assert not procs.socket.exists()

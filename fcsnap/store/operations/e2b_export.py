@@ -25,6 +25,7 @@ import numpy as np
 
 from fcsnap.errors import FcsnapError
 from fcsnap.files import fsync_path, read_regular, writing
+from fcsnap.header import load_header
 from fcsnap.header.e2b import RECORD_SIZE, BuildInfo, Frame, encode_v4_body
 from fcsnap.header.format import METADATA, NIL, decode, decode_full
 from fcsnap.store.format.hashes import digest, read_hashes
@@ -45,12 +46,29 @@ def _noop(_n: int) -> None:
 
 
 def lineage_dirs(build_dir: Path) -> list[Path]:
-    """BUILD and its ancestors (through `parent_build_id`), oldest first."""
+    """BUILD and its ancestors (through `parent_build_id`) as far as the store holds them, and
+    every build one of those whose reads are all there reads, oldest first. gc removes what no
+    head reads: an ancestor it removed ends the walk, and a build reading one (`whole` is
+    False) is exported without its header."""
     store = store_of(build_dir)
-    chain = [build_dir]
-    while (parent := read_manifest(chain[-1]).parent_build_id) is not None:
-        chain.append(build_path(store, parent))
-    return chain[::-1]
+    todo = [build_dir]
+    while (parent := read_manifest(todo[-1]).parent_build_id) is not None and (
+            build_path(store, parent).is_dir()):
+        todo.append(build_path(store, parent))
+    found: dict[str, Path] = {}
+    while todo:
+        path = todo.pop()
+        if path.name not in found:
+            found[path.name] = path
+            if whole(path):
+                todo += [build_path(store, b) for b in load_header(path).build_ids()]
+    return sorted(found.values(), key=lambda p: read_manifest(p).generation)
+
+
+def whole(build_dir: Path) -> bool:
+    """Whether every build the header of `build_dir` reads is in its store."""
+    store = store_of(build_dir)
+    return all(build_path(store, b).is_dir() for b in load_header(build_dir).build_ids())
 
 
 @dataclass(frozen=True)
@@ -225,6 +243,8 @@ def export_e2b(build_dir: Path, out: Path, codec: Codec = Codec(),
     and moved into place at the end; builds already in `out` are refused before any write."""
     out.mkdir(parents=True, exist_ok=True)
     with open_lineage(build_dir):
+        if not whole(build_dir):
+            raise FcsnapError(f"build {build_dir.name} reads a build that is not in its store")
         chain = lineage_dirs(build_dir)
         for b in chain:
             if (out / b.name).exists():
@@ -238,8 +258,9 @@ def export_e2b(build_dir: Path, out: Path, codec: Codec = Codec(),
             for b in chain:
                 (stage / b.name).mkdir()
                 entries[uuid.UUID(b.name)] = _own_diff(b, stage / b.name, codec, progress)
-                with writing(f"{stage / b.name / HEADER}"):
-                    (stage / b.name / HEADER).write_bytes(_v4_header(b, entries))
+                if whole(b):  # else its data only, which its descendants' headers describe
+                    with writing(f"{stage / b.name / HEADER}"):
+                        (stage / b.name / HEADER).write_bytes(_v4_header(b, entries))
                 fsync_path(stage / b.name)
             done: list[Path] = []
             try:

@@ -24,7 +24,7 @@ from fcsnap.header import Header
 from fcsnap.store.backends.stores import current_head
 from fcsnap.store.format.layout import HEADER, MANIFEST, build_path
 from fcsnap.store.format.lineage import Parent
-from fcsnap.store.format.locks import publish_name
+from fcsnap.store.format.locks import lock_dir, publish_name
 from fcsnap.store.format.manifest import Manifest, read_manifest
 from fcsnap.store.format.names import check_vm_name
 from fcsnap.store.format.pins import open_lineage
@@ -220,10 +220,40 @@ def _import_lineage(
             result.append((read_manifest(done), done))
             before, parent_dir = now, done
     except BaseException:
-        for path in reversed(made):
-            shutil.rmtree(path, ignore_errors=True)
+        _undo(store, made)
         raise
     return result
+
+
+def _undo(store: Path, made: list[Path]) -> None:
+    """Remove the builds this import published, newest first, except those another command
+    took up meanwhile (a concurrent import reuses what it finds imported): one a name's head
+    or another build reads, or a process holds. Nothing is removed when what the store's
+    other builds read cannot be told."""
+    from fcsnap.store.backends.usage import scan
+
+    mine = {uuid.UUID(path.name) for path in made}
+    try:
+        view = scan(store)
+    except (FcsnapError, OSError):
+        return  # the import's own error is the one to report
+    users = [b for b in view.builds.values() if b.build_id not in mine]
+    if any(b.reads is None for b in users):
+        return
+    taken = view.reachable().union(*(b.reads or () for b in users))
+    for path in reversed(made):
+        if uuid.UUID(path.name) in taken:
+            continue
+        try:
+            lock = lock_dir(path, exclusive=True, block=False)
+        except FileNotFoundError:
+            continue
+        if lock is None:
+            continue  # in use: a concurrent import building on it
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            lock.release()
 
 
 def _import_one(

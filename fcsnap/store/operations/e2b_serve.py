@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fcsnap.errors import FcsnapError, FetchPending, UsageError
+from fcsnap.files import open_regular
 from fcsnap.header import Header
 from fcsnap.header.e2b import Frame
+from fcsnap.header.format import METADATA
 from fcsnap.store.backends.chunk_cache import Buffer, ChunkCache, ReaderFetches
 from fcsnap.store.backends.holds import hold_nothing_in
-from fcsnap.store.format.layout import MANIFEST
+from fcsnap.store.format.layout import HEADER, MANIFEST
 from fcsnap.store.format.seekable import FrameCache
 from fcsnap.store.format.source import DiffFile, open_lineages_with
 from fcsnap.store.operations.e2b import BuildData, decode_frame, e2b_build_dir, open_builds
@@ -64,8 +66,9 @@ class FramedObject:
     """A compressed data object read frame by frame: what DiffFile is to a local zstd diff
     (`read`, `size`). A frame is decoded and checked once, then served from the frame cache
     (the daemon's one budget, or this object's own). With a host chunk cache (`host`, a
-    store in S3) frames are fetched through it, kept there compressed and checked again on
-    every load; `nonblocking` (a fault server's reads) raises FetchPending instead of
+    store in S3) frames are fetched through it, kept there compressed (named by their offset
+    in the object: heads' trimmed tables number an ancestor's frames differently) and checked
+    again on every load; `nonblocking` (a fault server's reads) raises FetchPending instead of
     waiting for a fetch, as fcsnap's own builds in S3 do."""
 
     def __init__(self, data: BuildData, frame_cache: FrameCache | None, cache_bytes: int,
@@ -104,7 +107,7 @@ class FramedObject:
             out = self._decoded(index, self.data._pread(f.start_c, f.size_c))
         else:
             decoded: list[bytes] = []
-            self.cache.get(self.key, index, lambda: self.data._pread(f.start_c, f.size_c),
+            self.cache.get(self.key, f.start_c, lambda: self.data._pread(f.start_c, f.size_c),
                           lambda raw: decoded.append(self._decoded(index, raw)), f.size_c)
             out = decoded[-1]
         self.frames.put((self._id, index), out)
@@ -117,7 +120,7 @@ class FramedObject:
         if self.nonblocking and self.cache is not None and self._for_reader is not None:
             f = self.table[index]
             decoded: list[bytes] = []
-            if self.cache.lookup(self.key, index, f.size_c,
+            if self.cache.lookup(self.key, f.start_c, f.size_c,
                                 lambda raw: decoded.append(self._decoded(index, raw))) is None:
                 self._for_reader.ask(index, lambda: self._load(index))
                 raise FetchPending(f"frame {index} of {self.path}")
@@ -180,10 +183,10 @@ class FramedObject:
         f = self.table[index]
 
         def fetch() -> None:
-            if cache.holds(self.key, index):
+            if cache.holds(self.key, f.start_c):
                 return
             with contextlib.suppress(FcsnapError):  # its reader fetches again and says why
-                cache.get(self.key, index, lambda: self.data._pread(f.start_c, f.size_c),
+                cache.get(self.key, f.start_c, lambda: self.data._pread(f.start_c, f.size_c),
                           lambda raw: self._decoded(index, raw), f.size_c)
 
         cache.prefetch(fetch, background)
@@ -248,5 +251,21 @@ def e2b_to_serve(build: str, store: str | Path | None, verify: bool) -> Path | N
         return None
     if verify:
         raise UsageError(NO_VERIFY)
+    check_named(build_dir)
     serve_e2b_store(build_dir.parent)
     return build_dir
+
+
+def check_named(build_dir: Path) -> None:
+    """Refuse a build directory not named by its header's build id (a copy under another
+    name): the head's data object is found by that id, so another directory's would be
+    served. Only the metadata is read; the header is parsed and checked when opened."""
+    fd = open_regular(build_dir / HEADER, "header")
+    try:
+        meta = os.pread(fd, METADATA.size, 0)
+    finally:
+        os.close(fd)
+    if len(meta) == METADATA.size:  # shorter: the header's reading says what is wrong
+        build_id = uuid.UUID(bytes=METADATA.unpack(meta)[4])
+        if build_dir.resolve().name != str(build_id):  # a symlink to it is that directory
+            raise FcsnapError(f"{build_dir}: directory name is not its build id {build_id}")
