@@ -162,6 +162,30 @@ def test_daemon_serves_e2b_builds_side_by_side(tmp_path):
         daemon.close()
 
 
+def test_daemon_refuses_a_checkpoint_of_an_e2b_build(tmp_path):
+    """A checkpoint is the next generation of an fcsnap build: asked of a restore serving an
+    E2B/Wrenn build, the daemon refuses it in one line saying so (409), before pausing or
+    reading anything, and the restore goes on."""
+    from test_daemon import Daemon
+
+    store = tmp_path / "bucket"
+    shutil.copytree(FIXTURES / "v5-lz4-4k", store)
+    expected = EXPECTED["v5-lz4-4k"][1]
+    daemon = Daemon(store, tmp_path)
+    try:
+        answer = daemon.restore(str(expected["build_id"]), "vm", track_writes=True)
+        status, refused = daemon.call("POST", f"/restores/{answer['id']}/checkpoint",
+                                      {"name": "next"})
+        assert status == 409 and "E2B/Wrenn build" in refused["error"], refused
+        assert "\n" not in refused["error"]
+        status, state = daemon.call("GET", f"/restores/{answer['id']}")
+        assert status == 200 and state.get("last_checkpoint") is None, state
+        assert not (store / "vms").exists()  # nothing published
+        assert daemon.stop()[0] == 0
+    finally:
+        daemon.close()
+
+
 def upload(bucket, scenario: str, prefix: str = "snaps", root: Path = FIXTURES) -> None:
     """A fixture scenario (or a copy of one under `root`) as E2B lays out its bucket:
     `<prefix>/<build_id>/<object>`."""

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from fcsnap.daemon.request import RequestError
 from fcsnap.errors import FcsnapError, redact
+from fcsnap.store.format.layout import foreign_build
 from fcsnap.store.format.lineage import Parent
 from fcsnap.store.format.names import check_vm_name
 from fcsnap.store.format.pins import open_lineage
@@ -83,6 +84,11 @@ def checkpoint(restore: Restore, store: Path, request: CheckpointRequest
     """Write the next generation of `restore`'s VM into `store`: (201, its summary); in the
     background, (202, the pause's summary) once the VM is resumed, the copy going on (its
     state in `restore.last_checkpoint`)."""
+    base = restore.checkpoint_base or restore.build.build_dir
+    if foreign_build(set(os.listdir(base))):
+        raise RequestError(f"restore {restore.id} serves an E2B/Wrenn build: a checkpoint is "
+                           "the next generation of an fcsnap build (fcsnap import the build, "
+                           "then restore that)", 409)
     session = restore.session
     if session is None or session.peer is None or session.installer is None:
         raise RequestError(f"restore {restore.id} has no VM being served", 409)
