@@ -134,3 +134,27 @@ def test_a_restore_killed_while_opening_has_its_queued_vm_killed(
     restore.kill()
     restore.communicate(timeout=WAIT)
     assert vm.wait(WAIT) == KILLED  # not 4: its deadline passed in a frozen fault
+
+
+def test_sigterm_while_turning_away_does_not_cut_the_way_out_short(
+        store: Path, tmp_path: Path, procs: Processes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop asked for while a restore that could not open its build is closing (the
+    orchestrator giving up at that moment): the failure is reported, the queued VM killed and
+    the socket removed; no stop escapes half way (a traceback, the socket left behind)."""
+    sock = tmp_path / "uffd.sock"
+
+    def fail() -> None:
+        raise FcsnapError("build vm is damaged")
+
+    vms = hold_opening(monkeypatch, sock, procs, fail)
+    turn_away = opening.turn_away
+
+    def signalled(*args: Any) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        turn_away(*args)
+
+    monkeypatch.setattr(opening, "turn_away", signalled)
+    with pytest.raises(FcsnapError, match="damaged"):
+        api.restore("vm", sock, store=store)
+    assert vms[0].wait(WAIT) == KILLED
+    assert not sock.exists()

@@ -82,6 +82,7 @@ class Opening:
         """Turn away the VMs still queued, close the socket and remove its file (unless
         another file has taken its place), then hang up on the watchdog (which turns away a
         VM that connected in between). Does nothing more once the server has done it."""
+        self._stopped = True  # a signal from here on is no stop: it must not cut this short
         try:
             if self.listener.fileno() >= 0:
                 try:
