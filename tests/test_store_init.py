@@ -348,3 +348,16 @@ def test_an_unmarked_bucket_is_known_by_its_first_objects(
     store = RemoteStore(S3Objects(parse_s3_url(bucket.url("e2b"))), tmp_path / "mirror")
     assert store.state() is State.UNMARKED
     assert len(pages) == 1 and sum(pages) < 200, pages
+
+
+def test_an_older_s3_store_holding_only_leases_is_still_a_store(bucket: Bucket) -> None:
+    """An unmarked store in S3 whose last build gc deleted while a lease was left (a restore
+    SIGKILLed, a gc killed) holds only `leases/`: still a store, which gc can clean and init
+    can mark, not a prefix of other objects."""
+    obstore.put(bucket.client(), "old/leases/serve/0123abcd", b"{}")
+    store = bucket.url("old")
+    listed = fcsnap("ls", "--store", store, env=bucket.env)
+    assert listed.returncode == 0, listed.stderr
+    marked = fcsnap("init", store, "--json", env=bucket.env)
+    assert marked.returncode == 0, marked.stderr
+    assert json.loads(marked.stdout)["result"] == "adopted"

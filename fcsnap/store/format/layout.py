@@ -29,6 +29,7 @@ SNAPFILE = "snapfile"
 STAGING_PREFIX = ".staging-"
 GC_LOCK = ".gc.lock"  # gc's lock (docs/FORMAT.md §8.4)
 TRASH_PREFIX = ".trash-"  # a build gc is deleting
+LEASES = "leases"  # in S3: what stands for locks (docs/FORMAT.md §8.6)
 
 
 def parse_build_id(text: str) -> uuid.UUID | None:
