@@ -116,7 +116,7 @@ def watch_until_eof(channel: socket.socket) -> None:
             message, fds = _receive(channel)
             if message is None:
                 for listener, uids in guarded.values():
-                    _kill_queued(listener, uids)
+                    _kill_queued(listener, uids, "the page server died before serving it")
                 _kill_all(watched)
                 return
             verb, _, rest = message.partition(" ")
@@ -124,7 +124,12 @@ def watch_until_eof(channel: socket.socket) -> None:
             if verb in ("watch", "release"):
                 _forget(watched, vm_id, poller)
             if verb in ("watch", "release", "guard") and vm_id in guarded:
-                guarded.pop(vm_id)[0].close()  # the VM accepted, or dealt with
+                # The VM accepted, or dealt with: the server has closed its copy of the
+                # socket, so whoever queued on ours since will not be served either.
+                listener, admitted = guarded.pop(vm_id)
+                _kill_queued(listener, admitted, f"no one serves it (the page server of {vm_id} "
+                             "has taken its VM or ended)")
+                listener.close()
             if verb == "guard" and vm_id and len(fds) == 1:
                 guarded[vm_id] = (socket.socket(fileno=fds.pop()),
                                   {int(uid) for uid in uids.split(",") if uid.isdigit()})
@@ -171,9 +176,9 @@ def _kill_all(watched: dict[str, int]) -> None:
         os.write(2, line.encode())
 
 
-def _kill_queued(listener: socket.socket, uids: set[int]) -> None:
+def _kill_queued(listener: socket.socket, uids: set[int], why: str) -> None:
     """Kill every process of `uids` queued on `listener` (it has sent its uffd, and no one
-    will serve its faults); disconnect every other peer."""
+    will serve its faults: `why`); disconnect every other peer."""
     listener.setblocking(False)
     while True:
         try:
@@ -191,9 +196,8 @@ def _kill_queued(listener: socket.socket, uids: set[int]) -> None:
                 continue
             try:
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                os.write(2, (f"fcsnap: watchdog: the page server died before serving the VM "
-                             f"queued on its socket; killed it (pid {pid}) rather than leave "
-                             "it frozen\n").encode())
+                os.write(2, (f"fcsnap: watchdog: killed the VM queued on the socket (pid {pid}) "
+                             f"rather than leave it frozen: {why}\n").encode())
             except ProcessLookupError:
                 pass
             finally:
