@@ -707,6 +707,7 @@ def restore(
                     load.start(server.fail, on_loaded or (lambda _response: None))
 
             serving.on_listening, serving.listener = listening, opening.listener
+            serving.watchdog = opening.watchdog  # guarding the socket already
             if fetched is not None:
                 serving.more_stats = fetched.as_dict  # the fetch counters in --stats
             opening.server = server = FaultServer(

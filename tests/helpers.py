@@ -217,6 +217,12 @@ def one_build_store(root: Path, size: int, seed: int) -> Path:
     return root / "store"
 
 
+def in_a_fault(pid: int) -> bool:
+    """Whether a thread of process `pid` waits in a userfaultfd fault (its page not served)."""
+    return any(task.joinpath("wchan").read_text() == "handle_userfault"
+               for task in Path(f"/proc/{pid}/task").iterdir())
+
+
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import WAIT, Processes, one_build_store
+from helpers import WAIT, Processes, in_a_fault, one_build_store, wait_for
+from store_procs import start_stopped
 
 from fcsnap import api
 from fcsnap.errors import FcsnapError
@@ -118,3 +119,42 @@ def test_a_peer_not_admitted_is_disconnected_not_killed(
     with pytest.raises(FcsnapError, match="damaged"):
         api.restore("vm", sock, store=store)
     assert peers[0].wait(WAIT) == 0  # it saw the connection go
+
+
+def test_a_restore_killed_while_opening_has_its_queued_vm_killed(
+        store: Path, tmp_path: Path, procs: Processes) -> None:
+    """kill -9 (the OOM killer) while the build is being opened: the VM queued on the socket
+    has sent its uffd and waits in its first fault, which no one will serve; the watchdog
+    kills it rather than leave it frozen."""
+    sock = tmp_path / "uffd.sock"
+    restore = procs.track(start_stopped("restore", "vm", "--store", store, "--socket", sock,
+                                        point="lineage"))
+    vm = procs.track(firecracker.spawn(sock, size=SIZE, deadline=10, hold=10))
+    wait_for(lambda: in_a_fault(vm.pid), "the VM to wait in its first fault")
+    restore.kill()
+    restore.communicate(timeout=WAIT)
+    assert vm.wait(WAIT) == KILLED  # not 4: its deadline passed in a frozen fault
+
+
+def test_sigterm_while_turning_away_does_not_cut_the_way_out_short(
+        store: Path, tmp_path: Path, procs: Processes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop asked for while a restore that could not open its build is closing (the
+    orchestrator giving up at that moment): the failure is reported, the queued VM killed and
+    the socket removed; no stop escapes half way (a traceback, the socket left behind)."""
+    sock = tmp_path / "uffd.sock"
+
+    def fail() -> None:
+        raise FcsnapError("build vm is damaged")
+
+    vms = hold_opening(monkeypatch, sock, procs, fail)
+    turn_away = opening.turn_away
+
+    def signalled(*args: Any) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        turn_away(*args)
+
+    monkeypatch.setattr(opening, "turn_away", signalled)
+    with pytest.raises(FcsnapError, match="damaged"):
+        api.restore("vm", sock, store=store)
+    assert vms[0].wait(WAIT) == KILLED
+    assert not sock.exists()

@@ -12,6 +12,7 @@ Marked `firecracker` (run with `-m firecracker`); every wait has a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import fcsnap
+from helpers import fcsnap, in_a_fault, wait_for
+from store_procs import stopping_at
 
 from fcsnap.daemon.client import call_daemon
 from fcsnap.header import load_header
@@ -187,6 +189,26 @@ def test_server_stopped_or_killed_under_a_running_vm(template: Snapshot, store: 
         server.proc.send_signal(signum)
         assert fc.proc.wait(WAIT) == KILLED
         assert server.finish() == (0 if signum == signal.SIGTERM else KILLED)
+
+
+def test_restore_killed_while_opening_its_build(template: Snapshot, store: Path,
+                                               tmp_path: Path) -> None:
+    """kill -9 of restore while it opens its build, Firecracker loading the snapshot from its
+    socket meanwhile: the VM waits in its first fault, and restore's watchdog kills it."""
+    sock = tmp_path / "uffd.sock"
+    with Firecracker(tmp_path, "clone") as fc, RestoreProcess(
+            sock, "--vm", "vm", "--store", store, env=stopping_at("lineage"),
+            socket_only=True) as server:
+        assert server.proc is not None and fc.proc is not None
+
+        def load() -> None:  # it may never answer (its memory is not served), or die first
+            with contextlib.suppress(Exception):
+                fc.load(template.vmstate, uffd=sock)
+
+        threading.Thread(target=load, daemon=True).start()
+        wait_for(lambda: in_a_fault(fc.proc.pid), "Firecracker to wait in a fault")
+        server.proc.kill()
+        assert fc.proc.wait(WAIT) == KILLED
 
 
 def damaged_store(store: Path, tmp_path: Path) -> Path:

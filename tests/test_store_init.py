@@ -19,6 +19,7 @@ from test_bad_input import tree
 import fcsnap as api
 from fcsnap.store.backends.remote import RemoteStore
 from fcsnap.store.backends.s3 import S3Objects, parse_s3_url
+from fcsnap.store.format import marker
 from fcsnap.store.format.marker import State
 from fcsnap.store.operations import ops
 from fcsnap.store.operations.builder import BuildOptions
@@ -348,3 +349,38 @@ def test_an_unmarked_bucket_is_known_by_its_first_objects(
     store = RemoteStore(S3Objects(parse_s3_url(bucket.url("e2b"))), tmp_path / "mirror")
     assert store.state() is State.UNMARKED
     assert len(pages) == 1 and sum(pages) < 200, pages
+
+
+def test_an_older_s3_store_holding_only_leases_is_still_a_store(bucket: Bucket) -> None:
+    """An unmarked store in S3 whose last build gc deleted while a lease was left (a restore
+    SIGKILLed, a gc killed) holds only `leases/`: still a store, which gc can clean and init
+    can mark, not a prefix of other objects."""
+    obstore.put(bucket.client(), "old/leases/serve/0123abcd", b"{}")
+    store = bucket.url("old")
+    listed = fcsnap("ls", "--store", store, env=bucket.env)
+    assert listed.returncode == 0, listed.stderr
+    marked = fcsnap("init", store, "--json", env=bucket.env)
+    assert marked.returncode == 0, marked.stderr
+    assert json.loads(marked.stdout)["result"] == "adopted"
+
+
+def test_an_unmarked_directory_is_known_by_its_first_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local E2B/Wrenn directory or an older store of many builds is recognised by the
+    first build found, not by looking into every build directory (20,000 builds took every
+    command, restore's start among them, a third of a second)."""
+    for i in range(50):
+        build = tmp_path / str(uuid.UUID(int=i + 1))
+        build.mkdir()
+        (build / "memfile.header").write_bytes(b"h")
+    looked: list[str] = []
+    is_build = marker._is_build
+
+    def counted(store: Path, name: str) -> bool:
+        looked.append(name)
+        return is_build(store, name)
+
+    monkeypatch.setattr(marker, "_is_build", counted)
+    assert marker.local_state(tmp_path) is State.UNMARKED
+    assert len(looked) == 1, looked

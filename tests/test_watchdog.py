@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -288,3 +289,44 @@ def test_normal_end_leaves_no_watchdog_and_no_line(lineage, runs) -> None:
     assert server.finish().status == 0 and server.stderr == []
     assert wait_dead(watchdog, WAIT) is not None
     assert firecracker.read_report(vm.report_path)["mismatches"] == 0
+
+
+QUEUED_PEER = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+print("connected", flush=True)
+s.settimeout(float(sys.argv[2]))
+sys.exit(s.recv(1) != b"")
+"""
+
+
+def test_a_guard_ended_turns_away_who_queued_on_the_socket_meanwhile(tmp_path) -> None:
+    """Once the server has accepted its VM (`watch`) and closed its copy of the socket, the
+    watchdog's copy still listens until it lets go: a VM that queued there meanwhile is
+    killed (it has sent its uffd, and no one serves it), not merely disconnected."""
+    path = tmp_path / "uffd.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(8)
+    watchdog = Watchdog.start()
+    vm = subprocess.Popen(["sleep", str(WAIT)])
+    peer = None
+    try:
+        watchdog.guard("vm", listener.fileno(), {os.geteuid()})
+        listener.close()  # the server's copy, closed as it accepts its VM
+        peer = subprocess.Popen([sys.executable, "-c", QUEUED_PEER, str(path), str(WAIT)],
+                                stdout=subprocess.PIPE)
+        assert peer.stdout is not None and peer.stdout.readline() == b"connected\n"
+        pidfd = os.pidfd_open(vm.pid)
+        watchdog.watch("vm", pidfd)
+        os.close(pidfd)
+        assert peer.wait(WAIT) == KILLED
+        watchdog.release("vm")
+    finally:
+        watchdog.close()
+        for proc in (vm, peer):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+            if proc is not None:
+                proc.wait(WAIT)

@@ -9,7 +9,9 @@ server and opens the build. A VM that connects meanwhile waits in the socket's
 backlog; its handshake is taken once the build is known good. Until the server takes the
 socket over, `Opening` answers for it: SIGTERM/SIGINT end the restore as a stop (`Stopped`),
 and any way out turns away the VMs queued on the socket (killed: one that sent its uffd would
-freeze at its first fault) and removes the socket file.
+freeze at its first fault) and removes the socket file. A restore killed outright (SIGKILL, the
+OOM killer) cannot: its watchdog, started as soon as the socket listens and given the socket,
+kills them then.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
+from fcsnap.errors import FcsnapError
 from fcsnap.uffd.listener import SocketAccess, listen
+from fcsnap.uffd.watchdog import Watchdog, WatchdogError
 
 STOPS = (signal.SIGTERM, signal.SIGINT)
 
@@ -42,13 +46,24 @@ class Opening:
     """The restore's listening socket, from before its build is opened to the end."""
 
     def __init__(self, path: Path, access: SocketAccess) -> None:
+        """Listen at `path`, with a watchdog guarding the socket for the VM `str(path)` (the
+        id the session gives its VM: its `watch` ends the guard)."""
         self.path = path
         self.access = access
         self.listener: socket.socket = listen(path, access)
         self.inode = os.stat(path).st_ino
         self.server: Stoppable | None = None  # set once the server can take a stop
+        self.watchdog: Watchdog | None = None  # the session's too (ServeOptions.watchdog)
         self._old: dict[int, Any] = {}
         self._stopped = False
+        try:
+            self.watchdog = Watchdog.start()
+            self.watchdog.guard(str(path), self.listener.fileno(), access.admitted_uids())
+        except BaseException as e:
+            self.close()
+            if isinstance(e, WatchdogError):
+                raise FcsnapError(str(e)) from e
+            raise
 
     def __enter__(self) -> Opening:
         if threading.current_thread() is threading.main_thread():
@@ -65,15 +80,22 @@ class Opening:
 
     def close(self) -> None:
         """Turn away the VMs still queued, close the socket and remove its file (unless
-        another file has taken its place). Does nothing more once the server has done it."""
-        if self.listener.fileno() >= 0:
-            try:
-                turn_away(self.listener, self.access.admits)
-            finally:
-                self.listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            if os.lstat(self.path).st_ino == self.inode:
-                os.unlink(self.path)
+        another file has taken its place), then hang up on the watchdog (which turns away a
+        VM that connected in between). Does nothing more once the server has done it."""
+        self._stopped = True  # a signal from here on is no stop: it must not cut this short
+        try:
+            if self.listener.fileno() >= 0:
+                try:
+                    turn_away(self.listener, self.access.admits)
+                finally:
+                    self.listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                if os.lstat(self.path).st_ino == self.inode:
+                    os.unlink(self.path)
+        finally:
+            watchdog, self.watchdog = self.watchdog, None
+            if watchdog is not None:
+                watchdog.close()
 
     def _on_signal(self, _signum: int, _frame: object) -> None:
         if self.server is not None:

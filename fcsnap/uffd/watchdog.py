@@ -7,12 +7,17 @@ posix_spawn so that it shares nothing with the server) in its own session, so th
 the server's process group (`timeout -s KILL`, Ctrl-C) does not reach it. Its stdin is one end of
 a SOCK_SEQPACKET socket pair whose other end only the server holds. Messages, one per packet:
 
+    guard UIDS ID with the listening socket a VM will connect to (SCM_RIGHTS) and the uids it
+                  admits (comma-separated): until `watch ID` or `release ID`, kill every VM of
+                  those uids queued on it if the server dies (restore listens before it opens
+                  its build: a VM that connected meanwhile has sent its uffd)
     watch ID      with the VM's pidfd (SCM_RIGHTS): kill this VM if the server dies
     release ID    this VM no longer needs the server (every page installed), or the server has
                   dealt with it (killed it, or seen it exit)
 
-At EOF on the socket (the server exited, however it died) the watchdog kills every VM still
-watched, through its pidfd (never a recycled pid), says so in one line each on stderr, and exits.
+At EOF on the socket (the server exited, however it died) the watchdog kills every VM queued on
+a guarded socket and every VM still watched, through its pidfd (never a recycled pid), says so
+in one line each on stderr, and exits.
 A VM that exits by itself is forgotten. One watchdog serves any number of VMs (a daemon starts
 one for all of them); a repeated `watch ID` replaces the earlier one.
 """
@@ -25,6 +30,7 @@ import select
 import signal
 import socket
 import sys
+from collections.abc import Iterable
 
 MAX_MESSAGE = 4096
 CLOSE_TIMEOUT = 2.0  # seconds the watchdog may take to exit after EOF before it is killed
@@ -55,6 +61,11 @@ class Watchdog:
         finally:
             theirs.close()
         return cls(ours, pid)
+
+    def guard(self, vm_id: str, listener: int, uids: Iterable[int]) -> None:
+        """From now on until the VM `vm_id` is watched or released, the VMs of `uids` queued
+        on the listening socket `listener` are killed if this process dies."""
+        self._send(f"guard {','.join(map(str, sorted(uids)))} {vm_id}", [listener])
 
     def watch(self, vm_id: str, pidfd: int) -> None:
         """From now on, the VM is killed if this process dies before releasing it."""
@@ -87,8 +98,10 @@ class Watchdog:
 
 
 def watch_until_eof(channel: socket.socket) -> None:
-    """Follow the server's messages; at EOF kill every VM still watched."""
+    """Follow the server's messages; at EOF kill every VM queued on a guarded socket and
+    every VM still watched."""
     watched: dict[str, int] = {}  # VM id -> pidfd
+    guarded: dict[str, tuple[socket.socket, set[int]]] = {}  # VM id -> listener, uids
     poller = select.poll()
     poller.register(channel, select.POLLIN)
     while True:
@@ -102,11 +115,24 @@ def watch_until_eof(channel: socket.socket) -> None:
                 continue
             message, fds = _receive(channel)
             if message is None:
+                for listener, uids in guarded.values():
+                    _kill_queued(listener, uids, "the page server died before serving it")
                 _kill_all(watched)
                 return
-            verb, _, vm_id = message.partition(" ")
+            verb, _, rest = message.partition(" ")
+            uids, _, vm_id = rest.partition(" ") if verb == "guard" else ("", "", rest)
             if verb in ("watch", "release"):
                 _forget(watched, vm_id, poller)
+            if verb in ("watch", "release", "guard") and vm_id in guarded:
+                # The VM accepted, or dealt with: the server has closed its copy of the
+                # socket, so whoever queued on ours since will not be served either.
+                listener, admitted = guarded.pop(vm_id)
+                _kill_queued(listener, admitted, f"no one serves it (the page server of {vm_id} "
+                             "has taken its VM or ended)")
+                listener.close()
+            if verb == "guard" and vm_id and len(fds) == 1:
+                guarded[vm_id] = (socket.socket(fileno=fds.pop()),
+                                  {int(uid) for uid in uids.split(",") if uid.isdigit()})
             if verb == "watch" and vm_id and len(fds) == 1:
                 watched[vm_id] = fds.pop()
                 poller.register(watched[vm_id], select.POLLIN)
@@ -148,6 +174,34 @@ def _kill_all(watched: dict[str, int]) -> None:
         line = (f"fcsnap: watchdog: the page server died; killed the VM {vm_id} "
                 f"(pid {pid}) rather than leave it frozen\n")
         os.write(2, line.encode())
+
+
+def _kill_queued(listener: socket.socket, uids: set[int], why: str) -> None:
+    """Kill every process of `uids` queued on `listener` (it has sent its uffd, and no one
+    will serve its faults: `why`); disconnect every other peer."""
+    listener.setblocking(False)
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:  # none left
+            return
+        with conn:
+            try:
+                cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+                pid, uid = (int.from_bytes(cred[i:i + 4], sys.byteorder) for i in (0, 4))
+                if pid <= 0 or uid not in uids:
+                    continue
+                pidfd = os.pidfd_open(pid)
+            except OSError:  # gone already: no VM to kill
+                continue
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                os.write(2, (f"fcsnap: watchdog: killed the VM queued on the socket (pid {pid}) "
+                             f"rather than leave it frozen: {why}\n").encode())
+            except ProcessLookupError:
+                pass
+            finally:
+                os.close(pidfd)
 
 
 def exited(pidfd: int, timeout: float) -> bool:

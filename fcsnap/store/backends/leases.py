@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 from fcsnap.errors import FcsnapError, UsageError
 from fcsnap.store.backends.remote import RemoteStore
+from fcsnap.store.format.layout import LEASES
 from fcsnap.units import parse_duration
 
-LEASES = "leases"
 FORMAT = 1
 EXPIRY_ENV = "FCSNAP_S3_LEASE_EXPIRY"
 DEFAULT_EXPIRY = 600.0  # seconds without a refresh after which a lease is stale

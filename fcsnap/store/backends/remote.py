@@ -40,6 +40,7 @@ from fcsnap.store.format.layout import (
     DIFF_ZSTD,
     HASHES,
     HEADER,
+    LEASES,
     MANIFEST,
     SNAPFILE,
     parse_build_id,
@@ -85,7 +86,8 @@ class RemoteStore:
     def state(self) -> State:
         """Whether the prefix is a store: its marker, else what its objects look like (a
         listing, needed only for a store made before markers and for E2B/Wrenn buckets, read
-        only up to the first object of a store's: build ids sort first)."""
+        only up to the first object of a store's: build ids sort first). Leases count too: gc
+        of such a store's last build may leave one."""
         found = self.objects.get(MARKER)
         if found is not None:
             check_marker(found[0], f"{self.url}/{MARKER}")
@@ -95,7 +97,7 @@ class RemoteStore:
             empty = False
             head, _, rest = info.key.partition("/")
             build = rest != "" and parse_build_id(head) is not None
-            if looks_like_store({head}, [head] if build else []):
+            if looks_like_store({head}, [head] if build else []) or head == LEASES and rest:
                 return State.UNMARKED
         return State.EMPTY if empty else State.FOREIGN
 

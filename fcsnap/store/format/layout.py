@@ -29,6 +29,7 @@ SNAPFILE = "snapfile"
 STAGING_PREFIX = ".staging-"
 GC_LOCK = ".gc.lock"  # gc's lock (docs/FORMAT.md §8.4)
 TRASH_PREFIX = ".trash-"  # a build gc is deleting
+LEASES = "leases"  # in S3: what stands for locks (docs/FORMAT.md §8.6)
 FCSNAP_FILES = (MANIFEST, HASHES, DIFF_RAW, DIFF_ZSTD)
 """What fcsnap writes into a build and E2B/Wrenn never do: one of them marks a build fcsnap's."""
 

@@ -103,8 +103,9 @@ def local_state(store: Path) -> State:
             return State.MARKED
     if not names:
         return State.EMPTY
-    builds = [e.name for e in entries if _is_build(store, e.name)]
-    return State.UNMARKED if looks_like_store(names, builds) else State.FOREIGN
+    # The first build found is enough: an E2B directory may hold tens of thousands.
+    build = next((e.name for e in entries if _is_build(store, e.name)), None)
+    return State.UNMARKED if looks_like_store(names, [build] if build else []) else State.FOREIGN
 
 
 def _is_build(store: Path, name: str) -> bool:
