@@ -11,9 +11,9 @@ import time
 import uuid
 from pathlib import Path
 
-from helpers import fcsnap_here
+from helpers import fcsnap, fcsnap_here
 from s3_helpers import Bucket, memfile
-from store_procs import TIMEOUT, fcsnap, wait_stopped
+from store_procs import TIMEOUT, wait_stopped
 
 from fcsnap.store.format.locks import STOP_ENV
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full, write_sparse_diff
