@@ -165,7 +165,8 @@ def test_threads_fault_the_same_pages(request, lineages, procs, page: str) -> No
 
 
 @pytest.mark.parametrize(("compression", "page"), [
-    ("none", "4K"), ("zstd", "4K"), ("none", "2M"), ("zstd", "2M"),
+    ("none", "4K"), pytest.param("zstd", "4K", marks=pytest.mark.slow),
+    pytest.param("none", "2M", marks=pytest.mark.slow), ("zstd", "2M"),
 ])
 def test_kvm_vcpu_faults(request, lineages, procs, compression: str, page: str) -> None:
     """A KVM vCPU reads guest memory, so the faults are kernel-mode ones, as Firecracker's."""
