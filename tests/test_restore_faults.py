@@ -48,7 +48,6 @@ SIZE = 128 * MiB  # the lineages' guest memory; small runs give the stand-in a s
 SMALL = 8 * MiB
 DAMAGED_SIZE = 16 * MiB  # the lineages tests copy and damage: size is not what they test
 PROMPT = 3.0  # seconds a server may take to notice and act on an event
-START_DELAY = 1.5  # seconds a stand-in waits after its handshake, for the test to break things
 KILLED = -signal.SIGKILL
 UFFD_LINK = "anon_inode:[userfaultfd]"
 PIDFD_LINK = "anon_inode:[pidfd]"
@@ -164,6 +163,7 @@ class Runs(Processes):
     def __init__(self, tmp: Path) -> None:
         super().__init__()
         self.tmp = tmp
+        self.gate = tmp / "start-gate"  # a stand-in given start_gate=gate touches once it exists
 
     def server(self, build: Path, *args: str, name: str = "uffd") -> Server:
         sock, stats = self.tmp / f"{name}.sock", self.tmp / f"{name}.stats.json"
@@ -426,9 +426,10 @@ def test_second_client_while_serving_is_refused(lineages, runs) -> None:
     lineage = lineages["none"]
     server = runs.server(lineage.newest)
     vm = runs.vm(server, expected=lineage.expected, size=SMALL, threads=4,
-                 order="random", start_delay=START_DELAY)
+                 order="random", start_gate=runs.gate)
     server.wait_handshake()
     assert second_client(server.socket) == "refused"
+    runs.gate.touch()
     assert_served(server.finish(), vm.finish(), SMALL // PAGE)
 
 
@@ -498,9 +499,10 @@ def test_diff_truncated_while_serving(small_lineages, runs, tmp_path, kind, cut,
     at = first_base_page(lineage) if cut == "first-page" else diff.stat().st_size // 2
     server = runs.server(lineage.newest, "--fault-around", "0" if cut == "first-page" else "256K")
     vm = runs.vm(server, expected=lineage.expected, threads=threads, order=order,
-                 start_delay=START_DELAY)
+                 start_gate=runs.gate)
     server.wait_handshake()
     os.truncate(diff, at - at % PAGE + 100)
+    runs.gate.touch()
     assert vm.finish().status == KILLED
     server.finish()
     assert server.status == 1
@@ -568,7 +570,7 @@ def test_diff_corrupted_while_serving_is_not_served(small_lineages, runs, tmp_pa
     lineage = small_lineages[kind].writable_copy(tmp_path / "store")
     server = runs.server(lineage.newest, *args)
     vm = runs.vm(server, expected=lineage.expected, threads=4, order="random",
-                 start_delay=START_DELAY)
+                 start_gate=runs.gate)
     server.wait_handshake()
     if kind == "none":
         at = first_base_page(lineage) + 100
@@ -579,6 +581,7 @@ def test_diff_corrupted_while_serving_is_not_served(small_lineages, runs, tmp_pa
             f.write(bytes([byte ^ 0xFF]))
     else:
         flip_undetected(lineage)
+    runs.gate.touch()
     assert vm.finish().status == KILLED
     server.finish()
     assert server.status == 1
@@ -596,9 +599,10 @@ def test_diff_deleted_while_serving_is_still_served(small_lineages, runs, tmp_pa
     lineage = small_lineages[kind].writable_copy(tmp_path / "store")
     server = runs.server(lineage.newest, "--verify")
     vm = runs.vm(server, expected=lineage.expected, threads=4, order="random",
-                 start_delay=START_DELAY)
+                 start_gate=runs.gate)
     server.wait_handshake()
     lineage.base_diff.unlink()
+    runs.gate.touch()
     stats = assert_served(server.finish(), vm.finish(), DAMAGED_SIZE // PAGE)
     assert stats["per_build_pages"].get(lineage.builds[0].name, 0) > 0
 

@@ -14,7 +14,8 @@ chosen by --seed) and then every page, timing both passes (`ws_s`, `all_s`); `--
 FILE` skips the socket and the uffd and maps FILE MAP_PRIVATE instead, as Firecracker's File
 memory backend does, for a baseline; `--no-verify-bytes` leaves out the byte compare and
 `--latency` times every touch. The touch plans are made before the handshake, so the guest
-starts touching right after it, as a resumed VM does (or `--start-delay` seconds later).
+starts touching right after it, as a resumed VM does (or `--start-delay` seconds later, or once
+the `--start-gate` file exists: a test breaks things in between).
 
 `--balloon-cycles N` races the balloon with the faulting threads: the touch pass runs N times,
 and during each a balloon thread gives the --balloon pages back one page at a time (a REMOVE
@@ -398,6 +399,8 @@ class StandIn:
                 handshake(self.sock, guest, a.payload, a.misbehave)
             if not a.misbehave:
                 time.sleep(a.start_delay)
+                while a.start_gate and not os.path.exists(a.start_gate):  # the watchdog's
+                    time.sleep(0.005)  # deadline bounds this
                 if a.start_at is not None:  # many VMs touching at once, whenever each started
                     time.sleep(max(0.0, a.start_at - time.monotonic()))
                 self._workload(guest, expected, passes)
@@ -742,6 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report the present pages, write-protected or not (pagemap bit 57)")
     p.add_argument("--start-delay", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long after the handshake before touching memory")
+    p.add_argument("--start-gate", metavar="FILE",
+                   help="after the handshake, wait until FILE exists before touching memory")
     p.add_argument("--start-at", type=float, metavar="MONOTONIC",
                    help="after the handshake, wait until CLOCK_MONOTONIC reads this")
     p.add_argument("--kvm", action="store_true", help="also read memory from a KVM vCPU")
