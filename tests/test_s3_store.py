@@ -268,10 +268,7 @@ def test_an_s3_url_never_becomes_a_local_directory(bucket: Bucket, tmp_path: Pat
     missing = f"s3://missing-{uuid.uuid4().hex[:12]}/p"
 
     def fcsnap_in_cwd(*args: object) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "fcsnap", *map(str, args)], cwd=work, env=bucket.env,
-            capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL,
-        )
+        return fcsnap_here(*args, cwd=work, env=bucket.env, timeout=TIMEOUT)
 
     for args in (("ls", "--store", missing), ("inspect", "web", "--store", missing),
                  ("gc", "--store", missing), ("rm", "web", "--store", missing)):
