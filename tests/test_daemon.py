@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import fcsnap_here
 from prometheus_client.parser import text_string_to_metric_families
 from test_restore_faults import KILLED, WAIT
 from test_watchdog import wait_dead
@@ -393,20 +394,16 @@ def test_restore_daemon_flag_prints_the_id_once_listening(store, daemon: Daemon,
     listening; its refusals are one line and exit 1."""
     _, builds = store
     stats = tmp_path / "flag.stats.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "fcsnap", "restore", "--daemon", str(daemon.api), "--vm", "raw",
-         "--socket", str(tmp_path / "flag.sock"), "--stats", str(stats)],
-        capture_output=True, text=True, timeout=WAIT)
+    done = fcsnap_here("restore", "--daemon", daemon.api, "--vm", "raw", "--socket",
+                       tmp_path / "flag.sock", "--stats", stats, timeout=WAIT)
     assert done.returncode == 0, done.stderr
     restore_id = done.stdout.strip()
     assert (tmp_path / "flag.sock").exists()
     assert daemon.vm("flag", builds["raw"], threads=2).wait(WAIT) == 0
     assert daemon.wait_ended(restore_id)["exit_reason"] == "vm exited"
     assert json.loads(stats.read_text())["exit_reason"] == "vm exited"
-    refused = subprocess.run(
-        [sys.executable, "-m", "fcsnap", "restore", "--daemon", str(daemon.api), "--vm",
-         "nosuch", "--socket", str(tmp_path / "no.sock")],
-        capture_output=True, text=True, timeout=WAIT)
+    refused = fcsnap_here("restore", "--daemon", daemon.api, "--vm", "nosuch", "--socket",
+                          tmp_path / "no.sock", timeout=WAIT)
     assert refused.returncode == 1
     assert refused.stderr.splitlines() == [
         "fcsnap: error: the daemon refused the restore: no build or VM named 'nosuch' in store "
