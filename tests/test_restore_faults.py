@@ -200,11 +200,13 @@ def assert_served(server: Server, vm: Vm, pages: int | None = None) -> dict[str,
     return stats
 
 
-def wait_installed(vm: Vm, server: Server, installed: int) -> None:
-    """Wait for the handshake, then (the stand-in still in its --start-delay) until about
-    `installed` bytes of guest memory are in: the VM's anonymous memory has grown by that."""
+def wait_installed(vm: Vm, server: Server, gate: Path, installed: int) -> None:
+    """Wait for the handshake, take the VM's anonymous memory (the stand-in waits at its
+    start gate), open the gate, and wait until about `installed` bytes of guest memory are
+    in: the VM's anonymous memory has grown by that."""
     server.wait_handshake()
     baseline = rss(vm.proc.pid, "RssAnon")
+    gate.touch()
     deadline = time.monotonic() + WAIT
     while rss(vm.proc.pid, "RssAnon") < baseline + installed:
         if time.monotonic() > deadline:
@@ -232,8 +234,8 @@ def test_vm_killed_while_threads_fault(lineages, runs, installed: int) -> None:
     lineage = lineages["none"]
     server = runs.server(lineage.newest, "--fault-around", "0")
     vm = runs.vm(server, expected=lineage.expected, threads=8, order="random", hold=WAIT,
-                 start_delay=0.5)
-    wait_installed(vm, server, installed)
+                 start_gate=runs.gate)
+    wait_installed(vm, server, runs.gate, installed)
     vm.proc.kill()
     killed = time.monotonic()
     server.finish()
@@ -254,8 +256,8 @@ def test_signal_during_heavy_faulting(lineages, runs, signum: int) -> None:
     lineage = lineages["zstd"]
     server = runs.server(lineage.newest, "--fault-around", "0")
     vm = runs.vm(server, expected=lineage.expected, threads=8, order="random", hold=WAIT,
-                 start_delay=0.5)
-    wait_installed(vm, server, SIZE // 16)
+                 start_gate=runs.gate)
+    wait_installed(vm, server, runs.gate, SIZE // 16)
     server.proc.send_signal(signum)
     sent = time.monotonic()
     server.finish()
