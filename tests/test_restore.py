@@ -599,11 +599,14 @@ def test_populate_makes_the_vm_independent(request, lineages, procs, page: str) 
     page_size = firecracker.PAGE_SIZES[page]
     server = procs.server(lineage.newest.name, lineage.store, "--populate",
                           "--fault-around", "0")
-    vm = procs.vm(expected=lineage.expected, page_size=page, touch=0.1, threads=2, hold=2)
+    gate = procs.tmp / "end-gate"  # the VM stays until the server has ended
+    vm = procs.vm(expected=lineage.expected, page_size=page, touch=0.1, threads=2,
+                  end_gate=gate)
     wait_for(procs.report.exists, "the VM to finish its reads")
-    wait_for(lambda: guest_memory(vm.pid) >= SIZE, "the server to populate all guest memory",
-             timeout=1.5)  # within the VM's hold
+    wait_for(lambda: guest_memory(vm.pid) >= SIZE, "the server to populate all guest memory")
     server.send_signal(signal.SIGTERM)
+    server.wait(WAIT)
+    gate.touch()
     out = procs.outcome(server, vm)
     assert out.vm_status == 0, "a fully populated VM must not be killed"
     stats = out.stats
