@@ -400,8 +400,8 @@ class StandIn:
                 handshake(self.sock, guest, a.payload, a.misbehave)
             if not a.misbehave:
                 time.sleep(a.start_delay)
-                while a.start_gate and not os.path.exists(a.start_gate):  # the watchdog's
-                    time.sleep(0.005)  # deadline bounds this
+                while a.start_gate and not os.path.exists(a.start_gate):
+                    time.sleep(0.005)  # the watchdog's deadline bounds this
                 if a.start_at is not None:  # many VMs touching at once, whenever each started
                     time.sleep(max(0.0, a.start_at - time.monotonic()))
                 self._workload(guest, expected, passes)
