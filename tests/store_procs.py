@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import fcsnap
+from helpers import fcsnap_here
 
 from fcsnap.store.format.locks import STOP_ENV
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full
@@ -95,7 +95,8 @@ def hidden_entries(store: Path) -> list[str]:
 
 def make_lineage(tmp_path: Path, store: Path, name: str = "web", seed: int = 1) -> list[str]:
     """Generations 0 and 1 under `name`, from 4 MiB memory files m0, m1 (also left in
-    tmp_path, with m2 for a next diff); returns the build ids."""
+    tmp_path, with m2 for a next diff); returns the build ids. Made in this process: the
+    lineage is what the test starts from, not what it tests."""
     mem = synthetic_memory(4 * MIB, seed=seed)
     ids = []
     for gen in range(3):
@@ -104,8 +105,8 @@ def make_lineage(tmp_path: Path, store: Path, name: str = "web", seed: int = 1) 
         write_full(tmp_path / f"m{gen}", mem)
     for gen in range(2):
         args = ("pack", "--init") if gen == 0 else ("diff", "--base", name)
-        r = fcsnap(*args[:1], tmp_path / f"m{gen}", *args[1:], "--store", store, "--name", name,
-                   "--json")
+        r = fcsnap_here(*args[:1], tmp_path / f"m{gen}", *args[1:], "--store", store,
+                        "--name", name, "--json")
         assert r.returncode == 0, r.stderr
         ids.append(json.loads(r.stdout)["build_id"])
     return ids

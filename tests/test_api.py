@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import fcsnap_here
 
 import fcsnap
 from fcsnap.testing import firecracker
@@ -143,11 +144,7 @@ def test_cli_json_is_the_api_result(tmp_path: Path, memfiles: tuple[Path, Path])
     """One path per job: `pack --json` prints Build.to_json() of the build the API reads."""
     mem, _ = memfiles
     store = tmp_path / "store"
-    result = subprocess.run(
-        [sys.executable, "-m", "fcsnap", "pack", "--init", str(mem), "--store", str(store),
-         "--json"],
-        capture_output=True, text=True, timeout=WAIT,
-    )
+    result = fcsnap_here("pack", "--init", mem, "--store", store, "--json", timeout=WAIT)
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
     assert printed == {"schema": 1, **fcsnap.Store(store).build(printed["build_id"]).to_json()}

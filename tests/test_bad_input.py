@@ -1,10 +1,11 @@
 """Bad input for every command, through the real CLI: one clear line, exit 1, nothing changed.
 
 Each row takes a fresh copy of a small two-generation store (generation 0 raw, generation 1 zstd
-seekable), damages it or hands the command a bad file or option, runs `python -m fcsnap`, and
-checks what an operator relies on: exactly one stderr line `fcsnap: error: <reason>` (exit 1), no
-traceback, nothing on stdout, and every file under the test's directory exactly as it was
-(names, sizes, mtimes, vms/ pointers): no new build, no staging directory, no partial output.
+seekable), damages it or hands the command a bad file or option, runs `fcsnap` (in the test's
+process and as `python -m fcsnap`: see _cases), and checks what an operator relies on: exactly
+one stderr line `fcsnap: error: <reason>` (exit 1), no traceback, nothing on stdout, and every
+file under the test's directory exactly as it was (names, sizes, mtimes, vms/ pointers): no new
+build, no staging directory, no partial output.
 
 Usage errors (a missing or unknown option, a value that can never work) exit 2 before anything
 is read: tests/test_cli_usage.py holds their table.
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import fcsnap_here
 
 from fcsnap.store.format.hashes import dump_hashes, read_hashes
 from fcsnap.store.format.layout import VMS
@@ -416,9 +418,22 @@ def tree(root: Path) -> dict[str, tuple[object, ...]]:
     return entries
 
 
-@pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])
+def _cases(rows: list[Row]) -> list[Any]:
+    """Every row run in this process (the same entry point, exit status and output), and
+    every row run as a process of its own: each command's first row in the default run,
+    the rest behind `slow` (what only a process shows: its start-up, what the interpreter
+    prints as it exits)."""
+    first = {row.argv.split(" ")[0]: row for row in reversed(rows)}
+    return [pytest.param(row, False, id=row.id) for row in rows] + [
+        pytest.param(row, True, id=f"{row.id}-process",
+                     marks=() if first[row.argv.split(" ")[0]] is row else pytest.mark.slow)
+        for row in rows
+    ]
+
+
+@pytest.mark.parametrize(("row", "process"), _cases(ROWS))
 def test_bad_input_is_one_clear_line_and_changes_nothing(
-    row: Row, pristine: Path, tmp_path: Path
+    row: Row, process: bool, pristine: Path, tmp_path: Path
 ) -> None:
     shutil.copytree(pristine, tmp_path / "t")
     c = Ctx(tmp_path / "t")
@@ -431,7 +446,7 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(
         result = subprocess.run(
             [sys.executable, "-m", "fcsnap", *argv], cwd=c.root, env=env,
             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-        )
+        ) if process else fcsnap_here(*argv, cwd=c.root, env=env, timeout=60)
         after = tree(c.root)
     finally:
         c.release()

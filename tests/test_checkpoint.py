@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import WAIT, fcsnap, one_build_store, unpacked
+from helpers import WAIT, one_build_store, unpacked
+from helpers import fcsnap_here as fcsnap  # in this process: the daemon is tested here
 from test_daemon import Daemon
 from test_write_tracking import written
 

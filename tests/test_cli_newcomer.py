@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import one_build_store, wait_for
+from helpers import fcsnap_here, one_build_store, wait_for
 from test_daemon import WAIT, Daemon
 
 from fcsnap.testing.memimage import synthetic_memory, write_full
@@ -27,10 +27,10 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def fcsnap(*args: object, cwd: Path, env: dict[str, str] | None = None
            ) -> subprocess.CompletedProcess[str]:
+    """A command in this process (the same entry point, exit status and output), without
+    FCSNAP_STORE unless `env` sets it."""
     environment = {k: v for k, v in os.environ.items() if k != "FCSNAP_STORE"}
-    return subprocess.run([sys.executable, "-m", "fcsnap", *map(str, args)], cwd=cwd,
-                          env=environment | (env or {}), capture_output=True, text=True,
-                          timeout=WAIT, stdin=subprocess.DEVNULL)
+    return fcsnap_here(*args, cwd=cwd, env=environment | (env or {}), timeout=WAIT)
 
 
 def listen(argv: list[str], socket: Path, cwd: Path, env: dict[str, str] | None = None

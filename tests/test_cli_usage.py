@@ -36,10 +36,24 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "store"
 
 
-def fcsnap(*args: str, cwd: Path, columns: int = 80) -> subprocess.CompletedProcess[str]:
-    """The command line at a terminal width of `columns`, without FCSNAP_DEBUG."""
+def fcsnap(*args: str, cwd: Path, columns: int = 80,
+           process: bool = False) -> subprocess.CompletedProcess[str]:
+    """The command line at a terminal width of `columns`, without FCSNAP_DEBUG: in this
+    process (the same entry point, exit status and output), or as a process of its own."""
     env = {k: v for k, v in os.environ.items() if k != "FCSNAP_DEBUG"}
-    return helpers.fcsnap(*args, cwd=cwd, env=env | {"COLUMNS": str(columns)}, timeout=WAIT)
+    run = helpers.fcsnap if process else helpers.fcsnap_here
+    return run(*args, cwd=cwd, env=env | {"COLUMNS": str(columns)}, timeout=WAIT)
+
+
+def cases(rows: list[tuple[str, ...]]) -> list[Any]:
+    """Every row run in this process, and every row run as a process of its own: the first
+    in the default run, the rest behind `slow` (what only a process shows: its start-up, what
+    the interpreter prints as it exits; tests/test_bad_input.py runs each command so)."""
+    return [pytest.param(*row[1:], False, id=row[0]) for row in rows] + [
+        pytest.param(*row[1:], True, id=f"{row[0]}-process",
+                     marks=() if row is rows[0] else pytest.mark.slow)
+        for row in rows
+    ]
 
 
 def listing(root: Path) -> list[str]:
@@ -87,11 +101,11 @@ USAGE = [
 ]
 
 
-@pytest.mark.parametrize(("argv", "expect"), [row[1:] for row in USAGE],
-                         ids=[row[0] for row in USAGE])
-def test_usage_error_is_one_line_and_exit_2(store: Path, argv: str, expect: str) -> None:
+@pytest.mark.parametrize(("argv", "expect", "process"), cases(USAGE))
+def test_usage_error_is_one_line_and_exit_2(store: Path, argv: str, expect: str,
+                                            process: bool) -> None:
     before = listing(store.parent)
-    result = fcsnap(*argv.split(), cwd=store.parent)
+    result = fcsnap(*argv.split(), cwd=store.parent, process=process)
     assert (result.returncode, result.stdout) == (2, ""), result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("fcsnap: error: "), result.stderr
@@ -112,10 +126,10 @@ RUNTIME = [
 ]
 
 
-@pytest.mark.parametrize(("argv", "expect"), [row[1:] for row in RUNTIME],
-                         ids=[row[0] for row in RUNTIME])
-def test_runtime_failure_is_one_line_and_exit_1(store: Path, argv: str, expect: str) -> None:
-    result = fcsnap(*argv.split(), cwd=store.parent)
+@pytest.mark.parametrize(("argv", "expect", "process"), cases(RUNTIME))
+def test_runtime_failure_is_one_line_and_exit_1(store: Path, argv: str, expect: str,
+                                                process: bool) -> None:
+    result = fcsnap(*argv.split(), cwd=store.parent, process=process)
     assert (result.returncode, result.stdout) == (1, ""), result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("fcsnap: error: "), result.stderr
@@ -167,7 +181,7 @@ def test_every_command_shows_examples(tmp_path: Path, command: str) -> None:
 
 def test_no_command_shows_the_help(tmp_path: Path) -> None:
     """Run bare: the help (commands and all), with exit status 2 as for any usage error."""
-    result = fcsnap(cwd=tmp_path)
+    result = fcsnap(cwd=tmp_path, process=True)
     assert result.returncode == 2 and result.stderr == ""
     assert "Usage: fcsnap [OPTIONS] COMMAND" in result.stdout and "─ Commands ─" in result.stdout
     assert all(f" {name} " in result.stdout for name in command_tree().commands)
@@ -199,18 +213,18 @@ def test_shell_completion_completes_commands_and_options(tmp_path: Path) -> None
 
 def test_debug_after_the_command_shows_the_traceback(store: Path) -> None:
     for argv in (["--debug", "inspect", "nope"], ["inspect", "nope", "--debug"]):
-        result = fcsnap(*argv, "--store", "store", cwd=store.parent)
+        result = fcsnap(*argv, "--store", "store", cwd=store.parent, process=True)
         assert result.returncode == 1
         assert "Traceback" in result.stderr
         assert result.stderr.splitlines()[-1].startswith("fcsnap: error: no build or VM")
-    quiet = fcsnap("inspect", "nope", "--store", "store", cwd=store.parent)
+    quiet = fcsnap("inspect", "nope", "--store", "store", cwd=store.parent, process=True)
     assert "Traceback" not in quiet.stderr
 
 
 def test_piped_inspect_is_whole_at_any_width(store: Path) -> None:
     """Piped at 40 columns: no cell cut short ("gene…"), no row wrapped onto two lines."""
     result = fcsnap("inspect", "vm", "--store", "store", "--mappings", "--at", "0x1000",
-                    cwd=store.parent, columns=40)
+                    cwd=store.parent, columns=40, process=True)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "…" not in out

@@ -15,9 +15,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import restore_argv
+from helpers import fcsnap, restore_argv
 from store_procs import (
-    fcsnap,
     fcsnap_pid_under,
     hidden_entries,
     make_lineage,

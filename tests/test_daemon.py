@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import fcsnap_here
 from prometheus_client.parser import text_string_to_metric_families
 from test_restore_faults import KILLED, WAIT
 from test_watchdog import wait_dead
@@ -161,6 +162,16 @@ def daemon(store, tmp_path: Path) -> Iterator[Daemon]:
     d.close()
 
 
+@pytest.fixture(scope="module")
+def refusing_daemon(store, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One daemon for the tests of requests it refuses: each checks that its refusal left
+    no restore behind, so the next finds the daemon as it started."""
+    tmp = tmp_path_factory.mktemp("refusing")
+    d = Daemon(store[0], tmp, "--output-dir", str(tmp))
+    yield d
+    d.close()
+
+
 def test_sixteen_vms_from_two_builds_while_others_fail(store, daemon: Daemon) -> None:
     """16 VMs from a raw and a zstd build at once, every byte checked (two of them read
     through a KVM vCPU); beside them one VM is killed mid-serving, one sends a bad
@@ -277,8 +288,9 @@ def test_metrics_count_what_the_restores_served(store, daemon: Daemon) -> None:
     ({"vm": "raw", "socket": "/tmp/x.sock", "vmstate": "/tmp/v"}, 400, "need --firecracker-api"),
     ([1, 2], 400, "must be a JSON object"),
 ])
-def test_bad_requests_are_one_line_and_listen_on_nothing(daemon: Daemon, body, status, says
-                                                         ) -> None:
+def test_bad_requests_are_one_line_and_listen_on_nothing(refusing_daemon: Daemon, body, status,
+                                                         says) -> None:
+    daemon = refusing_daemon
     got, answer = daemon.call("POST", "/restores", body)
     assert got == status and says in answer["error"], answer
     assert "\n" not in answer["error"]
@@ -382,20 +394,16 @@ def test_restore_daemon_flag_prints_the_id_once_listening(store, daemon: Daemon,
     listening; its refusals are one line and exit 1."""
     _, builds = store
     stats = tmp_path / "flag.stats.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "fcsnap", "restore", "--daemon", str(daemon.api), "--vm", "raw",
-         "--socket", str(tmp_path / "flag.sock"), "--stats", str(stats)],
-        capture_output=True, text=True, timeout=WAIT)
+    done = fcsnap_here("restore", "--daemon", daemon.api, "--vm", "raw", "--socket",
+                       tmp_path / "flag.sock", "--stats", stats, timeout=WAIT)
     assert done.returncode == 0, done.stderr
     restore_id = done.stdout.strip()
     assert (tmp_path / "flag.sock").exists()
     assert daemon.vm("flag", builds["raw"], threads=2).wait(WAIT) == 0
     assert daemon.wait_ended(restore_id)["exit_reason"] == "vm exited"
     assert json.loads(stats.read_text())["exit_reason"] == "vm exited"
-    refused = subprocess.run(
-        [sys.executable, "-m", "fcsnap", "restore", "--daemon", str(daemon.api), "--vm",
-         "nosuch", "--socket", str(tmp_path / "no.sock")],
-        capture_output=True, text=True, timeout=WAIT)
+    refused = fcsnap_here("restore", "--daemon", daemon.api, "--vm", "nosuch", "--socket",
+                          tmp_path / "no.sock", timeout=WAIT)
     assert refused.returncode == 1
     assert refused.stderr.splitlines() == [
         "fcsnap: error: the daemon refused the restore: no build or VM named 'nosuch' in store "

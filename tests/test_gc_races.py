@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import CLI_WAIT, WAIT, Procs, fcsnap, wait_serving
+from helpers import CLI_WAIT, WAIT, Procs, fcsnap, fcsnap_here, wait_serving
 from store_procs import stopping_at
 from test_daemon import Build as DaemonBuild
 from test_daemon import Daemon
@@ -135,7 +135,7 @@ def test_gc_keeps_the_base_of_a_running_diff(store: Store, tmp_path, stopped) ->
                  "--name", "next", "--quiet", stop_at="publish")
     stopped.append(diff)
     wait_stopped(diff)
-    assert fcsnap("rm", "web", "--store", store.path).returncode == 0
+    assert fcsnap_here("rm", "web", "--store", store.path).returncode == 0
     report = gc_now(store)
     kept = {r["build_id"] for r in report["kept"]}
     assert store.id("G2") in kept
@@ -147,7 +147,7 @@ def test_gc_keeps_the_base_of_a_running_diff(store: Store, tmp_path, stopped) ->
     assert_names_verify_and_unpack(store, tmp_path)
     report = gc_now(store)  # the lineage is read by `next` now: still kept
     assert store.id("G2") not in {r["build_id"] for r in report["deleted"]}
-    assert fcsnap("verify", "next", "--store", store.path).returncode == 0
+    assert fcsnap_here("verify", "next", "--store", store.path).returncode == 0
 
 
 def test_gc_keeps_what_a_running_squash_reads(store: Store, tmp_path, stopped) -> None:
@@ -155,7 +155,7 @@ def test_gc_keeps_what_a_running_squash_reads(store: Store, tmp_path, stopped) -
                    stop_at="staged")
     stopped.append(squash)
     wait_stopped(squash)
-    assert fcsnap("rm", "web", "--store", store.path).returncode == 0
+    assert fcsnap_here("rm", "web", "--store", store.path).returncode == 0
     report = gc_now(store)
     assert {r["build_id"] for r in report["deleted"]} == {store.id("G1")}
     assert {"build_id": store.id("G2"), "reason": "in use"} in report["kept"]
@@ -177,7 +177,7 @@ def test_gc_keeps_what_restore_serves(store: Store, tmp_path: Path) -> None:
     try:
         server = procs.server("web", store.path, quiet=False)
         wait_serving(server)  # pinned and held: its socket listens before that
-        assert fcsnap("rm", "web", "base", "--store", store.path).returncode == 0
+        assert fcsnap_here("rm", "web", "base", "--store", store.path).returncode == 0
         report = gc_now(store)
         deleted = {r["build_id"] for r in report["deleted"]}
         assert deleted == {store.id("G1")}
@@ -203,7 +203,7 @@ def test_gc_keeps_what_the_daemon_serves(store: Store, tmp_path: Path) -> None:
     daemon = Daemon(store.path, tmp_path, "--preload", "api")
     try:
         restore = daemon.restore("web", "web")
-        assert fcsnap("rm", "web", "base", "api", "--store", store.path).returncode == 0
+        assert fcsnap_here("rm", "web", "base", "api", "--store", store.path).returncode == 0
         report = gc_now(store)
         assert {r["build_id"] for r in report["deleted"]} == {store.id("G1")}
         kept = {r["build_id"]: r["reason"] for r in report["kept"]}
@@ -254,7 +254,7 @@ def test_a_second_gc_is_refused_while_one_runs(store: Store, tmp_path, stopped) 
     first = start("gc", "--store", store.path, "--grace", "0", "--json", stop_at="gc-recheck")
     stopped.append(first)
     wait_stopped(first)
-    second = fcsnap("gc", "--store", store.path, "--grace", "0")
+    second = fcsnap_here("gc", "--store", store.path, "--grace", "0")
     assert second.returncode == 1
     assert second.stderr.strip() == f"fcsnap: error: another gc is running on {store.path}"
     dry = fcsnap_json("gc", "--store", store.path, "--grace", "0", "--dry-run")
@@ -277,11 +277,11 @@ def test_a_name_moved_onto_a_candidate_during_gc_keeps_it(store: Store, tmp_path
     report = json.loads(out)
     assert report["deleted"] == []
     assert {"build_id": store.id("G1"), "reason": "named again"} in report["kept"]
-    assert fcsnap("verify", "web", "--store", store.path).returncode == 0
+    assert fcsnap_here("verify", "web", "--store", store.path).returncode == 0
 
 
 def test_killed_gc_leaves_a_store_that_verifies(store: Store, tmp_path, stopped) -> None:
-    assert fcsnap("rm", "api", "--store", store.path).returncode == 0
+    assert fcsnap_here("rm", "api", "--store", store.path).returncode == 0
     del store.images["api"]
     gc = start("gc", "--store", store.path, "--grace", "0", stop_at="gc-delete")
     stopped.append(gc)
@@ -345,15 +345,15 @@ def test_repack_loses_to_a_diff_that_moves_the_name(store: Store, tmp_path, stop
     """gc --repack-below squashes `web`, and stops just before moving the name; a diff moves
     `web` meanwhile. The repack leaves the name alone and removes its flat copy; the diff's
     build stays the head, and what it reads is kept."""
-    assert fcsnap("rm", "base", "--store", store.path).returncode == 0
+    assert fcsnap_here("rm", "base", "--store", store.path).returncode == 0
     del store.images["base"]
     gc = start("gc", "--store", store.path, "--grace", "0", "--repack-below", "0.99", "--json",
                stop_at="publish")
     stopped.append(gc)
     wait_stopped(gc)
     path, image = next_image(store, tmp_path)
-    diff = fcsnap("diff", path, "--base", "web", "--name", "web", "--store", store.path,
-                  "--quiet", "--json")
+    diff = fcsnap_here("diff", path, "--base", "web", "--name", "web", "--store", store.path,
+                       "--quiet", "--json")
     assert diff.returncode == 0, diff.stderr
     status, out, err = resume(gc)
     assert status == 0, err

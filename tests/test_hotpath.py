@@ -305,9 +305,11 @@ def test_truncated_diff_on_both_paths(lineages, procs, path, tmp_path) -> None:
     server = procs.server(lineage.newest.name, lineage.store, "--fault-around", "0",
                           quiet=False)
     wait_serving(server)  # cut after the server opened it
-    vm = procs.vm(expected=lineage.expected, threads=1, start_delay=1.0)
+    gate = tmp_path / "start-gate"  # the VM touches once the diff is cut
+    vm = procs.vm(expected=lineage.expected, threads=1, start_gate=gate)
     diff = lineage.newest / DIFF_RAW
     os.truncate(diff, diff.stat().st_size // 2)
+    gate.touch()
     out = procs.outcome(server, vm)
     assert out.status == 1
     assert "truncated" in out.error or "changed size" in out.error

@@ -12,9 +12,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers import fcsnap_here as fcsnap  # in this process: the store is tested here
 from store_procs import (
     TIMEOUT,
-    fcsnap,
     hidden_entries,
     make_lineage,
     start_stopped,

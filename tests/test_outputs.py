@@ -11,12 +11,11 @@ import json
 import os
 import stat
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
-from helpers import WAIT, Procs, one_build_store
+from helpers import WAIT, Procs, fcsnap_here, one_build_store
 from test_daemon import Daemon
 
 from fcsnap.workingset import parse_working_set
@@ -170,14 +169,13 @@ def test_ws_merge_output_is_written_safely(tmp_path: Path) -> None:
     write_working_set(tmp_path / "a.ws", SIZE, [0, 4096])
     victim = _victim(tmp_path)
     _plant(victim, tmp_path / ".merged.ws.tmp")
-    merge = [sys.executable, "-m", "fcsnap", "ws", "merge", "-q", str(tmp_path / "a.ws"), "-o"]
-    done = subprocess.run([*merge, str(tmp_path / "merged.ws")], capture_output=True,
-                          timeout=WAIT)
+    merge = ["ws", "merge", "-q", tmp_path / "a.ws", "-o"]
+    done = fcsnap_here(*merge, tmp_path / "merged.ws", timeout=WAIT)
     assert done.returncode == 0, done.stderr
     assert victim.read_bytes() == VICTIM
     assert parse_working_set((tmp_path / "merged.ws").read_bytes())[1].tolist() == [0, 4096]
     null = _private_null(tmp_path / "null")
-    done = subprocess.run([*merge, str(null)], capture_output=True, timeout=WAIT)
+    done = fcsnap_here(*merge, null, timeout=WAIT)
     assert done.returncode == 0, done.stderr
     assert stat.S_ISCHR(os.lstat(null).st_mode)
 

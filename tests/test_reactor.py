@@ -213,18 +213,19 @@ def test_daemon_keeps_its_reactor_pool_for_sixteen_vms(store, tmp_path: Path) ->
         assert daemon.call("GET", "/healthz")[0] == 200
         idle = threads(daemon.proc.pid)
         ids = [daemon.restore("raw" if i % 2 else "zstd", f"vm{i}")["id"] for i in range(16)]
-        start_at = time.monotonic() + WAIT / 10  # touching starts once all are served
+        gate = tmp_path / "start-gate"  # touching starts once all are served
         vms: dict[str, tuple[Build, subprocess.Popen[bytes]]] = {}
         for i in range(16):
             build = builds["raw" if i % 2 else "zstd"]
             vms[f"vm{i}"] = build, daemon.vm(f"vm{i}", build, threads=2, order="random",
-                                             start_at=start_at)
+                                             start_gate=gate)
 
-        def all_serving() -> bool:  # (on a slow machine, the first may be done already)
-            return all(daemon.call("GET", f"/restores/{i}")[1]["state"] in ("serving", "ended")
+        def all_serving() -> bool:
+            return all(daemon.call("GET", f"/restores/{i}")[1]["state"] == "serving"
                        for i in ids)
 
         wait_for(all_serving, "all 16 VMs to be served", WAIT / 3)
+        gate.touch()
         wait_for(lambda: threads(daemon.proc.pid) <= idle, "the API's threads to end")
         for name, (_build, vm) in vms.items():
             assert vm.wait(WAIT) == 0, (name, daemon.report(name))

@@ -48,7 +48,6 @@ SIZE = 128 * MiB  # the lineages' guest memory; small runs give the stand-in a s
 SMALL = 8 * MiB
 DAMAGED_SIZE = 16 * MiB  # the lineages tests copy and damage: size is not what they test
 PROMPT = 3.0  # seconds a server may take to notice and act on an event
-START_DELAY = 1.5  # seconds a stand-in waits after its handshake, for the test to break things
 KILLED = -signal.SIGKILL
 UFFD_LINK = "anon_inode:[userfaultfd]"
 PIDFD_LINK = "anon_inode:[pidfd]"
@@ -164,6 +163,7 @@ class Runs(Processes):
     def __init__(self, tmp: Path) -> None:
         super().__init__()
         self.tmp = tmp
+        self.gate = tmp / "start-gate"  # a stand-in given start_gate=gate touches once it exists
 
     def server(self, build: Path, *args: str, name: str = "uffd") -> Server:
         sock, stats = self.tmp / f"{name}.sock", self.tmp / f"{name}.stats.json"
@@ -200,11 +200,13 @@ def assert_served(server: Server, vm: Vm, pages: int | None = None) -> dict[str,
     return stats
 
 
-def wait_installed(vm: Vm, server: Server, installed: int) -> None:
-    """Wait for the handshake, then (the stand-in still in its --start-delay) until about
-    `installed` bytes of guest memory are in: the VM's anonymous memory has grown by that."""
+def wait_installed(vm: Vm, server: Server, gate: Path, installed: int) -> None:
+    """Wait for the handshake, take the VM's anonymous memory (the stand-in waits at its
+    start gate), open the gate, and wait until about `installed` bytes of guest memory are
+    in: the VM's anonymous memory has grown by that."""
     server.wait_handshake()
     baseline = rss(vm.proc.pid, "RssAnon")
+    gate.touch()
     deadline = time.monotonic() + WAIT
     while rss(vm.proc.pid, "RssAnon") < baseline + installed:
         if time.monotonic() > deadline:
@@ -232,8 +234,8 @@ def test_vm_killed_while_threads_fault(lineages, runs, installed: int) -> None:
     lineage = lineages["none"]
     server = runs.server(lineage.newest, "--fault-around", "0")
     vm = runs.vm(server, expected=lineage.expected, threads=8, order="random", hold=WAIT,
-                 start_delay=0.5)
-    wait_installed(vm, server, installed)
+                 start_gate=runs.gate)
+    wait_installed(vm, server, runs.gate, installed)
     vm.proc.kill()
     killed = time.monotonic()
     server.finish()
@@ -254,8 +256,8 @@ def test_signal_during_heavy_faulting(lineages, runs, signum: int) -> None:
     lineage = lineages["zstd"]
     server = runs.server(lineage.newest, "--fault-around", "0")
     vm = runs.vm(server, expected=lineage.expected, threads=8, order="random", hold=WAIT,
-                 start_delay=0.5)
-    wait_installed(vm, server, SIZE // 16)
+                 start_gate=runs.gate)
+    wait_installed(vm, server, runs.gate, SIZE // 16)
     server.proc.send_signal(signum)
     sent = time.monotonic()
     server.finish()
@@ -283,8 +285,11 @@ def held_resources(store: Path) -> dict[str, object]:
     return {"fds": fds, "maps": maps, "threads": threading.active_count()}
 
 
-@pytest.mark.parametrize("kind", ["none", "zstd"])
-@pytest.mark.parametrize("ending", ["vm-killed", "stopped", "failed"])
+@pytest.mark.parametrize(("ending", "kind"), [  # a raw diff's other endings: behind slow
+    pytest.param(ending, kind, id=f"{ending}-{kind}",
+                 marks=pytest.mark.slow if kind == "none" and ending != "vm-killed" else ())
+    for kind in ("none", "zstd") for ending in ("vm-killed", "stopped", "failed")
+])
 def test_server_frees_everything_however_serving_ends(lineages, tmp_path, kind, ending):
     """In process, so that what the server holds can be counted. Mid-faults, eight threads
     faulting: the VM is SIGKILLed (run returns 0, "vm exited"), or a stop is asked for (as
@@ -423,9 +428,10 @@ def test_second_client_while_serving_is_refused(lineages, runs) -> None:
     lineage = lineages["none"]
     server = runs.server(lineage.newest)
     vm = runs.vm(server, expected=lineage.expected, size=SMALL, threads=4,
-                 order="random", start_delay=START_DELAY)
+                 order="random", start_gate=runs.gate)
     server.wait_handshake()
     assert second_client(server.socket) == "refused"
+    runs.gate.touch()
     assert_served(server.finish(), vm.finish(), SMALL // PAGE)
 
 
@@ -480,7 +486,7 @@ def first_base_page(lineage: Lineage) -> int:
 
 @pytest.mark.parametrize(("kind", "cut", "threads", "order"), [
     pytest.param("none", "first-page", 1, "sequential", id="raw-cut-in-first-page"),
-    pytest.param("none", "half", 4, "random", id="raw-cut-in-half"),
+    pytest.param("none", "half", 4, "random", id="raw-cut-in-half", marks=pytest.mark.slow),
     pytest.param("zstd", "half", 4, "random", id="zstd-cut-in-half"),
 ])
 def test_diff_truncated_while_serving(small_lineages, runs, tmp_path, kind, cut, threads, order):
@@ -495,9 +501,10 @@ def test_diff_truncated_while_serving(small_lineages, runs, tmp_path, kind, cut,
     at = first_base_page(lineage) if cut == "first-page" else diff.stat().st_size // 2
     server = runs.server(lineage.newest, "--fault-around", "0" if cut == "first-page" else "256K")
     vm = runs.vm(server, expected=lineage.expected, threads=threads, order=order,
-                 start_delay=START_DELAY)
+                 start_gate=runs.gate)
     server.wait_handshake()
     os.truncate(diff, at - at % PAGE + 100)
+    runs.gate.touch()
     assert vm.finish().status == KILLED
     server.finish()
     assert server.status == 1
@@ -565,7 +572,7 @@ def test_diff_corrupted_while_serving_is_not_served(small_lineages, runs, tmp_pa
     lineage = small_lineages[kind].writable_copy(tmp_path / "store")
     server = runs.server(lineage.newest, *args)
     vm = runs.vm(server, expected=lineage.expected, threads=4, order="random",
-                 start_delay=START_DELAY)
+                 start_gate=runs.gate)
     server.wait_handshake()
     if kind == "none":
         at = first_base_page(lineage) + 100
@@ -576,6 +583,7 @@ def test_diff_corrupted_while_serving_is_not_served(small_lineages, runs, tmp_pa
             f.write(bytes([byte ^ 0xFF]))
     else:
         flip_undetected(lineage)
+    runs.gate.touch()
     assert vm.finish().status == KILLED
     server.finish()
     assert server.status == 1
@@ -587,15 +595,16 @@ def test_diff_corrupted_while_serving_is_not_served(small_lineages, runs, tmp_pa
     assert not server.socket.exists()
 
 
-@pytest.mark.parametrize("kind", ["none", "zstd"])
+@pytest.mark.parametrize("kind", ["none", pytest.param("zstd", marks=pytest.mark.slow)])
 def test_diff_deleted_while_serving_is_still_served(small_lineages, runs, tmp_path, kind) -> None:
     """Deleting a diff file does not take it from the server: the open file stays valid."""
     lineage = small_lineages[kind].writable_copy(tmp_path / "store")
     server = runs.server(lineage.newest, "--verify")
     vm = runs.vm(server, expected=lineage.expected, threads=4, order="random",
-                 start_delay=START_DELAY)
+                 start_gate=runs.gate)
     server.wait_handshake()
     lineage.base_diff.unlink()
+    runs.gate.touch()
     stats = assert_served(server.finish(), vm.finish(), DAMAGED_SIZE // PAGE)
     assert stats["per_build_pages"].get(lineage.builds[0].name, 0) > 0
 

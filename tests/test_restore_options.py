@@ -4,13 +4,11 @@ same bad value with the same line, before anything listens."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import one_build_store
+from helpers import fcsnap_here, one_build_store
 from test_daemon import WAIT, Daemon
 
 from fcsnap import api
@@ -58,9 +56,9 @@ def daemon(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Da
 
 
 def cli_refusal(*args: object) -> str:
-    """The message of a `fcsnap restore` usage error (exit 2, one line)."""
-    done = subprocess.run([sys.executable, "-m", "fcsnap", "restore", *map(str, args)],
-                          capture_output=True, text=True, timeout=WAIT)
+    """The message of a `fcsnap restore` usage error (exit 2, one line), run in this process
+    (the same entry point, exit status and output)."""
+    done = fcsnap_here("restore", *args, timeout=WAIT)
     lines = done.stderr.splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     prefix, suffix = "fcsnap: error: ", " (see 'fcsnap restore --help')"

@@ -17,16 +17,25 @@ from test_s3_serve import fcsnap
 from fcsnap.testing.s3server import seaweedfs
 
 
-@pytest.fixture
-def s3_daemon(bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-              ) -> Iterator[tuple[Daemon, dict[str, Build]]]:
-    """A daemon on a bucket holding "raw" and "zstd" (16 MiB each)."""
+@pytest.fixture(scope="module")
+def s3_builds(s3_server, tmp_path_factory: pytest.TempPathFactory  # noqa: ANN001
+              ) -> tuple[Bucket, dict[str, Build]]:
+    """A bucket holding "raw" and "zstd" (16 MiB each), which the daemons only read."""
+    bucket, root = new_bucket(s3_server), tmp_path_factory.mktemp("s3-daemon")
     builds = {}
     for seed, (name, compression) in enumerate([("raw", "none"), ("zstd", "zstd")]):
-        mem = memfile(tmp_path, f"{name}.mem", seed=70 + seed, mib=16)
+        mem = memfile(root, f"{name}.mem", seed=70 + seed, mib=16)
         fcsnap(bucket, "pack", "--init", str(mem), "--store", bucket.url(), "--name", name,
                "--compress", compression, "-q")
         builds[name] = Build(name, "", mem)
+    return bucket, builds
+
+
+@pytest.fixture
+def s3_daemon(s3_builds: tuple[Bucket, dict[str, Build]], tmp_path: Path,
+              monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Daemon, dict[str, Build]]]:
+    """A daemon, with a host cache of its own, on s3_builds' bucket."""
+    bucket, builds = s3_builds
     for key, value in bucket.server.env().items():  # the daemon's credentials and endpoint
         monkeypatch.setenv(key, value)
     daemon = Daemon(bucket.url(), tmp_path, "--cache-dir",  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ from test_s3_store import finish, one_line_error, start_stopped
 from fcsnap.store.backends.leases import EXPIRY_ENV, MARGIN
 
 EXPIRY = "2s"  # the tests' lease expiry: refreshed every 0.2 s
-KILLED_EXPIRY = 8.0  # the killed holder's: rm and gc (in this process) run well within it
+KILLED_EXPIRY = 5.0  # the killed holder's: rm and gc (in this process) take well under a second
 
 
 def run(bucket: Bucket, *args: object) -> subprocess.CompletedProcess[str]:

@@ -14,7 +14,7 @@ import obstore
 import pytest
 import zstandard
 from helpers import Procs, assert_served
-from s3_helpers import Bucket, memfile, restore_from
+from s3_helpers import Bucket, memfile, new_bucket, restore_from
 from test_restore import KILLED
 
 from fcsnap.store.backends.cached_zstd import TAIL_GUESS
@@ -42,6 +42,15 @@ def packed(bucket: Bucket, mem: Path, *args: str) -> str:
     fcsnap(bucket, "pack", "--init", str(mem), "--store", bucket.url(), "--name", "wide", "-q",
            *args)
     return "wide"
+
+
+@pytest.fixture(scope="module")
+def raw_wide(s3_server, wide_mem: Path) -> Bucket:  # noqa: ANN001
+    """A bucket holding `wide_mem` packed raw as `wide`, for the tests that only read it
+    (a restore's lease comes and goes; the build is never changed)."""
+    bucket = new_bucket(s3_server)
+    packed(bucket, wide_mem)
+    return bucket
 
 
 def served(procs: Procs, bucket: Bucket, mem: Path, cache: Path, *args: str,
@@ -77,9 +86,9 @@ def diff_object(bucket: Bucket) -> tuple[str, bytes]:
 
 
 def test_a_warm_cache_is_served_by_the_compiled_loop(
-    bucket: Bucket, wide_mem: Path, procs: Procs, tmp_path: Path
+    raw_wide: Bucket, wide_mem: Path, procs: Procs, tmp_path: Path
 ) -> None:
-    packed(bucket, wide_mem)
+    bucket = raw_wide
     cache = tmp_path / "cache"
     cold = served(procs, bucket, wide_mem, cache, "--fault-around", "0", order="random")
     assert cold["fetch_requests"] > 1
@@ -93,9 +102,9 @@ def test_a_warm_cache_is_served_by_the_compiled_loop(
 
 
 def test_python_and_verify_serve_the_same_bytes(
-    bucket: Bucket, wide_mem: Path, procs: Procs, tmp_path: Path
+    raw_wide: Bucket, wide_mem: Path, procs: Procs, tmp_path: Path
 ) -> None:
-    packed(bucket, wide_mem)
+    bucket = raw_wide
     cache = tmp_path / "cache"
     pure = served(procs, bucket, wide_mem, cache, env={"FCSNAP_PURE_PYTHON": "1"},
                   order="random")
@@ -105,11 +114,11 @@ def test_python_and_verify_serve_the_same_bytes(
 
 
 def test_a_chunk_evicted_while_mapped_still_serves(
-    bucket: Bucket, wide_mem: Path, procs: Procs, tmp_path: Path
+    raw_wide: Bucket, wide_mem: Path, procs: Procs, tmp_path: Path
 ) -> None:
     """A cache of one chunk: every chunk is evicted as the next arrives, while the server
     still copies from its mapping; none is fetched twice, every byte is right."""
-    packed(bucket, wide_mem)
+    bucket = raw_wide
     cache = tmp_path / "cache"
     stats = served(procs, bucket, wide_mem, cache, "--cache-size", str(CHUNK),
                    "--fault-around", "0", order="random")

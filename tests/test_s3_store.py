@@ -11,9 +11,9 @@ import time
 import uuid
 from pathlib import Path
 
-from helpers import fcsnap_here
+from helpers import fcsnap, fcsnap_here
 from s3_helpers import Bucket, memfile
-from store_procs import TIMEOUT, fcsnap, wait_stopped
+from store_procs import TIMEOUT, wait_stopped
 
 from fcsnap.store.format.locks import STOP_ENV
 from fcsnap.testing.memimage import evolve, synthetic_memory, write_full, write_sparse_diff
@@ -268,10 +268,7 @@ def test_an_s3_url_never_becomes_a_local_directory(bucket: Bucket, tmp_path: Pat
     missing = f"s3://missing-{uuid.uuid4().hex[:12]}/p"
 
     def fcsnap_in_cwd(*args: object) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "fcsnap", *map(str, args)], cwd=work, env=bucket.env,
-            capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL,
-        )
+        return fcsnap_here(*args, cwd=work, env=bucket.env, timeout=TIMEOUT)
 
     for args in (("ls", "--store", missing), ("inspect", "web", "--store", missing),
                  ("gc", "--store", missing), ("rm", "web", "--store", missing)):

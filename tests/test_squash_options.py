@@ -4,11 +4,10 @@ those options (BuildOptions.of_build), used by the CLI and the library alike."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import fcsnap_here
 
 from fcsnap.store.format.layout import VMS
 from fcsnap.store.format.manifest import read_manifest
@@ -37,10 +36,7 @@ def test_cli_squash_is_the_library_squash(tmp_path: Path) -> None:
     store = tmp_path / "store"
     source, build = ops.pack(tmp_path / "mem", store,
                              BuildOptions(compression="zstd", level=9, frame_size=128 << 10))
-    result = subprocess.run(
-        [sys.executable, "-m", "fcsnap", "squash", build.name, "--store", str(store), "--json"],
-        capture_output=True, text=True, timeout=60,
-    )
+    result = fcsnap_here("squash", build.name, "--store", store, "--json", timeout=60)
     assert result.returncode == 0, result.stderr
     flat = read_manifest(Path(json.loads(result.stdout)["path"]))
     assert (flat.compression, flat.compression_level, flat.frame_size) == ("zstd", 9, 128 << 10)

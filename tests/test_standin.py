@@ -473,6 +473,31 @@ def test_start_delay(memory_file, server_factory, tmp_path) -> None:
     assert report["elapsed_s"] - report["touch_s"] >= 0.5
 
 
+def test_start_and_end_gates(memory_file, server_factory, tmp_path) -> None:
+    """--start-gate: no page is touched until its file exists; --end-gate: after its report,
+    the stand-in stays until its file exists, then exits 0."""
+    path, data = memory_file
+    server = server_factory(data)
+    report, start, end = tmp_path / "r.json", tmp_path / "start", tmp_path / "end"
+    proc = firecracker.spawn(server.path, report=report, expected=path, deadline=WAIT,
+                             start_gate=start, end_gate=end,
+                             popen={"stderr": subprocess.DEVNULL})
+    try:
+        assert _wait_for(lambda: bool(server.fds), WAIT)  # the handshake is in
+        time.sleep(0.3)
+        assert server.faults == 0 and not report.exists()
+        start.touch()
+        assert _wait_for(report.exists, WAIT)
+        time.sleep(0.3)
+        assert proc.poll() is None  # held at the end gate
+        end.touch()
+        assert proc.wait(WAIT) == 0
+    finally:
+        proc.kill()
+    assert firecracker.read_report(report)["mismatches"] == 0
+    assert server.faults > 0
+
+
 def test_first_mismatch_is_reported_at_once(memory_file, server_factory, tmp_path) -> None:
     """A VM whose server goes on to kill it (here: stops answering) still shows the wrong
     byte it read: the report is written at the first mismatch, not only at the end."""

@@ -156,16 +156,18 @@ def test_timeout_s_kill_of_the_whole_group_kills_the_vm(lineage, runs, tmp_path)
 @pytest.mark.parametrize("mode", ["--populate", "--eager"])
 def test_kill_9_after_every_page_is_installed_leaves_the_vm_running(lineage, runs, mode):
     """With every page installed the server releases the VM from the watchdog: a `kill -9`
-    then leaves it running, and it reads every byte right without its page server."""
+    then leaves it running, and it reads every byte right without its page server (it starts
+    reading once the server is dead: its start gate opens then)."""
     server = runs.server(lineage.newest, mode)
-    vm = runs.vm(server, expected=lineage.expected, threads=2, order="random", hold=1.0,
-                 start_delay=0.5)
+    vm = runs.vm(server, expected=lineage.expected, threads=2, order="random",
+                 start_gate=runs.gate)
     server.wait_handshake()  # so the server has told the watchdog to watch the VM
     watchdog = watchdog_of(server)
     wait_until(lambda: idle_watching(watchdog, 0), "the watchdog to release the VM")
     server.proc.kill()
     assert server.proc.wait(WAIT) == KILLED
     assert wait_dead(watchdog, WAIT) is not None
+    runs.gate.touch()
     assert vm.finish().status == 0
     report = vm.report
     assert report is not None and report["mismatches"] == 0
@@ -176,10 +178,11 @@ def test_balloon_after_release_makes_the_vm_watched_again(lineage, runs) -> None
     server hands it back to the watchdog, and a `kill -9` then kills it."""
     server = runs.server(lineage.newest, "--populate")
     vm = runs.vm(server, expected=lineage.expected, threads=1, touch=0.1, hold=WAIT,
-                 start_delay=2.5, balloon=[(0, 64 * PAGE)])  # after populate
+                 start_gate=runs.gate, balloon=[(0, 64 * PAGE)])
     server.wait_handshake()
     watchdog = watchdog_of(server)
     wait_until(lambda: idle_watching(watchdog, 0), "the watchdog to release the VM")
+    runs.gate.touch()  # after populate: the guest reads, then balloons
     wait_until(lambda: watched_vms(watchdog) == 1, "the VM to be watched after its balloon")
     wait_until(lambda: vm.report_path.exists(), "the VM to finish its reads")
     server.proc.kill()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import fcsnap
+from helpers import fcsnap_here as fcsnap  # in this process: the merge is tested here
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

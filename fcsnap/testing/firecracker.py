@@ -14,7 +14,9 @@ chosen by --seed) and then every page, timing both passes (`ws_s`, `all_s`); `--
 FILE` skips the socket and the uffd and maps FILE MAP_PRIVATE instead, as Firecracker's File
 memory backend does, for a baseline; `--no-verify-bytes` leaves out the byte compare and
 `--latency` times every touch. The touch plans are made before the handshake, so the guest
-starts touching right after it, as a resumed VM does (or `--start-delay` seconds later).
+starts touching right after it, as a resumed VM does (or `--start-delay` seconds later, or once
+the `--start-gate` file exists: a test breaks things in between). At the end it writes its
+report and exits (after `--hold` seconds, or once the `--end-gate` file exists).
 
 `--balloon-cycles N` races the balloon with the faulting threads: the touch pass runs N times,
 and during each a balloon thread gives the --balloon pages back one page at a time (a REMOVE
@@ -398,12 +400,17 @@ class StandIn:
                 handshake(self.sock, guest, a.payload, a.misbehave)
             if not a.misbehave:
                 time.sleep(a.start_delay)
+                while a.start_gate and not os.path.exists(a.start_gate):
+                    time.sleep(0.005)  # the watchdog's deadline bounds this
                 if a.start_at is not None:  # many VMs touching at once, whenever each started
                     time.sleep(max(0.0, a.start_at - time.monotonic()))
                 self._workload(guest, expected, passes)
         watchdog.cancel()
         self.write_report()
         time.sleep(a.hold)
+        end = time.monotonic() + a.deadline
+        while a.end_gate and not os.path.exists(a.end_gate) and time.monotonic() < end:
+            time.sleep(0.005)
         failed = self.report["mismatches"] or (self.report["kvm"] or {}).get("ok") is False
         return EXIT_MISMATCH if failed else 0
 
@@ -742,10 +749,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report the present pages, write-protected or not (pagemap bit 57)")
     p.add_argument("--start-delay", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long after the handshake before touching memory")
+    p.add_argument("--start-gate", metavar="FILE",
+                   help="after the handshake, wait until FILE exists before touching memory")
     p.add_argument("--start-at", type=float, metavar="MONOTONIC",
                    help="after the handshake, wait until CLOCK_MONOTONIC reads this")
     p.add_argument("--kvm", action="store_true", help="also read memory from a KVM vCPU")
     p.add_argument("--report", help="write a JSON report here")
+    p.add_argument("--end-gate", metavar="FILE",
+                   help="at the end, after its report, stay alive until FILE exists "
+                   "(--deadline seconds at most)")
     p.add_argument("--hold", type=float,
                    help="seconds to stay alive at the end (default 0; 30 with --misbehave)")
     p.add_argument("--deadline", type=float, default=60.0,
