@@ -88,7 +88,7 @@ class Opening:
                 try:
                     turn_away(self.listener, self.access.admits)
                 finally:
-                    self.listener.close()
+                    stop_listening(self.listener)
             with contextlib.suppress(FileNotFoundError):
                 if os.lstat(self.path).st_ino == self.inode:
                     os.unlink(self.path)
@@ -124,3 +124,12 @@ def turn_away(listener: socket.socket, admits: Callable[[int], bool]) -> None:
                     kill_process(pidfd)
                 finally:
                     os.close(pidfd)
+
+
+def stop_listening(listener: socket.socket) -> None:
+    """Close `listener` so that a client connecting from now on is refused at once: it is
+    shut down first, because the watchdog holds a copy of it (the guard) that would keep it
+    listening, and a VM queued on it then would be killed rather than refused."""
+    with contextlib.suppress(OSError):
+        listener.shutdown(socket.SHUT_RDWR)
+    listener.close()

@@ -50,7 +50,7 @@ from fcsnap.uffd.handshake import (
 )
 from fcsnap.uffd.installer import GONE, RETRY, Installer, InstallStats
 from fcsnap.uffd.listener import listen
-from fcsnap.uffd.opening import turn_away
+from fcsnap.uffd.opening import stop_listening, turn_away
 from fcsnap.uffd.prefetch import Prefetch
 from fcsnap.uffd.preimage import Preimages
 from fcsnap.uffd.regions import Region, RegionMap
@@ -206,7 +206,7 @@ class Session:
                 try:
                     turn_away(self._listener, self.options.access.admits)  # queued VMs
                 finally:
-                    self._listener.close()
+                    stop_listening(self._listener)
             self._unlink_socket()
             self._close_handshake()
             if self._fast is not None:
@@ -382,8 +382,9 @@ class Session:
 
     def on_listener(self) -> None:
         """Accept the VM, if an admitted one is there, and start taking its handshake. The
-        listener is closed at once: a second client is refused (or, if it was already
-        queued, disconnected) instead of waiting behind this handshake."""
+        listener is shut down at once: a second client is refused instead of waiting behind
+        this handshake; one already queued is killed by the watchdog when the guard ends (an
+        admitted peer has sent its uffd, and no one will serve it), any other disconnected."""
         listener, reactor = self._listener, self._reactor
         assert listener is not None and reactor is not None
         accepted = accept_admitted(listener, self.options.access.admits, self._refused)
@@ -391,7 +392,7 @@ class Session:
             return
         conn, pid = accepted
         reactor.unwatch(listener.fileno())
-        listener.close()
+        stop_listening(listener)
         self._listener = None
         try:
             conn.setblocking(False)
