@@ -4,18 +4,25 @@ that interval's writes, byte-exact against the guest's memory at that moment."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import numpy as np
 import pytest
 from helpers import WAIT, fcsnap, one_build_store, unpacked
 from test_daemon import Daemon
 from test_write_tracking import written
 
+from fcsnap.daemon.checkpoint import CheckpointRequest, checkpoint
 from fcsnap.daemon.client import checkpoint_via_daemon, wait_checkpoint
+from fcsnap.daemon.request import RequestError
+from fcsnap.daemon.restores import Restore
 from fcsnap.errors import FcsnapError
-from fcsnap.store.format.layout import build_path
+from fcsnap.store.format.layout import build_path, resolve_build
 from fcsnap.store.format.manifest import read_manifest
 from fcsnap.testing import firecracker
 from fcsnap.uffd.fastpath import PURE_PYTHON_ENV
@@ -244,3 +251,57 @@ def test_a_failed_background_copy_publishes_nothing_and_the_vm_goes_on(tmp_path:
         assert vm.wait(WAIT) == 0
     finally:
         daemon.close()
+
+
+class RacingSession:
+    """A served restore's session whose reactor, asked for its first take, first runs a
+    `GET written?new_interval=1` that came in meanwhile (another client's request)."""
+
+    def __init__(self, size: int) -> None:
+        self.peer = SimpleNamespace(pid=os.getpid(), pidfd=os.open("/", os.O_RDONLY),
+                                    regions=[])
+        self.installer = SimpleNamespace(states={})
+        self.header = SimpleNamespace(metadata=SimpleNamespace(size=size))
+        self.restore: Restore | None = None
+        self.raced = False
+        self.given_back: list[list[int]] = []
+
+    def call(self, fn: Any, timeout: float) -> Any:
+        if not self.raced:
+            self.raced = True
+            assert self.restore is not None
+            self.restore.written(True)  # reaches the reactor just before the checkpoint's take
+        return fn()
+
+    def take_written(self, new_interval: bool) -> tuple[np.ndarray, int]:
+        return np.array([0], np.int64), 1
+
+    def take_for_copy(self, preimages: Any) -> tuple[np.ndarray, int, np.ndarray]:
+        return (*self.take_written(True), np.array([0], np.int64))
+
+    def end_copy(self) -> None:
+        pass
+
+    def give_back_written(self, offsets: np.ndarray) -> None:
+        self.given_back.append(list(offsets))
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_new_interval_taken_as_a_checkpoint_starts_refuses_the_checkpoint(
+        tmp_path: Path, background: bool) -> None:
+    """GET written?new_interval=1 arriving after a checkpoint's checks but before its take:
+    the checkpoint would miss the pages that take emptied out of the set, so it is refused
+    on the serving thread, with the take, not published."""
+    store = one_build_store(tmp_path, SIZE, seed=10)
+    session = RacingSession(SIZE)
+    restore = Restore("r", "vm", session, SimpleNamespace(build_dir=resolve_build("vm", store)),
+                      None)  # type: ignore[arg-type]
+    session.restore = restore
+    try:
+        with pytest.raises(RequestError, match="would miss those pages") as refused:
+            checkpoint(restore, store, CheckpointRequest("vm-cp", background))
+        assert refused.value.status == 409
+        assert not (store / "vms" / "vm-cp").exists()
+        assert not restore.checkpointing.locked() and session.given_back == []
+    finally:
+        os.close(session.peer.pidfd)

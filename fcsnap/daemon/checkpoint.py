@@ -92,10 +92,7 @@ def checkpoint(restore: Restore, store: Path, request: CheckpointRequest
     session = restore.session
     if session is None or session.peer is None or session.installer is None:
         raise RequestError(f"restore {restore.id} has no VM being served", 409)
-    if restore.interval_restarted:
-        raise RequestError(f"restore {restore.id}: its written set was restarted by GET "
-                           "written?new_interval=1, so a checkpoint would miss those pages",
-                           409)
+    _refuse_restarted(restore)
     if not restore.checkpointing.acquire(timeout=LOCK_WAIT):
         raise RequestError(f"restore {restore.id} is being checkpointed already", 409)
     if request.background:
@@ -144,13 +141,26 @@ def _take(restore: Restore) -> tuple[Any, int, int]:
 
     def take() -> tuple[Any, int, int]:
         assert session.peer is not None
+        _refuse_restarted(restore)
         offsets, count = session.take_written(True)
         return offsets, count, os.dup(session.peer.pidfd)
 
     try:
         return session.call(take, CALL_WAIT)
+    except RequestError:
+        raise
     except FcsnapError as e:
         raise RequestError(f"restore {restore.id}: {e}", 409) from None
+
+
+def _refuse_restarted(restore: Restore) -> None:
+    """RequestError (409) once GET written?new_interval=1 has taken pages out of the set: a
+    checkpoint would miss them. Checked before the request waits, and again with the take on
+    the reactor's thread, where such a GET that came in meanwhile has taken its pages."""
+    if restore.interval_restarted:
+        raise RequestError(f"restore {restore.id}: its written set was restarted by GET "
+                           "written?new_interval=1, so a checkpoint would miss those pages",
+                           409)
 
 
 def _background(restore: Restore, store: Path, request: CheckpointRequest) -> dict[str, Any]:
@@ -202,11 +212,14 @@ def _take_for_copy(restore: Restore, preimages: Preimages) -> tuple[Any, int, An
 
     def take() -> tuple[Any, int, Any, int]:
         assert session.peer is not None
+        _refuse_restarted(restore)
         offsets, count, live = session.take_for_copy(preimages)
         return offsets, count, live, os.dup(session.peer.pidfd)
 
     try:
         return session.call(take, CALL_WAIT)
+    except RequestError:
+        raise
     except FcsnapError as e:
         raise RequestError(f"restore {restore.id}: {e}", 409) from None
 

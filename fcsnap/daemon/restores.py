@@ -97,11 +97,17 @@ class Restore:
         if new_interval and self.checkpoint_base is not None:
             raise RequestError(f"restore {self.id} is checkpointed: a new interval taken here "
                                "would leave its pages out of the next checkpoint", 409)
+        def take() -> tuple[Any, int]:
+            # on the reactor's thread, as a checkpoint's take: whichever comes second sees
+            # what the first did
+            taken = session.take_written(new_interval)
+            self.interval_restarted |= new_interval
+            return taken
+
         try:
-            offsets, count = session.call(lambda: session.take_written(new_interval), END_WAIT)
+            offsets, count = session.call(take, END_WAIT)
         except FcsnapError as e:
             raise RequestError(f"restore {self.id}: {e}", 409) from None
-        self.interval_restarted |= new_interval
         return dump_working_set(session.header.metadata.size, offsets.tolist()), count
 
     def retire(self) -> None:
