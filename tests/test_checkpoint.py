@@ -305,3 +305,41 @@ def test_a_new_interval_taken_as_a_checkpoint_starts_refuses_the_checkpoint(
         assert not restore.checkpointing.locked() and session.given_back == []
     finally:
         os.close(session.peer.pidfd)
+
+
+class StalledSession(RacingSession):
+    """A served restore's session whose reactor does not answer one call in time: the one
+    that gives a failed checkpoint's pages back."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.calls = 0
+
+    def call(self, fn: Any, timeout: float) -> Any:
+        self.calls += 1
+        if self.calls == 2:
+            raise FcsnapError(f"the restore's server did not answer within {timeout:g}s")
+        return fn()
+
+
+def test_pages_a_failed_checkpoint_cannot_give_back_refuse_what_would_miss_them(
+        tmp_path: Path) -> None:
+    """A checkpoint fails after its take (here: its reads) and the serving thread does not
+    take its pages back in time: the written set misses them from then on, so the next
+    checkpoint and GET written are refused rather than missing them."""
+    store = one_build_store(tmp_path, SIZE, seed=11)
+    session = StalledSession(SIZE)
+    restore = Restore("r", "vm", session, SimpleNamespace(build_dir=resolve_build("vm", store)),
+                      None)  # type: ignore[arg-type]
+    try:
+        with pytest.raises(FcsnapError, match="none of the VM's regions"):
+            checkpoint(restore, store, CheckpointRequest("vm-cp"))
+        assert session.given_back == []  # the call that would have given them back stalled
+        for attempt in (lambda: checkpoint(restore, store, CheckpointRequest("vm-cp")),
+                        lambda: restore.written(False)):
+            with pytest.raises(RequestError, match="could not give its pages back") as refused:
+                attempt()
+            assert refused.value.status == 409
+        assert not (store / "vms" / "vm-cp").exists()
+    finally:
+        os.close(session.peer.pidfd)

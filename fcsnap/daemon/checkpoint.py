@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcsnap.daemon.request import RequestError
+from fcsnap.daemon.restores import LOST
 from fcsnap.errors import FcsnapError, redact
 from fcsnap.store.format.layout import foreign_build
 from fcsnap.store.format.lineage import Parent
@@ -117,7 +118,7 @@ def _checkpoint(restore: Restore, store: Path, request: CheckpointRequest) -> di
             memory = GuestMemory(session.peer.pid, pidfd, session.peer.regions)
             manifest, build_dir = _build(restore, store, request, offsets, memory)
         except BaseException:
-            _give_back(session, offsets)
+            _give_back(restore, session, offsets)
             raise
         finally:
             os.close(pidfd)
@@ -154,12 +155,16 @@ def _take(restore: Restore) -> tuple[Any, int, int]:
 
 
 def _refuse_restarted(restore: Restore) -> None:
-    """RequestError (409) once GET written?new_interval=1 has taken pages out of the set: a
-    checkpoint would miss them. Checked before the request waits, and again with the take on
-    the reactor's thread, where such a GET that came in meanwhile has taken its pages."""
+    """RequestError (409) once GET written?new_interval=1 has taken pages out of the set, or
+    a failed checkpoint could not put its pages back: a checkpoint would miss them. Checked
+    before the request waits, and again with the take on the reactor's thread, where such a
+    GET that came in meanwhile has taken its pages."""
     if restore.interval_restarted:
         raise RequestError(f"restore {restore.id}: its written set was restarted by GET "
                            "written?new_interval=1, so a checkpoint would miss those pages",
+                           409)
+    if restore.written_lost:
+        raise RequestError(f"restore {restore.id}: {LOST}, so a checkpoint would miss them",
                            409)
 
 
@@ -250,7 +255,7 @@ def _end_copy(restore: Restore, session: Session, offsets: Any, memory: PausedMe
     start."""
     try:
         if outcome["state"] != "done":
-            _give_back(session, offsets)
+            _give_back(restore, session, offsets)
         with contextlib.suppress(FcsnapError):  # ended meanwhile: nothing is pending
             session.call(session.end_copy, CALL_WAIT)
         os.close(memory.preimages.memory.pidfd)
@@ -260,10 +265,14 @@ def _end_copy(restore: Restore, session: Session, offsets: Any, memory: PausedMe
         restore.checkpointing.release()
 
 
-def _give_back(session: Session, offsets: Any) -> None:
-    """A checkpoint that failed after its take: the pages go back into the written set."""
-    with contextlib.suppress(FcsnapError):  # ended meanwhile: nothing to give back to
+def _give_back(restore: Restore, session: Session, offsets: Any) -> None:
+    """A checkpoint that failed after its take: the pages go back into the written set.
+    Where the serving thread does not take them (the session ended meanwhile, or it did not
+    answer in time), the set misses them from now on: `restore.written_lost`."""
+    try:
         session.call(lambda: session.give_back_written(offsets), CALL_WAIT)
+    except FcsnapError:
+        restore.written_lost = True
 
 
 def _build(restore: Restore, store: Path, request: CheckpointRequest, offsets: Any,
