@@ -117,6 +117,10 @@ def test_checkpoint_refusals(tmp_path: Path) -> None:
         out = fcsnap("checkpoint", "nope", "--daemon", daemon.api, "--name", "x")
         assert out.returncode == 1 and out.stderr.splitlines() == [
             "fcsnap: error: the daemon refused the checkpoint: no restore 'nope'"]
+        out = fcsnap("checkpoint", answer["id"], "--daemon", daemon.api, "--name", "x",
+                     "--copy-rate", "5")
+        lines = out.stderr.splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and "--background" in lines[0], lines
     finally:
         daemon.close()
 
