@@ -4,8 +4,10 @@ that interval's writes, byte-exact against the guest's memory at that moment."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,7 +27,9 @@ from fcsnap.errors import FcsnapError
 from fcsnap.store.format.layout import build_path, resolve_build
 from fcsnap.store.format.manifest import read_manifest
 from fcsnap.testing import firecracker
+from fcsnap.testing.firecracker_api import RawAnswer, answer
 from fcsnap.uffd.fastpath import PURE_PYTHON_ENV
+from fcsnap.uffd.regions import Region
 from fcsnap.units import PAGE
 
 # The daemon without CAP_SYS_PTRACE (dropped from its bounding set: root keeps the rest).
@@ -344,6 +348,42 @@ def test_pages_a_failed_checkpoint_cannot_give_back_refuse_what_would_miss_them(
             with pytest.raises(RequestError, match="could not give its pages back") as refused:
                 attempt()
             assert refused.value.status == 409
+        assert not (store / "vms" / "vm-cp").exists()
+    finally:
+        os.close(session.peer.pidfd)
+
+
+class ExitingSession(RacingSession):
+    """A served restore's session whose VM (and with it Firecracker's API) is gone by the
+    time the checkpoint takes its written set."""
+
+    def __init__(self, size: int, api: RawAnswer) -> None:
+        super().__init__(size)
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        self.peer.pid = gone.pid
+        self.peer.regions = [Region(base=1 << 30, size=size, offset=0, page_size=PAGE)]
+        self.api = api
+
+    def call(self, fn: Any, timeout: float) -> Any:
+        self.api.close()  # the pause was answered; Firecracker has exited since
+        return fn()
+
+
+def test_a_vm_exiting_during_a_checkpoint_is_the_error_not_the_resume(tmp_path: Path
+                                                                      ) -> None:
+    """The daemon paused the VM through its API and the VM exits mid-checkpoint: the answer
+    says the VM exited, and is not replaced by the failure to resume it."""
+    store = one_build_store(tmp_path, SIZE, seed=12)
+    api = RawAnswer(tmp_path / "fc.api", b"".join(answer(204)), piece=1 << 16, close=True)
+    session = ExitingSession(SIZE, api)
+    restore = Restore("r", "vm", session, SimpleNamespace(build_dir=resolve_build("vm", store)),
+                      SimpleNamespace(api_socket=tmp_path / "fc.api"))  # type: ignore[arg-type]
+    try:
+        with pytest.raises(FcsnapError) as failed:
+            checkpoint(restore, store, CheckpointRequest("vm-cp"))
+        assert str(failed.value) == f"the VM (pid {session.peer.pid}) has exited"
+        assert api.request is not None and json.loads(api.request.body) == {"state": "Paused"}
         assert not (store / "vms" / "vm-cp").exists()
     finally:
         os.close(session.peer.pidfd)

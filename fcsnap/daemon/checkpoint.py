@@ -124,9 +124,11 @@ def _checkpoint(restore: Restore, store: Path, request: CheckpointRequest) -> di
             os.close(pidfd)
         # before the resume, which may fail: the next checkpoint is over this one regardless
         restore.checkpoint_base = Path(build_dir)
-    finally:
-        if api is not None:
-            _vm_state(api, "Resumed")
+    except BaseException:
+        _resume_after_failure(api)
+        raise
+    if api is not None:
+        _vm_state(api, "Resumed")
     return {"build_id": str(manifest.build_id), "name": request.name,
             "written_pages": count, "pages_read": len(offsets),
             "bytes_stored": manifest.stats.bytes_stored,
@@ -201,9 +203,11 @@ def _background(restore: Restore, store: Path, request: CheckpointRequest) -> di
                           {"state": "failed", "error": str(e)}, started)
                 raise
             copying = True
-        finally:
-            if api is not None:
-                _vm_state(api, "Resumed")
+        except BaseException:
+            _resume_after_failure(api)
+            raise
+        if api is not None:
+            _vm_state(api, "Resumed")
     finally:
         if not copying:
             restore.checkpointing.release()
@@ -299,6 +303,14 @@ def _alive_at_end(chunks: Any, memory: GuestMemory | PausedMemory) -> Any:
     published: a recycled pid must not have been read)."""
     yield from chunks
     memory.check_alive()
+
+
+def _resume_after_failure(api: Path | None) -> None:
+    """Resume a VM paused through its API after the checkpoint failed: what went wrong is
+    the answer, not a resume that fails too (a VM that exited cannot be resumed)."""
+    if api is not None:
+        with contextlib.suppress(FcsnapError):
+            _vm_state(api, "Resumed")
 
 
 def _vm_state(api: Path, state: str) -> None:
