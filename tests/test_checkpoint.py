@@ -4,22 +4,33 @@ that interval's writes, byte-exact against the guest's memory at that moment."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import numpy as np
 import pytest
 from helpers import WAIT, one_build_store, unpacked
 from helpers import fcsnap_here as fcsnap  # in this process: the daemon is tested here
 from test_daemon import Daemon
 from test_write_tracking import written
 
+from fcsnap.daemon.checkpoint import CheckpointRequest, checkpoint
 from fcsnap.daemon.client import checkpoint_via_daemon, wait_checkpoint
+from fcsnap.daemon.request import RequestError
+from fcsnap.daemon.restores import Restore
 from fcsnap.errors import FcsnapError
-from fcsnap.store.format.layout import build_path
+from fcsnap.store.format.layout import build_path, resolve_build
 from fcsnap.store.format.manifest import read_manifest
 from fcsnap.testing import firecracker
+from fcsnap.testing.firecracker_api import RawAnswer, answer
 from fcsnap.uffd.fastpath import PURE_PYTHON_ENV
+from fcsnap.uffd.regions import Region
 from fcsnap.units import PAGE
 
 # The daemon without CAP_SYS_PTRACE (dropped from its bounding set: root keeps the rest).
@@ -111,6 +122,10 @@ def test_checkpoint_refusals(tmp_path: Path) -> None:
         out = fcsnap("checkpoint", "nope", "--daemon", daemon.api, "--name", "x")
         assert out.returncode == 1 and out.stderr.splitlines() == [
             "fcsnap: error: the daemon refused the checkpoint: no restore 'nope'"]
+        out = fcsnap("checkpoint", answer["id"], "--daemon", daemon.api, "--name", "x",
+                     "--copy-rate", "5")
+        lines = out.stderr.splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and "--background" in lines[0], lines
     finally:
         daemon.close()
 
@@ -245,3 +260,131 @@ def test_a_failed_background_copy_publishes_nothing_and_the_vm_goes_on(tmp_path:
         assert vm.wait(WAIT) == 0
     finally:
         daemon.close()
+
+
+class RacingSession:
+    """A served restore's session whose reactor, asked for its first take, first runs a
+    `GET written?new_interval=1` that came in meanwhile (another client's request)."""
+
+    def __init__(self, size: int) -> None:
+        self.peer = SimpleNamespace(pid=os.getpid(), pidfd=os.open("/", os.O_RDONLY),
+                                    regions=[])
+        self.installer = SimpleNamespace(states={})
+        self.header = SimpleNamespace(metadata=SimpleNamespace(size=size))
+        self.restore: Restore | None = None
+        self.raced = False
+        self.given_back: list[list[int]] = []
+
+    def call(self, fn: Any, timeout: float) -> Any:
+        if not self.raced:
+            self.raced = True
+            assert self.restore is not None
+            self.restore.written(True)  # reaches the reactor just before the checkpoint's take
+        return fn()
+
+    def take_written(self, new_interval: bool) -> tuple[np.ndarray, int]:
+        return np.array([0], np.int64), 1
+
+    def take_for_copy(self, preimages: Any) -> tuple[np.ndarray, int, np.ndarray]:
+        return (*self.take_written(True), np.array([0], np.int64))
+
+    def end_copy(self) -> None:
+        pass
+
+    def give_back_written(self, offsets: np.ndarray) -> None:
+        self.given_back.append(list(offsets))
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_new_interval_taken_as_a_checkpoint_starts_refuses_the_checkpoint(
+        tmp_path: Path, background: bool) -> None:
+    """GET written?new_interval=1 arriving after a checkpoint's checks but before its take:
+    the checkpoint would miss the pages that take emptied out of the set, so it is refused
+    on the serving thread, with the take, not published."""
+    store = one_build_store(tmp_path, SIZE, seed=10)
+    session = RacingSession(SIZE)
+    restore = Restore("r", "vm", session, SimpleNamespace(build_dir=resolve_build("vm", store)),
+                      None)  # type: ignore[arg-type]
+    session.restore = restore
+    try:
+        with pytest.raises(RequestError, match="would miss those pages") as refused:
+            checkpoint(restore, store, CheckpointRequest("vm-cp", background))
+        assert refused.value.status == 409
+        assert not (store / "vms" / "vm-cp").exists()
+        assert not restore.checkpointing.locked() and session.given_back == []
+    finally:
+        os.close(session.peer.pidfd)
+
+
+class StalledSession(RacingSession):
+    """A served restore's session whose reactor does not answer one call in time: the one
+    that gives a failed checkpoint's pages back."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.calls = 0
+
+    def call(self, fn: Any, timeout: float) -> Any:
+        self.calls += 1
+        if self.calls == 2:
+            raise FcsnapError(f"the restore's server did not answer within {timeout:g}s")
+        return fn()
+
+
+def test_pages_a_failed_checkpoint_cannot_give_back_refuse_what_would_miss_them(
+        tmp_path: Path) -> None:
+    """A checkpoint fails after its take (here: its reads) and the serving thread does not
+    take its pages back in time: the written set misses them from then on, so the next
+    checkpoint and GET written are refused rather than missing them."""
+    store = one_build_store(tmp_path, SIZE, seed=11)
+    session = StalledSession(SIZE)
+    restore = Restore("r", "vm", session, SimpleNamespace(build_dir=resolve_build("vm", store)),
+                      None)  # type: ignore[arg-type]
+    try:
+        with pytest.raises(FcsnapError, match="none of the VM's regions"):
+            checkpoint(restore, store, CheckpointRequest("vm-cp"))
+        assert session.given_back == []  # the call that would have given them back stalled
+        for attempt in (lambda: checkpoint(restore, store, CheckpointRequest("vm-cp")),
+                        lambda: restore.written(False)):
+            with pytest.raises(RequestError, match="could not give its pages back") as refused:
+                attempt()
+            assert refused.value.status == 409
+        assert not (store / "vms" / "vm-cp").exists()
+    finally:
+        os.close(session.peer.pidfd)
+
+
+class ExitingSession(RacingSession):
+    """A served restore's session whose VM (and with it Firecracker's API) is gone by the
+    time the checkpoint takes its written set."""
+
+    def __init__(self, size: int, api: RawAnswer) -> None:
+        super().__init__(size)
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        self.peer.pid = gone.pid
+        self.peer.regions = [Region(base=1 << 30, size=size, offset=0, page_size=PAGE)]
+        self.api = api
+
+    def call(self, fn: Any, timeout: float) -> Any:
+        self.api.close()  # the pause was answered; Firecracker has exited since
+        return fn()
+
+
+def test_a_vm_exiting_during_a_checkpoint_is_the_error_not_the_resume(tmp_path: Path
+                                                                      ) -> None:
+    """The daemon paused the VM through its API and the VM exits mid-checkpoint: the answer
+    says the VM exited, and is not replaced by the failure to resume it."""
+    store = one_build_store(tmp_path, SIZE, seed=12)
+    api = RawAnswer(tmp_path / "fc.api", b"".join(answer(204)), piece=1 << 16, close=True)
+    session = ExitingSession(SIZE, api)
+    restore = Restore("r", "vm", session, SimpleNamespace(build_dir=resolve_build("vm", store)),
+                      SimpleNamespace(api_socket=tmp_path / "fc.api"))  # type: ignore[arg-type]
+    try:
+        with pytest.raises(FcsnapError) as failed:
+            checkpoint(restore, store, CheckpointRequest("vm-cp"))
+        assert str(failed.value) == f"the VM (pid {session.peer.pid}) has exited"
+        assert api.request is not None and json.loads(api.request.body) == {"state": "Paused"}
+        assert not (store / "vms" / "vm-cp").exists()
+    finally:
+        os.close(session.peer.pidfd)

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fcsnap.cli.common import Json, command, print_json
+from fcsnap.cli.common import Json, command, print_json, usage_error
 
 app = typer.Typer()
 
@@ -93,7 +93,7 @@ def checkpoint(
     from fcsnap.daemon.client import checkpoint_via_daemon, wait_checkpoint
 
     if copy_rate and not background:
-        raise typer.BadParameter("paces the --background copy", param_hint="--copy-rate")
+        usage_error("--copy-rate paces the --background copy: give --background too")
     answer = checkpoint_via_daemon(daemon, restore_id, name, background, copy_rate)
     if background:
         answer = wait_checkpoint(daemon, restore_id)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcsnap.daemon.request import RequestError
+from fcsnap.daemon.restores import LOST
 from fcsnap.errors import FcsnapError, redact
 from fcsnap.store.format.layout import foreign_build
 from fcsnap.store.format.lineage import Parent
@@ -92,10 +93,7 @@ def checkpoint(restore: Restore, store: Path, request: CheckpointRequest
     session = restore.session
     if session is None or session.peer is None or session.installer is None:
         raise RequestError(f"restore {restore.id} has no VM being served", 409)
-    if restore.interval_restarted:
-        raise RequestError(f"restore {restore.id}: its written set was restarted by GET "
-                           "written?new_interval=1, so a checkpoint would miss those pages",
-                           409)
+    _refuse_restarted(restore)
     if not restore.checkpointing.acquire(timeout=LOCK_WAIT):
         raise RequestError(f"restore {restore.id} is being checkpointed already", 409)
     if request.background:
@@ -120,15 +118,17 @@ def _checkpoint(restore: Restore, store: Path, request: CheckpointRequest) -> di
             memory = GuestMemory(session.peer.pid, pidfd, session.peer.regions)
             manifest, build_dir = _build(restore, store, request, offsets, memory)
         except BaseException:
-            _give_back(session, offsets)
+            _give_back(restore, session, offsets)
             raise
         finally:
             os.close(pidfd)
         # before the resume, which may fail: the next checkpoint is over this one regardless
         restore.checkpoint_base = Path(build_dir)
-    finally:
-        if api is not None:
-            _vm_state(api, "Resumed")
+    except BaseException:
+        _resume_after_failure(api)
+        raise
+    if api is not None:
+        _vm_state(api, "Resumed")
     return {"build_id": str(manifest.build_id), "name": request.name,
             "written_pages": count, "pages_read": len(offsets),
             "bytes_stored": manifest.stats.bytes_stored,
@@ -144,13 +144,30 @@ def _take(restore: Restore) -> tuple[Any, int, int]:
 
     def take() -> tuple[Any, int, int]:
         assert session.peer is not None
+        _refuse_restarted(restore)
         offsets, count = session.take_written(True)
         return offsets, count, os.dup(session.peer.pidfd)
 
     try:
         return session.call(take, CALL_WAIT)
+    except RequestError:
+        raise
     except FcsnapError as e:
         raise RequestError(f"restore {restore.id}: {e}", 409) from None
+
+
+def _refuse_restarted(restore: Restore) -> None:
+    """RequestError (409) once GET written?new_interval=1 has taken pages out of the set, or
+    a failed checkpoint could not put its pages back: a checkpoint would miss them. Checked
+    before the request waits, and again with the take on the reactor's thread, where such a
+    GET that came in meanwhile has taken its pages."""
+    if restore.interval_restarted:
+        raise RequestError(f"restore {restore.id}: its written set was restarted by GET "
+                           "written?new_interval=1, so a checkpoint would miss those pages",
+                           409)
+    if restore.written_lost:
+        raise RequestError(f"restore {restore.id}: {LOST}, so a checkpoint would miss them",
+                           409)
 
 
 def _background(restore: Restore, store: Path, request: CheckpointRequest) -> dict[str, Any]:
@@ -186,9 +203,11 @@ def _background(restore: Restore, store: Path, request: CheckpointRequest) -> di
                           {"state": "failed", "error": str(e)}, started)
                 raise
             copying = True
-        finally:
-            if api is not None:
-                _vm_state(api, "Resumed")
+        except BaseException:
+            _resume_after_failure(api)
+            raise
+        if api is not None:
+            _vm_state(api, "Resumed")
     finally:
         if not copying:
             restore.checkpointing.release()
@@ -202,11 +221,14 @@ def _take_for_copy(restore: Restore, preimages: Preimages) -> tuple[Any, int, An
 
     def take() -> tuple[Any, int, Any, int]:
         assert session.peer is not None
+        _refuse_restarted(restore)
         offsets, count, live = session.take_for_copy(preimages)
         return offsets, count, live, os.dup(session.peer.pidfd)
 
     try:
         return session.call(take, CALL_WAIT)
+    except RequestError:
+        raise
     except FcsnapError as e:
         raise RequestError(f"restore {restore.id}: {e}", 409) from None
 
@@ -237,7 +259,7 @@ def _end_copy(restore: Restore, session: Session, offsets: Any, memory: PausedMe
     start."""
     try:
         if outcome["state"] != "done":
-            _give_back(session, offsets)
+            _give_back(restore, session, offsets)
         with contextlib.suppress(FcsnapError):  # ended meanwhile: nothing is pending
             session.call(session.end_copy, CALL_WAIT)
         os.close(memory.preimages.memory.pidfd)
@@ -247,10 +269,14 @@ def _end_copy(restore: Restore, session: Session, offsets: Any, memory: PausedMe
         restore.checkpointing.release()
 
 
-def _give_back(session: Session, offsets: Any) -> None:
-    """A checkpoint that failed after its take: the pages go back into the written set."""
-    with contextlib.suppress(FcsnapError):  # ended meanwhile: nothing to give back to
+def _give_back(restore: Restore, session: Session, offsets: Any) -> None:
+    """A checkpoint that failed after its take: the pages go back into the written set.
+    Where the serving thread does not take them (the session ended meanwhile, or it did not
+    answer in time), the set misses them from now on: `restore.written_lost`."""
+    try:
         session.call(lambda: session.give_back_written(offsets), CALL_WAIT)
+    except FcsnapError:
+        restore.written_lost = True
 
 
 def _build(restore: Restore, store: Path, request: CheckpointRequest, offsets: Any,
@@ -277,6 +303,14 @@ def _alive_at_end(chunks: Any, memory: GuestMemory | PausedMemory) -> Any:
     published: a recycled pid must not have been read)."""
     yield from chunks
     memory.check_alive()
+
+
+def _resume_after_failure(api: Path | None) -> None:
+    """Resume a VM paused through its API after the checkpoint failed: what went wrong is
+    the answer, not a resume that fails too (a VM that exited cannot be resumed)."""
+    if api is not None:
+        with contextlib.suppress(FcsnapError):
+            _vm_state(api, "Resumed")
 
 
 def _vm_state(api: Path, state: str) -> None:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 KEEP_ENDED = 256  # ended restores still listed (their final stats), newest kept
 END_WAIT = 10.0  # seconds a DELETE or a daemon stop waits for a session to end
+LOST = "a failed checkpoint could not give its pages back to the written set"
 LOAD_GRACE = 5.0  # seconds past its --api-timeout a snapshot load may take to settle
 
 COUNTERS = ("faults", "pages_served", "bytes_served", "zero_pages", "compiled_faults",
@@ -57,6 +58,7 @@ class Restore:
     final: tuple[dict[str, Any], dict[str, Any]] | None = None  # (summary, document)
     checkpoint_base: Path | None = None  # the last checkpoint's build: the next one's base
     interval_restarted: bool = False  # by GET written?new_interval=1: checkpoints would miss it
+    written_lost: bool = False  # pages a failed checkpoint took could not be given back
     checkpointing: threading.Lock = field(default_factory=threading.Lock)  # one at a time
     last_checkpoint: dict[str, Any] | None = None  # a background one's state (checkpoint.py)
 
@@ -94,14 +96,22 @@ class Restore:
         session = self.session
         if session is None:
             raise RequestError(f"restore {self.id} has ended", 409)
+        if self.written_lost:
+            raise RequestError(f"restore {self.id}: {LOST}, so the set would miss them", 409)
         if new_interval and self.checkpoint_base is not None:
             raise RequestError(f"restore {self.id} is checkpointed: a new interval taken here "
                                "would leave its pages out of the next checkpoint", 409)
+        def take() -> tuple[Any, int]:
+            # on the reactor's thread, as a checkpoint's take: whichever comes second sees
+            # what the first did
+            taken = session.take_written(new_interval)
+            self.interval_restarted |= new_interval
+            return taken
+
         try:
-            offsets, count = session.call(lambda: session.take_written(new_interval), END_WAIT)
+            offsets, count = session.call(take, END_WAIT)
         except FcsnapError as e:
             raise RequestError(f"restore {self.id}: {e}", 409) from None
-        self.interval_restarted |= new_interval
         return dump_working_set(session.header.metadata.size, offsets.tolist()), count
 
     def retire(self) -> None:
