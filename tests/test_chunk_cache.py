@@ -329,7 +329,8 @@ NOBODY = 65534
 
 
 @pytest.mark.parametrize("layout", ["owned", "parent-owned", "group-writable",
-                                    "parent-world-writable", "symlink-in-their-directory"])
+                                    "parent-world-writable", "symlink-in-their-directory",
+                                    "their-symlink-in-a-sticky-directory"])
 def test_a_cache_directory_someone_else_controls_is_refused(tmp_path: Path, layout: str) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to give a directory to another user")
@@ -355,7 +356,7 @@ def test_a_cache_directory_someone_else_controls_is_refused(tmp_path: Path, layo
         shared.chmod(0o777)
         cache = shared / "cache"
         where = f"{shared} above it is writable by group or others without the sticky bit"
-    else:
+    elif layout == "symlink-in-their-directory":
         theirs = tmp_path / "theirs"
         theirs.mkdir(mode=0o755)
         (tmp_path / "mine").mkdir(mode=0o700)
@@ -363,6 +364,15 @@ def test_a_cache_directory_someone_else_controls_is_refused(tmp_path: Path, layo
         os.chown(theirs, NOBODY, NOBODY)
         cache = theirs / "cache"
         where = str(theirs)
+    else:  # as /tmp: they cannot touch what is ours in it, but their symlink they can repoint
+        shared = tmp_path / "tmp"
+        shared.mkdir()
+        shared.chmod(0o1777)
+        (tmp_path / "mine").mkdir(mode=0o700)
+        cache = shared / "cache"
+        cache.symlink_to(tmp_path / "mine")
+        os.lchown(cache, NOBODY, NOBODY)
+        where = f"{cache} is a symbolic link owned by uid {NOBODY}"
     with pytest.raises(FcsnapError) as e:
         ChunkCache(cache)
     assert "refusing cache directory" in str(e.value) and where in str(e.value), e.value
