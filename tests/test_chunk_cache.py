@@ -8,7 +8,9 @@ from __future__ import annotations
 import ctypes
 import os
 import stat
+import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -411,3 +413,40 @@ def test_two_readers_of_one_damaged_chunk_discard_it_once(tmp_path: Path, capfd)
         cache._discard(path, found, "holds 0 bytes, not 4096")
     assert not path.exists() and cache.stats.cache_discarded == 1
     assert capfd.readouterr().err.count("chunk cache file") == 1
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A cache directory on a filesystem with no inode left: no directory, lock or chunk
+    file can be made in it (a full disk)."""
+    where = tmp_path / "full"
+    where.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,nr_inodes=1,mode=0700",
+                           "tmpfs", str(where)], capture_output=True)
+    if made.returncode:
+        pytest.skip("needs to mount a tmpfs (root) to fill a filesystem")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_full_disk_costs_the_cache_not_the_vm(build: Path, full_disk: Path) -> None:
+    """No room for a build's directory or a chunk's lock file in the cache: the chunk is
+    fetched, checked and served without being cached (a reader that may wait, and a fault
+    server, which must not ask for it again and again while its VM waits)."""
+    store = GatedStore(build / DIFF_RAW)
+    store.gate.set()
+    want = (build / DIFF_RAW).read_bytes()[CHUNK:CHUNK + 4096]
+    assert CachedDiff(build, ChunkCache(full_disk), CHUNKS * CHUNK, store).read(CHUNK, 4096) == want
+    diff = CachedDiff(build, ChunkCache(full_disk), CHUNKS * CHUNK, store)
+    diff.serving = True
+
+    def served() -> bool:
+        try:
+            return diff.source(CHUNK, 4096) is not None
+        except FetchPending:
+            return False
+
+    wait_for(served, "the chunk served uncached")
+    assert ctypes.string_at(diff.source(CHUNK, 4096), 4096) == want

@@ -134,15 +134,18 @@ class ChunkCache:
         data = self._cached(path, size, check)
         if data is not None:
             return data
-        private_dir(path.parent)
+        try:
+            private_dir(path.parent)
+            lock = os.open(path.parent / f".lock-{name}",
+                           os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        except OSError:  # no room for them (a full disk): the bytes are served, not cached
+            return self._fetched(fetch, check)
         # One fetch per chunk on the host: the others wait for it, then map the file.
-        with locked(path.parent / f".lock-{name}"):
+        with locked(lock):
             data = self._cached(path, size, check)
             if data is not None:
                 return data
-            fetched = fetch()
-            self.count(cache_misses=1, fetch_requests=1, fetched_bytes=len(fetched))
-            check(fetched)
+            fetched = self._fetched(fetch, check)
             data = self._store(path, fetched)
         with self.counting:
             self.used += len(fetched)
@@ -150,6 +153,13 @@ class ChunkCache:
         if full:
             self._evict()
         return data
+
+    def _fetched(self, fetch: Callable[[], bytes], check: Check) -> bytes:
+        """A piece fetched from the store (counted) and checked."""
+        fetched = fetch()
+        self.count(cache_misses=1, fetch_requests=1, fetched_bytes=len(fetched))
+        check(fetched)
+        return fetched
 
     def _store(self, path: Path, fetched: bytes) -> Buffer:
         """Checked bytes written to the cache (durable before visible), mapped from the
@@ -573,9 +583,9 @@ class CachedDiff:
 
 
 @contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """flock(LOCK_EX) on a lock file: held across processes, released if the holder dies."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+def locked(fd: int) -> Iterator[None]:
+    """flock(LOCK_EX) on an open lock file, closed after: held across processes, released if
+    the holder dies."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
