@@ -450,3 +450,41 @@ def test_a_full_disk_costs_the_cache_not_the_vm(build: Path, full_disk: Path) ->
 
     wait_for(served, "the chunk served uncached")
     assert ctypes.string_at(diff.source(CHUNK, 4096), 4096) == want
+
+
+def test_a_closed_reader_s_late_groups_reach_no_other_reader(
+        zstd_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon's FrameCache is shared by every build. A group fetched ahead lands after its
+    reader closed (its build's last VM ended), and a reader of another build opened later
+    may sit at the closed one's address (CPython reuses it; made certain here): the other
+    build's VM must still get its own bytes, never the closed reader's."""
+    from fcsnap.store.backends import cached_zstd
+    from fcsnap.store.format import seekable
+    from fcsnap.store.format.seekable import FrameCache
+
+    other = tmp_path / "other"
+    mem = np.random.default_rng(8).integers(0, 256, CHUNK, np.uint8)
+    mem[::3] = 0
+    (other / "vm.mem").parent.mkdir()
+    (other / "vm.mem").write_bytes(mem.tobytes())
+    ops.pack(other / "vm.mem", other / "store", BuildOptions(name="vm", compression="zstd"))
+    other_build = other / "store" / str(read_vm_pointer(other / "store", "vm"))
+    monkeypatch.setattr(cached_zstd, "id", lambda _: 1, raising=False)  # the same address
+    monkeypatch.setattr(seekable, "id", lambda _: 1, raising=False)
+    frames, cache = FrameCache(64 << 20), ChunkCache(tmp_path / "cache")
+
+    def reader(build_dir: Path) -> CachedZstd:
+        diff = build_dir / DIFF_ZSTD
+        size = diff.stat().st_size
+
+        def read_range(start: int, length: int) -> bytes:
+            with open(diff, "rb") as f:
+                f.seek(start)
+                return f.read(length)
+
+        return CachedZstd.open(build_dir, cache, size, read_range, frame_cache=frames)
+
+    closed = reader(zstd_build)
+    closed.close()
+    closed._load(0)  # the fetch ahead that was in flight, landing now
+    assert reader(other_build).read(0, 4096) == mem[:4096].tobytes()
