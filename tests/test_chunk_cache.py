@@ -488,3 +488,27 @@ def test_a_closed_reader_s_late_groups_reach_no_other_reader(
     closed.close()
     closed._load(0)  # the fetch ahead that was in flight, landing now
     assert reader(other_build).read(0, 4096) == mem[:4096].tobytes()
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_a_sidecar_shorter_than_its_diff_is_refused_at_open(tmp_path: Path, blocks: int
+                                                            ) -> None:
+    """A head's sidecar (pinned by nothing) without the hashes of its diff's last `blocks`
+    blocks, alone in the last chunk: refused in one line when the diff is opened, never the
+    last block served unchecked (no hash to compare it with) nor a ValueError in a fetch
+    thread (a fault server would ask for the chunk forever, its VM frozen)."""
+    from fcsnap.store.format.hashes import dump_hashes, read_hashes
+    from fcsnap.store.format.layout import HASHES
+
+    size = CHUNK + blocks * 4096
+    rng = np.random.default_rng(9)
+    (tmp_path / "vm.mem").write_bytes(rng.integers(0, 256, size, np.uint8).tobytes())
+    ops.pack(tmp_path / "vm.mem", tmp_path / "store", BuildOptions(name="vm"))
+    build_dir = tmp_path / "store" / str(read_vm_pointer(tmp_path / "store", "vm"))
+    block_size, table = read_hashes(build_dir / HASHES)
+    (build_dir / HASHES).write_bytes(dump_hashes(block_size, table[:-blocks].tobytes()))
+    store = GatedStore(build_dir / DIFF_RAW)
+    store.gate.set()
+    with pytest.raises(FcsnapError, match="hash sidecar") as e:
+        CachedDiff(build_dir, ChunkCache(tmp_path / "cache"), size, store).read(CHUNK, 4096)
+    assert "\n" not in str(e.value)

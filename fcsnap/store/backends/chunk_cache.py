@@ -369,6 +369,11 @@ class CachedDiff:
             )
         sidecar = (build_dir / HASHES).read_bytes()
         self.block_size, self.table = read_hashes(build_dir / HASHES)
+        if len(self.table) * self.block_size < self.size:  # a block without a hash: unchecked
+            raise FcsnapError(
+                f"build {build_dir.name}: its hash sidecar holds {len(self.table)} hashes, "
+                f"too few for the {self.size} bytes of its diff"
+            )
         self.key = f"{build_dir.name}-{sidecar_pin(sidecar)[7:39]}"
         self.mapped: OrderedDict[int, Buffer] = OrderedDict()
         self.serving = False  # keep every chunk read mapped, in chunk_maps (serve_source)
