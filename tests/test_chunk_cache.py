@@ -512,3 +512,23 @@ def test_a_sidecar_shorter_than_its_diff_is_refused_at_open(tmp_path: Path, bloc
     with pytest.raises(FcsnapError, match="hash sidecar") as e:
         CachedDiff(build_dir, ChunkCache(tmp_path / "cache"), size, store).read(CHUNK, 4096)
     assert "\n" not in str(e.value)
+
+
+def test_what_killed_writers_left_is_removed(build: Path, tmp_path: Path) -> None:
+    """A process killed (SIGKILL, the OOM killer) while writing chunks leaves its temporaries,
+    which the size limit does not count: the next cache opened removes those older than
+    STALE_TEMP, and leaves a newer one (another process may be writing it)."""
+    from fcsnap.store.backends.chunk_cache import STALE_TEMP
+
+    store = GatedStore(build / DIFF_RAW)
+    store.gate.set()
+    cache = ChunkCache(tmp_path / "cache")
+    CachedDiff(build, cache, CHUNKS * CHUNK, store).read(0, 4096)
+    (key,) = cache.directory.iterdir()
+    old, new = key / ".tmp-0123456789abcdef01234567", key / ".tmp-76543210fedcba9876543210"
+    for temp in (old, new):
+        temp.write_bytes(bytes(CHUNK))
+    long_ago = os.stat(new).st_mtime - STALE_TEMP - 60
+    os.utime(old, (long_ago, long_ago))
+    ChunkCache(tmp_path / "cache")
+    assert not old.exists() and new.exists()

@@ -56,6 +56,7 @@ IN_FLIGHT = 16  # fetches ahead of readers in flight at once (fetch threads; 16 
 BACKGROUND = 2  # whole-diff fetches in flight (measured: 2 GETs at 88% of 16's pace)
 FOR_READERS = 4  # fetch threads for what a fault server's reader waits on, ahead of those
 MAPPED = 8  # chunks a diff keeps mapped (32 MiB of page cache)
+STALE_TEMP = 3600.0  # seconds after which a temporary is a killed writer's (one takes < 1 s)
 Buffer = bytes | mmap.mmap
 
 
@@ -263,6 +264,14 @@ class ChunkCache:
               file=sys.stderr)
 
     def _scan(self) -> tuple[list[tuple[float, int, Path]], int]:
+        """The cached chunks (mtime, size, path) and their bytes; the temporaries of writers
+        killed mid-write, which nothing else would ever remove or count, removed on the way
+        (a live writer whose temporary went only loses caching that chunk)."""
+        stale = time.time() - STALE_TEMP
+        for temp in self.directory.glob("*/.tmp-*"):
+            with contextlib.suppress(OSError):
+                if temp.lstat().st_mtime < stale:
+                    temp.unlink()
         chunks = []
         for entry in self.directory.glob("*/[0-9]*"):
             try:
