@@ -8,7 +8,10 @@ opened) with an unpredictable name in the target's own directory, fsynced, renam
 target and the directory fsynced: a reader sees the old file or the whole new one. The target
 itself is never opened through a symlink: a symlink there is replaced as a link. A character
 device or FIFO at the target (`--stats /dev/null`) is written in place, opened with
-O_NOFOLLOW, never replaced; a directory, block device or socket is refused.
+O_NOFOLLOW, never replaced; a directory, block device or socket is refused. One exception,
+outside the daemon's --output-dir: a symlink of this user's or root's that leads to a
+character device or FIFO (`--stats /dev/stdout`) is a device's other name, written in place
+through the link, which stays.
 
 All of it happens relative to a file descriptor of the target's directory. Under a `root` (the
 daemon's --output-dir) that directory is reached from the root one component at a time with
@@ -146,11 +149,14 @@ def output(
     dir_fd = open_parent(path, what, root)
     try:
         mode = _existing(dir_fd, path, what)
+        link = mode is not None and stat.S_ISLNK(mode) and root is None
+        alias = _device_alias(dir_fd, path) if link else 0
+        mode = alias or mode
         if mode is not None and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
             if not in_place:
                 raise OutputError(_say(what, path, f"it is {kind_of(mode)}, and only a "
                                                    "regular file is replaced"))
-            fd = _open_in_place(dir_fd, path, what)
+            fd = _open_in_place(dir_fd, path, what, follow=bool(alias))
             try:
                 with _named(path, what):
                     yield fd
@@ -187,10 +193,27 @@ def _named(path: Path, what: str) -> Iterator[None]:
         raise OutputError(_say(what, path, e.strerror or str(e))) from e
 
 
-def _open_in_place(dir_fd: int, path: Path, what: str) -> int:
-    """Open the device or FIFO at `path` for writing, never through a symlink. Non-blocking:
-    a FIFO nobody reads is refused rather than waited on."""
-    flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+def _device_alias(dir_fd: int, path: Path) -> int:
+    """The st_mode of the character device or FIFO the symlink at `path` leads to, when the
+    link is this user's or root's (/dev/stdout, /dev/stderr: replacing one would take it
+    from every program on the host); 0 otherwise (a link another user planted is never
+    followed)."""
+    try:
+        link = os.lstat(path.name, dir_fd=dir_fd)
+        mode = os.stat(path.name, dir_fd=dir_fd).st_mode
+    except OSError:
+        return 0
+    trusted = link.st_uid in (os.geteuid(), 0)
+    return mode if trusted and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)) else 0
+
+
+def _open_in_place(dir_fd: int, path: Path, what: str, follow: bool = False) -> int:
+    """Open the device or FIFO at `path` for writing, through a symlink only when `follow`
+    (a device alias of this user's or root's). Non-blocking: a FIFO nobody reads is refused
+    rather than waited on."""
+    flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    if not follow:
+        flags |= os.O_NOFOLLOW
     try:
         fd = os.open(path.name, flags, dir_fd=dir_fd)
     except OSError as e:

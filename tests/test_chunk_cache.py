@@ -8,7 +8,9 @@ from __future__ import annotations
 import ctypes
 import os
 import stat
+import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -329,7 +331,8 @@ NOBODY = 65534
 
 
 @pytest.mark.parametrize("layout", ["owned", "parent-owned", "group-writable",
-                                    "parent-world-writable", "symlink-in-their-directory"])
+                                    "parent-world-writable", "symlink-in-their-directory",
+                                    "their-symlink-in-a-sticky-directory"])
 def test_a_cache_directory_someone_else_controls_is_refused(tmp_path: Path, layout: str) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to give a directory to another user")
@@ -355,7 +358,7 @@ def test_a_cache_directory_someone_else_controls_is_refused(tmp_path: Path, layo
         shared.chmod(0o777)
         cache = shared / "cache"
         where = f"{shared} above it is writable by group or others without the sticky bit"
-    else:
+    elif layout == "symlink-in-their-directory":
         theirs = tmp_path / "theirs"
         theirs.mkdir(mode=0o755)
         (tmp_path / "mine").mkdir(mode=0o700)
@@ -363,6 +366,15 @@ def test_a_cache_directory_someone_else_controls_is_refused(tmp_path: Path, layo
         os.chown(theirs, NOBODY, NOBODY)
         cache = theirs / "cache"
         where = str(theirs)
+    else:  # as /tmp: they cannot touch what is ours in it, but their symlink they can repoint
+        shared = tmp_path / "tmp"
+        shared.mkdir()
+        shared.chmod(0o1777)
+        (tmp_path / "mine").mkdir(mode=0o700)
+        cache = shared / "cache"
+        cache.symlink_to(tmp_path / "mine")
+        os.lchown(cache, NOBODY, NOBODY)
+        where = f"{cache} is a symbolic link owned by uid {NOBODY}"
     with pytest.raises(FcsnapError) as e:
         ChunkCache(cache)
     assert "refusing cache directory" in str(e.value) and where in str(e.value), e.value
@@ -401,3 +413,122 @@ def test_two_readers_of_one_damaged_chunk_discard_it_once(tmp_path: Path, capfd)
         cache._discard(path, found, "holds 0 bytes, not 4096")
     assert not path.exists() and cache.stats.cache_discarded == 1
     assert capfd.readouterr().err.count("chunk cache file") == 1
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A cache directory on a filesystem with no inode left: no directory, lock or chunk
+    file can be made in it (a full disk)."""
+    where = tmp_path / "full"
+    where.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,nr_inodes=1,mode=0700",
+                           "tmpfs", str(where)], capture_output=True)
+    if made.returncode:
+        pytest.skip("needs to mount a tmpfs (root) to fill a filesystem")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_full_disk_costs_the_cache_not_the_vm(build: Path, full_disk: Path) -> None:
+    """No room for a build's directory or a chunk's lock file in the cache: the chunk is
+    fetched, checked and served without being cached (a reader that may wait, and a fault
+    server, which must not ask for it again and again while its VM waits)."""
+    store = GatedStore(build / DIFF_RAW)
+    store.gate.set()
+    want = (build / DIFF_RAW).read_bytes()[CHUNK:CHUNK + 4096]
+    assert CachedDiff(build, ChunkCache(full_disk), CHUNKS * CHUNK, store).read(CHUNK, 4096) == want
+    diff = CachedDiff(build, ChunkCache(full_disk), CHUNKS * CHUNK, store)
+    diff.serving = True
+
+    def served() -> bool:
+        try:
+            return diff.source(CHUNK, 4096) is not None
+        except FetchPending:
+            return False
+
+    wait_for(served, "the chunk served uncached")
+    assert ctypes.string_at(diff.source(CHUNK, 4096), 4096) == want
+
+
+def test_a_closed_reader_s_late_groups_reach_no_other_reader(
+        zstd_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon's FrameCache is shared by every build. A group fetched ahead lands after its
+    reader closed (its build's last VM ended), and a reader of another build opened later
+    may sit at the closed one's address (CPython reuses it; made certain here): the other
+    build's VM must still get its own bytes, never the closed reader's."""
+    from fcsnap.store.backends import cached_zstd
+    from fcsnap.store.format import seekable
+    from fcsnap.store.format.seekable import FrameCache
+
+    other = tmp_path / "other"
+    mem = np.random.default_rng(8).integers(0, 256, CHUNK, np.uint8)
+    mem[::3] = 0
+    (other / "vm.mem").parent.mkdir()
+    (other / "vm.mem").write_bytes(mem.tobytes())
+    ops.pack(other / "vm.mem", other / "store", BuildOptions(name="vm", compression="zstd"))
+    other_build = other / "store" / str(read_vm_pointer(other / "store", "vm"))
+    monkeypatch.setattr(cached_zstd, "id", lambda _: 1, raising=False)  # the same address
+    monkeypatch.setattr(seekable, "id", lambda _: 1, raising=False)
+    frames, cache = FrameCache(64 << 20), ChunkCache(tmp_path / "cache")
+
+    def reader(build_dir: Path) -> CachedZstd:
+        diff = build_dir / DIFF_ZSTD
+        size = diff.stat().st_size
+
+        def read_range(start: int, length: int) -> bytes:
+            with open(diff, "rb") as f:
+                f.seek(start)
+                return f.read(length)
+
+        return CachedZstd.open(build_dir, cache, size, read_range, frame_cache=frames)
+
+    closed = reader(zstd_build)
+    closed.close()
+    closed._load(0)  # the fetch ahead that was in flight, landing now
+    assert reader(other_build).read(0, 4096) == mem[:4096].tobytes()
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_a_sidecar_shorter_than_its_diff_is_refused_at_open(tmp_path: Path, blocks: int
+                                                            ) -> None:
+    """A head's sidecar (pinned by nothing) without the hashes of its diff's last `blocks`
+    blocks, alone in the last chunk: refused in one line when the diff is opened, never the
+    last block served unchecked (no hash to compare it with) nor a ValueError in a fetch
+    thread (a fault server would ask for the chunk forever, its VM frozen)."""
+    from fcsnap.store.format.hashes import dump_hashes, read_hashes
+    from fcsnap.store.format.layout import HASHES
+
+    size = CHUNK + blocks * 4096
+    rng = np.random.default_rng(9)
+    (tmp_path / "vm.mem").write_bytes(rng.integers(0, 256, size, np.uint8).tobytes())
+    ops.pack(tmp_path / "vm.mem", tmp_path / "store", BuildOptions(name="vm"))
+    build_dir = tmp_path / "store" / str(read_vm_pointer(tmp_path / "store", "vm"))
+    block_size, table = read_hashes(build_dir / HASHES)
+    (build_dir / HASHES).write_bytes(dump_hashes(block_size, table[:-blocks].tobytes()))
+    store = GatedStore(build_dir / DIFF_RAW)
+    store.gate.set()
+    with pytest.raises(FcsnapError, match="hash sidecar") as e:
+        CachedDiff(build_dir, ChunkCache(tmp_path / "cache"), size, store).read(CHUNK, 4096)
+    assert "\n" not in str(e.value)
+
+
+def test_what_killed_writers_left_is_removed(build: Path, tmp_path: Path) -> None:
+    """A process killed (SIGKILL, the OOM killer) while writing chunks leaves its temporaries,
+    which the size limit does not count: the next cache opened removes those older than
+    STALE_TEMP, and leaves a newer one (another process may be writing it)."""
+    from fcsnap.store.backends.chunk_cache import STALE_TEMP
+
+    store = GatedStore(build / DIFF_RAW)
+    store.gate.set()
+    cache = ChunkCache(tmp_path / "cache")
+    CachedDiff(build, cache, CHUNKS * CHUNK, store).read(0, 4096)
+    (key,) = cache.directory.iterdir()
+    old, new = key / ".tmp-0123456789abcdef01234567", key / ".tmp-76543210fedcba9876543210"
+    for temp in (old, new):
+        temp.write_bytes(bytes(CHUNK))
+    long_ago = os.stat(new).st_mtime - STALE_TEMP - 60
+    os.utime(old, (long_ago, long_ago))
+    ChunkCache(tmp_path / "cache")
+    assert not old.exists() and new.exists()

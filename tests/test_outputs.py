@@ -128,6 +128,39 @@ def test_a_fifo_output_is_written_in_place(tmp_path: Path, monkeypatch: pytest.M
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
+def test_a_device_alias_stays_a_link_to_its_device(tmp_path: Path) -> None:
+    """`--stats /dev/stdout` (a symlink of root's to /proc/self/fd/1) and a link of this
+    user's to a device like /dev/null: written in place through the link, which stays a link
+    (the system's /dev/stdout is never replaced by a file). A link another user planted is
+    still replaced as a link, never followed to their device."""
+    from fcsnap.outputs import write_output
+
+    read_end, write_end = os.pipe()
+    stdout = tmp_path / "stdout"  # as /dev/stdout, with a pipe (`| jq`) as fd 1
+    stdout.symlink_to(f"/proc/self/fd/{write_end}")
+    null = tmp_path / "null"
+    null.symlink_to(_private_null(tmp_path / "null-device"))
+    os.set_blocking(read_end, False)
+    try:
+        write_output(stdout, b"whole document\n", "--stats")
+        assert os.read(read_end, 100) == b"whole document\n"  # (non-blocking: no wait)
+        write_output(null, b"discarded\n", "--record-ws")
+        for link in (stdout, null):
+            assert link.is_symlink(), link
+        assert stat.S_ISCHR(os.lstat(tmp_path / "null-device").st_mode)
+        if os.geteuid() == 0:
+            theirs = tmp_path / "theirs"
+            theirs.symlink_to(f"/proc/self/fd/{write_end}")
+            os.lchown(theirs, 65534, 65534)
+            write_output(theirs, b"not for them\n", "--stats")
+            assert not theirs.is_symlink() and theirs.read_bytes() == b"not for them\n"
+            with pytest.raises(BlockingIOError):
+                os.read(read_end, 100)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
 def test_a_taken_temporary_name_is_never_opened(tmp_path: Path) -> None:
     """The temporary is created with O_EXCL: a symlink (or file) already at the name drawn
     is left alone and another name is drawn; a symlink at the target itself is replaced as a

@@ -176,6 +176,35 @@ def test_diff_refuses_holes_over_the_bases_data_unless_told(tmp_path, block_size
     assert done.returncode == 0, done.stderr
 
 
+def test_a_diff_snapshot_whose_filesystem_hides_its_holes_is_refused(tmp_path, monkeypatch):
+    """On a filesystem whose lseek cannot tell holes (NFSv3, 9p, older FUSE: Linux's generic
+    SEEK_DATA says the whole file is data), a Diff snapshot's holes read as zeros: with
+    --sparse-diff or without, every unchanged page would be stored as a zero page. Refused
+    (the file holds fewer blocks than its data would); --holes-are-zeros still reads it."""
+    store = tmp_path / "store"
+    mem0 = synthetic_memory(8 * MIB, seed=5)
+    write_full(tmp_path / "m0", mem0)
+    _, b0 = ops.pack(tmp_path / "m0", store, BuildOptions())
+    mem1, dirty = evolve(mem0, seed=6, dirty_share=0.01)
+    write_sparse_diff(tmp_path / "m1", mem1, dirty)
+    real_lseek = os.lseek
+
+    def generic_lseek(fd: int, pos: int, how: int) -> int:  # fs/read_write.c's fallback
+        if how == os.SEEK_DATA:
+            return pos
+        if how == os.SEEK_HOLE:
+            return os.fstat(fd).st_size
+        return real_lseek(fd, pos, how)
+
+    monkeypatch.setattr(os, "lseek", generic_lseek)
+    for sparse in (True, False):
+        with pytest.raises(FcsnapError, match="cannot tell its holes") as e:
+            ops.diff(tmp_path / "m1", b0, store, BuildOptions(), sparse_diff=sparse)
+        assert "\n" not in str(e.value)
+    _, b1 = ops.diff(tmp_path / "m1", b0, store, BuildOptions(), holes_are_zeros=True)
+    assert read_manifest(b1).stats.blocks_zero > 0
+
+
 def test_diff_takes_a_sparse_full_file_whose_holes_are_zeros_in_the_base(tmp_path):
     """A sparse copy of a Full snapshot (holes only where the base has zeros too) needs no
     option: both readings give the same memory."""

@@ -39,6 +39,7 @@ from fcsnap.store.format.seekable import (
     Frame,
     FrameCache,
     decompress_frame,
+    new_owner,
     parse_seek_table,
     seek_table_size,
 )
@@ -87,7 +88,7 @@ class CachedZstd:
         self.groups = frame_groups(frames, self.block_size)
         self.starts = [frames[g.start].decompressed_offset for g in self.groups]  # bisect
         self.key = cache_key(build_dir)
-        self._id = id(self)  # this reader's groups in a shared FrameCache
+        self._id = new_owner()  # this reader's groups in a shared FrameCache
         self._local = threading.local()
         self._started: set[int] = set()  # groups whose fetch ahead was started
         self._read = bytearray(len(self.groups))  # groups read here (a fetch ahead: not yet)

@@ -56,6 +56,7 @@ IN_FLIGHT = 16  # fetches ahead of readers in flight at once (fetch threads; 16 
 BACKGROUND = 2  # whole-diff fetches in flight (measured: 2 GETs at 88% of 16's pace)
 FOR_READERS = 4  # fetch threads for what a fault server's reader waits on, ahead of those
 MAPPED = 8  # chunks a diff keeps mapped (32 MiB of page cache)
+STALE_TEMP = 3600.0  # seconds after which a temporary is a killed writer's (one takes < 1 s)
 Buffer = bytes | mmap.mmap
 
 
@@ -134,15 +135,18 @@ class ChunkCache:
         data = self._cached(path, size, check)
         if data is not None:
             return data
-        private_dir(path.parent)
+        try:
+            private_dir(path.parent)
+            lock = os.open(path.parent / f".lock-{name}",
+                           os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        except OSError:  # no room for them (a full disk): the bytes are served, not cached
+            return self._fetched(fetch, check)
         # One fetch per chunk on the host: the others wait for it, then map the file.
-        with locked(path.parent / f".lock-{name}"):
+        with locked(lock):
             data = self._cached(path, size, check)
             if data is not None:
                 return data
-            fetched = fetch()
-            self.count(cache_misses=1, fetch_requests=1, fetched_bytes=len(fetched))
-            check(fetched)
+            fetched = self._fetched(fetch, check)
             data = self._store(path, fetched)
         with self.counting:
             self.used += len(fetched)
@@ -150,6 +154,13 @@ class ChunkCache:
         if full:
             self._evict()
         return data
+
+    def _fetched(self, fetch: Callable[[], bytes], check: Check) -> bytes:
+        """A piece fetched from the store (counted) and checked."""
+        fetched = fetch()
+        self.count(cache_misses=1, fetch_requests=1, fetched_bytes=len(fetched))
+        check(fetched)
+        return fetched
 
     def _store(self, path: Path, fetched: bytes) -> Buffer:
         """Checked bytes written to the cache (durable before visible), mapped from the
@@ -253,6 +264,14 @@ class ChunkCache:
               file=sys.stderr)
 
     def _scan(self) -> tuple[list[tuple[float, int, Path]], int]:
+        """The cached chunks (mtime, size, path) and their bytes; the temporaries of writers
+        killed mid-write, which nothing else would ever remove or count, removed on the way
+        (a live writer whose temporary went only loses caching that chunk)."""
+        stale = time.time() - STALE_TEMP
+        for temp in self.directory.glob("*/.tmp-*"):
+            with contextlib.suppress(OSError):
+                if temp.lstat().st_mtime < stale:
+                    temp.unlink()
         chunks = []
         for entry in self.directory.glob("*/[0-9]*"):
             try:
@@ -359,6 +378,11 @@ class CachedDiff:
             )
         sidecar = (build_dir / HASHES).read_bytes()
         self.block_size, self.table = read_hashes(build_dir / HASHES)
+        if len(self.table) * self.block_size < self.size:  # a block without a hash: unchecked
+            raise FcsnapError(
+                f"build {build_dir.name}: its hash sidecar holds {len(self.table)} hashes, "
+                f"too few for the {self.size} bytes of its diff"
+            )
         self.key = f"{build_dir.name}-{sidecar_pin(sidecar)[7:39]}"
         self.mapped: OrderedDict[int, Buffer] = OrderedDict()
         self.serving = False  # keep every chunk read mapped, in chunk_maps (serve_source)
@@ -573,9 +597,9 @@ class CachedDiff:
 
 
 @contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """flock(LOCK_EX) on a lock file: held across processes, released if the holder dies."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+def locked(fd: int) -> Iterator[None]:
+    """flock(LOCK_EX) on an open lock file, closed after: held across processes, released if
+    the holder dies."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -52,8 +52,9 @@ def private_dir(path: Path) -> None:
 
 def check_dir_chain(path: Path, what: str) -> None:
     """Refuse `path` unless it is a directory of this user, not writable by group or others,
-    and every directory above it (as named and as resolved, up to /) is this user's or
-    root's and writable by group or others only with the sticky bit."""
+    every directory above it (as named and as resolved, up to /) is this user's or root's
+    and writable by group or others only with the sticky bit, and no symlink on the named
+    path is another user's."""
     uid = os.geteuid()
     named = Path(os.path.abspath(path))
     try:
@@ -72,6 +73,23 @@ def check_dir_chain(path: Path, what: str) -> None:
     for chain in (named.parents, Path(os.path.realpath(named)).parents):
         for directory in chain:
             _check_above(directory, path, what, uid)
+    for link in (named, *named.parents):
+        _check_link(link, path, what, uid)
+
+
+def _check_link(link: Path, path: Path, what: str, uid: int) -> None:
+    """Refuse a symlink on the named path that another user owns: its owner can point it
+    elsewhere at any time after the check (what fs.protected_symlinks, often off in
+    containers, would otherwise refuse to follow in a sticky directory)."""
+    try:
+        st = os.lstat(link)
+    except OSError as e:
+        raise FcsnapError(f"cannot use {what} {path}: {link}: {e.strerror}") from e
+    if stat.S_ISLNK(st.st_mode) and st.st_uid not in (uid, 0):
+        raise FcsnapError(
+            f"refusing {what} {path}: {link} is a symbolic link owned by uid {st.st_uid}, "
+            "not by this user or root"
+        )
 
 
 def _check_above(directory: Path, path: Path, what: str, uid: int) -> None:

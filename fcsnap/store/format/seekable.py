@@ -16,6 +16,7 @@ asks, are ignored on reading and written as zero.
 from __future__ import annotations
 
 import bisect
+import itertools
 import os
 import struct
 import threading
@@ -302,13 +303,24 @@ class SeekableWriter:
             view = view[self._out.write(view) :]
 
 
+_owners = itertools.count(1)
+
+
+def new_owner() -> int:
+    """A reader's key in a shared FrameCache, never given out twice in the process (not the
+    reader's id(), which a later reader may get once it is freed: a frame of a closed reader
+    landing late from a fetch ahead would then be served to that other reader's VM)."""
+    return next(_owners)
+
+
 class FrameCache:
     """Decompressed frames kept under one byte budget, least recently used first out.
 
     One per reader by default; a daemon gives every reader of every build the same one, so
     that 100 clones of a template decompress each frame once and one budget (`--cache-mb`)
     is evicted across builds. Keys are (reader, frame index; for a diff in object storage,
-    the index of a group of frames, fcsnap/store/backends/cached_zstd.py). Thread-safe.
+    the index of a group of frames, fcsnap/store/backends/cached_zstd.py), the reader's
+    from new_owner(). Thread-safe.
     """
 
     def __init__(self, budget: int) -> None:
@@ -364,7 +376,7 @@ class SeekableReader:
         self.path = os.fspath(path)
         self.verify_checksums = verify_checksums
         self.cache = cache if cache is not None else FrameCache(cache_bytes)
-        self._key = id(self)  # this reader's frames in a shared cache
+        self._key = new_owner()  # this reader's frames in a shared cache
         self._local = threading.local()
         try:
             self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)

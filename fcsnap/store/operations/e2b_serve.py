@@ -29,7 +29,7 @@ from fcsnap.header.format import METADATA
 from fcsnap.store.backends.chunk_cache import Buffer, ChunkCache, ReaderFetches
 from fcsnap.store.backends.holds import hold_nothing_in
 from fcsnap.store.format.layout import HEADER, MANIFEST
-from fcsnap.store.format.seekable import FrameCache
+from fcsnap.store.format.seekable import FrameCache, new_owner
 from fcsnap.store.format.source import DiffFile, open_lineages_with
 from fcsnap.store.operations.e2b import BuildData, decode_frame, e2b_build_dir, open_builds
 
@@ -89,7 +89,7 @@ class FramedObject:
         self.nonblocking = False
         self._for_reader = None if host is None else ReaderFetches(host)
         self._asked: set[int] = set()  # frames whose fetch ahead was asked for
-        self._id = id(self)
+        self._id = new_owner()
 
     def _decoded(self, index: int, raw: Buffer) -> bytes:
         f = self.table[index]

@@ -162,6 +162,14 @@ def _diff(
     options = replace(options, block_size=parent.block_size, source=memfile.name)
     with MemoryFile(memfile, parent.block_size) as source:
         _check_size(memfile, source, parent)
+        if source.holes_hidden and not holes_are_zeros:
+            raise FcsnapError(
+                f"{memfile}: its filesystem cannot tell its holes (lseek finds no hole, yet "
+                f"{source.allocated} of its {source.size} bytes are allocated): a Diff "
+                "snapshot's unchanged pages would read as zeros; have Firecracker write it to "
+                "a filesystem that reports holes (ext4, xfs, btrfs, tmpfs), or give "
+                "--holes-are-zeros for a Full snapshot"
+            )
         if not sparse_diff and not holes_are_zeros:
             _refuse_holes_over_data(source, parent)
         reader: list[GenerationReader] = []

@@ -102,6 +102,10 @@ class MemoryFile:
         self.nowait = os.RWF_NOWAIT  # read flags; 0 where the filesystem does not support it
         self.ranges = data_ranges(self.fd, self.size)
         self.data_bytes = sum(end - start for start, end in self.ranges)
+        # All data by lseek, yet fewer bytes allocated: a filesystem that cannot tell holes
+        # (Linux's generic SEEK_DATA: NFSv3, 9p, older FUSE), whose holes read as zeros.
+        self.allocated = os.fstat(self.fd).st_blocks * 512
+        self.holes_hidden = self.ranges == [(0, self.size)] and self.allocated < self.size
 
     def hole_blocks(self) -> tuple[np.ndarray, np.ndarray]:
         """(first block, count) of each run of blocks holding any hole byte: what a Full
