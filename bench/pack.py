@@ -263,10 +263,11 @@ def cases(work: Path, gen0: Path, gen1: Path, gen1_sparse: Path,
     return todo
 
 
-def interpreter(python: str) -> float:
-    """One `python -c pass`: the floor under every fcsnap row."""
+def interpreter(python: str, code: str = "pass") -> float:
+    """One `python -c pass`: the floor under every fcsnap row (with `import typer`, the floor
+    under every command of a command line built on typer)."""
     t0 = time.perf_counter()
-    subprocess.run([python, "-c", "pass"], check=True)
+    subprocess.run([python, "-c", code], check=True)
     return time.perf_counter() - t0
 
 
@@ -338,7 +339,8 @@ def markdown(info: dict[str, object], rows: list[Row], checks: list[dict[str, ob
         f"bytecode compiled, run by {info['python']}, "
         "interpreter start-up and imports included"
         + (f" (the interpreter alone, `python -c pass`: {info['interpreter_s'] * 1000:.0f} ms "
-           "median)" if info.get("interpreter_s") else "")
+           f"median; `python -c 'import typer'`: {info['typer_s'] * 1000:.0f} ms)"
+           if info.get("interpreter_s") else "")
         + f". Load average {info['load']}. MB/s = 10^6 bytes of memory file (apparent size) "
         "per second, at the median. Output = blocks allocated on disk; for fcsnap the whole "
         "build (diff, header, hashes, build.json).",
@@ -436,10 +438,11 @@ def main() -> int:
         load = [os.getloadavg()]
         for case in todo:
             measure(case)  # warm the caches (and the page cache with the inputs)
-        floor = []
+        floor, typer_floor = [], []
         for n in range(args.repeat):
             print(f"warm: round {n + 1} of {args.repeat}", file=sys.stderr)
             floor.append(interpreter(args.python))
+            typer_floor.append(interpreter(args.python, "import typer"))
             for case in todo:
                 case.row.warm_runs.append(measure(case))
         load.append(os.getloadavg())
@@ -459,6 +462,7 @@ def main() -> int:
             "filesystem": filesystem(work),
             "repeat": args.repeat,
             "interpreter_s": statistics.median(floor),
+            "typer_s": statistics.median(typer_floor),
             "python": args.python,
             "load": " to ".join(" ".join(f"{x:.1f}" for x in avg) for avg in load),
             "baseline": None if args.baseline is None else str(args.baseline),
