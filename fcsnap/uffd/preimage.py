@@ -90,10 +90,6 @@ class Preimages:
     def preimage(self, offset: int) -> memoryview:
         return self._view[offset:offset + PAGE]
 
-    def close(self) -> None:
-        self._view.release()
-        self._shadow.close()
-
 
 class PausedMemory:
     """Reads of guest memory as it was at the pause (the module docstring), in the interface
