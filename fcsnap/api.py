@@ -679,8 +679,8 @@ def restore(
     serving.check_outputs()
     # Listening from here on, so that Firecracker starts while the build is opened: the
     # server's modules and the build's pins, lock and header (opening.py).
-    with Opening(socket, checked.access) as opening:
-        try:
+    try:
+        with Opening(socket, checked.access) as opening:
             from fcsnap.store.backends.remote import RemoteStore
             from fcsnap.store.backends.stores import open_store, serve_source
             from fcsnap.uffd.server import FaultServer
@@ -712,9 +712,9 @@ def restore(
                 serving.more_stats = fetched.as_dict  # the fetch counters in --stats
             opening.server = server = FaultServer(
                 build_dir, serving, store if isinstance(store, RemoteStore) else None)
-        except Stopped:
-            return _stopped_while_opening(serving.stats_path)
-        status = server.run(handle_signals=False)
+            status = server.run(handle_signals=False)
+    except Stopped:  # SIGTERM/SIGINT before the server could take it
+        return _stopped_while_opening(serving.stats_path)
     if load is not None and (error := load.finish()) is not None:
         raise error
     assert server.exit_reason is not None  # run() returns once serving has ended

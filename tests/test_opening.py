@@ -158,3 +158,39 @@ def test_sigterm_while_turning_away_does_not_cut_the_way_out_short(
         api.restore("vm", sock, store=store)
     assert vms[0].wait(WAIT) == KILLED
     assert not sock.exists()
+
+
+@pytest.mark.parametrize("when", ["listen", "watchdog"])
+def test_sigterm_as_the_socket_appears_is_a_stop(
+        store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    """An orchestrator stopping the restore the moment its socket exists (the signal comes
+    as `listen` returns, or while the watchdog starts): a stop, exit status 0, the socket
+    removed, the caller's handlers back; not the default handler's exit 143."""
+    sock = tmp_path / "uffd.sock"
+
+    def default(_signum: int, _frame: object) -> None:  # as the command line's own handler
+        raise AssertionError("the SIGTERM reached the caller's handler, not restore's")
+
+    before = signal.signal(signal.SIGTERM, default)
+    real_listen, real_start = opening.listen, opening.Watchdog.start
+
+    def listen_then_term(path: Path, access: Any) -> socket.socket:
+        listener = real_listen(path, access)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return listener
+
+    def start_then_term() -> Any:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_start()
+
+    if when == "listen":
+        monkeypatch.setattr(opening, "listen", listen_then_term)
+    else:
+        monkeypatch.setattr(opening.Watchdog, "start", staticmethod(start_then_term))
+    try:
+        served = api.restore("vm", sock, store=store)
+        assert signal.getsignal(signal.SIGTERM) is default
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert (served.status, served.exit_reason) == (0, "stopped before a VM was served")
+    assert not sock.exists()

@@ -28,6 +28,17 @@ CONFIG = GuestConfig(fill=2048, ws=1024, sweep=512, write=64, seed=11)
 ROUNDS = 3
 
 
+def goes_on(store: Path, name: str, vmstate: Path, last: int, tmp_path: Path) -> None:
+    """The build `name`, served by a daemon to a new Firecracker loading `vmstate`: its guest
+    goes on from round `last`, every round ok."""
+    again = tmp_path / "again"
+    again.mkdir()
+    with Daemon(store, again) as daemon, Firecracker(again, name) as vm:
+        daemon.restore(name, again / "uffd.sock")
+        vm.load(vmstate, uffd=again / "uffd.sock")
+        vm.expect_progress(last, ROUNDS)
+
+
 def test_checkpoint_of_a_running_vm_restores_and_goes_on(tmp_path: Path) -> None:
     template = take_snapshot(tmp_path / "template", CONFIG, mem_mib=64)
     store = tmp_path / "store"
@@ -49,12 +60,7 @@ def test_checkpoint_of_a_running_vm_restores_and_goes_on(tmp_path: Path) -> None
     assert answer["written_pages"] > 0
     print(f"vmstate by Diff snapshot {snapshot_s * 1e3:.1f} ms, checkpoint "
           f"{answer['seconds'] * 1e3:.1f} ms of {answer['written_pages']} pages")
-    again = tmp_path / "again"
-    again.mkdir()
-    with Daemon(store, again) as daemon, Firecracker(again, "checkpointed") as vm:
-        daemon.restore("vm-cp", again / "uffd.sock")
-        vm.load(vmstate, uffd=again / "uffd.sock")
-        vm.expect_progress(last, ROUNDS)
+    goes_on(store, "vm-cp", vmstate, last, tmp_path)
 
 
 def test_daemon_pauses_and_resumes_through_firecracker_api(tmp_path: Path) -> None:
@@ -111,12 +117,7 @@ def test_background_checkpoint_is_memory_at_the_pause(tmp_path: Path) -> None:
     assert all(r.ok for r in after), [r.line for r in after if not r.ok]
     print(f"background checkpoint: {answer['written_pages']} pages, copy "
           f"{copied['copy_seconds'] * 1e3:.0f} ms, {copied['preimages']} pre-images kept")
-    again = tmp_path / "again"
-    again.mkdir()
-    with Daemon(store, again) as daemon, Firecracker(again, "checkpointed") as vm:
-        daemon.restore("vm-cp", again / "uffd.sock")
-        vm.load(vmstate, uffd=again / "uffd.sock")
-        vm.expect_progress(last, ROUNDS)
+    goes_on(store, "vm-cp", vmstate, last, tmp_path)
 
 
 @pytest.mark.parametrize("how", ["faults", "eager"])
@@ -150,9 +151,4 @@ def test_full_snapshot_diffed_by_its_written_set_is_byte_exact(tmp_path: Path, h
     got, want = unpacked.read_bytes(), mem.read_bytes()
     wrong = [o for o in range(0, len(want), PAGE) if got[o:o + PAGE] != want[o:o + PAGE]]
     assert not wrong, f"{len(wrong)} pages differ, the first at {wrong[0]:#x}"
-    again = tmp_path / "again"
-    again.mkdir()
-    with Daemon(store, again) as daemon, Firecracker(again, "gen1") as vm:
-        daemon.restore("gen1", again / "uffd.sock")
-        vm.load(vmstate, uffd=again / "uffd.sock")
-        vm.expect_progress(last, ROUNDS)
+    goes_on(store, "gen1", vmstate, last, tmp_path)

@@ -50,24 +50,31 @@ class Opening:
         id the session gives its VM: its `watch` ends the guard)."""
         self.path = path
         self.access = access
-        self.listener: socket.socket = listen(path, access)
-        self.inode = os.stat(path).st_ino
         self.server: Stoppable | None = None  # set once the server can take a stop
         self.watchdog: Watchdog | None = None  # the session's too (ServeOptions.watchdog)
-        self._old: dict[int, Any] = {}
         self._stopped = False
+        # A stop from before the socket exists on: one arriving as it appears (an orchestrator
+        # that stops the restore as soon as it sees the socket) is a stop too.
+        self._old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._on_signal) for s in STOPS}
+        self.listener: socket.socket | None = None
         try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)  # a stop waits for the inode
+            try:
+                self.listener = listen(path, access)
+                self.inode = os.stat(path).st_ino
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
             self.watchdog = Watchdog.start()
             self.watchdog.guard(str(path), self.listener.fileno(), access.admitted_uids())
         except BaseException as e:
-            self.close()
+            self.__exit__(None, None, None)
             if isinstance(e, WatchdogError):
                 raise FcsnapError(str(e)) from e
             raise
 
     def __enter__(self) -> Opening:
-        if threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.signal(s, self._on_signal) for s in STOPS}
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
@@ -77,6 +84,7 @@ class Opening:
         finally:
             for signum, handler in self._old.items():
                 signal.signal(signum, handler)
+            self._old = {}
 
     def close(self) -> None:
         """Turn away the VMs still queued, close the socket and remove its file (unless
@@ -84,14 +92,14 @@ class Opening:
         VM that connected in between). Does nothing more once the server has done it."""
         self._stopped = True  # a signal from here on is no stop: it must not cut this short
         try:
-            if self.listener.fileno() >= 0:
+            if self.listener is not None and self.listener.fileno() >= 0:
                 try:
                     turn_away(self.listener, self.access.admits)
                 finally:
                     stop_listening(self.listener)
-            with contextlib.suppress(FileNotFoundError):
-                if os.lstat(self.path).st_ino == self.inode:
-                    os.unlink(self.path)
+                with contextlib.suppress(FileNotFoundError):
+                    if os.lstat(self.path).st_ino == self.inode:
+                        os.unlink(self.path)
         finally:
             watchdog, self.watchdog = self.watchdog, None
             if watchdog is not None:
