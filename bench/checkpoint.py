@@ -29,7 +29,6 @@ Results: bench/results/checkpoint-<mib>M.{md,json} (with --no-rounds: -pauses.{m
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from machine import machine  # noqa: E402
+from machine import machine, publish  # noqa: E402
 
 from fcsnap.daemon.client import checkpoint_via_daemon, wait_checkpoint  # noqa: E402
 from fcsnap.testing.fcguest import GuestConfig  # noqa: E402
@@ -141,11 +140,8 @@ def main() -> int:
                 rounds[how].append(round_time(template, store, work / f"{how}-{i}", how))
     result = {"mib": a.mib, "repeat": a.repeat, "write_pages_per_round": a.write,
               "machine": machine(), "runs": runs, "round_s": rounds}
-    RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"checkpoint-{a.mib}M{'-pauses' if a.no_rounds else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    publish(stem, result, markdown(result))
     return 0
 
 

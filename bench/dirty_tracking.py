@@ -31,7 +31,6 @@ Results: bench/results/dirty-tracking-<mib>M.{md,json}, with the load average be
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -44,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from checkpoint import TIMEOUT, fcsnap, timed  # noqa: E402  (the same helpers)
-from machine import machine  # noqa: E402
+from machine import machine, publish  # noqa: E402
 
 from fcsnap.daemon.client import checkpoint_via_daemon  # noqa: E402
 from fcsnap.testing.fcguest import GuestConfig  # noqa: E402
@@ -118,11 +117,7 @@ def main() -> int:
     result = {"mib": a.mib, "repeat": a.repeat, "write_pages_per_round": a.write,
               "rounds": a.rounds, "machine": machine(),
               "load_average": {"before": load_before, "after": os.getloadavg()}, "runs": runs}
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"dirty-tracking-{a.mib}M"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    publish(RESULTS / f"dirty-tracking-{a.mib}M", result, markdown(result))
     return 0
 
 

@@ -1,7 +1,9 @@
-"""What every benchmark states about where it ran, and the page-cache reset it needs."""
+"""What every benchmark states about where it ran, the page-cache reset it needs, and where
+its results go."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -37,3 +39,11 @@ def drop_caches() -> None:
     """Write back, then drop the page cache (root only): the next read comes from disk."""
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def publish(stem: Path, result: dict[str, object], text: str) -> None:
+    """Write a bench's result as STEM.json and its table as STEM.md, and print the table."""
+    stem.parent.mkdir(exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    print(text)

@@ -172,6 +172,21 @@ BG_SECOND = [(6 * MiB, 4 * PAGE), (1 * MiB, 2 * PAGE)]
 COPY_RATE = 16 << 10
 
 
+def first_interval(daemon: Daemon, tmp_path: Path, **vm: Any) -> tuple[str, Any, Path, Path, Path]:
+    """A restore with track_writes and its stand-in VM, once the VM has written BG_FIRST and
+    waits at its gate (then writes BG_SECOND and waits at the last gate): (the restore's id,
+    the VM, its report, its gate, its last gate)."""
+    status, answer = daemon.call("POST", "/restores", {
+        "vm": "vm", "socket": str(tmp_path / "vm.sock"), "track_writes": True})
+    assert status == 201, answer
+    report, gate, hold = tmp_path / "vm.json", tmp_path / "gate", tmp_path / "hold"
+    proc = firecracker.spawn(tmp_path / "vm.sock", expected=tmp_path / "vm.mem", report=report,
+                             threads=2, write=BG_FIRST, second_write=BG_SECOND, gate=gate,
+                             last_gate=hold, deadline=WAIT, **vm)
+    wait_report(proc, report, "first_write_done")
+    return answer["id"], proc, report, gate, hold
+
+
 @pytest.mark.parametrize("path", ["compiled", "python"])
 def test_background_checkpoint_holds_memory_at_the_pause(tmp_path: Path, path: str) -> None:
     """The VM resumes before its pages are copied and writes over some of them: the
@@ -182,16 +197,7 @@ def test_background_checkpoint_holds_memory_at_the_pause(tmp_path: Path, path: s
     memory = bytearray((tmp_path / "vm.mem").read_bytes())
     daemon = Daemon(store, tmp_path, prefix=PYTHON_PATH if path == "python" else ())
     try:
-        status, answer = daemon.call("POST", "/restores", {
-            "vm": "vm", "socket": str(tmp_path / "vm.sock"), "track_writes": True})
-        assert status == 201, answer
-        restore = answer["id"]
-        report, gate, hold = tmp_path / "vm.json", tmp_path / "gate", tmp_path / "hold"
-        vm = firecracker.spawn(tmp_path / "vm.sock", expected=tmp_path / "vm.mem",
-                               report=report, threads=2, write=BG_FIRST,
-                               second_write=BG_SECOND, gate=gate, last_gate=hold,
-                               deadline=WAIT)
-        wait_report(vm, report, "first_write_done")
+        restore, vm, report, gate, hold = first_interval(daemon, tmp_path)
         started = checkpoint_via_daemon(daemon.api, restore, "vm-bg", True, COPY_RATE)
         assert started["state"] == "copying" and started["written_pages"] == len(
             pages(BG_FIRST))
@@ -230,16 +236,7 @@ def test_a_failed_background_copy_publishes_nothing_and_the_vm_goes_on(tmp_path:
     store = one_build_store(tmp_path, SIZE, seed=9)
     daemon = Daemon(store, tmp_path, prefix=NO_PTRACE)
     try:
-        status, answer = daemon.call("POST", "/restores", {
-            "vm": "vm", "socket": str(tmp_path / "vm.sock"), "track_writes": True})
-        assert status == 201, answer
-        restore = answer["id"]
-        report, gate, hold = tmp_path / "vm.json", tmp_path / "gate", tmp_path / "hold"
-        vm = firecracker.spawn(tmp_path / "vm.sock", expected=tmp_path / "vm.mem",
-                               report=report, threads=2, write=BG_FIRST,
-                               second_write=BG_SECOND, gate=gate, last_gate=hold,
-                               not_dumpable=True, deadline=WAIT)
-        wait_report(vm, report, "first_write_done")
+        restore, vm, report, gate, hold = first_interval(daemon, tmp_path, not_dumpable=True)
         checkpoint_via_daemon(daemon.api, restore, "vm-bg", True, COPY_RATE)
         gate.touch()
         wait_report(vm, report, "second_write_done")  # over pages whose pre-image is refused

@@ -19,13 +19,22 @@ from helpers import fcsnap
 
 from fcsnap.daemon.client import checkpoint_via_daemon, wait_checkpoint
 from fcsnap.testing.fcguest import GuestConfig
-from fcsnap.testing.realvmm import Daemon, Firecracker, RestoreProcess, take_snapshot
+from fcsnap.testing.realvmm import Daemon, Firecracker, RestoreProcess, Snapshot, take_snapshot
 from fcsnap.units import PAGE
 
 pytestmark = [pytest.mark.firecracker, pytest.mark.usefixtures("real_vmm")]
 
 CONFIG = GuestConfig(fill=2048, ws=1024, sweep=512, write=64, seed=11)
 ROUNDS = 3
+
+
+def packed(template: Snapshot, tmp_path: Path) -> Path:
+    """A store holding the template's snapshot (memory and vmstate) as `vm`."""
+    store = tmp_path / "store"
+    done = fcsnap("pack", "--init", template.mem, "--vmstate", template.vmstate, "--store", store,
+                  "--name", "vm", "--quiet")
+    assert done.returncode == 0, done.stderr
+    return store
 
 
 def goes_on(store: Path, name: str, vmstate: Path, last: int, tmp_path: Path) -> None:
@@ -41,10 +50,7 @@ def goes_on(store: Path, name: str, vmstate: Path, last: int, tmp_path: Path) ->
 
 def test_checkpoint_of_a_running_vm_restores_and_goes_on(tmp_path: Path) -> None:
     template = take_snapshot(tmp_path / "template", CONFIG, mem_mib=64)
-    store = tmp_path / "store"
-    done = fcsnap("pack", "--init", template.mem, "--vmstate", template.vmstate, "--store", store,
-                  "--name", "vm", "--quiet")
-    assert done.returncode == 0, done.stderr
+    store = packed(template, tmp_path)
     vmstate, throwaway = tmp_path / "cp.state", tmp_path / "cp.mem"
     with Daemon(store, tmp_path) as daemon, Firecracker(tmp_path, "clone") as vm:
         restore = daemon.restore("vm", tmp_path / "uffd.sock", "--track-writes")
@@ -67,10 +73,7 @@ def test_daemon_pauses_and_resumes_through_firecracker_api(tmp_path: Path) -> No
     """A restore given firecracker_api: the checkpoint pauses the VM itself (PATCH /vm) and
     resumes it after (in the background: before the copy); the guest goes on."""
     template = take_snapshot(tmp_path / "template", CONFIG, mem_mib=64)
-    store = tmp_path / "store"
-    done = fcsnap("pack", "--init", template.mem, "--vmstate", template.vmstate, "--store", store,
-                  "--name", "vm", "--quiet")
-    assert done.returncode == 0, done.stderr
+    store = packed(template, tmp_path)
     with Daemon(store, tmp_path) as daemon, Firecracker(tmp_path, "clone") as vm:
         restore = daemon.restore("vm", tmp_path / "uffd.sock", "--track-writes",
                                  "--firecracker-api", str(vm.api_socket))
@@ -96,10 +99,7 @@ def test_background_checkpoint_is_memory_at_the_pause(tmp_path: Path) -> None:
     copy (paced by copy_rate), checking its memory each round; the checkpoint, loaded into a
     new Firecracker with the vmstate of the pause, goes on from the pause."""
     template = take_snapshot(tmp_path / "template", BUSY, mem_mib=64)
-    store = tmp_path / "store"
-    done = fcsnap("pack", "--init", template.mem, "--vmstate", template.vmstate, "--store", store,
-                  "--name", "vm", "--quiet")
-    assert done.returncode == 0, done.stderr
+    store = packed(template, tmp_path)
     vmstate, throwaway = tmp_path / "cp.state", tmp_path / "cp.mem"
     with Daemon(store, tmp_path) as daemon, Firecracker(tmp_path, "clone") as vm:
         restore = daemon.restore("vm", tmp_path / "uffd.sock", "--track-writes")
@@ -128,10 +128,7 @@ def test_full_snapshot_diffed_by_its_written_set_is_byte_exact(tmp_path: Path, h
     the written pages, unpacks to the snapshot byte for byte, and the VM restored from it goes
     on from the pause."""
     template = take_snapshot(tmp_path / "template", BUSY, mem_mib=64)
-    store = tmp_path / "store"
-    done = fcsnap("pack", "--init", template.mem, "--vmstate", template.vmstate, "--store", store,
-                  "--name", "vm", "--quiet")
-    assert done.returncode == 0, done.stderr
+    store = packed(template, tmp_path)
     written, vmstate, mem = tmp_path / "vm.written", tmp_path / "gen1.state", tmp_path / "gen1.mem"
     extra = ("--eager",) if how == "eager" else ()
     with Firecracker(tmp_path, "clone") as vm, RestoreProcess(

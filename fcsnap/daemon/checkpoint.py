@@ -22,9 +22,10 @@ import os
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fcsnap.daemon.request import RequestError
 from fcsnap.daemon.restores import LOST
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from fcsnap.daemon.restores import Restore
     from fcsnap.uffd.session import Session
 
+T = TypeVar("T")
 CALL_WAIT = 10.0  # seconds the reactor has to take the written set
 API_TIMEOUT = 10.0  # seconds Firecracker has to answer a pause or a resume
 LOCK_WAIT = 1.0  # seconds a checkpoint waits for the one before it to let go
@@ -148,12 +150,7 @@ def _take(restore: Restore) -> tuple[Any, int, int]:
         offsets, count = session.take_written(True)
         return offsets, count, os.dup(session.peer.pidfd)
 
-    try:
-        return session.call(take, CALL_WAIT)
-    except RequestError:
-        raise
-    except FcsnapError as e:
-        raise RequestError(f"restore {restore.id}: {e}", 409) from None
+    return _on_serving_thread(restore, session, take)
 
 
 def _refuse_restarted(restore: Restore) -> None:
@@ -225,6 +222,11 @@ def _take_for_copy(restore: Restore, preimages: Preimages) -> tuple[Any, int, An
         offsets, count, live = session.take_for_copy(preimages)
         return offsets, count, live, os.dup(session.peer.pidfd)
 
+    return _on_serving_thread(restore, session, take)
+
+
+def _on_serving_thread(restore: Restore, session: Session, take: Callable[[], T]) -> T:
+    """`take()` run by the session's serving thread; its failure a 409 naming the restore."""
     try:
         return session.call(take, CALL_WAIT)
     except RequestError:
