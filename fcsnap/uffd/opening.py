@@ -53,6 +53,7 @@ class Opening:
         self.server: Stoppable | None = None  # set once the server can take a stop
         self.watchdog: Watchdog | None = None  # the session's too (ServeOptions.watchdog)
         self._stopped = False
+        self._deferred: bool | None = None  # a stop held back while the socket is made
         # A stop from before the socket exists on: one arriving as it appears (an orchestrator
         # that stops the restore as soon as it sees the socket) is a stop too.
         self._old: dict[int, Any] = {}
@@ -60,12 +61,18 @@ class Opening:
             self._old = {s: signal.signal(s, self._on_signal) for s in STOPS}
         self.listener: socket.socket | None = None
         try:
-            signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)  # a stop waits for the inode
+            # A stop waits for the inode: without it the socket's file could not be removed.
+            # (The handler defers it rather than the signal being blocked: a process-directed
+            # signal blocked in this thread is delivered to another one, and Python runs the
+            # handler here all the same.)
+            self._deferred = False
             try:
                 self.listener = listen(path, access)
                 self.inode = os.stat(path).st_ino
             finally:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
+                deferred, self._deferred = self._deferred, None
+            if deferred:
+                self._on_signal(signal.SIGTERM, None)
             self.watchdog = Watchdog.start()
             self.watchdog.guard(str(path), self.listener.fileno(), access.admitted_uids())
         except BaseException as e:
@@ -106,7 +113,9 @@ class Opening:
                 watchdog.close()
 
     def _on_signal(self, _signum: int, _frame: object) -> None:
-        if self.server is not None:
+        if self._deferred is not None:
+            self._deferred = True
+        elif self.server is not None:
             self.server.stop()
         elif not self._stopped:  # once: a second signal must not cut the way out short
             self._stopped = True
