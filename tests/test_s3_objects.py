@@ -75,3 +75,15 @@ def test_a_range_past_the_end_is_an_error(objects: ObjectStore) -> None:
     objects.put("d/x", b"abc", None)
     with pytest.raises((FcsnapError, OSError)):
         objects.get_range("d/x", 1, 10)
+
+
+def test_a_limited_read_stops_after_the_limit(objects: ObjectStore, tmp_path: Path) -> None:
+    """`get(key, limit)` (markers, pointers, leases) gives at most `limit` + 1 bytes: the caller
+    sees the object is too big; a small one comes whole with its ETag."""
+    big = tmp_path / "big"
+    big.write_bytes(bytes(range(251)) * (1 << 16))  # 16 MiB, not a byte repeated
+    objects.upload("vms/huge", big)
+    assert objects.get("vms/huge", 4096)[0] == big.read_bytes()[:4097]
+    objects.put("vms/small", b"0123", None)
+    assert objects.get("vms/small", 4096) == objects.get("vms/small")
+    assert objects.get("vms/absent", 4096) is None

@@ -276,3 +276,40 @@ def test_an_s3_url_never_becomes_a_local_directory(bucket: Bucket, tmp_path: Pat
     packed = fcsnap_in_cwd("pack", "--init", mem, "--store", missing)  # SeaweedFS makes the bucket
     assert packed.returncode == 0 or "does not exist" in one_line_error(packed)
     assert list(work.iterdir()) == []
+
+
+def test_a_huge_pointer_is_refused_without_being_downloaded(bucket: Bucket, tmp_path: Path
+                                                            ) -> None:
+    """Whoever can write the bucket puts 256 MiB where a VM pointer belongs: `ls` lists the
+    name as damaged, naming the object, and a restore of it is refused in one line; neither
+    reads more of it than a pointer may be (the process's peak memory stays far below the
+    object's size)."""
+    run(bucket, "init", bucket.url())
+    huge = tmp_path / "huge"
+    with open(huge, "wb") as f:
+        f.truncate(256 * MIB)
+    import obstore
+
+    obstore.put(bucket.client(), "snaps/vms/web", huge, chunk_size=16 * MIB)
+    probe = (  # its peak (VmHWM: ru_maxrss would count the memory of the test it forked from)
+        "import re, sys\n"
+        "from fcsnap.cli import main\n"
+        "try:\n    main(sys.argv[1:])\n"
+        "except SystemExit as e:\n    code = e.code\n"
+        "peak = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]\n"
+        "print(peak, code, file=sys.stderr)\n"
+    )
+    pointer = f"{bucket.url()}/vms/web"
+    for args, status, error in (
+        (["ls", "--store", bucket.url()], "0", f"web: {pointer} does not hold a build id"),
+        (["restore", "web", "--store", bucket.url(), "--socket", str(tmp_path / "s")], "1",
+         f"fcsnap: error: {pointer} is not a VM pointer (too big)"),
+    ):
+        result = subprocess.run([sys.executable, "-c", probe, *args], env=bucket.env,
+                                capture_output=True, text=True, timeout=TIMEOUT)
+        *lines, peak = result.stderr.strip().splitlines()
+        peak_kib, code = peak.split()
+        said = lines if status == "1" else result.stdout.splitlines()  # ls: in its listing
+        assert code == status and error in said, (result.stdout, result.stderr)
+        assert status == "0" or len(lines) == 1
+        assert int(peak_kib) < 128 * 1024, f"{args[0]}: peak {int(peak_kib) >> 10} MiB"

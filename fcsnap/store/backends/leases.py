@@ -229,10 +229,10 @@ def read_leases(store: RemoteStore, now: float, prefix: str = ""
         if info.size > LEASE_MAX:
             data = None
         else:
-            found = store.objects.get(info.key)
+            found = store.objects.get(info.key, LEASE_MAX)
             if found is None:
                 continue  # released meanwhile
-            data = found[0]
+            data = found[0] if len(found[0]) <= LEASE_MAX else None  # replaced since listed
         entry = _parse(info.key, data, now - info.mtime)
         (live if entry.age < entry.expiry + MARGIN else stale).append(entry)
     return live, stale

@@ -44,8 +44,10 @@ class ObjectWriter(Protocol):
 class ObjectStore(Protocol):
     url: str
 
-    def get(self, key: str) -> tuple[bytes, str] | None:
-        """The whole object and its ETag; None when it does not exist."""
+    def get(self, key: str, limit: int | None = None) -> tuple[bytes, str] | None:
+        """The whole object and its ETag; None when it does not exist. With `limit`, at most
+        `limit` + 1 bytes are read: a caller that expects a small object sees that it is too
+        big without the rest of it being fetched."""
     def get_range(self, key: str, start: int, length: int) -> bytes: ...
     def head(self, key: str) -> ObjectInfo | None: ...
     def list(self, prefix: str = "") -> list[ObjectInfo]: ...
@@ -102,9 +104,10 @@ class LocalObjects:
     def _path(self, key: str) -> Path:
         return self.root / key
 
-    def get(self, key: str) -> tuple[bytes, str] | None:
+    def get(self, key: str, limit: int | None = None) -> tuple[bytes, str] | None:
         try:
-            data = self._path(key).read_bytes()
+            with open(self._path(key), "rb") as f:
+                data = f.read() if limit is None else f.read(limit + 1)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
         return data, local_etag(data)

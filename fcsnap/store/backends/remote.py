@@ -48,6 +48,7 @@ from fcsnap.store.format.layout import (
 from fcsnap.store.format.locks import NameMoved, builds_read, stop_point
 from fcsnap.store.format.marker import (
     MARKER,
+    MARKER_MAX,
     State,
     check_marker,
     looks_like_store,
@@ -88,7 +89,7 @@ class RemoteStore:
         listing, needed only for a store made before markers and for E2B/Wrenn buckets, read
         only up to the first object of a store's: build ids sort first). Leases count too: gc
         of such a store's last build may leave one."""
-        found = self.objects.get(MARKER)
+        found = self.objects.get(MARKER, MARKER_MAX)
         if found is not None:
             check_marker(found[0], f"{self.url}/{MARKER}")
             return State.MARKED
@@ -110,7 +111,7 @@ class RemoteStore:
 
     def read_pointer(self, name: str) -> tuple[uuid.UUID | None, str | None]:
         """The build `vms/<name>` points to and the pointer's ETag; (None, None) if absent."""
-        found = self.objects.get(name_key(name))
+        found = self.objects.get(name_key(name), POINTER_MAX)
         if found is None:
             return None, None
         data, etag = found
@@ -128,7 +129,7 @@ class RemoteStore:
             name = info.key[len(VMS) + 1:]
             if "/" in name or name.startswith("."):
                 continue
-            found = self.objects.get(info.key)
+            found = self.objects.get(info.key, POINTER_MAX)
             if found is not None:
                 out[name] = found[0].decode(errors="replace").strip()
         return out

@@ -199,7 +199,7 @@ class S3Objects:
     def errors(self, op: str, key: str) -> _Errors:
         return _Errors(self, op, key)
 
-    def get(self, key: str) -> tuple[bytes, str] | None:
+    def get(self, key: str, limit: int | None = None) -> tuple[bytes, str] | None:
         import obstore
 
         with self.errors("read", key):
@@ -209,7 +209,15 @@ class S3Objects:
                 if "NoSuchBucket" in str(e):
                     raise
                 return None
-            return bytes(result.bytes()), result.meta["e_tag"] or ""
+            etag = result.meta["e_tag"] or ""
+            if limit is None or result.meta["size"] <= limit:
+                return bytes(result.bytes()), etag
+            data = bytearray()  # too big: its first bytes, the rest of the body left unread
+            for chunk in result.stream(min_chunk_size=limit + 1):
+                data += chunk
+                if len(data) > limit:
+                    break
+            return bytes(data[:limit + 1]), etag
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         import obstore

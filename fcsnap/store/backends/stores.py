@@ -174,6 +174,9 @@ def scan_store(store: Store) -> StoreView:
     store.mirror_names()
     view = scan(store.mirror)
     view.store = store.url  # type: ignore[assignment]  (named in messages only)
+    for name in view.names.values():  # a damaged pointer is named as the bucket's object
+        if name.error is not None:
+            name.error = name.error.replace(str(store.mirror), store.url)
     return view
 
 
