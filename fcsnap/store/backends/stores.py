@@ -6,15 +6,13 @@ local store, its own protocol of renames and flock locks) or a `RemoteStore`.
 
 from __future__ import annotations
 
-import atexit
-import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias, TypeGuard
 
 from fcsnap.errors import FcsnapError
 from fcsnap.options import S3_SCHEME
+from fcsnap.scratch import scratch_dir
 from fcsnap.store.format.layout import DIFF_RAW, SNAPFILE, resolve_build
 from fcsnap.store.format.marker import State, local_state, mark_local, not_a_store
 from fcsnap.store.format.names import read_vm_pointer
@@ -31,13 +29,6 @@ Store: TypeAlias = "Path | RemoteStore"
 
 def is_remote(store: Store | None) -> TypeGuard[RemoteStore]:
     return store is not None and not isinstance(store, Path)
-
-
-def scratch_dir(what: str) -> Path:
-    """A private temporary directory removed when the process exits."""
-    path = Path(tempfile.mkdtemp(prefix=f"fcsnap-{what}-"))
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-    return path
 
 
 def open_store(text: str, timeout: float | None = None, *, create: bool = False) -> Store:

@@ -10,7 +10,6 @@ import contextlib
 import datetime
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from fcsnap.errors import FcsnapError
 from fcsnap.files import writing
 from fcsnap.options import DEFAULT_FRAME_SIZE, DEFAULT_LEVEL
+from fcsnap.scratch import release, scratch_dir
 from fcsnap.store.backends.stores import current_head, is_remote
 from fcsnap.store.format.layout import (
     DIFF_RAW,
@@ -385,7 +385,7 @@ def build_remote(store: RemoteStore, work: Assembly, expected: uuid.UUID | None)
     from fcsnap.store.backends.remote import build_key
 
     options = work.options
-    stage = Path(tempfile.mkdtemp(prefix="fcsnap-stage-"))
+    stage = scratch_dir("stage")
     diff_key = build_key(work.build_id, diff_name(options))
     written: list[str] = [diff_key]
     sink: DiffSink | None = None
@@ -417,5 +417,5 @@ def build_remote(store: RemoteStore, work: Assembly, expected: uuid.UUID | None)
                 store.objects.delete(key)
         raise
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        release(stage)
     return manifest

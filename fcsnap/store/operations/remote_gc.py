@@ -169,7 +169,7 @@ def _delete_build(store: RemoteStore, build_id: uuid.UUID) -> None:
 
 def _fresh(store: RemoteStore) -> RemoteStore:
     """The same store with an empty mirror (a second scan must not see the first's files)."""
-    from fcsnap.store.backends.stores import scratch_dir
+    from fcsnap.scratch import scratch_dir
 
     return RemoteStore(store.objects, scratch_dir("mirror"))
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 from fcsnap.errors import FcsnapError
 from fcsnap.header import load_header
+from fcsnap.scratch import scratch
 from fcsnap.store.backends.remote import RemoteStore, build_key
 from fcsnap.store.backends.stores import Store, current_head, resolve
 from fcsnap.store.format.hashes import sidecar_pin
@@ -136,11 +136,8 @@ def _copy_to_remote(
     mapped_end: int, block_size: int,
 ) -> Copied:
     if isinstance(source, RemoteStore):
-        staging = Path(tempfile.mkdtemp(prefix="fcsnap-push-"))
-        try:
+        with scratch("push") as staging:
             return _upload_checked(build_id, source, dest, staging, pin, mapped_end, block_size)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     local = build_path(source, build_id)  # read in place: no copy of a local build
     return _upload_checked(build_id, None, dest, local, pin, mapped_end, block_size)
 
