@@ -90,7 +90,7 @@ def one_run(template: Snapshot, store: Path, run: Path, mode: str) -> dict[str, 
         parts["resume"] = timed(vm.resume)
         parts["guest_paused"] = time.monotonic() - started
         if mode == "background":
-            done = wait_checkpoint(daemon.api, restore, TIMEOUT)
+            done = wait_checkpoint(daemon.api, restore, answer["checkpoint"], TIMEOUT)
             parts["copy"], parts["preimages"] = done["copy_seconds"], done["preimages"]
         if not tracking:  # the generation, after the guest is running again
             parts["diff_after"] = timed(lambda: fcsnap(

@@ -207,7 +207,7 @@ def test_background_checkpoint_holds_memory_at_the_pause(tmp_path: Path, path: s
         wait_report(vm, report, "second_write_done")
         status, document = daemon.call("GET", f"/restores/{restore}")
         assert document["last_checkpoint"]["state"] == "copying"  # written during the copy
-        done = wait_checkpoint(daemon.api, restore, WAIT)
+        done = wait_checkpoint(daemon.api, restore, started["checkpoint"], WAIT)
         for offset in pages(BG_FIRST):
             memory[offset:offset + PAGE] = firecracker.written_page(offset)
         assert unpacked(build_path(store, done["build_id"]), tmp_path) == memory
@@ -220,6 +220,14 @@ def test_background_checkpoint_holds_memory_at_the_pause(tmp_path: Path, path: s
         for offset in pages(BG_SECOND):
             memory[offset:offset + PAGE] = firecracker.written_page(offset, second=True)
         assert unpacked(build_path(store, out.stdout.strip()), tmp_path) == memory
+        # the first client, asking after the second checkpoint ended, gets its own
+        mine = wait_checkpoint(daemon.api, restore, started["checkpoint"], WAIT)
+        assert mine["build_id"] == done["build_id"] != out.stdout.strip()
+        later = started["checkpoint"] + 1
+        assert daemon.call("GET", f"/restores/{restore}/checkpoints/{later}")[1][
+            "build_id"] == out.stdout.strip()
+        status, error = daemon.call("GET", f"/restores/{restore}/checkpoints/{later + 1}")
+        assert status == 404 and "no background checkpoint" in error["error"]
         hold.touch()
         assert vm.wait(WAIT) == 0
     finally:
@@ -237,13 +245,13 @@ def test_a_failed_background_copy_publishes_nothing_and_the_vm_goes_on(tmp_path:
     daemon = Daemon(store, tmp_path, prefix=NO_PTRACE)
     try:
         restore, vm, report, gate, hold = first_interval(daemon, tmp_path, not_dumpable=True)
-        checkpoint_via_daemon(daemon.api, restore, "vm-bg", True, COPY_RATE)
+        started = checkpoint_via_daemon(daemon.api, restore, "vm-bg", True, COPY_RATE)
         gate.touch()
         wait_report(vm, report, "second_write_done")  # over pages whose pre-image is refused
         status, document = daemon.call("GET", f"/restores/{restore}")
         assert document["last_checkpoint"]["state"] == "copying"
         with pytest.raises(FcsnapError, match="the kernel refused to read the VM's memory"):
-            wait_checkpoint(daemon.api, restore, WAIT)
+            wait_checkpoint(daemon.api, restore, started["checkpoint"], WAIT)
         assert not (store / "vms" / "vm-bg").exists()
         url = f"/restores/{restore}/written"
         assert written(daemon.api, url) == pages(BG_FIRST + BG_SECOND)

@@ -85,7 +85,7 @@ def test_daemon_pauses_and_resumes_through_firecracker_api(tmp_path: Path) -> No
         answer = checkpoint_via_daemon(daemon.api, restore, "vm-bg", True)
         assert answer["state"] == "copying" and answer["paused_seconds"] > 0
         seen = len(vm.rounds())
-        assert wait_checkpoint(daemon.api, restore)["state"] == "done"
+        assert wait_checkpoint(daemon.api, restore, answer["checkpoint"])["state"] == "done"
         after = vm.wait_rounds(seen + 2)[seen:]  # resumed before the copy: it goes on
         assert all(r.ok for r in after), [r.line for r in after if not r.ok]
 
@@ -110,7 +110,7 @@ def test_background_checkpoint_is_memory_at_the_pause(tmp_path: Path) -> None:
         answer = checkpoint_via_daemon(daemon.api, restore, "vm-cp", True, COPY_RATE)
         vm.resume()
         seen = len(vm.rounds())
-        copied = wait_checkpoint(daemon.api, restore)
+        copied = wait_checkpoint(daemon.api, restore, answer["checkpoint"])
         after = vm.wait_rounds(max(len(vm.rounds()), seen + 1) + 1)[seen:]
     assert answer["state"] == "copying" and answer["written_pages"] > 0
     assert copied["preimages"] > 0, copied  # the guest wrote pages before they were copied

@@ -96,6 +96,6 @@ def checkpoint(
         usage_error("--copy-rate paces the --background copy: give --background too")
     answer = checkpoint_via_daemon(daemon, restore_id, name, background, copy_rate)
     if background:
-        answer = wait_checkpoint(daemon, restore_id)
+        answer = wait_checkpoint(daemon, restore_id, answer["checkpoint"])
     print(answer["build_id"])
     return 0

@@ -15,9 +15,14 @@
     POST   /restores/ID/checkpoint {"name": NAME[, "background": true, "copy_rate": N]}
                             -> 201 {"build_id", "name", "written_pages", ...}: the next
                                generation from the pages written since the last checkpoint
-                               (read from the paused VM), published as NAME; a new interval.
-                               Background: 202 {"name", "state": "copying", ...} at the
-                               resume; the copy's end in GET /restores/ID's last_checkpoint
+                               (read from the paused VM), published as NAME; a new interval;
+                               "checkpoint": its number (1, 2, ... in the restore).
+                               Background: 202 {"checkpoint", "name", "state": "copying", ...}
+                               at the resume
+    GET    /restores/ID/checkpoints/N
+                            -> 200 background checkpoint N's state ("copying", then "done"
+                               with its "build_id", or "failed" with its "error"; also GET
+                               /restores/ID's last_checkpoint)
     GET    /metrics         -> 200 Prometheus text format
     GET    /healthz         -> 200 {"status": "ok", ...}
 
@@ -192,6 +197,13 @@ class _Handler(BaseHTTPRequestHandler):
                 raise RequestError("checkpoint needs a local store (the daemon serves object "
                                    "storage)", 409)
             self._json(*checkpoint(restore, restores.store, parse_checkpoint(self._body())))
+        elif (len(parts) == 4 and parts[0] == "restores" and parts[2] == "checkpoints"
+              and parts[3].isdigit() and parts[3].isascii()):
+            self._allow(method, "GET")
+            restore = restores.get(parts[1])
+            if restore is None:
+                raise RequestError(f"no restore {parts[1]!r}", 404)
+            self._json(200, restore.checkpoint_state(int(parts[3])))
         elif path == "/metrics":
             self._allow(method, "GET")
             self._send(200, self.server.metrics.render(), CONTENT_TYPE)

@@ -98,6 +98,7 @@ def checkpoint(restore: Restore, store: Path, request: CheckpointRequest
     _refuse_restarted(restore)
     if not restore.checkpointing.acquire(timeout=LOCK_WAIT):
         raise RequestError(f"restore {restore.id} is being checkpointed already", 409)
+    restore.checkpoints_begun += 1  # under the lock: each checkpoint its own number
     if request.background:
         return 202, _background(restore, store, request)  # the copy releases the lock
     try:
@@ -131,8 +132,8 @@ def _checkpoint(restore: Restore, store: Path, request: CheckpointRequest) -> di
         raise
     if api is not None:
         _vm_state(api, "Resumed")
-    return {"build_id": str(manifest.build_id), "name": request.name,
-            "written_pages": count, "pages_read": len(offsets),
+    return {"checkpoint": restore.checkpoints_begun, "build_id": str(manifest.build_id),
+            "name": request.name, "written_pages": count, "pages_read": len(offsets),
             "bytes_stored": manifest.stats.bytes_stored,
             "seconds": round(time.monotonic() - paused, 6),
             "paused_seconds": round(time.monotonic() - started, 6) if api else None}
@@ -184,9 +185,9 @@ def _background(restore: Restore, store: Path, request: CheckpointRequest) -> di
             _vm_state(api, "Paused")
         try:
             offsets, count, live, memory.pidfd = _take_for_copy(restore, preimages)
-            status = {"name": request.name, "state": "copying", "written_pages": count,
-                      "pages_read": len(live)}
-            restore.last_checkpoint = status
+            status = {"checkpoint": restore.checkpoints_begun, "name": request.name,
+                      "state": "copying", "written_pages": count, "pages_read": len(live)}
+            restore.note_checkpoint(status)
             assert session.installer is not None
             pending = [(st.region, st.pending) for st in session.installer.states.values()]
             paused = PausedMemory(preimages, pending, live, request.copy_rate)
@@ -257,7 +258,7 @@ def _copy(restore: Restore, session: Session, store: Path, request: CheckpointRe
 def _end_copy(restore: Restore, session: Session, offsets: Any, memory: PausedMemory,
               status: dict[str, Any], outcome: dict[str, Any], started: float) -> None:
     """Whatever became of the copy: a failed one gives its pages back; nothing is pending
-    any more; its outcome goes into `restore.last_checkpoint`; the next checkpoint may
+    any more; its outcome goes into the restore's checkpoint states; the next checkpoint may
     start."""
     try:
         if outcome["state"] != "done":
@@ -265,8 +266,8 @@ def _end_copy(restore: Restore, session: Session, offsets: Any, memory: PausedMe
         with contextlib.suppress(FcsnapError):  # ended meanwhile: nothing is pending
             session.call(session.end_copy, CALL_WAIT)
         os.close(memory.preimages.memory.pidfd)
-        restore.last_checkpoint = {**status, **outcome, "preimages": memory.preimages.kept,
-                                   "copy_seconds": round(time.monotonic() - started, 6)}
+        restore.note_checkpoint({**status, **outcome, "preimages": memory.preimages.kept,
+                                 "copy_seconds": round(time.monotonic() - started, 6)})
     finally:
         restore.checkpointing.release()
 

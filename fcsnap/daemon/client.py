@@ -99,22 +99,23 @@ def checkpoint_via_daemon(api: Path, restore_id: str, name: str, background: boo
     return answer
 
 
-def wait_checkpoint(api: Path, restore_id: str, timeout: float = CHECKPOINT_TIMEOUT
-                    ) -> dict[str, Any]:
-    """Wait for a background checkpoint's copy to end: its `last_checkpoint` state ("done",
-    with its "build_id"); FcsnapError (one line) if it failed or took over `timeout`."""
-    url = f"/restores/{quote(restore_id, safe='')}"
+def wait_checkpoint(api: Path, restore_id: str, number: int,
+                    timeout: float = CHECKPOINT_TIMEOUT) -> dict[str, Any]:
+    """Wait for background checkpoint `number`'s copy to end: its state ("done", with its
+    "build_id"); FcsnapError (one line) if it failed or took over `timeout`. (Its own by
+    number: another client's checkpoint of the same VM may have begun since.)"""
+    url = f"/restores/{quote(restore_id, safe='')}/checkpoints/{number}"
     deadline = time.monotonic() + timeout
     while True:
         status, document = call_daemon(api, "GET", url, None, ANSWER_TIMEOUT)
         if status != 200:
             message = document.get("error") if isinstance(document, dict) else None
             raise FcsnapError(f"the daemon: {message or f'HTTP {status}'}")
-        last = document.get("last_checkpoint") or {}
-        if last.get("state") == "done":
-            return last
-        if last.get("state") == "failed":
-            raise FcsnapError(f"the checkpoint {last.get('name')!r} failed: {last.get('error')}")
+        if document.get("state") == "done":
+            return document
+        if document.get("state") == "failed":
+            raise FcsnapError(f"the checkpoint {document.get('name')!r} failed: "
+                              f"{document.get('error')}")
         if time.monotonic() > deadline:
             raise FcsnapError(f"the checkpoint's copy did not end within {timeout:g}s")
         time.sleep(WAIT_POLL)

@@ -40,6 +40,7 @@ KEEP_ENDED = 256  # ended restores still listed (their final stats), newest kept
 END_WAIT = 10.0  # seconds a DELETE or a daemon stop waits for a session to end
 LOST = "a failed checkpoint could not give its pages back to the written set"
 LOAD_GRACE = 5.0  # seconds past its --api-timeout a snapshot load may take to settle
+CHECKPOINTS_KEPT = 32  # background checkpoints whose state GET .../checkpoints/N still answers
 
 COUNTERS = ("faults", "pages_served", "bytes_served", "zero_pages", "compiled_faults",
             "remove_events", "retries")
@@ -61,6 +62,8 @@ class Restore:
     written_lost: bool = False  # pages a failed checkpoint took could not be given back
     checkpointing: threading.Lock = field(default_factory=threading.Lock)  # one at a time
     last_checkpoint: dict[str, Any] | None = None  # a background one's state (checkpoint.py)
+    checkpoints: dict[int, dict[str, Any]] = field(default_factory=dict)  # theirs by number
+    checkpoints_begun: int = 0  # checkpoints are numbered 1, 2, ... in each restore
 
     def summary(self) -> dict[str, Any]:
         session = self.session
@@ -87,6 +90,22 @@ class Restore:
             return {**self.final[1], "last_checkpoint": self.last_checkpoint}
         return {"id": self.id, "vm": self.vm, "state": session.state, **session.document(),
                 "last_checkpoint": self.last_checkpoint}
+
+    def note_checkpoint(self, status: dict[str, Any]) -> None:
+        """A background checkpoint's state, as `last_checkpoint` and under its number (the
+        last CHECKPOINTS_KEPT: its client finds its own even after another one began)."""
+        self.last_checkpoint = status
+        self.checkpoints[status["checkpoint"]] = status
+        for number in sorted(self.checkpoints)[:-CHECKPOINTS_KEPT]:
+            del self.checkpoints[number]
+
+    def checkpoint_state(self, number: int) -> dict[str, Any]:
+        """A background checkpoint's state by its number; RequestError 404 if not kept."""
+        status = self.checkpoints.get(number)
+        if status is None:
+            raise RequestError(f"restore {self.id} has no background checkpoint {number} "
+                               f"(the last {CHECKPOINTS_KEPT} are kept)", 404)
+        return status
 
     def written(self, new_interval: bool) -> tuple[bytes, int]:
         """(the written set as a working-set file, its written pages), taken on the session's
