@@ -2,13 +2,15 @@
 
 `restore --record-ws` writes one; `restore --prefetch-ws` installs those pages right after the
 handshake; `pack`/`diff --working-set` store those blocks first and contiguously, so prefetch
-reads sequentially. Layout (little-endian): magic b"FCWS", version u16 (1), reserved u16 (0),
-memory size u64, count u64, then `count` u64 guest offsets (4096-aligned, distinct).
+reads sequentially. Layout (little-endian): magic b"FCWS", version u16, reserved u16 (0),
+memory size u64, count u64, in version 2 the id of the build the pages differ from (16 bytes:
+a written set, §7.1), then `count` u64 guest offsets (4096-aligned, distinct).
 """
 
 from __future__ import annotations
 
 import struct
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,39 +22,56 @@ from fcsnap.outputs import write_output
 from fcsnap.units import PAGE
 
 MAGIC = b"FCWS"
-VERSION = 1
+VERSION = 1  # a working set
+WRITTEN_VERSION = 2  # a written set: version 1's head and the build the pages differ from
 HEAD = struct.Struct("<4sHHQQ")
+BASE = struct.Struct("<16s")  # after the head in version 2: the build id (uuid.UUID.bytes)
 
 
-def dump_working_set(size: int, offsets: Iterable[int]) -> bytes:
+def dump_working_set(size: int, offsets: Iterable[int], base: uuid.UUID | None = None) -> bytes:
+    """The file's bytes; with `base`, a written set of the pages that differ from that build."""
     body = np.asarray(list(offsets), dtype="<u8")
-    return HEAD.pack(MAGIC, VERSION, 0, size, len(body)) + body.tobytes()
+    if base is None:
+        return HEAD.pack(MAGIC, VERSION, 0, size, len(body)) + body.tobytes()
+    head = HEAD.pack(MAGIC, WRITTEN_VERSION, 0, size, len(body))
+    return head + BASE.pack(base.bytes) + body.tobytes()
 
 
 def parse_working_set(data: bytes, source: str = "working set") -> tuple[int, np.ndarray]:
     """(memory size, guest offsets in fault order); FcsnapError on anything malformed."""
+    size, offsets, _ = parse_page_set(data, source)
+    return size, offsets
+
+
+def parse_page_set(data: bytes, source: str) -> tuple[int, np.ndarray, uuid.UUID | None]:
+    """(memory size, guest offsets, the build a written set was taken against: None in a
+    version 1 file); FcsnapError on anything malformed."""
     if len(data) < HEAD.size:
         raise FcsnapError(f"{source}: too short for a working-set file ({len(data)} bytes)")
     magic, version, reserved, size, count = HEAD.unpack_from(data)
     if magic != MAGIC:
         raise FcsnapError(f"{source}: not a working-set file (bad magic {magic!r})")
-    if version != VERSION or reserved:
+    if version not in (VERSION, WRITTEN_VERSION) or reserved:
         raise FcsnapError(f"{source}: unsupported working-set version {version}")
-    if len(data) - HEAD.size != count * 8:
+    start = HEAD.size + (BASE.size if version == WRITTEN_VERSION else 0)
+    if len(data) < start:
+        raise FcsnapError(f"{source}: too short for a written-set file ({len(data)} bytes)")
+    base = uuid.UUID(bytes=data[HEAD.size:start]) if version == WRITTEN_VERSION else None
+    if len(data) - start != count * 8:
         raise FcsnapError(
-            f"{source}: says {count} pages but holds {len(data) - HEAD.size} bytes of offsets"
+            f"{source}: says {count} pages but holds {len(data) - start} bytes of offsets"
         )
     if size % PAGE or size >= 1 << 63:
         raise FcsnapError(f"{source}: memory size {size:#x} is not a page multiple below 2**63")
     # Checked as stored (u64) before the int64 conversion, which would wrap large ones negative.
-    stored = np.frombuffer(data, dtype="<u8", offset=HEAD.size)
+    stored = np.frombuffer(data, dtype="<u8", offset=start)
     if count and (stored.max() >= size or (stored % PAGE).any()):
         raise FcsnapError(f"{source}: offsets not page-aligned or beyond {size:#x} bytes")
     offsets = stored.astype(np.int64)
     ordered = np.sort(offsets)  # (np.unique would import numpy.ma: a quarter second)
     if (ordered[1:] == ordered[:-1]).any():
         raise FcsnapError(f"{source}: a page is listed twice")
-    return size, offsets
+    return size, offsets, base
 
 
 def read_working_set(path: Path, size: int) -> np.ndarray:
@@ -66,9 +85,10 @@ def read_working_set(path: Path, size: int) -> np.ndarray:
 
 
 def write_working_set(path: Path, size: int, offsets: Iterable[int], what: str = "",
-                      root: Path | None = None) -> None:
-    """Write the file safely (fcsnap/outputs.py); OutputError naming `what` and `path`."""
-    write_output(path, dump_working_set(size, offsets), what, root)
+                      root: Path | None = None, base: uuid.UUID | None = None) -> None:
+    """Write the file safely (fcsnap/outputs.py); OutputError naming `what` and `path`. With
+    `base`: a written set, of the pages that differ from that build."""
+    write_output(path, dump_working_set(size, offsets, base), what, root)
 
 
 def merge_working_sets(

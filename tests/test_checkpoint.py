@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 from helpers import WAIT, one_build_store, unpacked
 from helpers import fcsnap_here as fcsnap  # in this process: the daemon is tested here
 from test_daemon import Daemon
-from test_write_tracking import written
+from test_write_tracking import written, written_set
 
 from fcsnap.daemon.checkpoint import CheckpointRequest, checkpoint
 from fcsnap.daemon.client import checkpoint_via_daemon, wait_checkpoint
@@ -207,13 +208,15 @@ def test_background_checkpoint_holds_memory_at_the_pause(tmp_path: Path, path: s
         wait_report(vm, report, "second_write_done")
         status, document = daemon.call("GET", f"/restores/{restore}")
         assert document["last_checkpoint"]["state"] == "copying"  # written during the copy
+        _, during = written_set(daemon.api, f"/restores/{restore}/written")
         done = wait_checkpoint(daemon.api, restore, started["checkpoint"], WAIT)
+        assert str(during) == done["build_id"]  # against the checkpoint from its take on
         for offset in pages(BG_FIRST):
             memory[offset:offset + PAGE] = firecracker.written_page(offset)
         assert unpacked(build_path(store, done["build_id"]), tmp_path) == memory
         assert done["preimages"] == 4, done  # the run at 6 MiB, written before it was read
         url = f"/restores/{restore}/written"
-        assert written(daemon.api, url) == pages(BG_SECOND)
+        assert written(daemon.api, url, done["build_id"]) == pages(BG_SECOND)
         out = fcsnap("checkpoint", restore, "--daemon", daemon.api, "--name", "vm-bg",
                      "--background")
         assert out.returncode == 0, out.stderr
@@ -254,7 +257,8 @@ def test_a_failed_background_copy_publishes_nothing_and_the_vm_goes_on(tmp_path:
             wait_checkpoint(daemon.api, restore, started["checkpoint"], WAIT)
         assert not (store / "vms" / "vm-bg").exists()
         url = f"/restores/{restore}/written"
-        assert written(daemon.api, url) == pages(BG_FIRST + BG_SECOND)
+        served = (store / "vms" / "vm").read_text().strip()  # against it again: nothing made
+        assert written(daemon.api, url, served) == pages(BG_FIRST + BG_SECOND)
         out = fcsnap("checkpoint", restore, "--daemon", daemon.api, "--name", "vm-bg",
                      "--background")
         assert out.returncode == 1 and out.stderr.startswith(
@@ -265,6 +269,12 @@ def test_a_failed_background_copy_publishes_nothing_and_the_vm_goes_on(tmp_path:
         assert vm.wait(WAIT) == 0
     finally:
         daemon.close()
+
+
+def served(store: Path) -> Any:
+    """What a Restore keeps of the build it serves (SharedBuild's build_dir and build_id)."""
+    build_dir = resolve_build("vm", store)
+    return SimpleNamespace(build_dir=build_dir, build_id=uuid.UUID(build_dir.name))
 
 
 class RacingSession:
@@ -308,8 +318,7 @@ def test_a_new_interval_taken_as_a_checkpoint_starts_refuses_the_checkpoint(
     on the serving thread, with the take, not published."""
     store = one_build_store(tmp_path, SIZE, seed=10)
     session = RacingSession(SIZE)
-    restore = Restore("r", "vm", session, SimpleNamespace(build_dir=resolve_build("vm", store)),
-                      None)  # type: ignore[arg-type]
+    restore = Restore("r", "vm", session, served(store), None)  # type: ignore[arg-type]
     session.restore = restore
     try:
         with pytest.raises(RequestError, match="would miss those pages") as refused:
@@ -343,8 +352,7 @@ def test_pages_a_failed_checkpoint_cannot_give_back_refuse_what_would_miss_them(
     checkpoint and GET written are refused rather than missing them."""
     store = one_build_store(tmp_path, SIZE, seed=11)
     session = StalledSession(SIZE)
-    restore = Restore("r", "vm", session, SimpleNamespace(build_dir=resolve_build("vm", store)),
-                      None)  # type: ignore[arg-type]
+    restore = Restore("r", "vm", session, served(store), None)  # type: ignore[arg-type]
     try:
         with pytest.raises(FcsnapError, match="none of the VM's regions"):
             checkpoint(restore, store, CheckpointRequest("vm-cp"))
@@ -383,7 +391,7 @@ def test_a_vm_exiting_during_a_checkpoint_is_the_error_not_the_resume(tmp_path: 
     store = one_build_store(tmp_path, SIZE, seed=12)
     api = RawAnswer(tmp_path / "fc.api", b"".join(answer(204)), piece=1 << 16, close=True)
     session = ExitingSession(SIZE, api)
-    restore = Restore("r", "vm", session, SimpleNamespace(build_dir=resolve_build("vm", store)),
+    restore = Restore("r", "vm", session, served(store),
                       SimpleNamespace(api_socket=tmp_path / "fc.api"))  # type: ignore[arg-type]
     try:
         with pytest.raises(FcsnapError) as failed:

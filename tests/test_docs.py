@@ -304,6 +304,7 @@ EXPECTED_GRAMMARS = {
     "fcsnap.header.format.MAPPING",
     "fcsnap.store.format.hashes.HEAD",
     "fcsnap.workingset.HEAD",
+    "fcsnap.workingset.BASE",
     "fcsnap.store.format.seekable.SKIPPABLE_HEAD",
     "fcsnap.store.format.seekable.ENTRY_CHECKSUM",
     "fcsnap.store.format.seekable.FOOTER",

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import uuid
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fcsnap.errors import FcsnapError
-from fcsnap.workingset import dump_working_set, parse_working_set, read_working_set
+from fcsnap.workingset import (
+    dump_working_set,
+    parse_page_set,
+    parse_working_set,
+    read_working_set,
+)
 
 SIZE = 1 << 20
 
@@ -31,16 +38,26 @@ def test_bad_offsets_are_named(offsets, message):
         parse_working_set(dump_working_set(SIZE, offsets))
 
 
+def test_a_written_set_names_its_build():
+    base = uuid.uuid4()
+    data = dump_working_set(SIZE, [0x3000, 0x1000], base)
+    size, offsets, against = parse_page_set(data, "ws")
+    assert (size, offsets.tolist(), against) == (SIZE, [0x3000, 0x1000], base)
+    assert parse_page_set(dump_working_set(SIZE, [0x1000]), "ws")[2] is None  # version 1
+    with pytest.raises(FcsnapError, match="too short for a written-set file"):
+        parse_page_set(data[:30], "ws")
+
+
 @settings(max_examples=400, deadline=None)
-@given(st.data())
-def test_fuzz_mutations_clear_error_or_valid(data):
-    blob = bytearray(dump_working_set(SIZE, [0, 0x3000, 0x2000]))
+@given(st.data(), st.sampled_from([None, uuid.UUID(int=7)]))
+def test_fuzz_mutations_clear_error_or_valid(data, base):
+    blob = bytearray(dump_working_set(SIZE, [0, 0x3000, 0x2000], base))
     for _ in range(data.draw(st.integers(0, 3))):
         i = data.draw(st.integers(0, len(blob) - 1))
         blob[i] = data.draw(st.integers(0, 255))
     blob = blob[: data.draw(st.integers(0, len(blob)))] + data.draw(st.binary(max_size=16))
     try:
-        size, offsets = parse_working_set(bytes(blob))
+        size, offsets, _ = parse_page_set(bytes(blob), "ws")
     except FcsnapError as e:
         assert str(e)
         return

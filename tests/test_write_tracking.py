@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from fcsnap.daemon.client import call_daemon
 from fcsnap.store.format.manifest import read_manifest
 from fcsnap.testing import firecracker
 from fcsnap.units import PAGE
-from fcsnap.workingset import parse_working_set, read_working_set, write_working_set
+from fcsnap.workingset import parse_page_set, read_working_set, write_working_set
 
 path = test_hotpath.path  # the fixture that runs a test on both fault paths
 MiB = 1 << 20
@@ -79,6 +80,9 @@ def check_tracked(procs: Procs, store: Path, stats: dict, report: dict) -> None:
     assert sorted(pagemap["protected"] + pagemap["writable"]) == list(range(0, SIZE, PAGE))
     written_set = read_working_set(procs.tmp / "written.ws", SIZE).tolist()
     assert written_set == sorted(set(wrote) | set(offsets(BALLOON)))  # balloon: zeros now
+    served = (store / "vms" / "vm").read_text().strip()  # the set says what it differs from
+    against = parse_page_set((procs.tmp / "written.ws").read_bytes(), "written set")[2]
+    assert str(against) == served
     snapshot = procs.tmp / "snapshot.mem"
     done = fcsnap("diff", snapshot, "--base", "vm", "--written", procs.tmp / "written.ws",
                   "--store", store, "--json")
@@ -200,13 +204,16 @@ def test_track_writes_is_refused_where_the_kernel_resolves_the_faults(store, pro
 
 def test_diff_written_refuses_what_does_not_fit(store, tmp_path: Path) -> None:
     """A memory file of the wrong size, a written set of other geometry, a damaged written
-    set, or one given with --sparse-diff: one line each, no build."""
+    set, one taken against another build, or one given with --sparse-diff: one line each, no
+    build."""
     builds = sorted(p.name for p in store.iterdir())
     memfile = store.parent / "vm.mem"
     good = tmp_path / "good.ws"
     write_working_set(good, SIZE, [0, PAGE])
     other = tmp_path / "other.ws"
     write_working_set(other, 2 * SIZE, [0])
+    elsewhere = tmp_path / "elsewhere.ws"  # taken while another build was served
+    write_working_set(elsewhere, SIZE, [0, PAGE], base=uuid.uuid4())
     truncated = tmp_path / "truncated.ws"
     truncated.write_bytes(good.read_bytes()[:-3])
     short = tmp_path / "short.mem"
@@ -215,6 +222,7 @@ def test_diff_written_refuses_what_does_not_fit(store, tmp_path: Path) -> None:
         ((short, "--written", good), 1, f"{SIZE // 2} bytes, but base build"),
         ((memfile, "--written", other), 1, f"a written set of {2 * SIZE} bytes"),
         ((memfile, "--written", truncated), 1, "holds 13 bytes of offsets"),
+        ((memfile, "--written", elsewhere), 1, "a written set of a VM restored from build"),
         ((memfile, "--written", tmp_path / "absent.ws"), 1, "absent.ws"),
         ((memfile, "--written", good, "--sparse-diff"), 2, "--written takes no --sparse-diff"),
     ]:
@@ -245,7 +253,7 @@ def test_daemon_gives_the_written_set_and_starts_new_intervals(store, tmp_path: 
             assert vm.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
         url = f"/restores/{answer['id']}/written"
-        assert written(daemon.api, url) == offsets(first)
+        assert written(daemon.api, url, answer["build_id"]) == offsets(first)
         assert written(daemon.api, url + "?new_interval=1") == offsets(first)
         assert written(daemon.api, url) == []
         gate.touch()
@@ -258,8 +266,16 @@ def test_daemon_gives_the_written_set_and_starts_new_intervals(store, tmp_path: 
         daemon.close()
 
 
-def written(api: Path, url: str) -> list[int]:
-    """The written set the daemon answers with, as offsets."""
+def written(api: Path, url: str, against: str | None = None) -> list[int]:
+    """The written set the daemon answers with, as offsets; with `against`, the build it
+    must say its pages differ from."""
+    found, base = written_set(api, url)
+    assert against is None or base == uuid.UUID(against), (base, against)
+    return found
+
+
+def written_set(api: Path, url: str) -> tuple[list[int], uuid.UUID]:
+    """The written set the daemon answers with: (offsets, the build they differ from)."""
     from fcsnap.unix_http import UnixHTTPConnection, exchange
 
     connection = UnixHTTPConnection(api, WAIT)
@@ -268,10 +284,10 @@ def written(api: Path, url: str) -> list[int]:
     finally:
         connection.close()
     assert answer.status == 200, body
-    size, found = parse_working_set(body)
-    assert size == SIZE
+    size, found, base = parse_page_set(body, url)
+    assert size == SIZE and base is not None
     assert int(answer.getheader("X-Fcsnap-Written-Pages")) == len(found)
-    return found.tolist()
+    return found.tolist(), base
 
 
 def test_daemon_written_set_is_refused_where_writes_are_not_tracked(store, tmp_path: Path

@@ -22,6 +22,7 @@ import os
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -99,15 +100,17 @@ def checkpoint(restore: Restore, store: Path, request: CheckpointRequest
     if not restore.checkpointing.acquire(timeout=LOCK_WAIT):
         raise RequestError(f"restore {restore.id} is being checkpointed already", 409)
     restore.checkpoints_begun += 1  # under the lock: each checkpoint its own number
+    build_id = uuid.uuid4()  # known at the take: the written set is against it from then on
     if request.background:
-        return 202, _background(restore, store, request)  # the copy releases the lock
+        return 202, _background(restore, store, request, build_id)  # the copy releases the lock
     try:
-        return 201, _checkpoint(restore, store, request)
+        return 201, _checkpoint(restore, store, request, build_id)
     finally:
         restore.checkpointing.release()
 
 
-def _checkpoint(restore: Restore, store: Path, request: CheckpointRequest) -> dict[str, Any]:
+def _checkpoint(restore: Restore, store: Path, request: CheckpointRequest, build_id: uuid.UUID
+                ) -> dict[str, Any]:
     session = restore.session
     assert session is not None and session.peer is not None
     api = restore.load.api_socket if restore.load is not None else None
@@ -116,10 +119,10 @@ def _checkpoint(restore: Restore, store: Path, request: CheckpointRequest) -> di
         _vm_state(api, "Paused")
     try:
         paused = time.monotonic()
-        offsets, count, pidfd = _take(restore)
+        offsets, count, pidfd = _take(restore, build_id)
         try:
             memory = GuestMemory(session.peer.pid, pidfd, session.peer.regions)
-            manifest, build_dir = _build(restore, store, request, offsets, memory)
+            manifest, build_dir = _build(restore, store, request, offsets, memory, build_id)
         except BaseException:
             _give_back(restore, session, offsets)
             raise
@@ -139,9 +142,10 @@ def _checkpoint(restore: Restore, store: Path, request: CheckpointRequest) -> di
             "paused_seconds": round(time.monotonic() - started, 6) if api else None}
 
 
-def _take(restore: Restore) -> tuple[Any, int, int]:
+def _take(restore: Restore, build_id: uuid.UUID) -> tuple[Any, int, int]:
     """(the written set, its written pages, a pidfd of the VM of our own), on the reactor's
-    thread, where the session's pidfd is open: the session may end and close it meanwhile."""
+    thread, where the session's pidfd is open: the session may end and close it meanwhile.
+    The set starts again, against `build_id`."""
     session = restore.session
     assert session is not None
 
@@ -149,6 +153,7 @@ def _take(restore: Restore) -> tuple[Any, int, int]:
         assert session.peer is not None
         _refuse_restarted(restore)
         offsets, count = session.take_written(True)
+        restore.written_against = build_id
         return offsets, count, os.dup(session.peer.pidfd)
 
     return _on_serving_thread(restore, session, take)
@@ -168,7 +173,8 @@ def _refuse_restarted(restore: Restore) -> None:
                            409)
 
 
-def _background(restore: Restore, store: Path, request: CheckpointRequest) -> dict[str, Any]:
+def _background(restore: Restore, store: Path, request: CheckpointRequest, build_id: uuid.UUID
+                ) -> dict[str, Any]:
     """Pause (through the Firecracker API, if the restore has it), take the written set with
     its pages pending (Session.take_for_copy), resume, and copy them on a thread of its own
     (preimage.py). Holds restore.checkpointing; the copy releases it, or this on an error."""
@@ -184,7 +190,7 @@ def _background(restore: Restore, store: Path, request: CheckpointRequest) -> di
         if api is not None:
             _vm_state(api, "Paused")
         try:
-            offsets, count, live, memory.pidfd = _take_for_copy(restore, preimages)
+            offsets, count, live, memory.pidfd = _take_for_copy(restore, preimages, build_id)
             status = {"checkpoint": restore.checkpoints_begun, "name": request.name,
                       "state": "copying", "written_pages": count, "pages_read": len(live)}
             restore.note_checkpoint(status)
@@ -192,8 +198,8 @@ def _background(restore: Restore, store: Path, request: CheckpointRequest) -> di
             pending = [(st.region, st.pending) for st in session.installer.states.values()]
             paused = PausedMemory(preimages, pending, live, request.copy_rate)
             copy = threading.Thread(target=_copy, name=f"checkpoint-{restore.id}", daemon=True,
-                                    args=(restore, session, store, request, offsets, paused,
-                                          status))
+                                    args=(restore, session, store, request, build_id, offsets,
+                                          paused, status))
             try:
                 copy.start()
             except BaseException as e:  # no thread: the copy ends before it began
@@ -212,7 +218,8 @@ def _background(restore: Restore, store: Path, request: CheckpointRequest) -> di
     return {**status, "paused_seconds": round(time.monotonic() - started, 6) if api else None}
 
 
-def _take_for_copy(restore: Restore, preimages: Preimages) -> tuple[Any, int, Any, int]:
+def _take_for_copy(restore: Restore, preimages: Preimages, build_id: uuid.UUID
+                   ) -> tuple[Any, int, Any, int]:
     """Session.take_for_copy's answer and a pidfd of the VM of our own (as `_take`)."""
     session = restore.session
     assert session is not None
@@ -221,6 +228,7 @@ def _take_for_copy(restore: Restore, preimages: Preimages) -> tuple[Any, int, An
         assert session.peer is not None
         _refuse_restarted(restore)
         offsets, count, live = session.take_for_copy(preimages)
+        restore.written_against = build_id
         return offsets, count, live, os.dup(session.peer.pidfd)
 
     return _on_serving_thread(restore, session, take)
@@ -237,13 +245,14 @@ def _on_serving_thread(restore: Restore, session: Session, take: Callable[[], T]
 
 
 def _copy(restore: Restore, session: Session, store: Path, request: CheckpointRequest,
-          offsets: Any, memory: PausedMemory, status: dict[str, Any]) -> None:
+          build_id: uuid.UUID, offsets: Any, memory: PausedMemory, status: dict[str, Any]
+          ) -> None:
     """The background copy: build the generation from the pages as they were at the pause,
     then `_end_copy`."""
     started = time.monotonic()
     outcome: dict[str, Any] = {"state": "failed", "error": "internal error"}
     try:
-        manifest, build_dir = _build(restore, store, request, offsets, memory)
+        manifest, build_dir = _build(restore, store, request, offsets, memory, build_id)
         restore.checkpoint_base = Path(build_dir)
         outcome = {"state": "done", "build_id": str(manifest.build_id),
                    "bytes_stored": manifest.stats.bytes_stored}
@@ -275,15 +284,22 @@ def _end_copy(restore: Restore, session: Session, offsets: Any, memory: PausedMe
 def _give_back(restore: Restore, session: Session, offsets: Any) -> None:
     """A checkpoint that failed after its take: the pages go back into the written set.
     Where the serving thread does not take them (the session ended meanwhile, or it did not
-    answer in time), the set misses them from now on: `restore.written_lost`."""
+    answer in time), the set misses them from now on: `restore.written_lost`. The set is
+    against the build it was against before the take again."""
+    base = restore.checkpoint_base
+
+    def give_back() -> None:
+        session.give_back_written(offsets)
+        restore.written_against = uuid.UUID(base.name) if base is not None else None
+
     try:
-        session.call(lambda: session.give_back_written(offsets), CALL_WAIT)
+        session.call(give_back, CALL_WAIT)
     except FcsnapError:
         restore.written_lost = True
 
 
 def _build(restore: Restore, store: Path, request: CheckpointRequest, offsets: Any,
-           memory: GuestMemory | PausedMemory) -> tuple[Any, Path | str]:
+           memory: GuestMemory | PausedMemory, build_id: uuid.UUID) -> tuple[Any, Path | str]:
     base_dir = restore.checkpoint_base or restore.build.build_dir
     with open_lineage(base_dir):
         parent = Parent(base_dir)
@@ -294,7 +310,8 @@ def _build(restore: Restore, store: Path, request: CheckpointRequest, offsets: A
             chunks = guest_blocks(memory, offsets, parent.block_size, CHUNK,
                                   reader.read if reader else None)
             result = build_generation(store, _alive_at_end(chunks, memory), parent.size,
-                                      options, parent, holes_are_zero=False)
+                                      options, parent, holes_are_zero=False,
+                                      build_id=build_id)
         finally:
             if reader is not None:
                 reader.close()

@@ -64,6 +64,9 @@ class Restore:
     last_checkpoint: dict[str, Any] | None = None  # a background one's state (checkpoint.py)
     checkpoints: dict[int, dict[str, Any]] = field(default_factory=dict)  # theirs by number
     checkpoints_begun: int = 0  # checkpoints are numbered 1, 2, ... in each restore
+    # the build the written set's pages differ from (None: the build served); set with the
+    # take that starts a checkpoint, on the serving thread, to the id that checkpoint will have
+    written_against: uuid.UUID | None = None
 
     def summary(self) -> dict[str, Any]:
         session = self.session
@@ -120,18 +123,18 @@ class Restore:
         if new_interval and self.checkpoint_base is not None:
             raise RequestError(f"restore {self.id} is checkpointed: a new interval taken here "
                                "would leave its pages out of the next checkpoint", 409)
-        def take() -> tuple[Any, int]:
+        def take() -> tuple[Any, int, uuid.UUID]:
             # on the reactor's thread, as a checkpoint's take: whichever comes second sees
             # what the first did
-            taken = session.take_written(new_interval)
+            offsets, count = session.take_written(new_interval)
             self.interval_restarted |= new_interval
-            return taken
+            return offsets, count, self.written_against or self.build.build_id
 
         try:
-            offsets, count = session.call(take, END_WAIT)
+            offsets, count, base = session.call(take, END_WAIT)
         except FcsnapError as e:
             raise RequestError(f"restore {self.id}: {e}", 409) from None
-        return dump_working_set(session.header.metadata.size, offsets.tolist()), count
+        return dump_working_set(session.header.metadata.size, offsets.tolist(), base), count
 
     def retire(self) -> None:
         """Keep the final documents, drop the session (its page flags, buffers, fds' owners):

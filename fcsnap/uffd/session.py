@@ -752,7 +752,7 @@ class Session:
         if path is None or self.installer is None or not self.installer.tracking.recorded:
             return
         write_working_set(path, self.header.metadata.size, self.written_set().tolist(),
-                          "--written", self.options.output_root)
+                          "--written", self.options.output_root, self.header.metadata.build_id)
 
     def _write_working_set(self) -> None:
         path = self.options.record_ws

@@ -128,17 +128,22 @@ def _diff_written(
     progress: Progress,
 ) -> tuple[Manifest, Path | str]:
     from fcsnap.store.format.lineage import Parent
-    from fcsnap.workingset import parse_working_set
+    from fcsnap.workingset import parse_page_set
 
     parent = Parent(base_dir)
     options = replace(options, block_size=parent.block_size, source=memfile.name)
     with MemoryFile(memfile, parent.block_size) as source:
         _check_size(memfile, source, parent)
-        recorded, offsets = parse_working_set(read_regular(written, "written set"),
-                                              str(written))
+        recorded, offsets, against = parse_page_set(read_regular(written, "written set"),
+                                                    str(written))
         if recorded != parent.size:
             raise FcsnapError(f"{written}: a written set of {recorded} bytes of guest memory, "
                               f"but base build {parent.manifest.build_id} is {parent.size}")
+        if against is not None and against != parent.manifest.build_id:
+            raise FcsnapError(
+                f"{written}: a written set of a VM restored from build {against}, not from "
+                f"base build {parent.manifest.build_id} (--base: the build restored, or the "
+                "restore's last checkpoint)")
         return build_generation(store, (), source.size, options, parent, holes_are_zero=False,
                                 first=_tracked_batches(source.blocks(offsets), progress))
 
