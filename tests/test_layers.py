@@ -19,7 +19,8 @@ PACKAGE = ROOT / "fcsnap"
 LAYERS: list[tuple[str, ...]] = [
     (
         "fcsnap.version", "fcsnap.errors", "fcsnap.units", "fcsnap.files", "fcsnap.options",
-        "fcsnap.threads", "fcsnap.outputs", "fcsnap.workingset", "fcsnap.unix_http",
+        "fcsnap.threads", "fcsnap.outputs", "fcsnap.scratch", "fcsnap.workingset",
+        "fcsnap.unix_http",
         "fcsnap.header", "fcsnap.uffd.abi",
     ),
     ("fcsnap.store.format",),
