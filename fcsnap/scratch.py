@@ -2,9 +2,11 @@
 
 A store in S3 is read through a local mirror, and builds are staged on their way up; both live
 in temporary directories. Removing them at exit is not enough: a process SIGKILLed (by an
-orchestrator, the OOM killer) leaves its directory, and a host that restores thousands of VMs
-would fill its /tmp. So each directory is locked (flock) for as long as its process lives, and
-every fcsnap process that makes one first removes those of its user that no one holds.
+orchestrator, the OOM killer) leaves them, and a host that restores thousands of VMs would fill
+its /tmp. So a process keeps its scratch directories in one directory of its own, locked
+(flock) for as long as the process lives (one descriptor however many it makes), and every
+fcsnap process first removes those of its user that no one holds. A lock, not a pid: a
+process in another pid namespace sharing /tmp is seen as alive.
 """
 
 from __future__ import annotations
@@ -19,25 +21,18 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-PREFIX = "fcsnap-scratch-"  # a directory named so is locked from the moment it has the name
+PREFIX = "fcsnap-scratch-"  # a process's directory, locked from the moment it has this name
 _MAKING = "fcsnap-making-"  # before its lock is taken
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
-_held: dict[Path, int] = {}  # this process's directories and their locked descriptors
+# this process's directory in each temporary directory it used, and its locked descriptor
+_held: dict[Path, tuple[Path, int]] = {}
 
 
 def scratch_dir(what: str) -> Path:
-    """A private temporary directory (mode 0700) removed when the process exits, or by the next
+    """A new private directory (mode 0700), removed when the process exits, or by the next
     fcsnap process to make one if this one is killed."""
-    sweep(Path(tempfile.gettempdir()))
-    making = Path(tempfile.mkdtemp(prefix=f"{_MAKING}{what}-"))
-    fd = os.open(making, _DIR_FLAGS)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    path = making.with_name(PREFIX + making.name[len(_MAKING):])
-    os.rename(making, path)  # the name a sweep looks for, once the lock is held
-    _held[path] = fd
-    atexit.register(release, path)
-    return path
+    return Path(tempfile.mkdtemp(prefix=f"{what}-", dir=_own_directory()))
 
 
 @contextlib.contextmanager
@@ -47,15 +42,41 @@ def scratch(what: str) -> Iterator[Path]:
     try:
         yield path
     finally:
-        release(path)
-
-
-def release(path: Path) -> None:
-    """Remove one of this process's scratch directories (again: nothing)."""
-    fd = _held.pop(path, None)
-    if fd is not None:
         shutil.rmtree(path, ignore_errors=True)
-        os.close(fd)
+
+
+def release_all(root: Path | None = None) -> None:
+    """Remove this process's scratch directories (those in `root` only, if given) and drop
+    their locks: what its exit does."""
+    for tmp, (path, fd) in list(_held.items()):
+        if root is None or tmp == root:
+            del _held[tmp]
+            shutil.rmtree(path, ignore_errors=True)
+            os.close(fd)
+
+
+atexit.register(release_all)
+
+
+def _own_directory() -> Path:
+    """This process's locked directory in the temporary directory, made (after a sweep) the
+    first time; made again if something removed it."""
+    root = Path(tempfile.gettempdir())
+    held = _held.get(root)
+    if held is not None:
+        path, fd = held
+        with contextlib.suppress(OSError):
+            if os.lstat(path).st_ino == os.fstat(fd).st_ino:
+                return path
+        release_all(root)
+    sweep(root)
+    making = Path(tempfile.mkdtemp(prefix=_MAKING, dir=root))
+    fd = os.open(making, _DIR_FLAGS)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    path = making.with_name(PREFIX + making.name[len(_MAKING):])
+    os.rename(making, path)  # the name a sweep looks for, once the lock is held
+    _held[root] = (path, fd)
+    return path
 
 
 def sweep(root: Path) -> None:

@@ -95,7 +95,7 @@ def fcsnap_here(*args: object, env: dict[str, str] | None = None, cwd: Path | No
     to look at a store; tests of the process itself (signals, pipes, exit codes) use `fcsnap()`.
     The command runs on a thread, so that it has a deadline; `env` replaces the environment
     and `cwd` the working directory while it runs."""
-    from fcsnap import cli
+    from fcsnap import cli, scratch
     from fcsnap.cli import common
 
     argv = list(map(str, args))
@@ -130,6 +130,7 @@ def fcsnap_here(*args: object, env: dict[str, str] | None = None, cwd: Path | No
             os.environ.update(saved)
             cli._state.update(saved_state[0])
             common.state.update(saved_state[1])
+            scratch.release_all(Path(tempfile.tempdir))  # as the process's exit would
             shutil.rmtree(tempfile.tempdir, ignore_errors=True)
             tempfile.tempdir = saved_tempdir
     if thread.is_alive():

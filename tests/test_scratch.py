@@ -1,6 +1,6 @@
 """Scratch directories (fcsnap/scratch.py: the S3 mirror, staged builds) do not outlive their
-process: removed at exit, and one left by a process killed outright is removed by the next
-process that makes one; another process's or another user's is left alone."""
+process: removed at exit, and those left by a process killed outright are removed by the next
+process that makes one; another process's or another user's are left alone."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,73 +20,91 @@ from fcsnap import scratch
 HOLDER = (
     "import sys, time\n"
     "from fcsnap.scratch import scratch_dir\n"
-    "path = scratch_dir('mirror')\n"
-    "(path / 'header').write_bytes(b'x' * 4096)\n"
-    "print(path, flush=True)\n"
+    "paths = [scratch_dir('mirror'), scratch_dir('chunks')]\n"
+    "(paths[0] / 'header').write_bytes(b'x' * 4096)\n"
+    "print(*paths, flush=True)\n"
     "if sys.argv[1] == 'wait':\n    time.sleep(60)\n"
 )
 
 
 @pytest.fixture
-def tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The temporary directory of this test and of the processes it starts."""
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    return tmp_path
+    yield tmp_path
+    scratch.release_all(tmp_path)
 
 
-def holder(how: str) -> tuple[subprocess.Popen[str], Path]:
+def holder(how: str) -> tuple[subprocess.Popen[str], list[Path]]:
+    """A process that makes two scratch directories and exits, or waits."""
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, how], stdout=subprocess.PIPE,
                             text=True)
     assert proc.stdout is not None
-    return proc, Path(proc.stdout.readline().strip())
+    return proc, [Path(p) for p in proc.stdout.readline().split()]
 
 
 def leftovers(tmp: Path) -> list[str]:
     return sorted(p.name for p in tmp.iterdir() if p.name.startswith("fcsnap-"))
 
 
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
 def test_removed_when_its_process_exits(tmp: Path) -> None:
-    proc, path = holder("exit")
+    proc, paths = holder("exit")
     assert proc.wait(WAIT) == 0
-    assert path.parent == tmp and not path.exists() and leftovers(tmp) == []
+    assert all(p.parent.parent == tmp and not p.exists() for p in paths)
+    assert leftovers(tmp) == []
 
 
-def test_one_left_by_a_killed_process_goes_with_the_next(tmp: Path) -> None:
+def test_those_left_by_a_killed_process_go_with_the_next(tmp: Path) -> None:
     proc, killed = holder("wait")
     proc.kill()
     proc.wait(WAIT)
-    assert (killed / "header").exists()  # exit handlers do not run on SIGKILL
+    assert (killed[0] / "header").exists()  # exit handlers do not run on SIGKILL
     mine = scratch.scratch_dir("mirror")
-    try:
-        assert not killed.exists() and leftovers(tmp) == [mine.name]
-    finally:
-        scratch.release(mine)
-    assert not mine.exists()
+    assert not any(p.exists() for p in killed)
+    assert leftovers(tmp) == [mine.parent.name]
+    scratch.release_all(tmp)
+    assert not mine.exists() and leftovers(tmp) == []
 
 
 def test_a_living_process_keeps_its_own(tmp: Path) -> None:
     proc, theirs = holder("wait")
     try:
         with scratch.scratch("stage") as mine:
-            assert theirs.exists() and (theirs / "header").exists() and mine.exists()
+            assert all(p.exists() for p in theirs) and mine.exists()
+        assert not mine.exists() and all(p.exists() for p in theirs)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(WAIT)
-    assert not mine.exists()
+
+
+def test_one_descriptor_however_many_directories(tmp: Path) -> None:
+    """A long-lived process (the daemon, a program using the Python API) opening many stores
+    holds one lock, not one per directory; what it removes is made again."""
+    before = open_fds()
+    made = [scratch.scratch_dir("mirror") for _ in range(50)]
+    assert len(open_fds() - before) == 1 and len({p.parent for p in made}) == 1
+    scratch.release_all(tmp)
+    assert open_fds() == before and not any(p.exists() for p in made)
+    again = scratch.scratch_dir("mirror")
+    assert again.is_dir() and again.parent != made[0].parent
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make another user's directory")
 def test_another_users_or_a_symlink_is_left(tmp: Path) -> None:
-    others = tmp / f"{scratch.PREFIX}mirror-other"
+    others = tmp / f"{scratch.PREFIX}other"
     others.mkdir()
     (others / "file").write_bytes(b"theirs")
     os.chown(others, 65534, 65534)
     target = tmp / "kept"
     target.mkdir()
     (target / "file").write_bytes(b"mine")
-    (tmp / f"{scratch.PREFIX}mirror-link").symlink_to(target)
+    (tmp / f"{scratch.PREFIX}link").symlink_to(target)
     scratch.sweep(tmp)
     assert (others / "file").read_bytes() == b"theirs"
     assert (target / "file").read_bytes() == b"mine"
-    assert (tmp / f"{scratch.PREFIX}mirror-link").is_symlink()
+    assert (tmp / f"{scratch.PREFIX}link").is_symlink()

@@ -34,6 +34,8 @@ PORT_OPTIONS = (
     "webdav.port", "s3.metricsPort",
 )
 
+MAX_VOLUMES = 2000  # volumes a test server may create (its data files grow as written)
+
 
 @dataclass(frozen=True)
 class S3Server:
@@ -117,6 +119,9 @@ def seaweedfs(data_dir: Path) -> Iterator[S3Server]:
         weed, f"-logdir={data_dir / 'logs'}", "mini", f"-dir={data_dir / 'data'}",
         "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={identities}", "-admin.ui=false",
         "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        # Each bucket takes a volume of its own; left to itself, weed allows free disk space /
+        # volume size of them, and on a host with little room the tests run out of buckets.
+        f"-volume.max={MAX_VOLUMES}",
         f"-s3.localSocket={data_dir / 's3.sock'}", f"-filer.localSocket={data_dir / 'filer.sock'}",
         *(f"-{option}={port}" for option, port in ports.items()),
     ]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from fcsnap.errors import FcsnapError
 from fcsnap.files import writing
 from fcsnap.options import DEFAULT_FRAME_SIZE, DEFAULT_LEVEL
-from fcsnap.scratch import release, scratch_dir
+from fcsnap.scratch import scratch_dir
 from fcsnap.store.backends.stores import current_head, is_remote
 from fcsnap.store.format.layout import (
     DIFF_RAW,
@@ -417,5 +417,5 @@ def build_remote(store: RemoteStore, work: Assembly, expected: uuid.UUID | None)
                 store.objects.delete(key)
         raise
     finally:
-        release(stage)
+        shutil.rmtree(stage, ignore_errors=True)
     return manifest
