@@ -33,6 +33,7 @@ from fcsnap.testing.firecracker_api import RawAnswer, answer
 from fcsnap.uffd.fastpath import PURE_PYTHON_ENV
 from fcsnap.uffd.regions import Region
 from fcsnap.units import PAGE
+from fcsnap.workingset import parse_page_set
 
 # The daemon without CAP_SYS_PTRACE (dropped from its bounding set: root keeps the rest).
 NO_PTRACE = ("setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace")
@@ -58,10 +59,11 @@ def wait_report(vm, report: Path, key: str) -> None:
 def test_checkpoints_hold_each_interval_and_unpack_byte_exact(tmp_path: Path) -> None:
     store = one_build_store(tmp_path, SIZE, seed=5)
     memory = bytearray((tmp_path / "vm.mem").read_bytes())
-    daemon = Daemon(store, tmp_path)
+    daemon = Daemon(store, tmp_path, "--output-dir", str(tmp_path))
     try:
         status, answer = daemon.call("POST", "/restores", {
-            "vm": "vm", "socket": str(tmp_path / "vm.sock"), "track_writes": True})
+            "vm": "vm", "socket": str(tmp_path / "vm.sock"), "track_writes": True,
+            "written": str(tmp_path / "end.ws")})
         assert status == 201, answer
         report, gate, hold = tmp_path / "vm.json", tmp_path / "gate", tmp_path / "hold"
         vm = firecracker.spawn(tmp_path / "vm.sock", expected=tmp_path / "vm.mem",
@@ -94,6 +96,9 @@ def test_checkpoints_hold_each_interval_and_unpack_byte_exact(tmp_path: Path) ->
         status, error = daemon.call("GET", f"/restores/{answer['id']}/written?new_interval=1")
         assert status == 409 and "out of the next checkpoint" in error["error"]
         assert vm.wait(WAIT) == 0
+        daemon.wait_ended(answer["id"])  # the set at the end is against the last checkpoint
+        _, left, base = parse_page_set((tmp_path / "end.ws").read_bytes(), "end.ws")
+        assert left.tolist() == [] and base == read_manifest(builds[1]).build_id
     finally:
         daemon.close()
 
@@ -285,7 +290,8 @@ class RacingSession:
         self.peer = SimpleNamespace(pid=os.getpid(), pidfd=os.open("/", os.O_RDONLY),
                                     regions=[])
         self.installer = SimpleNamespace(states={})
-        self.header = SimpleNamespace(metadata=SimpleNamespace(size=size))
+        self.header = SimpleNamespace(metadata=SimpleNamespace(size=size, build_id=None))
+        self.written_base = None
         self.restore: Restore | None = None
         self.raced = False
         self.given_back: list[list[int]] = []

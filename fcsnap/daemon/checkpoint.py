@@ -153,7 +153,7 @@ def _take(restore: Restore, build_id: uuid.UUID) -> tuple[Any, int, int]:
         assert session.peer is not None
         _refuse_restarted(restore)
         offsets, count = session.take_written(True)
-        restore.written_against = build_id
+        session.written_base = build_id
         return offsets, count, os.dup(session.peer.pidfd)
 
     return _on_serving_thread(restore, session, take)
@@ -228,7 +228,7 @@ def _take_for_copy(restore: Restore, preimages: Preimages, build_id: uuid.UUID
         assert session.peer is not None
         _refuse_restarted(restore)
         offsets, count, live = session.take_for_copy(preimages)
-        restore.written_against = build_id
+        session.written_base = build_id
         return offsets, count, live, os.dup(session.peer.pidfd)
 
     return _on_serving_thread(restore, session, take)
@@ -290,7 +290,8 @@ def _give_back(restore: Restore, session: Session, offsets: Any) -> None:
 
     def give_back() -> None:
         session.give_back_written(offsets)
-        restore.written_against = uuid.UUID(base.name) if base is not None else None
+        session.written_base = (uuid.UUID(base.name) if base is not None
+                                else session.header.metadata.build_id)
 
     try:
         session.call(give_back, CALL_WAIT)

@@ -64,9 +64,6 @@ class Restore:
     last_checkpoint: dict[str, Any] | None = None  # a background one's state (checkpoint.py)
     checkpoints: dict[int, dict[str, Any]] = field(default_factory=dict)  # theirs by number
     checkpoints_begun: int = 0  # checkpoints are numbered 1, 2, ... in each restore
-    # the build the written set's pages differ from (None: the build served); set with the
-    # take that starts a checkpoint, on the serving thread, to the id that checkpoint will have
-    written_against: uuid.UUID | None = None
 
     def summary(self) -> dict[str, Any]:
         session = self.session
@@ -123,12 +120,15 @@ class Restore:
         if new_interval and self.checkpoint_base is not None:
             raise RequestError(f"restore {self.id} is checkpointed: a new interval taken here "
                                "would leave its pages out of the next checkpoint", 409)
-        def take() -> tuple[Any, int, uuid.UUID]:
+        def take() -> tuple[Any, int, uuid.UUID | None]:
             # on the reactor's thread, as a checkpoint's take: whichever comes second sees
             # what the first did
+            base = session.written_base
             offsets, count = session.take_written(new_interval)
             self.interval_restarted |= new_interval
-            return offsets, count, self.written_against or self.build.build_id
+            if new_interval:  # from now on against what the client makes of this take
+                session.written_base = None
+            return offsets, count, base
 
         try:
             offsets, count, base = session.call(take, END_WAIT)

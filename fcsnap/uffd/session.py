@@ -32,6 +32,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +100,9 @@ class Session:
         self.options = options
         self.build = build
         self.header = build.header
+        # the build the written set's pages differ from: the one served; a daemon's checkpoint
+        # sets its own with its take, and a new interval for a client None (not a build)
+        self.written_base: uuid.UUID | None = self.header.metadata.build_id
         self.prefetch = (
             read_working_set(options.prefetch_ws, self.header.metadata.size)
             if options.prefetch_ws is not None
@@ -752,7 +756,7 @@ class Session:
         if path is None or self.installer is None or not self.installer.tracking.recorded:
             return
         write_working_set(path, self.header.metadata.size, self.written_set().tolist(),
-                          "--written", self.options.output_root, self.header.metadata.build_id)
+                          "--written", self.options.output_root, self.written_base)
 
     def _write_working_set(self) -> None:
         path = self.options.record_ws
