@@ -58,6 +58,17 @@ def release_all(root: Path | None = None) -> None:
 atexit.register(release_all)
 
 
+def _forget_in_child() -> None:
+    """After a fork, in the child: its parent's directories stay the parent's (removed by the
+    parent's exit, not the child's, and still locked by the parent); the child makes its own."""
+    for _path, fd in _held.values():
+        os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def _own_directory() -> Path:
     """This process's locked directory in the temporary directory, made (after a sweep) the
     first time; made again if something removed it."""

@@ -108,3 +108,29 @@ def test_another_users_or_a_symlink_is_left(tmp: Path) -> None:
     assert (others / "file").read_bytes() == b"theirs"
     assert (target / "file").read_bytes() == b"mine"
     assert (tmp / f"{scratch.PREFIX}link").is_symlink()
+
+
+FORKER = (
+    "import os, sys\n"
+    "from fcsnap.scratch import scratch_dir\n"
+    "mine = scratch_dir('mirror')\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    theirs = scratch_dir('stage')\n"
+    "    print(theirs, flush=True)\n"
+    "    sys.exit(0)\n"  # an ordinary exit: the child's exit handlers run
+    "os.waitpid(pid, 0)\n"
+    "print(mine, mine.exists(), flush=True)\n"
+)
+
+
+def test_a_forked_child_leaves_its_parent_s(tmp: Path) -> None:
+    """A child of a fork (a program using the Python API) that exits removes what it made,
+    not its parent's directories, which the parent still uses."""
+    out = subprocess.run([sys.executable, "-c", FORKER], capture_output=True, text=True,
+                         timeout=WAIT)
+    assert out.returncode == 0, out.stderr
+    theirs, mine = out.stdout.split("\n")[:2]
+    assert mine.endswith(" True"), out.stdout  # the parent's, after its child exited
+    assert not Path(theirs).exists() and Path(theirs).parent != Path(mine.split()[0]).parent
+    assert leftovers(tmp) == []
