@@ -276,6 +276,30 @@ def test_a_failed_background_copy_publishes_nothing_and_the_vm_goes_on(tmp_path:
         daemon.close()
 
 
+@pytest.mark.skipif(shutil.which("setpriv") is None,
+                    reason="setpriv (util-linux) drops the daemon's CAP_SYS_PTRACE")
+def test_a_new_interval_during_a_copy_that_fails_names_no_build(tmp_path: Path) -> None:
+    """A client's new interval while a background copy goes on, the copy then failing: the
+    pages it gives back are not all the set lacks against the build served (the client took
+    some), so the set names no build rather than that one."""
+    store = one_build_store(tmp_path, SIZE, seed=13)
+    daemon = Daemon(store, tmp_path, prefix=NO_PTRACE)
+    try:
+        restore, vm, report, gate, hold = first_interval(daemon, tmp_path, not_dumpable=True)
+        started = checkpoint_via_daemon(daemon.api, restore, "vm-bg", True, COPY_RATE)
+        url = f"/restores/{restore}/written"
+        assert written(daemon.api, url + "?new_interval=1") == []
+        gate.touch()
+        wait_report(vm, report, "second_write_done")  # the client's interval holds these
+        with pytest.raises(FcsnapError, match="the kernel refused to read the VM's memory"):
+            wait_checkpoint(daemon.api, restore, started["checkpoint"], WAIT)
+        assert written_set(daemon.api, url)[1] is None
+        hold.touch()
+        assert vm.wait(WAIT) == 0
+    finally:
+        daemon.close()
+
+
 def served(store: Path) -> Any:
     """What a Restore keeps of the build it serves (SharedBuild's build_dir and build_id)."""
     build_dir = resolve_build("vm", store)

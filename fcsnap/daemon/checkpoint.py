@@ -285,13 +285,15 @@ def _give_back(restore: Restore, session: Session, offsets: Any) -> None:
     """A checkpoint that failed after its take: the pages go back into the written set.
     Where the serving thread does not take them (the session ended meanwhile, or it did not
     answer in time), the set misses them from now on: `restore.written_lost`. The set is
-    against the build it was against before the take again."""
+    against the build it was against before the take again (or none, where a client started
+    a new interval meanwhile)."""
     base = restore.checkpoint_base
 
     def give_back() -> None:
         session.give_back_written(offsets)
-        session.written_base = (uuid.UUID(base.name) if base is not None
-                                else session.header.metadata.build_id)
+        if session.written_base is not None:  # None: a client's new interval since the take
+            session.written_base = (uuid.UUID(base.name) if base is not None
+                                    else session.header.metadata.build_id)
 
     try:
         session.call(give_back, CALL_WAIT)
