@@ -125,6 +125,9 @@ def test_checkpoint_refusals(tmp_path: Path) -> None:
                            ({"name": "x", "copy_rate": 5}, 'it needs "background"')):
             status, error = daemon.call("POST", url, body)
             assert status == 400 and says in error["error"], error
+        for number in ("1", "9" * 5000):  # none began; one no int holds is none either
+            status, error = daemon.call("GET", f"/restores/{answer['id']}/checkpoints/{number}")
+            assert status == 404 and "no background checkpoint" in error["error"], error
         out = fcsnap("checkpoint", "nope", "--daemon", daemon.api, "--name", "x")
         assert out.returncode == 1 and out.stderr.splitlines() == [
             "fcsnap: error: the daemon refused the checkpoint: no restore 'nope'"]

@@ -203,7 +203,7 @@ class _Handler(BaseHTTPRequestHandler):
             restore = restores.get(parts[1])
             if restore is None:
                 raise RequestError(f"no restore {parts[1]!r}", 404)
-            self._json(200, restore.checkpoint_state(int(parts[3])))
+            self._json(200, restore.checkpoint_state(parts[3]))
         elif path == "/metrics":
             self._allow(method, "GET")
             self._send(200, self.server.metrics.render(), CONTENT_TYPE)

@@ -99,9 +99,10 @@ class Restore:
         for number in sorted(self.checkpoints)[:-CHECKPOINTS_KEPT]:
             del self.checkpoints[number]
 
-    def checkpoint_state(self, number: int) -> dict[str, Any]:
-        """A background checkpoint's state by its number; RequestError 404 if not kept."""
-        status = self.checkpoints.get(number)
+    def checkpoint_state(self, number: str) -> dict[str, Any]:
+        """A background checkpoint's state by its number (ASCII digits, any many: one too long
+        for an int is none either); RequestError 404 if not kept."""
+        status = self.checkpoints.get(int(number)) if len(number) <= 18 else None
         if status is None:
             raise RequestError(f"restore {self.id} has no background checkpoint {number} "
                                f"(the last {CHECKPOINTS_KEPT} are kept)", 404)
