@@ -18,6 +18,7 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # this process's directory in each temporary directory it used, and its locked descriptor
 _held: dict[Path, tuple[Path, int]] = {}
+_lock = threading.RLock()  # threads making their first at once make one directory
 
 
 def scratch_dir(what: str) -> Path:
@@ -48,11 +50,12 @@ def scratch(what: str) -> Iterator[Path]:
 def release_all(root: Path | None = None) -> None:
     """Remove this process's scratch directories (those in `root` only, if given) and drop
     their locks: what its exit does."""
-    for tmp, (path, fd) in list(_held.items()):
-        if root is None or tmp == root:
-            del _held[tmp]
-            shutil.rmtree(path, ignore_errors=True)
-            os.close(fd)
+    with _lock:
+        for tmp, (path, fd) in list(_held.items()):
+            if root is None or tmp == root:
+                del _held[tmp]
+                shutil.rmtree(path, ignore_errors=True)
+                os.close(fd)
 
 
 atexit.register(release_all)
@@ -60,7 +63,10 @@ atexit.register(release_all)
 
 def _forget_in_child() -> None:
     """After a fork, in the child: its parent's directories stay the parent's (removed by the
-    parent's exit, not the child's, and still locked by the parent); the child makes its own."""
+    parent's exit, not the child's, and still locked by the parent); the child makes its own.
+    (The lock anew: another thread of the parent may have held it at the fork.)"""
+    global _lock
+    _lock = threading.RLock()
     for _path, fd in _held.values():
         os.close(fd)
     _held.clear()
@@ -73,21 +79,22 @@ def _own_directory() -> Path:
     """This process's locked directory in the temporary directory, made (after a sweep) the
     first time; made again if something removed it."""
     root = Path(tempfile.gettempdir())
-    held = _held.get(root)
-    if held is not None:
-        path, fd = held
-        with contextlib.suppress(OSError):
-            if os.lstat(path).st_ino == os.fstat(fd).st_ino:
-                return path
-        release_all(root)
-    sweep(root)
-    making = Path(tempfile.mkdtemp(prefix=_MAKING, dir=root))
-    fd = os.open(making, _DIR_FLAGS)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    path = making.with_name(PREFIX + making.name[len(_MAKING):])
-    os.rename(making, path)  # the name a sweep looks for, once the lock is held
-    _held[root] = (path, fd)
-    return path
+    with _lock:
+        held = _held.get(root)
+        if held is not None:
+            path, fd = held
+            with contextlib.suppress(OSError):
+                if os.lstat(path).st_ino == os.fstat(fd).st_ino:
+                    return path
+            release_all(root)
+        sweep(root)
+        making = Path(tempfile.mkdtemp(prefix=_MAKING, dir=root))
+        fd = os.open(making, _DIR_FLAGS)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        path = making.with_name(PREFIX + making.name[len(_MAKING):])
+        os.rename(making, path)  # the name a sweep looks for, once the lock is held
+        _held[root] = (path, fd)
+        return path
 
 
 def sweep(root: Path) -> None:

@@ -4,6 +4,7 @@ process that makes one; another process's or another user's are left alone."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -134,3 +135,33 @@ def test_a_forked_child_leaves_its_parent_s(tmp: Path) -> None:
     assert mine.endswith(" True"), out.stdout  # the parent's, after its child exited
     assert not Path(theirs).exists() and Path(theirs).parent != Path(mine.split()[0]).parent
     assert leftovers(tmp) == []
+
+
+def test_threads_making_their_first_at_once_share_one_directory(
+        tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads (restores through the Python API) making the process's first scratch
+    directories at the same moment: one locked directory, removed at exit, not one each (the
+    other's left to the next process, its descriptor held until then)."""
+    import threading
+
+    meet = threading.Barrier(2, timeout=1)
+    sweep = scratch.sweep
+
+    def slow_sweep(root: Path) -> None:  # the two threads meet in the sweep, if both get there
+        with contextlib.suppress(threading.BrokenBarrierError):
+            meet.wait()
+        sweep(root)
+
+    monkeypatch.setattr(scratch, "sweep", slow_sweep)
+    before = open_fds()
+    made: list[Path] = []
+    threads = [threading.Thread(target=lambda: made.append(scratch.scratch_dir("mirror")))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert len(made) == 2 and made[0].parent == made[1].parent, made
+    assert len(open_fds() - before) == 1
+    scratch.release_all(tmp)
+    assert leftovers(tmp) == [] and open_fds() == before
