@@ -434,3 +434,16 @@ def test_a_vm_exiting_during_a_checkpoint_is_the_error_not_the_resume(tmp_path: 
         assert not (store / "vms" / "vm-cp").exists()
     finally:
         os.close(session.peer.pidfd)
+
+
+def test_a_daemon_that_numbers_no_checkpoint_is_one_line(tmp_path: Path) -> None:
+    """A daemon older than the client answers a background checkpoint without its number:
+    `fcsnap checkpoint --background` says so in one line (exit 1), not an internal error."""
+    head, body = answer(202, {"name": "vm-bg", "state": "copying"})
+    daemon = RawAnswer(tmp_path / "api.sock", head + body, piece=1 << 16, close=True)
+    out = fcsnap("checkpoint", "r1", "--daemon", tmp_path / "api.sock", "--name", "vm-bg",
+                 "--background")
+    daemon.thread.join(WAIT)
+    assert out.returncode == 1 and out.stderr.splitlines() == [
+        "fcsnap: error: the daemon's answer numbers no checkpoint, so its end cannot be "
+        "waited for (a daemon older than this fcsnap?)"], out.stderr

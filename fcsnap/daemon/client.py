@@ -96,6 +96,9 @@ def checkpoint_via_daemon(api: Path, restore_id: str, name: str, background: boo
     if status != (202 if background else 201):
         message = answer.get("error") if isinstance(answer, dict) else None
         raise FcsnapError(f"the daemon refused the checkpoint: {message or f'HTTP {status}'}")
+    if background and not isinstance(answer.get("checkpoint"), int):
+        raise FcsnapError("the daemon's answer numbers no checkpoint, so its end cannot be "
+                          "waited for (a daemon older than this fcsnap?)")
     return answer
 
 
