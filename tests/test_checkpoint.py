@@ -19,7 +19,7 @@ import pytest
 from helpers import WAIT, one_build_store, unpacked
 from helpers import fcsnap_here as fcsnap  # in this process: the daemon is tested here
 from test_daemon import Daemon
-from test_write_tracking import written, written_set
+from test_write_tracking import restore_writing_end_ws, written, written_set
 
 from fcsnap.daemon.checkpoint import CheckpointRequest, checkpoint
 from fcsnap.daemon.client import checkpoint_via_daemon, wait_checkpoint
@@ -61,10 +61,7 @@ def test_checkpoints_hold_each_interval_and_unpack_byte_exact(tmp_path: Path) ->
     memory = bytearray((tmp_path / "vm.mem").read_bytes())
     daemon = Daemon(store, tmp_path, "--output-dir", str(tmp_path))
     try:
-        status, answer = daemon.call("POST", "/restores", {
-            "vm": "vm", "socket": str(tmp_path / "vm.sock"), "track_writes": True,
-            "written": str(tmp_path / "end.ws")})
-        assert status == 201, answer
+        answer = restore_writing_end_ws(daemon, tmp_path)
         report, gate, hold = tmp_path / "vm.json", tmp_path / "gate", tmp_path / "hold"
         vm = firecracker.spawn(tmp_path / "vm.sock", expected=tmp_path / "vm.mem",
                                report=report, threads=2, regions=2, write=FIRST,

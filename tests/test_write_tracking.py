@@ -266,6 +266,16 @@ def test_daemon_gives_the_written_set_and_starts_new_intervals(store, tmp_path: 
         daemon.close()
 
 
+def restore_writing_end_ws(daemon: Daemon, tmp_path: Path) -> dict:
+    """POST a restore of "vm" that tracks writes and writes its written set to end.ws when it
+    ends (the daemon started with --output-dir tmp_path); the daemon's answer."""
+    status, answer = daemon.call("POST", "/restores", {
+        "vm": "vm", "socket": str(tmp_path / "vm.sock"), "track_writes": True,
+        "written": str(tmp_path / "end.ws")})
+    assert status == 201, answer
+    return answer
+
+
 def test_a_new_interval_names_no_build(store, tmp_path: Path) -> None:
     """After GET written?new_interval=1 the pages differ from what its client made of the
     take, not from the build served: the sets, GET's and the `written` file at the end, name
@@ -273,10 +283,7 @@ def test_a_new_interval_names_no_build(store, tmp_path: Path) -> None:
     take the build served, which lacks the first interval's writes."""
     daemon = Daemon(store, tmp_path, "--output-dir", str(tmp_path))
     try:
-        status, answer = daemon.call("POST", "/restores", {
-            "vm": "vm", "socket": str(tmp_path / "vm.sock"), "track_writes": True,
-            "written": str(tmp_path / "end.ws")})
-        assert status == 201, answer
+        answer = restore_writing_end_ws(daemon, tmp_path)
         first, second = [(0, 8 * PAGE)], [(4 * PAGE, 8 * PAGE)]
         gate = tmp_path / "gate"
         vm = firecracker.spawn(tmp_path / "vm.sock", expected=store.parent / "vm.mem",
