@@ -8,8 +8,10 @@ not stop. A thread started here blocks every signal, so the kernel picks the mai
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 
 
 def block_signals() -> None:
@@ -17,6 +19,24 @@ def block_signals() -> None:
     the threads they start, such as zstd's, leave SIGTERM and SIGINT to the main thread, which
     is then woken from waiting on them rather than after their work is done)."""
     signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+
+
+@contextlib.contextmanager
+def signals_wake(fd: int) -> Iterator[None]:
+    """While the block runs in the main thread, a signal with a Python handler also writes a
+    byte to `fd` (non-blocking), whichever thread the kernel handed it to: the main thread,
+    asleep in epoll_wait or read on that pipe, wakes and runs the handler. Without it, a
+    SIGTERM taken by a thread that is not ours (numpy's BLAS threads take signals), as
+    happens while the main thread holds signals for a moment in `start_signal_free`, would
+    leave the main thread asleep. Elsewhere than the main thread: nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.set_wakeup_fd(fd, warn_on_full_buffer=False)
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(old)
 
 
 def start_signal_free(thread: threading.Thread) -> threading.Thread:

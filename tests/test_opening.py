@@ -204,3 +204,55 @@ def test_sigterm_as_the_socket_appears_is_a_stop(
         bystander.join(WAIT)
     assert (served.status, served.exit_reason) == (0, "stopped before a VM was served")
     assert not sock.exists()
+
+
+def stopped_through_another_thread(serve: Callable[[Callable[[], None]], Any]) -> Any:
+    """`serve(ready)` in this (the main) thread, stopped by a SIGTERM handed to another thread
+    once it is ready and asleep (numpy's BLAS threads take signals: the kernel hands them one
+    while the main thread holds signals for a moment); what it returns. Fails if it slept
+    through that SIGTERM (it is then woken the usual way)."""
+    idle, ended, ready = threading.Event(), threading.Event(), threading.Event()
+    bystander = threading.Thread(target=idle.wait, args=(WAIT,), daemon=True)
+    bystander.start()
+    main, rescued = threading.main_thread().ident, []
+
+    def stop_through_the_bystander() -> None:
+        ready.wait(WAIT)
+        time.sleep(0.2)  # asleep in its wait by now
+        signal.pthread_kill(bystander.ident, signal.SIGTERM)
+        if not ended.wait(5.0):  # asleep still: wake it the usual way, and fail
+            rescued.append(True)
+            signal.pthread_kill(main, signal.SIGTERM)
+
+    stopper = threading.Thread(target=stop_through_the_bystander, daemon=True)
+    stopper.start()
+    try:
+        result = serve(ready.set)
+    finally:
+        ended.set()
+        idle.set()
+        stopper.join(WAIT)
+        bystander.join(WAIT)
+    assert not rescued, "it slept through a SIGTERM another thread took"
+    return result
+
+
+def test_a_stop_another_thread_takes_wakes_the_server(store: Path, tmp_path: Path) -> None:
+    done = stopped_through_another_thread(lambda ready: api.restore(
+        "vm", tmp_path / "uffd.sock", store=store, on_listening=lambda _: ready()))
+    assert (done.status, done.exit_reason) == (0, "stopped before a VM was served")
+
+
+def test_a_stop_another_thread_takes_wakes_the_daemon(store: Path, tmp_path: Path) -> None:
+    from fcsnap.daemon.main import run_daemon
+    from fcsnap.uffd.listener import SocketAccess
+
+    api_path = tmp_path / "api.sock"
+
+    def serve(ready: Callable[[], None]) -> int:
+        threading.Thread(target=lambda: (wait_for(api_path.exists, "the API socket"), ready()),
+                         daemon=True).start()
+        return run_daemon(store, api_path, SocketAccess(), 1 << 20)
+
+    assert stopped_through_another_thread(serve) == 0
+    assert not api_path.exists()

@@ -20,6 +20,7 @@ from fcsnap.daemon.api import MAX_CONNECTIONS, ApiServer
 from fcsnap.daemon.metrics import DaemonMetrics
 from fcsnap.daemon.restores import Restores, log
 from fcsnap.errors import FcsnapError
+from fcsnap.threads import signals_wake
 from fcsnap.uffd.listener import SocketAccess, listen
 from fcsnap.uffd.watchdog import Watchdog, WatchdogError
 
@@ -40,6 +41,7 @@ def run_daemon(store: Path | RemoteBuilds, api_path: Path, access: SocketAccess,
     if isinstance(store, Path) and not store.is_dir():
         raise FcsnapError(f"store {store} is not a directory")
     stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(stop_w, False)  # written from signal handlers (signals_wake)
     old = {s: signal.signal(s, lambda *_: _wake(stop_w)) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         try:
@@ -63,7 +65,8 @@ def run_daemon(store: Path | RemoteBuilds, api_path: Path, access: SocketAccess,
             thread.start()
             log(f"serving restores from {store} on {api_path}")
             try:
-                os.read(stop_r, 1)  # until a signal
+                with signals_wake(stop_w):  # whichever thread takes the signal
+                    os.read(stop_r, 1)  # until a signal
             finally:
                 server.shutdown()
                 server.server_close()

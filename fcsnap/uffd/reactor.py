@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from fcsnap.errors import FcsnapError
+from fcsnap.threads import signals_wake
 from fcsnap.uffd import fastpath
 
 BUDGET_MS = 10  # the longest the compiled wait serves before Python sees the stats again
@@ -165,8 +166,9 @@ class Reactor:
         in a session) ends every session first: no VM is left frozen."""
         error: BaseException | None = None
         try:
-            while not (self._closing and not self._on_end and not self._incoming):
-                self._turn()
+            with signals_wake(self._wake_w):  # a stop taken by another thread wakes the loop
+                while not (self._closing and not self._on_end and not self._incoming):
+                    self._turn()
         except BaseException as e:
             error = e
             raise
