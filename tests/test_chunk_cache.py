@@ -63,6 +63,19 @@ def serving(build: Path, tmp_path: Path, store: GatedStore) -> CachedDiff:
     return diff
 
 
+
+def wait_source(diff: CachedDiff, offset: int, what: str) -> int:
+    """The address `diff` serves the page at `offset` from, once it has it (FetchPending until
+    the chunk is in)."""
+    def served() -> bool:
+        try:
+            return diff.source(offset, 4096) is not None
+        except FetchPending:
+            return False
+
+    wait_for(served, what)
+    return diff.source(offset, 4096)
+
 def test_a_read_waits_on_no_fetch_and_asks_once(build: Path, tmp_path: Path) -> None:
     store = GatedStore(build / DIFF_RAW)
     diff = serving(build, tmp_path, store)
@@ -74,16 +87,8 @@ def test_a_read_waits_on_no_fetch_and_asks_once(build: Path, tmp_path: Path) -> 
     with pytest.raises(FetchPending):  # several chunks at once: each asked, none waited on
         diff.addresses(np.array([0, 2 * CHUNK], np.int64))
     store.gate.set()
-
-    def served() -> bool:
-        try:
-            return diff.source(CHUNK + 8192, 4096) is not None
-        except FetchPending:
-            return False
-
-    wait_for(served, "the chunk to land")
+    address = wait_source(diff, CHUNK + 8192, "the chunk to land")
     want = (build / DIFF_RAW).read_bytes()
-    address = diff.source(CHUNK + 8192, 4096)
     assert ctypes.string_at(address, 4096) == want[CHUNK + 8192:CHUNK + 12288]
     assert store.asked.count(1) == 1  # fetched once for all those reads
 
@@ -241,14 +246,7 @@ def test_a_damaged_cached_chunk_is_fetched_again(build: Path, tmp_path: Path, ho
     diff = serving(build, tmp_path, store)
     with pytest.raises(FetchPending):
         diff.source(CHUNK, 4096)
-
-    def served() -> bool:
-        try:
-            return diff.source(CHUNK, 4096) is not None
-        except FetchPending:
-            return False
-
-    wait_for(served, "the chunk fetched again")
+    wait_source(diff, CHUNK, "the chunk fetched again")
     assert ctypes.string_at(diff.source(CHUNK + 8192, 4096), 4096) == want[8192:12288]
 
 
@@ -441,15 +439,8 @@ def test_a_full_disk_costs_the_cache_not_the_vm(build: Path, full_disk: Path) ->
     assert CachedDiff(build, ChunkCache(full_disk), CHUNKS * CHUNK, store).read(CHUNK, 4096) == want
     diff = CachedDiff(build, ChunkCache(full_disk), CHUNKS * CHUNK, store)
     diff.serving = True
-
-    def served() -> bool:
-        try:
-            return diff.source(CHUNK, 4096) is not None
-        except FetchPending:
-            return False
-
-    wait_for(served, "the chunk served uncached")
-    assert ctypes.string_at(diff.source(CHUNK, 4096), 4096) == want
+    address = wait_source(diff, CHUNK, "the chunk served uncached")
+    assert ctypes.string_at(address, 4096) == want
 
 
 def test_a_closed_reader_s_late_groups_reach_no_other_reader(

@@ -19,7 +19,13 @@ from helpers import fcsnap
 
 from fcsnap.daemon.client import checkpoint_via_daemon, wait_checkpoint
 from fcsnap.testing.fcguest import GuestConfig
-from fcsnap.testing.realvmm import Daemon, Firecracker, RestoreProcess, Snapshot, take_snapshot
+from fcsnap.testing.realvmm import (
+    Daemon,
+    Firecracker,
+    Snapshot,
+    snapshot_a_restore,
+    take_snapshot,
+)
 from fcsnap.units import PAGE
 
 pytestmark = [pytest.mark.firecracker, pytest.mark.usefixtures("real_vmm")]
@@ -129,16 +135,10 @@ def test_full_snapshot_diffed_by_its_written_set_is_byte_exact(tmp_path: Path, h
     on from the pause."""
     template = take_snapshot(tmp_path / "template", BUSY, mem_mib=64)
     store = packed(template, tmp_path)
-    written, vmstate, mem = tmp_path / "vm.written", tmp_path / "gen1.state", tmp_path / "gen1.mem"
+    written = tmp_path / "vm.written"
     extra = ("--eager",) if how == "eager" else ()
-    with Firecracker(tmp_path, "clone") as vm, RestoreProcess(
-            tmp_path / "uffd.sock", "--vm", "vm", "--store", store, "--written", written,
-            "--firecracker-api", vm.api_socket, *extra, loaded=True) as server:
-        vm.expect_progress(template.last_round, ROUNDS)
-        last = vm.pause()
-        vm.snapshot(vmstate, mem, "Full")
-        vm.kill()
-        assert server.finish() == 0, server.tail()
+    vmstate, mem, last = snapshot_a_restore(template, store, tmp_path, ROUNDS, "--written",
+                                            written, *extra)
     done = fcsnap("diff", mem, "--base", "vm", "--written", written, "--vmstate", vmstate,
                   "--store", store, "--name", "gen1", "--json")
     assert done.returncode == 0, done.stderr

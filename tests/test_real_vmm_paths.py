@@ -37,6 +37,7 @@ from fcsnap.testing.realvmm import (
     GuestError,
     RestoreProcess,
     Snapshot,
+    snapshot_a_restore,
     take_snapshot,
 )
 
@@ -120,15 +121,7 @@ def test_full_snapshot_of_a_restored_vm_and_its_diff(template: Snapshot, store: 
     restored, goes on from the second snapshot."""
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()
-    vmstate, mem = first / "gen1.state", first / "gen1.mem"
-    with Firecracker(first, "clone") as fc, RestoreProcess(
-            first / "uffd.sock", "--vm", "vm", "--store", store, "--firecracker-api",
-            fc.api_socket, loaded=True) as server:
-        fc.expect_progress(template.last_round, ROUNDS)
-        last = fc.pause()
-        fc.snapshot(vmstate, mem, "Full")
-        fc.kill()
-        assert server.finish() == 0, server.tail()
+    vmstate, mem, last = snapshot_a_restore(template, store, first, ROUNDS)
     done = fcsnap("diff", mem, "--base", "vm", "--vmstate", vmstate, "--store", store,
                   "--name", "gen1", "--json")
     assert done.returncode == 0, done.stderr

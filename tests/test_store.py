@@ -124,13 +124,22 @@ def test_diff_stores_only_changes_and_dedups_against_the_lineage(tmp_path):
     assert unpacked(b1, tmp_path) == mem1.tobytes()
 
 
-def test_sparse_diff_reads_only_dirty_data(tmp_path):
-    store = tmp_path / "store"
-    mem0 = synthetic_memory(16 * MIB, seed=5)
+def base_and_diff_snapshot(tmp_path: Path, store: Path, size: int
+                           ) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A build of `size` bytes of memory packed into `store`, and m1: a Diff snapshot (holes
+    where pages did not change) of that memory with 1% of its pages changed; (the build's
+    directory, m1's memory, its changed pages)."""
+    mem0 = synthetic_memory(size, seed=5)
     write_full(tmp_path / "m0", mem0)
     _, b0 = ops.pack(tmp_path / "m0", store, BuildOptions())
     mem1, dirty = evolve(mem0, seed=6, dirty_share=0.01)
     write_sparse_diff(tmp_path / "m1", mem1, dirty)
+    return Path(b0), mem1, dirty
+
+
+def test_sparse_diff_reads_only_dirty_data(tmp_path):
+    store = tmp_path / "store"
+    b0, mem1, dirty = base_and_diff_snapshot(tmp_path, store, 16 * MIB)
     seen: list[int] = []
     m1, b1 = ops.diff(
         tmp_path / "m1", b0, store, BuildOptions(), sparse_diff=True, progress=seen.append
@@ -182,11 +191,7 @@ def test_a_diff_snapshot_whose_filesystem_hides_its_holes_is_refused(tmp_path, m
     --sparse-diff or without, every unchanged page would be stored as a zero page. Refused
     (the file holds fewer blocks than its data would); --holes-are-zeros still reads it."""
     store = tmp_path / "store"
-    mem0 = synthetic_memory(8 * MIB, seed=5)
-    write_full(tmp_path / "m0", mem0)
-    _, b0 = ops.pack(tmp_path / "m0", store, BuildOptions())
-    mem1, dirty = evolve(mem0, seed=6, dirty_share=0.01)
-    write_sparse_diff(tmp_path / "m1", mem1, dirty)
+    b0, _, _ = base_and_diff_snapshot(tmp_path, store, 8 * MIB)
     real_lseek = os.lseek
 
     def generic_lseek(fd: int, pos: int, how: int) -> int:  # fs/read_write.c's fallback

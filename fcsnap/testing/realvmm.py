@@ -538,6 +538,25 @@ class RestoreProcess:
         _stop(self.proc, self.stderr)
 
 
+def snapshot_a_restore(template: Snapshot, store: Path, workdir: Path, rounds: int,
+                       *restore_args: str | os.PathLike[str]) -> tuple[Path, Path, int]:
+    """Load `template` into a new Firecracker, its memory served by `fcsnap restore vm` from
+    `store` (with `restore_args`); once the guest has printed `rounds` more good rounds, pause
+    it, take a Full snapshot into workdir (gen1.state, gen1.mem) and kill it. (vmstate, memory
+    file, the guest's last round); VmmError if the restore did not end with status 0."""
+    vmstate, mem = workdir / "gen1.state", workdir / "gen1.mem"
+    with Firecracker(workdir, "clone") as vm, RestoreProcess(
+            workdir / "uffd.sock", "--vm", "vm", "--store", store, "--firecracker-api",
+            vm.api_socket, *restore_args, loaded=True) as server:
+        vm.expect_progress(template.last_round, rounds)
+        last = vm.pause()
+        vm.snapshot(vmstate, mem, "Full")
+        vm.kill()
+        if (status := server.finish()) != 0:
+            raise VmmError(f"fcsnap restore ended with status {status}: {server.tail()}")
+    return vmstate, mem, last
+
+
 class Daemon:
     """`fcsnap serve --store STORE --api workdir/daemon.api` as its own process; `with` starts
     it and waits for its API socket, exit stops it (SIGTERM, then SIGKILL)."""
